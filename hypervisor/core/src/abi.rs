@@ -1,0 +1,153 @@
+//! The guest ABI: what a guest kernel started by this hypervisor can rely on.
+//!
+//! Shared by the VMM (`vmm-service`), which builds the initial guest state,
+//! and the guest test kernel (`tests/guest`), which consumes it. Pure data and
+//! encoders: no pointers are dereferenced here.
+//!
+//! # Start state
+//! The boot vCPU starts in 64-bit long mode, interrupts disabled, with:
+//! * guest RAM at `[0, ram_bytes)`, identity-mapped by 2 MiB pages over the
+//!   first 4 GiB (page tables at [`GUEST_PML4_GPA`]..);
+//! * a GDT at [`GUEST_GDT_GPA`]: selector 0x08 = 64-bit code, 0x10 = data;
+//! * RDI = [`BOOT_PARAMS_GPA`], a page holding [`BootParams`] followed by the
+//!   command line;
+//! * RSP = [`GUEST_INITIAL_RSP`]; the kernel ELF loaded at its physical
+//!   addresses (at or above [`GUEST_KERNEL_MIN_GPA`]).
+//!
+//! # Hypercalls
+//! `vmmcall` (AMD) or `vmcall` (Intel): number in RAX, arguments in RDI, RSI,
+//! RDX, R10; result in RAX (values >= [`HC_ERR_FIRST`] are errors), extra
+//! results in RDI and RSI where noted.
+
+/// GPA of the guest PML4; PDPT and four page directories follow it.
+pub const GUEST_PML4_GPA: u64 = 0x1000;
+/// GPA of the guest GDT.
+pub const GUEST_GDT_GPA: u64 = 0x7000;
+/// GPA of the boot parameters page.
+pub const BOOT_PARAMS_GPA: u64 = 0x8000;
+/// Offset of the command line within the boot parameters page.
+pub const CMDLINE_OFFSET: u64 = 0x100;
+/// Longest command line passed to a guest, in bytes.
+pub const CMDLINE_MAX: usize = 0xf00;
+/// Initial guest stack pointer (the stack grows down from here).
+pub const GUEST_INITIAL_RSP: u64 = 0x8_0000;
+/// Lowest GPA a guest kernel may be loaded at.
+pub const GUEST_KERNEL_MIN_GPA: u64 = 0x10_0000;
+
+/// COM1 base port: the emulated 16550 UART.
+pub const COM1_PORT: u16 = 0x3f8;
+
+/// `"HVBOOT01"` little-endian.
+pub const BOOT_PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"HVBOOT01");
+
+/// Boot parameters at [`BOOT_PARAMS_GPA`], encoded little-endian as six u64s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BootParams {
+    /// Guest RAM size in bytes.
+    pub ram_bytes: u64,
+    /// GPA of the command line (UTF-8, not NUL-terminated).
+    pub cmdline_gpa: u64,
+    /// Command line length in bytes.
+    pub cmdline_len: u64,
+    /// Number of vCPUs.
+    pub vcpus: u64,
+    /// First GPA after the loaded kernel image (start of free RAM).
+    pub kernel_end_gpa: u64,
+}
+
+impl BootParams {
+    /// Encoded size in bytes.
+    pub const SIZE: usize = 48;
+
+    /// Encode (magic first).
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        let words = [
+            BOOT_PARAMS_MAGIC,
+            self.ram_bytes,
+            self.cmdline_gpa,
+            self.cmdline_len,
+            self.vcpus,
+            self.kernel_end_gpa,
+        ];
+        for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decode; `None` if the magic is wrong.
+    pub fn from_bytes(bytes: &[u8; Self::SIZE]) -> Option<Self> {
+        let mut words = [0u64; 6];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(b);
+        }
+        if words[0] != BOOT_PARAMS_MAGIC {
+            return None;
+        }
+        Some(Self {
+            ram_bytes: words[1],
+            cmdline_gpa: words[2],
+            cmdline_len: words[3],
+            vcpus: words[4],
+            kernel_end_gpa: words[5],
+        })
+    }
+}
+
+/// Report a test result and stop the VM. RDI = 0 ok / 1 failed, RSI = GPA of
+/// a UTF-8 message, RDX = its length (<= 256).
+pub const HC_TEST_RESULT: u64 = 1;
+/// Enable dirty logging for this VM (clears the dirty set).
+pub const HC_DIRTY_LOG_ENABLE: u64 = 2;
+/// Collect-and-clear the dirty set and compare it with the guest's own
+/// bitmap at GPA RDI, RSI bytes long (bit n = guest frame n written). Returns
+/// 0 in RAX when equal, else the number of differing frames; RDI = frames the
+/// hypervisor missed, RSI = frames it reported extra.
+pub const HC_DIRTY_LOG_CHECK: u64 = 3;
+/// Disable dirty logging.
+pub const HC_DIRTY_LOG_DISABLE: u64 = 4;
+/// The hypervisor writes byte RSI over the page at GPA RDI (a write by the
+/// hypervisor into guest memory, which the dirty log must record).
+pub const HC_FILL_PAGE: u64 = 5;
+/// Progress report: RDI = counter. Used to observe time-sharing.
+pub const HC_PROGRESS: u64 = 6;
+/// Does nothing and returns RDI + 1 (round-trip benchmark).
+pub const HC_NOP: u64 = 7;
+
+/// First error value returned in RAX.
+pub const HC_ERR_FIRST: u64 = u64::MAX - 15;
+/// Unknown hypercall number.
+pub const HC_ERR_UNKNOWN: u64 = u64::MAX;
+/// Invalid argument (bad GPA, length over a cap).
+pub const HC_ERR_INVALID: u64 = u64::MAX - 1;
+/// The hypercall is valid but failed in the hypervisor.
+pub const HC_ERR_FAILED: u64 = u64::MAX - 2;
+
+/// Our CPUID vendor leaf: `CPUID(0x4000_0000)` returns the highest hypervisor
+/// leaf in EAX and this signature in EBX, ECX, EDX.
+pub const CPUID_HV_LEAF: u32 = 0x4000_0000;
+/// The 12-byte hypervisor signature.
+pub const HV_SIGNATURE: &[u8; 12] = b"hvmigrateHV!";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_params_round_trip() {
+        let p = BootParams {
+            ram_bytes: 64 << 20,
+            cmdline_gpa: BOOT_PARAMS_GPA + CMDLINE_OFFSET,
+            cmdline_len: 10,
+            vcpus: 1,
+            kernel_end_gpa: 0x30_0000,
+        };
+        assert_eq!(BootParams::from_bytes(&p.to_bytes()), Some(p));
+        let mut bad = p.to_bytes();
+        bad[0] ^= 1;
+        assert_eq!(BootParams::from_bytes(&bad), None);
+    }
+}

@@ -1,0 +1,20 @@
+//! hvcore: the hypervisor's logic, kept apart from the hardware so that plain
+//! `cargo test` on the host exercises it.
+//!
+//! Nothing here touches the machine: no asm, no MMIO, no globals, no
+//! `unsafe`. Hardware is reached only through small traits (`PhysMem`,
+//! `FrameAlloc`, `Vcpu`, `NestedPaging`, `GuestMemory`) that the platform
+//! layer (`hypervisor` crate) implements and tests implement with doubles.
+//!
+//! Vendor detail (AMD SVM, Intel VMX) is confined to the `svm` and `vmx`
+//! modules of this crate and of the platform crate; everything else speaks the
+//! vendor-neutral [`vcpu::VmExit`].
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod abi;
+pub mod addr;
+pub mod mem;
+pub mod vcpu;

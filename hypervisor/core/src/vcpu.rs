@@ -1,0 +1,193 @@
+//! The vendor-neutral virtual CPU.
+//!
+//! A backend (SVM in `hypervisor::svm`, VMX in `hypervisor::vmx`) implements
+//! [`Vcpu`]: it enters the guest, and on the way out decodes its own exit
+//! codes into one [`VmExit`]. Exit *handling* is written once, in
+//! [`crate::exit`], against this trait; nothing outside the backends ever sees
+//! a VMCB, a VMCS or an exit qualification.
+//!
+//! Register contract: [`Vcpu::regs`] is the authoritative copy of the general
+//! registers, RIP, RSP and RFLAGS while the vCPU is outside the guest. A
+//! backend loads it before entry and stores it after exit (SVM keeps
+//! RAX/RSP/RIP/RFLAGS in the VMCB; VMX keeps RSP/RIP/RFLAGS in the VMCS).
+
+use crate::addr::{Gpa, Hpa};
+use core::fmt;
+
+/// General-purpose registers plus RIP, RSP and RFLAGS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rsp: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// Direction of a port I/O access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDir {
+    /// `in`: the guest reads from the port.
+    In,
+    /// `out`: the guest writes to the port.
+    Out,
+}
+
+/// A decoded port I/O exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoAccess {
+    /// Port number.
+    pub port: u16,
+    /// Access width in bytes: 1, 2 or 4.
+    pub size: u8,
+    /// Direction.
+    pub dir: IoDir,
+    /// `ins`/`outs` (string form). Not emulated: the handler injects #UD.
+    pub string: bool,
+    /// `rep` prefix present.
+    pub rep: bool,
+}
+
+/// What a nested page fault was trying to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Access {
+    /// The faulting access was a write.
+    pub write: bool,
+    /// The faulting access was an instruction fetch.
+    pub exec: bool,
+    /// The translation existed (a permission fault, e.g. write to a
+    /// write-protected page), rather than being absent.
+    pub present: bool,
+}
+
+/// Why the guest left. One enum for every vendor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// Port I/O. For `Out` the value is in `regs().rax` (low `size` bytes).
+    Io(IoAccess),
+    /// CPUID with leaf `regs().rax` and subleaf `regs().rcx` (copied here).
+    Cpuid { leaf: u32, subleaf: u32 },
+    /// RDMSR of `msr`.
+    MsrRead { msr: u32 },
+    /// WRMSR of `value` to `msr`.
+    MsrWrite { msr: u32, value: u64 },
+    /// HLT.
+    Hlt,
+    /// VMMCALL / VMCALL. Number in RAX, arguments in RDI, RSI, RDX, R10.
+    Hypercall,
+    /// Nested (NPT/EPT) page fault.
+    NestedFault { gpa: Gpa, access: Access },
+    /// EPT misconfiguration: a hypervisor bug in the nested tables.
+    NestedMisconfig { gpa: Gpa },
+    /// Triple fault / shutdown: the guest is dead.
+    Shutdown,
+    /// A physical interrupt arrived for the host (e.g. the preemption timer).
+    ExternalInterrupt,
+    /// The CPU refused to enter the guest.
+    EntryFailed { reason: EntryFailure },
+    /// An exit code this backend does not decode.
+    Unknown { raw: u64 },
+}
+
+/// Why a VM entry failed, as far as the backend can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryFailure {
+    /// Vendor-neutral summary.
+    pub what: &'static str,
+    /// Raw vendor code (SVM exit code, VMX instruction error / exit reason).
+    pub raw: u64,
+    /// The failing VMCS field or VMCB offset when known.
+    pub field: Option<u64>,
+}
+
+impl fmt::Display for EntryFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (code {:#x}", self.what, self.raw)?;
+        if let Some(field) = self.field {
+            write!(f, ", field {field:#x}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// An MSR the backend does not keep: the handler injects #GP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownMsr(pub u32);
+
+/// The state a vCPU starts in: 64-bit long mode, paging on, interrupts off.
+/// The VMM builds the guest page tables and GDT in guest memory first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongModeEntry {
+    /// Entry point.
+    pub rip: u64,
+    /// Initial stack pointer.
+    pub rsp: u64,
+    /// First argument register (boot parameters GPA).
+    pub rdi: u64,
+    /// Guest CR3: GPA of the PML4.
+    pub cr3: Gpa,
+    /// Guest GDT base (GPA) and limit. Selector 0x08 is 64-bit code, 0x10 data.
+    pub gdt_base: Gpa,
+    pub gdt_limit: u16,
+}
+
+/// Optional hardware features, queried explicitly (never `cfg`-gated).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuCaps {
+    /// The CPU reports the next RIP on exits (SVM NRIPS; always on VMX).
+    pub next_rip: bool,
+    /// TLB flush limited to this guest's ASID/VPID is available.
+    pub flush_by_asid: bool,
+    /// Page-modification logging (Intel PML) is available.
+    pub pml: bool,
+}
+
+/// Physical CPU vendor, as reported to management.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vendor {
+    Amd,
+    Intel,
+}
+
+/// One virtual CPU of one VM.
+pub trait Vcpu {
+    /// Enter the guest and run until the next exit.
+    fn run(&mut self) -> VmExit;
+    /// Registers (authoritative while outside the guest).
+    fn regs(&self) -> &Regs;
+    /// Mutable registers.
+    fn regs_mut(&mut self) -> &mut Regs;
+    /// Advance RIP past the instruction that caused the last exit. Uses the
+    /// CPU-provided next RIP where available, otherwise the length the backend
+    /// decoded in software (no NRIPS under QEMU TCG).
+    fn skip_instruction(&mut self);
+    /// Queue a hardware exception for delivery on the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// Read an architectural MSR the backend keeps in its guest state.
+    fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr>;
+    /// Write an architectural MSR the backend keeps in its guest state.
+    fn write_msr(&mut self, msr: u32, value: u64) -> Result<(), UnknownMsr>;
+    /// Put the vCPU into 64-bit long mode at `entry`.
+    fn reset_long_mode(&mut self, entry: &LongModeEntry);
+    /// Flush guest translations derived from the nested tables before the
+    /// next entry (after permissions were reduced).
+    fn flush_nested_tlb(&mut self);
+    /// Host-physical root of this vCPU's nested page table.
+    fn nested_root(&self) -> Hpa;
+    /// Optional features of this vCPU's backend.
+    fn caps(&self) -> VcpuCaps;
+}
