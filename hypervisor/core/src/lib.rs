@@ -16,5 +16,6 @@ extern crate alloc;
 
 pub mod abi;
 pub mod addr;
+pub mod host;
 pub mod mem;
 pub mod vcpu;

@@ -1,0 +1,134 @@
+//! The seam between the platform layer and the root-partition service.
+//!
+//! `vmm-service` (logic) drives VMs only through [`Host`] and [`Partition`];
+//! the `hypervisor` crate implements them on real hardware (SVM or VMX chosen
+//! at boot), and tests implement them with doubles.
+//!
+//! A [`Partition`] is one VM's hardware side: guest RAM, the nested page
+//! table, the dirty log and the vCPU. [`Partition::run`] resolves dirty-log
+//! write faults itself (they never reach the service), so the service sees
+//! only exits it has to act on.
+
+use crate::mem::GuestMemory;
+use crate::vcpu::{Vcpu, Vendor, VmExit};
+use alloc::boxed::Box;
+use core::fmt;
+
+/// Errors from the platform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostError {
+    /// Not enough host memory for the request.
+    OutOfMemory { requested_bytes: u64, free_bytes: u64 },
+    /// A size or count outside what the platform supports.
+    InvalidSize { what: &'static str, value: u64 },
+    /// No virtualization backend (neither SVM nor VMX usable).
+    NoVirtualization,
+    /// The backend failed (message names the step).
+    Backend(&'static str),
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostError::OutOfMemory {
+                requested_bytes,
+                free_bytes,
+            } => write!(
+                f,
+                "out of host memory: {} KiB requested, {} KiB free",
+                requested_bytes / 1024,
+                free_bytes / 1024
+            ),
+            HostError::InvalidSize { what, value } => write!(f, "invalid {what}: {value}"),
+            HostError::NoVirtualization => {
+                write!(f, "no usable hardware virtualization (SVM or VMX)")
+            }
+            HostError::Backend(what) => write!(f, "virtualization backend failed: {what}"),
+        }
+    }
+}
+
+/// Result of a CPUID instruction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidResult {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// Source of the host's own CPUID values (the guest's view is derived from
+/// them by policy in [`crate::exit`]).
+pub trait CpuidSource {
+    /// Execute CPUID on the host.
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult;
+}
+
+/// Dirty-tracking mode of a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyMode {
+    /// Nested-page write protection: the first write to a page in a round
+    /// faults, is recorded and write access is restored.
+    WriteProtect,
+    /// Intel page-modification logging (when [`crate::vcpu::VcpuCaps::pml`]).
+    Pml,
+}
+
+/// Counters a partition keeps for reports and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// Exits taken since creation (all kinds, including resolved ones).
+    pub exits: u64,
+    /// Dirty-log write faults resolved inside [`Partition::run`].
+    pub dirty_faults: u64,
+}
+
+/// One VM's hardware side.
+pub trait Partition {
+    /// Guest RAM size in bytes.
+    fn ram_bytes(&self) -> u64;
+    /// Guest memory (writes are recorded in the dirty log).
+    fn memory(&mut self) -> &mut dyn GuestMemory;
+    /// The (single, for now) vCPU.
+    fn vcpu(&mut self) -> &mut dyn Vcpu;
+    /// Run the vCPU until an exit the service must handle. Dirty-log write
+    /// faults are resolved here and never returned.
+    fn run(&mut self) -> VmExit;
+    /// Start dirty logging: write-protect all guest RAM, empty the dirty set.
+    fn enable_dirty_log(&mut self, mode: DirtyMode) -> Result<(), HostError>;
+    /// Stop dirty logging and restore write access everywhere.
+    fn disable_dirty_log(&mut self);
+    /// Whether logging is on.
+    fn dirty_log_enabled(&self) -> bool;
+    /// Collect-and-clear: OR the dirty set into `bitmap` (bit n = guest frame
+    /// n; `bitmap` has at least `ram_bytes / 4096` bits), empty the set and
+    /// write-protect exactly those pages again, with the TLB flush that needs.
+    /// Returns how many frames were dirty.
+    fn collect_dirty(&mut self, bitmap: &mut [u64]) -> Result<u64, HostError>;
+    /// Counters.
+    fn stats(&self) -> PartitionStats;
+}
+
+/// The node's platform as the root-partition service sees it.
+pub trait Host: CpuidSource {
+    /// CPU vendor of this node.
+    fn vendor(&self) -> Vendor;
+    /// Boot command line of the node.
+    fn cmdline(&self) -> &str;
+    /// Boot module `index` (guest kernel images), if present.
+    fn module(&self, index: usize) -> Option<&[u8]>;
+    /// Create a VM partition with `ram_bytes` of zeroed RAM and one vCPU.
+    fn create_partition(&mut self, ram_bytes: u64) -> Result<Box<dyn Partition>, HostError>;
+    /// Monotonic nanoseconds since boot.
+    fn now_ns(&self) -> u64;
+    /// Write to the node console (serial).
+    fn console_write(&mut self, s: &str);
+    /// Host memory: (total, free) in bytes.
+    fn memory_stats(&self) -> (u64, u64);
+    /// Raw world-switch benchmark: `iterations` bare guest entry/exit round
+    /// trips with no exit handling, returning the elapsed nanoseconds.
+    fn bench_raw_roundtrips(&mut self, iterations: u64) -> Result<u64, HostError>;
+    /// Power the node off (QEMU isa-debug-exit / Bochs shutdown port). `code`
+    /// 0 means success.
+    fn shutdown(&mut self, code: u8) -> !;
+}
