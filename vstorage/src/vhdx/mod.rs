@@ -1,0 +1,1 @@
+//! The VHDX format engine (MS-VHDX).
