@@ -12,8 +12,8 @@ extern crate alloc;
 pub mod io;
 pub mod vhdx;
 
-#[cfg(feature = "std")]
 pub mod copy;
+pub mod mirror;
 
 #[cfg(feature = "std")]
 pub use io::FileIo;

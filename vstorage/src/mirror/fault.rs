@@ -1,0 +1,143 @@
+//! A [`VirtualDisk`] double that fails chosen operations, for testing that
+//! a migration survives a failing source or destination at any point.
+//!
+//! Operations are counted from 1 per kind (reads, writes, flushes). A write
+//! that fails may have written nothing or everything ([`FaultPlan::torn`]):
+//! an unacknowledged write may or may not be present afterwards, and tests
+//! must accept both.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::io::{DiskError, IoError, VirtualDisk};
+
+/// Which operations fail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Fail the Nth read (1-based).
+    pub fail_read: Option<u64>,
+    /// Fail the Nth write (1-based).
+    pub fail_write: Option<u64>,
+    /// Fail the Nth flush (1-based).
+    pub fail_flush: Option<u64>,
+    /// After the first injected fault, fail every later operation too (a
+    /// disk that went away) instead of just that one.
+    pub sticky: bool,
+    /// A failing write still lands on the inner disk (a write that reached
+    /// the medium but whose completion was lost).
+    pub torn: bool,
+    /// Report these allocated ranges instead of the inner disk's.
+    pub allocated: Option<Vec<(u64, u64)>>,
+}
+
+/// Operation counts of a [`FaultyDisk`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCounts {
+    /// Reads attempted.
+    pub reads: u64,
+    /// Writes attempted.
+    pub writes: u64,
+    /// Flushes attempted.
+    pub flushes: u64,
+    /// Faults injected.
+    pub faults: u64,
+}
+
+/// Wraps a disk and injects the faults of a [`FaultPlan`].
+#[derive(Debug)]
+pub struct FaultyDisk<D> {
+    inner: D,
+    plan: FaultPlan,
+    counts: OpCounts,
+}
+
+fn injected(op: &'static str, n: u64) -> DiskError {
+    DiskError::Io(IoError::Host {
+        op,
+        detail: String::from("injected fault") + &alloc::format!(" (operation {n})"),
+    })
+}
+
+impl<D: VirtualDisk> FaultyDisk<D> {
+    /// Wraps `inner`.
+    pub fn new(inner: D, plan: FaultPlan) -> Self {
+        FaultyDisk {
+            inner,
+            plan,
+            counts: OpCounts::default(),
+        }
+    }
+
+    /// Counts so far.
+    pub fn counts(&self) -> OpCounts {
+        self.counts
+    }
+
+    /// The wrapped disk.
+    pub fn inner_mut(&mut self) -> &mut D {
+        &mut self.inner
+    }
+
+    /// Unwraps the disk.
+    pub fn into_inner(self) -> D {
+        self.inner
+    }
+
+    /// Whether operation number `n` of a kind whose planned failure is
+    /// `at` must fail.
+    fn should_fail(&mut self, at: Option<u64>, n: u64) -> bool {
+        let fail = (self.plan.sticky && self.counts.faults > 0) || at == Some(n);
+        if fail {
+            self.counts.faults += 1;
+        }
+        fail
+    }
+}
+
+impl<D: VirtualDisk> VirtualDisk for FaultyDisk<D> {
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        self.inner.logical_sector_size()
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.counts.reads += 1;
+        let n = self.counts.reads;
+        if self.should_fail(self.plan.fail_read, n) {
+            return Err(injected("read", n));
+        }
+        self.inner.read(offset, buf)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.counts.writes += 1;
+        let n = self.counts.writes;
+        if self.should_fail(self.plan.fail_write, n) {
+            if self.plan.torn {
+                // The outcome is reported as an error whatever happens here.
+                let _ = self.inner.write(offset, data);
+            }
+            return Err(injected("write", n));
+        }
+        self.inner.write(offset, data)
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.counts.flushes += 1;
+        let n = self.counts.flushes;
+        if self.should_fail(self.plan.fail_flush, n) {
+            return Err(injected("flush", n));
+        }
+        self.inner.flush()
+    }
+
+    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
+        match &self.plan.allocated {
+            Some(r) => Ok(r.clone()),
+            None => self.inner.allocated_ranges(),
+        }
+    }
+}

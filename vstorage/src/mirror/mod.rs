@@ -1,0 +1,650 @@
+//! Write mirroring for storage live migration: the guest keeps running on
+//! its source disk while the copy engine ([`crate::copy`]) fills the
+//! destination, and every guest write that the copy would otherwise miss is
+//! also written to the destination.
+//!
+//! States (MISSION "Storage live migration"):
+//!
+//! ```text
+//!   Copying --copy done + dest flushed--> Mirrored --switch_over--> SwitchedOver
+//!      |  \______________________________   |
+//!      |  cancel          dest I/O error  \ | cancel / dest I/O error
+//!      v                                   vv
+//!   Cancelled                            Failed / Cancelled
+//! ```
+//!
+//! - **Copying**: one ascending pass over the source's allocated ranges. A
+//!   guest write goes to the source; it goes to the destination as well
+//!   unless it lies wholly in the part of the plan the copy has not reached
+//!   yet (the copy will carry it). A write overlapping the chunk in flight,
+//!   or another write in progress, waits: chunks and writes hold their byte
+//!   ranges exclusively, so a chunk can never carry stale source bytes over a
+//!   newer mirrored write, and overlapping writes reach both copies in the
+//!   same order.
+//! - **Mirrored**: the destination is complete; every write goes to both.
+//! - **SwitchedOver**: the destination is the disk; the source is handed
+//!   back to the caller to delete or keep.
+//! - **Cancelled / Failed**: the destination is handed back to be discarded;
+//!   the source keeps serving I/O and holds every acknowledged write.
+//!
+//! A write is acknowledged only when every copy it must reach is durable:
+//! the primary (source before switch-over, destination after) is written and
+//! flushed, then the mirror copy. A mirror-side failure does not fail the
+//! guest's write (the source holds it); it fails the migration instead.
+//!
+//! [`MirrorCore`] is that state machine with no I/O and no locking: it only
+//! admits or refuses chunks and writes. [`MirroredDisk`] drives it on one
+//! thread (no_std: the hypervisor calls [`MirroredDisk::step`] between guest
+//! requests); [`SharedMirror`] (`std`) drives it from a guest-I/O side and a
+//! copy thread at once, blocking on the core's refusals.
+
+pub mod fault;
+#[cfg(feature = "std")]
+mod shared;
+#[cfg(feature = "std")]
+pub use shared::{SharedDisk, SharedMirror};
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::copy::{self, ranges_overlap, Chunk, CopyError, CopyJob, CopyOptions};
+use crate::io::{DiskError, VirtualDisk};
+
+/// Where a mirrored migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorState {
+    /// The one-pass copy runs; writes are mirrored behind its cursor.
+    Copying,
+    /// The destination is a complete, current copy; writes go to both.
+    Mirrored,
+    /// I/O goes to the destination only.
+    SwitchedOver,
+    /// Cancelled by request; the source is the disk.
+    Cancelled,
+    /// The copy or a mirrored write failed; the source is the disk.
+    Failed,
+}
+
+impl MirrorState {
+    /// True while the source is the disk the guest runs on.
+    pub fn source_is_primary(self) -> bool {
+        !matches!(self, MirrorState::SwitchedOver)
+    }
+
+    /// True in the states where the destination still receives writes.
+    pub fn mirrors(self) -> bool {
+        matches!(self, MirrorState::Copying | MirrorState::Mirrored)
+    }
+}
+
+impl fmt::Display for MirrorState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MirrorState::Copying => "copying",
+            MirrorState::Mirrored => "mirrored",
+            MirrorState::SwitchedOver => "switched over",
+            MirrorState::Cancelled => "cancelled",
+            MirrorState::Failed => "failed",
+        })
+    }
+}
+
+/// A snapshot of a migration's progress, as a management job shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Current state.
+    pub state: MirrorState,
+    /// Bytes the copy has moved.
+    pub bytes_copied: u64,
+    /// Bytes the copy moves in all.
+    pub bytes_total: u64,
+    /// Guest writes that reached the destination as well as the source.
+    pub mirrored_writes: u64,
+    /// Why the migration failed, in [`MirrorState::Failed`].
+    pub failure: Option<MirrorError>,
+}
+
+impl Progress {
+    /// Percentage of the copy done (0..=100).
+    pub fn percent(&self) -> u8 {
+        copy::percent(self.bytes_copied, self.bytes_total)
+    }
+}
+
+/// Errors of the mirror. Guest I/O sees [`DiskError`]s; these describe why a
+/// migration stopped or why a request to it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorError {
+    /// The copy failed (reading the source, writing or flushing the destination).
+    Copy(CopyError),
+    /// A guest write could not be mirrored to the destination.
+    MirrorWrite {
+        /// Virtual offset of the write.
+        offset: u64,
+        /// The destination's error.
+        error: DiskError,
+    },
+    /// The operation needs another state (e.g. switch-over before the copy is done).
+    WrongState {
+        /// What was asked.
+        op: &'static str,
+        /// The state the migration was in.
+        state: MirrorState,
+    },
+}
+
+impl fmt::Display for MirrorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MirrorError::Copy(e) => write!(f, "storage copy failed: {e}"),
+            MirrorError::MirrorWrite { offset, error } => write!(
+                f,
+                "mirroring a guest write at virtual offset {offset} to the destination failed: {error}"
+            ),
+            MirrorError::WrongState { op, state } => {
+                write!(f, "cannot {op} while the migration is {state}")
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for MirrorError {}
+
+impl From<CopyError> for MirrorError {
+    fn from(e: CopyError) -> Self {
+        MirrorError::Copy(e)
+    }
+}
+
+/// Which disk a write's acknowledgement depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Primary {
+    /// The source (before switch-over, and after cancel or failure).
+    Source,
+    /// The destination (after switch-over).
+    Dest,
+}
+
+/// An admitted guest write: which copies it goes to. Hand it back to
+/// [`MirrorCore::end_write`] when done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteTicket {
+    id: u64,
+    /// The copy whose failure fails the write.
+    pub primary: Primary,
+    /// Also write (and flush) the destination after the primary; a failure
+    /// there fails the migration, not the write.
+    pub mirror: bool,
+}
+
+/// A refusal: the range is held by a chunk in flight or another write.
+/// Retry after the holder ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+/// What the copy side should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkAdmission {
+    /// Copy this chunk, then call [`MirrorCore::end_chunk`].
+    Copy(Chunk),
+    /// A guest write holds part of the next chunk: retry when it ends.
+    Busy,
+    /// Every chunk is copied: flush the destination and call
+    /// [`MirrorCore::end_copy`].
+    Done,
+    /// The migration is not copying any more (finished, cancelled or failed).
+    Stopped(MirrorState),
+}
+
+/// The mirror's state machine: plan, cursor, range ownership and counters.
+/// It performs no I/O; drivers ask it before every chunk and every write.
+#[derive(Debug, Clone)]
+pub struct MirrorCore {
+    job: CopyJob,
+    state: MirrorState,
+    in_flight: Option<Chunk>,
+    /// Guest writes in progress: `(ticket id, offset, len_bytes)`.
+    writes: Vec<(u64, u64, u64)>,
+    next_ticket: u64,
+    mirrored_writes: u64,
+    failure: Option<MirrorError>,
+}
+
+impl MirrorCore {
+    /// A core in [`MirrorState::Copying`] for the plan `job`.
+    pub fn new(job: CopyJob) -> Self {
+        MirrorCore {
+            job,
+            state: MirrorState::Copying,
+            in_flight: None,
+            writes: Vec::new(),
+            next_ticket: 0,
+            mirrored_writes: 0,
+            failure: None,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> MirrorState {
+        self.state
+    }
+
+    /// Progress snapshot.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            state: self.state,
+            bytes_copied: self.job.bytes_copied(),
+            bytes_total: self.job.bytes_total(),
+            mirrored_writes: self.mirrored_writes,
+            failure: self.failure.clone(),
+        }
+    }
+
+    /// The copy plan.
+    pub fn job(&self) -> &CopyJob {
+        &self.job
+    }
+
+    fn write_conflicts(&self, offset: u64, len_bytes: u64) -> bool {
+        self.writes
+            .iter()
+            .any(|&(_, o, l)| ranges_overlap(o, l, offset, len_bytes))
+    }
+
+    /// Admits a guest write of `len_bytes` at `offset`, or refuses it while
+    /// another holder owns part of its range.
+    pub fn begin_write(&mut self, offset: u64, len_bytes: u64) -> Result<WriteTicket, Busy> {
+        if self.write_conflicts(offset, len_bytes)
+            || self
+                .in_flight
+                .is_some_and(|c| c.overlaps(offset, len_bytes))
+        {
+            return Err(Busy);
+        }
+        let (primary, mirror) = match self.state {
+            MirrorState::Copying => (Primary::Source, !self.job.is_pending(offset, len_bytes)),
+            MirrorState::Mirrored => (Primary::Source, true),
+            MirrorState::SwitchedOver => (Primary::Dest, false),
+            MirrorState::Cancelled | MirrorState::Failed => (Primary::Source, false),
+        };
+        let id = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        self.writes.push((id, offset, len_bytes));
+        Ok(WriteTicket {
+            id,
+            primary,
+            mirror,
+        })
+    }
+
+    /// Ends a write. `mirror_result` is the destination's outcome when the
+    /// ticket asked for a mirror copy and the destination was still there
+    /// (`None` otherwise). Returns `true` when this call failed the
+    /// migration: the driver must then discard the destination.
+    pub fn end_write(
+        &mut self,
+        ticket: WriteTicket,
+        offset: u64,
+        mirror_result: Option<Result<(), DiskError>>,
+    ) -> bool {
+        self.writes.retain(|w| w.0 != ticket.id);
+        match mirror_result {
+            Some(Ok(())) => {
+                if self.state.mirrors() {
+                    self.mirrored_writes += 1;
+                }
+                false
+            }
+            Some(Err(error)) => self.fail(MirrorError::MirrorWrite { offset, error }),
+            None => false,
+        }
+    }
+
+    /// Admits the next chunk of the copy.
+    pub fn begin_chunk(&mut self) -> ChunkAdmission {
+        if self.state != MirrorState::Copying {
+            return ChunkAdmission::Stopped(self.state);
+        }
+        if self.in_flight.is_some() {
+            // One copier at a time: a second one waits like a conflicting write.
+            return ChunkAdmission::Busy;
+        }
+        let Some(chunk) = self.job.next_chunk() else {
+            return ChunkAdmission::Done;
+        };
+        if self.write_conflicts(chunk.offset, chunk.len_bytes) {
+            return ChunkAdmission::Busy;
+        }
+        self.in_flight = Some(chunk);
+        ChunkAdmission::Copy(chunk)
+    }
+
+    /// Ends the chunk in flight. Returns `true` when this call failed the
+    /// migration (the driver discards the destination).
+    pub fn end_chunk(&mut self, chunk: Chunk, result: Result<(), CopyError>) -> bool {
+        if self.in_flight != Some(chunk) {
+            return false;
+        }
+        self.in_flight = None;
+        if self.state != MirrorState::Copying {
+            // Cancelled (or failed) while the chunk was in flight: drop it.
+            return false;
+        }
+        match result.and_then(|()| self.job.complete(chunk)) {
+            Ok(()) => false,
+            Err(e) => self.fail(MirrorError::Copy(e)),
+        }
+    }
+
+    /// Ends the copy after the driver flushed the destination: the
+    /// destination is complete and current, so the state becomes
+    /// [`MirrorState::Mirrored`]. Returns `true` when this call failed the
+    /// migration.
+    pub fn end_copy(&mut self, flush_result: Result<(), DiskError>) -> bool {
+        if self.state != MirrorState::Copying || !self.job.is_done() || self.in_flight.is_some() {
+            return false;
+        }
+        match flush_result {
+            Ok(()) => {
+                self.state = MirrorState::Mirrored;
+                false
+            }
+            Err(e) => self.fail(MirrorError::Copy(CopyError::DestFlush(e))),
+        }
+    }
+
+    /// Switches I/O to the destination. Refused (`Busy`) while writes are in
+    /// progress, so none straddles the switch; an error outside
+    /// [`MirrorState::Mirrored`].
+    pub fn switch_over(&mut self) -> Result<Result<(), Busy>, MirrorError> {
+        if self.state != MirrorState::Mirrored {
+            return Err(MirrorError::WrongState {
+                op: "switch over",
+                state: self.state,
+            });
+        }
+        if !self.writes.is_empty() {
+            return Ok(Err(Busy));
+        }
+        self.state = MirrorState::SwitchedOver;
+        Ok(Ok(()))
+    }
+
+    /// Cancels the migration. Returns `true` when the destination must now
+    /// be discarded; `false` when there was nothing to cancel (already
+    /// switched over, cancelled or failed). After switch-over the destination
+    /// is the disk, so cancel is refused.
+    pub fn cancel(&mut self) -> Result<bool, MirrorError> {
+        match self.state {
+            MirrorState::Copying | MirrorState::Mirrored => {
+                self.state = MirrorState::Cancelled;
+                Ok(true)
+            }
+            MirrorState::Cancelled | MirrorState::Failed => Ok(false),
+            MirrorState::SwitchedOver => Err(MirrorError::WrongState {
+                op: "cancel",
+                state: self.state,
+            }),
+        }
+    }
+
+    fn fail(&mut self, why: MirrorError) -> bool {
+        if !self.state.mirrors() {
+            return false;
+        }
+        self.state = MirrorState::Failed;
+        self.failure = Some(why);
+        true
+    }
+}
+
+/// Writes `data` to `disk` and flushes it: a write is acknowledged only once durable.
+fn write_durable<D: VirtualDisk + ?Sized>(
+    disk: &mut D,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), DiskError> {
+    disk.write(offset, data)?;
+    disk.flush()
+}
+
+fn gone(which: &str) -> DiskError {
+    DiskError::Request(alloc::format!(
+        "the {which} disk is no longer part of this migration"
+    ))
+}
+
+/// A source disk being migrated to a destination, presented to the guest as
+/// one [`VirtualDisk`]. Single-threaded: the owner interleaves guest I/O with
+/// [`MirroredDisk::step`] calls (no_std friendly). For a copy thread running
+/// beside guest I/O use [`SharedMirror`] (`std`).
+#[derive(Debug)]
+pub struct MirroredDisk<S, D> {
+    source: Option<S>,
+    dest: Option<D>,
+    /// Destination removed by cancel or failure, awaiting discard.
+    discarded: Option<D>,
+    core: MirrorCore,
+    buf: Vec<u8>,
+    virtual_size: u64,
+    sector_bytes: u32,
+}
+
+/// What one [`MirroredDisk::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Copied a chunk; more remain.
+    Copied(Chunk),
+    /// The copy is complete and the destination flushed: ready to switch over.
+    Mirrored,
+}
+
+impl<S: VirtualDisk, D: VirtualDisk> MirroredDisk<S, D> {
+    /// Starts mirroring `source` to `dest` (which must have the same
+    /// geometry; create it with the same parameters as the source).
+    pub fn new(mut source: S, dest: D, opts: CopyOptions) -> Result<Self, MirrorError> {
+        copy::check_geometry(&source, &dest)?;
+        let job = CopyJob::for_disk(&mut source, opts)?;
+        Ok(MirroredDisk {
+            virtual_size: source.virtual_size(),
+            sector_bytes: source.logical_sector_size(),
+            source: Some(source),
+            dest: Some(dest),
+            discarded: None,
+            core: MirrorCore::new(job),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Progress snapshot.
+    pub fn progress(&self) -> Progress {
+        self.core.progress()
+    }
+
+    /// Current state.
+    pub fn state(&self) -> MirrorState {
+        self.core.state()
+    }
+
+    fn discard_dest(&mut self) {
+        if let Some(d) = self.dest.take() {
+            self.discarded = Some(d);
+        }
+    }
+
+    /// Copies the next chunk; after the last one flushes the destination and
+    /// enters [`MirrorState::Mirrored`]. A failure moves to
+    /// [`MirrorState::Failed`] (the guest keeps running on the source) and is
+    /// returned.
+    pub fn step(&mut self) -> Result<Step, MirrorError> {
+        match self.core.begin_chunk() {
+            ChunkAdmission::Copy(chunk) => {
+                let result = match (self.source.as_mut(), self.dest.as_mut()) {
+                    (Some(s), Some(d)) => copy::copy_chunk(s, d, chunk, &mut self.buf, false),
+                    _ => Err(CopyError::Cancelled),
+                };
+                if self.core.end_chunk(chunk, result) {
+                    self.discard_dest();
+                }
+                self.check_failed()?;
+                Ok(Step::Copied(chunk))
+            }
+            ChunkAdmission::Done => {
+                self.buf = Vec::new();
+                let flushed = match self.dest.as_mut() {
+                    Some(d) => d.flush(),
+                    None => Err(gone("destination")),
+                };
+                if self.core.end_copy(flushed) {
+                    self.discard_dest();
+                }
+                self.check_failed()?;
+                Ok(Step::Mirrored)
+            }
+            ChunkAdmission::Stopped(MirrorState::Mirrored) => Ok(Step::Mirrored),
+            ChunkAdmission::Stopped(state) => Err(self
+                .core
+                .failure
+                .clone()
+                .unwrap_or(MirrorError::WrongState { op: "copy", state })),
+            // Single-threaded: nothing can hold a range between calls.
+            ChunkAdmission::Busy => Err(MirrorError::WrongState {
+                op: "copy while a range is held",
+                state: self.core.state(),
+            }),
+        }
+    }
+
+    fn check_failed(&self) -> Result<(), MirrorError> {
+        match (&self.core.failure, self.core.state()) {
+            (Some(e), MirrorState::Failed) => Err(e.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Steps until the destination is complete.
+    pub fn run_to_mirrored(&mut self) -> Result<(), MirrorError> {
+        while let Step::Copied(_) = self.step()? {}
+        Ok(())
+    }
+
+    /// Switches I/O to the destination and returns the source, which the
+    /// caller deletes (or keeps, by option).
+    pub fn switch_over(&mut self) -> Result<S, MirrorError> {
+        match self.core.switch_over()? {
+            Ok(()) => self.source.take().ok_or(MirrorError::WrongState {
+                op: "switch over twice",
+                state: MirrorState::SwitchedOver,
+            }),
+            Err(Busy) => Err(MirrorError::WrongState {
+                op: "switch over during a write",
+                state: self.core.state(),
+            }),
+        }
+    }
+
+    /// Cancels the migration and returns the destination for the caller to
+    /// discard; the source stays the disk. `None` when already cancelled or
+    /// failed (see [`MirroredDisk::take_discarded`]).
+    pub fn cancel(&mut self) -> Result<Option<D>, MirrorError> {
+        if self.core.cancel()? {
+            self.discard_dest();
+        }
+        Ok(self.discarded.take())
+    }
+
+    /// The destination removed by a cancel or failure, to be discarded.
+    pub fn take_discarded(&mut self) -> Option<D> {
+        self.discarded.take()
+    }
+
+    /// Ends the migration and returns whichever disks are still held:
+    /// `(source, destination)`.
+    pub fn into_parts(self) -> (Option<S>, Option<D>) {
+        (self.source, self.dest.or(self.discarded))
+    }
+}
+
+impl<S: VirtualDisk, D: VirtualDisk> VirtualDisk for MirroredDisk<S, D> {
+    fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        self.sector_bytes
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        if self.core.state().source_is_primary() {
+            self.source
+                .as_mut()
+                .ok_or_else(|| gone("source"))?
+                .read(offset, buf)
+        } else {
+            self.dest
+                .as_mut()
+                .ok_or_else(|| gone("destination"))?
+                .read(offset, buf)
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        crate::io::check_request(offset, data.len(), self.sector_bytes, self.virtual_size)?;
+        let len = data.len() as u64;
+        let ticket = self.core.begin_write(offset, len).map_err(|Busy| {
+            DiskError::Request(alloc::format!("write at {offset} overlaps a held range"))
+        })?;
+        let primary = match ticket.primary {
+            Primary::Source => self
+                .source
+                .as_mut()
+                .ok_or_else(|| gone("source"))
+                .and_then(|s| write_durable(s, offset, data)),
+            Primary::Dest => self
+                .dest
+                .as_mut()
+                .ok_or_else(|| gone("destination"))
+                .and_then(|d| write_durable(d, offset, data)),
+        };
+        if let Err(e) = primary {
+            self.core.end_write(ticket, offset, None);
+            return Err(e);
+        }
+        let mirrored = match (ticket.mirror, self.dest.as_mut()) {
+            (true, Some(d)) => Some(write_durable(d, offset, data)),
+            _ => None,
+        };
+        if self.core.end_write(ticket, offset, mirrored) {
+            self.discard_dest();
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        // Only the primary: every mirrored write and the end of the copy
+        // already made the destination durable.
+        if self.core.state().source_is_primary() {
+            self.source.as_mut().ok_or_else(|| gone("source"))?.flush()
+        } else {
+            self.dest
+                .as_mut()
+                .ok_or_else(|| gone("destination"))?
+                .flush()
+        }
+    }
+
+    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
+        if self.core.state().source_is_primary() {
+            self.source
+                .as_mut()
+                .ok_or_else(|| gone("source"))?
+                .allocated_ranges()
+        } else {
+            self.dest
+                .as_mut()
+                .ok_or_else(|| gone("destination"))?
+                .allocated_ranges()
+        }
+    }
+}
