@@ -18,7 +18,10 @@ use core::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostError {
     /// Not enough host memory for the request.
-    OutOfMemory { requested_bytes: u64, free_bytes: u64 },
+    OutOfMemory {
+        requested_bytes: u64,
+        free_bytes: u64,
+    },
     /// A size or count outside what the platform supports.
     InvalidSize { what: &'static str, value: u64 },
     /// No virtualization backend (neither SVM nor VMX usable).

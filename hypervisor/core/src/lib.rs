@@ -18,4 +18,10 @@ pub mod abi;
 pub mod addr;
 pub mod host;
 pub mod mem;
+pub mod npt;
+pub mod svm;
 pub mod vcpu;
+pub mod vmx;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

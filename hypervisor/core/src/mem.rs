@@ -31,10 +31,9 @@ impl fmt::Display for MemError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MemError::OutOfFrames => write!(f, "out of host memory frames"),
-            MemError::OutOfRange { gpa, len_bytes } => write!(
-                f,
-                "guest range {gpa}+{len_bytes:#x} is outside guest RAM"
-            ),
+            MemError::OutOfRange { gpa, len_bytes } => {
+                write!(f, "guest range {gpa}+{len_bytes:#x} is outside guest RAM")
+            }
         }
     }
 }
