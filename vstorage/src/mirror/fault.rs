@@ -5,6 +5,11 @@
 //! that fails may have written nothing or everything ([`FaultPlan::torn`]):
 //! an unacknowledged write may or may not be present afterwards, and tests
 //! must accept both.
+//!
+//! With [`FaultPlan::volatile`] the double also models a write cache:
+//! writes stay volatile (visible to reads, lost by [`FaultyDisk::crash`])
+//! until a flush succeeds, so a test can check that whatever was
+//! acknowledged had been made durable.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -28,6 +33,8 @@ pub struct FaultPlan {
     pub torn: bool,
     /// Report these allocated ranges instead of the inner disk's.
     pub allocated: Option<Vec<(u64, u64)>>,
+    /// Keep writes in a volatile cache until the next successful flush.
+    pub volatile: bool,
 }
 
 /// Operation counts of a [`FaultyDisk`].
@@ -49,6 +56,8 @@ pub struct FaultyDisk<D> {
     inner: D,
     plan: FaultPlan,
     counts: OpCounts,
+    /// Unflushed writes `(offset, data)`, oldest first (volatile mode).
+    cache: Vec<(u64, Vec<u8>)>,
 }
 
 fn injected(op: &'static str, n: u64) -> DiskError {
@@ -65,7 +74,18 @@ impl<D: VirtualDisk> FaultyDisk<D> {
             inner,
             plan,
             counts: OpCounts::default(),
+            cache: Vec::new(),
         }
+    }
+
+    /// Loses every unflushed write, as a power cut would (volatile mode).
+    pub fn crash(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Number of writes not yet made durable (volatile mode).
+    pub fn unflushed(&self) -> usize {
+        self.cache.len()
     }
 
     /// Counts so far.
@@ -81,6 +101,20 @@ impl<D: VirtualDisk> FaultyDisk<D> {
     /// Unwraps the disk.
     pub fn into_inner(self) -> D {
         self.inner
+    }
+
+    fn land(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        if !self.plan.volatile {
+            return self.inner.write(offset, data);
+        }
+        crate::io::check_request(
+            offset,
+            data.len(),
+            self.inner.logical_sector_size(),
+            self.inner.virtual_size(),
+        )?;
+        self.cache.push((offset, data.to_vec()));
+        Ok(())
     }
 
     /// Whether operation number `n` of a kind whose planned failure is
@@ -109,7 +143,20 @@ impl<D: VirtualDisk> VirtualDisk for FaultyDisk<D> {
         if self.should_fail(self.plan.fail_read, n) {
             return Err(injected("read", n));
         }
-        self.inner.read(offset, buf)
+        self.inner.read(offset, buf)?;
+        // Newer cached writes shadow the medium, oldest applied first.
+        let end = offset.saturating_add(buf.len() as u64);
+        for (w_off, data) in &self.cache {
+            let w_end = w_off.saturating_add(data.len() as u64);
+            let (lo, hi) = (offset.max(*w_off), end.min(w_end));
+            if lo < hi {
+                let dst = usize::try_from(lo - offset).unwrap_or(0);
+                let src = usize::try_from(lo - w_off).unwrap_or(0);
+                let n = usize::try_from(hi - lo).unwrap_or(0);
+                buf[dst..dst + n].copy_from_slice(&data[src..src + n]);
+            }
+        }
+        Ok(())
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
@@ -118,11 +165,11 @@ impl<D: VirtualDisk> VirtualDisk for FaultyDisk<D> {
         if self.should_fail(self.plan.fail_write, n) {
             if self.plan.torn {
                 // The outcome is reported as an error whatever happens here.
-                let _ = self.inner.write(offset, data);
+                let _ = self.land(offset, data);
             }
             return Err(injected("write", n));
         }
-        self.inner.write(offset, data)
+        self.land(offset, data)
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {
@@ -130,6 +177,9 @@ impl<D: VirtualDisk> VirtualDisk for FaultyDisk<D> {
         let n = self.counts.flushes;
         if self.should_fail(self.plan.fail_flush, n) {
             return Err(injected("flush", n));
+        }
+        for (off, data) in core::mem::take(&mut self.cache) {
+            self.inner.write(off, &data)?;
         }
         self.inner.flush()
     }
