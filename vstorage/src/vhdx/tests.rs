@@ -1,0 +1,473 @@
+//! Engine tests: round trips, differencing, log replay, a crash-simulating
+//! store and property tests against an in-memory model.
+
+use super::disk::*;
+use super::format::*;
+use crate::io::{BlockIo, DiskError, IoError, MemIo, VirtualDisk};
+use alloc::vec;
+use alloc::vec::Vec;
+
+fn new_disk(size: u64, block: u32, ls: u32) -> Vhdx<MemIo> {
+    let mut p = CreateParams::dynamic(size);
+    p.block_size = block;
+    p.logical_sector_size = ls;
+    p.guid_seed = 42;
+    create(MemIo::new(), &p).unwrap()
+}
+
+fn bytes_of(d: &mut Vhdx<MemIo>) -> Vec<u8> {
+    d.close().unwrap();
+    d.io().as_slice().to_vec()
+}
+
+#[test]
+fn dynamic_round_trip_and_reopen() {
+    let mut d = new_disk(64 << 20, 1 << 20, 512);
+    assert_eq!(d.kind(), DiskKind::Dynamic);
+    let mut z = vec![1u8; 4096];
+    d.read(0, &mut z).unwrap();
+    assert!(z.iter().all(|&b| b == 0));
+    let data: Vec<u8> = (0..3 * 512 + (1 << 20)).map(|i| (i * 7) as u8).collect();
+    let data = &data[..(data.len() / 512) * 512];
+    d.write((1 << 20) - 1024, data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    d.read((1 << 20) - 1024, &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(d.allocated_ranges().unwrap(), vec![(0, 3 << 20)]);
+    let img = bytes_of(&mut d);
+    let mut r = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+    assert!(r.header().log_guid.is_zero());
+    let mut back2 = vec![0u8; data.len()];
+    r.read((1 << 20) - 1024, &mut back2).unwrap();
+    assert_eq!(back2, data);
+    assert!(r.write(0, &[0u8; 512]).is_err());
+}
+
+#[test]
+fn fixed_disk_preallocates() {
+    let mut p = CreateParams::dynamic(8 << 20);
+    p.block_size = 2 << 20;
+    p.fixed = true;
+    let mut d = create(MemIo::new(), &p).unwrap();
+    assert_eq!(d.kind(), DiskKind::Fixed);
+    let len = d.io().len().unwrap();
+    d.write(4096, &[9u8; 4096]).unwrap();
+    assert_eq!(d.io().len().unwrap(), len);
+}
+
+#[test]
+fn sector_4096_rejects_512_aligned_io() {
+    let mut d = new_disk(16 << 20, 1 << 20, 4096);
+    assert!(matches!(
+        d.write(512, &[0u8; 512]),
+        Err(DiskError::Request(_))
+    ));
+    d.write(4096, &[3u8; 4096]).unwrap();
+    let mut b = [0u8; 4096];
+    d.read(4096, &mut b).unwrap();
+    assert_eq!(b, [3u8; 4096]);
+}
+
+#[test]
+fn guids_change_on_first_write_only() {
+    let mut d = new_disk(8 << 20, 1 << 20, 512);
+    let h0 = d.header().clone();
+    d.write(0, &[1u8; 512]).unwrap();
+    let h1 = d.header().clone();
+    assert_ne!(h0.file_write_guid, h1.file_write_guid);
+    assert_ne!(h0.data_write_guid, h1.data_write_guid);
+    assert!(!h1.log_guid.is_zero());
+    d.write(512, &[1u8; 512]).unwrap();
+    assert_eq!(d.header().data_write_guid, h1.data_write_guid);
+    assert_eq!(d.header().file_write_guid, h1.file_write_guid);
+    d.close().unwrap();
+    assert!(d.header().log_guid.is_zero());
+    assert_eq!(d.header().data_write_guid, h1.data_write_guid);
+}
+
+fn diff_pair(ls: u32) -> (Vhdx<MemIo>, Vhdx<MemIo>) {
+    let mut base = new_disk(8 << 20, 1 << 20, ls);
+    base.write(0, &vec![0x11u8; 3 << 20]).unwrap();
+    base.close().unwrap();
+    let base_img = base.io().as_slice().to_vec();
+    let base = Vhdx::open(MemIo::from_vec(base_img.clone()), OpenOptions::read_only()).unwrap();
+    let spec = ParentSpec {
+        data_write_guid: base.header().data_write_guid,
+        relative_path: Some("base.vhdx".into()),
+        absolute_path: None,
+        virtual_size: base.virtual_size(),
+        logical_sector_size: base.logical_sector_size(),
+        physical_sector_size: base.physical_sector_size(),
+        disk_id: base.disk_id(),
+    };
+    let mut p = CreateParams::dynamic(0);
+    p.block_size = 2 << 20;
+    p.parent = Some(spec);
+    let mut child = create(MemIo::new(), &p).unwrap();
+    child.attach_parent(base).unwrap();
+    let parent_rw = Vhdx::open(MemIo::from_vec(base_img), OpenOptions::read_write(5)).unwrap();
+    (child, parent_rw)
+}
+
+#[test]
+fn differencing_reads_fall_through_and_merge() {
+    for ls in [512u32, 4096] {
+        let (mut child, parent_rw) = diff_pair(ls);
+        assert_eq!(child.kind(), DiskKind::Differencing);
+        let s = ls as usize;
+        let mut b = vec![0u8; 4 * s];
+        child.read(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0x11));
+        // One sector in the middle of a block: copy-on-write per sector.
+        child.write(s as u64, &vec![0x22u8; s]).unwrap();
+        child.read(0, &mut b).unwrap();
+        assert!(b[..s].iter().all(|&x| x == 0x11));
+        assert!(b[s..2 * s].iter().all(|&x| x == 0x22));
+        assert!(b[2 * s..].iter().all(|&x| x == 0x11));
+        // A whole block lands fully present; past the parent's data reads zero.
+        child.write(4 << 20, &vec![0x33u8; 2 << 20]).unwrap();
+        let mut e = vec![0u8; s];
+        child.read(7 << 20, &mut e).unwrap();
+        assert!(e.iter().all(|&x| x == 0));
+        // Reopen the child and re-attach.
+        let img = bytes_of(&mut child);
+        let parent_ro = child.take_parent().unwrap();
+        let mut c2 = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+        c2.attach_parent(parent_ro).unwrap();
+        c2.read(0, &mut b).unwrap();
+        assert!(b[s..2 * s].iter().all(|&x| x == 0x22) && b[0] == 0x11);
+        // Merge into a writable parent.
+        drop(c2.take_parent());
+        let guid_before = parent_rw.header().data_write_guid;
+        c2.attach_parent(parent_rw).unwrap();
+        c2.merge_into_parent().unwrap();
+        let mut merged = c2.take_parent().unwrap();
+        assert_ne!(merged.header().data_write_guid, guid_before);
+        merged.read(0, &mut b).unwrap();
+        assert!(b[s..2 * s].iter().all(|&x| x == 0x22) && b[0] == 0x11 && b[2 * s] == 0x11);
+        let mut big = vec![0u8; 2 << 20];
+        merged.read(4 << 20, &mut big).unwrap();
+        assert!(big.iter().all(|&x| x == 0x33));
+    }
+}
+
+#[test]
+fn wrong_parent_is_refused() {
+    let (mut child, _) = diff_pair(512);
+    let other = new_disk(8 << 20, 1 << 20, 512);
+    drop(child.take_parent());
+    let err = child.attach_parent(other).unwrap_err();
+    assert!(err.to_string().contains("parent_linkage"), "{err}");
+}
+
+#[test]
+fn pending_log_is_replayed_read_only_in_memory_and_on_disk() {
+    let mut d = new_disk(16 << 20, 1 << 20, 512);
+    d.write(0, &[1u8; 512]).unwrap();
+    d.debug_stop_before_apply();
+    assert!(d.write(5 << 20, &[7u8; 1024]).is_err());
+    let img = d.io().as_slice().to_vec();
+    drop(d);
+    assert!(log_replay_needed(&MemIo::from_vec(img.clone())).unwrap());
+    // Read-only: replayed in memory, file untouched.
+    let mut r = Vhdx::open(MemIo::from_vec(img.clone()), OpenOptions::read_only()).unwrap();
+    assert!(r.log_was_replayed());
+    let mut b = [0u8; 1024];
+    r.read(5 << 20, &mut b).unwrap();
+    assert_eq!(b, [7u8; 1024]);
+    assert_eq!(r.io().as_slice(), &img[..]);
+    // Read-write: replayed on disk; a second replay of the same log is a no-op.
+    let mut w = Vhdx::open(MemIo::from_vec(img.clone()), OpenOptions::read_write(3)).unwrap();
+    assert!(w.log_was_replayed());
+    w.read(5 << 20, &mut b).unwrap();
+    assert_eq!(b, [7u8; 1024]);
+    let after = bytes_of(&mut w);
+    assert!(!log_replay_needed(&MemIo::from_vec(after)).unwrap());
+}
+
+#[test]
+fn corrupt_structures_are_named() {
+    let mut d = new_disk(16 << 20, 1 << 20, 512);
+    d.write(0, &[1u8; 512]).unwrap();
+    let img = bytes_of(&mut d);
+    let open = |b: Vec<u8>| Vhdx::open(MemIo::from_vec(b), OpenOptions::read_only()).map(|_| ());
+    let mut x = img.clone();
+    x[0] = b'X';
+    assert!(matches!(open(x), Err(DiskError::Open(m)) if m.contains("not a VHDX")));
+    let mut x = img.clone();
+    x[HEADER1_OFFSET as usize + 100] ^= 1;
+    x[HEADER2_OFFSET as usize + 100] ^= 1;
+    assert!(matches!(open(x), Err(DiskError::Corrupt(m)) if m.contains("no valid header")));
+    let mut x = img.clone();
+    x[REGION1_OFFSET as usize + 40] ^= 1;
+    x[REGION2_OFFSET as usize + 40] ^= 1;
+    assert!(
+        matches!(open(x), Err(DiskError::Corrupt(m)) if m.contains("region table checksum mismatch"))
+    );
+    // BAT entry 0 pointing past the end.
+    let mut x = img.clone();
+    let far = BatEntry::new(PAYLOAD_FULLY_PRESENT, 1 << 40)
+        .0
+        .to_le_bytes();
+    x[3 << 20..(3 << 20) + 8].copy_from_slice(&far);
+    assert!(
+        matches!(open(x), Err(DiskError::Corrupt(m)) if m == "BAT entry 0 points past end of file")
+    );
+    // Only header 1 damaged: header 2 still opens.
+    let mut x = img.clone();
+    x[HEADER1_OFFSET as usize + 100] ^= 1;
+    open(x).unwrap();
+    // Truncated.
+    assert!(matches!(
+        open(img[..100_000].to_vec()),
+        Err(DiskError::Corrupt(_))
+    ));
+}
+
+/// A store that keeps durable and volatile state apart: writes land in
+/// `volatile` and reach `durable` only on flush; a crash loses the rest.
+#[derive(Clone)]
+struct CrashIo {
+    state: alloc::rc::Rc<core::cell::RefCell<CrashState>>,
+}
+
+struct CrashState {
+    durable: Vec<u8>,
+    volatile: Vec<u8>,
+    /// Operations (writes/set_len/flush) left before the crash; None = never.
+    ops_left: Option<u64>,
+    crashed: bool,
+}
+
+impl CrashIo {
+    fn new(bytes: Vec<u8>, ops_before_crash: Option<u64>) -> Self {
+        CrashIo {
+            state: alloc::rc::Rc::new(core::cell::RefCell::new(CrashState {
+                durable: bytes.clone(),
+                volatile: bytes,
+                ops_left: ops_before_crash,
+                crashed: false,
+            })),
+        }
+    }
+    fn tick(&self) -> Result<(), IoError> {
+        let mut s = self.state.borrow_mut();
+        if s.crashed {
+            return Err(IoError::Host {
+                op: "io",
+                detail: "crashed".into(),
+            });
+        }
+        if let Some(n) = s.ops_left {
+            if n == 0 {
+                s.crashed = true;
+                return Err(IoError::Host {
+                    op: "io",
+                    detail: "crashed".into(),
+                });
+            }
+            s.ops_left = Some(n - 1);
+        }
+        Ok(())
+    }
+    fn durable(&self) -> Vec<u8> {
+        self.state.borrow().durable.clone()
+    }
+}
+
+impl BlockIo for CrashIo {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        if self.state.borrow().crashed {
+            return Err(IoError::Host {
+                op: "read",
+                detail: "crashed".into(),
+            });
+        }
+        MemIo::from_vec(self.state.borrow().volatile.clone()).read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        self.tick()?;
+        let mut s = self.state.borrow_mut();
+        let mut m = MemIo::from_vec(core::mem::take(&mut s.volatile));
+        let r = m.write_at(offset, data);
+        s.volatile = m.into_vec();
+        r
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        self.tick()?;
+        let mut s = self.state.borrow_mut();
+        s.durable = s.volatile.clone();
+        Ok(())
+    }
+    fn len(&self) -> Result<u64, IoError> {
+        Ok(self.state.borrow().volatile.len() as u64)
+    }
+    fn set_len(&mut self, len: u64) -> Result<(), IoError> {
+        self.tick()?;
+        let mut s = self.state.borrow_mut();
+        s.volatile.resize(len as usize, 0);
+        Ok(())
+    }
+}
+
+/// Crash at every possible operation during a write sequence; after each,
+/// the durable image must open cleanly, every write that was followed by a
+/// completed flush must read back, and replay must be idempotent.
+#[test]
+fn crash_at_every_point_keeps_flushed_writes() {
+    let mut base = new_disk(16 << 20, 1 << 20, 512);
+    base.write(0, &[0xEEu8; 512]).unwrap();
+    let base_img = bytes_of(&mut base);
+    // (offset, byte, len): allocations, in-place writes, multi-block writes.
+    let plan: [(u64, u8, usize); 5] = [
+        (0, 1, 512),
+        (3 << 20, 2, 4096),
+        ((5 << 20) - 512, 3, 2048),
+        (3 << 20, 4, 512),
+        (9 << 20, 5, 512),
+    ];
+    let mut point = 0u64;
+    loop {
+        let io = CrashIo::new(base_img.clone(), Some(point));
+        let probe = io.clone();
+        let mut flushed: Vec<(u64, u8, usize)> = Vec::new();
+        let mut crashed = false;
+        match Vhdx::open(io, OpenOptions::read_write(point + 100)) {
+            Err(_) => crashed = true,
+            Ok(mut d) => {
+                for &(o, b, l) in &plan {
+                    if d.write(o, &vec![b; l]).is_err() || d.flush().is_err() {
+                        crashed = true;
+                        break;
+                    }
+                    flushed.push((o, b, l));
+                }
+                if !crashed && d.close().is_err() {
+                    crashed = true;
+                }
+                core::mem::forget(d);
+            }
+        }
+        let img = probe.durable();
+        // Reopen twice read-write (idempotent replay), then verify.
+        let mut img2 = img.clone();
+        for round in 0..2 {
+            let mut d = Vhdx::open(
+                MemIo::from_vec(img2.clone()),
+                OpenOptions::read_write(round),
+            )
+            .unwrap_or_else(|e| panic!("crash point {point}: reopen failed: {e}"));
+            d.close().unwrap();
+            img2 = d.io().as_slice().to_vec();
+        }
+        let mut d = Vhdx::open(MemIo::from_vec(img2), OpenOptions::read_only()).unwrap();
+        let mut expect: Vec<(u64, u8, usize)> = Vec::new();
+        for w in flushed {
+            expect.push(w);
+        }
+        // Later writes overwrite earlier ones: check sector by sector.
+        let mut model: alloc::collections::BTreeMap<u64, u8> = alloc::collections::BTreeMap::new();
+        model.insert(0, 0xEE);
+        for (o, b, l) in expect {
+            for s in 0..(l as u64 / 512) {
+                model.insert(o + s * 512, b);
+            }
+        }
+        for (&o, &b) in &model {
+            let mut buf = [0u8; 512];
+            d.read(o, &mut buf).unwrap();
+            assert!(
+                buf.iter().all(|&x| x == b),
+                "crash point {point}: sector at {o} lost its flushed data"
+            );
+        }
+        if !crashed {
+            break;
+        }
+        point += 1;
+        assert!(point < 500, "crash loop did not terminate");
+    }
+}
+
+#[test]
+fn rejects_bad_create_params() {
+    let mut p = CreateParams::dynamic(1 << 20);
+    p.block_size = 3 << 20;
+    assert!(matches!(create(MemIo::new(), &p), Err(DiskError::Open(_))));
+    let mut p = CreateParams::dynamic(1000);
+    p.block_size = 1 << 20;
+    assert!(matches!(create(MemIo::new(), &p), Err(DiskError::Open(_))));
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { sector: u64, count: u64, byte: u8 },
+        Read { sector: u64, count: u64 },
+        Reopen,
+    }
+
+    fn op(max_sectors: u64) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..max_sectors, 1u64..64, any::<u8>()).prop_map(move |(s, c, b)| Op::Write {
+                sector: s,
+                count: c.min(max_sectors - s),
+                byte: b
+            }),
+            3 => (0..max_sectors, 1u64..64).prop_map(move |(s, c)| Op::Read {
+                sector: s,
+                count: c.min(max_sectors - s)
+            }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Reads always match a flat byte-array model; the BAT never points two
+        /// blocks at the same place and allocation stays 1 MiB aligned.
+        #[test]
+        fn matches_flat_model(ls in prop_oneof![Just(512u32), Just(4096u32)],
+                              ops in proptest::collection::vec(op(6 << 11), 1..40)) {
+            let size = 6u64 << 20;
+            let max = size / u64::from(ls);
+            let mut d = new_disk(size, 1 << 20, ls);
+            let mut model = vec![0u8; size as usize];
+            for o in ops {
+                match o {
+                    Op::Write { sector, count, byte } => {
+                        let s = sector % max;
+                        let c = count.min(max - s).max(1);
+                        let off = s * u64::from(ls);
+                        let len = (c * u64::from(ls)) as usize;
+                        d.write(off, &vec![byte; len]).unwrap();
+                        model[off as usize..off as usize + len].fill(byte);
+                    }
+                    Op::Read { sector, count } => {
+                        let s = sector % max;
+                        let c = count.min(max - s).max(1);
+                        let off = s * u64::from(ls);
+                        let len = (c * u64::from(ls)) as usize;
+                        let mut b = vec![0u8; len];
+                        d.read(off, &mut b).unwrap();
+                        prop_assert_eq!(&b[..], &model[off as usize..off as usize + len]);
+                    }
+                    Op::Reopen => {
+                        let img = bytes_of(&mut d);
+                        d = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_write(9)).unwrap();
+                    }
+                }
+            }
+            let img = bytes_of(&mut d);
+            prop_assert_eq!(img.len() as u64 % MIB, 0);
+            let mut r = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+            let mut all = vec![0u8; size as usize];
+            r.read(0, &mut all).unwrap();
+            prop_assert!(all == model);
+        }
+    }
+}
