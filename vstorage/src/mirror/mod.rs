@@ -648,3 +648,101 @@ impl<S: VirtualDisk, D: VirtualDisk> VirtualDisk for MirroredDisk<S, D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(map: &[(u64, u64)]) -> MirrorCore {
+        let opts = CopyOptions {
+            chunk_bytes: 4096,
+            ..CopyOptions::default()
+        };
+        MirrorCore::new(CopyJob::new(map, 1 << 20, 512, opts))
+    }
+
+    #[test]
+    fn writes_and_chunks_hold_their_ranges() {
+        let mut c = core(&[(0, 1 << 20)]);
+        let ChunkAdmission::Copy(chunk) = c.begin_chunk() else {
+            panic!("first chunk")
+        };
+        assert_eq!((chunk.offset, chunk.len_bytes), (0, 4096));
+        // A write into the chunk in flight waits; one past it goes ahead
+        // without a mirror copy (the copy will carry it).
+        assert_eq!(c.begin_write(512, 512), Err(Busy));
+        let ahead = c.begin_write(8192, 512).unwrap();
+        assert!(!ahead.mirror);
+        // Overlapping writes are serialized so both copies see one order.
+        assert_eq!(c.begin_write(8192, 4096), Err(Busy));
+        assert!(!c.end_chunk(chunk, Ok(())));
+        // The next chunk (4096..8192) is clear of the write at 8192.
+        let ChunkAdmission::Copy(next) = c.begin_chunk() else {
+            panic!("second chunk")
+        };
+        assert!(!c.end_chunk(next, Ok(())));
+        // Now the chunk at 8192 is blocked by the write still in progress.
+        assert_eq!(c.begin_chunk(), ChunkAdmission::Busy);
+        assert!(!c.end_write(ahead, 8192, None));
+        assert!(matches!(c.begin_chunk(), ChunkAdmission::Copy(_)));
+        // Behind the cursor: mirrored.
+        let behind = c.begin_write(0, 512).unwrap();
+        assert!(behind.mirror && behind.primary == Primary::Source);
+        assert!(!c.end_write(behind, 0, Some(Ok(()))));
+        assert_eq!(c.progress().mirrored_writes, 1);
+    }
+
+    #[test]
+    fn writes_outside_the_plan_are_mirrored() {
+        let mut c = core(&[(65536, 4096)]);
+        assert!(c.begin_write(0, 512).unwrap().mirror);
+        assert!(!c.begin_write(65536, 512).unwrap().mirror);
+        assert!(
+            c.begin_write(65536 + 3584, 1024).unwrap().mirror,
+            "spans out"
+        );
+    }
+
+    #[test]
+    fn lifecycle_and_failures() {
+        let mut c = core(&[(0, 4096)]);
+        assert!(c.switch_over().is_err());
+        let ChunkAdmission::Copy(chunk) = c.begin_chunk() else {
+            panic!("chunk")
+        };
+        assert!(!c.end_chunk(chunk, Ok(())));
+        assert_eq!(c.begin_chunk(), ChunkAdmission::Done);
+        assert!(c.end_copy(Err(DiskError::Request("x".into()))));
+        assert_eq!(c.state(), MirrorState::Failed);
+        assert_eq!(c.cancel(), Ok(false));
+        let t = c.begin_write(0, 512).unwrap();
+        assert!(!t.mirror, "no mirror after failure");
+
+        let mut c = core(&[(0, 4096)]);
+        let ChunkAdmission::Copy(chunk) = c.begin_chunk() else {
+            panic!("chunk")
+        };
+        assert_eq!(c.cancel(), Ok(true));
+        // The chunk in flight when cancel came is dropped quietly.
+        assert!(!c.end_chunk(chunk, Ok(())));
+        assert_eq!(
+            c.begin_chunk(),
+            ChunkAdmission::Stopped(MirrorState::Cancelled)
+        );
+
+        let mut c = core(&[(0, 4096)]);
+        let ChunkAdmission::Copy(chunk) = c.begin_chunk() else {
+            panic!("chunk")
+        };
+        assert!(!c.end_chunk(chunk, Ok(())));
+        assert_eq!(c.begin_chunk(), ChunkAdmission::Done);
+        assert!(!c.end_copy(Ok(())));
+        let w = c.begin_write(0, 512).unwrap();
+        assert_eq!(c.switch_over(), Ok(Err(Busy)), "waits for the write");
+        assert!(!c.end_write(w, 0, Some(Ok(()))));
+        assert_eq!(c.switch_over(), Ok(Ok(())));
+        let after = c.begin_write(0, 512).unwrap();
+        assert_eq!((after.primary, after.mirror), (Primary::Dest, false));
+        assert!(c.cancel().is_err());
+    }
+}

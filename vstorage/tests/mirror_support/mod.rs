@@ -83,8 +83,13 @@ impl Model {
     }
     /// Checks every sector of `disk` against the model.
     pub fn check(&self, disk: &mut dyn VirtualDisk, what: &str) {
+        self.check_from(disk, 0, what);
+    }
+
+    /// Checks sectors `first..` of `disk` against the model.
+    pub fn check_from(&self, disk: &mut dyn VirtualDisk, first: u64, what: &str) {
         let mut buf = vec![0u8; SECTOR];
-        for (s, allowed) in self.allowed.iter().enumerate() {
+        for (s, allowed) in self.allowed.iter().enumerate().skip(first as usize) {
             let s = s as u64;
             disk.read(s * SECTOR as u64, &mut buf)
                 .unwrap_or_else(|e| panic!("{what}: reading sector {s}: {e}"));
