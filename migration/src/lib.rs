@@ -1,6 +1,60 @@
-//! Live migration: the pre-copy engine, the versioned stream format and
-//! vendor-neutral VM state records.
+//! Live migration logic: the pre-copy engine, the versioned migration
+//! stream and the vendor-neutral VM state records.
+//!
+//! Role: everything about moving a running VM that does not touch the
+//! machine. The hypervisor implements three small traits and drives two
+//! step-wise state machines:
+//! - source: [`MigratableVm`] (pages, dirty log, throttle, pause/resume,
+//!   saving vCPU and device state), [`Transport`], [`Clock`]; driven by
+//!   [`Migration::step`];
+//! - destination: [`DestinationVm`] and [`Transport`]; driven by
+//!   [`Receiver::step`].
+//!
+//! The wire format and its state machine are documented in [`stream`], the
+//! final memory digest in [`digest`], the pre-copy policy in [`policy`].
+//!
+//! Invariants:
+//! - No panic on stream bytes (STYLE 4): the decoder bounds every length and
+//!   count and returns [`StreamError`]. Fuzzed by `migration/fuzz` and by the
+//!   corpus test `tests/corpus.rs`.
+//! - Until the commit point (the source sends `go`) the VM is running, or
+//!   can be resumed, at the source: every failure leads back there.
+//! - Guest frames are plain `u64` frame numbers here (`gfn`), the value of
+//!   `hvcore::addr::Gfn`; the crate stays free of hypervisor dependencies.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
+
+pub mod bitmap;
+pub mod digest;
+pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod policy;
+pub mod receiver;
+pub mod report;
+pub mod source;
+pub mod state;
+pub mod stream;
+pub mod transport;
+mod wire;
+
+pub use bitmap::DirtyBitmap;
+pub use error::{MigrationError, StreamError, TransportError, VmError};
+pub use policy::Policy;
+pub use receiver::{DestinationVm, ReceiveOutcome, Receiver, RecvProgress};
+pub use report::{MigrationReport, MigrationResult};
+pub use source::{Clock, MigratableVm, Migration, Progress};
+pub use state::{
+    CpuidEntry, DeviceDesc, DeviceState, EventKind, FpuState, GeneralRegs, Msrs, PendingEvent,
+    Segment, TableReg, VcpuState, VmConfig,
+};
+pub use stream::{Decoder, Direction, Record};
+pub use transport::{MemPipe, Transport};
+
+/// Bytes per guest page.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One guest page.
+pub type Page = [u8; PAGE_SIZE];

@@ -1,0 +1,374 @@
+//! Error types of the migration crate: one enum per concern, all `no_std`,
+//! all with messages an operator can act on.
+//!
+//! - [`StreamError`]: the bytes on the wire are not a valid migration stream
+//!   (STYLE 4, home 3: abort *that migration*, the VM keeps running at the
+//!   source). Record numbers count records from 0 after the 8-byte magic, in
+//!   one direction of the stream.
+//! - [`TransportError`]: the byte channel failed.
+//! - [`VmError`]: the hypervisor refused an operation on the VM.
+//! - [`MigrationError`]: why a whole migration ended without completing; it
+//!   wraps the three above and adds the engine's own reasons.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// The migration stream violated the protocol. Never a panic: every decoder
+/// path that meets bad bytes returns one of these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamError {
+    /// The first 8 bytes were not the expected magic.
+    BadMagic { found: [u8; 8], expected: [u8; 8] },
+    /// The two ends have no protocol version in common.
+    NoCommonVersion {
+        offered: Vec<u16>,
+        supported: &'static [u16],
+    },
+    /// The source selected a version this decoder does not implement.
+    UnsupportedVersion { record: u64, version: u16 },
+    /// A record's CRC32 did not match its header and payload.
+    CrcMismatch {
+        record: u64,
+        stored: u32,
+        computed: u32,
+    },
+    /// A record announced more payload than its type allows.
+    RecordTooLong {
+        record: u64,
+        kind: &'static str,
+        len: u32,
+        cap: u32,
+    },
+    /// A mandatory record of a type this version does not know.
+    UnknownRecord { record: u64, raw_type: u16 },
+    /// A record arrived in a state where it is not allowed.
+    UnexpectedRecord {
+        record: u64,
+        kind: &'static str,
+        state: &'static str,
+    },
+    /// A record's payload ended before a field.
+    Truncated { record: u64, field: &'static str },
+    /// A record's payload had bytes left after its last field.
+    TrailingPayload {
+        record: u64,
+        kind: &'static str,
+        extra: usize,
+    },
+    /// A memory run longer than the per-record cap.
+    RunTooLong { record: u64, pages: u64, cap: u64 },
+    /// A memory run outside the VM's RAM.
+    GfnOutOfRange {
+        record: u64,
+        start_gfn: u64,
+        pages: u64,
+        ram_pages: u64,
+    },
+    /// A count or size field above its cap.
+    OverCap {
+        record: u64,
+        what: &'static str,
+        value: u64,
+        cap: u64,
+    },
+    /// A field holds a value outside its domain.
+    InvalidValue {
+        record: u64,
+        what: &'static str,
+        value: u64,
+    },
+    /// vCPU records must arrive with ids 0, 1, 2, ... in order.
+    VcpuOutOfOrder {
+        record: u64,
+        expected: u32,
+        found: u32,
+    },
+    /// A device record that does not match the next device of the
+    /// configuration record (devices are sent in configuration order).
+    DeviceMismatch {
+        record: u64,
+        kind: u16,
+        instance: u16,
+    },
+    /// The end record arrived before all vCPU or device state.
+    MissingState {
+        record: u64,
+        what: &'static str,
+        expected: u64,
+        found: u64,
+    },
+    /// Bytes arrived after the stream's last record.
+    TrailingBytes { len: usize },
+    /// The transport ended in the middle of the stream.
+    Incomplete { record: u64, state: &'static str },
+    /// The image the destination holds does not hash to the source's digest.
+    DigestMismatch { stream: u64, computed: u64 },
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use StreamError::*;
+        match self {
+            BadMagic { found, expected } => write!(
+                f,
+                "not a migration stream: magic {:02x?} (expected {:02x?} = {:?})",
+                found,
+                expected,
+                core::str::from_utf8(expected).unwrap_or("?")
+            ),
+            NoCommonVersion { offered, supported } => write!(
+                f,
+                "no common protocol version: destination offers {offered:?}, \
+                 source supports {supported:?}; upgrade one side"
+            ),
+            UnsupportedVersion { record, version } => write!(
+                f,
+                "record {record}: source selected protocol version {version}, \
+                 which this destination does not support"
+            ),
+            CrcMismatch {
+                record,
+                stored,
+                computed,
+            } => write!(
+                f,
+                "record {record}: CRC mismatch (stored {stored:#010x}, computed \
+                 {computed:#010x}); the stream was corrupted in transit"
+            ),
+            RecordTooLong {
+                record,
+                kind,
+                len,
+                cap,
+            } => write!(
+                f,
+                "record {record}: {kind} record of {len} bytes exceeds cap {cap}"
+            ),
+            UnknownRecord { record, raw_type } => write!(
+                f,
+                "record {record}: unknown mandatory record type {raw_type:#06x}; \
+                 the source speaks a newer protocol"
+            ),
+            UnexpectedRecord {
+                record,
+                kind,
+                state,
+            } => {
+                write!(
+                    f,
+                    "record {record}: {kind} record not allowed while {state}"
+                )
+            }
+            Truncated { record, field } => {
+                write!(f, "record {record}: payload ends before field `{field}`")
+            }
+            TrailingPayload {
+                record,
+                kind,
+                extra,
+            } => write!(
+                f,
+                "record {record}: {kind} record has {extra} unexpected bytes after its last field"
+            ),
+            RunTooLong { record, pages, cap } => write!(
+                f,
+                "record {record}: memory run of {pages} pages exceeds cap {cap}"
+            ),
+            GfnOutOfRange {
+                record,
+                start_gfn,
+                pages,
+                ram_pages,
+            } => write!(
+                f,
+                "record {record}: memory run of {pages} pages at gfn {start_gfn:#x} \
+                 lies outside guest RAM of {ram_pages} pages"
+            ),
+            OverCap {
+                record,
+                what,
+                value,
+                cap,
+            } => {
+                write!(f, "record {record}: {what} of {value} exceeds cap {cap}")
+            }
+            InvalidValue {
+                record,
+                what,
+                value,
+            } => {
+                write!(f, "record {record}: invalid {what} {value:#x}")
+            }
+            VcpuOutOfOrder {
+                record,
+                expected,
+                found,
+            } => write!(
+                f,
+                "record {record}: vCPU state for vCPU {found} where vCPU {expected} was expected"
+            ),
+            DeviceMismatch {
+                record,
+                kind,
+                instance,
+            } => write!(
+                f,
+                "record {record}: device state for kind {kind:#x} instance {instance} \
+                 does not match the next device of the configuration"
+            ),
+            MissingState {
+                record,
+                what,
+                expected,
+                found,
+            } => write!(
+                f,
+                "record {record}: end of stream after {found} of {expected} {what} records"
+            ),
+            TrailingBytes { len } => {
+                write!(f, "{len} bytes after the end of the migration stream")
+            }
+            Incomplete { record, state } => write!(
+                f,
+                "stream ended at record {record} while {state}; the connection was lost"
+            ),
+            DigestMismatch { stream, computed } => write!(
+                f,
+                "final memory digest mismatch: source sent {stream:#018x}, destination \
+                 memory hashes to {computed:#018x}"
+            ),
+        }
+    }
+}
+
+/// The byte channel between source and destination failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportError {
+    /// The peer closed the channel.
+    Closed,
+    /// The channel broke (network error, injected failure, ...).
+    Broken(&'static str),
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportError::Closed => write!(f, "transport closed by peer"),
+            TransportError::Broken(why) => write!(f, "transport failed: {why}"),
+        }
+    }
+}
+
+/// The hypervisor could not perform an operation on the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmError {
+    /// What failed, in words.
+    pub what: &'static str,
+    /// A value that locates the failure (a gfn, a vCPU id, a device kind).
+    pub value: Option<u64>,
+}
+
+impl VmError {
+    /// An error without a locating value.
+    pub const fn new(what: &'static str) -> Self {
+        Self { what, value: None }
+    }
+    /// An error located by `value`.
+    pub const fn at(what: &'static str, value: u64) -> Self {
+        Self {
+            what,
+            value: Some(value),
+        }
+    }
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.value {
+            Some(v) => write!(f, "{} ({v:#x})", self.what),
+            None => write!(f, "{}", self.what),
+        }
+    }
+}
+
+/// Why a migration did not complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrationError {
+    /// The peer's bytes violated the protocol.
+    Stream(StreamError),
+    /// The channel failed.
+    Transport(TransportError),
+    /// The source VM (or destination VM, on the receiving side) refused.
+    Vm(VmError),
+    /// The overall time limit expired before switch-over completed.
+    Timeout { limit_ms: u64 },
+    /// The operator cancelled the migration.
+    Cancelled,
+    /// The other side aborted and said why.
+    PeerAborted(String),
+    /// The VM produced state that does not match its configuration.
+    InconsistentVm {
+        what: &'static str,
+        expected: u64,
+        found: u64,
+    },
+    /// The destination confirmed a digest other than the one we sent.
+    DigestDisagreement { sent: u64, confirmed: u64 },
+    /// Something failed (the wrapped error) after the source told the
+    /// destination to resume and before the destination confirmed: the
+    /// destination may be running.
+    /// The source stays paused; management must find out which side runs.
+    InDoubt(alloc::boxed::Box<MigrationError>),
+}
+
+impl fmt::Display for MigrationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrationError::Stream(e) => write!(f, "protocol error: {e}"),
+            MigrationError::Transport(e) => write!(f, "{e}"),
+            MigrationError::Vm(e) => write!(f, "VM operation failed: {e}"),
+            MigrationError::Timeout { limit_ms } => write!(
+                f,
+                "migration did not finish within its {limit_ms} ms time limit; \
+                 the VM keeps running at the source"
+            ),
+            MigrationError::Cancelled => write!(f, "migration cancelled by the operator"),
+            MigrationError::PeerAborted(why) => write!(f, "peer aborted the migration: {why}"),
+            MigrationError::InconsistentVm {
+                what,
+                expected,
+                found,
+            } => write!(
+                f,
+                "VM state inconsistent with its configuration: {found} {what} saved, \
+                 {expected} configured"
+            ),
+            MigrationError::DigestDisagreement { sent, confirmed } => write!(
+                f,
+                "destination confirmed memory digest {confirmed:#018x}, source sent {sent:#018x}"
+            ),
+            MigrationError::InDoubt(e) => write!(
+                f,
+                "switch-over in doubt after the go order was sent ({e}): the \
+                 destination may be running; the source stays paused"
+            ),
+        }
+    }
+}
+
+impl From<StreamError> for MigrationError {
+    fn from(e: StreamError) -> Self {
+        MigrationError::Stream(e)
+    }
+}
+impl From<TransportError> for MigrationError {
+    fn from(e: TransportError) -> Self {
+        MigrationError::Transport(e)
+    }
+}
+impl From<VmError> for MigrationError {
+    fn from(e: VmError) -> Self {
+        MigrationError::Vm(e)
+    }
+}

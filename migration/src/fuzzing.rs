@@ -1,0 +1,328 @@
+//! Fuzz harnesses shared by `migration/fuzz` (libFuzzer) and the
+//! deterministic corpus test in `migration/tests/` (stable CI).
+//!
+//! Not API: hidden from the docs. Each harness must return normally for
+//! every input; a panic is a bug.
+
+use crate::error::VmError;
+use crate::receiver::{DestinationVm, Receiver, RecvProgress};
+use crate::state::{DeviceState, VcpuState, VmConfig};
+use crate::stream::{Decoder, Direction, CRC_BYTES, HEADER_BYTES};
+use crate::transport::{MemPipe, Transport};
+use crate::Page;
+use alloc::vec::Vec;
+
+/// Rewrite every record's CRC that fits in `bytes` (after the 8-byte
+/// magic) so that mutated payloads get past the CRC check and reach the
+/// parsers.
+pub fn fix_crcs(bytes: &mut [u8]) {
+    let mut pos = 8usize;
+    while let Some(h) = bytes.get(pos..pos + HEADER_BYTES) {
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        let Some(end) = pos.checked_add(HEADER_BYTES + len) else {
+            return;
+        };
+        let Some(body) = bytes.get(pos..end) else {
+            return;
+        };
+        let crc = crc32fast::hash(body).to_le_bytes();
+        let Some(slot) = bytes.get_mut(end..end + CRC_BYTES) else {
+            return;
+        };
+        slot.copy_from_slice(&crc);
+        pos = end + CRC_BYTES;
+    }
+}
+
+/// Control byte, then stream bytes. Control bit 0: direction (0 = source to
+/// destination); bit 1: fix CRCs first; bits 2-7: chunk size - 1.
+pub fn fuzz_decode(data: &[u8]) {
+    let Some((&ctl, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = if ctl & 1 == 0 {
+        Direction::SourceToDest
+    } else {
+        Direction::DestToSource
+    };
+    let chunk = usize::from(ctl >> 2) + 1;
+    let mut input = rest.to_vec();
+    if ctl & 2 != 0 {
+        fix_crcs(&mut input);
+    }
+    decode_all(dir, &input, chunk);
+}
+
+/// Decode `input` fed in `chunk`-byte pieces; returns the records decoded
+/// and whether the stream ended cleanly.
+pub fn decode_all(dir: Direction, input: &[u8], chunk: usize) -> (u64, bool) {
+    let mut d = Decoder::new(dir);
+    for c in input.chunks(chunk.max(1)) {
+        d.feed(c);
+        loop {
+            match d.next_record() {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    // Formatting the message must not panic either.
+                    let _ = alloc::format!("{e}");
+                    return (d.records(), false);
+                }
+            }
+        }
+    }
+    (d.records(), d.finish().is_ok())
+}
+
+/// A destination that keeps nothing: pages read back as zero.
+struct NullVm;
+
+impl DestinationVm for NullVm {
+    fn prepare(&mut self, config: &VmConfig) -> Result<(), VmError> {
+        // Refuse what a small host would refuse, so a fuzzed configuration
+        // cannot make the harness hash a terabyte of RAM.
+        if config.ram_bytes > 64 << 20 {
+            return Err(VmError::new("not enough memory on this host"));
+        }
+        Ok(())
+    }
+    fn write_page(&mut self, _gfn: u64, _data: &Page) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn zero_page(&mut self, _gfn: u64) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn read_page(&mut self, _gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn restore_vcpus(&mut self, _vcpus: &[VcpuState]) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn restore_devices(&mut self, _devices: &[DeviceState]) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn discard(&mut self) {}
+}
+
+/// Run a [`Receiver`] over `data` (source-to-destination bytes, CRCs fixed
+/// if control bit 1 is set, as in [`fuzz_decode`]).
+pub fn fuzz_receive(data: &[u8]) {
+    let Some((&ctl, rest)) = data.split_first() else {
+        return;
+    };
+    let mut input: Vec<u8> = rest.to_vec();
+    if ctl & 2 != 0 {
+        fix_crcs(&mut input);
+    }
+    let (mut src, dst) = MemPipe::pair();
+    let _ = src.send(&input);
+    drop(src);
+    let mut rx = Receiver::new(NullVm, dst);
+    for _ in 0..100_000 {
+        if let RecvProgress::Finished(_) = rx.step() {
+            break;
+        }
+    }
+}
+
+/// A small, fully valid configuration: 8 pages of RAM, 2 vCPUs, 2 devices.
+pub fn sample_config() -> VmConfig {
+    use crate::state::{CpuidEntry, DeviceDesc};
+    VmConfig {
+        ram_bytes: 8 * crate::PAGE_SIZE as u64,
+        vcpus: 2,
+        devices: alloc::vec![
+            DeviceDesc {
+                kind: 1,
+                instance: 0,
+                version: 1
+            },
+            DeviceDesc {
+                kind: 7,
+                instance: 3,
+                version: 2
+            },
+        ],
+        cpuid: alloc::vec![
+            CpuidEntry {
+                leaf: 0,
+                subleaf: 0,
+                eax: 0xd,
+                ebx: 0x6874_7541,
+                ecx: 0x444d_4163,
+                edx: 0x6974_6e65
+            },
+            CpuidEntry {
+                leaf: 1,
+                subleaf: 0,
+                eax: 0x00a2_0f12,
+                ebx: 0x0002_0800,
+                ecx: 0xfed8_3203,
+                edx: 0x178b_fbff
+            },
+            CpuidEntry {
+                leaf: 7,
+                subleaf: 0,
+                eax: 0,
+                ebx: 0x219c_97a9,
+                ecx: 0,
+                edx: 0
+            },
+        ],
+    }
+}
+
+/// A vCPU state with every field distinct.
+pub fn sample_vcpu(id: u32) -> VcpuState {
+    use crate::state::{EventKind, FpuState, GeneralRegs, Msrs, PendingEvent, Segment, TableReg};
+    let k = u64::from(id) << 32;
+    let seg = |n: u16| Segment {
+        selector: n * 8,
+        attrib: 0x0a9b,
+        limit: 0xffff_ffff,
+        base: k | u64::from(n),
+    };
+    VcpuState {
+        id,
+        regs: GeneralRegs {
+            rax: k | 1,
+            rbx: 2,
+            rcx: 3,
+            rdx: 4,
+            rsi: 5,
+            rdi: 6,
+            rbp: 7,
+            r8: 8,
+            r9: 9,
+            r10: 10,
+            r11: 11,
+            r12: 12,
+            r13: 13,
+            r14: 14,
+            r15: 15,
+            rsp: 0x8000,
+            rip: 0x10_0000,
+            rflags: 0x202,
+        },
+        es: seg(2),
+        cs: seg(1),
+        ss: seg(2),
+        ds: seg(2),
+        fs: seg(3),
+        gs: seg(4),
+        ldtr: Segment::default(),
+        tr: seg(5),
+        gdtr: TableReg {
+            base: 0x1000,
+            limit: 0x37,
+        },
+        idtr: TableReg {
+            base: 0x2000,
+            limit: 0xfff,
+        },
+        cr0: 0x8000_0031,
+        cr2: 0xdead_b000,
+        cr3: 0x3000,
+        cr4: 0x6a0,
+        cr8: 0,
+        efer: 0xd01,
+        dr: [1, 2, 3, 4],
+        dr6: 0xffff_0ff0,
+        dr7: 0x400,
+        msrs: Msrs {
+            pat: 0x0007_0406_0007_0406,
+            star: 0x0023_0010 << 32,
+            lstar: 0xffff_8000_0000_1000,
+            cstar: 0,
+            sfmask: 0x4700,
+            kernel_gs_base: 0xffff_8000_0000_2000,
+            tsc_aux: u64::from(id),
+            sysenter_cs: 0x10,
+            sysenter_esp: 0x9000,
+            sysenter_eip: 0x1234,
+        },
+        fpu: FpuState {
+            xcr0: 7,
+            xsave: (0..576u32).map(|i| (i * 13 + id) as u8).collect(),
+        },
+        pending_event: (id == 0).then_some(PendingEvent {
+            vector: 14,
+            kind: EventKind::Exception,
+            error_code: Some(2),
+        }),
+        interrupt_shadow: id == 1,
+        tsc: 0x1_0000_0000 + u64::from(id),
+    }
+}
+
+/// Valid streams of every shape, for corpus tests and fuzz seeds:
+/// a complete source stream, an aborted one, and the back channel.
+pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
+    use crate::digest::{page_hash, ImageDigest};
+    use crate::stream::{encode_mem_data, encode_mem_zero, Record, MAGIC_DEST, MAGIC_SOURCE};
+    let cfg = sample_config();
+    let pages = cfg.ram_pages();
+    // Final image: pages 0, 1 and 5 carry a pattern, the rest are zero.
+    let mut image = alloc::vec![[0u8; crate::PAGE_SIZE]; pages as usize];
+    for (g, p) in image.iter_mut().enumerate() {
+        if matches!(g, 0 | 1 | 5) {
+            for (i, b) in p.iter_mut().enumerate() {
+                *b = (i ^ (g * 31)) as u8;
+            }
+        }
+    }
+    let digest = ImageDigest::of_hashes(
+        &(0..pages)
+            .map(|g| page_hash(g, &image[g as usize]))
+            .collect::<Vec<_>>(),
+    );
+    let mut s = Vec::from(MAGIC_SOURCE);
+    Record::Select { version: 1 }.encode(&mut s);
+    Record::Config(cfg.clone()).encode(&mut s);
+    let mut two = Vec::new();
+    two.extend_from_slice(&image[0]);
+    two.extend_from_slice(&image[1]);
+    encode_mem_data(0, &two, &mut s);
+    encode_mem_zero(2, 6, &mut s);
+    encode_mem_data(5, &[7u8; crate::PAGE_SIZE], &mut s); // later overwritten
+    encode_mem_data(5, &image[5], &mut s);
+    let abort_prefix = s.clone();
+    for id in 0..cfg.vcpus {
+        Record::Vcpu(alloc::boxed::Box::new(sample_vcpu(id))).encode(&mut s);
+    }
+    for d in &cfg.devices {
+        let payload = (0..100u8).map(|i| i ^ d.kind as u8).collect();
+        Record::Device(DeviceState {
+            kind: d.kind,
+            instance: d.instance,
+            version: d.version,
+            payload,
+        })
+        .encode(&mut s);
+    }
+    Record::End { digest }.encode(&mut s);
+    Record::Go.encode(&mut s);
+
+    let mut aborted = abort_prefix;
+    Record::Abort {
+        reason: "operator cancelled".into(),
+    }
+    .encode(&mut aborted);
+
+    let mut back = Vec::from(MAGIC_DEST);
+    Record::Offer {
+        versions: alloc::vec![1, 2],
+    }
+    .encode(&mut back);
+    Record::Ready { digest }.encode(&mut back);
+    Record::Resumed.encode(&mut back);
+    alloc::vec![
+        (Direction::SourceToDest, s),
+        (Direction::SourceToDest, aborted),
+        (Direction::DestToSource, back)
+    ]
+}

@@ -1,0 +1,399 @@
+//! The destination side: [`Receiver`] consumes the stream into a
+//! [`DestinationVm`].
+//!
+//! Order of events (see the state machine in [`crate::stream`]): send the
+//! version offer; on the configuration record create the empty VM
+//! ([`DestinationVm::prepare`]); apply memory records; collect vCPU and
+//! device state; on the end record recompute the image digest from the
+//! destination's own memory (a bounded number of pages per step), compare,
+//! restore vCPU and device state, and answer `ready`; resume only on `go`,
+//! then answer `resumed`.
+//!
+//! Invariants:
+//! - The VM is resumed only after the digest matched, all state was
+//!   restored, and the source sent `go`.
+//! - Every failure before resume discards the destination VM and
+//!   (best effort) tells the source, which then resumes its own copy.
+//! - RAM handed over by `prepare` is zero-filled, so a zero marker for a
+//!   frame never written in this migration costs nothing; a zero marker for
+//!   a written frame zeroes it.
+
+use crate::bitmap::DirtyBitmap;
+use crate::digest::{page_hash, ImageDigest};
+use crate::error::{MigrationError, StreamError, VmError};
+use crate::report::MigrationResult;
+use crate::state::{DeviceState, VcpuState, VmConfig};
+use crate::stream::{Decoder, Direction, Record, MAGIC_DEST, SUPPORTED_VERSIONS};
+use crate::transport::Transport;
+use crate::{Page, PAGE_SIZE};
+use alloc::boxed::Box;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+/// The empty VM on the destination host that receives a migration.
+pub trait DestinationVm {
+    /// Create RAM (zero-filled), vCPUs and devices for `config`, or refuse
+    /// (e.g. a CPUID feature this host cannot show, not enough memory).
+    fn prepare(&mut self, config: &VmConfig) -> Result<(), VmError>;
+    /// Store one page.
+    fn write_page(&mut self, gfn: u64, data: &Page) -> Result<(), VmError>;
+    /// Zero one page that was written earlier in this migration.
+    fn zero_page(&mut self, gfn: u64) -> Result<(), VmError>;
+    /// Read one page back (for the digest).
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError>;
+    /// Load vCPU state, ids `0..n` in order. Values are allegations: the
+    /// backend checks architectural consistency and refuses what it cannot
+    /// load.
+    fn restore_vcpus(&mut self, vcpus: &[VcpuState]) -> Result<(), VmError>;
+    /// Load device state, in configuration order.
+    fn restore_devices(&mut self, devices: &[DeviceState]) -> Result<(), VmError>;
+    /// Start the vCPUs.
+    fn resume(&mut self) -> Result<(), VmError>;
+    /// Throw the VM away (the migration failed; the source keeps it). Called
+    /// after any `prepare`, even a refused one.
+    fn discard(&mut self);
+}
+
+impl<D: DestinationVm + ?Sized> DestinationVm for &mut D {
+    fn prepare(&mut self, config: &VmConfig) -> Result<(), VmError> {
+        (**self).prepare(config)
+    }
+    fn write_page(&mut self, gfn: u64, data: &Page) -> Result<(), VmError> {
+        (**self).write_page(gfn, data)
+    }
+    fn zero_page(&mut self, gfn: u64) -> Result<(), VmError> {
+        (**self).zero_page(gfn)
+    }
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        (**self).read_page(gfn, buf)
+    }
+    fn restore_vcpus(&mut self, vcpus: &[VcpuState]) -> Result<(), VmError> {
+        (**self).restore_vcpus(vcpus)
+    }
+    fn restore_devices(&mut self, devices: &[DeviceState]) -> Result<(), VmError> {
+        (**self).restore_devices(devices)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        (**self).resume()
+    }
+    fn discard(&mut self) {
+        (**self).discard()
+    }
+}
+
+/// What a receiver step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvProgress {
+    /// Work was done; step again.
+    Busy,
+    /// Waiting for bytes from the source.
+    Waiting,
+    /// Over; see [`Receiver::outcome`].
+    Finished(MigrationResult),
+}
+
+/// The destination's account of a migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveOutcome {
+    /// `completed`: the VM runs here. `cancelled`: the source aborted.
+    /// `failed`: an error here or on the channel.
+    pub result: MigrationResult,
+    /// Why not completed.
+    pub error: Option<String>,
+    /// The digest that was verified (set once it matched).
+    pub verified_digest: Option<u64>,
+    /// Page payloads written.
+    pub pages_written: u64,
+    /// Pages covered by zero markers.
+    pub zero_pages: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Receiving,
+    /// Hashing the image: next gfn to read.
+    Verifying {
+        next_gfn: u64,
+        expected: u64,
+    },
+    AwaitGo,
+    Finished,
+}
+
+/// Receive chunk per step.
+const RECV_CHUNK: usize = 64 * 1024;
+/// Pages hashed per verification step.
+const VERIFY_PAGES_PER_STEP: u64 = 1024;
+
+/// One incoming live migration.
+pub struct Receiver<D: DestinationVm, T: Transport> {
+    vm: D,
+    transport: T,
+    decoder: Decoder,
+    phase: Phase,
+    ram_pages: u64,
+    written: DirtyBitmap,
+    vcpus: Vec<VcpuState>,
+    devices: Vec<DeviceState>,
+    digest: ImageDigest,
+    page: Box<Page>,
+    buf: Vec<u8>,
+    prepared: bool,
+    outcome: ReceiveOutcome,
+    error: Option<MigrationError>,
+}
+
+impl<D: DestinationVm, T: Transport> Receiver<D, T> {
+    /// Wait for a migration into `vm` over `transport`.
+    pub fn new(vm: D, transport: T) -> Self {
+        Self {
+            vm,
+            transport,
+            decoder: Decoder::new(Direction::SourceToDest),
+            phase: Phase::Start,
+            ram_pages: 0,
+            written: DirtyBitmap::new(0),
+            vcpus: Vec::new(),
+            devices: Vec::new(),
+            digest: ImageDigest::new(),
+            page: Box::new([0u8; PAGE_SIZE]),
+            buf: alloc::vec![0u8; RECV_CHUNK],
+            prepared: false,
+            outcome: ReceiveOutcome {
+                result: MigrationResult::Failed,
+                error: None,
+                verified_digest: None,
+                pages_written: 0,
+                zero_pages: 0,
+                bytes_received: 0,
+            },
+            error: None,
+        }
+    }
+
+    /// Do a bounded amount of work: one receive of at most 64 KiB and the
+    /// records it completes, or 1024 pages of verification.
+    pub fn step(&mut self) -> RecvProgress {
+        if self.phase == Phase::Finished {
+            return RecvProgress::Finished(self.outcome.result);
+        }
+        match self.step_inner() {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail(e);
+                RecvProgress::Finished(self.outcome.result)
+            }
+        }
+    }
+
+    /// Step until finished, calling `idle` whenever waiting for bytes.
+    pub fn run_to_completion(&mut self, mut idle: impl FnMut()) -> &ReceiveOutcome {
+        loop {
+            match self.step() {
+                RecvProgress::Busy => {}
+                RecvProgress::Waiting => idle(),
+                RecvProgress::Finished(_) => return &self.outcome,
+            }
+        }
+    }
+
+    /// Give up (management request): discard the VM, tell the source.
+    /// Does nothing once the VM has resumed.
+    pub fn cancel(&mut self) {
+        if self.phase != Phase::Finished {
+            self.fail(MigrationError::Cancelled);
+        }
+    }
+
+    /// The outcome; final once [`RecvProgress::Finished`] was returned.
+    pub fn outcome(&self) -> &ReceiveOutcome {
+        &self.outcome
+    }
+
+    /// Why the migration did not complete here.
+    pub fn error(&self) -> Option<&MigrationError> {
+        self.error.as_ref()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &D {
+        &self.vm
+    }
+
+    /// Take back the VM and transport.
+    pub fn into_parts(self) -> (D, T) {
+        (self.vm, self.transport)
+    }
+
+    fn send_record(&mut self, rec: &Record) -> Result<(), MigrationError> {
+        let mut out = Vec::new();
+        rec.encode(&mut out);
+        self.transport.send(&out)?;
+        Ok(())
+    }
+
+    fn step_inner(&mut self) -> Result<RecvProgress, MigrationError> {
+        match self.phase {
+            Phase::Start => {
+                let mut out = Vec::from(MAGIC_DEST);
+                Record::Offer {
+                    versions: SUPPORTED_VERSIONS.to_vec(),
+                }
+                .encode(&mut out);
+                self.transport.send(&out)?;
+                self.phase = Phase::Receiving;
+                Ok(RecvProgress::Busy)
+            }
+            Phase::Verifying { next_gfn, expected } => {
+                let end = next_gfn
+                    .saturating_add(VERIFY_PAGES_PER_STEP)
+                    .min(self.ram_pages);
+                for gfn in next_gfn..end {
+                    self.vm.read_page(gfn, &mut self.page)?;
+                    self.digest.push(page_hash(gfn, &self.page));
+                }
+                if end < self.ram_pages {
+                    self.phase = Phase::Verifying {
+                        next_gfn: end,
+                        expected,
+                    };
+                    return Ok(RecvProgress::Busy);
+                }
+                let computed = self.digest.finish();
+                if computed != expected {
+                    return Err(StreamError::DigestMismatch {
+                        stream: expected,
+                        computed,
+                    }
+                    .into());
+                }
+                self.outcome.verified_digest = Some(computed);
+                self.vm.restore_vcpus(&self.vcpus)?;
+                self.vm.restore_devices(&self.devices)?;
+                self.send_record(&Record::Ready { digest: computed })?;
+                self.phase = Phase::AwaitGo;
+                Ok(RecvProgress::Busy)
+            }
+            Phase::Receiving | Phase::AwaitGo => {
+                // Records already buffered first, so the buffer stays bounded.
+                if let Some(rec) = self.decoder.next_record()? {
+                    self.apply(rec)?;
+                    return Ok(RecvProgress::Busy);
+                }
+                let mut buf = core::mem::take(&mut self.buf);
+                let got = self.transport.recv(&mut buf);
+                let n = match got {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.buf = buf;
+                        // A cut inside the stream says more than the bare
+                        // transport error.
+                        self.decoder.finish()?;
+                        return Err(e.into());
+                    }
+                };
+                self.decoder.feed(&buf[..n]);
+                self.buf = buf;
+                self.outcome.bytes_received += n as u64;
+                if n == 0 {
+                    return Ok(RecvProgress::Waiting);
+                }
+                Ok(RecvProgress::Busy)
+            }
+            Phase::Finished => Ok(RecvProgress::Finished(self.outcome.result)),
+        }
+    }
+
+    fn apply(&mut self, rec: Record) -> Result<(), MigrationError> {
+        match rec {
+            Record::Select { .. } => {}
+            Record::Config(c) => {
+                self.ram_pages = c.ram_pages();
+                // A refused or half-done prepare is discarded too.
+                self.prepared = true;
+                self.vm.prepare(&c)?;
+                self.written = DirtyBitmap::new(self.ram_pages);
+            }
+            Record::MemData { start_gfn, data } => {
+                for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                    let gfn = start_gfn + i as u64;
+                    if let Ok(page) = <&Page>::try_from(chunk) {
+                        self.vm.write_page(gfn, page)?;
+                        self.written.set(gfn);
+                        self.outcome.pages_written += 1;
+                    }
+                }
+            }
+            Record::MemZero { start_gfn, pages } => {
+                // The decoder checked start_gfn + pages <= RAM pages.
+                for gfn in start_gfn..start_gfn + pages {
+                    if self.written.test(gfn) {
+                        self.vm.zero_page(gfn)?;
+                        self.written.clear(gfn);
+                    }
+                }
+                self.outcome.zero_pages += pages;
+            }
+            Record::Vcpu(v) => self.vcpus.push(*v),
+            Record::Device(d) => self.devices.push(d),
+            Record::End { digest } => {
+                self.digest = ImageDigest::new();
+                self.phase = Phase::Verifying {
+                    next_gfn: 0,
+                    expected: digest,
+                };
+            }
+            Record::Go => {
+                self.vm.resume()?;
+                // From here the VM runs here; a lost `resumed` leaves the
+                // source in doubt, not this side.
+                self.outcome.result = MigrationResult::Completed;
+                self.phase = Phase::Finished;
+                if let Err(e) = self.send_record(&Record::Resumed) {
+                    self.outcome.error = Some(alloc::format!(
+                        "resumed, but could not confirm to the source: {e}"
+                    ));
+                }
+            }
+            Record::Abort { reason } => {
+                self.discard();
+                self.outcome.result = MigrationResult::Cancelled;
+                self.outcome.error = Some(MigrationError::PeerAborted(reason.clone()).to_string());
+                self.error = Some(MigrationError::PeerAborted(reason));
+                self.phase = Phase::Finished;
+            }
+            // The decoder only yields source -> destination records here.
+            Record::Offer { .. } | Record::Ready { .. } | Record::Resumed => {}
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        if self.prepared {
+            self.vm.discard();
+            self.prepared = false;
+        }
+        self.vcpus.clear();
+        self.devices.clear();
+        self.written = DirtyBitmap::new(0);
+    }
+
+    fn fail(&mut self, e: MigrationError) {
+        if !matches!(e, MigrationError::Transport(_)) {
+            let _ = self.send_record(&Record::Abort {
+                reason: e.to_string(),
+            });
+        }
+        self.discard();
+        self.outcome.result = match e {
+            MigrationError::Cancelled => MigrationResult::Cancelled,
+            _ => MigrationResult::Failed,
+        };
+        self.outcome.error = Some(e.to_string());
+        self.error = Some(e);
+        self.phase = Phase::Finished;
+    }
+}

@@ -1,0 +1,152 @@
+//! [`MigrationReport`]: what a migration did, as one JSON line.
+//!
+//! Hand-written JSON (no serde in this `no_std` crate: eleven fixed fields
+//! do not justify a dependency). The node prints the line prefixed
+//! `migration-report `. Field order and names are fixed:
+//! `passes`, `pages_per_pass`, `bytes_sent`, `zero_pages`, `ram_bytes`,
+//! `total_ms`, `downtime_ms`, `expected_downtime_ms`, `throttle_pct`,
+//! `result` (`"completed"` | `"cancelled"` | `"failed"`), `error` (string or
+//! `null`).
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+/// How a migration ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationResult {
+    /// The VM runs at the destination; the source may be removed.
+    Completed,
+    /// Stopped by the operator or the time limit; the VM runs at the source.
+    Cancelled,
+    /// Stopped by an error. The VM runs at the source, except when the
+    /// error is `InDoubt` (see [`crate::MigrationError::InDoubt`]).
+    Failed,
+}
+
+impl MigrationResult {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationResult::Completed => "completed",
+            MigrationResult::Cancelled => "cancelled",
+            MigrationResult::Failed => "failed",
+        }
+    }
+}
+
+/// Statistics and outcome of one migration, from the source's view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Copy passes, the final (paused) one included.
+    pub passes: u32,
+    /// Pages sent per pass (data and zero markers).
+    pub pages_per_pass: Vec<u64>,
+    /// Bytes written to the transport, framing included.
+    pub bytes_sent: u64,
+    /// Pages sent as zero markers (over all passes).
+    pub zero_pages: u64,
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// Start to end.
+    pub total_ms: u64,
+    /// Source pause to the arrival of the destination's `resumed` (an upper
+    /// bound on the guest's pause). 0 if the VM was never paused.
+    pub downtime_ms: u64,
+    /// The estimate that triggered switch-over (or the last one computed).
+    pub expected_downtime_ms: u64,
+    /// Throttle in force at the end of pre-copy.
+    pub throttle_pct: u8,
+    /// Outcome.
+    pub result: MigrationResult,
+    /// Why it did not complete.
+    pub error: Option<String>,
+}
+
+impl MigrationReport {
+    /// The report as one line of JSON (no trailing newline).
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(256);
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{{\"passes\":{},\"pages_per_pass\":[", self.passes);
+        for (i, p) in self.pages_per_pass.iter().enumerate() {
+            let _ = write!(s, "{}{p}", if i == 0 { "" } else { "," });
+        }
+        let _ = write!(
+            s,
+            "],\"bytes_sent\":{},\"zero_pages\":{},\"ram_bytes\":{},\"total_ms\":{},\
+             \"downtime_ms\":{},\"expected_downtime_ms\":{},\"throttle_pct\":{},\"result\":\"{}\",\"error\":",
+            self.bytes_sent,
+            self.zero_pages,
+            self.ram_bytes,
+            self.total_ms,
+            self.downtime_ms,
+            self.expected_downtime_ms,
+            self.throttle_pct,
+            self.result.as_str()
+        );
+        match &self.error {
+            None => s.push_str("null"),
+            Some(e) => json_string(&mut s, e),
+        }
+        s.push('}');
+        s
+    }
+}
+
+/// Append `text` as a JSON string literal (RFC 8259, section 7).
+fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    #[test]
+    fn json_line_has_exactly_the_fields() {
+        let mut r = MigrationReport {
+            passes: 3,
+            pages_per_pass: vec![16384, 120, 7],
+            bytes_sent: 123456,
+            zero_pages: 9000,
+            ram_bytes: 64 << 20,
+            total_ms: 812,
+            downtime_ms: 12,
+            expected_downtime_ms: 10,
+            throttle_pct: 20,
+            result: MigrationResult::Completed,
+            error: None,
+        };
+        assert_eq!(
+            r.to_json(),
+            "{\"passes\":3,\"pages_per_pass\":[16384,120,7],\"bytes_sent\":123456,\
+             \"zero_pages\":9000,\"ram_bytes\":67108864,\"total_ms\":812,\"downtime_ms\":12,\
+             \"expected_downtime_ms\":10,\"throttle_pct\":20,\"result\":\"completed\",\"error\":null}"
+        );
+        r.result = MigrationResult::Failed;
+        r.pages_per_pass.clear();
+        r.error = Some("record 12: \"CRC\" mismatch\\\n\u{1}".to_string());
+        let j = r.to_json();
+        assert!(j.contains("\"pages_per_pass\":[],"));
+        assert!(j.ends_with(
+            "\"result\":\"failed\",\"error\":\"record 12: \\\"CRC\\\" mismatch\\\\\\n\\u0001\"}"
+        ));
+    }
+}

@@ -1,0 +1,671 @@
+//! The source side: the pre-copy engine [`Migration`].
+//!
+//! It drives a [`MigratableVm`] through the protocol in [`crate::stream`]:
+//! handshake, pass 0 (every page; zero pages as markers), dirty passes until
+//! the expected downtime fits the limit (throttling the guest when passes
+//! stop converging), pause, final dirty pages, vCPU and device state, end
+//! record, then the ready / go / resumed exchange.
+//!
+//! [`Migration::step`] does a bounded amount of work (at most
+//! `Policy::step_pages` pages read and one transport send) so the hypervisor
+//! can interleave it with guest execution on one CPU;
+//! [`Migration::run_to_completion`] loops over it.
+//!
+//! Invariants:
+//! - Until the go record has been handed to the transport (the commit
+//!   point), every way out — error, timeout, cancel, peer abort — stops the
+//!   dirty log, removes the throttle, resumes the VM if it was paused, and
+//!   best-effort tells the destination to discard. The source VM's memory
+//!   is only ever read.
+//! - After the commit point the source never resumes on its own: only an
+//!   explicit abort from the destination (it discarded its copy) sends the
+//!   VM back; losing the channel leaves the VM paused and the result
+//!   [`MigrationError::InDoubt`].
+//! - `page_hashes[gfn]` is the hash of the last contents of `gfn` handed to
+//!   the transport, so the end digest describes exactly the image sent.
+
+use crate::bitmap::DirtyBitmap;
+use crate::digest::{is_zero_page, page_hash, zero_page_hash, ImageDigest};
+use crate::error::{MigrationError, StreamError, VmError};
+use crate::policy::{self, Policy};
+use crate::report::{MigrationReport, MigrationResult};
+use crate::state::{DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES};
+use crate::stream::{
+    self, Decoder, Direction, Record, MAX_DATA_RUN_PAGES, MAX_ZERO_RUN_PAGES, SUPPORTED_VERSIONS,
+};
+use crate::transport::Transport;
+use crate::{Page, PAGE_SIZE};
+use alloc::boxed::Box;
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// The running VM being migrated away, as the hypervisor exposes it.
+pub trait MigratableVm {
+    /// The configuration sent first (RAM size, vCPUs, devices, CPUID).
+    fn config(&self) -> VmConfig;
+    /// Copy guest frame `gfn` into `buf`.
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError>;
+    /// Start tracking writes (write-protect the nested page tables). Every
+    /// write after this returns must show up in a later `collect_dirty`,
+    /// including writes by the hypervisor and device models (STYLE 5).
+    fn start_dirty_log(&mut self) -> Result<(), VmError>;
+    /// Set in `out` the frames written since the last collection and reset
+    /// the log. Must only set bits, never clear them.
+    fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError>;
+    /// Stop tracking writes.
+    fn stop_dirty_log(&mut self);
+    /// Let the guest's vCPUs run only `100 - pct` percent of the time.
+    fn set_throttle(&mut self, pct: u8);
+    /// Stop all vCPUs and device activity; memory and state are frozen
+    /// until `resume`.
+    fn pause(&mut self) -> Result<(), VmError>;
+    /// Continue after `pause` (only on the way back: the migration failed
+    /// before the commit point).
+    fn resume(&mut self);
+    /// State of every vCPU, ids `0..config().vcpus` in order (VM paused).
+    fn save_vcpus(&mut self) -> Result<Vec<VcpuState>, VmError>;
+    /// State of every configured device, in configuration order (VM paused).
+    fn save_devices(&mut self) -> Result<Vec<DeviceState>, VmError>;
+}
+
+impl<V: MigratableVm + ?Sized> MigratableVm for &mut V {
+    fn config(&self) -> VmConfig {
+        (**self).config()
+    }
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        (**self).read_page(gfn, buf)
+    }
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        (**self).start_dirty_log()
+    }
+    fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError> {
+        (**self).collect_dirty(out)
+    }
+    fn stop_dirty_log(&mut self) {
+        (**self).stop_dirty_log()
+    }
+    fn set_throttle(&mut self, pct: u8) {
+        (**self).set_throttle(pct)
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        (**self).pause()
+    }
+    fn resume(&mut self) {
+        (**self).resume()
+    }
+    fn save_vcpus(&mut self) -> Result<Vec<VcpuState>, VmError> {
+        (**self).save_vcpus()
+    }
+    fn save_devices(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        (**self).save_devices()
+    }
+}
+
+/// Monotonic time, and a way to wait.
+pub trait Clock {
+    /// Nanoseconds since an arbitrary fixed point.
+    fn now_ns(&self) -> u64;
+    /// Nothing to do for up to `max_ns`: a host thread sleeps, the
+    /// hypervisor runs guests or halts until the next interrupt.
+    fn idle(&self, max_ns: u64);
+}
+
+impl<C: Clock + ?Sized> Clock for &C {
+    fn now_ns(&self) -> u64 {
+        (**self).now_ns()
+    }
+    fn idle(&self, max_ns: u64) {
+        (**self).idle(max_ns)
+    }
+}
+
+/// What a step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Work was done; step again soon.
+    Busy,
+    /// Nothing to do until bytes arrive or the rate limit allows more, for
+    /// up to about `max_ns`.
+    Waiting { max_ns: u64 },
+    /// The migration is over; see [`Migration::report`].
+    Finished(MigrationResult),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    AwaitOffer,
+    /// Pre-copy pass `n` (0 = all pages) while the VM runs.
+    Copy,
+    /// Last dirty pages while the VM is paused.
+    FinalCopy,
+    AwaitReady,
+    AwaitResumed,
+    Finished,
+}
+
+/// How long to wait for back-channel bytes before stepping again.
+const POLL_NS: u64 = 1_000_000;
+/// Back-channel receive chunk.
+const RECV_CHUNK: usize = 1024;
+
+/// One outgoing live migration.
+pub struct Migration<V: MigratableVm, T: Transport, C: Clock> {
+    vm: V,
+    transport: T,
+    clock: C,
+    policy: Policy,
+    config: VmConfig,
+    phase: Phase,
+    back: Decoder,
+    out: Vec<u8>,
+    run: Vec<u8>,
+    page: Box<Page>,
+    page_hashes: Vec<u64>,
+    to_send: DirtyBitmap,
+    cursor: u64,
+    pages_this_pass: u64,
+    prev_dirty: Option<u64>,
+    bandwidth: Option<u64>,
+    throttle: u8,
+    expected_downtime_ns: Option<u64>,
+    t_start: u64,
+    t_transfer: u64,
+    transfer_bytes: u64,
+    pause_ns: Option<u64>,
+    dirty_log_on: bool,
+    paused: bool,
+    committed: bool,
+    sent_digest: u64,
+    report: MigrationReport,
+    error: Option<MigrationError>,
+}
+
+impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
+    /// Prepare to migrate `vm` over `transport`. Nothing happens until the
+    /// first [`Migration::step`]. The start time (for the timeout and
+    /// `total_ms`) is taken now.
+    pub fn new(vm: V, transport: T, clock: C, policy: Policy) -> Self {
+        let config = vm.config();
+        let ram_pages = config.ram_pages();
+        let t_start = clock.now_ns();
+        let pages = usize::try_from(ram_pages).unwrap_or(0);
+        Self {
+            vm,
+            transport,
+            clock,
+            policy,
+            report: MigrationReport {
+                passes: 0,
+                pages_per_pass: Vec::new(),
+                bytes_sent: 0,
+                zero_pages: 0,
+                ram_bytes: config.ram_bytes,
+                total_ms: 0,
+                downtime_ms: 0,
+                expected_downtime_ms: 0,
+                throttle_pct: 0,
+                result: MigrationResult::Failed,
+                error: None,
+            },
+            config,
+            phase: Phase::Handshake,
+            back: Decoder::new(Direction::DestToSource),
+            out: Vec::new(),
+            run: Vec::new(),
+            page: Box::new([0u8; PAGE_SIZE]),
+            page_hashes: (0..pages as u64).map(zero_page_hash).collect(),
+            to_send: DirtyBitmap::new(ram_pages),
+            cursor: 0,
+            pages_this_pass: 0,
+            prev_dirty: None,
+            bandwidth: None,
+            throttle: 0,
+            expected_downtime_ns: None,
+            t_start,
+            t_transfer: t_start,
+            transfer_bytes: 0,
+            pause_ns: None,
+            dirty_log_on: false,
+            paused: false,
+            committed: false,
+            sent_digest: 0,
+            error: None,
+        }
+    }
+
+    /// Do a bounded amount of work.
+    pub fn step(&mut self) -> Progress {
+        if self.phase == Phase::Finished {
+            return Progress::Finished(self.report.result);
+        }
+        let now = self.clock.now_ns();
+        if now.saturating_sub(self.t_start) > self.policy.timeout_ns {
+            let limit_ms = self.policy.timeout_ns / policy::NS_PER_MS;
+            if self.committed {
+                let e = MigrationError::Timeout { limit_ms };
+                self.finish(
+                    MigrationResult::Failed,
+                    Some(MigrationError::InDoubt(Box::new(e))),
+                );
+            } else {
+                self.abandon(
+                    MigrationResult::Cancelled,
+                    MigrationError::Timeout { limit_ms },
+                );
+            }
+            return Progress::Finished(self.report.result);
+        }
+        match self.step_inner(now) {
+            Ok(p) => p,
+            Err(e) => {
+                match e {
+                    // After the commit point only the destination's own word
+                    // that it discarded the VM lets the source resume.
+                    MigrationError::PeerAborted(_) => self.abandon(MigrationResult::Failed, e),
+                    e if self.committed => self.finish(
+                        MigrationResult::Failed,
+                        Some(MigrationError::InDoubt(Box::new(e))),
+                    ),
+                    e => self.abandon(MigrationResult::Failed, e),
+                }
+                Progress::Finished(self.report.result)
+            }
+        }
+    }
+
+    /// Step until finished, idling on the clock while waiting.
+    pub fn run_to_completion(&mut self) -> &MigrationReport {
+        loop {
+            match self.step() {
+                Progress::Busy => {}
+                Progress::Waiting { max_ns } => self.clock.idle(max_ns),
+                Progress::Finished(_) => return &self.report,
+            }
+        }
+    }
+
+    /// Operator cancel. Before the commit point the VM keeps running at the
+    /// source and the result is `cancelled`; returns false (and does
+    /// nothing) if the migration is past the commit point or over.
+    pub fn cancel(&mut self) -> bool {
+        if self.committed || self.phase == Phase::Finished {
+            return false;
+        }
+        self.abandon(MigrationResult::Cancelled, MigrationError::Cancelled);
+        true
+    }
+
+    /// The report; final once [`Progress::Finished`] was returned.
+    pub fn report(&self) -> &MigrationReport {
+        &self.report
+    }
+
+    /// Why the migration did not complete.
+    pub fn error(&self) -> Option<&MigrationError> {
+        self.error.as_ref()
+    }
+
+    /// Whether the source VM is paused now (after completion: released to
+    /// be removed; after an in-doubt failure: waiting for management).
+    pub fn vm_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &V {
+        &self.vm
+    }
+
+    /// Take back the VM, transport and clock.
+    pub fn into_parts(self) -> (V, T, C) {
+        (self.vm, self.transport, self.clock)
+    }
+
+    fn step_inner(&mut self, now: u64) -> Result<Progress, MigrationError> {
+        match self.phase {
+            Phase::Handshake => {
+                self.config.validate()?;
+                self.send_raw(&stream::MAGIC_SOURCE)?;
+                self.phase = Phase::AwaitOffer;
+                Ok(Progress::Busy)
+            }
+            Phase::AwaitOffer => match self.poll_back()? {
+                None => Ok(Progress::Waiting { max_ns: POLL_NS }),
+                Some(Record::Offer { versions }) => {
+                    let version = stream::negotiate(&versions, SUPPORTED_VERSIONS)?;
+                    self.out.clear();
+                    Record::Select { version }.encode(&mut self.out);
+                    Record::Config(self.config.clone()).encode(&mut self.out);
+                    self.flush_out()?;
+                    self.vm.start_dirty_log()?;
+                    self.dirty_log_on = true;
+                    self.to_send.set_all();
+                    self.cursor = 0;
+                    self.t_transfer = self.clock.now_ns();
+                    self.transfer_bytes = 0;
+                    self.phase = Phase::Copy;
+                    Ok(Progress::Busy)
+                }
+                Some(other) => Err(self.unexpected(other)),
+            },
+            Phase::Copy | Phase::FinalCopy => {
+                if let Some(rec) = self.poll_back()? {
+                    return Err(self.unexpected(rec));
+                }
+                let elapsed = now.saturating_sub(self.t_transfer);
+                let wait = policy::rate_limit_wait_ns(
+                    self.transfer_bytes,
+                    elapsed,
+                    self.policy.max_bandwidth_bytes_per_s,
+                );
+                if wait > 0 {
+                    return Ok(Progress::Waiting { max_ns: wait });
+                }
+                self.send_pages()?;
+                if self.to_send.next_set(self.cursor).is_none() {
+                    self.end_of_pass()?;
+                }
+                Ok(Progress::Busy)
+            }
+            Phase::AwaitReady => match self.poll_back()? {
+                None => Ok(Progress::Waiting { max_ns: POLL_NS }),
+                Some(Record::Ready { digest }) => {
+                    if digest != self.sent_digest {
+                        return Err(MigrationError::DigestDisagreement {
+                            sent: self.sent_digest,
+                            confirmed: digest,
+                        });
+                    }
+                    // Commit before the send: if the send fails we cannot
+                    // know how much of the go record arrived.
+                    self.committed = true;
+                    self.out.clear();
+                    Record::Go.encode(&mut self.out);
+                    self.flush_out()?;
+                    self.phase = Phase::AwaitResumed;
+                    Ok(Progress::Busy)
+                }
+                Some(other) => Err(self.unexpected(other)),
+            },
+            Phase::AwaitResumed => match self.poll_back()? {
+                None => Ok(Progress::Waiting { max_ns: POLL_NS }),
+                Some(Record::Resumed) => {
+                    self.finish(MigrationResult::Completed, None);
+                    Ok(Progress::Finished(MigrationResult::Completed))
+                }
+                Some(other) => Err(self.unexpected(other)),
+            },
+            Phase::Finished => Ok(Progress::Finished(self.report.result)),
+        }
+    }
+
+    /// An abort from the peer, or a record the decoder accepted but this
+    /// phase does not expect (e.g. an early `ready`).
+    fn unexpected(&self, rec: Record) -> MigrationError {
+        match rec {
+            Record::Abort { reason } => MigrationError::PeerAborted(reason),
+            other => MigrationError::Stream(StreamError::UnexpectedRecord {
+                record: self.back.records().saturating_sub(1),
+                kind: other.name(),
+                state: "the source is sending",
+            }),
+        }
+    }
+
+    /// The next back-channel record, if one has fully arrived.
+    fn poll_back(&mut self) -> Result<Option<Record>, MigrationError> {
+        if let Some(r) = self.back.next_record()? {
+            return Ok(Some(r));
+        }
+        let mut buf = [0u8; RECV_CHUNK];
+        let n = match self.transport.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                // A clean end of the back channel before its last record is
+                // a protocol-level truncation; report the transport error.
+                return Err(MigrationError::Transport(e));
+            }
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        self.back.feed(&buf[..n]);
+        Ok(self.back.next_record()?)
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) -> Result<(), MigrationError> {
+        self.transport.send(bytes)?;
+        self.report.bytes_sent += bytes.len() as u64;
+        self.transfer_bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn flush_out(&mut self) -> Result<(), MigrationError> {
+        let out = core::mem::take(&mut self.out);
+        let r = self.send_raw(&out);
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// Read, classify and send up to `step_pages` pages of the current pass.
+    fn send_pages(&mut self) -> Result<(), MigrationError> {
+        let t0 = self.clock.now_ns();
+        self.out.clear();
+        self.run.clear();
+        // Current run: (start gfn, pages, zero?).
+        let mut run: Option<(u64, u64, bool)> = None;
+        let mut data_pages = 0u64;
+        let mut pages = 0u64;
+        while pages < u64::from(self.policy.step_pages.max(1)) {
+            let Some(gfn) = self.to_send.next_set(self.cursor) else {
+                break;
+            };
+            self.cursor = gfn + 1;
+            self.vm.read_page(gfn, &mut self.page)?;
+            let zero = is_zero_page(&self.page);
+            let hash = if zero {
+                zero_page_hash(gfn)
+            } else {
+                page_hash(gfn, &self.page)
+            };
+            if let Some(h) = usize::try_from(gfn)
+                .ok()
+                .and_then(|i| self.page_hashes.get_mut(i))
+            {
+                *h = hash;
+            }
+            let cap = if zero {
+                MAX_ZERO_RUN_PAGES
+            } else {
+                MAX_DATA_RUN_PAGES
+            };
+            match run {
+                Some((start, n, z)) if z == zero && start + n == gfn && n < cap => {
+                    run = Some((start, n + 1, z))
+                }
+                _ => {
+                    self.emit_run(run);
+                    run = Some((gfn, 1, zero));
+                }
+            }
+            if zero {
+                self.report.zero_pages += 1;
+            } else {
+                self.run.extend_from_slice(&self.page[..]);
+                data_pages += 1;
+            }
+            pages += 1;
+        }
+        self.emit_run(run);
+        self.pages_this_pass += pages;
+        let bytes = self.out.len() as u64;
+        self.flush_out()?;
+        // Plan with the rate at which *page data* moves; zero-dominated steps
+        // say little about it.
+        if data_pages * 2 >= pages {
+            let elapsed = self.clock.now_ns().saturating_sub(t0);
+            if let Some(sample) = policy::bandwidth_sample(bytes, elapsed) {
+                self.bandwidth = Some(policy::ewma(
+                    self.bandwidth,
+                    sample,
+                    self.policy.ewma_weight_pct,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn emit_run(&mut self, run: Option<(u64, u64, bool)>) {
+        match run {
+            None => {}
+            Some((start, n, true)) => stream::encode_mem_zero(start, n, &mut self.out),
+            Some((start, _, false)) => {
+                stream::encode_mem_data(start, &self.run, &mut self.out);
+                self.run.clear();
+            }
+        }
+    }
+
+    fn end_of_pass(&mut self) -> Result<(), MigrationError> {
+        self.report.pages_per_pass.push(self.pages_this_pass);
+        self.report.passes += 1;
+        self.pages_this_pass = 0;
+        self.cursor = 0;
+        if self.phase == Phase::FinalCopy {
+            return self.send_state();
+        }
+        self.to_send.clear_all();
+        self.vm.collect_dirty(&mut self.to_send)?;
+        let dirty = self.to_send.count();
+        let bw = policy::effective_bandwidth(self.bandwidth, self.policy.max_bandwidth_bytes_per_s);
+        let expected = policy::expected_downtime_ns(
+            dirty * PAGE_SIZE as u64,
+            bw,
+            self.policy.switch_over_cost_ns,
+        );
+        self.expected_downtime_ns = Some(expected);
+        if policy::fits_downtime(expected, self.policy.downtime_limit_ns) {
+            self.vm.pause()?;
+            self.paused = true;
+            self.pause_ns = Some(self.clock.now_ns());
+            // Writes between the collection above and the pause.
+            self.vm.collect_dirty(&mut self.to_send)?;
+            self.phase = Phase::FinalCopy;
+        } else {
+            if let Some(prev) = self.prev_dirty {
+                if !policy::is_converging(prev, dirty, self.policy.min_shrink_pct) {
+                    self.throttle = policy::next_throttle(self.throttle, &self.policy);
+                    self.vm.set_throttle(self.throttle);
+                }
+            }
+            self.prev_dirty = Some(dirty);
+        }
+        Ok(())
+    }
+
+    /// vCPU and device state, then the end record (VM paused).
+    fn send_state(&mut self) -> Result<(), MigrationError> {
+        let vcpus = self.vm.save_vcpus()?;
+        if vcpus.len() as u64 != u64::from(self.config.vcpus) {
+            return Err(MigrationError::InconsistentVm {
+                what: "vCPU states",
+                expected: u64::from(self.config.vcpus),
+                found: vcpus.len() as u64,
+            });
+        }
+        let devices = self.vm.save_devices()?;
+        if devices.len() != self.config.devices.len() {
+            return Err(MigrationError::InconsistentVm {
+                what: "device states",
+                expected: self.config.devices.len() as u64,
+                found: devices.len() as u64,
+            });
+        }
+        self.out.clear();
+        for (i, v) in vcpus.into_iter().enumerate() {
+            if v.id as usize != i || v.fpu.xsave.len() > MAX_XSAVE_BYTES {
+                return Err(MigrationError::Vm(VmError::at(
+                    "vCPU state out of order or XSAVE image too large",
+                    i as u64,
+                )));
+            }
+            Record::Vcpu(Box::new(v)).encode(&mut self.out);
+        }
+        for (d, want) in devices.into_iter().zip(&self.config.devices) {
+            if (d.kind, d.instance, d.version) != (want.kind, want.instance, want.version)
+                || d.payload.len() > MAX_DEVICE_PAYLOAD
+            {
+                return Err(MigrationError::Vm(VmError::at(
+                    "device state does not match the configuration or is too large",
+                    u64::from(d.kind),
+                )));
+            }
+            Record::Device(d).encode(&mut self.out);
+        }
+        self.sent_digest = ImageDigest::of_hashes(&self.page_hashes);
+        Record::End {
+            digest: self.sent_digest,
+        }
+        .encode(&mut self.out);
+        self.flush_out()?;
+        self.phase = Phase::AwaitReady;
+        Ok(())
+    }
+
+    /// The way back: everything the source changed is undone.
+    fn abandon(&mut self, result: MigrationResult, err: MigrationError) {
+        if !matches!(
+            err,
+            MigrationError::PeerAborted(_) | MigrationError::Transport(_)
+        ) {
+            let mut out = Vec::new();
+            Record::Abort {
+                reason: err.to_string(),
+            }
+            .encode(&mut out);
+            // Best effort: the destination discards on abort or on loss of
+            // the channel alike.
+            let _ = self.transport.send(&out);
+        }
+        if self.dirty_log_on {
+            self.vm.stop_dirty_log();
+            self.dirty_log_on = false;
+        }
+        if self.throttle != 0 {
+            self.vm.set_throttle(0);
+        }
+        if self.paused {
+            self.vm.resume();
+            self.paused = false;
+        }
+        self.finish(result, Some(err));
+    }
+
+    fn finish(&mut self, result: MigrationResult, err: Option<MigrationError>) {
+        let now = self.clock.now_ns();
+        if self.dirty_log_on {
+            self.vm.stop_dirty_log();
+            self.dirty_log_on = false;
+        }
+        let r = &mut self.report;
+        r.result = result;
+        r.error = err.as_ref().map(|e| e.to_string());
+        r.total_ms = now.saturating_sub(self.t_start) / policy::NS_PER_MS;
+        r.downtime_ms = match (result, self.pause_ns) {
+            (MigrationResult::Completed, Some(p)) => now.saturating_sub(p) / policy::NS_PER_MS,
+            _ => 0,
+        };
+        r.expected_downtime_ms = self
+            .expected_downtime_ns
+            .map_or(0, |e| e / policy::NS_PER_MS);
+        r.throttle_pct = self.throttle;
+        self.error = err;
+        self.phase = Phase::Finished;
+        // Release buffers sized by guest RAM early.
+        self.page_hashes = vec![];
+        self.to_send = DirtyBitmap::new(0);
+    }
+}

@@ -1,0 +1,182 @@
+//! The byte channel a migration runs over, and an in-memory implementation.
+//!
+//! [`Transport`] is bidirectional: the source sends the main stream and
+//! receives the back channel; the destination the reverse. `send` delivers
+//! all bytes or fails; `recv` never blocks (it returns `Ok(0)` when nothing
+//! has arrived), because both engines run step by step, interleaved with
+//! guest execution on one CPU.
+//!
+//! [`MemPipe`] connects two endpoints inside one address space (tests, and
+//! the in-node local migration). It is single-threaded (`Rc<RefCell<_>>`)
+//! and can break the link after a given number of bytes to test the way
+//! back. Invariant: once broken, the link stays broken in both directions;
+//! bytes already delivered before the break can still be received.
+
+use crate::error::TransportError;
+use alloc::collections::VecDeque;
+use alloc::rc::Rc;
+use core::cell::RefCell;
+
+/// A fallible, bidirectional byte channel.
+pub trait Transport {
+    /// Deliver all of `bytes` or fail. May block (e.g. for bandwidth).
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError>;
+    /// Copy up to `buf.len()` received bytes into `buf`; `Ok(0)` when none
+    /// are waiting. Never blocks.
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError>;
+}
+
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        (**self).send(bytes)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        (**self).recv(buf)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Bytes in flight towards end 0 and end 1.
+    queues: [VecDeque<u8>; 2],
+    /// The link broke (injected failure or `break_link`).
+    broken: bool,
+    /// An endpoint was dropped.
+    closed: [bool; 2],
+    /// Bytes end `i` may still send before the link breaks.
+    budget: [Option<u64>; 2],
+    /// Total bytes sent by end `i`.
+    sent: [u64; 2],
+}
+
+/// One end of an in-memory pipe.
+#[derive(Debug)]
+pub struct MemPipe {
+    shared: Rc<RefCell<Shared>>,
+    me: usize,
+}
+
+impl MemPipe {
+    /// Two connected endpoints.
+    pub fn pair() -> (MemPipe, MemPipe) {
+        let shared = Rc::new(RefCell::new(Shared::default()));
+        (
+            MemPipe {
+                shared: shared.clone(),
+                me: 0,
+            },
+            MemPipe { shared, me: 1 },
+        )
+    }
+
+    /// Break the link once this end has sent `bytes` more bytes: the send
+    /// that crosses the limit delivers the bytes up to it and fails.
+    pub fn fail_after(&self, bytes: u64) {
+        self.shared.borrow_mut().budget[self.me] = Some(bytes);
+    }
+
+    /// Break the link now.
+    pub fn break_link(&self) {
+        self.shared.borrow_mut().broken = true;
+    }
+
+    /// Bytes this end has sent.
+    pub fn bytes_sent(&self) -> u64 {
+        self.shared.borrow().sent[self.me]
+    }
+
+    /// Bytes waiting to be received by this end.
+    pub fn pending(&self) -> usize {
+        self.shared.borrow().queues[self.me].len()
+    }
+}
+
+impl Drop for MemPipe {
+    fn drop(&mut self) {
+        self.shared.borrow_mut().closed[self.me] = true;
+    }
+}
+
+impl Transport for MemPipe {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        let mut s = self.shared.borrow_mut();
+        if s.broken {
+            return Err(TransportError::Broken("link down"));
+        }
+        let peer = 1 - self.me;
+        if s.closed[peer] {
+            return Err(TransportError::Closed);
+        }
+        let mut n = bytes.len();
+        let mut fail = false;
+        if let Some(budget) = s.budget[self.me] {
+            let len = bytes.len() as u64;
+            if len > budget {
+                n = budget as usize;
+                fail = true;
+            }
+            s.budget[self.me] = Some(budget.saturating_sub(len));
+        }
+        s.queues[peer].extend(&bytes[..n]);
+        s.sent[self.me] += n as u64;
+        if fail {
+            s.broken = true;
+            return Err(TransportError::Broken("injected failure"));
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        let mut s = self.shared.borrow_mut();
+        let q = &mut s.queues[self.me];
+        if q.is_empty() {
+            if s.broken {
+                return Err(TransportError::Broken("link down"));
+            }
+            if s.closed[1 - self.me] {
+                return Err(TransportError::Closed);
+            }
+            return Ok(0);
+        }
+        let n = buf.len().min(q.len());
+        for (dst, src) in buf.iter_mut().zip(q.drain(..n)) {
+            *dst = src;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_flow_both_ways() {
+        let (mut a, mut b) = MemPipe::pair();
+        a.send(b"hello").unwrap();
+        b.send(b"hi").unwrap();
+        let mut buf = [0u8; 3];
+        assert_eq!(b.recv(&mut buf).unwrap(), 3);
+        assert_eq!(&buf, b"hel");
+        assert_eq!(b.recv(&mut buf).unwrap(), 2);
+        assert_eq!(b.recv(&mut buf).unwrap(), 0);
+        assert_eq!(a.recv(&mut buf).unwrap(), 2);
+        drop(a);
+        assert_eq!(b.recv(&mut buf), Err(TransportError::Closed));
+        assert_eq!(b.send(b"x"), Err(TransportError::Closed));
+    }
+
+    #[test]
+    fn injected_failure_delivers_prefix_then_breaks() {
+        let (mut a, mut b) = MemPipe::pair();
+        a.fail_after(4);
+        a.send(b"ab").unwrap();
+        assert!(a.send(b"cdef").is_err());
+        assert_eq!(a.bytes_sent(), 4);
+        let mut buf = [0u8; 8];
+        assert_eq!(b.recv(&mut buf).unwrap(), 4);
+        assert_eq!(&buf[..4], b"abcd");
+        assert!(b.recv(&mut buf).is_err());
+        assert!(b.send(b"x").is_err());
+    }
+}
