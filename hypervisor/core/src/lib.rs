@@ -16,9 +16,12 @@ extern crate alloc;
 
 pub mod abi;
 pub mod addr;
+pub mod cpuid;
 pub mod dirty;
+pub mod exit;
 pub mod host;
 pub mod mem;
+pub mod msr;
 pub mod npt;
 pub mod svm;
 pub mod vcpu;

@@ -1,0 +1,176 @@
+//! [`FakeVcpu`] and [`FakeCpuid`]: a recording vCPU and a table-driven
+//! CPUID source.
+
+use crate::addr::Hpa;
+use crate::host::{CpuidResult, CpuidSource};
+use crate::vcpu::{LongModeEntry, Regs, UnknownMsr, Vcpu, VcpuCaps, VmExit};
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+
+/// A vCPU that runs nothing: [`Vcpu::run`] returns queued exits, every
+/// side effect is recorded.
+#[derive(Clone, Debug)]
+pub struct FakeVcpu {
+    pub regs: Regs,
+    /// Exits `run` returns in order; when empty, `run` returns `Hlt`.
+    pub exits: VecDeque<VmExit>,
+    /// Bytes `skip_instruction` adds to RIP.
+    pub insn_len: u64,
+    /// Calls of `skip_instruction`.
+    pub skips: u32,
+    /// Exceptions queued, in order.
+    pub injected: Vec<(u8, Option<u32>)>,
+    /// MSRs the "backend" keeps; others answer `UnknownMsr`.
+    pub msrs: BTreeMap<u32, u64>,
+    /// Calls of `flush_nested_tlb`.
+    pub flushes: u32,
+    /// Calls of `run`.
+    pub runs: u32,
+    /// Last `reset_long_mode` argument.
+    pub reset: Option<LongModeEntry>,
+    pub nested_root: Hpa,
+    pub caps: VcpuCaps,
+}
+
+impl Default for FakeVcpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeVcpu {
+    /// A vCPU at RIP 0x1000 with instruction length 2 that keeps EFER, PAT,
+    /// the SYSCALL/SYSENTER MSRs, the segment bases, TSC and TSC_AUX.
+    pub fn new() -> Self {
+        use crate::msr::*;
+        let msrs = [
+            (IA32_EFER, 0x500),
+            (IA32_PAT, 0x0007_0406_0007_0406),
+            (IA32_TSC, 0),
+            (IA32_TSC_AUX, 0),
+            (IA32_STAR, 0),
+            (IA32_LSTAR, 0),
+            (IA32_CSTAR, 0),
+            (IA32_FMASK, 0),
+            (IA32_FS_BASE, 0),
+            (IA32_GS_BASE, 0),
+            (IA32_KERNEL_GS_BASE, 0),
+            (IA32_SYSENTER_CS, 0),
+            (IA32_SYSENTER_ESP, 0),
+            (IA32_SYSENTER_EIP, 0),
+        ]
+        .into_iter()
+        .collect();
+        Self {
+            regs: Regs {
+                rip: 0x1000,
+                ..Regs::default()
+            },
+            exits: VecDeque::new(),
+            insn_len: 2,
+            skips: 0,
+            injected: Vec::new(),
+            msrs,
+            flushes: 0,
+            runs: 0,
+            reset: None,
+            nested_root: Hpa(0),
+            caps: VcpuCaps::default(),
+        }
+    }
+}
+
+impl Vcpu for FakeVcpu {
+    fn run(&mut self) -> VmExit {
+        self.runs += 1;
+        self.exits.pop_front().unwrap_or(VmExit::Hlt)
+    }
+    fn regs(&self) -> &Regs {
+        &self.regs
+    }
+    fn regs_mut(&mut self) -> &mut Regs {
+        &mut self.regs
+    }
+    fn skip_instruction(&mut self) {
+        self.skips += 1;
+        self.regs.rip = self.regs.rip.wrapping_add(self.insn_len);
+    }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        self.injected.push((vector, error_code));
+    }
+    fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr> {
+        self.msrs.get(&msr).copied().ok_or(UnknownMsr(msr))
+    }
+    fn write_msr(&mut self, msr: u32, value: u64) -> Result<(), UnknownMsr> {
+        match self.msrs.get_mut(&msr) {
+            Some(v) => {
+                *v = value;
+                Ok(())
+            }
+            None => Err(UnknownMsr(msr)),
+        }
+    }
+    fn reset_long_mode(&mut self, entry: &LongModeEntry) {
+        self.reset = Some(*entry);
+        self.regs = Regs {
+            rip: entry.rip,
+            rsp: entry.rsp,
+            rdi: entry.rdi,
+            rflags: 2,
+            ..Regs::default()
+        };
+    }
+    fn flush_nested_tlb(&mut self) {
+        self.flushes += 1;
+    }
+    fn nested_root(&self) -> Hpa {
+        self.nested_root
+    }
+    fn caps(&self) -> VcpuCaps {
+        self.caps
+    }
+}
+
+/// A [`CpuidSource`] answering from a table; absent leaves read zero.
+#[derive(Clone, Debug, Default)]
+pub struct FakeCpuid {
+    /// `(leaf, subleaf)` -> result.
+    pub leaves: BTreeMap<(u32, u32), CpuidResult>,
+}
+
+impl FakeCpuid {
+    /// Every feature bit set in leaves 1, 5, 7, 0xA, 0x8000_0001 and
+    /// 0x8000_000A, plus a hypervisor leaf of some lower hypervisor: a
+    /// worst case for the policy to filter.
+    pub fn all_ones() -> Self {
+        let ones = CpuidResult {
+            eax: !0,
+            ebx: !0,
+            ecx: !0,
+            edx: !0,
+        };
+        let leaves = [
+            1,
+            5,
+            7,
+            0xa,
+            0x4000_0000,
+            0x4000_0001,
+            0x8000_0001,
+            0x8000_000a,
+        ]
+        .into_iter()
+        .map(|l| ((l, 0), ones))
+        .collect();
+        Self { leaves }
+    }
+}
+
+impl CpuidSource for FakeCpuid {
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
+        self.leaves
+            .get(&(leaf, subleaf))
+            .copied()
+            .unwrap_or_default()
+    }
+}
