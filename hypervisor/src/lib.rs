@@ -3,4 +3,13 @@
 
 extern crate alloc;
 
+pub mod bootinfo;
+pub mod cpu;
+pub mod interrupts;
+pub mod logger;
+pub mod mem;
+pub mod node;
+pub mod power;
+pub mod serial;
+pub mod time;
 pub mod virt;

@@ -1,0 +1,181 @@
+//! Thin wrappers over single CPU instructions: CPUID, MSRs, control
+//! registers, the TSC and port I/O.
+//!
+//! Port I/O and MSR writes can change machine state arbitrarily, so they are
+//! `unsafe fn`s whose callers state why the access is sound; reads that have
+//! no side effects on this platform (CPUID, control registers, RDTSC) are
+//! safe.
+
+use core::arch::asm;
+use hvcore::host::CpuidResult;
+use hvcore::vcpu::Vendor;
+
+/// MSR IA32_EFER (AMD APM vol. 2, 3.1.7; Intel SDM vol. 4, table 2-2).
+pub const MSR_EFER: u32 = 0xC000_0080;
+/// MSR IA32_APIC_BASE (Intel SDM vol. 3A, 11.4.4).
+pub const MSR_APIC_BASE: u32 = 0x1B;
+
+/// Execute CPUID with `leaf` in EAX and `subleaf` in ECX.
+pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
+    // core::arch::x86_64::__cpuid_count saves and restores RBX, which LLVM
+    // reserves; CPUID itself has no memory effects.
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    CpuidResult {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
+}
+
+/// The CPU vendor from CPUID leaf 0 ("AuthenticAMD" / "GenuineIntel").
+/// Unknown vendors are classified by which virtualization extension they
+/// advertise (SVM: CPUID 0x80000001 ECX[2]; otherwise Intel).
+pub fn vendor() -> Vendor {
+    let r = cpuid(0, 0);
+    let mut id = [0u8; 12];
+    id[0..4].copy_from_slice(&r.ebx.to_le_bytes());
+    id[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    id[8..12].copy_from_slice(&r.ecx.to_le_bytes());
+    match &id {
+        b"AuthenticAMD" => Vendor::Amd,
+        b"GenuineIntel" => Vendor::Intel,
+        _ if cpuid(0x8000_0001, 0).ecx & (1 << 2) != 0 => Vendor::Amd,
+        _ => Vendor::Intel,
+    }
+}
+
+/// Read an MSR.
+///
+/// # Safety
+/// `msr` must exist on this CPU (RDMSR of an unknown MSR raises #GP).
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller guarantees the MSR exists; RDMSR reads only.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Write an MSR.
+///
+/// # Safety
+/// `msr` must exist and `value` must be valid for it, and the new value must
+/// not break the hypervisor's own execution (e.g. clearing EFER.LME).
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller guarantees the write is valid and harmless.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags));
+    }
+}
+
+macro_rules! read_cr {
+    ($name:ident, $reg:literal) => {
+        #[doc = concat!("Read ", $reg, ".")]
+        pub fn $name() -> u64 {
+            let v: u64;
+            // SAFETY: reading a control register at CPL 0 has no side effects.
+            unsafe {
+                asm!(concat!("mov {}, ", $reg), out(reg) v, options(nomem, nostack, preserves_flags));
+            }
+            v
+        }
+    };
+}
+read_cr!(read_cr0, "cr0");
+read_cr!(read_cr2, "cr2");
+read_cr!(read_cr3, "cr3");
+read_cr!(read_cr4, "cr4");
+
+/// Load CR3 (switches the host address space and flushes non-global TLB
+/// entries).
+///
+/// # Safety
+/// `pml4_hpa` must be the physical address of a valid PML4 that maps the
+/// running code, stack and all data the hypervisor uses, as before.
+pub unsafe fn write_cr3(pml4_hpa: u64) {
+    // SAFETY: the caller guarantees the new tables keep everything mapped.
+    unsafe {
+        asm!("mov cr3, {}", in(reg) pml4_hpa, options(nostack, preserves_flags));
+    }
+}
+
+/// Read the time-stamp counter.
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects (CR4.TSD is clear at CPL 0 anyway).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Read RFLAGS.
+pub fn rflags() -> u64 {
+    let v: u64;
+    // SAFETY: pushfq/pop only touches the stack slot it pushes.
+    unsafe {
+        asm!("pushfq", "pop {}", out(reg) v, options(preserves_flags));
+    }
+    v
+}
+
+/// Write a byte to an I/O port.
+///
+/// # Safety
+/// The port write must not break memory safety or the hypervisor's devices
+/// (the caller owns the device behind `port`).
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: the caller owns the device.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Read a byte from an I/O port.
+///
+/// # Safety
+/// As [`outb`]: reads can have device side effects.
+pub unsafe fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: the caller owns the device.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags));
+    }
+    v
+}
+
+/// Write a 32-bit value to an I/O port.
+///
+/// # Safety
+/// As [`outb`].
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller owns the device.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Read a 32-bit value from an I/O port.
+///
+/// # Safety
+/// As [`outb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: the caller owns the device.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags));
+    }
+    v
+}
+
+/// Whether the CPU has NX (CPUID 0x80000001 EDX[20]).
+pub fn has_nx() -> bool {
+    cpuid(0x8000_0000, 0).eax >= 0x8000_0001 && cpuid(0x8000_0001, 0).edx & (1 << 20) != 0
+}
+
+/// Halt until the next interrupt (returns at once if one is pending and
+/// interrupts are enabled).
+pub fn hlt() {
+    // SAFETY: HLT only waits; the caller decides whether IF is set.
+    unsafe {
+        asm!("hlt", options(nomem, nostack, preserves_flags));
+    }
+}
