@@ -791,6 +791,16 @@ impl<B: BlockIo> Vhdx<B> {
         self.geo.block_size
     }
 
+    /// Virtual size in bytes (same as [`VirtualDisk::virtual_size`]).
+    pub fn virtual_size_bytes(&self) -> u64 {
+        self.geo.virtual_size
+    }
+
+    /// Logical sector size in bytes (same as [`VirtualDisk::logical_sector_size`]).
+    pub fn logical_sector_bytes(&self) -> u32 {
+        self.geo.sector_size
+    }
+
     /// Physical sector size in bytes.
     pub fn physical_sector_size(&self) -> u32 {
         self.params.physical_sector_size

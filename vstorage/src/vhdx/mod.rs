@@ -8,6 +8,8 @@
 pub mod disk;
 pub mod format;
 mod fuzz;
+#[cfg(feature = "std")]
+pub mod host;
 pub mod layout;
 pub mod log;
 
