@@ -14,12 +14,15 @@ use std::vec::Vec;
 
 use super::{copy_disk, CopyOptions};
 use crate::io::{DiskError, FileIo, RawDisk, VirtualDisk};
+use crate::vhdx::{self, CreateParams, DiskKind, Vhdx};
 
 /// A disk file on the host: the kind is chosen by the file name's extension.
 #[derive(Debug)]
 pub enum HostDisk {
-    /// A raw image (any extension but `.vhdx`).
+    /// A raw image (any extension but `.vhdx` / `.avhdx`).
     Raw(RawDisk<FileIo>),
+    /// A VHDX file, with its parent chain attached when differencing.
+    Vhdx(Vhdx<FileIo>),
 }
 
 impl HostDisk {
@@ -27,18 +30,33 @@ impl HostDisk {
     pub fn kind(&self) -> &'static str {
         match self {
             HostDisk::Raw(_) => "raw",
+            HostDisk::Vhdx(d) => d.kind().as_str(),
         }
     }
 
     fn as_disk(&mut self) -> &mut dyn VirtualDisk {
         match self {
             HostDisk::Raw(d) => d,
+            HostDisk::Vhdx(d) => d,
         }
     }
 
     fn as_disk_ref(&self) -> &dyn VirtualDisk {
         match self {
             HostDisk::Raw(d) => d,
+            HostDisk::Vhdx(d) => d,
+        }
+    }
+
+    /// Flushes and, for VHDX, marks the file cleanly closed, reporting
+    /// errors that a plain drop would swallow.
+    pub fn close(&mut self) -> Result<(), DiskError> {
+        match self {
+            HostDisk::Raw(d) => d.flush(),
+            HostDisk::Vhdx(d) => {
+                d.flush()?;
+                d.close()
+            }
         }
     }
 }
@@ -64,26 +82,46 @@ impl VirtualDisk for HostDisk {
     }
 }
 
-fn is_vhdx(path: &Path) -> bool {
+/// True for `.vhdx` and `.avhdx` (Hyper-V's name for checkpoint children).
+pub(crate) fn is_vhdx(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("vhdx"))
+        .is_some_and(|e| e.eq_ignore_ascii_case("vhdx") || e.eq_ignore_ascii_case("avhdx"))
 }
 
-/// Opens a disk file unbuffered: VHDX by extension, raw otherwise.
+/// Opens a disk file unbuffered: VHDX (with its parent chain) by
+/// extension, raw otherwise.
 pub fn open_disk(path: &Path, writable: bool) -> Result<HostDisk, DiskError> {
-    let io = FileIo::open_direct(path, writable)?;
     if is_vhdx(path) {
-        return Err(DiskError::Open(
-            "VHDX files are not supported by this build yet".to_string(),
-        ));
+        return Ok(HostDisk::Vhdx(vhdx::host::open_path_direct(
+            path, writable,
+        )?));
     }
+    let io = FileIo::open_direct(path, writable)
+        .map_err(|e| DiskError::Open(format!("cannot open {}: {e}", path.display())))?;
     Ok(HostDisk::Raw(RawDisk::open(io)?))
 }
 
+/// The parameters of a new VHDX holding a copy of `like`: same virtual
+/// size, sector sizes, and (when `like` is a VHDX) block size and kind. A
+/// differencing source is copied flattened, as a dynamic disk: its virtual
+/// view includes the parent chain.
+pub fn params_like(like: &HostDisk) -> CreateParams {
+    let mut p = CreateParams::dynamic(like.virtual_size());
+    p.logical_sector_size = like.logical_sector_size();
+    if let HostDisk::Vhdx(v) = like {
+        p.block_size = v.block_size();
+        p.physical_sector_size = v.physical_sector_size();
+        p.fixed = v.kind() == DiskKind::Fixed;
+    }
+    p.guid_seed = vhdx::host::new_seed();
+    p
+}
+
 /// Creates a new disk file at `path` with the same parameters as `like`
-/// (virtual size and sector size; for VHDX also block size and kind). The
-/// kind follows `path`'s extension. Refuses to replace an existing file.
+/// (see [`params_like`]), opened unbuffered. The kind follows `path`'s
+/// extension. Refuses to replace an existing file; removes what it created
+/// when it fails.
 pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> {
     let created = std::fs::OpenOptions::new()
         .write(true)
@@ -94,9 +132,7 @@ pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> 
     let result = (|| {
         let io = FileIo::open_direct(path, true)?;
         if is_vhdx(path) {
-            return Err(DiskError::Open(
-                "VHDX files are not supported by this build yet".to_string(),
-            ));
+            return Ok(HostDisk::Vhdx(vhdx::create(io, &params_like(like))?));
         }
         let disk = RawDisk::create(io, like.virtual_size())?;
         // A raw file keeps 512-byte sectors unless told otherwise.
@@ -183,6 +219,11 @@ pub fn cli_copy(src: &Path, dst: &Path, progress: bool) -> Result<(), String> {
             bar.draw(done, total, false);
         }
         true
+    })
+    .map_err(|e| e.to_string())
+    .and_then(|_| {
+        dest.close()
+            .map_err(|e| format!("closing the destination: {e}"))
     });
     if let Some(bar) = bar.as_mut() {
         if result.is_ok() {
