@@ -1,13 +1,44 @@
-//! The root partition service.
+//! The root partition service: everything the node does with VMs.
+//!
+//! Logic only (no unsafe, no hardware): it reaches the machine through
+//! `hvcore::host::Host` and `Partition`, so `cargo test -p vmm-service`
+//! runs it against doubles. Parts:
+//! * [`loader`]: the guest kernel ELF into guest RAM;
+//! * [`start`]: the guest's start state (page tables, GDT, boot params);
+//! * [`uart`], [`devices`]: device models and the port I/O bus;
+//! * [`exits`], [`hypercall`]: what the worker does with each exit;
+//! * [`vm`]: a VM, its lifecycle and its worker loop;
+//! * [`sched`]: round-robin time slices over VMs;
+//! * [`cases`], [`node`]: the node modes (test cases, demo, benchmark,
+//!   heartbeat node).
+//!
+//! Guest behaviour never panics the service: whatever a guest does ends in
+//! an error return to it, an injected exception, or that VM being stopped
+//! with a reason.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
 
+pub mod cases;
+pub mod devices;
+pub mod exits;
+pub mod hypercall;
+pub mod loader;
+pub mod node;
+pub mod sched;
+pub mod start;
+pub mod uart;
+pub mod vm;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
 use hvcore::host::Host;
 
-/// Run the node's service loop for ever (or until the node shuts down).
+/// Run the node's service for ever (or until the node shuts down): the mode
+/// named on the node command line, then power off with its exit code.
 pub fn run(host: &mut dyn Host) -> ! {
-    host.console_write("vmm-service: not built yet\n");
-    host.shutdown(1)
+    let code = node::main(host);
+    host.shutdown(code)
 }

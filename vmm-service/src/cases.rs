@@ -1,0 +1,375 @@
+//! The node side of the guest test cases (docs/DESIGN.md, "Test cases").
+//!
+//! Each case creates its VMs from the one guest kernel, runs them under the
+//! scheduler for at most [`CASE_TIMEOUT_NS`] of node time, judges the result
+//! from how the VMs stopped and what they printed, and destroys them (their
+//! memory goes back to the host) before the next case runs.
+
+use crate::sched::{ProgressLog, RunOutcome, Scheduler};
+use crate::vm::{StopReason, Vm};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use hvcore::host::Host;
+
+/// Time limit of one case in node nanoseconds.
+pub const CASE_TIMEOUT_NS: u64 = 30_000_000_000;
+/// The line the `hello` guest prints.
+pub const HELLO_LINE: &str = "Hello from the hvmigrate guest";
+/// Progress reports each `two-vms` guest makes at least.
+pub const TWO_VMS_MIN_REPORTS: u64 = 100;
+
+/// One VM of a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    pub name: &'static str,
+    pub ram_mib: u64,
+    pub cmdline: &'static str,
+}
+
+/// The test cases, in the order `tests=all` runs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Case {
+    Hello,
+    Cpuid,
+    Memory,
+    DirtyLog,
+    BadMsr,
+    TripleFault,
+    TwoVms,
+}
+
+impl Case {
+    /// Every case in order.
+    pub const ALL: [Case; 7] = [
+        Case::Hello,
+        Case::Cpuid,
+        Case::Memory,
+        Case::DirtyLog,
+        Case::BadMsr,
+        Case::TripleFault,
+        Case::TwoVms,
+    ];
+
+    /// The case's name on the command line and in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Hello => "hello",
+            Case::Cpuid => "cpuid",
+            Case::Memory => "memory",
+            Case::DirtyLog => "dirty-log",
+            Case::BadMsr => "bad-msr",
+            Case::TripleFault => "triple-fault",
+            Case::TwoVms => "two-vms",
+        }
+    }
+
+    /// The case called `name`.
+    pub fn from_name(name: &str) -> Option<Case> {
+        Case::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// Its VMs.
+    pub fn vms(self) -> &'static [VmSpec] {
+        match self {
+            Case::Hello => &[VmSpec {
+                name: "hello",
+                ram_mib: 64,
+                cmdline: "case=hello",
+            }],
+            Case::Cpuid => &[VmSpec {
+                name: "cpuid",
+                ram_mib: 64,
+                cmdline: "case=cpuid",
+            }],
+            Case::Memory => &[VmSpec {
+                name: "memory",
+                ram_mib: 64,
+                cmdline: "case=memory",
+            }],
+            Case::DirtyLog => &[VmSpec {
+                name: "dirty-log",
+                ram_mib: 64,
+                cmdline: "case=dirty-log",
+            }],
+            Case::BadMsr => &[VmSpec {
+                name: "bad-msr",
+                ram_mib: 64,
+                cmdline: "case=bad-msr",
+            }],
+            Case::TripleFault => &[VmSpec {
+                name: "triple-fault",
+                ram_mib: 64,
+                cmdline: "case=triple-fault",
+            }],
+            Case::TwoVms => &[
+                VmSpec {
+                    name: "two-vms-a",
+                    ram_mib: 32,
+                    cmdline: "case=two-vms role=a",
+                },
+                VmSpec {
+                    name: "two-vms-b",
+                    ram_mib: 32,
+                    cmdline: "case=two-vms role=b",
+                },
+            ],
+        }
+    }
+}
+
+/// Run `case` with guest kernel `image`; `Err` holds the failure reason.
+pub fn run_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(), String> {
+    let mut vms = Vec::new();
+    for spec in case.vms() {
+        let vm = Vm::create(host, spec.name, spec.ram_mib << 20, image, spec.cmdline)
+            .map_err(|e| format!("cannot create VM {}: {e}", spec.name))?;
+        vms.push(vm);
+    }
+    vms.iter_mut().for_each(Vm::start);
+    let deadline = host.now_ns().saturating_add(CASE_TIMEOUT_NS);
+    let mut progress = ProgressLog::default();
+    let outcome = Scheduler::default().run(host, &mut vms, Some(deadline), &mut progress);
+    let result = if outcome == RunOutcome::Deadline {
+        for vm in vms.iter_mut() {
+            vm.stop(host, StopReason::Timeout);
+        }
+        Err("timeout".into())
+    } else {
+        evaluate(case, &vms, &progress)
+    };
+    // Destroy the VMs: their partitions return guest memory to the host.
+    drop(vms);
+    result
+}
+
+/// Judge a finished case from its VMs (in [`Case::vms`] order) and the
+/// order of their progress reports.
+pub fn evaluate(case: Case, vms: &[Vm], progress: &ProgressLog) -> Result<(), String> {
+    match case {
+        Case::Hello => {
+            let vm = vm_at(vms, 0)?;
+            reported_ok(vm)?;
+            if vm.recent_lines().any(|l| l == HELLO_LINE) {
+                Ok(())
+            } else {
+                Err("no hello line on the console".into())
+            }
+        }
+        Case::Cpuid | Case::Memory | Case::DirtyLog | Case::BadMsr => reported_ok(vm_at(vms, 0)?),
+        Case::TripleFault => {
+            let vm = vm_at(vms, 0)?;
+            match vm.stop_reason() {
+                Some(StopReason::TripleFault) => Ok(()),
+                Some(other) => Err(format!(
+                    "expected a triple fault, but vm {} stopped: {other}",
+                    vm.name()
+                )),
+                None => Err(format!(
+                    "expected a triple fault, but vm {} is still running",
+                    vm.name()
+                )),
+            }
+        }
+        Case::TwoVms => {
+            let (a, b) = (vm_at(vms, 0)?, vm_at(vms, 1)?);
+            reported_ok(a)?;
+            reported_ok(b)?;
+            for (i, vm, other) in [(0, a, b), (1, b, a)] {
+                let reports = vm.counters().progress_reports;
+                if reports < TWO_VMS_MIN_REPORTS {
+                    return Err(format!(
+                        "{} made {reports} progress reports (at least {TWO_VMS_MIN_REPORTS} expected)",
+                        vm.name()
+                    ));
+                }
+                if !progress.interrupted(i) {
+                    return Err(format!(
+                        "progress did not interleave: {} was never preempted while {} made progress ({} runs of reports)",
+                        vm.name(),
+                        other.name(),
+                        progress.runs().len()
+                    ));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn vm_at(vms: &[Vm], i: usize) -> Result<&Vm, String> {
+    vms.get(i).ok_or_else(|| String::from("case VM missing"))
+}
+
+/// Ok if `vm` stopped with the guest reporting success.
+fn reported_ok(vm: &Vm) -> Result<(), String> {
+    match vm.stop_reason() {
+        Some(StopReason::GuestOk(_)) => Ok(()),
+        Some(StopReason::GuestFailed(m)) if m.is_empty() => {
+            Err(format!("{}: guest reported failure", vm.name()))
+        }
+        Some(StopReason::GuestFailed(m)) => Err(m.clone()),
+        Some(other) => Err(format!("vm {} stopped: {other}", vm.name())),
+        None => Err(format!("vm {} did not finish", vm.name())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::build::kernel;
+    use crate::testing::{printer, spinner, FakeHost, FakeMemory, FakeVcpu, Program};
+    use alloc::boxed::Box;
+    use hvcore::abi::{HC_PROGRESS, HC_TEST_RESULT};
+    use hvcore::addr::Gpa;
+    use hvcore::mem::GuestMemory;
+    use hvcore::vcpu::VmExit;
+
+    fn run(programs: Vec<Program>, case: Case) -> (Result<(), String>, FakeHost) {
+        let mut host = FakeHost::new();
+        host.ns_per_run = 100_000;
+        host.programs.extend(programs);
+        let r = run_case(&mut host, &kernel(), case);
+        (r, host)
+    }
+
+    fn exit_with(exit: VmExit) -> Program {
+        Box::new(move |_: &mut FakeVcpu, _: &mut FakeMemory| exit)
+    }
+
+    fn fail(msg: &'static str) -> Program {
+        Box::new(move |v: &mut FakeVcpu, m: &mut FakeMemory| {
+            m.write(Gpa(0x9000), msg.as_bytes()).unwrap();
+            v.regs.rax = HC_TEST_RESULT;
+            (v.regs.rdi, v.regs.rsi, v.regs.rdx) = (1, 0x9000, msg.len() as u64);
+            VmExit::Hypercall
+        })
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for c in Case::ALL {
+            assert_eq!(Case::from_name(c.name()), Some(c));
+        }
+        assert_eq!(Case::from_name("nope"), None);
+    }
+
+    #[test]
+    fn hello_needs_the_line() {
+        let (r, host) = run(
+            alloc::vec![printer("Hello from the hvmigrate guest\n")],
+            Case::Hello,
+        );
+        assert_eq!(r, Ok(()));
+        assert_eq!(host.created, [64 << 20]);
+        assert_eq!(host.dropped.get(), 1, "VM destroyed after the case");
+        let (r, _) = run(
+            alloc::vec![printer("Hello from the hvmigrate guest!\n")],
+            Case::Hello,
+        );
+        assert_eq!(r, Err("no hello line on the console".into()));
+        let (r, _) = run(alloc::vec![fail("LSR never ready")], Case::Hello);
+        assert_eq!(r, Err("LSR never ready".into()));
+    }
+
+    #[test]
+    fn plain_cases_follow_the_guest() {
+        let (r, _) = run(alloc::vec![printer("")], Case::Memory);
+        assert_eq!(r, Ok(()));
+        let (r, _) = run(alloc::vec![fail("mismatch at 0x123000")], Case::Memory);
+        assert_eq!(r, Err("mismatch at 0x123000".into()));
+        let (r, _) = run(alloc::vec![exit_with(VmExit::Shutdown)], Case::Cpuid);
+        assert_eq!(r, Err("vm cpuid stopped: triple fault (shutdown)".into()));
+    }
+
+    #[test]
+    fn triple_fault_is_expected() {
+        let (r, host) = run(alloc::vec![exit_with(VmExit::Shutdown)], Case::TripleFault);
+        assert_eq!(r, Ok(()));
+        assert!(host
+            .lines()
+            .contains(&"vm triple-fault stopped: triple fault (shutdown)"));
+        let (r, _) = run(alloc::vec![printer("")], Case::TripleFault);
+        assert_eq!(
+            r,
+            Err("expected a triple fault, but vm triple-fault stopped: guest reported ok".into())
+        );
+    }
+
+    #[test]
+    fn timeout_after_thirty_seconds() {
+        let (r, host) = run(alloc::vec![spinner()], Case::BadMsr);
+        assert_eq!(r, Err("timeout".into()));
+        assert!(host.lines().contains(&"vm bad-msr stopped: timeout"));
+        // 30 s of node time passed (the clock started at 1 ms).
+        let elapsed = host.clock.get() - 1_000_000;
+        assert!(
+            (CASE_TIMEOUT_NS..CASE_TIMEOUT_NS + 1_000_000).contains(&elapsed),
+            "{elapsed}"
+        );
+        assert_eq!(host.dropped.get(), 1);
+    }
+
+    /// A two-vms guest: `reports` progress calls, one every `every` runs,
+    /// then ok.
+    fn progresser(reports: u64, every: u64) -> Program {
+        let mut i = 0u64;
+        let mut done = 0u64;
+        Box::new(move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+            i += 1;
+            if done == reports {
+                v.regs.rax = HC_TEST_RESULT;
+                (v.regs.rdi, v.regs.rdx) = (0, 0);
+                return VmExit::Hypercall;
+            }
+            if i.is_multiple_of(every) {
+                done += 1;
+                v.regs.rax = HC_PROGRESS;
+                v.regs.rdi = done;
+                return VmExit::Hypercall;
+            }
+            VmExit::ExternalInterrupt
+        })
+    }
+
+    #[test]
+    fn two_vms_must_interleave() {
+        let (r, host) = run(
+            alloc::vec![progresser(150, 10), progresser(150, 10)],
+            Case::TwoVms,
+        );
+        assert_eq!(r, Ok(()));
+        assert_eq!(host.created, [32 << 20, 32 << 20]);
+        assert_eq!(host.dropped.get(), 2);
+        // Too few reports.
+        let (r, _) = run(
+            alloc::vec![progresser(50, 10), progresser(150, 10)],
+            Case::TwoVms,
+        );
+        assert!(r
+            .unwrap_err()
+            .contains("two-vms-a made 50 progress reports"));
+        // A finishes within its first slice: never preempted mid-stream.
+        let (r, _) = run(
+            alloc::vec![progresser(100, 1), progresser(150, 10)],
+            Case::TwoVms,
+        );
+        assert!(r.unwrap_err().contains("two-vms-a was never preempted"), "");
+        // One fails.
+        let (r, _) = run(
+            alloc::vec![progresser(150, 10), fail("b broke")],
+            Case::TwoVms,
+        );
+        assert_eq!(r, Err("b broke".into()));
+    }
+
+    #[test]
+    fn creation_failure_is_a_case_failure() {
+        let mut host = FakeHost::new();
+        host.fail_create = true;
+        let r = run_case(&mut host, &kernel(), Case::Hello);
+        assert!(r
+            .unwrap_err()
+            .starts_with("cannot create VM hello: no usable hardware virtualization"));
+    }
+}

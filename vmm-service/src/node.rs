@@ -1,0 +1,444 @@
+//! Node modes, chosen by the node command line (docs/DESIGN.md, "Node
+//! command line"): `node` (a heartbeat VM for ever), `test` (the guest test
+//! cases), `demo` (the dirty-rate display) and `bench-exits` (hypercall round
+//! trips against bare world switches).
+//!
+//! Each mode returns the node's exit code; [`crate::run`] powers off with
+//! it.
+
+use crate::cases::{self, Case};
+use crate::sched::{ProgressLog, RunOutcome, Scheduler};
+use crate::vm::{StopReason, Vm};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use hvcore::addr::PAGE_SIZE;
+use hvcore::host::{DirtyMode, Host};
+
+/// Demo: sample period and number of samples.
+pub const DEMO_PERIOD_NS: u64 = 500_000_000;
+pub const DEMO_SAMPLES: u32 = 10;
+/// Bench: measuring window for hypercall round trips.
+pub const BENCH_WINDOW_NS: u64 = 1_000_000_000;
+/// Bench: warm-up before measuring.
+pub const BENCH_WARMUP_NS: u64 = 100_000_000;
+
+/// The node's mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Node,
+    Test,
+    Demo,
+    BenchExits,
+    Unsupported(String),
+}
+
+/// What the service reads from the node command line. Keys it does not
+/// know belong to the platform and are ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub mode: Mode,
+    /// `tests=` as given (`None` when absent).
+    pub tests: Option<String>,
+}
+
+impl NodeConfig {
+    /// Parse space-separated `key=value` words.
+    pub fn parse(cmdline: &str) -> Self {
+        let mut cfg = NodeConfig {
+            name: "a".into(),
+            mode: Mode::Node,
+            tests: None,
+        };
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            match key {
+                "name" => cfg.name = value.into(),
+                "mode" => {
+                    cfg.mode = match value {
+                        "node" => Mode::Node,
+                        "test" => Mode::Test,
+                        "demo" => Mode::Demo,
+                        "bench-exits" => Mode::BenchExits,
+                        other => Mode::Unsupported(other.into()),
+                    }
+                }
+                "tests" => cfg.tests = Some(value.into()),
+                _ => {}
+            }
+        }
+        cfg
+    }
+}
+
+/// Run the mode the command line asks for; returns the exit code.
+pub fn main(host: &mut dyn Host) -> u8 {
+    let cfg = NodeConfig::parse(host.cmdline());
+    if let Mode::Unsupported(m) = &cfg.mode {
+        let line =
+            format!("vmm-service: unknown mode={m} (expected node, test, demo or bench-exits)\n");
+        host.console_write(&line);
+        return 1;
+    }
+    let Some(image) = host.module(0).map(<[u8]>::to_vec) else {
+        host.console_write(
+            "vmm-service: no guest kernel: boot module 0 is missing (QEMU: -initrd guest-kernel; GRUB: module /boot/guest-kernel)\n",
+        );
+        return 1;
+    };
+    match cfg.mode {
+        Mode::Node => node_mode(host, &image),
+        Mode::Test => test_mode(host, &image, cfg.tests.as_deref()),
+        Mode::Demo => demo_mode(host, &image),
+        Mode::BenchExits => bench_exits_mode(host, &image),
+        Mode::Unsupported(_) => 1,
+    }
+}
+
+/// Create and start one VM, or print why not.
+fn start_vm(
+    host: &mut dyn Host,
+    name: &str,
+    ram_mib: u64,
+    image: &[u8],
+    cmdline: &str,
+) -> Option<Vm> {
+    match Vm::create(host, name, ram_mib << 20, image, cmdline) {
+        Ok(mut vm) => {
+            vm.start();
+            Some(vm)
+        }
+        Err(e) => {
+            host.console_write(&format!("vmm-service: cannot create VM {name}: {e}\n"));
+            None
+        }
+    }
+}
+
+/// `mode=node`: VM `vm0` with the heartbeat guest, for ever. Returns only if
+/// the VM stops.
+fn node_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
+    let Some(vm) = start_vm(host, "vm0", 64, image, "case=heartbeat") else {
+        return 1;
+    };
+    let mut vms = [vm];
+    Scheduler::default().run(host, &mut vms, None, &mut ProgressLog::default());
+    host.console_write("vmm-service: no VM left running\n");
+    1
+}
+
+/// `mode=test`: run the cases named by `tests` (all when absent or `all`).
+fn test_mode(host: &mut dyn Host, image: &[u8], tests: Option<&str>) -> u8 {
+    let names: Vec<&str> = match tests {
+        None | Some("all") => Case::ALL.iter().map(|c| c.name()).collect(),
+        Some(list) => list.split(',').filter(|s| !s.is_empty()).collect(),
+    };
+    let (mut passed, mut failed) = (0u32, 0u32);
+    for name in names {
+        let result = match Case::from_name(name) {
+            Some(case) => cases::run_case(host, image, case),
+            None => Err("unknown case".into()),
+        };
+        let line = match result {
+            Ok(()) => {
+                passed += 1;
+                format!("case {name}: ok\n")
+            }
+            Err(reason) => {
+                failed += 1;
+                format!("case {name}: FAILED: {reason}\n")
+            }
+        };
+        host.console_write(&line);
+    }
+    host.console_write(&format!("{passed} passed, {failed} failed\n"));
+    u8::from(failed != 0)
+}
+
+/// `mode=demo`: watch the dirty rate of a guest rewriting a 16 MiB buffer.
+fn demo_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
+    let Some(vm) = start_vm(host, "demo", 64, image, "case=dirty-demo") else {
+        return 1;
+    };
+    let mut vms = [vm];
+    host.console_write(
+        "demo: VM demo rewrites a 16 MiB buffer in a loop; every 500 ms the hypervisor collects and clears its dirty log \
+         (nested-page write protection). pages_per_s = distinct 4 KiB pages written per second, which live migration \
+         would have to copy again; mib_per_s = the same in MiB/s; exits = VM exits in the interval\n",
+    );
+    if let Err(e) = vms[0].partition().enable_dirty_log(DirtyMode::WriteProtect) {
+        host.console_write(&format!("demo: cannot enable dirty logging: {e}\n"));
+        vms[0].stop(host, StopReason::Requested);
+        return 1;
+    }
+    let pages = vms[0].partition().ram_bytes() / PAGE_SIZE;
+    let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+    let mut sched = Scheduler::default();
+    let mut progress = ProgressLog::default();
+    let start = host.now_ns();
+    let mut last_ns = start;
+    let mut last_exits = vms[0].partition().stats().exits;
+    for sample in 1..=DEMO_SAMPLES {
+        let due = start + u64::from(sample) * DEMO_PERIOD_NS;
+        if sched.run(host, &mut vms, Some(due), &mut progress) == RunOutcome::AllStopped {
+            host.console_write("demo: the demo VM stopped early\n");
+            return 1;
+        }
+        bitmap.iter_mut().for_each(|w| *w = 0);
+        let dirty = match vms[0].partition().collect_dirty(&mut bitmap) {
+            Ok(n) => n,
+            Err(e) => {
+                host.console_write(&format!("demo: collecting the dirty log failed: {e}\n"));
+                vms[0].stop(host, StopReason::Requested);
+                return 1;
+            }
+        };
+        let now = host.now_ns();
+        let exits = vms[0].partition().stats().exits;
+        let interval_ns = now.saturating_sub(last_ns).max(1);
+        let pages_per_s = per_second(dirty, interval_ns);
+        let mib_per_s = per_second(dirty * PAGE_SIZE, interval_ns) >> 20;
+        host.console_write(&format!(
+            "dirty-rate: t_ms={} pages_per_s={pages_per_s} mib_per_s={mib_per_s} exits={}\n",
+            (now - start) / 1_000_000,
+            exits - last_exits
+        ));
+        last_ns = now;
+        last_exits = exits;
+    }
+    vms[0].partition().disable_dirty_log();
+    vms[0].stop(host, StopReason::Requested);
+    0
+}
+
+/// `mode=bench-exits`: hypercall round trips per second against bare world
+/// switches.
+fn bench_exits_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
+    let Some(vm) = start_vm(host, "bench", 64, image, "case=bench-hypercall") else {
+        return 1;
+    };
+    let mut vms = [vm];
+    let mut sched = Scheduler::default();
+    let mut progress = ProgressLog::default();
+    let warm_end = host.now_ns() + BENCH_WARMUP_NS;
+    sched.run(host, &mut vms, Some(warm_end), &mut progress);
+    let h0 = vms[0].counters().hypercalls;
+    let t0 = host.now_ns();
+    let outcome = sched.run(host, &mut vms, Some(t0 + BENCH_WINDOW_NS), &mut progress);
+    let t1 = host.now_ns();
+    let calls = vms[0].counters().hypercalls - h0;
+    if outcome == RunOutcome::AllStopped || calls == 0 {
+        host.console_write("bench exits: the bench VM made no hypercalls\n");
+        return 1;
+    }
+    vms[0].stop(host, StopReason::Requested);
+    let hc_per_s = per_second(calls, (t1 - t0).max(1));
+    let raw_ns = match host.bench_raw_roundtrips(calls) {
+        Ok(ns) => ns.max(1),
+        Err(e) => {
+            host.console_write(&format!(
+                "bench exits: raw world-switch benchmark failed: {e}\n"
+            ));
+            return 1;
+        }
+    };
+    let raw_per_s = per_second(calls, raw_ns).max(1);
+    let ratio_pct = u128::from(hc_per_s) * 100 / u128::from(raw_per_s);
+    host.console_write(&format!(
+        "bench exits: hypercall_roundtrips_per_s={hc_per_s} raw_roundtrips_per_s={raw_per_s} ratio_pct={ratio_pct}\n"
+    ));
+    0
+}
+
+/// `count` events over `ns` nanoseconds, per second.
+fn per_second(count: u64, ns: u64) -> u64 {
+    let r = u128::from(count) * 1_000_000_000 / u128::from(ns.max(1));
+    u64::try_from(r).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{printer, FakeHost, FakeMemory, FakeVcpu, Program};
+    use alloc::boxed::Box;
+    use hvcore::abi::{HC_NOP, HC_TEST_RESULT};
+    use hvcore::addr::Gpa;
+    use hvcore::vcpu::VmExit;
+
+    #[test]
+    fn cmdline_parsing() {
+        let c = NodeConfig::parse("name=b log=debug mode=test tests=hello,cpuid junk");
+        assert_eq!(
+            c,
+            NodeConfig {
+                name: "b".into(),
+                mode: Mode::Test,
+                tests: Some("hello,cpuid".into())
+            }
+        );
+        assert_eq!(NodeConfig::parse("").mode, Mode::Node);
+        assert_eq!(NodeConfig::parse("mode=bench-exits").mode, Mode::BenchExits);
+        assert_eq!(
+            NodeConfig::parse("mode=x").mode,
+            Mode::Unsupported("x".into())
+        );
+    }
+
+    fn host(cmdline: &str, programs: Vec<Program>) -> FakeHost {
+        let mut h = FakeHost::new();
+        h.cmdline = cmdline.into();
+        h.ns_per_run = 100_000;
+        h.programs.extend(programs);
+        h
+    }
+
+    #[test]
+    fn test_mode_reports_each_case_and_a_summary() {
+        let triple: Program = Box::new(|_: &mut FakeVcpu, _: &mut FakeMemory| VmExit::Shutdown);
+        let mut h = host(
+            "mode=test tests=hello,nope,triple-fault,,memory",
+            vec![
+                printer("Hello from the hvmigrate guest\n"),
+                triple,
+                printer(""),
+            ],
+        );
+        assert_eq!(main(&mut h), 1);
+        let lines = h.lines();
+        assert!(lines.contains(&"case hello: ok"));
+        assert!(lines.contains(&"case nope: FAILED: unknown case"));
+        assert!(lines.contains(&"case triple-fault: ok"));
+        assert!(lines.contains(&"case memory: ok"));
+        assert_eq!(*lines.last().unwrap(), "3 passed, 1 failed");
+        assert_eq!(h.dropped.get(), 3);
+
+        let mut h = host("mode=test tests=memory", vec![printer("")]);
+        assert_eq!(main(&mut h), 0);
+        assert_eq!(h.lines().last(), Some(&"1 passed, 0 failed"));
+    }
+
+    #[test]
+    fn all_cases_run_in_order() {
+        let mut h = host("mode=test", vec![]);
+        h.ns_per_run = 1_000_000_000; // every case times out fast
+        assert_eq!(main(&mut h), 1);
+        let results: Vec<&str> = h
+            .lines()
+            .into_iter()
+            .filter(|l| l.starts_with("case "))
+            .collect();
+        let names: Vec<String> = Case::ALL
+            .iter()
+            .map(|c| format!("case {}: FAILED: timeout", c.name()))
+            .collect();
+        assert_eq!(results, names);
+        assert_eq!(h.lines().last(), Some(&"0 passed, 7 failed"));
+    }
+
+    #[test]
+    fn missing_module_and_bad_mode() {
+        let mut h = host("mode=test", vec![]);
+        h.module = None;
+        assert_eq!(main(&mut h), 1);
+        assert!(h.console.contains("boot module 0 is missing"));
+        let mut h = host("mode=fly", vec![]);
+        assert_eq!(main(&mut h), 1);
+        assert!(h.console.contains("unknown mode=fly"));
+    }
+
+    #[test]
+    fn node_mode_runs_until_the_vm_stops() {
+        let mut h = host("", vec![printer("heartbeat 1\n")]);
+        assert_eq!(main(&mut h), 1);
+        assert_eq!(
+            h.lines(),
+            [
+                "[vm0] heartbeat 1",
+                "vm vm0 stopped: guest reported ok",
+                "vmm-service: no VM left running"
+            ]
+        );
+    }
+
+    #[test]
+    fn demo_prints_ten_samples() {
+        // The guest writes 100 pages per run; 1 ms per run.
+        let mut page = 0u64;
+        let prog: Program = Box::new(move |_: &mut FakeVcpu, m: &mut FakeMemory| {
+            for _ in 0..100 {
+                m.guest_write(Gpa(0x100_0000 + (page % 4096) * 4096), &[1]);
+                page += 1;
+            }
+            VmExit::ExternalInterrupt
+        });
+        let mut h = host("mode=demo", vec![prog]);
+        h.ns_per_run = 1_000_000;
+        assert_eq!(main(&mut h), 0);
+        let samples: Vec<&str> = h
+            .lines()
+            .into_iter()
+            .filter(|l| l.starts_with("dirty-rate:"))
+            .collect();
+        assert_eq!(samples.len(), DEMO_SAMPLES as usize);
+        // 500 runs of 100 pages over a 4096-page buffer: all 4096 dirty.
+        assert_eq!(
+            samples[0],
+            "dirty-rate: t_ms=500 pages_per_s=8192 mib_per_s=32 exits=500"
+        );
+        assert!(samples[9].starts_with("dirty-rate: t_ms=5000 "));
+        assert!(h.lines()[0].starts_with("demo: "));
+        assert_eq!(
+            h.lines().last(),
+            Some(&"vm demo stopped: stopped by the service")
+        );
+    }
+
+    #[test]
+    fn bench_compares_hypercalls_with_raw_switches() {
+        let mut i = 0u64;
+        let prog: Program = Box::new(move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+            if i > 0 {
+                assert_eq!(v.regs.rax, i + 1, "NOP returns RDI + 1");
+            }
+            i += 1;
+            v.regs.rdi = i;
+            v.regs.rax = HC_NOP;
+            VmExit::Hypercall
+        });
+        let mut h = host("mode=bench-exits", vec![prog]);
+        h.ns_per_run = 20_000; // 50k/s
+        h.raw_ns_per_roundtrip = 16_000; // 62.5k/s
+        assert_eq!(main(&mut h), 0);
+        let line = h
+            .lines()
+            .into_iter()
+            .find(|l| l.starts_with("bench exits:"))
+            .unwrap()
+            .to_string();
+        assert!(
+            line.starts_with("bench exits: hypercall_roundtrips_per_s="),
+            "{line}"
+        );
+        let field = |k: &str| -> u64 {
+            let v = line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap();
+            v.parse().unwrap()
+        };
+        let hc = field("hypercall_roundtrips_per_s=");
+        let raw = field("raw_roundtrips_per_s=");
+        assert!((49_000..=50_000).contains(&hc), "{hc}");
+        assert_eq!(raw, 62_500);
+        assert_eq!(field("ratio_pct="), hc * 100 / raw);
+        // A guest that stops instead of benchmarking fails the mode.
+        let stop: Program = Box::new(|v: &mut FakeVcpu, _: &mut FakeMemory| {
+            v.regs.rax = HC_TEST_RESULT;
+            (v.regs.rdi, v.regs.rdx) = (0, 0);
+            VmExit::Hypercall
+        });
+        let mut h = host("mode=bench-exits", vec![stop]);
+        assert_eq!(main(&mut h), 1);
+    }
+}

@@ -1,0 +1,650 @@
+//! A VM and its worker: lifecycle, exit loop, device models, hypercalls.
+//!
+//! Lifecycle: `Created` (kernel loaded, start state built) -> `Running` <->
+//! `Halted` (idle for the rest of a slice) -> `Stopped(reason)`. A stopped VM
+//! never runs again; dropping the [`Vm`] drops its partition, which returns
+//! its memory to the host. Every stop prints one console line, `vm NAME
+//! stopped: REASON`.
+//!
+//! The exit loop ([`Vm::run_slice`]) is the hot path: it allocates nothing,
+//! formats nothing and reads the clock only on preemption and every
+//! [`CLOCK_CHECK_EXITS`] exits. Console lines and stop reports are formatted
+//! only when they happen.
+
+use crate::devices::Devices;
+use crate::exits::{self, ExitStop, Handled};
+use crate::hypercall::{self, DirtyCheck, Effect};
+use crate::loader::{self, LoadError, LoadedKernel};
+use crate::start::{self, StartError};
+use crate::uart::LineSink;
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use core::fmt::{self, Write as _};
+use hvcore::abi::HC_NOP;
+use hvcore::addr::Gpa;
+use hvcore::host::{Host, HostError, Partition};
+use hvcore::vcpu::{Access, EntryFailure, IoDir};
+
+/// Exits between two clock reads when the guest is not preempted.
+pub const CLOCK_CHECK_EXITS: u32 = 256;
+/// Console lines each VM remembers (for node-side checks).
+pub const RECENT_LINES: usize = 32;
+/// Longest VM name.
+pub const NAME_MAX: usize = 32;
+
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Why a VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest reported success (`HC_TEST_RESULT` 0) with this message.
+    GuestOk(String),
+    /// The guest reported failure (`HC_TEST_RESULT` 1) with this message.
+    GuestFailed(String),
+    /// Triple fault (shutdown exit).
+    TripleFault,
+    /// The CPU refused to enter the guest.
+    EntryFailed(EntryFailure),
+    /// An exit the backend could not decode.
+    UnknownExit { raw: u64 },
+    /// The guest touched guest-physical memory it does not have.
+    BadNestedAccess { gpa: Gpa, access: Access },
+    /// The nested page table is malformed (a hypervisor bug, reported as
+    /// this VM's stop rather than bringing the node down).
+    NestedMisconfig { gpa: Gpa },
+    /// HLT with RFLAGS.IF = 0: nothing can ever wake the vCPU.
+    HaltedInterruptsDisabled,
+    /// The service stopped it (end of a demo or benchmark, node shutdown).
+    Requested,
+    /// It ran past its time limit.
+    Timeout,
+    /// The guest broke the hypervisor's protocol in a way it cannot recover
+    /// from.
+    ProtocolViolation(&'static str),
+}
+
+impl StopReason {
+    fn from_exit(stop: ExitStop) -> Self {
+        match stop {
+            ExitStop::TripleFault => StopReason::TripleFault,
+            ExitStop::EntryFailed(e) => StopReason::EntryFailed(e),
+            ExitStop::UnknownExit { raw } => StopReason::UnknownExit { raw },
+            ExitStop::BadNestedAccess { gpa, access } => {
+                StopReason::BadNestedAccess { gpa, access }
+            }
+            ExitStop::NestedMisconfig { gpa } => StopReason::NestedMisconfig { gpa },
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::GuestOk(m) if m.is_empty() => write!(f, "guest reported ok"),
+            StopReason::GuestOk(m) => write!(f, "guest reported ok: {m}"),
+            StopReason::GuestFailed(m) => write!(f, "guest reported failure: {m}"),
+            StopReason::TripleFault => write!(f, "triple fault (shutdown)"),
+            StopReason::EntryFailed(e) => write!(f, "VM entry failed: {e}"),
+            StopReason::UnknownExit { raw } => write!(f, "unknown exit (code {raw:#x})"),
+            StopReason::BadNestedAccess { gpa, access } => {
+                let kind = if access.exec {
+                    "instruction fetch"
+                } else if access.write {
+                    "write"
+                } else {
+                    "read"
+                };
+                write!(
+                    f,
+                    "bad nested access: {kind} at GPA {gpa}, outside guest RAM"
+                )
+            }
+            StopReason::NestedMisconfig { gpa } => {
+                write!(f, "nested page table misconfigured at GPA {gpa}")
+            }
+            StopReason::HaltedInterruptsDisabled => write!(f, "halted with interrupts disabled"),
+            StopReason::Requested => write!(f, "stopped by the service"),
+            StopReason::Timeout => write!(f, "timeout"),
+            StopReason::ProtocolViolation(what) => write!(f, "guest protocol violation: {what}"),
+        }
+    }
+}
+
+/// Where a VM is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Loaded, not started.
+    Created,
+    /// Runnable.
+    Running,
+    /// Executed HLT with interrupts enabled: idle until its next slice
+    /// (there are no virtual interrupts yet, so HLT is a yield).
+    Halted,
+    /// Will never run again.
+    Stopped(StopReason),
+}
+
+/// Why a VM could not be created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmError {
+    /// The name is empty, too long, or has characters other than
+    /// `[a-z0-9-]`.
+    BadName,
+    /// The platform could not create the partition.
+    Host(HostError),
+    /// The kernel image could not be loaded.
+    Load(LoadError),
+    /// The start state could not be built.
+    Start(StartError),
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmError::BadName => {
+                write!(
+                    f,
+                    "VM names are 1 to {NAME_MAX} characters of a-z, 0-9 and '-'"
+                )
+            }
+            VmError::Host(e) => write!(f, "{e}"),
+            VmError::Load(e) => write!(f, "guest kernel: {e}"),
+            VmError::Start(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// How a slice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// The slice's time ran out.
+    Expired,
+    /// The guest halted (idle) before the slice ended.
+    Idle,
+    /// The VM stopped.
+    Stopped,
+    /// The VM was not runnable.
+    NotRunnable,
+}
+
+/// Counters kept by the worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmCounters {
+    /// Exits seen by the service.
+    pub exits: u64,
+    /// Hypercalls handled.
+    pub hypercalls: u64,
+    /// `HC_PROGRESS` reports.
+    pub progress_reports: u64,
+    /// Last `HC_PROGRESS` counter.
+    pub last_progress: u64,
+    /// Slices given to this VM.
+    pub slices: u64,
+    /// Console lines emitted.
+    pub console_lines: u64,
+}
+
+/// One VM.
+pub struct Vm {
+    name: String,
+    partition: Box<dyn Partition>,
+    devices: Devices,
+    state: VmState,
+    counters: VmCounters,
+    recent: VecDeque<String>,
+    /// Reused buffer for console lines.
+    line_buf: String,
+}
+
+impl fmt::Debug for Vm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.name)
+            .field("state", &self.state)
+            .field("counters", &self.counters)
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Create VM `name` with `ram_bytes` of RAM, load `image` (an ELF
+    /// kernel) and build its start state with guest command line `cmdline`.
+    pub fn create(
+        host: &mut dyn Host,
+        name: &str,
+        ram_bytes: u64,
+        image: &[u8],
+        cmdline: &str,
+    ) -> Result<Self, VmError> {
+        let name_ok = !name.is_empty()
+            && name.len() <= NAME_MAX
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !name_ok {
+            return Err(VmError::BadName);
+        }
+        // Check the image before asking for memory.
+        loader::check(image, ram_bytes).map_err(VmError::Load)?;
+        let mut partition = host.create_partition(ram_bytes).map_err(VmError::Host)?;
+        let kernel: LoadedKernel =
+            loader::load(image, partition.memory()).map_err(VmError::Load)?;
+        let entry = start::build(partition.memory(), &kernel, cmdline).map_err(VmError::Start)?;
+        partition.vcpu().reset_long_mode(&entry);
+        Ok(Self {
+            name: name.into(),
+            partition,
+            devices: Devices::new(),
+            state: VmState::Created,
+            counters: VmCounters::default(),
+            recent: VecDeque::new(),
+            line_buf: String::new(),
+        })
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Its state.
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+    /// Why it stopped, if it did.
+    pub fn stop_reason(&self) -> Option<&StopReason> {
+        match &self.state {
+            VmState::Stopped(r) => Some(r),
+            _ => None,
+        }
+    }
+    /// Whether the scheduler should give it slices.
+    pub fn is_runnable(&self) -> bool {
+        matches!(self.state, VmState::Running | VmState::Halted)
+    }
+    /// Worker counters.
+    pub fn counters(&self) -> VmCounters {
+        self.counters
+    }
+    /// The last [`RECENT_LINES`] console lines, oldest first.
+    pub fn recent_lines(&self) -> impl Iterator<Item = &str> {
+        self.recent.iter().map(String::as_str)
+    }
+    /// The partition (dirty log, statistics).
+    pub fn partition(&mut self) -> &mut dyn Partition {
+        &mut *self.partition
+    }
+    /// Its devices.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    /// Created -> Running. No effect in any other state.
+    pub fn start(&mut self) {
+        if self.state == VmState::Created {
+            self.state = VmState::Running;
+        }
+    }
+
+    /// Stop the VM for `reason` and report it on the console. A VM already
+    /// stopped keeps its first reason.
+    pub fn stop(&mut self, host: &mut dyn Host, reason: StopReason) {
+        if matches!(self.state, VmState::Stopped(_)) {
+            return;
+        }
+        let mut line = String::new();
+        let _ = writeln!(line, "vm {} stopped: {reason}", self.name);
+        host.console_write(&line);
+        self.state = VmState::Stopped(reason);
+    }
+
+    /// Run the VM until `slice_end_ns` (host clock), until it halts, or
+    /// until it stops.
+    pub fn run_slice(&mut self, host: &mut dyn Host, slice_end_ns: u64) -> SliceEnd {
+        match self.state {
+            VmState::Running => {}
+            VmState::Halted => self.state = VmState::Running,
+            _ => return SliceEnd::NotRunnable,
+        }
+        self.counters.slices += 1;
+        let mut since_clock = 0u32;
+        loop {
+            let exit = self.partition.run();
+            self.counters.exits += 1;
+            match exits::handle(exit, self.partition.vcpu(), &*host) {
+                Handled::Resume => {}
+                Handled::Hypercall => {
+                    self.counters.hypercalls += 1;
+                    // The benchmark's call, without the general dispatch.
+                    let vcpu = self.partition.vcpu();
+                    let regs = vcpu.regs_mut();
+                    if regs.rax == HC_NOP {
+                        regs.rax = regs.rdi.wrapping_add(1);
+                        vcpu.skip_instruction();
+                    } else if let Some(reason) = self.hypercall(host) {
+                        self.stop(host, reason);
+                        return SliceEnd::Stopped;
+                    }
+                }
+                Handled::Io(io) => {
+                    let vcpu = self.partition.vcpu();
+                    match io.dir {
+                        IoDir::In => {
+                            let value = self.devices.io_in(io.port, io.size);
+                            exits::complete_io_in(vcpu, &io, value);
+                        }
+                        IoDir::Out => {
+                            let value = exits::io_out_value(vcpu, &io);
+                            exits::complete_io_out(vcpu);
+                            let mut sink = ConsoleSink {
+                                host: &mut *host,
+                                name: &self.name,
+                                buf: &mut self.line_buf,
+                                recent: &mut self.recent,
+                                count: &mut self.counters.console_lines,
+                            };
+                            self.devices.io_out(io.port, io.size, value, &mut sink);
+                        }
+                    }
+                }
+                Handled::Halted => {
+                    if self.partition.vcpu().regs().rflags & RFLAGS_IF == 0 {
+                        self.stop(host, StopReason::HaltedInterruptsDisabled);
+                        return SliceEnd::Stopped;
+                    }
+                    self.state = VmState::Halted;
+                    return SliceEnd::Idle;
+                }
+                Handled::Preempted => {
+                    since_clock = 0;
+                    if host.now_ns() >= slice_end_ns {
+                        return SliceEnd::Expired;
+                    }
+                    continue;
+                }
+                Handled::Stop(stop) => {
+                    self.stop(host, StopReason::from_exit(stop));
+                    return SliceEnd::Stopped;
+                }
+            }
+            since_clock += 1;
+            if since_clock >= CLOCK_CHECK_EXITS {
+                since_clock = 0;
+                if host.now_ns() >= slice_end_ns {
+                    return SliceEnd::Expired;
+                }
+            }
+        }
+    }
+
+    /// The general hypercall path; `Some` stops the VM.
+    fn hypercall(&mut self, host: &mut dyn Host) -> Option<StopReason> {
+        match hypercall::dispatch(&mut *self.partition) {
+            Effect::None => None,
+            Effect::Progress(counter) => {
+                self.counters.progress_reports += 1;
+                self.counters.last_progress = counter;
+                None
+            }
+            Effect::TestResult { ok: true, message } => Some(StopReason::GuestOk(message)),
+            Effect::TestResult { ok: false, message } => Some(StopReason::GuestFailed(message)),
+            Effect::DirtyMismatch(check) => {
+                self.report_dirty_mismatch(host, &check);
+                None
+            }
+        }
+    }
+
+    fn report_dirty_mismatch(&mut self, host: &mut dyn Host, check: &DirtyCheck) {
+        let mut line = String::new();
+        let _ = write!(
+            line,
+            "vm {}: dirty-log check: {} frames differ ({} missing, {} extra; {} collected); first:",
+            self.name,
+            check.differing(),
+            check.missing,
+            check.extra,
+            check.collected
+        );
+        for (gfn, missing) in &check.first {
+            let kind = if *missing { "missing" } else { "extra" };
+            let _ = write!(line, " {gfn:#x} ({kind})");
+        }
+        line.push('\n');
+        host.console_write(&line);
+    }
+}
+
+/// Emits a VM's UART lines on the node console as `[NAME] line`.
+struct ConsoleSink<'a> {
+    host: &'a mut dyn Host,
+    name: &'a str,
+    buf: &'a mut String,
+    recent: &'a mut VecDeque<String>,
+    count: &'a mut u64,
+}
+
+impl LineSink for ConsoleSink<'_> {
+    fn line(&mut self, line: &str) {
+        self.buf.clear();
+        self.buf.push('[');
+        self.buf.push_str(self.name);
+        self.buf.push_str("] ");
+        self.buf.push_str(line);
+        self.buf.push('\n');
+        self.host.console_write(self.buf);
+        *self.count += 1;
+        if self.recent.len() >= RECENT_LINES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(line.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::build::kernel;
+    use crate::testing::{printer, FakeHost, FakeMemory, FakeVcpu};
+    use hvcore::abi::{HC_PROGRESS, HC_TEST_RESULT};
+    use hvcore::vcpu::{IoAccess, VmExit};
+
+    fn vm(host: &mut FakeHost, name: &str) -> Vm {
+        let mut v = Vm::create(host, name, 4 << 20, &kernel(), "case=x").unwrap();
+        v.start();
+        v
+    }
+
+    #[test]
+    fn uart_lines_reach_the_console_with_prefix() {
+        let mut host = FakeHost::new();
+        host.programs
+            .push_back(printer("Hello from the hvmigrate guest\r\nsecond\n"));
+        let mut v = vm(&mut host, "hello");
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::Stopped);
+        assert_eq!(
+            host.lines(),
+            [
+                "[hello] Hello from the hvmigrate guest",
+                "[hello] second",
+                "vm hello stopped: guest reported ok",
+            ]
+        );
+        assert_eq!(
+            v.recent_lines().collect::<alloc::vec::Vec<_>>(),
+            ["Hello from the hvmigrate guest", "second"]
+        );
+        assert_eq!(v.stop_reason(), Some(&StopReason::GuestOk(String::new())));
+        assert!(!v.is_runnable());
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::NotRunnable);
+    }
+
+    #[test]
+    fn create_loads_and_resets_the_vcpu() {
+        let mut host = FakeHost::new();
+        let v = Vm::create(&mut host, "a", 4 << 20, &kernel(), "case=hello").unwrap();
+        assert_eq!(v.state(), &VmState::Created);
+        assert_eq!(host.created, [4 << 20]);
+        assert_eq!(
+            Vm::create(&mut host, "Bad Name", 4 << 20, &kernel(), "").unwrap_err(),
+            VmError::BadName
+        );
+        assert!(matches!(
+            Vm::create(&mut host, "a", 4 << 20, b"junk", ""),
+            Err(VmError::Load(_))
+        ));
+        assert_eq!(
+            host.created.len(),
+            1,
+            "bad image rejected before allocating"
+        );
+        assert!(matches!(
+            Vm::create(&mut host, "a", 1 << 20, &kernel(), ""),
+            Err(VmError::Load(LoadError::OutsideRam { .. }))
+        ));
+        host.fail_create = true;
+        assert_eq!(
+            Vm::create(&mut host, "a", 4 << 20, &kernel(), "").unwrap_err(),
+            VmError::Host(HostError::NoVirtualization)
+        );
+        // Destroy returns the partition.
+        drop(v);
+        assert_eq!(host.dropped.get(), 1);
+    }
+
+    /// A guest doing `in` from ports and recording RAX, then stopping.
+    #[test]
+    fn port_reads_go_to_devices() {
+        let mut host = FakeHost::new();
+        let mut step = 0;
+        let seen = alloc::rc::Rc::new(core::cell::RefCell::new(alloc::vec::Vec::new()));
+        let seen2 = seen.clone();
+        host.programs.push_back(alloc::boxed::Box::new(
+            move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                if step > 0 {
+                    seen2.borrow_mut().push(v.regs.rax);
+                }
+                step += 1;
+                let port = match step {
+                    1 => 0x3fd,
+                    2 => 0x61,
+                    3 => 0x80,
+                    _ => {
+                        v.regs.rax = HC_TEST_RESULT;
+                        v.regs.rdi = 0;
+                        v.regs.rdx = 0;
+                        return VmExit::Hypercall;
+                    }
+                };
+                v.regs.rax = 0x1234_5600;
+                VmExit::Io(IoAccess {
+                    port,
+                    size: 1,
+                    dir: IoDir::In,
+                    string: false,
+                    rep: false,
+                })
+            },
+        ));
+        let mut v = vm(&mut host, "io");
+        v.run_slice(&mut host, u64::MAX);
+        assert_eq!(*seen.borrow(), [0x1234_5660, 0x1234_56ff, 0x1234_56ff]);
+        assert_eq!(v.devices().unclaimed_accesses, 1);
+    }
+
+    #[test]
+    fn exits_that_stop_the_vm() {
+        let cases: [(VmExit, u64, &str); 4] = [
+            (VmExit::Shutdown, 0, "vm s stopped: triple fault (shutdown)"),
+            (
+                VmExit::Unknown { raw: 0x7f },
+                0,
+                "vm s stopped: unknown exit (code 0x7f)",
+            ),
+            (
+                VmExit::NestedFault {
+                    gpa: Gpa(0x1_0000_0000),
+                    access: Access {
+                        write: true,
+                        ..Access::default()
+                    },
+                },
+                0,
+                "vm s stopped: bad nested access: write at GPA 0x100000000, outside guest RAM",
+            ),
+            (
+                VmExit::Hlt,
+                0,
+                "vm s stopped: halted with interrupts disabled",
+            ),
+        ];
+        for (exit, rflags, line) in cases {
+            let mut host = FakeHost::new();
+            host.programs.push_back(alloc::boxed::Box::new(
+                move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                    v.regs.rflags = rflags;
+                    exit
+                },
+            ));
+            let mut v = vm(&mut host, "s");
+            assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::Stopped);
+            assert_eq!(host.lines(), [line]);
+            // A second stop keeps the first reason and prints nothing.
+            v.stop(&mut host, StopReason::Requested);
+            assert_eq!(host.lines().len(), 1);
+        }
+    }
+
+    #[test]
+    fn hlt_with_interrupts_enabled_yields() {
+        let mut host = FakeHost::new();
+        host.programs.push_back(alloc::boxed::Box::new(
+            |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                v.regs.rflags = 0x202;
+                VmExit::Hlt
+            },
+        ));
+        let mut v = vm(&mut host, "idle");
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::Idle);
+        assert_eq!(v.state(), &VmState::Halted);
+        assert!(v.is_runnable());
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::Idle);
+        assert_eq!(v.counters().slices, 2);
+    }
+
+    #[test]
+    fn slice_ends_on_time_even_without_preemption() {
+        let mut host = FakeHost::new();
+        // NOP hypercalls only: the clock is read every CLOCK_CHECK_EXITS.
+        host.programs.push_back(alloc::boxed::Box::new(
+            |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                v.regs.rax = HC_NOP;
+                VmExit::Hypercall
+            },
+        ));
+        let mut v = vm(&mut host, "nop");
+        let end = host.clock.get() + 100 * host.ns_per_run;
+        assert_eq!(v.run_slice(&mut host, end), SliceEnd::Expired);
+        assert_eq!(v.counters().hypercalls, u64::from(CLOCK_CHECK_EXITS));
+        assert_eq!(v.counters().exits, v.counters().hypercalls);
+    }
+
+    #[test]
+    fn progress_is_counted() {
+        let mut host = FakeHost::new();
+        let mut i = 0;
+        host.programs.push_back(alloc::boxed::Box::new(
+            move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                i += 1;
+                v.regs.rax = HC_PROGRESS;
+                v.regs.rdi = i;
+                VmExit::Hypercall
+            },
+        ));
+        let mut v = vm(&mut host, "p");
+        let end = host.clock.get() + 1000 * host.ns_per_run;
+        v.run_slice(&mut host, end);
+        assert!(v.counters().progress_reports >= 1000);
+        assert_eq!(v.counters().last_progress, v.counters().progress_reports);
+    }
+}
