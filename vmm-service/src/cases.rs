@@ -10,6 +10,7 @@ use crate::vm::{StopReason, Vm};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use hvcore::exit::StopReason as ExitStop;
 use hvcore::host::Host;
 
 /// Time limit of one case in node nanoseconds.
@@ -160,7 +161,7 @@ pub fn evaluate(case: Case, vms: &[Vm], progress: &ProgressLog) -> Result<(), St
         Case::TripleFault => {
             let vm = vm_at(vms, 0)?;
             match vm.stop_reason() {
-                Some(StopReason::TripleFault) => Ok(()),
+                Some(StopReason::Exit(ExitStop::TripleFault)) => Ok(()),
                 Some(other) => Err(format!(
                     "expected a triple fault, but vm {} stopped: {other}",
                     vm.name()

@@ -6,7 +6,7 @@
 //! * [`loader`]: the guest kernel ELF into guest RAM;
 //! * [`start`]: the guest's start state (page tables, GDT, boot params);
 //! * [`uart`], [`devices`]: device models and the port I/O bus;
-//! * [`exits`], [`hypercall`]: what the worker does with each exit;
+//! * [`hypercall`]: the hypercalls (generic exits are `hvcore::exit`'s);
 //! * [`vm`]: a VM, its lifecycle and its worker loop;
 //! * [`sched`]: round-robin time slices over VMs;
 //! * [`cases`], [`node`]: the node modes (test cases, demo, benchmark,
@@ -22,7 +22,6 @@ extern crate alloc;
 
 pub mod cases;
 pub mod devices;
-pub mod exits;
 pub mod hypercall;
 pub mod loader;
 pub mod node;

@@ -12,7 +12,6 @@
 //! only when they happen.
 
 use crate::devices::Devices;
-use crate::exits::{self, ExitStop, Handled};
 use crate::hypercall::{self, DirtyCheck, Effect};
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::start::{self, StartError};
@@ -22,9 +21,9 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use core::fmt::{self, Write as _};
 use hvcore::abi::HC_NOP;
-use hvcore::addr::Gpa;
+use hvcore::exit::{self, Handled, StopReason as ExitStop};
 use hvcore::host::{Host, HostError, Partition};
-use hvcore::vcpu::{Access, EntryFailure, IoDir};
+use hvcore::vcpu::IoDir;
 
 /// Exits between two clock reads when the guest is not preempted.
 pub const CLOCK_CHECK_EXITS: u32 = 256;
@@ -42,17 +41,10 @@ pub enum StopReason {
     GuestOk(String),
     /// The guest reported failure (`HC_TEST_RESULT` 1) with this message.
     GuestFailed(String),
-    /// Triple fault (shutdown exit).
-    TripleFault,
-    /// The CPU refused to enter the guest.
-    EntryFailed(EntryFailure),
-    /// An exit the backend could not decode.
-    UnknownExit { raw: u64 },
-    /// The guest touched guest-physical memory it does not have.
-    BadNestedAccess { gpa: Gpa, access: Access },
-    /// The nested page table is malformed (a hypervisor bug, reported as
-    /// this VM's stop rather than bringing the node down).
-    NestedMisconfig { gpa: Gpa },
+    /// The hypervisor's exit handling stopped it: triple fault, entry
+    /// failure, an exit it cannot decode, a bad nested access
+    /// (`hvcore::exit::StopReason`).
+    Exit(ExitStop),
     /// HLT with RFLAGS.IF = 0: nothing can ever wake the vCPU.
     HaltedInterruptsDisabled,
     /// The service stopped it (end of a demo or benchmark, node shutdown).
@@ -64,45 +56,13 @@ pub enum StopReason {
     ProtocolViolation(&'static str),
 }
 
-impl StopReason {
-    fn from_exit(stop: ExitStop) -> Self {
-        match stop {
-            ExitStop::TripleFault => StopReason::TripleFault,
-            ExitStop::EntryFailed(e) => StopReason::EntryFailed(e),
-            ExitStop::UnknownExit { raw } => StopReason::UnknownExit { raw },
-            ExitStop::BadNestedAccess { gpa, access } => {
-                StopReason::BadNestedAccess { gpa, access }
-            }
-            ExitStop::NestedMisconfig { gpa } => StopReason::NestedMisconfig { gpa },
-        }
-    }
-}
-
 impl fmt::Display for StopReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StopReason::GuestOk(m) if m.is_empty() => write!(f, "guest reported ok"),
             StopReason::GuestOk(m) => write!(f, "guest reported ok: {m}"),
             StopReason::GuestFailed(m) => write!(f, "guest reported failure: {m}"),
-            StopReason::TripleFault => write!(f, "triple fault (shutdown)"),
-            StopReason::EntryFailed(e) => write!(f, "VM entry failed: {e}"),
-            StopReason::UnknownExit { raw } => write!(f, "unknown exit (code {raw:#x})"),
-            StopReason::BadNestedAccess { gpa, access } => {
-                let kind = if access.exec {
-                    "instruction fetch"
-                } else if access.write {
-                    "write"
-                } else {
-                    "read"
-                };
-                write!(
-                    f,
-                    "bad nested access: {kind} at GPA {gpa}, outside guest RAM"
-                )
-            }
-            StopReason::NestedMisconfig { gpa } => {
-                write!(f, "nested page table misconfigured at GPA {gpa}")
-            }
+            StopReason::Exit(stop) => write!(f, "{stop}"),
             StopReason::HaltedInterruptsDisabled => write!(f, "halted with interrupts disabled"),
             StopReason::Requested => write!(f, "stopped by the service"),
             StopReason::Timeout => write!(f, "timeout"),
@@ -309,9 +269,9 @@ impl Vm {
         self.counters.slices += 1;
         let mut since_clock = 0u32;
         loop {
-            let exit = self.partition.run();
+            let vm_exit = self.partition.run();
             self.counters.exits += 1;
-            match exits::handle(exit, self.partition.vcpu(), &*host) {
+            match exit::handle(vm_exit, self.partition.vcpu(), &*host) {
                 Handled::Resume => {}
                 Handled::Hypercall => {
                     self.counters.hypercalls += 1;
@@ -331,11 +291,11 @@ impl Vm {
                     match io.dir {
                         IoDir::In => {
                             let value = self.devices.io_in(io.port, io.size);
-                            exits::complete_io_in(vcpu, &io, value);
+                            exit::complete_io_in(vcpu, io.size, value);
                         }
                         IoDir::Out => {
-                            let value = exits::io_out_value(vcpu, &io);
-                            exits::complete_io_out(vcpu);
+                            let value = exit::io_out_value(vcpu, io.size);
+                            vcpu.skip_instruction();
                             let mut sink = ConsoleSink {
                                 host: &mut *host,
                                 name: &self.name,
@@ -363,7 +323,7 @@ impl Vm {
                     continue;
                 }
                 Handled::Stop(stop) => {
-                    self.stop(host, StopReason::from_exit(stop));
+                    self.stop(host, StopReason::Exit(stop));
                     return SliceEnd::Stopped;
                 }
             }
@@ -447,7 +407,8 @@ mod tests {
     use crate::loader::build::kernel;
     use crate::testing::{printer, FakeHost, FakeMemory, FakeVcpu};
     use hvcore::abi::{HC_PROGRESS, HC_TEST_RESULT};
-    use hvcore::vcpu::{IoAccess, VmExit};
+    use hvcore::addr::Gpa;
+    use hvcore::vcpu::{Access, IoAccess, VmExit};
 
     fn vm(host: &mut FakeHost, name: &str) -> Vm {
         let mut v = Vm::create(host, name, 4 << 20, &kernel(), "case=x").unwrap();
@@ -559,7 +520,7 @@ mod tests {
             (
                 VmExit::Unknown { raw: 0x7f },
                 0,
-                "vm s stopped: unknown exit (code 0x7f)",
+                "vm s stopped: unhandled exit code 0x7f",
             ),
             (
                 VmExit::NestedFault {
@@ -570,7 +531,7 @@ mod tests {
                     },
                 },
                 0,
-                "vm s stopped: bad nested access: write at GPA 0x100000000, outside guest RAM",
+                "vm s stopped: write to unmapped guest-physical memory at 0x100000000",
             ),
             (
                 VmExit::Hlt,
