@@ -1,19 +1,306 @@
 //! Backend selection: creates partitions on whichever virtualization
-//! extension this CPU offers (SVM now, VMX later).
-//!
-//! Placeholder until the SVM backend lands: reports that no backend exists.
+//! extension this CPU offers. SVM now; VMX plugs in as one more arm of
+//! [`backend`] and of each `match` below.
 
+use crate::partition::GenericPartition;
 use alloc::boxed::Box;
 use hvcore::host::{HostError, Partition};
 
-/// Create a partition with `ram_bytes` of zeroed guest RAM and one vCPU.
-pub fn create_partition(ram_bytes: u64) -> Result<Box<dyn Partition>, HostError> {
-    let _ = ram_bytes;
-    Err(HostError::NoVirtualization)
+/// The virtualization backends this build knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// AMD SVM with nested paging.
+    Svm,
 }
 
-/// Bare world-switch round trips, for `bench exits`.
+/// The backend this CPU can run, if any.
+pub fn backend() -> Option<BackendKind> {
+    if crate::svm::available() {
+        return Some(BackendKind::Svm);
+    }
+    None
+}
+
+/// Create a partition with `ram_bytes` of zeroed guest RAM and one vCPU.
+pub fn create_partition(ram_bytes: u64) -> Result<Box<dyn Partition>, HostError> {
+    match backend() {
+        Some(BackendKind::Svm) => Ok(Box::new(GenericPartition::<crate::svm::Svm>::new(
+            ram_bytes,
+        )?)),
+        None => Err(HostError::NoVirtualization),
+    }
+}
+
+/// Bare world-switch round trips, for `bench exits`: elapsed nanoseconds.
 pub fn bench_raw_roundtrips(iterations: u64) -> Result<u64, HostError> {
-    let _ = iterations;
-    Err(HostError::NoVirtualization)
+    match backend() {
+        Some(BackendKind::Svm) => crate::svm::bench::raw_roundtrips(iterations),
+        None => Err(HostError::NoVirtualization),
+    }
+}
+
+/// Backend smoke test, run from the node command line (`svm-selftest=1`;
+/// `=2` adds the timer-preemption check, which needs the LAPIC timer).
+/// Vendor-neutral: drives whichever backend [`create_partition`] picks
+/// through the [`Partition`] seam, logging each exit. Returns whether every
+/// check passed.
+pub mod selftest {
+    use super::create_partition;
+    use alloc::boxed::Box;
+    use alloc::vec;
+    use hvcore::addr::Gpa;
+    use hvcore::host::{DirtyMode, Partition};
+    use hvcore::vcpu::{IoDir, LongModeEntry, VmExit};
+
+    const CODE_GPA: u64 = 0x10_0000;
+    const PML4_GPA: u64 = 0x1000;
+    const GDT_GPA: u64 = 0x7000;
+    const RAM_BYTES: u64 = 4 << 20;
+
+    /// The guest, assembled (GNU as, Intel syntax):
+    /// ```text
+    /// 00 mov eax, 0x1234 / out 0xe9, al / xor eax, eax / cpuid
+    /// 0b mov ecx, 0xc0000080 / rdmsr / vmmcall        ; HC 1: enable log
+    /// 15 mov byte [0x200000], 1 / [0x205000], 2 / [0x3ff000], 3 / [0x205001], 4
+    /// 35 vmmcall                                         ; HC 2: collect
+    /// 38 mov byte [0x200010], 5 / vmmcall                ; HC 3: collect, disable
+    /// 43 hlt
+    /// 44 mov ecx, 1000 / 1: vmmcall / dec ecx / jnz 1b / hlt   ; round trips
+    /// 51 jmp $                                           ; preemption (IF=0)
+    /// ```
+    const GUEST: [u8; 83] = [
+        0xb8, 0x34, 0x12, 0x00, 0x00, 0xe6, 0xe9, 0x31, 0xc0, 0x0f, 0xa2, 0xb9, 0x80, 0x00, 0x00,
+        0xc0, 0x0f, 0x32, 0x0f, 0x01, 0xd9, 0xc6, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, 0x01, 0xc6,
+        0x04, 0x25, 0x00, 0x50, 0x20, 0x00, 0x02, 0xc6, 0x04, 0x25, 0x00, 0xf0, 0x3f, 0x00, 0x03,
+        0xc6, 0x04, 0x25, 0x01, 0x50, 0x20, 0x00, 0x04, 0x0f, 0x01, 0xd9, 0xc6, 0x04, 0x25, 0x10,
+        0x00, 0x20, 0x00, 0x05, 0x0f, 0x01, 0xd9, 0xf4, 0xb9, 0xe8, 0x03, 0x00, 0x00, 0x0f, 0x01,
+        0xd9, 0xff, 0xc9, 0x75, 0xf9, 0xf4, 0xeb, 0xfe,
+    ];
+    /// `ud2` for the triple-fault partition (IDT limit 0).
+    const UD2: [u8; 2] = [0x0f, 0x0b];
+
+    /// Identity page tables for the first 1 GiB (2 MiB pages, A and D preset
+    /// so the CPU never writes them) and a GDT; then long mode at `rip`.
+    fn prepare(p: &mut dyn Partition, code: &[u8]) -> Result<(), &'static str> {
+        let m = p.memory();
+        let e = |_| "guest memory write";
+        // PML4[0] -> PDPT at 0x2000; PDPT[0] -> PD at 0x3000: P|RW|A.
+        m.write_u64(Gpa(PML4_GPA), 0x2000 | 0x23).map_err(e)?;
+        m.write_u64(Gpa(0x2000), 0x3000 | 0x23).map_err(e)?;
+        for i in 0..512u64 {
+            // P|RW|A|D|PS.
+            m.write_u64(Gpa(0x3000 + i * 8), (i << 21) | 0xe3)
+                .map_err(e)?;
+        }
+        m.write_u64(Gpa(GDT_GPA + 8), 0x00af_9a00_0000_ffff)
+            .map_err(e)?;
+        m.write_u64(Gpa(GDT_GPA + 16), 0x00cf_9200_0000_ffff)
+            .map_err(e)?;
+        m.write(Gpa(CODE_GPA), code).map_err(e)?;
+        p.vcpu().reset_long_mode(&LongModeEntry {
+            rip: CODE_GPA,
+            rsp: 0x8_0000,
+            rdi: 0,
+            cr3: Gpa(PML4_GPA),
+            gdt_base: Gpa(GDT_GPA),
+            gdt_limit: 23,
+        });
+        Ok(())
+    }
+
+    fn expect(
+        p: &mut dyn Partition,
+        what: &str,
+        ok: impl Fn(&VmExit) -> bool,
+    ) -> Result<VmExit, &'static str> {
+        let exit = p.run();
+        log::info!("selftest: {what}: {exit:?} rip={:#x}", p.vcpu().regs().rip);
+        if ok(&exit) {
+            Ok(exit)
+        } else {
+            Err("unexpected exit")
+        }
+    }
+
+    /// Guest frames of the page tables built by `prepare` (PML4, PDPT, PD).
+    /// QEMU TCG translates every guest page-table access through the nested
+    /// table as a write (even with A/D preset), so under TCG they show up as
+    /// dirty in every round; real hardware writes them only to set A/D.
+    const PAGE_TABLE_FRAMES: [u64; 3] = [1, 2, 3];
+
+    /// The dirty frames minus the guest page-table frames.
+    fn dirty_frames(p: &mut dyn Partition) -> Result<alloc::vec::Vec<u64>, &'static str> {
+        let mut bitmap = vec![0u64; (p.ram_bytes() / 4096).div_ceil(64) as usize];
+        p.collect_dirty(&mut bitmap)
+            .map_err(|_| "collect_dirty failed")?;
+        let mut frames = alloc::vec::Vec::new();
+        for (w, word) in bitmap.iter().enumerate() {
+            for b in 0..64 {
+                if word & (1 << b) != 0 && !PAGE_TABLE_FRAMES.contains(&(w as u64 * 64 + b)) {
+                    frames.push(w as u64 * 64 + b);
+                }
+            }
+        }
+        Ok(frames)
+    }
+
+    fn main_guest(preempt: bool) -> Result<(), &'static str> {
+        let mut p: Box<dyn Partition> =
+            create_partition(RAM_BYTES).map_err(|_| "create_partition failed")?;
+        let p = p.as_mut();
+        prepare(p, &GUEST)?;
+        expect(
+            p,
+            "out",
+            |e| matches!(e, VmExit::Io(io) if io.port == 0xe9 && io.dir == IoDir::Out && io.size == 1),
+        )?;
+        if p.vcpu().regs().rax & 0xff != 0x34 {
+            return Err("OUT value");
+        }
+        p.vcpu().skip_instruction();
+        expect(p, "cpuid", |e| {
+            matches!(
+                e,
+                VmExit::Cpuid {
+                    leaf: 0,
+                    subleaf: _
+                }
+            )
+        })?;
+        p.vcpu().skip_instruction();
+        expect(p, "rdmsr", |e| {
+            matches!(e, VmExit::MsrRead { msr: 0xc000_0080 })
+        })?;
+        let efer = p.vcpu().read_msr(0xc000_0080).map_err(|_| "EFER read")?;
+        log::info!("selftest: guest EFER reads {efer:#x}");
+        if efer & (1 << 12) != 0 || efer & 0xd00 != 0xd00 {
+            return Err("guest EFER");
+        }
+        p.vcpu().skip_instruction();
+        expect(p, "hc enable", |e| matches!(e, VmExit::Hypercall))?;
+        p.enable_dirty_log(DirtyMode::WriteProtect)
+            .map_err(|_| "enable_dirty_log")?;
+        if p.enable_dirty_log(DirtyMode::Pml).is_ok() && !p.vcpu().caps().pml {
+            return Err("PML accepted without the capability");
+        }
+        p.vcpu().skip_instruction();
+        expect(p, "hc collect 1", |e| matches!(e, VmExit::Hypercall))?;
+        p.memory()
+            .write(Gpa(0x30_0000), &[9])
+            .map_err(|_| "host write")?;
+        let got = dirty_frames(p)?;
+        log::info!("selftest: dirty round 1: {got:x?}, stats {:?}", p.stats());
+        if got != [0x200, 0x205, 0x300, 0x3ff] {
+            return Err("dirty set round 1");
+        }
+        p.vcpu().skip_instruction();
+        expect(p, "hc collect 2", |e| matches!(e, VmExit::Hypercall))?;
+        let got = dirty_frames(p)?;
+        log::info!("selftest: dirty round 2: {got:x?}, stats {:?}", p.stats());
+        if got != [0x200] {
+            return Err("dirty set round 2");
+        }
+        p.disable_dirty_log();
+        let mut b = [0u8; 2];
+        p.memory()
+            .read(Gpa(0x20_5000), &mut b)
+            .map_err(|_| "read back")?;
+        if b != [2, 4] {
+            return Err("guest writes not in RAM");
+        }
+        p.vcpu().skip_instruction();
+        expect(p, "hlt", |e| matches!(e, VmExit::Hlt))?;
+        p.vcpu().skip_instruction();
+        let t0 = crate::time::now_ns();
+        let exits0 = p.stats().exits;
+        let mut calls = 0;
+        loop {
+            match p.run() {
+                VmExit::Hypercall => calls += 1,
+                VmExit::Hlt => break,
+                VmExit::ExternalInterrupt => continue,
+                e => {
+                    log::info!("selftest: loop: {e:?}");
+                    return Err("unexpected exit in the hypercall loop");
+                }
+            }
+            p.vcpu().skip_instruction();
+        }
+        let ns = crate::time::now_ns().saturating_sub(t0).max(1);
+        log::info!(
+            "selftest: {calls} hypercalls, {} exits in {} us: {} round trips/s",
+            p.stats().exits - exits0,
+            ns / 1000,
+            calls * 1_000_000_000 / ns
+        );
+        if calls != 1000 {
+            return Err("hypercall count");
+        }
+        p.vcpu().skip_instruction();
+        if preempt {
+            let mut n = 0;
+            while n < 3 {
+                expect(p, "spin", |e| matches!(e, VmExit::ExternalInterrupt))?;
+                n += 1;
+            }
+        }
+        log::info!("selftest: stats {:?}", p.stats());
+        Ok(())
+    }
+
+    fn triple_fault() -> Result<(), &'static str> {
+        let mut p: Box<dyn Partition> =
+            create_partition(RAM_BYTES).map_err(|_| "create_partition failed")?;
+        let p = p.as_mut();
+        prepare(p, &UD2)?;
+        loop {
+            match p.run() {
+                VmExit::ExternalInterrupt => continue,
+                VmExit::Shutdown => return Ok(()),
+                e => {
+                    log::info!("selftest: triple fault: {e:?}");
+                    return Err("no shutdown exit");
+                }
+            }
+        }
+    }
+
+    /// Run all checks; `preempt` adds the timer check.
+    pub fn run(preempt: bool) -> bool {
+        let (_, free_before) = crate::mem::memory_stats();
+        let mut ok = true;
+        for (name, r) in [
+            ("guest", main_guest(preempt)),
+            ("triple-fault", triple_fault()),
+        ] {
+            match r {
+                Ok(()) => log::info!("selftest {name}: ok"),
+                Err(why) => {
+                    log::error!("selftest {name}: FAILED: {why}");
+                    ok = false;
+                }
+            }
+        }
+        match super::bench_raw_roundtrips(10_000) {
+            Ok(ns) => log::info!(
+                "selftest: raw: 10000 round trips in {} us: {} per s",
+                ns / 1000,
+                10_000u64 * 1_000_000_000 / ns.max(1)
+            ),
+            Err(e) => {
+                log::error!("selftest raw bench: FAILED: {e}");
+                ok = false;
+            }
+        }
+        let (_, free_after) = crate::mem::memory_stats();
+        if free_after != free_before {
+            log::error!(
+                "selftest: FAILED: leaked {} bytes",
+                free_before as i64 - free_after as i64
+            );
+            ok = false;
+        }
+        log::info!("selftest: {}", if ok { "PASSED" } else { "FAILED" });
+        ok
+    }
 }

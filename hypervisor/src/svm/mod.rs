@@ -1,0 +1,225 @@
+//! AMD SVM backend: detection and enabling, the VMCB, the permission maps
+//! and the vCPU (`SvmVcpu`, an [`hvcore::vcpu::Vcpu`]).
+//!
+//! Nothing SVM-specific leaves this module: the rest of the hypervisor sees
+//! [`hvcore::vcpu::VmExit`] and the vendor-neutral partition
+//! ([`crate::partition`]), which uses [`Svm`] as its backend.
+//!
+//! Invariants:
+//! * [`enable`] runs once per boot before any VMRUN; it sets EFER.SVME and
+//!   VM_HSAVE_PA on the boot CPU, the only CPU that runs guests for now (the
+//!   host save area and host-state page are per CPU and live in statics);
+//! * every VMCB has its own ASID >= 1 while it exists (ASIDs are recycled
+//!   when a vCPU is destroyed; a new owner flushes the whole TLB on its first
+//!   VMRUN);
+//! * the I/O and MSR permission maps are immutable statics shared by all
+//!   guests: every port is intercepted, and every MSR except those the VMCB
+//!   switches (FS/GS/KernelGS base, the SYSCALL/SYSENTER MSRs).
+
+pub mod bench;
+mod maps;
+pub mod vcpu;
+pub mod vmcb;
+mod world_switch;
+
+pub use vcpu::SvmVcpu;
+
+use crate::cpu::{cpuid, rdmsr, wrmsr};
+use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
+use hvcore::addr::Hpa;
+use hvcore::host::HostError;
+use hvcore::vcpu::VcpuCaps;
+
+/// EFER. AMD APM vol. 2, 3.1.7.
+pub(crate) const MSR_EFER: u32 = crate::cpu::MSR_EFER;
+/// VM_CR: SVM lock and disable bits. AMD APM vol. 2, 15.30.1.
+const MSR_VM_CR: u32 = 0xc001_0114;
+/// VM_HSAVE_PA: host save area. AMD APM vol. 2, 15.30.4.
+const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
+/// EFER.SVME. AMD APM vol. 2, 15.4.
+pub(crate) const EFER_SVME: u64 = 1 << 12;
+/// VM_CR.SVMDIS.
+const VM_CR_SVMDIS: u64 = 1 << 4;
+
+/// Set bits in CR4.
+///
+/// # Safety
+/// The bits must be supported by this CPU and harmless to the running
+/// hypervisor.
+unsafe fn set_cr4_bits(bits: u64) {
+    let cr4 = crate::cpu::read_cr4() | bits;
+    // SAFETY: the caller guarantees the bits are supported and harmless.
+    unsafe { asm!("mov cr4, {}", in(reg) cr4, options(nostack, preserves_flags)) };
+}
+
+/// CR4.OSFXSR: FXSAVE/FXRSTOR include the SSE state. AMD APM vol. 2, 3.7.1.
+const CR4_OSFXSR: u64 = 1 << 9;
+
+/// SVM feature identification, CPUID 0x8000_000A. AMD APM vol. 3, E.4.9.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvmFeatures {
+    /// EDX[0]: nested paging.
+    pub nested_paging: bool,
+    /// EDX[3]: NRIPS, nRIP saved on #VMEXIT.
+    pub nrips: bool,
+    /// EDX[5]: VMCB clean bits.
+    pub vmcb_clean: bool,
+    /// EDX[6]: TLB_CONTROL flush by ASID.
+    pub flush_by_asid: bool,
+    /// EDX[7]: decode assists.
+    pub decode_assists: bool,
+    /// EBX: number of ASIDs (ASID 0 is the host's).
+    pub asids: u32,
+}
+
+/// SVM features of this CPU, or `None` if SVM is absent or disabled.
+pub fn features() -> Option<SvmFeatures> {
+    // AMD APM vol. 2, 15.4: CPUID Fn8000_0001 ECX[2] = SVM.
+    if cpuid(0x8000_0000, 0).eax < 0x8000_000a {
+        return None;
+    }
+    if cpuid(0x8000_0001, 0).ecx & (1 << 2) == 0 {
+        return None;
+    }
+    // SAFETY: VM_CR exists on every CPU that reports SVM.
+    let vm_cr = unsafe { rdmsr(MSR_VM_CR) };
+    if vm_cr & VM_CR_SVMDIS != 0 {
+        return None;
+    }
+    let r = cpuid(0x8000_000a, 0);
+    let (ebx, edx) = (r.ebx, r.edx);
+    Some(SvmFeatures {
+        nested_paging: edx & (1 << 0) != 0,
+        nrips: edx & (1 << 3) != 0,
+        vmcb_clean: edx & (1 << 5) != 0,
+        flush_by_asid: edx & (1 << 6) != 0,
+        decode_assists: edx & (1 << 7) != 0,
+        asids: ebx,
+    })
+}
+
+/// Whether this CPU can run SVM guests with nested paging.
+pub fn available() -> bool {
+    features().is_some_and(|f| f.nested_paging && f.asids >= 2)
+}
+
+/// A 4 KiB page the CPU reads and writes behind the compiler's back.
+#[repr(C, align(4096))]
+struct HwPage(UnsafeCell<[u8; 4096]>);
+
+// SAFETY: the pages are touched only by the CPU (VMRUN/#VMEXIT and
+// VMSAVE/VMLOAD) on the one CPU that runs guests; Rust code never reads or
+// writes through them, it only takes their address.
+unsafe impl Sync for HwPage {}
+
+impl HwPage {
+    /// Physical address (the hypervisor identity-maps memory: HPA == VA).
+    fn hpa(&self) -> Hpa {
+        Hpa(self.0.get() as u64)
+    }
+}
+
+/// VM_HSAVE_PA target: where VMRUN saves host state. Its format is the
+/// CPU's own (AMD APM vol. 2, 15.30.4); software must not touch it.
+static HOST_SAVE_AREA: HwPage = HwPage(UnsafeCell::new([0; 4096]));
+/// Host-state VMCB for VMSAVE/VMLOAD of the host's FS/GS/TR/LDTR/syscall
+/// MSRs around each guest run (AMD APM vol. 2, 15.5.2).
+static HOST_STATE_VMCB: HwPage = HwPage(UnsafeCell::new([0; 4096]));
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static FEATURES: spin::Once<SvmFeatures> = spin::Once::new();
+
+/// Enable SVM on this CPU (idempotent): EFER.SVME and VM_HSAVE_PA.
+pub fn enable() -> Result<SvmFeatures, HostError> {
+    let f = features().ok_or(HostError::NoVirtualization)?;
+    if !f.nested_paging {
+        return Err(HostError::Backend("SVM without nested paging"));
+    }
+    if f.asids < 2 {
+        return Err(HostError::Backend("SVM reports no guest ASIDs"));
+    }
+    if !ENABLED.load(Ordering::Acquire) {
+        // SAFETY: SVM is present and not disabled (checked above); setting
+        // EFER.SVME only makes the SVM instructions legal (AMD APM vol. 2,
+        // 15.4), and VM_HSAVE_PA gets a page-aligned static page nothing
+        // else uses (15.30.4).
+        // CR4.OSFXSR makes the vCPU's FXSAVE/FXRSTOR switch the guest's
+        // SSE registers too; the host (a soft-float target) never uses them.
+        unsafe {
+            wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
+            wrmsr(MSR_VM_HSAVE_PA, HOST_SAVE_AREA.hpa().as_u64());
+            set_cr4_bits(CR4_OSFXSR);
+        }
+        ENABLED.store(true, Ordering::Release);
+        log::info!(
+            "svm: enabled: asids={} nrips={} flush_by_asid={} clean_bits={} decode_assists={}",
+            f.asids,
+            f.nrips,
+            f.flush_by_asid,
+            f.vmcb_clean,
+            f.decode_assists
+        );
+    }
+    Ok(*FEATURES.call_once(|| f))
+}
+
+/// Physical address of this CPU's host-state VMCB page.
+pub(crate) fn host_state_vmcb() -> Hpa {
+    HOST_STATE_VMCB.hpa()
+}
+
+/// Vendor-neutral capabilities derived from the SVM features.
+pub fn caps(f: &SvmFeatures) -> VcpuCaps {
+    VcpuCaps {
+        next_rip: f.nrips,
+        flush_by_asid: f.flush_by_asid,
+        pml: false,
+    }
+}
+
+/// ASIDs handed out, bit n = ASID n in use (ASID 0 is the host's).
+static ASIDS: spin::Mutex<[u64; ASID_WORDS]> = spin::Mutex::new([1, 0, 0, 0]);
+/// At most this many ASIDs are tracked (plenty for the VMs of one node).
+const ASID_WORDS: usize = 4;
+
+/// A free ASID below `limit`, or `None`.
+pub(crate) fn alloc_asid(limit: u32) -> Option<u32> {
+    let mut map = ASIDS.lock();
+    let limit = (limit as usize).min(ASID_WORDS * 64);
+    (1..limit)
+        .find(|&a| map[a / 64] & (1 << (a % 64)) == 0)
+        .inspect(|&a| {
+            map[a / 64] |= 1 << (a % 64);
+        })
+        .map(|a| a as u32)
+}
+
+/// Return an ASID from [`alloc_asid`].
+pub(crate) fn free_asid(asid: u32) {
+    let a = asid as usize;
+    if a != 0 && a < ASID_WORDS * 64 {
+        ASIDS.lock()[a / 64] &= !(1 << (a % 64));
+    }
+}
+
+/// The SVM backend of the vendor-neutral partition.
+pub struct Svm;
+
+impl crate::partition::Backend for Svm {
+    type Format = hvcore::svm::NptFormat;
+    type Vcpu = SvmVcpu;
+
+    fn create_vcpu(
+        frames: &mut dyn hvcore::mem::FrameAlloc,
+        nested_root: Hpa,
+    ) -> Result<SvmVcpu, HostError> {
+        let f = enable()?;
+        SvmVcpu::new(frames, &f, nested_root)
+    }
+
+    fn destroy_vcpu(vcpu: SvmVcpu, frames: &mut dyn hvcore::mem::FrameAlloc) {
+        vcpu.destroy(frames);
+    }
+}

@@ -1,0 +1,706 @@
+//! `SvmVcpu`: one guest vCPU on AMD SVM, with its VMCB, ASID and register
+//! file, decoding #VMEXITs into the vendor-neutral [`VmExit`].
+//!
+//! Invariants:
+//! * the VMCB frame and the ASID are owned by this vCPU until
+//!   [`SvmVcpu::destroy`];
+//! * between runs, [`Regs`] is authoritative for the GPRs, RIP, RSP and
+//!   RFLAGS; `run` copies RAX/RSP/RIP/RFLAGS into the VMCB before VMRUN and
+//!   back after #VMEXIT;
+//! * the VMCB's EFER always has SVME set (VMRUN refuses a guest without it,
+//!   AMD APM vol. 2, 15.5.1); the guest never sees it: EFER accesses are
+//!   intercepted and [`Vcpu::read_msr`] masks it;
+//! * nothing a guest does panics here: unexpected exits decode to
+//!   `Unknown`, SVM instructions get #UD.
+
+use super::vmcb::*;
+use super::world_switch::world_switch;
+use super::{maps, SvmFeatures, EFER_SVME, MSR_EFER};
+use core::ptr::NonNull;
+use hvcore::addr::{Gpa, Hpa};
+use hvcore::host::HostError;
+use hvcore::mem::FrameAlloc;
+use hvcore::vcpu::{
+    Access, EntryFailure, IoAccess, IoDir, LongModeEntry, Regs, UnknownMsr, Vcpu, VcpuCaps, VmExit,
+};
+
+/// Power-on PAT value. AMD APM vol. 2, 7.8.2.
+const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
+
+// Architectural MSRs kept in the VMCB save area.
+const MSR_SYSENTER_CS: u32 = 0x174;
+const MSR_SYSENTER_ESP: u32 = 0x175;
+const MSR_SYSENTER_EIP: u32 = 0x176;
+const MSR_PAT: u32 = 0x277;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SFMASK: u32 = 0xc000_0084;
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+// EFER bits. AMD APM vol. 2, 3.1.7.
+const EFER_SCE: u64 = 1 << 0;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+
+// CR0/CR4 bits. AMD APM vol. 2, 3.1.1 and 3.7.1.
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+
+// VMCB segment attributes (descriptor bits 47:40 -> 7:0, 55:52 -> 11:8).
+/// Present, DPL 0, code/data, execute/read, accessed; L=1 (64-bit), G=1.
+const ATTR_CODE64: u16 = 0x0a9b;
+/// Present, DPL 0, code/data, read/write, accessed; D/B=1, G=1.
+const ATTR_DATA: u16 = 0x0c93;
+/// Present, busy 64-bit TSS.
+const ATTR_TSS_BUSY: u16 = 0x008b;
+/// Present LDT.
+const ATTR_LDT: u16 = 0x0082;
+/// Real-mode code segment after INIT: present, code, execute/read, accessed.
+const ATTR_CODE16: u16 = 0x009b;
+
+/// 512-byte FXSAVE image of the guest's x87/SSE state: VMRUN does not
+/// switch it (AMD APM vol. 2, 15.5.1), so the vCPU keeps its own.
+#[repr(C, align(16))]
+struct FxArea([u8; 512]);
+
+impl FxArea {
+    /// The state after INIT: FCW = 0x37f, MXCSR = 0x1f80 (AMD APM vol. 2,
+    /// 11.5.2; vol. 5 FXSAVE layout).
+    fn initial() -> Self {
+        let mut a = [0u8; 512];
+        a[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        a[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        Self(a)
+    }
+}
+
+/// One SVM vCPU.
+pub struct SvmVcpu {
+    /// The VMCB, in a frame this vCPU owns (identity-mapped).
+    vmcb: NonNull<Vmcb>,
+    regs: Regs,
+    asid: u32,
+    features: SvmFeatures,
+    /// Next RIP of the last exit's instruction as decoded in software
+    /// (`None` when the exit was not an instruction intercept).
+    next_rip: Option<u64>,
+    /// Flush this guest's nested translations on the next VMRUN.
+    flush_pending: bool,
+    fx: FxArea,
+}
+
+impl SvmVcpu {
+    /// A vCPU in the INIT state using the nested page table at
+    /// `nested_root`; [`Vcpu::reset_long_mode`] prepares it for a kernel.
+    pub fn new(
+        frames: &mut dyn FrameAlloc,
+        features: &SvmFeatures,
+        nested_root: Hpa,
+    ) -> Result<Self, HostError> {
+        let asid =
+            super::alloc_asid(features.asids).ok_or(HostError::Backend("out of SVM ASIDs"))?;
+        let frame = match frames.alloc_frame() {
+            Ok(f) => f,
+            Err(_) => {
+                super::free_asid(asid);
+                return Err(HostError::OutOfMemory {
+                    requested_bytes: 4096,
+                    free_bytes: 0,
+                });
+            }
+        };
+        // The frame allocator hands out identity-mapped, 4 KiB-aligned,
+        // zeroed frames.
+        let Some(vmcb) = NonNull::new(frame.as_u64() as *mut Vmcb) else {
+            super::free_asid(asid);
+            return Err(HostError::Backend(
+                "frame allocator returned frame 0 for a VMCB",
+            ));
+        };
+        let mut vcpu = Self {
+            vmcb,
+            regs: Regs::default(),
+            asid,
+            features: *features,
+            next_rip: None,
+            flush_pending: true,
+            fx: FxArea::initial(),
+        };
+        vcpu.init_vmcb(nested_root);
+        Ok(vcpu)
+    }
+
+    /// Return the VMCB frame and the ASID.
+    pub fn destroy(self, frames: &mut dyn FrameAlloc) {
+        super::free_asid(self.asid);
+        frames.free_frame(Hpa(self.vmcb.as_ptr() as u64));
+    }
+
+    /// Physical address of the VMCB.
+    pub fn vmcb_hpa(&self) -> Hpa {
+        Hpa(self.vmcb.as_ptr() as u64)
+    }
+
+    fn vmcb(&self) -> &Vmcb {
+        // SAFETY: `vmcb` points at a frame this vCPU owns exclusively for its
+        // whole life; the CPU writes it only inside `run`, which holds
+        // `&mut self`, so no reference is live then.
+        unsafe { self.vmcb.as_ref() }
+    }
+
+    fn vmcb_mut(&mut self) -> &mut Vmcb {
+        // SAFETY: as in `vmcb`; `&mut self` makes this the only reference.
+        unsafe { self.vmcb.as_mut() }
+    }
+
+    /// Control area and an INIT-like save area. AMD APM vol. 2, 15.5 and
+    /// table 14-1 (processor state after INIT).
+    fn init_vmcb(&mut self, nested_root: Hpa) {
+        let asid = self.asid;
+        let v = self.vmcb_mut();
+        let c = &mut v.control;
+        // 15.9-15.13: instruction and event intercepts. VMRUN is mandatory;
+        // the other SVM instructions, MONITOR/MWAIT, XSETBV and INVD would
+        // otherwise reach real hardware state (the guest's EFER.SVME is set).
+        c.intercept_misc1 = INTERCEPT_INTR
+            | INTERCEPT_CPUID
+            | INTERCEPT_INVD
+            | INTERCEPT_HLT
+            | INTERCEPT_INVLPGA
+            | INTERCEPT_IOIO_PROT
+            | INTERCEPT_MSR_PROT
+            | INTERCEPT_SHUTDOWN;
+        c.intercept_misc2 = INTERCEPT_VMRUN
+            | INTERCEPT_VMMCALL
+            | INTERCEPT_VMLOAD
+            | INTERCEPT_VMSAVE
+            | INTERCEPT_STGI
+            | INTERCEPT_CLGI
+            | INTERCEPT_SKINIT
+            | INTERCEPT_MONITOR
+            | INTERCEPT_MWAIT
+            | INTERCEPT_MWAIT_ARMED
+            | INTERCEPT_XSETBV;
+        c.iopm_base_pa = maps::iopm_hpa().as_u64();
+        c.msrpm_base_pa = maps::msrpm_hpa().as_u64();
+        c.guest_asid = asid;
+        c.tlb_control = TLB_CONTROL_FLUSH_ALL;
+        c.int_control = V_INTR_MASKING;
+        // 15.25.3: nested paging on, N_CR3 = root of the nested table.
+        c.np_control = NP_ENABLE;
+        c.n_cr3 = nested_root.as_u64();
+        c.event_inj = 0;
+        c.clean_bits = 0;
+
+        let s = &mut v.save;
+        let data16 = Segment {
+            selector: 0,
+            attrib: 0x0093,
+            limit: 0xffff,
+            base: 0,
+        };
+        s.es = data16;
+        s.ss = data16;
+        s.ds = data16;
+        s.fs = data16;
+        s.gs = data16;
+        s.cs = Segment {
+            selector: 0xf000,
+            attrib: ATTR_CODE16,
+            limit: 0xffff,
+            base: 0xffff_0000,
+        };
+        s.gdtr = Segment {
+            limit: 0xffff,
+            ..Segment::default()
+        };
+        s.idtr = s.gdtr;
+        s.ldtr = Segment {
+            selector: 0,
+            attrib: ATTR_LDT,
+            limit: 0xffff,
+            base: 0,
+        };
+        s.tr = Segment {
+            selector: 0,
+            attrib: ATTR_TSS_BUSY,
+            limit: 0xffff,
+            base: 0,
+        };
+        s.cpl = 0;
+        s.efer = EFER_SVME;
+        s.cr0 = CR0_ET | (1 << 30) | (1 << 29); // CD | NW | ET
+        s.cr3 = 0;
+        s.cr4 = 0;
+        s.cr2 = 0;
+        s.dr6 = 0xffff_0ff0;
+        s.dr7 = 0x400;
+        s.g_pat = PAT_DEFAULT;
+        self.regs = Regs {
+            rip: 0xfff0,
+            rflags: 2,
+            ..Regs::default()
+        };
+    }
+
+    /// One VMRUN/#VMEXIT round trip with the register file copied in and out.
+    fn enter(&mut self) {
+        let flush = core::mem::take(&mut self.flush_pending);
+        let tlb = if !flush {
+            TLB_CONTROL_NONE
+        } else if self.features.flush_by_asid {
+            TLB_CONTROL_FLUSH_ASID
+        } else {
+            TLB_CONTROL_FLUSH_ALL
+        };
+        let regs = self.regs;
+        let v = self.vmcb_mut();
+        v.save.rax = regs.rax;
+        v.save.rsp = regs.rsp;
+        v.save.rip = regs.rip;
+        v.save.rflags = regs.rflags;
+        v.control.tlb_control = tlb;
+        // 15.15: no clean bits claimed, the CPU reloads every field.
+        v.control.clean_bits = 0;
+        v.control.next_rip = 0;
+        let vmcb = self.vmcb_hpa();
+        // SAFETY: `enable` ran (a vCPU is only created through it); the VMCB
+        // is ours, its nested table maps only this partition's RAM, and the
+        // host IDT is live (the platform installs it before any VM exists).
+        // FXRSTOR/FXSAVE use our 16-byte aligned 512-byte area; the host does
+        // not use x87/SSE state (soft-float target), so nothing of the host's
+        // is lost.
+        unsafe {
+            core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack, readonly));
+            world_switch(&mut self.regs, vmcb, super::host_state_vmcb());
+            core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
+        }
+        let v = self.vmcb_mut();
+        let (rax, rsp, rip, rflags) = (v.save.rax, v.save.rsp, v.save.rip, v.save.rflags);
+        // An event whose delivery the exit interrupted (e.g. a #NPF on the
+        // stack while delivering an exception) is delivered again on the next
+        // VMRUN (15.7.2); the CPU does not do that by itself.
+        let pending = v.control.exit_int_info;
+        v.control.event_inj = if pending & EVENT_VALID != 0 {
+            pending
+        } else {
+            0
+        };
+        self.regs.rax = rax;
+        self.regs.rsp = rsp;
+        self.regs.rip = rip;
+        self.regs.rflags = rflags;
+    }
+
+    /// Real mode with a flat code segment (base 0) at `ip`: paging off, so
+    /// RIP is the GPA (throwaway benchmark guests).
+    pub fn set_real_mode_ip(&mut self, ip: u64) {
+        let s = &mut self.vmcb_mut().save;
+        s.cs.selector = 0;
+        s.cs.base = 0;
+        self.regs.rip = ip;
+    }
+
+    /// Set RIP (raw benchmark loop).
+    pub fn set_rip(&mut self, rip: u64) {
+        self.regs.rip = rip;
+    }
+
+    /// Exit code of the last #VMEXIT (raw, for benchmarks and diagnostics).
+    pub fn last_exit_code(&self) -> u64 {
+        self.vmcb().control.exit_code
+    }
+
+    /// Enter the guest once without decoding (raw round-trip benchmark).
+    pub fn enter_raw(&mut self) -> u64 {
+        self.enter();
+        self.vmcb().control.exit_code
+    }
+
+    /// Decode the last #VMEXIT. `None` for exits handled here (SVM
+    /// instructions the guest may not use), which re-enter the guest.
+    fn decode(&mut self) -> Option<VmExit> {
+        let c = &self.vmcb().control;
+        let (code, info1, info2) = (c.exit_code, c.exit_info1, c.exit_info2);
+        let rip = self.regs.rip;
+        self.next_rip = None;
+        // Instruction lengths without NRIPS (AMD APM vol. 3 opcode maps):
+        // CPUID 0f a2, RDMSR 0f 32, WRMSR 0f 30, HLT f4, VMMCALL 0f 01 d9.
+        // Prefixed forms are not decoded (none of our guests emits them).
+        let exit = match code {
+            EXIT_INTR => VmExit::ExternalInterrupt,
+            EXIT_CPUID => {
+                self.next_rip = Some(rip.wrapping_add(2));
+                VmExit::Cpuid {
+                    leaf: self.regs.rax as u32,
+                    subleaf: self.regs.rcx as u32,
+                }
+            }
+            EXIT_HLT => {
+                self.next_rip = Some(rip.wrapping_add(1));
+                VmExit::Hlt
+            }
+            EXIT_VMMCALL => {
+                self.next_rip = Some(rip.wrapping_add(3));
+                VmExit::Hypercall
+            }
+            EXIT_IOIO => match decode_ioio(info1) {
+                Some(io) => {
+                    // 15.10.2: EXITINFO2 holds the next RIP.
+                    self.next_rip = Some(info2);
+                    VmExit::Io(io)
+                }
+                None => VmExit::Unknown { raw: code },
+            },
+            EXIT_MSR => {
+                self.next_rip = Some(rip.wrapping_add(2));
+                let msr = self.regs.rcx as u32;
+                // 15.11: EXITINFO1 = 0 for RDMSR, 1 for WRMSR.
+                if info1 & 1 == 0 {
+                    VmExit::MsrRead { msr }
+                } else {
+                    VmExit::MsrWrite {
+                        msr,
+                        value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
+                    }
+                }
+            }
+            EXIT_NPF => {
+                // 15.25.6: EXITINFO1 is a #PF-style error code (bit 0 P,
+                // bit 1 W, bit 4 instruction fetch), EXITINFO2 the GPA.
+                VmExit::NestedFault {
+                    gpa: Gpa(info2),
+                    access: Access {
+                        present: info1 & 1 != 0,
+                        write: info1 & (1 << 1) != 0,
+                        exec: info1 & (1 << 4) != 0,
+                    },
+                }
+            }
+            EXIT_SHUTDOWN => VmExit::Shutdown,
+            EXIT_INVALID => VmExit::EntryFailed {
+                reason: EntryFailure {
+                    what: diagnose_invalid(self.vmcb()),
+                    raw: code,
+                    field: None,
+                },
+            },
+            EXIT_VMRUN | EXIT_VMLOAD | EXIT_VMSAVE | EXIT_STGI | EXIT_CLGI | EXIT_SKINIT
+            | EXIT_INVLPGA | EXIT_MONITOR | EXIT_MWAIT | EXIT_MWAIT_ARMED | EXIT_XSETBV => {
+                // The guest is told SVM, MONITOR and XSAVE do not exist:
+                // these instructions raise #UD for it.
+                self.inject_exception(6, None);
+                return None;
+            }
+            EXIT_INVD => {
+                // 0f 08: nothing to do for a guest without its own cache.
+                self.regs.rip = rip.wrapping_add(2);
+                return None;
+            }
+            _ => VmExit::Unknown { raw: code },
+        };
+        Some(exit)
+    }
+}
+
+/// Decode EXITINFO1 of an IOIO exit (AMD APM vol. 2, 15.10.2, figure
+/// 15-2): bit 0 IN, bit 2 string, bit 3 REP, bits 4-6 size, 31:16 port.
+fn decode_ioio(info1: u64) -> Option<IoAccess> {
+    let size = if info1 & (1 << 4) != 0 {
+        1
+    } else if info1 & (1 << 5) != 0 {
+        2
+    } else if info1 & (1 << 6) != 0 {
+        4
+    } else {
+        return None;
+    };
+    Some(IoAccess {
+        port: (info1 >> 16) as u16,
+        size,
+        dir: if info1 & 1 != 0 {
+            IoDir::In
+        } else {
+            IoDir::Out
+        },
+        string: info1 & (1 << 2) != 0,
+        rep: info1 & (1 << 3) != 0,
+    })
+}
+
+/// Name the first VMRUN consistency check (AMD APM vol. 2, 15.5.1) the VMCB
+/// fails, for a readable `EntryFailed`.
+fn diagnose_invalid(v: &Vmcb) -> &'static str {
+    let s = &v.save;
+    let c = &v.control;
+    if s.efer & EFER_SVME == 0 {
+        "VMRUN: guest EFER.SVME is clear"
+    } else if s.cr0 & (1 << 29) != 0 && s.cr0 & (1 << 30) == 0 {
+        "VMRUN: guest CR0.NW set with CR0.CD clear"
+    } else if s.cr0 >> 32 != 0 {
+        "VMRUN: guest CR0[63:32] not zero"
+    } else if s.dr6 >> 32 != 0 || s.dr7 >> 32 != 0 {
+        "VMRUN: guest DR6/DR7[63:32] not zero"
+    } else if s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0 && s.cr4 & CR4_PAE == 0 {
+        "VMRUN: long mode with CR4.PAE clear"
+    } else if s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0 && s.cr0 & CR0_PE == 0 {
+        "VMRUN: long mode with CR0.PE clear"
+    } else if s.efer & EFER_LME != 0
+        && s.cr0 & CR0_PG != 0
+        && s.cs.attrib & (1 << 9) != 0
+        && s.cs.attrib & (1 << 10) != 0
+    {
+        "VMRUN: guest CS has both L and D set"
+    } else if c.intercept_misc2 & INTERCEPT_VMRUN == 0 {
+        "VMRUN: VMRUN intercept clear"
+    } else if c.guest_asid == 0 {
+        "VMRUN: guest ASID is 0"
+    } else if c.event_inj & EVENT_VALID != 0 && (c.event_inj >> 8) & 7 == 1 {
+        "VMRUN: illegal event injection type"
+    } else {
+        "VMRUN: invalid guest state (VMEXIT_INVALID)"
+    }
+}
+
+/// Whether `v` is a canonical 48-bit virtual address.
+fn canonical(v: u64) -> bool {
+    let top = (v as i64) >> 47;
+    top == 0 || top == -1
+}
+
+/// Whether every entry of a PAT value is a defined memory type (0, 1, 4-7).
+fn valid_pat(v: u64) -> bool {
+    v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7))
+}
+
+impl Vcpu for SvmVcpu {
+    fn run(&mut self) -> VmExit {
+        loop {
+            self.enter();
+            if let Some(exit) = self.decode() {
+                return exit;
+            }
+        }
+    }
+
+    fn regs(&self) -> &Regs {
+        &self.regs
+    }
+
+    fn regs_mut(&mut self) -> &mut Regs {
+        &mut self.regs
+    }
+
+    fn skip_instruction(&mut self) {
+        let Some(decoded) = self.next_rip.take() else {
+            log::warn!("svm: skip_instruction after an exit without an instruction length");
+            return;
+        };
+        // 15.7.1: with NRIPS the CPU stores the next RIP on instruction
+        // intercepts; TCG has none (nRIP reads 0), so fall back to ours.
+        let hw = self.vmcb().control.next_rip;
+        self.regs.rip = if self.features.nrips && hw != 0 {
+            hw
+        } else {
+            decoded
+        };
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        // 15.20: EVENTINJ = vector | type << 8 | EV << 11 | V << 31 |
+        // error code << 32.
+        let kind = match vector {
+            2 => EVENT_TYPE_NMI,
+            0..=31 => EVENT_TYPE_EXCEPTION,
+            _ => EVENT_TYPE_INTR,
+        };
+        let mut ev = u64::from(vector) | kind | EVENT_VALID;
+        if let Some(code) = error_code {
+            ev |= EVENT_ERROR_VALID | (u64::from(code) << 32);
+        }
+        let v = self.vmcb_mut();
+        if v.control.event_inj & EVENT_VALID != 0 {
+            log::debug!(
+                "svm: injecting vector {vector} replaces pending event {:#x}",
+                v.control.event_inj
+            );
+        }
+        v.control.event_inj = ev;
+    }
+
+    fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr> {
+        let s = &self.vmcb().save;
+        Ok(match msr {
+            MSR_EFER => s.efer & !EFER_SVME,
+            MSR_STAR => s.star,
+            MSR_LSTAR => s.lstar,
+            MSR_CSTAR => s.cstar,
+            MSR_SFMASK => s.sfmask,
+            MSR_KERNEL_GS_BASE => s.kernel_gs_base,
+            MSR_SYSENTER_CS => s.sysenter_cs,
+            MSR_SYSENTER_ESP => s.sysenter_esp,
+            MSR_SYSENTER_EIP => s.sysenter_eip,
+            MSR_FS_BASE => s.fs.base,
+            MSR_GS_BASE => s.gs.base,
+            MSR_PAT => s.g_pat,
+            _ => return Err(UnknownMsr(msr)),
+        })
+    }
+
+    fn write_msr(&mut self, msr: u32, value: u64) -> Result<(), UnknownMsr> {
+        let bad = Err(UnknownMsr(msr));
+        let s = &mut self.vmcb_mut().save;
+        match msr {
+            MSR_EFER => {
+                // AMD APM vol. 2, 3.1.7: reserved bits (SVME included, the
+                // guest has no SVM) #GP; LMA is read-only; LME may not
+                // change while paging is on.
+                if value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
+                    return bad;
+                }
+                if s.cr0 & CR0_PG != 0 && (value ^ s.efer) & EFER_LME != 0 {
+                    return bad;
+                }
+                s.efer =
+                    (value & (EFER_SCE | EFER_LME | EFER_NXE)) | (s.efer & EFER_LMA) | EFER_SVME;
+            }
+            MSR_PAT if valid_pat(value) => s.g_pat = value,
+            MSR_STAR => s.star = value,
+            MSR_SFMASK if value >> 32 == 0 => s.sfmask = value,
+            MSR_SYSENTER_CS => s.sysenter_cs = value & 0xffff,
+            MSR_LSTAR if canonical(value) => s.lstar = value,
+            MSR_CSTAR if canonical(value) => s.cstar = value,
+            MSR_KERNEL_GS_BASE if canonical(value) => s.kernel_gs_base = value,
+            MSR_SYSENTER_ESP if canonical(value) => s.sysenter_esp = value,
+            MSR_SYSENTER_EIP if canonical(value) => s.sysenter_eip = value,
+            MSR_FS_BASE if canonical(value) => s.fs.base = value,
+            MSR_GS_BASE if canonical(value) => s.gs.base = value,
+            _ => return bad,
+        }
+        Ok(())
+    }
+
+    fn reset_long_mode(&mut self, entry: &LongModeEntry) {
+        let v = self.vmcb_mut();
+        let s = &mut v.save;
+        let data = Segment {
+            selector: 0x10,
+            attrib: ATTR_DATA,
+            limit: 0xffff_ffff,
+            base: 0,
+        };
+        s.cs = Segment {
+            selector: 0x08,
+            attrib: ATTR_CODE64,
+            limit: 0xffff_ffff,
+            base: 0,
+        };
+        s.ds = data;
+        s.es = data;
+        s.ss = data;
+        s.fs = data;
+        s.gs = data;
+        s.gdtr = Segment {
+            selector: 0,
+            attrib: 0,
+            limit: u32::from(entry.gdt_limit),
+            base: entry.gdt_base.as_u64(),
+        };
+        s.idtr = Segment::default();
+        s.ldtr = Segment {
+            selector: 0,
+            attrib: ATTR_LDT,
+            limit: 0,
+            base: 0,
+        };
+        s.tr = Segment {
+            selector: 0,
+            attrib: ATTR_TSS_BUSY,
+            limit: 0x67,
+            base: 0,
+        };
+        s.cpl = 0;
+        s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+        s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+        s.cr3 = entry.cr3.as_u64();
+        s.cr2 = 0;
+        s.efer = EFER_LME | EFER_LMA | EFER_NXE | EFER_SVME;
+        s.dr6 = 0xffff_0ff0;
+        s.dr7 = 0x400;
+        s.g_pat = PAT_DEFAULT;
+        s.star = 0;
+        s.lstar = 0;
+        s.cstar = 0;
+        s.sfmask = 0;
+        s.kernel_gs_base = 0;
+        s.sysenter_cs = 0;
+        s.sysenter_esp = 0;
+        s.sysenter_eip = 0;
+        v.control.event_inj = 0;
+        v.control.interrupt_shadow = 0;
+        self.regs = Regs {
+            rip: entry.rip,
+            rsp: entry.rsp,
+            rdi: entry.rdi,
+            rflags: 2,
+            ..Regs::default()
+        };
+        self.fx = FxArea::initial();
+        self.next_rip = None;
+        self.flush_pending = true;
+    }
+
+    fn flush_nested_tlb(&mut self) {
+        self.flush_pending = true;
+    }
+
+    fn nested_root(&self) -> Hpa {
+        Hpa(self.vmcb().control.n_cr3)
+    }
+
+    fn caps(&self) -> VcpuCaps {
+        super::caps(&self.features)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioio_decoding() {
+        // out 0xe9, al: port 0xe9, SZ8, OUT.
+        let io = decode_ioio((0xe9 << 16) | (1 << 4)).unwrap();
+        assert_eq!(io.port, 0xe9);
+        assert_eq!(io.size, 1);
+        assert_eq!(io.dir, IoDir::Out);
+        assert!(!io.string && !io.rep);
+        // rep insw from 0x1f0.
+        let io = decode_ioio((0x1f0 << 16) | (1 << 5) | (1 << 3) | (1 << 2) | 1).unwrap();
+        assert_eq!(
+            (io.port, io.size, io.dir, io.string, io.rep),
+            (0x1f0, 2, IoDir::In, true, true)
+        );
+        assert_eq!(decode_ioio(0x3f8 << 16), None);
+    }
+
+    #[test]
+    fn msr_value_checks() {
+        assert!(canonical(0xffff_8000_0000_0000));
+        assert!(canonical(0x7fff_ffff_ffff));
+        assert!(!canonical(0x8000_0000_0000));
+        assert!(valid_pat(PAT_DEFAULT));
+        assert!(!valid_pat(0x0000_0000_0000_0002));
+    }
+}
