@@ -661,7 +661,10 @@ impl<B: BlockIo> Vhdx<B> {
                             continue;
                         }
                     }
-                    (bs, format!("payload block {block} (BAT entry {i})"))
+                    // The last block may be cut short by the end of the
+                    // disk: other writers size the file to the data only.
+                    let used = bs.min(g.virtual_size - block * bs);
+                    (used, format!("payload block {block} (BAT entry {i})"))
                 }
                 Err(chunk) => match e.bitmap_state() {
                     BitmapState::NotPresent => continue,
