@@ -149,7 +149,9 @@ fn dirty_check(p: &mut dyn Partition, bitmap_gpa: u64, bitmap_len: u64) -> (u64,
         return (HC_ERR_INVALID, 0, 0, Effect::None);
     }
     let pages = p.ram_bytes() / PAGE_SIZE;
-    let max_len = pages.div_ceil(8);
+    // One bit per frame, rounded up to whole u64 words (guests keep their
+    // bitmap as words); bits past the last frame are ignored.
+    let max_len = pages.div_ceil(64) * 8;
     let len = match usize::try_from(bitmap_len) {
         Ok(len) if bitmap_len <= max_len => len,
         _ => return (HC_ERR_INVALID, 0, 0, Effect::None),
@@ -281,7 +283,7 @@ mod tests {
 
     #[test]
     fn dirty_check_compares_and_collects() {
-        let pages = 256u64; // 1 MiB
+        let pages = 260u64; // 1 MiB + 4 pages: 5 words, 40 bytes of bitmap
         let mut p = FakePartition::new(pages * PAGE_SIZE);
         // Not enabled yet.
         call(&mut p, HC_DIRTY_LOG_CHECK, 0x8000, 32, 0);
@@ -327,9 +329,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
 
-        // Bitmap length over ram pages / 8, bad GPA: error, dirty set kept.
+        // Bitmap length over ram pages / 64 words, bad GPA: error, dirty set
+        // kept.
         p.mem.guest_write(Gpa(40 * 4096), &[1]);
-        call(&mut p, HC_DIRTY_LOG_CHECK, 0x8000, 33, 0);
+        call(&mut p, HC_DIRTY_LOG_CHECK, 0x8000, 41, 0);
         assert_eq!(p.vcpu.regs.rax, HC_ERR_INVALID);
         call(&mut p, HC_DIRTY_LOG_CHECK, pages * PAGE_SIZE - 8, 32, 0);
         assert_eq!(p.vcpu.regs.rax, HC_ERR_INVALID);
@@ -340,6 +343,20 @@ mod tests {
         assert_eq!(
             (p.vcpu.regs.rax, p.vcpu.regs.rdi, p.vcpu.regs.rsi),
             (1, 0, 1)
+        );
+
+        // A full-length bitmap (whole words): bits past the last frame are
+        // ignored.
+        let mut bitmap = [0u8; 40];
+        for gfn in [8usize, 50, 300] {
+            bitmap[gfn / 8] |= 1 << (gfn % 8);
+        }
+        p.mem.guest_write(Gpa(50 * 4096), &[1]);
+        p.mem.guest_write(Gpa(0x8000), &bitmap);
+        call(&mut p, HC_DIRTY_LOG_CHECK, 0x8000, 40, 0);
+        assert_eq!(
+            (p.vcpu.regs.rax, p.vcpu.regs.rdi, p.vcpu.regs.rsi),
+            (0, 0, 0)
         );
 
         call(&mut p, HC_DIRTY_LOG_DISABLE, 0, 0, 0);
