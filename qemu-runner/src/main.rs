@@ -1,1 +1,396 @@
-fn main() {}
+//! qemu-runner's commands (see `cli::USAGE`); the logic they use lives in
+//! the library and is unit-tested there.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use qemu_runner::arch::Arch;
+use qemu_runner::cargo::{self, Images};
+use qemu_runner::cli::{self, Cmd, DEFAULT_TEST_TIMEOUT, USAGE};
+use qemu_runner::markers::{Marker, SerialLog};
+use qemu_runner::process::{self, Control, RunEnd};
+use qemu_runner::qemu::{self, NodeSpec};
+use qemu_runner::setup;
+use qemu_runner::summary::{self, Outcome, TestSummary, ALL_CASES};
+
+/// Time the node gets to power off after its shutdown marker.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Time after a fault/panic marker to collect the register dump.
+const FAULT_GRACE: Duration = Duration::from_secs(3);
+/// Time after the node's own totals line for it to shut down.
+const TOTALS_GRACE: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = match cli::parse(&args) {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            eprintln!("qemu-runner: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(arch) = cmd.arch() {
+        if let Err(e) = arch.supported() {
+            eprintln!("qemu-runner: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let result = match cmd {
+        Cmd::Help => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        Cmd::Setup => setup::ensure().map(|what| {
+            println!("setup: {what}");
+            true
+        }),
+        Cmd::Build => cargo::build().map(|images| {
+            println!("hypervisor image: {}", images.hypervisor.display());
+            println!("guest kernel:     {}", images.guest_kernel.display());
+            true
+        }),
+        Cmd::Node {
+            arch,
+            append,
+            memory_mib,
+            timeout,
+            build,
+        } => node(arch, &append, memory_mib, timeout, build),
+        Cmd::GuestTest {
+            arch,
+            cases,
+            timeout,
+            build,
+        } => guest_test(arch, &cases, timeout, build),
+        Cmd::Demo {
+            arch,
+            seconds,
+            build,
+        } => demo(arch, seconds, build),
+        Cmd::BenchExits {
+            arch,
+            timeout,
+            build,
+        } => bench_exits(arch, timeout, build),
+        Cmd::Test => Ok(test_suite()),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("qemu-runner: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The emulator is installed and the images are built (or, with
+/// `build == false`, present).
+fn prepare(arch: Arch, build: bool) -> Result<Images, String> {
+    debug_assert_eq!(arch.emulator(), qemu_runner::arch::Emulator::Qemu);
+    if !qemu::available() {
+        return Err(format!(
+            "{} not found; install the emulators with `cargo run -p qemu-runner -- setup` (as root)",
+            qemu::QEMU
+        ));
+    }
+    if build {
+        cargo::build()
+    } else {
+        let images = Images::locate()?;
+        images.check()?;
+        Ok(images)
+    }
+}
+
+/// Boot one node and feed its serial lines to `on_line` (after `log`
+/// recorded them). Returns how the run ended and the folded log.
+fn boot(
+    images: &Images,
+    cmdline: &str,
+    memory_mib: u64,
+    timeout: Option<Duration>,
+    mut on_line: impl FnMut(&Marker, &SerialLog) -> Control,
+) -> Result<(RunEnd, SerialLog), String> {
+    let spec = NodeSpec {
+        hypervisor: images.hypervisor.clone(),
+        guest_kernel: images.guest_kernel.clone(),
+        cmdline: cmdline.to_string(),
+        memory_mib,
+    };
+    eprintln!("qemu-runner: {}", qemu::display(&spec));
+    let mut log = SerialLog::default();
+    let end = process::run_streaming(qemu::command(&spec), timeout, true, |line| {
+        let marker = log.push(line);
+        let control = match &marker {
+            Marker::Shutdown { .. } => Control::StopAfter(SHUTDOWN_GRACE),
+            Marker::Fault(_) | Marker::Panic(_) => Control::StopAfter(FAULT_GRACE),
+            _ => Control::Continue,
+        };
+        match on_line(&marker, &log) {
+            Control::Continue => control,
+            asked => asked,
+        }
+    })
+    .map_err(|e| format!("starting {}: {e}", qemu::QEMU))?;
+    if log.lines == 0 {
+        eprintln!("qemu-runner: the node printed nothing on its serial port");
+    } else if log.node_up.is_none() {
+        eprintln!("qemu-runner: the node never printed its `hvmigrate: node ... up` banner");
+    }
+    Ok((end, log))
+}
+
+fn describe_end(end: &RunEnd, log: &SerialLog) -> String {
+    let shutdown = log.shutdown.map_or_else(
+        || "no shutdown marker".to_string(),
+        |c| format!("shutdown code={c}"),
+    );
+    match end {
+        RunEnd::Exited(code) => format!(
+            "QEMU exited ({}; {shutdown})",
+            code.map_or("signal".into(), |c| format!("code {c}"))
+        ),
+        RunEnd::TimedOut(t) => format!(
+            "timed out after {} s and was killed ({shutdown})",
+            t.as_secs()
+        ),
+        RunEnd::Stopped => format!("stopped by the runner ({shutdown})"),
+    }
+}
+
+fn node(
+    arch: Arch,
+    append: &str,
+    memory_mib: u64,
+    timeout: Option<Duration>,
+    build: bool,
+) -> Result<bool, String> {
+    let images = prepare(arch, build)?;
+    let (end, log) = boot(&images, append, memory_mib, timeout, |_, _| {
+        Control::Continue
+    })?;
+    eprintln!("qemu-runner: node {}", describe_end(&end, &log));
+    Ok(log.shutdown == Some(0) && log.fault.is_none())
+}
+
+/// `guest-test`: run the cases in one node and judge them. `Ok(true)` only
+/// if every requested case passed.
+fn guest_test(
+    arch: Arch,
+    cases: &[String],
+    timeout: Duration,
+    build: bool,
+) -> Result<bool, String> {
+    let images = prepare(arch, build)?;
+    let (requested, tests): (Vec<String>, String) = if cases.is_empty() {
+        (
+            ALL_CASES.iter().map(|c| c.to_string()).collect(),
+            "all".to_string(),
+        )
+    } else {
+        (cases.to_vec(), cases.join(","))
+    };
+    let cmdline = format!("mode=test tests={tests}");
+    let (end, log) = boot(
+        &images,
+        &cmdline,
+        qemu::DEFAULT_MEMORY_MIB,
+        Some(timeout),
+        |marker, _| match marker {
+            Marker::Totals { .. } => Control::StopAfter(TOTALS_GRACE),
+            _ => Control::Continue,
+        },
+    )?;
+    let verdict = TestSummary::build(&requested, &log, &end.describe());
+    println!();
+    println!(
+        "guest-test --arch {arch}: node {}",
+        describe_end(&end, &log)
+    );
+    print!("{}", verdict.render());
+    Ok(verdict.all_passed())
+}
+
+fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
+    let what = setup::ensure()?;
+    eprintln!("qemu-runner: setup: {what}");
+    let images = prepare(arch, build)?;
+    println!(
+        "hvmigrate demo: booting a node under QEMU (AMD-V with nested paging, emulated by TCG).\n\
+         Its guest `dirty-demo` increments one byte in every page of a 16 MiB buffer, for ever;\n\
+         the hypervisor tracks the pages it dirties (nested page tables write-protected, the\n\
+         first write to a page in a round recorded) and prints the rate. Watching for {seconds} s.\n"
+    );
+    let watch = Duration::from_secs(seconds);
+    let (end, log) = boot(
+        &images,
+        "mode=demo",
+        qemu::DEFAULT_MEMORY_MIB,
+        Some(watch + Duration::from_secs(120)),
+        |marker, _| match marker {
+            Marker::NodeUp(_) => Control::StopAfter(watch),
+            _ => Control::Continue,
+        },
+    )?;
+    println!();
+    println!("demo: node {}", describe_end(&end, &log));
+    if let Some(fault) = &log.fault {
+        println!("demo: FAILED: {fault}");
+        return Ok(false);
+    }
+    for (vm, text) in log
+        .console
+        .iter()
+        .filter(|(_, t)| t.starts_with("dirty-demo:"))
+        .take(1)
+    {
+        println!("guest {vm} said: {text}");
+    }
+    print!("{}", summary::dirty_rate_report(&log.dirty_rates));
+    Ok(!log.dirty_rates.is_empty())
+}
+
+fn bench_exits(arch: Arch, timeout: Duration, build: bool) -> Result<bool, String> {
+    let images = prepare(arch, build)?;
+    let (end, log) = boot(
+        &images,
+        "mode=bench-exits",
+        qemu::DEFAULT_MEMORY_MIB,
+        Some(timeout),
+        |marker, _| match marker {
+            Marker::BenchExits(_) => Control::StopAfter(TOTALS_GRACE),
+            _ => Control::Continue,
+        },
+    )?;
+    println!();
+    println!(
+        "bench exits --arch {arch}: node {}",
+        describe_end(&end, &log)
+    );
+    if let Some(fault) = &log.fault {
+        println!("bench exits: FAILED: {fault}");
+        return Ok(false);
+    }
+    match &log.bench {
+        Some(b) => {
+            print!("{}", summary::bench_report(b));
+            Ok(true)
+        }
+        None => {
+            println!("bench exits: FAILED: the node printed no `bench exits:` line");
+            Ok(false)
+        }
+    }
+}
+
+/// Run a cargo subcommand in the workspace; `Err` with its exit status.
+fn cargo_step(args: &[&str]) -> Result<(), String> {
+    let status = cargo::cargo()
+        .args(args)
+        .status()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`cargo {}` failed ({status})", args.join(" ")))
+    }
+}
+
+/// `test`: every check, in order, stopping at the first failure.
+fn test_suite() -> bool {
+    type Step = (&'static str, String, Box<dyn Fn() -> Result<(), String>>);
+    let cargo_cmd =
+        |args: &'static [&'static str]| -> (String, Box<dyn Fn() -> Result<(), String>>) {
+            (
+                format!("cargo {}", args.join(" ")),
+                Box::new(move || cargo_step(args)),
+            )
+        };
+    let mut steps: Vec<Step> = Vec::new();
+    steps.push((
+        "setup",
+        "check (as root: install) the Debian packages".into(),
+        Box::new(|| setup::ensure().map(|what| println!("setup: {what}"))),
+    ));
+    for (name, args) in [
+        ("fmt", &["fmt", "--all", "--check"][..]),
+        (
+            "clippy-host",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ][..],
+        ),
+        (
+            "clippy-bare-metal",
+            &[
+                "clippy",
+                "-p",
+                "hvboot",
+                "-p",
+                "hypervisor",
+                "-p",
+                "guest-kernel",
+                "--target",
+                "x86_64-unknown-none",
+                "--",
+                "-D",
+                "warnings",
+            ][..],
+        ),
+        ("host-tests", &["test", "--workspace"][..]),
+    ] {
+        let (what, run) = cargo_cmd(args);
+        steps.push((name, what, run));
+    }
+    steps.push((
+        "guest-tests",
+        "qemu-runner guest-test --arch svm (all cases)".into(),
+        Box::new(
+            || match guest_test(Arch::Svm, &[], DEFAULT_TEST_TIMEOUT, true) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("some guest cases failed (see the summary above)".into()),
+                Err(e) => Err(e),
+            },
+        ),
+    ));
+
+    let total = steps.len();
+    let suite_start = Instant::now();
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for (i, (name, what, run)) in steps.iter().enumerate() {
+        println!("\n==> [{}/{total}] {name}: {what}", i + 1);
+        let start = Instant::now();
+        let result = run();
+        let secs = start.elapsed().as_secs_f64();
+        match &result {
+            Ok(()) => println!("==> {name}: ok ({secs:.1} s)"),
+            Err(e) => println!("==> {name}: FAILED ({secs:.1} s): {e}"),
+        }
+        let failed = result.is_err();
+        outcomes.push(Outcome {
+            name: name.to_string(),
+            result,
+        });
+        if failed {
+            break;
+        }
+    }
+    println!(
+        "\nqemu-runner test: {:.0} s",
+        suite_start.elapsed().as_secs_f64()
+    );
+    if outcomes.len() < total {
+        println!(
+            "stopped at the first failing step; {} steps not run",
+            total - outcomes.len()
+        );
+    }
+    print!("{}", summary::steps_report(&outcomes));
+    outcomes.iter().all(|o| o.result.is_ok())
+}

@@ -1,0 +1,18 @@
+//! qemu-runner: the host tool that builds the images, boots hvmigrate nodes
+//! under an emulator and judges runs by their serial markers
+//! (docs/DESIGN.md, "qemu-runner" and "Node serial markers").
+//!
+//! The logic is here, in the library, and unit-tested over captured serial
+//! text: argument parsing ([`cli`]), marker parsing ([`markers`]), verdicts
+//! and reports ([`summary`]), command construction ([`qemu`], [`cargo`],
+//! [`setup`]) and the emulator process handling ([`process`]). `main.rs`
+//! only wires them into commands.
+
+pub mod arch;
+pub mod cargo;
+pub mod cli;
+pub mod markers;
+pub mod process;
+pub mod qemu;
+pub mod setup;
+pub mod summary;

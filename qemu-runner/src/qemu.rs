@@ -1,0 +1,121 @@
+//! The QEMU command line for one node (docs/DESIGN.md, "Boot"; flags from
+//! shared/PLATFORM.md): TCG with SVM and nested paging, the hypervisor image
+//! as `-kernel`, the guest kernel as the first boot module (`-initrd`), the
+//! node command line as `-append`, COM1 on stdout, and the `isa-debug-exit`
+//! device the node powers off through (QEMU then exits with
+//! `(code << 1) | 1`, so pass/fail is read from serial markers instead).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+/// Node RAM unless `--memory` says otherwise.
+pub const DEFAULT_MEMORY_MIB: u64 = 1024;
+
+/// What to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub hypervisor: PathBuf,
+    pub guest_kernel: PathBuf,
+    /// The node command line (`mode=... name=...`).
+    pub cmdline: String,
+    pub memory_mib: u64,
+}
+
+/// QEMU's arguments for `spec`.
+pub fn args(spec: &NodeSpec) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let mut args: Vec<String> = ["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-m"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(format!("{}M", spec.memory_mib));
+    args.extend(["-kernel".to_string(), path(&spec.hypervisor)]);
+    args.extend(["-initrd".to_string(), path(&spec.guest_kernel)]);
+    args.extend(["-append".to_string(), spec.cmdline.clone()]);
+    args.extend(
+        [
+            "-serial",
+            "stdio",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args
+}
+
+/// The command to spawn.
+pub fn command(spec: &NodeSpec) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(args(spec));
+    cmd
+}
+
+/// The command as a user would type it (for logs and error messages).
+pub fn display(spec: &NodeSpec) -> String {
+    let quote = |a: &str| {
+        if a.is_empty() || a.contains([' ', '"', '\'']) {
+            format!("\"{}\"", a.replace('"', "\\\""))
+        } else {
+            a.to_string()
+        }
+    };
+    std::iter::once(QEMU.to_string())
+        .chain(args(spec).iter().map(|a| quote(a)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether the QEMU binary can be run at all.
+pub fn available() -> bool {
+    Command::new(QEMU)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> NodeSpec {
+        NodeSpec {
+            hypervisor: "/t/x86_64-unknown-none/release/hvmigrate".into(),
+            guest_kernel: "/t/x86_64-unknown-none/release/guest-kernel".into(),
+            cmdline: "mode=test tests=hello,cpuid".into(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+        }
+    }
+
+    #[test]
+    fn design_md_command_line() {
+        assert_eq!(
+            display(&spec()),
+            "qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 1024M \
+             -kernel /t/x86_64-unknown-none/release/hvmigrate \
+             -initrd /t/x86_64-unknown-none/release/guest-kernel \
+             -append \"mode=test tests=hello,cpuid\" -serial stdio -display none -no-reboot \
+             -device isa-debug-exit,iobase=0xf4,iosize=0x04"
+        );
+    }
+
+    #[test]
+    fn cmdline_is_one_argument() {
+        let a = args(&NodeSpec {
+            memory_mib: 256,
+            cmdline: String::new(),
+            ..spec()
+        });
+        let i = a.iter().position(|x| x == "-append").unwrap();
+        assert_eq!(a[i + 1], "");
+        assert!(a.contains(&"256M".to_string()));
+    }
+}
