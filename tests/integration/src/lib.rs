@@ -1,1 +1,91 @@
-//! Host integration tests live in `tests/`.
+//! Helpers for the host integration tests in `tests/`: they drive
+//! qemu-runner exactly as a user would (`cargo run -p qemu-runner -- ...`
+//! from the workspace root) and assert on what it prints.
+//!
+//! Booting needs QEMU: [`require_qemu`] fails the test with instructions
+//! when it is missing, so a machine without it never reports a pass. Runs
+//! are serialised ([`runner`] holds a process-wide lock): each boots a node
+//! under TCG and they would only compete for the same cores.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("tests/integration lies two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// Panic with instructions unless `qemu-system-x86_64` runs.
+pub fn require_qemu() {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "qemu-system-x86_64 is not installed, and these tests boot hvmigrate nodes under QEMU. \
+         Install the emulators with `cargo run -p qemu-runner -- setup` (as root) and run the tests again."
+    );
+}
+
+/// What one runner invocation printed.
+#[derive(Debug)]
+pub struct Run {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The last non-empty stdout line.
+    pub fn last_line(&self) -> &str {
+        self.stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+    }
+
+    /// Whether stdout has `line` as a whole line (ignoring `\r`).
+    pub fn has_line(&self, line: &str) -> bool {
+        self.stdout
+            .lines()
+            .any(|l| l.trim_end_matches('\r') == line)
+    }
+
+    /// Both streams, for assertion messages.
+    pub fn transcript(&self) -> String {
+        format!(
+            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// `cargo run -q -p qemu-runner -- ARGS` in the workspace root.
+pub fn runner(args: &[&str]) -> Run {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["run", "-q", "-p", "qemu-runner", "--"])
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .expect("running cargo");
+    Run {
+        success: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -1,0 +1,86 @@
+//! qemu-runner as a user drives it: boot nodes, read what it prints.
+//! Each boot takes seconds under TCG, so these are few.
+
+use integration_tests::{require_qemu, runner};
+
+#[test]
+fn hello_and_cpuid_pass() {
+    require_qemu();
+    let run = runner(&[
+        "guest-test",
+        "--arch",
+        "svm",
+        "hello",
+        "cpuid",
+        "--timeout",
+        "180",
+    ]);
+    let t = run.transcript();
+    assert!(run.success, "guest-test hello cpuid failed:\n{t}");
+    assert!(
+        run.has_line("[hello] Hello from the hvmigrate guest"),
+        "no hello console line:\n{t}"
+    );
+    assert!(run.has_line("case hello: ok"), "{t}");
+    assert!(run.has_line("case cpuid: ok"), "{t}");
+    assert_eq!(run.last_line(), "2 passed, 0 failed", "{t}");
+}
+
+#[test]
+fn unknown_case_fails() {
+    require_qemu();
+    let run = runner(&[
+        "guest-test",
+        "--arch",
+        "svm",
+        "no-such-case",
+        "--timeout",
+        "120",
+    ]);
+    let t = run.transcript();
+    assert!(!run.success, "an unknown case must fail the run:\n{t}");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("case no-such-case: FAILED")),
+        "{t}"
+    );
+    assert_eq!(run.last_line(), "0 passed, 1 failed", "{t}");
+}
+
+#[test]
+fn bench_exits_prints_figures() {
+    require_qemu();
+    let run = runner(&["bench", "exits", "--arch", "svm", "--timeout", "180"]);
+    let t = run.transcript();
+    assert!(run.success, "bench exits failed:\n{t}");
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("bench exits: hypercall_roundtrips_per_s="))
+        .unwrap_or_else(|| panic!("no bench line from the node:\n{t}"));
+    for key in [
+        "hypercall_roundtrips_per_s",
+        "raw_roundtrips_per_s",
+        "ratio_pct",
+    ] {
+        let value: f64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} missing or not a number in {line:?}"));
+        assert!(value > 0.0, "{key} = {value} in {line:?}");
+    }
+    assert!(run.stdout.contains("raw VMRUN round trips/s"), "{t}");
+}
+
+#[test]
+fn unsupported_arch_is_rejected_clearly() {
+    let run = runner(&["guest-test", "--arch", "vmx", "hello"]);
+    assert!(!run.success);
+    assert!(
+        run.stderr.contains("--arch vmx is not yet supported"),
+        "{}",
+        run.transcript()
+    );
+}
