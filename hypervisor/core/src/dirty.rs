@@ -317,7 +317,7 @@ impl DirtyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addr::Hpa;
+    use crate::addr::{Hpa, PAGE_SIZE};
     use crate::npt::PageSize;
     use crate::svm::NptFormat;
     use crate::testing::{test_memory, TestAlloc, TestMem};
@@ -412,6 +412,43 @@ mod tests {
         // Faults and collection never allocated: only enable's splits did.
         npt.destroy(&mut mem, &mut alloc);
         assert_eq!(alloc.live(), 0);
+    }
+
+    #[test]
+    fn mark_range_sets_exactly_the_touched_frames() {
+        // Every start and end frame around word boundaries, against a
+        // naive loop; RAM ends mid-word (300 frames, partial last page).
+        let (mut mem, mut alloc) = test_memory();
+        let mut npt = NestedPageTable::<NptFormat>::new(&mut alloc, &mut mem).unwrap();
+        let ram_bytes = 300 * PAGE_SIZE - 100;
+        let mut log = DirtyLog::new(ram_bytes);
+        log.mark_range(Gpa(0), ram_bytes);
+        assert_eq!(log.dirty_count(), 0, "marks while disabled");
+        log.enable(&mut npt, &mut mem, &mut alloc).unwrap();
+        let mut out = vec![0u64; log.bitmap_words()];
+        for first in (0..70).chain(250..305) {
+            for last in first..305 {
+                for (off, tail) in [(0, 0), (7, 1)] {
+                    let gpa = first * PAGE_SIZE + off;
+                    let len = (last - first) * PAGE_SIZE + PAGE_SIZE - off - tail;
+                    log.mark_range(Gpa(gpa), len);
+                    let mut want = vec![0u64; out.len()];
+                    for f in first..=last.min(299) {
+                        want[(f / 64) as usize] |= 1 << (f % 64);
+                    }
+                    assert_eq!(log.dirty, want, "{gpa:#x}+{len:#x}");
+                    out.fill(0);
+                    let n = log
+                        .collect_and_clear(&mut npt, &mut mem, &mut alloc, &mut out)
+                        .unwrap();
+                    assert_eq!(out, want);
+                    assert_eq!(n, (last.min(299) + 1).saturating_sub(first));
+                }
+            }
+        }
+        log.mark_range(Gpa(u64::MAX - 5), u64::MAX);
+        log.mark_range(Gpa(299 * PAGE_SIZE), u64::MAX);
+        assert_eq!(log.dirty_count(), 1);
     }
 
     #[test]

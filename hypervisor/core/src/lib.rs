@@ -23,6 +23,8 @@ pub mod host;
 pub mod mem;
 pub mod msr;
 pub mod npt;
+#[cfg(test)]
+mod proptests;
 pub mod svm;
 pub mod vcpu;
 pub mod vmx;
