@@ -3,7 +3,7 @@
 
 use hypervisor::bootinfo::{self, BootInfo, BootMem};
 use hypervisor::mem::heap::GlobalHeap;
-use hypervisor::{logger, mem, power, serial};
+use hypervisor::{acpi, gdt, interrupts, lapic, logger, mem, power, serial, time};
 
 #[global_allocator]
 static ALLOCATOR: GlobalHeap = GlobalHeap;
@@ -36,6 +36,7 @@ fn heap_bytes(free_bytes: u64) -> u64 {
 /// the PVH marker) and the physical address of its information structure.
 #[no_mangle]
 extern "C" fn hv_boot_main(magic: u32, info_pa: u32) -> ! {
+    time::mark_boot();
     let serial_ok = serial::init();
     let info = match bootinfo::parse(&IdentityBootMem, magic, u64::from(info_pa)) {
         Ok(info) => info,
@@ -74,7 +75,13 @@ extern "C" fn hv_boot_main(magic: u32, info_pa: u32) -> ! {
     platform_init(&info)
 }
 
+/// Preemption timer period.
+const TIMER_PERIOD_NS: u64 = 4_000_000;
+
 fn platform_init(info: &BootInfo) -> ! {
+    gdt::init();
+    interrupts::init();
+
     let image = crate::entry::image_range();
     if let Err(e) = mem::init_frames(info, image) {
         panic!("memory: {e}");
@@ -89,8 +96,52 @@ fn platform_init(info: &BootInfo) -> ! {
     }
     log::debug!("heap: {} KiB", mem::heap::stats().0 >> 10);
 
+    let madt = match acpi::read_madt(info.rsdp) {
+        Ok(m) => {
+            log::debug!(
+                "ACPI MADT: {} cpus, {} I/O APICs, LAPIC at {:#x}",
+                m.cpus,
+                m.ioapics,
+                m.lapic_address
+            );
+            Some(m)
+        }
+        Err(e) => {
+            log::warn!("{e}; assuming one CPU");
+            None
+        }
+    };
+    let lapic_base = lapic::init().unwrap_or_else(|e| panic!("LAPIC: {e}"));
+    if let Some(m) = madt {
+        if m.lapic_address != lapic_base {
+            log::warn!(
+                "MADT LAPIC address {:#x} differs from IA32_APIC_BASE {lapic_base:#x}",
+                m.lapic_address
+            );
+        }
+    }
+    let cal = time::calibrate();
+    if !cal.measured {
+        log::warn!("PIT calibration failed; assuming a 1 GHz TSC");
+    }
+    log::debug!(
+        "TSC {} MHz, LAPIC timer {} kHz (/16), boot took {} us",
+        cal.tsc_hz / 1_000_000,
+        cal.lapic_timer_hz / 1000,
+        time::now_ns() / 1000
+    );
+    lapic::start_periodic(cal.lapic_timer_hz, TIMER_PERIOD_NS);
+    if log::log_enabled!(log::Level::Debug) {
+        check_timer();
+    }
+    if let Some(kind) = bootinfo::cmdline_value(info.cmdline(), "fault-test") {
+        log::info!("fault-test={kind}: faulting on purpose");
+        interrupts::trigger_test_fault(kind);
+        log::warn!("fault-test={kind}: unknown kind (int3, ud, pf, gp)");
+    }
+
     let name = bootinfo::cmdline_value(info.cmdline(), "name").unwrap_or("a");
-    let cpus = 1;
+    let cpus = madt.map_or(1, |m| m.cpus.max(1));
     let (_, free) = mem::memory_stats();
     let mut node = hypervisor::node::Node::new(info);
     let vendor = match hvcore::host::Host::vendor(&node) {
@@ -102,6 +153,21 @@ fn platform_init(info: &BootInfo) -> ! {
         free >> 20
     ));
     vmm_service::run(&mut node)
+}
+
+/// Debug check that the preemption timer ticks: open interrupts for 40 ms
+/// of node time and report the ticks taken.
+fn check_timer() {
+    let start_ticks = lapic::ticks();
+    let start = time::now_ns();
+    while time::now_ns() - start < 40_000_000 {
+        interrupts::wait_for_interrupt();
+    }
+    log::debug!(
+        "timer: {} ticks in 40 ms (period {} us)",
+        lapic::ticks() - start_ticks,
+        lapic::period_ns() / 1000
+    );
 }
 
 #[panic_handler]

@@ -3,9 +3,12 @@
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod bootinfo;
 pub mod cpu;
+pub mod gdt;
 pub mod interrupts;
+pub mod lapic;
 pub mod logger;
 pub mod mem;
 pub mod node;

@@ -1,6 +1,172 @@
-//! Node time from the TSC (calibration comes in the next step).
+//! Node time: the TSC, calibrated once at boot against PIT channel 2.
+//!
+//! Calibration reads PIT channel 2's count (8254 datasheet: counter-latch
+//! command, then low and high byte) together with the TSC and the LAPIC
+//! timer's current count, once at the start and once ~20 ms of PIT time
+//! later, and divides. Each reading is bracketed by two RDTSCs and retried
+//! until the bracket is tight, so a CPU that is held up between
+//! instructions (an emulator thread descheduled on a busy host) disturbs
+//! neither end: the PIT, TSC and LAPIC all keep counting meanwhile, only the
+//! pairing matters. Channel 2 runs in mode 0 from 0xFFFF (55 ms before it
+//! wraps); its gate is port 0x61 bit 0, the speaker (bit 1) stays off.
+//!
+//! [`now_ns`] is `(rdtsc - tsc_at_boot) * 1e9 / tsc_hz`; it is monotonic on
+//! one CPU (invariant TSC on hardware; emulators tick it from their clock).
+//! Before calibration it returns 0.
 
-/// Monotonic nanoseconds since boot (0 until calibrated).
+use crate::{cpu, lapic};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+const PIT_HZ: u64 = 1_193_182;
+/// PIT ticks to measure over: 20 ms.
+const PIT_INTERVAL: u64 = 23_864;
+/// Upper bound on PIT polls while waiting (guards against a PIT that does
+/// not count; each poll is a few I/O exits in an emulator).
+const MAX_POLLS: u64 = 10_000_000;
+/// Attempts per bracketed reading; the tightest bracket wins.
+const READ_TRIES: usize = 8;
+
+static TSC_BOOT: AtomicU64 = AtomicU64::new(0);
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+
+/// Result of [`calibrate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Calibration {
+    /// TSC frequency in Hz.
+    pub tsc_hz: u64,
+    /// LAPIC timer counts per second at divide-by-16.
+    pub lapic_timer_hz: u64,
+    /// Whether the PIT measurement succeeded (else fallback values).
+    pub measured: bool,
+}
+
+/// Record the boot TSC (node time 0). Call first thing at boot.
+pub fn mark_boot() {
+    TSC_BOOT.store(cpu::rdtsc(), Ordering::Relaxed);
+}
+
+/// One simultaneous reading of the three counters.
+#[derive(Clone, Copy)]
+struct Reading {
+    /// TSC midway through the bracket.
+    tsc: u64,
+    /// Bracket width in TSC ticks.
+    width: u64,
+    pit: u16,
+    lapic: u32,
+}
+
+/// Latch and read PIT channel 2's count with the LAPIC count, bracketed by
+/// RDTSC.
+fn read_once() -> Reading {
+    let t0 = cpu::rdtsc();
+    // SAFETY: ports 0x42/0x43 are PIT channel 2, used only by calibration.
+    let (pit, lapic) = unsafe {
+        cpu::outb(0x43, 0b1000_0000); // counter latch, channel 2
+        let lo = cpu::inb(0x42);
+        let hi = cpu::inb(0x42);
+        (u16::from_le_bytes([lo, hi]), lapic::current_count())
+    };
+    let t1 = cpu::rdtsc();
+    Reading {
+        tsc: t0 + (t1 - t0) / 2,
+        width: t1 - t0,
+        pit,
+        lapic,
+    }
+}
+
+/// The tightest of [`READ_TRIES`] readings.
+fn read_best() -> Reading {
+    let mut best = read_once();
+    for _ in 1..READ_TRIES {
+        let r = read_once();
+        if r.width < best.width {
+            best = r;
+        }
+    }
+    best
+}
+
+/// Measure TSC and LAPIC timer rates against PIT channel 2. Needs
+/// [`lapic::init`] first. Interrupts must be masked.
+pub fn calibrate() -> Calibration {
+    let cal = match measure() {
+        Some((tsc_delta, lapic_delta, pit_delta)) if tsc_delta > 0 && lapic_delta > 0 => {
+            Calibration {
+                tsc_hz: (u128::from(tsc_delta) * u128::from(PIT_HZ) / u128::from(pit_delta)) as u64,
+                lapic_timer_hz: (u128::from(lapic_delta) * u128::from(PIT_HZ)
+                    / u128::from(pit_delta)) as u64,
+                measured: true,
+            }
+        }
+        // Conservative guesses that keep time moving; logged by the caller.
+        _ => Calibration {
+            tsc_hz: 1_000_000_000,
+            lapic_timer_hz: 62_500_000,
+            measured: false,
+        },
+    };
+    TSC_HZ.store(cal.tsc_hz, Ordering::Relaxed);
+    cal
+}
+
+/// (TSC ticks, LAPIC counts, PIT ticks) over one interval, or `None` if the
+/// PIT does not count.
+fn measure() -> Option<(u64, u64, u64)> {
+    // SAFETY: port 0x61 bit 0 gates PIT channel 2 (bit 1, the speaker,
+    // stays off); 0x42/0x43 program channel 2, used only here.
+    let port_b = unsafe {
+        let port_b = cpu::inb(0x61);
+        cpu::outb(0x61, (port_b & !0x02) | 0x01);
+        cpu::outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
+        cpu::outb(0x42, 0xFF);
+        cpu::outb(0x42, 0xFF);
+        port_b
+    };
+    lapic::start_calibration_count();
+    let start = read_best();
+    let mut polls = 0;
+    let result = loop {
+        let r = read_once();
+        if u64::from(start.pit.wrapping_sub(r.pit)) >= PIT_INTERVAL {
+            let end = read_best();
+            break Some((
+                end.tsc.wrapping_sub(start.tsc),
+                u64::from(start.lapic.wrapping_sub(end.lapic)),
+                u64::from(start.pit.wrapping_sub(end.pit)),
+            ));
+        }
+        polls += 1;
+        if polls == MAX_POLLS {
+            break None;
+        }
+    };
+    lapic::stop_timer();
+    // SAFETY: restores port B with the gate and speaker off.
+    unsafe { cpu::outb(0x61, port_b & !0x03) };
+    result
+}
+
+/// Calibrated TSC frequency (0 before [`calibrate`]).
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
+}
+
+/// Monotonic nanoseconds since [`mark_boot`] (0 before calibration).
 pub fn now_ns() -> u64 {
-    0
+    let hz = TSC_HZ.load(Ordering::Relaxed);
+    if hz == 0 {
+        return 0;
+    }
+    let delta = cpu::rdtsc().saturating_sub(TSC_BOOT.load(Ordering::Relaxed));
+    (u128::from(delta) * 1_000_000_000 / u128::from(hz)) as u64
+}
+
+/// Busy-wait `ns` nanoseconds (interrupts untouched).
+pub fn spin_ns(ns: u64) {
+    let end = now_ns().saturating_add(ns);
+    while now_ns() < end {
+        core::hint::spin_loop();
+    }
 }

@@ -14,8 +14,8 @@ static HEAP: Mutex<linked_list_allocator::Heap> = Mutex::new(linked_list_allocat
 /// Install `bytes` (rounded to whole frames) of frames as the heap.
 pub fn init(bytes: u64) -> Result<(), super::MemInitError> {
     let pages = bytes.div_ceil(super::frames::FRAME_BYTES);
-    let base =
-        super::alloc_contiguous(pages, 1).ok_or(super::MemInitError::OutOfFrames("the heap"))?;
+    let base = super::alloc_contiguous_uninit(pages, 1)
+        .ok_or(super::MemInitError::OutOfFrames("the heap"))?;
     let mut heap = HEAP.lock();
     // SAFETY: the run is identity-mapped and now owned by the heap for the
     // rest of the run (never freed); `init` is called once (the heap is

@@ -165,6 +165,16 @@ pub fn alloc_contiguous(pages: u64, align_pages: u64) -> Option<Hpa> {
     Some(Hpa(hpa))
 }
 
+/// Like [`alloc_contiguous`] but without zeroing (for the heap, whose
+/// allocator never hands out uninitialised memory as initialised).
+pub(crate) fn alloc_contiguous_uninit(pages: u64, align_pages: u64) -> Option<Hpa> {
+    let first = FRAMES
+        .lock()
+        .as_mut()?
+        .alloc_contiguous(pages, align_pages)?;
+    Some(Hpa(first * FRAME_BYTES))
+}
+
 /// Return a run from [`alloc_contiguous`]. Panics on a double free.
 pub fn free_contiguous(hpa: Hpa, pages: u64) {
     assert!(
