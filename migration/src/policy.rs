@@ -68,12 +68,16 @@ impl Default for Policy {
 }
 
 /// Time to send `dirty_bytes` at `bandwidth_bytes_per_s` plus the fixed
-/// switch-over cost. Unknown (zero) bandwidth means "forever".
+/// switch-over cost. Unknown (zero) bandwidth means "forever", unless
+/// nothing is left to send.
 pub fn expected_downtime_ns(
     dirty_bytes: u64,
     bandwidth_bytes_per_s: u64,
     switch_over_cost_ns: u64,
 ) -> u64 {
+    if dirty_bytes == 0 {
+        return switch_over_cost_ns;
+    }
     if bandwidth_bytes_per_s == 0 {
         return u64::MAX;
     }
@@ -165,6 +169,7 @@ mod tests {
         );
         assert_eq!(expected_downtime_ns(0, 100, 7), 7);
         assert_eq!(expected_downtime_ns(1, 0, 0), u64::MAX);
+        assert_eq!(expected_downtime_ns(0, 0, 9), 9);
         assert_eq!(expected_downtime_ns(u64::MAX, 1, 1), u64::MAX);
         assert!(fits_downtime(
             300 * NS_PER_MS,

@@ -503,9 +503,9 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         self.pages_this_pass += pages;
         let bytes = self.out.len() as u64;
         self.flush_out()?;
-        // Plan with the rate at which *page data* moves; zero-dominated steps
-        // say little about it.
-        if data_pages * 2 >= pages {
+        // Plan with the rate at which page data moves: steps of zero markers
+        // only say little about it (used only while nothing better exists).
+        if data_pages > 0 || self.bandwidth.is_none() {
             let elapsed = self.clock.now_ns().saturating_sub(t0);
             if let Some(sample) = policy::bandwidth_sample(bytes, elapsed) {
                 self.bandwidth = Some(policy::ewma(

@@ -1,0 +1,593 @@
+//! Single-threaded, deterministic end-to-end tests: the source engine and
+//! the receiver stepped alternately over a `MemPipe` (the in-node local
+//! migration shape), with a simulated clock that advances with the bytes
+//! sent, and a fake guest that dirties pages at a set rate (slowed by the
+//! throttle) whenever the engine touches it.
+
+use migration::policy::{NS_PER_MS, NS_PER_S};
+use migration::stream::{Record, MAGIC_DEST};
+use migration::{
+    Clock, DestinationVm, DeviceState, DirtyBitmap, MemPipe, MigratableVm, Migration,
+    MigrationError, MigrationResult, Page, Policy, Progress, Receiver, RecvProgress, Transport,
+    TransportError, VcpuState, VmConfig, VmError, PAGE_SIZE,
+};
+use std::cell::Cell;
+use std::rc::Rc;
+
+#[derive(Clone)]
+struct SimClock(Rc<Cell<u64>>);
+
+impl Clock for SimClock {
+    fn now_ns(&self) -> u64 {
+        self.0.get()
+    }
+    fn idle(&self, max_ns: u64) {
+        self.0.set(self.0.get() + max_ns.clamp(1, NS_PER_MS));
+    }
+}
+
+/// A `MemPipe` end whose sends take `bytes / bandwidth` of simulated time.
+struct SlowPipe {
+    pipe: MemPipe,
+    time: Rc<Cell<u64>>,
+    bytes_per_s: u64,
+}
+
+impl Transport for SlowPipe {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        let ns = bytes.len() as u64 * NS_PER_S / self.bytes_per_s;
+        self.time.set(self.time.get() + ns.max(1));
+        self.pipe.send(bytes)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        self.pipe.recv(buf)
+    }
+}
+
+struct FakeVm {
+    cfg: VmConfig,
+    mem: Vec<Page>,
+    time: Rc<Cell<u64>>,
+    /// Guest writes per second at throttle 0, over pages `0..working_set`.
+    write_rate: u64,
+    working_set: u64,
+    last_ns: u64,
+    counter: u64,
+    log: Option<DirtyBitmap>,
+    throttle: u8,
+    paused: bool,
+    pauses: u32,
+    resumes: u32,
+    fail_save_vcpus: bool,
+    mem_at_pause: Option<Vec<Page>>,
+}
+
+impl FakeVm {
+    fn new(time: &Rc<Cell<u64>>, pages: u64) -> Self {
+        let mut mem = vec![[0u8; PAGE_SIZE]; pages as usize];
+        // Every fourth page carries data; the rest stay zero.
+        for (g, p) in mem.iter_mut().enumerate().filter(|(g, _)| g % 4 == 0) {
+            for (i, b) in p.iter_mut().enumerate() {
+                *b = (i as u64 ^ g as u64 * 0x9e37) as u8 | 1;
+            }
+        }
+        let mut cfg = migration::fuzzing::sample_config();
+        cfg.ram_bytes = pages * PAGE_SIZE as u64;
+        FakeVm {
+            cfg,
+            mem,
+            time: time.clone(),
+            write_rate: 0,
+            working_set: pages,
+            last_ns: time.get(),
+            counter: 0,
+            log: None,
+            throttle: 0,
+            paused: false,
+            pauses: 0,
+            resumes: 0,
+            fail_save_vcpus: false,
+            mem_at_pause: None,
+        }
+    }
+
+    /// Let the guest run up to the current simulated time.
+    fn run_guest(&mut self) {
+        let now = self.time.get();
+        let dt = now.saturating_sub(self.last_ns);
+        self.last_ns = now;
+        if self.paused || self.write_rate == 0 {
+            return;
+        }
+        let writes = self.write_rate * dt / NS_PER_S * u64::from(100 - self.throttle) / 100;
+        for _ in 0..writes {
+            self.counter += 1;
+            let g = (self.counter * 7919) % self.working_set;
+            let off = (self.counter % PAGE_SIZE as u64) as usize;
+            self.mem[g as usize][off] = (self.counter as u8) | 1;
+            if let Some(log) = &mut self.log {
+                log.set(g);
+            }
+        }
+    }
+}
+
+impl MigratableVm for FakeVm {
+    fn config(&self) -> VmConfig {
+        self.cfg.clone()
+    }
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        self.run_guest();
+        *buf = *self
+            .mem
+            .get(gfn as usize)
+            .ok_or(VmError::at("gfn out of range", gfn))?;
+        Ok(())
+    }
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.log = Some(DirtyBitmap::new(self.mem.len() as u64));
+        Ok(())
+    }
+    fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError> {
+        self.run_guest();
+        let log = self.log.as_mut().ok_or(VmError::new("dirty log off"))?;
+        out.union_with(log);
+        log.clear_all();
+        Ok(())
+    }
+    fn stop_dirty_log(&mut self) {
+        self.log = None;
+    }
+    fn set_throttle(&mut self, pct: u8) {
+        self.run_guest();
+        self.throttle = pct;
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.run_guest();
+        self.paused = true;
+        self.pauses += 1;
+        self.mem_at_pause = Some(self.mem.clone());
+        Ok(())
+    }
+    fn resume(&mut self) {
+        self.last_ns = self.time.get();
+        self.paused = false;
+        self.resumes += 1;
+    }
+    fn save_vcpus(&mut self) -> Result<Vec<VcpuState>, VmError> {
+        if self.fail_save_vcpus {
+            return Err(VmError::at("vCPU would not stop", 1));
+        }
+        Ok((0..self.cfg.vcpus)
+            .map(migration::fuzzing::sample_vcpu)
+            .collect())
+    }
+    fn save_devices(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        Ok(self
+            .cfg
+            .devices
+            .iter()
+            .map(|d| DeviceState {
+                kind: d.kind,
+                instance: d.instance,
+                version: d.version,
+                payload: vec![d.kind as u8; 33],
+            })
+            .collect())
+    }
+}
+
+#[derive(Default)]
+struct FakeDest {
+    mem: Vec<Page>,
+    prepared: bool,
+    vcpus: Vec<VcpuState>,
+    devices: Vec<DeviceState>,
+    running: bool,
+    discarded: bool,
+    corrupt_gfn: Option<u64>,
+    refuse_devices: bool,
+}
+
+impl DestinationVm for FakeDest {
+    fn prepare(&mut self, config: &VmConfig) -> Result<(), VmError> {
+        self.mem = vec![[0u8; PAGE_SIZE]; config.ram_pages() as usize];
+        self.prepared = true;
+        Ok(())
+    }
+    fn write_page(&mut self, gfn: u64, data: &Page) -> Result<(), VmError> {
+        let p = self
+            .mem
+            .get_mut(gfn as usize)
+            .ok_or(VmError::at("gfn", gfn))?;
+        *p = *data;
+        if self.corrupt_gfn == Some(gfn) {
+            p[0] ^= 0xff;
+        }
+        Ok(())
+    }
+    fn zero_page(&mut self, gfn: u64) -> Result<(), VmError> {
+        *self
+            .mem
+            .get_mut(gfn as usize)
+            .ok_or(VmError::at("gfn", gfn))? = [0; PAGE_SIZE];
+        Ok(())
+    }
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        *buf = *self.mem.get(gfn as usize).ok_or(VmError::at("gfn", gfn))?;
+        Ok(())
+    }
+    fn restore_vcpus(&mut self, vcpus: &[VcpuState]) -> Result<(), VmError> {
+        self.vcpus = vcpus.to_vec();
+        Ok(())
+    }
+    fn restore_devices(&mut self, devices: &[DeviceState]) -> Result<(), VmError> {
+        if self.refuse_devices {
+            return Err(VmError::at("device state version unsupported", 7));
+        }
+        self.devices = devices.to_vec();
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.running = true;
+        Ok(())
+    }
+    fn discard(&mut self) {
+        self.discarded = true;
+        self.mem.clear();
+    }
+}
+
+struct Setup {
+    time: Rc<Cell<u64>>,
+    vm: FakeVm,
+    dest: FakeDest,
+    policy: Policy,
+    bytes_per_s: u64,
+    fail_after: Option<u64>,
+}
+
+impl Setup {
+    fn new(pages: u64) -> Self {
+        let time = Rc::new(Cell::new(1_000 * NS_PER_S));
+        Setup {
+            vm: FakeVm::new(&time, pages),
+            time,
+            dest: FakeDest::default(),
+            policy: Policy::default(),
+            bytes_per_s: 100 << 20,
+            fail_after: None,
+        }
+    }
+
+    /// Run both sides to the end; returns the two outcomes and the parts.
+    fn run(
+        &mut self,
+    ) -> (
+        Migration<&mut FakeVm, SlowPipe, SimClock>,
+        Receiver<&mut FakeDest, SlowPipe>,
+    ) {
+        let (a, b) = MemPipe::pair();
+        if let Some(n) = self.fail_after {
+            a.fail_after(n);
+        }
+        let src_t = SlowPipe {
+            pipe: a,
+            time: self.time.clone(),
+            bytes_per_s: self.bytes_per_s,
+        };
+        let dst_t = SlowPipe {
+            pipe: b,
+            time: self.time.clone(),
+            bytes_per_s: self.bytes_per_s,
+        };
+        let clock = SimClock(self.time.clone());
+        let mut mig = Migration::new(&mut self.vm, src_t, clock.clone(), self.policy);
+        let mut rx = Receiver::new(&mut self.dest, dst_t);
+        for _ in 0..5_000_000 {
+            let s = mig.step();
+            let r = rx.step();
+            match (s, r) {
+                (Progress::Finished(_), RecvProgress::Finished(_)) => return (mig, rx),
+                (Progress::Busy, _) | (_, RecvProgress::Busy) => {}
+                (Progress::Waiting { max_ns }, _) => clock.idle(max_ns),
+                (Progress::Finished(_), RecvProgress::Waiting) => clock.idle(NS_PER_MS),
+            }
+        }
+        panic!("migration did not finish");
+    }
+}
+
+fn assert_source_intact(vm: &FakeVm) {
+    assert!(!vm.paused, "source must run again");
+    assert_eq!(vm.throttle, 0, "throttle removed");
+    assert!(vm.log.is_none(), "dirty log stopped");
+}
+
+#[test]
+fn idle_vm_sends_about_its_data_once() {
+    let mut s = Setup::new(2048); // 8 MiB, 3/4 zero pages
+    let original = s.vm.mem.clone();
+    let (mig, rx) = s.run();
+    let report = mig.report().clone();
+    assert_eq!(
+        report.result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    assert_eq!(rx.outcome().result, MigrationResult::Completed);
+    drop((mig, rx));
+    assert_eq!(s.dest.mem, original);
+    assert!(s.dest.running && !s.dest.discarded);
+    assert!(
+        s.vm.paused,
+        "the source stays paused: it is released to be removed"
+    );
+    assert_eq!(s.dest.vcpus.len(), 2);
+    assert_eq!(s.dest.vcpus[1], migration::fuzzing::sample_vcpu(1));
+    assert_eq!(report.passes, 2, "{report:?}");
+    assert_eq!(report.pages_per_pass, vec![2048, 0]);
+    assert_eq!(report.zero_pages, 1536);
+    let data_bytes = 512 * PAGE_SIZE as u64;
+    assert!(
+        report.bytes_sent <= data_bytes + data_bytes / 50,
+        "{} bytes",
+        report.bytes_sent
+    );
+    assert!(report.bytes_sent as f64 <= 1.1 * report.ram_bytes as f64);
+    let json = report.to_json();
+    assert!(
+        json.contains("\"result\":\"completed\",\"error\":null"),
+        "{json}"
+    );
+}
+
+#[test]
+fn busy_vm_converges_and_the_image_matches_at_pause() {
+    let mut s = Setup::new(4096);
+    s.vm.write_rate = 20_000; // pages/s, vs ~25k pages/s of bandwidth
+    s.vm.working_set = 1024;
+    s.policy.downtime_limit_ns = 20 * NS_PER_MS;
+    s.policy.switch_over_cost_ns = NS_PER_MS;
+    let (mig, rx) = s.run();
+    let report = mig.report().clone();
+    assert_eq!(
+        report.result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    let verified = rx.outcome().verified_digest;
+    drop((mig, rx));
+    assert!(verified.is_some());
+    assert_eq!(&s.dest.mem, s.vm.mem_at_pause.as_ref().unwrap());
+    assert!(report.passes >= 3, "{report:?}");
+    assert!(report.expected_downtime_ms <= 20, "{report:?}");
+    assert!(report.downtime_ms <= 40, "{report:?}");
+}
+
+#[test]
+fn a_dirtier_faster_than_the_link_is_throttled_then_completes() {
+    let mut s = Setup::new(512);
+    s.bytes_per_s = 2 << 20; // ~500 pages/s
+    s.vm.write_rate = 20_000;
+    s.vm.working_set = 512;
+    s.policy.downtime_limit_ns = 100 * NS_PER_MS;
+    let (mig, _rx) = s.run();
+    let report = mig.report().clone();
+    assert_eq!(
+        report.result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    assert!(report.throttle_pct >= 50, "{report:?}");
+    let p = &report.pages_per_pass;
+    assert!(p[p.len() - 1] < p[1], "{report:?}");
+    drop(mig);
+    assert_eq!(&s.dest.mem, s.vm.mem_at_pause.as_ref().unwrap());
+}
+
+#[test]
+fn timeout_cancels_and_the_vm_stays_at_the_source() {
+    let mut s = Setup::new(4096);
+    s.bytes_per_s = 1 << 20;
+    s.policy.timeout_ns = 2 * NS_PER_S;
+    let original = s.vm.mem.clone();
+    let (mig, rx) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Cancelled);
+    assert!(matches!(
+        mig.error(),
+        Some(MigrationError::Timeout { limit_ms: 2000 })
+    ));
+    assert!(mig
+        .report()
+        .to_json()
+        .contains("\"result\":\"cancelled\",\"error\":\"migration did not finish within"));
+    assert_eq!(
+        rx.outcome().result,
+        MigrationResult::Cancelled,
+        "the source told the destination"
+    );
+    drop((mig, rx));
+    assert_source_intact(&s.vm);
+    assert_eq!(s.vm.mem, original);
+    assert!(s.dest.discarded && !s.dest.running);
+}
+
+#[test]
+fn transport_failure_at_any_byte_leaves_exactly_one_vm_running() {
+    // Size of a clean run's main stream.
+    let total = {
+        let mut s = Setup::new(64);
+        let (mig, _) = s.run();
+        assert_eq!(mig.report().result, MigrationResult::Completed);
+        mig.report().bytes_sent
+    };
+    let mut in_doubt = 0;
+    for n in (0..total + 16).step_by(397).chain(total - 40..total + 2) {
+        let mut s = Setup::new(64);
+        s.fail_after = Some(n);
+        let original = s.vm.mem.clone();
+        let (mig, rx) = s.run();
+        let result = mig.report().result;
+        let doubt = matches!(mig.error(), Some(MigrationError::InDoubt(_)));
+        let rx_result = rx.outcome().result;
+        drop((mig, rx));
+        assert_eq!(s.vm.mem, original, "the source's memory is only read");
+        if n >= total {
+            assert_eq!(result, MigrationResult::Completed);
+            continue;
+        }
+        assert_eq!(result, MigrationResult::Failed, "fail after {n}");
+        if doubt {
+            // The go order went out: the source must not run.
+            in_doubt += 1;
+            assert!(s.vm.paused);
+        } else {
+            assert_source_intact(&s.vm);
+            assert!(!s.dest.running, "fail after {n}: both running");
+            assert_eq!(rx_result, MigrationResult::Failed);
+            assert!(s.dest.discarded || !s.dest.prepared);
+        }
+    }
+    assert!(in_doubt >= 1, "the sweep covers the go record");
+}
+
+#[test]
+fn failure_then_a_second_migration_completes() {
+    let mut s = Setup::new(512);
+    s.vm.write_rate = 2000;
+    s.fail_after = Some(300_000);
+    let (mig, _) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Failed);
+    assert!(mig
+        .report()
+        .to_json()
+        .contains("\"error\":\"transport failed: injected failure\""));
+    drop(mig);
+    assert_source_intact(&s.vm);
+    s.fail_after = None;
+    s.dest = FakeDest::default();
+    let (mig, _) = s.run();
+    assert_eq!(
+        mig.report().result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    drop(mig);
+    assert_eq!(&s.dest.mem, s.vm.mem_at_pause.as_ref().unwrap());
+}
+
+#[test]
+fn destination_refusal_sends_the_vm_back() {
+    let mut s = Setup::new(256);
+    s.dest.refuse_devices = true;
+    let (mig, rx) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Failed);
+    let msg = mig.report().error.clone().unwrap();
+    assert!(
+        msg.contains(
+            "peer aborted the migration: VM operation failed: device state version unsupported"
+        ),
+        "{msg}"
+    );
+    assert_eq!(rx.outcome().result, MigrationResult::Failed);
+    drop((mig, rx));
+    assert_source_intact(&s.vm);
+    assert_eq!(s.vm.resumes, 1);
+    assert!(s.dest.discarded && !s.dest.running);
+}
+
+#[test]
+fn corrupted_destination_memory_fails_the_digest() {
+    let mut s = Setup::new(256);
+    s.dest.corrupt_gfn = Some(8);
+    let (mig, rx) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Failed);
+    let e = rx.outcome().error.clone().unwrap();
+    assert!(e.contains("final memory digest mismatch"), "{e}");
+    drop((mig, rx));
+    assert_source_intact(&s.vm);
+    assert!(!s.dest.running);
+}
+
+#[test]
+fn source_vm_failure_during_switch_over_resumes_it() {
+    let mut s = Setup::new(256);
+    s.vm.fail_save_vcpus = true;
+    let (mig, rx) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Failed);
+    assert_eq!(
+        mig.report().error.as_deref(),
+        Some("VM operation failed: vCPU would not stop (0x1)")
+    );
+    assert_eq!(
+        rx.outcome().result,
+        MigrationResult::Cancelled,
+        "the source aborted"
+    );
+    drop((mig, rx));
+    assert_eq!((s.vm.pauses, s.vm.resumes), (1, 1));
+    assert_source_intact(&s.vm);
+    assert!(s.dest.discarded);
+}
+
+#[test]
+fn operator_cancel_and_version_mismatch() {
+    let time = Rc::new(Cell::new(0));
+    let mut vm = FakeVm::new(&time, 64);
+    let (a, mut b) = MemPipe::pair();
+    let mut mig = Migration::new(&mut vm, a, SimClock(time.clone()), Policy::default());
+    // A destination that only speaks version 2.
+    let mut offer = Vec::from(MAGIC_DEST);
+    Record::Offer { versions: vec![2] }.encode(&mut offer);
+    b.send(&offer).unwrap();
+    while let Progress::Busy | Progress::Waiting { .. } = mig.step() {}
+    assert_eq!(
+        mig.report().error.as_deref(),
+        Some(
+            "protocol error: no common protocol version: destination offers [2], source supports [1]; \
+             upgrade one side"
+        )
+    );
+    // The destination was told why.
+    let mut buf = vec![0u8; 4096];
+    let n = b.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("no common protocol version"));
+    drop(mig);
+
+    let (a, b) = MemPipe::pair();
+    let mut mig = Migration::new(&mut vm, a, SimClock(time.clone()), Policy::default());
+    let mut rx = Receiver::new(FakeDest::default(), b);
+    for _ in 0..6 {
+        mig.step();
+        rx.step();
+    }
+    assert!(mig.cancel());
+    assert!(!mig.cancel());
+    assert_eq!(mig.report().result, MigrationResult::Cancelled);
+    while !matches!(rx.step(), RecvProgress::Finished(_)) {}
+    assert_eq!(rx.outcome().result, MigrationResult::Cancelled);
+    drop(mig);
+    assert_source_intact(&vm);
+}
+
+#[test]
+fn rate_limit_is_respected() {
+    let mut s = Setup::new(1024);
+    s.bytes_per_s = 1 << 30;
+    s.policy.max_bandwidth_bytes_per_s = 8 << 20;
+    let start = s.time.get();
+    let (mig, _) = s.run();
+    let r = mig.report().clone();
+    assert_eq!(r.result, MigrationResult::Completed);
+    let elapsed_ns = s.time.get() - start;
+    let floor_ns = r.bytes_sent * NS_PER_S / (8 << 20);
+    assert!(
+        elapsed_ns + 10 * NS_PER_MS >= floor_ns,
+        "{elapsed_ns} < {floor_ns}"
+    );
+}
