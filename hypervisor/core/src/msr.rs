@@ -122,8 +122,9 @@ pub fn write_allowed(msr: u32, value: u64) -> bool {
         IA32_PAT => is_valid_pat(value),
         IA32_SYSENTER_ESP | IA32_SYSENTER_EIP | IA32_LSTAR | IA32_CSTAR | IA32_FS_BASE
         | IA32_GS_BASE | IA32_KERNEL_GS_BASE => is_canonical(value),
-        IA32_TSC_AUX | IA32_SYSENTER_CS | IA32_FMASK => value >> 32 == 0,
-        IA32_STAR | IA32_TSC => true,
+        IA32_TSC_AUX | IA32_FMASK => value >> 32 == 0,
+        // The backend keeps the low 16 bits of SYSENTER_CS.
+        IA32_STAR | IA32_TSC | IA32_SYSENTER_CS => true,
         _ => false,
     }
 }

@@ -33,6 +33,25 @@ pub const EPT_A: u64 = 1 << 8;
 /// Dirty flag (leaves, with EPTP bit 6).
 pub const EPT_D: u64 = 1 << 9;
 
+/// EPTP bits 2:0: memory type of the EPT paging structures, WB.
+pub const EPTP_MEMTYPE_WB: u64 = 6;
+/// EPTP bits 5:3: page-walk length minus one (3 = four levels).
+pub const EPTP_WALK_4: u64 = 3 << 3;
+/// EPTP bit 6: the CPU sets accessed/dirty flags in EPT entries (only if
+/// IA32_VMX_EPT_VPID_CAP bit 21 allows it).
+pub const EPTP_AD: u64 = 1 << 6;
+
+/// The extended-page-table pointer for a table rooted at `root` (Intel SDM
+/// vol. 3C, 25.6.11): WB paging structures, 4-level walk, A/D flags if
+/// `accessed_dirty`. The caller checks WB and 4-level support in
+/// IA32_VMX_EPT_VPID_CAP (bits 14 and 6).
+pub const fn eptp(root: Hpa, accessed_dirty: bool) -> u64 {
+    (root.0 & ADDR_MASK_4K)
+        | EPTP_MEMTYPE_WB
+        | EPTP_WALK_4
+        | if accessed_dirty { EPTP_AD } else { 0 }
+}
+
 const LEAF_BASE: u64 = EPT_R | EPT_X | (EPT_MEMTYPE_WB << EPT_MEMTYPE_SHIFT);
 
 /// The Intel EPT entry format.
@@ -95,5 +114,7 @@ mod tests {
             Hpa(0x4020_0000)
         );
         assert!(!EptFormat::is_present(EPT_LARGE | EPT_A));
+        assert_eq!(eptp(Hpa(0x1234_5000), false), 0x1234_501e);
+        assert_eq!(eptp(Hpa(0x1234_5000), true), 0x1234_505e);
     }
 }
