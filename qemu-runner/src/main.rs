@@ -220,7 +220,8 @@ fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
         "hvmigrate demo: booting a node under QEMU (AMD-V with nested paging, emulated by TCG).\n\
          Its guest `dirty-demo` increments one byte in every page of a 16 MiB buffer, for ever;\n\
          the hypervisor tracks the pages it dirties (nested page tables write-protected, the\n\
-         first write to a page in a round recorded) and prints the rate. Watching for {seconds} s.\n"
+         first write to a page in a round recorded) and prints the rate. Watching until the node\n\
+         ends the demo (at most {seconds} s).\n"
     );
     let watch = Duration::from_secs(seconds);
     let (end, log) = boot(
