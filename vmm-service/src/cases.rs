@@ -140,7 +140,7 @@ pub fn run_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(), Str
         evaluate(case, &vms, &progress)
     };
     // Destroy the VMs: their partitions return guest memory to the host.
-    drop(vms);
+    vms.into_iter().for_each(Vm::destroy);
     result
 }
 

@@ -6,7 +6,8 @@
 //! probing absent hardware sees on a real machine. Port 0x80 (the POST code
 //! port guests write as an I/O delay) is silently ignored.
 
-use crate::uart::{LineSink, Uart16550};
+use crate::uart::{LineSink, RestoreError, Uart16550};
+use alloc::vec::Vec;
 use hvcore::abi::COM1_PORT;
 
 /// The BIOS POST diagnostic port.
@@ -44,6 +45,41 @@ impl Devices {
             let byte = (value >> (8 * u32::from(i))) as u8;
             self.write_byte(port.wrapping_add(u16::from(i)), byte, sink);
         }
+    }
+
+    /// Version byte at the start of [`Devices::save`] output.
+    pub const SAVE_VERSION: u8 = 1;
+
+    /// Serialise the device state: a version byte, then each device's own
+    /// versioned state with a little-endian u16 length in front.
+    pub fn save(&self) -> Vec<u8> {
+        let com1 = self.com1.save();
+        let mut out = Vec::with_capacity(3 + com1.len());
+        out.push(Self::SAVE_VERSION);
+        // A UART state is a few hundred bytes at most.
+        out.extend_from_slice(&(com1.len() as u16).to_le_bytes());
+        out.extend_from_slice(&com1);
+        out
+    }
+
+    /// Rebuild the devices from [`Devices::save`] output; every byte is
+    /// checked.
+    pub fn restore(bytes: &[u8]) -> Result<Self, RestoreError> {
+        let (&version, rest) = bytes.split_first().ok_or(RestoreError::Truncated)?;
+        if version != Self::SAVE_VERSION {
+            return Err(RestoreError::UnsupportedVersion(version));
+        }
+        let len = rest.get(..2).ok_or(RestoreError::Truncated)?;
+        let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
+        let com1 = rest.get(2..2 + len).ok_or(RestoreError::Truncated)?;
+        let trailing = rest.len() - 2 - len;
+        if trailing != 0 {
+            return Err(RestoreError::TrailingBytes(trailing));
+        }
+        Ok(Self {
+            com1: Uart16550::restore(com1)?,
+            unclaimed_accesses: 0,
+        })
     }
 
     fn com1_reg(port: u16) -> Option<u8> {
@@ -105,6 +141,44 @@ mod tests {
         assert_eq!(d.unclaimed_accesses, 12);
         assert_eq!(d.com1, Uart16550::new(), "no stray write reached COM1");
         assert!(out.0.is_empty());
+    }
+
+    #[test]
+    fn save_restore() {
+        let mut d = Devices::new();
+        let mut out = Lines::default();
+        for &b in b"abc" {
+            d.io_out(COM1_PORT, 1, u32::from(b), &mut out);
+        }
+        d.io_out(COM1_PORT + 7, 1, 0x77, &mut out);
+        let saved = d.save();
+        let r = Devices::restore(&saved).unwrap();
+        assert_eq!(r.com1, d.com1);
+        for len in 0..saved.len() {
+            assert!(Devices::restore(&saved[..len]).is_err());
+        }
+        let mut v = saved.clone();
+        v.push(0);
+        assert_eq!(Devices::restore(&v), Err(RestoreError::TrailingBytes(1)));
+        let mut v = saved.clone();
+        v[0] = 2;
+        assert_eq!(
+            Devices::restore(&v),
+            Err(RestoreError::UnsupportedVersion(2))
+        );
+        let mut v = saved.clone();
+        v[3] = 7; // the UART's own version byte
+        assert_eq!(
+            Devices::restore(&v),
+            Err(RestoreError::UnsupportedVersion(7))
+        );
+        for i in 0..saved.len() {
+            for bit in 0..8 {
+                let mut v = saved.clone();
+                v[i] ^= 1 << bit;
+                let _ = Devices::restore(&v);
+            }
+        }
     }
 
     #[test]
