@@ -2,13 +2,13 @@
 //!
 //! The guest sees the host CPU, minus what this hypervisor does not
 //! emulate, plus the hypervisor leaves:
-//! * CPUID.1:ECX[31] "hypervisor present" is set (Intel SDM vol. 2A, CPUID,
+//! * `CPUID.1:ECX[31]` "hypervisor present" is set (Intel SDM vol. 2A, CPUID,
 //!   Table 3-10 marks it "not used"; every hypervisor sets it);
-//! * VMX (1:ECX[5]) and SVM (8000_0001h:ECX[2]) are cleared and the SVM
+//! * VMX (`1:ECX[5]`) and SVM (`8000_0001h:ECX[2]`) are cleared and the SVM
 //!   feature leaf 8000_000Ah reads zero: no nested virtualization;
-//! * MONITOR/MWAIT (1:ECX[3], leaf 5) and x2APIC (1:ECX[21]) are cleared:
+//! * MONITOR/MWAIT (`1:ECX[3]`, leaf 5) and x2APIC (`1:ECX[21]`) are cleared:
 //!   not emulated;
-//! * OSXSAVE (1:ECX[27]) is cleared: it mirrors the guest's CR4.OSXSAVE,
+//! * OSXSAVE (`1:ECX[27]`) is cleared: it mirrors the guest's CR4.OSXSAVE,
 //!   which exit handling cannot see, and reporting 1 to a guest that never
 //!   set CR4.OSXSAVE would make its XGETBV fault. A guest that checks it
 //!   after setting CR4.OSXSAVE sees XSAVE as unusable, which is safe;

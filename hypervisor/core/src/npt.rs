@@ -6,7 +6,7 @@
 //! ([`crate::svm::NptFormat`], [`crate::vmx::EptFormat`]). Table frames come
 //! from a [`FrameAlloc`] and are read and written only through [`PhysMem`], so
 //! tests run the same code over a `BTreeMap` of frames
-//! ([`crate::testing`]).
+//! (`hvcore::testing`, feature `testing`).
 //!
 //! Layout: four levels indexed by guest-physical address bits 47:39, 38:30,
 //! 29:21 and 20:12 (AMD APM vol. 2, 5.3.3 and 15.25.5; Intel SDM vol. 3C,
@@ -604,6 +604,25 @@ mod tests {
         assert_eq!(r, Err(NptError::Mem(MemError::OutOfFrames)));
         npt.destroy(&mut mem, &mut alloc);
         assert_eq!(alloc.live(), 0);
+    }
+
+    #[test]
+    fn lookups_and_no_op_changes_write_nothing() {
+        let (mut mem, mut alloc) = test_memory();
+        let mut npt = NestedPageTable::<NptFormat>::new(&mut alloc, &mut mem).unwrap();
+        npt.map(&mut mem, &mut alloc, Gpa(0), Hpa(0), 2 * MIB, false)
+            .unwrap();
+        mem.take_writes();
+        assert!(npt.translate(&mem, Gpa(0x1000)).is_some());
+        assert!(!npt
+            .set_writable(&mut mem, &mut alloc, Gfn(1), false)
+            .unwrap());
+        let _ = npt.map(&mut mem, &mut alloc, Gpa(0x1000), Hpa(0), 0x1000, true);
+        assert_eq!(mem.write_count(), 0);
+        assert_eq!(
+            npt.translate(&mem, Gpa(0x1000)).unwrap().size,
+            PageSize::Size2M
+        );
     }
 
     #[test]
