@@ -131,10 +131,11 @@ fn node_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
     1
 }
 
-/// `mode=test`: run the cases named by `tests` (all when absent or `all`).
+/// `mode=test`: run the cases named by `tests` (all when absent, empty or
+/// `all`), in the order given.
 fn test_mode(host: &mut dyn Host, image: &[u8], tests: Option<&str>) -> u8 {
     let names: Vec<&str> = match tests {
-        None | Some("all") => Case::ALL.iter().map(|c| c.name()).collect(),
+        None | Some("all" | "") => Case::ALL.iter().map(|c| c.name()).collect(),
         Some(list) => list.split(',').filter(|s| !s.is_empty()).collect(),
     };
     let (mut passed, mut failed) = (0u32, 0u32);
@@ -323,7 +324,7 @@ mod tests {
 
     #[test]
     fn all_cases_run_in_order() {
-        let mut h = host("mode=test", vec![]);
+        let mut h = host("mode=test tests=", vec![]);
         h.ns_per_run = 1_000_000_000; // every case times out fast
         assert_eq!(main(&mut h), 1);
         let results: Vec<&str> = h
