@@ -182,6 +182,15 @@ pub mod selftest {
         if efer & (1 << 12) != 0 || efer & 0xd00 != 0xd00 {
             return Err("guest EFER");
         }
+        // TSC: a write sets the offset; the guest's clock runs on from there.
+        p.vcpu().write_msr(0x10, 1 << 40).map_err(|_| "TSC write")?;
+        let tsc = p.vcpu().read_msr(0x10).map_err(|_| "TSC read")?;
+        p.vcpu()
+            .write_msr(0xc000_0103, 7)
+            .map_err(|_| "TSC_AUX write")?;
+        if tsc.wrapping_sub(1 << 40) > 1 << 36 || p.vcpu().read_msr(0xc000_0103) != Ok(7) {
+            return Err("TSC / TSC_AUX");
+        }
         p.vcpu().skip_instruction();
         expect(p, "hc enable", |e| matches!(e, VmExit::Hypercall))?;
         p.enable_dirty_log(DirtyMode::WriteProtect)

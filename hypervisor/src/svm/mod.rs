@@ -27,7 +27,7 @@ pub use vcpu::SvmVcpu;
 use crate::cpu::{cpuid, rdmsr, wrmsr};
 use core::arch::asm;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hvcore::addr::Hpa;
 use hvcore::host::HostError;
 use hvcore::vcpu::VcpuCaps;
@@ -152,6 +152,10 @@ pub fn enable() -> Result<SvmFeatures, HostError> {
             wrmsr(MSR_VM_HSAVE_PA, HOST_SAVE_AREA.hpa().as_u64());
             set_cr4_bits(CR4_OSFXSR);
         }
+        HAS_RDTSCP.store(
+            cpuid(0x8000_0001, 0).edx & (1 << 27) != 0,
+            Ordering::Relaxed,
+        );
         ENABLED.store(true, Ordering::Release);
         log::info!(
             "svm: enabled: asids={} nrips={} flush_by_asid={} clean_bits={} decode_assists={}",
@@ -163,6 +167,28 @@ pub fn enable() -> Result<SvmFeatures, HostError> {
         );
     }
     Ok(*FEATURES.call_once(|| f))
+}
+
+/// TSC_AUX. AMD APM vol. 2, 13.2.4 (RDTSCP).
+const MSR_TSC_AUX: u32 = 0xc000_0103;
+/// Whether the CPU has RDTSCP/TSC_AUX (CPUID Fn8000_0001 EDX[27]).
+static HAS_RDTSCP: AtomicBool = AtomicBool::new(false);
+/// The value in this CPU's TSC_AUX (the host does not use it).
+static LOADED_TSC_AUX: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Put the guest's TSC_AUX into the physical MSR before VMRUN (VMRUN does
+/// not switch it and RDTSCP is not intercepted); skipped when already there
+/// or when the CPU has no RDTSCP (then only RDMSR sees it, through the
+/// backend).
+pub(crate) fn load_tsc_aux(value: u32) {
+    if !HAS_RDTSCP.load(Ordering::Relaxed)
+        || LOADED_TSC_AUX.load(Ordering::Relaxed) == u64::from(value)
+    {
+        return;
+    }
+    // SAFETY: TSC_AUX exists (RDTSCP reported); the host never reads it.
+    unsafe { wrmsr(MSR_TSC_AUX, u64::from(value)) };
+    LOADED_TSC_AUX.store(u64::from(value), Ordering::Relaxed);
 }
 
 /// Physical address of this CPU's host-state VMCB page.

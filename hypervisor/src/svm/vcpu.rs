@@ -28,6 +28,7 @@ use hvcore::vcpu::{
 const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
 
 // Architectural MSRs kept in the VMCB save area.
+const MSR_TSC: u32 = 0x10;
 const MSR_SYSENTER_CS: u32 = 0x174;
 const MSR_SYSENTER_ESP: u32 = 0x175;
 const MSR_SYSENTER_EIP: u32 = 0x176;
@@ -39,6 +40,7 @@ const MSR_SFMASK: u32 = 0xc000_0084;
 const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_TSC_AUX: u32 = 0xc000_0103;
 
 // EFER bits. AMD APM vol. 2, 3.1.7.
 const EFER_SCE: u64 = 1 << 0;
@@ -97,6 +99,9 @@ pub struct SvmVcpu {
     next_rip: Option<u64>,
     /// Flush this guest's nested translations on the next VMRUN.
     flush_pending: bool,
+    /// The guest's TSC_AUX (RDTSCP's ECX). Not in the VMCB: loaded into the
+    /// physical MSR before VMRUN when the CPU has RDTSCP.
+    tsc_aux: u32,
     fx: FxArea,
 }
 
@@ -135,6 +140,7 @@ impl SvmVcpu {
             features: *features,
             next_rip: None,
             flush_pending: true,
+            tsc_aux: 0,
             fx: FxArea::initial(),
         };
         vcpu.init_vmcb(nested_root);
@@ -174,6 +180,7 @@ impl SvmVcpu {
         // the other SVM instructions, MONITOR/MWAIT, XSETBV and INVD would
         // otherwise reach real hardware state (the guest's EFER.SVME is set).
         c.intercept_misc1 = INTERCEPT_INTR
+            | INTERCEPT_NMI
             | INTERCEPT_CPUID
             | INTERCEPT_INVD
             | INTERCEPT_HLT
@@ -275,6 +282,7 @@ impl SvmVcpu {
         v.control.clean_bits = 0;
         v.control.next_rip = 0;
         let vmcb = self.vmcb_hpa();
+        super::load_tsc_aux(self.tsc_aux);
         // SAFETY: `enable` ran (a vCPU is only created through it); the VMCB
         // is ours, its nested table maps only this partition's RAM, and the
         // host IDT is live (the platform installs it before any VM exists).
@@ -339,7 +347,8 @@ impl SvmVcpu {
         // CPUID 0f a2, RDMSR 0f 32, WRMSR 0f 30, HLT f4, VMMCALL 0f 01 d9.
         // Prefixed forms are not decoded (none of our guests emits them).
         let exit = match code {
-            EXIT_INTR => VmExit::ExternalInterrupt,
+            // Both stay pending until STGI, then the host's IDT takes them.
+            EXIT_INTR | EXIT_NMI => VmExit::ExternalInterrupt,
             EXIT_CPUID => {
                 self.next_rip = Some(rip.wrapping_add(2));
                 VmExit::Cpuid {
@@ -554,12 +563,27 @@ impl Vcpu for SvmVcpu {
             MSR_FS_BASE => s.fs.base,
             MSR_GS_BASE => s.gs.base,
             MSR_PAT => s.g_pat,
+            // 15.12.4: the guest's RDTSC reads the host TSC plus TSC_OFFSET.
+            MSR_TSC => crate::cpu::rdtsc().wrapping_add(self.vmcb().control.tsc_offset),
+            MSR_TSC_AUX => u64::from(self.tsc_aux),
             _ => return Err(UnknownMsr(msr)),
         })
     }
 
     fn write_msr(&mut self, msr: u32, value: u64) -> Result<(), UnknownMsr> {
         let bad = Err(UnknownMsr(msr));
+        match msr {
+            MSR_TSC => {
+                let offset = value.wrapping_sub(crate::cpu::rdtsc());
+                self.vmcb_mut().control.tsc_offset = offset;
+                return Ok(());
+            }
+            MSR_TSC_AUX => {
+                self.tsc_aux = u32::try_from(value).map_err(|_| UnknownMsr(msr))?;
+                return Ok(());
+            }
+            _ => {}
+        }
         let s = &mut self.vmcb_mut().save;
         match msr {
             MSR_EFER => {
@@ -657,6 +681,7 @@ impl Vcpu for SvmVcpu {
             ..Regs::default()
         };
         self.fx = FxArea::initial();
+        self.tsc_aux = 0;
         self.next_rip = None;
         self.flush_pending = true;
     }

@@ -239,6 +239,8 @@ const _: () = assert!(offset_of!(Vmcb, save) == 0x400);
 // Intercept bits, AMD APM vol. 2, Appendix B, table B-1 (offsets 0x00c/0x010).
 /// misc1 bit 0: physical INTR.
 pub const INTERCEPT_INTR: u32 = 1 << 0;
+/// misc1 bit 1: physical NMI.
+pub const INTERCEPT_NMI: u32 = 1 << 1;
 /// misc1 bit 18: CPUID.
 pub const INTERCEPT_CPUID: u32 = 1 << 18;
 /// misc1 bit 22: INVD.
@@ -305,6 +307,8 @@ pub const EVENT_TYPE_EXCEPTION: u64 = 3 << 8;
 // Exit codes, AMD APM vol. 2, Appendix C.
 /// Physical interrupt.
 pub const EXIT_INTR: u64 = 0x60;
+/// Physical NMI.
+pub const EXIT_NMI: u64 = 0x61;
 /// CPUID.
 pub const EXIT_CPUID: u64 = 0x72;
 /// INVD.
