@@ -43,7 +43,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (
             0..REGIONS.len(),
             frame_offset(),
-            prop_oneof![1..=8u64, 500..=1600u64],
+            prop_oneof![1..=8u64, 500..=1300u64],
             prop_oneof![(1..64u64).prop_map(|k| k * LARGE), 1..100_000u64],
             any::<bool>()
         )
@@ -215,7 +215,7 @@ fn run<F: EntryFormat>(ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(32))]
+    #![proptest_config(ProptestConfig::with_cases(24))]
 
     #[test]
     fn npt_matches_model(ops in prop::collection::vec(op(), 1..16)) {
