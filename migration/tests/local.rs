@@ -68,7 +68,7 @@ impl FakeVm {
         // Every fourth page carries data; the rest stay zero.
         for (g, p) in mem.iter_mut().enumerate().filter(|(g, _)| g % 4 == 0) {
             for (i, b) in p.iter_mut().enumerate() {
-                *b = (i as u64 ^ g as u64 * 0x9e37) as u8 | 1;
+                *b = (i as u64 ^ (g as u64 * 0x9e37)) as u8 | 1;
             }
         }
         let mut cfg = migration::fuzzing::sample_config();
