@@ -337,89 +337,121 @@ impl SvmVcpu {
     }
 
     /// Decode the last #VMEXIT. `None` for exits handled here (SVM
-    /// instructions the guest may not use), which re-enter the guest.
+    /// instructions the guest may not use, INVD), which re-enter the guest.
     fn decode(&mut self) -> Option<VmExit> {
         let c = &self.vmcb().control;
         let (code, info1, info2) = (c.exit_code, c.exit_info1, c.exit_info2);
-        let rip = self.regs.rip;
         self.next_rip = None;
-        // Instruction lengths without NRIPS (AMD APM vol. 3 opcode maps):
-        // CPUID 0f a2, RDMSR 0f 32, WRMSR 0f 30, HLT f4, VMMCALL 0f 01 d9.
-        // Prefixed forms are not decoded (none of our guests emits them).
-        let exit = match code {
-            // Both stay pending until STGI, then the host's IDT takes them.
-            EXIT_INTR | EXIT_NMI => VmExit::ExternalInterrupt,
-            EXIT_CPUID => {
-                self.next_rip = Some(rip.wrapping_add(2));
-                VmExit::Cpuid {
-                    leaf: self.regs.rax as u32,
-                    subleaf: self.regs.rcx as u32,
-                }
+        match decode_exit(code, info1, info2, &self.regs) {
+            Decoded::Exit { exit, next_rip } => {
+                self.next_rip = next_rip;
+                Some(exit)
             }
-            EXIT_HLT => {
-                self.next_rip = Some(rip.wrapping_add(1));
-                VmExit::Hlt
-            }
-            EXIT_VMMCALL => {
-                self.next_rip = Some(rip.wrapping_add(3));
-                VmExit::Hypercall
-            }
-            EXIT_IOIO => match decode_ioio(info1) {
-                Some(io) => {
-                    // 15.10.2: EXITINFO2 holds the next RIP.
-                    self.next_rip = Some(info2);
-                    VmExit::Io(io)
-                }
-                None => VmExit::Unknown { raw: code },
-            },
-            EXIT_MSR => {
-                self.next_rip = Some(rip.wrapping_add(2));
-                let msr = self.regs.rcx as u32;
-                // 15.11: EXITINFO1 = 0 for RDMSR, 1 for WRMSR.
-                if info1 & 1 == 0 {
-                    VmExit::MsrRead { msr }
-                } else {
-                    VmExit::MsrWrite {
-                        msr,
-                        value: (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff),
-                    }
-                }
-            }
-            EXIT_NPF => {
-                // 15.25.6: EXITINFO1 is a #PF-style error code (bit 0 P,
-                // bit 1 W, bit 4 instruction fetch), EXITINFO2 the GPA.
-                VmExit::NestedFault {
-                    gpa: Gpa(info2),
-                    access: Access {
-                        present: info1 & 1 != 0,
-                        write: info1 & (1 << 1) != 0,
-                        exec: info1 & (1 << 4) != 0,
-                    },
-                }
-            }
-            EXIT_SHUTDOWN => VmExit::Shutdown,
-            EXIT_INVALID => VmExit::EntryFailed {
+            Decoded::Invalid => Some(VmExit::EntryFailed {
                 reason: EntryFailure {
                     what: diagnose_invalid(self.vmcb()),
                     raw: code,
                     field: None,
                 },
-            },
-            EXIT_VMRUN | EXIT_VMLOAD | EXIT_VMSAVE | EXIT_STGI | EXIT_CLGI | EXIT_SKINIT
-            | EXIT_INVLPGA | EXIT_MONITOR | EXIT_MWAIT | EXIT_MWAIT_ARMED | EXIT_XSETBV => {
-                // The guest is told SVM, MONITOR and XSAVE do not exist:
-                // these instructions raise #UD for it.
+            }),
+            Decoded::InjectUd => {
                 self.inject_exception(6, None);
-                return None;
+                None
             }
-            EXIT_INVD => {
-                // 0f 08: nothing to do for a guest without its own cache.
-                self.regs.rip = rip.wrapping_add(2);
-                return None;
+            Decoded::Skip(len) => {
+                self.regs.rip = self.regs.rip.wrapping_add(len);
+                None
             }
-            _ => VmExit::Unknown { raw: code },
-        };
-        Some(exit)
+        }
+    }
+}
+
+/// What one #VMEXIT means, decoded from the exit code, EXITINFO1/2 and the
+/// guest registers alone (no VMCB access, so the host tests can feed it
+/// arbitrary values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decoded {
+    /// Report `exit`; `next_rip` is the software-decoded RIP after the
+    /// intercepted instruction, if it was one.
+    Exit { exit: VmExit, next_rip: Option<u64> },
+    /// VMRUN refused the guest state (VMEXIT_INVALID).
+    Invalid,
+    /// Raise #UD in the guest and re-enter.
+    InjectUd,
+    /// Step over an instruction of this many bytes and re-enter.
+    Skip(u64),
+}
+
+/// Decode one #VMEXIT (AMD APM vol. 2, Appendix C exit codes; 15.7-15.13
+/// and 15.25.6 for EXITINFO). Never panics, whatever the values.
+fn decode_exit(code: u64, info1: u64, info2: u64, regs: &Regs) -> Decoded {
+    let rip = regs.rip;
+    // Instruction lengths without NRIPS (AMD APM vol. 3 opcode maps):
+    // CPUID 0f a2, RDMSR 0f 32, WRMSR 0f 30, HLT f4, VMMCALL 0f 01 d9.
+    // Prefixed forms are not decoded (none of our guests emits them).
+    let insn = |exit, len: u64| Decoded::Exit {
+        exit,
+        next_rip: Some(rip.wrapping_add(len)),
+    };
+    let event = |exit| Decoded::Exit {
+        exit,
+        next_rip: None,
+    };
+    match code {
+        // Both stay pending until STGI, then the host's IDT takes them.
+        EXIT_INTR | EXIT_NMI => event(VmExit::ExternalInterrupt),
+        EXIT_CPUID => insn(
+            VmExit::Cpuid {
+                leaf: regs.rax as u32,
+                subleaf: regs.rcx as u32,
+            },
+            2,
+        ),
+        EXIT_HLT => insn(VmExit::Hlt, 1),
+        EXIT_VMMCALL => insn(VmExit::Hypercall, 3),
+        EXIT_IOIO => match decode_ioio(info1) {
+            // 15.10.2: EXITINFO2 holds the next RIP.
+            Some(io) => Decoded::Exit {
+                exit: VmExit::Io(io),
+                next_rip: Some(info2),
+            },
+            None => event(VmExit::Unknown { raw: code }),
+        },
+        EXIT_MSR => {
+            let msr = regs.rcx as u32;
+            // 15.11: EXITINFO1 = 0 for RDMSR, 1 for WRMSR.
+            let exit = if info1 & 1 == 0 {
+                VmExit::MsrRead { msr }
+            } else {
+                VmExit::MsrWrite {
+                    msr,
+                    value: (regs.rdx << 32) | (regs.rax & 0xffff_ffff),
+                }
+            };
+            insn(exit, 2)
+        }
+        // 15.25.6: EXITINFO1 is a #PF-style error code (bit 0 P, bit 1 W,
+        // bit 4 instruction fetch), EXITINFO2 the GPA.
+        EXIT_NPF => event(VmExit::NestedFault {
+            gpa: Gpa(info2),
+            access: Access {
+                present: info1 & 1 != 0,
+                write: info1 & (1 << 1) != 0,
+                exec: info1 & (1 << 4) != 0,
+            },
+        }),
+        EXIT_SHUTDOWN => event(VmExit::Shutdown),
+        EXIT_INVALID => Decoded::Invalid,
+        // The guest's CPUID shows no SVM and no MONITOR, so these raise #UD
+        // for it. XSETBV too: VMRUN does not switch XCR0, so a guest may
+        // not change it (the CPUID policy must keep XSAVE hidden).
+        EXIT_VMRUN | EXIT_VMLOAD | EXIT_VMSAVE | EXIT_STGI | EXIT_CLGI | EXIT_SKINIT
+        | EXIT_INVLPGA | EXIT_MONITOR | EXIT_MWAIT | EXIT_MWAIT_ARMED | EXIT_XSETBV => {
+            Decoded::InjectUd
+        }
+        // INVD (0f 08): nothing to do for a guest without its own cache.
+        EXIT_INVD => Decoded::Skip(2),
+        _ => event(VmExit::Unknown { raw: code }),
     }
 }
 
@@ -718,6 +750,124 @@ mod tests {
             (0x1f0, 2, IoDir::In, true, true)
         );
         assert_eq!(decode_ioio(0x3f8 << 16), None);
+    }
+
+    #[test]
+    fn exit_decoding() {
+        let regs = Regs {
+            rax: 0xdead_beef_0000_0001,
+            rcx: 0xc000_0080,
+            rdx: 0x1234,
+            rip: 0x1000,
+            ..Regs::default()
+        };
+        assert_eq!(
+            decode_exit(EXIT_CPUID, 0, 0, &regs),
+            Decoded::Exit {
+                exit: VmExit::Cpuid {
+                    leaf: 1,
+                    subleaf: 0xc000_0080
+                },
+                next_rip: Some(0x1002)
+            }
+        );
+        assert_eq!(
+            decode_exit(EXIT_MSR, 1, 0, &regs),
+            Decoded::Exit {
+                exit: VmExit::MsrWrite {
+                    msr: 0xc000_0080,
+                    value: 0x1234_0000_0001
+                },
+                next_rip: Some(0x1002)
+            }
+        );
+        assert_eq!(
+            decode_exit(EXIT_NPF, 0x1_0000_0007, 0x20_5000, &regs),
+            Decoded::Exit {
+                exit: VmExit::NestedFault {
+                    gpa: Gpa(0x20_5000),
+                    access: Access {
+                        present: true,
+                        write: true,
+                        exec: false
+                    }
+                },
+                next_rip: None
+            }
+        );
+        assert_eq!(
+            decode_exit(EXIT_IOIO, (0x3f8 << 16) | (1 << 4), 0x1002, &regs),
+            Decoded::Exit {
+                exit: VmExit::Io(IoAccess {
+                    port: 0x3f8,
+                    size: 1,
+                    dir: IoDir::Out,
+                    string: false,
+                    rep: false
+                }),
+                next_rip: Some(0x1002)
+            }
+        );
+        assert_eq!(decode_exit(EXIT_VMRUN, 0, 0, &regs), Decoded::InjectUd);
+        assert_eq!(decode_exit(EXIT_INVALID, 0, 0, &regs), Decoded::Invalid);
+        assert_eq!(
+            decode_exit(0x4d, 0, 0, &regs),
+            Decoded::Exit {
+                exit: VmExit::Unknown { raw: 0x4d },
+                next_rip: None
+            }
+        );
+    }
+
+    /// Every exit code, EXITINFO and register value decodes without a
+    /// panic (xorshift-driven, plus the edges).
+    #[test]
+    fn exit_decoding_never_panics() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let codes = [
+            EXIT_INTR,
+            EXIT_NMI,
+            EXIT_CPUID,
+            EXIT_HLT,
+            EXIT_VMMCALL,
+            EXIT_IOIO,
+            EXIT_MSR,
+            EXIT_NPF,
+            EXIT_SHUTDOWN,
+            EXIT_INVALID,
+            EXIT_INVD,
+            EXIT_XSETBV,
+            0,
+            u64::MAX - 1,
+        ];
+        for i in 0..20_000 {
+            let code = if i % 2 == 0 {
+                codes[i / 2 % codes.len()]
+            } else {
+                next()
+            };
+            let regs = Regs {
+                rax: next(),
+                rcx: next(),
+                rdx: next(),
+                rip: if i % 3 == 0 { u64::MAX } else { next() },
+                ..Regs::default()
+            };
+            let d = decode_exit(code, next(), next(), &regs);
+            if let Decoded::Exit {
+                exit: VmExit::Io(io),
+                ..
+            } = d
+            {
+                assert!(matches!(io.size, 1 | 2 | 4));
+            }
+        }
     }
 
     #[test]
