@@ -9,10 +9,11 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 use std::string::{String, ToString};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use std::vec::Vec;
 
-use super::{copy_disk, CopyOptions};
+use super::{check_geometry, Chunk, CopyError, CopyJob, CopyOptions};
 use crate::io::{DiskError, FileIo, RawDisk, VirtualDisk};
 use crate::vhdx::{self, CreateParams, DiskKind, Vhdx};
 
@@ -21,8 +22,9 @@ use crate::vhdx::{self, CreateParams, DiskKind, Vhdx};
 pub enum HostDisk {
     /// A raw image (any extension but `.vhdx` / `.avhdx`).
     Raw(RawDisk<FileIo>),
-    /// A VHDX file, with its parent chain attached when differencing.
-    Vhdx(Vhdx<FileIo>),
+    /// A VHDX file, with its parent chain attached when differencing
+    /// (boxed: its state is far larger than a raw file's).
+    Vhdx(Box<Vhdx<FileIo>>),
 }
 
 impl HostDisk {
@@ -37,14 +39,14 @@ impl HostDisk {
     fn as_disk(&mut self) -> &mut dyn VirtualDisk {
         match self {
             HostDisk::Raw(d) => d,
-            HostDisk::Vhdx(d) => d,
+            HostDisk::Vhdx(d) => &mut **d,
         }
     }
 
     fn as_disk_ref(&self) -> &dyn VirtualDisk {
         match self {
             HostDisk::Raw(d) => d,
-            HostDisk::Vhdx(d) => d,
+            HostDisk::Vhdx(d) => &**d,
         }
     }
 
@@ -93,9 +95,8 @@ pub(crate) fn is_vhdx(path: &Path) -> bool {
 /// extension, raw otherwise.
 pub fn open_disk(path: &Path, writable: bool) -> Result<HostDisk, DiskError> {
     if is_vhdx(path) {
-        return Ok(HostDisk::Vhdx(vhdx::host::open_path_direct(
-            path, writable,
-        )?));
+        let d = vhdx::host::open_path_direct(path, writable)?;
+        return Ok(HostDisk::Vhdx(Box::new(d)));
     }
     let io = FileIo::open_direct(path, writable)
         .map_err(|e| DiskError::Open(format!("cannot open {}: {e}", path.display())))?;
@@ -132,7 +133,10 @@ pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> 
     let result = (|| {
         let io = FileIo::open_direct(path, true)?;
         if is_vhdx(path) {
-            return Ok(HostDisk::Vhdx(vhdx::create(io, &params_like(like))?));
+            return Ok(HostDisk::Vhdx(Box::new(vhdx::create(
+                io,
+                &params_like(like),
+            )?)));
         }
         let disk = RawDisk::create(io, like.virtual_size())?;
         // A raw file keeps 512-byte sectors unless told otherwise.
@@ -148,6 +152,92 @@ pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> 
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// Chunks read ahead of the destination writes by [`copy_disk_pipelined`].
+pub const READ_AHEAD_CHUNKS: usize = 2;
+
+/// [`super::copy_disk`] with the source read on a second thread, up to
+/// [`READ_AHEAD_CHUNKS`] chunks ahead of the destination writes, so reading
+/// one disk and writing the other overlap. Same plan, same order, same
+/// result; memory stays bounded (`READ_AHEAD_CHUNKS + 1` chunk buffers).
+pub fn copy_disk_pipelined<S, D>(
+    src: &mut S,
+    dst: &mut D,
+    opts: CopyOptions,
+    mut on_progress: impl FnMut(u64, u64) -> bool,
+) -> Result<u64, CopyError>
+where
+    S: VirtualDisk + Send + ?Sized,
+    D: VirtualDisk + ?Sized,
+{
+    check_geometry(src, dst)?;
+    let mut job = CopyJob::for_disk(src, opts)?;
+    let mut reader_job = job.clone();
+    type Filled = (Chunk, Vec<u8>, Result<(), CopyError>);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Filled>(READ_AHEAD_CHUNKS);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..=READ_AHEAD_CHUNKS {
+        // Cannot fail: the receiver is alive.
+        let _ = empty_tx.send(Vec::new());
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            while let Some(chunk) = reader_job.next_chunk() {
+                let Ok(mut buf) = empty_rx.recv() else {
+                    return; // the writer stopped
+                };
+                // A chunk is at most MAX_CHUNK_BYTES.
+                let len = usize::try_from(chunk.len_bytes).unwrap_or(usize::MAX);
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                let read = src.read(chunk.offset, &mut buf[..len]).map_err(|error| {
+                    CopyError::SourceRead {
+                        offset: chunk.offset,
+                        error,
+                    }
+                });
+                let failed = read.is_err();
+                if full_tx.send((chunk, buf, read)).is_err() || failed {
+                    return;
+                }
+                if reader_job.complete(chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let result = (|| {
+            while job.next_chunk().is_some() {
+                let (chunk, buf, read) = full_rx.recv().map_err(|_| CopyError::SourceRead {
+                    offset: job.cursor(),
+                    error: DiskError::Request("the reader thread stopped early".into()),
+                })?;
+                read?;
+                let data = buf.get(..chunk.len_bytes as usize).unwrap_or(&buf);
+                if !(opts.skip_zero_chunks && data.iter().all(|&b| b == 0)) {
+                    dst.write(chunk.offset, data)
+                        .map_err(|error| CopyError::DestWrite {
+                            offset: chunk.offset,
+                            error,
+                        })?;
+                }
+                job.complete(chunk)?;
+                // The reader may have finished; a spare buffer is harmless.
+                let _ = empty_tx.send(buf);
+                if !on_progress(job.bytes_copied(), job.bytes_total()) {
+                    return Err(CopyError::Cancelled);
+                }
+            }
+            dst.flush().map_err(CopyError::DestFlush)?;
+            Ok(job.bytes_copied())
+        })();
+        // Unblock a reader waiting to send or for a buffer, before the
+        // scope joins it.
+        drop(full_rx);
+        drop(empty_tx);
+        result
+    })
 }
 
 /// Draws `[####      ]  42%  123.4/256.0 MB  512.3 MB/s` on stderr, in place.
@@ -213,7 +303,7 @@ pub fn cli_copy(src: &Path, dst: &Path, progress: bool) -> Result<(), String> {
         ..CopyOptions::default()
     };
     let mut last = (0, 0);
-    let result = copy_disk(&mut source, &mut dest, opts, |done, total| {
+    let result = copy_disk_pipelined(&mut source, &mut dest, opts, |done, total| {
         last = (done, total);
         if let Some(bar) = bar.as_mut() {
             bar.draw(done, total, false);

@@ -24,7 +24,9 @@
 #[cfg(feature = "std")]
 mod host;
 #[cfg(feature = "std")]
-pub use host::{cli_copy, create_like, open_disk, HostDisk};
+pub use host::{
+    cli_copy, copy_disk_pipelined, create_like, open_disk, params_like, HostDisk, READ_AHEAD_CHUNKS,
+};
 
 use alloc::vec;
 use alloc::vec::Vec;
