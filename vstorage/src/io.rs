@@ -60,6 +60,8 @@ impl fmt::Display for IoError {
 impl std::error::Error for IoError {}
 
 /// Byte-addressed backing store (a file, a memory buffer, a test double).
+// `len` is the store's size, never empty-or-not: no `is_empty` counterpart.
+#[allow(clippy::len_without_is_empty)]
 pub trait BlockIo {
     /// Fills `buf` from `offset`. A store shorter than `offset + buf.len()` is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
@@ -276,7 +278,7 @@ pub fn check_request(
 ) -> Result<(), DiskError> {
     let sector = u64::from(sector_bytes.max(1));
     let len = len_bytes as u64;
-    if offset % sector != 0 || len % sector != 0 {
+    if !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) {
         return Err(DiskError::Request(alloc::format!(
             "offset {offset} and length {len} must be multiples of the {sector}-byte sector"
         )));

@@ -263,9 +263,9 @@ fn read_headers<B: BlockIo>(io: &B) -> Result<Headers, DiskError> {
 fn check_log_location(h: &Header, file_len: u64) -> Result<(), DiskError> {
     let end = h.log_offset.checked_add(u64::from(h.log_length));
     if h.log_offset < MIB
-        || h.log_offset % MIB != 0
+        || !h.log_offset.is_multiple_of(MIB)
         || h.log_length == 0
-        || u64::from(h.log_length) % MIB != 0
+        || !u64::from(h.log_length).is_multiple_of(MIB)
         || u64::from(h.log_length) > MAX_LOG_BYTES
     {
         return Err(corrupt(format!(
@@ -1028,14 +1028,14 @@ impl<B: BlockIo> Vhdx<B> {
         let end = bit + count;
         while b < end {
             let page_off = sb_off + (b / page_bits) * LOG_SECTOR as u64;
-            if !pages.contains_key(&page_off) {
-                let mut p = vec![0u8; LOG_SECTOR];
-                self.read_file(page_off, &mut p)?;
-                pages.insert(page_off, p);
-            }
-            let page = pages
-                .get_mut(&page_off)
-                .ok_or_else(|| corrupt("internal bitmap page"))?;
+            let page = match pages.entry(page_off) {
+                alloc::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                alloc::collections::btree_map::Entry::Vacant(v) => {
+                    let mut p = vec![0u8; LOG_SECTOR];
+                    self.read_file(page_off, &mut p)?;
+                    v.insert(p)
+                }
+            };
             let first = b % page_bits;
             let n = (page_bits - first).min(end - b);
             for k in first..first + n {

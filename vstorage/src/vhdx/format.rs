@@ -50,8 +50,10 @@ const HEADER_SIGNATURE: &[u8; 4] = b"head";
 const REGION_SIGNATURE: &[u8; 4] = b"regi";
 const METADATA_SIGNATURE: &[u8; 8] = b"metadata";
 
-/// CRC-32C (Castagnoli), the checksum of every VHDX structure.
-pub const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+/// CRC-32C (Castagnoli), the checksum of every VHDX structure. Slice-by-16
+/// tables: checksums cover 64 KiB tables and whole log entries.
+pub const CRC32C: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 /// CRC-32C of `buf` with the 4-byte checksum field at `field` taken as zero.
 pub fn checksum_with_hole(buf: &[u8], field: usize) -> u32 {
@@ -443,7 +445,10 @@ pub fn parse_region_table(b: &[u8]) -> Result<Regions, RegionError> {
                 e.guid
             )));
         }
-        if e.file_offset < MIB || e.file_offset % MIB != 0 || u64::from(e.length) % MIB != 0 {
+        if e.file_offset < MIB
+            || !e.file_offset.is_multiple_of(MIB)
+            || !u64::from(e.length).is_multiple_of(MIB)
+        {
             return Err(RegionError::Corrupt(format!(
                 "region {} at offset {} length {} is not 1 MiB aligned",
                 e.guid, e.file_offset, e.length
@@ -745,7 +750,7 @@ fn utf16_bytes(s: &str) -> Vec<u8> {
 }
 
 fn utf16_at(b: &[u8], off: usize, len: usize) -> Option<String> {
-    if len % 2 != 0 || off == 0 || len == 0 {
+    if !len.is_multiple_of(2) || off == 0 || len == 0 {
         return None;
     }
     let s = b.get(off..off.checked_add(len)?)?;
@@ -848,7 +853,7 @@ pub fn parse_disk_params(
     }
     if virtual_size == 0
         || virtual_size > MAX_VIRTUAL_SIZE
-        || virtual_size % u64::from(logical_sector_size) != 0
+        || !virtual_size.is_multiple_of(u64::from(logical_sector_size))
     {
         return Err(corrupt(format!(
             "virtual disk size {virtual_size} is not a non-zero multiple of the sector size up to 64 TiB"

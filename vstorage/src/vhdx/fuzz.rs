@@ -7,12 +7,16 @@ use crate::io::{MemIo, VirtualDisk};
 use alloc::vec;
 
 /// Opens `data` as a VHDX (read-only, then read-write) and does I/O.
-pub fn fuzz_harness(data: &[u8]) {
+/// Returns whether it opened (for corpus statistics).
+pub fn fuzz_harness(data: &[u8]) -> bool {
     let limit = data.len() as u64 + (8 << 20);
-    if let Ok(mut d) = Vhdx::open(
+    let Ok(mut d) = Vhdx::open(
         MemIo::from_vec(data.to_vec()).with_limit(limit),
         OpenOptions::read_only(),
-    ) {
+    ) else {
+        return false;
+    };
+    {
         let ss = u64::from(d.logical_sector_size());
         let mut buf = vec![0u8; ss as usize * 2];
         let size = d.virtual_size();
@@ -39,4 +43,5 @@ pub fn fuzz_harness(data: &[u8]) {
         }
         let _ = d.close();
     }
+    true
 }

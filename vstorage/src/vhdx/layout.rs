@@ -39,7 +39,7 @@ impl Geometry {
             || (sector_size != 512 && sector_size != 4096)
             || virtual_size == 0
             || virtual_size > MAX_VIRTUAL_SIZE
-            || virtual_size % u64::from(sector_size) != 0
+            || !virtual_size.is_multiple_of(u64::from(sector_size))
         {
             return None;
         }

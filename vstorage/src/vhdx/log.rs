@@ -171,10 +171,10 @@ pub fn parse_entry(log: &[u8], pos: usize, guid: &Guid) -> Result<ParsedEntry, S
     let tail = rd32(&head, 12);
     let seq = rd64(&head, 16);
     let count = rd32(&head, 24) as usize;
-    if length == 0 || length % LOG_SECTOR != 0 || length > log.len() {
+    if length == 0 || !length.is_multiple_of(LOG_SECTOR) || length > log.len() {
         return Err(format!("entry length {length} invalid"));
     }
-    if tail as usize % LOG_SECTOR != 0 || tail as usize >= log.len() {
+    if !(tail as usize).is_multiple_of(LOG_SECTOR) || tail as usize >= log.len() {
         return Err(format!("entry tail {tail} invalid"));
     }
     if seq == 0 {
@@ -204,12 +204,12 @@ pub fn parse_entry(log: &[u8], pos: usize, guid: &Guid) -> Result<ParsedEntry, S
             return Err(format!("descriptor {i} sequence number mismatch"));
         }
         let file_offset = rd64(&entry, d + 16);
-        if file_offset % LOG_SECTOR as u64 != 0 {
+        if !file_offset.is_multiple_of(LOG_SECTOR as u64) {
             return Err(format!("descriptor {i} file offset not 4 KiB aligned"));
         }
         if sig == ZERO_DESC_SIGNATURE {
             let len = rd64(&entry, d + 8);
-            if len % LOG_SECTOR as u64 != 0 {
+            if !len.is_multiple_of(LOG_SECTOR as u64) {
                 return Err(format!("zero descriptor {i} length not 4 KiB aligned"));
             }
             writes.push(LogWrite::Zero { file_offset, len });
