@@ -81,6 +81,18 @@ const TIMER_PERIOD_NS: u64 = 4_000_000;
 fn platform_init(info: &BootInfo) -> ! {
     gdt::init();
     interrupts::init();
+    // LAPIC and clock first, so that every later log line has a real time.
+    let lapic_base = lapic::init().unwrap_or_else(|e| panic!("LAPIC: {e}"));
+    let cal = time::calibrate();
+    if !cal.measured {
+        log::warn!("PIT calibration failed; assuming a 1 GHz TSC");
+    }
+    log::debug!(
+        "TSC {} MHz, LAPIC timer {} kHz (/16), calibrated at {} us",
+        cal.tsc_hz / 1_000_000,
+        cal.lapic_timer_hz / 1000,
+        time::now_ns() / 1000
+    );
 
     let image = crate::entry::image_range();
     if let Err(e) = mem::init_frames(info, image) {
@@ -104,6 +116,12 @@ fn platform_init(info: &BootInfo) -> ! {
                 m.ioapics,
                 m.lapic_address
             );
+            if m.lapic_address != lapic_base {
+                log::warn!(
+                    "MADT LAPIC address {:#x} differs from IA32_APIC_BASE {lapic_base:#x}",
+                    m.lapic_address
+                );
+            }
             Some(m)
         }
         Err(e) => {
@@ -111,25 +129,6 @@ fn platform_init(info: &BootInfo) -> ! {
             None
         }
     };
-    let lapic_base = lapic::init().unwrap_or_else(|e| panic!("LAPIC: {e}"));
-    if let Some(m) = madt {
-        if m.lapic_address != lapic_base {
-            log::warn!(
-                "MADT LAPIC address {:#x} differs from IA32_APIC_BASE {lapic_base:#x}",
-                m.lapic_address
-            );
-        }
-    }
-    let cal = time::calibrate();
-    if !cal.measured {
-        log::warn!("PIT calibration failed; assuming a 1 GHz TSC");
-    }
-    log::debug!(
-        "TSC {} MHz, LAPIC timer {} kHz (/16), boot took {} us",
-        cal.tsc_hz / 1_000_000,
-        cal.lapic_timer_hz / 1000,
-        time::now_ns() / 1000
-    );
     lapic::start_periodic(cal.lapic_timer_hz, TIMER_PERIOD_NS);
     if log::log_enabled!(log::Level::Debug) {
         check_timer();

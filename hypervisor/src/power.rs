@@ -23,6 +23,7 @@ pub fn shutdown(code: u8) -> ! {
 /// Power off without printing anything.
 pub fn power_off(code: u8) -> ! {
     crate::interrupts::disable();
+    serial::flush();
     // SAFETY: both ports belong to emulator power-off devices that this node
     // owns; on hardware without them the writes are ignored.
     unsafe {

@@ -12,7 +12,8 @@
 use core::fmt::{self, Write};
 use spin::Mutex;
 use uart_16550::backend::PioBackend;
-use uart_16550::{Config, Uart16550};
+use uart_16550::spec::registers::LSR;
+use uart_16550::{BaudRate, Config, Uart16550};
 
 /// COM1 base port.
 pub const COM1_PORT: u16 = 0x3F8;
@@ -50,7 +51,13 @@ pub fn init() -> bool {
     let Ok(mut uart) = uart else {
         return false;
     };
-    if uart.init(Config::default()).is_err() {
+    // 115200 baud: the crate's default is 9600, which Bochs emulates
+    // faithfully (about 1 ms per character of simulated time).
+    let config = Config {
+        baud_rate: BaudRate::Baud115200,
+        ..Config::default()
+    };
+    if uart.init(config).is_err() {
         return false;
     }
     CONSOLE.lock().uart = Some(uart);
@@ -77,6 +84,25 @@ pub fn write_fmt_emergency(args: fmt::Arguments<'_>) {
         unsafe { CONSOLE.force_unlock() };
     }
     let _ = CONSOLE.lock().write_fmt(args);
+}
+
+/// Wait until the UART has shifted out every byte (LSR.TEMT), bounded, so
+/// that a power-off right after does not cut the last line (Bochs models
+/// the transmit time of each character).
+pub fn flush() {
+    if CONSOLE.is_locked() {
+        // SAFETY: as in `write_fmt_emergency`: single CPU, power-off path.
+        unsafe { CONSOLE.force_unlock() };
+    }
+    let mut console = CONSOLE.lock();
+    if let Some(uart) = console.uart.as_mut() {
+        for _ in 0..1_000_000 {
+            if uart.lsr().contains(LSR::TRANSMITTER_EMPTY) {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+    }
 }
 
 /// `print!` to the console (no log prefix).
