@@ -9,9 +9,9 @@
 //! * [`enable`] runs once per boot before any VMRUN; it sets EFER.SVME and
 //!   VM_HSAVE_PA on the boot CPU, the only CPU that runs guests for now (the
 //!   host save area and host-state page are per CPU and live in statics);
-//! * every VMCB has its own ASID >= 1 while it exists (ASIDs are recycled
-//!   when a vCPU is destroyed; a new owner flushes the whole TLB on its first
-//!   VMRUN);
+//! * every VMCB has an ASID >= 1 of its own while it exists (recycled when
+//!   a vCPU is destroyed; a new owner flushes on its first VMRUN), or, once
+//!   they run out, the shared top ASID with a flush on every VMRUN;
 //! * the I/O and MSR permission maps are immutable statics shared by all
 //!   guests: every port is intercepted, and every MSR except those the VMCB
 //!   switches (FS/GS/KernelGS base, the SYSCALL/SYSENTER MSRs).
@@ -210,23 +210,49 @@ static ASIDS: spin::Mutex<[u64; ASID_WORDS]> = spin::Mutex::new([1, 0, 0, 0]);
 /// At most this many ASIDs are tracked (plenty for the VMs of one node).
 const ASID_WORDS: usize = 4;
 
-/// A free ASID below `limit`, or `None`.
-pub(crate) fn alloc_asid(limit: u32) -> Option<u32> {
+/// A guest's address-space ID (AMD APM vol. 2, 15.16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Asid {
+    /// Used by this vCPU alone: its TLB entries survive other guests' runs.
+    Own(u32),
+    /// The top ASID, kept back for when the others run out and shared by
+    /// every vCPU that got none: such a vCPU flushes its ASID on every VMRUN,
+    /// so sharing costs speed, never isolation.
+    Shared(u32),
+}
+
+impl Asid {
+    /// The value for the VMCB's GUEST_ASID.
+    pub(crate) fn value(self) -> u32 {
+        match self {
+            Asid::Own(a) | Asid::Shared(a) => a,
+        }
+    }
+}
+
+/// An ASID for a new vCPU on a CPU with `limit` ASIDs (>= 2).
+pub(crate) fn alloc_asid(limit: u32) -> Asid {
     let mut map = ASIDS.lock();
-    let limit = (limit as usize).min(ASID_WORDS * 64);
-    (1..limit)
-        .find(|&a| map[a / 64] & (1 << (a % 64)) == 0)
-        .inspect(|&a| {
+    let top = (limit as usize).min(ASID_WORDS * 64) - 1;
+    match (1..top).find(|&a| map[a / 64] & (1 << (a % 64)) == 0) {
+        Some(a) => {
             map[a / 64] |= 1 << (a % 64);
-        })
-        .map(|a| a as u32)
+            Asid::Own(a as u32)
+        }
+        None => {
+            log::debug!("svm: ASIDs exhausted, sharing ASID {top} (flush on every VMRUN)");
+            Asid::Shared(top as u32)
+        }
+    }
 }
 
 /// Return an ASID from [`alloc_asid`].
-pub(crate) fn free_asid(asid: u32) {
-    let a = asid as usize;
-    if a != 0 && a < ASID_WORDS * 64 {
-        ASIDS.lock()[a / 64] &= !(1 << (a % 64));
+pub(crate) fn free_asid(asid: Asid) {
+    if let Asid::Own(a) = asid {
+        let a = a as usize;
+        if a != 0 && a < ASID_WORDS * 64 {
+            ASIDS.lock()[a / 64] &= !(1 << (a % 64));
+        }
     }
 }
 

@@ -92,7 +92,7 @@ pub struct SvmVcpu {
     /// The VMCB, in a frame this vCPU owns (identity-mapped).
     vmcb: NonNull<Vmcb>,
     regs: Regs,
-    asid: u32,
+    asid: super::Asid,
     features: SvmFeatures,
     /// Next RIP of the last exit's instruction as decoded in software
     /// (`None` when the exit was not an instruction intercept).
@@ -113,8 +113,7 @@ impl SvmVcpu {
         features: &SvmFeatures,
         nested_root: Hpa,
     ) -> Result<Self, HostError> {
-        let asid =
-            super::alloc_asid(features.asids).ok_or(HostError::Backend("out of SVM ASIDs"))?;
+        let asid = super::alloc_asid(features.asids);
         let frame = match frames.alloc_frame() {
             Ok(f) => f,
             Err(_) => {
@@ -173,7 +172,7 @@ impl SvmVcpu {
     /// Control area and an INIT-like save area. AMD APM vol. 2, 15.5 and
     /// table 14-1 (processor state after INIT).
     fn init_vmcb(&mut self, nested_root: Hpa) {
-        let asid = self.asid;
+        let asid = self.asid.value();
         let v = self.vmcb_mut();
         let c = &mut v.control;
         // 15.9-15.13: instruction and event intercepts. VMRUN is mandatory;
@@ -263,7 +262,8 @@ impl SvmVcpu {
 
     /// One VMRUN/#VMEXIT round trip with the register file copied in and out.
     fn enter(&mut self) {
-        let flush = core::mem::take(&mut self.flush_pending);
+        let shared = matches!(self.asid, super::Asid::Shared(_));
+        let flush = core::mem::take(&mut self.flush_pending) || shared;
         let tlb = if !flush {
             TLB_CONTROL_NONE
         } else if self.features.flush_by_asid {
