@@ -40,10 +40,15 @@
 
 pub mod fault;
 #[cfg(feature = "std")]
+mod host;
+#[cfg(feature = "std")]
 mod shared;
+#[cfg(feature = "std")]
+pub use host::{MigrationOptions, StorageMigration};
 #[cfg(feature = "std")]
 pub use shared::{SharedDisk, SharedMirror};
 
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -131,6 +136,16 @@ pub enum MirrorError {
         /// The state the migration was in.
         state: MirrorState,
     },
+    /// A host file operation of the migration failed (creating the
+    /// destination, deleting the destination or the source).
+    File {
+        /// What was being done ("create", "delete", ...).
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// The host's explanation.
+        detail: String,
+    },
 }
 
 impl fmt::Display for MirrorError {
@@ -144,6 +159,7 @@ impl fmt::Display for MirrorError {
             MirrorError::WrongState { op, state } => {
                 write!(f, "cannot {op} while the migration is {state}")
             }
+            MirrorError::File { op, path, detail } => write!(f, "cannot {op} {path}: {detail}"),
         }
     }
 }

@@ -70,7 +70,14 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
     pub fn new(mut source: S, dest: D, opts: CopyOptions) -> Result<Self, MirrorError> {
         copy::check_geometry(&source, &dest)?;
         let job = CopyJob::for_disk(&mut source, opts)?;
-        Ok(SharedMirror {
+        Ok(Self::with_plan(source, dest, job))
+    }
+
+    /// Starts mirroring with a plan made by the caller from `source`
+    /// ([`CopyJob::for_disk`]); `dest` must have passed
+    /// [`copy::check_geometry`] against `source`.
+    pub fn with_plan(source: S, dest: D, job: CopyJob) -> Self {
+        SharedMirror {
             inner: Arc::new(Inner {
                 core: Mutex::new(MirrorCore::new(job)),
                 changed: Condvar::new(),
@@ -80,7 +87,7 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
                 dest: Mutex::new(Some(dest)),
                 discarded: Mutex::new(None),
             }),
-        })
+        }
     }
 
     /// A guest-side handle.
