@@ -299,7 +299,7 @@ fn pending_log<B: BlockIo>(io: &B, h: &Header) -> Result<Option<Vec<log::ParsedE
     // A LogGuid with no valid entry means the writer crashed between setting
     // the GUID and flushing its first entry: nothing was applied, so there is
     // nothing to replay (QEMU treats it the same way).
-    let Some(seq) = log::find_active_sequence(&log_bytes, &h.log_guid) else {
+    let Some(seq) = log::find_active_sequence(&log_bytes, &h.log_guid).map_err(corrupt)? else {
         return Ok(None);
     };
     let head = seq.last().ok_or_else(|| corrupt("empty log sequence"))?;

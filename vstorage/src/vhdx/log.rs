@@ -247,51 +247,96 @@ pub fn parse_entry(log: &[u8], pos: usize, guid: &Guid) -> Result<ParsedEntry, S
     })
 }
 
-/// Finds the active sequence (MS-VHDX 2.3.3): the newest head entry whose
-/// chain from its tail consists of valid entries with consecutive sequence
-/// numbers. Returns the entries tail first; `None` when no valid sequence.
-pub fn find_active_sequence(log: &[u8], guid: &Guid) -> Option<Vec<ParsedEntry>> {
-    let mut valid: Vec<ParsedEntry> = Vec::new();
-    let mut pos = 0usize;
-    while pos < log.len() {
-        if let Ok(e) = parse_entry(log, pos, guid) {
-            valid.push(e);
-        }
-        pos += LOG_SECTOR;
+/// Finds the active sequence (MS-VHDX 2.3.3): starting from each candidate
+/// tail, extend a sequence of valid entries with consecutive sequence numbers;
+/// it is valid when its head's tail lies inside it; the newest valid one wins.
+/// Returns the entries tail first; `Ok(None)` when there is no valid sequence.
+///
+/// Work is bounded: every position is parsed at most once (results are
+/// cached), checksummed bytes are capped at a few times the log length and
+/// extension steps at a few per position, so a crafted log cannot make the
+/// scan quadratic. Exceeding a budget is reported as an error.
+pub fn find_active_sequence(log: &[u8], guid: &Guid) -> Result<Option<Vec<ParsedEntry>>, String> {
+    let positions = log.len() / LOG_SECTOR;
+    if positions == 0 {
+        return Ok(None);
     }
-    let at = |p: usize| valid.iter().find(|e| e.position as usize == p);
-    let mut best: Option<Vec<ParsedEntry>> = None;
-    for head in &valid {
-        if best
-            .as_ref()
-            .and_then(|b| b.last())
-            .is_some_and(|b| b.sequence_number >= head.sequence_number)
-        {
-            continue;
+    let mut cache: Vec<Option<Option<ParsedEntry>>> = vec![None; positions];
+    let mut crc_budget = (log.len() as u64).saturating_mul(4);
+    let mut step_budget = (positions as u64).saturating_mul(64).saturating_add(4096);
+    let mut entry_at = |pos: usize| -> Result<Option<ParsedEntry>, String> {
+        let slot = cache
+            .get_mut(pos / LOG_SECTOR)
+            .ok_or("log position out of range")?;
+        if let Some(e) = slot {
+            return Ok(e.clone());
         }
-        // Walk from the head's tail forward to the head.
-        let mut chain: Vec<ParsedEntry> = Vec::new();
-        let mut p = head.tail as usize;
-        let mut ok = false;
-        for _ in 0..valid.len() {
-            let Some(e) = at(p) else { break };
-            if let Some(prev) = chain.last() {
+        // Charge the checksum work before doing it.
+        let claimed = ring_read(log, pos, 12)
+            .map(|h| rd32(&h, 8) as u64)
+            .unwrap_or(0);
+        let parsed = if claimed > crc_budget {
+            None
+        } else {
+            let r = parse_entry(log, pos, guid).ok();
+            if r.is_some() {
+                crc_budget -= claimed;
+            }
+            r
+        };
+        *slot = Some(parsed.clone());
+        Ok(parsed)
+    };
+    let mut best: Option<Vec<ParsedEntry>> = None;
+    let mut tail = 0usize;
+    let mut old_tail = 0usize;
+    loop {
+        let mut seq: Vec<ParsedEntry> = Vec::new();
+        let mut head = tail;
+        while seq.len() < positions {
+            step_budget = step_budget
+                .checked_sub(1)
+                .ok_or("log scan exceeded its work budget (overlapping entries)")?;
+            let Some(e) = entry_at(head)? else { break };
+            if let Some(prev) = seq.last() {
                 if prev.sequence_number.checked_add(1) != Some(e.sequence_number) {
                     break;
                 }
             }
-            chain.push(e.clone());
-            if e.position == head.position {
-                ok = e.sequence_number == head.sequence_number;
-                break;
+            head = (head + e.length as usize) % log.len();
+            seq.push(e);
+        }
+        let start = seq
+            .last()
+            .and_then(|h| seq.iter().position(|e| e.position == h.tail));
+        let newer = |b: &Option<Vec<ParsedEntry>>, s: &[ParsedEntry]| match (b, s.last()) {
+            (Some(b), Some(h)) => b
+                .last()
+                .is_none_or(|x| h.sequence_number > x.sequence_number),
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        match start {
+            Some(i) => {
+                let s = &seq[i..];
+                if newer(&best, s) {
+                    best = Some(s.to_vec());
+                }
+                tail = head;
             }
-            p = (p + e.length as usize) % log.len();
+            None => {
+                tail += LOG_SECTOR;
+                if tail >= log.len() {
+                    tail = 0;
+                }
+            }
         }
-        if ok {
-            best = Some(chain);
+        if tail <= old_tail {
+            break;
         }
+        old_tail = tail;
     }
-    best
+    Ok(best)
 }
 
 #[cfg(test)]
@@ -362,7 +407,7 @@ mod tests {
         log[..8192].copy_from_slice(&e1);
         let e2 = build_entry(&params(2, 0, g), &w(2));
         log[8192..16384].copy_from_slice(&e2);
-        let s = find_active_sequence(&log, &g).unwrap();
+        let s = find_active_sequence(&log, &g).unwrap().unwrap();
         assert_eq!(
             s.iter().map(|e| e.sequence_number).collect::<Vec<_>>(),
             vec![1, 2]
@@ -370,9 +415,28 @@ mod tests {
         let e3 = build_entry(&params(3, 60 * 1024, g), &w(3));
         log[60 * 1024..].copy_from_slice(&e3[..4096]);
         log[..4096].copy_from_slice(&e3[4096..]);
-        let s = find_active_sequence(&log, &g).unwrap();
+        let s = find_active_sequence(&log, &g).unwrap().unwrap();
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].sequence_number, 3);
-        assert!(find_active_sequence(&log, &Guid([9; 16])).is_none());
+        assert!(find_active_sequence(&log, &Guid([9; 16]))
+            .unwrap()
+            .is_none());
+    }
+
+    /// Every position holds a valid entry continuing the previous one, but
+    /// every head's tail points at a torn entry: the naive scan is quadratic.
+    #[test]
+    fn crafted_log_cannot_make_the_scan_quadratic() {
+        let g = Guid([3; 16]);
+        let n = 1024usize;
+        let mut log = vec![0u8; n * LOG_SECTOR];
+        for i in 1..n {
+            let e = build_entry(&params(i as u64, 0, g), &[]);
+            log[i * LOG_SECTOR..(i + 1) * LOG_SECTOR].copy_from_slice(&e);
+        }
+        let t = std::time::Instant::now();
+        let r = find_active_sequence(&log, &g);
+        assert!(r.is_err() || r.unwrap().is_none());
+        assert!(t.elapsed().as_secs() < 5);
     }
 }
