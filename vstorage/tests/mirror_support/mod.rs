@@ -86,18 +86,28 @@ impl Model {
         self.check_from(disk, 0, what);
     }
 
-    /// Checks sectors `first..` of `disk` against the model.
+    /// Checks sectors `first..` of `disk` against the model, reading in
+    /// batches (a file-backed disk pays a system call per read).
     pub fn check_from(&self, disk: &mut dyn VirtualDisk, first: u64, what: &str) {
-        let mut buf = vec![0u8; SECTOR];
-        for (s, allowed) in self.allowed.iter().enumerate().skip(first as usize) {
-            let s = s as u64;
-            disk.read(s * SECTOR as u64, &mut buf)
-                .unwrap_or_else(|e| panic!("{what}: reading sector {s}: {e}"));
-            let got = decode(s, &buf);
-            assert!(
-                got.is_some_and(|id| allowed.contains(&id)),
-                "{what}: sector {s} holds write {got:?}, expected one of {allowed:?}"
-            );
+        const BATCH: u64 = 128;
+        let end = self.allowed.len() as u64;
+        let mut buf = vec![0u8; BATCH as usize * SECTOR];
+        let mut s0 = first;
+        while s0 < end {
+            let n = BATCH.min(end - s0);
+            let bytes = &mut buf[..n as usize * SECTOR];
+            disk.read(s0 * SECTOR as u64, bytes)
+                .unwrap_or_else(|e| panic!("{what}: reading sectors {s0}..{}: {e}", s0 + n));
+            for (i, sector) in bytes.chunks(SECTOR).enumerate() {
+                let s = s0 + i as u64;
+                let allowed = &self.allowed[s as usize];
+                let got = decode(s, sector);
+                assert!(
+                    got.is_some_and(|id| allowed.contains(&id)),
+                    "{what}: sector {s} holds write {got:?}, expected one of {allowed:?}"
+                );
+            }
+            s0 += n;
         }
     }
 }
