@@ -28,7 +28,6 @@ pub use host::{
     cli_copy, copy_disk_pipelined, create_like, open_disk, params_like, HostDisk, READ_AHEAD_CHUNKS,
 };
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -387,18 +386,34 @@ pub fn copy_disk<S, D>(
     src: &mut S,
     dst: &mut D,
     opts: CopyOptions,
-    mut on_progress: impl FnMut(u64, u64) -> bool,
+    on_progress: impl FnMut(u64, u64) -> bool,
 ) -> Result<u64, CopyError>
 where
     S: VirtualDisk + ?Sized,
     D: VirtualDisk + ?Sized,
 {
     check_geometry(src, dst)?;
-    let mut job = CopyJob::for_disk(src, opts)?;
-    let first = job.next_chunk().map_or(0, |c| c.len_bytes);
-    let mut buf = vec![0u8; usize::try_from(first).unwrap_or(0)];
+    let job = CopyJob::for_disk(src, opts)?;
+    copy_plan(src, dst, job, opts.skip_zero_chunks, on_progress)
+}
+
+/// Runs a plan made by the caller (e.g. only the ranges a differencing
+/// disk holds itself) from `src` to `dst`, then flushes `dst`. Like
+/// [`copy_disk`] otherwise; the caller checked the geometry.
+pub fn copy_plan<S, D>(
+    src: &mut S,
+    dst: &mut D,
+    mut job: CopyJob,
+    skip_zero_chunks: bool,
+    mut on_progress: impl FnMut(u64, u64) -> bool,
+) -> Result<u64, CopyError>
+where
+    S: VirtualDisk + ?Sized,
+    D: VirtualDisk + ?Sized,
+{
+    let mut buf = Vec::new();
     while let Some(chunk) = job.next_chunk() {
-        copy_chunk(src, dst, chunk, &mut buf, opts.skip_zero_chunks)?;
+        copy_chunk(src, dst, chunk, &mut buf, skip_zero_chunks)?;
         job.complete(chunk)?;
         if !on_progress(job.bytes_copied(), job.bytes_total()) {
             return Err(CopyError::Cancelled);

@@ -42,9 +42,13 @@ pub mod fault;
 #[cfg(feature = "std")]
 mod host;
 #[cfg(feature = "std")]
+mod quick;
+#[cfg(feature = "std")]
 mod shared;
 #[cfg(feature = "std")]
 pub use host::{MigrationOptions, StorageMigration};
+#[cfg(feature = "std")]
+pub use quick::{QuickMigration, QuickState};
 #[cfg(feature = "std")]
 pub use shared::{SharedDisk, SharedMirror};
 
@@ -136,6 +140,9 @@ pub enum MirrorError {
         /// The state the migration was in.
         state: MirrorState,
     },
+    /// A step was asked for out of order (e.g. finishing a quick migration
+    /// before its base is copied).
+    Sequence(&'static str),
     /// A host file operation of the migration failed (creating the
     /// destination, deleting the destination or the source).
     File {
@@ -159,6 +166,7 @@ impl fmt::Display for MirrorError {
             MirrorError::WrongState { op, state } => {
                 write!(f, "cannot {op} while the migration is {state}")
             }
+            MirrorError::Sequence(what) => write!(f, "out of sequence: {what}"),
             MirrorError::File { op, path, detail } => write!(f, "cannot {op} {path}: {detail}"),
         }
     }

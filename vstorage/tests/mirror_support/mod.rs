@@ -61,6 +61,7 @@ pub fn decode(sector: u64, bytes: &[u8]) -> Option<u64> {
 /// What each sector may hold: the last acknowledged write's id, plus the
 /// ids of unacknowledged writes issued after it (they may or may not have
 /// landed).
+#[derive(Clone)]
 pub struct Model {
     pub allowed: Vec<Vec<u64>>,
 }
