@@ -417,22 +417,43 @@ fn cmd_read(a: &Args) -> Result<(), Fail> {
         .map_err(|e| Fail(1, format!("write to output failed: {e}")))
 }
 
+/// Where `write` takes its bytes from, streamed a chunk at a time.
+enum Payload {
+    Pattern(u8),
+    File(std::fs::File),
+}
+
+impl Payload {
+    fn fill(&mut self, dst: &mut [u8]) -> Result<(), Fail> {
+        match self {
+            Payload::Pattern(b) => {
+                dst.fill(*b);
+                Ok(())
+            }
+            Payload::File(f) => f
+                .read_exact(dst)
+                .map_err(|e| Fail(1, format!("reading --input failed: {e}"))),
+        }
+    }
+}
+
 fn cmd_write(a: &Args) -> Result<(), Fail> {
     let f = &a.positional(1, "FILE")?[0];
     let offset = parse_size(
         a.get("offset")
             .ok_or_else(|| Fail(1, "--offset is required".into()))?,
     )?;
-    let data: Vec<u8> = match (a.get("input"), a.get("pattern")) {
+    let (mut payload, len) = match (a.get("input"), a.get("pattern")) {
         (Some(i), None) => {
             if a.has("length") {
                 return fail("--length goes with --pattern, not --input");
             }
-            let mut v = Vec::new();
-            std::fs::File::open(i)
-                .and_then(|mut h| h.read_to_end(&mut v))
-                .map_err(|e| Fail(1, format!("{i}: {e}")))?;
-            v
+            let h = std::fs::File::open(i).map_err(|e| Fail(1, format!("{i}: {e}")))?;
+            let len = h
+                .metadata()
+                .map_err(|e| Fail(1, format!("{i}: {e}")))?
+                .len();
+            (Payload::File(h), len)
         }
         (None, Some(p)) => {
             let b = parse_byte(p)?;
@@ -440,36 +461,24 @@ fn cmd_write(a: &Args) -> Result<(), Fail> {
                 a.get("length")
                     .ok_or_else(|| Fail(1, "--pattern needs --length".into()))?,
             )?;
-            let len = usize::try_from(len)
-                .ok()
-                .filter(|&l| l <= 1 << 34)
-                .ok_or_else(|| Fail(1, "--length too large".into()))?;
-            let mut v = Vec::new();
-            v.try_reserve_exact(len)
-                .map_err(|_| Fail(1, "--length too large for memory".into()))?;
-            v.resize(len, b);
-            v
+            (Payload::Pattern(b), len)
         }
         _ => return fail("give exactly one of --input F or --pattern BYTE --length N"),
     };
     let mut d = open_any(f, true)?;
     let ss = u64::from(d.logical_sector_size());
     let end = offset
-        .checked_add(data.len() as u64)
+        .checked_add(len)
         .filter(|&e| e <= d.virtual_size())
         .ok_or_else(|| {
             Fail(
                 1,
                 format!(
-                    "write of {} bytes at {offset} runs past the end of the {}-byte disk",
-                    data.len(),
+                    "write of {len} bytes at {offset} runs past the end of the {}-byte disk",
                     d.virtual_size()
                 ),
             )
         })?;
-    if data.is_empty() {
-        return Ok(());
-    }
     let chunk = 1u64 << 20;
     let mut cur = offset;
     let mut buf = Vec::new();
@@ -482,8 +491,7 @@ fn cmd_write(a: &Args) -> Result<(), Fail> {
         if a_start != cur || a_end != take_end {
             d.read(a_start, &mut buf)?;
         }
-        let src = &data[(cur - offset) as usize..(take_end - offset) as usize];
-        buf[(cur - a_start) as usize..(take_end - a_start) as usize].copy_from_slice(src);
+        payload.fill(&mut buf[(cur - a_start) as usize..(take_end - a_start) as usize])?;
         d.write(a_start, &buf)?;
         cur = take_end;
     }
