@@ -43,7 +43,7 @@ mod wire;
 pub use bitmap::DirtyBitmap;
 pub use error::{MigrationError, StreamError, TransportError, VmError};
 pub use policy::Policy;
-pub use receiver::{DestinationVm, ReceiveOutcome, Receiver, RecvProgress};
+pub use receiver::{DestinationVm, DigestCheck, ReceiveOutcome, Receiver, RecvProgress};
 pub use report::{MigrationReport, MigrationResult};
 pub use source::{Clock, MigratableVm, Migration, Progress};
 pub use state::{

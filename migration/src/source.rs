@@ -548,9 +548,10 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         );
         self.expected_downtime_ns = Some(expected);
         if policy::fits_downtime(expected, self.policy.downtime_limit_ns) {
+            // Downtime starts when stopping the vCPUs starts.
+            self.pause_ns = Some(self.clock.now_ns());
             self.vm.pause()?;
             self.paused = true;
-            self.pause_ns = Some(self.clock.now_ns());
             // Writes between the collection above and the pause.
             self.vm.collect_dirty(&mut self.to_send)?;
             self.phase = Phase::FinalCopy;
@@ -617,10 +618,14 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
 
     /// The way back: everything the source changed is undone.
     fn abandon(&mut self, result: MigrationResult, err: MigrationError) {
-        if !matches!(
-            err,
-            MigrationError::PeerAborted(_) | MigrationError::Transport(_)
-        ) {
+        // No abort before our magic (the peer could not parse it) or when the
+        // peer already stopped or the channel is gone.
+        if self.phase != Phase::Handshake
+            && !matches!(
+                err,
+                MigrationError::PeerAborted(_) | MigrationError::Transport(_)
+            )
+        {
             let mut out = Vec::new();
             Record::Abort {
                 reason: err.to_string(),

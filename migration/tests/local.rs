@@ -7,7 +7,7 @@
 use migration::policy::{NS_PER_MS, NS_PER_S};
 use migration::stream::{Record, MAGIC_DEST};
 use migration::{
-    Clock, DestinationVm, DeviceState, DirtyBitmap, MemPipe, MigratableVm, Migration,
+    Clock, DestinationVm, DeviceState, DigestCheck, DirtyBitmap, MemPipe, MigratableVm, Migration,
     MigrationError, MigrationResult, Page, Policy, Progress, Receiver, RecvProgress, Transport,
     TransportError, VcpuState, VmConfig, VmError, PAGE_SIZE,
 };
@@ -186,6 +186,8 @@ struct FakeDest {
     running: bool,
     discarded: bool,
     corrupt_gfn: Option<u64>,
+    /// A stray write: writing the first gfn also flips a byte of the second.
+    alias: Option<(u64, u64)>,
     refuse_devices: bool,
 }
 
@@ -203,6 +205,11 @@ impl DestinationVm for FakeDest {
         *p = *data;
         if self.corrupt_gfn == Some(gfn) {
             p[0] ^= 0xff;
+        }
+        if let Some((w, victim)) = self.alias {
+            if w == gfn {
+                self.mem[victim as usize][7] ^= 1;
+            }
         }
         Ok(())
     }
@@ -245,6 +252,7 @@ struct Setup {
     policy: Policy,
     bytes_per_s: u64,
     fail_after: Option<u64>,
+    check: DigestCheck,
 }
 
 impl Setup {
@@ -257,6 +265,7 @@ impl Setup {
             policy: Policy::default(),
             bytes_per_s: 100 << 20,
             fail_after: None,
+            check: DigestCheck::ReadBackOnWrite,
         }
     }
 
@@ -283,7 +292,7 @@ impl Setup {
         };
         let clock = SimClock(self.time.clone());
         let mut mig = Migration::new(&mut self.vm, src_t, clock.clone(), self.policy);
-        let mut rx = Receiver::new(&mut self.dest, dst_t);
+        let mut rx = Receiver::new(&mut self.dest, dst_t).with_digest_check(self.check);
         for _ in 0..5_000_000 {
             let s = mig.step();
             let r = rx.step();
@@ -590,4 +599,30 @@ fn rate_limit_is_respected() {
         elapsed_ns + 10 * NS_PER_MS >= floor_ns,
         "{elapsed_ns} < {floor_ns}"
     );
+}
+
+#[test]
+fn full_image_check_catches_a_stray_write_after_the_fact() {
+    // Writing page 40 also corrupts page 4, which was written (and read
+    // back) earlier in pass 0.
+    let mut s = Setup::new(256);
+    s.dest.alias = Some((40, 4));
+    s.check = DigestCheck::FullImageAtEnd;
+    let (mig, rx) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Failed);
+    let e = rx.outcome().error.clone().unwrap();
+    assert!(e.contains("final memory digest mismatch"), "{e}");
+    drop((mig, rx));
+    assert_source_intact(&s.vm);
+    assert!(!s.dest.running);
+
+    // The same stray write before the page is written is caught by the
+    // default check too (the read-back sees the page as finally written).
+    let mut s = Setup::new(256);
+    s.dest.alias = Some((4, 40));
+    s.dest.corrupt_gfn = None;
+    let (mig, _) = s.run();
+    // Page 40 is written after 4 in pass 0, overwriting the stray flip: the
+    // image is right and the migration completes.
+    assert_eq!(mig.report().result, MigrationResult::Completed);
 }
