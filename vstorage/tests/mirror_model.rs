@@ -1,13 +1,14 @@
-//! Property tests of the single-threaded mirror ([`MirroredDisk`]) against
-//! a model: random interleavings of guest writes, copy steps, reads, cancel
-//! and switch-over, with a fault injected on the source or the destination
-//! at a random operation. After every run the surviving disk (and, once
+//! Property tests (proptest) of the single-threaded mirror
+//! ([`MirroredDisk`]) against a model: generated interleavings of guest
+//! writes, copy steps, reads, flushes, cancel and switch-over, with a fault
+//! injected on the source or the destination at a generated operation. After every run the surviving disk (and, once
 //! mirrored, both) must hold exactly the acknowledged writes, after losing
 //! everything that was not flushed.
 
 mod mirror_support;
 
-use mirror_support::{decode, mem_disk, write_data, Model, Rng, SECTOR};
+use mirror_support::{decode, mem_disk, write_data, Model, SECTOR};
+use proptest::prelude::*;
 use vstorage::copy::CopyOptions;
 use vstorage::io::{MemIo, RawDisk, VirtualDisk};
 use vstorage::mirror::fault::{FaultPlan, FaultyDisk};
@@ -17,71 +18,74 @@ type Disk = FaultyDisk<RawDisk<MemIo>>;
 
 const SECTORS: u64 = 512;
 const CHUNK: u32 = 8192;
-const CASES: u64 = 400;
+/// 4 KiB allocation units of the source's map.
+const MAP_UNITS: usize = (SECTORS as usize * SECTOR) / 4096;
 
-fn random_plan(rng: &mut Rng) -> FaultPlan {
-    let mut plan = FaultPlan {
-        volatile: rng.chance(50),
-        sticky: rng.chance(30),
-        torn: rng.chance(30),
-        ..FaultPlan::default()
-    };
-    let n = Some(1 + rng.below(60));
-    match rng.below(6) {
-        0 => plan.fail_write = n,
-        1 => plan.fail_flush = n,
-        2 => plan.fail_read = n,
-        _ => {}
-    }
-    plan
+/// One thing the guest or the migration does.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Guest write of `len` sectors at `first` (zeros when `zeros`).
+    Write { first: u64, len: u64, zeros: bool },
+    /// One copy step.
+    Step,
+    /// Guest read of one sector, checked against the model.
+    Read(u64),
+    /// Guest flush.
+    Flush,
+    /// Switch-over, when the destination is complete.
+    SwitchOver,
 }
 
-/// A random allocation map: 4 KiB-aligned runs, sometimes the whole disk.
-fn random_map(rng: &mut Rng) -> Option<Vec<(u64, u64)>> {
-    if rng.chance(30) {
-        return None;
-    }
-    let blocks = SECTORS * SECTOR as u64 / 4096;
-    Some(
-        (0..blocks)
-            .filter(|_| rng.chance(50))
-            .map(|b| (b * 4096, 4096))
-            .collect(),
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..SECTORS, 1..=4u64, prop::bool::weighted(0.1)).prop_map(|(first, len, zeros)| {
+            Op::Write { first, len: len.min(SECTORS - first), zeros }
+        }),
+        5 => Just(Op::Step),
+        1 => (0..SECTORS).prop_map(Op::Read),
+        1 => Just(Op::Flush),
+        1 => Just(Op::SwitchOver),
+    ]
+}
+
+/// At most one injected fault, at operation 1..60 of its kind.
+fn fault_plan() -> impl Strategy<Value = FaultPlan> {
+    (
+        0..6u8,
+        1..60u64,
+        any::<bool>(),
+        prop::bool::weighted(0.3),
+        prop::bool::weighted(0.3),
     )
+        .prop_map(|(kind, n, volatile, sticky, torn)| {
+            let mut plan = FaultPlan {
+                volatile,
+                sticky,
+                torn,
+                ..FaultPlan::default()
+            };
+            match kind {
+                0 => plan.fail_write = Some(n),
+                1 => plan.fail_flush = Some(n),
+                2 => plan.fail_read = Some(n),
+                _ => {}
+            }
+            plan
+        })
 }
 
-struct Run {
-    rng: Rng,
-    model: Model,
-    next_id: u64,
-}
-
-impl Run {
-    fn write(&mut self, disk: &mut MirroredDisk<Disk, Disk>) {
-        let first = self.rng.below(SECTORS);
-        let len = (1 + self.rng.below(4)).min(SECTORS - first);
-        self.next_id += 1;
-        let id = self.next_id;
-        match disk.write(first * SECTOR as u64, &write_data(id, first, len)) {
-            Ok(()) => self.model.acked(id, first, len),
-            Err(_) => self.model.unacked(id, first, len),
-        }
-    }
-
-    fn read_check(&mut self, disk: &mut MirroredDisk<Disk, Disk>) {
-        let s = self.rng.below(SECTORS);
-        let mut buf = [0u8; SECTOR];
-        // A read may fail under an injected fault; when it succeeds it must
-        // show an allowed write.
-        if disk.read(s * SECTOR as u64, &mut buf).is_ok() {
-            let got = decode(s, &buf);
-            assert!(
-                got.is_some_and(|id| self.model.allowed[s as usize].contains(&id)),
-                "read of sector {s} returned {got:?}, allowed {:?}",
-                self.model.allowed[s as usize]
-            );
-        }
-    }
+/// The source's allocation map: 4 KiB units, or the whole disk (`None`).
+fn alloc_map() -> impl Strategy<Value = Option<Vec<(u64, u64)>>> {
+    prop::option::weighted(0.7, prop::collection::vec(any::<bool>(), MAP_UNITS)).prop_map(|m| {
+        m.map(|units| {
+            units
+                .iter()
+                .enumerate()
+                .filter(|(_, &on)| on)
+                .map(|(i, _)| (i as u64 * 4096, 4096))
+                .collect()
+        })
+    })
 }
 
 fn check_survivor(mut disk: Disk, model: &Model, what: &str) {
@@ -89,9 +93,15 @@ fn check_survivor(mut disk: Disk, model: &Model, what: &str) {
     model.check(disk.inner_mut(), what);
 }
 
-fn run_case(seed: u64) {
-    let mut rng = Rng::new(seed);
-    let map = random_map(&mut rng);
+/// Runs `ops` (cancelling before op `cancel_at`, if any) and checks the
+/// surviving copies against the model.
+fn run_case(
+    map: Option<Vec<(u64, u64)>>,
+    src_plan: FaultPlan,
+    dst_plan: FaultPlan,
+    ops: &[Op],
+    cancel_at: Option<usize>,
+) {
     let mut model = Model::new(SECTORS);
     // Initial contents: the allocated part of the source holds data.
     let mut src_raw = mem_disk(SECTORS);
@@ -106,41 +116,60 @@ fn run_case(seed: u64) {
     }
     let src_plan = FaultPlan {
         allocated: map,
-        ..random_plan(&mut rng)
+        ..src_plan
     };
-    let dst_plan = random_plan(&mut rng);
-    let src = FaultyDisk::new(src_raw, src_plan.clone());
-    let dst = FaultyDisk::new(mem_disk(SECTORS), dst_plan.clone());
+    let src = FaultyDisk::new(src_raw, src_plan);
+    let dst = FaultyDisk::new(mem_disk(SECTORS), dst_plan);
     let opts = CopyOptions {
         chunk_bytes: CHUNK,
         ..CopyOptions::default()
     };
     let mut disk = MirroredDisk::new(src, dst, opts).expect("start mirror");
-    let mut run = Run {
-        rng,
-        model,
-        next_id,
-    };
     let mut source_back = None;
     let mut discarded = None;
-    for _ in 0..200 {
-        let roll = run.rng.below(100);
-        match disk.state() {
-            MirrorState::Copying if roll < 40 => match disk.step() {
-                Ok(_) => {}
-                Err(_) => assert_eq!(disk.state(), MirrorState::Failed),
-            },
-            MirrorState::Copying | MirrorState::Mirrored if roll == 99 && run.rng.chance(20) => {
-                discarded = disk.cancel().expect("cancel");
-                assert!(discarded.is_some());
-                assert_eq!(disk.state(), MirrorState::Cancelled);
+    for (i, op) in ops.iter().enumerate() {
+        if cancel_at == Some(i) && disk.state().mirrors() {
+            discarded = disk.cancel().expect("cancel");
+            assert!(discarded.is_some());
+            assert_eq!(disk.state(), MirrorState::Cancelled);
+        }
+        match *op {
+            Op::Write { first, len, zeros } => {
+                next_id += 1;
+                let id = if zeros { 0 } else { next_id };
+                match disk.write(first * SECTOR as u64, &write_data(id, first, len)) {
+                    Ok(()) => model.acked(id, first, len),
+                    Err(_) => model.unacked(id, first, len),
+                }
             }
-            MirrorState::Mirrored if roll < 10 => {
+            Op::Step if disk.state() == MirrorState::Copying => {
+                if disk.step().is_err() {
+                    assert_eq!(disk.state(), MirrorState::Failed);
+                }
+            }
+            Op::Read(s) => {
+                let mut buf = [0u8; SECTOR];
+                // A read may fail under an injected fault; when it succeeds
+                // it must show an allowed write.
+                if disk.read(s * SECTOR as u64, &mut buf).is_ok() {
+                    let got = decode(s, &buf);
+                    let allowed = &model.allowed[s as usize];
+                    assert!(
+                        got.is_some_and(|id| allowed.contains(&id)),
+                        "read of sector {s} returned {got:?}, allowed {allowed:?}"
+                    );
+                }
+            }
+            Op::Flush => {
+                // A failed flush only means the unflushed writes may be lost:
+                // every acknowledged write was flushed already.
+                let _ = disk.flush();
+            }
+            Op::SwitchOver if disk.state() == MirrorState::Mirrored => {
                 source_back = Some(disk.switch_over().expect("switch over"));
                 assert_eq!(disk.state(), MirrorState::SwitchedOver);
             }
-            _ if roll < 90 => run.write(&mut disk),
-            _ => run.read_check(&mut disk),
+            Op::Step | Op::SwitchOver => {}
         }
         if disk.state() == MirrorState::Failed && discarded.is_none() {
             discarded = disk.take_discarded();
@@ -156,27 +185,35 @@ fn run_case(seed: u64) {
     assert!(progress.bytes_copied <= progress.bytes_total);
     assert!(progress.percent() <= 100);
     let (source, dest) = disk.into_parts();
-    let ctx = format!("seed {seed}, state {state}, src {src_plan:?}, dst {dst_plan:?}");
+    let ctx = format!("final state {state}");
     match state {
         MirrorState::SwitchedOver => {
             assert!(source.is_none() && source_back.is_some());
-            check_survivor(dest.expect("destination"), &run.model, &ctx);
+            check_survivor(dest.expect("destination"), &model, &ctx);
         }
         MirrorState::Mirrored => {
             // Both copies hold every acknowledged write.
-            check_survivor(source.expect("source"), &run.model, &ctx);
-            check_survivor(dest.expect("destination"), &run.model, &ctx);
+            check_survivor(source.expect("source"), &model, &ctx);
+            check_survivor(dest.expect("destination"), &model, &ctx);
         }
         MirrorState::Copying | MirrorState::Cancelled | MirrorState::Failed => {
-            check_survivor(source.expect("source"), &run.model, &ctx);
+            check_survivor(source.expect("source"), &model, &ctx);
         }
     }
 }
 
-#[test]
-fn mirror_matches_model_under_faults() {
-    for seed in 0..CASES {
-        run_case(seed);
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn mirror_matches_model_under_faults(
+        map in alloc_map(),
+        src_plan in fault_plan(),
+        dst_plan in fault_plan(),
+        ops in prop::collection::vec(op(), 1..220),
+        cancel_at in prop::option::weighted(0.25, 0..220usize),
+    ) {
+        run_case(map, src_plan, dst_plan, &ops, cancel_at);
     }
 }
 
