@@ -203,7 +203,7 @@ fn run_case(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
     fn mirror_matches_model_under_faults(
