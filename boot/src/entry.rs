@@ -147,7 +147,11 @@ hv_entry32:
     wrmsr
     // CR0: PG (31) | WP (16) | NE (5) | PE (0). NE matters for VMX later
     // (GRUB leaves it clear; VMX requires it, Intel SDM vol. 3C, 24.8).
+    // CD (30) and NW (29) cleared: normal cache mode (Intel SDM vol. 3A,
+    // "Memory Cache Control", cache operating modes table; AMD APM vol. 2,
+    // 7.6.1). Bochs' BIOS hands over with both set.
     mov eax, cr0
+    and eax, 0x9FFFFFFF
     or eax, 0x80010021
     mov cr0, eax
 
@@ -219,7 +223,13 @@ hv_boot_pdpt:
     .skip 4096
 hv_boot_pd:
     .skip 4 * 4096
-    .balign 16
+    // One unmapped guard page below the stack (see hypervisor::mem::paging):
+    // an overflow faults (#PF, then #DF on its IST stack) instead of
+    // silently overwriting the page tables above.
+    .balign 4096
+    .global hv_boot_stack_guard
+hv_boot_stack_guard:
+    .skip 4096
     .skip {stack_bytes}
     .global hv_boot_stack_top
 hv_boot_stack_top:
@@ -229,13 +239,20 @@ hv_boot_stack_top:
 
 unsafe extern "C" {
     static __image_start: u8;
+    static __rodata_start: u8;
+    static __data_start: u8;
     static __image_end: u8;
+    static hv_boot_stack_guard: u8;
 }
 
-/// Physical range `[start, end)` the loaded image occupies (including .bss).
-pub fn image_range() -> (u64, u64) {
+/// Where the image's parts lie, from the linker script and the boot stack.
+pub fn image_layout() -> hypervisor::mem::paging::ImageLayout {
     // Taking the address of a linker-defined symbol reads nothing.
-    let start = core::ptr::addr_of!(__image_start) as u64;
-    let end = core::ptr::addr_of!(__image_end) as u64;
-    (start, end)
+    hypervisor::mem::paging::ImageLayout {
+        start: core::ptr::addr_of!(__image_start) as u64,
+        rodata_start: core::ptr::addr_of!(__rodata_start) as u64,
+        data_start: core::ptr::addr_of!(__data_start) as u64,
+        end: core::ptr::addr_of!(__image_end) as u64,
+        stack_guard: core::ptr::addr_of!(hv_boot_stack_guard) as u64,
+    }
 }

@@ -94,11 +94,11 @@ fn platform_init(info: &BootInfo) -> ! {
         time::now_ns() / 1000
     );
 
-    let image = crate::entry::image_range();
-    if let Err(e) = mem::init_frames(info, image) {
+    let layout = crate::entry::image_layout();
+    if let Err(e) = mem::init_frames(info, (layout.start, layout.end)) {
         panic!("memory: {e}");
     }
-    match mem::paging::init(info, image) {
+    match mem::paging::init(info, &layout) {
         Ok(mapped) => log::debug!("host page tables: {} GiB identity-mapped", mapped >> 30),
         Err(e) => panic!("host paging: {e}"),
     }
@@ -172,6 +172,14 @@ fn check_timer() {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     hypervisor::interrupts::disable();
-    serial::write_fmt_emergency(format_args!("HYPERVISOR PANIC: {info}\n"));
+    match info.location() {
+        Some(at) => serial::write_fmt_emergency(format_args!(
+            "HYPERVISOR PANIC: {} at {}:{}\n",
+            info.message(),
+            at.file(),
+            at.line()
+        )),
+        None => serial::write_fmt_emergency(format_args!("HYPERVISOR PANIC: {}\n", info.message())),
+    }
     power::shutdown(3)
 }

@@ -379,8 +379,11 @@ fn fault(f: &TrapFrame) -> ! {
 }
 
 /// Deliberately fault in the hypervisor (node command line `fault-test=`):
-/// `int3`, `ud` (ud2), `pf` (read of an unmapped address) or `gp`
-/// (non-canonical address). Unknown kinds return without faulting.
+/// `int3`, `ud` (ud2), `pf` (read of an unmapped address), `gp`
+/// (non-canonical address), `wp` (write to the read-only text), `stack`
+/// (overflow into the guard page: #PF that cannot be delivered on the
+/// stack, so #DF on its IST stack) or `panic`. Unknown kinds return
+/// without faulting.
 pub fn trigger_test_fault(kind: &str) {
     match kind {
         "int3" => {
@@ -403,6 +406,27 @@ pub fn trigger_test_fault(kind: &str) {
             // SAFETY: as above: a non-canonical address raises #GP.
             let _ = unsafe { p.read_volatile() };
         }
+        "wp" => {
+            let p = trigger_test_fault as *const () as *mut u8;
+            // SAFETY: as above: text is mapped read-only and CR0.WP is set,
+            // so the write raises #PF and never lands.
+            unsafe { p.write_volatile(0xCC) };
+        }
+        "stack" => {
+            // SAFETY: as above: RSP moves into the unmapped guard page below
+            // the boot stack; the push faults, the #PF cannot be delivered
+            // on that stack, the CPU raises #DF on IST1.
+            unsafe {
+                asm!(
+                    "2:",
+                    "sub rsp, 4096",
+                    "push rax",
+                    "jmp 2b",
+                    options(noreturn)
+                )
+            }
+        }
+        "panic" => panic!("fault-test=panic"),
         _ => {}
     }
 }

@@ -101,30 +101,49 @@ impl<'a> FrameBitmap<'a> {
         (first, last.max(first))
     }
 
+    /// Set frames `[first, last)` free or used, a word at a time; returns
+    /// how many frames changed state.
+    fn set_range(&mut self, first: u64, last: u64, free: bool) -> u64 {
+        let mut changed = 0u64;
+        let mut f = first;
+        while f < last {
+            let word = (f / 64) as usize;
+            let bit = f % 64;
+            let n = (64 - bit).min(last - f);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let w = &mut self.bits[word];
+            if free {
+                changed += u64::from((!*w & mask).count_ones());
+                *w |= mask;
+            } else {
+                changed += u64::from((*w & mask).count_ones());
+                *w &= !mask;
+            }
+            f += n;
+        }
+        changed
+    }
+
     /// Mark the whole frames inside byte range `[start, end)` free (usable
     /// RAM from the memory map). Overlaps with free frames are harmless.
     pub fn add_free(&mut self, start: u64, end: u64) {
         let (first, last) = self.inner_frames(start, end);
-        for f in first..last {
-            if !self.is_free(f) {
-                self.set(f, true);
-                self.free_frames += 1;
-                self.managed_frames += 1;
-            }
-        }
+        let n = self.set_range(first, last, true);
+        self.free_frames += n;
+        self.managed_frames += n;
     }
 
     /// Mark every frame touched by byte range `[start, end)` used for good
     /// (firmware areas, the image, modules, the bitmap itself).
     pub fn reserve(&mut self, start: u64, end: u64) {
         let (first, last) = self.outer_frames(start, end);
-        for f in first..last {
-            if self.is_free(f) {
-                self.set(f, false);
-                self.free_frames -= 1;
-                self.managed_frames -= 1;
-            }
-        }
+        let n = self.set_range(first, last, false);
+        self.free_frames -= n;
+        self.managed_frames -= n;
     }
 
     /// Take one free frame; returns its frame number.
@@ -253,6 +272,45 @@ mod tests {
         // the platform reserves after adding).
         b.add_free(0, u64::MAX);
         assert_eq!(b.free_frames(), 1000);
+    }
+
+    /// Word-at-a-time range updates against a per-frame model.
+    #[test]
+    fn ranges_match_a_per_frame_model() {
+        let mut s = Vec::new();
+        let frames = 700u64;
+        let mut b = bitmap(&mut s, frames);
+        let mut model = vec![false; frames as usize];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..500 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let a = (x % (frames + 10)) * FRAME_BYTES + (x >> 40) % 3000;
+            let len = (x >> 20) % (200 * FRAME_BYTES);
+            let (start, end) = (a, a + len);
+            if x & 1 == 0 {
+                b.add_free(start, end);
+                let first = start.div_ceil(FRAME_BYTES);
+                let last = (end / FRAME_BYTES).min(frames);
+                for f in first..last.max(first) {
+                    model[f as usize] = true;
+                }
+            } else {
+                b.reserve(start, end);
+                let first = (start / FRAME_BYTES).min(frames);
+                let last = end.div_ceil(FRAME_BYTES).min(frames);
+                for f in first..last.max(first) {
+                    model[f as usize] = false;
+                }
+            }
+            let free = model.iter().filter(|m| **m).count() as u64;
+            assert_eq!(b.free_frames(), free);
+            assert_eq!(b.managed_frames(), free);
+            for (f, m) in model.iter().enumerate() {
+                assert_eq!(b.is_free(f as u64), *m, "frame {f}");
+            }
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod heap;
 pub mod paging;
 
 use crate::bootinfo::{BootInfo, MemKind};
+use core::sync::atomic::{AtomicU64, Ordering};
 use frames::{align_up, first_fit, FrameBitmap, FRAME_BYTES};
 use hvcore::addr::Hpa;
 use hvcore::mem::{FrameAlloc, MemError, PhysMem};
@@ -34,6 +35,9 @@ pub const BOOT_MAPPED_BYTES: u64 = 1 << 32;
 pub const LOW_RESERVED_BYTES: u64 = 1 << 20;
 
 static FRAMES: Mutex<Option<FrameBitmap<'static>>> = Mutex::new(None);
+/// End of tracked physical memory (set once by [`init_frames`]); every
+/// address below `max(this, 4 GiB)` is identity-mapped.
+static PHYS_LIMIT: AtomicU64 = AtomicU64::new(0);
 
 /// Why memory setup failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +123,7 @@ pub fn init_frames(info: &BootInfo, image: (u64, u64)) -> Result<(), MemInitErro
     if bitmap.free_frames() == 0 {
         return Err(MemInitError::NoUsableMemory);
     }
+    PHYS_LIMIT.store(bitmap.frames() * FRAME_BYTES, Ordering::Relaxed);
     *FRAMES.lock() = Some(bitmap);
     Ok(())
 }
@@ -197,11 +202,10 @@ pub fn memory_stats() -> (u64, u64) {
     }
 }
 
-/// Frames tracked by the allocator: every address below this is mapped.
+/// Every address below this is identity-mapped (lock-free: [`PhysMem`]
+/// accesses are frequent).
 fn phys_limit() -> u64 {
-    FRAMES.lock().as_ref().map_or(BOOT_MAPPED_BYTES, |b| {
-        (b.frames() * FRAME_BYTES).max(BOOT_MAPPED_BYTES)
-    })
+    PHYS_LIMIT.load(Ordering::Relaxed).max(BOOT_MAPPED_BYTES)
 }
 
 /// [`FrameAlloc`] over the platform frame allocator.
