@@ -307,6 +307,12 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         self.error.as_ref()
     }
 
+    /// Past the commit point: the go order was handed to the transport, the
+    /// destination owns the VM, [`Migration::cancel`] no longer applies.
+    pub fn committed(&self) -> bool {
+        self.committed
+    }
+
     /// Whether the source VM is paused now (after completion: released to
     /// be removed; after an in-doubt failure: waiting for management).
     pub fn vm_paused(&self) -> bool {

@@ -626,3 +626,71 @@ fn full_image_check_catches_a_stray_write_after_the_fact() {
     // image is right and the migration completes.
     assert_eq!(mig.report().result, MigrationResult::Completed);
 }
+
+/// A transport whose source side can be cut at a chosen moment.
+struct Cuttable {
+    pipe: MemPipe,
+    cut: Rc<Cell<bool>>,
+}
+
+impl Transport for Cuttable {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        if self.cut.get() {
+            return Err(TransportError::Broken("cable pulled"));
+        }
+        self.pipe.send(bytes)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        if self.cut.get() {
+            return Err(TransportError::Broken("cable pulled"));
+        }
+        self.pipe.recv(buf)
+    }
+}
+
+/// Step both sides until the source has committed; the destination gets
+/// `go` and resumes, but the link dies before the source reads `resumed`:
+/// exactly one VM runs, and the source reports the doubt instead of
+/// resuming.
+#[test]
+fn link_loss_after_go_leaves_the_source_paused_in_doubt() {
+    let time = Rc::new(Cell::new(0));
+    let mut vm = FakeVm::new(&time, 64);
+    let mut dest = FakeDest::default();
+    let (a, b) = MemPipe::pair();
+    let cut = Rc::new(Cell::new(false));
+    let clock = SimClock(time.clone());
+    let src_t = Cuttable {
+        pipe: a,
+        cut: cut.clone(),
+    };
+    let mut mig = Migration::new(&mut vm, src_t, clock.clone(), Policy::default());
+    let mut rx = Receiver::new(&mut dest, b);
+    while !mig.committed() {
+        assert!(!matches!(mig.step(), Progress::Finished(_)));
+        rx.step();
+        clock.idle(1000);
+    }
+    assert!(!mig.cancel(), "no cancel past the commit point");
+    while !matches!(rx.step(), RecvProgress::Finished(_)) {}
+    assert_eq!(rx.outcome().result, MigrationResult::Completed);
+    cut.set(true);
+    while !matches!(mig.step(), Progress::Finished(_)) {}
+    assert_eq!(mig.report().result, MigrationResult::Failed);
+    assert!(
+        matches!(mig.error(), Some(MigrationError::InDoubt(_))),
+        "{:?}",
+        mig.error()
+    );
+    let msg = mig.report().error.clone().unwrap();
+    assert!(
+        msg.starts_with(
+            "switch-over in doubt after the go order was sent (transport failed: cable pulled)"
+        ),
+        "{msg}"
+    );
+    assert!(mig.vm_paused());
+    drop((mig, rx));
+    assert!(vm.paused && vm.resumes == 0, "the source must not resume");
+    assert!(dest.running);
+}
