@@ -548,7 +548,21 @@ fn cli_failures_are_one_line_with_status() {
     b[3 << 20..(3 << 20) + 8].copy_from_slice(&((1u64 << 40) | 6).to_le_bytes());
     std::fs::write(&bad_bat, &b).unwrap();
 
+    // Region table 2 valid but different from table 1.
+    let split = dir.path().join("split.vhdx");
+    let mut b = std::fs::read(&good).unwrap();
+    let rt2 = 256usize << 10;
+    b[rt2 + 16 + 24..rt2 + 16 + 28].copy_from_slice(&(2u32 << 20).to_le_bytes());
+    let c = vstorage::vhdx::format::checksum_with_hole(&b[rt2..rt2 + 65536], 4);
+    b[rt2 + 4..rt2 + 8].copy_from_slice(&c.to_le_bytes());
+    std::fs::write(&split, &b).unwrap();
+
     let cases: Vec<(Vec<std::ffi::OsString>, i32, &str)> = vec![
+        (
+            vec!["check".into(), split.clone().into()],
+            2,
+            "region table 2 differs",
+        ),
         (
             vec!["info".into(), missing.clone().into()],
             1,

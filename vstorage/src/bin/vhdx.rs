@@ -338,6 +338,7 @@ fn cmd_check(a: &Args) -> Result<(), Fail> {
         println!("{}: log replayed", f.display());
     }
     let mut d = open_path(f, false).map_err(to_fail)?;
+    d.verify().map_err(to_fail)?;
     // Walk every allocated range so sector bitmaps and block offsets are read.
     let ranges = d.allocated_ranges().map_err(to_fail)?;
     let ss = d.logical_sector_size() as usize;

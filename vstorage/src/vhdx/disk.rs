@@ -36,6 +36,8 @@ const MAX_LOG_BYTES: u64 = 256 << 20;
 const MAX_OVERLAY_PAGES: usize = 1 << 16;
 /// Largest BAT we hold in memory.
 const MAX_BAT_BYTES: u64 = 1 << 30;
+/// Largest file growth a log replay may cause.
+const MAX_REPLAY_GROWTH: u64 = 4 << 30;
 /// Chunk size for zero fills and block copies.
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -309,8 +311,17 @@ fn pending_log<B: BlockIo>(io: &B, h: &Header) -> Result<Option<Vec<log::ParsedE
             head.flushed_file_offset
         )));
     }
+    // A replay may extend the file (MS-VHDX 2.3.3), but a log is written by
+    // one allocation at a time: refuse one that would grow the file by more
+    // than MAX_REPLAY_GROWTH rather than write that many zeros.
     for e in &seq {
         let last = e.last_file_offset;
+        if last > file_len.saturating_add(MAX_REPLAY_GROWTH) {
+            return Err(corrupt(format!(
+                "log entry {} would grow the file from {file_len} to {last} bytes",
+                e.sequence_number
+            )));
+        }
         for w in &e.writes {
             let (off, len) = match w {
                 LogWrite::Data { file_offset, .. } => (*file_offset, LOG_SECTOR as u64),
@@ -1211,6 +1222,42 @@ impl<B: BlockIo> Vhdx<B> {
         if self.writable && self.poisoned.is_none() && !self.header.log_guid.is_zero() {
             self.io.flush()?;
             self.update_header(|h, _| h.log_guid = Guid::ZERO)?;
+        }
+        Ok(())
+    }
+
+    /// Deeper consistency checks than open does (for `vhdx check`): both
+    /// region table copies valid and identical, every sector bitmap of a
+    /// partially present block readable, then the parent chain.
+    pub fn verify(&mut self) -> Result<(), DiskError> {
+        let mut tables = Vec::new();
+        for (i, off) in [REGION1_OFFSET, REGION2_OFFSET].into_iter().enumerate() {
+            let mut b = vec![0u8; REGION_TABLE_SIZE];
+            self.read_file(off, &mut b)?;
+            match parse_region_table(&b) {
+                Ok(r) => tables.push(r),
+                Err(RegionError::Corrupt(m) | RegionError::Unsupported(m)) => {
+                    return Err(corrupt(format!("region table {}: {m}", i + 1)))
+                }
+            }
+        }
+        if tables.first() != tables.get(1) {
+            return Err(corrupt("region table 2 differs from region table 1"));
+        }
+        let g = self.geo;
+        for block in 0..g.payload_blocks {
+            let e = self.bat_entry(g.payload_index(block));
+            if e.payload_state() == PayloadState::PartiallyPresent {
+                let sb = self.bat_entry(g.bitmap_index(block / g.chunk_ratio));
+                self.get_bits(
+                    sb.file_offset(),
+                    g.bitmap_bit(block, 0),
+                    g.sectors_per_block(),
+                )?;
+            }
+        }
+        if let Some(p) = self.parent.as_deref_mut() {
+            p.verify()?;
         }
         Ok(())
     }

@@ -25,6 +25,7 @@ pub fn fuzz_harness(data: &[u8]) -> bool {
             let _ = d.read(off, &mut buf);
         }
         let _ = d.allocated_ranges();
+        let _ = d.verify();
         let _ = d.write(0, &buf);
     }
     if let Ok(mut d) = Vhdx::open(
