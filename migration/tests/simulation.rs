@@ -257,13 +257,23 @@ struct Link {
     bytes_per_s: u64,
     start: Instant,
     sent: u64,
-    fail_after: Option<u64>,
+    fail: Fail,
 }
 
-fn link(bytes_per_s: u64, fail_after: Option<u64>) -> (Link, Link) {
+/// When the source's end of the link breaks.
+#[derive(Clone)]
+enum Fail {
+    Never,
+    /// After this many bytes (the crossing send delivers its prefix).
+    AfterBytes(u64),
+    /// At the first send once the guest is paused (during switch-over).
+    WhenPaused(Arc<Guest>),
+}
+
+fn link(bytes_per_s: u64, fail: Fail) -> (Link, Link) {
     let (atx, brx) = channel();
     let (btx, arx) = channel();
-    let end = |tx, rx, fail_after| Link {
+    let end = |tx, rx, fail| Link {
         tx: Some(tx),
         rx,
         pending: Vec::new(),
@@ -271,9 +281,9 @@ fn link(bytes_per_s: u64, fail_after: Option<u64>) -> (Link, Link) {
         bytes_per_s,
         start: Instant::now(),
         sent: 0,
-        fail_after,
+        fail,
     };
-    (end(atx, arx, fail_after), end(btx, brx, None))
+    (end(atx, arx, fail), end(btx, brx, Fail::Never))
 }
 
 impl Transport for Link {
@@ -283,7 +293,12 @@ impl Transport for Link {
             .as_ref()
             .ok_or(TransportError::Broken("link down"))?;
         let mut n = bytes.len();
-        if let Some(limit) = self.fail_after {
+        let limit = match &self.fail {
+            Fail::Never => None,
+            Fail::AfterBytes(n) => Some(*n),
+            Fail::WhenPaused(g) => g.paused.load(Acquire).then_some(self.sent),
+        };
+        if let Some(limit) = limit {
             if self.sent + n as u64 > limit {
                 n = (limit - self.sent) as usize;
                 let _ = tx.send(bytes[..n].to_vec());
@@ -338,8 +353,8 @@ struct Outcome {
 }
 
 /// Migrate `vm` to a fresh destination over a link of `bytes_per_s`.
-fn migrate(vm: SimVm, policy: Policy, bytes_per_s: u64, fail_after: Option<u64>) -> Outcome {
-    let (src_end, dst_end) = link(bytes_per_s, fail_after);
+fn migrate(vm: SimVm, policy: Policy, bytes_per_s: u64, fail: Fail) -> Outcome {
+    let (src_end, dst_end) = link(bytes_per_s, fail);
     let dest_thread = thread::spawn(move || {
         let mut rx = Receiver::new(SimDest::default(), dst_end);
         let received = rx
@@ -414,7 +429,7 @@ const LINK: u64 = 64 << 20;
 fn idle_vm_costs_data_pages_plus_markers() {
     let (guest, t, vm) = fresh((0, 1), 0);
     let original = guest.image();
-    let o = migrate(vm, Policy::default(), LINK, None);
+    let o = migrate(vm, Policy::default(), LINK, Fail::Never);
     stop(&guest, t);
     assert_completed_with_exact_image(&o);
     assert!(o.dest.mem == original);
@@ -440,7 +455,7 @@ fn busy_vm_converges_and_the_destination_matches_the_paused_source() {
         timeout_ns: 60 * NS_PER_S,
         ..Policy::default()
     };
-    let o = migrate(vm, policy, LINK, None);
+    let o = migrate(vm, policy, LINK, Fail::Never);
     stop(&guest, t);
     assert_completed_with_exact_image(&o);
     assert!(o.report.passes >= 2, "{:?}", o.report);
@@ -457,7 +472,7 @@ fn too_fast_dirtier_is_throttled_then_completes() {
         timeout_ns: 120 * NS_PER_S,
         ..Policy::default()
     };
-    let o = migrate(vm, policy, LINK, None);
+    let o = migrate(vm, policy, LINK, Fail::Never);
     stop(&guest, t);
     assert_completed_with_exact_image(&o);
     assert!(o.report.throttle_pct >= 50, "{:?}", o.report);
@@ -487,7 +502,7 @@ fn throttle_slows_the_dirtier() {
 fn injected_failure_then_a_second_migration_completes() {
     let (guest, t, vm) = fresh((0, 1), 0);
     let original = guest.image();
-    let o = migrate(vm, Policy::default(), LINK, Some(8 << 20));
+    let o = migrate(vm, Policy::default(), LINK, Fail::AfterBytes(8 << 20));
     assert_eq!(o.report.result, MigrationResult::Failed);
     assert_eq!(
         o.report.error.as_deref(),
@@ -503,11 +518,25 @@ fn injected_failure_then_a_second_migration_completes() {
     assert!(guest.image() == original, "source memory untouched");
     assert_eq!(o.vm.resumed, 0, "never paused, nothing to resume");
 
-    // Second attempt, now with a running guest.
+    // Second attempt: the link dies during switch-over, after the pause.
+    let o = migrate(
+        o.vm,
+        Policy::default(),
+        LINK,
+        Fail::WhenPaused(guest.clone()),
+    );
+    assert_eq!(o.report.result, MigrationResult::Failed);
+    assert!(o.vm.at_pause.is_some(), "it got as far as the pause");
+    assert_eq!(o.vm.resumed, 1, "the source was resumed");
+    assert_back_at_source(&o);
+    assert!(o.dest.discarded);
+    assert!(guest.image() == original, "source memory untouched");
+
+    // Third attempt, now with a running guest, completes.
     guest.rate.store(10_000, Release);
-    let o2 = migrate(o.vm, Policy::default(), LINK, None);
+    let o = migrate(o.vm, Policy::default(), LINK, Fail::Never);
     stop(&guest, t);
-    assert_completed_with_exact_image(&o2);
+    assert_completed_with_exact_image(&o);
 }
 
 #[test]
@@ -517,7 +546,7 @@ fn timeout_cancels_and_the_source_keeps_running() {
         timeout_ns: NS_PER_S,
         ..Policy::default()
     };
-    let o = migrate(vm, policy, 4 << 20, None);
+    let o = migrate(vm, policy, 4 << 20, Fail::Never);
     stop(&guest, t);
     assert_eq!(
         o.report.result,
