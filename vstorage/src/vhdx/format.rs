@@ -1046,6 +1046,43 @@ mod tests {
     }
 
     #[test]
+    fn unknown_required_metadata_is_refused_optional_ignored() {
+        let p = DiskParams {
+            file: FileParameters {
+                block_size: MIB as u32,
+                leave_blocks_allocated: false,
+                has_parent: false,
+            },
+            virtual_size: 4 * MIB,
+            disk_id: Guid([1; 16]),
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            parent_locator: None,
+        };
+        let region = build_metadata_region(&p, MIB as usize);
+        let mut entries = parse_metadata_table(&region, MIB as u32).unwrap();
+        let item = |e: &MetadataEntry| {
+            Ok(region[e.offset as usize..(e.offset + e.length) as usize].to_vec())
+        };
+        let mut extra = entries[0];
+        extra.item_id = Guid([7; 16]);
+        extra.is_required = false;
+        entries.push(extra);
+        assert_eq!(parse_disk_params(&entries, item), Ok(p.clone()));
+        entries.last_mut().unwrap().is_required = true;
+        assert!(matches!(
+            parse_disk_params(&entries, item),
+            Err(MetadataError::Unsupported(m)) if m.contains("unknown required metadata item")
+        ));
+        // A missing required item is corruption.
+        entries.retain(|e| e.item_id != VIRTUAL_DISK_SIZE && e.item_id != Guid([7; 16]));
+        assert!(matches!(
+            parse_disk_params(&entries, item),
+            Err(MetadataError::Corrupt(m)) if m.contains("virtual disk size is missing")
+        ));
+    }
+
+    #[test]
     fn bat_entry_fields() {
         let e = BatEntry::new(PAYLOAD_FULLY_PRESENT, 5 * MIB);
         assert_eq!(e.payload_state(), PayloadState::FullyPresent);
