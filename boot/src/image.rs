@@ -45,10 +45,12 @@ extern "C" fn hv_boot_main(magic: u32, info_pa: u32) -> ! {
             power::shutdown(3);
         }
     };
-    let level = bootinfo::cmdline_value(info.cmdline(), "log")
-        .and_then(logger::parse_level)
-        .unwrap_or(log::LevelFilter::Info);
-    logger::init(level);
+    let log_arg = bootinfo::cmdline_value(info.cmdline(), "log");
+    let level = log_arg.and_then(logger::parse_level);
+    logger::init(level.unwrap_or(log::LevelFilter::Info));
+    if let (Some(arg), None) = (log_arg, level) {
+        log::warn!("log={arg} is not a level (error, warn, info, debug, trace); using info");
+    }
     log::info!(
         "hvmigrate booting via {:?}: cmdline \"{}\", {} modules, {} MiB usable",
         info.protocol,

@@ -101,6 +101,29 @@ pub unsafe fn write_cr3(pml4_hpa: u64) {
     }
 }
 
+/// Load CR0.
+///
+/// # Safety
+/// `value` must keep protected mode, paging and long mode on and be valid
+/// for this CPU (reserved bits clear, fixed VMX bits respected).
+pub unsafe fn write_cr0(value: u64) {
+    // SAFETY: the caller guarantees the value is valid and harmless.
+    unsafe {
+        asm!("mov cr0, {}", in(reg) value, options(nostack, preserves_flags));
+    }
+}
+
+/// Load CR4.
+///
+/// # Safety
+/// `value` must keep PAE on and only set bits this CPU supports.
+pub unsafe fn write_cr4(value: u64) {
+    // SAFETY: the caller guarantees the value is valid and harmless.
+    unsafe {
+        asm!("mov cr4, {}", in(reg) value, options(nostack, preserves_flags));
+    }
+}
+
 /// Read the time-stamp counter.
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects (CR4.TSD is clear at CPL 0 anyway).

@@ -233,6 +233,11 @@ fn park_legacy_pics() {
     }
 }
 
+/// Base address of the IDT (for VMCS host-state fields).
+pub fn idt_base() -> u64 {
+    IDT.0.get() as u64
+}
+
 /// Mask maskable interrupts (`cli`).
 pub fn disable() {
     // SAFETY: CLI only clears RFLAGS.IF.
