@@ -18,3 +18,4 @@ pub mod serial;
 pub mod svm;
 pub mod time;
 pub mod virt;
+pub mod vmx;

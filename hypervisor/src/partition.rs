@@ -19,7 +19,7 @@
 
 use crate::mem::{self as host_mem, IdentityPhysMem as IdentityMem, PlatformFrames};
 use alloc::vec::Vec;
-use hvcore::addr::{Gpa, Hpa, LARGE_PAGE_SIZE, PAGE_SIZE};
+use hvcore::addr::{Gfn, Gpa, Hpa, LARGE_PAGE_SIZE, PAGE_SIZE};
 use hvcore::dirty::{DirtyLog, FaultOutcome};
 use hvcore::host::{DirtyMode, HostError, Partition, PartitionStats};
 use hvcore::mem::{check_guest_range, FrameAlloc, GuestMemory, MemError};
@@ -42,6 +42,33 @@ pub trait Backend {
     fn create_vcpu(frames: &mut dyn FrameAlloc, nested_root: Hpa) -> Result<Self::Vcpu, HostError>;
     /// Free the vCPU's control structures.
     fn destroy_vcpu(vcpu: Self::Vcpu, frames: &mut dyn FrameAlloc);
+
+    // Hardware dirty logging ([`DirtyMode::Pml`]), used only when
+    // `Vcpu::caps().pml` says the backend has it; the defaults are what a
+    // backend without it does (refuse, nothing to drain or stop).
+
+    /// Start hardware dirty logging if it is off, then arm every frame set
+    /// in `gfns` (bit n = guest frame n), which the dirty log has just
+    /// write-protected: give write access back with the hardware's own
+    /// dirty tracking reset, so the next write is logged without a fault.
+    fn pml_arm(
+        vcpu: &mut Self::Vcpu,
+        npt: &NestedPageTable<Self::Format>,
+        frames: &mut dyn FrameAlloc,
+        gfns: &[u64],
+    ) -> Result<(), HostError> {
+        let _ = (vcpu, npt, frames, gfns);
+        Err(HostError::Backend("PML not available"))
+    }
+    /// Hand every frame the hardware logged as written since the last
+    /// drain to `mark`.
+    fn pml_drain(vcpu: &mut Self::Vcpu, mark: &mut dyn FnMut(Gfn)) {
+        let _ = (vcpu, mark);
+    }
+    /// Stop hardware dirty logging.
+    fn pml_stop(vcpu: &mut Self::Vcpu, frames: &mut dyn FrameAlloc) {
+        let _ = (vcpu, frames);
+    }
 }
 
 /// Guest RAM: the host chunks backing it and the dirty log every
@@ -122,6 +149,9 @@ pub struct GenericPartition<B: Backend> {
     /// `None` only during `Drop`.
     vcpu: Option<B::Vcpu>,
     stats: PartitionStats,
+    /// Dirty logging runs in [`DirtyMode::Pml`]: tracked frames stay
+    /// writable and the backend's log feeds the dirty set.
+    pml: bool,
 }
 
 impl<B: Backend> GenericPartition<B> {
@@ -148,6 +178,7 @@ impl<B: Backend> GenericPartition<B> {
             npt: None,
             vcpu: None,
             stats: PartitionStats::default(),
+            pml: false,
         };
         // From here on `Drop` cleans up whatever exists.
         for _ in 0..n_chunks {
@@ -204,6 +235,17 @@ impl<B: Backend> GenericPartition<B> {
             Err(e) => {
                 log::error!("partition: dirty-log fault at {gpa} failed: {e}");
                 false
+            }
+        }
+    }
+}
+
+impl<B: Backend> GenericPartition<B> {
+    /// Leave PML mode (the dirty log itself is left as it is).
+    fn stop_pml(&mut self) {
+        if core::mem::take(&mut self.pml) {
+            if let Some(vcpu) = self.vcpu.as_mut() {
+                B::pml_stop(vcpu, &mut PlatformFrames);
             }
         }
     }
@@ -266,10 +308,28 @@ impl<B: Backend> Partition for GenericPartition<B> {
             .enable(npt, &mut IdentityMem, &mut PlatformFrames)
             .map_err(npt_err)?;
         self.vcpu_mut().flush_nested_tlb();
+        if mode == DirtyMode::Pml {
+            // Same tracked set and dirty set as write protection; the
+            // backend then gives write access back to every tracked frame
+            // (all guest RAM is mapped writable, see the invariants) and
+            // logs writes in hardware instead of faulting on them.
+            let all = alloc::vec![u64::MAX; self.ram.dirty.bitmap_words()];
+            let (Some(vcpu), Some(npt)) = (self.vcpu.as_mut(), self.npt.as_ref()) else {
+                return Err(HostError::Backend("partition has no vCPU"));
+            };
+            if let Err(e) = B::pml_arm(vcpu, npt, &mut PlatformFrames, &all) {
+                self.disable_dirty_log();
+                return Err(e);
+            }
+        } else if self.pml {
+            self.stop_pml();
+        }
+        self.pml = mode == DirtyMode::Pml;
         Ok(())
     }
 
     fn disable_dirty_log(&mut self) {
+        self.stop_pml();
         let Some(npt) = self.npt.as_mut() else {
             return;
         };
@@ -290,7 +350,33 @@ impl<B: Backend> Partition for GenericPartition<B> {
             return Err(HostError::Backend("partition has no nested page table"));
         };
         let dirty = &mut self.ram.dirty;
-        let r = dirty.collect_and_clear(npt, &mut IdentityMem, &mut PlatformFrames, bitmap);
+        let r = if self.pml {
+            if bitmap.len() < dirty.bitmap_words() {
+                return Err(HostError::InvalidSize {
+                    what: "dirty bitmap words (too few)",
+                    value: dirty.bitmap_words() as u64,
+                });
+            }
+            let Some(vcpu) = self.vcpu.as_mut() else {
+                return Err(HostError::Backend("partition has no vCPU"));
+            };
+            // Whatever the hardware logged joins the dirty set; collection
+            // then write-protects exactly the collected frames, which are
+            // re-armed (writable, hardware dirty flag clear) at once.
+            B::pml_drain(vcpu, &mut |gfn| dirty.mark_range(gfn.gpa(), PAGE_SIZE));
+            let mut collected = alloc::vec![0u64; dirty.bitmap_words()];
+            let r =
+                dirty.collect_and_clear(npt, &mut IdentityMem, &mut PlatformFrames, &mut collected);
+            if let Err(e) = B::pml_arm(vcpu, npt, &mut PlatformFrames, &collected) {
+                log::error!("partition: re-arming PML: {e}");
+            }
+            for (out, c) in bitmap.iter_mut().zip(&collected) {
+                *out |= c;
+            }
+            r
+        } else {
+            dirty.collect_and_clear(npt, &mut IdentityMem, &mut PlatformFrames, bitmap)
+        };
         // Frames were write-protected again: stale writable translations
         // must go before the guest runs (even on a partial failure).
         self.vcpu_mut().flush_nested_tlb();

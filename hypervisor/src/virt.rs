@@ -11,12 +11,17 @@ use hvcore::host::{HostError, Partition};
 pub enum BackendKind {
     /// AMD SVM with nested paging.
     Svm,
+    /// Intel VMX with EPT.
+    Vmx,
 }
 
 /// The backend this CPU can run, if any.
 pub fn backend() -> Option<BackendKind> {
     if crate::svm::available() {
         return Some(BackendKind::Svm);
+    }
+    if crate::vmx::available() {
+        return Some(BackendKind::Vmx);
     }
     None
 }
@@ -27,6 +32,9 @@ pub fn create_partition(ram_bytes: u64) -> Result<Box<dyn Partition>, HostError>
         Some(BackendKind::Svm) => Ok(Box::new(GenericPartition::<crate::svm::Svm>::new(
             ram_bytes,
         )?)),
+        Some(BackendKind::Vmx) => Ok(Box::new(GenericPartition::<crate::vmx::Vmx>::new(
+            ram_bytes,
+        )?)),
         None => Err(HostError::NoVirtualization),
     }
 }
@@ -35,6 +43,7 @@ pub fn create_partition(ram_bytes: u64) -> Result<Box<dyn Partition>, HostError>
 pub fn bench_raw_roundtrips(iterations: u64) -> Result<u64, HostError> {
     match backend() {
         Some(BackendKind::Svm) => crate::svm::bench::raw_roundtrips(iterations),
+        Some(BackendKind::Vmx) => crate::vmx::bench::raw_roundtrips(iterations),
         None => Err(HostError::NoVirtualization),
     }
 }
