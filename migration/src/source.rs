@@ -149,6 +149,11 @@ enum Phase {
 const POLL_NS: u64 = 1_000_000;
 /// Back-channel receive chunk.
 const RECV_CHUNK: usize = 1024;
+/// Smallest batch of pages worth a step when the send window is short.
+const MIN_BATCH_PAGES: usize = 16;
+/// Most stream bytes one page can cost: its data plus a whole record's
+/// framing (a run of one page).
+const WORST_BYTES_PER_PAGE: usize = PAGE_SIZE + stream::HEADER_BYTES + 12 + stream::CRC_BYTES;
 
 /// One outgoing live migration.
 pub struct Migration<V: MigratableVm, T: Transport, C: Clock> {
@@ -369,7 +374,15 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 if wait > 0 {
                     return Ok(Progress::Waiting { max_ns: wait });
                 }
-                self.send_pages()?;
+                // Flow control: page data only when the transport has room
+                // for a useful batch (never more than it has room for).
+                let pages = self.transport.send_window() / WORST_BYTES_PER_PAGE;
+                if pages < MIN_BATCH_PAGES.min(self.policy.step_pages.max(1) as usize) {
+                    return Ok(Progress::Waiting {
+                        max_ns: POLL_NS / 10,
+                    });
+                }
+                self.send_pages(pages)?;
                 if self.to_send.next_set(self.cursor).is_none() {
                     self.end_of_pass()?;
                 }
@@ -457,7 +470,7 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
     }
 
     /// Read, classify and send up to `step_pages` pages of the current pass.
-    fn send_pages(&mut self) -> Result<(), MigrationError> {
+    fn send_pages(&mut self, max_pages: usize) -> Result<(), MigrationError> {
         let t0 = self.clock.now_ns();
         self.out.clear();
         self.run.clear();
@@ -465,7 +478,8 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         let mut run: Option<(u64, u64, bool)> = None;
         let mut data_pages = 0u64;
         let mut pages = 0u64;
-        while pages < u64::from(self.policy.step_pages.max(1)) {
+        let limit = u64::from(self.policy.step_pages.max(1)).min(max_pages as u64);
+        while pages < limit {
             let Some(gfn) = self.to_send.next_set(self.cursor) else {
                 break;
             };

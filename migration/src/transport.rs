@@ -4,7 +4,9 @@
 //! receives the back channel; the destination the reverse. `send` delivers
 //! all bytes or fails; `recv` never blocks (it returns `Ok(0)` when nothing
 //! has arrived), because both engines run step by step, interleaved with
-//! guest execution on one CPU.
+//! guest execution on one CPU. `send_window` is the flow control for
+//! transports that cannot block: the source engine sends page data only
+//! when the window has room for it (small control records ignore it).
 //!
 //! [`MemPipe`] connects two endpoints inside one address space (tests, and
 //! the in-node local migration). It is single-threaded (`Rc<RefCell<_>>`)
@@ -24,6 +26,10 @@ pub trait Transport {
     /// Copy up to `buf.len()` received bytes into `buf`; `Ok(0)` when none
     /// are waiting. Never blocks.
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError>;
+    /// Bytes `send` accepts now without blocking or queueing beyond the
+    /// transport's budget. A transport whose `send` blocks (e.g. a socket)
+    /// returns `usize::MAX`.
+    fn send_window(&self) -> usize;
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -32,6 +38,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         (**self).recv(buf)
+    }
+    fn send_window(&self) -> usize {
+        (**self).send_window()
     }
 }
 
@@ -47,6 +56,8 @@ struct Shared {
     budget: [Option<u64>; 2],
     /// Total bytes sent by end `i`.
     sent: [u64; 2],
+    /// Bytes the pipe holds in each direction before `send_window` is 0.
+    capacity: usize,
 }
 
 /// One end of an in-memory pipe.
@@ -57,9 +68,26 @@ pub struct MemPipe {
 }
 
 impl MemPipe {
-    /// Two connected endpoints.
+    /// Default flow-control budget per direction.
+    pub const DEFAULT_CAPACITY: usize = 4 << 20;
+
+    /// Two connected endpoints with [`MemPipe::DEFAULT_CAPACITY`].
     pub fn pair() -> (MemPipe, MemPipe) {
-        let shared = Rc::new(RefCell::new(Shared::default()));
+        Self::with_capacity(Self::DEFAULT_CAPACITY)
+    }
+
+    /// Smallest capacity: the source engine needs a window of 16 pages.
+    pub const MIN_CAPACITY: usize = 128 << 10;
+
+    /// Two connected endpoints whose `send_window` allows `capacity` bytes
+    /// (at least [`MemPipe::MIN_CAPACITY`]) in flight per direction; sends
+    /// beyond it are still accepted.
+    pub fn with_capacity(capacity: usize) -> (MemPipe, MemPipe) {
+        let capacity = capacity.max(Self::MIN_CAPACITY);
+        let shared = Rc::new(RefCell::new(Shared {
+            capacity,
+            ..Shared::default()
+        }));
         (
             MemPipe {
                 shared: shared.clone(),
@@ -126,6 +154,11 @@ impl Transport for MemPipe {
         Ok(())
     }
 
+    fn send_window(&self) -> usize {
+        let s = self.shared.borrow();
+        s.capacity.saturating_sub(s.queues[1 - self.me].len())
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         let mut s = self.shared.borrow_mut();
         let q = &mut s.queues[self.me];
@@ -153,8 +186,10 @@ mod tests {
     #[test]
     fn bytes_flow_both_ways() {
         let (mut a, mut b) = MemPipe::pair();
+        assert_eq!(a.send_window(), MemPipe::DEFAULT_CAPACITY);
         a.send(b"hello").unwrap();
         b.send(b"hi").unwrap();
+        assert_eq!(a.send_window(), MemPipe::DEFAULT_CAPACITY - 5);
         let mut buf = [0u8; 3];
         assert_eq!(b.recv(&mut buf).unwrap(), 3);
         assert_eq!(&buf, b"hel");

@@ -42,6 +42,9 @@ impl Transport for SlowPipe {
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         self.pipe.recv(buf)
     }
+    fn send_window(&self) -> usize {
+        self.pipe.send_window()
+    }
 }
 
 struct FakeVm {
@@ -646,6 +649,9 @@ impl Transport for Cuttable {
         }
         self.pipe.recv(buf)
     }
+    fn send_window(&self) -> usize {
+        self.pipe.send_window()
+    }
 }
 
 /// Step both sides until the source has committed; the destination gets
@@ -693,4 +699,67 @@ fn link_loss_after_go_leaves_the_source_paused_in_doubt() {
     drop((mig, rx));
     assert!(vm.paused && vm.resumes == 0, "the source must not resume");
     assert!(dest.running);
+}
+
+/// The in-node shape: one thread steps both sides over a small `MemPipe`;
+/// flow control keeps the bytes in flight within the pipe's capacity.
+#[test]
+fn in_node_migration_respects_the_pipe_capacity() {
+    struct Watch {
+        pipe: MemPipe,
+        peak: Rc<Cell<usize>>,
+    }
+    impl Transport for Watch {
+        fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+            self.pipe.send(bytes)?;
+            let queued = MemPipe::MIN_CAPACITY - self.pipe.send_window().min(MemPipe::MIN_CAPACITY);
+            self.peak.set(self.peak.get().max(queued));
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+            self.pipe.recv(buf)
+        }
+        fn send_window(&self) -> usize {
+            self.pipe.send_window()
+        }
+    }
+    let time = Rc::new(Cell::new(0));
+    let mut vm = FakeVm::new(&time, 1024);
+    vm.write_rate = 5_000;
+    let mut dest = FakeDest::default();
+    let (a, b) = MemPipe::with_capacity(0); // clamped to MIN_CAPACITY
+    let peak = Rc::new(Cell::new(0));
+    let clock = SimClock(time.clone());
+    let src_t = Watch {
+        pipe: a,
+        peak: peak.clone(),
+    };
+    let mut mig = Migration::new(&mut vm, src_t, clock.clone(), Policy::default());
+    let mut rx = Receiver::new(&mut dest, b);
+    loop {
+        time.set(time.get() + 20_000); // the guest and the clock move on
+        let s = mig.step();
+        let r = rx.step();
+        if let (Progress::Finished(_), RecvProgress::Finished(_)) = (s, r) {
+            break;
+        }
+    }
+    assert_eq!(
+        mig.report().result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    assert!(
+        peak.get() <= MemPipe::MIN_CAPACITY,
+        "{} bytes queued",
+        peak.get()
+    );
+    assert!(
+        peak.get() >= MemPipe::MIN_CAPACITY / 2,
+        "the window was used: {}",
+        peak.get()
+    );
+    drop((mig, rx));
+    assert_eq!(&dest.mem, vm.mem_at_pause.as_ref().unwrap());
 }
