@@ -84,6 +84,32 @@ impl VirtualDisk for HostDisk {
     }
 }
 
+/// The host's own words for an I/O error, without our operation prefix.
+fn detail(e: &crate::io::IoError) -> String {
+    match e {
+        crate::io::IoError::Host { detail, .. } => detail.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One line for the user about `e` concerning `path`: named once, without
+/// the error kind's prefix when the message already says what failed.
+fn describe(path: &Path, e: &DiskError) -> String {
+    let msg = match e {
+        DiskError::Open(m) | DiskError::Request(m) => m.clone(),
+        DiskError::Corrupt(m) => format!("corrupt: {m}"),
+        DiskError::Io(io) => io.to_string(),
+    };
+    let name = path.display().to_string();
+    let msg = if msg.contains(&name) {
+        msg
+    } else {
+        format!("{name}: {msg}")
+    };
+    // One line whatever the message holds.
+    msg.replace(['\n', '\r'], " ")
+}
+
 /// True for `.vhdx` and `.avhdx` (Hyper-V's name for checkpoint children).
 pub(crate) fn is_vhdx(path: &Path) -> bool {
     path.extension()
@@ -99,7 +125,7 @@ pub fn open_disk(path: &Path, writable: bool) -> Result<HostDisk, DiskError> {
         return Ok(HostDisk::Vhdx(Box::new(d)));
     }
     let io = FileIo::open_direct(path, writable)
-        .map_err(|e| DiskError::Open(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| DiskError::Open(format!("cannot open {}: {}", path.display(), detail(&e))))?;
     Ok(HostDisk::Raw(RawDisk::open(io)?))
 }
 
@@ -128,7 +154,14 @@ pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> 
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|e| DiskError::Open(format!("cannot create {}: {e}", path.display())))?;
+        .map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                "it already exists".to_string()
+            } else {
+                e.to_string()
+            };
+            DiskError::Open(format!("cannot create {}: {why}", path.display()))
+        })?;
     drop(created);
     let result = (|| {
         let io = FileIo::open_direct(path, true)?;
@@ -293,8 +326,8 @@ impl ProgressBar {
 /// file DST of the same kind and parameters, in one unbuffered pass over
 /// SRC's allocated data. On failure DST is removed. Errors are one line.
 pub fn cli_copy(src: &Path, dst: &Path, progress: bool) -> Result<(), String> {
-    let mut source = open_disk(src, false).map_err(|e| format!("{}: {e}", src.display()))?;
-    let mut dest = create_like(&source, dst).map_err(|e| format!("{}: {e}", dst.display()))?;
+    let mut source = open_disk(src, false).map_err(|e| describe(src, &e))?;
+    let mut dest = create_like(&source, dst).map_err(|e| describe(dst, &e))?;
     let mut bar = progress.then(ProgressBar::new);
     let opts = CopyOptions {
         // The destination is new, so it reads as zeros: zero chunks of a
