@@ -59,17 +59,24 @@
 //! D: resumes the VM, resumed ─────────▶ S: releases the VM (done)
 //! ```
 //!
-//! Either side may send `abort(reason)` instead of its next record at any
-//! point up to the commit point; then both sides stop, the destination
-//! discards its VM and the source resumes its own. Each direction ends with
-//! its last record (`go`/`abort`, resp. `resumed`/`abort`); bytes after that
-//! are an error.
+//! Either side may send `abort(reason)` instead of its next record (after
+//! its magic); then both sides stop, the destination discards its VM and the
+//! source resumes its own. Each direction ends with its last record
+//! (`go`/`abort`, resp. `resumed`/`abort`); bytes after that are an error.
+//! Why a three-message switch-over (`ready`, `go`, `resumed`) rather than
+//! the destination resuming on `end`: the source must know who runs the VM.
+//! Until it sends `go` the destination will never resume, so the source can
+//! always take the VM back.
 //!
 //! Failure semantics: before the source sends `go`, any failure (bad bytes,
 //! transport error, timeout, refusal by either VM) leaves the VM running at
-//! the source. After `go`, the destination owns the VM; if the source then
-//! loses the channel before `resumed` arrives, the outcome is in doubt and
-//! the source stays paused ([`crate::MigrationError::InDoubt`]).
+//! the source. After `go`, the destination owns the VM: only an `abort`
+//! from it (its resume failed and it discarded the VM) sends the VM back to
+//! the source; if the source instead loses the channel or times out before
+//! `resumed` arrives, the outcome is in doubt and the source stays paused
+//! ([`crate::MigrationError::InDoubt`]) for management to resolve. The
+//! destination, once resumed, keeps running even if `resumed` cannot be
+//! delivered.
 //!
 //! The [`Decoder`] enforces this machine, the caps and the configuration:
 //! memory runs must lie inside the configured RAM, vCPU records arrive in id

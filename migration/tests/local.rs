@@ -192,6 +192,7 @@ struct FakeDest {
     /// A stray write: writing the first gfn also flips a byte of the second.
     alias: Option<(u64, u64)>,
     refuse_devices: bool,
+    fail_resume: bool,
 }
 
 impl DestinationVm for FakeDest {
@@ -239,6 +240,9 @@ impl DestinationVm for FakeDest {
         Ok(())
     }
     fn resume(&mut self) -> Result<(), VmError> {
+        if self.fail_resume {
+            return Err(VmError::new("vCPU entry failed"));
+        }
         self.running = true;
         Ok(())
     }
@@ -762,4 +766,55 @@ fn in_node_migration_respects_the_pipe_capacity() {
     );
     drop((mig, rx));
     assert_eq!(&dest.mem, vm.mem_at_pause.as_ref().unwrap());
+}
+
+/// After `go`, silence from the destination until the time limit: in doubt,
+/// the source stays paused.
+#[test]
+fn silence_after_go_times_out_in_doubt() {
+    let time = Rc::new(Cell::new(0));
+    let mut vm = FakeVm::new(&time, 64);
+    let mut dest = FakeDest::default();
+    let (a, b) = MemPipe::pair();
+    let clock = SimClock(time.clone());
+    let policy = Policy {
+        timeout_ns: 5 * NS_PER_S,
+        ..Policy::default()
+    };
+    let mut mig = Migration::new(&mut vm, a, clock.clone(), policy);
+    let mut rx = Receiver::new(&mut dest, b);
+    while !mig.committed() {
+        mig.step();
+        rx.step();
+        clock.idle(1000);
+    }
+    // The destination hangs: it is never stepped again.
+    time.set(time.get() + 6 * NS_PER_S);
+    assert_eq!(mig.step(), Progress::Finished(MigrationResult::Failed));
+    let msg = mig.report().error.clone().unwrap();
+    assert!(msg.contains("in doubt") && msg.contains("5000 ms"), "{msg}");
+    assert!(mig.vm_paused());
+    drop((mig, rx));
+    assert_eq!(vm.resumes, 0);
+}
+
+/// The destination's resume fails after `go`: it says so and discards, and
+/// only then does the source take the VM back.
+#[test]
+fn failed_resume_at_the_destination_sends_the_vm_back() {
+    let mut s = Setup::new(128);
+    s.dest.fail_resume = true;
+    let (mig, rx) = s.run();
+    assert!(mig.committed());
+    assert_eq!(mig.report().result, MigrationResult::Failed);
+    let msg = mig.report().error.clone().unwrap();
+    assert!(
+        msg.contains("peer aborted the migration: VM operation failed: vCPU entry failed"),
+        "{msg}"
+    );
+    assert_eq!(rx.outcome().result, MigrationResult::Failed);
+    drop((mig, rx));
+    assert_source_intact(&s.vm);
+    assert_eq!(s.vm.resumes, 1);
+    assert!(s.dest.discarded && !s.dest.running);
 }
