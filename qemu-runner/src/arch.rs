@@ -3,9 +3,10 @@
 //! `svm` is AMD-V under QEMU TCG (the only path today). `vmx` (Intel VT-x
 //! under Bochs) and `svm-bochs` (AMD-V under Bochs's `ryzen` model) are
 //! parsed so that the command line is stable, but rejected with a clear
-//! error until their issue lands; adding them means implementing
-//! [`Emulator::Bochs`] in `qemu.rs`'s sibling and flipping
-//! [`Arch::supported`].
+//! error until their issue lands. Adding them means a `bochs` module beside
+//! `qemu` (GRUB ISO, bochsrc, COM1 read from a file), the
+//! [`Emulator::Bochs`] arms in `main.rs` (`prepare`, `boot`), and
+//! [`Arch::supported`] saying yes.
 
 use std::fmt;
 use std::str::FromStr;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use qemu_runner::arch::Arch;
+use qemu_runner::arch::{Arch, Emulator};
 use qemu_runner::cargo::{self, Images};
 use qemu_runner::cli::{self, Cmd, DEFAULT_TEST_TIMEOUT, USAGE};
 use qemu_runner::markers::{Marker, SerialLog};
@@ -84,43 +84,65 @@ fn main() -> ExitCode {
     }
 }
 
-/// The emulator is installed and the images are built (or, with
-/// `build == false`, present).
-fn prepare(arch: Arch, build: bool) -> Result<Images, String> {
-    debug_assert_eq!(arch.emulator(), qemu_runner::arch::Emulator::Qemu);
-    if !qemu::available() {
-        return Err(format!(
-            "{} not found; install the emulators with `cargo run -p qemu-runner -- setup` (as root)",
-            qemu::QEMU
-        ));
+/// A virtualization path with its images: what [`boot`] needs.
+struct Target {
+    arch: Arch,
+    images: Images,
+}
+
+/// The path is supported, its emulator is installed and the images are
+/// built (or, with `build == false`, present).
+fn prepare(arch: Arch, build: bool) -> Result<Target, String> {
+    arch.supported()?;
+    match arch.emulator() {
+        Emulator::Qemu => {
+            if !qemu::available() {
+                return Err(format!(
+                    "{} not found; install the emulators with `cargo run -p qemu-runner -- setup` (as root)",
+                    qemu::QEMU
+                ));
+            }
+        }
+        // The Bochs path (GRUB ISO, bochsrc, serial read from a file) comes
+        // with the VT-x issue; `supported()` already refused it.
+        Emulator::Bochs => return Err(format!("--arch {arch}: Bochs is not wired up yet")),
     }
-    if build {
-        cargo::build()
+    let images = if build {
+        cargo::build()?
     } else {
         let images = Images::locate()?;
         images.check()?;
-        Ok(images)
-    }
+        images
+    };
+    Ok(Target { arch, images })
 }
 
 /// Boot one node and feed its serial lines to `on_line` (after `log`
 /// recorded them). Returns how the run ended and the folded log.
 fn boot(
-    images: &Images,
+    target: &Target,
     cmdline: &str,
     memory_mib: u64,
     timeout: Option<Duration>,
     mut on_line: impl FnMut(&Marker, &SerialLog) -> Control,
 ) -> Result<(RunEnd, SerialLog), String> {
     let spec = NodeSpec {
-        hypervisor: images.hypervisor.clone(),
-        guest_kernel: images.guest_kernel.clone(),
+        hypervisor: target.images.hypervisor.clone(),
+        guest_kernel: target.images.guest_kernel.clone(),
         cmdline: cmdline.to_string(),
         memory_mib,
     };
-    eprintln!("qemu-runner: {}", qemu::display(&spec));
+    let command = match target.arch.emulator() {
+        Emulator::Qemu => {
+            eprintln!("qemu-runner: {}", qemu::display(&spec));
+            qemu::command(&spec)
+        }
+        Emulator::Bochs => {
+            return Err(format!("--arch {}: Bochs is not wired up yet", target.arch))
+        }
+    };
     let mut log = SerialLog::default();
-    let end = process::run_streaming(qemu::command(&spec), timeout, true, |line| {
+    let end = process::run_streaming(command, timeout, true, |line| {
         let marker = log.push(line);
         let control = match &marker {
             Marker::Shutdown { .. } => Control::StopAfter(SHUTDOWN_GRACE),
@@ -166,8 +188,8 @@ fn node(
     timeout: Option<Duration>,
     build: bool,
 ) -> Result<bool, String> {
-    let images = prepare(arch, build)?;
-    let (end, log) = boot(&images, append, memory_mib, timeout, |_, _| {
+    let target = prepare(arch, build)?;
+    let (end, log) = boot(&target, append, memory_mib, timeout, |_, _| {
         Control::Continue
     })?;
     eprintln!("qemu-runner: node {}", describe_end(&end, &log));
@@ -184,7 +206,7 @@ fn guest_test(
     timeout: Duration,
     build: bool,
 ) -> Result<bool, String> {
-    let images = prepare(arch, build)?;
+    let target = prepare(arch, build)?;
     let (requested, tests): (Vec<String>, String) = if cases.is_empty() {
         (
             ALL_CASES.iter().map(|c| c.to_string()).collect(),
@@ -195,7 +217,7 @@ fn guest_test(
     };
     let cmdline = format!("mode=test tests={tests}");
     let (end, log) = boot(
-        &images,
+        &target,
         &cmdline,
         qemu::DEFAULT_MEMORY_MIB,
         Some(timeout),
@@ -217,7 +239,7 @@ fn guest_test(
 fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
     let what = setup::ensure()?;
     eprintln!("qemu-runner: setup: {what}");
-    let images = prepare(arch, build)?;
+    let target = prepare(arch, build)?;
     println!(
         "hvmigrate demo: booting a node under QEMU (AMD-V with nested paging, emulated by TCG).\n\
          Its guest `dirty-demo` increments one byte in every page of a 16 MiB buffer, for ever;\n\
@@ -227,7 +249,7 @@ fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
     );
     let watch = Duration::from_secs(seconds);
     let (end, log) = boot(
-        &images,
+        &target,
         "mode=demo",
         qemu::DEFAULT_MEMORY_MIB,
         Some(watch + Duration::from_secs(120)),
@@ -255,9 +277,9 @@ fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
 }
 
 fn bench_exits(arch: Arch, timeout: Duration, build: bool) -> Result<bool, String> {
-    let images = prepare(arch, build)?;
+    let target = prepare(arch, build)?;
     let (end, log) = boot(
-        &images,
+        &target,
         "mode=bench-exits",
         qemu::DEFAULT_MEMORY_MIB,
         Some(timeout),
