@@ -674,3 +674,192 @@ impl DeviceState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Reader;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    fn random_vcpu(r: &mut Rng, id: u32) -> VcpuState {
+        let mut v = VcpuState {
+            id,
+            ..Default::default()
+        };
+        for f in v.regs.fields_mut() {
+            *f = r.next();
+        }
+        for s in v.segments_mut() {
+            *s = Segment {
+                selector: r.next() as u16,
+                attrib: r.next() as u16 & 0x0fff,
+                limit: r.next() as u32,
+                base: r.next(),
+            };
+        }
+        v.gdtr = TableReg {
+            base: r.next(),
+            limit: r.next() as u16,
+        };
+        v.idtr = TableReg {
+            base: r.next(),
+            limit: r.next() as u16,
+        };
+        v.cr0 = r.next();
+        v.cr2 = r.next();
+        v.cr3 = r.next();
+        v.cr4 = r.next();
+        v.cr8 = r.next();
+        v.efer = r.next();
+        v.dr = [r.next(), r.next(), r.next(), r.next()];
+        v.dr6 = r.next();
+        v.dr7 = r.next();
+        v.msrs.pat = r.next();
+        v.msrs.lstar = r.next();
+        v.msrs.sysenter_eip = r.next();
+        v.tsc = r.next();
+        v.interrupt_shadow = r.next() & 1 == 1;
+        v.pending_event = match r.next() % 4 {
+            0 => None,
+            1 => Some(PendingEvent {
+                vector: 0x20,
+                kind: EventKind::ExternalInterrupt,
+                error_code: None,
+            }),
+            2 => Some(PendingEvent {
+                vector: 2,
+                kind: EventKind::Nmi,
+                error_code: None,
+            }),
+            _ => Some(PendingEvent {
+                vector: 13,
+                kind: EventKind::Exception,
+                error_code: Some(r.next() as u32),
+            }),
+        };
+        v.fpu = FpuState {
+            xcr0: r.next(),
+            xsave: (0..(r.next() % 4096) as usize)
+                .map(|_| r.next() as u8)
+                .collect(),
+        };
+        v
+    }
+
+    #[test]
+    fn vcpu_state_round_trips() {
+        let mut r = Rng(0x1234_5678_9abc_def1);
+        for id in 0..200 {
+            let v = random_vcpu(&mut r, id);
+            let mut out = Vec::new();
+            v.encode(&mut out);
+            assert_eq!(out.len(), v.encoded_len());
+            let mut rd = Reader::new(&out, 0);
+            assert_eq!(VcpuState::decode(&mut rd).unwrap(), v);
+            rd.finish("vCPU").unwrap();
+        }
+    }
+
+    #[test]
+    fn vcpu_state_rejects_out_of_domain_values() {
+        let v = random_vcpu(&mut Rng(7), 0);
+        let mut good = Vec::new();
+        v.encode(&mut good);
+        // Offsets of fields after the fixed register block.
+        let seg0_attrib = 4 + 18 * 8 + 2;
+        let ev_flags = VCPU_FIXED_BYTES - 8 - 1 - 4 - 4 - 1 - 1 - 1;
+        let shadow = VCPU_FIXED_BYTES - 8 - 4 - 1;
+        let xsave_len = VCPU_FIXED_BYTES - 4;
+        let cases: [(usize, &[u8], &str); 6] = [
+            (seg0_attrib, &[0x00, 0x10], "segment attributes"),
+            (ev_flags, &[2], "pending event flags"),
+            (ev_flags, &[1, 9], "pending event type"),
+            (ev_flags, &[1, 3, 40], "exception vector"),
+            (shadow, &[2], "vcpu.interrupt_shadow"),
+            (xsave_len, &[0xff, 0xff, 0, 0], "XSAVE image size in bytes"),
+        ];
+        for (off, bytes, what) in cases {
+            let mut bad = good.clone();
+            bad[off..off + bytes.len()].copy_from_slice(bytes);
+            let e = VcpuState::decode(&mut Reader::new(&bad, 3)).unwrap_err();
+            let named = match &e {
+                StreamError::InvalidValue {
+                    what, record: 3, ..
+                } => *what,
+                StreamError::OverCap {
+                    what, record: 3, ..
+                } => *what,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(named, what);
+        }
+        // Cut anywhere: a named truncation, never a panic.
+        for cut in 0..good.len() {
+            let e = VcpuState::decode(&mut Reader::new(&good[..cut], 1)).unwrap_err();
+            assert!(
+                matches!(e, StreamError::Truncated { record: 1, .. }),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_validation() {
+        let ok = VmConfig {
+            ram_bytes: 1 << 30,
+            vcpus: 4,
+            devices: alloc::vec![DeviceDesc {
+                kind: 1,
+                instance: 0,
+                version: 1
+            }],
+            cpuid: alloc::vec![CpuidEntry::default(); 3],
+        };
+        ok.validate().unwrap();
+        let mut out = Vec::new();
+        ok.encode(&mut out);
+        assert_eq!(out.len(), ok.encoded_len());
+        assert_eq!(VmConfig::decode(&mut Reader::new(&out, 0)).unwrap(), ok);
+        let bad = [
+            VmConfig {
+                ram_bytes: 0,
+                ..ok.clone()
+            },
+            VmConfig {
+                ram_bytes: 4097,
+                ..ok.clone()
+            },
+            VmConfig {
+                ram_bytes: MAX_RAM_BYTES + 4096,
+                ..ok.clone()
+            },
+            VmConfig {
+                vcpus: 0,
+                ..ok.clone()
+            },
+            VmConfig {
+                vcpus: MAX_VCPUS + 1,
+                ..ok.clone()
+            },
+            VmConfig {
+                devices: alloc::vec![ok.devices[0]; 2],
+                ..ok.clone()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+            let mut out = Vec::new();
+            c.encode(&mut out);
+            assert!(VmConfig::decode(&mut Reader::new(&out, 0)).is_err());
+        }
+    }
+}
