@@ -138,6 +138,17 @@ impl DirtyBitmap {
         self.mask_tail();
     }
 
+    /// Let a word-based dirty log OR itself straight into the bitmap (e.g.
+    /// `out.with_words_mut(|w| partition.collect_dirty(w))` with hvcore's
+    /// `Partition`). Bit `g % 64` of word `g / 64` is frame `g`; the slice
+    /// has `len().div_ceil(64)` words. Bits beyond `len()` set by `f` are
+    /// cleared afterwards, so the invariant holds whatever the log does.
+    pub fn with_words_mut<R>(&mut self, f: impl FnOnce(&mut [u64]) -> R) -> R {
+        let r = f(&mut self.words);
+        self.mask_tail();
+        r
+    }
+
     fn mask_tail(&mut self) {
         let tail = self.len % 64;
         if tail != 0 {
@@ -198,6 +209,13 @@ mod tests {
             assert!(b.iter().eq(model.iter().copied()));
             let mut w = DirtyBitmap::new(len);
             w.union_words(0, &[!0u64; 40]);
+            assert_eq!(w.count(), len);
+            let mut w = DirtyBitmap::new(len);
+            let words = w.with_words_mut(|words| {
+                words.fill(!0);
+                words.len()
+            });
+            assert_eq!(words as u64, len.div_ceil(64));
             assert_eq!(w.count(), len);
             b.set_all();
             assert_eq!(b.count(), len);

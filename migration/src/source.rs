@@ -51,7 +51,8 @@ pub trait MigratableVm {
     /// including writes by the hypervisor and device models (STYLE 5).
     fn start_dirty_log(&mut self) -> Result<(), VmError>;
     /// Set in `out` the frames written since the last collection and reset
-    /// the log. Must only set bits, never clear them.
+    /// the log. Must only set bits, never clear them. A word-based log ORs
+    /// straight in through [`DirtyBitmap::with_words_mut`].
     fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError>;
     /// Stop tracking writes.
     fn stop_dirty_log(&mut self);
