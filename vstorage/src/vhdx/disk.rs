@@ -20,7 +20,7 @@
 //!   overlay (MS-VHDX 2.3.3, note 5); the file itself is not touched.
 
 use super::format::*;
-use super::layout::Geometry;
+use super::layout::{Geometry, ReadPiece, ReadSource, WritePlan};
 use super::log::{self, EntryParams, LogWrite, LOG_SECTOR};
 use crate::io::{check_request, BlockIo, DiskError, VirtualDisk};
 use alloc::boxed::Box;
@@ -195,6 +195,14 @@ impl<B: BlockIo> core::fmt::Debug for Vhdx<B> {
             .field("kind", &self.kind())
             .finish_non_exhaustive()
     }
+}
+
+/// Entry `i` of an in-memory BAT (zero past its end).
+fn bat_at(bat: &[u8], i: u64) -> BatEntry {
+    BatEntry(rd64(
+        bat,
+        usize::try_from(i).unwrap_or(usize::MAX).saturating_mul(8),
+    ))
 }
 
 /// Reads whole-structure bytes from `io` (overlay-free), mapping a short file
@@ -740,8 +748,7 @@ impl<B: BlockIo> Vhdx<B> {
     }
 
     fn bat_entry(&self, i: u64) -> BatEntry {
-        let off = (i as usize).saturating_mul(8);
-        BatEntry(rd64(&self.bat, off))
+        bat_at(&self.bat, i)
     }
 
     fn set_bat_entry(&mut self, i: u64, e: BatEntry, dirty: &mut BTreeSet<usize>) {
@@ -1092,18 +1099,24 @@ impl<B: BlockIo> Vhdx<B> {
     fn read_inner(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         let g = self.geo;
         let ss = u64::from(g.sector_size);
-        let mut pos = 0usize;
-        for (block, within, n) in g.split(offset, buf.len() as u64) {
-            let voff = block * u64::from(g.block_size) + within;
-            let dst = &mut buf[pos..pos + n as usize];
-            pos += n as usize;
-            let e = self.bat_entry(g.payload_index(block));
-            match e.payload_state() {
-                PayloadState::FullyPresent => self.read_file(e.file_offset() + within, dst)?,
-                PayloadState::PartiallyPresent => {
-                    let sb = self.bat_entry(g.bitmap_index(block / g.chunk_ratio));
-                    let bits =
-                        self.get_bits(sb.file_offset(), g.bitmap_bit(block, within), n / ss)?;
+        let pieces: Vec<ReadPiece> = {
+            let bat = &self.bat;
+            g.resolve_read(|i| bat_at(bat, i), offset, buf.len() as u64)
+                .collect()
+        };
+        for p in pieces {
+            let dst = &mut buf[p.buf_offset as usize..(p.buf_offset + p.len) as usize];
+            match p.source {
+                ReadSource::File(off) => self.read_file(off, dst)?,
+                ReadSource::Zero => dst.fill(0),
+                ReadSource::Parent => self.read_parent(p.virtual_offset, dst)?,
+                ReadSource::Bitmap {
+                    file_offset,
+                    bitmap_file_offset,
+                    first_bit,
+                } => {
+                    let bits = self.get_bits(bitmap_file_offset, first_bit, p.len / ss)?;
+                    // Runs of equal bits: one transfer per run.
                     let mut i = 0usize;
                     while i < bits.len() {
                         let present = bits[i];
@@ -1114,15 +1127,13 @@ impl<B: BlockIo> Vhdx<B> {
                         let s = i as u64 * ss;
                         let d = &mut dst[s as usize..(j as u64 * ss) as usize];
                         if present {
-                            self.read_file(e.file_offset() + within + s, d)?;
+                            self.read_file(file_offset + s, d)?;
                         } else {
-                            self.read_parent(voff + s, d)?;
+                            self.read_parent(p.virtual_offset + s, d)?;
                         }
                         i = j;
                     }
                 }
-                PayloadState::NotPresent if g.has_parent => self.read_parent(voff, dst)?,
-                _ => dst.fill(0),
             }
         }
         Ok(())
@@ -1132,7 +1143,6 @@ impl<B: BlockIo> Vhdx<B> {
         self.begin_modification(true)?;
         let g = self.geo;
         let bs = u64::from(g.block_size);
-        let ss = u64::from(g.sector_size);
         let mut dirty = BTreeSet::new();
         let mut sb_pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut need_flush = false;
@@ -1141,57 +1151,57 @@ impl<B: BlockIo> Vhdx<B> {
             let src = &data[pos..pos + n as usize];
             pos += n as usize;
             let idx = g.payload_index(block);
-            let e = self.bat_entry(idx);
-            let state = e.payload_state();
-            match state {
-                PayloadState::FullyPresent => {
-                    self.io.write_at(e.file_offset() + within, src)?;
+            let plan = g.plan_write(
+                block,
+                within,
+                n,
+                self.bat_entry(idx),
+                self.bat_entry(g.bitmap_index(block / g.chunk_ratio)),
+                self.reusable.contains(&idx),
+            );
+            let mark = match plan {
+                WritePlan::InPlace { file_offset, mark } => {
+                    self.io.write_at(file_offset, src)?;
+                    mark
                 }
-                PayloadState::PartiallyPresent => {
-                    self.io.write_at(e.file_offset() + within, src)?;
-                    let sb = self.bat_entry(g.bitmap_index(block / g.chunk_ratio));
-                    self.set_bits(
-                        sb.file_offset(),
-                        g.bitmap_bit(block, within),
-                        n / ss,
-                        &mut sb_pages,
-                    )?;
-                }
-                _ => {
-                    let whole = within == 0 && n == bs;
-                    let off = if self.reusable.remove(&idx) {
-                        let off = e.file_offset();
-                        if !whole {
-                            self.write_zeros(off, within)?;
-                            self.write_zeros(off + within + n, bs - within - n)?;
+                WritePlan::Place {
+                    reuse,
+                    offset_in_block,
+                    new_state,
+                    mark,
+                } => {
+                    let off = match reuse {
+                        Some(off) => {
+                            self.reusable.remove(&idx);
+                            // The rest of the block must read as zeros.
+                            self.write_zeros(off, offset_in_block)?;
+                            let tail = offset_in_block + n;
+                            self.write_zeros(off + tail, bs - tail)?;
+                            off
                         }
-                        off
-                    } else {
-                        self.allocate(bs)?
+                        None => self.allocate(bs)?,
                     };
-                    self.io.write_at(off + within, src)?;
+                    self.io.write_at(off + offset_in_block, src)?;
                     need_flush = true;
-                    let new_state = if g.has_parent && state == PayloadState::NotPresent && !whole {
-                        let chunk = block / g.chunk_ratio;
-                        let sbi = g.bitmap_index(chunk);
-                        let mut sb = self.bat_entry(sbi);
-                        if sb.bitmap_state() != BitmapState::Present {
-                            let so = self.allocate(MIB)?;
-                            sb = BatEntry::new(SB_PRESENT, so);
-                            self.set_bat_entry(sbi, sb, &mut dirty);
-                        }
-                        self.set_bits(
-                            sb.file_offset(),
-                            g.bitmap_bit(block, within),
-                            n / ss,
-                            &mut sb_pages,
-                        )?;
-                        PAYLOAD_PARTIALLY_PRESENT
-                    } else {
-                        PAYLOAD_FULLY_PRESENT
-                    };
                     self.set_bat_entry(idx, BatEntry::new(new_state, off), &mut dirty);
+                    mark
                 }
+            };
+            if let Some(m) = mark {
+                let sb_off = match m.bitmap_file_offset {
+                    Some(o) => o,
+                    None => {
+                        let o = self.allocate(MIB)?;
+                        need_flush = true;
+                        self.set_bat_entry(
+                            m.bitmap_index,
+                            BatEntry::new(SB_PRESENT, o),
+                            &mut dirty,
+                        );
+                        o
+                    }
+                };
+                self.set_bits(sb_off, m.first_bit, m.sectors, &mut sb_pages)?;
             }
         }
         if need_flush {
