@@ -13,6 +13,26 @@
 //! The wire format and its state machine are documented in [`stream`], the
 //! final memory digest in [`digest`], the pre-copy policy in [`policy`].
 //!
+//! How a node drives it (sketch; `tests/local.rs` runs exactly this shape,
+//! `tests/simulation.rs` the two-host shape with threads):
+//!
+//! ```text
+//! // source host                          // destination host
+//! let mut m = Migration::new(vm, link,    let mut r = Receiver::new(empty_vm, link);
+//!                 clock, policy);
+//! loop {                                  loop {
+//!     match m.step() {                        match r.step() {
+//!         Progress::Busy => {}                    RecvProgress::Busy => {}
+//!         Progress::Waiting { max_ns } =>         RecvProgress::Waiting => run_guests(),
+//!             run_guests_for(max_ns),             RecvProgress::Finished(_) => break,
+//!         Progress::Finished(_) => break,     }
+//!     }                                   }
+//! }                                       // r.outcome(): completed -> VM runs here
+//! print("migration-report {}", m.report().to_json());
+//! // completed: remove the (paused) source VM; cancelled/failed: it runs on,
+//! // unless m.error() is InDoubt (paused; ask the destination).
+//! ```
+//!
 //! Invariants:
 //! - No panic on stream bytes (STYLE 4): the decoder bounds every length and
 //!   count and returns [`StreamError`]. Fuzzed by `migration/fuzz` and by the
