@@ -1,4 +1,5 @@
-//! A [`VirtualDisk`] double that fails chosen operations, for testing that
+//! Test doubles that fail chosen operations ([`FaultyDisk`] on a
+//! [`VirtualDisk`], [`FaultyIo`] on a [`BlockIo`]), for testing that
 //! a migration survives a failing source or destination at any point.
 //!
 //! Operations are counted from 1 per kind (reads, writes, flushes). A write
@@ -14,7 +15,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::io::{DiskError, IoError, VirtualDisk};
+use crate::io::{BlockIo, DiskError, IoError, VirtualDisk};
 
 /// Which operations fail.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -189,5 +190,87 @@ impl<D: VirtualDisk> VirtualDisk for FaultyDisk<D> {
             Some(r) => Ok(r.clone()),
             None => self.inner.allocated_ranges(),
         }
+    }
+}
+
+/// A [`BlockIo`] double that fails the Nth `write_at` or `flush` (1-based),
+/// for running a format engine (VHDX) over a failing store inside a
+/// migration. After the first injected fault, every later write and flush
+/// fails too (the store went away); reads keep working.
+#[derive(Debug)]
+pub struct FaultyIo<B> {
+    inner: B,
+    fail_write: Option<u64>,
+    fail_flush: Option<u64>,
+    writes: u64,
+    flushes: u64,
+    failed: bool,
+}
+
+impl<B: BlockIo> FaultyIo<B> {
+    /// Wraps `inner`, failing its `fail_write`th write or `fail_flush`th flush.
+    pub fn new(inner: B, fail_write: Option<u64>, fail_flush: Option<u64>) -> Self {
+        FaultyIo {
+            inner,
+            fail_write,
+            fail_flush,
+            writes: 0,
+            flushes: 0,
+            failed: false,
+        }
+    }
+
+    /// True once a fault was injected.
+    pub fn has_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Unwraps the store.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: BlockIo> BlockIo for FaultyIo<B> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        self.writes += 1;
+        if self.failed || self.fail_write == Some(self.writes) {
+            self.failed = true;
+            return Err(IoError::Host {
+                op: "write",
+                detail: alloc::format!("injected fault (write {})", self.writes),
+            });
+        }
+        self.inner.write_at(offset, data)
+    }
+
+    fn flush(&mut self) -> Result<(), IoError> {
+        self.flushes += 1;
+        if self.failed || self.fail_flush == Some(self.flushes) {
+            self.failed = true;
+            return Err(IoError::Host {
+                op: "flush",
+                detail: alloc::format!("injected fault (flush {})", self.flushes),
+            });
+        }
+        self.inner.flush()
+    }
+
+    fn len(&self) -> Result<u64, IoError> {
+        self.inner.len()
+    }
+
+    fn set_len(&mut self, len: u64) -> Result<(), IoError> {
+        if self.failed {
+            return Err(IoError::Host {
+                op: "set_len",
+                detail: String::from("injected fault (store gone)"),
+            });
+        }
+        self.inner.set_len(len)
     }
 }
