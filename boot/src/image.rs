@@ -62,6 +62,13 @@ extern "C" fn hv_boot_main(magic: u32, info_pa: u32) -> ! {
         // Nobody will read this, but the flow stays the same.
         log::warn!("no UART answered at COM1");
     }
+    if info.regions_dropped > 0 {
+        log::warn!(
+            "memory map: {} entries beyond the first {} ignored",
+            info.regions_dropped,
+            bootinfo::MAX_MEM_REGIONS
+        );
+    }
     for r in info.regions() {
         log::debug!("memory {:#014x}-{:#014x} {:?}", r.base, r.end(), r.kind);
     }
@@ -97,6 +104,14 @@ fn platform_init(info: &BootInfo) -> ! {
     );
 
     let layout = crate::entry::image_layout();
+    log::debug!(
+        "image {:#x}-{:#x} (text to {:#x}, rodata to {:#x}), stack guard page {:#x}",
+        layout.start,
+        layout.end,
+        layout.rodata_start,
+        layout.data_start,
+        layout.stack_guard
+    );
     if let Err(e) = mem::init_frames(info, (layout.start, layout.end)) {
         panic!("memory: {e}");
     }
