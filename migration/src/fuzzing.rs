@@ -35,7 +35,8 @@ pub fn fix_crcs(bytes: &mut [u8]) {
 }
 
 /// Control byte, then stream bytes. Control bit 0: direction (0 = source to
-/// destination); bit 1: fix CRCs first; bits 2-7: chunk size - 1.
+/// destination); bit 1: fix CRCs first; bits 2-5: log2 of the chunk size
+/// the bytes are fed in (1 byte to 32 KiB); bits 6-7: unused.
 pub fn fuzz_decode(data: &[u8]) {
     let Some((&ctl, rest)) = data.split_first() else {
         return;
@@ -45,7 +46,7 @@ pub fn fuzz_decode(data: &[u8]) {
     } else {
         Direction::DestToSource
     };
-    let chunk = usize::from(ctl >> 2) + 1;
+    let chunk = 1usize << ((ctl >> 2) & 0xf);
     let mut input = rest.to_vec();
     if ctl & 2 != 0 {
         fix_crcs(&mut input);
