@@ -435,6 +435,11 @@ impl Decoder {
         self.version
     }
 
+    /// Bytes held: at most one partial record plus the last chunk fed.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
     /// Number of records decoded so far.
     pub fn records(&self) -> u64 {
         self.record
@@ -1058,6 +1063,32 @@ mod tests {
                 reason: "operator cancelled".into()
             })
         );
+    }
+
+    #[test]
+    fn buffering_is_bounded_by_one_record() {
+        // A valid stream of many full data records, fed in 10 KiB chunks.
+        let mut s = Vec::from(MAGIC_SOURCE);
+        Record::Select { version: 1 }.encode(&mut s);
+        let mut cfg = sample_config();
+        cfg.ram_bytes = 1024 * PAGE_SIZE as u64;
+        Record::Config(cfg).encode(&mut s);
+        let run = vec![0x5a; MAX_DATA_RUN_PAGES as usize * PAGE_SIZE];
+        for i in 0..16 {
+            encode_mem_data(i * MAX_DATA_RUN_PAGES, &run, &mut s);
+        }
+        let mut d = Decoder::new(Direction::SourceToDest);
+        let mut peak = 0;
+        let mut n = 0;
+        for c in s.chunks(10 * 1024) {
+            d.feed(c);
+            peak = peak.max(d.buffered_bytes());
+            while d.next_record().unwrap().is_some() {
+                n += 1;
+            }
+        }
+        assert_eq!(n, 18);
+        assert!(peak <= MAX_RECORD_BYTES + 10 * 1024, "{peak}");
     }
 
     #[test]
