@@ -9,7 +9,7 @@
 use crate::bootinfo::{BootInfo, MAX_MODULES};
 use alloc::boxed::Box;
 use alloc::string::String;
-use hvcore::host::{CpuidResult, CpuidSource, Host, HostError, Partition};
+use hvcore::host::{CpuidResult, CpuidSource, Host, HostError, NetStack, Partition};
 use hvcore::vcpu::Vendor;
 
 /// The node.
@@ -18,6 +18,8 @@ pub struct Node {
     cmdline: String,
     modules: [(u64, u64); MAX_MODULES],
     module_count: usize,
+    cpus: u32,
+    entropy_calls: u64,
 }
 
 impl Node {
@@ -32,6 +34,8 @@ impl Node {
             cmdline: String::from(info.cmdline()),
             modules,
             module_count: info.modules().len(),
+            cpus: crate::acpi::read_madt(info.rsdp).map_or(1, |m| m.cpus.max(1)),
+            entropy_calls: 0,
         }
     }
 }
@@ -85,5 +89,73 @@ impl Host for Node {
 
     fn shutdown(&mut self, code: u8) -> ! {
         crate::power::shutdown(code)
+    }
+
+    fn cpu_count(&self) -> u32 {
+        self.cpus
+    }
+
+    fn entropy(&mut self, buf: &mut [u8]) {
+        self.entropy_calls = self.entropy_calls.wrapping_add(1);
+        fill_entropy(buf, self.entropy_calls);
+    }
+
+    fn net(&mut self) -> Option<&mut dyn NetStack> {
+        None
+    }
+
+    fn idle(&mut self) {
+        // The LAPIC timer ticks periodically, so this returns within one
+        // tick period; NIC frames are polled after it.
+        crate::interrupts::wait_for_interrupt();
+    }
+}
+
+/// Whether the CPU has RDRAND (CPUID.01H:ECX[30], Intel SDM vol. 2B, RDRAND;
+/// AMD APM vol. 3, E.3.2).
+fn has_rdrand() -> bool {
+    crate::cpu::cpuid(1, 0).ecx & (1 << 30) != 0
+}
+
+/// One RDRAND value, `None` when the DRNG is exhausted (CF = 0; Intel's DRNG
+/// guide recommends 10 retries).
+///
+/// # Safety
+/// The CPU must support RDRAND ([`has_rdrand`]).
+#[target_feature(enable = "rdrand")]
+unsafe fn rdrand64() -> Option<u64> {
+    for _ in 0..10 {
+        let mut v = 0u64;
+        // Safe here: this function is compiled with the `rdrand` feature.
+        if core::arch::x86_64::_rdrand64_step(&mut v) == 1 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Fill `buf` from RDRAND when present, mixed with TSC readings taken around
+/// work of varying length (the jitter of which is the entropy when RDRAND is
+/// absent, as under QEMU's `qemu64` CPU). The management protocol whitens the
+/// result with SHA-256 and a counter, so nonces never repeat within a boot.
+fn fill_entropy(buf: &mut [u8], call: u64) {
+    let rdrand = has_rdrand();
+    let mut state = crate::cpu::rdtsc() ^ call.rotate_left(32);
+    for chunk in buf.chunks_mut(8) {
+        // xorshift steps between TSC reads vary the gaps between them.
+        for _ in 0..(state & 0x3f) + 8 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+        }
+        let mut v = state ^ crate::cpu::rdtsc().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        if rdrand {
+            // SAFETY: CPUID reported RDRAND.
+            if let Some(r) = unsafe { rdrand64() } {
+                v ^= r;
+            }
+        }
+        state = state.rotate_left(17) ^ v;
+        chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
     }
 }

@@ -10,7 +10,9 @@
 //! * [`vm`]: a VM, its lifecycle and its worker loop;
 //! * [`sched`]: round-robin time slices over VMs;
 //! * [`cases`], [`node`]: the node modes (test cases, demo, benchmark,
-//!   heartbeat node).
+//!   heartbeat node, managed node);
+//! * [`mgmt`]: the management API (protocol, authentication, jobs,
+//!   handlers).
 //!
 //! Guest behaviour never panics the service: whatever a guest does ends in
 //! an error return to it, an injected exception, or that VM being stopped
@@ -24,6 +26,7 @@ pub mod cases;
 pub mod devices;
 pub mod hypercall;
 pub mod loader;
+pub mod mgmt;
 pub mod node;
 pub mod sched;
 pub mod start;

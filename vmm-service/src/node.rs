@@ -1,12 +1,16 @@
 //! Node modes, chosen by the node command line (docs/DESIGN.md, "Node
-//! command line"): `node` (a heartbeat VM for ever), `test` (the guest test
-//! cases), `demo` (the dirty-rate display) and `bench-exits` (hypercall round
-//! trips against bare world switches).
+//! command line"): `node` (with `key=`: the managed node serving the
+//! management API and running the VMs created through it; without: a
+//! heartbeat VM for ever), `test` (the guest test cases), `demo` (the
+//! dirty-rate display) and `bench-exits` (hypercall round trips against bare
+//! world switches).
 //!
 //! Each mode returns the node's exit code; [`crate::run`] powers off with
 //! it.
 
 use crate::cases::{self, Case};
+use crate::mgmt::auth::ClusterKey;
+use crate::mgmt::service::{Managed, MgmtServer, NodeIdentity};
 use crate::sched::{ProgressLog, RunOutcome, Scheduler};
 use crate::vm::{StopReason, Vm};
 use alloc::format;
@@ -23,6 +27,10 @@ pub const DEMO_SAMPLES: u32 = 10;
 pub const BENCH_WINDOW_NS: u64 = 1_000_000_000;
 /// Bench: warm-up before measuring.
 pub const BENCH_WARMUP_NS: u64 = 100_000_000;
+/// Managed node: VM time between two rounds of network service.
+pub const SERVE_INTERVAL_NS: u64 = 10_000_000;
+/// Default TCP port of the management API.
+pub const DEFAULT_MGMT_PORT: u16 = 7000;
 
 /// The node's mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +50,14 @@ pub struct NodeConfig {
     pub mode: Mode,
     /// `tests=` as given (`None` when absent).
     pub tests: Option<String>,
+    /// `key=`: the cluster key in hex (`None` when absent).
+    pub key: Option<String>,
+    /// `mgmt_port=`: TCP port of the management API (`None` when invalid).
+    pub mgmt_port: Option<u16>,
+    /// `mgmt_ip=` and `mig_ip=` as given (the platform configures the NICs
+    /// from them; the service only reports them).
+    pub mgmt_ip: String,
+    pub mig_ip: String,
 }
 
 impl NodeConfig {
@@ -51,6 +67,10 @@ impl NodeConfig {
             name: "a".into(),
             mode: Mode::Node,
             tests: None,
+            key: None,
+            mgmt_port: Some(DEFAULT_MGMT_PORT),
+            mgmt_ip: String::new(),
+            mig_ip: String::new(),
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -68,6 +88,10 @@ impl NodeConfig {
                     }
                 }
                 "tests" => cfg.tests = Some(value.into()),
+                "key" => cfg.key = Some(value.into()),
+                "mgmt_port" => cfg.mgmt_port = value.parse().ok().filter(|p| *p != 0),
+                "mgmt_ip" => cfg.mgmt_ip = value.into(),
+                "mig_ip" => cfg.mig_ip = value.into(),
                 _ => {}
             }
         }
@@ -91,6 +115,7 @@ pub fn main(host: &mut dyn Host) -> u8 {
         return 1;
     };
     match cfg.mode {
+        Mode::Node if cfg.key.is_some() => managed_mode(host, image, &cfg, None),
         Mode::Node => node_mode(host, &image),
         Mode::Test => test_mode(host, &image, cfg.tests.as_deref()),
         Mode::Demo => demo_mode(host, &image),
@@ -129,6 +154,51 @@ fn node_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
     Scheduler::default().run(host, &mut vms, None, &mut ProgressLog::default());
     host.console_write("vmm-service: no VM left running\n");
     1
+}
+
+/// `mode=node key=...`: serve the management API and run the VMs created
+/// through it, for ever (`rounds` bounds the loop for tests). Returns 1 if
+/// the node cannot serve (bad key, no NIC).
+fn managed_mode(host: &mut dyn Host, image: Vec<u8>, cfg: &NodeConfig, rounds: Option<u64>) -> u8 {
+    let key = match ClusterKey::from_hex(cfg.key.as_deref().unwrap_or("")) {
+        Ok(k) => k,
+        Err(e) => {
+            host.console_write(&format!("vmm-service: key=: {e}\n"));
+            return 1;
+        }
+    };
+    let Some(port) = cfg.mgmt_port else {
+        host.console_write("vmm-service: mgmt_port= must be a TCP port from 1 to 65535\n");
+        return 1;
+    };
+    if host.net().is_none() {
+        host.console_write(
+            "vmm-service: the management API needs a NIC (QEMU: -device virtio-net-pci,netdev=...) and mgmt_ip=; none is configured\n",
+        );
+        return 1;
+    }
+    let identity = NodeIdentity {
+        name: cfg.name.clone(),
+        mgmt_addr: cfg.mgmt_ip.clone(),
+        migration_addr: cfg.mig_ip.clone(),
+    };
+    let mut node = Managed::new(identity, image);
+    let mut server = MgmtServer::new(key, port);
+    host.console_write(&format!(
+        "vmm-service: management API listening on port {port} (protocol {})\n",
+        crate::mgmt::proto::PROTOCOL_VERSION
+    ));
+    let mut round = 0u64;
+    while rounds.is_none_or(|r| round < r) {
+        round += 1;
+        server.poll(host, &mut node);
+        node.drive_jobs(host);
+        let deadline = host.now_ns().saturating_add(SERVE_INTERVAL_NS);
+        if !node.run_vms(host, deadline) && !node.has_bench_work() {
+            host.idle();
+        }
+    }
+    0
 }
 
 /// `mode=test`: run the cases named by `tests` (all when absent, empty or
@@ -278,9 +348,20 @@ mod tests {
             NodeConfig {
                 name: "b".into(),
                 mode: Mode::Test,
-                tests: Some("hello,cpuid".into())
+                tests: Some("hello,cpuid".into()),
+                ..NodeConfig::parse("")
             }
         );
+        let c = NodeConfig::parse("key=00ff mgmt_port=7002 mgmt_ip=10.0.2.15/24 mig_ip=x");
+        assert_eq!(c.key.as_deref(), Some("00ff"));
+        assert_eq!(c.mgmt_port, Some(7002));
+        assert_eq!(
+            (c.mgmt_ip.as_str(), c.mig_ip.as_str()),
+            ("10.0.2.15/24", "x")
+        );
+        assert_eq!(NodeConfig::parse("mgmt_port=0").mgmt_port, None);
+        assert_eq!(NodeConfig::parse("mgmt_port=70000").mgmt_port, None);
+        assert_eq!(NodeConfig::parse("").mgmt_port, Some(DEFAULT_MGMT_PORT));
         assert_eq!(NodeConfig::parse("").mode, Mode::Node);
         assert_eq!(NodeConfig::parse("mode=bench-exits").mode, Mode::BenchExits);
         assert_eq!(
@@ -349,6 +430,27 @@ mod tests {
         let mut h = host("mode=fly", vec![]);
         assert_eq!(main(&mut h), 1);
         assert!(h.console.contains("unknown mode=fly"));
+    }
+
+    #[test]
+    fn managed_mode_needs_a_key_and_a_nic_then_serves() {
+        let key = "key=00112233445566778899aabbccddeeff";
+        let mut h = host(&format!("mode=node {key}"), vec![]);
+        assert_eq!(main(&mut h), 1, "no NIC");
+        assert!(h.console.contains("needs a NIC"));
+        let mut h = host("mode=node key=0011", vec![]);
+        h.net = Some(crate::testing::FakeNet::new());
+        assert_eq!(main(&mut h), 1);
+        assert!(h.console.contains("key=: the cluster key has 2 bytes"));
+        let mut h = host(&format!("mode=node {key} mgmt_port=7001"), vec![]);
+        h.net = Some(crate::testing::FakeNet::new());
+        let cfg = NodeConfig::parse(&h.cmdline.clone());
+        let image = h.module.clone().unwrap();
+        assert_eq!(managed_mode(&mut h, image, &cfg, Some(5)), 0);
+        assert!(h.console.contains("management API listening on port 7001"));
+        let net = h.net.as_mut().unwrap();
+        assert!(net.peer_connect(7001).is_some(), "a listener is up");
+        assert_eq!(h.idles, 5, "idle without VMs");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 use hvcore::addr::{Gpa, Hpa, PAGE_SIZE};
 use hvcore::host::{
-    CpuidResult, CpuidSource, DirtyMode, Host, HostError, Partition, PartitionStats,
+    CpuidResult, CpuidSource, DirtyMode, Host, HostError, NetError, NetStack, NicRole, NicStats,
+    Partition, PartitionStats, SocketId, TcpState,
 };
 use hvcore::mem::{check_guest_range, GuestMemory, MemError};
 use hvcore::vcpu::{LongModeEntry, Regs, UnknownMsr, Vcpu, VcpuCaps, Vendor, VmExit};
@@ -268,6 +269,11 @@ pub struct FakeHost {
     pub dropped: Rc<Cell<u64>>,
     pub fail_create: bool,
     pub raw_ns_per_roundtrip: u64,
+    pub entropy: crate::mgmt::auth::TestEntropy,
+    pub net: Option<FakeNet>,
+    /// Clock advance per `idle()`.
+    pub idle_ns: u64,
+    pub idles: u64,
 }
 
 impl FakeHost {
@@ -283,6 +289,10 @@ impl FakeHost {
             dropped: Rc::new(Cell::new(0)),
             fail_create: false,
             raw_ns_per_roundtrip: 10_000,
+            entropy: crate::mgmt::auth::TestEntropy(0x1234_5678_9abc_def1),
+            net: None,
+            idle_ns: 1_000_000,
+            idles: 0,
         }
     }
     /// Console lines.
@@ -337,5 +347,199 @@ impl Host for FakeHost {
     }
     fn shutdown(&mut self, code: u8) -> ! {
         panic!("shutdown({code})")
+    }
+    fn cpu_count(&self) -> u32 {
+        2
+    }
+    fn entropy(&mut self, buf: &mut [u8]) {
+        use crate::mgmt::auth::Entropy;
+        self.entropy.fill(buf);
+    }
+    fn net(&mut self) -> Option<&mut dyn NetStack> {
+        self.net.as_mut().map(|n| n as &mut dyn NetStack)
+    }
+    fn idle(&mut self) {
+        self.clock.set(self.clock.get() + self.idle_ns);
+        self.idles += 1;
+    }
+}
+
+/// One socket of the [`FakeNet`].
+#[derive(Debug)]
+pub struct FakeSocket {
+    #[allow(dead_code)]
+    pub nic: NicRole,
+    pub port: u16,
+    pub remote: Option<([u8; 4], u16)>,
+    pub state: TcpState,
+    /// Bytes the peer sent, waiting for `tcp_recv`.
+    pub rx: VecDeque<u8>,
+    /// Bytes the node sent.
+    pub tx: Vec<u8>,
+    pub closed_by_node: bool,
+    /// Released by the node: it stays here so the peer can still take what
+    /// was sent (a graceful close delivers queued data).
+    pub released: bool,
+}
+
+/// An in-memory network: tests play the peers of the node's sockets.
+#[derive(Debug, Default)]
+pub struct FakeNet {
+    pub sockets: BTreeMap<u32, FakeSocket>,
+    next: u32,
+    pub max_sockets: usize,
+    /// Send-buffer room per `tcp_send` call.
+    pub send_room: usize,
+    pub polls: u64,
+    pub bench_frames: u64,
+}
+
+impl FakeNet {
+    pub fn new() -> Self {
+        Self {
+            max_sockets: 8,
+            send_room: 64 * 1024,
+            ..Self::default()
+        }
+    }
+    /// A peer connects to a listening socket on `port`.
+    pub fn peer_connect(&mut self, port: u16) -> Option<SocketId> {
+        let (id, s) = self
+            .sockets
+            .iter_mut()
+            .find(|(_, s)| s.port == port && s.state == TcpState::Listening && !s.released)?;
+        s.state = TcpState::Open;
+        Some(SocketId(*id))
+    }
+    /// The peer sends bytes.
+    pub fn peer_send(&mut self, id: SocketId, data: &[u8]) {
+        if let Some(s) = self.sockets.get_mut(&id.0) {
+            s.rx.extend(data);
+        }
+    }
+    /// What the node sent to the peer since the last call.
+    pub fn peer_take(&mut self, id: SocketId) -> Vec<u8> {
+        self.sockets
+            .get_mut(&id.0)
+            .map(|s| core::mem::take(&mut s.tx))
+            .unwrap_or_default()
+    }
+    /// The peer closes its side.
+    pub fn peer_close(&mut self, id: SocketId) {
+        if let Some(s) = self.sockets.get_mut(&id.0) {
+            s.state = TcpState::PeerClosed;
+        }
+    }
+    /// Whether the node released socket `id`.
+    pub fn released(&self, id: SocketId) -> bool {
+        self.sockets.get(&id.0).is_some_and(|s| s.released)
+    }
+    fn add(&mut self, s: FakeSocket) -> Result<SocketId, NetError> {
+        if self.sockets.values().filter(|s| !s.released).count() >= self.max_sockets {
+            return Err(NetError::NoSockets);
+        }
+        self.next += 1;
+        self.sockets.insert(self.next, s);
+        Ok(SocketId(self.next))
+    }
+}
+
+impl NetStack for FakeNet {
+    fn poll(&mut self, _now_ns: u64) {
+        self.polls += 1;
+    }
+    fn tcp_listen(&mut self, nic: NicRole, port: u16) -> Result<SocketId, NetError> {
+        self.add(FakeSocket {
+            nic,
+            port,
+            remote: None,
+            state: TcpState::Listening,
+            rx: VecDeque::new(),
+            tx: Vec::new(),
+            closed_by_node: false,
+            released: false,
+        })
+    }
+    fn tcp_connect(
+        &mut self,
+        nic: NicRole,
+        addr: [u8; 4],
+        port: u16,
+    ) -> Result<SocketId, NetError> {
+        self.add(FakeSocket {
+            nic,
+            port,
+            remote: Some((addr, port)),
+            state: TcpState::Open,
+            rx: VecDeque::new(),
+            tx: Vec::new(),
+            closed_by_node: false,
+            released: false,
+        })
+    }
+    fn tcp_state(&self, socket: SocketId) -> TcpState {
+        self.sockets
+            .get(&socket.0)
+            .map_or(TcpState::Closed, |s| s.state)
+    }
+    fn tcp_recv(&mut self, socket: SocketId, buf: &mut [u8]) -> Result<usize, NetError> {
+        let s = self
+            .sockets
+            .get_mut(&socket.0)
+            .ok_or(NetError::NotConnected)?;
+        let n = buf.len().min(s.rx.len());
+        for (d, b) in buf.iter_mut().zip(s.rx.drain(..n)) {
+            *d = b;
+        }
+        Ok(n)
+    }
+    fn tcp_send(&mut self, socket: SocketId, data: &[u8]) -> Result<usize, NetError> {
+        let room = self.send_room;
+        let s = self
+            .sockets
+            .get_mut(&socket.0)
+            .ok_or(NetError::NotConnected)?;
+        if !matches!(s.state, TcpState::Open | TcpState::PeerClosed) || s.closed_by_node {
+            return Err(NetError::NotConnected);
+        }
+        let n = data.len().min(room);
+        s.tx.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+    fn tcp_unacked(&self, _socket: SocketId) -> usize {
+        0
+    }
+    fn tcp_close(&mut self, socket: SocketId) {
+        if let Some(s) = self.sockets.get_mut(&socket.0) {
+            s.closed_by_node = true;
+            s.state = TcpState::Closed;
+        }
+    }
+    fn tcp_release(&mut self, socket: SocketId) {
+        if let Some(s) = self.sockets.get_mut(&socket.0) {
+            s.released = true;
+            s.state = TcpState::Closed;
+        }
+    }
+    fn raw_bench_send(
+        &mut self,
+        _nic: NicRole,
+        frames: u64,
+        _frame_bytes: usize,
+    ) -> Result<u64, NetError> {
+        self.bench_frames += frames;
+        Ok(frames * 1000)
+    }
+    fn stats(&self, _nic: NicRole) -> Option<NicStats> {
+        Some(NicStats {
+            rx_bench_frames: self.bench_frames,
+            ..NicStats::default()
+        })
+    }
+    fn address(&self, nic: NicRole) -> Option<([u8; 4], u8)> {
+        Some(match nic {
+            NicRole::Management => ([10, 0, 2, 15], 24),
+            NicRole::Migration => ([192, 168, 100, 1], 24),
+        })
     }
 }

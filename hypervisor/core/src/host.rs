@@ -134,4 +134,130 @@ pub trait Host: CpuidSource {
     /// Power the node off (QEMU isa-debug-exit / Bochs shutdown port). `code`
     /// 0 means success.
     fn shutdown(&mut self, code: u8) -> !;
+    /// Number of logical CPUs (from the ACPI MADT; 1 when unknown).
+    fn cpu_count(&self) -> u32;
+    /// Fill `buf` with unpredictable bytes (RDRAND where the CPU has it,
+    /// else TSC jitter mixed): nonces of the management protocol.
+    fn entropy(&mut self, buf: &mut [u8]);
+    /// The node's network stack, when it has NICs (capability query: `None`
+    /// on a node booted without them).
+    fn net(&mut self) -> Option<&mut dyn NetStack>;
+    /// Idle until something may have happened (a timer tick or a frame):
+    /// called by the service when no VM is runnable, instead of spinning.
+    fn idle(&mut self);
+}
+
+/// The node's two NICs (docs/DESIGN.md, "Node networking").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NicRole {
+    /// Administrators' side: the management API.
+    Management,
+    /// Node-to-node link: migration streams.
+    Migration,
+}
+
+/// A TCP socket of the [`NetStack`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SocketId(pub u32);
+
+/// A TCP socket's state as the service needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// Waiting for a peer to connect.
+    Listening,
+    /// Connection being set up (either direction).
+    Connecting,
+    /// Data can flow both ways.
+    Open,
+    /// The peer closed its side: no more data will arrive, sending may
+    /// still work.
+    PeerClosed,
+    /// Gone (closed, reset or timed out); release it.
+    Closed,
+}
+
+/// Network errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetError {
+    /// That NIC is not present.
+    NoNic,
+    /// Every socket slot is in use.
+    NoSockets,
+    /// No such socket, or it is not connected.
+    NotConnected,
+    /// The address or port is invalid for the NIC.
+    BadAddress,
+    /// The device failed.
+    Device(&'static str),
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetError::NoNic => write!(f, "the NIC is not present"),
+            NetError::NoSockets => write!(f, "no free socket"),
+            NetError::NotConnected => write!(f, "the socket is not connected"),
+            NetError::BadAddress => write!(f, "invalid address or port"),
+            NetError::Device(what) => write!(f, "NIC failure: {what}"),
+        }
+    }
+}
+
+/// Frame counters of one NIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NicStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Received frames of the raw link benchmark (ethertype
+    /// [`BENCH_ETHERTYPE`]), which the TCP/IP stack never sees.
+    pub rx_bench_frames: u64,
+}
+
+/// Ethertype of raw benchmark frames (IEEE 802 local experimental 1).
+pub const BENCH_ETHERTYPE: u16 = 0x88B5;
+
+/// TCP/IP over the node's NICs, polled (no NIC interrupts): the service
+/// calls [`NetStack::poll`] between VM time slices. Sockets are bounded by
+/// the platform; every call is non-blocking except
+/// [`NetStack::raw_bench_send`].
+pub trait NetStack {
+    /// Move frames between the NICs and the stack, run TCP timers.
+    fn poll(&mut self, now_ns: u64);
+    /// A new socket listening on `port` of `nic`. It serves one connection:
+    /// once it is no longer [`TcpState::Listening`] it is that connection.
+    fn tcp_listen(&mut self, nic: NicRole, port: u16) -> Result<SocketId, NetError>;
+    /// A new socket connecting to `addr:port` through `nic`.
+    fn tcp_connect(&mut self, nic: NicRole, addr: [u8; 4], port: u16)
+        -> Result<SocketId, NetError>;
+    /// The socket's state ([`TcpState::Closed`] for an unknown id).
+    fn tcp_state(&self, socket: SocketId) -> TcpState;
+    /// Received bytes into `buf`; `Ok(0)` when none are waiting.
+    fn tcp_recv(&mut self, socket: SocketId, buf: &mut [u8]) -> Result<usize, NetError>;
+    /// Queue bytes to send; returns how many fit in the send buffer.
+    fn tcp_send(&mut self, socket: SocketId, data: &[u8]) -> Result<usize, NetError>;
+    /// Bytes queued and not yet acknowledged by the peer.
+    fn tcp_unacked(&self, socket: SocketId) -> usize;
+    /// Close our side (FIN after queued data); the socket stays until
+    /// [`NetStack::tcp_release`].
+    fn tcp_close(&mut self, socket: SocketId);
+    /// Forget the socket. The platform finishes a graceful close in the
+    /// background (queued data is still delivered) and frees the slot then,
+    /// or resets the connection if the peer does not finish within a few
+    /// seconds.
+    fn tcp_release(&mut self, socket: SocketId);
+    /// Send `frames` raw broadcast frames of `frame_bytes` (ethertype
+    /// [`BENCH_ETHERTYPE`]) on `nic` as fast as the device takes them;
+    /// returns the nanoseconds it took. Blocks the node for that long.
+    fn raw_bench_send(
+        &mut self,
+        nic: NicRole,
+        frames: u64,
+        frame_bytes: usize,
+    ) -> Result<u64, NetError>;
+    /// Counters of `nic`, `None` when absent.
+    fn stats(&self, nic: NicRole) -> Option<NicStats>;
+    /// IPv4 address and prefix length of `nic`, `None` when absent.
+    fn address(&self, nic: NicRole) -> Option<([u8; 4], u8)>;
 }

@@ -1,0 +1,798 @@
+//! Connection state machines: bytes in, bytes out, no I/O of their own.
+//!
+//! Server ([`ServerConn`]): `AwaitAuth` (the greeting with the server nonce
+//! is queued on creation) -> `Ready` (authenticated session; every request
+//! gets exactly one reply with the request's id) -> `Closing` (the last
+//! reply is queued; the transport closes once it is sent). A wrong proof, a
+//! replayed nonce, a version mismatch, an oversized frame, a frame whose tag
+//! does not verify, [`PREAUTH_ERRORS_MAX`] unauthenticated requests or no
+//! authentication within [`HANDSHAKE_TIMEOUT_NS`] move it to `Closing` with
+//! an error reply. A malformed request in `Ready` gets an error reply and
+//! the connection carries on.
+//!
+//! Client ([`ClientConn`]): `AwaitHello` -> `AwaitWelcome` -> `Ready`; it
+//! checks the server's proof, so a node that does not hold the cluster key
+//! is refused too (mutual authentication).
+//!
+//! Back-pressure: the server stops taking frames while more than
+//! [`OUTPUT_HIGH_BYTES`] of replies wait to be sent; transports read only
+//! while [`ServerConn::wants_input`].
+
+use super::auth::{
+    hex_encode, nonce_from_hex, AuthError, ClusterKey, Nonce, ReplayGuard, Session, Side,
+};
+use super::proto::{
+    to_json, ApiError, Auth, ErrorCode, Handshake, Hello, Outcome, Request, RequestFrame,
+    ResponseFrame, Welcome, MAGIC, PROTOCOL_VERSION,
+};
+use super::wire::{self, FrameDecoder, FrameError};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use serde::Deserialize;
+
+/// Unauthenticated frames tolerated before the server closes.
+pub const PREAUTH_ERRORS_MAX: u32 = 3;
+/// Time a client has to authenticate.
+pub const HANDSHAKE_TIMEOUT_NS: u64 = 10_000_000_000;
+/// Queued output above which the server takes no more requests.
+pub const OUTPUT_HIGH_BYTES: usize = 256 * 1024;
+/// Longest error detail copied from a parser message.
+const DETAIL_MAX: usize = 120;
+
+#[derive(Debug)]
+enum ServerState {
+    AwaitAuth,
+    Ready(Session),
+    Closing,
+}
+
+/// The server end of one management connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    state: ServerState,
+    nonce: Nonce,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+    preauth_errors: u32,
+    deadline_ns: u64,
+    requests: u64,
+}
+
+/// The handler the server calls for each authenticated request.
+pub type Handler<'a> = dyn FnMut(Request) -> Outcome + 'a;
+
+fn detail(e: &impl ToString) -> String {
+    let mut s = e.to_string();
+    if s.len() > DETAIL_MAX {
+        let mut end = DETAIL_MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+impl ServerConn {
+    /// A new connection for node `node` with a fresh `nonce`, accepted at
+    /// `now_ns`; the greeting is queued.
+    pub fn new(node: &str, nonce: Nonce, now_ns: u64) -> Self {
+        let mut c = Self {
+            state: ServerState::AwaitAuth,
+            nonce,
+            decoder: FrameDecoder::new(),
+            out: Vec::new(),
+            preauth_errors: 0,
+            deadline_ns: now_ns.saturating_add(HANDSHAKE_TIMEOUT_NS),
+            requests: 0,
+        };
+        let hello = Handshake::Hello(Hello {
+            magic: MAGIC.into(),
+            versions: vec![PROTOCOL_VERSION],
+            node: node.into(),
+            nonce: hex_encode(&nonce),
+        });
+        c.queue_plain(&to_json(&hello));
+        c
+    }
+
+    /// Whether the session is authenticated.
+    pub fn is_authenticated(&self) -> bool {
+        matches!(self.state, ServerState::Ready(_))
+    }
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+    /// Whether the transport should read more bytes.
+    pub fn wants_input(&self) -> bool {
+        !matches!(self.state, ServerState::Closing) && self.out.len() < OUTPUT_HIGH_BYTES
+    }
+    /// Whether the connection is done: closing and everything sent.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, ServerState::Closing) && self.out.is_empty()
+    }
+    /// Bytes waiting to be sent.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+    /// The transport sent the first `n` bytes of [`ServerConn::output`].
+    pub fn consume_output(&mut self, n: usize) {
+        self.out.drain(..n.min(self.out.len()));
+    }
+    /// Close without a reply (the peer went away, or the node is stopping).
+    pub fn abort(&mut self) {
+        self.state = ServerState::Closing;
+        self.out.clear();
+    }
+
+    /// Time passes: an unauthenticated connection past its deadline is
+    /// closed with an error reply.
+    pub fn tick(&mut self, now_ns: u64) {
+        if matches!(self.state, ServerState::AwaitAuth) && now_ns >= self.deadline_ns {
+            self.refuse(ErrorCode::AuthFailed, "no authentication within 10 s");
+        }
+    }
+
+    /// Bytes arrived: buffer them and answer every complete frame (as long
+    /// as output is below the high-water mark).
+    pub fn receive(
+        &mut self,
+        bytes: &[u8],
+        key: &ClusterKey,
+        replay: &mut ReplayGuard,
+        handler: &mut Handler<'_>,
+    ) {
+        if matches!(self.state, ServerState::Closing) {
+            return;
+        }
+        self.decoder.push(bytes);
+        self.process(key, replay, handler);
+    }
+
+    /// Answer frames already buffered (call after output drained).
+    pub fn process(
+        &mut self,
+        key: &ClusterKey,
+        replay: &mut ReplayGuard,
+        handler: &mut Handler<'_>,
+    ) {
+        while self.wants_input() {
+            let body = match self.decoder.next_frame() {
+                Ok(Some(body)) => body,
+                Ok(None) => return,
+                Err(e @ FrameError::TooLong { .. }) => {
+                    self.refuse(ErrorCode::TooLarge, &detail(&e));
+                    return;
+                }
+            };
+            match self.state {
+                ServerState::AwaitAuth => self.handshake_frame(&body, key, replay),
+                ServerState::Ready(_) => self.session_frame(&body, handler),
+                ServerState::Closing => return,
+            }
+        }
+    }
+
+    fn queue_plain(&mut self, body: &[u8]) {
+        if wire::encode(body, &mut self.out).is_err() {
+            // Our own messages are far below the limit; if one were not,
+            // the peer gets nothing rather than a broken frame.
+            self.state = ServerState::Closing;
+        }
+    }
+
+    /// An error reply in the current phase, then close.
+    fn refuse(&mut self, code: ErrorCode, message: &str) {
+        let err = ApiError::new(code, message);
+        self.reply_error(0, err);
+        self.state = ServerState::Closing;
+    }
+
+    fn reply_error(&mut self, id: u64, err: ApiError) {
+        match &mut self.state {
+            ServerState::Ready(_) => self.reply(id, Outcome::Error(err)),
+            _ => self.queue_plain(&to_json(&Handshake::Error(err))),
+        }
+    }
+
+    fn reply(&mut self, id: u64, outcome: Outcome) {
+        let ServerState::Ready(session) = &mut self.state else {
+            return;
+        };
+        let mut json = to_json(&ResponseFrame { id, outcome });
+        if json.len() + super::auth::TAG_BYTES > wire::FRAME_BODY_MAX {
+            json = to_json(&ResponseFrame {
+                id,
+                outcome: Outcome::Error(ApiError::new(
+                    ErrorCode::TooLarge,
+                    "the reply would exceed the frame limit",
+                )),
+            });
+        }
+        let sealed = session.seal(&json);
+        self.queue_plain(&sealed);
+    }
+
+    fn handshake_frame(&mut self, body: &[u8], key: &ClusterKey, replay: &mut ReplayGuard) {
+        let auth = match serde_json::from_slice::<Handshake>(body) {
+            Ok(Handshake::Auth(a)) => a,
+            other => {
+                self.preauth_errors += 1;
+                let (code, msg) =
+                    if other.is_err() && serde_json::from_slice::<RequestFrame>(body).is_err() {
+                        (ErrorCode::BadRequest, "expected an auth message")
+                    } else {
+                        (
+                            ErrorCode::Unauthenticated,
+                            "authenticate first (auth with the cluster key)",
+                        )
+                    };
+                if self.preauth_errors >= PREAUTH_ERRORS_MAX {
+                    self.refuse(code, msg);
+                } else {
+                    self.reply_error(0, ApiError::new(code, msg));
+                }
+                return;
+            }
+        };
+        if auth.version != PROTOCOL_VERSION {
+            let msg = format!(
+                "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
+                auth.version
+            );
+            self.refuse(ErrorCode::UnsupportedVersion, &msg);
+            return;
+        }
+        let Some(client_nonce) = nonce_from_hex(&auth.nonce) else {
+            self.refuse(ErrorCode::BadRequest, "the nonce must be 64 hex digits");
+            return;
+        };
+        if client_nonce == self.nonce || !replay.check_and_record(&client_nonce) {
+            self.refuse(ErrorCode::AuthFailed, &AuthError::ReplayedNonce.to_string());
+            return;
+        }
+        let proof = super::auth::hex_decode(&auth.proof).unwrap_or_default();
+        if !key.verify_client(&self.nonce, &client_nonce, &proof) {
+            self.refuse(ErrorCode::AuthFailed, &AuthError::BadProof.to_string());
+            return;
+        }
+        let welcome = Handshake::Welcome(Welcome {
+            proof: hex_encode(&key.server_proof(&self.nonce, &client_nonce)),
+        });
+        self.queue_plain(&to_json(&welcome));
+        self.state = ServerState::Ready(key.session(&self.nonce, &client_nonce, Side::Server));
+    }
+
+    fn session_frame(&mut self, body: &[u8], handler: &mut Handler<'_>) {
+        let ServerState::Ready(session) = &mut self.state else {
+            return;
+        };
+        let payload = match session.open(body) {
+            Ok(p) => p,
+            Err(e) => {
+                self.refuse(ErrorCode::AuthFailed, &e.to_string());
+                return;
+            }
+        };
+        self.requests += 1;
+        match serde_json::from_slice::<RequestFrame>(payload) {
+            Ok(frame) => {
+                let outcome = handler(frame.request);
+                self.reply(frame.id, outcome);
+            }
+            Err(e) => {
+                #[derive(Deserialize)]
+                struct IdOnly {
+                    id: u64,
+                }
+                let id = serde_json::from_slice::<IdOnly>(payload).map_or(0, |f| f.id);
+                let msg = format!("malformed request: {}", detail(&e));
+                self.reply_error(id, ApiError::new(ErrorCode::BadRequest, msg));
+            }
+        }
+    }
+}
+
+/// What the client end learned from received bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientEvent {
+    /// The handshake completed; the node's name.
+    Authenticated { node: String },
+    /// A reply.
+    Response(ResponseFrame),
+}
+
+/// Why the client end gave up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    /// The node refused (wrong key, version, ...).
+    Refused(ApiError),
+    /// The node's proof was wrong: it does not hold the cluster key.
+    ServerNotAuthenticated,
+    /// The node broke the protocol.
+    Protocol(String),
+    /// A request before the handshake completed.
+    NotReady,
+}
+
+impl core::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ClientError::Refused(e) => write!(f, "the node refused: {e}"),
+            ClientError::ServerNotAuthenticated => write!(
+                f,
+                "the node could not prove it holds the cluster key (wrong key, or not our node)"
+            ),
+            ClientError::Protocol(m) => write!(f, "protocol error from the node: {m}"),
+            ClientError::NotReady => write!(f, "not authenticated yet"),
+        }
+    }
+}
+
+enum ClientState {
+    AwaitHello,
+    AwaitWelcome { server: Nonce },
+    Ready(Session),
+    Failed,
+}
+
+/// The client end of a management connection.
+pub struct ClientConn {
+    key: ClusterKey,
+    nonce: Nonce,
+    state: ClientState,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+    next_id: u64,
+    node: String,
+}
+
+impl ClientConn {
+    /// A client holding `key`, with a fresh `nonce`.
+    pub fn new(key: ClusterKey, nonce: Nonce) -> Self {
+        Self {
+            key,
+            nonce,
+            state: ClientState::AwaitHello,
+            decoder: FrameDecoder::new(),
+            out: Vec::new(),
+            next_id: 1,
+            node: String::new(),
+        }
+    }
+
+    /// Whether the handshake completed.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, ClientState::Ready(_))
+    }
+
+    /// Take the bytes to send.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.out)
+    }
+
+    /// Queue a request; returns its id.
+    pub fn request(&mut self, request: Request) -> Result<u64, ClientError> {
+        let ClientState::Ready(session) = &mut self.state else {
+            return Err(ClientError::NotReady);
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let json = to_json(&RequestFrame { id, request });
+        let sealed = session.seal(&json);
+        wire::encode(&sealed, &mut self.out).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(id)
+    }
+
+    fn fail<T>(&mut self, e: ClientError) -> Result<T, ClientError> {
+        self.state = ClientState::Failed;
+        Err(e)
+    }
+
+    /// Bytes arrived from the node.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<Vec<ClientEvent>, ClientError> {
+        self.decoder.push(bytes);
+        let mut events = Vec::new();
+        loop {
+            let body = match self.decoder.next_frame() {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(events),
+                Err(e) => return self.fail(ClientError::Protocol(e.to_string())),
+            };
+            match &mut self.state {
+                ClientState::Failed => return Err(ClientError::NotReady),
+                ClientState::Ready(session) => {
+                    let payload = match session.open(&body) {
+                        Ok(p) => p,
+                        Err(e) => return self.fail(ClientError::Protocol(e.to_string())),
+                    };
+                    match serde_json::from_slice::<ResponseFrame>(payload) {
+                        Ok(r) => events.push(ClientEvent::Response(r)),
+                        Err(e) => return self.fail(ClientError::Protocol(detail(&e))),
+                    }
+                }
+                ClientState::AwaitHello | ClientState::AwaitWelcome { .. } => {
+                    let msg = match serde_json::from_slice::<Handshake>(&body) {
+                        Ok(m) => m,
+                        Err(e) => return self.fail(ClientError::Protocol(detail(&e))),
+                    };
+                    if let Some(ev) = self.handshake(msg)? {
+                        events.push(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handshake(&mut self, msg: Handshake) -> Result<Option<ClientEvent>, ClientError> {
+        match (&self.state, msg) {
+            (_, Handshake::Error(e)) => self.fail(ClientError::Refused(e)),
+            (ClientState::AwaitHello, Handshake::Hello(h)) => {
+                if h.magic != MAGIC {
+                    return self.fail(ClientError::Protocol("not an hvmigrate node".into()));
+                }
+                if !h.versions.contains(&PROTOCOL_VERSION) {
+                    return self.fail(ClientError::Protocol(format!(
+                        "the node speaks protocol versions {:?}, this client {PROTOCOL_VERSION}",
+                        h.versions
+                    )));
+                }
+                let Some(server) = nonce_from_hex(&h.nonce) else {
+                    return self.fail(ClientError::Protocol("bad server nonce".into()));
+                };
+                let auth = Handshake::Auth(Auth {
+                    version: PROTOCOL_VERSION,
+                    nonce: hex_encode(&self.nonce),
+                    proof: hex_encode(&self.key.client_proof(&server, &self.nonce)),
+                });
+                let _ = wire::encode(&to_json(&auth), &mut self.out);
+                self.node = h.node;
+                self.state = ClientState::AwaitWelcome { server };
+                Ok(None)
+            }
+            (ClientState::AwaitWelcome { server }, Handshake::Welcome(w)) => {
+                let server = *server;
+                let proof = super::auth::hex_decode(&w.proof).unwrap_or_default();
+                if !self.key.verify_server(&server, &self.nonce, &proof) {
+                    return self.fail(ClientError::ServerNotAuthenticated);
+                }
+                self.state =
+                    ClientState::Ready(self.key.session(&server, &self.nonce, Side::Client));
+                Ok(Some(ClientEvent::Authenticated {
+                    node: self.node.clone(),
+                }))
+            }
+            _ => self.fail(ClientError::Protocol("unexpected handshake message".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mgmt::auth::{fresh_nonce, TestEntropy};
+    use crate::mgmt::proto::{Body, NodeInfo};
+
+    fn key() -> ClusterKey {
+        ClusterKey::from_hex("000102030405060708090a0b0c0d0e0f").unwrap()
+    }
+
+    fn echo(req: Request) -> Outcome {
+        match req {
+            Request::NodeInfo => Outcome::Ok(Body::NodeInfo(NodeInfo {
+                name: "a".into(),
+                cpu_vendor: "amd".into(),
+                cpus: 1,
+                memory_total_bytes: 1,
+                memory_free_bytes: 1,
+                version: "0".into(),
+                protocol_version: 1,
+                mgmt_addr: String::new(),
+                migration_addr: String::new(),
+            })),
+            _ => Outcome::Ok(Body::Done),
+        }
+    }
+
+    struct Pair {
+        server: ServerConn,
+        client: ClientConn,
+        replay: ReplayGuard,
+        key: ClusterKey,
+    }
+
+    impl Pair {
+        fn new(client_key: ClusterKey, seed: u64) -> Self {
+            let mut e = TestEntropy(seed);
+            Pair {
+                server: ServerConn::new("a", fresh_nonce(&mut e, 1), 0),
+                client: ClientConn::new(client_key, fresh_nonce(&mut e, 2)),
+                replay: ReplayGuard::new(),
+                key: key(),
+            }
+        }
+        /// Shuttle bytes both ways until quiet; client events or error.
+        fn pump(&mut self) -> Result<Vec<ClientEvent>, ClientError> {
+            let mut events = Vec::new();
+            for _ in 0..10 {
+                let s2c = self.server.output().to_vec();
+                self.server.consume_output(s2c.len());
+                if !s2c.is_empty() {
+                    events.extend(self.client.receive(&s2c)?);
+                }
+                let c2s = self.client.take_output();
+                if c2s.is_empty() && self.server.output().is_empty() {
+                    break;
+                }
+                self.server
+                    .receive(&c2s, &self.key, &mut self.replay, &mut echo);
+            }
+            Ok(events)
+        }
+    }
+
+    #[test]
+    fn mutual_auth_then_requests() {
+        let mut p = Pair::new(key(), 1);
+        let ev = p.pump().unwrap();
+        assert_eq!(ev, [ClientEvent::Authenticated { node: "a".into() }]);
+        assert!(p.server.is_authenticated() && p.client.is_ready());
+        let id1 = p.client.request(Request::NodeInfo).unwrap();
+        let id2 = p.client.request(Request::VmList).unwrap();
+        let ev = p.pump().unwrap();
+        assert_eq!(ev.len(), 2);
+        let ClientEvent::Response(r) = &ev[0] else {
+            panic!()
+        };
+        assert_eq!(r.id, id1);
+        assert!(matches!(r.outcome, Outcome::Ok(Body::NodeInfo(_))));
+        let ClientEvent::Response(r) = &ev[1] else {
+            panic!()
+        };
+        assert_eq!((r.id, &r.outcome), (id2, &Outcome::Ok(Body::Done)));
+        assert_eq!(p.server.requests(), 2);
+    }
+
+    #[test]
+    fn wrong_key_is_refused_and_the_connection_closes() {
+        let mut p = Pair::new(ClusterKey::from_bytes(&[7; 16]).unwrap(), 2);
+        let err = p.pump().unwrap_err();
+        let ClientError::Refused(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(e.code, ErrorCode::AuthFailed);
+        assert!(e.message.contains("wrong cluster key"));
+        assert!(p.server.is_finished() && !p.server.is_authenticated());
+    }
+
+    #[test]
+    fn a_node_without_the_key_is_refused_by_the_client() {
+        // Server holds another key: the client's proof fails there first,
+        // so fake a server that accepts anything and sends a bad proof.
+        let mut e = TestEntropy(3);
+        let mut client = ClientConn::new(key(), fresh_nonce(&mut e, 1));
+        let mut bytes = Vec::new();
+        let hello = Handshake::Hello(Hello {
+            magic: MAGIC.into(),
+            versions: vec![1],
+            node: "evil".into(),
+            nonce: "22".repeat(32),
+        });
+        wire::encode(&to_json(&hello), &mut bytes).unwrap();
+        let welcome = Handshake::Welcome(Welcome {
+            proof: "33".repeat(32),
+        });
+        wire::encode(&to_json(&welcome), &mut bytes).unwrap();
+        assert_eq!(
+            client.receive(&bytes),
+            Err(ClientError::ServerNotAuthenticated)
+        );
+        assert!(client.request(Request::NodeInfo).is_err());
+    }
+
+    #[test]
+    fn replayed_handshake_is_refused() {
+        // Record a good client's auth frame.
+        let mut p = Pair::new(key(), 4);
+        let hello = p.server.output().to_vec();
+        p.server.consume_output(hello.len());
+        p.client.receive(&hello).unwrap();
+        let auth = p.client.take_output();
+        p.server.receive(&auth, &p.key, &mut p.replay, &mut echo);
+        assert!(p.server.is_authenticated());
+        // Replay it on a fresh connection (new server nonce): refused.
+        let mut s2 = ServerConn::new("a", [9; 32], 0);
+        s2.receive(&auth, &p.key, &mut p.replay, &mut echo);
+        assert!(!s2.is_authenticated());
+        assert!(String::from_utf8_lossy(s2.output()).contains("auth-failed"));
+        // Even a server that repeated its nonce (broken entropy) refuses the
+        // replay: the client nonce is remembered.
+        let mut e = TestEntropy(4);
+        let mut s3 = ServerConn::new("a", fresh_nonce(&mut e, 1), 0);
+        s3.receive(&auth, &p.key, &mut p.replay, &mut echo);
+        assert!(!s3.is_authenticated());
+        assert!(String::from_utf8_lossy(s3.output()).contains("replayed nonce"));
+    }
+
+    #[test]
+    fn unauthenticated_requests_get_errors_then_the_door() {
+        let mut s = ServerConn::new("a", [1; 32], 0);
+        let greeting = s.output().len();
+        s.consume_output(greeting);
+        let mut replay = ReplayGuard::new();
+        let mut frame = Vec::new();
+        let req = RequestFrame {
+            id: 1,
+            request: Request::VmList,
+        };
+        wire::encode(&to_json(&req), &mut frame).unwrap();
+        let mut called = false;
+        let mut h = |_: Request| {
+            called = true;
+            Outcome::Ok(Body::Done)
+        };
+        s.receive(&frame, &key(), &mut replay, &mut h);
+        let out = String::from_utf8_lossy(s.output()).into_owned();
+        assert!(out.contains("unauthenticated"), "{out}");
+        assert!(!s.is_finished());
+        s.receive(&frame, &key(), &mut replay, &mut h);
+        s.receive(&frame, &key(), &mut replay, &mut h);
+        assert!(!s.wants_input());
+        let n = s.output().len();
+        s.consume_output(n);
+        assert!(s.is_finished());
+        assert!(!called, "no request reached the handler");
+    }
+
+    #[test]
+    fn handshake_timeout_and_version_mismatch() {
+        let mut s = ServerConn::new("a", [1; 32], 100);
+        s.tick(100 + HANDSHAKE_TIMEOUT_NS - 1);
+        assert!(s.wants_input());
+        s.tick(100 + HANDSHAKE_TIMEOUT_NS);
+        assert!(!s.wants_input());
+
+        let mut s = ServerConn::new("a", [1; 32], 0);
+        let auth = Handshake::Auth(Auth {
+            version: 2,
+            nonce: "00".repeat(32),
+            proof: String::new(),
+        });
+        let mut f = Vec::new();
+        wire::encode(&to_json(&auth), &mut f).unwrap();
+        s.receive(&f, &key(), &mut ReplayGuard::new(), &mut echo);
+        assert!(String::from_utf8_lossy(s.output()).contains("unsupported-version"));
+        assert!(!s.wants_input());
+    }
+
+    #[test]
+    fn malformed_requests_after_auth_keep_the_session() {
+        let mut p = Pair::new(key(), 5);
+        p.pump().unwrap();
+        // A well-tagged frame with garbage JSON: error reply with its id.
+        let ClientState::Ready(session) = &mut p.client.state else {
+            panic!()
+        };
+        let mut bytes = Vec::new();
+        wire::encode(
+            &session.seal(br#"{"id":42,"request":{"op":"nope"}}"#),
+            &mut bytes,
+        )
+        .unwrap();
+        wire::encode(&session.seal(b"\xff\x00"), &mut bytes).unwrap();
+        p.client.out.extend_from_slice(&bytes);
+        let ev = p.pump().unwrap();
+        let ids: Vec<u64> = ev
+            .iter()
+            .map(|e| match e {
+                ClientEvent::Response(ResponseFrame {
+                    id,
+                    outcome: Outcome::Error(err),
+                }) => {
+                    assert_eq!(err.code, ErrorCode::BadRequest);
+                    *id
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [42, 0]);
+        // Still serving.
+        p.client.request(Request::JobList).unwrap();
+        assert_eq!(p.pump().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_forged_frame_closes_the_session() {
+        let mut p = Pair::new(key(), 6);
+        p.pump().unwrap();
+        let mut forged = Vec::new();
+        let mut body = vec![0u8; 32];
+        body.extend_from_slice(&to_json(&RequestFrame {
+            id: 1,
+            request: Request::VmList,
+        }));
+        wire::encode(&body, &mut forged).unwrap();
+        p.server.receive(&forged, &p.key, &mut p.replay, &mut echo);
+        assert!(!p.server.wants_input());
+        let out = p.server.output().to_vec();
+        let ev = p.client.receive(&out).unwrap();
+        let ClientEvent::Response(r) = &ev[0] else {
+            panic!()
+        };
+        assert!(matches!(&r.outcome, Outcome::Error(e) if e.code == ErrorCode::AuthFailed));
+    }
+
+    #[test]
+    fn oversized_frames_close_with_an_error() {
+        let mut s = ServerConn::new("a", [1; 32], 0);
+        s.receive(
+            &[0xff, 0xff, 0xff, 0xff],
+            &key(),
+            &mut ReplayGuard::new(),
+            &mut echo,
+        );
+        assert!(String::from_utf8_lossy(s.output()).contains("too-large"));
+        assert!(!s.wants_input());
+    }
+
+    /// Mutation loop: random corruptions of a valid session's byte stream,
+    /// at every phase. The server must never panic and must answer or close.
+    #[test]
+    fn mutated_streams_never_panic() {
+        let mut rng = TestEntropy(0x9e37_79b9_7f4a_7c15);
+        let mut rand = |n: usize| {
+            let mut b = [0u8; 8];
+            rng.fill(&mut b);
+            (u64::from_le_bytes(b) % n.max(1) as u64) as usize
+        };
+        use crate::mgmt::auth::Entropy;
+        // A reference client stream: auth then three requests.
+        let mut p = Pair::new(key(), 7);
+        let hello = p.server.output().to_vec();
+        p.client.receive(&hello).unwrap();
+        let auth = p.client.take_output();
+        let mut s = ServerConn::new("a", p.server.nonce, 0);
+        s.receive(&auth, &p.key, &mut ReplayGuard::new(), &mut echo);
+        let welcome = s.output().to_vec();
+        p.client.receive(&welcome[hello.len()..]).unwrap();
+        for r in [Request::NodeInfo, Request::VmList, Request::JobList] {
+            p.client.request(r).unwrap();
+        }
+        let mut stream = auth.clone();
+        stream.extend(p.client.take_output());
+        for round in 0..3000 {
+            let mut m = stream.clone();
+            for _ in 0..1 + rand(4) {
+                let pos = rand(m.len());
+                match rand(5) {
+                    0 => m[pos] ^= 1 << rand(8),
+                    1 => m[pos] = rand(256) as u8,
+                    2 => m.truncate(pos),
+                    3 => {
+                        let junk: Vec<u8> = (0..rand(40)).map(|_| rand(256) as u8).collect();
+                        m.splice(pos..pos, junk);
+                    }
+                    _ => {
+                        let end = (pos + rand(16)).min(m.len());
+                        m.drain(pos..end);
+                    }
+                }
+            }
+            let mut s = ServerConn::new("a", p.server.nonce, 0);
+            let mut replay = ReplayGuard::new();
+            let mut answered = 0;
+            let mut h = |_: Request| {
+                answered += 1;
+                Outcome::Ok(Body::Done)
+            };
+            for chunk in m.chunks(1 + rand(64)) {
+                s.receive(chunk, &p.key, &mut replay, &mut h);
+            }
+            assert!(answered <= 3, "round {round}");
+            assert!(!s.output().is_empty(), "round {round}: always a greeting");
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! Request and response types of the management protocol, version
+//! [`PROTOCOL_VERSION`] (docs/MANAGEMENT.md has the wire examples).
+//!
+//! Bodies are JSON (serde_json without std). JSON was chosen over a binary
+//! codec because `hvctl --json` can print what the node sent unchanged and
+//! the protocol reads in a packet dump; frames are small and rare, so its
+//! cost does not matter. Unknown fields are ignored (a newer client may add
+//! optional ones); unknown operations parse as errors and get a
+//! `bad-request` reply.
+//!
+//! Every string and list the node accepts is capped ([`NAME_MAX`],
+//! [`GUEST_MAX`]); values are checked by the handlers before use.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this code speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The magic string of the server's greeting.
+pub const MAGIC: &str = "hvmigrate-mgmt";
+/// Longest VM name accepted (as `vm::NAME_MAX`).
+pub const NAME_MAX: usize = crate::vm::NAME_MAX;
+/// Longest guest case name accepted.
+pub const GUEST_MAX: usize = 32;
+/// Most console lines a console request returns.
+pub const CONSOLE_LINES_MAX: u32 = crate::vm::RECENT_LINES as u32;
+
+/// Handshake, server -> client: the first frame on every connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: String,
+    /// Protocol versions the server speaks.
+    pub versions: Vec<u32>,
+    /// The node's name.
+    pub node: String,
+    /// The server's nonce, 64 hex digits.
+    pub nonce: String,
+}
+
+/// Handshake, client -> server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    /// The version the client chose from [`Hello::versions`].
+    pub version: u32,
+    /// The client's nonce, 64 hex digits.
+    pub nonce: String,
+    /// The client's proof, 64 hex digits.
+    pub proof: String,
+}
+
+/// Handshake, server -> client, after a valid [`Auth`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The server's proof, 64 hex digits.
+    pub proof: String,
+}
+
+/// Any handshake message (the frame body is one of these).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Handshake {
+    Hello(Hello),
+    Auth(Auth),
+    Welcome(Welcome),
+    /// The server refused (then closes, or waits for an `auth`).
+    Error(ApiError),
+}
+
+/// A request: an id the reply echoes and the operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub id: u64,
+    pub request: Request,
+}
+
+/// The operations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    NodeInfo,
+    VmList,
+    VmCreate {
+        name: String,
+        memory_mib: u64,
+        /// Guest case run by the guest kernel; `None` = `heartbeat`.
+        #[serde(default)]
+        guest: Option<String>,
+    },
+    VmStart {
+        name: String,
+    },
+    VmStop {
+        name: String,
+    },
+    VmDelete {
+        name: String,
+    },
+    VmConsole {
+        name: String,
+        /// Last lines wanted (capped at [`CONSOLE_LINES_MAX`]).
+        #[serde(default)]
+        lines: Option<u32>,
+    },
+    JobList,
+    JobCancel {
+        id: u64,
+    },
+    HostGet,
+    HostSet {
+        #[serde(default)]
+        max_live_migrations: Option<u32>,
+        #[serde(default)]
+        max_storage_migrations: Option<u32>,
+    },
+    /// Link benchmark, receiving side: accept one TCP stream on the
+    /// migration NIC at `port` and count its bytes (a job).
+    BenchLinkReceive {
+        port: u16,
+        bytes: u64,
+    },
+    /// Link benchmark, sending side: raw frames, then `bytes` over TCP to
+    /// `peer:port` on the migration NIC (a job).
+    BenchLinkSend {
+        peer: String,
+        port: u16,
+        bytes: u64,
+        frames: u64,
+    },
+}
+
+/// A reply: the request's id (0 when the request could not be parsed) and
+/// the outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    pub id: u64,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Success with a body, or an error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Ok(Body),
+    Error(ApiError),
+}
+
+/// Reply bodies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "body", rename_all = "kebab-case")]
+pub enum Body {
+    NodeInfo(NodeInfo),
+    VmList { vms: Vec<VmInfo> },
+    Vm(VmInfo),
+    Console { vm: String, lines: Vec<String> },
+    JobList { jobs: Vec<JobInfo> },
+    Job(JobInfo),
+    Host(HostSettings),
+    Done,
+}
+
+/// `node-info`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `amd` or `intel`.
+    pub cpu_vendor: String,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+    /// Software version (the crate version).
+    pub version: String,
+    pub protocol_version: u32,
+    /// Management and migration addresses, as configured at boot.
+    pub mgmt_addr: String,
+    pub migration_addr: String,
+}
+
+/// One VM as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    /// `created`, `running`, `halted` or `stopped`.
+    pub state: String,
+    /// Why it stopped (stopped VMs only).
+    pub stop_reason: Option<String>,
+    pub memory_mib: u64,
+    pub guest: String,
+    pub exits: u64,
+    pub console_lines: u64,
+}
+
+/// Job kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    LiveMigration,
+    StorageMigration,
+    LinkBench,
+}
+
+/// Job states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Waiting for a free slot under the host's limits.
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// One job as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: u64,
+    pub kind: JobKind,
+    pub vm: String,
+    pub state: JobState,
+    pub percent: u8,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub elapsed_ms: u64,
+    pub error: Option<String>,
+    pub cancellable: bool,
+    /// Free-form result (e.g. the link benchmark's figures).
+    #[serde(default)]
+    pub result: Option<String>,
+}
+
+/// Host settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSettings {
+    pub max_live_migrations: u32,
+    pub max_storage_migrations: u32,
+}
+
+/// Error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The frame is not a valid message of this protocol.
+    BadRequest,
+    /// A request arrived before authentication.
+    Unauthenticated,
+    /// The proof was wrong or the nonce replayed (the node closes).
+    AuthFailed,
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// A frame's size, or the connection's traffic, is over a limit.
+    TooLarge,
+    /// No such VM or job.
+    NotFound,
+    /// The name is taken.
+    AlreadyExists,
+    /// Not possible in the current state (e.g. deleting a running VM).
+    InvalidState,
+    /// A value is out of range.
+    InvalidArgument,
+    /// A table is full or the host lacks memory.
+    NoResources,
+    /// The operation needs something this node does not have (a NIC).
+    Unsupported,
+}
+
+/// An error reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl core::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let code = serde_json::to_string(&self.code).unwrap_or_default();
+        write!(f, "{} ({})", self.message, code.trim_matches('"'))
+    }
+}
+
+/// JSON of a value (our own types always serialize).
+pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn requests_round_trip_and_read_well() {
+        let r = RequestFrame {
+            id: 7,
+            request: Request::VmCreate {
+                name: "web".into(),
+                memory_mib: 64,
+                guest: None,
+            },
+        };
+        let json = String::from_utf8(to_json(&r)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":7,"request":{"op":"vm-create","name":"web","memory_mib":64,"guest":null}}"#
+        );
+        let back: RequestFrame = serde_json::from_str(
+            r#"{"id":7,"request":{"op":"vm-create","name":"web","memory_mib":64}}"#,
+        )
+        .unwrap();
+        assert_eq!(back, r);
+        let ops = [
+            r#"{"op":"node-info"}"#,
+            r#"{"op":"vm-list"}"#,
+            r#"{"op":"vm-start","name":"x"}"#,
+            r#"{"op":"vm-stop","name":"x"}"#,
+            r#"{"op":"vm-delete","name":"x"}"#,
+            r#"{"op":"vm-console","name":"x","lines":3}"#,
+            r#"{"op":"job-list"}"#,
+            r#"{"op":"job-cancel","id":3}"#,
+            r#"{"op":"host-get"}"#,
+            r#"{"op":"host-set","max_live_migrations":3}"#,
+        ];
+        for op in ops {
+            assert!(serde_json::from_str::<Request>(op).is_ok(), "{op}");
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let r = ResponseFrame {
+            id: 1,
+            outcome: Outcome::Ok(Body::VmList { vms: vec![] }),
+        };
+        let json = String::from_utf8(to_json(&r)).unwrap();
+        assert_eq!(json, r#"{"id":1,"ok":{"body":"vm-list","vms":[]}}"#);
+        assert_eq!(serde_json::from_str::<ResponseFrame>(&json).unwrap(), r);
+        let e = ResponseFrame {
+            id: 0,
+            outcome: Outcome::Error(ApiError::new(ErrorCode::BadRequest, "no")),
+        };
+        let json = String::from_utf8(to_json(&e)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":0,"error":{"code":"bad-request","message":"no"}}"#
+        );
+        assert_eq!(serde_json::from_str::<ResponseFrame>(&json).unwrap(), e);
+        assert_eq!(
+            alloc::format!("{}", ApiError::new(ErrorCode::NotFound, "no VM x")),
+            "no VM x (not-found)"
+        );
+    }
+}
