@@ -179,6 +179,8 @@ pub struct Vhdx<B: BlockIo> {
     guids: GuidGen,
     session_file: bool,
     session_data: bool,
+    /// This session has put its own LogGuid in the header.
+    session_log: bool,
     log_replayed: bool,
     parent: Option<Box<Vhdx<B>>>,
     poisoned: Option<String>,
@@ -404,10 +406,13 @@ impl<B: BlockIo> Vhdx<B> {
             guids: GuidGen::new(opts.guid_seed),
             session_file: false,
             session_data: false,
+            session_log: false,
             log_replayed: false,
             parent: None,
             poisoned: None,
-            crashed: false,
+            // Until open succeeds, drop must leave the file alone: a
+            // half-done replay has to stay replayable.
+            crashed: true,
             stop_before_apply: false,
         };
         v.file_len = v.io.len()?;
@@ -418,6 +423,7 @@ impl<B: BlockIo> Vhdx<B> {
         v.log_offset = v.header.log_offset;
         v.log_length = v.header.log_length;
         v.load_structures()?;
+        v.crashed = false;
         Ok(v)
     }
 
@@ -906,7 +912,9 @@ impl<B: BlockIo> Vhdx<B> {
             return Err(DiskError::Request("disk is opened read-only".into()));
         }
         let new_file = !self.session_file;
-        let new_log = self.header.log_guid.is_zero();
+        // A fresh LogGuid before this session writes into the log region:
+        // entries left by earlier sessions can then never join our sequences.
+        let new_log = !self.session_log || self.header.log_guid.is_zero();
         let new_data = user_visible && !self.session_data;
         if new_file || new_log || new_data {
             self.update_header(|h, g| {
@@ -924,6 +932,7 @@ impl<B: BlockIo> Vhdx<B> {
             if new_log {
                 self.log_head = 0;
                 self.log_seq = 1;
+                self.session_log = true;
             }
             self.session_file = true;
             self.session_data |= user_visible;
@@ -1232,6 +1241,7 @@ impl<B: BlockIo> Vhdx<B> {
         if self.writable && self.poisoned.is_none() && !self.header.log_guid.is_zero() {
             self.io.flush()?;
             self.update_header(|h, _| h.log_guid = Guid::ZERO)?;
+            self.session_log = false;
         }
         Ok(())
     }

@@ -237,6 +237,8 @@ struct CrashState {
     /// Operations (writes/set_len/flush) left before the crash; None = never.
     ops_left: Option<u64>,
     crashed: bool,
+    /// The failing operation is a one-off error; the store keeps working.
+    transient: bool,
 }
 
 impl CrashIo {
@@ -247,6 +249,7 @@ impl CrashIo {
                 volatile: bytes,
                 ops_left: ops_before_crash,
                 crashed: false,
+                transient: false,
             })),
         }
     }
@@ -259,6 +262,13 @@ impl CrashIo {
             });
         }
         if let Some(n) = s.ops_left {
+            if n == 0 && s.transient {
+                s.ops_left = None;
+                return Err(IoError::Host {
+                    op: "io",
+                    detail: "transient failure".into(),
+                });
+            }
             if n == 0 {
                 s.crashed = true;
                 return Err(IoError::Host {
@@ -605,4 +615,48 @@ fn crash_during_replay_is_recovered_by_replaying_again() {
         point += 1;
         assert!(point < 200);
     }
+}
+
+/// A replay that fails half way (the store dies) must leave the log
+/// replayable: dropping the half-opened disk may not clear LogGuid.
+#[test]
+fn failed_replay_keeps_the_log() {
+    let mut d = new_disk(16 << 20, 1 << 20, 512);
+    d.write(0, &[1u8; 512]).unwrap();
+    d.debug_stop_before_apply();
+    assert!(d.write(5 << 20, &[7u8; 1024]).is_err());
+    let img = d.io().as_slice().to_vec();
+    drop(d);
+    for point in 0..12 {
+        let io = CrashIo::new(img.clone(), Some(point / 2));
+        // Odd points: a one-off error, after which the store works again (so
+        // a careless drop could still rewrite the header).
+        io.state.borrow_mut().transient = point % 2 == 1;
+        let probe = io.clone();
+        if Vhdx::open(io, OpenOptions::read_write(1)).is_ok() {
+            break;
+        }
+        let mut probe = probe;
+        probe.flush().unwrap_or(());
+        // Whatever the crash point, the durable file still replays to the data.
+        let mut r = Vhdx::open(MemIo::from_vec(probe.durable()), OpenOptions::read_only()).unwrap();
+        let mut b = [0u8; 1024];
+        r.read(5 << 20, &mut b).unwrap();
+        assert!(b == [7u8; 1024], "crash point {point}: replayed data lost");
+    }
+}
+
+/// A header naming a LogGuid whose log holds no valid entry: a new session
+/// takes a fresh LogGuid before writing, so stale entries never replay.
+#[test]
+fn new_session_takes_a_fresh_log_guid() {
+    let mut d = new_disk(8 << 20, 1 << 20, 512);
+    d.write(0, &[1u8; 512]).unwrap();
+    let session1 = d.header().log_guid;
+    let img = d.io().as_slice().to_vec(); // not closed: LogGuid still set
+    core::mem::forget(d);
+    let mut d = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_write(2)).unwrap();
+    d.write(512, &[2u8; 512]).unwrap();
+    assert_ne!(d.header().log_guid, session1);
+    assert!(!d.header().log_guid.is_zero());
 }
