@@ -1055,20 +1055,27 @@ impl<B: BlockIo> Vhdx<B> {
         let end = bit + count;
         while b < end {
             let page_off = sb_off + (b / page_bits) * LOG_SECTOR as u64;
-            let page = match pages.entry(page_off) {
-                alloc::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                alloc::collections::btree_map::Entry::Vacant(v) => {
-                    let mut p = vec![0u8; LOG_SECTOR];
-                    self.read_file(page_off, &mut p)?;
-                    v.insert(p)
-                }
-            };
             let first = b % page_bits;
             let n = (page_bits - first).min(end - b);
+            let staged = pages.contains_key(&page_off);
+            let mut page = match pages.remove(&page_off) {
+                Some(p) => p,
+                None => {
+                    let mut p = vec![0u8; LOG_SECTOR];
+                    self.read_file(page_off, &mut p)?;
+                    p
+                }
+            };
+            let mut changed = false;
             for k in first..first + n {
                 if let Some(byte) = page.get_mut((k / 8) as usize) {
+                    changed |= *byte & (1 << (k % 8)) == 0;
                     *byte |= 1 << (k % 8);
                 }
+            }
+            // Rewriting sectors already present costs no log entry.
+            if changed || staged {
+                pages.insert(page_off, page);
             }
             b += n;
         }

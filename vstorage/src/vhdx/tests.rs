@@ -660,3 +660,66 @@ fn new_session_takes_a_fresh_log_guid() {
     assert_ne!(d.header().log_guid, session1);
     assert!(!d.header().log_guid.is_zero());
 }
+
+/// Counts flushes; everything else goes to a MemIo.
+struct CountIo {
+    inner: MemIo,
+    flushes: alloc::rc::Rc<core::cell::Cell<u32>>,
+}
+
+impl BlockIo for CountIo {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        self.flushes.set(self.flushes.get() + 1);
+        self.inner.flush()
+    }
+    fn len(&self) -> Result<u64, IoError> {
+        self.inner.len()
+    }
+    fn set_len(&mut self, len: u64) -> Result<(), IoError> {
+        self.inner.set_len(len)
+    }
+}
+
+/// Rewriting sectors a differencing child already holds goes in place with
+/// no log entry (no flush); a new sector in the same block logs its bitmap.
+#[test]
+fn rewrite_of_present_sectors_needs_no_log_entry() {
+    let (mut child, _) = diff_pair(512);
+    child.write(4096, &[1u8; 512]).unwrap();
+    let img = bytes_of(&mut child);
+    let parent = child.take_parent().unwrap();
+    let flushes = alloc::rc::Rc::new(core::cell::Cell::new(0));
+    let io = CountIo {
+        inner: MemIo::from_vec(img),
+        flushes: flushes.clone(),
+    };
+    let mut c = Vhdx::open(io, OpenOptions::read_write(3)).unwrap();
+    let pio = CountIo {
+        inner: MemIo::from_vec(parent.io().as_slice().to_vec()),
+        flushes: alloc::rc::Rc::new(core::cell::Cell::new(0)),
+    };
+    c.attach_parent(Vhdx::open(pio, OpenOptions::read_only()).unwrap())
+        .unwrap();
+    c.write(4096, &[2u8; 512]).unwrap(); // first write: header updates flush
+    let after_first = flushes.get();
+    c.write(4096, &[3u8; 512]).unwrap();
+    assert_eq!(
+        flushes.get(),
+        after_first,
+        "rewrite of a present sector logged"
+    );
+    c.write(8192, &[4u8; 512]).unwrap();
+    assert!(
+        flushes.get() > after_first,
+        "new sector did not log its bitmap"
+    );
+    let mut b = [0u8; 512];
+    c.read(4096, &mut b).unwrap();
+    assert_eq!(b, [3u8; 512]);
+}
