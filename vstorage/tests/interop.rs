@@ -715,3 +715,46 @@ fn cli_failures_are_one_line_with_status() {
     let r = std::fs::read(&outf).unwrap();
     assert!(r[..24].iter().all(|&x| x == 0) && r[24..].iter().all(|&x| x == 0xFE));
 }
+
+/// QEMU leaves a log pending when the BAT write after its log flush fails
+/// (blkdebug injects EIO there); we replay QEMU's log, read-only in memory
+/// and then on disk, and QEMU accepts the result with the data in place.
+#[test]
+fn qemu_pending_log_is_replayed_by_us() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.vhdx");
+    ok(qemu_img()
+        .args(["create", "-q", "-f", "vhdx", "-o", "block_size=1M"])
+        .arg(&img)
+        .arg("16M"));
+    let bytes = std::fs::read(&img).unwrap();
+    let regions = vstorage::vhdx::format::parse_region_table(&bytes[192 << 10..256 << 10]).unwrap();
+    let bat_sector = regions.bat.file_offset / 512;
+    let cfg = dir.path().join("blkdebug.cfg");
+    std::fs::write(
+        &cfg,
+        format!("[inject-error]\nevent = \"pwritev\"\nerrno = \"5\"\nsector = \"{bat_sector}\"\nonce = \"on\"\n"),
+    )
+    .unwrap();
+    let out = run(qemu_io().args(["-c", "write -P 0x5a 0 64k"]).arg(format!(
+        "blkdebug:{}:{}",
+        cfg.display(),
+        img.display()
+    )));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Input/output error")
+            || String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "blkdebug did not fail the BAT write"
+    );
+    assert_eq!(info_field(&img, "log_replay_needed"), "true");
+    let mut model = vec![0u8; 16 << 20];
+    model[..64 << 10].fill(0x5a);
+    let raw = dir.path().join("ro.raw");
+    ok(vhdx().arg("convert").arg(&img).arg(&raw));
+    assert!(std::fs::read(&raw).unwrap() == model, "in-memory replay");
+    ok(vhdx().arg("check").arg(&img).arg("--repair"));
+    let expect = dir.path().join("expect.raw");
+    std::fs::write(&expect, &model).unwrap();
+    qemu_check(&img);
+    qemu_compare(&img, &expect);
+}
