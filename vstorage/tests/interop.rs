@@ -371,6 +371,25 @@ fn differencing_child_reads_through_and_merges() {
     ok(vhdx().arg("convert").arg(&lone).arg(&raw));
     assert!(std::fs::read(&raw).unwrap() == child_model);
 
+    // Its absolute path is stale now; opening the child writable rewrites the
+    // locator (through the log), so it is found again after moving alone.
+    ok(vhdx().arg("write").arg(&lone).args([
+        "--offset",
+        "512",
+        "--pattern",
+        "0xa1",
+        "--length",
+        "512",
+    ]));
+    let deeper = dir.path().join("c/d");
+    std::fs::create_dir_all(&deeper).unwrap();
+    let far = deeper.join("far.avhdx");
+    std::fs::rename(&lone, &far).unwrap();
+    ok(vhdx().arg("convert").arg(&far).arg(&raw));
+    assert!(std::fs::read(&raw).unwrap() == child_model);
+    std::fs::rename(&far, &lone).unwrap();
+    ok(vhdx().arg("check").arg(&lone));
+
     // A parent written after the fork no longer matches the child's linkage.
     let base = moved.join("base.vhdx");
     let saved = std::fs::read(&base).unwrap();

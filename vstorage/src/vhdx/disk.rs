@@ -164,6 +164,8 @@ pub struct Vhdx<B: BlockIo> {
     regions: Regions,
     /// The BAT, padded to whole 4 KiB pages.
     bat: Vec<u8>,
+    /// The metadata table as read at open.
+    meta_entries: Vec<MetadataEntry>,
     /// Zero-state entries whose file space may be reused.
     reusable: BTreeSet<u64>,
     log_offset: u64,
@@ -395,6 +397,7 @@ impl<B: BlockIo> Vhdx<B> {
                 },
             },
             bat: Vec::new(),
+            meta_entries: Vec::new(),
             reusable: BTreeSet::new(),
             log_offset: 0,
             log_length: 0,
@@ -581,6 +584,7 @@ impl<B: BlockIo> Vhdx<B> {
         }
         self.read_file(meta_off, &mut table)?;
         let entries = parse_metadata_table(&table, regions.metadata.length).map_err(corrupt)?;
+        let entries_saved = entries.clone();
         let params = {
             let this = &*self;
             parse_disk_params(&entries, |e| {
@@ -617,6 +621,7 @@ impl<B: BlockIo> Vhdx<B> {
         let mut bat = vec![0u8; padded as usize];
         self.read_file(regions.bat.file_offset, &mut bat)?;
         self.params = params;
+        self.meta_entries = entries_saved;
         self.geo = geo;
         self.bat = bat;
         self.validate_layout()?;
@@ -1250,6 +1255,100 @@ impl<B: BlockIo> Vhdx<B> {
             self.update_header(|h, _| h.log_guid = Guid::ZERO)?;
             self.session_log = false;
         }
+        Ok(())
+    }
+
+    /// Rewrites the parent locator's `relative_path` and
+    /// `absolute_win32_path` (MS-VHDX 2.6.2.6.3: stale paths are updated once
+    /// a chain opens). The new item goes after the last metadata item and the
+    /// table entry is repointed, both through the log. Other keys are kept.
+    pub fn update_parent_paths(
+        &mut self,
+        relative: Option<String>,
+        absolute: Option<String>,
+    ) -> Result<(), DiskError> {
+        let Some(old) = self.params.parent_locator.clone() else {
+            return Err(DiskError::Request("not a differencing disk".into()));
+        };
+        let mut pl = old.clone();
+        pl.entries
+            .retain(|(k, _)| k != "relative_path" && k != "absolute_win32_path");
+        if let Some(r) = relative {
+            pl.entries.push(("relative_path".into(), r));
+        }
+        if let Some(a) = absolute {
+            pl.entries.push(("absolute_win32_path".into(), a));
+        }
+        if pl == old {
+            return Ok(());
+        }
+        let item = pl.to_bytes();
+        let region_len = u64::from(self.regions.metadata.length);
+        let used_end = self
+            .meta_entries
+            .iter()
+            .map(|e| u64::from(e.offset) + u64::from(e.length))
+            .max()
+            .unwrap_or(0)
+            .max(METADATA_TABLE_SIZE as u64);
+        let at = used_end.div_ceil(8) * 8;
+        if at + item.len() as u64 > region_len || item.len() as u64 > MIB {
+            return Err(DiskError::Request(
+                "no room in the metadata region for the new parent locator".into(),
+            ));
+        }
+        let Some(pos) = self
+            .meta_entries
+            .iter()
+            .position(|e| e.item_id == PARENT_LOCATOR && !e.is_user)
+        else {
+            return Err(corrupt("parent locator entry vanished"));
+        };
+        self.begin_modification(false)?;
+        let mut entries = self.meta_entries.clone();
+        if let Some(e) = entries.get_mut(pos) {
+            e.offset = at as u32;
+            e.length = item.len() as u32;
+        }
+        // Stage the touched 4 KiB pages of the metadata region.
+        let base = self.regions.metadata.file_offset;
+        let page = LOG_SECTOR as u64;
+        let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut stage = |this: &Self, off_in_region: u64, bytes: &[u8]| -> Result<(), DiskError> {
+            let mut done = 0u64;
+            while done < bytes.len() as u64 {
+                let cur = off_in_region + done;
+                let p = cur - cur % page;
+                if !pages.contains_key(&p) {
+                    let mut b = vec![0u8; LOG_SECTOR];
+                    this.read_file(base + p, &mut b)?;
+                    pages.insert(p, b);
+                }
+                let n = (page - (cur - p)).min(bytes.len() as u64 - done);
+                if let Some(b) = pages.get_mut(&p) {
+                    let s = (cur - p) as usize;
+                    b[s..s + n as usize]
+                        .copy_from_slice(&bytes[done as usize..(done + n) as usize]);
+                }
+                done += n;
+            }
+            Ok(())
+        };
+        stage(self, at, &item)?;
+        // The table itself: only its used part changes.
+        let table = build_metadata_table(&entries);
+        let table_used = 32 + 32 * entries.len();
+        stage(self, 0, &table[..table_used])?;
+        let writes = pages
+            .into_iter()
+            .map(|(p, data)| LogWrite::Data {
+                file_offset: base + p,
+                data,
+            })
+            .collect();
+        self.commit(writes)?;
+        self.meta_entries = entries;
+        self.params.parent_locator = Some(pl);
         Ok(())
     }
 

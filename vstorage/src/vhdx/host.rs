@@ -132,6 +132,12 @@ fn open_chain(
         let pp = resolve_parent(path, pl)?;
         let parent = open_chain(&pp, parent_writable, false, direct, depth + 1)?;
         d.attach_parent(parent).map_err(|e| name(path, e))?;
+        // Once the chain opens, stale locator paths are brought up to date
+        // (MS-VHDX 2.6.2.6.3); only when we may write the child anyway.
+        if writable {
+            let (rel, abs) = locator_paths(path, &pp)?;
+            d.update_parent_paths(Some(rel), Some(abs))?;
+        }
     }
     Ok(d)
 }
@@ -171,13 +177,9 @@ fn relative_to(to: &Path, from: &Path) -> PathBuf {
     out
 }
 
-/// Creates a differencing VHDX at `child` whose parent is `parent`.
-pub fn create_differencing_path(
-    child: &Path,
-    parent: &Path,
-    block_size: Option<u32>,
-) -> Result<Vhdx<FileIo>, DiskError> {
-    let pd = open_path(parent, false)?;
+/// The `relative_path` (from the child's directory) and
+/// `absolute_win32_path` values naming `parent` for `child`.
+pub fn locator_paths(child: &Path, parent: &Path) -> Result<(String, String), DiskError> {
     let parent_abs =
         std::fs::canonicalize(parent).map_err(|e| host_err("cannot resolve", parent, e))?;
     let child_dir = child
@@ -196,6 +198,17 @@ pub fn create_differencing_path(
             .trim_start_matches('/')
             .replace('/', "\\")
     );
+    Ok((rel, abs))
+}
+
+/// Creates a differencing VHDX at `child` whose parent is `parent`.
+pub fn create_differencing_path(
+    child: &Path,
+    parent: &Path,
+    block_size: Option<u32>,
+) -> Result<Vhdx<FileIo>, DiskError> {
+    let pd = open_path(parent, false)?;
+    let (rel, abs) = locator_paths(child, parent)?;
     let spec = ParentSpec {
         data_write_guid: pd.header().data_write_guid,
         relative_path: Some(rel),

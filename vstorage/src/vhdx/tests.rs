@@ -723,3 +723,24 @@ fn rewrite_of_present_sectors_needs_no_log_entry() {
     c.read(4096, &mut b).unwrap();
     assert_eq!(b, [3u8; 512]);
 }
+
+#[test]
+fn parent_paths_update_through_the_log() {
+    let (mut child, _) = diff_pair(512);
+    let before = child.parent_locator().unwrap().clone();
+    let data_guid = child.header().data_write_guid;
+    child
+        .update_parent_paths(
+            Some("..\\new\\base.vhdx".into()),
+            Some("\\\\?\\x\\base.vhdx".into()),
+        )
+        .unwrap();
+    let img = bytes_of(&mut child);
+    let r = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+    let pl = r.parent_locator().unwrap();
+    assert_eq!(pl.get("relative_path"), Some("..\\new\\base.vhdx"));
+    assert_eq!(pl.get("absolute_win32_path"), Some("\\\\?\\x\\base.vhdx"));
+    assert_eq!(pl.get("parent_linkage"), before.get("parent_linkage"));
+    // Not user-visible: DataWriteGuid unchanged by a locator update alone.
+    assert_eq!(r.header().data_write_guid, data_guid);
+}
