@@ -21,8 +21,10 @@ use hvcore::addr::{Gpa, Hpa};
 use hvcore::host::HostError;
 use hvcore::mem::FrameAlloc;
 use hvcore::vcpu::{
-    Access, EntryFailure, IoAccess, IoDir, LongModeEntry, Regs, UnknownMsr, Vcpu, VcpuCaps, VmExit,
+    Access, EntryFailure, IoAccess, IoDir, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu,
+    VcpuCaps, VcpuState, VmExit,
 };
+use hvcore::vcpu_state::{self, EventKind, PendingEvent, TableReg, FXSAVE_BYTES};
 
 /// Power-on PAT value. AMD APM vol. 2, 7.8.2.
 const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
@@ -299,12 +301,7 @@ impl SvmVcpu {
         // An event whose delivery the exit interrupted (e.g. a #NPF on the
         // stack while delivering an exception) is delivered again on the next
         // VMRUN (15.7.2); the CPU does not do that by itself.
-        let pending = v.control.exit_int_info;
-        v.control.event_inj = if pending & EVENT_VALID != 0 {
-            pending
-        } else {
-            0
-        };
+        v.control.event_inj = reinjection(v.control.exit_int_info);
         self.regs.rax = rax;
         self.regs.rsp = rsp;
         self.regs.rip = rip;
@@ -455,6 +452,28 @@ fn decode_exit(code: u64, info1: u64, info2: u64, regs: &Regs) -> Decoded {
     }
 }
 
+/// What to put in EVENTINJ after an exit whose EXITINTINFO is `info`
+/// (AMD APM vol. 2, 15.7.2): the interrupted event again, except events
+/// raised by an instruction (INTn, INT3, INTO), which are dropped: RIP
+/// still points at the instruction, so the guest raises them again by
+/// re-executing it (re-injecting them would need the instruction length,
+/// which TCG's missing NRIPS does not give).
+fn reinjection(info: u64) -> u64 {
+    if info & EVENT_VALID == 0 {
+        return 0;
+    }
+    let vector = info & 0xff;
+    let kind = info & (7 << 8);
+    let software =
+        kind == EVENT_TYPE_SOFT_INT || (kind == EVENT_TYPE_EXCEPTION && matches!(vector, 3 | 4));
+    if software {
+        0
+    } else {
+        // Reserved bits 30:12 must be zero in EVENTINJ.
+        info & !0x7fff_f000
+    }
+}
+
 /// Decode EXITINFO1 of an IOIO exit (AMD APM vol. 2, 15.10.2, figure
 /// 15-2): bit 0 IN, bit 2 string, bit 3 REP, bits 4-6 size, 31:16 port.
 fn decode_ioio(info1: u64) -> Option<IoAccess> {
@@ -523,6 +542,61 @@ fn canonical(v: u64) -> bool {
 /// Whether every entry of a PAT value is a defined memory type (0, 1, 4-7).
 fn valid_pat(v: u64) -> bool {
     v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7))
+}
+
+/// The record's segment for a VMCB segment (the record uses the VMCB's
+/// packed attribute form).
+fn seg_out(s: &Segment) -> vcpu_state::Segment {
+    vcpu_state::Segment {
+        selector: s.selector,
+        attrib: s.attrib,
+        limit: s.limit,
+        base: s.base,
+    }
+}
+
+fn seg_in(s: &vcpu_state::Segment) -> Segment {
+    Segment {
+        selector: s.selector,
+        attrib: s.attrib,
+        limit: s.limit,
+        base: s.base,
+    }
+}
+
+/// EVENTINJ (AMD APM vol. 2, 15.20) as a pending event, `None` if not
+/// valid. Types the record cannot name (reserved 1, 5-7) read as none.
+fn event_out(ev: u64) -> Option<PendingEvent> {
+    if ev & EVENT_VALID == 0 {
+        return None;
+    }
+    let kind = match (ev >> 8) & 7 {
+        0 => EventKind::ExternalInterrupt,
+        2 => EventKind::Nmi,
+        3 => EventKind::Exception,
+        4 => EventKind::SoftwareInterrupt,
+        _ => return None,
+    };
+    Some(PendingEvent {
+        vector: ev as u8,
+        kind,
+        error_code: (ev & EVENT_ERROR_VALID != 0).then_some((ev >> 32) as u32),
+    })
+}
+
+/// A pending event as EVENTINJ.
+fn event_in(ev: &PendingEvent) -> u64 {
+    let kind: u64 = match ev.kind {
+        EventKind::ExternalInterrupt => 0,
+        EventKind::Nmi => 2,
+        EventKind::Exception => 3,
+        EventKind::SoftwareInterrupt => 4,
+    };
+    let mut v = u64::from(ev.vector) | (kind << 8) | EVENT_VALID;
+    if let Some(code) = ev.error_code {
+        v |= EVENT_ERROR_VALID | (u64::from(code) << 32);
+    }
+    v
 }
 
 impl Vcpu for SvmVcpu {
@@ -729,6 +803,122 @@ impl Vcpu for SvmVcpu {
     fn caps(&self) -> VcpuCaps {
         super::caps(&self.features)
     }
+
+    /// The VMCB save area plus what lives outside it: the GPRs, the FXSAVE
+    /// image (VMRUN does not switch x87/SSE state, the vCPU does), TSC_AUX,
+    /// DR0-DR3 (never switched: the physical registers) and the pending
+    /// event (EVENTINJ, where `enter` re-queues an interrupted delivery
+    /// from EXITINTINFO). AMD APM vol. 2, 15.5 and Appendix B.
+    fn save_state(&self) -> VcpuState {
+        let v = self.vmcb();
+        let (c, s) = (&v.control, &v.save);
+        VcpuState {
+            id: 0,
+            regs: vcpu_state::general_regs(&self.regs),
+            es: seg_out(&s.es),
+            cs: seg_out(&s.cs),
+            ss: seg_out(&s.ss),
+            ds: seg_out(&s.ds),
+            fs: seg_out(&s.fs),
+            gs: seg_out(&s.gs),
+            ldtr: seg_out(&s.ldtr),
+            tr: seg_out(&s.tr),
+            gdtr: TableReg {
+                base: s.gdtr.base,
+                limit: s.gdtr.limit as u16,
+            },
+            idtr: TableReg {
+                base: s.idtr.base,
+                limit: s.idtr.limit as u16,
+            },
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            // 15.21.2: with V_INTR_MASKING the guest's CR8 is V_TPR.
+            cr8: c.int_control & 0xf,
+            efer: s.efer & !EFER_SVME,
+            dr: crate::cpu::read_dr0_3(),
+            dr6: s.dr6,
+            dr7: s.dr7,
+            msrs: vcpu_state::Msrs {
+                pat: s.g_pat,
+                star: s.star,
+                lstar: s.lstar,
+                cstar: s.cstar,
+                sfmask: s.sfmask,
+                kernel_gs_base: s.kernel_gs_base,
+                tsc_aux: u64::from(self.tsc_aux),
+                sysenter_cs: s.sysenter_cs,
+                sysenter_esp: s.sysenter_esp,
+                sysenter_eip: s.sysenter_eip,
+            },
+            fpu: vcpu_state::fpu_from_fxsave(&self.fx.0),
+            pending_event: event_out(c.event_inj),
+            interrupt_shadow: c.interrupt_shadow & 1 != 0,
+            // 15.30.4 (TSC offset): the guest reads host TSC + TSC_OFFSET.
+            tsc: crate::cpu::rdtsc().wrapping_add(c.tsc_offset),
+        }
+    }
+
+    fn restore_state(&mut self, st: &VcpuState) -> Result<(), StateError> {
+        vcpu_state::check(st)?;
+        let fx = vcpu_state::fxsave_image(&st.fpu)?;
+        let tsc_aux = u32::try_from(st.msrs.tsc_aux)
+            .map_err(|_| StateError::new("TSC_AUX bits 63:32", st.msrs.tsc_aux))?;
+        let v = self.vmcb_mut();
+        let (c, s) = (&mut v.control, &mut v.save);
+        s.es = seg_in(&st.es);
+        s.cs = seg_in(&st.cs);
+        s.ss = seg_in(&st.ss);
+        s.ds = seg_in(&st.ds);
+        s.fs = seg_in(&st.fs);
+        s.gs = seg_in(&st.gs);
+        s.ldtr = seg_in(&st.ldtr);
+        s.tr = seg_in(&st.tr);
+        s.gdtr = Segment {
+            base: st.gdtr.base,
+            limit: u32::from(st.gdtr.limit),
+            ..Segment::default()
+        };
+        s.idtr = Segment {
+            base: st.idtr.base,
+            limit: u32::from(st.idtr.limit),
+            ..Segment::default()
+        };
+        // 15.5.1: the CPL is SS.DPL (the VMCB keeps it separately).
+        s.cpl = ((st.ss.attrib >> 5) & 3) as u8;
+        s.cr0 = st.cr0;
+        s.cr2 = st.cr2;
+        s.cr3 = st.cr3;
+        s.cr4 = st.cr4;
+        s.efer = st.efer | EFER_SVME;
+        s.dr6 = st.dr6;
+        s.dr7 = st.dr7;
+        s.g_pat = st.msrs.pat;
+        s.star = st.msrs.star;
+        s.lstar = st.msrs.lstar;
+        s.cstar = st.msrs.cstar;
+        s.sfmask = st.msrs.sfmask;
+        s.kernel_gs_base = st.msrs.kernel_gs_base;
+        s.sysenter_cs = st.msrs.sysenter_cs;
+        s.sysenter_esp = st.msrs.sysenter_esp;
+        s.sysenter_eip = st.msrs.sysenter_eip;
+        c.int_control = (c.int_control & !0xf) | (st.cr8 & 0xf);
+        c.interrupt_shadow = u64::from(st.interrupt_shadow);
+        c.event_inj = st.pending_event.as_ref().map_or(0, event_in);
+        // The guest's TSC continues from the saved value.
+        c.tsc_offset = st.tsc.wrapping_sub(crate::cpu::rdtsc());
+        let mut area = [0u8; FXSAVE_BYTES];
+        area.copy_from_slice(&fx);
+        self.fx.0 = area;
+        self.tsc_aux = tsc_aux;
+        self.regs = vcpu_state::regs_from(&st.regs);
+        self.next_rip = None;
+        self.flush_pending = true;
+        crate::cpu::write_dr0_3(st.dr);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -868,6 +1058,22 @@ mod tests {
                 assert!(matches!(io.size, 1 | 2 | 4));
             }
         }
+    }
+
+    #[test]
+    fn event_reinjection() {
+        assert_eq!(reinjection(0), 0);
+        // #GP(0) whose delivery faulted: delivered again.
+        let gp = 13 | EVENT_TYPE_EXCEPTION | EVENT_ERROR_VALID | EVENT_VALID;
+        assert_eq!(reinjection(gp), gp);
+        // External interrupt vector 0x30 and NMI: delivered again.
+        assert_eq!(reinjection(0x30 | EVENT_VALID), 0x30 | EVENT_VALID);
+        let nmi = 2 | EVENT_TYPE_NMI | EVENT_VALID;
+        assert_eq!(reinjection(nmi), nmi);
+        // INT 0x80, INT3, INTO: re-executed instead.
+        assert_eq!(reinjection(0x80 | EVENT_TYPE_SOFT_INT | EVENT_VALID), 0);
+        assert_eq!(reinjection(3 | EVENT_TYPE_EXCEPTION | EVENT_VALID), 0);
+        assert_eq!(reinjection(4 | EVENT_TYPE_EXCEPTION | EVENT_VALID), 0);
     }
 
     #[test]

@@ -303,6 +303,8 @@ pub const EVENT_TYPE_INTR: u64 = 0 << 8;
 pub const EVENT_TYPE_NMI: u64 = 2 << 8;
 /// EVENTINJ type: exception.
 pub const EVENT_TYPE_EXCEPTION: u64 = 3 << 8;
+/// EVENTINJ type: software interrupt (INTn).
+pub const EVENT_TYPE_SOFT_INT: u64 = 4 << 8;
 
 // Exit codes, AMD APM vol. 2, Appendix C.
 /// Physical interrupt.
