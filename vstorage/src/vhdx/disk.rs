@@ -1319,17 +1319,17 @@ impl<B: BlockIo> Vhdx<B> {
             while done < bytes.len() as u64 {
                 let cur = off_in_region + done;
                 let p = cur - cur % page;
-                if !pages.contains_key(&p) {
-                    let mut b = vec![0u8; LOG_SECTOR];
-                    this.read_file(base + p, &mut b)?;
-                    pages.insert(p, b);
-                }
+                let b = match pages.entry(p) {
+                    alloc::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    alloc::collections::btree_map::Entry::Vacant(v) => {
+                        let mut b = vec![0u8; LOG_SECTOR];
+                        this.read_file(base + p, &mut b)?;
+                        v.insert(b)
+                    }
+                };
                 let n = (page - (cur - p)).min(bytes.len() as u64 - done);
-                if let Some(b) = pages.get_mut(&p) {
-                    let s = (cur - p) as usize;
-                    b[s..s + n as usize]
-                        .copy_from_slice(&bytes[done as usize..(done + n) as usize]);
-                }
+                let s = (cur - p) as usize;
+                b[s..s + n as usize].copy_from_slice(&bytes[done as usize..(done + n) as usize]);
                 done += n;
             }
             Ok(())
