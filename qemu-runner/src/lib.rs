@@ -9,6 +9,7 @@
 //! only wires them into commands.
 
 pub mod arch;
+pub mod bochs;
 pub mod cargo;
 pub mod cli;
 pub mod markers;
