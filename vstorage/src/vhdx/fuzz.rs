@@ -42,6 +42,9 @@ pub fn fuzz_harness(data: &[u8]) -> bool {
                 assert_eq!(back, pattern, "read-after-write mismatch");
             }
         }
+        if d.parent_locator().is_some() {
+            let _ = d.update_parent_paths(Some("fuzz\\p.vhdx".into()), None);
+        }
         let _ = d.close();
     }
     true
