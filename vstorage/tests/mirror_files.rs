@@ -5,12 +5,12 @@
 
 mod mirror_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use mirror_support::{write_data, Model, Rng, SECTOR};
+use mirror_support::{tempdir, write_data, Model, Rng, SECTOR};
 use vstorage::copy::{open_disk, CopyOptions};
 use vstorage::io::VirtualDisk;
 use vstorage::mirror::{MigrationOptions, MirrorState, StorageMigration};
@@ -18,14 +18,6 @@ use vstorage::vhdx::{self, CreateParams};
 
 const SIZE: u64 = 16 << 20;
 const SECTORS: u64 = SIZE / SECTOR as u64;
-
-fn tempdir(name: &str) -> PathBuf {
-    let base = std::env::var_os("TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
-    let p = base.join(format!("vstorage-mig-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
 
 /// A dynamic VHDX with 1 MiB blocks, its first half written by write 1.
 fn make_source(path: &Path) -> Model {
@@ -85,7 +77,7 @@ fn check_file(path: &Path, model: &Model, what: &str) {
 
 #[test]
 fn migrate_while_writing_then_switch_over_and_delete_source() {
-    let dir = tempdir("complete");
+    let dir = tempdir("mig-complete");
     let (src, dst) = (dir.join("disk.vhdx"), dir.join("moved.vhdx"));
     let model = make_source(&src);
     let m = start(&src, &dst, false);
@@ -111,7 +103,7 @@ fn migrate_while_writing_then_switch_over_and_delete_source() {
 
 #[test]
 fn cancel_deletes_destination_and_keeps_source_current() {
-    let dir = tempdir("cancel");
+    let dir = tempdir("mig-cancel");
     let (src, dst) = (dir.join("disk.vhdx"), dir.join("moved.vhdx"));
     let model = make_source(&src);
     let m = start(&src, &dst, false);
@@ -134,7 +126,7 @@ fn cancel_deletes_destination_and_keeps_source_current() {
 
 #[test]
 fn keep_source_and_refuse_existing_destination() {
-    let dir = tempdir("keep");
+    let dir = tempdir("mig-keep");
     let (src, dst) = (dir.join("disk.vhdx"), dir.join("moved.vhdx"));
     let model = make_source(&src);
     std::fs::write(&dst, b"occupied").unwrap();

@@ -6,12 +6,12 @@
 
 mod mirror_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use mirror_support::{write_data, Model, Rng, SECTOR};
+use mirror_support::{tempdir, write_data, Model, Rng, SECTOR};
 use vstorage::copy::{open_disk, CopyOptions, HostDisk};
 use vstorage::io::VirtualDisk;
 use vstorage::mirror::{QuickMigration, QuickState};
@@ -19,14 +19,6 @@ use vstorage::vhdx::{self, CreateParams};
 
 const SIZE: u64 = 8 << 20;
 const SECTORS: u64 = SIZE / SECTOR as u64;
-
-fn tempdir(name: &str) -> PathBuf {
-    let base = std::env::var_os("TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
-    let p = base.join(format!("vstorage-quick-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
 
 fn make_base(path: &Path) -> Model {
     let mut p = CreateParams::dynamic(SIZE);
@@ -125,7 +117,7 @@ fn checkpoint_copy_base_then_fold_checkpoint_into_destination() {
 
 #[test]
 fn cancel_leaves_the_guest_on_checkpoint_and_base() {
-    let dir = tempdir("cancel");
+    let dir = tempdir("quick-cancel");
     let (base, child, dest) = (
         dir.join("base.vhdx"),
         dir.join("child.vhdx"),

@@ -32,7 +32,8 @@ pub struct StorageMigration {
     opts: MigrationOptions,
 }
 
-fn file_err(op: &'static str, path: &Path, e: impl ToString) -> MirrorError {
+/// A host file operation's failure, as a [`MirrorError`].
+pub(super) fn file_err(op: &'static str, path: &Path, e: impl ToString) -> MirrorError {
     MirrorError::File {
         op,
         path: path.display().to_string(),

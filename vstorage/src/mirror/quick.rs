@@ -23,9 +23,7 @@
 //! Invariant: the base is never written after the checkpoint; downtime (the
 //! `finish` step) is proportional to [`QuickMigration::child_bytes`].
 
-use std::path::{Path, PathBuf};
-use std::string::ToString;
-
+use super::host::file_err;
 use super::MirrorError;
 use crate::copy::{
     check_geometry, copy_disk_pipelined, copy_plan, create_like, open_disk, CopyJob, CopyOptions,
@@ -33,6 +31,7 @@ use crate::copy::{
 };
 use crate::io::{DiskError, FileIo, VirtualDisk};
 use crate::vhdx::{self, OpenOptions, Vhdx};
+use std::path::{Path, PathBuf};
 
 /// Where a quick migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +50,6 @@ pub struct QuickMigration {
     dest: PathBuf,
     opts: CopyOptions,
     state: QuickState,
-}
-
-fn file_err(op: &'static str, path: &Path, e: impl ToString) -> MirrorError {
-    MirrorError::File {
-        op,
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    }
 }
 
 /// The ranges the differencing disk at `child` holds itself (its own

@@ -2,6 +2,8 @@
 //! sector stamps and a model of what each sector may hold.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+
 use vstorage::io::{MemIo, RawDisk, VirtualDisk};
 
 pub const SECTOR: usize = 512;
@@ -116,4 +118,13 @@ impl Model {
 /// A zeroed in-memory disk of `sectors` 512-byte sectors.
 pub fn mem_disk(sectors: u64) -> RawDisk<MemIo> {
     RawDisk::create(MemIo::new(), sectors * SECTOR as u64).expect("memory disk")
+}
+
+/// A fresh directory for one test's files, under $TMPDIR (or the system's).
+pub fn tempdir(name: &str) -> PathBuf {
+    let base = std::env::var_os("TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let p = base.join(format!("vstorage-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
 }
