@@ -150,19 +150,7 @@ pub fn params_like(like: &HostDisk) -> CreateParams {
 /// extension. Refuses to replace an existing file; removes what it created
 /// when it fails.
 pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> {
-    let created = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                "it already exists".to_string()
-            } else {
-                e.to_string()
-            };
-            DiskError::Open(format!("cannot create {}: {why}", path.display()))
-        })?;
-    drop(created);
+    claim(path)?;
     let result = (|| {
         let io = FileIo::open_direct(path, true)?;
         if is_vhdx(path) {
@@ -183,6 +171,94 @@ pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> 
     if result.is_err() {
         // Best effort: the error being returned matters more than this one.
         let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Creates `path` as an empty file, refusing to replace one.
+fn claim(path: &Path) -> Result<(), DiskError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map(drop)
+        .map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                "it already exists".to_string()
+            } else {
+                e.to_string()
+            };
+            DiskError::Open(format!("cannot create {}: {why}", path.display()))
+        })
+}
+
+/// The ranges the VHDX at `path` holds in its own file: for a differencing
+/// disk, without its parent chain's (opened read-only, parent not attached).
+/// Block-granular: a partially present block counts whole.
+pub fn own_ranges(path: &Path) -> Result<Vec<(u64, u64)>, DiskError> {
+    let io = FileIo::open(path, false)
+        .map_err(|e| DiskError::Open(format!("cannot open {}: {}", path.display(), detail(&e))))?;
+    let mut d = Vhdx::open(io, vhdx::OpenOptions::read_only())?;
+    d.data_ranges()
+}
+
+/// Creates `path` as a new differencing VHDX whose parent is `parent` (an
+/// already moved copy of `like`'s parent), with `like`'s block size, opened
+/// unbuffered with its chain. Refuses to replace an existing file.
+pub fn create_child_like(
+    like: &HostDisk,
+    path: &Path,
+    parent: &Path,
+) -> Result<HostDisk, DiskError> {
+    let HostDisk::Vhdx(v) = like else {
+        return Err(DiskError::Open(format!(
+            "{} is not a VHDX differencing disk",
+            path.display()
+        )));
+    };
+    let block_size = v.block_size();
+    claim(path)?;
+    let result = (|| {
+        drop(vhdx::host::create_differencing_path(
+            path,
+            parent,
+            Some(block_size),
+        )?);
+        open_disk(path, true)
+    })();
+    if result.is_err() {
+        // Best effort: the error being returned matters more than this one.
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Moves a *read-only* member of a differencing chain (a checkpoint that
+/// is some disk's parent): creates `dst` as a differencing disk of
+/// `dst_parent` (the already moved copy of `src`'s parent) and copies into
+/// it the blocks `src` holds itself, read through `src`'s chain. The copy
+/// reads the same as `src`. Returns the bytes copied; on failure `dst` is
+/// removed.
+pub fn copy_differencing(src: &Path, dst: &Path, dst_parent: &Path) -> Result<u64, CopyError> {
+    let ranges = own_ranges(src).map_err(CopyError::Open)?;
+    let mut source = open_disk(src, false).map_err(CopyError::Open)?;
+    let mut dest = create_child_like(&source, dst, dst_parent).map_err(CopyError::Open)?;
+    let result = check_geometry(&source, &dest)
+        .and_then(|()| {
+            let job = CopyJob::new(
+                &ranges,
+                source.virtual_size(),
+                source.logical_sector_size(),
+                CopyOptions::default(),
+            );
+            // No zero skipping: zeros in the child hide the parent's data.
+            super::copy_plan(&mut source, &mut dest, job, false, |_, _| true)
+        })
+        .and_then(|n| dest.close().map(|()| n).map_err(CopyError::DestFlush));
+    if result.is_err() {
+        drop(dest);
+        // Best effort: the copy's error is the one to report.
+        let _ = std::fs::remove_file(dst);
     }
     result
 }

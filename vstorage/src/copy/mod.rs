@@ -25,7 +25,8 @@
 mod host;
 #[cfg(feature = "std")]
 pub use host::{
-    cli_copy, copy_disk_pipelined, create_like, open_disk, params_like, HostDisk, READ_AHEAD_CHUNKS,
+    cli_copy, copy_differencing, copy_disk_pipelined, create_child_like, create_like, open_disk,
+    own_ranges, params_like, HostDisk, READ_AHEAD_CHUNKS,
 };
 
 use alloc::vec::Vec;
@@ -100,6 +101,8 @@ pub enum CopyError {
     },
     /// The copy was cancelled.
     Cancelled,
+    /// Opening the source or creating the destination failed (host copies).
+    Open(DiskError),
 }
 
 impl fmt::Display for CopyError {
@@ -124,6 +127,7 @@ impl fmt::Display for CopyError {
                 "copy chunk at {got} completed out of order (expected {expected})"
             ),
             CopyError::Cancelled => f.write_str("the copy was cancelled"),
+            CopyError::Open(e) => write!(f, "{e}"),
         }
     }
 }

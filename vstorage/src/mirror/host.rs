@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::string::ToString;
 
 use super::{MirrorError, MirrorState, Progress, SharedDisk, SharedMirror};
-use crate::copy::{check_geometry, create_like, CopyJob, CopyOptions, HostDisk};
+use crate::copy::{
+    check_geometry, create_child_like, create_like, own_ranges, CopyJob, CopyOptions, HostDisk,
+};
+use crate::io::{DiskError, VirtualDisk};
 
 /// How a storage migration runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,7 +49,9 @@ impl StorageMigration {
     /// file is `source_path`) to a new file `dest_path` of the same kind and
     /// parameters. From now on the guest must do its I/O through
     /// [`StorageMigration::disk`]. On error the source is handed back
-    /// untouched and no destination file is left.
+    /// untouched and no destination file is left. A differencing source is
+    /// moved flattened (its chain's data in one dynamic file); to keep the
+    /// chain, use [`StorageMigration::start_differencing`].
     pub fn start(
         mut source: HostDisk,
         source_path: &Path,
@@ -57,7 +62,48 @@ impl StorageMigration {
             Ok(job) => job,
             Err(e) => return Err((e.into(), source)),
         };
-        let dest = match create_like(&source, dest_path) {
+        let dest = create_like(&source, dest_path);
+        Self::begin(source, job, dest, source_path, dest_path, opts)
+    }
+
+    /// Like [`StorageMigration::start`] for a differencing disk whose
+    /// parent chain was already moved (parents are read-only: move them
+    /// with [`crate::copy::copy_differencing`], base first). The
+    /// destination is created as a differencing disk of `dest_parent`, and
+    /// only the blocks the source holds itself are copied; the rest reads
+    /// through the moved chain.
+    pub fn start_differencing(
+        source: HostDisk,
+        source_path: &Path,
+        dest_path: &Path,
+        dest_parent: &Path,
+        opts: MigrationOptions,
+    ) -> Result<Self, (MirrorError, HostDisk)> {
+        // Read before the first mirrored write: blocks allocated later lie
+        // outside the plan, so their writes are mirrored.
+        let ranges = match own_ranges(source_path) {
+            Ok(r) => r,
+            Err(e) => return Err((file_err("read", source_path, e), source)),
+        };
+        let job = CopyJob::new(
+            &ranges,
+            source.virtual_size(),
+            source.logical_sector_size(),
+            opts.copy,
+        );
+        let dest = create_child_like(&source, dest_path, dest_parent);
+        Self::begin(source, job, dest, source_path, dest_path, opts)
+    }
+
+    fn begin(
+        source: HostDisk,
+        job: CopyJob,
+        dest: Result<HostDisk, DiskError>,
+        source_path: &Path,
+        dest_path: &Path,
+        opts: MigrationOptions,
+    ) -> Result<Self, (MirrorError, HostDisk)> {
+        let dest = match dest {
             Ok(d) => d,
             Err(e) => return Err((file_err("create", dest_path, e), source)),
         };

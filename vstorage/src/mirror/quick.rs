@@ -26,11 +26,11 @@
 use super::host::file_err;
 use super::MirrorError;
 use crate::copy::{
-    check_geometry, copy_disk_pipelined, copy_plan, create_like, open_disk, CopyJob, CopyOptions,
-    HostDisk,
+    check_geometry, copy_disk_pipelined, copy_plan, create_like, open_disk, own_ranges, CopyJob,
+    CopyOptions, HostDisk,
 };
-use crate::io::{DiskError, FileIo, VirtualDisk};
-use crate::vhdx::{self, OpenOptions, Vhdx};
+use crate::io::VirtualDisk;
+use crate::vhdx;
 use std::path::{Path, PathBuf};
 
 /// Where a quick migration stands.
@@ -50,14 +50,6 @@ pub struct QuickMigration {
     dest: PathBuf,
     opts: CopyOptions,
     state: QuickState,
-}
-
-/// The ranges the differencing disk at `child` holds itself (its own
-/// allocated blocks, parent not attached).
-fn own_ranges(child: &Path) -> Result<Vec<(u64, u64)>, DiskError> {
-    let io = FileIo::open(child, false)?;
-    let mut d = Vhdx::open(io, OpenOptions::read_only())?;
-    d.data_ranges()
 }
 
 impl QuickMigration {
