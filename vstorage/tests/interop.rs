@@ -686,6 +686,16 @@ fn cli_failures_are_one_line_with_status() {
         ),
         (vec!["frobnicate".into()], 1, "unknown command"),
         (
+            vec![
+                "create".into(),
+                good.clone().into(),
+                "--parent".into(),
+                good.clone().into(),
+            ],
+            1,
+            "its own parent",
+        ),
+        (
             vec!["info".into(), good.clone().into(), "--bogus".into()],
             1,
             "unknown option",
@@ -711,6 +721,11 @@ fn cli_failures_are_one_line_with_status() {
         }
     }
     ok(vhdx().arg("check").arg(&good));
+    // Bad parameters never truncate an existing file.
+    let before = std::fs::read(&good).unwrap();
+    let out = run(vhdx().arg("create").arg(&good).args(["--size", "1000"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(std::fs::read(&good).unwrap() == before);
     // Hex and decimal BYTE, K suffix.
     ok(vhdx().arg("write").arg(&good).args([
         "--offset",

@@ -209,10 +209,12 @@ fn cmd_create(a: &Args) -> Result<(), Fail> {
         };
     }
     p.physical_sector_size = 4096;
+    p.validate()?;
     let r = create_path(f, &p);
     match r {
         Ok(mut d) => Ok(d.close()?),
         Err(e) => {
+            // Only reached after the file was (re)created: remove the stub.
             let _ = std::fs::remove_file(f);
             Err(e.into())
         }

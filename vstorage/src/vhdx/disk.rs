@@ -138,6 +138,46 @@ pub struct CreateParams {
 }
 
 impl CreateParams {
+    /// Checks the parameters without touching any file; returns the geometry.
+    pub fn validate(&self) -> Result<Geometry, DiskError> {
+        let (virtual_size, ls, ps, has_parent) = match &self.parent {
+            Some(p) => (
+                p.virtual_size,
+                p.logical_sector_size,
+                p.physical_sector_size,
+                true,
+            ),
+            None => (
+                self.virtual_size,
+                self.logical_sector_size,
+                self.physical_sector_size,
+                false,
+            ),
+        };
+        if ps != 512 && ps != 4096 {
+            return Err(open_err(format!(
+                "physical sector size {ps} is not 512 or 4096"
+            )));
+        }
+        if ls != 512 && ls != 4096 {
+            return Err(open_err(format!(
+                "logical sector size {ls} is not 512 or 4096"
+            )));
+        }
+        let geo = Geometry::new(self.block_size, ls, virtual_size, has_parent).ok_or_else(|| {
+            open_err(format!(
+                "invalid parameters: size {virtual_size} must be a non-zero multiple of the {ls}-byte sector up to 64 TiB, block size {} a power of two from 1 MiB to 256 MiB",
+                self.block_size
+            ))
+        })?;
+        if geo.bat_entries() * 8 > MAX_BAT_BYTES {
+            return Err(open_err(
+                "disk too large for its block size (BAT over 1 GiB)",
+            ));
+        }
+        Ok(geo)
+    }
+
     /// A dynamic disk of `virtual_size` bytes with 32 MiB blocks and 512-byte sectors.
     pub fn dynamic(virtual_size: u64) -> Self {
         CreateParams {
@@ -1550,36 +1590,15 @@ impl<B: BlockIo> Drop for Vhdx<B> {
 /// Writes a new, empty VHDX into `io` (truncating it) and opens it read-write.
 pub fn create<B: BlockIo>(mut io: B, p: &CreateParams) -> Result<Vhdx<B>, DiskError> {
     let mut guids = GuidGen::new(p.guid_seed);
-    let (virtual_size, ls, ps, has_parent) = match &p.parent {
-        Some(ps) => (
-            ps.virtual_size,
-            ps.logical_sector_size,
-            ps.physical_sector_size,
-            true,
-        ),
-        None => (
-            p.virtual_size,
-            p.logical_sector_size,
-            p.physical_sector_size,
-            false,
-        ),
-    };
-    if ps != 512 && ps != 4096 {
-        return Err(open_err(format!(
-            "physical sector size {ps} is not 512 or 4096"
-        )));
-    }
-    if ls != 512 && ls != 4096 {
-        return Err(open_err(format!(
-            "logical sector size {ls} is not 512 or 4096"
-        )));
-    }
-    let geo = Geometry::new(p.block_size, ls, virtual_size, has_parent).ok_or_else(|| {
-        open_err(format!(
-            "invalid parameters: size {virtual_size} must be a non-zero multiple of the {ls}-byte sector up to 64 TiB, block size {} a power of two from 1 MiB to 256 MiB",
-            p.block_size
-        ))
-    })?;
+    let geo = p.validate()?;
+    let (virtual_size, ls, ps, has_parent) = (
+        geo.virtual_size,
+        geo.sector_size,
+        p.parent
+            .as_ref()
+            .map_or(p.physical_sector_size, |x| x.physical_sector_size),
+        geo.has_parent,
+    );
     let fixed = p.fixed && !has_parent;
     let log_off = MIB;
     let log_len = MIB;

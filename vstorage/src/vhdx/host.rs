@@ -154,6 +154,8 @@ fn name(path: &Path, e: DiskError) -> DiskError {
 
 /// Creates (truncating) a dynamic or fixed VHDX at `path`.
 pub fn create_path(path: &Path, params: &CreateParams) -> Result<Vhdx<FileIo>, DiskError> {
+    // Refuse bad parameters before truncating anything.
+    params.validate()?;
     let io = FileIo::create(path).map_err(|e| host_err("cannot create", path, e))?;
     let mut p = params.clone();
     if p.guid_seed == 0 {
@@ -207,6 +209,14 @@ pub fn create_differencing_path(
     parent: &Path,
     block_size: Option<u32>,
 ) -> Result<Vhdx<FileIo>, DiskError> {
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(child), std::fs::canonicalize(parent)) {
+        if a == b {
+            return Err(DiskError::Open(format!(
+                "{} cannot be its own parent",
+                child.display()
+            )));
+        }
+    }
     let pd = open_path(parent, false)?;
     let (rel, abs) = locator_paths(child, parent)?;
     let spec = ParentSpec {
