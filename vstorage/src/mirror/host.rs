@@ -79,8 +79,14 @@ impl StorageMigration {
         dest_parent: &Path,
         opts: MigrationOptions,
     ) -> Result<Self, (MirrorError, HostDisk)> {
-        // Read before the first mirrored write: blocks allocated later lie
-        // outside the plan, so their writes are mirrored.
+        // The plan is read from the file by a second, read-only open: make
+        // the guest's earlier writes (and the blocks they allocated) durable
+        // there first. Read before the first mirrored write: blocks
+        // allocated later lie outside the plan, so their writes are mirrored.
+        let mut source = source;
+        if let Err(e) = source.flush() {
+            return Err((file_err("flush", source_path, e), source));
+        }
         let ranges = match own_ranges(source_path) {
             Ok(r) => r,
             Err(e) => return Err((file_err("read", source_path, e), source)),

@@ -125,6 +125,8 @@ impl QuickMigration {
 
     /// Bytes the checkpoint holds so far, rounded up to its blocks: what
     /// `finish` will copy during downtime. Watch it grow during `copy_base`.
+    /// Read from the file: blocks the guest allocated since its last flush
+    /// are not counted yet.
     pub fn child_bytes(&self) -> Result<u64, MirrorError> {
         let ranges = own_ranges(&self.child).map_err(|e| file_err("read", &self.child, e))?;
         Ok(ranges.iter().map(|r| r.1).sum())
