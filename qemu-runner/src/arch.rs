@@ -1,12 +1,8 @@
 //! Which virtualization path a run exercises, and on which emulator.
 //!
-//! `svm` is AMD-V under QEMU TCG (the only path today). `vmx` (Intel VT-x
-//! under Bochs) and `svm-bochs` (AMD-V under Bochs's `ryzen` model) are
-//! parsed so that the command line is stable, but rejected with a clear
-//! error until their issue lands. Adding them means a `bochs` module beside
-//! `qemu` (GRUB ISO, bochsrc, COM1 read from a file), the
-//! [`Emulator::Bochs`] arms in `main.rs` (`prepare`, `boot`), and
-//! [`Arch::supported`] saying yes.
+//! `svm` is AMD-V under QEMU TCG; `vmx` is Intel VT-x under Bochs and
+//! `svm-bochs` AMD-V under Bochs's `ryzen` model (both booted by
+//! [`crate::bochs`]: GRUB ISO, bochsrc, COM1 read from a file).
 
 use std::fmt;
 use std::str::FromStr;
@@ -44,11 +40,7 @@ impl Arch {
     /// `Ok` if this runner can boot the path yet, else a message for the user.
     pub fn supported(self) -> Result<(), String> {
         match self {
-            Arch::Svm => Ok(()),
-            Arch::Vmx | Arch::SvmBochs => Err(format!(
-                "--arch {self} is not yet supported (it needs the Bochs path, which comes \
-                 with the VT-x issue); use --arch svm"
-            )),
+            Arch::Svm | Arch::Vmx | Arch::SvmBochs => Ok(()),
         }
     }
 }
@@ -95,12 +87,12 @@ mod tests {
     }
 
     #[test]
-    fn only_svm_is_supported_now() {
+    fn every_path_is_supported_on_its_emulator() {
         assert_eq!(Arch::Svm.supported(), Ok(()));
         assert_eq!(Arch::Svm.emulator(), Emulator::Qemu);
         for arch in [Arch::Vmx, Arch::SvmBochs] {
             assert_eq!(arch.emulator(), Emulator::Bochs);
-            assert!(arch.supported().unwrap_err().contains("not yet supported"));
+            assert_eq!(arch.supported(), Ok(()));
         }
     }
 }

@@ -9,6 +9,9 @@ use crate::arch::Arch;
 pub const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `bench exits` timeout.
 pub const DEFAULT_BENCH_TIMEOUT: Duration = Duration::from_secs(180);
+/// Default `bench dirty` timeout (three 2 s windows of node time, which
+/// take minutes of wall time under Bochs).
+pub const DEFAULT_BENCH_DIRTY_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long `demo` watches the node unless told otherwise.
 pub const DEFAULT_DEMO_SECONDS: u64 = 30;
 
@@ -29,11 +32,16 @@ commands:
                                  summarise the dirty-page rate it tracks
   bench exits [--arch svm] [--timeout S]
                                  hypercall vs raw VMRUN round trips per second
+  bench dirty [--arch vmx] [--timeout S]
+                                 cost of dirty tracking a page-rewriting guest:
+                                 untracked, write protection and (where the CPU
+                                 has it, e.g. --arch vmx) PML, side by side
   test                           the whole suite: setup check, fmt, clippy (host
                                  and bare-metal), host tests, guest tests
 
 options:
-  --arch svm|vmx|svm-bochs       virtualization path (only svm is supported yet)
+  --arch svm|vmx|svm-bochs       virtualization path: AMD-V under QEMU (default),
+                                 Intel VT-x under Bochs, AMD-V under Bochs
   --no-build                     use the images already built
   -h, --help                     this text
 
@@ -64,6 +72,11 @@ pub enum Cmd {
         build: bool,
     },
     BenchExits {
+        arch: Arch,
+        timeout: Duration,
+        build: bool,
+    },
+    BenchDirty {
         arch: Arch,
         timeout: Duration,
         build: bool,
@@ -253,7 +266,14 @@ pub fn parse(args: &[String]) -> Result<Cmd, String> {
                     timeout: o.timeout.unwrap_or(DEFAULT_BENCH_TIMEOUT),
                     build,
                 }),
-                _ => Err("bench needs a benchmark name: `bench exits`".to_string()),
+                [what] if what == "dirty" => Ok(Cmd::BenchDirty {
+                    arch,
+                    timeout: o.timeout.unwrap_or(DEFAULT_BENCH_DIRTY_TIMEOUT),
+                    build,
+                }),
+                _ => {
+                    Err("bench needs a benchmark name: `bench exits` or `bench dirty`".to_string())
+                }
             }
         }
         "test" => {
@@ -272,7 +292,8 @@ impl Cmd {
             Cmd::Node { arch, .. }
             | Cmd::GuestTest { arch, .. }
             | Cmd::Demo { arch, .. }
-            | Cmd::BenchExits { arch, .. } => Some(*arch),
+            | Cmd::BenchExits { arch, .. }
+            | Cmd::BenchDirty { arch, .. } => Some(*arch),
             _ => None,
         }
     }
@@ -363,6 +384,14 @@ mod tests {
         ));
         assert!(p("bench").is_err());
         assert!(p("bench other").is_err());
+        assert_eq!(
+            p("bench dirty --arch vmx"),
+            Ok(Cmd::BenchDirty {
+                arch: Arch::Vmx,
+                timeout: DEFAULT_BENCH_DIRTY_TIMEOUT,
+                build: true
+            })
+        );
         assert_eq!(
             p("demo"),
             Ok(Cmd::Demo {

@@ -76,10 +76,11 @@ fn bench_exits_prints_figures() {
 
 #[test]
 fn unsupported_arch_is_rejected_clearly() {
-    let run = runner(&["guest-test", "--arch", "vmx", "hello"]);
+    let run = runner(&["guest-test", "--arch", "arm", "hello"]);
     assert!(!run.success);
     assert!(
-        run.stderr.contains("--arch vmx is not yet supported"),
+        run.stderr
+            .contains("unknown --arch \"arm\" (expected one of: svm, vmx, svm-bochs)"),
         "{}",
         run.transcript()
     );
