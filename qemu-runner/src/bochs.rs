@@ -113,7 +113,8 @@ pub fn bochsrc(model: &str, memory_mib: u64, iso: &Path, serial: &Path) -> Strin
 /// `$1` bochsrc, `$2` debugger command file, `$3` Bochs log, `$4` serial.
 /// The shell stays Bochs's parent and reaps it, so `tail --pid` sees it
 /// gone (a zombie child of `tail` itself would look alive for ever).
-const WRAPPER: &str = "setpriv --pdeathsig KILL bochs-bin -q -f \"$1\" -rc \"$2\" </dev/null >\"$3\" 2>&1 &\n\
+const WRAPPER: &str =
+    "setpriv --pdeathsig KILL bochs-bin -q -f \"$1\" -rc \"$2\" </dev/null >\"$3\" 2>&1 &\n\
                        b=$!\n\
                        tail -n +1 --pid=$b -F \"$4\" 2>/dev/null &\n\
                        t=$!\n\
@@ -135,7 +136,8 @@ impl BochsRun {
     /// Build the ISO and configuration for booting `spec` on the Bochs
     /// model of `arch`, in a fresh directory under `scratch`.
     pub fn prepare(spec: &NodeSpec, arch: Arch, scratch: &Path) -> Result<Self, String> {
-        let model = cpu_model(arch).ok_or_else(|| format!("--arch {arch} does not run on Bochs"))?;
+        let model =
+            cpu_model(arch).ok_or_else(|| format!("--arch {arch} does not run on Bochs"))?;
         let cfg = grub_cfg(&spec.cmdline)?;
         let n = RUNS.fetch_add(1, Ordering::Relaxed);
         let dir = scratch.join(format!("bochs-{}-{n}", std::process::id()));
@@ -168,7 +170,12 @@ impl BochsRun {
         }
         fs::write(
             run.rc(),
-            bochsrc(model, memory_mib(spec.memory_mib), &run.iso(), &run.serial()),
+            bochsrc(
+                model,
+                memory_mib(spec.memory_mib),
+                &run.iso(),
+                &run.serial(),
+            ),
         )
         .map_err(|e| io("writing bochsrc", e))?;
         fs::write(dir.join("debugger.cmd"), "c\n").map_err(|e| io("writing debugger.cmd", e))?;
