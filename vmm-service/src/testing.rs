@@ -408,7 +408,7 @@ impl FakeNet {
             .sockets
             .iter_mut()
             .find(|(_, s)| s.port == port && s.state == TcpState::Listening && !s.released)?;
-        s.state = TcpState::Open;
+        s.state = TcpState::Connecting;
         Some(SocketId(*id))
     }
     /// The peer sends bytes.
@@ -447,6 +447,12 @@ impl FakeNet {
 impl NetStack for FakeNet {
     fn poll(&mut self, _now_ns: u64) {
         self.polls += 1;
+        // Connections finish their handshake one poll after the peer's SYN.
+        for s in self.sockets.values_mut() {
+            if s.state == TcpState::Connecting {
+                s.state = TcpState::Open;
+            }
+        }
     }
     fn tcp_listen(&mut self, nic: NicRole, port: u16) -> Result<SocketId, NetError> {
         self.add(FakeSocket {

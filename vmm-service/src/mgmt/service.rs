@@ -809,11 +809,18 @@ impl MgmtServer {
             let Some(conn) = s.conn.as_mut() else {
                 return true;
             };
-            if !conn.output().is_empty() && !s.peer_gone {
+            // A connection still being set up (SYN received) cannot send
+            // yet: its greeting waits for the next round.
+            let state = net.tcp_state(s.socket);
+            let sendable = matches!(state, TcpState::Open | TcpState::PeerClosed);
+            if !conn.output().is_empty() && !s.peer_gone && sendable {
                 match net.tcp_send(s.socket, conn.output()) {
                     Ok(n) => conn.consume_output(n),
                     Err(_) => s.peer_gone = true,
                 }
+            }
+            if state == TcpState::Closed {
+                s.peer_gone = true;
             }
             if conn.is_finished() || s.peer_gone {
                 net.tcp_release(s.socket);
