@@ -122,7 +122,7 @@ fn run(src_fault: (Option<u64>, Option<u64>), dst_fault: (Option<u64>, Option<u6
 
 #[test]
 fn destination_store_failing_anywhere() {
-    for n in (1..40).step_by(3) {
+    for n in (1..40).step_by(4) {
         run((None, None), (Some(n), None), n);
         run((None, None), (None, Some(n)), n + 1000);
     }
@@ -130,7 +130,7 @@ fn destination_store_failing_anywhere() {
 
 #[test]
 fn source_store_failing_anywhere() {
-    for n in (1..40).step_by(4) {
+    for n in (1..40).step_by(6) {
         run((Some(n), None), (None, None), n);
         run((None, Some(n)), (None, None), n + 1000);
     }
