@@ -381,6 +381,85 @@ pub mod selftest {
         Ok(())
     }
 
+    /// `1: inc rbx / mov [0x300000], rbx / vmmcall / jmp 1b`.
+    const COUNTER_GUEST: [u8; 16] = [
+        0x48, 0xff, 0xc3, 0x48, 0x89, 0x1c, 0x25, 0x00, 0x00, 0x30, 0x00, 0x0f, 0x01, 0xd9, 0xeb,
+        0xf0,
+    ];
+
+    /// Run to the next hypercall and step over it; returns RBX.
+    fn next_count(p: &mut dyn Partition) -> Result<u64, &'static str> {
+        loop {
+            match p.run() {
+                VmExit::ExternalInterrupt => continue,
+                VmExit::Hypercall => break,
+                e => {
+                    log::info!("selftest: migrate: {e:?}");
+                    return Err("unexpected exit in the counter guest");
+                }
+            }
+        }
+        p.vcpu().skip_instruction();
+        Ok(p.vcpu().regs().rbx)
+    }
+
+    /// A backend-level live migration: run a counter guest, save its vCPU
+    /// and copy its RAM into a second partition, restore there, and check
+    /// that the guest carries on where it stopped (registers, memory, MSRs,
+    /// TSC); a record with a bad field is refused without changing the vCPU.
+    fn state_round_trip() -> Result<(), &'static str> {
+        let mut a = create_partition(RAM_BYTES).map_err(|_| "create_partition failed")?;
+        prepare(a.as_mut(), &COUNTER_GUEST)?;
+        for _ in 0..5 {
+            next_count(a.as_mut())?;
+        }
+        a.vcpu()
+            .write_msr(0xc000_0100, 0x1234_5000)
+            .map_err(|_| "FS_BASE write")?;
+        let saved = a.vcpu().save_state();
+        let mut b = create_partition(RAM_BYTES).map_err(|_| "create_partition failed")?;
+        let mut page = [0u8; 4096];
+        for gpa in (0..RAM_BYTES).step_by(4096) {
+            a.memory().read(Gpa(gpa), &mut page).map_err(|_| "read")?;
+            b.memory().write(Gpa(gpa), &page).map_err(|_| "write")?;
+        }
+        let mut bad = saved.clone();
+        bad.cr4 |= 1 << 18; // OSXSAVE: not offered
+        if b.vcpu().restore_state(&bad).is_ok() {
+            return Err("a CR4.OSXSAVE record was accepted");
+        }
+        b.vcpu()
+            .restore_state(&saved)
+            .map_err(|_| "restore_state refused a saved record")?;
+        let again = b.vcpu().save_state();
+        let tsc_moved = again.tsc.wrapping_sub(saved.tsc);
+        let mut same = again.clone();
+        same.tsc = saved.tsc;
+        // MXCSR_MASK (FXSAVE bytes 28-31) is informational; restore clears it.
+        let mut expected = saved.clone();
+        for s in [&mut same, &mut expected] {
+            if let Some(mask) = s.fpu.xsave.get_mut(28..32) {
+                mask.fill(0);
+            }
+        }
+        if same != expected || tsc_moved > 1 << 36 {
+            log::info!("selftest: migrate: saved {expected:x?}");
+            log::info!("selftest: migrate: again {same:x?}");
+            return Err("saved state differs after restore");
+        }
+        let rbx_a = next_count(a.as_mut())?;
+        let rbx_b = next_count(b.as_mut())?;
+        let mem_b = b.memory().read_u64(Gpa(0x30_0000)).map_err(|_| "read")?;
+        log::info!("selftest: migrate: source counts {rbx_a}, destination {rbx_b} (RAM {mem_b})");
+        if rbx_a != 6 || rbx_b != 6 || mem_b != 6 {
+            return Err("the restored guest did not continue where it stopped");
+        }
+        if b.vcpu().read_msr(0xc000_0100) != Ok(0x1234_5000) {
+            return Err("FS_BASE lost");
+        }
+        Ok(())
+    }
+
     fn triple_fault() -> Result<(), &'static str> {
         let mut p: Box<dyn Partition> =
             create_partition(RAM_BYTES).map_err(|_| "create_partition failed")?;
@@ -405,7 +484,7 @@ pub mod selftest {
     pub fn run(preempt: bool) -> bool {
         let (_, free_before) = crate::mem::memory_stats();
         let mut ok = true;
-        let checks: [(&str, Check); 4] = [
+        let checks: [(&str, Check); 5] = [
             (
                 "guest",
                 if preempt {
@@ -416,6 +495,7 @@ pub mod selftest {
             ),
             ("event-reinjection", event_reinjection),
             ("many-partitions", many_partitions),
+            ("state-round-trip", state_round_trip),
             ("triple-fault", triple_fault),
         ];
         for (name, check) in checks {

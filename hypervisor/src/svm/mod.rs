@@ -191,6 +191,70 @@ pub(crate) fn load_tsc_aux(value: u32) {
     LOADED_TSC_AUX.store(u64::from(value), Ordering::Relaxed);
 }
 
+/// The DR0-DR3 values in this CPU's registers (the host does not use them).
+static LOADED_DR: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// Put a guest's DR0-DR3 into the registers before VMRUN, unless they are
+/// there already (VMRUN switches only DR6/DR7, AMD APM vol. 2, 15.5.1).
+pub(crate) fn load_debug_regs(dr: [u64; 4]) {
+    if (0..4).all(|i| LOADED_DR[i].load(Ordering::Relaxed) == dr[i]) {
+        return;
+    }
+    // SAFETY: breakpoint addresses take effect only where DR7 enables them;
+    // the host's DR7 (restored by #VMEXIT) enables none, and the guest's
+    // comes from its VMCB.
+    unsafe {
+        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}",
+            in(reg) dr[0], in(reg) dr[1], in(reg) dr[2], in(reg) dr[3],
+            options(nomem, nostack, preserves_flags));
+    }
+    for (slot, v) in LOADED_DR.iter().zip(dr) {
+        slot.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Read DR0-DR3 after #VMEXIT: the guest may have written them.
+pub(crate) fn read_debug_regs() -> [u64; 4] {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0 has no side effects.
+    unsafe {
+        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3",
+            out(reg) a, out(reg) b, out(reg) c, out(reg) d,
+            options(nomem, nostack, preserves_flags));
+    }
+    let dr = [a, b, c, d];
+    for (slot, v) in LOADED_DR.iter().zip(dr) {
+        slot.store(v, Ordering::Relaxed);
+    }
+    dr
+}
+
+/// CR4 bits this CPU implements: those of every x86-64 CPU (VME ..
+/// OSXMMEXCPT) plus PCIDE, FSGSBASE, SMEP, SMAP and UMIP where CPUID
+/// Fn0000_0001 ECX / Fn0000_0007_0 EBX, ECX report them.
+pub(crate) fn host_cr4_bits() -> u64 {
+    let mut bits = 0x7ff;
+    if cpuid(1, 0).ecx & (1 << 17) != 0 {
+        bits |= 1 << 17; // PCIDE
+    }
+    if cpuid(0, 0).eax >= 7 {
+        let l7 = cpuid(7, 0);
+        if l7.ebx & 1 != 0 {
+            bits |= 1 << 16; // FSGSBASE
+        }
+        if l7.ebx & (1 << 7) != 0 {
+            bits |= 1 << 20; // SMEP
+        }
+        if l7.ebx & (1 << 20) != 0 {
+            bits |= 1 << 21; // SMAP
+        }
+        if l7.ecx & (1 << 2) != 0 {
+            bits |= 1 << 11; // UMIP
+        }
+    }
+    bits
+}
+
 /// Physical address of this CPU's host-state VMCB page.
 pub(crate) fn host_state_vmcb() -> Hpa {
     HOST_STATE_VMCB.hpa()

@@ -104,6 +104,10 @@ pub struct SvmVcpu {
     /// The guest's TSC_AUX (RDTSCP's ECX). Not in the VMCB: loaded into the
     /// physical MSR before VMRUN when the CPU has RDTSCP.
     tsc_aux: u32,
+    /// The guest's DR0-DR3: neither VMRUN nor #VMEXIT switches them
+    /// (15.5.1), so they are loaded before entry when another guest's are
+    /// in the registers, and read back after every exit.
+    dr: [u64; 4],
     fx: FxArea,
 }
 
@@ -142,6 +146,7 @@ impl SvmVcpu {
             next_rip: None,
             flush_pending: true,
             tsc_aux: 0,
+            dr: [0; 4],
             fx: FxArea::initial(),
         };
         vcpu.init_vmcb(nested_root);
@@ -285,6 +290,7 @@ impl SvmVcpu {
         v.control.next_rip = 0;
         let vmcb = self.vmcb_hpa();
         super::load_tsc_aux(self.tsc_aux);
+        super::load_debug_regs(self.dr);
         // SAFETY: `enable` ran (a vCPU is only created through it); the VMCB
         // is ours, its nested table maps only this partition's RAM, and the
         // host IDT is live (the platform installs it before any VM exists).
@@ -296,6 +302,7 @@ impl SvmVcpu {
             world_switch(&mut self.regs, vmcb, super::host_state_vmcb());
             core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
         }
+        self.dr = super::read_debug_regs();
         let v = self.vmcb_mut();
         let (rax, rsp, rip, rflags) = (v.save.rax, v.save.rsp, v.save.rip, v.save.rflags);
         // An event whose delivery the exit interrupted (e.g. a #NPF on the
@@ -788,6 +795,7 @@ impl Vcpu for SvmVcpu {
         };
         self.fx = FxArea::initial();
         self.tsc_aux = 0;
+        self.dr = [0; 4];
         self.next_rip = None;
         self.flush_pending = true;
     }
@@ -838,7 +846,7 @@ impl Vcpu for SvmVcpu {
             // 15.21.2: with V_INTR_MASKING the guest's CR8 is V_TPR.
             cr8: c.int_control & 0xf,
             efer: s.efer & !EFER_SVME,
-            dr: crate::cpu::read_dr0_3(),
+            dr: self.dr,
             dr6: s.dr6,
             dr7: s.dr7,
             msrs: vcpu_state::Msrs {
@@ -863,6 +871,15 @@ impl Vcpu for SvmVcpu {
 
     fn restore_state(&mut self, st: &VcpuState) -> Result<(), StateError> {
         vcpu_state::check(st)?;
+        // What this CPU can run (VMRUN refuses the rest, 15.5.1): CR4 bits
+        // of features it lacks, CR3 bits 63:52.
+        let cr4_missing = st.cr4 & !super::host_cr4_bits();
+        if cr4_missing != 0 {
+            return Err(StateError::new("CR4 bits this CPU lacks", cr4_missing));
+        }
+        if st.cr3 >> 52 != 0 {
+            return Err(StateError::new("CR3 bits 63:52", st.cr3));
+        }
         let fx = vcpu_state::fxsave_image(&st.fpu)?;
         let tsc_aux = u32::try_from(st.msrs.tsc_aux)
             .map_err(|_| StateError::new("TSC_AUX bits 63:32", st.msrs.tsc_aux))?;
@@ -916,7 +933,8 @@ impl Vcpu for SvmVcpu {
         self.regs = vcpu_state::regs_from(&st.regs);
         self.next_rip = None;
         self.flush_pending = true;
-        crate::cpu::write_dr0_3(st.dr);
+        // Loaded into the registers by the next entry.
+        self.dr = st.dr;
         Ok(())
     }
 }
