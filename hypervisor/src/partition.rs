@@ -69,6 +69,12 @@ pub trait Backend {
     fn pml_stop(vcpu: &mut Self::Vcpu, frames: &mut dyn FrameAlloc) {
         let _ = (vcpu, frames);
     }
+    /// Exits the backend handled inside `Vcpu::run` without returning
+    /// (e.g. a full PML log drained), counted into [`PartitionStats::exits`].
+    fn resolved_exits(vcpu: &Self::Vcpu) -> u64 {
+        let _ = vcpu;
+        0
+    }
 }
 
 /// Guest RAM: the host chunks backing it and the dirty log every
@@ -390,7 +396,11 @@ impl<B: Backend> Partition for GenericPartition<B> {
     }
 
     fn stats(&self) -> PartitionStats {
-        self.stats
+        let resolved = self.vcpu.as_ref().map_or(0, B::resolved_exits);
+        PartitionStats {
+            exits: self.stats.exits + resolved,
+            ..self.stats
+        }
     }
 }
 

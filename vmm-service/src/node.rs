@@ -2,8 +2,9 @@
 //! command line"): `node` (with `key=`: the managed node serving the
 //! management API and running the VMs created through it; without: a
 //! heartbeat VM for ever), `test` (the guest test cases), `demo` (the
-//! dirty-rate display) and `bench-exits` (hypercall round trips against bare
-//! world switches).
+//! dirty-rate display), `bench-exits` (hypercall round trips against bare
+//! world switches) and `bench-dirty` (the cost of dirty tracking, nested
+//! write protection against PML).
 //!
 //! Each mode returns the node's exit code; [`crate::run`] powers off with
 //! it.
@@ -39,6 +40,7 @@ pub enum Mode {
     Test,
     Demo,
     BenchExits,
+    BenchDirty,
     Unsupported(String),
 }
 
@@ -84,6 +86,7 @@ impl NodeConfig {
                         "test" => Mode::Test,
                         "demo" => Mode::Demo,
                         "bench-exits" => Mode::BenchExits,
+                        "bench-dirty" => Mode::BenchDirty,
                         other => Mode::Unsupported(other.into()),
                     }
                 }
@@ -104,7 +107,7 @@ pub fn main(host: &mut dyn Host) -> u8 {
     let cfg = NodeConfig::parse(host.cmdline());
     if let Mode::Unsupported(m) = &cfg.mode {
         let line =
-            format!("vmm-service: unknown mode={m} (expected node, test, demo or bench-exits)\n");
+            format!("vmm-service: unknown mode={m} (expected node, test, demo, bench-exits or bench-dirty)\n");
         host.console_write(&line);
         return 1;
     }
@@ -120,6 +123,7 @@ pub fn main(host: &mut dyn Host) -> u8 {
         Mode::Test => test_mode(host, &image, cfg.tests.as_deref()),
         Mode::Demo => demo_mode(host, &image),
         Mode::BenchExits => bench_exits_mode(host, &image),
+        Mode::BenchDirty => bench_dirty_mode(host, &image),
         Mode::Unsupported(_) => 1,
     }
 }
@@ -325,6 +329,205 @@ fn bench_exits_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
     0
 }
 
+/// Bench dirty: measuring window per tracking mode (node time).
+pub const BENCH_DIRTY_WINDOW_NS: u64 = 2_000_000_000;
+/// Bench dirty: dirty-log collection period (a pre-copy round).
+pub const BENCH_DIRTY_ROUND_NS: u64 = 250_000_000;
+/// Bench dirty: how often the guest's pass counter is sampled. A pass
+/// takes far longer than this even untracked (4096 page writes), so the
+/// one-byte counter cannot wrap between samples.
+const BENCH_DIRTY_SAMPLE_NS: u64 = 4_000_000;
+
+/// What one tracking mode cost the `dirty-demo` guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct DirtyPhase {
+    /// Passes over the 16 MiB buffer (4096 page writes each).
+    passes: u64,
+    ns: u64,
+    exits: u64,
+    /// Frames collected dirty, summed over the rounds.
+    dirtied: u64,
+    rounds: u64,
+    /// The last complete round's dirty bitmap.
+    last_round: Vec<u64>,
+}
+
+/// The buffer GPA from the guest's `dirty-demo: ... at GPA 0x...` line.
+fn demo_buffer_gpa(vm: &Vm) -> Option<u64> {
+    vm.recent_lines().find_map(|l| {
+        let rest = l.strip_prefix("dirty-demo:")?;
+        let hex = rest.split("at GPA 0x").nth(1)?;
+        let end = hex
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(hex.len());
+        u64::from_str_radix(&hex[..end], 16).ok()
+    })
+}
+
+/// Run the demo guest for [`BENCH_DIRTY_WINDOW_NS`] in `mode` (`None`:
+/// untracked), counting its passes from the first byte of its buffer (it
+/// increments one byte per page per pass) and collecting every round.
+fn bench_dirty_phase(
+    host: &mut dyn Host,
+    vms: &mut [Vm; 1],
+    buffer_gpa: u64,
+    mode: Option<DirtyMode>,
+) -> Result<DirtyPhase, String> {
+    let mut sched = Scheduler::default();
+    let mut progress = ProgressLog::default();
+    let read_counter = |vm: &mut Vm| -> Result<u8, String> {
+        let mut b = [0u8];
+        vm.partition()
+            .memory()
+            .read(hvcore::addr::Gpa(buffer_gpa), &mut b)
+            .map_err(|e| format!("reading the guest's buffer: {e}"))?;
+        Ok(b[0])
+    };
+    if let Some(m) = mode {
+        vms[0]
+            .partition()
+            .enable_dirty_log(m)
+            .map_err(|e| format!("enabling dirty logging: {e}"))?;
+    }
+    let words = (vms[0].partition().ram_bytes() / PAGE_SIZE).div_ceil(64) as usize;
+    let mut bitmap = vec![0u64; words];
+    let mut phase = DirtyPhase::default();
+    let exits0 = vms[0].partition().stats().exits;
+    let t0 = host.now_ns();
+    let end = t0 + BENCH_DIRTY_WINDOW_NS;
+    let mut next_round = t0 + BENCH_DIRTY_ROUND_NS;
+    let mut counter = read_counter(&mut vms[0])?;
+    loop {
+        let now = host.now_ns();
+        if now >= end {
+            break;
+        }
+        let due = (now + BENCH_DIRTY_SAMPLE_NS).min(next_round).min(end);
+        if sched.run(host, vms, Some(due), &mut progress) == RunOutcome::AllStopped {
+            return Err("the demo VM stopped".into());
+        }
+        let c = read_counter(&mut vms[0])?;
+        phase.passes += u64::from(c.wrapping_sub(counter));
+        counter = c;
+        if host.now_ns() >= next_round {
+            next_round += BENCH_DIRTY_ROUND_NS;
+            if mode.is_some() {
+                bitmap.fill(0);
+                phase.dirtied += vms[0]
+                    .partition()
+                    .collect_dirty(&mut bitmap)
+                    .map_err(|e| format!("collecting the dirty log: {e}"))?;
+                phase.rounds += 1;
+            }
+        }
+    }
+    phase.ns = host.now_ns() - t0;
+    phase.exits = vms[0].partition().stats().exits - exits0;
+    if mode.is_some() {
+        vms[0].partition().disable_dirty_log();
+    }
+    phase.last_round = bitmap;
+    Ok(phase)
+}
+
+/// `mode=bench-dirty`: the cost of tracking a guest that rewrites a 16 MiB
+/// buffer (one byte per page, as fast as it can), untracked, with nested
+/// write protection and with PML (when the CPU has it), one after the
+/// other in one run; then whether the two trackers saw the same pages in
+/// their last full round.
+fn bench_dirty_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
+    let Some(vm) = start_vm(host, "bench", 64, image, "case=dirty-demo") else {
+        return 1;
+    };
+    let mut vms = [vm];
+    let mut sched = Scheduler::default();
+    let mut progress = ProgressLog::default();
+    // Warm up until the guest has said where its buffer is.
+    let give_up = host.now_ns() + 100 * BENCH_WARMUP_NS;
+    let gpa = loop {
+        if let Some(gpa) = demo_buffer_gpa(&vms[0]) {
+            break gpa;
+        }
+        let due = host.now_ns() + BENCH_WARMUP_NS;
+        if due > give_up
+            || sched.run(host, &mut vms, Some(due), &mut progress) == RunOutcome::AllStopped
+        {
+            host.console_write("bench dirty: the demo guest never announced its buffer\n");
+            return 1;
+        }
+    };
+    let pml = vms[0].partition().vcpu().caps().pml;
+    let mut phases: Vec<(&str, DirtyPhase)> = Vec::new();
+    for (name, mode) in [
+        ("none", None),
+        ("write-protect", Some(DirtyMode::WriteProtect)),
+        ("pml", Some(DirtyMode::Pml)),
+    ] {
+        if mode == Some(DirtyMode::Pml) && !pml {
+            host.console_write("bench dirty: mode=pml unavailable (this CPU has no PML)\n");
+            continue;
+        }
+        match bench_dirty_phase(host, &mut vms, gpa, mode) {
+            Ok(p) => phases.push((name, p)),
+            Err(e) => {
+                host.console_write(&format!("bench dirty: mode={name}: FAILED: {e}\n"));
+                vms[0].stop(host, StopReason::Requested);
+                return 1;
+            }
+        }
+    }
+    vms[0].stop(host, StopReason::Requested);
+    let base = phases
+        .first()
+        .map_or(1, |(_, p)| per_second(p.passes, p.ns).max(1));
+    for (name, p) in &phases {
+        let passes_per_s = per_second(p.passes, p.ns);
+        let pages_per_s = per_second(p.passes * (16 << 20) / PAGE_SIZE, p.ns);
+        // Exits per dirtied page, in hundredths.
+        let epp = if p.dirtied == 0 {
+            String::from("-")
+        } else {
+            let x = u128::from(p.exits) * 100 / u128::from(p.dirtied);
+            format!("{}.{:02}", x / 100, x % 100)
+        };
+        host.console_write(&format!(
+            "bench dirty: mode={name} passes_per_s={passes_per_s} page_writes_per_s={pages_per_s} \
+             mib_per_s={} rounds={} dirtied_pages={} exits={} exits_per_dirtied_page={epp} \
+             throughput_retained_pct={}\n",
+            pages_per_s * PAGE_SIZE >> 20,
+            p.rounds,
+            p.dirtied,
+            p.exits,
+            u128::from(passes_per_s) * 100 / u128::from(base)
+        ));
+    }
+    let wp = phases.iter().find(|(n, _)| *n == "write-protect");
+    let pm = phases.iter().find(|(n, _)| *n == "pml");
+    if let (Some((_, wp)), Some((_, pm))) = (wp, pm) {
+        let mut only_wp = Vec::new();
+        let mut only_pml = Vec::new();
+        for (i, (a, b)) in wp.last_round.iter().zip(&pm.last_round).enumerate() {
+            for bit in 0..64 {
+                let gfn = i as u64 * 64 + bit;
+                match ((a >> bit) & 1, (b >> bit) & 1) {
+                    (1, 0) => only_wp.push(gfn),
+                    (0, 1) => only_pml.push(gfn),
+                    _ => {}
+                }
+            }
+        }
+        let count = |v: &[u64]| v.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        host.console_write(&format!(
+            "bench dirty: last round: write-protect {} frames, pml {} frames, only write-protect {:x?}, only pml {:x?}\n",
+            count(&wp.last_round),
+            count(&pm.last_round),
+            &only_wp[..only_wp.len().min(8)],
+            &only_pml[..only_pml.len().min(8)]
+        ));
+    }
+    0
+}
+
 /// `count` events over `ns` nanoseconds, per second.
 fn per_second(count: u64, ns: u64) -> u64 {
     let r = u128::from(count) * 1_000_000_000 / u128::from(ns.max(1));
@@ -364,6 +567,7 @@ mod tests {
         assert_eq!(NodeConfig::parse("").mgmt_port, Some(DEFAULT_MGMT_PORT));
         assert_eq!(NodeConfig::parse("").mode, Mode::Node);
         assert_eq!(NodeConfig::parse("mode=bench-exits").mode, Mode::BenchExits);
+        assert_eq!(NodeConfig::parse("mode=bench-dirty").mode, Mode::BenchDirty);
         assert_eq!(
             NodeConfig::parse("mode=x").mode,
             Mode::Unsupported("x".into())
@@ -418,7 +622,7 @@ mod tests {
             .map(|c| format!("case {}: FAILED: timeout", c.name()))
             .collect();
         assert_eq!(results, names);
-        assert_eq!(h.lines().last(), Some(&"0 passed, 7 failed"));
+        assert_eq!(h.lines().last(), Some(&"0 passed, 11 failed"));
     }
 
     #[test]

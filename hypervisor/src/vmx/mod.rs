@@ -395,6 +395,10 @@ impl crate::partition::Backend for Vmx {
     fn pml_stop(vcpu: &mut VmxVcpu, frames: &mut dyn hvcore::mem::FrameAlloc) {
         vcpu.pml_stop(frames);
     }
+
+    fn resolved_exits(vcpu: &VmxVcpu) -> u64 {
+        vcpu.resolved_exits()
+    }
 }
 
 #[cfg(test)]

@@ -224,6 +224,9 @@ pub struct VmxVcpu {
     pml: Option<PmlState>,
     /// VMWRITE failures during set-up (a VMCS field this CPU lacks).
     setup_error: Option<u32>,
+    /// Exits handled inside `run` (PML full, #UD for VMX instructions,
+    /// INVD, CR8).
+    resolved_exits: u64,
 }
 
 /// What one VM exit means, decoded from the exit reason, qualification,
@@ -472,6 +475,7 @@ impl VmxVcpu {
             fx: FxArea::initial(),
             pml: None,
             setup_error: None,
+            resolved_exits: 0,
         };
         // SAFETY: the region is ours and carries the revision identifier;
         // VMX is on (`super::enable` ran before any vCPU is created).
@@ -1004,6 +1008,11 @@ impl VmxVcpu {
     pub fn eptp(&self) -> u64 {
         self.eptp
     }
+
+    /// Exits handled inside [`Vcpu::run`] so far.
+    pub fn resolved_exits(&self) -> u64 {
+        self.resolved_exits
+    }
 }
 
 /// The host IDTR (base, limit).
@@ -1027,6 +1036,7 @@ impl Vcpu for VmxVcpu {
             if let Some(exit) = self.decode() {
                 return exit;
             }
+            self.resolved_exits += 1;
         }
     }
 
