@@ -75,7 +75,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut d = create(MemIo::new(), &p).unwrap();
     d.write(0, &[6u8; 512]).unwrap();
     d.debug_stop_before_apply();
-    let _ = d.write(1 << 20, &[7u8; 512]);
+    d.write(1 << 20, &[7u8; 512]).unwrap();
+    assert!(d.flush().is_err());
     out.push(("pending-log", d.io().as_slice().to_vec()));
     out
 }

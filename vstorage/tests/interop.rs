@@ -465,7 +465,8 @@ fn crash_with_pending_log(img: &Path, size: u64) -> Vec<u8> {
     let mut d = Vhdx::open(io, OpenOptions::read_write(77)).unwrap();
     d.write(0, &[0x77; 4096]).unwrap();
     d.debug_stop_before_apply();
-    assert!(d.write(9 << 20, &[0x78; 8192]).is_err());
+    d.write(9 << 20, &[0x78; 8192]).unwrap();
+    assert!(d.flush().is_err());
     drop(d);
     let mut model = vec![0u8; size as usize];
     apply(&mut model, &model_writes);

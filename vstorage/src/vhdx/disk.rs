@@ -38,6 +38,8 @@ const MAX_OVERLAY_PAGES: usize = 1 << 16;
 const MAX_BAT_BYTES: u64 = 1 << 30;
 /// Largest file growth a log replay may cause.
 const MAX_REPLAY_GROWTH: u64 = 4 << 30;
+/// Pending metadata pages that force a commit before the next flush.
+const MAX_PENDING_PAGES: usize = 64;
 /// Chunk size for zero fills and block copies.
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -206,6 +208,10 @@ pub struct Vhdx<B: BlockIo> {
     bat: Vec<u8>,
     /// The metadata table as read at open.
     meta_entries: Vec<MetadataEntry>,
+    /// BAT pages changed in memory, not yet committed through the log.
+    pending_bat: BTreeSet<usize>,
+    /// Sector bitmap pages (by file offset) changed, not yet committed.
+    pending_sb: BTreeMap<u64, Vec<u8>>,
     /// Zero-state entries whose file space may be reused.
     reusable: BTreeSet<u64>,
     log_offset: u64,
@@ -438,6 +444,8 @@ impl<B: BlockIo> Vhdx<B> {
             },
             bat: Vec::new(),
             meta_entries: Vec::new(),
+            pending_bat: BTreeSet::new(),
+            pending_sb: BTreeMap::new(),
             reusable: BTreeSet::new(),
             log_offset: 0,
             log_length: 0,
@@ -985,8 +993,9 @@ impl<B: BlockIo> Vhdx<B> {
         Ok(())
     }
 
-    /// Test hook: the next metadata commit writes and flushes its log entry,
-    /// then stops as if the machine crashed before applying it.
+    /// Test hook: the next metadata commit (a flush, or close) writes and
+    /// flushes its log entry, then stops as if the machine crashed before
+    /// applying it.
     #[doc(hidden)]
     pub fn debug_stop_before_apply(&mut self) {
         self.stop_before_apply = true;
@@ -1132,7 +1141,19 @@ impl<B: BlockIo> Vhdx<B> {
         let first_byte = bit / 8;
         let last_byte = (bit + count).div_ceil(8);
         let mut bytes = vec![0u8; (last_byte - first_byte) as usize];
-        self.read_file(sb_off + first_byte, &mut bytes)?;
+        let start = sb_off + first_byte;
+        self.read_file(start, &mut bytes)?;
+        // Staged (uncommitted) bitmap pages win over the file.
+        let end = start + bytes.len() as u64;
+        let first_page = start - start % LOG_SECTOR as u64;
+        for (&p, page) in self.pending_sb.range(first_page..end) {
+            let lo = start.max(p);
+            let hi = end.min(p + LOG_SECTOR as u64);
+            if lo < hi {
+                bytes[(lo - start) as usize..(hi - start) as usize]
+                    .copy_from_slice(&page[(lo - p) as usize..(hi - p) as usize]);
+            }
+        }
         Ok((bit..bit + count)
             .map(|k| {
                 let i = (k / 8 - first_byte) as usize;
@@ -1202,11 +1223,46 @@ impl<B: BlockIo> Vhdx<B> {
 
     fn write_inner(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.begin_modification(true)?;
+        let mut dirty = core::mem::take(&mut self.pending_bat);
+        let mut sb_pages = core::mem::take(&mut self.pending_sb);
+        let r = self.place_writes(offset, data, &mut dirty, &mut sb_pages);
+        self.pending_bat = dirty;
+        self.pending_sb = sb_pages;
+        r?;
+        // Metadata is committed on flush (or close); a long run of
+        // allocations without one is committed in batches.
+        if self.pending_bat.len() + self.pending_sb.len() > MAX_PENDING_PAGES {
+            self.commit_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Commits pending BAT and sector bitmap pages: data first (so no entry
+    /// points at unwritten space), then one log transaction.
+    fn commit_pending(&mut self) -> Result<(), DiskError> {
+        if self.pending_bat.is_empty() && self.pending_sb.is_empty() {
+            return Ok(());
+        }
+        self.io.flush()?;
+        let mut meta: Vec<LogWrite> = core::mem::take(&mut self.pending_sb)
+            .into_iter()
+            .map(|(file_offset, data)| LogWrite::Data { file_offset, data })
+            .collect();
+        let dirty = core::mem::take(&mut self.pending_bat);
+        meta.extend(self.bat_page_writes(&dirty));
+        self.commit(meta)
+    }
+
+    /// Writes the payload of one request and stages the metadata it changes.
+    fn place_writes(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        dirty: &mut BTreeSet<usize>,
+        sb_pages: &mut BTreeMap<u64, Vec<u8>>,
+    ) -> Result<(), DiskError> {
         let g = self.geo;
         let bs = u64::from(g.block_size);
-        let mut dirty = BTreeSet::new();
-        let mut sb_pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        let mut need_flush = false;
         let mut pos = 0usize;
         for (block, within, n) in g.split(offset, data.len() as u64) {
             let src = &data[pos..pos + n as usize];
@@ -1243,8 +1299,7 @@ impl<B: BlockIo> Vhdx<B> {
                         None => self.allocate(bs)?,
                     };
                     self.io.write_at(off + offset_in_block, src)?;
-                    need_flush = true;
-                    self.set_bat_entry(idx, BatEntry::new(new_state, off), &mut dirty);
+                    self.set_bat_entry(idx, BatEntry::new(new_state, off), dirty);
                     mark
                 }
             };
@@ -1253,29 +1308,12 @@ impl<B: BlockIo> Vhdx<B> {
                     Some(o) => o,
                     None => {
                         let o = self.allocate(MIB)?;
-                        need_flush = true;
-                        self.set_bat_entry(
-                            m.bitmap_index,
-                            BatEntry::new(SB_PRESENT, o),
-                            &mut dirty,
-                        );
+                        self.set_bat_entry(m.bitmap_index, BatEntry::new(SB_PRESENT, o), dirty);
                         o
                     }
                 };
-                self.set_bits(sb_off, m.first_bit, m.sectors, &mut sb_pages)?;
+                self.set_bits(sb_off, m.first_bit, m.sectors, sb_pages)?;
             }
-        }
-        if need_flush {
-            // Data and file size are durable before any BAT entry points there.
-            self.io.flush()?;
-        }
-        let mut meta: Vec<LogWrite> = sb_pages
-            .into_iter()
-            .map(|(file_offset, data)| LogWrite::Data { file_offset, data })
-            .collect();
-        meta.extend(self.bat_page_writes(&dirty));
-        if !meta.is_empty() {
-            self.commit(meta)?;
         }
         Ok(())
     }
@@ -1289,6 +1327,9 @@ impl<B: BlockIo> Vhdx<B> {
         }
         if let Some(p) = self.parent.as_deref_mut() {
             p.close()?;
+        }
+        if self.writable && self.poisoned.is_none() {
+            self.commit_pending()?;
         }
         if self.writable && self.poisoned.is_none() && !self.header.log_guid.is_zero() {
             self.io.flush()?;
@@ -1571,7 +1612,11 @@ impl<B: BlockIo> VirtualDisk for Vhdx<B> {
     fn flush(&mut self) -> Result<(), DiskError> {
         self.check_usable()?;
         if self.writable {
-            self.io.flush()?;
+            let r = self.commit_pending().and_then(|()| Ok(self.io.flush()?));
+            if let Err(e) = &r {
+                self.poisoned.get_or_insert_with(|| e.to_string());
+            }
+            r?;
         }
         Ok(())
     }
