@@ -315,15 +315,6 @@ impl SvmVcpu {
         self.regs.rflags = rflags;
     }
 
-    /// Real mode with a flat code segment (base 0) at `ip`: paging off, so
-    /// RIP is the GPA (throwaway benchmark guests).
-    pub fn set_real_mode_ip(&mut self, ip: u64) {
-        let s = &mut self.vmcb_mut().save;
-        s.cs.selector = 0;
-        s.cs.base = 0;
-        self.regs.rip = ip;
-    }
-
     /// Set RIP (raw benchmark loop).
     pub fn set_rip(&mut self, rip: u64) {
         self.regs.rip = rip;
