@@ -19,6 +19,7 @@
 mod hal;
 
 use crate::pci;
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -30,7 +31,7 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
-use virtio_drivers::device::net::VirtIONet;
+use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 
@@ -42,8 +43,12 @@ const RX_BUFFER_BYTES: usize = 2048;
 const MTU_FRAME_BYTES: usize = 1514;
 /// TCP sockets per NIC.
 const SOCKETS_PER_NIC: usize = 8;
-/// TCP buffers per socket (each direction).
-const SOCKET_BUFFER_BYTES: usize = 64 * 1024;
+/// TCP buffers per socket (each direction): management requests are small;
+/// migration streams need a window that covers the link's delay.
+const MGMT_SOCKET_BUFFER_BYTES: usize = 32 * 1024;
+const MIGRATION_SOCKET_BUFFER_BYTES: usize = 256 * 1024;
+/// The raw benchmark gives up when the link takes no frame for this long.
+const RAW_STALL_NS: u64 = 5_000_000_000;
 /// How long a released socket may take to finish closing before it is reset.
 const LINGER_NS: u64 = 5_000_000_000;
 /// Idle TCP connections are dropped after this long without traffic.
@@ -132,30 +137,108 @@ pub fn parse_config(cmdline: &str) -> Result<(Option<IfConfig>, Option<IfConfig>
     Ok((mgmt, mig))
 }
 
-type VirtioNet = VirtIONet<NetHal, PciTransport, QUEUE_SIZE>;
+type VirtioNet = VirtIONetRaw<NetHal, PciTransport, QUEUE_SIZE>;
+
+/// Transmit buffer size: the virtio-net header and a full frame.
+const TX_BUFFER_BYTES: usize = 2048;
 
 /// The device as smoltcp sees it, with counters.
+///
+/// Receive: every receive buffer is posted to the device; a completed one
+/// is copied out and posted again at once. Transmit is asynchronous: up to
+/// a queue's worth of frames are in flight, their buffers kept here until
+/// the device reports them done (a blocking send per frame would make every
+/// frame wait for QEMU's I/O thread). Buffers are boxed slices: their bytes
+/// never move while the device may access them.
 struct NicDevice {
     net: VirtioNet,
+    /// Posted receive buffers by token.
+    rx: Vec<Option<Box<[u8]>>>,
+    /// In-flight transmit buffers by token, with the length handed out.
+    tx: Vec<Option<(Box<[u8]>, usize)>>,
+    /// Free transmit buffers.
+    tx_pool: Vec<Box<[u8]>>,
     stats: NicStats,
 }
 
 impl NicDevice {
+    fn new(mut net: VirtioNet) -> Result<Self, NetInitError> {
+        let mut rx: Vec<Option<Box<[u8]>>> = (0..QUEUE_SIZE).map(|_| None).collect();
+        for _ in 0..QUEUE_SIZE {
+            let mut buf = vec![0u8; RX_BUFFER_BYTES].into_boxed_slice();
+            // SAFETY: the buffer is kept in `rx` (heap, never moved or
+            // touched) until the device completes it.
+            let token = unsafe { net.receive_begin(&mut buf) }
+                .map_err(|_| NetInitError::Driver("cannot post receive buffers"))?;
+            let slot = rx
+                .get_mut(usize::from(token))
+                .ok_or(NetInitError::Driver("receive token out of range"))?;
+            *slot = Some(buf);
+        }
+        Ok(Self {
+            net,
+            rx,
+            tx: (0..QUEUE_SIZE).map(|_| None).collect(),
+            tx_pool: Vec::new(),
+            stats: NicStats::default(),
+        })
+    }
+
+    /// Take back transmit buffers the device has finished with.
+    fn reap_tx(&mut self) {
+        while let Some(token) = self.net.poll_transmit() {
+            let Some((buf, len)) = self.tx.get_mut(usize::from(token)).and_then(Option::take)
+            else {
+                // A token we never handed out: the device is broken.
+                panic!("virtio-net: completion for unknown transmit token {token}");
+            };
+            // SAFETY: the same buffer and length as given to transmit_begin.
+            let _ = unsafe { self.net.transmit_complete(token, &buf[..len]) };
+            self.tx_pool.push(buf);
+        }
+    }
+
+    fn can_send(&mut self) -> bool {
+        self.reap_tx();
+        self.net.can_send()
+    }
+
     /// The next frame for the stack, counting (and dropping) benchmark
     /// frames on the way.
     fn next_frame(&mut self) -> Option<Vec<u8>> {
         loop {
-            let buf = self.net.receive().ok()?;
-            let frame = buf.packet();
+            let token = self.net.poll_receive()?;
+            let Some(mut buf) = self.rx.get_mut(usize::from(token)).and_then(Option::take) else {
+                panic!("virtio-net: completion for unknown receive token {token}");
+            };
+            // SAFETY: the same buffer as given to receive_begin for `token`.
+            let done = unsafe { self.net.receive_complete(token, &mut buf) };
+            // The device's lengths are checked against the buffer.
+            let frame = done
+                .ok()
+                .and_then(|(hdr, len)| buf.get(hdr..hdr.checked_add(len)?))
+                .map(|f| {
+                    let bench = f
+                        .get(12..14)
+                        .is_some_and(|t| u16::from_be_bytes([t[0], t[1]]) == BENCH_ETHERTYPE);
+                    (f.len(), (!bench).then(|| f.to_vec()))
+                });
+            // SAFETY: as in `new`: the buffer stays in `rx` until completed.
+            match unsafe { self.net.receive_begin(&mut buf) } {
+                Ok(t) => {
+                    if let Some(slot) = self.rx.get_mut(usize::from(t)) {
+                        *slot = Some(buf);
+                    }
+                }
+                // Cannot happen (we just freed a descriptor); the queue is
+                // one buffer shorter if it does.
+                Err(_) => log::warn!("virtio-net: could not repost a receive buffer"),
+            }
+            let Some((len, copy)) = frame else {
+                continue;
+            };
             self.stats.rx_frames += 1;
-            self.stats.rx_bytes += frame.len() as u64;
-            let bench = frame
-                .get(12..14)
-                .is_some_and(|t| u16::from_be_bytes([t[0], t[1]]) == BENCH_ETHERTYPE);
-            let copy = (!bench).then(|| frame.to_vec());
-            // Recycling only fails on a driver bug (wrong token); the buffer
-            // is then lost and the queue one entry shorter.
-            let _ = self.net.recycle_rx_buffer(buf);
+            self.stats.rx_bytes += len as u64;
             match copy {
                 Some(f) => return Some(f),
                 None => self.stats.rx_bench_frames += 1,
@@ -163,15 +246,40 @@ impl NicDevice {
         }
     }
 
+    /// Queue `frame` for transmission; false when the queue is full or the
+    /// frame too long.
     fn send_frame(&mut self, frame: &[u8]) -> bool {
-        let mut tx = self.net.new_tx_buffer(frame.len());
-        tx.packet_mut().copy_from_slice(frame);
-        let ok = self.net.send(tx).is_ok();
-        if ok {
-            self.stats.tx_frames += 1;
-            self.stats.tx_bytes += frame.len() as u64;
+        if !self.can_send() {
+            return false;
         }
-        ok
+        let mut buf = self
+            .tx_pool
+            .pop()
+            .unwrap_or_else(|| vec![0u8; TX_BUFFER_BYTES].into_boxed_slice());
+        let Ok(hdr) = self.net.fill_buffer_header(&mut buf) else {
+            return false;
+        };
+        let Some(len) = hdr.checked_add(frame.len()).filter(|l| *l <= buf.len()) else {
+            self.tx_pool.push(buf);
+            return false;
+        };
+        buf[hdr..len].copy_from_slice(frame);
+        // SAFETY: the buffer is kept in `tx` (heap, untouched) until the
+        // device completes it (`reap_tx`).
+        match unsafe { self.net.transmit_begin(&buf[..len]) } {
+            Ok(token) => {
+                if let Some(slot) = self.tx.get_mut(usize::from(token)) {
+                    *slot = Some((buf, len));
+                }
+                self.stats.tx_frames += 1;
+                self.stats.tx_bytes += frame.len() as u64;
+                true
+            }
+            Err(_) => {
+                self.tx_pool.push(buf);
+                false
+            }
+        }
     }
 }
 
@@ -204,7 +312,7 @@ impl Device for NicDevice {
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<NicTx<'_>> {
-        self.net.can_send().then_some(NicTx(self))
+        self.can_send().then_some(NicTx(self))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -270,13 +378,10 @@ impl NodeNet {
             let transport = PciTransport::new::<NetHal, _>(&mut root, df).map_err(|_| {
                 NetInitError::Driver("the PCI transport (modern virtio) is missing")
             })?;
-            let net = VirtioNet::new(transport, RX_BUFFER_BYTES)
+            let net = VirtioNet::new(transport)
                 .map_err(|_| NetInitError::Driver("device initialisation failed"))?;
             let mac = net.mac_address();
-            let mut dev = NicDevice {
-                net,
-                stats: NicStats::default(),
-            };
+            let mut dev = NicDevice::new(net)?;
             let mut cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
             cfg.random_seed = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let mut iface = Interface::new(cfg, &mut dev, instant(now_ns));
@@ -328,9 +433,13 @@ impl NodeNet {
         if in_use >= SOCKETS_PER_NIC {
             return Err(NetError::NoSockets);
         }
+        let bytes = match self.nics[nic].role {
+            NicRole::Management => MGMT_SOCKET_BUFFER_BYTES,
+            NicRole::Migration => MIGRATION_SOCKET_BUFFER_BYTES,
+        };
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER_BYTES]),
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER_BYTES]),
+            tcp::SocketBuffer::new(vec![0; bytes]),
+            tcp::SocketBuffer::new(vec![0; bytes]),
         );
         socket.set_timeout(Some(TCP_TIMEOUT));
         socket.set_nagle_enabled(false);
@@ -525,9 +634,22 @@ impl NetStack for NodeNet {
         let start = crate::time::now_ns();
         for i in 0..frames {
             frame[14..22].copy_from_slice(&i.to_be_bytes());
-            if !dev.send_frame(&frame) {
-                return Err(NetError::Device("the NIC refused a frame"));
+            // Wait for room: the link's pace is what is measured.
+            let wait_start = crate::time::now_ns();
+            while !dev.send_frame(&frame) {
+                if crate::time::now_ns().saturating_sub(wait_start) > RAW_STALL_NS {
+                    return Err(NetError::Device("the link took no frame for 5 s"));
+                }
+                core::hint::spin_loop();
             }
+        }
+        // Until the last frame has left.
+        while dev.tx.iter().any(Option::is_some) {
+            dev.reap_tx();
+            if crate::time::now_ns().saturating_sub(start) > RAW_STALL_NS + frames * 1_000_000 {
+                break;
+            }
+            core::hint::spin_loop();
         }
         Ok(crate::time::now_ns().saturating_sub(start))
     }
