@@ -124,6 +124,60 @@ pub unsafe fn write_cr4(value: u64) {
     }
 }
 
+/// Load CR2 (the page-fault address; VMX does not switch it, so a vCPU
+/// restores its guest's value before entry).
+pub fn write_cr2(value: u64) {
+    // SAFETY: CR2 only reports the last page-fault address; writing it has
+    // no effect on translation or protection.
+    unsafe {
+        asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Read DR0-DR3. Neither world switch swaps them (the VMCB and VMCS hold
+/// only DR6/DR7), so they are whatever a guest last wrote; the hypervisor
+/// never uses them.
+pub fn read_dr0_3() -> [u64; 4] {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0 has no side effects.
+    unsafe {
+        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3",
+            out(reg) a, out(reg) b, out(reg) c, out(reg) d,
+            options(nomem, nostack, preserves_flags));
+    }
+    [a, b, c, d]
+}
+
+/// Load DR0-DR3 (breakpoint addresses; they take effect only where DR7
+/// enables them, and the host's DR7 enables none).
+pub fn write_dr0_3(dr: [u64; 4]) {
+    // SAFETY: breakpoint addresses without DR7 enables change nothing the
+    // host observes; guests' DR7 comes from their own VMCB/VMCS.
+    unsafe {
+        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}",
+            in(reg) dr[0], in(reg) dr[1], in(reg) dr[2], in(reg) dr[3],
+            options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Read DR6 (VMX keeps the guest's DR6 in the physical register).
+pub fn read_dr6() -> u64 {
+    let v: u64;
+    // SAFETY: reading a debug register at CPL 0 has no side effects.
+    unsafe {
+        asm!("mov {}, dr6", out(reg) v, options(nomem, nostack, preserves_flags));
+    }
+    v
+}
+
+/// Load DR6.
+pub fn write_dr6(value: u64) {
+    // SAFETY: DR6 is a status register; the host never reads it.
+    unsafe {
+        asm!("mov dr6, {}", in(reg) value, options(nomem, nostack, preserves_flags));
+    }
+}
+
 /// Read the time-stamp counter.
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects (CR4.TSD is clear at CPL 0 anyway).

@@ -16,7 +16,9 @@ use hvcore::host::{
     Partition, PartitionStats, SocketId, TcpState,
 };
 use hvcore::mem::{check_guest_range, GuestMemory, MemError};
-use hvcore::vcpu::{LongModeEntry, Regs, UnknownMsr, Vcpu, VcpuCaps, Vendor, VmExit};
+use hvcore::vcpu::{
+    LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, Vendor, VmExit,
+};
 
 /// Guest RAM in a vector; records written frames while logging is on.
 pub struct FakeMemory {
@@ -78,6 +80,10 @@ pub struct FakeVcpu {
     pub injected: Vec<(u8, Option<u32>)>,
     pub msrs: BTreeMap<u32, u64>,
     pub entry: Option<LongModeEntry>,
+    /// What `save_state` returns besides `regs`; `restore_state` stores here.
+    pub state: VcpuState,
+    /// `restore_state` calls.
+    pub restores: u32,
 }
 
 impl Vcpu for FakeVcpu {
@@ -111,6 +117,7 @@ impl Vcpu for FakeVcpu {
     }
     fn reset_long_mode(&mut self, entry: &LongModeEntry) {
         self.entry = Some(*entry);
+        self.state = hvcore::vcpu_state::long_mode_state(entry);
         self.regs = Regs {
             rip: entry.rip,
             rsp: entry.rsp,
@@ -125,6 +132,18 @@ impl Vcpu for FakeVcpu {
     }
     fn caps(&self) -> VcpuCaps {
         VcpuCaps::default()
+    }
+    fn save_state(&self) -> VcpuState {
+        let mut s = self.state.clone();
+        s.regs = hvcore::vcpu_state::general_regs(&self.regs);
+        s
+    }
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
+        hvcore::vcpu_state::check(state)?;
+        self.state = state.clone();
+        self.regs = hvcore::vcpu_state::regs_from(&state.regs);
+        self.restores += 1;
+        Ok(())
     }
 }
 

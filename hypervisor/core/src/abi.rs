@@ -116,6 +116,10 @@ pub const HC_FILL_PAGE: u64 = 5;
 pub const HC_PROGRESS: u64 = 6;
 /// Does nothing and returns RDI + 1 (round-trip benchmark).
 pub const HC_NOP: u64 = 7;
+/// Live migrations of this VM so far: RAX = completed ones (the VM runs on
+/// their destination), RDI = failed or cancelled ones (the VM stayed where
+/// it was). A guest polls it to learn that it was moved.
+pub const HC_MIGRATION_STATUS: u64 = 8;
 
 /// First error value returned in RAX.
 pub const HC_ERR_FIRST: u64 = u64::MAX - 15;

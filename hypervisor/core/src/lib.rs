@@ -27,6 +27,7 @@ pub mod npt;
 mod proptests;
 pub mod svm;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vmx;
 
 #[cfg(any(test, feature = "testing"))]

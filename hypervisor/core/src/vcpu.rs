@@ -13,6 +13,7 @@
 
 use crate::addr::{Gpa, Hpa};
 use core::fmt;
+pub use migration::VcpuState;
 
 /// General-purpose registers plus RIP, RSP and RFLAGS.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,6 +129,29 @@ impl fmt::Display for EntryFailure {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnknownMsr(pub u32);
 
+/// Why a backend refused a [`VcpuState`] in [`Vcpu::restore_state`]
+/// (nothing was changed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateError {
+    /// The field or check that failed.
+    pub what: &'static str,
+    /// The offending value.
+    pub value: u64,
+}
+
+impl StateError {
+    /// `what` with `value`.
+    pub fn new(what: &'static str, value: u64) -> Self {
+        Self { what, value }
+    }
+}
+
+impl fmt::Display for StateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vCPU state refused: {} ({:#x})", self.what, self.value)
+    }
+}
+
 /// The state a vCPU starts in: 64-bit long mode, paging on, interrupts off.
 /// The VMM builds the guest page tables and GDT in guest memory first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,4 +214,11 @@ pub trait Vcpu {
     fn nested_root(&self) -> Hpa;
     /// Optional features of this vCPU's backend.
     fn caps(&self) -> VcpuCaps;
+    /// Everything the guest can observe of this vCPU, vendor-neutral (call
+    /// between runs). `id` is left 0: the caller numbers its vCPUs.
+    fn save_state(&self) -> VcpuState;
+    /// Load a saved state (between runs). The values are checked first; on
+    /// `Err` the vCPU is unchanged. The guest's TSC continues from
+    /// `state.tsc`.
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError>;
 }

@@ -30,8 +30,10 @@ use hvcore::addr::{Gfn, Gpa, Hpa, PAGE_SIZE};
 use hvcore::host::HostError;
 use hvcore::mem::FrameAlloc;
 use hvcore::vcpu::{
-    Access, EntryFailure, IoAccess, IoDir, LongModeEntry, Regs, UnknownMsr, Vcpu, VcpuCaps, VmExit,
+    Access, EntryFailure, IoAccess, IoDir, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu,
+    VcpuCaps, VcpuState, VmExit,
 };
+use hvcore::vcpu_state::{self, EventKind, PendingEvent, TableReg, FXSAVE_BYTES};
 
 // Pin-based controls (Intel SDM vol. 3C, 25.6.1, table 25-5).
 pub const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
@@ -220,6 +222,10 @@ pub struct VmxVcpu {
     /// STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE.
     syscall_msrs: [u64; 5],
     tsc_aux: u32,
+    /// The guest's CR2: VM entry and exit do not switch it (Intel SDM vol.
+    /// 3C, 27.3 and 28.3 name no CR2), so it is loaded before entry and read
+    /// back after the exit, keeping it per vCPU.
+    cr2: u64,
     fx: FxArea,
     pml: Option<PmlState>,
     /// VMWRITE failures during set-up (a VMCS field this CPU lacks).
@@ -472,6 +478,7 @@ impl VmxVcpu {
             flush_vpid: true,
             syscall_msrs: [0; 5],
             tsc_aux: 0,
+            cr2: 0,
             fx: FxArea::initial(),
             pml: None,
             setup_error: None,
@@ -725,6 +732,9 @@ impl VmxVcpu {
         self.write(GUEST_RFLAGS, regs.rflags);
         self.flush_tlbs();
         self.load_guest_msrs();
+        if crate::cpu::read_cr2() != self.cr2 {
+            crate::cpu::write_cr2(self.cr2);
+        }
         // SAFETY: VMX is on and the VMCS is current and complete (`new`
         // and `reset_long_mode`); its EPT maps only this partition's RAM;
         // the host IDT is live (installed before any VM exists).
@@ -736,6 +746,7 @@ impl VmxVcpu {
             core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
             end
         };
+        self.cr2 = crate::cpu::read_cr2();
         if end != SwitchEnd::Exited {
             return end;
         }
@@ -1015,6 +1026,102 @@ impl VmxVcpu {
     }
 }
 
+/// Guest segment fields (selector, base, limit, access rights) in record
+/// order: ES CS SS DS FS GS LDTR TR.
+const SEGMENT_FIELDS: [(u32, u32, u32, u32); 8] = [
+    (
+        GUEST_ES_SELECTOR,
+        GUEST_ES_BASE,
+        GUEST_ES_LIMIT,
+        GUEST_ES_AR,
+    ),
+    (
+        GUEST_CS_SELECTOR,
+        GUEST_CS_BASE,
+        GUEST_CS_LIMIT,
+        GUEST_CS_AR,
+    ),
+    (
+        GUEST_SS_SELECTOR,
+        GUEST_SS_BASE,
+        GUEST_SS_LIMIT,
+        GUEST_SS_AR,
+    ),
+    (
+        GUEST_DS_SELECTOR,
+        GUEST_DS_BASE,
+        GUEST_DS_LIMIT,
+        GUEST_DS_AR,
+    ),
+    (
+        GUEST_FS_SELECTOR,
+        GUEST_FS_BASE,
+        GUEST_FS_LIMIT,
+        GUEST_FS_AR,
+    ),
+    (
+        GUEST_GS_SELECTOR,
+        GUEST_GS_BASE,
+        GUEST_GS_LIMIT,
+        GUEST_GS_AR,
+    ),
+    (
+        GUEST_LDTR_SELECTOR,
+        GUEST_LDTR_BASE,
+        GUEST_LDTR_LIMIT,
+        GUEST_LDTR_AR,
+    ),
+    (
+        GUEST_TR_SELECTOR,
+        GUEST_TR_BASE,
+        GUEST_TR_LIMIT,
+        GUEST_TR_AR,
+    ),
+];
+
+/// VMX access rights (Intel SDM vol. 3C, 25.4.1, table 25-2: bits 7:0,
+/// 15:12, unusable 16) in the record's packed VMCB form; an unusable
+/// segment reads as not present.
+fn ar_to_attrib(ar: u64) -> u16 {
+    let mut a = ((ar & 0xff) | ((ar >> 4) & 0xf00)) as u16;
+    if ar & AR_UNUSABLE != 0 {
+        a &= !vcpu_state::ATTR_P;
+    }
+    a
+}
+
+/// The packed form as VMX access rights; not present = unusable.
+fn attrib_to_ar(a: u16) -> u64 {
+    let a = u64::from(a);
+    let mut ar = (a & 0xff) | ((a & 0xf00) << 4);
+    if a & u64::from(vcpu_state::ATTR_P) == 0 {
+        ar |= AR_UNUSABLE;
+    }
+    ar
+}
+
+/// VM-entry interruption information (25.8.3) as a pending event.
+fn event_out(info: u64, error_code: u64) -> Option<PendingEvent> {
+    if info & INTR_INFO_VALID == 0 {
+        return None;
+    }
+    let kind = match (info >> 8) & 7 {
+        0 => EventKind::ExternalInterrupt,
+        2 => EventKind::Nmi,
+        3 => EventKind::Exception,
+        4 => EventKind::SoftwareInterrupt,
+        // Privileged and other software exceptions are not stored by our
+        // exits (IDT vectoring re-injection keeps their type); none of them
+        // can be pending for a guest that has no INT1/INT3/INTO.
+        _ => return None,
+    };
+    Some(PendingEvent {
+        vector: info as u8,
+        kind,
+        error_code: (info & INTR_INFO_ERROR_VALID != 0).then_some(error_code as u32),
+    })
+}
+
 /// The host IDTR (base, limit).
 fn sidt() -> (u64, u16) {
     let mut buf = [0u8; 10];
@@ -1236,6 +1343,7 @@ impl Vcpu for VmxVcpu {
         self.write(TSC_OFFSET, 0);
         self.syscall_msrs = [0; 5];
         self.tsc_aux = 0;
+        self.cr2 = 0;
         self.regs = Regs {
             rip: entry.rip,
             rsp: entry.rsp,
@@ -1259,6 +1367,180 @@ impl Vcpu for VmxVcpu {
 
     fn caps(&self) -> VcpuCaps {
         super::caps(&self.features)
+    }
+
+    /// The VMCS guest-state area (Intel SDM vol. 3C, 25.4) plus what VMX
+    /// leaves to the VMM: the GPRs, CR2, the FXSAVE image, the SYSCALL MSRs
+    /// and TSC_AUX (kept here), DR0-DR3 and DR6 (the physical registers,
+    /// never switched). CR4 as the guest sees it: masked bits from the read
+    /// shadow (25.6.6). The pending event is the entry interruption field,
+    /// where `enter` re-queues an interrupted delivery (29.2.1).
+    fn save_state(&self) -> VcpuState {
+        let mut segs = [vcpu_state::Segment::default(); 8];
+        for (out, &(sel, base, limit, ar)) in segs.iter_mut().zip(&SEGMENT_FIELDS) {
+            *out = vcpu_state::Segment {
+                selector: self.read(sel) as u16,
+                attrib: ar_to_attrib(self.read(ar)),
+                limit: self.read(limit) as u32,
+                base: self.read(base),
+            };
+        }
+        let mask = self.read(CR4_GUEST_HOST_MASK);
+        let cr4 = (self.read(GUEST_CR4) & !mask) | (self.read(CR4_READ_SHADOW) & mask);
+        let m = &self.syscall_msrs;
+        let intr = self.read(GUEST_INTERRUPTIBILITY);
+        VcpuState {
+            id: 0,
+            regs: vcpu_state::general_regs(&self.regs),
+            es: segs[0],
+            cs: segs[1],
+            ss: segs[2],
+            ds: segs[3],
+            fs: segs[4],
+            gs: segs[5],
+            ldtr: segs[6],
+            tr: segs[7],
+            gdtr: TableReg {
+                base: self.read(GUEST_GDTR_BASE),
+                limit: self.read(GUEST_GDTR_LIMIT) as u16,
+            },
+            idtr: TableReg {
+                base: self.read(GUEST_IDTR_BASE),
+                limit: self.read(GUEST_IDTR_LIMIT) as u16,
+            },
+            cr0: self.read(GUEST_CR0),
+            cr2: self.cr2,
+            cr3: self.read(GUEST_CR3),
+            cr4,
+            // CR8 loads and stores exit and read 0 (`Decoded::ReadCr8`): no
+            // task priority is kept.
+            cr8: 0,
+            efer: self.read(GUEST_EFER),
+            dr: crate::cpu::read_dr0_3(),
+            dr6: crate::cpu::read_dr6(),
+            dr7: self.read(GUEST_DR7),
+            msrs: vcpu_state::Msrs {
+                pat: self.read(GUEST_PAT),
+                star: m[0],
+                lstar: m[1],
+                cstar: m[2],
+                sfmask: m[3],
+                kernel_gs_base: m[4],
+                tsc_aux: u64::from(self.tsc_aux),
+                sysenter_cs: self.read(GUEST_SYSENTER_CS),
+                sysenter_esp: self.read(GUEST_SYSENTER_ESP),
+                sysenter_eip: self.read(GUEST_SYSENTER_EIP),
+            },
+            fpu: vcpu_state::fpu_from_fxsave(&self.fx.0),
+            pending_event: event_out(
+                self.read(ENTRY_INTERRUPTION_INFO),
+                self.read(ENTRY_EXCEPTION_ERROR_CODE),
+            ),
+            // Blocking by STI (bit 0) or by MOV SS (bit 1), 25.4.2.
+            interrupt_shadow: intr & 3 != 0,
+            // 25.6.5: the guest reads the TSC plus TSC_OFFSET.
+            tsc: crate::cpu::rdtsc().wrapping_add(self.read(TSC_OFFSET)),
+        }
+    }
+
+    fn restore_state(&mut self, st: &VcpuState) -> Result<(), StateError> {
+        vcpu_state::check(st)?;
+        let fx = vcpu_state::fxsave_image(&st.fpu)?;
+        let f = self.features;
+        // Without unrestricted guest, CR0 must keep the fixed bits (PE, NE,
+        // PG) and the entry control "IA-32e mode guest", always set here,
+        // must match EFER.LMA (26.2.1.1, 26.3.1.1).
+        if st.cr0 & f.cr0_fixed0 != f.cr0_fixed0 || st.cr0 & !f.cr0_fixed1 != 0 {
+            return Err(StateError::new("CR0 outside the VMX fixed bits", st.cr0));
+        }
+        let cr4 = st.cr4 | CR4_VMXE | f.cr4_fixed0;
+        if cr4 & !f.cr4_fixed1 != 0 {
+            return Err(StateError::new("CR4 bits this CPU lacks", st.cr4));
+        }
+        if st.efer & (1 << 10) == 0 {
+            return Err(StateError::new(
+                "not in long mode (EFER.LMA clear)",
+                st.efer,
+            ));
+        }
+        let tsc_aux = u32::try_from(st.msrs.tsc_aux)
+            .map_err(|_| StateError::new("TSC_AUX bits 63:32", st.msrs.tsc_aux))?;
+        let segs = [
+            &st.es, &st.cs, &st.ss, &st.ds, &st.fs, &st.gs, &st.ldtr, &st.tr,
+        ];
+        for (seg, &(sel, base, limit, ar)) in segs.iter().zip(&SEGMENT_FIELDS) {
+            self.write(sel, u64::from(seg.selector));
+            self.write(base, seg.base);
+            self.write(limit, u64::from(seg.limit));
+            self.write(ar, attrib_to_ar(seg.attrib));
+        }
+        self.write(GUEST_GDTR_BASE, st.gdtr.base);
+        self.write(GUEST_GDTR_LIMIT, u64::from(st.gdtr.limit));
+        self.write(GUEST_IDTR_BASE, st.idtr.base);
+        self.write(GUEST_IDTR_LIMIT, u64::from(st.idtr.limit));
+        self.write(GUEST_CR0, st.cr0);
+        self.write(CR0_READ_SHADOW, st.cr0);
+        self.write(GUEST_CR4, cr4);
+        self.write(CR4_READ_SHADOW, st.cr4);
+        self.write(GUEST_CR3, st.cr3);
+        self.write(GUEST_EFER, st.efer);
+        self.write(GUEST_DR7, st.dr7);
+        self.write(GUEST_PAT, st.msrs.pat);
+        self.write(GUEST_SYSENTER_CS, st.msrs.sysenter_cs);
+        self.write(GUEST_SYSENTER_ESP, st.msrs.sysenter_esp);
+        self.write(GUEST_SYSENTER_EIP, st.msrs.sysenter_eip);
+        self.syscall_msrs = [
+            st.msrs.star,
+            st.msrs.lstar,
+            st.msrs.cstar,
+            st.msrs.sfmask,
+            st.msrs.kernel_gs_base,
+        ];
+        self.tsc_aux = tsc_aux;
+        // STI blocking needs RFLAGS.IF = 1 (26.3.1.5); MOV-SS blocking
+        // stands for either otherwise.
+        let shadow = match (st.interrupt_shadow, st.regs.rflags & (1 << 9) != 0) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => 2,
+        };
+        self.write(GUEST_INTERRUPTIBILITY, shadow);
+        let (info, code) = match st.pending_event {
+            None => (0, 0),
+            Some(ev) => {
+                let kind = match ev.kind {
+                    EventKind::ExternalInterrupt => INTR_TYPE_EXTERNAL,
+                    EventKind::Nmi => INTR_TYPE_NMI,
+                    EventKind::Exception => INTR_TYPE_HW_EXCEPTION,
+                    EventKind::SoftwareInterrupt => 4 << 8,
+                };
+                let mut info = u64::from(ev.vector) | kind | INTR_INFO_VALID;
+                if ev.error_code.is_some() {
+                    info |= INTR_INFO_ERROR_VALID;
+                }
+                (info, u64::from(ev.error_code.unwrap_or(0)))
+            }
+        };
+        self.write(ENTRY_INTERRUPTION_INFO, info);
+        self.write(ENTRY_EXCEPTION_ERROR_CODE, code);
+        // A software interrupt is delivered as if INT n (2 bytes) ran.
+        self.write(ENTRY_INSTRUCTION_LENGTH, 2);
+        // The guest's TSC continues from the saved value.
+        self.write(TSC_OFFSET, st.tsc.wrapping_sub(crate::cpu::rdtsc()));
+        let mut area = [0u8; FXSAVE_BYTES];
+        area.copy_from_slice(&fx);
+        self.fx.0 = area;
+        self.cr2 = st.cr2;
+        self.regs = vcpu_state::regs_from(&st.regs);
+        self.exit_len = None;
+        self.flush_ept = true;
+        self.flush_vpid = true;
+        crate::cpu::write_dr0_3(st.dr);
+        crate::cpu::write_dr6(st.dr6);
+        match self.setup_error.take() {
+            Some(field) => Err(StateError::new("VMWRITE failed", u64::from(field))),
+            None => Ok(()),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::addr::Hpa;
 use crate::host::{CpuidResult, CpuidSource};
-use crate::vcpu::{LongModeEntry, Regs, UnknownMsr, Vcpu, VcpuCaps, VmExit};
+use crate::vcpu::{LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, VmExit};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 
@@ -30,6 +30,9 @@ pub struct FakeVcpu {
     pub reset: Option<LongModeEntry>,
     pub nested_root: Hpa,
     pub caps: VcpuCaps,
+    /// What `save_state` returns besides the registers (which come from
+    /// `regs`); `restore_state` stores here after the shared checks.
+    pub state: VcpuState,
 }
 
 impl Default for FakeVcpu {
@@ -76,6 +79,7 @@ impl FakeVcpu {
             reset: None,
             nested_root: Hpa(0),
             caps: VcpuCaps::default(),
+            state: VcpuState::default(),
         }
     }
 }
@@ -112,6 +116,7 @@ impl Vcpu for FakeVcpu {
     }
     fn reset_long_mode(&mut self, entry: &LongModeEntry) {
         self.reset = Some(*entry);
+        self.state = crate::vcpu_state::long_mode_state(entry);
         self.regs = Regs {
             rip: entry.rip,
             rsp: entry.rsp,
@@ -128,6 +133,17 @@ impl Vcpu for FakeVcpu {
     }
     fn caps(&self) -> VcpuCaps {
         self.caps
+    }
+    fn save_state(&self) -> VcpuState {
+        let mut s = self.state.clone();
+        s.regs = crate::vcpu_state::general_regs(&self.regs);
+        s
+    }
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
+        crate::vcpu_state::check(state)?;
+        self.state = state.clone();
+        self.regs = crate::vcpu_state::regs_from(&state.regs);
+        Ok(())
     }
 }
 

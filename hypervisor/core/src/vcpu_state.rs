@@ -1,0 +1,449 @@
+//! Vendor-neutral checks and conversions behind [`Vcpu::save_state`] and
+//! [`Vcpu::restore_state`], written once for both backends.
+//!
+//! A [`VcpuState`] arriving for restore is an allegation (a migration
+//! stream, STYLE 4): [`check`] holds it against the architecture before a
+//! backend writes a single field, so a bad record is refused with a
+//! [`StateError`] instead of failing VM entry or faulting the hypervisor
+//! (an MXCSR with reserved bits set makes FXRSTOR raise #GP in the host).
+//! Backends add their own limits (VMX without unrestricted guest needs
+//! paging on).
+//!
+//! FPU state: both backends keep the guest's x87/SSE state as a 512-byte
+//! FXSAVE image and never let the guest enable XSAVE (CPUID hides it,
+//! XSETBV raises #UD), so XCR0 is x87|SSE for every guest. The record holds
+//! it as the standard-form XSAVE image for that XCR0: the FXSAVE image
+//! (legacy region) followed by the 64-byte XSAVE header with XSTATE_BV = 3
+//! (Intel SDM vol. 1, 13.4; AMD APM vol. 2, 11.5.2).
+//!
+//! [`Vcpu::save_state`]: crate::vcpu::Vcpu::save_state
+//! [`Vcpu::restore_state`]: crate::vcpu::Vcpu::restore_state
+
+use crate::vcpu::{LongModeEntry, Regs, StateError};
+use alloc::vec::Vec;
+pub use migration::{
+    EventKind, FpuState, GeneralRegs, Msrs, PendingEvent, Segment, TableReg, VcpuState,
+};
+
+/// Size of an FXSAVE image.
+pub const FXSAVE_BYTES: usize = 512;
+/// Size of the standard-form XSAVE image for XCR0 = x87|SSE (legacy region
+/// plus header).
+pub const XSAVE_BYTES: usize = FXSAVE_BYTES + 64;
+/// XCR0 of every guest: x87 (bit 0) and SSE (bit 1).
+pub const GUEST_XCR0: u64 = 0b11;
+/// Offset of MXCSR in the FXSAVE image.
+const MXCSR_OFFSET: usize = 24;
+/// Offset of XSTATE_BV (the XSAVE header's first field).
+const XSTATE_BV_OFFSET: usize = FXSAVE_BYTES;
+/// MXCSR bits that may be set (MXCSR_MASK of CPUs with DAZ; bits 31:16 are
+/// reserved and make FXRSTOR raise #GP).
+pub const MXCSR_VALID: u32 = 0xffff;
+
+// EFER bits (AMD APM vol. 2, 3.1.7; Intel SDM vol. 3A, 2.2.1).
+const EFER_SCE: u64 = 1 << 0;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+/// EFER bits a guest may have (the backends refuse others on WRMSR too).
+pub const EFER_GUEST_BITS: u64 = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+
+// CR0 bits.
+const CR0_PE: u64 = 1 << 0;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+/// CR0 bits that exist: PE MP EM TS ET NE WP AM NW CD PG.
+const CR0_DEFINED: u64 = 0x3f | (1 << 16) | (1 << 18) | (1 << 29) | (1 << 30) | (1 << 31);
+// CR4 bits.
+const CR4_PAE: u64 = 1 << 5;
+/// CR4 bits a guest may have here: VME PVI TSD DE PSE PAE MCE PGE PCE
+/// OSFXSR OSXMMEXCPT UMIP FSGSBASE PCIDE SMEP SMAP. Not OSXSAVE (XSAVE is
+/// hidden) nor VMXE/SMXE (no nested virtualization).
+pub const CR4_GUEST_BITS: u64 = 0x7ff | (1 << 11) | (1 << 16) | (1 << 17) | (1 << 20) | (1 << 21);
+
+/// Segment attribute: present (VMCB packed form, bit 7).
+pub const ATTR_P: u16 = 1 << 7;
+/// Segment attribute: 64-bit code (L, bit 9).
+pub const ATTR_L: u16 = 1 << 9;
+/// Segment attribute: default size (D/B, bit 10).
+pub const ATTR_DB: u16 = 1 << 10;
+
+/// The record's registers for [`Regs`] (same fields, same order).
+pub fn general_regs(r: &Regs) -> GeneralRegs {
+    GeneralRegs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rsp: r.rsp,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+/// [`Regs`] from the record's registers.
+pub fn regs_from(g: &GeneralRegs) -> Regs {
+    Regs {
+        rax: g.rax,
+        rbx: g.rbx,
+        rcx: g.rcx,
+        rdx: g.rdx,
+        rsi: g.rsi,
+        rdi: g.rdi,
+        rbp: g.rbp,
+        r8: g.r8,
+        r9: g.r9,
+        r10: g.r10,
+        r11: g.r11,
+        r12: g.r12,
+        r13: g.r13,
+        r14: g.r14,
+        r15: g.r15,
+        rsp: g.rsp,
+        rip: g.rip,
+        rflags: g.rflags,
+    }
+}
+
+/// Whether `v` is a canonical 48-bit virtual address.
+pub fn canonical(v: u64) -> bool {
+    let top = (v as i64) >> 47;
+    top == 0 || top == -1
+}
+
+/// Whether every entry of a PAT value is a defined memory type (0, 1, 4-7).
+pub fn valid_pat(v: u64) -> bool {
+    v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7))
+}
+
+/// Whether exception `vector` pushes an error code (Intel SDM vol. 3A,
+/// table 6-1; AMD APM vol. 2, 8.2).
+pub fn exception_has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+/// Architectural checks common to both backends. Nothing is changed.
+pub fn check(s: &VcpuState) -> Result<(), StateError> {
+    let err = |what, value| Err(StateError::new(what, value));
+    if s.cr0 & !CR0_DEFINED != 0 {
+        return err("CR0 reserved bits", s.cr0);
+    }
+    if s.cr0 & CR0_NW != 0 && s.cr0 & CR0_CD == 0 {
+        return err("CR0.NW without CR0.CD", s.cr0);
+    }
+    if s.cr0 & CR0_PG != 0 && s.cr0 & CR0_PE == 0 {
+        return err("CR0.PG without CR0.PE", s.cr0);
+    }
+    if s.cr4 & !CR4_GUEST_BITS != 0 {
+        return err("CR4 bits this hypervisor does not offer", s.cr4);
+    }
+    if s.cr8 > 15 {
+        return err("CR8 above 15", s.cr8);
+    }
+    if s.efer & !EFER_GUEST_BITS != 0 {
+        return err("EFER bits this hypervisor does not offer", s.efer);
+    }
+    let long = s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0;
+    if long != (s.efer & EFER_LMA != 0) {
+        return err("EFER.LMA disagrees with EFER.LME and CR0.PG", s.efer);
+    }
+    if long && s.cr4 & CR4_PAE == 0 {
+        return err("long mode with CR4.PAE clear", s.cr4);
+    }
+    if long && s.cs.attrib & ATTR_L != 0 && s.cs.attrib & ATTR_DB != 0 {
+        return err("CS has both L and D set", u64::from(s.cs.attrib));
+    }
+    for seg in [&s.es, &s.cs, &s.ss, &s.ds, &s.fs, &s.gs, &s.ldtr, &s.tr] {
+        if seg.attrib >> 12 != 0 {
+            return err("segment attribute bits 15:12", u64::from(seg.attrib));
+        }
+    }
+    if s.cs.attrib & ATTR_P == 0 {
+        return err("CS not present", u64::from(s.cs.attrib));
+    }
+    if s.tr.attrib & ATTR_P == 0 || !matches!(s.tr.attrib & 0x1f, 0x03 | 0x0b) {
+        return err("TR is not a present busy TSS", u64::from(s.tr.attrib));
+    }
+    for base in [
+        s.fs.base,
+        s.gs.base,
+        s.ldtr.base,
+        s.tr.base,
+        s.gdtr.base,
+        s.idtr.base,
+        s.msrs.lstar,
+        s.msrs.cstar,
+        s.msrs.kernel_gs_base,
+        s.msrs.sysenter_esp,
+        s.msrs.sysenter_eip,
+    ] {
+        if !canonical(base) {
+            return err("non-canonical base address or MSR", base);
+        }
+    }
+    if !valid_pat(s.msrs.pat) {
+        return err("PAT memory type", s.msrs.pat);
+    }
+    if s.msrs.sfmask >> 32 != 0 {
+        return err("SFMASK bits 63:32", s.msrs.sfmask);
+    }
+    if s.msrs.sysenter_cs >> 16 != 0 {
+        return err("SYSENTER_CS bits 63:16", s.msrs.sysenter_cs);
+    }
+    if s.msrs.tsc_aux >> 32 != 0 {
+        return err("TSC_AUX bits 63:32", s.msrs.tsc_aux);
+    }
+    if s.dr6 >> 32 != 0 || s.dr7 >> 32 != 0 {
+        return err("DR6/DR7 bits 63:32", s.dr6 | s.dr7);
+    }
+    if s.dr.iter().any(|&d| !canonical(d)) {
+        return err("non-canonical DR0-DR3", s.dr[0]);
+    }
+    if s.regs.rflags & 2 == 0 || s.regs.rflags >> 22 != 0 {
+        return err("RFLAGS reserved bits", s.regs.rflags);
+    }
+    if !canonical(s.regs.rip) {
+        return err("non-canonical RIP", s.regs.rip);
+    }
+    if let Some(ev) = s.pending_event {
+        check_event(&ev)?;
+    }
+    fxsave_image(&s.fpu).map(|_| ())
+}
+
+fn check_event(ev: &PendingEvent) -> Result<(), StateError> {
+    let v = u64::from(ev.vector);
+    match ev.kind {
+        EventKind::Exception if ev.vector >= 32 || ev.vector == 2 => {
+            Err(StateError::new("exception vector", v))
+        }
+        EventKind::Exception if ev.error_code.is_some() != exception_has_error_code(ev.vector) => {
+            Err(StateError::new("exception error code presence", v))
+        }
+        EventKind::Nmi if ev.vector != 2 => Err(StateError::new("NMI vector", v)),
+        EventKind::ExternalInterrupt | EventKind::SoftwareInterrupt if ev.error_code.is_some() => {
+            Err(StateError::new("interrupt with an error code", v))
+        }
+        EventKind::ExternalInterrupt if ev.vector < 32 => {
+            Err(StateError::new("external interrupt vector below 32", v))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The state both backends' `reset_long_mode` give a vCPU, as a record
+/// (TSC 0): 64-bit code at CPL 0, flat data segments, paging with PAE, NX,
+/// x87/SSE in their initial state. Test doubles use it as their reset
+/// state.
+pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
+    let data = Segment {
+        selector: 0x10,
+        attrib: 0x0c93,
+        limit: 0xffff_ffff,
+        base: 0,
+    };
+    let mut fx = [0u8; FXSAVE_BYTES];
+    fx[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+    fx[MXCSR_OFFSET..MXCSR_OFFSET + 4].copy_from_slice(&0x1f80u32.to_le_bytes());
+    VcpuState {
+        regs: GeneralRegs {
+            rip: entry.rip,
+            rsp: entry.rsp,
+            rdi: entry.rdi,
+            rflags: 2,
+            ..GeneralRegs::default()
+        },
+        es: data,
+        ss: data,
+        ds: data,
+        fs: data,
+        gs: data,
+        cs: Segment {
+            selector: 0x08,
+            attrib: 0x0a9b,
+            limit: 0xffff_ffff,
+            base: 0,
+        },
+        tr: Segment {
+            selector: 0,
+            attrib: 0x008b,
+            limit: 0x67,
+            base: 0,
+        },
+        ldtr: Segment {
+            attrib: 0x0082,
+            ..Segment::default()
+        },
+        gdtr: TableReg {
+            base: entry.gdt_base.as_u64(),
+            limit: entry.gdt_limit,
+        },
+        // PE MP ET NE WP PG; PAE OSFXSR OSXMMEXCPT; LME LMA NXE.
+        cr0: 0x8001_0033,
+        cr3: entry.cr3.as_u64(),
+        cr4: 0x620,
+        efer: 0xd00,
+        dr6: 0xffff_0ff0,
+        dr7: 0x400,
+        msrs: Msrs {
+            pat: 0x0007_0406_0007_0406,
+            ..Msrs::default()
+        },
+        fpu: fpu_from_fxsave(&fx),
+        ..VcpuState::default()
+    }
+}
+
+/// The record's FPU state for a 512-byte FXSAVE image.
+pub fn fpu_from_fxsave(fx: &[u8; FXSAVE_BYTES]) -> FpuState {
+    let mut xsave = Vec::with_capacity(XSAVE_BYTES);
+    xsave.extend_from_slice(fx);
+    xsave.resize(XSAVE_BYTES, 0);
+    xsave[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8].copy_from_slice(&GUEST_XCR0.to_le_bytes());
+    FpuState {
+        xcr0: GUEST_XCR0,
+        xsave,
+    }
+}
+
+/// The FXSAVE image to load for the record's FPU state: XCR0 must be
+/// x87|SSE, the image at least the legacy region, the header (if present)
+/// may only mark x87/SSE, and MXCSR must be loadable. A component whose
+/// XSTATE_BV bit is clear is in its initial state (Intel SDM vol. 1,
+/// 13.8.1): that part of the image is reset.
+pub fn fxsave_image(fpu: &FpuState) -> Result<[u8; FXSAVE_BYTES], StateError> {
+    if fpu.xcr0 != GUEST_XCR0 {
+        return Err(StateError::new("XCR0 other than x87|SSE", fpu.xcr0));
+    }
+    let Some(legacy) = fpu.xsave.get(..FXSAVE_BYTES) else {
+        return Err(StateError::new(
+            "XSAVE image shorter than its legacy region",
+            fpu.xsave.len() as u64,
+        ));
+    };
+    let mut fx = [0u8; FXSAVE_BYTES];
+    fx.copy_from_slice(legacy);
+    let bv = match fpu.xsave.get(XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8) {
+        Some(b) => {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(b);
+            u64::from_le_bytes(w)
+        }
+        // A bare legacy image: both components as given.
+        None => GUEST_XCR0,
+    };
+    if bv & !GUEST_XCR0 != 0 {
+        return Err(StateError::new("XSTATE_BV beyond XCR0", bv));
+    }
+    if bv & 1 == 0 {
+        // x87 initial: FCW 0x37f, status/tag/opcode/pointers and ST0-7 zero.
+        fx[0..24].fill(0);
+        fx[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        fx[32..160].fill(0);
+    }
+    if bv & 2 == 0 {
+        // SSE initial: XMM0-15 zero (MXCSR is kept, as XRSTOR does).
+        fx[160..416].fill(0);
+    }
+    let mut m = [0u8; 4];
+    m.copy_from_slice(&fx[MXCSR_OFFSET..MXCSR_OFFSET + 4]);
+    let mxcsr = u32::from_le_bytes(m);
+    if mxcsr & !MXCSR_VALID != 0 {
+        return Err(StateError::new("MXCSR reserved bits", u64::from(mxcsr)));
+    }
+    // MXCSR_MASK (bytes 28-31) is ignored by FXRSTOR: clear it.
+    fx[28..32].fill(0);
+    Ok(fx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn long_mode_state() -> VcpuState {
+        let mut s = super::long_mode_state(&LongModeEntry {
+            rip: 0x10_0000,
+            rsp: 0x8_0000,
+            rdi: 0x8000,
+            cr3: crate::addr::Gpa(0x1000),
+            gdt_base: crate::addr::Gpa(0x7000),
+            gdt_limit: 0x17,
+        });
+        s.tsc = 12345;
+        s
+    }
+
+    #[test]
+    fn a_long_mode_guest_passes() {
+        assert_eq!(check(&long_mode_state()), Ok(()));
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        type Edit = fn(&mut VcpuState);
+        let cases: [(Edit, &str); 14] = [
+            (|s| s.cr0 |= 1 << 40, "CR0 reserved bits"),
+            (|s| s.cr4 |= 1 << 18, "CR4 bits"),
+            (|s| s.efer |= 1 << 12, "EFER bits"),
+            (|s| s.efer &= !(1 << 10), "EFER.LMA"),
+            (|s| s.cs.attrib |= ATTR_DB, "CS has both"),
+            (|s| s.ds.attrib |= 1 << 13, "segment attribute"),
+            (|s| s.tr.attrib = 0x89, "TR is not"),
+            (|s| s.fs.base = 1 << 47, "non-canonical"),
+            (|s| s.msrs.pat = 2, "PAT"),
+            (|s| s.regs.rflags = 0, "RFLAGS"),
+            (
+                |s| {
+                    s.pending_event = Some(PendingEvent {
+                        vector: 13,
+                        kind: EventKind::Exception,
+                        error_code: None,
+                    })
+                },
+                "error code presence",
+            ),
+            (|s| s.fpu.xcr0 = 7, "XCR0"),
+            (|s| s.fpu.xsave[26] = 1, "MXCSR reserved"),
+            (|s| s.fpu.xsave.truncate(100), "shorter"),
+        ];
+        for (edit, what) in cases {
+            let mut s = long_mode_state();
+            edit(&mut s);
+            let e = check(&s).unwrap_err();
+            assert!(e.what.contains(what), "{what}: got {e}");
+        }
+    }
+
+    #[test]
+    fn fxsave_round_trips_and_init_components_reset() {
+        let mut fx = [0u8; FXSAVE_BYTES];
+        for (i, b) in fx.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        fx[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        fx[28..32].fill(0);
+        let fpu = fpu_from_fxsave(&fx);
+        assert_eq!(fpu.xsave.len(), XSAVE_BYTES);
+        assert_eq!(fxsave_image(&fpu).unwrap(), fx);
+        let mut no_sse = fpu.clone();
+        no_sse.xsave[XSTATE_BV_OFFSET] = 1;
+        let img = fxsave_image(&no_sse).unwrap();
+        assert!(img[160..416].iter().all(|&b| b == 0));
+        assert_eq!(&img[0..160], &fx[0..160]);
+        let mut bare = fpu;
+        bare.xsave.truncate(FXSAVE_BYTES);
+        assert_eq!(fxsave_image(&bare).unwrap(), fx);
+    }
+}
