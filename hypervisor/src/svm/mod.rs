@@ -338,4 +338,8 @@ impl crate::partition::Backend for Svm {
     fn destroy_vcpu(vcpu: SvmVcpu, frames: &mut dyn hvcore::mem::FrameAlloc) {
         vcpu.destroy(frames);
     }
+
+    fn resolved_exits(vcpu: &SvmVcpu) -> u64 {
+        vcpu.resolved_exits()
+    }
 }

@@ -108,6 +108,9 @@ pub struct SvmVcpu {
     /// (15.5.1), so they are loaded before entry when another guest's are
     /// in the registers, and read back after every exit.
     dr: [u64; 4],
+    /// Exits handled inside `run` without returning (#UD for SVM
+    /// instructions, INVD), for the partition's exit count.
+    resolved_exits: u64,
     fx: FxArea,
 }
 
@@ -147,6 +150,7 @@ impl SvmVcpu {
             flush_pending: true,
             tsc_aux: 0,
             dr: [0; 4],
+            resolved_exits: 0,
             fx: FxArea::initial(),
         };
         vcpu.init_vmcb(nested_root);
@@ -313,6 +317,11 @@ impl SvmVcpu {
         self.regs.rsp = rsp;
         self.regs.rip = rip;
         self.regs.rflags = rflags;
+    }
+
+    /// Exits handled inside `run` so far.
+    pub fn resolved_exits(&self) -> u64 {
+        self.resolved_exits
     }
 
     /// Set RIP (raw benchmark loop).
@@ -604,6 +613,7 @@ impl Vcpu for SvmVcpu {
             if let Some(exit) = self.decode() {
                 return exit;
             }
+            self.resolved_exits += 1;
         }
     }
 
