@@ -300,6 +300,55 @@ pub mod selftest {
         0xf0, 0x09, 0x00, 0x48, 0xcf,
     ];
 
+    /// Install a one-gate IDT at 0x9000 (gate `vector` -> `handler`, a
+    /// 64-bit interrupt gate on selector 0x08) and its IDTR image at 0xa000
+    /// for the guest's `lidt [0xa000]`.
+    fn install_gate(p: &mut dyn Partition, vector: u64, handler: u64) -> Result<(), &'static str> {
+        let e = |_| "guest memory write";
+        let m = p.memory();
+        let lo =
+            (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
+        m.write_u64(Gpa(0x9000 + vector * 16), lo).map_err(e)?;
+        m.write_u64(Gpa(0x9000 + vector * 16 + 8), handler >> 32)
+            .map_err(e)?;
+        m.write(Gpa(0xa000), &0x0fffu16.to_le_bytes()).map_err(e)?;
+        m.write_u64(Gpa(0xa002), 0x9000).map_err(e)
+    }
+
+    /// `lidt [0xa000]` / vmrun / vmload / vmsave / stgi / clgi / invlpga /
+    /// vmmcall / hlt.
+    const SVM_INSN_GUEST: [u8; 30] = [
+        0x0f, 0x01, 0x1c, 0x25, 0x00, 0xa0, 0x00, 0x00, 0x0f, 0x01, 0xd8, 0x0f, 0x01, 0xda, 0x0f,
+        0x01, 0xdb, 0x0f, 0x01, 0xdc, 0x0f, 0x01, 0xdd, 0x0f, 0x01, 0xdf, 0x0f, 0x01, 0xd9, 0xf4,
+    ];
+    /// #UD handler: `add qword [rsp], 3` / `inc qword [0x9f000]` / `iretq`.
+    const UD_HANDLER: [u8; 15] = [
+        0x48, 0x83, 0x04, 0x24, 0x03, 0x48, 0xff, 0x04, 0x25, 0x00, 0xf0, 0x09, 0x00, 0x48, 0xcf,
+    ];
+
+    /// The guest's EFER.SVME is set in the VMCB (VMRUN needs it), so every
+    /// SVM instruction must be intercepted and answered with #UD, as on a
+    /// CPU without SVM: six of them, six #UDs, no other exit.
+    fn svm_instructions_raise_ud() -> Result<(), &'static str> {
+        let mut p = create_partition(RAM_BYTES).map_err(|_| "create_partition failed")?;
+        let p = p.as_mut();
+        prepare(p, &SVM_INSN_GUEST)?;
+        p.memory()
+            .write(Gpa(CODE_GPA + 0x100), &UD_HANDLER)
+            .map_err(|_| "guest memory write")?;
+        install_gate(p, 6, CODE_GPA + 0x100)?;
+        expect(p, "svm insns", |e| matches!(e, VmExit::Hypercall))?;
+        let count = p.memory().read_u64(Gpa(0x9f000)).map_err(|_| "read")?;
+        log::info!(
+            "selftest: svm insns: {count} #UD delivered, stats {:?}",
+            p.stats()
+        );
+        if count != 6 {
+            return Err("SVM instructions did not each raise one #UD");
+        }
+        Ok(())
+    }
+
     /// An injected #GP whose delivery hits a write-protected stack page:
     /// the nested fault is resolved by the dirty log and the event must be
     /// delivered again from EXITINTINFO (the guest's handler runs once and
@@ -310,18 +359,10 @@ pub mod selftest {
         let p = p.as_mut();
         prepare(p, &GP_GUEST)?;
         let handler = CODE_GPA + 0x100;
-        let e = |_| "guest memory write";
-        let m = p.memory();
-        m.write(Gpa(handler), &GP_HANDLER).map_err(e)?;
-        // IDT at 0x9000, vector 13: 64-bit interrupt gate, selector 0x08.
-        let lo =
-            (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
-        m.write_u64(Gpa(0x9000 + 13 * 16), lo).map_err(e)?;
-        m.write_u64(Gpa(0x9000 + 13 * 16 + 8), handler >> 32)
-            .map_err(e)?;
-        // IDTR image at 0xa000: limit, base.
-        m.write(Gpa(0xa000), &0x0fffu16.to_le_bytes()).map_err(e)?;
-        m.write_u64(Gpa(0xa002), 0x9000).map_err(e)?;
+        p.memory()
+            .write(Gpa(handler), &GP_HANDLER)
+            .map_err(|_| "guest memory write")?;
+        install_gate(p, 13, handler)?;
         expect(p, "reinject: hc enable", |e| matches!(e, VmExit::Hypercall))?;
         p.enable_dirty_log(DirtyMode::WriteProtect)
             .map_err(|_| "enable_dirty_log")?;
@@ -484,7 +525,7 @@ pub mod selftest {
     pub fn run(preempt: bool) -> bool {
         let (_, free_before) = crate::mem::memory_stats();
         let mut ok = true;
-        let checks: [(&str, Check); 5] = [
+        let checks: [(&str, Check); 6] = [
             (
                 "guest",
                 if preempt {
@@ -494,6 +535,7 @@ pub mod selftest {
                 },
             ),
             ("event-reinjection", event_reinjection),
+            ("svm-instructions-ud", svm_instructions_raise_ud),
             ("many-partitions", many_partitions),
             ("state-round-trip", state_round_trip),
             ("triple-fault", triple_fault),
