@@ -14,7 +14,11 @@
 //!   they run out, the shared top ASID with a flush on every VMRUN;
 //! * the I/O and MSR permission maps are immutable statics shared by all
 //!   guests: every port is intercepted, and every MSR except those the VMCB
-//!   switches (FS/GS/KernelGS base, the SYSCALL/SYSENTER MSRs).
+//!   switches (FS/GS/KernelGS base, the SYSCALL/SYSENTER MSRs);
+//! * guest state VMRUN does not switch is switched in software around each
+//!   run: x87/SSE by FXSAVE/FXRSTOR (so [`enable`] sets the host's
+//!   CR4.OSFXSR; the host itself never uses those registers), DR0-DR3 and
+//!   TSC_AUX lazily, only when another guest's values are loaded.
 
 pub mod bench;
 mod maps;
