@@ -4,7 +4,14 @@
 //! scheduler for at most [`CASE_TIMEOUT_NS`] of node time, judges the result
 //! from how the VMs stopped and what they printed, and destroys them (their
 //! memory goes back to the host) before the next case runs.
+//!
+//! The live-migration cases (`local-migrate-*`) run one VM, wait for its
+//! guest's first `HC_PROGRESS` (its workload is running), live-migrate it
+//! within the node ([`crate::migrate`]) once or twice, run the VM that
+//! results until its guest reports, and judge from both the guest's result
+//! and the `migration-report` fields.
 
+use crate::migrate::{self, Faults};
 use crate::sched::{ProgressLog, RunOutcome, Scheduler};
 use crate::vm::{StopReason, Vm};
 use alloc::format;
@@ -12,6 +19,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use hvcore::exit::StopReason as ExitStop;
 use hvcore::host::Host;
+use migration::policy::{NS_PER_MS, NS_PER_S};
+use migration::{MigrationReport, MigrationResult, Policy};
 
 /// Time limit of one case in node nanoseconds.
 pub const CASE_TIMEOUT_NS: u64 = 30_000_000_000;
@@ -19,6 +28,15 @@ pub const CASE_TIMEOUT_NS: u64 = 30_000_000_000;
 pub const HELLO_LINE: &str = "Hello from the hvmigrate guest";
 /// Progress reports each `two-vms` guest makes at least.
 pub const TWO_VMS_MIN_REPORTS: u64 = 100;
+/// Time limit of a live-migration case (the migrations included).
+pub const MIGRATION_CASE_TIMEOUT_NS: u64 = 90 * NS_PER_S;
+/// `local-migrate-abort`: the link breaks after this many stream bytes
+/// (partway through the first pass).
+pub const ABORT_AFTER_BYTES: u64 = 256 << 10;
+/// `local-migrate-converge`: the transport's rate limit.
+pub const CONVERGE_BYTES_PER_S: u64 = 4 << 20;
+/// `local-migrate-converge`: the migration's own time limit.
+pub const CONVERGE_TIMEOUT_NS: u64 = 60 * NS_PER_S;
 
 /// One VM of a case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,11 +56,15 @@ pub enum Case {
     BadMsr,
     TripleFault,
     TwoVms,
+    LocalMigrateIdle,
+    LocalMigrateBusy,
+    LocalMigrateAbort,
+    LocalMigrateConverge,
 }
 
 impl Case {
     /// Every case in order.
-    pub const ALL: [Case; 7] = [
+    pub const ALL: [Case; 11] = [
         Case::Hello,
         Case::Cpuid,
         Case::Memory,
@@ -50,6 +72,10 @@ impl Case {
         Case::BadMsr,
         Case::TripleFault,
         Case::TwoVms,
+        Case::LocalMigrateIdle,
+        Case::LocalMigrateBusy,
+        Case::LocalMigrateAbort,
+        Case::LocalMigrateConverge,
     ];
 
     /// The case's name on the command line and in results.
@@ -62,6 +88,10 @@ impl Case {
             Case::BadMsr => "bad-msr",
             Case::TripleFault => "triple-fault",
             Case::TwoVms => "two-vms",
+            Case::LocalMigrateIdle => "local-migrate-idle",
+            Case::LocalMigrateBusy => "local-migrate-busy",
+            Case::LocalMigrateAbort => "local-migrate-abort",
+            Case::LocalMigrateConverge => "local-migrate-converge",
         }
     }
 
@@ -115,12 +145,66 @@ impl Case {
                     cmdline: "case=two-vms role=b",
                 },
             ],
+            Case::LocalMigrateIdle => &[VmSpec {
+                name: "local-migrate-idle",
+                ram_mib: 64,
+                cmdline: "case=local-migrate-idle",
+            }],
+            Case::LocalMigrateBusy => &[VmSpec {
+                name: "local-migrate-busy",
+                ram_mib: 64,
+                cmdline: "case=local-migrate-busy",
+            }],
+            Case::LocalMigrateAbort => &[VmSpec {
+                name: "local-migrate-abort",
+                ram_mib: 64,
+                cmdline: "case=local-migrate-abort",
+            }],
+            Case::LocalMigrateConverge => &[VmSpec {
+                name: "local-migrate-converge",
+                ram_mib: 64,
+                cmdline: "case=local-migrate-converge",
+            }],
         }
+    }
+
+    /// Whether this is a live-migration case.
+    pub fn is_migration(self) -> bool {
+        matches!(
+            self,
+            Case::LocalMigrateIdle
+                | Case::LocalMigrateBusy
+                | Case::LocalMigrateAbort
+                | Case::LocalMigrateConverge
+        )
+    }
+
+    /// The migration policy of a live-migration case.
+    pub fn migration_policy(self) -> Policy {
+        let mut p = Policy::default();
+        match self {
+            // A tight downtime budget: the dirtying guest needs more than
+            // one dirty pass to fit it.
+            Case::LocalMigrateBusy => p.downtime_limit_ns = 30 * NS_PER_MS,
+            // A transport slower than the guest dirties memory: only the
+            // throttle lets the dirty set shrink.
+            Case::LocalMigrateConverge => {
+                p.max_bandwidth_bytes_per_s = CONVERGE_BYTES_PER_S;
+                p.timeout_ns = CONVERGE_TIMEOUT_NS;
+                p.throttle_initial_pct = 50;
+                p.throttle_step_pct = 25;
+            }
+            _ => {}
+        }
+        p
     }
 }
 
 /// Run `case` with guest kernel `image`; `Err` holds the failure reason.
 pub fn run_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(), String> {
+    if case.is_migration() {
+        return run_migration_case(host, image, case);
+    }
     let mut vms = Vec::new();
     for spec in case.vms() {
         let vm = Vm::create(host, spec.name, spec.ram_mib << 20, image, spec.cmdline)
@@ -157,7 +241,14 @@ pub fn evaluate(case: Case, vms: &[Vm], progress: &ProgressLog) -> Result<(), St
                 Err("no hello line on the console".into())
             }
         }
-        Case::Cpuid | Case::Memory | Case::DirtyLog | Case::BadMsr => reported_ok(vm_at(vms, 0)?),
+        Case::Cpuid
+        | Case::Memory
+        | Case::DirtyLog
+        | Case::BadMsr
+        | Case::LocalMigrateIdle
+        | Case::LocalMigrateBusy
+        | Case::LocalMigrateAbort
+        | Case::LocalMigrateConverge => reported_ok(vm_at(vms, 0)?),
         Case::TripleFault => {
             let vm = vm_at(vms, 0)?;
             match vm.stop_reason() {
@@ -196,6 +287,127 @@ pub fn evaluate(case: Case, vms: &[Vm], progress: &ProgressLog) -> Result<(), St
             Ok(())
         }
     }
+}
+
+/// A live-migration case: start the VM, wait for its guest's first
+/// progress report, migrate (twice for `local-migrate-abort`: the first
+/// over a link that breaks), run the VM that results until its guest
+/// reports, judge.
+fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(), String> {
+    let spec = case.vms()[0];
+    let mut vm = Vm::create(host, spec.name, spec.ram_mib << 20, image, spec.cmdline)
+        .map_err(|e| format!("cannot create VM {}: {e}", spec.name))?;
+    vm.start();
+    let deadline = host.now_ns().saturating_add(MIGRATION_CASE_TIMEOUT_NS);
+    let policy = case.migration_policy();
+    let mut reports = Vec::new();
+    let mut result = Ok(());
+    if !migrate::run_until(host, &mut vm, deadline, |v| {
+        v.counters().progress_reports > 0
+    }) {
+        result = Err(not_running(host, &mut vm, "before the migration"));
+    }
+    if result.is_ok() && case == Case::LocalMigrateAbort {
+        let faults = Faults {
+            fail_after_bytes: Some(ABORT_AFTER_BYTES),
+        };
+        let out = migrate::migrate_local(host, vm, policy, faults);
+        vm = out.vm;
+        reports.push(out.report);
+        // The guest checks its memory after the failed attempt and says so
+        // with a second progress report.
+        if !migrate::run_until(host, &mut vm, deadline, |v| {
+            v.counters().progress_reports > 1
+        }) {
+            result = Err(not_running(host, &mut vm, "after the failed migration"));
+        }
+    }
+    if result.is_ok() {
+        let out = migrate::migrate_local(host, vm, policy, Faults::default());
+        vm = out.vm;
+        reports.push(out.report);
+        migrate::run_until(host, &mut vm, deadline, |v| v.stop_reason().is_some());
+        if vm.stop_reason().is_none() {
+            vm.stop(host, StopReason::Timeout);
+            result = Err("timeout".into());
+        }
+    }
+    let result = result
+        .and_then(|()| reported_ok(&vm))
+        .and_then(|()| judge_reports(case, &reports));
+    vm.destroy();
+    result
+}
+
+/// Why the guest did not get where the case waited for it; a guest still
+/// running ran out of time.
+fn not_running(host: &mut dyn Host, vm: &mut Vm, when: &str) -> String {
+    match vm.stop_reason() {
+        Some(StopReason::GuestFailed(m)) => m.clone(),
+        Some(r) => format!("vm {} stopped {when}: {r}", vm.name()),
+        None => {
+            vm.stop(host, StopReason::Timeout);
+            "timeout".into()
+        }
+    }
+}
+
+/// The report checks of each live-migration case.
+pub fn judge_reports(case: Case, reports: &[MigrationReport]) -> Result<(), String> {
+    let completed = |r: &MigrationReport| {
+        if r.result == MigrationResult::Completed {
+            Ok(())
+        } else {
+            Err(format!(
+                "migration {}: {}",
+                r.result.as_str(),
+                r.error.as_deref().unwrap_or("no reason given")
+            ))
+        }
+    };
+    let last = reports
+        .last()
+        .ok_or_else(|| String::from("no migration report"))?;
+    completed(last)?;
+    match case {
+        Case::LocalMigrateIdle if last.bytes_sent > last.ram_bytes + last.ram_bytes / 10 => {
+            return Err(format!(
+                "bytes_sent {} above 1.1 x ram_bytes ({})",
+                last.bytes_sent,
+                last.ram_bytes + last.ram_bytes / 10
+            ));
+        }
+        Case::LocalMigrateBusy if last.passes < 3 => {
+            return Err(format!(
+                "{} passes (the full copy and at least two dirty passes expected)",
+                last.passes
+            ));
+        }
+        Case::LocalMigrateAbort => {
+            let first = reports
+                .first()
+                .filter(|_| reports.len() == 2)
+                .ok_or_else(|| String::from("expected two migrations"))?;
+            if first.result != MigrationResult::Failed || first.error.is_none() {
+                return Err(format!(
+                    "first migration: result {} error {:?} (failed with a reason expected)",
+                    first.result.as_str(),
+                    first.error
+                ));
+            }
+        }
+        Case::LocalMigrateConverge => {
+            if last.throttle_pct == 0 {
+                return Err("the guest was never throttled".into());
+            }
+            let limit_ms = CONVERGE_TIMEOUT_NS / NS_PER_MS;
+            if last.total_ms > limit_ms {
+                return Err(format!("took {} ms (limit {limit_ms} ms)", last.total_ms));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn vm_at(vms: &[Vm], i: usize) -> Result<&Vm, String> {

@@ -9,6 +9,7 @@
 //! * [`hypercall`]: the hypercalls (generic exits are `hvcore::exit`'s);
 //! * [`vm`]: a VM, its lifecycle and its worker loop;
 //! * [`sched`]: round-robin time slices over VMs;
+//! * [`migrate`]: live migration of a VM within the node;
 //! * [`cases`], [`node`]: the node modes (test cases, demo, benchmark,
 //!   heartbeat node, managed node);
 //! * [`mgmt`]: the management API (protocol, authentication, jobs,
@@ -27,6 +28,7 @@ pub mod devices;
 pub mod hypercall;
 pub mod loader;
 pub mod mgmt;
+pub mod migrate;
 pub mod node;
 pub mod sched;
 pub mod start;

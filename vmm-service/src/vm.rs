@@ -1,7 +1,9 @@
 //! A VM and its worker: lifecycle, exit loop, device models, hypercalls.
 //!
 //! Lifecycle: `Created` (kernel loaded, start state built) -> `Running` <->
-//! `Halted` (idle for the rest of a slice) -> `Stopped(reason)`. A stopped VM
+//! `Halted` (idle for the rest of a slice) -> `Stopped(reason)`. Apart from
+//! the state, a live migration can *pause* a VM ([`Vm::pause`]): it is not
+//! runnable until [`Vm::resume`], whatever its state. A stopped VM
 //! never runs again; dropping the [`Vm`] drops its partition, which returns
 //! its memory to the host. Every stop prints one console line, `vm NAME
 //! stopped: REASON`.
@@ -20,7 +22,7 @@ use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use core::fmt::{self, Write as _};
-use hvcore::abi::HC_NOP;
+use hvcore::abi::{HC_MIGRATION_STATUS, HC_NOP};
 use hvcore::exit::{self, Handled, StopReason as ExitStop};
 use hvcore::host::{Host, HostError, Partition};
 use hvcore::vcpu::IoDir;
@@ -145,12 +147,25 @@ pub struct VmCounters {
     pub console_lines: u64,
 }
 
+/// Live migrations of one VM as its guest sees them (`HC_MIGRATION_STATUS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationCounters {
+    /// Migrations that switched the VM over (it now runs on their
+    /// destination).
+    pub completed: u64,
+    /// Migrations that failed or were cancelled (the VM stayed here).
+    pub failed: u64,
+}
+
 /// One VM.
 pub struct Vm {
     name: String,
     partition: Box<dyn Partition>,
     devices: Devices,
     state: VmState,
+    /// Paused by a live migration: not runnable until resumed.
+    paused: bool,
+    migrations: MigrationCounters,
     counters: VmCounters,
     recent: VecDeque<String>,
     /// Reused buffer for console lines.
@@ -177,12 +192,7 @@ impl Vm {
         image: &[u8],
         cmdline: &str,
     ) -> Result<Self, VmError> {
-        let name_ok = !name.is_empty()
-            && name.len() <= NAME_MAX
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !name_ok {
+        if !name_ok(name) {
             return Err(VmError::BadName);
         }
         // Check the image before asking for memory.
@@ -192,15 +202,32 @@ impl Vm {
             loader::load(image, partition.memory()).map_err(VmError::Load)?;
         let entry = start::build(partition.memory(), &kernel, cmdline).map_err(VmError::Start)?;
         partition.vcpu().reset_long_mode(&entry);
-        Ok(Self {
+        Ok(Self::with_partition(name, partition))
+    }
+
+    /// An empty VM `name` with `ram_bytes` of zeroed RAM and a vCPU in its
+    /// reset state, nothing loaded: the destination of a live migration,
+    /// filled by it. It stays `Created` (not runnable) until started.
+    pub fn create_empty(host: &mut dyn Host, name: &str, ram_bytes: u64) -> Result<Self, VmError> {
+        if !name_ok(name) {
+            return Err(VmError::BadName);
+        }
+        let partition = host.create_partition(ram_bytes).map_err(VmError::Host)?;
+        Ok(Self::with_partition(name, partition))
+    }
+
+    fn with_partition(name: &str, partition: Box<dyn Partition>) -> Self {
+        Self {
             name: name.into(),
             partition,
             devices: Devices::new(),
             state: VmState::Created,
+            paused: false,
+            migrations: MigrationCounters::default(),
             counters: VmCounters::default(),
             recent: VecDeque::new(),
             line_buf: String::new(),
-        })
+        }
     }
 
     /// The VM's name.
@@ -220,7 +247,44 @@ impl Vm {
     }
     /// Whether the scheduler should give it slices.
     pub fn is_runnable(&self) -> bool {
-        matches!(self.state, VmState::Running | VmState::Halted)
+        !self.paused && matches!(self.state, VmState::Running | VmState::Halted)
+    }
+    /// Whether a live migration paused it.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+    /// Stop giving it slices (live migration switch-over): its memory,
+    /// vCPU and devices are frozen until [`Vm::resume`].
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+    /// Runnable again after [`Vm::pause`] (a migration went back).
+    pub fn resume(&mut self) {
+        self.paused = false;
+    }
+    /// Its live migrations so far.
+    pub fn migrations(&self) -> MigrationCounters {
+        self.migrations
+    }
+    /// Count one more migration that failed or was cancelled.
+    pub fn note_failed_migration(&mut self) {
+        self.migrations.failed = self.migrations.failed.saturating_add(1);
+    }
+    /// Take over the node-side bookkeeping of `source` after a completed
+    /// live migration into this VM: console history, counters, and the
+    /// migration counters plus this one. Nothing guest-visible (memory,
+    /// vCPU and devices came through the migration stream).
+    pub fn adopt_bookkeeping(&mut self, source: &Vm) {
+        self.recent = source.recent.clone();
+        self.counters = source.counters;
+        self.migrations = MigrationCounters {
+            completed: source.migrations.completed.saturating_add(1),
+            failed: source.migrations.failed,
+        };
+    }
+    /// Replace the device models (restored from a migration stream).
+    pub fn set_devices(&mut self, devices: Devices) {
+        self.devices = devices;
     }
     /// Worker counters.
     pub fn counters(&self) -> VmCounters {
@@ -233,6 +297,10 @@ impl Vm {
     /// The partition (dirty log, statistics).
     pub fn partition(&mut self) -> &mut dyn Partition {
         &mut *self.partition
+    }
+    /// Guest RAM size in bytes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.partition.ram_bytes()
     }
     /// Its devices.
     pub fn devices(&self) -> &Devices {
@@ -287,6 +355,11 @@ impl Vm {
                     let regs = vcpu.regs_mut();
                     if regs.rax == HC_NOP {
                         regs.rax = regs.rdi.wrapping_add(1);
+                        vcpu.skip_instruction();
+                    } else if regs.rax == HC_MIGRATION_STATUS {
+                        // Node-side bookkeeping, not a partition matter.
+                        regs.rax = self.migrations.completed;
+                        regs.rdi = self.migrations.failed;
                         vcpu.skip_instruction();
                     } else if let Some(reason) = self.hypercall(host) {
                         self.stop(host, reason);
@@ -380,6 +453,15 @@ impl Vm {
         line.push('\n');
         host.console_write(&line);
     }
+}
+
+/// VM names: 1 to [`NAME_MAX`] characters of `[a-z0-9-]`.
+fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Emits a VM's UART lines on the node console as `[NAME] line`.

@@ -136,3 +136,10 @@ pub fn nop(x: u64) -> HcResult {
     // SAFETY: no guest memory is named.
     unsafe { raw(abi::HC_NOP, x, 0, 0, 0) }
 }
+
+/// `HC_MIGRATION_STATUS`: RAX = completed migrations of this VM, RDI =
+/// failed or cancelled ones.
+pub fn migration_status() -> HcResult {
+    // SAFETY: no guest memory is named.
+    unsafe { raw(abi::HC_MIGRATION_STATUS, 0, 0, 0, 0) }
+}

@@ -16,7 +16,7 @@ const DEFAULT_TSC_HZ: u64 = 2_000_000_000;
 /// 0x4000_0010 (EAX = TSC kHz) when our vendor leaf reaches it, else CPUID
 /// 0x15 (TSC/crystal ratio), else 0x16 (base MHz), else a fixed guess. Only
 /// used for "about once a second" pacing.
-fn tsc_hz() -> u64 {
+pub(crate) fn tsc_hz() -> u64 {
     let hv = cpuid(0x4000_0000, 0);
     let mut sig = [0u8; 12];
     sig[0..4].copy_from_slice(&hv.ebx.to_le_bytes());

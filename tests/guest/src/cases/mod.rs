@@ -6,6 +6,7 @@ mod basic;
 mod dirty_log;
 mod endless;
 mod memory;
+mod migrate;
 mod two_vms;
 
 use crate::Env;
@@ -23,6 +24,10 @@ pub fn run(env: &Env) -> ! {
         "bad-msr" => basic::bad_msr(),
         "triple-fault" => basic::triple_fault(),
         "two-vms" => two_vms::run(env),
+        "local-migrate-idle" => migrate::idle(),
+        "local-migrate-busy" => migrate::busy(env, 16 << 20, "local-migrate-busy"),
+        "local-migrate-abort" => migrate::abort(env),
+        "local-migrate-converge" => migrate::busy(env, 8 << 20, "local-migrate-converge"),
         "heartbeat" => endless::heartbeat(),
         "dirty-demo" => endless::dirty_demo(env),
         "bench-hypercall" => endless::bench_hypercall(),

@@ -1,0 +1,646 @@
+//! Live migration within one node: a running [`Vm`] moves to a new VM on
+//! the same node through an in-memory byte pipe ([`MemPipe`]) that carries
+//! the real encoded migration stream, exactly as it would cross the wire.
+//!
+//! Parts:
+//! * [`SourceVm`]: `migration::MigratableVm` over the running VM (pages
+//!   through its `GuestMemory`, dirty log through its `Partition`, pause =
+//!   not scheduled, throttle = a share of its time, vCPU state through
+//!   `Vcpu::save_state`, device state through `Devices::save`);
+//! * [`DestVm`]: `migration::DestinationVm` over an empty VM created before
+//!   the migration with the same RAM size (MISSION "Live migration" step 1),
+//!   not runnable until the receiver resumes it;
+//! * [`migrate_local`]: the driver. The node has one CPU, so it interleaves
+//!   bounded steps of both engines with time slices of the guest, which
+//!   keeps running during pre-copy.
+//!
+//! Naming: the destination VM has the source VM's name, so the console
+//! prefix `[NAME]` does not change; both exist only during the migration,
+//! and only one of them is ever runnable.
+//!
+//! Invariants:
+//! * the source VM is destroyed only after the destination resumed (the
+//!   receiver resumes it on `go`, after the digest matched and all state
+//!   was restored);
+//! * any failure before that point discards the destination and leaves
+//!   the source running with its memory untouched (the engine only reads
+//!   it); the report says `failed` or `cancelled` with the reason;
+//! * both ends live on this node, so the protocol's "in doubt" case (link
+//!   lost after `go`) is decided here: whichever side the receiver says
+//!   runs, runs;
+//! * one `migration-report {json}` line per migration on the node console.
+
+use crate::devices::Devices;
+use crate::vm::{SliceEnd, Vm};
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use hvcore::addr::Gpa;
+use hvcore::host::{DirtyMode, Host};
+use migration::{
+    Clock, DestinationVm, DeviceDesc, DeviceState, DirtyBitmap, MemPipe, MigratableVm, Migration,
+    MigrationReport, MigrationResult, Page, Policy, Progress, Receiver, RecvProgress, VcpuState,
+    VmConfig, VmError, PAGE_SIZE,
+};
+
+/// Device kind of the port I/O bus state ([`Devices::save`]), the one
+/// device record of our VMs.
+pub const DEVICE_KIND_PORT_BUS: u16 = 1;
+/// Guest time per turn while pre-copy runs (a turn ends at the first
+/// timer exit after it, so it can run a tick longer).
+pub const GUEST_SLICE_NS: u64 = 4_000_000;
+/// Most engine time per turn before the guest runs again.
+pub const ENGINE_SLICE_NS: u64 = 2_000_000;
+/// Receiver steps after the source finished, to let it see the end.
+const DRAIN_STEPS: u32 = 10_000;
+
+/// The source VM as the engine sees it. Shared with the driver, which runs
+/// the guest between engine steps.
+pub struct SourceVm {
+    vm: Rc<RefCell<Vm>>,
+    /// Throttle in percent (time the guest does not get).
+    throttle: Rc<RefCell<u8>>,
+    config: VmConfig,
+}
+
+/// The configuration record of one of our VMs: RAM, one vCPU, the port
+/// bus. CPUID is not listed: both ends are this node, with one CPUID policy
+/// (`hvcore::exit`).
+pub fn vm_config(ram_bytes: u64) -> VmConfig {
+    VmConfig {
+        ram_bytes,
+        vcpus: 1,
+        devices: vec![DeviceDesc {
+            kind: DEVICE_KIND_PORT_BUS,
+            instance: 0,
+            version: u32::from(Devices::SAVE_VERSION),
+        }],
+        cpuid: Vec::new(),
+    }
+}
+
+impl MigratableVm for SourceVm {
+    fn config(&self) -> VmConfig {
+        self.config.clone()
+    }
+
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        let gpa = gfn
+            .checked_mul(PAGE_SIZE as u64)
+            .ok_or(VmError::at("page outside guest RAM", gfn))?;
+        let mut vm = self.vm.borrow_mut();
+        vm.partition()
+            .memory()
+            .read(Gpa(gpa), &mut buf[..])
+            .map_err(|_| VmError::at("page outside guest RAM", gfn))
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        let mut vm = self.vm.borrow_mut();
+        vm.partition()
+            .enable_dirty_log(DirtyMode::WriteProtect)
+            .map_err(|_| VmError::new("cannot enable dirty logging (out of memory?)"))
+    }
+
+    fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError> {
+        let mut vm = self.vm.borrow_mut();
+        let p = vm.partition();
+        out.with_words_mut(|words| p.collect_dirty(words))
+            .map(|_| ())
+            .map_err(|_| VmError::new("collecting the dirty log failed"))
+    }
+
+    fn stop_dirty_log(&mut self) {
+        self.vm.borrow_mut().partition().disable_dirty_log();
+    }
+
+    fn set_throttle(&mut self, pct: u8) {
+        *self.throttle.borrow_mut() = pct.min(99);
+    }
+
+    fn pause(&mut self) -> Result<(), VmError> {
+        let mut vm = self.vm.borrow_mut();
+        if vm.stop_reason().is_some() {
+            return Err(VmError::new("the VM stopped"));
+        }
+        vm.pause();
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        self.vm.borrow_mut().resume();
+    }
+
+    fn save_vcpus(&mut self) -> Result<Vec<VcpuState>, VmError> {
+        let mut vm = self.vm.borrow_mut();
+        let mut s = vm.partition().vcpu().save_state();
+        s.id = 0;
+        Ok(vec![s])
+    }
+
+    fn save_devices(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        let vm = self.vm.borrow();
+        Ok(vec![DeviceState {
+            kind: DEVICE_KIND_PORT_BUS,
+            instance: 0,
+            version: u32::from(Devices::SAVE_VERSION),
+            payload: vm.devices().save(),
+        }])
+    }
+}
+
+/// The destination: an empty VM, shared with the driver. `None` once
+/// discarded.
+pub struct DestVm {
+    vm: Rc<RefCell<Option<Vm>>>,
+    ram_bytes: u64,
+}
+
+impl DestVm {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Vm) -> Result<R, VmError>) -> Result<R, VmError> {
+        match self.vm.borrow_mut().as_mut() {
+            Some(vm) => f(vm),
+            None => Err(VmError::new("the destination VM was discarded")),
+        }
+    }
+}
+
+fn page_gpa(gfn: u64) -> Result<Gpa, VmError> {
+    gfn.checked_mul(PAGE_SIZE as u64)
+        .map(Gpa)
+        .ok_or(VmError::at("page outside guest RAM", gfn))
+}
+
+impl DestinationVm for DestVm {
+    fn prepare(&mut self, config: &VmConfig) -> Result<(), VmError> {
+        // The VM exists already (created like the source); the stream's
+        // configuration must describe exactly it.
+        let want = vm_config(self.ram_bytes);
+        if config.ram_bytes != want.ram_bytes {
+            return Err(VmError::at(
+                "RAM size differs from the destination VM's",
+                config.ram_bytes,
+            ));
+        }
+        if config.vcpus != 1 {
+            return Err(VmError::at(
+                "only one vCPU per VM is supported",
+                u64::from(config.vcpus),
+            ));
+        }
+        if config.devices != want.devices {
+            return Err(VmError::new("device list differs from this node's VMs"));
+        }
+        self.with(|_| Ok(()))
+    }
+
+    fn write_page(&mut self, gfn: u64, data: &Page) -> Result<(), VmError> {
+        let gpa = page_gpa(gfn)?;
+        self.with(|vm| {
+            vm.partition()
+                .memory()
+                .write(gpa, &data[..])
+                .map_err(|_| VmError::at("page outside guest RAM", gfn))
+        })
+    }
+
+    fn zero_page(&mut self, gfn: u64) -> Result<(), VmError> {
+        self.write_page(gfn, &[0u8; PAGE_SIZE])
+    }
+
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        let gpa = page_gpa(gfn)?;
+        self.with(|vm| {
+            vm.partition()
+                .memory()
+                .read(gpa, &mut buf[..])
+                .map_err(|_| VmError::at("page outside guest RAM", gfn))
+        })
+    }
+
+    fn restore_vcpus(&mut self, vcpus: &[VcpuState]) -> Result<(), VmError> {
+        let [state] = vcpus else {
+            return Err(VmError::at("vCPU count", vcpus.len() as u64));
+        };
+        self.with(|vm| {
+            vm.partition()
+                .vcpu()
+                .restore_state(state)
+                .map_err(|e| VmError::at(e.what, e.value))
+        })
+    }
+
+    fn restore_devices(&mut self, devices: &[DeviceState]) -> Result<(), VmError> {
+        let [d] = devices else {
+            return Err(VmError::at("device count", devices.len() as u64));
+        };
+        if d.kind != DEVICE_KIND_PORT_BUS || d.instance != 0 {
+            return Err(VmError::at("unknown device", u64::from(d.kind)));
+        }
+        let restored = Devices::restore(&d.payload)
+            .map_err(|_| VmError::new("device state refused by the port bus"))?;
+        self.with(|vm| {
+            vm.set_devices(restored);
+            Ok(())
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.with(|vm| {
+            vm.start();
+            Ok(())
+        })
+    }
+
+    fn discard(&mut self) {
+        // Dropping the VM returns its memory to the host.
+        self.vm.borrow_mut().take();
+    }
+}
+
+/// The engine's clock: the host's, shared with the driver, which borrows
+/// the host mutably only between engine steps.
+struct LoopClock<'h> {
+    host: RefCell<&'h mut dyn Host>,
+}
+
+impl Clock for LoopClock<'_> {
+    fn now_ns(&self) -> u64 {
+        self.host.borrow().now_ns()
+    }
+    fn idle(&self, _max_ns: u64) {}
+}
+
+/// Test hooks of one local migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Break the source-to-destination link after this many stream bytes
+    /// (`MemPipe::fail_after`).
+    pub fail_after_bytes: Option<u64>,
+}
+
+/// How a local migration ended.
+#[derive(Debug)]
+pub struct LocalOutcome {
+    /// The VM that runs now: the destination after a completed migration,
+    /// else the source (resumed).
+    pub vm: Vm,
+    /// The source engine's report (also printed as `migration-report`).
+    pub report: MigrationReport,
+}
+
+/// Live-migrate `vm` to a new VM of the same name and size on this node
+/// under `policy`, running the guest between engine steps, and print one
+/// `migration-report {json}` line. Returns the VM that runs afterwards.
+/// A destination that cannot be created fails the migration at once (the
+/// VM keeps running).
+pub fn migrate_local(host: &mut dyn Host, vm: Vm, policy: Policy, faults: Faults) -> LocalOutcome {
+    let name = String::from(vm.name());
+    let ram_bytes = vm.ram_bytes();
+    let dest = match Vm::create_empty(host, &name, ram_bytes) {
+        Ok(d) => d,
+        Err(e) => {
+            let mut vm = vm;
+            vm.note_failed_migration();
+            let report = failed_report(ram_bytes, format!("cannot create the destination VM: {e}"));
+            print_report(host, &report);
+            return LocalOutcome { vm, report };
+        }
+    };
+    let src = Rc::new(RefCell::new(vm));
+    let throttle = Rc::new(RefCell::new(0u8));
+    let dst = Rc::new(RefCell::new(Some(dest)));
+    let (src_end, dst_end) = MemPipe::pair();
+    if let Some(n) = faults.fail_after_bytes {
+        src_end.fail_after(n);
+    }
+    let clock = LoopClock {
+        host: RefCell::new(host),
+    };
+    let source = SourceVm {
+        vm: src.clone(),
+        throttle: throttle.clone(),
+        config: vm_config(ram_bytes),
+    };
+    let mut m = Migration::new(source, src_end, &clock, policy);
+    let mut r = Receiver::new(
+        DestVm {
+            vm: dst.clone(),
+            ram_bytes,
+        },
+        dst_end,
+    );
+    let result = drive(&clock, &src, &throttle, &mut m, &mut r);
+    let report = m.report().clone();
+    let received = r.outcome().result;
+    drop(m);
+    drop(r);
+    let host = clock.host.into_inner();
+    print_report(host, &report);
+    let mut source = unwrap_rc(src);
+    let dest = dst.borrow_mut().take();
+    match (received, dest) {
+        (MigrationResult::Completed, Some(mut d)) => {
+            // The destination runs: only now is the source released.
+            d.adopt_bookkeeping(&source);
+            source.destroy();
+            LocalOutcome { vm: d, report }
+        }
+        (_, dest) => {
+            // Discard whatever is left of the destination; the source runs.
+            drop(dest);
+            if result != MigrationResult::Completed {
+                source.note_failed_migration();
+            }
+            source.resume();
+            LocalOutcome { vm: source, report }
+        }
+    }
+}
+
+/// Step both engines and the guest until the source engine finishes, then
+/// let the receiver see the end. Returns the source's result.
+fn drive<T: migration::Transport, U: migration::Transport>(
+    clock: &LoopClock<'_>,
+    src: &Rc<RefCell<Vm>>,
+    throttle: &Rc<RefCell<u8>>,
+    m: &mut Migration<SourceVm, T, &LoopClock<'_>>,
+    r: &mut Receiver<DestVm, U>,
+) -> MigrationResult {
+    let result = loop {
+        // Engine turn: until both wait, or its time is up.
+        let t0 = clock.now_ns();
+        let mut finished = None;
+        loop {
+            let waiting = match m.step() {
+                Progress::Finished(res) => {
+                    finished = Some(res);
+                    break;
+                }
+                Progress::Busy => false,
+                Progress::Waiting { .. } => true,
+            };
+            while r.step() == RecvProgress::Busy {}
+            if waiting || clock.now_ns().saturating_sub(t0) >= ENGINE_SLICE_NS {
+                break;
+            }
+        }
+        if let Some(res) = finished {
+            break res;
+        }
+        // Guest turn (pre-copy only: a paused VM does not run).
+        let pct = u64::from(*throttle.borrow());
+        let mut vm = src.borrow_mut();
+        if vm.stop_reason().is_some() {
+            drop(vm);
+            m.cancel();
+            continue;
+        }
+        if !vm.is_runnable() {
+            continue;
+        }
+        let start = clock.now_ns();
+        {
+            let mut host = clock.host.borrow_mut();
+            let end = start.saturating_add(GUEST_SLICE_NS);
+            // A halted guest yields the rest of its turn.
+            while host.now_ns() < end {
+                if vm.run_slice(&mut **host, end) != SliceEnd::Expired {
+                    break;
+                }
+            }
+        }
+        drop(vm);
+        // The throttle as a duty cycle over the time the guest actually
+        // ran (a turn lasts at least until the next timer tick): it sits
+        // out `pct / (100 - pct)` of that while the engine works or waits
+        // for its rate limit.
+        let ran = clock.now_ns().saturating_sub(start);
+        let off_end = clock
+            .now_ns()
+            .saturating_add(ran.saturating_mul(pct) / (100 - pct));
+        while clock.now_ns() < off_end {
+            if let Progress::Finished(_) = m.step() {
+                break;
+            }
+            while r.step() == RecvProgress::Busy {}
+        }
+    };
+    for _ in 0..DRAIN_STEPS {
+        if matches!(r.step(), RecvProgress::Finished(_)) {
+            break;
+        }
+    }
+    if !matches!(r.step(), RecvProgress::Finished(_)) {
+        // The source is done and nothing more will come.
+        r.cancel();
+    }
+    result
+}
+
+/// The source VM back out of its shared cell (the engines are gone).
+fn unwrap_rc(rc: Rc<RefCell<Vm>>) -> Vm {
+    match Rc::try_unwrap(rc) {
+        Ok(cell) => cell.into_inner(),
+        // The engine and the driver's clones are dropped before this.
+        Err(_) => panic!("local migration: source VM still shared after the engines ended"),
+    }
+}
+
+fn failed_report(ram_bytes: u64, error: String) -> MigrationReport {
+    MigrationReport {
+        passes: 0,
+        pages_per_pass: Vec::new(),
+        bytes_sent: 0,
+        zero_pages: 0,
+        ram_bytes,
+        total_ms: 0,
+        downtime_ms: 0,
+        expected_downtime_ms: 0,
+        throttle_pct: 0,
+        result: MigrationResult::Failed,
+        error: Some(error),
+    }
+}
+
+fn print_report(host: &mut dyn Host, report: &MigrationReport) {
+    let mut line = String::from("migration-report ");
+    line.push_str(&report.to_json());
+    line.push('\n');
+    host.console_write(&line);
+}
+
+/// Run `vm` alone until `until(vm)` holds, it stops, or `deadline_ns`;
+/// true when `until` held.
+pub fn run_until(
+    host: &mut dyn Host,
+    vm: &mut Vm,
+    deadline_ns: u64,
+    mut until: impl FnMut(&Vm) -> bool,
+) -> bool {
+    loop {
+        if until(vm) {
+            return true;
+        }
+        let now = host.now_ns();
+        if now >= deadline_ns || !vm.is_runnable() {
+            return until(vm);
+        }
+        let end = now.saturating_add(crate::sched::SLICE_NS).min(deadline_ns);
+        vm.run_slice(host, end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::build::kernel;
+    use crate::testing::{FakeHost, FakeMemory, FakeVcpu, Program};
+    use alloc::boxed::Box;
+    use hvcore::vcpu::VmExit;
+
+    /// A guest that, each run, writes its run counter into one of 64 pages
+    /// (round robin) and into RBX: memory and registers keep changing
+    /// during pre-copy.
+    fn writer() -> Program {
+        let mut i = 0u64;
+        Box::new(move |v: &mut FakeVcpu, m: &mut FakeMemory| {
+            i += 1;
+            m.guest_write(Gpa(0x20_0000 + (i % 64) * 4096), &i.to_le_bytes());
+            v.regs.rbx = i;
+            VmExit::ExternalInterrupt
+        })
+    }
+
+    fn started(host: &mut FakeHost) -> Vm {
+        host.programs.push_back(writer());
+        let mut vm = Vm::create(host, "mig", 4 << 20, &kernel(), "case=x").unwrap();
+        vm.start();
+        // Let it write for a while first.
+        let end = host.clock.get() + 5_000_000;
+        vm.run_slice(host, end);
+        vm
+    }
+
+    fn read_u64(vm: &mut Vm, gpa: u64) -> u64 {
+        let mut b = [0u8; 8];
+        vm.partition().memory().read(Gpa(gpa), &mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn completed_migration_moves_memory_and_vcpu_then_drops_the_source() {
+        let mut host = FakeHost::new();
+        host.ns_per_run = 100_000;
+        let vm = started(&mut host);
+        let out = migrate_local(&mut host, vm, Policy::default(), Faults::default());
+        assert_eq!(
+            out.report.result,
+            MigrationResult::Completed,
+            "{:?}",
+            out.report
+        );
+        assert!(out.report.passes >= 2);
+        let mut vm = out.vm;
+        assert_eq!(vm.name(), "mig");
+        assert!(vm.is_runnable(), "the destination was started");
+        assert_eq!(vm.migrations().completed, 1);
+        assert_eq!(host.created, [4 << 20, 4 << 20]);
+        assert_eq!(host.dropped.get(), 1, "the source is released");
+        // The last write before the pause is in the destination's memory
+        // and its vCPU has the source's registers.
+        let last = vm.partition().vcpu().regs().rbx;
+        assert!(last > 10);
+        assert_eq!(read_u64(&mut vm, 0x20_0000 + (last % 64) * 4096), last);
+        assert_eq!(
+            read_u64(&mut vm, 0x20_0000 + ((last - 1) % 64) * 4096),
+            last - 1
+        );
+        let lines = host.lines();
+        let report = lines
+            .iter()
+            .find(|l| l.starts_with("migration-report {"))
+            .expect("report line");
+        assert!(report.contains("\"result\":\"completed\""));
+    }
+
+    #[test]
+    fn broken_link_keeps_the_vm_at_the_source_and_a_retry_completes() {
+        let mut host = FakeHost::new();
+        host.ns_per_run = 100_000;
+        let vm = started(&mut host);
+        let faults = Faults {
+            fail_after_bytes: Some(20_000),
+        };
+        let out = migrate_local(&mut host, vm, Policy::default(), faults);
+        assert_eq!(out.report.result, MigrationResult::Failed);
+        assert!(out
+            .report
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("injected failure"));
+        let mut vm = out.vm;
+        assert!(vm.is_runnable() && !vm.is_paused());
+        assert_eq!(vm.migrations().failed, 1);
+        assert!(!vm.partition().dirty_log_enabled());
+        assert_eq!(host.dropped.get(), 1, "the destination is discarded");
+        // The source keeps running and writing.
+        let before = vm.partition().vcpu().regs().rbx;
+        let end = host.clock.get() + 1_000_000;
+        vm.run_slice(&mut host, end);
+        assert!(vm.partition().vcpu().regs().rbx > before);
+        let out = migrate_local(&mut host, vm, Policy::default(), Faults::default());
+        assert_eq!(out.report.result, MigrationResult::Completed);
+        assert_eq!(
+            out.vm.migrations(),
+            crate::vm::MigrationCounters {
+                completed: 1,
+                failed: 1
+            }
+        );
+        assert_eq!(host.dropped.get(), 2);
+    }
+
+    #[test]
+    fn no_room_for_the_destination_fails_without_touching_the_vm() {
+        let mut host = FakeHost::new();
+        let vm = started(&mut host);
+        host.fail_create = true;
+        let out = migrate_local(&mut host, vm, Policy::default(), Faults::default());
+        assert_eq!(out.report.result, MigrationResult::Failed);
+        assert!(out
+            .report
+            .error
+            .unwrap()
+            .starts_with("cannot create the destination VM"));
+        assert!(out.vm.is_runnable());
+        assert!(host.console.contains("migration-report {"));
+    }
+
+    #[test]
+    fn destination_refuses_a_different_configuration() {
+        let mut host = FakeHost::new();
+        let vm = Vm::create_empty(&mut host, "d", 4 << 20).unwrap();
+        let mut d = DestVm {
+            vm: Rc::new(RefCell::new(Some(vm))),
+            ram_bytes: 4 << 20,
+        };
+        assert!(d.prepare(&vm_config(4 << 20)).is_ok());
+        assert!(d.prepare(&vm_config(8 << 20)).is_err());
+        let mut two = vm_config(4 << 20);
+        two.vcpus = 2;
+        assert!(d.prepare(&two).is_err());
+        // A vCPU record the architecture forbids is refused by name.
+        let mut bad = VcpuState::default();
+        bad.regs.rflags = 2;
+        let e = d.restore_vcpus(&[bad]).unwrap_err();
+        assert!(e.what.contains("TR") || e.what.contains("CS"), "{e}");
+        d.discard();
+        assert_eq!(host.dropped.get(), 1);
+        assert!(d.write_page(0, &[0u8; PAGE_SIZE]).is_err());
+    }
+}
