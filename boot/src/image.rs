@@ -54,7 +54,7 @@ extern "C" fn hv_boot_main(magic: u32, info_pa: u32) -> ! {
     log::info!(
         "hvmigrate booting via {:?}: cmdline \"{}\", {} modules, {} MiB usable",
         info.protocol,
-        info.cmdline(),
+        Redacted(info.cmdline()),
         info.modules().len(),
         info.usable_bytes() >> 20
     );
@@ -199,4 +199,22 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         None => serial::write_fmt_emergency(format_args!("HYPERVISOR PANIC: {}\n", info.message())),
     }
     power::shutdown(3)
+}
+
+/// The command line with the cluster key's value left out: the serial log
+/// is kept in files and shown to users, the key is a secret.
+struct Redacted<'a>(&'a str);
+
+impl core::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, word) in self.0.split_ascii_whitespace().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            if word.starts_with("key=") {
+                write!(f, "{sep}key=<redacted>")?;
+            } else {
+                write!(f, "{sep}{word}")?;
+            }
+        }
+        Ok(())
+    }
 }
