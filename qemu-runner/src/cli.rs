@@ -36,6 +36,18 @@ commands:
                                  cost of dirty tracking a page-rewriting guest:
                                  untracked, write protection and (where the CPU
                                  has it, e.g. --arch vmx) PML, side by side
+  cluster up [--nodes N] [--arch svm] [--no-build] [--state-dir DIR]
+                                 boot N nodes (default 2, named a, b) in the
+                                 background, linked for migration; returns
+                                 when every node answers its management API
+  cluster status [--json]        name, state, management address per node
+  cluster down                   stop the nodes (their logs stay)
+  bench link [--mib N] [--frames N]
+                                 N MiB (default 64) from node a to node b over
+                                 TCP, next to the link's raw frame rate
+                                 (boots a cluster for the run if none is up)
+  hvctl ARGS                     the management client (same as the hvctl
+                                 binary; `hvctl --help`)
   test                           the whole suite: setup check, fmt, clippy (host
                                  and bare-metal), host tests, guest tests
 

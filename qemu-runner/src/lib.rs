@@ -5,13 +5,16 @@
 //! The logic is here, in the library, and unit-tested over captured serial
 //! text: argument parsing ([`cli`]), marker parsing ([`markers`]), verdicts
 //! and reports ([`summary`]), command construction ([`qemu`], [`cargo`],
-//! [`setup`]) and the emulator process handling ([`process`]). `main.rs`
-//! only wires them into commands.
+//! [`setup`]) and the emulator process handling ([`process`]); the
+//! cluster of background nodes ([`cluster`]) and its client ([`hvctl`]).
+//! `main.rs` only wires them into commands.
 
 pub mod arch;
 pub mod bochs;
 pub mod cargo;
 pub mod cli;
+pub mod cluster;
+pub mod hvctl;
 pub mod markers;
 pub mod process;
 pub mod qemu;

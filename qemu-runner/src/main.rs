@@ -23,6 +23,9 @@ const TOTALS_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = qemu_runner::cluster::cli_main(&args) {
+        return ExitCode::from(code);
+    }
     let cmd = match cli::parse(&args) {
         Ok(cmd) => cmd,
         Err(e) => {

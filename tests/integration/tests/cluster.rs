@@ -1,0 +1,244 @@
+//! A two-node cluster as a user drives it: `cluster up`, `hvctl` against
+//! both nodes (every command), a wrong key and garbage bytes refused while
+//! the node keeps serving, `cluster down`. The cluster's state lives in a
+//! temporary directory; its ports are picked free at run time on 127.0.0.1.
+//! A guard takes the cluster down if an assertion fails.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use integration_tests::{require_qemu, runner, Run};
+
+struct Cluster {
+    dir: PathBuf,
+    up: bool,
+}
+
+impl Cluster {
+    fn dir(&self) -> &str {
+        self.dir.to_str().expect("utf-8 temp path")
+    }
+    fn hvctl(&self, node: &str, args: &[&str]) -> Run {
+        let mut all = vec!["hvctl", "--state-dir", self.dir(), "--node", node];
+        all.extend_from_slice(args);
+        runner(&all)
+    }
+    fn ok(&self, node: &str, args: &[&str]) -> String {
+        let run = self.hvctl(node, args);
+        assert!(
+            run.success,
+            "hvctl {args:?} on {node} failed:\n{}",
+            run.transcript()
+        );
+        run.stdout
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.up {
+            let run = runner(&["cluster", "down", "--state-dir", self.dir()]);
+            if !run.success {
+                eprintln!("cluster down failed:\n{}", run.transcript());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The management address of `node` from `cluster status --json`.
+fn mgmt_addr(status_json: &str, node: &str) -> String {
+    let at = status_json
+        .find(&format!("\"name\": \"{node}\""))
+        .unwrap_or_else(|| panic!("node {node} not in {status_json}"));
+    let rest = &status_json[at..];
+    let key = "\"management_address\": \"";
+    let start = rest.find(key).expect("management_address") + key.len();
+    rest[start..].split('"').next().unwrap().to_string()
+}
+
+#[test]
+fn cluster_up_hvctl_and_down() {
+    require_qemu();
+    let mut c = Cluster {
+        dir: std::env::temp_dir().join(format!("hvmigrate-cluster-test-{}", std::process::id())),
+        up: false,
+    };
+    let _ = std::fs::remove_dir_all(&c.dir);
+    let run = runner(&["cluster", "up", "--nodes", "2", "--state-dir", c.dir()]);
+    c.up = true;
+    assert!(run.success, "cluster up failed:\n{}", run.transcript());
+    assert!(
+        run.stdout.contains("node a up: management 127.0.0.1:"),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stdout.contains("node b up: management 127.0.0.1:"),
+        "{}",
+        run.transcript()
+    );
+
+    let status = runner(&["cluster", "status", "--json", "--state-dir", c.dir()]);
+    assert!(status.success, "{}", status.transcript());
+    assert_eq!(
+        status.stdout.matches("\"running\"").count(),
+        2,
+        "{}",
+        status.stdout
+    );
+    let addr_a = mgmt_addr(&status.stdout, "a");
+
+    for node in ["a", "b"] {
+        let info = c.ok(node, &["node", "info"]);
+        assert!(info.contains(&format!("node {node}")), "{info}");
+        assert!(info.contains("cpu vendor   amd"), "{info}");
+        let json = c.ok(node, &["--json", "node", "info"]);
+        assert!(
+            json.contains("\"body\": \"node-info\"") && json.contains("\"cpus\": 1"),
+            "{json}"
+        );
+        assert!(c.ok(node, &["vm", "list"]).contains("no VMs"));
+    }
+
+    // VM lifecycle on node b: the hello guest prints its line and stops.
+    let created = c.ok(
+        "b",
+        &[
+            "vm", "create", "greeter", "--memory", "32M", "--guest", "hello",
+        ],
+    );
+    assert!(
+        created.contains("greeter") && created.contains("created"),
+        "{created}"
+    );
+    c.ok("b", &["vm", "start", "greeter"]);
+    let mut console = String::new();
+    for _ in 0..40 {
+        console = c.ok("b", &["vm", "console", "greeter"]);
+        if console.contains("Hello from the hvmigrate guest") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        console.contains("Hello from the hvmigrate guest"),
+        "{console}"
+    );
+    let list = c.ok("b", &["--json", "vm", "list"]);
+    assert!(
+        list.contains("\"state\": \"stopped\"") && list.contains("guest reported ok"),
+        "{list}"
+    );
+    c.ok("b", &["vm", "delete", "greeter"]);
+
+    // A heartbeat VM on node a: start, stop, delete; errors on the way.
+    c.ok("a", &["vm", "create", "beat", "--memory", "64"]);
+    let dup = c.hvctl("a", &["vm", "create", "beat", "--memory", "64"]);
+    assert!(
+        !dup.success && dup.stderr.contains("already-exists"),
+        "{}",
+        dup.transcript()
+    );
+    c.ok("a", &["vm", "start", "beat"]);
+    let busy = c.hvctl("a", &["vm", "delete", "beat"]);
+    assert!(
+        !busy.success && busy.stderr.contains("stop it first"),
+        "{}",
+        busy.transcript()
+    );
+    let stopped = c.ok("a", &["vm", "stop", "beat"]);
+    assert!(stopped.contains("stopped"), "{stopped}");
+    c.ok("a", &["vm", "delete", "beat"]);
+    let gone = c.hvctl("a", &["--json", "vm", "start", "beat"]);
+    assert!(
+        !gone.success && gone.stdout.contains("\"not-found\""),
+        "{}",
+        gone.transcript()
+    );
+
+    // Jobs and host settings.
+    assert!(c.ok("a", &["job", "list"]).contains("no jobs"));
+    let cancel = c.hvctl("a", &["job", "cancel", "42"]);
+    assert!(
+        !cancel.success && cancel.stderr.contains("not-found"),
+        "{}",
+        cancel.transcript()
+    );
+    let set = c.ok(
+        "b",
+        &[
+            "host",
+            "set",
+            "--max-migrations",
+            "3",
+            "--max-storage-migrations",
+            "1",
+        ],
+    );
+    assert!(set.contains("max live migrations     3"), "{set}");
+    assert!(c
+        .ok("b", &["--json", "host", "get"])
+        .contains("\"max_storage_migrations\": 1"));
+    let bad = c.hvctl("b", &["host", "set", "--max-migrations", "0"]);
+    assert!(
+        !bad.success && bad.stderr.contains("invalid-argument"),
+        "{}",
+        bad.transcript()
+    );
+
+    // A wrong key is refused; garbage gets an error reply; the node serves on.
+    let wrong = runner(&[
+        "hvctl",
+        "--addr",
+        &addr_a,
+        "--key",
+        &"5a".repeat(32),
+        "node",
+        "info",
+    ]);
+    assert!(!wrong.success, "{}", wrong.transcript());
+    assert!(
+        wrong.stderr.contains("auth-failed"),
+        "{}",
+        wrong.transcript()
+    );
+    let mut s = TcpStream::connect(&addr_a).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"\x00\x00\x00\x0bhello world").unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&reply).contains("bad-request") {
+            break;
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&reply).contains("bad-request"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    drop(s);
+    assert!(c.ok("a", &["node", "info"]).contains("node a"));
+
+    let down = runner(&["cluster", "down", "--state-dir", c.dir()]);
+    assert!(down.success, "{}", down.transcript());
+    assert!(
+        down.stdout.contains("2 node(s) stopped"),
+        "{}",
+        down.transcript()
+    );
+    c.up = false;
+    let after = runner(&["cluster", "status", "--state-dir", c.dir()]);
+    assert!(
+        !after.success && after.stderr.contains("no cluster"),
+        "{}",
+        after.transcript()
+    );
+}
