@@ -112,7 +112,7 @@ impl Args {
     fn positional(&self, n: usize, what: &str) -> Result<Vec<PathBuf>, Fail> {
         if self.pos.len() != n {
             return fail(format!(
-                "expected {what}, got {} argument(s)\n{USAGE}",
+                "expected {what}, got {} argument(s) (see `vhdx --help`)",
                 self.pos.len()
             ));
         }
@@ -529,7 +529,7 @@ fn cmd_copy(a: &Args) -> Result<(), Fail> {
 
 fn run(argv: &[String]) -> Result<(), Fail> {
     let Some((cmd, rest)) = argv.split_first() else {
-        return fail(USAGE);
+        return fail("no command given (see `vhdx --help`)");
     };
     match cmd.as_str() {
         "info" => cmd_info(&Args::parse(rest, &[], &[])?),
@@ -552,7 +552,7 @@ fn run(argv: &[String]) -> Result<(), Fail> {
             println!("{USAGE}");
             Ok(())
         }
-        other => fail(format!("unknown command {other:?}\n{USAGE}")),
+        other => fail(format!("unknown command {other:?} (see `vhdx --help`)")),
     }
 }
 
@@ -564,7 +564,6 @@ fn main() -> ExitCode {
     match run(&argv) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(code, msg)) => {
-            // One line: the usage text only follows argument errors.
             eprintln!("vhdx: {msg}");
             ExitCode::from(code)
         }
