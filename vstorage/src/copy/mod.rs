@@ -251,6 +251,24 @@ impl CopyJob {
         })
     }
 
+    /// The chunk the plan copies right after `chunk` (a chunk of this plan),
+    /// or `None` after the last one. Lets a copier read ahead of the cursor.
+    pub fn chunk_after(&self, chunk: Chunk) -> Option<Chunk> {
+        let idx = self.ranges.partition_point(|r| r.0 <= chunk.offset);
+        let &(start, len) = self.ranges.get(idx.checked_sub(1)?)?;
+        let at = chunk.end();
+        let (start, end) = if at < start + len {
+            (at, start + len)
+        } else {
+            let &(next, next_len) = self.ranges.get(idx)?;
+            (next, next + next_len)
+        };
+        Some(Chunk {
+            offset: start,
+            len_bytes: (end - start).min(self.chunk_bytes),
+        })
+    }
+
     /// Records `chunk` (the one [`CopyJob::next_chunk`] returned) as copied.
     pub fn complete(&mut self, chunk: Chunk) -> Result<(), CopyError> {
         let expected = self.next_chunk();
@@ -483,6 +501,15 @@ mod tests {
                 len_bytes: 512
             })
             .is_err());
+        // Reading ahead walks the same chunks without moving the cursor.
+        let job = CopyJob::new(&[(0, 10240), (65536, 4096)], 1 << 20, 512, opts(4096));
+        let mut ahead = Vec::new();
+        let mut c = job.next_chunk();
+        while let Some(chunk) = c {
+            ahead.push((chunk.offset, chunk.len_bytes));
+            c = job.chunk_after(chunk);
+        }
+        assert_eq!(ahead, seen);
     }
 
     #[test]

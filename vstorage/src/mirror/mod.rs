@@ -212,8 +212,13 @@ pub struct Busy;
 pub enum ChunkAdmission {
     /// Copy this chunk, then call [`MirrorCore::end_chunk`].
     Copy(Chunk),
-    /// A guest write holds part of the next chunk: retry when it ends.
+    /// A guest write holds part of the next chunk, or the most chunks are
+    /// in flight already: retry when one of them ends.
     Busy,
+    /// No chunk is left to start, but some are still in flight: a
+    /// read-ahead copier stops reading; whoever ends the last one then gets
+    /// [`ChunkAdmission::Done`].
+    Drained,
     /// Every chunk is copied: flush the destination and call
     /// [`MirrorCore::end_copy`].
     Done,
@@ -227,7 +232,10 @@ pub enum ChunkAdmission {
 pub struct MirrorCore {
     job: CopyJob,
     state: MirrorState,
-    in_flight: Option<Chunk>,
+    /// Chunks admitted and not yet ended, oldest (at the cursor) first.
+    in_flight: Vec<Chunk>,
+    /// How many chunks may be in flight at once (a copier reading ahead).
+    max_in_flight: usize,
     /// Guest writes in progress: `(ticket id, offset, len_bytes)`.
     writes: Vec<(u64, u64, u64)>,
     next_ticket: u64,
@@ -241,7 +249,8 @@ impl MirrorCore {
         MirrorCore {
             job,
             state: MirrorState::Copying,
-            in_flight: None,
+            in_flight: Vec::new(),
+            max_in_flight: 1,
             writes: Vec::new(),
             next_ticket: 0,
             mirrored_writes: 0,
@@ -280,9 +289,7 @@ impl MirrorCore {
     /// another holder owns part of its range.
     pub fn begin_write(&mut self, offset: u64, len_bytes: u64) -> Result<WriteTicket, Busy> {
         if self.write_conflicts(offset, len_bytes)
-            || self
-                .in_flight
-                .is_some_and(|c| c.overlaps(offset, len_bytes))
+            || self.in_flight.iter().any(|c| c.overlaps(offset, len_bytes))
         {
             return Err(Busy);
         }
@@ -325,36 +332,51 @@ impl MirrorCore {
         }
     }
 
-    /// Admits the next chunk of the copy.
+    /// Lets up to `n` (at least 1) chunks be in flight at once, for a copier
+    /// that reads ahead while it writes; they must end in order.
+    pub fn set_max_in_flight(&mut self, n: usize) {
+        self.max_in_flight = n.max(1);
+    }
+
+    /// Admits the next chunk of the copy (the one after those in flight).
     pub fn begin_chunk(&mut self) -> ChunkAdmission {
         if self.state != MirrorState::Copying {
             return ChunkAdmission::Stopped(self.state);
         }
-        if self.in_flight.is_some() {
-            // One copier at a time: a second one waits like a conflicting write.
+        if self.in_flight.len() >= self.max_in_flight {
             return ChunkAdmission::Busy;
         }
-        let Some(chunk) = self.job.next_chunk() else {
-            return ChunkAdmission::Done;
+        let next = match self.in_flight.last() {
+            Some(&last) => self.job.chunk_after(last),
+            None => self.job.next_chunk(),
+        };
+        let Some(chunk) = next else {
+            return if self.in_flight.is_empty() {
+                ChunkAdmission::Done
+            } else {
+                ChunkAdmission::Drained
+            };
         };
         if self.write_conflicts(chunk.offset, chunk.len_bytes) {
             return ChunkAdmission::Busy;
         }
-        self.in_flight = Some(chunk);
+        self.in_flight.push(chunk);
         ChunkAdmission::Copy(chunk)
     }
 
-    /// Ends the chunk in flight. Returns `true` when this call failed the
-    /// migration (the driver discards the destination).
+    /// Ends the oldest chunk in flight. Returns `true` when this call failed
+    /// the migration (the driver discards the destination).
     pub fn end_chunk(&mut self, chunk: Chunk, result: Result<(), CopyError>) -> bool {
-        if self.in_flight != Some(chunk) {
+        let Some(pos) = self.in_flight.iter().position(|&c| c == chunk) else {
+            // Dropped by a cancel or failure while it was in flight.
             return false;
-        }
-        self.in_flight = None;
+        };
+        self.in_flight.remove(pos);
         if self.state != MirrorState::Copying {
-            // Cancelled (or failed) while the chunk was in flight: drop it.
             return false;
         }
+        // `complete` refuses a chunk that is not the next one: ending out of
+        // order fails the migration rather than leaving a hole.
         match result.and_then(|()| self.job.complete(chunk)) {
             Ok(()) => false,
             Err(e) => self.fail(MirrorError::Copy(e)),
@@ -366,7 +388,7 @@ impl MirrorCore {
     /// [`MirrorState::Mirrored`]. Returns `true` when this call failed the
     /// migration.
     pub fn end_copy(&mut self, flush_result: Result<(), DiskError>) -> bool {
-        if self.state != MirrorState::Copying || !self.job.is_done() || self.in_flight.is_some() {
+        if self.state != MirrorState::Copying || !self.job.is_done() || !self.in_flight.is_empty() {
             return false;
         }
         match flush_result {
@@ -403,6 +425,8 @@ impl MirrorCore {
         match self.state {
             MirrorState::Copying | MirrorState::Mirrored => {
                 self.state = MirrorState::Cancelled;
+                // Chunks in flight are abandoned: free their ranges.
+                self.in_flight.clear();
                 Ok(true)
             }
             MirrorState::Cancelled | MirrorState::Failed => Ok(false),
@@ -419,6 +443,7 @@ impl MirrorCore {
         }
         self.state = MirrorState::Failed;
         self.failure = Some(why);
+        self.in_flight.clear();
         true
     }
 }
@@ -533,7 +558,7 @@ impl<S: VirtualDisk, D: VirtualDisk> MirroredDisk<S, D> {
                 .clone()
                 .unwrap_or(MirrorError::WrongState { op: "copy", state })),
             // Single-threaded: nothing can hold a range between calls.
-            ChunkAdmission::Busy => Err(MirrorError::WrongState {
+            ChunkAdmission::Busy | ChunkAdmission::Drained => Err(MirrorError::WrongState {
                 op: "copy while a range is held",
                 state: self.core.state(),
             }),
@@ -714,6 +739,57 @@ mod tests {
         assert!(behind.mirror && behind.primary == Primary::Source);
         assert!(!c.end_write(behind, 0, Some(Ok(()))));
         assert_eq!(c.progress().mirrored_writes, 1);
+    }
+
+    #[test]
+    fn read_ahead_chunks_hold_ranges_and_end_in_order() {
+        let mut c = core(&[(0, 16384)]);
+        c.set_max_in_flight(3);
+        let mut started = Vec::new();
+        while let ChunkAdmission::Copy(chunk) = c.begin_chunk() {
+            started.push(chunk);
+        }
+        assert_eq!(started.len(), 3);
+        assert_eq!(c.begin_chunk(), ChunkAdmission::Busy, "limit reached");
+        assert_eq!(c.begin_write(4096 + 512, 512), Err(Busy), "in flight");
+        let beyond = c.begin_write(12288, 512).unwrap();
+        assert!(!beyond.mirror, "ahead of every chunk: the copy carries it");
+        assert!(!c.end_write(beyond, 12288, None));
+        assert!(!c.end_chunk(started[0], Ok(())));
+        assert!(!c.end_chunk(started[1], Ok(())));
+        let last = c.begin_chunk();
+        assert_eq!(
+            last,
+            ChunkAdmission::Copy(Chunk {
+                offset: 12288,
+                len_bytes: 4096
+            })
+        );
+        assert_eq!(
+            c.begin_chunk(),
+            ChunkAdmission::Drained,
+            "none left to start"
+        );
+        // Ending out of order fails the migration and frees every range.
+        let ChunkAdmission::Copy(last) = last else {
+            unreachable!()
+        };
+        assert!(c.end_chunk(last, Ok(())));
+        assert_eq!(c.state(), MirrorState::Failed);
+        assert!(c.begin_write(8192, 512).is_ok());
+        assert!(!c.end_chunk(started[2], Ok(())), "already dropped");
+
+        let mut c = core(&[(0, 16384)]);
+        c.set_max_in_flight(2);
+        let ChunkAdmission::Copy(first) = c.begin_chunk() else {
+            panic!("chunk")
+        };
+        assert!(matches!(c.begin_chunk(), ChunkAdmission::Copy(_)));
+        assert_eq!(c.cancel(), Ok(true));
+        assert!(
+            c.begin_write(first.offset, 512).is_ok(),
+            "cancel frees ranges"
+        );
     }
 
     #[test]

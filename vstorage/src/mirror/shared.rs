@@ -10,14 +10,14 @@
 //! Range conflicts (a write against the chunk in flight or another write)
 //! wait on one condition variable that every range release signals.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
 
 use super::{
     gone, write_durable, Busy, ChunkAdmission, MirrorCore, MirrorError, MirrorState, Primary,
     Progress, Step,
 };
-use crate::copy::{self, CopyError, CopyJob, CopyOptions};
+use crate::copy::{self, Chunk, CopyError, CopyJob, CopyOptions, READ_AHEAD_CHUNKS};
 use crate::io::{DiskError, VirtualDisk};
 
 struct Inner<S, D> {
@@ -116,7 +116,8 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
             let mut core = lock(&inner.core);
             loop {
                 match core.begin_chunk() {
-                    ChunkAdmission::Busy => {
+                    // Drained: another copier's chunks are still in flight.
+                    ChunkAdmission::Busy | ChunkAdmission::Drained => {
                         core = inner
                             .changed
                             .wait(core)
@@ -156,15 +157,76 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
                 .failure
                 .clone()
                 .unwrap_or(MirrorError::WrongState { op: "copy", state })),
-            ChunkAdmission::Busy => Err(MirrorError::WrongState {
+            ChunkAdmission::Busy | ChunkAdmission::Drained => Err(MirrorError::WrongState {
                 op: "copy",
                 state: MirrorState::Copying,
             }),
         }
     }
 
-    /// Steps until the destination is complete (or the migration stops).
+    /// Copies until the destination is complete (or the migration stops),
+    /// reading the source on a second thread up to [`READ_AHEAD_CHUNKS`]
+    /// chunks ahead of the destination writes. Chunks read ahead are in
+    /// flight: guest writes to them wait as for any chunk in flight, and
+    /// they end in order, so the cursor and the mirror rule are unchanged.
     pub fn run_to_mirrored(&self) -> Result<(), MirrorError> {
+        let inner = &*self.inner;
+        type Filled = (Chunk, Vec<u8>, Result<(), CopyError>);
+        let (full_tx, full_rx) = mpsc::sync_channel::<Filled>(READ_AHEAD_CHUNKS);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..=READ_AHEAD_CHUNKS {
+            // Cannot fail: the receiver is alive.
+            let _ = free_tx.send(Vec::new());
+        }
+        // One being written, READ_AHEAD_CHUNKS queued, one being read.
+        lock(&inner.core).set_max_in_flight(READ_AHEAD_CHUNKS + 2);
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                // A buffer first: an admitted chunk must reach the writer.
+                while let Ok(mut buf) = free_rx.recv() {
+                    let chunk = {
+                        let mut core = lock(&inner.core);
+                        loop {
+                            match core.begin_chunk() {
+                                ChunkAdmission::Copy(c) => break c,
+                                ChunkAdmission::Busy => {
+                                    core = inner
+                                        .changed
+                                        .wait(core)
+                                        .unwrap_or_else(PoisonError::into_inner)
+                                }
+                                // Nothing left to read, or stopped.
+                                _ => return,
+                            }
+                        }
+                    };
+                    let read = inner.read_chunk(chunk, &mut buf);
+                    if full_tx.send((chunk, buf, read)).is_err() {
+                        return;
+                    }
+                }
+            });
+            for (chunk, buf, read) in full_rx.iter() {
+                let result = read.and_then(|()| inner.write_chunk(chunk, &buf));
+                let failed = lock(&inner.core).end_chunk(chunk, result);
+                inner.changed.notify_all();
+                if failed {
+                    inner.discard_dest();
+                }
+                if lock(&inner.core).state() != MirrorState::Copying {
+                    break;
+                }
+                // The reader may have stopped; a spare buffer is harmless.
+                let _ = free_tx.send(buf);
+            }
+            // Unblock a reader waiting to send or for a buffer before the
+            // scope joins it (it also wakes on the condition variable).
+            drop(full_rx);
+            drop(free_tx);
+            inner.changed.notify_all();
+        });
+        lock(&inner.core).set_max_in_flight(1);
+        // Flush and enter Mirrored, or report why the copy stopped.
         let mut buf = Vec::new();
         while let Step::Copied(_) = self.step(&mut buf)? {}
         Ok(())
@@ -232,20 +294,31 @@ impl<S: VirtualDisk, D: VirtualDisk> Inner<S, D> {
 
     /// Reads the chunk from the source, then writes it to the destination,
     /// holding one disk lock at a time.
-    fn copy_chunk(&self, chunk: copy::Chunk, buf: &mut Vec<u8>) -> Result<(), CopyError> {
+    fn copy_chunk(&self, chunk: Chunk, buf: &mut Vec<u8>) -> Result<(), CopyError> {
+        self.read_chunk(chunk, buf)?;
+        self.write_chunk(chunk, buf)
+    }
+
+    /// Reads `chunk` from the source into `buf` (grown to fit).
+    fn read_chunk(&self, chunk: Chunk, buf: &mut Vec<u8>) -> Result<(), CopyError> {
+        // A chunk is at most MAX_CHUNK_BYTES.
         let len = usize::try_from(chunk.len_bytes).unwrap_or(usize::MAX);
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        let data = &mut buf[..len];
         let read = match lock(&self.source).as_mut() {
-            Some(s) => s.read(chunk.offset, data),
+            Some(s) => s.read(chunk.offset, &mut buf[..len]),
             None => return Err(CopyError::Cancelled),
         };
         read.map_err(|error| CopyError::SourceRead {
             offset: chunk.offset,
             error,
-        })?;
+        })
+    }
+
+    /// Writes `chunk`'s bytes (the start of `buf`) to the destination.
+    fn write_chunk(&self, chunk: Chunk, buf: &[u8]) -> Result<(), CopyError> {
+        let data = buf.get(..chunk.len_bytes as usize).unwrap_or(buf);
         let written = match lock(&self.dest).as_mut() {
             Some(d) => d.write(chunk.offset, data),
             None => return Err(CopyError::Cancelled),
