@@ -1,14 +1,17 @@
 //! The host driver of [`MirrorCore`]: guest I/O on any number of threads
-//! (through [`SharedDisk`] handles) while a copy thread calls
-//! [`SharedMirror::step`].
+//! (through [`SharedDisk`] handles) while a copy thread runs
+//! [`SharedMirror::run_to_mirrored`] (the source read on a helper thread,
+//! a few chunks ahead of the destination writes) or calls
+//! [`SharedMirror::step`] one chunk at a time.
 //!
 //! Locking: the core, the source and the destination each sit behind their
 //! own mutex, so a chunk being written to the destination does not stall
 //! guest reads of the source. A thread never holds a disk's lock while
 //! waiting for the core's, and only [`SharedMirror::switch_over`] takes a
 //! disk lock (the source's) while holding the core's; no cycle, no deadlock.
-//! Range conflicts (a write against the chunk in flight or another write)
-//! wait on one condition variable that every range release signals.
+//! Range conflicts (a write against a chunk in flight or another write, a
+//! chunk against a write, the read-ahead limit) wait on one condition
+//! variable that every range release and state change signals.
 
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::vec::Vec;
