@@ -6,8 +6,10 @@
 //! reply is queued; the transport closes once it is sent). A wrong proof, a
 //! replayed nonce, a version mismatch, an oversized frame, a frame whose tag
 //! does not verify, [`PREAUTH_ERRORS_MAX`] unauthenticated requests or no
-//! authentication within [`HANDSHAKE_TIMEOUT_NS`] move it to `Closing` with
-//! an error reply. A malformed request in `Ready` gets an error reply and
+//! authentication within [`HANDSHAKE_TIMEOUT_NS`] (or no request within
+//! [`SESSION_IDLE_NS`] once authenticated: the node serves few connections
+//! and idle ones must not hold them) move it to `Closing` with an error
+//! reply. A malformed request in `Ready` gets an error reply and
 //! the connection carries on.
 //!
 //! Client ([`ClientConn`]): `AwaitHello` -> `AwaitWelcome` -> `Ready`; it
@@ -36,6 +38,8 @@ use serde::Deserialize;
 pub const PREAUTH_ERRORS_MAX: u32 = 3;
 /// Time a client has to authenticate.
 pub const HANDSHAKE_TIMEOUT_NS: u64 = 10_000_000_000;
+/// Time an authenticated session may stay without a request.
+pub const SESSION_IDLE_NS: u64 = 120_000_000_000;
 /// Queued output above which the server takes no more requests.
 pub const OUTPUT_HIGH_BYTES: usize = 256 * 1024;
 /// Longest error detail copied from a parser message.
@@ -58,6 +62,8 @@ pub struct ServerConn {
     preauth_errors: u32,
     deadline_ns: u64,
     requests: u64,
+    /// Requests at the last `tick` and when that count last changed.
+    idle_mark: (u64, u64),
 }
 
 /// The handler the server calls for each authenticated request.
@@ -87,6 +93,7 @@ impl ServerConn {
             preauth_errors: 0,
             deadline_ns: now_ns.saturating_add(HANDSHAKE_TIMEOUT_NS),
             requests: 0,
+            idle_mark: (0, now_ns),
         };
         let hello = Handshake::Hello(Hello {
             magic: MAGIC.into(),
@@ -131,8 +138,18 @@ impl ServerConn {
     /// Time passes: an unauthenticated connection past its deadline is
     /// closed with an error reply.
     pub fn tick(&mut self, now_ns: u64) {
-        if matches!(self.state, ServerState::AwaitAuth) && now_ns >= self.deadline_ns {
-            self.refuse(ErrorCode::AuthFailed, "no authentication within 10 s");
+        match self.state {
+            ServerState::AwaitAuth if now_ns >= self.deadline_ns => {
+                self.refuse(ErrorCode::AuthFailed, "no authentication within 10 s");
+            }
+            ServerState::Ready(_) => {
+                if self.requests != self.idle_mark.0 {
+                    self.idle_mark = (self.requests, now_ns);
+                } else if now_ns.saturating_sub(self.idle_mark.1) >= SESSION_IDLE_NS {
+                    self.refuse(ErrorCode::InvalidState, "session idle for 120 s: closed");
+                }
+            }
+            _ => {}
         }
     }
 
@@ -654,6 +671,19 @@ mod tests {
         assert!(s.wants_input());
         s.tick(100 + HANDSHAKE_TIMEOUT_NS);
         assert!(!s.wants_input());
+
+        // An authenticated session that stays silent is closed too.
+        let mut p = Pair::new(key(), 9);
+        p.pump().unwrap();
+        p.server.tick(SESSION_IDLE_NS - 1);
+        assert!(p.server.wants_input());
+        p.client.request(Request::VmList).unwrap();
+        p.pump().unwrap();
+        p.server.tick(SESSION_IDLE_NS + 5);
+        p.server.tick(2 * SESSION_IDLE_NS);
+        assert!(p.server.wants_input(), "the request restarted the clock");
+        p.server.tick(2 * SESSION_IDLE_NS + 5);
+        assert!(!p.server.wants_input());
 
         let mut s = ServerConn::new("a", [1; 32], 0);
         let auth = Handshake::Auth(Auth {
