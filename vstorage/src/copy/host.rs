@@ -296,17 +296,7 @@ where
                 let Ok(mut buf) = empty_rx.recv() else {
                     return; // the writer stopped
                 };
-                // A chunk is at most MAX_CHUNK_BYTES.
-                let len = usize::try_from(chunk.len_bytes).unwrap_or(usize::MAX);
-                if buf.len() < len {
-                    buf.resize(len, 0);
-                }
-                let read = src.read(chunk.offset, &mut buf[..len]).map_err(|error| {
-                    CopyError::SourceRead {
-                        offset: chunk.offset,
-                        error,
-                    }
-                });
+                let read = super::read_chunk(src, chunk, &mut buf);
                 let failed = read.is_err();
                 if full_tx.send((chunk, buf, read)).is_err() || failed {
                     return;
@@ -323,14 +313,7 @@ where
                     error: DiskError::Request("the reader thread stopped early".into()),
                 })?;
                 read?;
-                let data = buf.get(..chunk.len_bytes as usize).unwrap_or(&buf);
-                if !(opts.skip_zero_chunks && data.iter().all(|&b| b == 0)) {
-                    dst.write(chunk.offset, data)
-                        .map_err(|error| CopyError::DestWrite {
-                            offset: chunk.offset,
-                            error,
-                        })?;
-                }
+                super::write_chunk(dst, chunk, &buf, opts.skip_zero_chunks)?;
                 job.complete(chunk)?;
                 // The reader may have finished; a spare buffer is harmless.
                 let _ = empty_tx.send(buf);

@@ -366,6 +366,43 @@ where
     Ok(())
 }
 
+/// Reads `chunk` from `src` into the start of `buf` (grown to fit).
+pub(crate) fn read_chunk<S: VirtualDisk + ?Sized>(
+    src: &mut S,
+    chunk: Chunk,
+    buf: &mut Vec<u8>,
+) -> Result<(), CopyError> {
+    // A chunk is at most MAX_CHUNK_BYTES, so it fits in usize.
+    let len = usize::try_from(chunk.len_bytes).unwrap_or(usize::MAX);
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    src.read(chunk.offset, &mut buf[..len])
+        .map_err(|error| CopyError::SourceRead {
+            offset: chunk.offset,
+            error,
+        })
+}
+
+/// Writes `chunk`'s bytes (the start of `buf`) to `dst`; with `skip_zeros`,
+/// an all-zero chunk is not written (see [`CopyOptions::skip_zero_chunks`]).
+pub(crate) fn write_chunk<D: VirtualDisk + ?Sized>(
+    dst: &mut D,
+    chunk: Chunk,
+    buf: &[u8],
+    skip_zeros: bool,
+) -> Result<(), CopyError> {
+    let data = buf.get(..chunk.len_bytes as usize).unwrap_or(buf);
+    if skip_zeros && data.iter().all(|&b| b == 0) {
+        return Ok(());
+    }
+    dst.write(chunk.offset, data)
+        .map_err(|error| CopyError::DestWrite {
+            offset: chunk.offset,
+            error,
+        })
+}
+
 /// Moves one chunk from `src` to `dst` through `buf`.
 pub(crate) fn copy_chunk<S, D>(
     src: &mut S,
@@ -378,25 +415,8 @@ where
     S: VirtualDisk + ?Sized,
     D: VirtualDisk + ?Sized,
 {
-    // A chunk is at most MAX_CHUNK_BYTES, so it fits in usize.
-    let len = usize::try_from(chunk.len_bytes).unwrap_or(usize::MAX);
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    let data = &mut buf[..len];
-    src.read(chunk.offset, data)
-        .map_err(|error| CopyError::SourceRead {
-            offset: chunk.offset,
-            error,
-        })?;
-    if skip_zeros && data.iter().all(|&b| b == 0) {
-        return Ok(());
-    }
-    dst.write(chunk.offset, data)
-        .map_err(|error| CopyError::DestWrite {
-            offset: chunk.offset,
-            error,
-        })
+    read_chunk(src, chunk, buf)?;
+    write_chunk(dst, chunk, buf, skip_zeros)
 }
 
 /// Copies every allocated range of `src` into `dst` in one ascending pass

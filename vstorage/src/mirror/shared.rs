@@ -304,32 +304,18 @@ impl<S: VirtualDisk, D: VirtualDisk> Inner<S, D> {
 
     /// Reads `chunk` from the source into `buf` (grown to fit).
     fn read_chunk(&self, chunk: Chunk, buf: &mut Vec<u8>) -> Result<(), CopyError> {
-        // A chunk is at most MAX_CHUNK_BYTES.
-        let len = usize::try_from(chunk.len_bytes).unwrap_or(usize::MAX);
-        if buf.len() < len {
-            buf.resize(len, 0);
+        match lock(&self.source).as_mut() {
+            Some(s) => copy::read_chunk(s, chunk, buf),
+            None => Err(CopyError::Cancelled),
         }
-        let read = match lock(&self.source).as_mut() {
-            Some(s) => s.read(chunk.offset, &mut buf[..len]),
-            None => return Err(CopyError::Cancelled),
-        };
-        read.map_err(|error| CopyError::SourceRead {
-            offset: chunk.offset,
-            error,
-        })
     }
 
     /// Writes `chunk`'s bytes (the start of `buf`) to the destination.
     fn write_chunk(&self, chunk: Chunk, buf: &[u8]) -> Result<(), CopyError> {
-        let data = buf.get(..chunk.len_bytes as usize).unwrap_or(buf);
-        let written = match lock(&self.dest).as_mut() {
-            Some(d) => d.write(chunk.offset, data),
-            None => return Err(CopyError::Cancelled),
-        };
-        written.map_err(|error| CopyError::DestWrite {
-            offset: chunk.offset,
-            error,
-        })
+        match lock(&self.dest).as_mut() {
+            Some(d) => copy::write_chunk(d, chunk, buf, false),
+            None => Err(CopyError::Cancelled),
+        }
     }
 }
 
