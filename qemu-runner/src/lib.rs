@@ -3,7 +3,8 @@
 //! (docs/DESIGN.md, "qemu-runner" and "Node serial markers").
 //!
 //! The logic is here, in the library, and unit-tested over captured serial
-//! text: argument parsing ([`cli`]), marker parsing ([`markers`]), verdicts
+//! text: argument parsing ([`cli`]), marker parsing ([`markers`],
+//! [`migration_report`]), verdicts
 //! and reports ([`summary`]), command construction ([`qemu`], [`cargo`],
 //! [`setup`]) and the emulator process handling ([`process`]); the
 //! cluster of background nodes ([`cluster`]) and its client ([`hvctl`]).
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod cluster;
 pub mod hvctl;
 pub mod markers;
+pub mod migration_report;
 pub mod process;
 pub mod qemu;
 pub mod setup;

@@ -9,6 +9,7 @@ use qemu_runner::bochs;
 use qemu_runner::cargo::{self, Images};
 use qemu_runner::cli::{self, Cmd, DEFAULT_TEST_TIMEOUT, USAGE};
 use qemu_runner::markers::{Marker, SerialLog};
+use qemu_runner::migration_report;
 use qemu_runner::process::{self, Control, RunEnd};
 use qemu_runner::qemu::{self, NodeSpec};
 use qemu_runner::setup;
@@ -273,18 +274,25 @@ fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
         "hvmigrate demo: booting a node under QEMU (AMD-V with nested paging, emulated by TCG).\n\
          Its guest `dirty-demo` increments one byte in every page of a 16 MiB buffer, for ever;\n\
          the hypervisor tracks the pages it dirties (nested page tables write-protected, the\n\
-         first write to a page in a round recorded) and prints the rate. Watching until the node\n\
-         ends the demo (at most {seconds} s).\n"
+         first write to a page in a round recorded) and prints the rate. Then it live-migrates\n\
+         the busy VM to a new VM on the same node. Watching until the node ends the demo (at\n\
+         most {seconds} s).\n"
     );
     let watch = Duration::from_secs(seconds);
+    let mut reports = Vec::new();
     let (end, log) = boot(
         &target,
         "mode=demo",
         qemu::DEFAULT_MEMORY_MIB,
         Some(watch + Duration::from_secs(120)),
-        |_, marker, _| match marker {
-            Marker::NodeUp(_) => Control::StopAfter(watch),
-            _ => Control::Continue,
+        |line, marker, _| {
+            if let Some(r) = migration_report::parse_line(line) {
+                reports.push(r);
+            }
+            match marker {
+                Marker::NodeUp(_) => Control::StopAfter(watch),
+                _ => Control::Continue,
+            }
         },
     )?;
     println!();
@@ -302,7 +310,15 @@ fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
         println!("guest {vm} said: {text}");
     }
     print!("{}", summary::dirty_rate_report(&log.dirty_rates));
-    Ok(!log.dirty_rates.is_empty())
+    println!();
+    if reports.is_empty() {
+        println!("no migration-report line: the node did not finish the live migration");
+    }
+    for r in &reports {
+        print!("{}", migration_report::render(r));
+    }
+    let migrated = reports.iter().any(|r| r.result == "completed");
+    Ok(!log.dirty_rates.is_empty() && migrated)
 }
 
 fn bench_exits(arch: Arch, timeout: Duration, build: bool) -> Result<bool, String> {

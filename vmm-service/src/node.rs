@@ -24,6 +24,9 @@ use hvcore::host::{DirtyMode, Host};
 /// Demo: sample period and number of samples.
 pub const DEMO_PERIOD_NS: u64 = 500_000_000;
 pub const DEMO_SAMPLES: u32 = 10;
+/// Demo: downtime limit of its live migration (tight enough that the busy
+/// guest needs several passes).
+pub const DEMO_DOWNTIME_LIMIT_NS: u64 = 100_000_000;
 /// Bench: measuring window for hypercall round trips.
 pub const BENCH_WINDOW_NS: u64 = 1_000_000_000;
 /// Bench: warm-up before measuring.
@@ -286,8 +289,42 @@ fn demo_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
         last_exits = exits;
     }
     vms[0].partition().disable_dirty_log();
-    vms[0].stop(host, StopReason::Requested);
-    0
+    let [vm] = vms;
+    demo_migrate(host, vm)
+}
+
+/// The demo's second act: live-migrate the busy demo VM within the node
+/// (it keeps dirtying its buffer throughout), print the report, and show
+/// the VM running at the destination.
+fn demo_migrate(host: &mut dyn Host, vm: Vm) -> u8 {
+    host.console_write(
+        "demo: live-migrating VM demo to a new VM on this node while it keeps rewriting its buffer \
+         (pre-copy passes over write-protected nested page tables, throttling if it does not converge, \
+         then pause, last pages, vCPU and device state, resume at the destination)\n",
+    );
+    let policy = migration::Policy {
+        downtime_limit_ns: DEMO_DOWNTIME_LIMIT_NS,
+        ..migration::Policy::default()
+    };
+    let out = crate::migrate::migrate_local(host, vm, policy, crate::migrate::Faults::default());
+    let mut vm = out.vm;
+    let completed = out.report.result == migration::MigrationResult::Completed;
+    let exits = vm.counters().exits;
+    let end = host.now_ns().saturating_add(DEMO_PERIOD_NS);
+    crate::migrate::run_until(host, &mut vm, end, |_| false);
+    let ran = vm.counters().exits > exits && vm.stop_reason().is_none();
+    host.console_write(&format!(
+        "demo: after the migration VM demo {} ({} exits in {} ms)\n",
+        if ran {
+            "runs at the destination"
+        } else {
+            "did not run on"
+        },
+        vm.counters().exits - exits,
+        DEMO_PERIOD_NS / 1_000_000
+    ));
+    vm.stop(host, StopReason::Requested);
+    u8::from(!(completed && ran))
 }
 
 /// `mode=bench-exits`: hypercall round trips per second against bare world
@@ -494,7 +531,7 @@ fn bench_dirty_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
             "bench dirty: mode={name} passes_per_s={passes_per_s} page_writes_per_s={pages_per_s} \
              mib_per_s={} rounds={} dirtied_pages={} exits={} exits_per_dirtied_page={epp} \
              throughput_retained_pct={}\n",
-            pages_per_s * PAGE_SIZE >> 20,
+            (pages_per_s * PAGE_SIZE) >> 20,
             p.rounds,
             p.dirtied,
             p.exits,
@@ -702,6 +739,16 @@ mod tests {
             h.lines().last(),
             Some(&"vm demo stopped: stopped by the service")
         );
+        // Then the live migration of the busy VM, and the VM runs on.
+        let report = h
+            .lines()
+            .into_iter()
+            .find(|l| l.starts_with("migration-report {"))
+            .expect("a migration report");
+        assert!(report.contains("\"result\":\"completed\""), "{report}");
+        assert!(h
+            .console
+            .contains("demo: after the migration VM demo runs at the destination"));
     }
 
     #[test]
