@@ -12,6 +12,13 @@
 //!   which exit handling cannot see, and reporting 1 to a guest that never
 //!   set CR4.OSXSAVE would make its XGETBV fault. A guest that checks it
 //!   after setting CR4.OSXSAVE sees XSAVE as unusable, which is safe;
+//! * XSAVE (`1:ECX[26]`) and every feature whose register state lives only in
+//!   XSAVE components (AVX, FMA, F16C, AVX2, AVX-512, MPX, PKU, AMX, AMD's
+//!   XOP/FMA4) are cleared and the XSAVE leaf 0Dh reads zero: the world
+//!   switch saves x87/SSE state with FXSAVE only and the migration record
+//!   carries only that, so a guest using YMM/ZMM registers would have them
+//!   silently corrupted between VMs and lost on migration; its XSETBV gets
+//!   #UD;
 //! * the architectural performance-monitoring leaf 0Ah reads zero (no PMU);
 //! * `CPUID(0x4000_0000)` returns EAX = 0x4000_0000 (highest hypervisor
 //!   leaf) and the signature [`crate::abi::HV_SIGNATURE`] in EBX, ECX, EDX;
@@ -28,6 +35,42 @@ pub const LEAF1_ECX_MONITOR: u32 = 1 << 3;
 pub const LEAF1_ECX_VMX: u32 = 1 << 5;
 /// CPUID.1:ECX bit 21: x2APIC.
 pub const LEAF1_ECX_X2APIC: u32 = 1 << 21;
+/// CPUID.1:ECX bits whose state lives in XSAVE components beyond x87/SSE:
+/// FMA (12), XSAVE (26), AVX (28), F16C (29) (Intel SDM vol. 2A, CPUID,
+/// Table 3-10).
+pub const LEAF1_ECX_XSAVE_FEATURES: u32 = (1 << 12) | (1 << 26) | (1 << 28) | (1 << 29);
+/// CPUID.7.0:EBX bits needing XSAVE state: AVX2 (5), MPX (14), AVX-512
+/// F/DQ/IFMA/PF/ER/CD/BW/VL (16, 17, 21, 26, 27, 28, 30, 31).
+pub const LEAF7_EBX_XSAVE_FEATURES: u32 = (1 << 5)
+    | (1 << 14)
+    | (1 << 16)
+    | (1 << 17)
+    | (1 << 21)
+    | (1 << 26)
+    | (1 << 27)
+    | (1 << 28)
+    | (1 << 30)
+    | (1 << 31);
+/// CPUID.7.0:ECX bits needing XSAVE state: AVX512_VBMI (1), PKU (3), OSPKE
+/// (4), AVX512_VBMI2 (6), VAES (9), VPCLMULQDQ (10), AVX512_VNNI (11),
+/// AVX512_BITALG (12), AVX512_VPOPCNTDQ (14).
+pub const LEAF7_ECX_XSAVE_FEATURES: u32 = (1 << 1)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 6)
+    | (1 << 9)
+    | (1 << 10)
+    | (1 << 11)
+    | (1 << 12)
+    | (1 << 14);
+/// CPUID.7.0:EDX bits needing XSAVE state: AVX512_4VNNIW (2), AVX512_4FMAPS
+/// (3), AVX512_VP2INTERSECT (8), AMX-BF16 (22), AVX512_FP16 (23), AMX-TILE
+/// (24), AMX-INT8 (25).
+pub const LEAF7_EDX_XSAVE_FEATURES: u32 =
+    (1 << 2) | (1 << 3) | (1 << 8) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25);
+/// CPUID.8000_0001h:ECX bits needing AVX state on AMD: XOP (11), FMA4 (16)
+/// (AMD APM vol. 3, E.4.2).
+pub const EXT1_ECX_XSAVE_FEATURES: u32 = (1 << 11) | (1 << 16);
 /// CPUID.1:ECX bit 27: OSXSAVE (CR4.OSXSAVE set by the OS).
 pub const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 /// CPUID.1:ECX bit 31: running under a hypervisor.
@@ -68,10 +111,19 @@ pub fn guest_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> CpuidResu
     match leaf {
         1 => {
             r.ecx |= LEAF1_ECX_HYPERVISOR;
-            r.ecx &= !(LEAF1_ECX_MONITOR | LEAF1_ECX_VMX | LEAF1_ECX_X2APIC | LEAF1_ECX_OSXSAVE);
+            r.ecx &= !(LEAF1_ECX_MONITOR
+                | LEAF1_ECX_VMX
+                | LEAF1_ECX_X2APIC
+                | LEAF1_ECX_OSXSAVE
+                | LEAF1_ECX_XSAVE_FEATURES);
         }
-        5 | 0xa | 0x8000_000a => r = CpuidResult::default(),
-        0x8000_0001 => r.ecx &= !EXT1_ECX_SVM,
+        7 if subleaf == 0 => {
+            r.ebx &= !LEAF7_EBX_XSAVE_FEATURES;
+            r.ecx &= !LEAF7_ECX_XSAVE_FEATURES;
+            r.edx &= !LEAF7_EDX_XSAVE_FEATURES;
+        }
+        5 | 0xa | 0xd | 0x8000_000a => r = CpuidResult::default(),
+        0x8000_0001 => r.ecx &= !(EXT1_ECX_SVM | EXT1_ECX_XSAVE_FEATURES),
         _ => {}
     }
     r

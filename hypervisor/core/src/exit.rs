@@ -228,23 +228,33 @@ mod tests {
         let (_, r) = cpuid(&ones, 1, 0);
         assert_eq!(
             r.ecx,
-            !(LEAF1_ECX_VMX | LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_OSXSAVE)
+            !(LEAF1_ECX_VMX
+                | LEAF1_ECX_MONITOR
+                | LEAF1_ECX_X2APIC
+                | LEAF1_ECX_OSXSAVE
+                | LEAF1_ECX_XSAVE_FEATURES)
         );
         assert_eq!((r.eax, r.ebx, r.edx), (!0, !0, !0));
         let (_, r) = cpuid(&FakeCpuid::default(), 1, 0);
         assert_eq!(r.ecx, LEAF1_ECX_HYPERVISOR);
         let (_, r) = cpuid(&ones, 0x8000_0001, 0);
-        assert_eq!(r.ecx, !EXT1_ECX_SVM);
+        assert_eq!(r.ecx, !(EXT1_ECX_SVM | EXT1_ECX_XSAVE_FEATURES));
         assert_eq!(r.edx, !0);
-        for leaf in [5, 0xa, 0x8000_000a] {
+        for leaf in [5, 0xa, 0xd, 0x8000_000a] {
             assert_eq!(
                 cpuid(&ones, leaf, 0).1,
                 CpuidResult::default(),
                 "leaf {leaf:#x}"
             );
         }
+        // Leaf 7: only the features with XSAVE-managed state are hidden.
+        let r = cpuid(&ones, 7, 0).1;
+        assert_eq!(r.ebx, !LEAF7_EBX_XSAVE_FEATURES);
+        assert_eq!(r.ecx, !LEAF7_ECX_XSAVE_FEATURES);
+        assert_eq!(r.edx, !LEAF7_EDX_XSAVE_FEATURES);
+        assert_eq!(r.ebx & (1 << 5), 0, "AVX2 hidden");
+        assert_eq!(r.ebx & (1 << 0), 1, "FSGSBASE passes through");
         // Pass-through, subleaf respected.
-        assert_eq!(cpuid(&ones, 7, 0).1.ebx, !0);
         assert_eq!(cpuid(&ones, 7, 1).1, CpuidResult::default());
     }
 
