@@ -868,3 +868,57 @@ mod prop_crash {
         }
     }
 }
+
+/// A zero-state block whose file space still holds old bytes is reused by a
+/// write. Whatever subset of unflushed writes a crash keeps, the block reads
+/// as zeros or the new data, never the old bytes: the zero fill and the data
+/// are durable before the BAT entry that exposes the space.
+#[test]
+fn reused_space_never_leaks_old_bytes_after_a_crash() {
+    let mut p = CreateParams::dynamic(4 << 20);
+    p.block_size = 1 << 20;
+    p.fixed = true;
+    let mut d = create(MemIo::new(), &p).unwrap();
+    d.write(0, &vec![0x99u8; 1 << 20]).unwrap();
+    let mut img = bytes_of(&mut d);
+    // Turn block 0 into PAYLOAD_BLOCK_ZERO, keeping its (stale) file space.
+    let bat = 3 << 20;
+    let e = u64::from_le_bytes(img[bat..bat + 8].try_into().unwrap());
+    img[bat..bat + 8].copy_from_slice(&((e & !7) | u64::from(PAYLOAD_ZERO)).to_le_bytes());
+    let mut point = 0u64;
+    loop {
+        let io = CrashIo::new(img.clone(), Some(point));
+        let probe = io.clone();
+        let mut done = false;
+        if let Ok(mut d) = Vhdx::open(io, OpenOptions::read_write(point)) {
+            let mut probe_read = [0u8; 512];
+            d.read(4096, &mut probe_read).unwrap();
+            assert_eq!(probe_read, [0u8; 512], "zero block reads zeros");
+            done = d.write(8192, &[0x42u8; 1024]).is_ok() && d.flush().is_ok() && d.close().is_ok();
+            core::mem::forget(d);
+        }
+        for keep in [0u64, 1, 2] {
+            let img2 = probe.durable_with(|i| match keep {
+                0 => false,
+                1 => i % 2 == 0,
+                _ => i % 2 == 1,
+            });
+            let mut r = Vhdx::open(MemIo::from_vec(img2), OpenOptions::read_only())
+                .unwrap_or_else(|e| panic!("point {point}/{keep}: {e}"));
+            let mut all = vec![0u8; 1 << 20];
+            r.read(0, &mut all).unwrap();
+            assert!(
+                all.iter().all(|&x| x == 0 || x == 0x42),
+                "point {point}/{keep}: old bytes visible"
+            );
+            if done && keep == 0 {
+                assert!(all[8192..9216].iter().all(|&x| x == 0x42));
+            }
+        }
+        if done {
+            break;
+        }
+        point += 1;
+        assert!(point < 200);
+    }
+}
