@@ -9,9 +9,8 @@ mod mirror_support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 
-use mirror_support::{tempdir, write_data, Model, Rng, SECTOR};
+use mirror_support::{guest_writer, tempdir, write_data, Model, SECTOR};
 use vstorage::copy::{cli_copy, copy_differencing, open_disk, own_ranges, CopyOptions, HostDisk};
 use vstorage::io::VirtualDisk;
 use vstorage::mirror::{MigrationOptions, MirrorState, StorageMigration};
@@ -84,25 +83,7 @@ fn chain_moves_with_live_child_mirrored() {
         "only the child's own block"
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let mut disk = m.disk();
-        let stop = Arc::clone(&stop);
-        let mut model = model;
-        thread::spawn(move || {
-            let mut rng = Rng::new(11);
-            let mut id = 100;
-            while id < 140 || !stop.load(Ordering::Relaxed) {
-                id += 1;
-                let first = rng.below(SECTORS - 8);
-                let len = 1 + rng.below(8);
-                match disk.write(first * SECTOR as u64, &write_data(id, first, len)) {
-                    Ok(()) => model.acked(id, first, len),
-                    Err(_) => model.unacked(id, first, len),
-                }
-            }
-            model
-        })
-    };
+    let writer = guest_writer(m.disk(), model, 11, 40, Arc::clone(&stop));
     m.run_copy().unwrap();
     stop.store(true, Ordering::Relaxed);
     let model = writer.join().unwrap();

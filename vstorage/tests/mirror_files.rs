@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use mirror_support::{tempdir, write_data, Model, Rng, SECTOR};
+use mirror_support::{guest_writer, tempdir, write_data, Model, SECTOR};
 use vstorage::copy::{open_disk, CopyOptions};
 use vstorage::io::VirtualDisk;
 use vstorage::mirror::{MigrationOptions, MirrorState, StorageMigration};
@@ -49,25 +49,11 @@ fn start(src: &Path, dst: &Path, keep_source: bool) -> StorageMigration {
 /// (and at least `min` times). Returns the model of what it wrote.
 fn guest(
     m: &StorageMigration,
-    mut model: Model,
+    model: Model,
     stop: Arc<AtomicBool>,
     min: u64,
 ) -> thread::JoinHandle<Model> {
-    let mut disk = m.disk();
-    thread::spawn(move || {
-        let mut rng = Rng::new(7);
-        let mut id = 100;
-        while id < 100 + min || !stop.load(Ordering::Relaxed) {
-            id += 1;
-            let first = rng.below(SECTORS - 8);
-            let len = 1 + rng.below(8);
-            match disk.write(first * SECTOR as u64, &write_data(id, first, len)) {
-                Ok(()) => model.acked(id, first, len),
-                Err(_) => model.unacked(id, first, len),
-            }
-        }
-        model
-    })
+    guest_writer(m.disk(), model, 7, min, stop)
 }
 
 fn check_file(path: &Path, model: &Model, what: &str) {

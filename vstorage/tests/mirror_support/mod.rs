@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
 
 use vstorage::io::{MemIo, RawDisk, VirtualDisk};
 
@@ -127,4 +130,31 @@ pub fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     p
+}
+
+/// A guest thread writing random stamps (1 to 8 sectors, ids from 101) to
+/// `disk` until `stop` is set, and at least `min` times. Returns `model`
+/// updated with what it wrote.
+pub fn guest_writer<D: VirtualDisk + Send + 'static>(
+    mut disk: D,
+    mut model: Model,
+    seed: u64,
+    min: u64,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Model> {
+    let sectors = model.allowed.len() as u64;
+    thread::spawn(move || {
+        let mut rng = Rng::new(seed);
+        let mut id = 100;
+        while id < 100 + min || !stop.load(Ordering::Relaxed) {
+            id += 1;
+            let first = rng.below(sectors - 8);
+            let len = 1 + rng.below(8);
+            match disk.write(first * SECTOR as u64, &write_data(id, first, len)) {
+                Ok(()) => model.acked(id, first, len),
+                Err(_) => model.unacked(id, first, len),
+            }
+        }
+        model
+    })
 }
