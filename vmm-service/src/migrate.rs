@@ -261,6 +261,37 @@ impl DestinationVm for DestVm {
     }
 }
 
+/// The receiver of a local migration.
+type Rx = Receiver<DestVm, MemPipe>;
+
+/// The source's end of the in-node link: a [`MemPipe`] whose `send` also
+/// lets the receiver consume what arrived. Both sides share the node's one
+/// CPU, so the engine's bandwidth samples (taken around its sends) then
+/// include the destination's work, and its expected downtime is the real
+/// one rather than the sender's half.
+struct LocalLink {
+    pipe: MemPipe,
+    rx: Rc<RefCell<Rx>>,
+}
+
+impl migration::Transport for LocalLink {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), migration::TransportError> {
+        let r = self.pipe.send(bytes);
+        // Bytes delivered before a break are still consumed. The driver
+        // never holds the receiver while stepping the engine.
+        if let Ok(mut rx) = self.rx.try_borrow_mut() {
+            while rx.step() == RecvProgress::Busy {}
+        }
+        r
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, migration::TransportError> {
+        self.pipe.recv(buf)
+    }
+    fn send_window(&self) -> usize {
+        self.pipe.send_window()
+    }
+}
+
 /// The engine's clock: the host's, shared with the driver, which borrows
 /// the host mutably only between engine steps.
 struct LoopClock<'h> {
@@ -325,19 +356,23 @@ pub fn migrate_local(host: &mut dyn Host, vm: Vm, policy: Policy, faults: Faults
         throttle: throttle.clone(),
         config: vm_config(ram_bytes),
     };
-    let mut m = Migration::new(source, src_end, &clock, policy);
-    let mut r = Receiver::new(
+    let rx = Rc::new(RefCell::new(Receiver::new(
         DestVm {
             vm: dst.clone(),
             ram_bytes,
         },
         dst_end,
-    );
-    let result = drive(&clock, &src, &throttle, &mut m, &mut r);
+    )));
+    let link = LocalLink {
+        pipe: src_end,
+        rx: rx.clone(),
+    };
+    let mut m = Migration::new(source, link, &clock, policy);
+    let result = drive(&clock, &src, &throttle, &mut m, &rx);
     let report = m.report().clone();
-    let received = r.outcome().result;
+    let received = rx.borrow().outcome().result;
     drop(m);
-    drop(r);
+    drop(rx);
     let host = clock.host.into_inner();
     print_report(host, &report);
     let mut source = unwrap_rc(src);
@@ -363,13 +398,14 @@ pub fn migrate_local(host: &mut dyn Host, vm: Vm, policy: Policy, faults: Faults
 
 /// Step both engines and the guest until the source engine finishes, then
 /// let the receiver see the end. Returns the source's result.
-fn drive<T: migration::Transport, U: migration::Transport>(
+fn drive(
     clock: &LoopClock<'_>,
     src: &Rc<RefCell<Vm>>,
     throttle: &Rc<RefCell<u8>>,
-    m: &mut Migration<SourceVm, T, &LoopClock<'_>>,
-    r: &mut Receiver<DestVm, U>,
+    m: &mut Migration<SourceVm, LocalLink, &LoopClock<'_>>,
+    rx: &Rc<RefCell<Rx>>,
 ) -> MigrationResult {
+    let step_rx = || rx.borrow_mut().step();
     let result = loop {
         // Engine turn: until both wait, or its time is up.
         let t0 = clock.now_ns();
@@ -383,7 +419,7 @@ fn drive<T: migration::Transport, U: migration::Transport>(
                 Progress::Busy => false,
                 Progress::Waiting { .. } => true,
             };
-            while r.step() == RecvProgress::Busy {}
+            while step_rx() == RecvProgress::Busy {}
             if waiting || clock.now_ns().saturating_sub(t0) >= ENGINE_SLICE_NS {
                 break;
             }
@@ -426,17 +462,17 @@ fn drive<T: migration::Transport, U: migration::Transport>(
             if let Progress::Finished(_) = m.step() {
                 break;
             }
-            while r.step() == RecvProgress::Busy {}
+            while step_rx() == RecvProgress::Busy {}
         }
     };
     for _ in 0..DRAIN_STEPS {
-        if matches!(r.step(), RecvProgress::Finished(_)) {
+        if matches!(step_rx(), RecvProgress::Finished(_)) {
             break;
         }
     }
-    if !matches!(r.step(), RecvProgress::Finished(_)) {
+    if !matches!(step_rx(), RecvProgress::Finished(_)) {
         // The source is done and nothing more will come.
-        r.cancel();
+        rx.borrow_mut().cancel();
     }
     result
 }
