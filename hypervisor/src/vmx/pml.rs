@@ -49,10 +49,8 @@ pub fn leaf_4k_slot(mem: &dyn PhysMem, root: Hpa, gpa: u64) -> Option<Hpa> {
 }
 
 /// Start PML on `vcpu` if it is off, then arm every frame whose bit is set
-/// in `gfns` (bit n = guest frame n): writable, dirty flag clear. Frames
-/// mapped by 2 MiB leaves or unmapped are skipped (`DirtyLog::enable`
-/// split every tracked one). Queues an INVEPT: cached translations may
-/// still carry the old dirty flags.
+/// in `gfns` (bit n = guest frame n): writable, dirty flag clear. Queues an
+/// INVEPT: cached translations may still carry the old dirty flags.
 pub fn arm(
     vcpu: &mut VmxVcpu,
     npt: &NestedPageTable<EptFormat>,
@@ -60,19 +58,97 @@ pub fn arm(
     gfns: &[u64],
 ) -> Result<(), HostError> {
     vcpu.pml_start(frames)?;
-    let mut mem = IdentityPhysMem;
-    let root = npt.root();
+    arm_frames(&mut IdentityPhysMem, npt.root(), gfns);
+    hvcore::vcpu::Vcpu::flush_nested_tlb(vcpu);
+    Ok(())
+}
+
+/// The table side of [`arm`]: for every frame set in `gfns` that the EPT
+/// rooted at `root` maps with a 4 KiB leaf, set W and clear the dirty flag.
+/// Frames mapped by 2 MiB leaves or unmapped are skipped
+/// (`DirtyLog::enable` split every tracked one). Returns how many leaves
+/// it armed.
+pub fn arm_frames(mem: &mut dyn PhysMem, root: Hpa, gfns: &[u64]) -> u64 {
+    let mut armed = 0;
     for (w, &word) in gfns.iter().enumerate() {
         let mut rest = word;
         while rest != 0 {
             let n = w as u64 * 64 + u64::from(rest.trailing_zeros());
             rest &= rest - 1;
-            if let Some(slot) = leaf_4k_slot(&mem, root, n * PAGE_SIZE) {
+            if let Some(slot) = leaf_4k_slot(mem, root, n * PAGE_SIZE) {
                 let e = mem.read_u64(slot);
                 mem.write_u64(slot, (e | EPT_W) & !EPT_D);
+                armed += 1;
             }
         }
     }
-    hvcore::vcpu::Vcpu::flush_nested_tlb(vcpu);
-    Ok(())
+    armed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::collections::BTreeMap;
+    use hvcore::addr::{Gfn, Gpa};
+    use hvcore::dirty::DirtyLog;
+    use hvcore::mem::MemError;
+
+    /// Sparse host memory and a bump allocator above 1 GiB.
+    #[derive(Default)]
+    struct Mem(BTreeMap<u64, u64>, u64);
+
+    impl PhysMem for Mem {
+        fn read_u64(&self, hpa: Hpa) -> u64 {
+            self.0.get(&hpa.as_u64()).copied().unwrap_or(0)
+        }
+        fn write_u64(&mut self, hpa: Hpa, value: u64) {
+            self.0.insert(hpa.as_u64(), value);
+        }
+    }
+
+    struct Frames(u64);
+
+    impl FrameAlloc for Frames {
+        fn alloc_frame(&mut self) -> Result<Hpa, MemError> {
+            self.0 += PAGE_SIZE;
+            Ok(Hpa(self.0))
+        }
+        fn free_frame(&mut self, _hpa: Hpa) {}
+    }
+
+    #[test]
+    fn arming_after_the_dirty_log_protected_everything() {
+        let (mut mem, mut frames) = (Mem::default(), Frames(1 << 30));
+        let mut npt = NestedPageTable::<EptFormat>::new(&mut frames, &mut mem).unwrap();
+        // 4 MiB of RAM: two 2 MiB leaves until the dirty log splits them.
+        npt.map(
+            &mut mem,
+            &mut frames,
+            Gpa(0),
+            Hpa(0x4000_0000),
+            4 << 20,
+            true,
+        )
+        .unwrap();
+        assert_eq!(leaf_4k_slot(&mem, npt.root(), 0x1000), None, "2 MiB leaf");
+        let mut log = DirtyLog::new(4 << 20);
+        log.enable(&mut npt, &mut mem, &mut frames).unwrap();
+        // A stale dirty flag on frame 5 (as the CPU leaves it).
+        let slot5 = leaf_4k_slot(&mem, npt.root(), 5 * PAGE_SIZE).unwrap();
+        mem.write_u64(slot5, mem.read_u64(slot5) | EPT_D);
+        // Arm frames 5 and 700, and one past RAM (ignored).
+        let mut gfns = [0u64; 17];
+        gfns[0] = 1 << 5;
+        gfns[700 / 64] |= 1 << (700 % 64);
+        gfns[16] = 1;
+        assert_eq!(arm_frames(&mut mem, npt.root(), &gfns), 2);
+        for gfn in 0..1024u64 {
+            let t = npt.translate(&mem, Gfn(gfn).gpa()).unwrap();
+            assert_eq!(t.writable, gfn == 5 || gfn == 700, "frame {gfn}");
+            assert_eq!(t.hpa, Hpa(0x4000_0000 + gfn * PAGE_SIZE));
+        }
+        assert_eq!(mem.read_u64(slot5) & EPT_D, 0);
+        // The leaf keeps its memory type and read/execute permission.
+        assert_eq!(mem.read_u64(slot5) & 0x3f, 0x37);
+    }
 }
