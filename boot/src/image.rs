@@ -155,6 +155,16 @@ fn platform_init(info: &BootInfo) -> ! {
         interrupts::trigger_test_fault(kind);
         log::warn!("fault-test={kind}: unknown kind (int3, ud, pf, gp)");
     }
+    // Backend smoke test instead of the service: `selftest=1`, or `=2` with
+    // the timer-preemption check.
+    if let Some(level) = bootinfo::cmdline_value(info.cmdline(), "selftest") {
+        let passed = hypervisor::virt::selftest::run(level == "2");
+        serial::write_fmt(format_args!(
+            "selftest: {}\n",
+            if passed { "ok" } else { "FAILED" }
+        ));
+        hypervisor::power::shutdown(if passed { 0 } else { 1 });
+    }
 
     let name = bootinfo::cmdline_value(info.cmdline(), "name").unwrap_or("a");
     let cpus = madt.map_or(1, |m| m.cpus.max(1));

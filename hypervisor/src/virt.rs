@@ -48,7 +48,7 @@ pub fn bench_raw_roundtrips(iterations: u64) -> Result<u64, HostError> {
     }
 }
 
-/// Backend smoke test, run from the node command line (`svm-selftest=1`;
+/// Backend smoke test, run from the node command line (`selftest=1`;
 /// `=2` adds the timer-preemption check, which needs the LAPIC timer).
 /// Vendor-neutral: drives whichever backend [`create_partition`] picks
 /// through the [`Partition`] seam, logging each exit. Returns whether every
