@@ -6,16 +6,17 @@
 //! * management: QEMU user networking; host port `127.0.0.1:P` is forwarded
 //!   to the node's management port 7000 at 10.0.2.15 (addresses internal to
 //!   QEMU's emulated network);
-//! * migration: a TCP-backed socket link on 127.0.0.1 between the two
-//!   nodes (node `a` listens, `b` connects), addresses 192.168.100.N/24
-//!   inside the emulated link.
+//! * migration: a TCP-backed socket link on 127.0.0.1, addresses
+//!   192.168.100.N/24 inside the emulated link. Two nodes are joined
+//!   directly (node `a` listens, `b` connects); three or more each connect
+//!   to a hub that `cluster up` starts in the background ([`run_hub`]: a
+//!   `qemu-runner` process repeating every frame to every other node, over
+//!   the same length-prefixed TCP framing QEMU's socket backend speaks).
 //!
 //! The state directory (default `target/cluster`, or
 //! `$HVMIGRATE_CLUSTER_DIR`, or `--state-dir`) holds `cluster.json` (nodes,
 //! ports, process ids and the cluster key, mode 0600) and each node's serial
-//! log `node-NAME.log`. A socket link joins exactly two QEMU processes, so
-//! a cluster has at most [`NODES_MAX`] nodes until nodes get one migration
-//! NIC per peer.
+//! log `node-NAME.log`.
 
 use std::fs;
 use std::net::TcpListener;
@@ -32,8 +33,11 @@ use vmm_service::mgmt::proto::{Body, JobState, Request};
 use crate::cargo::Images;
 use crate::hvctl::{self, Client};
 
-/// Most nodes (one socket link joins two QEMU processes).
-pub const NODES_MAX: usize = 2;
+/// Most nodes.
+pub const NODES_MAX: usize = 8;
+/// Largest frame the hub forwards (QEMU's socket backend sends at most
+/// 69632 bytes; Ethernet frames here are at most 1514).
+pub const HUB_FRAME_MAX: usize = 69632;
 /// The node's management port inside QEMU's user network.
 pub const NODE_MGMT_PORT: u16 = 7000;
 /// The node's address on QEMU's user network (QEMU's fixed default).
@@ -60,8 +64,12 @@ pub struct NodeState {
 pub struct ClusterState {
     /// The cluster key, hex (never printed).
     pub key: String,
-    /// Host port of the migration link (node `a` listens on it).
+    /// Host port of the migration link (node `a` listens on it, or the hub
+    /// for three nodes or more).
     pub link_port: u16,
+    /// The hub's process (three nodes or more).
+    #[serde(default)]
+    pub hub_pid: Option<u32>,
     pub nodes: Vec<NodeState>,
 }
 
@@ -193,7 +201,14 @@ pub fn qemu_args(
         "-device".into(),
         format!("virtio-net-pci,netdev=mgmt,mac=52:54:00:00:00:{:02x}", i + 1),
     ];
-    if count > 1 {
+    if count > 2 {
+        a.extend([
+            "-netdev".into(),
+            format!("socket,id=mig,connect=127.0.0.1:{link_port}"),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=mig,mac=52:54:00:00:01:{:02x}", i + 1),
+        ]);
+    } else if count == 2 {
         let end = if i == 0 { "listen" } else { "connect" };
         a.extend([
             "-netdev".into(),
@@ -247,9 +262,7 @@ fn log_tail(path: &Path, lines: usize) -> String {
 /// answers an authenticated `node-info`.
 pub fn up(dir: &Path, images: &Images, count: usize) -> Result<ClusterState, String> {
     if !(1..=NODES_MAX).contains(&count) {
-        return Err(format!(
-            "--nodes must be 1 to {NODES_MAX}: a QEMU socket link joins two nodes"
-        ));
+        return Err(format!("--nodes must be 1 to {NODES_MAX}"));
     }
     if let Ok(old) = load(dir) {
         if old.nodes.iter().any(|n| alive(n.pid)) {
@@ -265,8 +278,31 @@ pub fn up(dir: &Path, images: &Images, count: usize) -> Result<ClusterState, Str
     let mut state = ClusterState {
         key: key.clone(),
         link_port,
+        hub_pid: None,
         nodes: Vec::new(),
     };
+    if count > 2 {
+        let exe = std::env::current_exe().map_err(|e| format!("finding qemu-runner: {e}"))?;
+        let hub = Command::new(exe)
+            .args(["cluster", "hub", "--port", &link_port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("starting the link hub: {e}"))?;
+        state.hub_pid = Some(hub.id());
+        save(dir, &state)?;
+        // The nodes connect at start-up and QEMU 7.2 does not retry.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", link_port)).is_err() {
+            if Instant::now() > deadline || !alive(hub.id()) {
+                down(dir).ok();
+                return Err("the link hub did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     for i in 0..count {
         let name = node_name(i);
         let mgmt_port = free_port()?;
@@ -293,7 +329,7 @@ pub fn up(dir: &Path, images: &Images, count: usize) -> Result<ClusterState, Str
             log,
         });
         save(dir, &state)?;
-        if i == 0 && count > 1 {
+        if i == 0 && count == 2 {
             // The listening end of the link must exist before the other
             // node connects (QEMU 7.2 does not retry).
             std::thread::sleep(Duration::from_millis(700));
@@ -347,12 +383,21 @@ pub fn down(dir: &Path) -> Result<usize, String> {
             stopped += 1;
         }
     }
+    let pids: Vec<u32> = state
+        .nodes
+        .iter()
+        .map(|n| n.pid)
+        .chain(state.hub_pid)
+        .collect();
+    if let Some(h) = state.hub_pid {
+        kill_group(h);
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while state.nodes.iter().any(|n| alive(n.pid)) && Instant::now() < deadline {
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    for n in state.nodes.iter().filter(|n| alive(n.pid)) {
-        if let Ok(pid) = i32::try_from(n.pid) {
+    for pid in pids.iter().filter(|p| alive(**p)) {
+        if let Ok(pid) = i32::try_from(*pid) {
             // SAFETY: as in kill_group; SIGKILL for a node that ignored TERM.
             unsafe {
                 libc::kill(-pid, libc::SIGKILL);
@@ -361,6 +406,52 @@ pub fn down(dir: &Path) -> Result<usize, String> {
     }
     fs::remove_file(state_file(dir)).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(stopped)
+}
+
+/// The migration-link hub for three nodes or more: accepts the nodes'
+/// socket-backend connections on `listener` and repeats every frame (4-byte
+/// big-endian length, then the frame) to every other connection. Blocking
+/// writes carry the links' back-pressure: the slowest node paces the rest,
+/// and no frame is dropped. Runs until killed (`cluster down`).
+pub fn run_hub(listener: TcpListener) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    type Peers = Arc<Mutex<Vec<(u64, std::net::TcpStream)>>>;
+    let peers: Peers = Arc::new(Mutex::new(Vec::new()));
+    for (id, conn) in (0u64..).zip(listener.incoming()) {
+        let Ok(mut conn) = conn else { continue };
+        let Ok(writer) = conn.try_clone() else {
+            continue;
+        };
+        peers
+            .lock()
+            .map_err(|_| "hub lock poisoned")?
+            .push((id, writer));
+        let peers = Arc::clone(&peers);
+        std::thread::spawn(move || {
+            let mut frame = vec![0u8; 4 + HUB_FRAME_MAX];
+            loop {
+                let mut len = [0u8; 4];
+                if conn.read_exact(&mut len).is_err() {
+                    break;
+                }
+                let n = u32::from_be_bytes(len) as usize;
+                if n > HUB_FRAME_MAX {
+                    break; // not QEMU's framing: drop this peer
+                }
+                frame[..4].copy_from_slice(&len);
+                if conn.read_exact(&mut frame[4..4 + n]).is_err() {
+                    break;
+                }
+                let Ok(mut all) = peers.lock() else { break };
+                all.retain_mut(|(pid, w)| *pid == id || w.write_all(&frame[..4 + n]).is_ok());
+            }
+            if let Ok(mut all) = peers.lock() {
+                all.retain(|(pid, _)| *pid != id);
+            }
+        });
+    }
+    Ok(())
 }
 
 /// One node's status.
@@ -507,6 +598,9 @@ mod tests {
         let b = qemu_args(&images, 1, 2, "k", 5001, 6000, Path::new("/l")).join(" ");
         assert!(b.contains("socket,id=mig,connect=127.0.0.1:6000"));
         assert!(!b.contains("dgram") && !b.contains("0.0.0.0"));
+        let c = qemu_args(&images, 2, 3, "k", 5002, 6001, Path::new("/l")).join(" ");
+        assert!(c.contains("socket,id=mig,connect=127.0.0.1:6001"), "{c}");
+        assert!(c.contains("mig_ip=192.168.100.3/24"), "{c}");
     }
 
     #[test]
@@ -516,6 +610,7 @@ mod tests {
         let s = ClusterState {
             key: "00".repeat(32),
             link_port: 1,
+            hub_pid: None,
             nodes: vec![NodeState {
                 name: "a".into(),
                 pid: 0,
@@ -547,7 +642,7 @@ mod tests {
                 hypervisor: "/h".into(),
                 guest_kernel: "/g".into()
             },
-            3
+            9
         )
         .unwrap_err()
         .contains("--nodes"));
@@ -568,6 +663,7 @@ struct Flags {
     state_dir: Option<String>,
     mib: Option<u64>,
     frames: Option<u64>,
+    port: Option<u16>,
 }
 
 fn parse_flags(args: &[String]) -> Result<Flags, String> {
@@ -598,6 +694,12 @@ fn parse_flags(args: &[String]) -> Result<Flags, String> {
             "--state-dir" => f.state_dir = Some(value()?),
             "--mib" => f.mib = Some(num(value()?)?),
             "--frames" => f.frames = Some(num(value()?)?),
+            "--port" => {
+                f.port = Some(
+                    u16::try_from(num(value()?)?)
+                        .map_err(|_| "--port is a TCP port".to_string())?,
+                )
+            }
             _ => return Err(format!("unknown option {a:?}")),
         }
     }
@@ -665,6 +767,13 @@ fn run_cli(which: &str, f: &Flags) -> Result<u8, String> {
                 }
             }
             Ok(u8::from(nodes.iter().any(|n| n.state != "running")))
+        }
+        "hub" => {
+            let port = f.port.ok_or("cluster hub needs --port")?;
+            let l = TcpListener::bind(("127.0.0.1", port))
+                .map_err(|e| format!("hub: 127.0.0.1:{port}: {e}"))?;
+            run_hub(l)?;
+            Ok(0)
         }
         "down" => {
             let n = down(&dir)?;
