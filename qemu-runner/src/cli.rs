@@ -57,7 +57,8 @@ options:
   --no-build                     use the images already built
   -h, --help                     this text
 
-cases: hello cpuid memory dirty-log bad-msr triple-fault two-vms";
+cases: hello cpuid memory dirty-log bad-msr triple-fault two-vms
+       local-migrate-idle local-migrate-busy local-migrate-abort local-migrate-converge";
 
 /// A parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 use crate::markers::{BenchExits, CaseResult, DirtyRate, SerialLog};
 
 /// The test cases, in the node's default order (docs/DESIGN.md).
-pub const ALL_CASES: [&str; 7] = [
+pub const ALL_CASES: [&str; 11] = [
     "hello",
     "cpuid",
     "memory",
@@ -14,6 +14,10 @@ pub const ALL_CASES: [&str; 7] = [
     "bad-msr",
     "triple-fault",
     "two-vms",
+    "local-migrate-idle",
+    "local-migrate-busy",
+    "local-migrate-abort",
+    "local-migrate-converge",
 ];
 
 /// The console line the `hello` case must produce (checked by the runner
