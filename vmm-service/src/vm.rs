@@ -336,6 +336,9 @@ impl Vm {
     /// Run the VM until `slice_end_ns` (host clock), until it halts, or
     /// until it stops.
     pub fn run_slice(&mut self, host: &mut dyn Host, slice_end_ns: u64) -> SliceEnd {
+        if self.paused {
+            return SliceEnd::NotRunnable;
+        }
         match self.state {
             VmState::Running => {}
             VmState::Halted => self.state = VmState::Running,
@@ -495,7 +498,7 @@ mod tests {
     use super::*;
     use crate::loader::build::kernel;
     use crate::testing::{printer, FakeHost, FakeMemory, FakeVcpu};
-    use hvcore::abi::{HC_PROGRESS, HC_TEST_RESULT};
+    use hvcore::abi::{HC_MIGRATION_STATUS, HC_PROGRESS, HC_TEST_RESULT};
     use hvcore::addr::Gpa;
     use hvcore::vcpu::{Access, IoAccess, VmExit};
 
@@ -677,6 +680,45 @@ mod tests {
         assert_eq!(v.run_slice(&mut host, end), SliceEnd::Expired);
         assert_eq!(v.counters().hypercalls, u64::from(CLOCK_CHECK_EXITS));
         assert_eq!(v.counters().exits, v.counters().hypercalls);
+    }
+
+    #[test]
+    fn migration_status_and_pause() {
+        let mut host = FakeHost::new();
+        let seen = alloc::rc::Rc::new(core::cell::Cell::new((0u64, 0u64)));
+        let seen2 = seen.clone();
+        let mut step = 0;
+        host.programs.push_back(alloc::boxed::Box::new(
+            move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                if step > 0 {
+                    seen2.set((v.regs.rax, v.regs.rdi));
+                }
+                step += 1;
+                v.regs.rax = HC_MIGRATION_STATUS;
+                VmExit::Hypercall
+            },
+        ));
+        let mut v = vm(&mut host, "m");
+        v.note_failed_migration();
+        let end = host.clock.get() + 10 * host.ns_per_run;
+        v.run_slice(&mut host, end);
+        assert_eq!(seen.get(), (0, 1), "RAX completed, RDI failed");
+        let mut d = Vm::create_empty(&mut host, "m", 4 << 20).unwrap();
+        assert_eq!(d.state(), &VmState::Created);
+        assert!(!d.is_runnable());
+        d.adopt_bookkeeping(&v);
+        assert_eq!(
+            d.migrations(),
+            MigrationCounters {
+                completed: 1,
+                failed: 1
+            }
+        );
+        v.pause();
+        assert!(!v.is_runnable() && v.is_paused());
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::NotRunnable);
+        v.resume();
+        assert!(v.is_runnable());
     }
 
     #[test]
