@@ -376,6 +376,7 @@ mod file {
     use std::fs::{File, OpenOptions};
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     use std::path::Path;
+    use std::sync::Mutex;
 
     /// `O_DIRECT` on x86-64 Linux.
     const O_DIRECT: i32 = 0o40000;
@@ -388,6 +389,8 @@ mod file {
         file: File,
         direct: bool,
         writable: bool,
+        /// Reused bounce buffer for unaligned `O_DIRECT` transfers.
+        bounce: Mutex<Vec<u8>>,
     }
 
     fn host(op: &'static str, e: std::io::Error) -> IoError {
@@ -397,23 +400,22 @@ mod file {
         }
     }
 
-    /// A heap buffer of `len` bytes whose start is 4096-aligned.
-    struct Aligned {
-        raw: Vec<u8>,
-        start: usize,
-        len: usize,
+    /// The 4096-aligned window of `len` bytes inside `raw`, growing `raw`
+    /// as needed (the bounce buffer is reused across requests).
+    fn aligned_window(raw: &mut Vec<u8>, len: usize) -> &mut [u8] {
+        if raw.len() < len + DIRECT_ALIGN {
+            raw.resize(len + DIRECT_ALIGN, 0);
+        }
+        let addr = raw.as_ptr() as usize;
+        let start = (DIRECT_ALIGN - addr % DIRECT_ALIGN) % DIRECT_ALIGN;
+        &mut raw[start..start + len]
     }
 
-    impl Aligned {
-        fn new(len: usize) -> Self {
-            let raw = vec![0u8; len + DIRECT_ALIGN];
-            let addr = raw.as_ptr() as usize;
-            let start = (DIRECT_ALIGN - addr % DIRECT_ALIGN) % DIRECT_ALIGN;
-            Aligned { raw, start, len }
-        }
-        fn buf(&mut self) -> &mut [u8] {
-            &mut self.raw[self.start..self.start + self.len]
-        }
+    /// True when a transfer can bypass the bounce buffer.
+    fn aligned(ptr: *const u8, offset: u64, len: usize) -> bool {
+        (ptr as usize).is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && len.is_multiple_of(DIRECT_ALIGN)
     }
 
     impl FileIo {
@@ -428,6 +430,7 @@ mod file {
                 file,
                 direct: false,
                 writable,
+                bounce: Mutex::new(Vec::new()),
             })
         }
 
@@ -444,6 +447,7 @@ mod file {
                 file,
                 direct: false,
                 writable: true,
+                bounce: Mutex::new(Vec::new()),
             })
         }
 
@@ -460,6 +464,7 @@ mod file {
                     file,
                     direct: true,
                     writable,
+                    bounce: Mutex::new(Vec::new()),
                 }),
                 Err(e) if e.raw_os_error() == Some(22) => Self::open(path, writable),
                 Err(e) => Err(host("open", e)),
@@ -472,6 +477,7 @@ mod file {
                 file,
                 direct: false,
                 writable,
+                bounce: Mutex::new(Vec::new()),
             }
         }
 
@@ -493,22 +499,46 @@ mod file {
                     break;
                 }
                 done += n;
+                // With O_DIRECT a short read means end of file; asking again
+                // at an unaligned offset would be refused.
+                if self.direct && !done.is_multiple_of(DIRECT_ALIGN) {
+                    break;
+                }
             }
             win[done..].fill(0);
             Ok(done)
         }
 
+        fn bounce(&self) -> Result<std::sync::MutexGuard<'_, Vec<u8>>, IoError> {
+            self.bounce.lock().map_err(|_| IoError::Host {
+                op: "bounce",
+                detail: "bounce buffer lock poisoned".into(),
+            })
+        }
+
         fn direct_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
             let a = DIRECT_ALIGN as u64;
-            let start = offset - offset % a;
             let end = offset + buf.len() as u64;
+            if aligned(buf.as_ptr(), offset, buf.len()) {
+                let got = self.read_window(offset, buf)?;
+                if got < buf.len() {
+                    return Err(IoError::OutOfRange {
+                        offset,
+                        len_bytes: buf.len() as u64,
+                        store_len: offset + got as u64,
+                    });
+                }
+                return Ok(());
+            }
+            let start = offset - offset % a;
             let end_al = end.div_ceil(a) * a;
             let win_len = usize::try_from(end_al - start).map_err(|_| IoError::Host {
                 op: "read",
                 detail: "request too large".into(),
             })?;
-            let mut bounce = Aligned::new(win_len);
-            let got = self.read_window(start, bounce.buf())?;
+            let mut raw = self.bounce()?;
+            let win = aligned_window(&mut raw, win_len);
+            let got = self.read_window(start, win)?;
             if (start + got as u64) < end {
                 return Err(IoError::OutOfRange {
                     offset,
@@ -517,35 +547,50 @@ mod file {
                 });
             }
             let skip = (offset - start) as usize;
-            buf.copy_from_slice(&bounce.buf()[skip..skip + buf.len()]);
+            buf.copy_from_slice(&win[skip..skip + buf.len()]);
             Ok(())
         }
 
         fn direct_write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
-            let old_len = self.len()?;
+            if aligned(data.as_ptr(), offset, data.len()) {
+                return self
+                    .file
+                    .write_all_at(data, offset)
+                    .map_err(|e| host("write", e));
+            }
             let a = DIRECT_ALIGN as u64;
             let start = offset - offset % a;
             let end = offset + data.len() as u64;
             let end_al = end.div_ceil(a) * a;
+            // Only a partial last block can push the file past `end`.
+            let old_len = if end_al != end {
+                Some(self.len()?)
+            } else {
+                None
+            };
             let win_len = usize::try_from(end_al - start).map_err(|_| IoError::Host {
                 op: "write",
                 detail: "request too large".into(),
             })?;
-            let mut bounce = Aligned::new(win_len);
             let skip = (offset - start) as usize;
             let partial = skip != 0 || end != end_al;
+            let mut raw = self.bounce()?;
+            let win = aligned_window(&mut raw, win_len);
             if partial {
-                self.read_window(start, bounce.buf())?;
+                self.read_window(start, win)?;
             }
-            bounce.buf()[skip..skip + data.len()].copy_from_slice(data);
+            win[skip..skip + data.len()].copy_from_slice(data);
             self.file
-                .write_all_at(bounce.buf(), start)
+                .write_all_at(win, start)
                 .map_err(|e| host("write", e))?;
+            drop(raw);
             // Whole-block writes may have extended the file past the byte the
             // caller wrote last: trim back to what a buffered write would give.
-            let want = old_len.max(end);
-            if end_al > want {
-                self.file.set_len(want).map_err(|e| host("set_len", e))?;
+            if let Some(old_len) = old_len {
+                let want = old_len.max(end);
+                if end_al > want {
+                    self.file.set_len(want).map_err(|e| host("set_len", e))?;
+                }
             }
             Ok(())
         }
@@ -642,6 +687,19 @@ mod file {
                 assert!(big.iter().all(|&x| x == 7));
                 assert!(matches!(
                     f.read_at(9000, &mut big),
+                    Err(IoError::OutOfRange { .. })
+                ));
+                // Aligned buffer, offset and length: no bounce buffer.
+                let mut raw = Vec::new();
+                let win = aligned_window(&mut raw, 8192);
+                win.fill(5);
+                f.write_at(16384, win).unwrap();
+                win.fill(0);
+                f.read_at(16384, win).unwrap();
+                assert!(win.iter().all(|&x| x == 5));
+                assert_eq!(f.len().unwrap(), 24576);
+                assert!(matches!(
+                    f.read_at(20480, win),
                     Err(IoError::OutOfRange { .. })
                 ));
                 f.flush().unwrap();
