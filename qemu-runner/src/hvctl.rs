@@ -34,7 +34,8 @@ commands:
                                   guest is the heartbeat guest unless named
   vm start|stop|delete NAME
   vm console NAME [--lines N]     the VM's last console lines
-  job list                        jobs with a progress bar each
+  job list [--watch]              jobs with a progress bar each; --watch
+                                  redraws them until none is queued or running
   job watch ID                    a live progress bar until the job ends
   job cancel ID
   host get
@@ -160,6 +161,8 @@ pub enum Action {
     Request(Request),
     /// `job watch ID`: poll until the job ends.
     Watch(u64),
+    /// `job list --watch`: redraw every job until none is live.
+    WatchAll,
 }
 
 /// Parse a size: plain MiB, or with a K/M/G (binary) suffix.
@@ -221,6 +224,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
         };
         match flag.as_str() {
             "--json" => inv.json = true,
+            "--watch" => flags.push((flag, String::new())),
             "-h" | "--help" => return Ok(inv),
             "--node" => inv.node = Some(value()?),
             "--addr" => inv.addr = Some(value()?),
@@ -288,6 +292,11 @@ pub fn parse(args: &[String]) -> Result<Invocation, String> {
                 name: name(2)?,
                 lines,
             }
+        }
+        ["job", "list"] if flag("--watch").is_some() => {
+            allowed(&["--watch"])?;
+            inv.action = Action::WatchAll;
+            return Ok(inv);
         }
         ["job", "list"] => Request::JobList,
         ["job", "cancel", ..] => Request::JobCancel { id: id(2)? },
@@ -490,6 +499,51 @@ pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
     }
 }
 
+/// Redraw every job until none is queued or running (in place on a
+/// terminal, a block per change otherwise).
+pub fn watch_all(client: &mut Client, json: bool) -> Result<u8, String> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal() && !json;
+    let mut drawn = 0usize;
+    let mut last = String::new();
+    let start = Instant::now();
+    loop {
+        let jobs = match client.call(Request::JobList)? {
+            Outcome::Ok(Body::JobList { jobs }) => jobs,
+            Outcome::Ok(_) => Vec::new(),
+            Outcome::Error(e) => return Ok(print_error(json, &e)),
+        };
+        let live = jobs.iter().any(|j| !j.state.is_final());
+        if json {
+            if !live {
+                println!("{}", render_json(&Outcome::Ok(Body::JobList { jobs })));
+                return Ok(0);
+            }
+        } else {
+            let text = render(&Body::JobList { jobs });
+            if tty {
+                if drawn > 0 {
+                    // Cursor up over the previous drawing, clear to the end.
+                    print!("\x1b[{drawn}A\x1b[J");
+                }
+                println!("{text}");
+                drawn = text.lines().count();
+            } else if text != last {
+                println!("{text}\n");
+            }
+            last = text;
+            let _ = std::io::stdout().flush();
+            if !live {
+                return Ok(0);
+            }
+        }
+        if start.elapsed() > Duration::from_secs(3600) {
+            return Err("gave up watching after an hour".into());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Run hvctl with `args`; returns the exit status.
 pub fn main_with(args: &[String]) -> u8 {
     let inv = match parse(args) {
@@ -532,6 +586,7 @@ fn run(inv: &Invocation) -> Result<u8, String> {
     match &inv.action {
         Action::Help => Ok(0),
         Action::Watch(id) => watch(&mut client, *id, inv.json),
+        Action::WatchAll => watch_all(&mut client, inv.json),
         Action::Request(req) => {
             let outcome = client.call(req.clone())?;
             match &outcome {
@@ -578,6 +633,8 @@ mod tests {
             })
         );
         assert_eq!(p("job watch 7").unwrap().action, Action::Watch(7));
+        assert_eq!(p("job list --watch").unwrap().action, Action::WatchAll);
+        assert!(p("vm list --watch").is_err());
         assert_eq!(
             p("host set --max-migrations 3").unwrap().action,
             Action::Request(Request::HostSet {
