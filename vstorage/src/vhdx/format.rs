@@ -583,7 +583,7 @@ pub enum PayloadState {
     FullyPresent,
     /// 7: some sectors are in the file per the sector bitmap (differencing only).
     PartiallyPresent,
-    /// 4, 5: reserved values.
+    /// 4 (and any other unknown value): reserved.
     Reserved(u8),
 }
 
@@ -613,7 +613,9 @@ impl BatEntry {
             0 => PayloadState::NotPresent,
             1 => PayloadState::Undefined,
             2 => PayloadState::Zero,
-            3 => PayloadState::Unmapped,
+            // 5 is UNMAPPED in the v0.95 draft of the format; files written
+            // to it exist (QEMU reads them the same way).
+            3 | 5 => PayloadState::Unmapped,
             6 => PayloadState::FullyPresent,
             7 => PayloadState::PartiallyPresent,
             r => PayloadState::Reserved(r),
@@ -1088,5 +1090,6 @@ mod tests {
         assert_eq!(e.payload_state(), PayloadState::FullyPresent);
         assert_eq!(e.file_offset(), 5 * MIB);
         assert_eq!(BatEntry(4).payload_state(), PayloadState::Reserved(4));
+        assert_eq!(BatEntry(5).payload_state(), PayloadState::Unmapped);
     }
 }
