@@ -922,3 +922,30 @@ fn reused_space_never_leaks_old_bytes_after_a_crash() {
         assert!(point < 200);
     }
 }
+
+/// Allocations spread over many BAT pages are committed in batches even
+/// without a flush, so pending metadata stays bounded.
+#[test]
+fn many_pending_pages_commit_in_batches() {
+    let stride = 512u64 << 20; // one BAT page of 1 MiB blocks
+    let mut d = new_disk(80 * stride, 1 << 20, 512);
+    for i in 0..80u64 {
+        d.write(i * stride, &[i as u8 + 1; 512]).unwrap();
+    }
+    // No flush, no close: only what was committed is in the file's BAT.
+    let img = d.io().as_slice().to_vec();
+    core::mem::forget(d);
+    let mut r = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+    let mut visible = 0;
+    for i in 0..80u64 {
+        let mut b = [0u8; 512];
+        r.read(i * stride, &mut b).unwrap();
+        if b == [i as u8 + 1; 512] {
+            visible += 1;
+        } else {
+            assert_eq!(b, [0u8; 512], "block {i}: neither old nor new");
+        }
+    }
+    assert!(visible >= 64, "only {visible} allocations committed");
+    assert!(visible < 80, "everything committed without a flush");
+}
