@@ -443,6 +443,11 @@ impl NodeNet {
         );
         socket.set_timeout(Some(TCP_TIMEOUT));
         socket.set_nagle_enabled(false);
+        if self.nics[nic].role == NicRole::Migration {
+            // Acknowledge at once: a delayed ACK (smoltcp's default 10 ms)
+            // holds the sender's window shut on a link this fast.
+            socket.set_ack_delay(None);
+        }
         let handle = self.nics[nic].sockets.add(socket);
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
