@@ -91,8 +91,25 @@ fn read_best() -> Reading {
 /// Measure TSC and LAPIC timer rates against PIT channel 2. Needs
 /// [`lapic::init`] first. Interrupts must be masked.
 pub fn calibrate() -> Calibration {
-    let cal = match measure() {
-        Some((tsc_delta, lapic_delta, pit_delta)) if tsc_delta > 0 && lapic_delta > 0 => {
+    let cal = rates(measure());
+    TSC_HZ.store(cal.tsc_hz, Ordering::Relaxed);
+    cal
+}
+
+/// The rates from one measurement `(TSC ticks, LAPIC counts, PIT ticks)`,
+/// or the fallback guesses when there is none or it cannot be right.
+///
+/// The PIT count is 16 bits and keeps counting down past zero, so a CPU
+/// held up for more than one PIT period (55 ms) between the start and the
+/// end reading sees it wrapped: the 16-bit difference is then short, down
+/// to zero (a division by zero, which would halt the node at boot). The
+/// measurement loop stops only after [`PIT_INTERVAL`] ticks, so a shorter
+/// difference means a wrap, and the measurement is not used.
+fn rates(measured: Option<(u64, u64, u64)>) -> Calibration {
+    match measured {
+        Some((tsc_delta, lapic_delta, pit_delta))
+            if tsc_delta > 0 && lapic_delta > 0 && pit_delta >= PIT_INTERVAL =>
+        {
             Calibration {
                 tsc_hz: (u128::from(tsc_delta) * u128::from(PIT_HZ) / u128::from(pit_delta)) as u64,
                 lapic_timer_hz: (u128::from(lapic_delta) * u128::from(PIT_HZ)
@@ -106,9 +123,7 @@ pub fn calibrate() -> Calibration {
             lapic_timer_hz: 62_500_000,
             measured: false,
         },
-    };
-    TSC_HZ.store(cal.tsc_hz, Ordering::Relaxed);
-    cal
+    }
 }
 
 /// (TSC ticks, LAPIC counts, PIT ticks) over one interval, or `None` if the
@@ -168,5 +183,31 @@ pub fn spin_ns(ns: u64) {
     let end = now_ns().saturating_add(ns);
     while now_ns() < end {
         core::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_from_a_measurement() {
+        let cal = rates(Some((40_000_000, 500_000, PIT_INTERVAL)));
+        assert!(cal.measured);
+        assert_eq!(cal.tsc_hz, 40_000_000 * PIT_HZ / PIT_INTERVAL);
+        assert_eq!(cal.lapic_timer_hz, 500_000 * PIT_HZ / PIT_INTERVAL);
+        assert!(!rates(None).measured);
+    }
+
+    /// A PIT that wrapped between the start and the end reading gives a
+    /// 16-bit difference below the interval, down to zero: fall back instead
+    /// of dividing by it.
+    #[test]
+    fn wrapped_pit_falls_back() {
+        for pit_delta in [0, 1, PIT_INTERVAL - 1] {
+            let cal = rates(Some((40_000_000, 500_000, pit_delta)));
+            assert!(!cal.measured, "pit_delta {pit_delta}");
+            assert_eq!(cal.tsc_hz, 1_000_000_000);
+        }
     }
 }
