@@ -54,6 +54,8 @@ pub const DEVICE_KIND_PORT_BUS: u16 = 1;
 pub const GUEST_SLICE_NS: u64 = 4_000_000;
 /// Most engine time per turn before the guest runs again.
 pub const ENGINE_SLICE_NS: u64 = 2_000_000;
+/// Node time between two progress lines in the debug log.
+const PROGRESS_LOG_NS: u64 = 1_000_000_000;
 /// Receiver steps after the source finished, to let it see the end.
 const DRAIN_STEPS: u32 = 10_000;
 
@@ -406,6 +408,7 @@ fn drive(
     rx: &Rc<RefCell<Rx>>,
 ) -> MigrationResult {
     let step_rx = || rx.borrow_mut().step();
+    let mut next_log = clock.now_ns().saturating_add(PROGRESS_LOG_NS);
     let result = loop {
         // Engine turn: until both wait, or its time is up.
         let t0 = clock.now_ns();
@@ -426,6 +429,19 @@ fn drive(
         }
         if let Some(res) = finished {
             break res;
+        }
+        let now = clock.now_ns();
+        if now >= next_log {
+            next_log = now.saturating_add(PROGRESS_LOG_NS);
+            let r = m.report();
+            log::debug!(
+                "migrate: {} passes done, {} bytes sent, throttle {}%, paused {}, committed {}",
+                r.passes,
+                r.bytes_sent,
+                throttle.borrow(),
+                m.vm_paused(),
+                m.committed()
+            );
         }
         // Guest turn (pre-copy only: a paused VM does not run).
         let pct = u64::from(*throttle.borrow());
