@@ -238,16 +238,21 @@ pub fn idt_base() -> u64 {
     IDT.0.get() as u64
 }
 
+// CLI and STI are compiler barriers on purpose: no `nomem`. With `nomem`
+// the compiler may move memory accesses across them, out of a section that
+// relies on interrupts being masked ([`without`]), and may keep values in
+// registers across a window in which a handler runs and writes memory.
+
 /// Mask maskable interrupts (`cli`).
 pub fn disable() {
     // SAFETY: CLI only clears RFLAGS.IF.
-    unsafe { asm!("cli", options(nomem, nostack)) };
+    unsafe { asm!("cli", options(nostack)) };
 }
 
 /// Unmask maskable interrupts (`sti`). Only after [`init`].
 pub fn enable() {
     // SAFETY: STI only sets RFLAGS.IF; the IDT handles every vector.
-    unsafe { asm!("sti", options(nomem, nostack)) };
+    unsafe { asm!("sti", options(nostack)) };
 }
 
 /// Whether RFLAGS.IF is set.
@@ -270,7 +275,9 @@ pub fn without<R>(f: impl FnOnce() -> R) -> R {
 /// again. The STI shadow makes the pair atomic (no wake-up is lost).
 pub fn wait_for_interrupt() {
     // SAFETY: sets IF for the duration of HLT only; handlers are installed.
-    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    // Not `nomem`: the handler that wakes us writes memory (tick count,
+    // hook) while this block runs.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
 }
 
 static TIMER_HOOK: AtomicUsize = AtomicUsize::new(0);
