@@ -20,6 +20,9 @@ use core::ptr::NonNull;
 use hvcore::addr::{Gpa, Hpa};
 use hvcore::host::HostError;
 use hvcore::mem::FrameAlloc;
+// The MSR value checks are the vendor-neutral policy's (hvcore::msr), so the
+// two can never disagree on what the guest may write.
+use hvcore::msr::{is_canonical as canonical, is_valid_pat as valid_pat};
 use hvcore::vcpu::{
     Access, EntryFailure, IoAccess, IoDir, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu,
     VcpuCaps, VcpuState, VmExit,
@@ -538,17 +541,6 @@ fn diagnose_invalid(v: &Vmcb) -> &'static str {
     } else {
         "VMRUN: invalid guest state (VMEXIT_INVALID)"
     }
-}
-
-/// Whether `v` is a canonical 48-bit virtual address.
-fn canonical(v: u64) -> bool {
-    let top = (v as i64) >> 47;
-    top == 0 || top == -1
-}
-
-/// Whether every entry of a PAT value is a defined memory type (0, 1, 4-7).
-fn valid_pat(v: u64) -> bool {
-    v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7))
 }
 
 /// The record's segment for a VMCB segment (the record uses the VMCB's
