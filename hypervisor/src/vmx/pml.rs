@@ -93,9 +93,11 @@ mod tests {
     use hvcore::dirty::DirtyLog;
     use hvcore::mem::MemError;
 
-    /// Sparse host memory and a bump allocator above 1 GiB.
+    /// Sparse host memory.
     #[derive(Default)]
-    struct Mem(BTreeMap<u64, u64>, u64);
+    struct Mem(BTreeMap<u64, u64>);
+
+    // A bump allocator above 1 GiB.
 
     impl PhysMem for Mem {
         fn read_u64(&self, hpa: Hpa) -> u64 {
