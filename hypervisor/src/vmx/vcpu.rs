@@ -38,6 +38,7 @@ use hvcore::vcpu_state::{self, EventKind, PendingEvent, TableReg, FXSAVE_BYTES};
 // Pin-based controls (Intel SDM vol. 3C, 25.6.1, table 25-5).
 pub const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
 pub const PIN_NMI_EXITING: u32 = 1 << 3;
+pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 // Primary processor-based controls (25.6.2, table 25-6).
 pub const PROC_USE_TSC_OFFSETTING: u32 = 1 << 3;
 pub const PROC_HLT_EXITING: u32 = 1 << 7;
@@ -89,6 +90,7 @@ pub const EXIT_EPT_VIOLATION: u32 = 48;
 pub const EXIT_EPT_MISCONFIG: u32 = 49;
 pub const EXIT_INVEPT: u32 = 50;
 pub const EXIT_INVVPID: u32 = 53;
+pub const EXIT_PREEMPTION_TIMER: u32 = 52;
 pub const EXIT_XSETBV: u32 = 55;
 pub const EXIT_PML_FULL: u32 = 62;
 /// Exit-reason bit 31: the exit is a VM-entry failure (28.2.1).
@@ -281,7 +283,9 @@ pub fn decode_exit(
     let insn = |exit| Decoded::Exit { exit, len };
     let event = |exit| Decoded::Exit { exit, len: None };
     match reason {
-        EXIT_EXTERNAL_INTERRUPT => event(VmExit::ExternalInterrupt),
+        // The VMX-preemption timer is the host's time slice (see
+        // `preemption_timer_value`): report it like the timer interrupt.
+        EXIT_EXTERNAL_INTERRUPT | EXIT_PREEMPTION_TIMER => event(VmExit::ExternalInterrupt),
         // NMI exiting: the NMI was the host's; report it like an interrupt
         // (the host has nothing to do for it). Exceptions are not
         // intercepted (exception bitmap 0), so anything else is unknown.
@@ -560,12 +564,17 @@ impl VmxVcpu {
     /// 25.6-25.8 (controls), 25.5 (host state), 26.2 (what entry checks).
     fn init_vmcs(&mut self) -> Result<(), HostError> {
         let f = self.features;
-        self.control(
+        let pin = self.control(
             PIN_BASED_CONTROLS,
             f.pin,
             PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING,
-            0,
+            PIN_PREEMPTION_TIMER,
         )?;
+        if pin & PIN_PREEMPTION_TIMER != 0 {
+            // Reloaded from this field at every VM entry (no "save timer
+            // value" exit control), so each entry gets one full slice.
+            self.write(GUEST_PREEMPTION_TIMER, preemption_timer_value());
+        }
         self.control(
             PRIMARY_PROC_CONTROLS,
             f.proc,
@@ -1122,6 +1131,34 @@ fn event_out(info: u64, error_code: u64) -> Option<PendingEvent> {
     })
 }
 
+/// IA32_VMX_MISC: bits 4:0 give the rate of the VMX-preemption timer
+/// (Intel SDM vol. 3D, A.6).
+const MSR_VMX_MISC: u32 = 0x485;
+/// The guest's time slice when no interrupt comes first.
+const PREEMPTION_SLICE_NS: u64 = 4_000_000;
+
+/// The VMX-preemption timer count for one time slice: it counts down by 1
+/// every 2^X TSC ticks, X = IA32_VMX_MISC[4:0] (Intel SDM vol. 3C, 26.5.1),
+/// and exits the guest (reason 52) at 0 whatever the guest's RFLAGS.IF.
+///
+/// External-interrupt exiting alone should make the host's timer interrupt
+/// exit the guest whatever its IF too (25.6.1), and does on hardware;
+/// Bochs 2.7 however computes its interrupt mask while loading the guest's
+/// RFLAGS, before it counts the CPU as in VMX non-root operation, so a guest
+/// spinning with IF = 0 (the `dirty-demo` guest) never exited there. The
+/// preemption timer gives the CPU back in both.
+fn preemption_timer_value() -> u64 {
+    // SAFETY: IA32_VMX_MISC exists on every VMX CPU (vol. 3D, A.6).
+    let rate = unsafe { rdmsr(MSR_VMX_MISC) } & 0x1f;
+    let slice = match crate::lapic::period_ns() {
+        0 => PREEMPTION_SLICE_NS,
+        p => p,
+    };
+    let tsc_ticks = u128::from(crate::time::tsc_hz()) * u128::from(slice) / 1_000_000_000;
+    let count = (tsc_ticks >> rate).clamp(1, u128::from(u32::MAX));
+    count as u64
+}
+
 /// The host IDTR (base, limit).
 fn sidt() -> (u64, u16) {
     let mut buf = [0u8; 10];
@@ -1658,6 +1695,13 @@ mod tests {
         assert_eq!(
             decode_exit(u64::from(EXIT_PML_FULL), 0, 0, 0, 0, &r),
             Decoded::PmlFull
+        );
+        assert_eq!(
+            decode_exit(u64::from(EXIT_PREEMPTION_TIMER), 0, 0, 0, 0, &r),
+            Decoded::Exit {
+                exit: VmExit::ExternalInterrupt,
+                len: None
+            }
         );
         // NMI exit (interruption type 2) vs an unexpected exception exit.
         assert_eq!(

@@ -95,6 +95,7 @@ pub const GUEST_TR_AR: u32 = 0x4822;
 pub const GUEST_INTERRUPTIBILITY: u32 = 0x4824;
 pub const GUEST_ACTIVITY_STATE: u32 = 0x4826;
 pub const GUEST_SYSENTER_CS: u32 = 0x482a;
+pub const GUEST_PREEMPTION_TIMER: u32 = 0x482e;
 // 32-bit host-state field (B.3.4).
 pub const HOST_SYSENTER_CS: u32 = 0x4c00;
 // Natural-width control fields (B.4.1).

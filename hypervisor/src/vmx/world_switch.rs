@@ -16,14 +16,10 @@
 //! `sti; nop; cli` window lets the host IDT take the pending interrupt
 //! (the preemption timer), like the SVM path does after STGI.
 //!
-//! The host enters with RFLAGS.IF = 1 (`sti` immediately before VMLAUNCH /
-//! VMRESUME, whose interrupt shadow keeps the host from taking anything in
-//! between). Hardware ignores the host's IF here: with external-interrupt
-//! exiting, an interrupt exits the guest whatever the guest's RFLAGS.IF
-//! (Intel SDM vol. 3C, 26.2 and 25.6.1). Bochs 2.7 only re-evaluates its
-//! interrupt mask when IF *changes*, so entering an IF=0 guest from an IF=0
-//! host would leave the timer masked and a guest spinning without exits
-//! would never give the CPU back (measured: the dirty-demo guest).
+//! Bochs 2.7 computes its interrupt mask while loading the guest's RFLAGS,
+//! before it counts the CPU as in the guest, so an interrupt never exits a
+//! guest running with IF = 0 there; the vCPU also arms the VMX-preemption
+//! timer so the host gets the CPU back anyway (see `vcpu.rs`).
 
 use hvcore::vcpu::Regs;
 
@@ -64,14 +60,10 @@ core::arch::global_asm!(
     "mov r14, [rdi + 104]",
     "mov r15, [rdi + 112]",
     "mov rdi, [rdi + 40]",
-    // STI right before entry (its one-instruction shadow covers the
-    // VMLAUNCH/VMRESUME): see the module docs.
     "jnz 3f",
-    "sti",
     "vmlaunch",
     "jmp 4f",
     "3:",
-    "sti",
     "vmresume",
     "4:",
     // Entry failed before the guest ran: CF = VMfailInvalid, ZF =
