@@ -29,7 +29,6 @@ mod world_switch;
 pub use vcpu::SvmVcpu;
 
 use crate::cpu::{cpuid, rdmsr, wrmsr};
-use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hvcore::addr::Hpa;
@@ -53,9 +52,9 @@ const VM_CR_SVMDIS: u64 = 1 << 4;
 /// The bits must be supported by this CPU and harmless to the running
 /// hypervisor.
 unsafe fn set_cr4_bits(bits: u64) {
-    let cr4 = crate::cpu::read_cr4() | bits;
-    // SAFETY: the caller guarantees the bits are supported and harmless.
-    unsafe { asm!("mov cr4, {}", in(reg) cr4, options(nostack, preserves_flags)) };
+    // SAFETY: the caller guarantees the bits are supported and harmless;
+    // PAE stays set (only bits are added).
+    unsafe { crate::cpu::write_cr4(crate::cpu::read_cr4() | bits) };
 }
 
 /// CR4.OSFXSR: FXSAVE/FXRSTOR include the SSE state. AMD APM vol. 2, 3.7.1.
@@ -204,14 +203,9 @@ pub(crate) fn load_debug_regs(dr: [u64; 4]) {
     if (0..4).all(|i| LOADED_DR[i].load(Ordering::Relaxed) == dr[i]) {
         return;
     }
-    // SAFETY: breakpoint addresses take effect only where DR7 enables them;
-    // the host's DR7 (restored by #VMEXIT) enables none, and the guest's
-    // comes from its VMCB.
-    unsafe {
-        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}",
-            in(reg) dr[0], in(reg) dr[1], in(reg) dr[2], in(reg) dr[3],
-            options(nomem, nostack, preserves_flags));
-    }
+    // The host's DR7 (restored by #VMEXIT) enables no breakpoint, and the
+    // guest's comes from its VMCB.
+    crate::cpu::write_dr0_3(dr);
     for (slot, v) in LOADED_DR.iter().zip(dr) {
         slot.store(v, Ordering::Relaxed);
     }
@@ -219,14 +213,7 @@ pub(crate) fn load_debug_regs(dr: [u64; 4]) {
 
 /// Read DR0-DR3 after #VMEXIT: the guest may have written them.
 pub(crate) fn read_debug_regs() -> [u64; 4] {
-    let (a, b, c, d): (u64, u64, u64, u64);
-    // SAFETY: reading debug registers at CPL 0 has no side effects.
-    unsafe {
-        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3",
-            out(reg) a, out(reg) b, out(reg) c, out(reg) d,
-            options(nomem, nostack, preserves_flags));
-    }
-    let dr = [a, b, c, d];
+    let dr = crate::cpu::read_dr0_3();
     for (slot, v) in LOADED_DR.iter().zip(dr) {
         slot.store(v, Ordering::Relaxed);
     }
