@@ -311,6 +311,7 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
         let faults = Faults {
             fail_after_bytes: Some(ABORT_AFTER_BYTES),
         };
+        let policy = within(host, policy, deadline);
         let out = migrate::migrate_local(host, vm, policy, faults);
         vm = out.vm;
         reports.push(out.report);
@@ -323,6 +324,7 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
         }
     }
     if result.is_ok() {
+        let policy = within(host, policy, deadline);
         let out = migrate::migrate_local(host, vm, policy, Faults::default());
         vm = out.vm;
         reports.push(out.report);
@@ -337,6 +339,15 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
         .and_then(|()| judge_reports(case, &reports));
     vm.destroy();
     result
+}
+
+/// `policy` with its timeout cut to what is left of the case's time, so a
+/// migration that cannot finish is cancelled (the VM stays) instead of
+/// outliving the case.
+fn within(host: &dyn Host, mut policy: Policy, deadline_ns: u64) -> Policy {
+    let left = deadline_ns.saturating_sub(host.now_ns());
+    policy.timeout_ns = policy.timeout_ns.min(left);
+    policy
 }
 
 /// Why the guest did not get where the case waited for it; a guest still
@@ -506,6 +517,83 @@ mod tests {
         assert_eq!(
             r,
             Err("expected a triple fault, but vm triple-fault stopped: guest reported ok".into())
+        );
+    }
+
+    #[test]
+    fn migration_reports_are_judged_per_case() {
+        let ok = MigrationReport {
+            passes: 3,
+            pages_per_pass: alloc::vec![16384, 100, 10],
+            bytes_sent: 1 << 20,
+            zero_pages: 16000,
+            ram_bytes: 64 << 20,
+            total_ms: 500,
+            downtime_ms: 10,
+            expected_downtime_ms: 10,
+            throttle_pct: 0,
+            result: MigrationResult::Completed,
+            error: None,
+        };
+        assert_eq!(judge_reports(Case::LocalMigrateIdle, &[ok.clone()]), Ok(()));
+        let big = MigrationReport {
+            bytes_sent: 71 << 20,
+            ..ok.clone()
+        };
+        assert!(judge_reports(Case::LocalMigrateIdle, &[big])
+            .unwrap_err()
+            .contains("above 1.1 x ram_bytes"));
+        let two = MigrationReport {
+            passes: 2,
+            ..ok.clone()
+        };
+        assert!(judge_reports(Case::LocalMigrateBusy, &[two])
+            .unwrap_err()
+            .contains("2 passes"));
+        assert!(judge_reports(Case::LocalMigrateConverge, &[ok.clone()])
+            .unwrap_err()
+            .contains("never throttled"));
+        let failed = MigrationReport {
+            result: MigrationResult::Failed,
+            error: Some("transport failed: injected failure".into()),
+            ..ok.clone()
+        };
+        assert_eq!(
+            judge_reports(Case::LocalMigrateAbort, &[failed.clone(), ok.clone()]),
+            Ok(())
+        );
+        assert!(judge_reports(Case::LocalMigrateAbort, &[ok.clone()]).is_err());
+        assert_eq!(
+            judge_reports(Case::LocalMigrateIdle, &[failed]).unwrap_err(),
+            "migration failed: transport failed: injected failure"
+        );
+    }
+
+    #[test]
+    fn migration_case_runs_the_guest_migrates_and_judges() {
+        // A guest that reports progress, then ok: the migration happens in
+        // between (the fake guest's program runs on at the destination).
+        let mut i = 0u64;
+        let prog: Program = Box::new(move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+            i += 1;
+            v.regs.rax = if i == 1 { HC_PROGRESS } else { HC_TEST_RESULT };
+            (v.regs.rdi, v.regs.rdx) = (1, 0);
+            if i > 1 {
+                v.regs.rdi = 0;
+            }
+            if i > 1 && i < 1000 {
+                return VmExit::ExternalInterrupt;
+            }
+            VmExit::Hypercall
+        });
+        let (r, host) = run(alloc::vec![prog, printer("")], Case::LocalMigrateIdle);
+        assert_eq!(r, Ok(()), "{}", host.console);
+        assert!(host.console.contains("migration-report {"));
+        assert_eq!(host.created, [64 << 20, 64 << 20]);
+        assert_eq!(
+            host.dropped.get(),
+            2,
+            "source after the switch, then the VM"
         );
     }
 
