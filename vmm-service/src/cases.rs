@@ -535,7 +535,10 @@ mod tests {
             result: MigrationResult::Completed,
             error: None,
         };
-        assert_eq!(judge_reports(Case::LocalMigrateIdle, &[ok.clone()]), Ok(()));
+        assert_eq!(
+            judge_reports(Case::LocalMigrateIdle, core::slice::from_ref(&ok)),
+            Ok(())
+        );
         let big = MigrationReport {
             bytes_sent: 71 << 20,
             ..ok.clone()
@@ -550,9 +553,11 @@ mod tests {
         assert!(judge_reports(Case::LocalMigrateBusy, &[two])
             .unwrap_err()
             .contains("2 passes"));
-        assert!(judge_reports(Case::LocalMigrateConverge, &[ok.clone()])
-            .unwrap_err()
-            .contains("never throttled"));
+        assert!(
+            judge_reports(Case::LocalMigrateConverge, core::slice::from_ref(&ok))
+                .unwrap_err()
+                .contains("never throttled")
+        );
         let failed = MigrationReport {
             result: MigrationResult::Failed,
             error: Some("transport failed: injected failure".into()),
@@ -562,7 +567,7 @@ mod tests {
             judge_reports(Case::LocalMigrateAbort, &[failed.clone(), ok.clone()]),
             Ok(())
         );
-        assert!(judge_reports(Case::LocalMigrateAbort, &[ok.clone()]).is_err());
+        assert!(judge_reports(Case::LocalMigrateAbort, core::slice::from_ref(&ok)).is_err());
         assert_eq!(
             judge_reports(Case::LocalMigrateIdle, &[failed]).unwrap_err(),
             "migration failed: transport failed: injected failure"
