@@ -472,30 +472,27 @@ fn test_suite() -> bool {
             },
         ),
     ));
-    // One Bochs boot per suite (each takes minutes): the VT-x issue's seven
-    // cases, not the local-migration cases (a busy VM's pre-copy runs for
-    // many minutes at Bochs speed). Bochs 2.7 ends the whole emulator on a
-    // triple fault inside an SVM guest instead of taking the SHUTDOWN
-    // intercept, so svm-bochs runs every one of them but that.
-    const BOCHS_CASES: [&str; 7] = [
-        "hello",
-        "cpuid",
-        "memory",
-        "dirty-log",
-        "bad-msr",
-        "triple-fault",
-        "two-vms",
-    ];
-    let cases = |skip: &str| -> Vec<String> {
-        BOCHS_CASES
+    // One Bochs boot per suite (each takes minutes). Bochs 2.7 ends the
+    // whole emulator on a triple fault inside an SVM guest instead of
+    // taking the SHUTDOWN intercept, so svm-bochs runs every case but that.
+    // Of the local-migrate cases only the idle one runs under Bochs, on
+    // VMX (it checks the VMCS state save/restore end to end in about a
+    // minute); the dirtying ones take far longer than the suite's time
+    // there and run under QEMU (docs/DESIGN.md).
+    let bochs_cases = |skip: &'static str, migration: bool| {
+        ALL_CASES
             .iter()
-            .filter(|c| **c != skip)
+            .filter(move |c| {
+                **c != skip
+                    && (!c.starts_with("local-migrate-")
+                        || (migration && **c == "local-migrate-idle"))
+            })
             .map(|c| c.to_string())
-            .collect()
+            .collect::<Vec<_>>()
     };
     for (arch, cases) in [
-        (Arch::Vmx, cases("")),
-        (Arch::SvmBochs, cases("triple-fault")),
+        (Arch::Vmx, bochs_cases("", true)),
+        (Arch::SvmBochs, bochs_cases("triple-fault", false)),
     ] {
         let name = match arch {
             Arch::Vmx => "guest-tests-vmx",
