@@ -212,6 +212,12 @@ impl SvmVcpu {
             | INTERCEPT_MWAIT
             | INTERCEPT_MWAIT_ARMED
             | INTERCEPT_XSETBV;
+        // #GP and #DF are intercepted so that a guest whose IDT cannot even
+        // deliver them is stopped as triple-faulted by us (see
+        // `idt_delivers`): Bochs 2.7 ends the whole emulator on a guest
+        // shutdown instead of taking the SHUTDOWN intercept. Neither fires
+        // in a healthy guest's normal operation.
+        c.intercept_exceptions = INTERCEPT_EXC_GP | INTERCEPT_EXC_DF;
         c.iopm_base_pa = maps::iopm_hpa().as_u64();
         c.msrpm_base_pa = maps::msrpm_hpa().as_u64();
         c.guest_asid = asid;
@@ -369,8 +375,33 @@ impl SvmVcpu {
                 self.regs.rip = self.regs.rip.wrapping_add(len);
                 None
             }
+            Decoded::Exception { vector, error_code } => {
+                let s = &self.vmcb().save;
+                let (limit, long_mode) = (s.idtr.limit, s.efer & EFER_LMA != 0);
+                // AMD APM vol. 2, 8.2.9: a #GP whose delivery fails becomes
+                // #DF; a #DF whose delivery fails is a shutdown. Only the
+                // IDT-limit failure is decided here; any other delivery
+                // failure still reaches the CPU's own SHUTDOWN intercept.
+                if idt_delivers(limit, long_mode, vector) {
+                    self.inject_exception(vector, Some(error_code));
+                    None
+                } else if vector != 8 && idt_delivers(limit, long_mode, 8) {
+                    self.inject_exception(8, Some(0));
+                    None
+                } else {
+                    Some(VmExit::Shutdown)
+                }
+            }
         }
     }
+}
+
+/// Whether an IDT of `limit` bytes holds the gate for `vector` (16-byte
+/// gates in long mode, 8-byte gates otherwise; Intel SDM vol. 3A, 6.10 and
+/// 6.14.1, AMD APM vol. 2, 8.2).
+fn idt_delivers(limit: u32, long_mode: bool, vector: u8) -> bool {
+    let gate = if long_mode { 16 } else { 8 };
+    u64::from(limit) >= u64::from(vector) * gate + gate - 1
 }
 
 /// What one #VMEXIT means, decoded from the exit code, EXITINFO1/2 and the
@@ -387,6 +418,9 @@ enum Decoded {
     InjectUd,
     /// Step over an instruction of this many bytes and re-enter.
     Skip(u64),
+    /// An intercepted contributory exception (#GP) or #DF on its way into
+    /// the guest, with its error code.
+    Exception { vector: u8, error_code: u32 },
 }
 
 /// Decode one #VMEXIT (AMD APM vol. 2, Appendix C exit codes; 15.7-15.13
@@ -449,6 +483,15 @@ fn decode_exit(code: u64, info1: u64, info2: u64, regs: &Regs) -> Decoded {
         }),
         EXIT_SHUTDOWN => event(VmExit::Shutdown),
         EXIT_INVALID => Decoded::Invalid,
+        // 15.12: EXITINFO1 holds the exception's error code.
+        EXIT_EXCP_GP => Decoded::Exception {
+            vector: 13,
+            error_code: info1 as u32,
+        },
+        EXIT_EXCP_DF => Decoded::Exception {
+            vector: 8,
+            error_code: 0,
+        },
         // The guest's CPUID shows no SVM and no MONITOR, so these raise #UD
         // for it. XSETBV too: VMRUN does not switch XCR0, so a guest may
         // not change it (the CPUID policy must keep XSAVE hidden).
@@ -937,6 +980,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn intercepted_gp_and_df_decode_with_error_code() {
+        let regs = Regs::default();
+        assert_eq!(
+            decode_exit(EXIT_EXCP_GP, 0x18, 0, &regs),
+            Decoded::Exception {
+                vector: 13,
+                error_code: 0x18
+            }
+        );
+        assert_eq!(
+            decode_exit(EXIT_EXCP_DF, 0, 0, &regs),
+            Decoded::Exception {
+                vector: 8,
+                error_code: 0
+            }
+        );
+    }
+
+    #[test]
+    fn idt_limit_decides_delivery() {
+        // Long mode: 16-byte gates; vector 8 needs bytes 128..=143.
+        assert!(!idt_delivers(0, true, 8));
+        assert!(!idt_delivers(142, true, 8));
+        assert!(idt_delivers(143, true, 8));
+        assert!(!idt_delivers(143, true, 13));
+        assert!(idt_delivers(13 * 16 + 15, true, 13));
+        // Legacy mode: 8-byte gates.
+        assert!(idt_delivers(71, false, 8));
+        assert!(!idt_delivers(70, false, 8));
+        assert!(idt_delivers(0xfff, true, 255));
+    }
+
+    #[test]
     fn ioio_decoding() {
         // out 0xe9, al: port 0xe9, SZ8, OUT.
         let io = decode_ioio((0xe9 << 16) | (1 << 4)).unwrap();
@@ -1012,9 +1088,9 @@ mod tests {
         assert_eq!(decode_exit(EXIT_VMRUN, 0, 0, &regs), Decoded::InjectUd);
         assert_eq!(decode_exit(EXIT_INVALID, 0, 0, &regs), Decoded::Invalid);
         assert_eq!(
-            decode_exit(0x4d, 0, 0, &regs),
+            decode_exit(0x4e, 0, 0, &regs),
             Decoded::Exit {
-                exit: VmExit::Unknown { raw: 0x4d },
+                exit: VmExit::Unknown { raw: 0x4e },
                 next_rip: None
             }
         );

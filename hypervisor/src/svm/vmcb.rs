@@ -253,6 +253,10 @@ pub const INTERCEPT_IOIO_PROT: u32 = 1 << 27;
 pub const INTERCEPT_MSR_PROT: u32 = 1 << 28;
 /// misc1 bit 31: shutdown (triple fault).
 pub const INTERCEPT_SHUTDOWN: u32 = 1 << 31;
+/// `intercept_exceptions` bit for #DF (vector 8). AMD APM vol. 2, 15.12.
+pub const INTERCEPT_EXC_DF: u32 = 1 << 8;
+/// `intercept_exceptions` bit for #GP (vector 13).
+pub const INTERCEPT_EXC_GP: u32 = 1 << 13;
 /// misc2 bit 0: VMRUN (mandatory: VMRUN fails without it).
 pub const INTERCEPT_VMRUN: u32 = 1 << 0;
 /// misc2 bit 1: VMMCALL.
@@ -351,3 +355,8 @@ pub const EXIT_XSETBV: u64 = 0x8d;
 pub const EXIT_NPF: u64 = 0x400;
 /// VMRUN found invalid guest state (-1).
 pub const EXIT_INVALID: u64 = u64::MAX;
+/// Exception intercepts: EXCP_BASE (0x40) + vector. AMD APM vol. 2,
+/// Appendix C. EXITINFO1 holds the error code.
+pub const EXIT_EXCP_DF: u64 = 0x40 + 8;
+/// #GP intercept.
+pub const EXIT_EXCP_GP: u64 = 0x40 + 13;
