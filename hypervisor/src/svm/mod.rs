@@ -33,6 +33,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hvcore::addr::Hpa;
 use hvcore::host::HostError;
+use hvcore::msr::IA32_TSC_AUX;
 use hvcore::vcpu::VcpuCaps;
 
 /// EFER. AMD APM vol. 2, 3.1.7.
@@ -172,8 +173,6 @@ pub fn enable() -> Result<SvmFeatures, HostError> {
     Ok(*FEATURES.call_once(|| f))
 }
 
-/// TSC_AUX. AMD APM vol. 2, 13.2.4 (RDTSCP).
-const MSR_TSC_AUX: u32 = 0xc000_0103;
 /// Whether the CPU has RDTSCP/TSC_AUX (CPUID Fn8000_0001 EDX[27]).
 static HAS_RDTSCP: AtomicBool = AtomicBool::new(false);
 /// The value in this CPU's TSC_AUX (the host does not use it).
@@ -190,7 +189,7 @@ pub(crate) fn load_tsc_aux(value: u32) {
         return;
     }
     // SAFETY: TSC_AUX exists (RDTSCP reported); the host never reads it.
-    unsafe { wrmsr(MSR_TSC_AUX, u64::from(value)) };
+    unsafe { wrmsr(IA32_TSC_AUX, u64::from(value)) };
     LOADED_TSC_AUX.store(u64::from(value), Ordering::Relaxed);
 }
 

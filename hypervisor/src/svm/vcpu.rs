@@ -20,6 +20,10 @@ use core::ptr::NonNull;
 use hvcore::addr::{Gpa, Hpa};
 use hvcore::host::HostError;
 use hvcore::mem::FrameAlloc;
+use hvcore::msr::{
+    IA32_CSTAR, IA32_FMASK, IA32_FS_BASE, IA32_GS_BASE, IA32_KERNEL_GS_BASE, IA32_LSTAR, IA32_PAT,
+    IA32_STAR, IA32_SYSENTER_CS, IA32_SYSENTER_EIP, IA32_SYSENTER_ESP, IA32_TSC, IA32_TSC_AUX,
+};
 // The MSR value checks are the vendor-neutral policy's (hvcore::msr), so the
 // two can never disagree on what the guest may write.
 use hvcore::msr::{is_canonical as canonical, is_valid_pat as valid_pat};
@@ -31,21 +35,6 @@ use hvcore::vcpu_state::{self, EventKind, PendingEvent, TableReg, FXSAVE_BYTES};
 
 /// Power-on PAT value. AMD APM vol. 2, 7.8.2.
 const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
-
-// Architectural MSRs kept in the VMCB save area.
-const MSR_TSC: u32 = 0x10;
-const MSR_SYSENTER_CS: u32 = 0x174;
-const MSR_SYSENTER_ESP: u32 = 0x175;
-const MSR_SYSENTER_EIP: u32 = 0x176;
-const MSR_PAT: u32 = 0x277;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_CSTAR: u32 = 0xc000_0083;
-const MSR_SFMASK: u32 = 0xc000_0084;
-const MSR_FS_BASE: u32 = 0xc000_0100;
-const MSR_GS_BASE: u32 = 0xc000_0101;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_TSC_AUX: u32 = 0xc000_0103;
 
 // EFER bits. AMD APM vol. 2, 3.1.7.
 const EFER_SCE: u64 = 1 << 0;
@@ -701,20 +690,20 @@ impl Vcpu for SvmVcpu {
         let s = &self.vmcb().save;
         Ok(match msr {
             MSR_EFER => s.efer & !EFER_SVME,
-            MSR_STAR => s.star,
-            MSR_LSTAR => s.lstar,
-            MSR_CSTAR => s.cstar,
-            MSR_SFMASK => s.sfmask,
-            MSR_KERNEL_GS_BASE => s.kernel_gs_base,
-            MSR_SYSENTER_CS => s.sysenter_cs,
-            MSR_SYSENTER_ESP => s.sysenter_esp,
-            MSR_SYSENTER_EIP => s.sysenter_eip,
-            MSR_FS_BASE => s.fs.base,
-            MSR_GS_BASE => s.gs.base,
-            MSR_PAT => s.g_pat,
+            IA32_STAR => s.star,
+            IA32_LSTAR => s.lstar,
+            IA32_CSTAR => s.cstar,
+            IA32_FMASK => s.sfmask,
+            IA32_KERNEL_GS_BASE => s.kernel_gs_base,
+            IA32_SYSENTER_CS => s.sysenter_cs,
+            IA32_SYSENTER_ESP => s.sysenter_esp,
+            IA32_SYSENTER_EIP => s.sysenter_eip,
+            IA32_FS_BASE => s.fs.base,
+            IA32_GS_BASE => s.gs.base,
+            IA32_PAT => s.g_pat,
             // 15.12.4: the guest's RDTSC reads the host TSC plus TSC_OFFSET.
-            MSR_TSC => crate::cpu::rdtsc().wrapping_add(self.vmcb().control.tsc_offset),
-            MSR_TSC_AUX => u64::from(self.tsc_aux),
+            IA32_TSC => crate::cpu::rdtsc().wrapping_add(self.vmcb().control.tsc_offset),
+            IA32_TSC_AUX => u64::from(self.tsc_aux),
             _ => return Err(UnknownMsr(msr)),
         })
     }
@@ -722,12 +711,12 @@ impl Vcpu for SvmVcpu {
     fn write_msr(&mut self, msr: u32, value: u64) -> Result<(), UnknownMsr> {
         let bad = Err(UnknownMsr(msr));
         match msr {
-            MSR_TSC => {
+            IA32_TSC => {
                 let offset = value.wrapping_sub(crate::cpu::rdtsc());
                 self.vmcb_mut().control.tsc_offset = offset;
                 return Ok(());
             }
-            MSR_TSC_AUX => {
+            IA32_TSC_AUX => {
                 self.tsc_aux = u32::try_from(value).map_err(|_| UnknownMsr(msr))?;
                 return Ok(());
             }
@@ -748,17 +737,17 @@ impl Vcpu for SvmVcpu {
                 s.efer =
                     (value & (EFER_SCE | EFER_LME | EFER_NXE)) | (s.efer & EFER_LMA) | EFER_SVME;
             }
-            MSR_PAT if valid_pat(value) => s.g_pat = value,
-            MSR_STAR => s.star = value,
-            MSR_SFMASK if value >> 32 == 0 => s.sfmask = value,
-            MSR_SYSENTER_CS => s.sysenter_cs = value & 0xffff,
-            MSR_LSTAR if canonical(value) => s.lstar = value,
-            MSR_CSTAR if canonical(value) => s.cstar = value,
-            MSR_KERNEL_GS_BASE if canonical(value) => s.kernel_gs_base = value,
-            MSR_SYSENTER_ESP if canonical(value) => s.sysenter_esp = value,
-            MSR_SYSENTER_EIP if canonical(value) => s.sysenter_eip = value,
-            MSR_FS_BASE if canonical(value) => s.fs.base = value,
-            MSR_GS_BASE if canonical(value) => s.gs.base = value,
+            IA32_PAT if valid_pat(value) => s.g_pat = value,
+            IA32_STAR => s.star = value,
+            IA32_FMASK if value >> 32 == 0 => s.sfmask = value,
+            IA32_SYSENTER_CS => s.sysenter_cs = value & 0xffff,
+            IA32_LSTAR if canonical(value) => s.lstar = value,
+            IA32_CSTAR if canonical(value) => s.cstar = value,
+            IA32_KERNEL_GS_BASE if canonical(value) => s.kernel_gs_base = value,
+            IA32_SYSENTER_ESP if canonical(value) => s.sysenter_esp = value,
+            IA32_SYSENTER_EIP if canonical(value) => s.sysenter_eip = value,
+            IA32_FS_BASE if canonical(value) => s.fs.base = value,
+            IA32_GS_BASE if canonical(value) => s.gs.base = value,
             _ => return bad,
         }
         Ok(())

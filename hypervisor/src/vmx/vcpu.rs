@@ -29,6 +29,11 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use hvcore::addr::{Gfn, Gpa, Hpa, PAGE_SIZE};
 use hvcore::host::HostError;
 use hvcore::mem::FrameAlloc;
+use hvcore::msr::{
+    IA32_CSTAR, IA32_EFER, IA32_FMASK, IA32_FS_BASE, IA32_GS_BASE, IA32_KERNEL_GS_BASE, IA32_LSTAR,
+    IA32_PAT, IA32_STAR, IA32_SYSENTER_CS, IA32_SYSENTER_EIP, IA32_SYSENTER_ESP, IA32_TSC,
+    IA32_TSC_AUX,
+};
 use hvcore::vcpu::{
     Access, EntryFailure, IoAccess, IoDir, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu,
     VcpuCaps, VcpuState, VmExit,
@@ -107,22 +112,6 @@ const INTR_TYPE_MASK: u64 = 7 << 8;
 /// Power-on PAT value (Intel SDM vol. 3A, 13.12.4).
 const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
 
-// Architectural MSRs.
-const MSR_TSC: u32 = 0x10;
-const MSR_SYSENTER_CS: u32 = 0x174;
-const MSR_SYSENTER_ESP: u32 = 0x175;
-const MSR_SYSENTER_EIP: u32 = 0x176;
-const MSR_PAT: u32 = 0x277;
-const MSR_EFER: u32 = 0xc000_0080;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_CSTAR: u32 = 0xc000_0083;
-const MSR_SFMASK: u32 = 0xc000_0084;
-const MSR_FS_BASE: u32 = 0xc000_0100;
-const MSR_GS_BASE: u32 = 0xc000_0101;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_TSC_AUX: u32 = 0xc000_0103;
-
 // EFER bits (Intel SDM vol. 3A, 2.2.1).
 const EFER_SCE: u64 = 1 << 0;
 const EFER_LME: u64 = 1 << 8;
@@ -160,11 +149,11 @@ const PML_ENTRIES: u64 = 512;
 /// The SYSCALL-family MSRs the vCPU switches in software, in
 /// [`SyscallMsrs`] order.
 const SYSCALL_MSRS: [u32; 5] = [
-    MSR_STAR,
-    MSR_LSTAR,
-    MSR_CSTAR,
-    MSR_SFMASK,
-    MSR_KERNEL_GS_BASE,
+    IA32_STAR,
+    IA32_LSTAR,
+    IA32_CSTAR,
+    IA32_FMASK,
+    IA32_KERNEL_GS_BASE,
 ];
 
 /// Values now in the physical SYSCALL MSRs and TSC_AUX (`u64::MAX` =
@@ -650,10 +639,10 @@ impl VmxVcpu {
         // CPU (vol. 4, table 2-2).
         let (fs, gs, pat, efer) = unsafe {
             (
-                rdmsr(MSR_FS_BASE),
-                rdmsr(MSR_GS_BASE),
-                rdmsr(MSR_PAT),
-                rdmsr(MSR_EFER),
+                rdmsr(IA32_FS_BASE),
+                rdmsr(IA32_GS_BASE),
+                rdmsr(IA32_PAT),
+                rdmsr(IA32_EFER),
             )
         };
         self.write(HOST_FS_BASE, fs);
@@ -700,7 +689,7 @@ impl VmxVcpu {
         if rdtscp && LOADED[5].load(Ordering::Relaxed) != u64::from(self.tsc_aux) {
             // SAFETY: RDTSCP is enabled for the guest, so the CPU has
             // TSC_AUX; the host never reads it.
-            unsafe { wrmsr(MSR_TSC_AUX, u64::from(self.tsc_aux)) };
+            unsafe { wrmsr(IA32_TSC_AUX, u64::from(self.tsc_aux)) };
             LOADED[5].store(u64::from(self.tsc_aux), Ordering::Relaxed);
         }
     }
@@ -1233,16 +1222,16 @@ impl Vcpu for VmxVcpu {
             return Ok(self.syscall_msrs[i]);
         }
         Ok(match msr {
-            MSR_EFER => self.read(GUEST_EFER),
-            MSR_PAT => self.read(GUEST_PAT),
-            MSR_SYSENTER_CS => self.read(GUEST_SYSENTER_CS),
-            MSR_SYSENTER_ESP => self.read(GUEST_SYSENTER_ESP),
-            MSR_SYSENTER_EIP => self.read(GUEST_SYSENTER_EIP),
-            MSR_FS_BASE => self.read(GUEST_FS_BASE),
-            MSR_GS_BASE => self.read(GUEST_GS_BASE),
+            IA32_EFER => self.read(GUEST_EFER),
+            IA32_PAT => self.read(GUEST_PAT),
+            IA32_SYSENTER_CS => self.read(GUEST_SYSENTER_CS),
+            IA32_SYSENTER_ESP => self.read(GUEST_SYSENTER_ESP),
+            IA32_SYSENTER_EIP => self.read(GUEST_SYSENTER_EIP),
+            IA32_FS_BASE => self.read(GUEST_FS_BASE),
+            IA32_GS_BASE => self.read(GUEST_GS_BASE),
             // 25.6.5: the guest's RDTSC reads the TSC plus TSC_OFFSET.
-            MSR_TSC => crate::cpu::rdtsc().wrapping_add(self.read(TSC_OFFSET)),
-            MSR_TSC_AUX => u64::from(self.tsc_aux),
+            IA32_TSC => crate::cpu::rdtsc().wrapping_add(self.read(TSC_OFFSET)),
+            IA32_TSC_AUX => u64::from(self.tsc_aux),
             _ => return Err(UnknownMsr(msr)),
         })
     }
@@ -1251,8 +1240,8 @@ impl Vcpu for VmxVcpu {
         let bad = Err(UnknownMsr(msr));
         if let Some(i) = SYSCALL_MSRS.iter().position(|&m| m == msr) {
             let ok = match msr {
-                MSR_SFMASK => value >> 32 == 0,
-                MSR_STAR => true,
+                IA32_FMASK => value >> 32 == 0,
+                IA32_STAR => true,
                 _ => canonical(value),
             };
             if !ok {
@@ -1262,14 +1251,14 @@ impl Vcpu for VmxVcpu {
             return Ok(());
         }
         match msr {
-            MSR_TSC => {
+            IA32_TSC => {
                 let offset = value.wrapping_sub(crate::cpu::rdtsc());
                 self.write(TSC_OFFSET, offset);
             }
-            MSR_TSC_AUX => {
+            IA32_TSC_AUX => {
                 self.tsc_aux = u32::try_from(value).map_err(|_| UnknownMsr(msr))?;
             }
-            MSR_EFER => {
+            IA32_EFER => {
                 // Intel SDM vol. 3A, 2.2.1: reserved bits #GP; LMA is
                 // read-only; LME may not change while paging is on (and
                 // paging cannot be off: CR0.PG is fixed to 1 without
@@ -1286,12 +1275,12 @@ impl Vcpu for VmxVcpu {
                     (value & (EFER_SCE | EFER_LME | EFER_NXE)) | (cur & EFER_LMA),
                 );
             }
-            MSR_PAT if valid_pat(value) => self.write(GUEST_PAT, value),
-            MSR_SYSENTER_CS => self.write(GUEST_SYSENTER_CS, value & 0xffff),
-            MSR_SYSENTER_ESP if canonical(value) => self.write(GUEST_SYSENTER_ESP, value),
-            MSR_SYSENTER_EIP if canonical(value) => self.write(GUEST_SYSENTER_EIP, value),
-            MSR_FS_BASE if canonical(value) => self.write(GUEST_FS_BASE, value),
-            MSR_GS_BASE if canonical(value) => self.write(GUEST_GS_BASE, value),
+            IA32_PAT if valid_pat(value) => self.write(GUEST_PAT, value),
+            IA32_SYSENTER_CS => self.write(GUEST_SYSENTER_CS, value & 0xffff),
+            IA32_SYSENTER_ESP if canonical(value) => self.write(GUEST_SYSENTER_ESP, value),
+            IA32_SYSENTER_EIP if canonical(value) => self.write(GUEST_SYSENTER_EIP, value),
+            IA32_FS_BASE if canonical(value) => self.write(GUEST_FS_BASE, value),
+            IA32_GS_BASE if canonical(value) => self.write(GUEST_GS_BASE, value),
             _ => return bad,
         }
         Ok(())
