@@ -1289,38 +1289,12 @@ impl Vcpu for VmxVcpu {
     fn reset_long_mode(&mut self, entry: &LongModeEntry) {
         let f = self.features;
         // 27.3.1.2 / 27.3.1.3: segment registers of a 64-bit guest at CPL 0.
-        for (sel, base, limit, ar) in [
-            (
-                GUEST_ES_SELECTOR,
-                GUEST_ES_BASE,
-                GUEST_ES_LIMIT,
-                GUEST_ES_AR,
-            ),
-            (
-                GUEST_SS_SELECTOR,
-                GUEST_SS_BASE,
-                GUEST_SS_LIMIT,
-                GUEST_SS_AR,
-            ),
-            (
-                GUEST_DS_SELECTOR,
-                GUEST_DS_BASE,
-                GUEST_DS_LIMIT,
-                GUEST_DS_AR,
-            ),
-            (
-                GUEST_FS_SELECTOR,
-                GUEST_FS_BASE,
-                GUEST_FS_LIMIT,
-                GUEST_FS_AR,
-            ),
-            (
-                GUEST_GS_SELECTOR,
-                GUEST_GS_BASE,
-                GUEST_GS_LIMIT,
-                GUEST_GS_AR,
-            ),
-        ] {
+        // ES, SS, DS, FS, GS are flat data (the first six of the record
+        // order, less CS); CS, TR and LDTR are set below.
+        for &(sel, base, limit, ar) in SEGMENT_FIELDS[..6]
+            .iter()
+            .filter(|f| f.0 != GUEST_CS_SELECTOR)
+        {
             self.write(sel, 0x10);
             self.write(base, 0);
             self.write(limit, 0xffff_ffff);
