@@ -213,7 +213,7 @@ pub struct Vhdx<B: BlockIo> {
     /// Sector bitmap pages (by file offset) changed, not yet committed.
     pending_sb: BTreeMap<u64, Vec<u8>>,
     /// Zero-state entries whose file space may be reused.
-    reusable: BTreeSet<u64>,
+    reusable: IndexSet,
     log_offset: u64,
     log_length: u32,
     log_head: u32,
@@ -244,6 +244,47 @@ impl<B: BlockIo> core::fmt::Debug for Vhdx<B> {
             .field("block_size", &self.geo.block_size)
             .field("kind", &self.kind())
             .finish_non_exhaustive()
+    }
+}
+
+/// What a file extent holds, for overlap messages (named only when one is
+/// reported, so validating a BAT allocates nothing per entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Extent {
+    Header,
+    Log,
+    BatRegion,
+    MetadataRegion,
+    /// An allocated BAT entry, by index.
+    Entry(u32),
+}
+
+/// A set of BAT indices as a bitmap: one bit per entry, allocated only when
+/// the first index is inserted.
+#[derive(Debug, Default)]
+struct IndexSet {
+    words: Vec<u64>,
+}
+
+impl IndexSet {
+    /// Inserts `i` of a BAT with `entries` entries.
+    fn insert(&mut self, i: u64, entries: u64) {
+        if self.words.is_empty() {
+            self.words = vec![0; entries.div_ceil(64) as usize];
+        }
+        if let Some(w) = self.words.get_mut((i / 64) as usize) {
+            *w |= 1 << (i % 64);
+        }
+    }
+    fn contains(&self, i: u64) -> bool {
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    fn remove(&mut self, i: u64) {
+        if let Some(w) = self.words.get_mut((i / 64) as usize) {
+            *w &= !(1 << (i % 64));
+        }
     }
 }
 
@@ -446,7 +487,7 @@ impl<B: BlockIo> Vhdx<B> {
             meta_entries: Vec::new(),
             pending_bat: BTreeSet::new(),
             pending_sb: BTreeMap::new(),
-            reusable: BTreeSet::new(),
+            reusable: IndexSet::default(),
             log_offset: 0,
             log_length: 0,
             log_head: 0,
@@ -676,39 +717,29 @@ impl<B: BlockIo> Vhdx<B> {
         Ok(())
     }
 
-    /// Checks every BAT entry and that no two structures overlap.
+    /// Checks every BAT entry and that no two structures overlap, then finds
+    /// the zero-state blocks whose file space may be reused.
+    ///
+    /// Time O(n log n) and memory 4 bytes per allocated or zero-state entry
+    /// on top of the BAT itself, whatever the entries say: entries are kept
+    /// as `u32` BAT indices sorted by file offset, and a message naming an
+    /// extent is formatted only when it is reported.
     fn validate_layout(&mut self) -> Result<(), DiskError> {
         let g = self.geo;
-        let bs = u64::from(g.block_size);
         let diff = g.has_parent;
-        // (start, end, what)
-        let mut extents: Vec<(u64, u64, String)> = vec![
-            (0, MIB, "header section".into()),
-            (
-                self.log_offset,
-                self.log_offset + u64::from(self.log_length),
-                "log".into(),
-            ),
-            (
-                self.regions.bat.file_offset,
-                self.regions.bat.file_offset + u64::from(self.regions.bat.length),
-                "BAT region".into(),
-            ),
-            (
-                self.regions.metadata.file_offset,
-                self.regions.metadata.file_offset + u64::from(self.regions.metadata.length),
-                "metadata region".into(),
-            ),
-        ];
-        let mut zero_candidates = Vec::new();
-        let mut chunk_has_partial = BTreeSet::new();
-        let mut chunk_has_sb = BTreeSet::new();
-        for i in 0..g.bat_entries() {
+        let fixed = self.fixed_extents();
+        let entries = g.bat_entries();
+        // MAX_BAT_BYTES keeps the entry count far below 2^32.
+        let idx32 = |i: u64| u32::try_from(i).map_err(|_| corrupt("BAT too large"));
+        let mut allocated: Vec<u32> = Vec::new();
+        let mut zero_candidates: Vec<u32> = Vec::new();
+        let mut partial_without_sb: Option<u64> = None;
+        for i in 0..entries {
             let e = self.bat_entry(i);
             if e.reserved_bits() != 0 {
                 return Err(corrupt(format!("BAT entry {i} has reserved bits set")));
             }
-            let (size, what) = match g.classify_index(i) {
+            match g.classify_index(i) {
                 Ok(block) => {
                     if block >= g.payload_blocks {
                         if e.raw_state() != 0 {
@@ -728,23 +759,23 @@ impl<B: BlockIo> Vhdx<B> {
                             )))
                         }
                         PayloadState::PartiallyPresent => {
-                            chunk_has_partial.insert(block / g.chunk_ratio);
+                            let chunk = block / g.chunk_ratio;
+                            let sb = self.bat_entry(g.bitmap_index(chunk));
+                            if sb.bitmap_state() != BitmapState::Present {
+                                partial_without_sb.get_or_insert(chunk);
+                            }
                         }
                         PayloadState::FullyPresent => {}
                         PayloadState::NotPresent => continue,
                         PayloadState::Zero | PayloadState::Unmapped | PayloadState::Undefined => {
                             if e.file_offset() != 0 {
-                                zero_candidates.push(i);
+                                zero_candidates.push(idx32(i)?);
                             }
                             continue;
                         }
                     }
-                    // The last block may be cut short by the end of the
-                    // disk: other writers size the file to the data only.
-                    let used = bs.min(g.virtual_size - block * bs);
-                    (used, format!("payload block {block} (BAT entry {i})"))
                 }
-                Err(chunk) => match e.bitmap_state() {
+                Err(_) => match e.bitmap_state() {
                     BitmapState::NotPresent => continue,
                     BitmapState::Reserved(s) => {
                         return Err(corrupt(format!("BAT entry {i} has reserved state {s}")))
@@ -754,56 +785,163 @@ impl<B: BlockIo> Vhdx<B> {
                             "BAT entry {i} has a sector bitmap in a non-differencing disk"
                         )))
                     }
-                    BitmapState::Present => {
-                        chunk_has_sb.insert(chunk);
-                        (MIB, format!("sector bitmap {chunk} (BAT entry {i})"))
-                    }
+                    BitmapState::Present => {}
                 },
-            };
+            }
             let off = e.file_offset();
             if off < MIB {
                 return Err(corrupt(format!(
                     "BAT entry {i} points into the header section"
                 )));
             }
-            match off.checked_add(size) {
-                Some(end) if end <= self.file_len => extents.push((off, end, what)),
+            match self.entry_extent(i) {
+                Some((_, end)) if end <= self.file_len => allocated.push(idx32(i)?),
                 _ => return Err(corrupt(format!("BAT entry {i} points past end of file"))),
             }
         }
-        if let Some(c) = chunk_has_partial.difference(&chunk_has_sb).next() {
+        if let Some(c) = partial_without_sb {
             return Err(corrupt(format!(
                 "chunk {c} has partially present blocks but no sector bitmap"
             )));
         }
-        extents.sort();
-        for w in extents.windows(2) {
-            if let [a, b] = w {
-                if b.0 < a.1 {
-                    return Err(corrupt(format!("{} overlaps {}", a.2, b.2)));
+        // Overlaps: with both lists sorted by start, only neighbours in the
+        // merged order can overlap.
+        let by_offset = |this: &Self, v: &mut Vec<u32>| {
+            v.sort_unstable_by_key(|&i| (this.bat_entry(u64::from(i)).file_offset(), i));
+        };
+        by_offset(self, &mut allocated);
+        let mut prev: Option<(u64, u64, Extent)> = None;
+        let mut top = 0u64;
+        let (mut fi, mut ai) = (0usize, 0usize);
+        loop {
+            let next_fixed = fixed.get(fi).copied();
+            let next_alloc = allocated.get(ai).and_then(|&i| {
+                let (s, e) = self.entry_extent(u64::from(i))?;
+                Some((s, e, Extent::Entry(i)))
+            });
+            let cur = match (next_fixed, next_alloc) {
+                (Some(f), Some(a)) if (f.0, f.1) <= (a.0, a.1) => {
+                    fi += 1;
+                    f
+                }
+                (_, Some(a)) => {
+                    ai += 1;
+                    a
+                }
+                (Some(f), None) => {
+                    fi += 1;
+                    f
+                }
+                (None, None) => break,
+            };
+            if let Some(p) = prev {
+                if cur.0 < p.1 {
+                    return Err(corrupt(format!(
+                        "{} overlaps {}",
+                        self.describe_extent(p.2),
+                        self.describe_extent(cur.2)
+                    )));
                 }
             }
+            top = top.max(cur.1);
+            prev = Some(cur);
         }
-        // Zero-state blocks with file space: reusable when the space is free.
-        for i in zero_candidates {
-            let off = self.bat_entry(i).file_offset();
+        // Zero-state blocks with file space: reusable when the space is
+        // free. Taken in file order; a candidate is checked against the
+        // next occupied extent of each sorted list (their ends ascend too,
+        // as they do not overlap) and against the last one accepted.
+        let bs = u64::from(g.block_size);
+        by_offset(self, &mut zero_candidates);
+        let (mut fi, mut ai) = (0usize, 0usize);
+        let mut last_reused_end = 0u64;
+        let mut reusable = IndexSet::default();
+        for &i in &zero_candidates {
+            let off = self.bat_entry(u64::from(i)).file_offset();
             let Some(end) = off.checked_add(bs) else {
                 continue;
             };
-            if off < MIB || end > self.file_len {
+            if off < MIB || end > self.file_len || off < last_reused_end {
                 continue;
             }
-            let pos = extents.partition_point(|x| x.0 < end);
-            let clash = extents[..pos].iter().any(|x| x.1 > off);
+            while fixed.get(fi).is_some_and(|f| f.1 <= off) {
+                fi += 1;
+            }
+            while allocated
+                .get(ai)
+                .and_then(|&a| self.entry_extent(u64::from(a)))
+                .is_some_and(|x| x.1 <= off)
+            {
+                ai += 1;
+            }
+            let clash = fixed.get(fi).is_some_and(|f| f.0 < end)
+                || allocated
+                    .get(ai)
+                    .and_then(|&a| self.entry_extent(u64::from(a)))
+                    .is_some_and(|x| x.0 < end);
             if !clash {
-                extents.insert(pos, (off, end, String::new()));
-                self.reusable.insert(i);
+                reusable.insert(u64::from(i), entries);
+                last_reused_end = end;
+                top = top.max(end);
             }
         }
-        let top = extents.iter().map(|x| x.1).max().unwrap_or(0);
+        self.reusable = reusable;
         self.alloc_end =
             round_up_mib(top.max(self.file_len)).ok_or_else(|| corrupt("file too large"))?;
         Ok(())
+    }
+
+    /// The structures at fixed places, sorted by offset.
+    fn fixed_extents(&self) -> [(u64, u64, Extent); 4] {
+        let r = &self.regions;
+        let mut v = [
+            (0, MIB, Extent::Header),
+            (
+                self.log_offset,
+                self.log_offset + u64::from(self.log_length),
+                Extent::Log,
+            ),
+            (
+                r.bat.file_offset,
+                r.bat.file_offset + u64::from(r.bat.length),
+                Extent::BatRegion,
+            ),
+            (
+                r.metadata.file_offset,
+                r.metadata.file_offset + u64::from(r.metadata.length),
+                Extent::MetadataRegion,
+            ),
+        ];
+        v.sort_unstable_by_key(|x| (x.0, x.1));
+        v
+    }
+
+    /// File range `[start, end)` that allocated BAT entry `i` occupies, or
+    /// `None` when it would overflow. The last payload block may be cut
+    /// short by the end of the disk: other writers size the file to the
+    /// data only.
+    fn entry_extent(&self, i: u64) -> Option<(u64, u64)> {
+        let g = self.geo;
+        let bs = u64::from(g.block_size);
+        let size = match g.classify_index(i) {
+            Ok(block) => bs.min(g.virtual_size.saturating_sub(block * bs)),
+            Err(_) => MIB,
+        };
+        let off = self.bat_entry(i).file_offset();
+        Some((off, off.checked_add(size)?))
+    }
+
+    /// Names an extent for an error message.
+    fn describe_extent(&self, x: Extent) -> String {
+        match x {
+            Extent::Header => "header section".into(),
+            Extent::Log => "log".into(),
+            Extent::BatRegion => "BAT region".into(),
+            Extent::MetadataRegion => "metadata region".into(),
+            Extent::Entry(i) => match self.geo.classify_index(u64::from(i)) {
+                Ok(block) => format!("payload block {block} (BAT entry {i})"),
+                Err(chunk) => format!("sector bitmap {chunk} (BAT entry {i})"),
+            },
+        }
     }
 
     fn bat_entry(&self, i: u64) -> BatEntry {
@@ -1274,7 +1412,7 @@ impl<B: BlockIo> Vhdx<B> {
                 n,
                 self.bat_entry(idx),
                 self.bat_entry(g.bitmap_index(block / g.chunk_ratio)),
-                self.reusable.contains(&idx),
+                self.reusable.contains(idx),
             );
             let mark = match plan {
                 WritePlan::InPlace { file_offset, mark } => {
@@ -1289,7 +1427,7 @@ impl<B: BlockIo> Vhdx<B> {
                 } => {
                     let off = match reuse {
                         Some(off) => {
-                            self.reusable.remove(&idx);
+                            self.reusable.remove(idx);
                             // The rest of the block must read as zeros.
                             self.write_zeros(off, offset_in_block)?;
                             let tail = offset_in_block + n;
@@ -1363,6 +1501,7 @@ impl<B: BlockIo> Vhdx<B> {
         if pl == old {
             return Ok(());
         }
+        pl.check_limits().map_err(DiskError::Request)?;
         let item = pl.to_bytes();
         let region_len = u64::from(self.regions.metadata.length);
         let used_end = self
@@ -1671,10 +1810,12 @@ pub fn create<B: BlockIo>(mut io: B, p: &CreateParams) -> Result<Vhdx<B>, DiskEr
         if let Some(a) = &ps.absolute_path {
             entries.push(("absolute_win32_path".into(), a.clone()));
         }
-        parent_locator = Some(ParentLocator {
+        let pl = ParentLocator {
             locator_type: VHDX_PARENT_LOCATOR_TYPE,
             entries,
-        });
+        };
+        pl.check_limits().map_err(open_err)?;
+        parent_locator = Some(pl);
         disk_id = ps.disk_id;
     }
     let params = DiskParams {

@@ -669,6 +669,23 @@ pub struct FileParameters {
     pub has_parent: bool,
 }
 
+/// Most key/value entries a parent locator may have. MS-VHDX 2.6.2.6.3
+/// defines five keys for the VHDX locator type (parent_linkage,
+/// parent_linkage2, relative_path, volume_path, absolute_win32_path) and
+/// says nothing of others; 64 leaves room for keys other writers add while
+/// keeping the duplicate-key check and the decoded strings small.
+pub const MAX_LOCATOR_ENTRIES: usize = 64;
+/// Longest key, in bytes of UTF-16: the defined keys are 12 to 19
+/// characters; 256 characters is generous for any other.
+pub const MAX_LOCATOR_KEY_BYTES: usize = 512;
+/// Most bytes of UTF-16 all keys and values of one locator may hold
+/// together: three full-length paths (a Win32 extended-length path is at
+/// most 32,767 characters, 65,534 bytes, the most a 16-bit ValueLength
+/// field can say; MS-VHDX 2.6.2.6.2), two GUIDs and the keys fit in it.
+/// Decoding keys and values then costs at most a few hundred KiB, however
+/// many times the entries point at the same bytes.
+pub const MAX_LOCATOR_STRING_BYTES: usize = 256 << 10;
+
 /// The parent locator (MS-VHDX 2.6.2.6): type and key/value pairs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ParentLocator {
@@ -687,31 +704,58 @@ impl ParentLocator {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Parses a locator item.
+    /// Parses a locator item. What a locator may cost is capped before
+    /// anything is decoded (see [`MAX_LOCATOR_ENTRIES`]); a locator over the
+    /// caps is refused as corrupt.
     pub fn parse(b: &[u8]) -> Result<ParentLocator, String> {
         if b.len() < 20 {
             return Err("parent locator shorter than its 20-byte header".into());
         }
         let locator_type = Guid::read(b, 0);
         let count = usize::from(rd16(b, 18));
+        if count > MAX_LOCATOR_ENTRIES {
+            return Err(format!(
+                "parent locator has {count} key/value entries; at most {MAX_LOCATOR_ENTRIES} are accepted"
+            ));
+        }
         let table_end = 20 + count * 12;
         if table_end > b.len() {
             return Err(format!(
                 "parent locator key/value count {count} does not fit in the item"
             ));
         }
-        let mut entries = Vec::new();
-        for i in 0..count {
+        let row = |i: usize| {
             let off = 20 + i * 12;
-            let key_off = rd32(b, off) as usize;
-            let val_off = rd32(b, off + 4) as usize;
-            let key_len = usize::from(rd16(b, off + 8));
-            let val_len = usize::from(rd16(b, off + 10));
+            (
+                rd32(b, off) as usize,
+                rd32(b, off + 4) as usize,
+                usize::from(rd16(b, off + 8)),
+                usize::from(rd16(b, off + 10)),
+            )
+        };
+        let mut total = 0usize;
+        for i in 0..count {
+            let (_, _, key_len, val_len) = row(i);
+            if key_len > MAX_LOCATOR_KEY_BYTES {
+                return Err(format!(
+                    "parent locator entry {i} has a {key_len}-byte key; at most {MAX_LOCATOR_KEY_BYTES} are accepted"
+                ));
+            }
+            total += key_len + val_len;
+        }
+        if total > MAX_LOCATOR_STRING_BYTES {
+            return Err(format!(
+                "parent locator keys and values total {total} bytes; at most {MAX_LOCATOR_STRING_BYTES} are accepted"
+            ));
+        }
+        let mut entries: Vec<(String, String)> = Vec::with_capacity(count);
+        for i in 0..count {
+            let (key_off, val_off, key_len, val_len) = row(i);
             let key = utf16_at(b, key_off, key_len)
                 .ok_or_else(|| format!("parent locator entry {i} key lies outside the item"))?;
             let val = utf16_at(b, val_off, val_len)
                 .ok_or_else(|| format!("parent locator entry {i} value lies outside the item"))?;
-            if entries.iter().any(|(k, _): &(String, String)| *k == key) {
+            if entries.iter().any(|(k, _)| *k == key) {
                 return Err(format!("parent locator key {key:?} listed twice"));
             }
             entries.push((key, val));
@@ -720,6 +764,33 @@ impl ParentLocator {
             locator_type,
             entries,
         })
+    }
+
+    /// Checks that the locator is within what [`ParentLocator::parse`]
+    /// accepts (and what its 16-bit length fields can say), before it is
+    /// written to a file.
+    pub fn check_limits(&self) -> Result<(), String> {
+        if self.entries.len() > MAX_LOCATOR_ENTRIES {
+            return Err(format!(
+                "a parent locator holds at most {MAX_LOCATOR_ENTRIES} entries"
+            ));
+        }
+        let mut total = 0usize;
+        for (k, v) in &self.entries {
+            let (kl, vl) = (k.encode_utf16().count() * 2, v.encode_utf16().count() * 2);
+            if kl > MAX_LOCATOR_KEY_BYTES || kl == 0 || vl == 0 || vl > usize::from(u16::MAX) {
+                return Err(format!(
+                    "parent locator entry {k:?} is empty or too long for the format"
+                ));
+            }
+            total += kl + vl;
+        }
+        if total > MAX_LOCATOR_STRING_BYTES {
+            return Err(format!(
+                "parent locator strings total {total} bytes, above {MAX_LOCATOR_STRING_BYTES}"
+            ));
+        }
+        Ok(())
     }
 
     /// Serializes the locator.
@@ -1082,6 +1153,54 @@ mod tests {
             parse_disk_params(&entries, item),
             Err(MetadataError::Corrupt(m)) if m.contains("virtual disk size is missing")
         ));
+    }
+
+    /// Raw locator bytes: `n` rows, all keys/values of `len` bytes at the
+    /// same offset but the key of row i shifted by 2*i (distinct keys).
+    fn raw_locator(n: usize, key_len: u16, val_len: u16) -> Vec<u8> {
+        let strings = 20 + 12 * n;
+        let mut b = vec![0u8; strings + 2 * n + usize::from(key_len.max(val_len))];
+        b[..16].copy_from_slice(&VHDX_PARENT_LOCATOR_TYPE.0);
+        wr16(&mut b, 18, n as u16);
+        for i in 0..n {
+            let row = 20 + 12 * i;
+            wr32(&mut b, row, (strings + 2 * i) as u32);
+            wr32(&mut b, row + 4, strings as u32);
+            wr16(&mut b, row + 8, key_len);
+            wr16(&mut b, row + 10, val_len);
+        }
+        for (k, u) in b[strings..].chunks_exact_mut(2).enumerate() {
+            u.copy_from_slice(&(0x4E00 + (k % 0x5000) as u16).to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn parent_locator_costs_are_capped_before_decoding() {
+        assert!(ParentLocator::parse(&raw_locator(MAX_LOCATOR_ENTRIES, 8, 8)).is_ok());
+        let e = ParentLocator::parse(&raw_locator(MAX_LOCATOR_ENTRIES + 1, 8, 8)).unwrap_err();
+        assert!(e.contains("65 key/value entries"), "{e}");
+        let e = ParentLocator::parse(&raw_locator(1, 514, 8)).unwrap_err();
+        assert!(e.contains("514-byte key"), "{e}");
+        // Four full-length values are more than the locator may hold.
+        let e = ParentLocator::parse(&raw_locator(4, 8, 65534)).unwrap_err();
+        assert!(e.contains("total"), "{e}");
+        // Three full-length paths and the linkage fit.
+        let mut pl = ParentLocator {
+            locator_type: VHDX_PARENT_LOCATOR_TYPE,
+            entries: vec![(
+                "parent_linkage".into(),
+                "{00000000-0000-0000-0000-000000000001}".into(),
+            )],
+        };
+        for k in ["relative_path", "volume_path", "absolute_win32_path"] {
+            pl.entries.push((k.into(), "p".repeat(32767)));
+        }
+        pl.check_limits().unwrap();
+        assert_eq!(ParentLocator::parse(&pl.to_bytes()), Ok(pl.clone()));
+        // One character more than a 16-bit length can say is refused.
+        pl.entries[1].1.push('p');
+        assert!(pl.check_limits().is_err());
     }
 
     #[test]

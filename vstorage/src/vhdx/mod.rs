@@ -22,6 +22,9 @@
 //! - A file with a pending log is replayed on open: on disk when writable, in
 //!   memory when read-only ([`log_replay_needed`] tells beforehand).
 
+#[cfg(feature = "std")]
+#[doc(hidden)]
+pub mod crafted;
 pub mod disk;
 pub mod format;
 mod fuzz;

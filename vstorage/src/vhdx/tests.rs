@@ -949,3 +949,66 @@ fn many_pending_pages_commit_in_batches() {
     assert!(visible >= 64, "only {visible} allocations committed");
     assert!(visible < 80, "everything committed without a flush");
 }
+
+/// Zero-state entries that keep a file offset are reused only when their
+/// space is free: two naming the same space share it out once, and one
+/// whose space holds another block's data allocates anew.
+#[test]
+fn zero_state_space_is_reused_once_and_never_over_live_data() {
+    let mb = 1u64 << 20;
+    let mut p = CreateParams::dynamic(4 * mb);
+    p.block_size = mb as u32;
+    p.fixed = true;
+    let mut d = create(MemIo::new(), &p).unwrap();
+    d.write(3 * mb, &vec![0x33u8; mb as usize]).unwrap();
+    let mut img = bytes_of(&mut d);
+    let bat = 3usize << 20;
+    let entry = |img: &[u8], b: usize| {
+        BatEntry(u64::from_le_bytes(
+            img[bat + 8 * b..bat + 8 * b + 8].try_into().unwrap(),
+        ))
+    };
+    let (b0, b3) = (entry(&img, 0), entry(&img, 3));
+    let set = |img: &mut [u8], b: usize, e: BatEntry| {
+        img[bat + 8 * b..bat + 8 * b + 8].copy_from_slice(&e.0.to_le_bytes())
+    };
+    set(&mut img, 0, BatEntry::new(PAYLOAD_ZERO, b0.file_offset()));
+    set(&mut img, 1, BatEntry::new(PAYLOAD_ZERO, b0.file_offset()));
+    set(
+        &mut img,
+        2,
+        BatEntry::new(PAYLOAD_UNMAPPED, b3.file_offset()),
+    );
+    let len = img.len() as u64;
+    let mut d = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_write(5)).unwrap();
+    for b in 0..3u64 {
+        d.write(b * mb + 4096, &[b as u8 + 1; 512]).unwrap();
+    }
+    d.flush().unwrap();
+    assert_eq!(
+        d.io().len().unwrap(),
+        len + 2 * mb,
+        "one block reused its space, two were allocated at the end"
+    );
+    let mut all = vec![0u8; 4 * mb as usize];
+    d.read(0, &mut all).unwrap();
+    for b in 0..3usize {
+        let blk = &all[b * mb as usize..(b + 1) * mb as usize];
+        assert!(
+            blk[4096..4608].iter().all(|&x| x == b as u8 + 1),
+            "block {b}"
+        );
+        assert!(
+            blk[..4096].iter().chain(&blk[4608..]).all(|&x| x == 0),
+            "block {b}"
+        );
+    }
+    assert!(
+        all[3 * mb as usize..].iter().all(|&x| x == 0x33),
+        "block 3 kept"
+    );
+    let img = bytes_of(&mut d);
+    let e = |b| entry(&img, b);
+    assert_eq!(e(0).file_offset(), b0.file_offset());
+    assert!(e(1).file_offset() >= len && e(2).file_offset() >= len);
+}
