@@ -73,6 +73,42 @@ pub trait BlockIo {
     fn len(&self) -> Result<u64, IoError>;
     /// Truncates or extends (with zeros) the store.
     fn set_len(&mut self, len: u64) -> Result<(), IoError>;
+    /// Backs `[offset, offset + len_bytes)` with real storage, extending the
+    /// store (with zeros) if it is shorter, so later writes there cannot
+    /// fail for lack of space. Bytes already in the store are kept.
+    ///
+    /// The default writes zeros from the store's end to `offset +
+    /// len_bytes` ([`allocate_by_writing_zeros`]); a host file uses the
+    /// file system's preallocation instead.
+    fn allocate(&mut self, offset: u64, len_bytes: u64) -> Result<(), IoError> {
+        allocate_by_writing_zeros(self, offset, len_bytes)
+    }
+}
+
+/// Extends `io` to `offset + len_bytes` by writing zeros past its current
+/// end, 1 MiB at a time: the portable way to make storage really allocated.
+/// Ranges inside the store are taken as allocated already.
+pub fn allocate_by_writing_zeros<B: BlockIo + ?Sized>(
+    io: &mut B,
+    offset: u64,
+    len_bytes: u64,
+) -> Result<(), IoError> {
+    const CHUNK: u64 = 1 << 20;
+    let end = offset.checked_add(len_bytes).ok_or(IoError::Host {
+        op: "allocate",
+        detail: String::from("offset overflows"),
+    })?;
+    let mut cur = io.len()?;
+    if cur >= end {
+        return Ok(());
+    }
+    let zeros = vec![0u8; CHUNK.min(end - cur) as usize];
+    while cur < end {
+        let n = (end - cur).min(CHUNK) as usize;
+        io.write_at(cur, &zeros[..n])?;
+        cur += n as u64;
+    }
+    Ok(())
 }
 
 impl<B: BlockIo + ?Sized> BlockIo for alloc::boxed::Box<B> {
@@ -90,6 +126,9 @@ impl<B: BlockIo + ?Sized> BlockIo for alloc::boxed::Box<B> {
     }
     fn set_len(&mut self, len: u64) -> Result<(), IoError> {
         (**self).set_len(len)
+    }
+    fn allocate(&mut self, offset: u64, len_bytes: u64) -> Result<(), IoError> {
+        (**self).allocate(offset, len_bytes)
     }
 }
 
@@ -656,6 +695,31 @@ mod file {
             }
             self.file.set_len(len).map_err(|e| host("set_len", e))
         }
+
+        /// `fallocate(2)` mode 0 (what `posix_fallocate` does when the file
+        /// system supports it): blocks are reserved and the file extended,
+        /// without writing them. A file system without it (EOPNOTSUPP)
+        /// gets zeros written instead.
+        fn allocate(&mut self, offset: u64, len_bytes: u64) -> Result<(), IoError> {
+            if !self.writable {
+                return Err(IoError::ReadOnly);
+            }
+            if len_bytes == 0 {
+                return Ok(());
+            }
+            match rustix::fs::fallocate(
+                &self.file,
+                rustix::fs::FallocateFlags::empty(),
+                offset,
+                len_bytes,
+            ) {
+                Ok(()) => Ok(()),
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                    super::allocate_by_writing_zeros(self, offset, len_bytes)
+                }
+                Err(e) => Err(host("allocate", e.into())),
+            }
+        }
     }
 
     #[cfg(test)]
@@ -724,6 +788,20 @@ mod tests {
         assert!(m.read_at(6, &mut b).is_err());
         assert!(m.read_at(u64::MAX, &mut b).is_err());
         assert!(m.write_at(u64::MAX, &b).is_err());
+    }
+
+    /// The portable fallback behind `BlockIo::allocate`: zeros are written
+    /// past the end only, existing bytes stay.
+    #[test]
+    fn allocate_by_writing_zeros_extends_and_keeps_bytes() {
+        let mut m = MemIo::from_vec(vec![7u8; 100]);
+        m.allocate(50, (3 << 20) + 10).unwrap();
+        assert_eq!(m.len().unwrap(), (3 << 20) + 60);
+        assert!(m.as_slice()[..100].iter().all(|&b| b == 7));
+        assert!(m.as_slice()[100..].iter().all(|&b| b == 0));
+        m.allocate(0, 10).unwrap();
+        assert_eq!(m.len().unwrap(), (3 << 20) + 60);
+        assert!(m.allocate(u64::MAX, 2).is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod io;
 pub mod vhdx;
 
 pub mod copy;
+#[cfg(feature = "std")]
+pub mod fsops;
 pub mod mirror;
 
 #[cfg(feature = "std")]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use std::vec::Vec;
 
 use super::{check_geometry, Chunk, CopyError, CopyJob, CopyOptions};
+use crate::fsops::{self, FileOps, HostFileOps};
 use crate::io::{DiskError, FileIo, RawDisk, VirtualDisk};
 use crate::vhdx::{self, CreateParams, DiskKind, Vhdx};
 
@@ -148,48 +149,60 @@ pub fn params_like(like: &HostDisk) -> CreateParams {
 /// Creates a new disk file at `path` with the same parameters as `like`
 /// (see [`params_like`]), opened unbuffered. The kind follows `path`'s
 /// extension. Refuses to replace an existing file; removes what it created
-/// when it fails.
+/// when it fails. The new name is durable when it returns (see
+/// [`crate::fsops`]).
 pub fn create_like(like: &HostDisk, path: &Path) -> Result<HostDisk, DiskError> {
-    claim(path)?;
+    create_like_with(like, path, &HostFileOps)
+}
+
+/// [`create_like`] with the file-system steps done through `ops`.
+pub fn create_like_with(
+    like: &HostDisk,
+    path: &Path,
+    ops: &dyn FileOps,
+) -> Result<HostDisk, DiskError> {
+    claim(ops, path)?;
     let result = (|| {
         let io = FileIo::open_direct(path, true)?;
-        if is_vhdx(path) {
-            return Ok(HostDisk::Vhdx(Box::new(vhdx::create(
-                io,
-                &params_like(like),
-            )?)));
-        }
-        let disk = RawDisk::create(io, like.virtual_size())?;
-        // A raw file keeps 512-byte sectors unless told otherwise.
-        let disk = if like.logical_sector_size() == disk.logical_sector_size() {
-            disk
+        let disk = if is_vhdx(path) {
+            HostDisk::Vhdx(Box::new(vhdx::create(io, &params_like(like))?))
         } else {
-            RawDisk::open_with_sector(disk.into_inner(), like.logical_sector_size())?
+            let disk = RawDisk::create(io, like.virtual_size())?;
+            // A raw file keeps 512-byte sectors unless told otherwise.
+            let disk = if like.logical_sector_size() == disk.logical_sector_size() {
+                disk
+            } else {
+                RawDisk::open_with_sector(disk.into_inner(), like.logical_sector_size())?
+            };
+            HostDisk::Raw(disk)
         };
-        Ok(HostDisk::Raw(disk))
+        fsops::created(ops, path).map_err(|e| sync_err(path, e))?;
+        Ok(disk)
     })();
     if result.is_err() {
         // Best effort: the error being returned matters more than this one.
-        let _ = std::fs::remove_file(path);
+        let _ = fsops::discard(ops, path);
     }
     result
 }
 
+fn sync_err(path: &Path, e: std::io::Error) -> DiskError {
+    DiskError::Io(crate::io::IoError::Host {
+        op: "sync",
+        detail: format!("{}: {e}", fsops::parent_dir(path).display()),
+    })
+}
+
 /// Creates `path` as an empty file, refusing to replace one.
-fn claim(path: &Path) -> Result<(), DiskError> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map(drop)
-        .map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                "it already exists".to_string()
-            } else {
-                e.to_string()
-            };
-            DiskError::Open(format!("cannot create {}: {why}", path.display()))
-        })
+fn claim(ops: &dyn FileOps, path: &Path) -> Result<(), DiskError> {
+    ops.create_new(path).map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+            "it already exists".to_string()
+        } else {
+            e.to_string()
+        };
+        DiskError::Open(format!("cannot create {}: {why}", path.display()))
+    })
 }
 
 /// The ranges the VHDX at `path` holds in its own file: for a differencing
@@ -210,6 +223,16 @@ pub fn create_child_like(
     path: &Path,
     parent: &Path,
 ) -> Result<HostDisk, DiskError> {
+    create_child_like_with(like, path, parent, &HostFileOps)
+}
+
+/// [`create_child_like`] with the file-system steps done through `ops`.
+pub fn create_child_like_with(
+    like: &HostDisk,
+    path: &Path,
+    parent: &Path,
+    ops: &dyn FileOps,
+) -> Result<HostDisk, DiskError> {
     let HostDisk::Vhdx(v) = like else {
         return Err(DiskError::Open(format!(
             "{} is not a VHDX differencing disk",
@@ -217,18 +240,19 @@ pub fn create_child_like(
         )));
     };
     let block_size = v.block_size();
-    claim(path)?;
+    claim(ops, path)?;
     let result = (|| {
         drop(vhdx::host::create_differencing_path(
             path,
             parent,
             Some(block_size),
         )?);
+        fsops::created(ops, path).map_err(|e| sync_err(path, e))?;
         open_disk(path, true)
     })();
     if result.is_err() {
         // Best effort: the error being returned matters more than this one.
-        let _ = std::fs::remove_file(path);
+        let _ = fsops::discard(ops, path);
     }
     result
 }
@@ -258,7 +282,7 @@ pub fn copy_differencing(src: &Path, dst: &Path, dst_parent: &Path) -> Result<u6
     if result.is_err() {
         drop(dest);
         // Best effort: the copy's error is the one to report.
-        let _ = std::fs::remove_file(dst);
+        let _ = fsops::discard(&HostFileOps, dst);
     }
     result
 }
@@ -419,7 +443,7 @@ pub fn cli_copy(src: &Path, dst: &Path, progress: bool) -> Result<(), String> {
         Err(e) => {
             drop(dest);
             // Best effort: the copy's error is the one to report.
-            let _ = std::fs::remove_file(dst);
+            let _ = fsops::discard(&HostFileOps, dst);
             Err(format!("copy {} -> {}: {e}", src.display(), dst.display()))
         }
     }

@@ -25,8 +25,8 @@
 mod host;
 #[cfg(feature = "std")]
 pub use host::{
-    cli_copy, copy_differencing, copy_disk_pipelined, create_child_like, create_like, open_disk,
-    own_ranges, params_like, HostDisk, READ_AHEAD_CHUNKS,
+    cli_copy, copy_differencing, copy_disk_pipelined, create_child_like, create_child_like_with,
+    create_like, create_like_with, open_disk, own_ranges, params_like, HostDisk, READ_AHEAD_CHUNKS,
 };
 
 use alloc::vec::Vec;

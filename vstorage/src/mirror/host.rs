@@ -11,11 +11,14 @@
 
 use std::path::{Path, PathBuf};
 use std::string::ToString;
+use std::sync::Arc;
 
 use super::{MirrorError, MirrorState, Progress, SharedDisk, SharedMirror};
 use crate::copy::{
-    check_geometry, create_child_like, create_like, own_ranges, CopyJob, CopyOptions, HostDisk,
+    check_geometry, create_child_like_with, create_like_with, own_ranges, CopyJob, CopyOptions,
+    HostDisk,
 };
+use crate::fsops::{self, FileOps, HostFileOps};
 use crate::io::{DiskError, VirtualDisk};
 
 /// How a storage migration runs.
@@ -33,6 +36,7 @@ pub struct StorageMigration {
     source_path: PathBuf,
     dest_path: PathBuf,
     opts: MigrationOptions,
+    ops: Arc<dyn FileOps>,
 }
 
 /// A host file operation's failure, as a [`MirrorError`].
@@ -53,17 +57,29 @@ impl StorageMigration {
     /// moved flattened (its chain's data in one dynamic file); to keep the
     /// chain, use [`StorageMigration::start_differencing`].
     pub fn start(
+        source: HostDisk,
+        source_path: &Path,
+        dest_path: &Path,
+        opts: MigrationOptions,
+    ) -> Result<Self, (MirrorError, HostDisk)> {
+        Self::start_with(source, source_path, dest_path, opts, Arc::new(HostFileOps))
+    }
+
+    /// [`StorageMigration::start`] with the file-system steps (create,
+    /// sync, delete) done through `ops`, for the whole migration.
+    pub fn start_with(
         mut source: HostDisk,
         source_path: &Path,
         dest_path: &Path,
         opts: MigrationOptions,
+        ops: Arc<dyn FileOps>,
     ) -> Result<Self, (MirrorError, HostDisk)> {
         let job = match CopyJob::for_disk(&mut source, opts.copy) {
             Ok(job) => job,
             Err(e) => return Err((e.into(), source)),
         };
-        let dest = create_like(&source, dest_path);
-        Self::begin(source, job, dest, source_path, dest_path, opts)
+        let dest = create_like_with(&source, dest_path, &*ops);
+        Self::begin(source, job, dest, source_path, dest_path, opts, ops)
     }
 
     /// Like [`StorageMigration::start`] for a differencing disk whose
@@ -97,8 +113,9 @@ impl StorageMigration {
             source.logical_sector_size(),
             opts.copy,
         );
-        let dest = create_child_like(&source, dest_path, dest_parent);
-        Self::begin(source, job, dest, source_path, dest_path, opts)
+        let ops: Arc<dyn FileOps> = Arc::new(HostFileOps);
+        let dest = create_child_like_with(&source, dest_path, dest_parent, &*ops);
+        Self::begin(source, job, dest, source_path, dest_path, opts, ops)
     }
 
     fn begin(
@@ -108,6 +125,7 @@ impl StorageMigration {
         source_path: &Path,
         dest_path: &Path,
         opts: MigrationOptions,
+        ops: Arc<dyn FileOps>,
     ) -> Result<Self, (MirrorError, HostDisk)> {
         let dest = match dest {
             Ok(d) => d,
@@ -116,7 +134,7 @@ impl StorageMigration {
         if let Err(e) = check_geometry(&source, &dest) {
             drop(dest);
             // Best effort: the geometry error is the one to report.
-            let _ = std::fs::remove_file(dest_path);
+            let _ = fsops::discard(&*ops, dest_path);
             return Err((e.into(), source));
         }
         Ok(StorageMigration {
@@ -124,6 +142,7 @@ impl StorageMigration {
             source_path: source_path.to_path_buf(),
             dest_path: dest_path.to_path_buf(),
             opts,
+            ops,
         })
     }
 
@@ -158,11 +177,8 @@ impl StorageMigration {
     fn discard_dest(&self, dest: Option<HostDisk>) -> Result<(), MirrorError> {
         if let Some(dest) = dest {
             drop(dest);
-            match std::fs::remove_file(&self.dest_path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(file_err("delete", &self.dest_path, e)),
-            }
+            fsops::discard(&*self.ops, &self.dest_path)
+                .map_err(|e| file_err("delete", &self.dest_path, e))?;
         }
         Ok(())
     }
@@ -176,7 +192,9 @@ impl StorageMigration {
 
     /// Switches the guest's I/O to the destination (waiting for writes in
     /// flight), then deletes the source file unless
-    /// [`MigrationOptions::keep_source`]. Only in [`MirrorState::Mirrored`].
+    /// [`MigrationOptions::keep_source`], only once the destination and its
+    /// directory entry are durable ([`fsops::replace_source`]). Only in
+    /// [`MirrorState::Mirrored`].
     pub fn complete(&self) -> Result<(), MirrorError> {
         let mut source = self.mirror.switch_over()?;
         // Best effort: the source is no longer the disk; a close error only
@@ -186,7 +204,7 @@ impl StorageMigration {
         if self.opts.keep_source {
             return closed.map_err(|e| file_err("close", &self.source_path, e));
         }
-        std::fs::remove_file(&self.source_path)
+        fsops::replace_source(&*self.ops, &self.dest_path, &self.source_path)
             .map_err(|e| file_err("delete", &self.source_path, e))
     }
 

@@ -26,12 +26,14 @@
 use super::host::file_err;
 use super::MirrorError;
 use crate::copy::{
-    check_geometry, copy_disk_pipelined, copy_plan, create_like, open_disk, own_ranges, CopyJob,
-    CopyOptions, HostDisk,
+    check_geometry, copy_disk_pipelined, copy_plan, create_like_with, open_disk, own_ranges,
+    CopyJob, CopyOptions, HostDisk,
 };
+use crate::fsops::{self, FileOps, HostFileOps};
 use crate::io::VirtualDisk;
 use crate::vhdx;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where a quick migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,13 +45,24 @@ pub enum QuickState {
 }
 
 /// A quick storage migration of one VHDX base disk.
-#[derive(Debug)]
 pub struct QuickMigration {
     base: PathBuf,
     child: PathBuf,
     dest: PathBuf,
     opts: CopyOptions,
     state: QuickState,
+    ops: Arc<dyn FileOps>,
+}
+
+impl core::fmt::Debug for QuickMigration {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("QuickMigration")
+            .field("base", &self.base)
+            .field("child", &self.child)
+            .field("dest", &self.dest)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 impl QuickMigration {
@@ -62,6 +75,18 @@ impl QuickMigration {
         child: &Path,
         dest: &Path,
         opts: CopyOptions,
+    ) -> Result<(Self, HostDisk), MirrorError> {
+        Self::checkpoint_with(base, child, dest, opts, Arc::new(HostFileOps))
+    }
+
+    /// [`QuickMigration::checkpoint`] with the file-system steps of the
+    /// whole migration (create, sync, delete) done through `ops`.
+    pub fn checkpoint_with(
+        base: &Path,
+        child: &Path,
+        dest: &Path,
+        opts: CopyOptions,
+        ops: Arc<dyn FileOps>,
     ) -> Result<(Self, HostDisk), MirrorError> {
         if dest.exists() {
             return Err(file_err("use", dest, "it already exists"));
@@ -78,6 +103,7 @@ impl QuickMigration {
                 dest: dest.to_path_buf(),
                 opts,
                 state: QuickState::Checkpointed,
+                ops,
             },
             disk,
         ))
@@ -100,8 +126,8 @@ impl QuickMigration {
             return Err(MirrorError::Sequence("the base is already copied"));
         }
         let mut base = open_disk(&self.base, false).map_err(|e| file_err("open", &self.base, e))?;
-        let mut dest =
-            create_like(&base, &self.dest).map_err(|e| file_err("create", &self.dest, e))?;
+        let mut dest = create_like_with(&base, &self.dest, &*self.ops)
+            .map_err(|e| file_err("create", &self.dest, e))?;
         let opts = CopyOptions {
             // The destination is new: its unwritten ranges read as zeros.
             skip_zero_chunks: true,
@@ -116,7 +142,7 @@ impl QuickMigration {
         if copied.is_err() {
             drop(dest);
             // Best effort: the copy's error is the one to report.
-            let _ = std::fs::remove_file(&self.dest);
+            let _ = fsops::discard(&*self.ops, &self.dest);
         } else {
             self.state = QuickState::BaseCopied;
         }
@@ -161,9 +187,13 @@ impl QuickMigration {
         let folded = copy_plan(&mut view, &mut dest, job, false, |_, _| true)?;
         dest.close().map_err(|e| file_err("close", &self.dest, e))?;
         drop((view, dest));
-        std::fs::remove_file(&self.child).map_err(|e| file_err("delete", &self.child, e))?;
+        // The destination holds everything now: make it durable under its
+        // name before the checkpoint and the base go.
+        fsops::replace_source(&*self.ops, &self.dest, &self.child)
+            .map_err(|e| file_err("delete", &self.child, e))?;
         if !keep_source {
-            std::fs::remove_file(&self.base).map_err(|e| file_err("delete", &self.base, e))?;
+            fsops::replace_source(&*self.ops, &self.dest, &self.base)
+                .map_err(|e| file_err("delete", &self.base, e))?;
         }
         Ok(folded)
     }
@@ -171,10 +201,6 @@ impl QuickMigration {
     /// Abandons the move: deletes the destination base (if copied). The
     /// guest stays on the checkpoint over the source base.
     pub fn cancel(self) -> Result<(), MirrorError> {
-        match std::fs::remove_file(&self.dest) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(file_err("delete", &self.dest, e)),
-        }
+        fsops::discard(&*self.ops, &self.dest).map_err(|e| file_err("delete", &self.dest, e))
     }
 }

@@ -152,7 +152,8 @@ fn name(path: &Path, e: DiskError) -> DiskError {
     }
 }
 
-/// Creates (truncating) a dynamic or fixed VHDX at `path`.
+/// Creates (truncating) a dynamic or fixed VHDX at `path` (a fixed one
+/// with its space allocated) and syncs its directory.
 pub fn create_path(path: &Path, params: &CreateParams) -> Result<Vhdx<FileIo>, DiskError> {
     // Refuse bad parameters before truncating anything.
     params.validate()?;
@@ -161,7 +162,11 @@ pub fn create_path(path: &Path, params: &CreateParams) -> Result<Vhdx<FileIo>, D
     if p.guid_seed == 0 {
         p.guid_seed = new_seed();
     }
-    create(io, &p)
+    let d = create(io, &p)?;
+    // The new name is durable before anyone relies on the file.
+    crate::fsops::created(&crate::fsops::HostFileOps, path)
+        .map_err(|e| host_err("cannot sync the directory of", path, e))?;
+    Ok(d)
 }
 
 /// `to` expressed relative to directory `from` (both absolute).

@@ -185,7 +185,13 @@ pub fn create<B: BlockIo>(mut io: B, p: &CreateParams) -> Result<Vhdx<B>, DiskEr
         },
     };
     io.set_len(0)?;
-    io.set_len(end)?;
+    if fixed {
+        // Every block is in use from the start: reserve the space now, so
+        // a write to a fixed disk never fails for lack of it.
+        io.allocate(0, end)?;
+    } else {
+        io.set_len(end)?;
+    }
     io.write_at(FILE_ID_OFFSET, &file_identifier("hvmigrate vstorage"))?;
     let rt = build_region_table(&regions);
     io.write_at(REGION1_OFFSET, &rt)?;
