@@ -20,19 +20,25 @@
 //! [`OUTPUT_HIGH_BYTES`] of replies wait to be sent; transports read only
 //! while [`ServerConn::wants_input`].
 
-use super::auth::{
-    hex_encode, nonce_from_hex, AuthError, ClusterKey, Nonce, ReplayGuard, Session, Side,
-};
-use super::proto::{
-    to_json, ApiError, Auth, ErrorCode, Handshake, Hello, Outcome, Request, RequestFrame,
-    ResponseFrame, Welcome, MAGIC, PROTOCOL_VERSION,
-};
-use super::wire::{self, FrameDecoder, FrameError};
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
+use hvmgmt::auth::{
+    hex_decode, hex_encode, nonce_from_hex, AuthError, ClusterKey, Nonce, ReplayGuard, Session,
+    Side, TAG_BYTES,
+};
+use hvmgmt::proto::{
+    detail, to_json, ApiError, ErrorCode, Handshake, Hello, Outcome, Request, RequestFrame,
+    ResponseFrame, Welcome, MAGIC, PROTOCOL_VERSION,
+};
+use hvmgmt::wire::{self, FrameDecoder, FrameError};
 use serde::Deserialize;
+
+/// The client end moved to `hvmgmt::client`; re-exported so that
+/// `vmm_service::mgmt::conn::{ClientConn, ...}` keeps working for callers
+/// not yet switched to `hvmgmt`.
+pub use hvmgmt::client::{ClientConn, ClientError, ClientEvent};
 
 /// Unauthenticated frames tolerated before the server closes.
 pub const PREAUTH_ERRORS_MAX: u32 = 3;
@@ -42,8 +48,6 @@ pub const HANDSHAKE_TIMEOUT_NS: u64 = 10_000_000_000;
 pub const SESSION_IDLE_NS: u64 = 120_000_000_000;
 /// Queued output above which the server takes no more requests.
 pub const OUTPUT_HIGH_BYTES: usize = 256 * 1024;
-/// Longest error detail copied from a parser message.
-const DETAIL_MAX: usize = 120;
 
 #[derive(Debug)]
 enum ServerState {
@@ -68,18 +72,6 @@ pub struct ServerConn {
 
 /// The handler the server calls for each authenticated request.
 pub type Handler<'a> = dyn FnMut(Request) -> Outcome + 'a;
-
-fn detail(e: &impl ToString) -> String {
-    let mut s = e.to_string();
-    if s.len() > DETAIL_MAX {
-        let mut end = DETAIL_MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
-}
 
 impl ServerConn {
     /// A new connection for node `node` with a fresh `nonce`, accepted at
@@ -220,7 +212,7 @@ impl ServerConn {
             return;
         };
         let mut json = to_json(&ResponseFrame { id, outcome });
-        if json.len() + super::auth::TAG_BYTES > wire::FRAME_BODY_MAX {
+        if json.len() + TAG_BYTES > wire::FRAME_BODY_MAX {
             json = to_json(&ResponseFrame {
                 id,
                 outcome: Outcome::Error(ApiError::new(
@@ -271,7 +263,7 @@ impl ServerConn {
             self.refuse(ErrorCode::AuthFailed, &AuthError::ReplayedNonce.to_string());
             return;
         }
-        let proof = super::auth::hex_decode(&auth.proof).unwrap_or_default();
+        let proof = hex_decode(&auth.proof).unwrap_or_default();
         if !key.verify_client(&self.nonce, &client_nonce, &proof) {
             self.refuse(ErrorCode::AuthFailed, &AuthError::BadProof.to_string());
             return;
@@ -313,185 +305,12 @@ impl ServerConn {
     }
 }
 
-/// What the client end learned from received bytes.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ClientEvent {
-    /// The handshake completed; the node's name.
-    Authenticated { node: String },
-    /// A reply.
-    Response(ResponseFrame),
-}
-
-/// Why the client end gave up.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClientError {
-    /// The node refused (wrong key, version, ...).
-    Refused(ApiError),
-    /// The node's proof was wrong: it does not hold the cluster key.
-    ServerNotAuthenticated,
-    /// The node broke the protocol.
-    Protocol(String),
-    /// A request before the handshake completed.
-    NotReady,
-}
-
-impl core::fmt::Display for ClientError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            ClientError::Refused(e) => write!(f, "the node refused: {e}"),
-            ClientError::ServerNotAuthenticated => write!(
-                f,
-                "the node could not prove it holds the cluster key (wrong key, or not our node)"
-            ),
-            ClientError::Protocol(m) => write!(f, "protocol error from the node: {m}"),
-            ClientError::NotReady => write!(f, "not authenticated yet"),
-        }
-    }
-}
-
-enum ClientState {
-    AwaitHello,
-    AwaitWelcome { server: Nonce },
-    Ready(Session),
-    Failed,
-}
-
-/// The client end of a management connection.
-pub struct ClientConn {
-    key: ClusterKey,
-    nonce: Nonce,
-    state: ClientState,
-    decoder: FrameDecoder,
-    out: Vec<u8>,
-    next_id: u64,
-    node: String,
-}
-
-impl ClientConn {
-    /// A client holding `key`, with a fresh `nonce`.
-    pub fn new(key: ClusterKey, nonce: Nonce) -> Self {
-        Self {
-            key,
-            nonce,
-            state: ClientState::AwaitHello,
-            decoder: FrameDecoder::new(),
-            out: Vec::new(),
-            next_id: 1,
-            node: String::new(),
-        }
-    }
-
-    /// Whether the handshake completed.
-    pub fn is_ready(&self) -> bool {
-        matches!(self.state, ClientState::Ready(_))
-    }
-
-    /// Take the bytes to send.
-    pub fn take_output(&mut self) -> Vec<u8> {
-        core::mem::take(&mut self.out)
-    }
-
-    /// Queue a request; returns its id.
-    pub fn request(&mut self, request: Request) -> Result<u64, ClientError> {
-        let ClientState::Ready(session) = &mut self.state else {
-            return Err(ClientError::NotReady);
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        let json = to_json(&RequestFrame { id, request });
-        let sealed = session.seal(&json);
-        wire::encode(&sealed, &mut self.out).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(id)
-    }
-
-    fn fail<T>(&mut self, e: ClientError) -> Result<T, ClientError> {
-        self.state = ClientState::Failed;
-        Err(e)
-    }
-
-    /// Bytes arrived from the node.
-    pub fn receive(&mut self, bytes: &[u8]) -> Result<Vec<ClientEvent>, ClientError> {
-        self.decoder.push(bytes);
-        let mut events = Vec::new();
-        loop {
-            let body = match self.decoder.next_frame() {
-                Ok(Some(b)) => b,
-                Ok(None) => return Ok(events),
-                Err(e) => return self.fail(ClientError::Protocol(e.to_string())),
-            };
-            match &mut self.state {
-                ClientState::Failed => return Err(ClientError::NotReady),
-                ClientState::Ready(session) => {
-                    let payload = match session.open(&body) {
-                        Ok(p) => p,
-                        Err(e) => return self.fail(ClientError::Protocol(e.to_string())),
-                    };
-                    match serde_json::from_slice::<ResponseFrame>(payload) {
-                        Ok(r) => events.push(ClientEvent::Response(r)),
-                        Err(e) => return self.fail(ClientError::Protocol(detail(&e))),
-                    }
-                }
-                ClientState::AwaitHello | ClientState::AwaitWelcome { .. } => {
-                    let msg = match serde_json::from_slice::<Handshake>(&body) {
-                        Ok(m) => m,
-                        Err(e) => return self.fail(ClientError::Protocol(detail(&e))),
-                    };
-                    if let Some(ev) = self.handshake(msg)? {
-                        events.push(ev);
-                    }
-                }
-            }
-        }
-    }
-
-    fn handshake(&mut self, msg: Handshake) -> Result<Option<ClientEvent>, ClientError> {
-        match (&self.state, msg) {
-            (_, Handshake::Error(e)) => self.fail(ClientError::Refused(e)),
-            (ClientState::AwaitHello, Handshake::Hello(h)) => {
-                if h.magic != MAGIC {
-                    return self.fail(ClientError::Protocol("not an hvmigrate node".into()));
-                }
-                if !h.versions.contains(&PROTOCOL_VERSION) {
-                    return self.fail(ClientError::Protocol(format!(
-                        "the node speaks protocol versions {:?}, this client {PROTOCOL_VERSION}",
-                        h.versions
-                    )));
-                }
-                let Some(server) = nonce_from_hex(&h.nonce) else {
-                    return self.fail(ClientError::Protocol("bad server nonce".into()));
-                };
-                let auth = Handshake::Auth(Auth {
-                    version: PROTOCOL_VERSION,
-                    nonce: hex_encode(&self.nonce),
-                    proof: hex_encode(&self.key.client_proof(&server, &self.nonce)),
-                });
-                let _ = wire::encode(&to_json(&auth), &mut self.out);
-                self.node = h.node;
-                self.state = ClientState::AwaitWelcome { server };
-                Ok(None)
-            }
-            (ClientState::AwaitWelcome { server }, Handshake::Welcome(w)) => {
-                let server = *server;
-                let proof = super::auth::hex_decode(&w.proof).unwrap_or_default();
-                if !self.key.verify_server(&server, &self.nonce, &proof) {
-                    return self.fail(ClientError::ServerNotAuthenticated);
-                }
-                self.state =
-                    ClientState::Ready(self.key.session(&server, &self.nonce, Side::Client));
-                Ok(Some(ClientEvent::Authenticated {
-                    node: self.node.clone(),
-                }))
-            }
-            _ => self.fail(ClientError::Protocol("unexpected handshake message".into())),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mgmt::auth::{fresh_nonce, TestEntropy};
-    use crate::mgmt::proto::{Body, NodeInfo};
+    use alloc::string::String;
+    use hvmgmt::auth::{fresh_nonce, TestEntropy};
+    use hvmgmt::proto::{Auth, Body, NodeInfo};
 
     fn key() -> ClusterKey {
         ClusterKey::from_hex("000102030405060708090a0b0c0d0e0f").unwrap()
@@ -583,31 +402,6 @@ mod tests {
         assert_eq!(e.code, ErrorCode::AuthFailed);
         assert!(e.message.contains("wrong cluster key"));
         assert!(p.server.is_finished() && !p.server.is_authenticated());
-    }
-
-    #[test]
-    fn a_node_without_the_key_is_refused_by_the_client() {
-        // Server holds another key: the client's proof fails there first,
-        // so fake a server that accepts anything and sends a bad proof.
-        let mut e = TestEntropy(3);
-        let mut client = ClientConn::new(key(), fresh_nonce(&mut e, 1));
-        let mut bytes = Vec::new();
-        let hello = Handshake::Hello(Hello {
-            magic: MAGIC.into(),
-            versions: vec![1],
-            node: "evil".into(),
-            nonce: "22".repeat(32),
-        });
-        wire::encode(&to_json(&hello), &mut bytes).unwrap();
-        let welcome = Handshake::Welcome(Welcome {
-            proof: "33".repeat(32),
-        });
-        wire::encode(&to_json(&welcome), &mut bytes).unwrap();
-        assert_eq!(
-            client.receive(&bytes),
-            Err(ClientError::ServerNotAuthenticated)
-        );
-        assert!(client.request(Request::NodeInfo).is_err());
     }
 
     #[test]
@@ -703,17 +497,10 @@ mod tests {
         let mut p = Pair::new(key(), 5);
         p.pump().unwrap();
         // A well-tagged frame with garbage JSON: error reply with its id.
-        let ClientState::Ready(session) = &mut p.client.state else {
-            panic!()
-        };
-        let mut bytes = Vec::new();
-        wire::encode(
-            &session.seal(br#"{"id":42,"request":{"op":"nope"}}"#),
-            &mut bytes,
-        )
-        .unwrap();
-        wire::encode(&session.seal(b"\xff\x00"), &mut bytes).unwrap();
-        p.client.out.extend_from_slice(&bytes);
+        p.client
+            .send_payload(br#"{"id":42,"request":{"op":"nope"}}"#)
+            .unwrap();
+        p.client.send_payload(b"\xff\x00").unwrap();
         let ev = p.pump().unwrap();
         let ids: Vec<u64> = ev
             .iter()
@@ -778,7 +565,7 @@ mod tests {
             rng.fill(&mut b);
             (u64::from_le_bytes(b) % n.max(1) as u64) as usize
         };
-        use crate::mgmt::auth::Entropy;
+        use hvmgmt::auth::Entropy;
         // A reference client stream: auth then three requests.
         let mut p = Pair::new(key(), 7);
         let hello = p.server.output().to_vec();

@@ -2,13 +2,11 @@
 //!
 //! Logic only: every part consumes and produces bytes or values, so the
 //! node's network wiring is thin and the host tests run both ends in memory.
-//! The protocol is specified in `docs/MANAGEMENT.md`; the parts are:
-//! * [`wire`]: length-prefixed frames with a size cap;
-//! * [`auth`]: the cluster key, nonces, the mutual HMAC-SHA256
-//!   challenge-response and the per-frame tags of an authenticated session;
-//! * [`proto`]: versioned request and response types (JSON bodies);
-//! * [`conn`]: the connection state machines, server ([`conn::ServerConn`])
-//!   and client ([`conn::ClientConn`]);
+//! The protocol is specified in `docs/MANAGEMENT.md`. Its shared half (the
+//! frames, the authentication, the request and response types and the
+//! client end) is the `hvmgmt` crate, re-exported here as [`wire`], [`auth`]
+//! and [`proto`]; the node's half is here:
+//! * [`conn`]: the server's connection state machine ([`conn::ServerConn`]);
 //! * [`jobs`]: the job table and the host's migration limits with queueing;
 //! * [`service`]: the request handlers over the node's VM table.
 //!
@@ -18,9 +16,14 @@
 //! connection), never in a panic. The cluster key never leaves the node:
 //! only HMACs over fresh nonces and frame contents cross the wire.
 
-pub mod auth;
+pub use hvmgmt::{auth, proto, wire};
+
 pub mod conn;
 pub mod jobs;
-pub mod proto;
 pub mod service;
-pub mod wire;
+
+// The protocol's limits are the VM table's: a name the protocol accepts
+// must be one a VM can have, and a console request may ask for every line
+// the node keeps.
+const _: () = assert!(proto::NAME_MAX == crate::vm::NAME_MAX);
+const _: () = assert!(proto::CONSOLE_LINES_MAX as usize == crate::vm::RECENT_LINES);

@@ -11,7 +11,7 @@
 //! Every string and list the node accepts is capped ([`NAME_MAX`],
 //! [`GUEST_MAX`]); values are checked by the handlers before use.
 
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
@@ -19,12 +19,15 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The magic string of the server's greeting.
 pub const MAGIC: &str = "hvmigrate-mgmt";
-/// Longest VM name accepted (as `vm::NAME_MAX`).
-pub const NAME_MAX: usize = crate::vm::NAME_MAX;
+/// Longest VM name accepted (the node checks it equals its own limit).
+pub const NAME_MAX: usize = 32;
 /// Longest guest case name accepted.
 pub const GUEST_MAX: usize = 32;
-/// Most console lines a console request returns.
-pub const CONSOLE_LINES_MAX: u32 = crate::vm::RECENT_LINES as u32;
+/// Most console lines a console request returns (the node keeps this many
+/// per VM).
+pub const CONSOLE_LINES_MAX: u32 = 32;
+/// Longest error detail copied from a parser message into a reply.
+pub const DETAIL_MAX: usize = 120;
 
 /// Handshake, server -> client: the first frame on every connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,6 +308,35 @@ pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// A parser's message for an error reply, cut to [`DETAIL_MAX`] bytes (at
+/// a character boundary): a peer's bytes must not make replies grow.
+pub fn detail(e: &impl ToString) -> String {
+    let mut s = e.to_string();
+    if s.len() > DETAIL_MAX {
+        let mut end = DETAIL_MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Parse a dotted IPv4 address (`192.168.100.2`, as `bench-link-send`'s
+/// `peer`): four decimal parts of one to three digits, each at most 255.
+pub fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        *b = p.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,5 +403,34 @@ mod tests {
             alloc::format!("{}", ApiError::new(ErrorCode::NotFound, "no VM x")),
             "no VM x (not-found)"
         );
+    }
+
+    #[test]
+    fn details_are_cut_at_a_char_boundary() {
+        assert_eq!(detail(&"short"), "short");
+        let long = "é".repeat(100);
+        let d = detail(&long);
+        assert_eq!(d.len(), DETAIL_MAX);
+        assert!(long.starts_with(&d));
+        let odd = alloc::format!("x{long}");
+        assert_eq!(detail(&odd).len(), DETAIL_MAX - 1);
+    }
+
+    #[test]
+    fn ipv4_parsing() {
+        assert_eq!(parse_ipv4("192.168.100.2"), Some([192, 168, 100, 2]));
+        assert_eq!(parse_ipv4("0.0.0.0"), Some([0; 4]));
+        for bad in [
+            "",
+            "1.2.3",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1..2.3",
+            "a.b.c.d",
+            "+1.2.3.4",
+            "1.2.3.0004",
+        ] {
+            assert_eq!(parse_ipv4(bad), None, "{bad}");
+        }
     }
 }
