@@ -45,7 +45,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             Ok(true)
         }
-        Cmd::Setup => setup::ensure().map(|what| {
+        Cmd::Setup => setup::ensure(setup::Needs::Boot).map(|what| {
             println!("setup: {what}");
             true
         }),
@@ -267,7 +267,7 @@ fn guest_test(
 }
 
 fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
-    let what = setup::ensure()?;
+    let what = setup::ensure(setup::Needs::Boot)?;
     eprintln!("qemu-runner: setup: {what}");
     let target = prepare(arch, build)?;
     println!(
@@ -423,8 +423,8 @@ fn test_suite() -> bool {
     let mut steps: Vec<Step> = Vec::new();
     steps.push((
         "setup",
-        "check (as root: install) the Debian packages".into(),
-        Box::new(|| setup::ensure().map(|what| println!("setup: {what}"))),
+        "the Rust targets and components rust-toolchain.toml pins (rustup), the Debian packages (as root: install)".into(),
+        Box::new(|| setup::ensure(setup::Needs::Boot).map(|what| println!("setup: {what}"))),
     ));
     for (name, args) in [
         ("fmt", &["fmt", "--all", "--check"][..]),

@@ -1,4 +1,4 @@
-//! `setup`: make sure the emulators and boot tools are installed (Debian
+//! The Debian side of `setup`: the emulators and boot tools (Debian
 //! packages, shared/PLATFORM.md). As root it installs what is missing; as
 //! anyone else it prints the exact command to run and fails.
 //!
@@ -106,7 +106,7 @@ fn apt_get(args: &[String]) -> Result<(), String> {
 }
 
 /// Check, and install when root. `Ok` with a one-line description.
-pub fn ensure() -> Result<String, String> {
+pub fn ensure_packages() -> Result<String, String> {
     let missing = match missing_packages() {
         Ok(m) => m,
         Err(why) => {
