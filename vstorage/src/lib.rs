@@ -12,6 +12,8 @@ extern crate alloc;
 pub mod io;
 pub mod vhdx;
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod copy;
 #[cfg(feature = "std")]
 pub mod fsops;

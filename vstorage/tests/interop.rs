@@ -617,7 +617,7 @@ fn cli_failures_are_one_line_with_status() {
                 "--size".into(),
                 "12Q".into(),
             ],
-            1,
+            2,
             "invalid size",
         ),
         (
@@ -641,7 +641,7 @@ fn cli_failures_are_one_line_with_status() {
                 "--logical-sector-size".into(),
                 "1024".into(),
             ],
-            1,
+            2,
             "512 or 4096",
         ),
         (
@@ -667,7 +667,7 @@ fn cli_failures_are_one_line_with_status() {
                 "--length".into(),
                 "1".into(),
             ],
-            1,
+            2,
             "invalid byte",
         ),
         (
@@ -677,15 +677,15 @@ fn cli_failures_are_one_line_with_status() {
                 "--offset".into(),
                 "0".into(),
             ],
-            1,
-            "exactly one of",
+            2,
+            "<--input <F>|--pattern <BYTE>>",
         ),
         (
             vec!["merge".into(), good.clone().into()],
             1,
             "not a differencing disk",
         ),
-        (vec!["frobnicate".into()], 1, "unknown command"),
+        (vec!["frobnicate".into()], 2, "unrecognized subcommand"),
         (
             vec![
                 "create".into(),
@@ -698,8 +698,8 @@ fn cli_failures_are_one_line_with_status() {
         ),
         (
             vec!["info".into(), good.clone().into(), "--bogus".into()],
-            1,
-            "unknown option",
+            2,
+            "unexpected argument '--bogus'",
         ),
         (
             vec![

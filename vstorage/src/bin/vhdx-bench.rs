@@ -4,10 +4,16 @@
 //! Run from the workspace root (release build; files go to $TMPDIR or /tmp):
 //!
 //! ```text
-//! cargo run --release -p vstorage --bin vhdx-bench -- copy          # or: random-write, mirror, all
+//! cargo run --release -p vstorage --bin vhdx-bench -- copy          # or: random-write, mirror, open, all
 //! cargo run --release -p vstorage --bin vhdx-bench -- copy --size-mib 512 --runs 5
 //! ```
 //!
+//! - `open`: a crafted dynamic VHDX whose BAT has `--blocks` entries (half
+//!   allocated, half zero-state blocks that keep file offsets, all at
+//!   distinct descending offsets; the file is sparse) is opened read-only;
+//!   then a differencing disk whose parent locator claims 3,000 entries of
+//!   64 KiB strings is refused. Prints the time of each (peak memory is
+//!   asserted by `tests/open_limits.rs`, which counts allocations).
 //! - `copy`: a dynamic VHDX filled with data is copied by the one-pass engine
 //!   (`vhdx copy`, unbuffered) and, in the same run, by a plain sequential
 //!   copy of its file through the same `O_DIRECT` path (read 1 MiB, write 1
@@ -28,41 +34,77 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use clap::{Parser, Subcommand};
 use vstorage::copy::{cli_copy, open_disk};
 use vstorage::io::{BlockIo, FileIo, RawDisk, VirtualDisk};
 use vstorage::mirror::{MigrationOptions, StorageMigration};
-use vstorage::vhdx::{self, CreateParams};
+use vstorage::vhdx::{self, CreateParams, OpenOptions, Vhdx};
 
 const MIB: u64 = 1 << 20;
-const USAGE: &str =
-    "usage: vhdx-bench copy|random-write|all [--size-mib N] [--runs N] [--writes N]";
 
+#[derive(Parser, Debug)]
+#[command(
+    name = "vhdx-bench",
+    about = "Printed figures for the storage engine (run a release build; files go to $TMPDIR or /tmp)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+/// Options every benchmark takes.
+#[derive(clap::Args, Debug, Clone, Copy)]
 struct Opts {
+    /// Disk size in MiB (copy, random-write, mirror)
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     size_mib: u64,
+    /// Runs of each measurement
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
+    /// Random 4 KiB writes (random-write)
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     writes: u64,
+    /// BAT entries of the crafted file (open)
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=4_000_000))]
+    blocks: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// One-pass copy engine against a plain O_DIRECT file copy (MB/s)
+    Copy(#[command(flatten)] Opts),
+    /// Random 4 KiB writes into a dynamic VHDX and a raw file (IOPS)
+    RandomWrite(#[command(flatten)] Opts),
+    /// Storage live migration with and without a guest writing through the mirror
+    Mirror(#[command(flatten)] Opts),
+    /// Opening a crafted 200k-entry BAT, and refusing a 3,000-entry parent locator
+    Open(#[command(flatten)] Opts),
+    /// copy, random-write, mirror and open in turn
+    All(#[command(flatten)] Opts),
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = parse(&args).and_then(|(cmd, opts)| {
-        let dir = std::env::var_os("TMPDIR")
-            .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
-            .join(format!("vhdx-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let r = match cmd.as_str() {
-            "copy" => bench_copy(&dir, &opts),
-            "random-write" => bench_random_write(&dir, &opts),
-            "mirror" => bench_mirror(&dir, &opts),
-            "all" => bench_copy(&dir, &opts)
-                .and_then(|()| bench_random_write(&dir, &opts))
-                .and_then(|()| bench_mirror(&dir, &opts)),
-            other => Err(format!("unknown benchmark {other:?}\n{USAGE}")),
-        };
-        // Best effort: the benchmark's own result is what matters.
-        let _ = std::fs::remove_dir_all(&dir);
-        r
-    });
+    let cli = match vstorage::cli::parse::<Cli>("vhdx-bench") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let dir = std::env::var_os("TMPDIR")
+        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+        .join(format!("vhdx-bench-{}", std::process::id()));
+    let result = std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))
+        .and_then(|()| match &cli.bench {
+            Bench::Copy(o) => bench_copy(&dir, o),
+            Bench::RandomWrite(o) => bench_random_write(&dir, o),
+            Bench::Mirror(o) => bench_mirror(&dir, o),
+            Bench::Open(o) => bench_open(&dir, o),
+            Bench::All(o) => bench_copy(&dir, o)
+                .and_then(|()| bench_random_write(&dir, o))
+                .and_then(|()| bench_mirror(&dir, o))
+                .and_then(|()| bench_open(&dir, o)),
+        });
+    // Best effort: the benchmark's own result is what matters.
+    let _ = std::fs::remove_dir_all(&dir);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -70,33 +112,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn parse(args: &[String]) -> Result<(String, Opts), String> {
-    let mut opts = Opts {
-        size_mib: 256,
-        runs: 3,
-        writes: 20_000,
-    };
-    let mut cmd = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut num = |name: &str| -> Result<u64, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v| v > 0)
-                .ok_or_else(|| format!("{name} needs a positive number\n{USAGE}"))
-        };
-        match a.as_str() {
-            "--size-mib" => opts.size_mib = num(a)?.min(64 * 1024),
-            "--runs" => opts.runs = u32::try_from(num(a)?.min(100)).unwrap_or(100),
-            "--writes" => opts.writes = num(a)?.min(10_000_000),
-            "-h" | "--help" => return Err(USAGE.to_string()),
-            c if cmd.is_none() && !c.starts_with('-') => cmd = Some(c.to_string()),
-            other => return Err(format!("unexpected argument {other:?}\n{USAGE}")),
-        }
-    }
-    Ok((cmd.ok_or(USAGE)?, opts))
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -414,4 +429,46 @@ fn bench_mirror(dir: &Path, o: &Opts) -> Result<(), String> {
         1,
     );
     std::fs::remove_file(&src).map_err(err)
+}
+
+/// Opens the crafted BAT file `o.runs` times and refuses the locator bomb
+/// as often; prints milliseconds per open.
+fn bench_open(dir: &Path, o: &Opts) -> Result<(), String> {
+    let path = dir.join("bat-stress.vhdx");
+    let len = vhdx::crafted::bat_stress_file(&path, o.blocks).map_err(err)?;
+    let bomb = dir.join("locator-bomb.vhdx");
+    std::fs::write(&bomb, vhdx::crafted::locator_bomb(3000).map_err(err)?).map_err(err)?;
+    println!(
+        "open: a {}-block dynamic VHDX, BAT half allocated and half zero-state with offsets ({} MiB sparse file);",
+        o.blocks,
+        len / MIB
+    );
+    println!(
+        "  a differencing VHDX whose parent locator claims 3,000 entries of 64 KiB keys and values"
+    );
+    let (mut open_ms, mut refuse_ms) = (Vec::new(), Vec::new());
+    for _ in 0..o.runs {
+        let io = FileIo::open(&path, false).map_err(err)?;
+        let t = Instant::now();
+        let d = Vhdx::open(io, OpenOptions::read_only()).map_err(err)?;
+        open_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(d);
+        let io = FileIo::open(&bomb, false).map_err(err)?;
+        let t = Instant::now();
+        if Vhdx::open(io, OpenOptions::read_only()).is_ok() {
+            return Err("the 3,000-entry parent locator was accepted".into());
+        }
+        refuse_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    table(
+        "ms",
+        o.runs,
+        &[
+            ("open of the crafted BAT", &open_ms, false),
+            ("refusal of the locator bomb", &refuse_ms, false),
+        ],
+        1,
+    );
+    std::fs::remove_file(&path).map_err(err)?;
+    std::fs::remove_file(&bomb).map_err(err)
 }

@@ -1,27 +1,127 @@
 //! `vhdx`: inspect, create, convert, check, read, write, merge and copy VHDX
-//! images. Every failure is one line on stderr and exit status 1 (`check`
-//! uses 2 for a file it can read but finds corrupt). No input panics.
+//! images. Arguments are parsed by clap: `--help` on every subcommand, and a
+//! usage error is one line on stderr with exit status 2. Every other
+//! failure is one line on stderr and exit status 1, except that `check`
+//! uses 2 for a file it can read but finds corrupt. No input panics.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+use vstorage::fsops::{self, HostFileOps};
 use vstorage::io::{BlockIo, DiskError, FileIo, RawDisk, VirtualDisk};
 use vstorage::vhdx::host::{
     create_differencing_path, create_path, open_for_merge, open_path, parent_display,
 };
 use vstorage::vhdx::{log_replay_needed, CreateParams, OpenOptions, Vhdx};
 
-const USAGE: &str = "usage: vhdx <command> ...
-  info FILE
-  create FILE --size SIZE [--block-size SIZE] [--fixed] [--logical-sector-size 512|4096] [--parent PARENT]
-  convert IN OUT
-  check FILE [--repair]
-  read FILE --offset N --length N [--output F]
-  write FILE --offset N (--input F | --pattern BYTE --length N)
-  merge CHILD
-  copy SRC DST [--progress]
-SIZE takes K/M/G/T suffixes (powers of 1024); BYTE is 0-255 or 0xNN.";
+#[derive(Parser, Debug)]
+#[command(
+    name = "vhdx",
+    version,
+    about = "Inspect, create, convert, check, read, write, merge and copy VHDX images",
+    after_help = "SIZE takes K/M/G/T suffixes (powers of 1024); BYTE is 0-255 or 0xNN.\n\
+                  Exit status: 0 ok; 1 the command failed; 2 a usage error, or `check` found the file corrupt."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print a file's parameters as one JSON object
+    Info {
+        /// The VHDX file
+        file: PathBuf,
+    },
+    /// Create a dynamic, fixed or differencing VHDX (truncating FILE)
+    Create {
+        /// The file to create
+        file: PathBuf,
+        /// Virtual size (required unless --parent)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        size: Option<u64>,
+        /// Payload block size, a power of two from 1M to 256M [default: 32M, or the parent's]
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        block_size: Option<u64>,
+        /// Allocate every block now (the file takes its full size on disk)
+        #[arg(long, conflicts_with = "parent")]
+        fixed: bool,
+        /// Logical sector size [default: 512]
+        #[arg(long, value_name = "512|4096", value_parser = parse_sector)]
+        logical_sector_size: Option<u32>,
+        /// Make a differencing disk of this parent
+        #[arg(long, value_name = "PARENT")]
+        parent: Option<PathBuf>,
+    },
+    /// Convert between VHDX and raw (by extension), copying allocated data only
+    Convert {
+        /// The source image (.vhdx/.avhdx or raw)
+        input: PathBuf,
+        /// The image to write (.vhdx/.avhdx or raw)
+        output: PathBuf,
+    },
+    /// Check a file's consistency: 0 consistent, 2 corrupt, 1 unreadable
+    Check {
+        /// The VHDX file
+        file: PathBuf,
+        /// Replay a pending log first (writes the file)
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Read a range of the virtual disk (any alignment)
+    Read {
+        /// The disk (.vhdx/.avhdx or raw)
+        file: PathBuf,
+        /// First byte
+        #[arg(long, value_name = "N", value_parser = parse_size)]
+        offset: u64,
+        /// Number of bytes
+        #[arg(long, value_name = "N", value_parser = parse_size)]
+        length: u64,
+        /// Write the bytes here instead of stdout
+        #[arg(long, value_name = "F")]
+        output: Option<PathBuf>,
+    },
+    /// Write bytes into the virtual disk (any alignment)
+    Write(WriteArgs),
+    /// Fold a differencing disk into its parent, then delete it
+    Merge {
+        /// The differencing disk
+        child: PathBuf,
+    },
+    /// Copy a disk to a new file of the same kind in one unbuffered pass
+    Copy {
+        /// The disk to copy
+        src: PathBuf,
+        /// The new file (must not exist)
+        dst: PathBuf,
+        /// Draw a progress bar on stderr (when stdout is a terminal)
+        #[arg(long)]
+        progress: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("payload").required(true).args(["input", "pattern"])))]
+struct WriteArgs {
+    /// The disk (.vhdx/.avhdx or raw)
+    file: PathBuf,
+    /// First byte
+    #[arg(long, value_name = "N", value_parser = parse_size)]
+    offset: u64,
+    /// Take the bytes from this file
+    #[arg(long, value_name = "F")]
+    input: Option<PathBuf>,
+    /// Write this byte, --length times
+    #[arg(long, value_name = "BYTE", value_parser = parse_byte, requires = "length")]
+    pattern: Option<u8>,
+    /// Number of bytes (with --pattern)
+    #[arg(long, value_name = "N", value_parser = parse_size, conflicts_with = "input")]
+    length: Option<u64>,
+}
 
 /// How a command failed: exit status and message.
 struct Fail(u8, String);
@@ -36,8 +136,8 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Fail> {
     Err(Fail(1, msg.into()))
 }
 
-/// Parses `123`, `4K`, `32M`, `1G`, `2T` (optionally with `B`/`iB`).
-fn parse_size(s: &str) -> Result<u64, Fail> {
+/// Parses `123`, `4K`, `32M`, `1G`, `2T` (optionally with `B`/`iB`), or hex `0x...`.
+fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let t = t
         .strip_suffix("iB")
@@ -55,68 +155,25 @@ fn parse_size(s: &str) -> Result<u64, Fail> {
     } else {
         num.parse().ok()
     }
-    .ok_or_else(|| Fail(1, format!("invalid size {s:?}")))?;
+    .ok_or_else(|| format!("invalid size {s:?}"))?;
     n.checked_mul(mult)
-        .ok_or_else(|| Fail(1, format!("size {s:?} is too large")))
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-fn parse_byte(s: &str) -> Result<u8, Fail> {
+fn parse_byte(s: &str) -> Result<u8, String> {
     let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         u8::from_str_radix(h, 16).ok()
     } else {
         s.parse::<u8>().ok()
     };
-    v.ok_or_else(|| Fail(1, format!("invalid byte {s:?} (0-255 or 0x00-0xff)")))
+    v.ok_or_else(|| format!("invalid byte {s:?} (0-255 or 0x00-0xff)"))
 }
 
-/// Parsed `--flag value` options and positional arguments.
-struct Args {
-    pos: Vec<String>,
-    opts: Vec<(String, Option<String>)>,
-}
-
-impl Args {
-    /// `flags` take no value; every other `--x` takes one.
-    fn parse(raw: &[String], flags: &[&str], valued: &[&str]) -> Result<Args, Fail> {
-        let mut pos = Vec::new();
-        let mut opts = Vec::new();
-        let mut it = raw.iter();
-        while let Some(a) = it.next() {
-            if let Some(name) = a.strip_prefix("--") {
-                if flags.contains(&name) {
-                    opts.push((name.to_string(), None));
-                } else if valued.contains(&name) {
-                    let v = it
-                        .next()
-                        .ok_or_else(|| Fail(1, format!("--{name} needs a value")))?;
-                    opts.push((name.to_string(), Some(v.clone())));
-                } else {
-                    return fail(format!("unknown option --{name}"));
-                }
-            } else {
-                pos.push(a.clone());
-            }
-        }
-        Ok(Args { pos, opts })
-    }
-    fn get(&self, name: &str) -> Option<&str> {
-        self.opts
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-    fn has(&self, name: &str) -> bool {
-        self.opts.iter().any(|(n, _)| n == name)
-    }
-    fn positional(&self, n: usize, what: &str) -> Result<Vec<PathBuf>, Fail> {
-        if self.pos.len() != n {
-            return fail(format!(
-                "expected {what}, got {} argument(s) (see `vhdx --help`)",
-                self.pos.len()
-            ));
-        }
-        Ok(self.pos.iter().map(PathBuf::from).collect())
+fn parse_sector(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" | "4K" | "4k" => Ok(4096),
+        _ => Err(format!("logical sector size {s:?} is not 512 or 4096")),
     }
 }
 
@@ -148,8 +205,7 @@ fn must_exist(p: &Path) -> Result<(), Fail> {
     }
 }
 
-fn cmd_info(a: &Args) -> Result<(), Fail> {
-    let f = &a.positional(1, "FILE")?[0];
+fn cmd_info(f: &Path) -> Result<(), Fail> {
     must_exist(f)?;
     let io = FileIo::open(f, false).map_err(|e| Fail(1, format!("{}: {e}", f.display())))?;
     let pending = log_replay_needed(&io)?;
@@ -168,45 +224,36 @@ fn cmd_info(a: &Args) -> Result<(), Fail> {
     Ok(())
 }
 
-fn cmd_create(a: &Args) -> Result<(), Fail> {
-    let f = &a.positional(1, "FILE")?[0];
-    let block = a
-        .get("block-size")
-        .map(parse_size)
-        .transpose()?
+fn cmd_create(
+    f: &Path,
+    size: Option<u64>,
+    block_size: Option<u64>,
+    fixed: bool,
+    logical_sector_size: Option<u32>,
+    parent: Option<&Path>,
+) -> Result<(), Fail> {
+    let block = block_size
         .map(|b| u32::try_from(b).map_err(|_| Fail(1, format!("block size {b} too large"))))
         .transpose()?;
-    if let Some(parent) = a.get("parent") {
-        if a.has("fixed") {
-            return fail("--fixed cannot be combined with --parent");
-        }
-        let parent = Path::new(parent);
+    if let Some(parent) = parent {
         must_exist(parent)?;
         let mut d = create_differencing_path(f, parent, block)?;
-        if let Some(s) = a.get("size") {
-            if parse_size(s)? != d.virtual_size() {
-                let _ = std::fs::remove_file(f);
-                return fail("--size must match the parent's size (or be omitted) with --parent");
-            }
+        if size.is_some_and(|s| s != d.virtual_size()) {
+            drop(d);
+            let _ = std::fs::remove_file(f);
+            return fail("--size must match the parent's size (or be omitted) with --parent");
         }
         d.close()?;
         return Ok(());
     }
-    let size = parse_size(
-        a.get("size")
-            .ok_or_else(|| Fail(1, "--size is required".into()))?,
-    )?;
+    let size = size.ok_or_else(|| Fail(1, "--size is required".into()))?;
     let mut p = CreateParams::dynamic(size);
     if let Some(b) = block {
         p.block_size = b;
     }
-    p.fixed = a.has("fixed");
-    if let Some(ls) = a.get("logical-sector-size") {
-        p.logical_sector_size = match ls {
-            "512" => 512,
-            "4096" | "4K" | "4k" => 4096,
-            _ => return fail(format!("logical sector size {ls:?} is not 512 or 4096")),
-        };
+    p.fixed = fixed;
+    if let Some(ls) = logical_sector_size {
+        p.logical_sector_size = ls;
     }
     p.physical_sector_size = 4096;
     p.validate()?;
@@ -259,9 +306,7 @@ impl Source {
     }
 }
 
-fn cmd_convert(a: &Args) -> Result<(), Fail> {
-    let p = a.positional(2, "IN OUT")?;
-    let (inp, out) = (&p[0], &p[1]);
+fn cmd_convert(inp: &Path, out: &Path) -> Result<(), Fail> {
     must_exist(inp)?;
     if std::fs::canonicalize(inp).ok() == std::fs::canonicalize(out).ok() {
         return fail("input and output are the same file");
@@ -306,13 +351,13 @@ fn cmd_convert(a: &Args) -> Result<(), Fail> {
         }
     }
     dst.flush()?;
+    // The new file's name is durable before we report success.
+    fsops::created(&HostFileOps, out).map_err(|e| Fail(1, format!("{}: {e}", out.display())))?;
     Ok(())
 }
 
-fn cmd_check(a: &Args) -> Result<(), Fail> {
-    let f = &a.positional(1, "FILE")?[0];
+fn cmd_check(f: &Path, repair: bool) -> Result<(), Fail> {
     must_exist(f)?;
-    let repair = a.has("repair");
     let io = FileIo::open(f, false).map_err(|e| Fail(1, format!("{}: {e}", f.display())))?;
     let to_fail = |e: DiskError| match e {
         DiskError::Corrupt(m) => Fail(2, format!("{}: corrupt: {m}", f.display())),
@@ -352,6 +397,60 @@ fn cmd_check(a: &Args) -> Result<(), Fail> {
     Ok(())
 }
 
+/// One step over an unaligned range: the bytes `[from, to)` and the whole
+/// sectors `[start, end)` that cover them (at most 1 MiB of bytes).
+struct Window {
+    start: u64,
+    end: u64,
+    from: u64,
+    to: u64,
+}
+
+impl Window {
+    /// Where the window's bytes lie in a buffer holding its sectors.
+    fn bytes(&self) -> std::ops::Range<usize> {
+        (self.from - self.start) as usize..(self.to - self.start) as usize
+    }
+}
+
+/// The windows covering `[offset, offset+len)` of `d`, in order; `what`
+/// ("read", "write") names the request in the error for a range past the end.
+fn windows(
+    d: &dyn VirtualDisk,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<impl Iterator<Item = Window>, Fail> {
+    let ss = u64::from(d.logical_sector_size());
+    let size = d.virtual_size();
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            Fail(
+                1,
+                format!(
+                    "{what} of {len} bytes at {offset} runs past the end of the {size}-byte disk"
+                ),
+            )
+        })?;
+    let mut cur = offset;
+    Ok(std::iter::from_fn(move || {
+        if cur >= end {
+            return None;
+        }
+        let to = (cur + (1 << 20)).min(end);
+        let w = Window {
+            start: cur - cur % ss,
+            end: to.div_ceil(ss) * ss,
+            from: cur,
+            to,
+        };
+        cur = to;
+        Some(w)
+    }))
+}
+
 /// Reads `[offset, offset+len)` of any alignment into `out`, one chunk at a time.
 fn read_range(
     d: &mut dyn VirtualDisk,
@@ -359,30 +458,11 @@ fn read_range(
     len: u64,
     out: &mut dyn FnMut(&[u8]) -> Result<(), Fail>,
 ) -> Result<(), Fail> {
-    let ss = u64::from(d.logical_sector_size());
-    let end = offset
-        .checked_add(len)
-        .filter(|&e| e <= d.virtual_size())
-        .ok_or_else(|| {
-            Fail(
-                1,
-                format!(
-                    "range {offset}+{len} runs past the end of the {}-byte disk",
-                    d.virtual_size()
-                ),
-            )
-        })?;
-    let chunk = 1u64 << 20;
-    let mut cur = offset;
     let mut buf = Vec::new();
-    while cur < end {
-        let a_start = cur - cur % ss;
-        let a_end = ((cur + chunk).min(end)).div_ceil(ss) * ss;
-        buf.resize((a_end - a_start) as usize, 0);
-        d.read(a_start, &mut buf)?;
-        let take_end = (cur + chunk).min(end);
-        out(&buf[(cur - a_start) as usize..(take_end - a_start) as usize])?;
-        cur = take_end;
+    for w in windows(d, offset, len, "read")? {
+        buf.resize((w.end - w.start) as usize, 0);
+        d.read(w.start, &mut buf)?;
+        out(&buf[w.bytes()])?;
     }
     Ok(())
 }
@@ -397,19 +477,12 @@ fn open_any(f: &Path, writable: bool) -> Result<Box<dyn VirtualDisk>, Fail> {
     }
 }
 
-fn cmd_read(a: &Args) -> Result<(), Fail> {
-    let f = &a.positional(1, "FILE")?[0];
-    let offset = parse_size(
-        a.get("offset")
-            .ok_or_else(|| Fail(1, "--offset is required".into()))?,
-    )?;
-    let len = parse_size(
-        a.get("length")
-            .ok_or_else(|| Fail(1, "--length is required".into()))?,
-    )?;
+fn cmd_read(f: &Path, offset: u64, len: u64, output: Option<&Path>) -> Result<(), Fail> {
     let mut d = open_any(f, false)?;
-    let mut sink: Box<dyn Write> = match a.get("output") {
-        Some(o) => Box::new(std::fs::File::create(o).map_err(|e| Fail(1, format!("{o}: {e}")))?),
+    let mut sink: Box<dyn Write> = match output {
+        Some(o) => Box::new(
+            std::fs::File::create(o).map_err(|e| Fail(1, format!("{}: {e}", o.display())))?,
+        ),
         None => Box::new(std::io::stdout().lock()),
     };
     read_range(d.as_mut(), offset, len, &mut |b| {
@@ -440,70 +513,37 @@ impl Payload {
     }
 }
 
-fn cmd_write(a: &Args) -> Result<(), Fail> {
-    let f = &a.positional(1, "FILE")?[0];
-    let offset = parse_size(
-        a.get("offset")
-            .ok_or_else(|| Fail(1, "--offset is required".into()))?,
-    )?;
-    let (mut payload, len) = match (a.get("input"), a.get("pattern")) {
-        (Some(i), None) => {
-            if a.has("length") {
-                return fail("--length goes with --pattern, not --input");
-            }
-            let h = std::fs::File::open(i).map_err(|e| Fail(1, format!("{i}: {e}")))?;
+fn cmd_write(w: &WriteArgs) -> Result<(), Fail> {
+    let (f, offset) = (&w.file, w.offset);
+    let (mut payload, len) = match (&w.input, w.pattern, w.length) {
+        (Some(i), None, None) => {
+            let h = std::fs::File::open(i).map_err(|e| Fail(1, format!("{}: {e}", i.display())))?;
             let len = h
                 .metadata()
-                .map_err(|e| Fail(1, format!("{i}: {e}")))?
+                .map_err(|e| Fail(1, format!("{}: {e}", i.display())))?
                 .len();
             (Payload::File(h), len)
         }
-        (None, Some(p)) => {
-            let b = parse_byte(p)?;
-            let len = parse_size(
-                a.get("length")
-                    .ok_or_else(|| Fail(1, "--pattern needs --length".into()))?,
-            )?;
-            (Payload::Pattern(b), len)
-        }
+        (None, Some(b), Some(len)) => (Payload::Pattern(b), len),
+        // clap's argument group and `requires` rule out the rest.
         _ => return fail("give exactly one of --input F or --pattern BYTE --length N"),
     };
     let mut d = open_any(f, true)?;
-    let ss = u64::from(d.logical_sector_size());
-    let end = offset
-        .checked_add(len)
-        .filter(|&e| e <= d.virtual_size())
-        .ok_or_else(|| {
-            Fail(
-                1,
-                format!(
-                    "write of {len} bytes at {offset} runs past the end of the {}-byte disk",
-                    d.virtual_size()
-                ),
-            )
-        })?;
-    let chunk = 1u64 << 20;
-    let mut cur = offset;
     let mut buf = Vec::new();
-    while cur < end {
-        let a_start = cur - cur % ss;
-        let take_end = (a_start + chunk).min(end);
-        let a_end = take_end.div_ceil(ss) * ss;
-        buf.resize((a_end - a_start) as usize, 0);
+    for w in windows(d.as_ref(), offset, len, "write")? {
+        buf.resize((w.end - w.start) as usize, 0);
         // Read-modify-write of partial edge sectors.
-        if a_start != cur || a_end != take_end {
-            d.read(a_start, &mut buf)?;
+        if w.start != w.from || w.end != w.to {
+            d.read(w.start, &mut buf)?;
         }
-        payload.fill(&mut buf[(cur - a_start) as usize..(take_end - a_start) as usize])?;
-        d.write(a_start, &buf)?;
-        cur = take_end;
+        payload.fill(&mut buf[w.bytes()])?;
+        d.write(w.start, &buf)?;
     }
     d.flush()?;
     Ok(())
 }
 
-fn cmd_merge(a: &Args) -> Result<(), Fail> {
-    let f = &a.positional(1, "CHILD")?[0];
+fn cmd_merge(f: &Path) -> Result<(), Fail> {
     must_exist(f)?;
     let mut d = open_for_merge(f)?;
     if d.parent().is_none() {
@@ -521,47 +561,49 @@ fn cmd_merge(a: &Args) -> Result<(), Fail> {
     Ok(())
 }
 
-fn cmd_copy(a: &Args) -> Result<(), Fail> {
-    let p = a.positional(2, "SRC DST")?;
+fn cmd_copy(src: &Path, dst: &Path, progress: bool) -> Result<(), Fail> {
     // Dispatch point: the one-pass copy engine lives in vstorage::copy.
-    vstorage::copy::cli_copy(&p[0], &p[1], a.has("progress")).map_err(|m| Fail(1, m))
+    vstorage::copy::cli_copy(src, dst, progress).map_err(|m| Fail(1, m))
 }
 
-fn run(argv: &[String]) -> Result<(), Fail> {
-    let Some((cmd, rest)) = argv.split_first() else {
-        return fail("no command given (see `vhdx --help`)");
-    };
-    match cmd.as_str() {
-        "info" => cmd_info(&Args::parse(rest, &[], &[])?),
-        "create" => cmd_create(&Args::parse(
-            rest,
-            &["fixed"],
-            &["size", "block-size", "logical-sector-size", "parent"],
-        )?),
-        "convert" => cmd_convert(&Args::parse(rest, &[], &[])?),
-        "check" => cmd_check(&Args::parse(rest, &["repair"], &[])?),
-        "read" => cmd_read(&Args::parse(rest, &[], &["offset", "length", "output"])?),
-        "write" => cmd_write(&Args::parse(
-            rest,
-            &[],
-            &["offset", "input", "pattern", "length"],
-        )?),
-        "merge" => cmd_merge(&Args::parse(rest, &[], &[])?),
-        "copy" => cmd_copy(&Args::parse(rest, &["progress"], &[])?),
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        other => fail(format!("unknown command {other:?} (see `vhdx --help`)")),
+fn run(cmd: Cmd) -> Result<(), Fail> {
+    match cmd {
+        Cmd::Info { file } => cmd_info(&file),
+        Cmd::Create {
+            file,
+            size,
+            block_size,
+            fixed,
+            logical_sector_size,
+            parent,
+        } => cmd_create(
+            &file,
+            size,
+            block_size,
+            fixed,
+            logical_sector_size,
+            parent.as_deref(),
+        ),
+        Cmd::Convert { input, output } => cmd_convert(&input, &output),
+        Cmd::Check { file, repair } => cmd_check(&file, repair),
+        Cmd::Read {
+            file,
+            offset,
+            length,
+            output,
+        } => cmd_read(&file, offset, length, output.as_deref()),
+        Cmd::Write(w) => cmd_write(&w),
+        Cmd::Merge { child } => cmd_merge(&child),
+        Cmd::Copy { src, dst, progress } => cmd_copy(&src, &dst, progress),
     }
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args_os()
-        .skip(1)
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    match run(&argv) {
+    let cli = match vstorage::cli::parse::<Cli>("vhdx") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(code, msg)) => {
             eprintln!("vhdx: {msg}");

@@ -5,12 +5,9 @@
 //! ([`FileIo::open_direct`]): the one-pass copy must not fill the host page
 //! cache with a disk it reads once (MISSION "Storage live migration", step 3).
 
-use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 use std::string::{String, ToString};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 use std::vec::Vec;
 
 use super::{check_geometry, Chunk, CopyError, CopyJob, CopyOptions};
@@ -356,73 +353,62 @@ where
     })
 }
 
-/// Draws `[####      ]  42%  123.4/256.0 MB  512.3 MB/s` on stderr, in place.
-struct ProgressBar {
-    start: Instant,
-    last_draw: Option<Instant>,
+/// The bar `vhdx copy --progress` draws on stderr, redrawn in place:
+/// `[#####>    ]  42%  123.4 MiB/256.0 MiB  512.3 MiB/s`. Hidden when
+/// stdout is not a terminal (output sent to a file or a pipe), so logs and
+/// scripts never see control characters.
+#[cfg(feature = "cli")]
+pub fn copy_progress_bar() -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    let target = if std::io::stdout().is_terminal() {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::hidden()
+    };
+    styled_bar(target)
 }
 
-const BAR_WIDTH: usize = 30;
-const REDRAW_EVERY: Duration = Duration::from_millis(100);
-
-impl ProgressBar {
-    fn new() -> Self {
-        ProgressBar {
-            start: Instant::now(),
-            last_draw: None,
-        }
-    }
-
-    fn draw(&mut self, done: u64, total: u64, force: bool) {
-        let now = Instant::now();
-        if !force && self.last_draw.is_some_and(|t| now - t < REDRAW_EVERY) {
-            return;
-        }
-        self.last_draw = Some(now);
-        let pct = super::percent(done, total);
-        let filled = usize::from(pct) * BAR_WIDTH / 100;
-        let secs = (now - self.start).as_secs_f64();
-        let mb = |b: u64| b as f64 / 1e6;
-        let rate = if secs > 0.0 { mb(done) / secs } else { 0.0 };
-        let mut line = String::with_capacity(80);
-        let _ = write!(
-            line,
-            "\r[{}{}] {pct:3}%  {:.1}/{:.1} MB  {rate:.1} MB/s ",
-            "#".repeat(filled),
-            " ".repeat(BAR_WIDTH - filled),
-            mb(done),
-            mb(total),
-        );
-        let mut err = std::io::stderr().lock();
-        // A closed stderr must not fail the copy.
-        let _ = err.write_all(line.as_bytes());
-        let _ = err.flush();
-    }
-
-    fn finish(&mut self, done: u64, total: u64) {
-        self.draw(done, total, true);
-        let _ = std::io::stderr().write_all(b"\n");
-    }
+#[cfg(feature = "cli")]
+fn styled_bar(target: indicatif::ProgressDrawTarget) -> indicatif::ProgressBar {
+    let style = indicatif::ProgressStyle::with_template(
+        "[{bar:30}] {percent:>3}%  {bytes}/{total_bytes}  {bytes_per_sec}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("#> ");
+    let bar = indicatif::ProgressBar::with_draw_target(Some(0), target);
+    bar.set_style(style);
+    bar
 }
 
 /// `vhdx copy SRC DST [--progress]`: copies the virtual disk SRC into a new
 /// file DST of the same kind and parameters, in one unbuffered pass over
 /// SRC's allocated data. On failure DST is removed. Errors are one line.
+#[cfg(feature = "cli")]
 pub fn cli_copy(src: &Path, dst: &Path, progress: bool) -> Result<(), String> {
+    let bar = progress.then(copy_progress_bar);
+    cli_copy_with(src, dst, bar.as_ref())
+}
+
+/// [`cli_copy`] drawing its progress on `bar` (if any): length and position
+/// in bytes of disk data; finished on success, abandoned on failure.
+#[cfg(feature = "cli")]
+pub fn cli_copy_with(
+    src: &Path,
+    dst: &Path,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<(), String> {
     let mut source = open_disk(src, false).map_err(|e| describe(src, &e))?;
     let mut dest = create_like(&source, dst).map_err(|e| describe(dst, &e))?;
-    let mut bar = progress.then(ProgressBar::new);
     let opts = CopyOptions {
         // The destination is new, so it reads as zeros: zero chunks of a
         // raw source stay holes.
         skip_zero_chunks: true,
         ..CopyOptions::default()
     };
-    let mut last = (0, 0);
     let result = copy_disk_pipelined(&mut source, &mut dest, opts, |done, total| {
-        last = (done, total);
-        if let Some(bar) = bar.as_mut() {
-            bar.draw(done, total, false);
+        if let Some(bar) = bar {
+            bar.set_length(total);
+            bar.set_position(done);
         }
         true
     })
@@ -431,20 +417,96 @@ pub fn cli_copy(src: &Path, dst: &Path, progress: bool) -> Result<(), String> {
         dest.close()
             .map_err(|e| format!("closing the destination: {e}"))
     });
-    if let Some(bar) = bar.as_mut() {
-        if result.is_ok() {
-            bar.finish(last.0, last.1);
-        } else {
-            let _ = std::io::stderr().write_all(b"\n");
-        }
-    }
     match result {
-        Ok(_) => Ok(()),
+        Ok(()) => {
+            if let Some(bar) = bar {
+                bar.finish();
+            }
+            Ok(())
+        }
         Err(e) => {
+            if let Some(bar) = bar {
+                bar.abandon();
+            }
             drop(dest);
             // Best effort: the copy's error is the one to report.
             let _ = fsops::discard(&HostFileOps, dst);
             Err(format!("copy {} -> {}: {e}", src.display(), dst.display()))
         }
+    }
+}
+
+#[cfg(all(test, feature = "cli"))]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A terminal that keeps what is drawn on it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl Screen {
+        fn put(&self, s: &str) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .push_str(s);
+            Ok(())
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            100
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.put(s)?;
+            self.put("\n")
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.put(s)
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.put("\r")
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn copy_draws_its_progress_through_indicatif() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("s.vhdx"), dir.path().join("d.vhdx"));
+        let mut p = vhdx::CreateParams::dynamic(8 << 20);
+        p.block_size = 1 << 20;
+        let mut d = vhdx::host::create_path(&src, &p).unwrap();
+        d.write(0, &[7u8; 3 << 20]).unwrap();
+        d.close().unwrap();
+        drop(d);
+        let screen = Screen::default();
+        let bar = styled_bar(indicatif::ProgressDrawTarget::term_like(Box::new(
+            screen.clone(),
+        )));
+        cli_copy_with(&src, &dst, Some(&bar)).unwrap();
+        assert!(bar.is_finished());
+        assert_eq!(bar.position(), 3 << 20);
+        let drawn = screen.0.lock().unwrap().clone();
+        assert!(
+            drawn.contains("100%") && drawn.contains("3.00 MiB/3.00 MiB") && drawn.contains("###"),
+            "{drawn:?}"
+        );
     }
 }

@@ -23,10 +23,12 @@
 
 #[cfg(feature = "std")]
 mod host;
+#[cfg(feature = "cli")]
+pub use host::{cli_copy, cli_copy_with, copy_progress_bar};
 #[cfg(feature = "std")]
 pub use host::{
-    cli_copy, copy_differencing, copy_disk_pipelined, create_child_like, create_child_like_with,
-    create_like, create_like_with, open_disk, own_ranges, params_like, HostDisk, READ_AHEAD_CHUNKS,
+    copy_differencing, copy_disk_pipelined, create_child_like, create_child_like_with, create_like,
+    create_like_with, open_disk, own_ranges, params_like, HostDisk, READ_AHEAD_CHUNKS,
 };
 
 use alloc::vec::Vec;

@@ -501,6 +501,28 @@ mod prop {
         ]
     }
 
+    /// Runs a read or write `o` on `d` and the flat `model`; a read must
+    /// match it.
+    fn run_io(d: &mut Vhdx<MemIo>, model: &mut [u8], o: &Op, ls: u32) -> Result<(), TestCaseError> {
+        let max = model.len() as u64 / u64::from(ls);
+        let (Op::Write { sector, count, .. } | Op::Read { sector, count }) = *o else {
+            return Ok(());
+        };
+        let s = sector % max;
+        let c = count.min(max - s).max(1);
+        let off = s * u64::from(ls);
+        let range = off as usize..(off + c * u64::from(ls)) as usize;
+        if let Op::Write { byte, .. } = *o {
+            d.write(off, &vec![byte; range.len()]).unwrap();
+            model[range].fill(byte);
+        } else {
+            let mut b = vec![0u8; range.len()];
+            d.read(off, &mut b).unwrap();
+            prop_assert_eq!(&b[..], &model[range]);
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
@@ -510,28 +532,11 @@ mod prop {
         fn matches_flat_model(ls in prop_oneof![Just(512u32), Just(4096u32)],
                               ops in proptest::collection::vec(op(6 << 11), 1..40)) {
             let size = 6u64 << 20;
-            let max = size / u64::from(ls);
             let mut d = new_disk(size, 1 << 20, ls);
             let mut model = vec![0u8; size as usize];
             for o in ops {
                 match o {
-                    Op::Write { sector, count, byte } => {
-                        let s = sector % max;
-                        let c = count.min(max - s).max(1);
-                        let off = s * u64::from(ls);
-                        let len = (c * u64::from(ls)) as usize;
-                        d.write(off, &vec![byte; len]).unwrap();
-                        model[off as usize..off as usize + len].fill(byte);
-                    }
-                    Op::Read { sector, count } => {
-                        let s = sector % max;
-                        let c = count.min(max - s).max(1);
-                        let off = s * u64::from(ls);
-                        let len = (c * u64::from(ls)) as usize;
-                        let mut b = vec![0u8; len];
-                        d.read(off, &mut b).unwrap();
-                        prop_assert_eq!(&b[..], &model[off as usize..off as usize + len]);
-                    }
+                    Op::Write { .. } | Op::Read { .. } => run_io(&mut d, &mut model, &o, ls)?,
                     Op::Reopen => {
                         let img = bytes_of(&mut d);
                         d = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_write(9)).unwrap();
@@ -555,7 +560,6 @@ mod prop {
                                               child_block in prop_oneof![Just(1u32 << 20), Just(2u32 << 20)],
                                               ops in proptest::collection::vec(op(6 << 11), 1..30)) {
             let size = 6u64 << 20;
-            let max = size / u64::from(ls);
             let mut parent = new_disk(size, 1 << 20, ls);
             let mut model = vec![0u8; size as usize];
             for (i, chunk) in model.chunks_mut(1 << 20).enumerate().step_by(2) {
@@ -579,23 +583,7 @@ mod prop {
             child.attach_parent(p_ro).unwrap();
             for o in ops {
                 match o {
-                    Op::Write { sector, count, byte } => {
-                        let s = sector % max;
-                        let c = count.min(max - s).max(1);
-                        let off = s * u64::from(ls);
-                        let len = (c * u64::from(ls)) as usize;
-                        child.write(off, &vec![byte; len]).unwrap();
-                        model[off as usize..off as usize + len].fill(byte);
-                    }
-                    Op::Read { sector, count } => {
-                        let s = sector % max;
-                        let c = count.min(max - s).max(1);
-                        let off = s * u64::from(ls);
-                        let len = (c * u64::from(ls)) as usize;
-                        let mut b = vec![0u8; len];
-                        child.read(off, &mut b).unwrap();
-                        prop_assert_eq!(&b[..], &model[off as usize..off as usize + len]);
-                    }
+                    Op::Write { .. } | Op::Read { .. } => run_io(&mut child, &mut model, &o, ls)?,
                     Op::Reopen => {
                         let img = bytes_of(&mut child);
                         let p = child.take_parent().unwrap();
