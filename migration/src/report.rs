@@ -7,6 +7,9 @@
 //! `total_ms`, `downtime_ms`, `expected_downtime_ms`, `throttle_pct`,
 //! `result` (`"completed"` | `"cancelled"` | `"failed"`), `error` (string or
 //! `null`).
+//!
+//! With the `serde` feature the types also derive serde's traits, so host
+//! tools read the line back into this same type (`serde_json::from_str`).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -14,6 +17,11 @@ use core::fmt::Write;
 
 /// How a migration ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum MigrationResult {
     /// The VM runs at the destination; the source may be removed.
     Completed,
@@ -37,6 +45,7 @@ impl MigrationResult {
 
 /// Statistics and outcome of one migration, from the source's view.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MigrationReport {
     /// Copy passes, the final (paused) one included.
     pub passes: u32,

@@ -29,6 +29,24 @@ impl Arch {
     /// Every accepted spelling, for help texts.
     pub const NAMES: &'static str = "svm, vmx, svm-bochs";
 
+    /// The `--arch` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Svm => "svm",
+            Arch::Vmx => "vmx",
+            Arch::SvmBochs => "svm-bochs",
+        }
+    }
+
+    /// One line for help texts.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Arch::Svm => "AMD-V with nested paging under QEMU (default)",
+            Arch::Vmx => "Intel VT-x with EPT under Bochs",
+            Arch::SvmBochs => "AMD-V under Bochs (model ryzen: NRIPS, flush-by-ASID)",
+        }
+    }
+
     /// The emulator this path runs on.
     pub fn emulator(self) -> Emulator {
         match self {
@@ -47,11 +65,7 @@ impl Arch {
 
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Arch::Svm => "svm",
-            Arch::Vmx => "vmx",
-            Arch::SvmBochs => "svm-bochs",
-        })
+        f.write_str(self.name())
     }
 }
 

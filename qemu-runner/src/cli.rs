@@ -1,206 +1,140 @@
-//! The command line: `qemu-runner COMMAND [OPTIONS] [ARGS]`. Hand-rolled
-//! (a handful of flags do not warrant a parser dependency) and unit-tested.
+//! The command line: `qemu-runner COMMAND [OPTIONS] [ARGS]`, declared with
+//! clap's derive API. clap generates `--help` for every command (and `help
+//! COMMAND ...`), the shell completions (`completions SHELL`) and the usage
+//! errors, which exit with status 2.
+//!
+//! What a flag means is said once, on its field; defaults are the
+//! constants below.
 
+use std::ffi::OsStr;
 use std::time::Duration;
 
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+
+use crate::accel::Accel;
 use crate::arch::Arch;
 
-/// Default `guest-test` timeout: generous, TCG is slow and CI shares cores.
-pub const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(300);
-/// Default `bench exits` timeout.
-pub const DEFAULT_BENCH_TIMEOUT: Duration = Duration::from_secs(180);
-/// Default `bench dirty` timeout (three 2 s windows of node time, which
-/// take minutes of wall time under Bochs).
-pub const DEFAULT_BENCH_DIRTY_TIMEOUT: Duration = Duration::from_secs(900);
+/// Default `guest-test` timeout in seconds: generous, TCG is slow and CI
+/// shares cores.
+pub const DEFAULT_TEST_TIMEOUT_SECS: u64 = 300;
+/// [`DEFAULT_TEST_TIMEOUT_SECS`] as a duration.
+pub const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(DEFAULT_TEST_TIMEOUT_SECS);
+/// Default `bench exits` timeout in seconds.
+pub const DEFAULT_BENCH_TIMEOUT_SECS: u64 = 180;
+/// Default `bench dirty` timeout in seconds (three 2 s windows of node
+/// time, which take minutes of wall time under Bochs).
+pub const DEFAULT_BENCH_DIRTY_TIMEOUT_SECS: u64 = 900;
 /// How long `demo` watches the node unless told otherwise.
 pub const DEFAULT_DEMO_SECONDS: u64 = 30;
+/// Default `bench link` volume and raw frame count.
+pub const BENCH_DEFAULT_MIB: u64 = 64;
+pub const BENCH_DEFAULT_FRAMES: u64 = 50_000;
+/// Seconds each fuzz target runs unless told otherwise.
+pub const DEFAULT_FUZZ_SECONDS: u64 = 45;
 
-pub const USAGE: &str = "\
-usage: cargo run -p qemu-runner -- COMMAND [OPTIONS]
+/// The text after the top-level help: how to run it, the case names.
+fn after_help() -> String {
+    format!(
+        "Run it from the workspace as `cargo run -p qemu-runner -- COMMAND`; `help COMMAND`\n\
+         or `COMMAND --help` describes each command.\n\n\
+         cases: {}",
+        hvcore::abi::case::ALL.join(" ")
+    )
+}
 
-commands:
-  setup                          check the Debian packages (QEMU, Bochs, GRUB
-                                 tools); installs them when run as root
-  build                          build the hypervisor image and the guest kernel
-  node [--arch svm] [--append ARGS] [--memory MIB] [--timeout S]
-                                 boot one node, serial console on the terminal
-                                 (no timeout unless --timeout is given)
-  guest-test [--arch svm] [CASE...] [--timeout S]
-                                 boot a node that runs the guest test cases
-                                 (all when none are named) and summarise them
-  demo [--seconds S]             install/build as needed, boot the demo node and
-                                 summarise the dirty-page rate it tracks
-  bench exits [--arch svm] [--timeout S]
-                                 hypercall vs raw VMRUN round trips per second
-  bench dirty [--arch vmx] [--timeout S]
-                                 cost of dirty tracking a page-rewriting guest:
-                                 untracked, write protection and (where the CPU
-                                 has it, e.g. --arch vmx) PML, side by side
-  cluster up [--nodes N] [--arch svm] [--no-build] [--state-dir DIR]
-                                 boot N nodes (default 2, named a, b) in the
-                                 background, linked for migration; returns
-                                 when every node answers its management API
-  cluster status [--json]        name, state, management address per node
-  cluster down                   stop the nodes (their logs stay)
-  bench link [--mib N] [--frames N]
-                                 N MiB (default 64) from node a to node b over
-                                 TCP, next to the link's raw frame rate
-                                 (boots a cluster for the run if none is up)
-  hvctl ARGS                     the management client (same as the hvctl
-                                 binary; `hvctl --help`)
-  test                           the whole suite: setup check, fmt, clippy (host
-                                 and bare-metal), host tests, guest tests
+/// Builds the hypervisor image and the guest test kernel, boots hvmigrate
+/// nodes under QEMU and Bochs, runs the guest tests, the demo, the
+/// benchmarks and the whole suite.
+#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[command(name = "qemu-runner", version, after_help = after_help())]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
 
-options:
-  --arch svm|vmx|svm-bochs       virtualization path: AMD-V under QEMU (default),
-                                 Intel VT-x under Bochs, AMD-V under Bochs
-  --no-build                     use the images already built
-  -h, --help                     this text
-
-cases: hello cpuid memory dirty-log bad-msr triple-fault two-vms
-       local-migrate-idle local-migrate-busy local-migrate-abort local-migrate-converge";
-
-/// A parsed command.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Cmd {
-    Help,
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Check (and install what is missing of) the Rust target and components
+    /// rust-toolchain.toml pins, the fuzzing nightly with cargo-fuzz, and the
+    /// Debian packages (QEMU, Bochs, GRUB tools; as root)
     Setup,
+    /// Build the hypervisor image and the guest kernel, print their paths
     Build,
-    Node {
-        arch: Arch,
-        append: String,
-        memory_mib: u64,
-        timeout: Option<Duration>,
-        build: bool,
-    },
-    GuestTest {
-        arch: Arch,
-        cases: Vec<String>,
-        timeout: Duration,
-        build: bool,
-    },
-    Demo {
-        arch: Arch,
-        seconds: u64,
-        build: bool,
-    },
-    BenchExits {
-        arch: Arch,
-        timeout: Duration,
-        build: bool,
-    },
-    BenchDirty {
-        arch: Arch,
-        timeout: Duration,
-        build: bool,
-    },
+    /// Boot one node, serial console on the terminal (no timeout unless
+    /// --timeout is given)
+    Node(NodeArgs),
+    /// Boot a node that runs the guest test cases (all when none are named)
+    /// and summarise them
+    GuestTest(GuestTestArgs),
+    /// Install/build as needed, boot the demo node and summarise the
+    /// dirty-page rate it tracks and the live migration it makes
+    Demo(DemoArgs),
+    /// Benchmarks
+    #[command(subcommand)]
+    Bench(Bench),
+    /// A cluster of nodes in the background, linked for migration
+    #[command(subcommand)]
+    Cluster(Cluster),
+    /// The management client (the same as the hvctl binary)
+    Hvctl(crate::hvctl::Cli),
+    /// The whole suite: setup, fmt, clippy (host and bare-metal), host tests,
+    /// fuzzing, guest tests
     Test,
+    /// Run the cargo-fuzz targets for a bounded time each (the nightly and
+    /// cargo-fuzz are installed by setup)
+    Fuzz(FuzzArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
-/// Options seen on the command line (each subcommand accepts a subset).
-#[derive(Default)]
-struct Opts {
-    arch: Option<Arch>,
-    append: Option<String>,
-    memory_mib: Option<u64>,
-    timeout: Option<Duration>,
-    seconds: Option<u64>,
-    no_build: bool,
-    help: bool,
-    positional: Vec<String>,
-    seen: Vec<&'static str>,
+/// `--arch`: parsed by [`Arch`]'s `FromStr` (its message names every
+/// path); the names are offered to help and completions.
+#[derive(Clone)]
+pub struct ArchParser;
+
+impl TypedValueParser for ArchParser {
+    type Value = Arch;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<Arch, clap::Error> {
+        let text = value.to_str().ok_or_else(|| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidUtf8, "--arch is not UTF-8\n")
+                .with_cmd(cmd)
+        })?;
+        text.parse::<Arch>().map_err(|e| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{e}\n")).with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            [Arch::Svm, Arch::Vmx, Arch::SvmBochs]
+                .into_iter()
+                .map(|a| PossibleValue::new(a.name()).help(a.describe())),
+        ))
+    }
 }
 
-fn parse_number(flag: &str, value: &str) -> Result<u64, String> {
-    value
-        .parse::<u64>()
+/// A positive whole number (counts, seconds, MiB).
+fn positive(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
         .ok()
         .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{flag} needs a positive whole number, got {value:?}"))
+        .ok_or_else(|| format!("needs a positive whole number, got {s:?}"))
 }
 
-fn parse_opts(args: &[String]) -> Result<Opts, String> {
-    let mut o = Opts::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        if arg == "--" {
-            o.positional.extend(it.by_ref().cloned());
-            break;
-        }
-        if !arg.starts_with('-') || arg == "-" {
-            o.positional.push(arg.clone());
-            continue;
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| format!("{name} needs a value")),
-            }
-        };
-        match flag {
-            "--arch" => {
-                o.arch = Some(value("--arch")?.parse()?);
-                o.seen.push("--arch");
-            }
-            "--append" => {
-                o.append = Some(value("--append")?);
-                o.seen.push("--append");
-            }
-            "--memory" => {
-                o.memory_mib = Some(parse_number("--memory", &value("--memory")?)?);
-                o.seen.push("--memory");
-            }
-            "--timeout" => {
-                o.timeout = Some(Duration::from_secs(parse_number(
-                    "--timeout",
-                    &value("--timeout")?,
-                )?));
-                o.seen.push("--timeout");
-            }
-            "--seconds" => {
-                o.seconds = Some(parse_number("--seconds", &value("--seconds")?)?);
-                o.seen.push("--seconds");
-            }
-            "--no-build" if inline.is_none() => {
-                o.no_build = true;
-                o.seen.push("--no-build");
-            }
-            "-h" | "--help" if inline.is_none() => o.help = true,
-            _ => return Err(format!("unknown option {arg:?}")),
-        }
-    }
-    Ok(o)
-}
-
-fn only(o: &Opts, command: &str, allowed: &[&str]) -> Result<(), String> {
-    match o.seen.iter().find(|f| !allowed.contains(f)) {
-        Some(f) => Err(format!("{command} does not take {f}")),
-        None => Ok(()),
-    }
-}
-
-fn no_positional(o: &Opts, command: &str) -> Result<(), String> {
-    match o.positional.first() {
-        Some(p) => Err(format!("{command} takes no argument {p:?}")),
-        None => Ok(()),
-    }
-}
-
-/// Case names from positional words (`hello cpuid` or `hello,cpuid`).
-fn case_names(words: &[String]) -> Result<Vec<String>, String> {
-    let mut cases = Vec::new();
-    for name in words
-        .iter()
-        .flat_map(|w| w.split(','))
-        .filter(|n| !n.is_empty())
-    {
+/// One word of case names (`hello` or `hello,cpuid`), checked.
+fn case_word(s: &str) -> Result<String, String> {
+    for name in s.split(',').filter(|n| !n.is_empty()) {
         if !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -209,235 +143,492 @@ fn case_names(words: &[String]) -> Result<Vec<String>, String> {
                 "bad case name {name:?} (letters, digits, '-' and '_' only)"
             ));
         }
-        if !cases.iter().any(|c| c == name) {
-            cases.push(name.to_string());
-        }
     }
-    Ok(cases)
+    Ok(s.to_string())
 }
 
-/// Parse the arguments after the program name.
-pub fn parse(args: &[String]) -> Result<Cmd, String> {
-    let Some((command, rest)) = args.split_first() else {
-        return Ok(Cmd::Help);
-    };
-    let o = parse_opts(rest)?;
-    if o.help || command == "help" || command == "-h" || command == "--help" {
-        return Ok(Cmd::Help);
+/// The virtualization path of a boot.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct ArchArg {
+    /// Virtualization path: AMD-V under QEMU, Intel VT-x under Bochs, AMD-V
+    /// under Bochs
+    #[arg(long, value_name = "ARCH", default_value = "svm", value_parser = ArchParser)]
+    pub arch: Arch,
+}
+
+/// How QEMU runs the node's CPU.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct AccelArg {
+    /// QEMU accelerator: tcg (emulated AMD-V, any host) or kvm (`-cpu host`
+    /// under nested KVM: the host's own VT-x or AMD-V; needs /dev/kvm and the
+    /// kvm_intel/kvm_amd `nested` parameter)
+    #[arg(long, value_name = "ACCEL", value_enum, default_value_t = Accel::Tcg)]
+    pub accel: Accel,
+}
+
+/// Whether to build the images first.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct BuildArg {
+    /// Use the images already built
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+impl BuildArg {
+    pub fn build(&self) -> bool {
+        !self.no_build
     }
-    let arch = o.arch.unwrap_or(Arch::Svm);
-    let build = !o.no_build;
-    match command.as_str() {
-        "setup" => {
-            only(&o, "setup", &[])?;
-            no_positional(&o, "setup")?;
-            Ok(Cmd::Setup)
-        }
-        "build" => {
-            only(&o, "build", &[])?;
-            no_positional(&o, "build")?;
-            Ok(Cmd::Build)
-        }
-        "node" => {
-            only(
-                &o,
-                "node",
-                &["--arch", "--append", "--memory", "--timeout", "--no-build"],
-            )?;
-            no_positional(&o, "node")?;
-            Ok(Cmd::Node {
-                arch,
-                append: o.append.unwrap_or_default(),
-                memory_mib: o.memory_mib.unwrap_or(crate::qemu::DEFAULT_MEMORY_MIB),
-                timeout: o.timeout,
-                build,
-            })
-        }
-        "guest-test" => {
-            only(&o, "guest-test", &["--arch", "--timeout", "--no-build"])?;
-            Ok(Cmd::GuestTest {
-                arch,
-                cases: case_names(&o.positional)?,
-                timeout: o.timeout.unwrap_or(DEFAULT_TEST_TIMEOUT),
-                build,
-            })
-        }
-        "demo" => {
-            only(&o, "demo", &["--arch", "--seconds", "--no-build"])?;
-            no_positional(&o, "demo")?;
-            Ok(Cmd::Demo {
-                arch,
-                seconds: o.seconds.unwrap_or(DEFAULT_DEMO_SECONDS),
-                build,
-            })
-        }
-        "bench" => {
-            only(&o, "bench", &["--arch", "--timeout", "--no-build"])?;
-            match o.positional.as_slice() {
-                [what] if what == "exits" => Ok(Cmd::BenchExits {
-                    arch,
-                    timeout: o.timeout.unwrap_or(DEFAULT_BENCH_TIMEOUT),
-                    build,
-                }),
-                [what] if what == "dirty" => Ok(Cmd::BenchDirty {
-                    arch,
-                    timeout: o.timeout.unwrap_or(DEFAULT_BENCH_DIRTY_TIMEOUT),
-                    build,
-                }),
-                _ => {
-                    Err("bench needs a benchmark name: `bench exits` or `bench dirty`".to_string())
-                }
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub arch: ArchArg,
+    #[command(flatten)]
+    pub accel: AccelArg,
+    /// The node command line, e.g. "mode=test tests=hello log=debug" (the
+    /// default runs a heartbeat VM for ever)
+    #[arg(
+        long,
+        value_name = "ARGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    pub append: String,
+    /// Node RAM in MiB
+    #[arg(long = "memory", value_name = "MIB", default_value_t = crate::qemu::DEFAULT_MEMORY_MIB, value_parser = positive)]
+    pub memory_mib: u64,
+    /// Stop the node after S seconds
+    #[arg(long, value_name = "S", value_parser = positive)]
+    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub build: BuildArg,
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct GuestTestArgs {
+    #[command(flatten)]
+    pub arch: ArchArg,
+    #[command(flatten)]
+    pub accel: AccelArg,
+    /// Cases to run, as words or comma-separated (all when none are named)
+    #[arg(value_name = "CASE", value_parser = case_word)]
+    pub cases: Vec<String>,
+    /// Give up after S seconds (Bochs gets at least its own minimum)
+    #[arg(long, value_name = "S", default_value_t = DEFAULT_TEST_TIMEOUT_SECS, value_parser = positive)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub build: BuildArg,
+}
+
+impl GuestTestArgs {
+    /// The named cases, split at commas, each once, in order.
+    pub fn case_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for name in self
+            .cases
+            .iter()
+            .flat_map(|w| w.split(','))
+            .filter(|n| !n.is_empty())
+        {
+            if !out.iter().any(|c| c == name) {
+                out.push(name.to_string());
             }
         }
-        "test" => {
-            only(&o, "test", &[])?;
-            no_positional(&o, "test")?;
-            Ok(Cmd::Test)
-        }
-        other => Err(format!("unknown command {other:?}")),
+        out
     }
 }
 
-impl Cmd {
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub arch: ArchArg,
+    #[command(flatten)]
+    pub accel: AccelArg,
+    /// Watch the node for at most S seconds
+    #[arg(long, value_name = "S", default_value_t = DEFAULT_DEMO_SECONDS, value_parser = positive)]
+    pub seconds: u64,
+    #[command(flatten)]
+    pub build: BuildArg,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Bench {
+    /// Hypercall vs raw VMRUN round trips per second
+    Exits {
+        #[command(flatten)]
+        arch: ArchArg,
+        /// Give up after S seconds
+        #[arg(long, value_name = "S", default_value_t = DEFAULT_BENCH_TIMEOUT_SECS, value_parser = positive)]
+        timeout: u64,
+        #[command(flatten)]
+        build: BuildArg,
+    },
+    /// Cost of dirty tracking a page-rewriting guest: untracked, write
+    /// protection and (where the CPU has it, e.g. --arch vmx) PML, side by
+    /// side
+    Dirty {
+        #[command(flatten)]
+        arch: ArchArg,
+        /// Give up after S seconds
+        #[arg(long, value_name = "S", default_value_t = DEFAULT_BENCH_DIRTY_TIMEOUT_SECS, value_parser = positive)]
+        timeout: u64,
+        #[command(flatten)]
+        build: BuildArg,
+    },
+    /// N MiB from node a to node b over TCP, next to the link's raw frame
+    /// rate (boots a cluster for the run if none is up)
+    Link {
+        /// MiB to send over TCP
+        #[arg(long, value_name = "N", default_value_t = BENCH_DEFAULT_MIB, value_parser = positive)]
+        mib: u64,
+        /// Raw frames to send first
+        #[arg(long, value_name = "N", default_value_t = BENCH_DEFAULT_FRAMES, value_parser = positive)]
+        frames: u64,
+        #[command(flatten)]
+        state: StateDirArg,
+        #[command(flatten)]
+        build: BuildArg,
+    },
+}
+
+/// Where the cluster keeps its state.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct StateDirArg {
+    /// Cluster state directory (default target/cluster, or
+    /// $HVMIGRATE_CLUSTER_DIR)
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<String>,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Cluster {
+    /// Boot N nodes (named a, b, ...) in the background, linked for
+    /// migration; returns when every node answers its management API
+    Up {
+        /// How many nodes (1 to 8)
+        #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=crate::cluster::NODES_MAX as u64))]
+        nodes: u64,
+        #[command(flatten)]
+        arch: ArchArg,
+        #[command(flatten)]
+        accel: AccelArg,
+        #[command(flatten)]
+        state: StateDirArg,
+        #[command(flatten)]
+        build: BuildArg,
+    },
+    /// Name, state and management address of each node
+    Status {
+        /// One JSON array instead of the table
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Stop the nodes (their logs stay)
+    Down {
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// The migration-link hub of a cluster of three nodes or more (started
+    /// by `cluster up`)
+    #[command(hide = true)]
+    Hub {
+        /// The link port on 127.0.0.1
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+    },
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct FuzzArgs {
+    /// Seconds of fuzzing per target (after its build and regression replay)
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FUZZ_SECONDS, value_parser = positive)]
+    pub seconds: u64,
+    /// Targets to run, as NAME or CRATE/NAME (all discovered ones when none
+    /// are named)
+    #[arg(value_name = "TARGET")]
+    pub targets: Vec<String>,
+}
+
+impl Command {
     /// The path this command boots, if it boots one.
     pub fn arch(&self) -> Option<Arch> {
         match self {
-            Cmd::Node { arch, .. }
-            | Cmd::GuestTest { arch, .. }
-            | Cmd::Demo { arch, .. }
-            | Cmd::BenchExits { arch, .. }
-            | Cmd::BenchDirty { arch, .. } => Some(*arch),
+            Command::Node(a) => Some(a.arch.arch),
+            Command::GuestTest(a) => Some(a.arch.arch),
+            Command::Demo(a) => Some(a.arch.arch),
+            Command::Bench(Bench::Exits { arch, .. } | Bench::Dirty { arch, .. }) => {
+                Some(arch.arch)
+            }
             _ => None,
         }
     }
 }
 
+/// Parse the arguments after the program name.
+pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(
+        std::iter::once("qemu-runner".into()).chain(args.into_iter().map(Into::into)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
-    fn p(line: &str) -> Result<Cmd, String> {
-        let args: Vec<String> = line.split_whitespace().map(String::from).collect();
-        parse(&args)
+    fn p(line: &str) -> Result<Command, String> {
+        parse(line.split_whitespace())
+            .map(|c| c.command.expect("a command"))
+            .map_err(|e| e.to_string())
+    }
+
+    fn usage_error(line: &str) -> String {
+        let e = parse(line.split_whitespace()).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{line}: {e}");
+        e.to_string()
     }
 
     #[test]
     fn guest_test() {
-        assert_eq!(
-            p("guest-test --arch svm hello cpuid"),
-            Ok(Cmd::GuestTest {
-                arch: Arch::Svm,
-                cases: vec!["hello".into(), "cpuid".into()],
-                timeout: DEFAULT_TEST_TIMEOUT,
-                build: true
-            })
-        );
-        assert_eq!(
-            p("guest-test hello,dirty-log --timeout=60 --no-build hello"),
-            Ok(Cmd::GuestTest {
-                arch: Arch::Svm,
-                cases: vec!["hello".into(), "dirty-log".into()],
-                timeout: Duration::from_secs(60),
-                build: false
-            })
-        );
-        assert!(matches!(p("guest-test"), Ok(Cmd::GuestTest { cases, .. }) if cases.is_empty()));
-        assert!(p("guest-test 'bad name'").is_err());
-        assert!(p("guest-test tests=all")
-            .unwrap_err()
-            .contains("bad case name"));
+        let Command::GuestTest(g) = p("guest-test --arch svm hello cpuid").unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.arch.arch, Arch::Svm);
+        assert_eq!(g.case_names(), ["hello", "cpuid"]);
+        assert_eq!(g.timeout, DEFAULT_TEST_TIMEOUT_SECS);
+        assert!(g.build.build());
+        let Command::GuestTest(g) =
+            p("guest-test hello,dirty-log --timeout=60 --no-build hello").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(g.case_names(), ["hello", "dirty-log"]);
+        assert_eq!((g.timeout, g.build.build()), (60, false));
+        assert!(matches!(p("guest-test"), Ok(Command::GuestTest(g)) if g.case_names().is_empty()));
+        assert!(usage_error("guest-test tests=all").contains("bad case name"));
     }
 
     #[test]
-    fn arch_is_an_enum() {
+    fn arch_keeps_its_message() {
         assert_eq!(p("guest-test --arch vmx").unwrap().arch(), Some(Arch::Vmx));
         assert_eq!(
             p("bench exits --arch svm-bochs").unwrap().arch(),
             Some(Arch::SvmBochs)
         );
-        assert!(p("guest-test --arch arm")
-            .unwrap_err()
-            .contains("unknown --arch"));
-        assert!(p("guest-test --arch")
-            .unwrap_err()
-            .contains("needs a value"));
+        assert!(usage_error("guest-test --arch arm")
+            .contains("unknown --arch \"arm\" (expected one of: svm, vmx, svm-bochs)"));
+        assert!(usage_error("guest-test --arch").contains("a value is required"));
     }
 
     #[test]
     fn node() {
+        let Command::Node(n) =
+            p("node --arch svm --append mode=demo --memory 512 --timeout 10").unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(
-            p("node --arch svm --append mode=demo --memory 512 --timeout 10"),
-            Ok(Cmd::Node {
-                arch: Arch::Svm,
-                append: "mode=demo".into(),
-                memory_mib: 512,
-                timeout: Some(Duration::from_secs(10)),
-                build: true
-            })
+            (n.append.as_str(), n.memory_mib, n.timeout),
+            ("mode=demo", 512, Some(10))
         );
-        let args: Vec<String> = ["node", "--append", "mode=test tests=hello log=debug"]
-            .map(String::from)
-            .into();
-        assert!(
-            matches!(parse(&args), Ok(Cmd::Node { append, timeout: None, memory_mib: 1024, .. })
-            if append == "mode=test tests=hello log=debug")
-        );
-        assert!(p("node --memory 0").unwrap_err().contains("positive"));
-        assert!(p("node extra").is_err());
+        let Command::Node(n) = parse(["node", "--append", "mode=test tests=hello log=debug"])
+            .unwrap()
+            .command
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(n.append, "mode=test tests=hello log=debug");
+        assert_eq!((n.timeout, n.memory_mib), (None, 1024));
+        assert_eq!(n.accel.accel, Accel::Tcg);
+        assert!(usage_error("node --memory 0").contains("positive"));
+        usage_error("node extra");
+    }
+
+    #[test]
+    fn accel_on_the_four_boot_commands() {
+        for line in [
+            "node --accel kvm",
+            "guest-test --accel kvm hello",
+            "demo --accel kvm",
+            "cluster up --accel kvm",
+        ] {
+            let cmd = p(line).unwrap();
+            let accel = match &cmd {
+                Command::Node(a) => a.accel.accel,
+                Command::GuestTest(a) => a.accel.accel,
+                Command::Demo(a) => a.accel.accel,
+                Command::Cluster(Cluster::Up { accel, .. }) => accel.accel,
+                _ => unreachable!(),
+            };
+            assert_eq!(accel, Accel::Kvm, "{line}");
+        }
+        assert!(usage_error("node --accel hvf").contains("invalid value"));
+        usage_error("bench exits --accel kvm");
     }
 
     #[test]
     fn bench_demo_test_setup_build() {
         assert!(matches!(
             p("bench exits --arch svm"),
-            Ok(Cmd::BenchExits {
-                arch: Arch::Svm,
+            Ok(Command::Bench(Bench::Exits {
+                timeout: DEFAULT_BENCH_TIMEOUT_SECS,
                 ..
-            })
+            }))
         ));
-        assert!(p("bench").is_err());
-        assert!(p("bench other").is_err());
-        assert_eq!(
+        usage_error("bench");
+        usage_error("bench other");
+        assert!(matches!(
             p("bench dirty --arch vmx"),
-            Ok(Cmd::BenchDirty {
-                arch: Arch::Vmx,
-                timeout: DEFAULT_BENCH_DIRTY_TIMEOUT,
-                build: true
-            })
-        );
-        assert_eq!(
-            p("demo"),
-            Ok(Cmd::Demo {
-                arch: Arch::Svm,
-                seconds: DEFAULT_DEMO_SECONDS,
-                build: true
-            })
-        );
-        assert_eq!(
-            p("demo --seconds 5").unwrap(),
-            Cmd::Demo {
-                arch: Arch::Svm,
-                seconds: 5,
-                build: true
-            }
-        );
-        assert_eq!(p("test"), Ok(Cmd::Test));
-        assert_eq!(p("setup"), Ok(Cmd::Setup));
-        assert_eq!(p("build"), Ok(Cmd::Build));
-        assert!(p("test --timeout 5")
-            .unwrap_err()
-            .contains("does not take --timeout"));
-        assert!(p("demo --memory 5").is_err());
+            Ok(Command::Bench(Bench::Dirty { timeout: DEFAULT_BENCH_DIRTY_TIMEOUT_SECS, arch, .. })) if arch.arch == Arch::Vmx
+        ));
+        assert!(matches!(
+            p("bench link --mib 8"),
+            Ok(Command::Bench(Bench::Link {
+                mib: 8,
+                frames: BENCH_DEFAULT_FRAMES,
+                ..
+            }))
+        ));
+        assert!(matches!(p("demo"), Ok(Command::Demo(d)) if d.seconds == DEFAULT_DEMO_SECONDS));
+        assert!(matches!(p("demo --seconds 5"), Ok(Command::Demo(d)) if d.seconds == 5));
+        assert_eq!(p("test"), Ok(Command::Test));
+        assert_eq!(p("setup"), Ok(Command::Setup));
+        assert_eq!(p("build"), Ok(Command::Build));
+        assert!(usage_error("test --timeout 5").contains("--timeout"));
+        usage_error("demo --memory 5");
+        assert!(matches!(
+            p("fuzz --seconds 3 decode vstorage/vhdx_open"),
+            Ok(Command::Fuzz(f)) if f.seconds == 3 && f.targets == ["decode", "vstorage/vhdx_open"]
+        ));
+        assert!(matches!(p("fuzz"), Ok(Command::Fuzz(f)) if f.seconds == DEFAULT_FUZZ_SECONDS));
+    }
+
+    #[test]
+    fn cluster_and_hvctl() {
+        assert!(matches!(
+            p("cluster up --nodes 3 --state-dir /s --no-build"),
+            Ok(Command::Cluster(Cluster::Up { nodes: 3, state, build, .. }))
+                if state.state_dir.as_deref() == Some("/s") && !build.build()
+        ));
+        usage_error("cluster up --nodes 9");
+        usage_error("cluster up --nodes 0");
+        assert!(matches!(
+            p("cluster status --json"),
+            Ok(Command::Cluster(Cluster::Status { json: true, .. }))
+        ));
+        assert!(matches!(
+            p("cluster down --state-dir /s"),
+            Ok(Command::Cluster(Cluster::Down { .. }))
+        ));
+        assert!(matches!(
+            p("cluster hub --port 4000"),
+            Ok(Command::Cluster(Cluster::Hub { port: 4000 }))
+        ));
+        // hvctl's own options may come before or after its command.
+        let Command::Hvctl(h) = p("hvctl --state-dir /s --node b vm list --json").unwrap() else {
+            panic!()
+        };
+        assert_eq!((h.node.as_deref(), h.json), (Some("b"), true));
     }
 
     #[test]
     fn help_and_errors() {
-        assert_eq!(p(""), Ok(Cmd::Help));
-        assert_eq!(p("--help"), Ok(Cmd::Help));
-        assert_eq!(p("guest-test -h"), Ok(Cmd::Help));
-        assert!(p("launch").unwrap_err().contains("unknown command"));
-        assert!(p("guest-test --bogus")
-            .unwrap_err()
-            .contains("unknown option"));
+        assert_eq!(parse(Vec::<String>::new()).unwrap().command, None);
+        for line in [
+            "--help",
+            "guest-test -h",
+            "help guest-test",
+            "help cluster up",
+        ] {
+            let e = parse(line.split_whitespace()).unwrap_err();
+            assert_eq!(e.exit_code(), 0, "{line}");
+            assert!(e.to_string().contains("Usage: qemu-runner"), "{line}: {e}");
+        }
+        assert!(usage_error("launch").contains("unrecognized subcommand"));
+        assert!(usage_error("guest-test --bogus").contains("unexpected argument"));
+    }
+
+    /// Every command and subcommand has generated help that names it, its
+    /// options and their meaning.
+    #[test]
+    fn every_subcommand_has_help() {
+        fn walk(cmd: &mut clap::Command, path: &mut Vec<String>, seen: &mut usize) {
+            let help = cmd.render_long_help().to_string();
+            assert!(help.contains("Usage:"), "{path:?}:\n{help}");
+            if !path.is_empty() {
+                assert!(
+                    cmd.get_about().is_some(),
+                    "{path:?} has no description:\n{help}"
+                );
+            }
+            for arg in cmd.get_arguments() {
+                if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "{path:?} argument {} has no help",
+                    arg.get_id()
+                );
+            }
+            *seen += 1;
+            let names: Vec<String> = cmd
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect();
+            for name in names {
+                let sub = cmd.find_subcommand_mut(&name).unwrap();
+                path.push(name);
+                walk(sub, path, seen);
+                path.pop();
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut seen = 0;
+        walk(&mut cmd, &mut Vec::new(), &mut seen);
+        // qemu-runner's 12 commands, 3 bench, 4 cluster, hvctl's tree, help.
+        assert!(seen > 30, "{seen}");
+        let node = Cli::command()
+            .find_subcommand_mut("node")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for flag in [
+            "--arch",
+            "--accel",
+            "--append",
+            "--memory",
+            "--timeout",
+            "--no-build",
+        ] {
+            assert!(node.contains(flag), "{flag} missing in:\n{node}");
+        }
+        assert!(node.contains("svm-bochs"), "{node}");
+    }
+
+    #[test]
+    fn completions_generate() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "qemu-runner", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("guest-test") && text.contains("accel"),
+                "{shell}"
+            );
+        }
     }
 }

@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use vmm_service::mgmt::auth::{hex_encode, ClusterKey};
 use vmm_service::mgmt::proto::{Body, JobState, Request};
 
+use crate::accel::Accel;
+use crate::arch::Arch;
 use crate::cargo::Images;
 use crate::hvctl::{self, Client};
 
@@ -46,6 +48,13 @@ pub const NODE_MGMT_IP: &str = "10.0.2.15";
 pub const UP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Memory per node.
 pub const NODE_MEMORY_MIB: u64 = 1024;
+
+/// What the nodes boot: the images, and how QEMU runs their CPU.
+#[derive(Clone, Debug)]
+pub struct Boot {
+    pub images: Images,
+    pub accel: Accel,
+}
 
 /// One node of the cluster state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,7 +172,7 @@ pub fn node_cmdline(name: &str, key: &str, migration_ip: &str) -> String {
 
 /// QEMU's arguments for node `i` of `count`.
 pub fn qemu_args(
-    images: &Images,
+    boot: &Boot,
     i: usize,
     count: usize,
     key: &str,
@@ -173,11 +182,9 @@ pub fn qemu_args(
 ) -> Vec<String> {
     let name = node_name(i);
     let mig_ip = format!("192.168.100.{}", i + 1);
-    let mut a: Vec<String> = vec![
-        "-accel".into(),
-        "tcg".into(),
-        "-cpu".into(),
-        "qemu64,+svm,+npt".into(),
+    let images = &boot.images;
+    let mut a: Vec<String> = boot.accel.qemu_args().map(String::from).into();
+    a.extend([
         "-m".into(),
         format!("{NODE_MEMORY_MIB}M"),
         "-kernel".into(),
@@ -200,7 +207,7 @@ pub fn qemu_args(
         format!("user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{mgmt_port}-{NODE_MGMT_IP}:{NODE_MGMT_PORT}"),
         "-device".into(),
         format!("virtio-net-pci,netdev=mgmt,mac=52:54:00:00:00:{:02x}", i + 1),
-    ];
+    ]);
     if count > 2 {
         a.extend([
             "-netdev".into(),
@@ -260,7 +267,7 @@ fn log_tail(path: &Path, lines: usize) -> String {
 
 /// `cluster up`: boot `count` nodes in the background and wait until each
 /// answers an authenticated `node-info`.
-pub fn up(dir: &Path, images: &Images, count: usize) -> Result<ClusterState, String> {
+pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String> {
     if !(1..=NODES_MAX).contains(&count) {
         return Err(format!("--nodes must be 1 to {NODES_MAX}"));
     }
@@ -312,9 +319,7 @@ pub fn up(dir: &Path, images: &Images, count: usize) -> Result<ClusterState, Str
         let err =
             fs::File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
         let child = Command::new(crate::qemu::QEMU)
-            .args(qemu_args(
-                images, i, count, &key, mgmt_port, link_port, &log,
-            ))
+            .args(qemu_args(boot, i, count, &key, mgmt_port, link_port, &log))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -572,6 +577,104 @@ pub fn bench_link(dir: &Path, bytes: u64, frames: u64) -> Result<String, String>
     Ok(report)
 }
 
+fn images(build: bool) -> Result<Images, String> {
+    if build {
+        crate::cargo::build()
+    } else {
+        let i = Images::locate()?;
+        i.check()?;
+        Ok(i)
+    }
+}
+
+/// `cluster up`'s boot: the path must be QEMU's and, for `--accel kvm`,
+/// the host must have nested KVM.
+fn boot(arch: Arch, accel: Accel, build: bool) -> Result<Boot, String> {
+    if arch != Arch::Svm {
+        return Err(format!(
+            "--arch {arch}: clusters run on the svm path (QEMU) only; the vmx path boots under Bochs, which has no virtio-net"
+        ));
+    }
+    crate::accel::check(accel)?;
+    Ok(Boot {
+        images: images(build)?,
+        accel,
+    })
+}
+
+/// qemu-runner's `cluster` commands; `Ok` with the exit status.
+pub fn run_cli(cmd: &crate::cli::Cluster) -> Result<u8, String> {
+    use crate::cli::Cluster;
+    match cmd {
+        Cluster::Up {
+            nodes,
+            arch,
+            accel,
+            state,
+            build,
+        } => {
+            let dir = state_dir(state.state_dir.as_deref());
+            let boot = boot(arch.arch, accel.accel, build.build())?;
+            let count = usize::try_from(*nodes).unwrap_or(usize::MAX);
+            let state = up(&dir, &boot, count)?;
+            for n in &state.nodes {
+                println!("node {} up: management 127.0.0.1:{}", n.name, n.mgmt_port);
+            }
+            println!("cluster state and logs: {}", dir.display());
+            Ok(0)
+        }
+        Cluster::Status { json, state } => {
+            let nodes = status(&state_dir(state.state_dir.as_deref()))?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&nodes).unwrap_or_default()
+                );
+            } else {
+                for n in &nodes {
+                    println!("{:<4} {:<12} {}", n.name, n.state, n.management_address);
+                }
+            }
+            Ok(u8::from(nodes.iter().any(|n| n.state != "running")))
+        }
+        Cluster::Hub { port } => {
+            let l = TcpListener::bind(("127.0.0.1", *port))
+                .map_err(|e| format!("hub: 127.0.0.1:{port}: {e}"))?;
+            run_hub(l)?;
+            Ok(0)
+        }
+        Cluster::Down { state } => {
+            let n = down(&state_dir(state.state_dir.as_deref()))?;
+            println!("cluster down: {n} node(s) stopped");
+            Ok(0)
+        }
+    }
+}
+
+/// `bench link`: on the running cluster, or on one booted for the run.
+pub fn run_bench_link(
+    mib: u64,
+    frames: u64,
+    state_dir_arg: Option<&str>,
+    build: bool,
+) -> Result<u8, String> {
+    let dir = state_dir(state_dir_arg);
+    let bytes = mib
+        .checked_shl(20)
+        .filter(|b| b >> 20 == mib)
+        .ok_or("--mib is too large")?;
+    let own = load(&dir).is_err();
+    if own {
+        up(&dir, &boot(Arch::Svm, Accel::Tcg, build)?, 2)?;
+    }
+    let result = bench_link(&dir, bytes, frames);
+    if own {
+        down(&dir).ok();
+    }
+    println!("{}", result?);
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,9 +687,12 @@ mod tests {
         );
         let c = node_cmdline("b", "00ff", "192.168.100.2");
         assert!(c.contains("mode=node key=00ff") && c.contains("mig_ip=192.168.100.2/24"));
-        let images = Images {
-            hypervisor: "/h".into(),
-            guest_kernel: "/g".into(),
+        let images = Boot {
+            images: Images {
+                hypervisor: "/h".into(),
+                guest_kernel: "/g".into(),
+            },
+            accel: Accel::Tcg,
         };
         let a = qemu_args(&images, 0, 2, "k", 5000, 6000, Path::new("/l"));
         let joined = a.join(" ");
@@ -601,6 +707,13 @@ mod tests {
         let c = qemu_args(&images, 2, 3, "k", 5002, 6001, Path::new("/l")).join(" ");
         assert!(c.contains("socket,id=mig,connect=127.0.0.1:6001"), "{c}");
         assert!(c.contains("mig_ip=192.168.100.3/24"), "{c}");
+        assert!(joined.starts_with("-accel tcg -cpu qemu64,+svm,+npt -m 1024M"));
+        let kvm = Boot {
+            accel: Accel::Kvm,
+            ..images.clone()
+        };
+        let k = qemu_args(&kvm, 0, 2, "k", 5000, 6000, Path::new("/l")).join(" ");
+        assert!(k.starts_with("-accel kvm -cpu host -m 1024M"), "{k}");
     }
 
     #[test]
@@ -638,164 +751,17 @@ mod tests {
         );
         assert!(up(
             &dir,
-            &Images {
-                hypervisor: "/h".into(),
-                guest_kernel: "/g".into()
+            &Boot {
+                images: Images {
+                    hypervisor: "/h".into(),
+                    guest_kernel: "/g".into()
+                },
+                accel: Accel::Tcg
             },
             9
         )
         .unwrap_err()
         .contains("--nodes"));
         fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-/// Default `bench link` volume and raw frame count.
-pub const BENCH_DEFAULT_MIB: u64 = 64;
-pub const BENCH_DEFAULT_FRAMES: u64 = 50_000;
-
-#[derive(Default)]
-struct Flags {
-    nodes: Option<usize>,
-    arch: Option<String>,
-    no_build: bool,
-    json: bool,
-    state_dir: Option<String>,
-    mib: Option<u64>,
-    frames: Option<u64>,
-    port: Option<u16>,
-}
-
-fn parse_flags(args: &[String]) -> Result<Flags, String> {
-    let mut f = Flags::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((k, v)) => (k, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        let num = |v: String| -> Result<u64, String> {
-            v.parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{flag} needs a positive whole number, got {v:?}"))
-        };
-        match flag {
-            "--nodes" => f.nodes = Some(num(value()?)? as usize),
-            "--arch" => f.arch = Some(value()?),
-            "--no-build" => f.no_build = true,
-            "--json" => f.json = true,
-            "--state-dir" => f.state_dir = Some(value()?),
-            "--mib" => f.mib = Some(num(value()?)?),
-            "--frames" => f.frames = Some(num(value()?)?),
-            "--port" => {
-                f.port = Some(
-                    u16::try_from(num(value()?)?)
-                        .map_err(|_| "--port is a TCP port".to_string())?,
-                )
-            }
-            _ => return Err(format!("unknown option {a:?}")),
-        }
-    }
-    Ok(f)
-}
-
-fn images(build: bool) -> Result<Images, String> {
-    if build {
-        crate::cargo::build()
-    } else {
-        let i = Images::locate()?;
-        i.check()?;
-        Ok(i)
-    }
-}
-
-/// qemu-runner's `cluster`, `bench link` and `hvctl` commands: `None` when
-/// `args` is none of them, else the exit status.
-pub fn cli_main(args: &[String]) -> Option<u8> {
-    let words: Vec<&str> = args.iter().take(2).map(String::as_str).collect();
-    let (rest, which) = match words.as_slice() {
-        ["hvctl", ..] => return Some(hvctl::main_with(&args[1..])),
-        ["cluster", sub, ..] => (&args[2..], *sub),
-        ["bench", "link", ..] => (&args[2..], "bench-link"),
-        _ => return None,
-    };
-    let result = parse_flags(rest).and_then(|f| run_cli(which, &f));
-    Some(match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("qemu-runner: {e}");
-            1
-        }
-    })
-}
-
-fn run_cli(which: &str, f: &Flags) -> Result<u8, String> {
-    let dir = state_dir(f.state_dir.as_deref());
-    if let Some(a) = &f.arch {
-        if a != "svm" {
-            return Err(format!(
-                "--arch {a}: clusters run on the svm path (QEMU) only; the vmx path boots under Bochs, which has no virtio-net"
-            ));
-        }
-    }
-    match which {
-        "up" => {
-            let state = up(&dir, &images(!f.no_build)?, f.nodes.unwrap_or(2))?;
-            for n in &state.nodes {
-                println!("node {} up: management 127.0.0.1:{}", n.name, n.mgmt_port);
-            }
-            println!("cluster state and logs: {}", dir.display());
-            Ok(0)
-        }
-        "status" => {
-            let nodes = status(&dir)?;
-            if f.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&nodes).unwrap_or_default()
-                );
-            } else {
-                for n in &nodes {
-                    println!("{:<4} {:<12} {}", n.name, n.state, n.management_address);
-                }
-            }
-            Ok(u8::from(nodes.iter().any(|n| n.state != "running")))
-        }
-        "hub" => {
-            let port = f.port.ok_or("cluster hub needs --port")?;
-            let l = TcpListener::bind(("127.0.0.1", port))
-                .map_err(|e| format!("hub: 127.0.0.1:{port}: {e}"))?;
-            run_hub(l)?;
-            Ok(0)
-        }
-        "down" => {
-            let n = down(&dir)?;
-            println!("cluster down: {n} node(s) stopped");
-            Ok(0)
-        }
-        "bench-link" => {
-            let bytes = f.mib.unwrap_or(BENCH_DEFAULT_MIB) << 20;
-            let frames = f.frames.unwrap_or(BENCH_DEFAULT_FRAMES);
-            let own = load(&dir).is_err();
-            if own {
-                up(&dir, &images(!f.no_build)?, 2)?;
-            }
-            let result = bench_link(&dir, bytes, frames);
-            if own {
-                down(&dir).ok();
-            }
-            println!("{}", result?);
-            Ok(0)
-        }
-        other => Err(format!(
-            "unknown cluster command {other:?} (up, status, down)"
-        )),
     }
 }

@@ -5,6 +5,13 @@
 //! stream with timeouts. The node's address and the cluster key come from
 //! the cluster state ([`crate::cluster`]) unless `--addr`/`--key` are given.
 //!
+//! The command line is declared with clap's derive API ([`Cli`]): generated
+//! help for every command (`hvctl help vm create`), shell completions
+//! (`hvctl completions bash`), usage errors with exit status 2. Live
+//! progress (`job watch`, `job list --watch`) is drawn by indicatif on a
+//! terminal and never with `--json` or into a pipe, where a line per change
+//! is printed instead.
+//!
 //! Output: one human-readable table or line per command; with `--json` the
 //! reply body as the node sent it (or `{"error":...}`), so scripts never
 //! parse tables. Exit status: 0 on success, 1 when the node answered with an
@@ -14,6 +21,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use clap::{CommandFactory, Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vmm_service::mgmt::auth::{ClusterKey, Nonce};
 use vmm_service::mgmt::conn::{ClientConn, ClientEvent};
 use vmm_service::mgmt::proto::{
@@ -22,28 +31,6 @@ use vmm_service::mgmt::proto::{
 
 /// Time to connect and for each reply.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub const USAGE: &str = "\
-usage: hvctl [--node NAME | --addr HOST:PORT --key HEX] [--json] [--state-dir DIR] COMMAND
-
-commands:
-  node info                       name, CPU vendor, CPUs, memory, version
-  vm list                         the node's VMs
-  vm create NAME --memory SIZE [--guest CASE]
-                                  SIZE in MiB, or with a unit (64M, 1G); the
-                                  guest is the heartbeat guest unless named
-  vm start|stop|delete NAME
-  vm console NAME [--lines N]     the VM's last console lines
-  job list [--watch]              jobs with a progress bar each; --watch
-                                  redraws them until none is queued or running
-  job watch ID                    a live progress bar until the job ends
-  job cancel ID
-  host get
-  host set [--max-migrations N] [--max-storage-migrations N]
-
-The node's address and the cluster key come from the cluster state written by
-`qemu-runner cluster up` (default state directory: target/cluster, or
-$HVMIGRATE_CLUSTER_DIR).";
 
 /// 32 unpredictable bytes from the host's kernel.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
@@ -143,15 +130,141 @@ impl Client {
     }
 }
 
-/// A parsed hvctl command line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Invocation {
+/// The management client of an hvmigrate cluster (docs/MANAGEMENT.md).
+///
+/// The node's address and the cluster key come from the cluster state
+/// written by `qemu-runner cluster up` unless --addr and --key are given.
+#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[command(name = "hvctl", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The node to talk to, by its name in the cluster state (default a)
+    #[arg(long, global = true, value_name = "NAME")]
     pub node: Option<String>,
+    /// The node's management address instead of the cluster state's
+    #[arg(long, global = true, value_name = "HOST:PORT")]
     pub addr: Option<String>,
+    /// The cluster key (64 hex digits) instead of the cluster state's
+    #[arg(long, global = true, value_name = "HEX")]
     pub key: Option<String>,
+    /// Print the node's reply as JSON (errors as {"error":...})
+    #[arg(long, global = true)]
     pub json: bool,
+    /// Cluster state directory (default target/cluster, or
+    /// $HVMIGRATE_CLUSTER_DIR)
+    #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<String>,
-    pub action: Action,
+    #[command(subcommand)]
+    pub command: Option<HvCommand>,
+}
+
+const AFTER_HELP: &str = "\
+The node's address and the cluster key come from the cluster state written by
+`qemu-runner cluster up` (default state directory: target/cluster, or
+$HVMIGRATE_CLUSTER_DIR). Exit status: 0 success, 1 the node answered with an
+error or could not be reached, 2 usage error.";
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum HvCommand {
+    /// The node itself
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// The node's virtual machines
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Long-running operations (migrations, benchmarks) and their progress
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Host-wide settings
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum NodeCmd {
+    /// Name, CPU vendor, CPUs, memory, version, addresses
+    Info,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum VmCmd {
+    /// The node's VMs
+    List,
+    /// Create a VM (stopped)
+    Create {
+        /// The VM's name
+        name: String,
+        /// Guest memory: MiB, or with a unit (64M, 1G)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_mib)]
+        memory: u64,
+        /// The guest test kernel's case to run (default: the heartbeat guest)
+        #[arg(long, value_name = "CASE")]
+        guest: Option<String>,
+    },
+    /// Start a VM
+    Start {
+        /// The VM's name
+        name: String,
+    },
+    /// Stop a VM
+    Stop {
+        /// The VM's name
+        name: String,
+    },
+    /// Delete a stopped VM
+    Delete {
+        /// The VM's name
+        name: String,
+    },
+    /// The VM's last console lines
+    Console {
+        /// The VM's name
+        name: String,
+        /// How many lines (default: all the node keeps)
+        #[arg(long, value_name = "N")]
+        lines: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum JobCmd {
+    /// Jobs with a progress bar each
+    List {
+        /// Redraw them until none is queued or running
+        #[arg(long)]
+        watch: bool,
+    },
+    /// A live progress bar until the job ends (exit 0 only if it completed)
+    Watch {
+        /// The job's id
+        id: u64,
+    },
+    /// Cancel a job (the VM stays where it was)
+    Cancel {
+        /// The job's id
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum HostCmd {
+    /// The host's limits
+    Get,
+    /// Change the host's limits
+    #[command(group(clap::ArgGroup::new("limits").required(true).multiple(true)))]
+    Set {
+        /// Live migrations at once
+        #[arg(long, value_name = "N", group = "limits")]
+        max_migrations: Option<u32>,
+        /// Storage migrations at once
+        #[arg(long, value_name = "N", group = "limits")]
+        max_storage_migrations: Option<u32>,
+    },
 }
 
 /// What to do.
@@ -163,6 +276,52 @@ pub enum Action {
     Watch(u64),
     /// `job list --watch`: redraw every job until none is live.
     WatchAll,
+    /// `completions SHELL`.
+    Completions(clap_complete::Shell),
+}
+
+impl Cli {
+    /// The action this command line asks for.
+    pub fn action(&self) -> Action {
+        let Some(cmd) = &self.command else {
+            return Action::Help;
+        };
+        Action::Request(match cmd {
+            HvCommand::Completions { shell } => return Action::Completions(*shell),
+            HvCommand::Node(NodeCmd::Info) => Request::NodeInfo,
+            HvCommand::Vm(vm) => match vm {
+                VmCmd::List => Request::VmList,
+                VmCmd::Create {
+                    name,
+                    memory,
+                    guest,
+                } => Request::VmCreate {
+                    name: name.clone(),
+                    memory_mib: *memory,
+                    guest: guest.clone(),
+                },
+                VmCmd::Start { name } => Request::VmStart { name: name.clone() },
+                VmCmd::Stop { name } => Request::VmStop { name: name.clone() },
+                VmCmd::Delete { name } => Request::VmDelete { name: name.clone() },
+                VmCmd::Console { name, lines } => Request::VmConsole {
+                    name: name.clone(),
+                    lines: lines.map(|n| n.min(u64::from(u32::MAX)) as u32),
+                },
+            },
+            HvCommand::Job(JobCmd::List { watch: true }) => return Action::WatchAll,
+            HvCommand::Job(JobCmd::List { watch: false }) => Request::JobList,
+            HvCommand::Job(JobCmd::Watch { id }) => return Action::Watch(*id),
+            HvCommand::Job(JobCmd::Cancel { id }) => Request::JobCancel { id: *id },
+            HvCommand::Host(HostCmd::Get) => Request::HostGet,
+            HvCommand::Host(HostCmd::Set {
+                max_migrations,
+                max_storage_migrations,
+            }) => Request::HostSet {
+                max_live_migrations: *max_migrations,
+                max_storage_migrations: *max_storage_migrations,
+            },
+        })
+    }
 }
 
 /// Parse a size: plain MiB, or with a K/M/G (binary) suffix.
@@ -193,149 +352,13 @@ pub fn parse_size_mib(s: &str) -> Result<u64, String> {
     Ok(kib / 1024)
 }
 
-fn number(flag: &str, v: &str) -> Result<u64, String> {
-    v.parse()
-        .map_err(|_| format!("{flag} needs a whole number, got {v:?}"))
-}
-
 /// Parse hvctl's arguments (after the program name).
-pub fn parse(args: &[String]) -> Result<Invocation, String> {
-    let mut inv = Invocation {
-        node: None,
-        addr: None,
-        key: None,
-        json: false,
-        state_dir: None,
-        action: Action::Help,
-    };
-    let mut words = Vec::new();
-    let mut flags: Vec<(String, String)> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) if a.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
-        };
-        let mut value = || -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--json" => inv.json = true,
-            "--watch" => flags.push((flag, String::new())),
-            "-h" | "--help" => return Ok(inv),
-            "--node" => inv.node = Some(value()?),
-            "--addr" => inv.addr = Some(value()?),
-            "--key" => inv.key = Some(value()?),
-            "--state-dir" => inv.state_dir = Some(value()?),
-            "--memory"
-            | "--guest"
-            | "--lines"
-            | "--max-migrations"
-            | "--max-storage-migrations" => {
-                let v = value()?;
-                flags.push((flag, v));
-            }
-            f if f.starts_with('-') => return Err(format!("unknown option {a:?}")),
-            _ => words.push(a.clone()),
-        }
-    }
-    let flag = |name: &str| {
-        flags
-            .iter()
-            .find(|(f, _)| f == name)
-            .map(|(_, v)| v.clone())
-    };
-    let allowed = |names: &[&str]| -> Result<(), String> {
-        match flags.iter().find(|(f, _)| !names.contains(&f.as_str())) {
-            Some((f, _)) => Err(format!("{} does not take {f}", words.join(" "))),
-            None => Ok(()),
-        }
-    };
-    let w: Vec<&str> = words.iter().map(String::as_str).collect();
-    let name = |i: usize| -> Result<String, String> {
-        w.get(i)
-            .map(|s| s.to_string())
-            .ok_or_else(|| format!("{} needs a VM name", w[..i].join(" ")))
-    };
-    let id = |i: usize| -> Result<u64, String> {
-        w.get(i)
-            .ok_or_else(|| format!("{} needs a job id", w[..i].join(" ")))
-            .and_then(|v| number("job id", v))
-    };
-    let request = match w.as_slice() {
-        [] => return Ok(inv),
-        ["help"] => return Ok(inv),
-        ["node", "info"] => Request::NodeInfo,
-        ["vm", "list"] => Request::VmList,
-        ["vm", "create", ..] => {
-            allowed(&["--memory", "--guest"])?;
-            let memory = flag("--memory").ok_or("vm create needs --memory SIZE")?;
-            Request::VmCreate {
-                name: name(2)?,
-                memory_mib: parse_size_mib(&memory)?,
-                guest: flag("--guest"),
-            }
-        }
-        ["vm", "start", ..] => Request::VmStart { name: name(2)? },
-        ["vm", "stop", ..] => Request::VmStop { name: name(2)? },
-        ["vm", "delete", ..] => Request::VmDelete { name: name(2)? },
-        ["vm", "console", ..] => {
-            allowed(&["--lines"])?;
-            let lines = match flag("--lines") {
-                Some(v) => Some(number("--lines", &v)?.min(u64::from(u32::MAX)) as u32),
-                None => None,
-            };
-            Request::VmConsole {
-                name: name(2)?,
-                lines,
-            }
-        }
-        ["job", "list"] if flag("--watch").is_some() => {
-            allowed(&["--watch"])?;
-            inv.action = Action::WatchAll;
-            return Ok(inv);
-        }
-        ["job", "list"] => Request::JobList,
-        ["job", "cancel", ..] => Request::JobCancel { id: id(2)? },
-        ["job", "watch", ..] => {
-            inv.action = Action::Watch(id(2)?);
-            return Ok(inv);
-        }
-        ["host", "get"] => Request::HostGet,
-        ["host", "set"] => {
-            allowed(&["--max-migrations", "--max-storage-migrations"])?;
-            let n = |f: &str| -> Result<Option<u32>, String> {
-                flag(f)
-                    .map(|v| {
-                        number(f, &v)
-                            .and_then(|n| u32::try_from(n).map_err(|_| format!("{f} is too large")))
-                    })
-                    .transpose()
-            };
-            let (live, storage) = (n("--max-migrations")?, n("--max-storage-migrations")?);
-            if live.is_none() && storage.is_none() {
-                return Err(
-                    "host set needs --max-migrations N and/or --max-storage-migrations N".into(),
-                );
-            }
-            Request::HostSet {
-                max_live_migrations: live,
-                max_storage_migrations: storage,
-            }
-        }
-        other => return Err(format!("unknown command {:?}", other.join(" "))),
-    };
-    if !matches!(
-        request,
-        Request::VmCreate { .. } | Request::VmConsole { .. } | Request::HostSet { .. }
-    ) {
-        allowed(&[])?;
-    }
-    inv.action = Action::Request(request);
-    Ok(inv)
+pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(std::iter::once("hvctl".into()).chain(args.into_iter().map(Into::into)))
 }
 
 /// A progress bar: `[#########...........]  45%`.
@@ -454,11 +477,49 @@ fn print_error(json: bool, e: &ApiError) -> u8 {
     1
 }
 
-/// Watch job `id` with a live progress bar until it ends (redrawn in place
-/// on a terminal, a line per change otherwise).
-pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
+/// Whether live bars are drawn: on a terminal, never with `--json`.
+fn live_bars(json: bool) -> bool {
     use std::io::IsTerminal;
-    let tty = std::io::stdout().is_terminal() && !json;
+    !json && std::io::stdout().is_terminal()
+}
+
+/// A job's live bar (indicatif): the job's fields before and after it.
+fn job_bar(multi: Option<&MultiProgress>) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::stdout());
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:20}] {pos:>3}%  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("#>."),
+    );
+    match multi {
+        Some(m) => m.add(bar),
+        None => bar,
+    }
+}
+
+/// Set `bar` to `job`.
+fn draw_job(bar: &ProgressBar, j: &JobInfo) {
+    bar.set_prefix(format!(
+        "{:>4}  {:<17} {:<12} {:<9}",
+        j.id,
+        kind_word(j),
+        if j.vm.is_empty() { "-" } else { &j.vm },
+        state_word(j.state)
+    ));
+    bar.set_position(u64::from(j.percent.min(100)));
+    bar.set_message(format!(
+        "{} / {}  {:.1} s{}",
+        mib(j.bytes_done),
+        mib(j.bytes_total),
+        j.elapsed_ms as f64 / 1000.0,
+        if j.cancellable { "  (cancellable)" } else { "" },
+    ));
+}
+
+/// Watch job `id` until it ends: a live indicatif bar on a terminal, a
+/// line per change otherwise, the final job as JSON with `--json`.
+pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
+    let bar = live_bars(json).then(|| job_bar(None));
     let mut last = String::new();
     let start = Instant::now();
     loop {
@@ -468,20 +529,22 @@ pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
             Outcome::Error(e) => return Ok(print_error(json, &e)),
         };
         let Some(job) = job else {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
             return Err(format!("no job {id} on node {}", client.node));
         };
         let line = job_line(&job);
         let first = line.lines().next().unwrap_or("").to_string();
-        if tty {
-            print!("\r{first}");
-            let _ = std::io::stdout().flush();
-        } else if !json && first != last {
-            println!("{first}");
+        match &bar {
+            Some(b) => draw_job(b, &job),
+            None if !json && first != last => println!("{first}"),
+            None => {}
         }
         last = first;
         if job.state.is_final() {
-            if tty {
-                println!();
+            if let Some(b) = &bar {
+                b.finish();
             }
             if json {
                 println!("{}", render_json(&Outcome::Ok(Body::Job(job.clone()))));
@@ -499,12 +562,13 @@ pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
     }
 }
 
-/// Redraw every job until none is queued or running (in place on a
-/// terminal, a block per change otherwise).
+/// Show every job until none is queued or running: a live indicatif bar
+/// per job on a terminal, the whole table per change otherwise, the final
+/// list as JSON with `--json`.
 pub fn watch_all(client: &mut Client, json: bool) -> Result<u8, String> {
-    use std::io::IsTerminal;
-    let tty = std::io::stdout().is_terminal() && !json;
-    let mut drawn = 0usize;
+    let multi =
+        live_bars(json).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
+    let mut bars: Vec<(u64, ProgressBar)> = Vec::new();
     let mut last = String::new();
     let start = Instant::now();
     loop {
@@ -519,16 +583,35 @@ pub fn watch_all(client: &mut Client, json: bool) -> Result<u8, String> {
                 println!("{}", render_json(&Outcome::Ok(Body::JobList { jobs })));
                 return Ok(0);
             }
+        } else if let Some(m) = &multi {
+            if jobs.is_empty() && bars.is_empty() {
+                println!("no jobs");
+            }
+            for j in &jobs {
+                let bar = match bars.iter().find(|(id, _)| *id == j.id) {
+                    Some((_, b)) => b.clone(),
+                    None => {
+                        let b = job_bar(Some(m));
+                        bars.push((j.id, b.clone()));
+                        b
+                    }
+                };
+                draw_job(&bar, j);
+                if j.state.is_final() && !bar.is_finished() {
+                    bar.finish();
+                }
+            }
+            if !live {
+                for j in &jobs {
+                    for extra in job_line(j).lines().skip(1) {
+                        println!("{extra}");
+                    }
+                }
+                return Ok(0);
+            }
         } else {
             let text = render(&Body::JobList { jobs });
-            if tty {
-                if drawn > 0 {
-                    // Cursor up over the previous drawing, clear to the end.
-                    print!("\x1b[{drawn}A\x1b[J");
-                }
-                println!("{text}");
-                drawn = text.lines().count();
-            } else if text != last {
+            if text != last {
                 println!("{text}\n");
             }
             last = text;
@@ -544,23 +627,38 @@ pub fn watch_all(client: &mut Client, json: bool) -> Result<u8, String> {
     }
 }
 
-/// Run hvctl with `args`; returns the exit status.
-pub fn main_with(args: &[String]) -> u8 {
-    let inv = match parse(args) {
-        Ok(inv) => inv,
-        Err(e) => {
-            eprintln!("hvctl: {e}\n\n{USAGE}");
-            return 2;
-        }
-    };
-    if inv.action == Action::Help {
-        println!("{USAGE}");
-        return 0;
+/// The hvctl binary: parse `std::env::args` and run; the exit status.
+pub fn main() -> u8 {
+    match Cli::try_parse() {
+        Ok(cli) => run_cli(&cli),
+        Err(e) => usage_exit(&e),
     }
-    match run(&inv) {
+}
+
+/// Print a clap outcome (help, version or a usage error) and give its exit
+/// status: 0 for help and version, 2 for usage errors.
+pub fn usage_exit(e: &clap::Error) -> u8 {
+    let _ = e.print();
+    u8::try_from(e.exit_code()).unwrap_or(2)
+}
+
+/// Run a parsed hvctl command line; returns the exit status.
+pub fn run_cli(cli: &Cli) -> u8 {
+    match cli.action() {
+        Action::Help => {
+            let _ = Cli::command().print_help();
+            return 0;
+        }
+        Action::Completions(shell) => {
+            clap_complete::generate(shell, &mut Cli::command(), "hvctl", &mut std::io::stdout());
+            return 0;
+        }
+        _ => {}
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            if inv.json {
+            if cli.json {
                 let err = ApiError::new(vmm_service::mgmt::proto::ErrorCode::Unsupported, e);
                 println!(
                     "{}",
@@ -574,31 +672,31 @@ pub fn main_with(args: &[String]) -> u8 {
     }
 }
 
-fn run(inv: &Invocation) -> Result<u8, String> {
+fn run(cli: &Cli) -> Result<u8, String> {
     let (addr, key) = crate::cluster::resolve_target(
-        inv.state_dir.as_deref(),
-        inv.node.as_deref(),
-        inv.addr.as_deref(),
-        inv.key.as_deref(),
+        cli.state_dir.as_deref(),
+        cli.node.as_deref(),
+        cli.addr.as_deref(),
+        cli.key.as_deref(),
     )?;
     let key = ClusterKey::from_hex(&key).map_err(|e| e.to_string())?;
     let mut client = Client::connect(&addr, &key)?;
-    match &inv.action {
-        Action::Help => Ok(0),
-        Action::Watch(id) => watch(&mut client, *id, inv.json),
-        Action::WatchAll => watch_all(&mut client, inv.json),
+    match cli.action() {
+        Action::Help | Action::Completions(_) => Ok(0),
+        Action::Watch(id) => watch(&mut client, id, cli.json),
+        Action::WatchAll => watch_all(&mut client, cli.json),
         Action::Request(req) => {
-            let outcome = client.call(req.clone())?;
+            let outcome = client.call(req)?;
             match &outcome {
                 Outcome::Ok(body) => {
-                    if inv.json {
+                    if cli.json {
                         println!("{}", render_json(&outcome));
                     } else {
                         println!("{}", render(body));
                     }
                     Ok(0)
                 }
-                Outcome::Error(e) => Ok(print_error(inv.json, e)),
+                Outcome::Error(e) => Ok(print_error(cli.json, e)),
             }
         }
     }
@@ -608,8 +706,14 @@ fn run(inv: &Invocation) -> Result<u8, String> {
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Result<Invocation, String> {
-        parse(&s.split_whitespace().map(String::from).collect::<Vec<_>>())
+    fn p(s: &str) -> Result<Cli, String> {
+        parse(s.split_whitespace()).map_err(|e| e.to_string())
+    }
+
+    fn usage_error(s: &str) -> String {
+        let e = parse(s.split_whitespace()).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{s}: {e}");
+        e.to_string()
     }
 
     #[test]
@@ -617,7 +721,7 @@ mod tests {
         let i = p("--node b --json vm create web --memory 64M --guest hello").unwrap();
         assert_eq!((i.node.as_deref(), i.json), (Some("b"), true));
         assert_eq!(
-            i.action,
+            i.action(),
             Action::Request(Request::VmCreate {
                 name: "web".into(),
                 memory_mib: 64,
@@ -625,37 +729,127 @@ mod tests {
             })
         );
         assert_eq!(
-            p("vm create x --memory=1G").unwrap().action,
+            p("vm create x --memory=1G").unwrap().action(),
             Action::Request(Request::VmCreate {
                 name: "x".into(),
                 memory_mib: 1024,
                 guest: None
             })
         );
-        assert_eq!(p("job watch 7").unwrap().action, Action::Watch(7));
-        assert_eq!(p("job list --watch").unwrap().action, Action::WatchAll);
-        assert!(p("vm list --watch").is_err());
+        // The connection options may also follow the command.
+        let i = p("vm list --json --node c --state-dir /s").unwrap();
         assert_eq!(
-            p("host set --max-migrations 3").unwrap().action,
+            (i.node.as_deref(), i.json, i.state_dir.as_deref()),
+            (Some("c"), true, Some("/s"))
+        );
+        assert_eq!(p("job watch 7").unwrap().action(), Action::Watch(7));
+        assert_eq!(p("job list --watch").unwrap().action(), Action::WatchAll);
+        assert_eq!(
+            p("job list").unwrap().action(),
+            Action::Request(Request::JobList)
+        );
+        assert_eq!(
+            p("vm console web --lines 5").unwrap().action(),
+            Action::Request(Request::VmConsole {
+                name: "web".into(),
+                lines: Some(5)
+            })
+        );
+        assert_eq!(
+            p("host set --max-migrations 3").unwrap().action(),
             Action::Request(Request::HostSet {
                 max_live_migrations: Some(3),
                 max_storage_migrations: None
             })
         );
+        assert_eq!(
+            p("completions zsh").unwrap().action(),
+            Action::Completions(clap_complete::Shell::Zsh)
+        );
         for (args, err) in [
-            ("vm create x", "needs --memory"),
-            ("vm start", "needs a VM name"),
-            ("job cancel x", "whole number"),
-            ("vm list --memory 3", "does not take"),
-            ("host set", "needs --max"),
-            ("fly away", "unknown command"),
-            ("--bogus", "unknown option"),
+            ("vm create x", "--memory <SIZE>"),
+            ("vm start", "<NAME>"),
+            ("job cancel x", "invalid value 'x'"),
+            ("vm list --memory 3", "unexpected argument '--memory'"),
+            ("vm list --watch", "unexpected argument '--watch'"),
+            ("host set", "--max-migrations"),
+            ("host set --max-migrations 99999999999", "invalid value"),
+            ("fly away", "unrecognized subcommand 'fly'"),
+            ("--bogus", "unexpected argument '--bogus'"),
             ("vm create x --memory 3T", "unit"),
         ] {
-            let e = p(args).unwrap_err();
+            let e = usage_error(args);
             assert!(e.contains(err), "{args}: {e}");
         }
-        assert_eq!(p("").unwrap().action, Action::Help);
+        assert_eq!(p("").unwrap().action(), Action::Help);
+    }
+
+    #[test]
+    fn help_for_every_command() {
+        for line in [
+            "--help",
+            "help",
+            "help vm create",
+            "vm create --help",
+            "help job watch",
+        ] {
+            let e = parse(line.split_whitespace()).unwrap_err();
+            assert_eq!(e.exit_code(), 0, "{line}");
+            let text = e.to_string();
+            assert!(text.contains("Usage: hvctl"), "{line}: {text}");
+        }
+        let create = parse(["help", "vm", "create"]).unwrap_err().to_string();
+        for word in [
+            "Usage: hvctl vm create [OPTIONS] --memory <SIZE> <NAME>",
+            "--guest <CASE>",
+            "64M, 1G",
+            "--node <NAME>",
+            "--json",
+        ] {
+            assert!(create.contains(word), "{word} missing in:\n{create}");
+        }
+        // Every subcommand has a description and every option a help line.
+        fn walk(cmd: &mut clap::Command, path: &str) -> usize {
+            let help = cmd.render_long_help().to_string();
+            assert!(help.contains("Usage:"), "{path}");
+            assert!(
+                cmd.get_about().is_some() || path == "hvctl",
+                "{path} has no description"
+            );
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" {
+                    assert!(arg.get_help().is_some(), "{path}: {id} has no help");
+                }
+            }
+            let names: Vec<String> = cmd
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect();
+            1 + names
+                .iter()
+                .map(|n| walk(cmd.find_subcommand_mut(n).unwrap(), &format!("{path} {n}")))
+                .sum::<usize>()
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        assert!(walk(&mut cmd, "hvctl") >= 20);
+    }
+
+    #[test]
+    fn completions_name_the_commands() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hvctl", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in ["vm", "create", "memory", "max-storage-migrations"] {
+                assert!(text.contains(word), "{shell}: {word}");
+            }
+        }
     }
 
     #[test]

@@ -3,18 +3,21 @@
 //! (docs/DESIGN.md, "qemu-runner" and "Node serial markers").
 //!
 //! The logic is here, in the library, and unit-tested over captured serial
-//! text: argument parsing ([`cli`]), marker parsing ([`markers`],
+//! text: argument parsing ([`cli`], clap), `--accel kvm`'s host check
+//! ([`accel`]), the fuzz step ([`fuzz`]), marker parsing ([`markers`],
 //! [`migration_report`]), verdicts
 //! and reports ([`summary`]), command construction ([`qemu`], [`cargo`],
 //! [`setup`]) and the emulator process handling ([`process`]); the
 //! cluster of background nodes ([`cluster`]) and its client ([`hvctl`]).
 //! `main.rs` only wires them into commands.
 
+pub mod accel;
 pub mod arch;
 pub mod bochs;
 pub mod cargo;
 pub mod cli;
 pub mod cluster;
+pub mod fuzz;
 pub mod hvctl;
 pub mod markers;
 pub mod migration_report;

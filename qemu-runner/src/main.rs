@@ -4,10 +4,14 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::{CommandFactory, Parser};
+use qemu_runner::accel::{self, Accel};
 use qemu_runner::arch::{Arch, Emulator};
 use qemu_runner::bochs;
 use qemu_runner::cargo::{self, Images};
-use qemu_runner::cli::{self, Cmd, DEFAULT_TEST_TIMEOUT, USAGE};
+use qemu_runner::cli::{self, Bench, Cli, Command, DEFAULT_TEST_TIMEOUT};
+use qemu_runner::cluster;
+use qemu_runner::fuzz;
 use qemu_runner::markers::{Marker, SerialLog};
 use qemu_runner::migration_report;
 use qemu_runner::process::{self, Control, RunEnd};
@@ -23,16 +27,18 @@ const FAULT_GRACE: Duration = Duration::from_secs(3);
 const TOTALS_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(code) = qemu_runner::cluster::cli_main(&args) {
-        return ExitCode::from(code);
-    }
-    let cmd = match cli::parse(&args) {
-        Ok(cmd) => cmd,
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            eprintln!("qemu-runner: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
+            // Help and version go to stdout with status 0; usage errors to
+            // stderr with status 2.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
+    };
+    let Some(cmd) = cli.command else {
+        let _ = Cli::command().print_help();
+        return ExitCode::SUCCESS;
     };
     if let Some(arch) = cmd.arch() {
         if let Err(e) = arch.supported() {
@@ -41,48 +47,67 @@ fn main() -> ExitCode {
         }
     }
     let result = match cmd {
-        Cmd::Help => {
-            println!("{USAGE}");
-            Ok(true)
-        }
-        Cmd::Setup => setup::ensure(setup::Needs::Boot).map(|what| {
+        Command::Setup => setup::ensure(setup::Needs::All).map(|what| {
             println!("setup: {what}");
             true
         }),
-        Cmd::Build => cargo::build().map(|images| {
+        Command::Build => cargo::build().map(|images| {
             println!("hypervisor image: {}", images.hypervisor.display());
             println!("guest kernel:     {}", images.guest_kernel.display());
             true
         }),
-        Cmd::Node {
-            arch,
-            append,
-            memory_mib,
-            timeout,
-            build,
-        } => node(arch, &append, memory_mib, timeout, build),
-        Cmd::GuestTest {
-            arch,
-            cases,
-            timeout,
-            build,
-        } => guest_test(arch, &cases, timeout, build),
-        Cmd::Demo {
-            arch,
-            seconds,
-            build,
-        } => demo(arch, seconds, build),
-        Cmd::BenchDirty {
+        Command::Node(a) => node(
+            a.arch.arch,
+            a.accel.accel,
+            &a.append,
+            a.memory_mib,
+            a.timeout.map(Duration::from_secs),
+            a.build.build(),
+        ),
+        Command::GuestTest(a) => guest_test(
+            a.arch.arch,
+            a.accel.accel,
+            &a.case_names(),
+            Duration::from_secs(a.timeout),
+            a.build.build(),
+        ),
+        Command::Demo(a) => demo(a.arch.arch, a.accel.accel, a.seconds, a.build.build()),
+        Command::Bench(Bench::Dirty {
             arch,
             timeout,
             build,
-        } => bench_dirty(arch, timeout, build),
-        Cmd::BenchExits {
+        }) => bench_dirty(arch.arch, Duration::from_secs(timeout), build.build()),
+        Command::Bench(Bench::Exits {
             arch,
             timeout,
             build,
-        } => bench_exits(arch, timeout, build),
-        Cmd::Test => Ok(test_suite()),
+        }) => bench_exits(arch.arch, Duration::from_secs(timeout), build.build()),
+        Command::Bench(Bench::Link {
+            mib,
+            frames,
+            state,
+            build,
+        }) => exit_with(cluster::run_bench_link(
+            mib,
+            frames,
+            state.state_dir.as_deref(),
+            build.build(),
+        )),
+        Command::Cluster(c) => exit_with(cluster::run_cli(&c)),
+        Command::Hvctl(h) => return ExitCode::from(qemu_runner::hvctl::run_cli(&h)),
+        Command::Test => Ok(test_suite()),
+        Command::Fuzz(f) => {
+            fuzz::run(&f.targets, Duration::from_secs(f.seconds)).map(|r| r.passed())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "qemu-runner",
+                &mut std::io::stdout(),
+            );
+            Ok(true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -94,16 +119,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// A command that reports its own exit status: `Ok(0)` is success.
+fn exit_with(r: Result<u8, String>) -> Result<bool, String> {
+    r.map(|code| code == 0)
+}
+
 /// A virtualization path with its images: what [`boot`] needs.
 struct Target {
     arch: Arch,
+    accel: Accel,
     images: Images,
 }
 
-/// The path is supported, its emulator is installed and the images are
-/// built (or, with `build == false`, present).
-fn prepare(arch: Arch, build: bool) -> Result<Target, String> {
+/// The path is supported, its emulator is installed (and, for `--accel
+/// kvm`, the host has nested KVM) and the images are built (or, with
+/// `build == false`, present).
+fn prepare(arch: Arch, accel: Accel, build: bool) -> Result<Target, String> {
     arch.supported()?;
+    if accel == Accel::Kvm && arch.emulator() != Emulator::Qemu {
+        return Err(format!(
+            "--accel kvm runs the node under QEMU on the host's CPU (Intel: VT-x, AMD: AMD-V);              --arch {arch} boots under Bochs, which has no KVM: leave --arch out"
+        ));
+    }
+    accel::check(accel)?;
     match arch.emulator() {
         Emulator::Qemu => {
             if !qemu::available() {
@@ -130,7 +168,11 @@ fn prepare(arch: Arch, build: bool) -> Result<Target, String> {
         images.check()?;
         images
     };
-    Ok(Target { arch, images })
+    Ok(Target {
+        arch,
+        accel,
+        images,
+    })
 }
 
 /// Boot one node and feed its serial lines to `on_line` (after `log`
@@ -147,6 +189,7 @@ fn boot(
         guest_kernel: target.images.guest_kernel.clone(),
         cmdline: cmdline.to_string(),
         memory_mib,
+        accel: target.accel,
     };
     // Lives until the run ends (its drop removes the ISO and serial file).
     let bochs_run;
@@ -208,12 +251,13 @@ fn describe_end(end: &RunEnd, log: &SerialLog) -> String {
 
 fn node(
     arch: Arch,
+    accel: Accel,
     append: &str,
     memory_mib: u64,
     timeout: Option<Duration>,
     build: bool,
 ) -> Result<bool, String> {
-    let target = prepare(arch, build)?;
+    let target = prepare(arch, accel, build)?;
     let (end, log) = boot(&target, append, memory_mib, timeout, |_, _, _| {
         Control::Continue
     })?;
@@ -227,11 +271,12 @@ fn node(
 /// if every requested case passed.
 fn guest_test(
     arch: Arch,
+    accel: Accel,
     cases: &[String],
     timeout: Duration,
     build: bool,
 ) -> Result<bool, String> {
-    let target = prepare(arch, build)?;
+    let target = prepare(arch, accel, build)?;
     let (requested, tests): (Vec<String>, String) = if cases.is_empty() {
         (
             ALL_CASES.iter().map(|c| c.to_string()).collect(),
@@ -259,24 +304,32 @@ fn guest_test(
     let verdict = TestSummary::build(&requested, &log, &end.describe());
     println!();
     println!(
-        "guest-test --arch {arch}: node {}",
+        "guest-test --arch {arch}{}: node {}",
+        match accel {
+            Accel::Tcg => "",
+            Accel::Kvm => " --accel kvm",
+        },
         describe_end(&end, &log)
     );
     print!("{}", verdict.render());
     Ok(verdict.all_passed())
 }
 
-fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
+fn demo(arch: Arch, accel: Accel, seconds: u64, build: bool) -> Result<bool, String> {
     let what = setup::ensure(setup::Needs::Boot)?;
     eprintln!("qemu-runner: setup: {what}");
-    let target = prepare(arch, build)?;
+    let target = prepare(arch, accel, build)?;
     println!(
-        "hvmigrate demo: booting a node under QEMU (AMD-V with nested paging, emulated by TCG).\n\
+        "hvmigrate demo: booting a node under QEMU ({}).\n\
          Its guest `dirty-demo` increments one byte in every page of a 16 MiB buffer, for ever;\n\
          the hypervisor tracks the pages it dirties (nested page tables write-protected, the\n\
          first write to a page in a round recorded) and prints the rate. Then it live-migrates\n\
          the busy VM to a new VM on the same node. Watching until the node ends the demo (at\n\
-         most {seconds} s).\n"
+         most {seconds} s).\n",
+        match accel {
+            Accel::Tcg => "AMD-V with nested paging, emulated by TCG",
+            Accel::Kvm => "the host's CPU under nested KVM: VT-x on Intel, AMD-V on AMD",
+        }
     );
     let watch = Duration::from_secs(seconds);
     let mut reports = Vec::new();
@@ -317,12 +370,14 @@ fn demo(arch: Arch, seconds: u64, build: bool) -> Result<bool, String> {
     for r in &reports {
         print!("{}", migration_report::render(r));
     }
-    let migrated = reports.iter().any(|r| r.result == "completed");
+    let migrated = reports
+        .iter()
+        .any(|r| r.result == migration_report::MigrationResult::Completed);
     Ok(!log.dirty_rates.is_empty() && migrated)
 }
 
 fn bench_exits(arch: Arch, timeout: Duration, build: bool) -> Result<bool, String> {
-    let target = prepare(arch, build)?;
+    let target = prepare(arch, Accel::Tcg, build)?;
     let (end, log) = boot(
         &target,
         "mode=bench-exits",
@@ -359,7 +414,7 @@ fn bench_exits(arch: Arch, timeout: Duration, build: bool) -> Result<bool, Strin
 /// protection and with PML, one after the other; its `bench dirty:` lines
 /// are the result.
 fn bench_dirty(arch: Arch, timeout: Duration, build: bool) -> Result<bool, String> {
-    let target = prepare(arch, build)?;
+    let target = prepare(arch, Accel::Tcg, build)?;
     let mut lines = Vec::new();
     let (end, log) = boot(
         &target,
@@ -423,8 +478,8 @@ fn test_suite() -> bool {
     let mut steps: Vec<Step> = Vec::new();
     steps.push((
         "setup",
-        "the Rust targets and components rust-toolchain.toml pins (rustup), the Debian packages (as root: install)".into(),
-        Box::new(|| setup::ensure(setup::Needs::Boot).map(|what| println!("setup: {what}"))),
+        "the Rust target and components rust-toolchain.toml pins and the fuzzing nightly (rustup, cargo install), the Debian packages (as root: install)".into(),
+        Box::new(|| setup::ensure(setup::Needs::All).map(|what| println!("setup: {what}"))),
     ));
     for (name, args) in [
         ("fmt", &["fmt", "--all", "--check"][..]),
@@ -462,10 +517,31 @@ fn test_suite() -> bool {
         steps.push((name, what, run));
     }
     steps.push((
+        "fuzz",
+        format!(
+            "qemu-runner fuzz: every cargo-fuzz target, regression inputs first, then up to {} s each ({} s in all)",
+            cli::DEFAULT_FUZZ_SECONDS,
+            fuzz::TEST_STEP_FUZZ_BUDGET.as_secs()
+        ),
+        Box::new(|| {
+            let report = fuzz::run_with_budget(
+                &[],
+                Duration::from_secs(cli::DEFAULT_FUZZ_SECONDS),
+                Some(fuzz::TEST_STEP_FUZZ_BUDGET),
+            )?;
+            let failed = report.targets.iter().filter(|t| t.result.is_err()).count();
+            if failed == 0 {
+                Ok(())
+            } else {
+                Err(format!("{failed} fuzz target(s) failed (see above)"))
+            }
+        }),
+    ));
+    steps.push((
         "guest-tests",
         "qemu-runner guest-test --arch svm (all cases)".into(),
         Box::new(
-            || match guest_test(Arch::Svm, &[], DEFAULT_TEST_TIMEOUT, true) {
+            || match guest_test(Arch::Svm, Accel::Tcg, &[], DEFAULT_TEST_TIMEOUT, true) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err("some guest cases failed (see the summary above)".into()),
                 Err(e) => Err(e),
@@ -501,13 +577,13 @@ fn test_suite() -> bool {
         steps.push((
             name,
             what,
-            Box::new(
-                move || match guest_test(arch, &cases, DEFAULT_TEST_TIMEOUT, false) {
+            Box::new(move || {
+                match guest_test(arch, Accel::Tcg, &cases, DEFAULT_TEST_TIMEOUT, false) {
                     Ok(true) => Ok(()),
                     Ok(false) => Err("some guest cases failed (see the summary above)".into()),
                     Err(e) => Err(e),
-                },
-            ),
+                }
+            }),
         ));
     }
 

@@ -1,28 +1,11 @@
 //! The node's `migration-report {JSON}` lines (docs/DESIGN.md, "Node serial
-//! markers"; the object is `migration::MigrationReport::to_json`): parsed
-//! into [`MigrationReport`] and rendered as the readable summary the `demo`
-//! prints.
-//!
-//! The object is flat with fixed fields (numbers, one array of numbers, two
-//! strings or null), so a small scanner reads it; a line that does not
-//! parse is reported as such, never a panic.
+//! markers"): read back into the `migration` crate's own
+//! [`MigrationReport`] (its `serde` feature; the node writes the line with
+//! `MigrationReport::to_json`) and rendered as the readable summary the
+//! `demo` prints. A line that does not parse is reported as such, never a
+//! panic.
 
-/// One migration as the node reported it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct MigrationReport {
-    pub passes: u64,
-    pub pages_per_pass: Vec<u64>,
-    pub bytes_sent: u64,
-    pub zero_pages: u64,
-    pub ram_bytes: u64,
-    pub total_ms: u64,
-    pub downtime_ms: u64,
-    pub expected_downtime_ms: u64,
-    pub throttle_pct: u64,
-    /// `completed`, `cancelled` or `failed`.
-    pub result: String,
-    pub error: Option<String>,
-}
+pub use migration::{MigrationReport, MigrationResult};
 
 /// The line's prefix.
 pub const PREFIX: &str = "migration-report ";
@@ -30,117 +13,7 @@ pub const PREFIX: &str = "migration-report ";
 /// Parse one serial line; `None` if it is not a well-formed report line.
 pub fn parse_line(line: &str) -> Option<MigrationReport> {
     let json = line.trim_end().strip_prefix(PREFIX)?;
-    let mut s = Scanner {
-        b: json.as_bytes(),
-        i: 0,
-    };
-    let mut r = MigrationReport::default();
-    s.expect(b'{')?;
-    loop {
-        let key = s.string()?;
-        s.expect(b':')?;
-        match key.as_str() {
-            "pages_per_pass" => r.pages_per_pass = s.array()?,
-            "result" => r.result = s.string()?,
-            "error" => r.error = s.string_or_null()?,
-            k => {
-                let v = s.number()?;
-                match k {
-                    "passes" => r.passes = v,
-                    "bytes_sent" => r.bytes_sent = v,
-                    "zero_pages" => r.zero_pages = v,
-                    "ram_bytes" => r.ram_bytes = v,
-                    "total_ms" => r.total_ms = v,
-                    "downtime_ms" => r.downtime_ms = v,
-                    "expected_downtime_ms" => r.expected_downtime_ms = v,
-                    "throttle_pct" => r.throttle_pct = v,
-                    _ => {}
-                }
-            }
-        }
-        match s.next()? {
-            b',' => continue,
-            b'}' => break,
-            _ => return None,
-        }
-    }
-    (!r.result.is_empty()).then_some(r)
-}
-
-struct Scanner<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl Scanner<'_> {
-    fn next(&mut self) -> Option<u8> {
-        let c = *self.b.get(self.i)?;
-        self.i += 1;
-        Some(c)
-    }
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-    fn expect(&mut self, c: u8) -> Option<()> {
-        (self.next()? == c).then_some(())
-    }
-    fn number(&mut self) -> Option<u64> {
-        let start = self.i;
-        while self.peek().is_some_and(|c| c.is_ascii_digit()) {
-            self.i += 1;
-        }
-        std::str::from_utf8(&self.b[start..self.i])
-            .ok()?
-            .parse()
-            .ok()
-    }
-    fn array(&mut self) -> Option<Vec<u64>> {
-        self.expect(b'[')?;
-        let mut out = Vec::new();
-        if self.peek() == Some(b']') {
-            self.i += 1;
-            return Some(out);
-        }
-        loop {
-            out.push(self.number()?);
-            match self.next()? {
-                b',' => {}
-                b']' => return Some(out),
-                _ => return None,
-            }
-        }
-    }
-    fn string_or_null(&mut self) -> Option<Option<String>> {
-        if self.b[self.i..].starts_with(b"null") {
-            self.i += 4;
-            return Some(None);
-        }
-        self.string().map(Some)
-    }
-    /// A JSON string (RFC 8259, 7) with the escapes the node emits.
-    fn string(&mut self) -> Option<String> {
-        self.expect(b'"')?;
-        let mut out = Vec::new();
-        loop {
-            match self.next()? {
-                b'"' => return String::from_utf8(out).ok(),
-                b'\\' => match self.next()? {
-                    b'n' => out.push(b'\n'),
-                    b'r' => out.push(b'\r'),
-                    b't' => out.push(b'\t'),
-                    b'u' => {
-                        let hex = self.b.get(self.i..self.i + 4)?;
-                        self.i += 4;
-                        let v = u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                        let mut buf = [0u8; 4];
-                        out.extend_from_slice(char::from_u32(v)?.encode_utf8(&mut buf).as_bytes());
-                    }
-                    c => out.push(c),
-                },
-                c => out.push(c),
-            }
-        }
-    }
+    serde_json::from_str(json).ok()
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -149,7 +22,7 @@ fn mib(bytes: u64) -> f64 {
 
 /// The readable summary of one migration.
 pub fn render(r: &MigrationReport) -> String {
-    let mut out = format!("live migration: {}", r.result);
+    let mut out = format!("live migration: {}", r.result.as_str());
     if let Some(e) = &r.error {
         out.push_str(&format!(" ({e})"));
     }
@@ -161,7 +34,7 @@ pub fn render(r: &MigrationReport) -> String {
         .map(|(i, p)| {
             let what = if i == 0 {
                 "all"
-            } else if i + 1 == r.pages_per_pass.len() && r.result == "completed" {
+            } else if i + 1 == r.pages_per_pass.len() && r.result == MigrationResult::Completed {
                 "final, paused"
             } else {
                 "dirty"
@@ -214,7 +87,7 @@ mod tests {
         assert_eq!(r.bytes_sent, 34603008);
         assert_eq!((r.downtime_ms, r.expected_downtime_ms), (69, 27));
         assert_eq!(r.throttle_pct, 20);
-        assert_eq!(r.result, "completed");
+        assert_eq!(r.result, MigrationResult::Completed);
         assert_eq!(r.error, None);
         let s = render(&r);
         assert!(s.starts_with("live migration: completed\n"));
@@ -228,7 +101,7 @@ mod tests {
     fn failed_reports_and_garbage() {
         let line = "migration-report {\"passes\":0,\"pages_per_pass\":[],\"bytes_sent\":32898,\"zero_pages\":263,\"ram_bytes\":67108864,\"total_ms\":53,\"downtime_ms\":0,\"expected_downtime_ms\":0,\"throttle_pct\":0,\"result\":\"failed\",\"error\":\"transport failed: \\\"injected\\\" failure\\u0001\"}";
         let r = parse_line(line).unwrap();
-        assert_eq!(r.result, "failed");
+        assert_eq!(r.result, MigrationResult::Failed);
         assert_eq!(
             r.error.as_deref(),
             Some("transport failed: \"injected\" failure\u{1}")
@@ -240,12 +113,33 @@ mod tests {
             "migration-report {",
             "migration-report {\"passes\":x}",
             "migration-report {\"passes\":1}",
+            "migration-report {\"passes\":3,\"pages_per_pass\":[],\"bytes_sent\":0,\"zero_pages\":0,\"ram_bytes\":0,\"total_ms\":0,\"downtime_ms\":0,\"expected_downtime_ms\":0,\"throttle_pct\":0,\"result\":\"exploded\",\"error\":null}",
+            "migration-report {\"passes\":-1,\"pages_per_pass\":[],\"bytes_sent\":0,\"zero_pages\":0,\"ram_bytes\":0,\"total_ms\":0,\"downtime_ms\":0,\"expected_downtime_ms\":0,\"throttle_pct\":0,\"result\":\"failed\",\"error\":null}",
             "[vm] migration-report {}",
         ] {
             assert_eq!(parse_line(bad), None, "{bad}");
         }
         for cut in 0..LINE.len() {
-            let _ = parse_line(&LINE[..cut]);
+            assert_eq!(parse_line(&LINE[..cut]), None, "cut at {cut}");
         }
+    }
+
+    /// What the node writes (`to_json`) is what the runner reads.
+    #[test]
+    fn round_trips_the_nodes_own_writer() {
+        let r = MigrationReport {
+            passes: 4,
+            pages_per_pass: vec![16384, 512, 40, 3],
+            bytes_sent: 70_000_000,
+            zero_pages: 100,
+            ram_bytes: 64 << 20,
+            total_ms: 5000,
+            downtime_ms: 12,
+            expected_downtime_ms: 9,
+            throttle_pct: 45,
+            result: MigrationResult::Cancelled,
+            error: Some("operator said \"stop\"\n\u{7}".into()),
+        };
+        assert_eq!(parse_line(&format!("{PREFIX}{}", r.to_json())), Some(r));
     }
 }

@@ -1,5 +1,6 @@
 //! The QEMU command line for one node (docs/DESIGN.md, "Boot"; flags from
-//! shared/PLATFORM.md): TCG with SVM and nested paging, the hypervisor image
+//! shared/PLATFORM.md): TCG with SVM and nested paging (or, with `--accel
+//! kvm`, the host CPU under KVM: [`crate::accel`]), the hypervisor image
 //! as `-kernel`, the guest kernel as the first boot module (`-initrd`), the
 //! node command line as `-append`, COM1 on stdout, and the `isa-debug-exit`
 //! device the node powers off through (QEMU then exits with
@@ -7,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::accel::Accel;
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -21,15 +24,14 @@ pub struct NodeSpec {
     /// The node command line (`mode=... name=...`).
     pub cmdline: String,
     pub memory_mib: u64,
+    pub accel: Accel,
 }
 
 /// QEMU's arguments for `spec`.
 pub fn args(spec: &NodeSpec) -> Vec<String> {
     let path = |p: &Path| p.display().to_string();
-    let mut args: Vec<String> = ["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-m"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> = spec.accel.qemu_args().map(String::from).into();
+    args.push("-m".into());
     args.push(format!("{}M", spec.memory_mib));
     args.extend(["-kernel".to_string(), path(&spec.hypervisor)]);
     args.extend(["-initrd".to_string(), path(&spec.guest_kernel)]);
@@ -92,6 +94,7 @@ mod tests {
             guest_kernel: "/t/x86_64-unknown-none/release/guest-kernel".into(),
             cmdline: "mode=test tests=hello,cpuid".into(),
             memory_mib: DEFAULT_MEMORY_MIB,
+            accel: Accel::Tcg,
         }
     }
 
@@ -105,6 +108,19 @@ mod tests {
              -append \"mode=test tests=hello,cpuid\" -serial stdio -display none -no-reboot \
              -device isa-debug-exit,iobase=0xf4,iosize=0x04"
         );
+    }
+
+    #[test]
+    fn kvm_runs_the_host_cpu() {
+        let line = display(&NodeSpec {
+            accel: Accel::Kvm,
+            ..spec()
+        });
+        assert!(
+            line.starts_with("qemu-system-x86_64 -accel kvm -cpu host -m 1024M -kernel "),
+            "{line}"
+        );
+        assert!(!line.contains("tcg") && !line.contains("+svm"), "{line}");
     }
 
     #[test]

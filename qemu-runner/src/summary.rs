@@ -5,20 +5,9 @@
 
 use crate::markers::{BenchExits, CaseResult, DirtyRate, SerialLog};
 
-/// The test cases, in the node's default order (docs/DESIGN.md).
-pub const ALL_CASES: [&str; 11] = [
-    "hello",
-    "cpuid",
-    "memory",
-    "dirty-log",
-    "bad-msr",
-    "triple-fault",
-    "two-vms",
-    "local-migrate-idle",
-    "local-migrate-busy",
-    "local-migrate-abort",
-    "local-migrate-converge",
-];
+/// The test cases, in the node's default order (one list for the node,
+/// the guest kernel and the runner: `hvcore::abi::case`).
+pub const ALL_CASES: [&str; 11] = hvcore::abi::case::ALL;
 
 /// The console line the `hello` case must produce (checked by the runner
 /// too, not only by the node).

@@ -78,20 +78,22 @@ impl Case {
         Case::LocalMigrateConverge,
     ];
 
-    /// The case's name on the command line and in results.
+    /// The case's name on the command line and in results
+    /// ([`hvcore::abi::case`]).
     pub fn name(self) -> &'static str {
+        use hvcore::abi::case;
         match self {
-            Case::Hello => "hello",
-            Case::Cpuid => "cpuid",
-            Case::Memory => "memory",
-            Case::DirtyLog => "dirty-log",
-            Case::BadMsr => "bad-msr",
-            Case::TripleFault => "triple-fault",
-            Case::TwoVms => "two-vms",
-            Case::LocalMigrateIdle => "local-migrate-idle",
-            Case::LocalMigrateBusy => "local-migrate-busy",
-            Case::LocalMigrateAbort => "local-migrate-abort",
-            Case::LocalMigrateConverge => "local-migrate-converge",
+            Case::Hello => case::HELLO,
+            Case::Cpuid => case::CPUID,
+            Case::Memory => case::MEMORY,
+            Case::DirtyLog => case::DIRTY_LOG,
+            Case::BadMsr => case::BAD_MSR,
+            Case::TripleFault => case::TRIPLE_FAULT,
+            Case::TwoVms => case::TWO_VMS,
+            Case::LocalMigrateIdle => case::LOCAL_MIGRATE_IDLE,
+            Case::LocalMigrateBusy => case::LOCAL_MIGRATE_BUSY,
+            Case::LocalMigrateAbort => case::LOCAL_MIGRATE_ABORT,
+            Case::LocalMigrateConverge => case::LOCAL_MIGRATE_CONVERGE,
         }
     }
 
@@ -476,6 +478,7 @@ mod tests {
             assert_eq!(Case::from_name(c.name()), Some(c));
         }
         assert_eq!(Case::from_name("nope"), None);
+        assert_eq!(Case::ALL.map(Case::name), hvcore::abi::case::ALL);
     }
 
     #[test]

@@ -136,6 +136,38 @@ pub const CPUID_HV_LEAF: u32 = 0x4000_0000;
 /// The 12-byte hypervisor signature.
 pub const HV_SIGNATURE: &[u8; 12] = b"hvmigrateHV!";
 
+/// The guest test cases by name: the node's `tests=` list and `case NAME:`
+/// results, the guest kernel's `case=` argument and qemu-runner's
+/// `guest-test` all use these spellings (docs/DESIGN.md, "Test cases").
+pub mod case {
+    pub const HELLO: &str = "hello";
+    pub const CPUID: &str = "cpuid";
+    pub const MEMORY: &str = "memory";
+    pub const DIRTY_LOG: &str = "dirty-log";
+    pub const BAD_MSR: &str = "bad-msr";
+    pub const TRIPLE_FAULT: &str = "triple-fault";
+    pub const TWO_VMS: &str = "two-vms";
+    pub const LOCAL_MIGRATE_IDLE: &str = "local-migrate-idle";
+    pub const LOCAL_MIGRATE_BUSY: &str = "local-migrate-busy";
+    pub const LOCAL_MIGRATE_ABORT: &str = "local-migrate-abort";
+    pub const LOCAL_MIGRATE_CONVERGE: &str = "local-migrate-converge";
+
+    /// Every test case, in the order `tests=all` runs them.
+    pub const ALL: [&str; 11] = [
+        HELLO,
+        CPUID,
+        MEMORY,
+        DIRTY_LOG,
+        BAD_MSR,
+        TRIPLE_FAULT,
+        TWO_VMS,
+        LOCAL_MIGRATE_IDLE,
+        LOCAL_MIGRATE_BUSY,
+        LOCAL_MIGRATE_ABORT,
+        LOCAL_MIGRATE_CONVERGE,
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    ExitCode::from(qemu_runner::hvctl::main_with(&args))
+    ExitCode::from(qemu_runner::hvctl::main())
 }

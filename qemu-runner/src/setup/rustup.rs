@@ -396,7 +396,10 @@ pub fn ensure_fuzz_tools(exec: &mut dyn Exec) -> Result<String, String> {
     let list = exec
         .capture("rustup", &strings(&["toolchain", "list"]))
         .map_err(|e| format!("running `rustup toolchain list`: {e}"))?;
-    let has_fuzz = toolchain_listed(&list.stdout, FUZZ_NIGHTLY) && cargo_fuzz_runs(exec);
+    // cargo-fuzz is a cargo subcommand of any toolchain: ask the pinned one.
+    let has_fuzz = exec
+        .capture("cargo", &strings(&["fuzz", "--version"]))
+        .is_ok_and(|c| c.ok);
     let steps = fuzz_plan(&list.stdout, has_fuzz);
     if steps.is_empty() {
         return Ok(format!("{FUZZ_NIGHTLY} and cargo-fuzz present"));
@@ -560,6 +563,8 @@ mod tests {
         toolchain: bool,
         targets: Vec<String>,
         components: Vec<String>,
+        nightly: bool,
+        cargo_fuzz: bool,
         ran: Vec<String>,
     }
 
@@ -576,6 +581,24 @@ mod tests {
             };
             Ok(match (program, a.as_slice()) {
                 ("rustup", ["--version"]) => ok("rustup 1.29.0".into()),
+                ("rustup", ["toolchain", "list"]) => ok(format!(
+                    "stable-{HOST} (default)\n{}",
+                    if self.nightly {
+                        format!("{FUZZ_NIGHTLY}-{HOST}\n")
+                    } else {
+                        String::new()
+                    }
+                )),
+                ("cargo", ["fuzz", "--version"]) => Captured {
+                    ok: self.cargo_fuzz,
+                    ..Captured::default()
+                },
+                ("cargo", [plus, "fuzz", "--version"]) if *plus == format!("+{FUZZ_NIGHTLY}") => {
+                    Captured {
+                        ok: self.cargo_fuzz && self.nightly,
+                        ..Captured::default()
+                    }
+                }
                 ("rustup", [_, "list", "--installed", "--toolchain", "1.95.0"])
                     if !self.toolchain =>
                 {
@@ -612,6 +635,10 @@ mod tests {
                 ["component", "add", "--toolchain", "1.95.0", rest @ ..] => {
                     self.components.extend(rest.iter().map(|s| s.to_string()))
                 }
+                ["toolchain", "install", FUZZ_NIGHTLY, "--profile", "minimal"] => {
+                    self.nightly = true
+                }
+                ["install", "cargo-fuzz", ..] => self.cargo_fuzz = true,
                 ["toolchain", "install", "1.95.0", ..] => {
                     self.toolchain = true;
                     self.targets.push("x86_64-unknown-none".into());
@@ -664,6 +691,54 @@ mod tests {
         assert!(
             e.contains("offline?")
                 && e.ends_with("\n  rustup target add --toolchain 1.95.0 x86_64-unknown-none"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn installs_only_the_missing_fuzz_tool() {
+        let mut r = FakeRustup {
+            cargo_fuzz: true,
+            ..FakeRustup::default()
+        };
+        let what = ensure_fuzz_tools(&mut r).unwrap();
+        assert_eq!(
+            r.ran,
+            [format!(
+                "rustup toolchain install {FUZZ_NIGHTLY} --profile minimal"
+            )]
+        );
+        assert!(
+            what.starts_with("installed rustup toolchain install"),
+            "{what}"
+        );
+        r.ran.clear();
+        assert_eq!(
+            ensure_fuzz_tools(&mut r).unwrap(),
+            format!("{FUZZ_NIGHTLY} and cargo-fuzz present")
+        );
+        assert!(r.ran.is_empty());
+        let mut r = FakeRustup {
+            nightly: true,
+            ..FakeRustup::default()
+        };
+        ensure_fuzz_tools(&mut r).unwrap();
+        assert_eq!(
+            r.ran,
+            [format!(
+                "cargo install cargo-fuzz --version {CARGO_FUZZ_VERSION} --locked"
+            )]
+        );
+        let mut offline = FakeRustup {
+            offline: true,
+            ..FakeRustup::default()
+        };
+        let e = ensure_fuzz_tools(&mut offline).unwrap_err();
+        assert!(
+            e.contains("offline?")
+                && e.ends_with(&format!(
+                    "rustup toolchain install {FUZZ_NIGHTLY} --profile minimal"
+                )),
             "{e}"
         );
     }

@@ -16,18 +16,19 @@ pub fn run(env: &Env) -> ! {
     let Some(case) = env.args.case else {
         crate::fail!("no case= on the command line");
     };
+    use hvcore::abi::case as name;
     match case {
-        "hello" => basic::hello(),
-        "cpuid" => basic::cpuid(),
-        "memory" => memory::run(env),
-        "dirty-log" => dirty_log::run(env),
-        "bad-msr" => basic::bad_msr(),
-        "triple-fault" => basic::triple_fault(),
-        "two-vms" => two_vms::run(env),
-        "local-migrate-idle" => migrate::idle(),
-        "local-migrate-busy" => migrate::busy(env, 16 << 20, "local-migrate-busy"),
-        "local-migrate-abort" => migrate::abort(env),
-        "local-migrate-converge" => migrate::busy(env, 8 << 20, "local-migrate-converge"),
+        name::HELLO => basic::hello(),
+        name::CPUID => basic::cpuid(),
+        name::MEMORY => memory::run(env),
+        name::DIRTY_LOG => dirty_log::run(env),
+        name::BAD_MSR => basic::bad_msr(),
+        name::TRIPLE_FAULT => basic::triple_fault(),
+        name::TWO_VMS => two_vms::run(env),
+        name::LOCAL_MIGRATE_IDLE => migrate::idle(),
+        name::LOCAL_MIGRATE_BUSY => migrate::busy(env, 16 << 20, name::LOCAL_MIGRATE_BUSY),
+        name::LOCAL_MIGRATE_ABORT => migrate::abort(env),
+        name::LOCAL_MIGRATE_CONVERGE => migrate::busy(env, 8 << 20, name::LOCAL_MIGRATE_CONVERGE),
         "heartbeat" => endless::heartbeat(),
         "dirty-demo" => endless::dirty_demo(env),
         "bench-hypercall" => endless::bench_hypercall(),
