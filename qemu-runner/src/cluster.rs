@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hvmgmt::auth::{hex_encode, ClusterKey};
+use hvmgmt::proto::{Body, JobState, Request};
 use serde::{Deserialize, Serialize};
-use vmm_service::mgmt::auth::{hex_encode, ClusterKey};
-use vmm_service::mgmt::proto::{Body, JobState, Request};
 
 use crate::accel::Accel;
 use crate::arch::Arch;
@@ -526,13 +526,12 @@ pub fn bench_link(dir: &Path, bytes: u64, frames: u64) -> Result<String, String>
         bytes >> 20
     );
     hvctl::watch(&mut ca, tx, false)?;
-    let job =
-        |c: &mut Client, id: u64| -> Result<Option<vmm_service::mgmt::proto::JobInfo>, String> {
-            match c.call_ok(Request::JobList)? {
-                Body::JobList { jobs } => Ok(jobs.into_iter().find(|j| j.id == id)),
-                _ => Ok(None),
-            }
-        };
+    let job = |c: &mut Client, id: u64| -> Result<Option<hvmgmt::proto::JobInfo>, String> {
+        match c.call_ok(Request::JobList)? {
+            Body::JobList { jobs } => Ok(jobs.into_iter().find(|j| j.id == id)),
+            _ => Ok(None),
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     let rx_job = loop {
         let j = job(&mut cb, rx)?.ok_or("node b forgot the receive job")?;

@@ -1,6 +1,6 @@
 //! `hvctl`: the management API's command-line client (docs/MANAGEMENT.md).
 //!
-//! The protocol and authentication are `vmm_service::mgmt`'s own code (the
+//! The protocol and authentication are `hvmgmt`'s code (the
 //! same state machines the node runs), driven here over a blocking TCP
 //! stream with timeouts. The node's address and the cluster key come from
 //! the cluster state ([`crate::cluster`]) unless `--addr`/`--key` are given.
@@ -22,12 +22,10 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser, Subcommand};
+use hvmgmt::auth::{ClusterKey, Nonce};
+use hvmgmt::client::{ClientConn, ClientEvent};
+use hvmgmt::proto::{ApiError, Body, JobInfo, JobState, NodeInfo, Outcome, Request, VmInfo};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vmm_service::mgmt::auth::{ClusterKey, Nonce};
-use vmm_service::mgmt::conn::{ClientConn, ClientEvent};
-use vmm_service::mgmt::proto::{
-    ApiError, Body, JobInfo, JobState, NodeInfo, Outcome, Request, VmInfo,
-};
 
 /// Time to connect and for each reply.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -659,7 +657,7 @@ pub fn run_cli(cli: &Cli) -> u8 {
         Ok(code) => code,
         Err(e) => {
             if cli.json {
-                let err = ApiError::new(vmm_service::mgmt::proto::ErrorCode::Unsupported, e);
+                let err = ApiError::new(hvmgmt::proto::ErrorCode::Unsupported, e);
                 println!(
                     "{}",
                     serde_json::json!({ "error": { "message": err.message } })
@@ -871,7 +869,7 @@ mod tests {
         assert_eq!(progress_bar(200, 10), "[##########] 100%");
         let j = JobInfo {
             id: 3,
-            kind: vmm_service::mgmt::proto::JobKind::LiveMigration,
+            kind: hvmgmt::proto::JobKind::LiveMigration,
             vm: "web".into(),
             state: JobState::Running,
             percent: 50,
