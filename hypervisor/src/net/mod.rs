@@ -26,6 +26,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use hal::NetHal;
 use hvcore::host::{NetError, NetStack, NicRole, NicStats, SocketId, TcpState, BENCH_ETHERTYPE};
+use hvmgmt::proto::parse_ipv4;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
@@ -84,19 +85,6 @@ pub struct IfConfig {
     pub addr: [u8; 4],
     pub prefix: u8,
     pub gateway: Option<[u8; 4]>,
-}
-
-fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
-    let mut out = [0u8; 4];
-    let mut parts = s.split('.');
-    for b in &mut out {
-        let p = parts.next()?;
-        if p.is_empty() || p.len() > 3 || !p.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        *b = p.parse().ok()?;
-    }
-    parts.next().is_none().then_some(out)
 }
 
 fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
