@@ -342,9 +342,22 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
     }
     let key = ClusterKey::from_hex(&state.key).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + UP_TIMEOUT;
+    // A spinner while the nodes boot (stderr, drawn on a terminal only).
+    let spinner =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    spinner.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    spinner.enable_steady_tick(Duration::from_millis(120));
     for n in &state.nodes {
+        spinner.set_message(format!(
+            "waiting for node {} to answer on 127.0.0.1:{}",
+            n.name, n.mgmt_port
+        ));
         loop {
             if !alive(n.pid) {
+                spinner.finish_and_clear();
                 let err = fs::read_to_string(dir.join(format!("qemu-{}.err", n.name)))
                     .unwrap_or_default();
                 down(dir).ok();
@@ -363,6 +376,7 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
                 break;
             }
             if Instant::now() > deadline {
+                spinner.finish_and_clear();
                 let tail = log_tail(&n.log, 20);
                 down(dir).ok();
                 return Err(format!(
@@ -375,6 +389,7 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+    spinner.finish_and_clear();
     Ok(state)
 }
 

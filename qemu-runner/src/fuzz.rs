@@ -32,7 +32,7 @@ pub const INPUT_TIMEOUT_SECS: u64 = 25;
 pub const RSS_LIMIT_MB: u64 = 2048;
 /// Fuzzing time the `test` step spends in total (builds come on top): the
 /// per-target time shrinks when many targets share it.
-pub const TEST_STEP_FUZZ_BUDGET: Duration = Duration::from_secs(420);
+pub const TEST_STEP_FUZZ_BUDGET: Duration = Duration::from_secs(360);
 /// The least a target gets, however many there are.
 pub const MIN_TARGET_TIME: Duration = Duration::from_secs(15);
 /// Bytes of a crashing input printed in hex (the whole file is kept).
