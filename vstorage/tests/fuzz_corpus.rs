@@ -1,12 +1,15 @@
-//! Stable-Rust fuzz corpus runner: the `vhdx_open` fuzz harness over valid
-//! seed images and thousands of deterministic mutations of them (bit flips,
+//! Stable-Rust fuzz corpus runner: the whole-file harness over valid seed
+//! images and thousands of deterministic mutations of them (bit flips,
 //! truncations, field overwrites in headers, region tables, metadata, BAT and
-//! log, with and without fixed-up checksums). The harness panics on any bug;
-//! this test only has to finish.
+//! log, with and without fixed-up checksums), and every cargo-fuzz target's
+//! committed seeds and regression inputs (`fuzz/seeds/TARGET/`,
+//! `fuzz/regressions/TARGET/`) through the same harness the target calls.
+//! The harnesses panic on any bug; this test only has to finish.
 
-use vstorage::io::{MemIo, VirtualDisk};
+use vstorage::io::MemIo;
 use vstorage::vhdx::format::{checksum_with_hole, wr32, wr64};
-use vstorage::vhdx::{create, CreateParams, OpenOptions, ParentSpec, Vhdx};
+use vstorage::vhdx::fuzz::{self, Templates};
+use vstorage::vhdx::{OpenOptions, Vhdx};
 
 const MIB: usize = 1 << 20;
 
@@ -29,56 +32,9 @@ impl Rng {
     }
 }
 
-fn image(p: &CreateParams, writes: &[(u64, usize, u8)]) -> Vec<u8> {
-    let mut d = create(MemIo::new(), p).unwrap();
-    for &(o, l, b) in writes {
-        d.write(o, &vec![b; l]).unwrap();
-    }
-    d.close().unwrap();
-    d.io().as_slice().to_vec()
-}
-
+/// Valid whole-file images to mutate: the fuzz targets' templates.
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut p = CreateParams::dynamic(3 << 20);
-    p.block_size = 1 << 20;
-    p.guid_seed = 1;
-    out.push((
-        "dynamic",
-        image(&p, &[(0, 4096, 1), ((2 << 20) + 512, 512, 2)]),
-    ));
-    let mut f = p.clone();
-    f.fixed = true;
-    f.virtual_size = 2 << 20;
-    out.push(("fixed", image(&f, &[(512, 512, 3)])));
-    let mut s4 = p.clone();
-    s4.logical_sector_size = 4096;
-    out.push(("sector4096", image(&s4, &[(4096, 4096, 4)])));
-    // A differencing child with a partially present block.
-    let parent = Vhdx::open(MemIo::from_vec(out[0].1.clone()), OpenOptions::read_only()).unwrap();
-    let mut c = p.clone();
-    c.parent = Some(ParentSpec {
-        data_write_guid: parent.header().data_write_guid,
-        relative_path: Some("p.vhdx".into()),
-        absolute_path: Some("\\\\?\\tmp\\p.vhdx".into()),
-        virtual_size: parent.virtual_size(),
-        logical_sector_size: 512,
-        physical_sector_size: 4096,
-        disk_id: parent.disk_id(),
-    });
-    let mut child = create(MemIo::new(), &c).unwrap();
-    child.attach_parent(parent).unwrap();
-    child.write(1024, &[5u8; 1024]).unwrap();
-    child.close().unwrap();
-    out.push(("differencing", child.io().as_slice().to_vec()));
-    // A pending log: entry flushed, not applied.
-    let mut d = create(MemIo::new(), &p).unwrap();
-    d.write(0, &[6u8; 512]).unwrap();
-    d.debug_stop_before_apply();
-    d.write(1 << 20, &[7u8; 512]).unwrap();
-    assert!(d.flush().is_err());
-    out.push(("pending-log", d.io().as_slice().to_vec()));
-    out
+    Templates::new().images()
 }
 
 /// Recomputes the header, region table and (first) log entry checksums so
@@ -259,5 +215,205 @@ fn short_and_empty_inputs() {
             b[..8].copy_from_slice(b"vhdxfile");
         }
         vstorage::vhdx::fuzz_harness(&b);
+    }
+}
+
+/// The cargo-fuzz targets' directory.
+fn fuzz_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+}
+
+/// Files of `fuzz/<kind>/<target>/`, sorted (none if it does not exist).
+fn inputs(kind: &str, target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = fuzz_dir().join(kind).join(target);
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.path().is_file())
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        std::fs::read(e.path()).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// One log entry for the `vhdx_log_replay` seeds: it rewrites BAT page 0
+/// of the template (block 0 at 4 MiB, block 2 at 5 MiB, as `create` laid
+/// them out) and adds block 1 at 6 MiB, growing the file to 7 MiB.
+fn log_seed(zero_too: bool) -> Vec<u8> {
+    use vstorage::vhdx::format::{BatEntry, Guid, PAYLOAD_FULLY_PRESENT};
+    use vstorage::vhdx::log::{build_entry, EntryParams, LogWrite};
+    let mut page = vec![0u8; 4096];
+    for (i, off) in [(0usize, 4u64), (1, 6), (2, 5)] {
+        let e = BatEntry::new(PAYLOAD_FULLY_PRESENT, off << 20).0;
+        page[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
+    }
+    let mut writes = vec![LogWrite::Data {
+        file_offset: 3 << 20,
+        data: page,
+    }];
+    if zero_too {
+        writes.push(LogWrite::Zero {
+            file_offset: 6 << 20,
+            len: 1 << 20,
+        });
+    }
+    let p = EntryParams {
+        sequence_number: 1,
+        tail: 0,
+        log_guid: Guid::ZERO,
+        flushed_file_offset: 6 << 20,
+        last_file_offset: 7 << 20,
+    };
+    // Flag byte 1: the harness fills in its LogGuid and the checksum.
+    let mut input = vec![1u8];
+    input.extend(build_entry(&p, &writes));
+    input
+}
+
+/// The committed seed inputs, by target (regenerate the files with
+/// `VSTORAGE_WRITE_FUZZ_SEEDS=1 cargo test -p vstorage --test fuzz_corpus`).
+fn seed_inputs() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let patch = |sel: u8, flags: u8, off: u32, bytes: &[u8]| {
+        let mut v = vec![sel, flags];
+        v.extend(off.to_le_bytes());
+        v.push(bytes.len() as u8);
+        v.extend(bytes);
+        v
+    };
+    let op = |o: u8, sector: u16, fill: u8| [o, (sector >> 8) as u8, sector as u8, fill];
+    let ops = |sel: u8, list: &[[u8; 4]]| {
+        let mut v = vec![sel];
+        for o in list {
+            v.extend(o);
+        }
+        v
+    };
+    let mut raw = vec![5u8];
+    raw.extend(b"vhdxfile");
+    raw.resize(200, 0);
+    vec![
+        ("vhdx_open", "dynamic", vec![0, 0]),
+        ("vhdx_open", "sector4096", vec![1, 0]),
+        ("vhdx_open", "fixed", vec![2, 0]),
+        ("vhdx_open", "differencing", vec![3, 0]),
+        ("vhdx_open", "pending-log", vec![4, 0]),
+        ("vhdx_open", "raw-short", raw),
+        // BAT entry 1 of the dynamic template made zero-state with space.
+        (
+            "vhdx_open",
+            "zero-block",
+            patch(0, 1, 3 << 20 | 8, &((5u64 << 20) | 2).to_le_bytes()),
+        ),
+        // Header 1's log offset changed, checksums fixed.
+        (
+            "vhdx_open",
+            "log-offset",
+            patch(0, 1, (64 << 10) + 72, &(3u64 << 20).to_le_bytes()),
+        ),
+        (
+            "vhdx_io",
+            "dynamic",
+            ops(
+                0,
+                &[
+                    op(0, 7, 0x11),
+                    op(1, 0, 3),
+                    op(2, 0, 0),
+                    op(3, 0, 0),
+                    op(1, 7, 1),
+                ],
+            ),
+        ),
+        (
+            "vhdx_io",
+            "sector4096",
+            ops(
+                1,
+                &[op(0, 300, 0x22), op(4, 0, 0), op(0, 1000, 9), op(1, 299, 4)],
+            ),
+        ),
+        (
+            "vhdx_io",
+            "fixed-crash",
+            ops(2, &[op(0, 5, 0x33), op(5, 4000, 0x44), op(1, 4000, 2)]),
+        ),
+        (
+            "vhdx_io",
+            "differencing",
+            ops(
+                3,
+                &[op(0, 3, 0x55), op(1, 0, 15), op(5, 6000, 7), op(4, 0, 0)],
+            ),
+        ),
+        ("vhdx_log_replay", "bat-page", log_seed(false)),
+        ("vhdx_log_replay", "bat-page-and-zero", log_seed(true)),
+        ("vhdx_log_replay", "empty", vec![0]),
+    ]
+}
+
+fn run_target(t: &Templates, target: &str, data: &[u8]) {
+    match target {
+        "vhdx_open" => {
+            fuzz::open(t, data);
+        }
+        "vhdx_io" => fuzz::io(t, data),
+        "vhdx_log_replay" => fuzz::log_replay(t, data),
+        other => panic!("no harness for {other}"),
+    }
+}
+
+const TARGETS: [&str; 3] = ["vhdx_open", "vhdx_io", "vhdx_log_replay"];
+
+/// Every fuzz target has committed seeds equal to what `seed_inputs`
+/// builds, and each seed and regression input runs through its harness
+/// (the same code the cargo-fuzz targets call) without a failure.
+#[test]
+fn fuzz_seeds_and_regressions_run_clean() {
+    let t = Templates::new();
+    let want = seed_inputs();
+    if std::env::var_os("VSTORAGE_WRITE_FUZZ_SEEDS").is_some() {
+        for (target, name, data) in &want {
+            let dir = fuzz_dir().join("seeds").join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), data).unwrap();
+        }
+    }
+    for target in TARGETS {
+        assert!(
+            fuzz_dir()
+                .join("fuzz_targets")
+                .join(format!("{target}.rs"))
+                .is_file(),
+            "{target} has no cargo-fuzz target"
+        );
+        let seeds = inputs("seeds", target);
+        let expected: Vec<_> = want.iter().filter(|s| s.0 == target).collect();
+        assert_eq!(seeds.len(), expected.len(), "{target}: seeds on disk");
+        for (_, name, data) in expected {
+            let on_disk = seeds.iter().find(|s| s.0 == *name);
+            assert_eq!(on_disk.map(|s| &s.1), Some(data), "{target}/{name}");
+        }
+        for (name, data) in seeds.iter().chain(&inputs("regressions", target)) {
+            assert!(data.len() <= 16 << 10, "{target}/{name} is not small");
+            run_target(&t, target, data);
+        }
+    }
+    // The seeds reach the code past the checksums: the log seeds replay.
+    for (name, data) in inputs("seeds", "vhdx_log_replay") {
+        let img = fuzz::log_image(&t, &data);
+        let d = Vhdx::open(img, OpenOptions::read_only()).unwrap();
+        assert_eq!(d.log_was_replayed(), name != "empty", "{name}");
+    }
+    for (name, data) in inputs("seeds", "vhdx_open") {
+        if name != "raw-short" {
+            assert!(fuzz::open(&t, &data), "seed {name} does not open");
+        }
     }
 }

@@ -1,10 +1,14 @@
-//! Opens arbitrary bytes as a VHDX through `MemIo` and does reads and writes.
-//! Run with `cargo +nightly fuzz run vhdx_open` from `vstorage/`; the same
-//! harness runs on stable over a mutation corpus in `tests/fuzz_corpus.rs`.
+//! `cargo +nightly fuzz run vhdx_open` from `vstorage/`; the input format is
+//! described in `vstorage/src/vhdx/fuzz.rs`. Seeds: `fuzz/seeds/vhdx_open/`.
 #![no_main]
 
+use std::sync::OnceLock;
+
 use libfuzzer_sys::fuzz_target;
+use vstorage::vhdx::fuzz::{self, Templates};
+
+static TEMPLATES: OnceLock<Templates> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
-    vstorage::vhdx::fuzz_harness(data);
+    fuzz::open(TEMPLATES.get_or_init(Templates::new), data);
 });

@@ -5,8 +5,9 @@
 //! (what a structure says, where a virtual range lives, what a log entry
 //! holds); `disk` moves bytes through a [`crate::BlockIo`] in the order the
 //! crash-safety rules need. All file-derived values are bounded before use and
-//! no input panics (see `fuzz_harness`, run by `tests/fuzz_corpus.rs` and the
-//! `vhdx_open` cargo-fuzz target).
+//! no input panics (see the `fuzz` harnesses, run by the cargo-fuzz targets
+//! in `vstorage/fuzz/` and, over their seeds and regressions, by
+//! `tests/fuzz_corpus.rs`).
 //!
 //! Using it:
 //! - [`Vhdx::open`] / [`create`] over any `BlockIo`; with `std`,
@@ -27,7 +28,8 @@
 pub mod crafted;
 pub mod disk;
 pub mod format;
-mod fuzz;
+#[doc(hidden)]
+pub mod fuzz;
 #[cfg(feature = "std")]
 pub mod host;
 pub mod layout;
