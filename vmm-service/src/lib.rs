@@ -3,9 +3,12 @@
 //! Logic only (no unsafe, no hardware): it reaches the machine through
 //! `hvcore::host::Host` and `Partition`, so `cargo test -p vmm-service`
 //! runs it against doubles. Parts:
-//! * [`loader`]: the guest kernel ELF into guest RAM;
+//! * [`loader`]: the guest kernel ELF into guest RAM, or a Linux bzImage
+//!   and initramfs with its boot parameters and ACPI tables;
 //! * [`start`]: the guest's start state (page tables, GDT, boot params);
-//! * [`uart`], [`devices`]: device models and the port I/O bus;
+//! * [`uart`], [`devices`]: device models (UART, the PC platform: 8259,
+//!   8254, RTC, ACPI PM, I/O APIC, local APIC), the port I/O and MMIO
+//!   buses, the interrupt path and the MMIO instruction emulator;
 //! * [`hypercall`]: the hypercalls (generic exits are `hvcore::exit`'s);
 //! * [`vm`]: a VM, its lifecycle and its worker loop;
 //! * [`sched`]: round-robin time slices over VMs;

@@ -3,9 +3,17 @@
 //! A pure state machine over its eight byte-wide registers. Transmission is
 //! instantaneous: THR is always empty (LSR.THRE and LSR.TEMT always set), and
 //! every transmitted byte goes to a [`LineBuffer`] that hands complete,
-//! sanitised lines to a [`LineSink`]. There is no host input path yet, so the
-//! receive FIFO fills only in loopback mode (MCR bit 4), which is enough for
-//! drivers that probe the chip with a loopback test.
+//! sanitised lines to a [`LineSink`]. The receive FIFO fills from the host
+//! ([`Uart16550::receive_input`], the VM's console input) and, in loopback
+//! mode (MCR bit 4), from the transmitter, which drivers use to probe the
+//! chip.
+//!
+//! Interrupt output ([`Uart16550::interrupt_line`]): the INTR pin is up
+//! while an enabled interrupt condition is pending (received data, THR
+//! empty) and, as on every PC, it reaches the interrupt controller only
+//! through the OUT2 gate (MCR bit 3). THR empty is raised when THRE
+//! interrupts are enabled or a byte is written, and cleared by reading IIR
+//! while it is the reported source.
 //!
 //! Invariants: the receive FIFO holds at most [`RX_FIFO_BYTES`] bytes, the
 //! pending line at most [`LINE_MAX_BYTES`] printable ASCII bytes, and only
@@ -14,8 +22,9 @@
 //!
 //! Register layout: National Semiconductor PC16550D data sheet, table II.
 
+use crate::devices::state::{DeviceKind, Snapshot, StateError};
+use crate::devices::{Device, DeviceCtx};
 use alloc::vec::Vec;
-use core::fmt;
 
 /// Depth of the receive FIFO (16550A).
 pub const RX_FIFO_BYTES: usize = 16;
@@ -36,6 +45,7 @@ const LCR_DLAB: u8 = 0x80;
 const IER_RDA: u8 = 0x01;
 const IER_THRE: u8 = 0x02;
 const IER_MASK: u8 = 0x0f;
+const MCR_OUT2: u8 = 0x08;
 const MCR_LOOP: u8 = 0x10;
 const MCR_MASK: u8 = 0x1f;
 const FCR_ENABLE: u8 = 0x01;
@@ -99,43 +109,6 @@ impl LineBuffer {
         let line = core::str::from_utf8(&self.buf).unwrap_or("");
         sink.line(line);
         self.buf.clear();
-    }
-}
-
-/// Why a saved UART state was rejected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RestoreError {
-    /// The state ended before all fields were read.
-    Truncated,
-    /// A format version this build does not understand.
-    UnsupportedVersion(u8),
-    /// A length field over its cap.
-    LengthOverCap { what: &'static str, len: usize },
-    /// A field holding a value the device can never be in.
-    BadValue { what: &'static str, value: u8 },
-    /// Bytes after the last field.
-    TrailingBytes(usize),
-}
-
-impl fmt::Display for RestoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RestoreError::Truncated => write!(f, "UART state truncated"),
-            RestoreError::UnsupportedVersion(v) => {
-                write!(
-                    f,
-                    "UART state version {v} not supported (expected {})",
-                    Uart16550::SAVE_VERSION
-                )
-            }
-            RestoreError::LengthOverCap { what, len } => {
-                write!(f, "UART state: {what} length {len} over its cap")
-            }
-            RestoreError::BadValue { what, value } => {
-                write!(f, "UART state: invalid {what} {value:#04x}")
-            }
-            RestoreError::TrailingBytes(n) => write!(f, "UART state: {n} trailing bytes"),
-        }
     }
 }
 
@@ -284,6 +257,22 @@ impl Uart16550 {
         self.line.pending()
     }
 
+    /// Host input for the guest: as many of `bytes` as the receive FIFO
+    /// has room for; returns how many it took. Host input never overruns:
+    /// what does not fit waits on the host side.
+    pub fn receive_input(&mut self, bytes: &[u8]) -> usize {
+        let room = RX_FIFO_BYTES - self.rx.len();
+        let n = room.min(bytes.len());
+        self.rx.extend_from_slice(&bytes[..n]);
+        n
+    }
+
+    /// The level of the UART's interrupt line as the PIC sees it: an
+    /// enabled condition pending, gated by OUT2.
+    pub fn interrupt_line(&self) -> bool {
+        self.mcr & MCR_OUT2 != 0 && self.interrupt_id() != IIR_NONE
+    }
+
     fn receive(&mut self, byte: u8) {
         if self.rx.len() >= RX_FIFO_BYTES {
             self.overrun = true;
@@ -329,11 +318,14 @@ impl Uart16550 {
 
     /// Rebuild a UART from [`Uart16550::save`] output. Every field is
     /// checked; on error nothing is changed.
-    pub fn restore(bytes: &[u8]) -> Result<Self, RestoreError> {
-        let mut r = Reader { bytes, pos: 0 };
+    pub fn restore(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = crate::devices::state::StateReader::new(bytes);
         let version = r.u8()?;
         if version != Self::SAVE_VERSION {
-            return Err(RestoreError::UnsupportedVersion(version));
+            return Err(StateError::UnsupportedVersion {
+                what: "UART",
+                version: u32::from(version),
+            });
         }
         let ier = r.u8()?;
         let lcr = r.u8()?;
@@ -342,53 +334,42 @@ impl Uart16550 {
         let dll = r.u8()?;
         let dlm = r.u8()?;
         let fcr = r.u8()?;
-        let overrun = r.flag("overrun flag")?;
-        let thre_pending = r.flag("THRE pending flag")?;
+        let overrun = r.bool("overrun flag")?;
+        let thre_pending = r.bool("THRE pending flag")?;
+        let bad = |what, value: u8| StateError::BadValue {
+            what,
+            value: u64::from(value),
+        };
         if ier & !IER_MASK != 0 {
-            return Err(RestoreError::BadValue {
-                what: "IER",
-                value: ier,
-            });
+            return Err(bad("IER", ier));
         }
         if mcr & !MCR_MASK != 0 {
-            return Err(RestoreError::BadValue {
-                what: "MCR",
-                value: mcr,
-            });
+            return Err(bad("MCR", mcr));
         }
         if fcr & !0xc9 != 0 {
-            return Err(RestoreError::BadValue {
-                what: "FCR",
-                value: fcr,
-            });
+            return Err(bad("FCR", fcr));
         }
         let rx_len = usize::from(r.u8()?);
         if rx_len > RX_FIFO_BYTES {
-            return Err(RestoreError::LengthOverCap {
+            return Err(StateError::LengthOverCap {
                 what: "receive FIFO",
-                len: rx_len,
+                len: rx_len as u64,
             });
         }
         let rx = r.take(rx_len)?.to_vec();
         let line_len = usize::from(r.u8()?);
         if line_len >= LINE_MAX_BYTES {
-            return Err(RestoreError::LengthOverCap {
+            return Err(StateError::LengthOverCap {
                 what: "pending line",
-                len: line_len,
+                len: line_len as u64,
             });
         }
         let line = r.take(line_len)?;
-        if let Some(&bad) = line.iter().find(|b| !(0x20..=0x7e).contains(*b)) {
-            return Err(RestoreError::BadValue {
-                what: "pending line byte",
-                value: bad,
-            });
+        if let Some(&b) = line.iter().find(|b| !(0x20..=0x7e).contains(*b)) {
+            return Err(bad("pending line byte", b));
         }
         let line = LineBuffer { buf: line.to_vec() };
-        let rest = bytes.len() - r.pos;
-        if rest != 0 {
-            return Err(RestoreError::TrailingBytes(rest));
-        }
+        r.finish()?;
         Ok(Self {
             ier,
             lcr,
@@ -405,30 +386,47 @@ impl Uart16550 {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+impl Snapshot for Uart16550 {
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Uart16550
+    }
+    /// The payload is [`Uart16550::save`]'s output, which carries its own
+    /// version byte too (it predates the record format).
+    fn state_version(&self) -> u16 {
+        u16::from(Self::SAVE_VERSION)
+    }
+    fn save_state(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.save());
+    }
+    fn restore_state(&mut self, version: u16, bytes: &[u8]) -> Result<(), StateError> {
+        crate::devices::state::expect_version("UART", version, u16::from(Self::SAVE_VERSION))?;
+        *self = Self::restore(bytes)?;
+        Ok(())
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], RestoreError> {
-        let end = self.pos.checked_add(n).ok_or(RestoreError::Truncated)?;
-        let s = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(RestoreError::Truncated)?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, RestoreError> {
-        Ok(self.take(1)?[0])
-    }
-    fn flag(&mut self, what: &'static str) -> Result<bool, RestoreError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            value => Err(RestoreError::BadValue { what, value }),
+impl Device for Uart16550 {
+    /// Byte-wide registers: a wider access reads consecutive registers.
+    fn read(&mut self, _region: u8, offset: u64, data: &mut [u8], ctx: &mut DeviceCtx<'_>) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let reg = offset.saturating_add(i as u64);
+            *b = if reg < u64::from(Self::PORTS) {
+                Uart16550::read(self, reg as u8)
+            } else {
+                0xff
+            };
         }
+        ctx.irq.set(self.interrupt_line());
+    }
+
+    fn write(&mut self, _region: u8, offset: u64, data: &[u8], ctx: &mut DeviceCtx<'_>) {
+        for (i, &b) in data.iter().enumerate() {
+            let reg = offset.saturating_add(i as u64);
+            if reg < u64::from(Self::PORTS) {
+                Uart16550::write(self, reg as u8, b, &mut *ctx.console);
+            }
+        }
+        ctx.irq.set(self.interrupt_line());
     }
 }
 
@@ -597,11 +595,11 @@ mod tests {
         let mut out = Lines::default();
         send(&mut u, b"abc", &mut out);
         let good = u.save();
-        assert_eq!(Uart16550::restore(&[]), Err(RestoreError::Truncated));
+        assert_eq!(Uart16550::restore(&[]), Err(StateError::Truncated));
         for len in 0..good.len() {
             assert_eq!(
                 Uart16550::restore(&good[..len]),
-                Err(RestoreError::Truncated),
+                Err(StateError::Truncated),
                 "len {len}"
             );
         }
@@ -609,35 +607,38 @@ mod tests {
         v[0] = 9;
         assert_eq!(
             Uart16550::restore(&v),
-            Err(RestoreError::UnsupportedVersion(9))
+            Err(StateError::UnsupportedVersion {
+                what: "UART",
+                version: 9
+            })
         );
         let mut v = good.clone();
         v.push(0);
-        assert_eq!(Uart16550::restore(&v), Err(RestoreError::TrailingBytes(1)));
+        assert_eq!(Uart16550::restore(&v), Err(StateError::TrailingBytes(1)));
         let mut v = good.clone();
         v[8] = 2; // overrun flag
         assert!(matches!(
             Uart16550::restore(&v),
-            Err(RestoreError::BadValue { .. })
+            Err(StateError::BadValue { .. })
         ));
         let mut v = good.clone();
         v[1] = 0xff; // IER
         assert!(matches!(
             Uart16550::restore(&v),
-            Err(RestoreError::BadValue { .. })
+            Err(StateError::BadValue { .. })
         ));
         let mut v = good.clone();
         v[10] = 200; // rx length
         assert!(matches!(
             Uart16550::restore(&v),
-            Err(RestoreError::LengthOverCap { .. })
+            Err(StateError::LengthOverCap { .. })
         ));
         let mut v = good.clone();
         let last = v.len() - 1;
         v[last] = 0x1b; // control byte in the pending line
         assert!(matches!(
             Uart16550::restore(&v),
-            Err(RestoreError::BadValue { .. })
+            Err(StateError::BadValue { .. })
         ));
         // No byte flip may panic.
         for i in 0..good.len() {
@@ -647,5 +648,46 @@ mod tests {
                 let _ = Uart16550::restore(&v);
             }
         }
+    }
+
+    #[test]
+    fn interrupt_line_follows_conditions_and_out2() {
+        let mut u = Uart16550::new();
+        let mut out = Lines::default();
+        u.write(REG_IER, IER_THRE | IER_RDA, &mut out);
+        assert!(!u.interrupt_line(), "OUT2 low: the PIC never sees it");
+        u.write(REG_MCR, MCR_OUT2, &mut out);
+        assert!(u.interrupt_line(), "THR empty");
+        assert_eq!(u.read(REG_IIR_FCR), IIR_THRE);
+        assert!(!u.interrupt_line(), "reading IIR cleared THRE");
+        u.write(REG_DATA, b'x', &mut out);
+        assert!(u.interrupt_line(), "the byte left: THR empty again");
+        u.read(REG_IIR_FCR);
+        // Linux's THRE test: disable and re-enable THRE re-asserts it.
+        u.write(REG_IER, 0, &mut out);
+        u.write(REG_IER, IER_THRE, &mut out);
+        assert_eq!(u.read(REG_IIR_FCR), IIR_THRE);
+        // Received data.
+        u.write(REG_IER, IER_RDA, &mut out);
+        assert_eq!(u.receive_input(b"ls\n"), 3);
+        assert!(u.interrupt_line());
+        assert_eq!(u.read(REG_IIR_FCR), IIR_RDA);
+        assert_eq!(u.read(REG_LSR) & LSR_DR, LSR_DR);
+        assert_eq!(
+            [u.read(REG_DATA), u.read(REG_DATA), u.read(REG_DATA)],
+            *b"ls\n"
+        );
+        assert!(!u.interrupt_line());
+    }
+
+    #[test]
+    fn host_input_fills_the_fifo_and_never_overruns() {
+        let mut u = Uart16550::new();
+        let input = [b'a'; 40];
+        assert_eq!(u.receive_input(&input), RX_FIFO_BYTES);
+        assert_eq!(u.receive_input(&input), 0);
+        assert_eq!(u.read(REG_LSR) & LSR_OE, 0);
+        u.read(REG_DATA);
+        assert_eq!(u.receive_input(&input), 1);
     }
 }
