@@ -11,6 +11,12 @@
 //! `p_memsz` past `p_filesz` (bss) is zero-filled.
 //!
 //! ELF format: System V ABI, "Object Files" and "Program Loading" chapters.
+//!
+//! Linux guests are loaded by [`linux`] (bzImage, [`bzimage`] parses its
+//! setup header) instead.
+
+pub mod bzimage;
+pub mod linux;
 
 use alloc::string::{String, ToString};
 use core::fmt;

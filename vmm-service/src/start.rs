@@ -92,28 +92,8 @@ pub fn build(
         });
     }
 
-    // Page tables, one page at a time.
-    let mut page = [0u8; PAGE_SIZE as usize];
-    put_entries(&mut page, |i| {
-        (i == 0).then_some(GUEST_PDPT_GPA | PTE_PRESENT | PTE_WRITABLE)
-    });
-    mem.write(Gpa(GUEST_PML4_GPA), &page)?;
-    put_entries(&mut page, |i| {
-        (i < 4).then(|| (GUEST_PD_GPA + i * PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE)
-    });
-    mem.write(Gpa(GUEST_PDPT_GPA), &page)?;
-    for pd in 0..4u64 {
-        put_entries(&mut page, |i| {
-            Some(((pd * 512 + i) * LARGE_PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE | PTE_LARGE)
-        });
-        mem.write(Gpa(GUEST_PD_GPA + pd * PAGE_SIZE), &page)?;
-    }
-
-    let mut gdt = [0u8; GDT.len() * 8];
-    for (chunk, d) in gdt.chunks_exact_mut(8).zip(GDT) {
-        chunk.copy_from_slice(&d.to_le_bytes());
-    }
-    mem.write(Gpa(GUEST_GDT_GPA), &gdt)?;
+    write_identity_map(mem)?;
+    write_gdt(mem, &GDT)?;
 
     let params = BootParams {
         ram_bytes: mem.ram_bytes(),
@@ -136,6 +116,39 @@ pub fn build(
         gdt_base: Gpa(GUEST_GDT_GPA),
         gdt_limit: (GDT.len() * 8 - 1) as u16,
     })
+}
+
+/// Write the identity page tables for the first [`IDENTITY_MAP_BYTES`]
+/// (PML4 at [`GUEST_PML4_GPA`], PDPT, four page directories of 2 MiB
+/// pages), the CR3 every guest starts with.
+pub fn write_identity_map(mem: &mut dyn GuestMemory) -> Result<(), MemError> {
+    let mut page = [0u8; PAGE_SIZE as usize];
+    put_entries(&mut page, |i| {
+        (i == 0).then_some(GUEST_PDPT_GPA | PTE_PRESENT | PTE_WRITABLE)
+    });
+    mem.write(Gpa(GUEST_PML4_GPA), &page)?;
+    put_entries(&mut page, |i| {
+        (i < 4).then(|| (GUEST_PD_GPA + i * PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE)
+    });
+    mem.write(Gpa(GUEST_PDPT_GPA), &page)?;
+    for pd in 0..4u64 {
+        put_entries(&mut page, |i| {
+            Some(((pd * 512 + i) * LARGE_PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE | PTE_LARGE)
+        });
+        mem.write(Gpa(GUEST_PD_GPA + pd * PAGE_SIZE), &page)?;
+    }
+    Ok(())
+}
+
+/// Write `gdt` (descriptors, little-endian) at [`GUEST_GDT_GPA`]; its
+/// limit is `gdt.len() * 8 - 1`. At most one page.
+pub fn write_gdt(mem: &mut dyn GuestMemory, gdt: &[u64]) -> Result<(), MemError> {
+    let mut bytes = [0u8; 64];
+    let n = gdt.len().min(bytes.len() / 8);
+    for (chunk, d) in bytes.chunks_exact_mut(8).zip(&gdt[..n]) {
+        chunk.copy_from_slice(&d.to_le_bytes());
+    }
+    mem.write(Gpa(GUEST_GDT_GPA), &bytes[..n * 8])
 }
 
 /// Fill `page` with 512 little-endian entries, `f(i)` or zero.
