@@ -19,6 +19,7 @@ pub mod cli;
 pub mod cluster;
 pub mod fuzz;
 pub mod hvctl;
+pub mod linux_image;
 pub mod markers;
 pub mod migration_report;
 pub mod process;
