@@ -1,10 +1,11 @@
-//! Build the Linux guest image (downloads on first use) and print what the
-//! loader sees in it: `cargo run -p qemu-runner --example linux-image`.
-//! The runner's `linux-boot` case will call the same library function.
+//! Build the Linux guest image (downloads on first use) and print where it
+//! is: `cargo run -p qemu-runner --example linux-image`. The runner's Linux
+//! cases will call the same library function. What the node's loader makes
+//! of it: `cargo run -p vmm-service --example linux-layout -- KERNEL
+//! INITRAMFS`.
 
 use qemu_runner::linux_image;
 use std::path::PathBuf;
-use vmm_service::loader::{bzimage, linux};
 
 fn main() {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -19,50 +20,18 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let kernel = std::fs::read(&image.kernel).expect("read the kernel");
-    let initrd_len = std::fs::metadata(&image.initramfs)
-        .expect("initramfs")
-        .len();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len() / 1024).unwrap_or(0);
     println!("release    {}", image.release);
     println!(
         "kernel     {} ({} KiB)",
         image.kernel.display(),
-        kernel.len() / 1024
+        size(&image.kernel)
     );
     println!(
         "initramfs  {} ({} KiB)",
         image.initramfs.display(),
-        initrd_len / 1024
+        size(&image.initramfs)
     );
     println!("modules    {}", image.modules.join(" "));
-    match bzimage::parse(&kernel) {
-        Ok(bz) => {
-            let h = bz.header;
-            println!(
-                "bzImage    protocol {}.{:02}, setup {} sectors, protected-mode part {} KiB, init_size {} KiB",
-                h.version >> 8,
-                h.version & 0xff,
-                h.setup_sects,
-                bz.kernel.len() / 1024,
-                h.init_size / 1024
-            );
-            println!(
-                "           pref_address {:#x}, alignment {:#x} (min 2^{}), xloadflags {:#x}, cmdline_size {}",
-                h.pref_address, h.kernel_alignment, h.min_alignment, h.xloadflags, h.cmdline_size
-            );
-            println!("           version {}", bz.version.unwrap_or("(none)"));
-            let cmdline = linux::kernel_cmdline("", None);
-            for ram_mib in [64u64, 128, 256] {
-                match linux::plan(&bz, ram_mib << 20, initrd_len, &cmdline) {
-                    Ok(l) => println!(
-                        "layout     {ram_mib} MiB: kernel {:#x}..{:#x}, initramfs at {:#x}",
-                        l.kernel_gpa, l.kernel_end_gpa, l.initrd_gpa
-                    ),
-                    Err(e) => println!("layout     {ram_mib} MiB: {e}"),
-                }
-            }
-        }
-        Err(e) => println!("bzImage    refused: {e}"),
-    }
     println!("took       {:.1} s", started.elapsed().as_secs_f64());
 }
