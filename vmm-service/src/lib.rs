@@ -15,8 +15,10 @@
 //! * [`migrate`]: live migration of a VM within the node;
 //! * [`cases`], [`node`]: the node modes (test cases, demo, benchmark,
 //!   heartbeat node, managed node);
-//! * [`mgmt`]: the management API (protocol, authentication, jobs,
-//!   handlers).
+//! * [`mgmt`]: the management API (server, jobs, handlers; the protocol
+//!   itself is the `hvmgmt` crate);
+//! * [`pump`]: the one piece that moves bytes between TCP sockets and the
+//!   protocols spoken over them.
 //!
 //! Guest behaviour never panics the service: whatever a guest does ends in
 //! an error return to it, an injected exception, or that VM being stopped
@@ -33,13 +35,17 @@ pub mod loader;
 pub mod mgmt;
 pub mod migrate;
 pub mod node;
+pub mod pump;
 pub mod sched;
 pub mod start;
 pub mod uart;
 pub mod vm;
 
-#[cfg(test)]
-pub(crate) mod testing;
+/// Test doubles (host, partition, vCPU, memory, network): the host tests'
+/// and, with the `testing` feature, the fuzz harnesses'. Not API.
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 
 use hvcore::host::Host;
 

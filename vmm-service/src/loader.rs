@@ -324,8 +324,9 @@ fn check_segment(
     })
 }
 
-/// Build small ELF images for tests (here and in other modules).
-#[cfg(test)]
+/// Build small ELF images for tests (here and in other modules) and the
+/// test doubles (`testing`).
+#[cfg(any(test, feature = "testing"))]
 pub(crate) mod build {
     use alloc::vec::Vec;
 

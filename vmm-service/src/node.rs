@@ -11,7 +11,8 @@
 
 use crate::cases::{self, Case};
 use crate::mgmt::auth::ClusterKey;
-use crate::mgmt::service::{Managed, MgmtServer, NodeIdentity};
+use crate::mgmt::server::MgmtServer;
+use crate::mgmt::service::{Managed, NodeIdentity};
 use crate::sched::{ProgressLog, RunOutcome, Scheduler};
 use crate::vm::{StopReason, Vm};
 use alloc::format;

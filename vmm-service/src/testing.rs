@@ -290,9 +290,18 @@ pub struct FakeHost {
     pub raw_ns_per_roundtrip: u64,
     pub entropy: crate::mgmt::auth::TestEntropy,
     pub net: Option<FakeNet>,
+    /// Partitions larger than this fail with `OutOfMemory` (the fuzz
+    /// harnesses: guest RAM is allocated for real here).
+    pub ram_limit_bytes: Option<u64>,
     /// Clock advance per `idle()`.
     pub idle_ns: u64,
     pub idles: u64,
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FakeHost {
@@ -310,6 +319,7 @@ impl FakeHost {
             raw_ns_per_roundtrip: 10_000,
             entropy: crate::mgmt::auth::TestEntropy(0x1234_5678_9abc_def1),
             net: None,
+            ram_limit_bytes: None,
             idle_ns: 1_000_000,
             idles: 0,
         }
@@ -339,6 +349,12 @@ impl Host for FakeHost {
     fn create_partition(&mut self, ram_bytes: u64) -> Result<Box<dyn Partition>, HostError> {
         if self.fail_create {
             return Err(HostError::NoVirtualization);
+        }
+        if let Some(limit) = self.ram_limit_bytes.filter(|l| ram_bytes > *l) {
+            return Err(HostError::OutOfMemory {
+                requested_bytes: ram_bytes,
+                free_bytes: limit,
+            });
         }
         self.created.push(ram_bytes);
         let mut p = FakePartition::new(ram_bytes);
@@ -411,6 +427,9 @@ pub struct FakeNet {
     pub send_room: usize,
     pub polls: u64,
     pub bench_frames: u64,
+    /// Receive windows of peers set by [`FakeNet::peer_window`]: the node
+    /// can have at most this many bytes sent and not yet taken by the peer.
+    windows: BTreeMap<u32, usize>,
 }
 
 impl FakeNet {
@@ -448,6 +467,12 @@ impl FakeNet {
         if let Some(s) = self.sockets.get_mut(&id.0) {
             s.state = TcpState::PeerClosed;
         }
+    }
+    /// The peer of `id` has a receive window of `bytes`: once that much
+    /// sent data waits untaken ([`FakeNet::peer_take`]), sends take nothing
+    /// (a peer that never reads).
+    pub fn peer_window(&mut self, id: SocketId, bytes: usize) {
+        self.windows.insert(id.0, bytes);
     }
     /// Whether the node released socket `id`.
     pub fn released(&self, id: SocketId) -> bool {
@@ -519,13 +544,17 @@ impl NetStack for FakeNet {
         Ok(n)
     }
     fn tcp_send(&mut self, socket: SocketId, data: &[u8]) -> Result<usize, NetError> {
-        let room = self.send_room;
+        let mut room = self.send_room;
+        let window = self.windows.get(&socket.0).copied();
         let s = self
             .sockets
             .get_mut(&socket.0)
             .ok_or(NetError::NotConnected)?;
         if !matches!(s.state, TcpState::Open | TcpState::PeerClosed) || s.closed_by_node {
             return Err(NetError::NotConnected);
+        }
+        if let Some(w) = window {
+            room = room.min(w.saturating_sub(s.tx.len()));
         }
         let n = data.len().min(room);
         s.tx.extend_from_slice(&data[..n]);

@@ -12,7 +12,7 @@
 //! The distinct labels stop a proof being reflected back as the other side's;
 //! a fresh `Sn` per connection makes a recorded client proof useless on any
 //! other connection; the [`ReplayGuard`] additionally refuses a client nonce
-//! it has seen recently. After the handshake each frame carries
+//! seen recently in a handshake that succeeded. After the handshake each frame carries
 //! `HMAC(session, direction || seq || body)`: a frame cannot be forged,
 //! replayed, reordered or reflected without the key.
 //!
@@ -252,16 +252,22 @@ impl ReplayGuard {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Record `nonce`; false when it was seen within the window.
-    pub fn check_and_record(&mut self, nonce: &Nonce) -> bool {
-        if self.seen.contains(nonce) {
-            return false;
+    /// Whether `nonce` is within the window.
+    pub fn seen(&self, nonce: &Nonce) -> bool {
+        self.seen.contains(nonce)
+    }
+    /// Remember `nonce` (the oldest one is forgotten when the window is
+    /// full). Record only nonces of handshakes whose proof verified: a
+    /// window anyone can write to can be flushed of real nonces, or made to
+    /// refuse a client's nonce before the client uses it.
+    pub fn record(&mut self, nonce: Nonce) {
+        if self.seen(&nonce) {
+            return;
         }
         if self.seen.len() >= REPLAY_WINDOW {
             self.seen.pop_front();
         }
-        self.seen.push_back(*nonce);
-        true
+        self.seen.push_back(nonce);
     }
 }
 
@@ -413,15 +419,19 @@ mod tests {
     #[test]
     fn replay_guard_window() {
         let mut g = ReplayGuard::new();
-        assert!(g.check_and_record(&[1; 32]));
-        assert!(!g.check_and_record(&[1; 32]));
-        for i in 0..REPLAY_WINDOW as u32 {
+        assert!(!g.seen(&[1; 32]));
+        g.record([1; 32]);
+        assert!(g.seen(&[1; 32]));
+        g.record([1; 32]);
+        for i in 0..REPLAY_WINDOW as u32 - 1 {
             let mut n = [0u8; 32];
             n[..4].copy_from_slice(&i.to_be_bytes());
             n[31] = 0xff;
-            assert!(g.check_and_record(&n));
+            g.record(n);
         }
-        assert!(g.check_and_record(&[1; 32]), "forgotten after the window");
+        assert!(g.seen(&[1; 32]), "a repeated record takes no second place");
+        g.record([2; 32]);
+        assert!(!g.seen(&[1; 32]), "forgotten after the window");
     }
 
     #[test]

@@ -1,20 +1,27 @@
-//! Connection state machines: bytes in, bytes out, no I/O of their own.
+//! The server end of a management connection: bytes in, bytes out, no I/O
+//! of its own (the server moves them through a socket pump).
 //!
-//! Server ([`ServerConn`]): `AwaitAuth` (the greeting with the server nonce
-//! is queued on creation) -> `Ready` (authenticated session; every request
-//! gets exactly one reply with the request's id) -> `Closing` (the last
-//! reply is queued; the transport closes once it is sent). A wrong proof, a
-//! replayed nonce, a version mismatch, an oversized frame, a frame whose tag
-//! does not verify, [`PREAUTH_ERRORS_MAX`] unauthenticated requests or no
-//! authentication within [`HANDSHAKE_TIMEOUT_NS`] (or no request within
-//! [`SESSION_IDLE_NS`] once authenticated: the node serves few connections
-//! and idle ones must not hold them) move it to `Closing` with an error
-//! reply. A malformed request in `Ready` gets an error reply and
-//! the connection carries on.
+//! States, each with a deadline so that no connection holds a slot of the
+//! node for ever:
+//! * `AwaitAuth` (the greeting with the server nonce is queued on
+//!   creation): authenticate within [`HANDSHAKE_TIMEOUT_NS`];
+//! * `Ready` (authenticated session; every request gets exactly one reply
+//!   with the request's id): a request at least every [`SESSION_IDLE_NS`];
+//! * `Closing` (the last reply is queued; the transport releases the
+//!   connection once it is sent): the peer has [`CLOSING_TIMEOUT_NS`] to
+//!   take it, then `Closed`: released with whatever was not sent (a peer
+//!   that never reads its replies gets nothing more).
 //!
-//! Client ([`ClientConn`]): `AwaitHello` -> `AwaitWelcome` -> `Ready`; it
-//! checks the server's proof, so a node that does not hold the cluster key
-//! is refused too (mutual authentication).
+//! A wrong proof, a replayed nonce, a version mismatch, an oversized frame,
+//! a frame whose tag does not verify, [`PREAUTH_ERRORS_MAX`]
+//! unauthenticated requests or a missed deadline move it to `Closing` with
+//! an error reply. A malformed request in `Ready` gets an error reply and
+//! the connection carries on. The client end is `hvmgmt::client`.
+//!
+//! Replay window ([`ReplayGuard`], per node): a client nonce seen in a
+//! handshake that succeeded recently is refused; a nonce is recorded only
+//! after its proof verified, so forged `auth` messages can neither push real
+//! nonces out of the window nor get a legitimate client's nonce refused.
 //!
 //! Back-pressure: the server stops taking frames while more than
 //! [`OUTPUT_HIGH_BYTES`] of replies wait to be sent; transports read only
@@ -46,6 +53,8 @@ pub const PREAUTH_ERRORS_MAX: u32 = 3;
 pub const HANDSHAKE_TIMEOUT_NS: u64 = 10_000_000_000;
 /// Time an authenticated session may stay without a request.
 pub const SESSION_IDLE_NS: u64 = 120_000_000_000;
+/// Time a closing connection has to take its last reply.
+pub const CLOSING_TIMEOUT_NS: u64 = 5_000_000_000;
 /// Queued output above which the server takes no more requests.
 pub const OUTPUT_HIGH_BYTES: usize = 256 * 1024;
 
@@ -54,6 +63,8 @@ enum ServerState {
     AwaitAuth,
     Ready(Session),
     Closing,
+    /// The closing deadline passed: release now.
+    Closed,
 }
 
 /// The server end of one management connection.
@@ -64,10 +75,11 @@ pub struct ServerConn {
     decoder: FrameDecoder,
     out: Vec<u8>,
     preauth_errors: u32,
+    /// The current state's deadline.
     deadline_ns: u64,
+    /// Node time at the last [`ServerConn::tick`] (or creation).
+    now_ns: u64,
     requests: u64,
-    /// Requests at the last `tick` and when that count last changed.
-    idle_mark: (u64, u64),
 }
 
 /// The handler the server calls for each authenticated request.
@@ -84,8 +96,8 @@ impl ServerConn {
             out: Vec::new(),
             preauth_errors: 0,
             deadline_ns: now_ns.saturating_add(HANDSHAKE_TIMEOUT_NS),
+            now_ns,
             requests: 0,
-            idle_mark: (0, now_ns),
         };
         let hello = Handshake::Hello(Hello {
             magic: MAGIC.into(),
@@ -101,47 +113,82 @@ impl ServerConn {
     pub fn is_authenticated(&self) -> bool {
         matches!(self.state, ServerState::Ready(_))
     }
+    /// Whether the connection is closing (or closed): it takes no more
+    /// requests.
+    pub fn is_closing(&self) -> bool {
+        matches!(self.state, ServerState::Closing | ServerState::Closed)
+    }
     /// Requests answered so far.
     pub fn requests(&self) -> u64 {
         self.requests
     }
+    /// When the current state ends unless something happens first.
+    pub fn deadline_ns(&self) -> u64 {
+        self.deadline_ns
+    }
     /// Whether the transport should read more bytes.
     pub fn wants_input(&self) -> bool {
-        !matches!(self.state, ServerState::Closing) && self.out.len() < OUTPUT_HIGH_BYTES
+        !self.is_closing() && self.out.len() < OUTPUT_HIGH_BYTES
     }
-    /// Whether the connection is done: closing and everything sent.
+    /// Whether the connection is done here: closing with every byte taken
+    /// by the transport, or closed.
     pub fn is_finished(&self) -> bool {
-        matches!(self.state, ServerState::Closing) && self.out.is_empty()
+        match self.state {
+            ServerState::Closing => self.out.is_empty(),
+            ServerState::Closed => true,
+            _ => false,
+        }
+    }
+    /// Whether the closing deadline passed: the transport releases the
+    /// connection even if bytes it took are still unsent.
+    pub fn is_expired(&self) -> bool {
+        matches!(self.state, ServerState::Closed)
     }
     /// Bytes waiting to be sent.
     pub fn output(&self) -> &[u8] {
         &self.out
     }
-    /// The transport sent the first `n` bytes of [`ServerConn::output`].
+    /// The transport took the first `n` bytes of [`ServerConn::output`].
     pub fn consume_output(&mut self, n: usize) {
         self.out.drain(..n.min(self.out.len()));
     }
     /// Close without a reply (the peer went away, or the node is stopping).
     pub fn abort(&mut self) {
-        self.state = ServerState::Closing;
+        self.state = ServerState::Closed;
         self.out.clear();
     }
+    /// The peer will send nothing more: replies already queued still go
+    /// out (within the closing deadline), then the connection closes.
+    pub fn peer_closed(&mut self) {
+        if !self.is_closing() {
+            self.enter_closing();
+        }
+    }
+    /// Close with an error reply (e.g. to make room for another
+    /// connection).
+    pub fn close_with(&mut self, code: ErrorCode, message: &str) {
+        if !self.is_closing() {
+            self.refuse(code, message);
+        }
+    }
 
-    /// Time passes: an unauthenticated connection past its deadline is
-    /// closed with an error reply.
+    /// Time passes: a connection past its state's deadline moves on
+    /// (handshake or idle session: closing with an error reply; closing:
+    /// closed).
     pub fn tick(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+        if now_ns < self.deadline_ns {
+            return;
+        }
         match self.state {
-            ServerState::AwaitAuth if now_ns >= self.deadline_ns => {
+            ServerState::AwaitAuth => {
                 self.refuse(ErrorCode::AuthFailed, "no authentication within 10 s");
             }
             ServerState::Ready(_) => {
-                if self.requests != self.idle_mark.0 {
-                    self.idle_mark = (self.requests, now_ns);
-                } else if now_ns.saturating_sub(self.idle_mark.1) >= SESSION_IDLE_NS {
-                    self.refuse(ErrorCode::InvalidState, "session idle for 120 s: closed");
-                }
+                self.refuse(ErrorCode::InvalidState, "session idle for 120 s: closed");
             }
-            _ => {}
+            ServerState::Closing => self.abort(),
+            ServerState::Closed => {}
         }
     }
 
@@ -154,7 +201,7 @@ impl ServerConn {
         replay: &mut ReplayGuard,
         handler: &mut Handler<'_>,
     ) {
-        if matches!(self.state, ServerState::Closing) {
+        if self.is_closing() {
             return;
         }
         self.decoder.push(bytes);
@@ -180,16 +227,21 @@ impl ServerConn {
             match self.state {
                 ServerState::AwaitAuth => self.handshake_frame(&body, key, replay),
                 ServerState::Ready(_) => self.session_frame(&body, handler),
-                ServerState::Closing => return,
+                ServerState::Closing | ServerState::Closed => return,
             }
         }
+    }
+
+    fn enter_closing(&mut self) {
+        self.state = ServerState::Closing;
+        self.deadline_ns = self.now_ns.saturating_add(CLOSING_TIMEOUT_NS);
     }
 
     fn queue_plain(&mut self, body: &[u8]) {
         if wire::encode(body, &mut self.out).is_err() {
             // Our own messages are far below the limit; if one were not,
             // the peer gets nothing rather than a broken frame.
-            self.state = ServerState::Closing;
+            self.enter_closing();
         }
     }
 
@@ -197,7 +249,7 @@ impl ServerConn {
     fn refuse(&mut self, code: ErrorCode, message: &str) {
         let err = ApiError::new(code, message);
         self.reply_error(0, err);
-        self.state = ServerState::Closing;
+        self.enter_closing();
     }
 
     fn reply_error(&mut self, id: u64, err: ApiError) {
@@ -259,7 +311,7 @@ impl ServerConn {
             self.refuse(ErrorCode::BadRequest, "the nonce must be 64 hex digits");
             return;
         };
-        if client_nonce == self.nonce || !replay.check_and_record(&client_nonce) {
+        if client_nonce == self.nonce || replay.seen(&client_nonce) {
             self.refuse(ErrorCode::AuthFailed, &AuthError::ReplayedNonce.to_string());
             return;
         }
@@ -268,11 +320,15 @@ impl ServerConn {
             self.refuse(ErrorCode::AuthFailed, &AuthError::BadProof.to_string());
             return;
         }
+        // Only a verified proof is remembered: a forged auth must not push
+        // real nonces out of the window or get a real one refused.
+        replay.record(client_nonce);
         let welcome = Handshake::Welcome(Welcome {
             proof: hex_encode(&key.server_proof(&self.nonce, &client_nonce)),
         });
         self.queue_plain(&to_json(&welcome));
         self.state = ServerState::Ready(key.session(&self.nonce, &client_nonce, Side::Server));
+        self.deadline_ns = self.now_ns.saturating_add(SESSION_IDLE_NS);
     }
 
     fn session_frame(&mut self, body: &[u8], handler: &mut Handler<'_>) {
@@ -287,6 +343,7 @@ impl ServerConn {
             }
         };
         self.requests += 1;
+        self.deadline_ns = self.now_ns.saturating_add(SESSION_IDLE_NS);
         match serde_json::from_slice::<RequestFrame>(payload) {
             Ok(frame) => {
                 let outcome = handler(frame.request);
@@ -474,9 +531,9 @@ mod tests {
         p.client.request(Request::VmList).unwrap();
         p.pump().unwrap();
         p.server.tick(SESSION_IDLE_NS + 5);
-        p.server.tick(2 * SESSION_IDLE_NS);
+        p.server.tick(2 * SESSION_IDLE_NS - 2);
         assert!(p.server.wants_input(), "the request restarted the clock");
-        p.server.tick(2 * SESSION_IDLE_NS + 5);
+        p.server.tick(2 * SESSION_IDLE_NS - 1);
         assert!(!p.server.wants_input());
 
         let mut s = ServerConn::new("a", [1; 32], 0);
@@ -490,6 +547,138 @@ mod tests {
         s.receive(&f, &key(), &mut ReplayGuard::new(), &mut echo);
         assert!(String::from_utf8_lossy(s.output()).contains("unsupported-version"));
         assert!(!s.wants_input());
+    }
+
+    /// An auth frame for `server` from a client claiming `nonce` with a
+    /// proof that does not verify.
+    fn forged_auth(nonce: &Nonce) -> Vec<u8> {
+        let auth = Handshake::Auth(Auth {
+            version: PROTOCOL_VERSION,
+            nonce: hex_encode(nonce),
+            proof: "ab".repeat(32),
+        });
+        let mut f = Vec::new();
+        wire::encode(&to_json(&auth), &mut f).unwrap();
+        f
+    }
+
+    #[test]
+    fn forged_auths_do_not_burn_a_clients_nonce() {
+        // A client's nonce crosses the wire in clear: an attacker who sees
+        // it (or guesses it) races the client with a forged proof.
+        let mut p = Pair::new(key(), 11);
+        let hello = p.server.output().to_vec();
+        p.server.consume_output(hello.len());
+        p.client.receive(&hello).unwrap();
+        let auth = p.client.take_output();
+        let body = &auth[wire::HEADER_BYTES..];
+        let Ok(Handshake::Auth(a)) = serde_json::from_slice::<Handshake>(body) else {
+            panic!()
+        };
+        let client_nonce = nonce_from_hex(&a.nonce).unwrap();
+        let mut evil = ServerConn::new("a", [0x77; 32], 0);
+        evil.receive(
+            &forged_auth(&client_nonce),
+            &p.key,
+            &mut p.replay,
+            &mut echo,
+        );
+        assert!(String::from_utf8_lossy(evil.output()).contains("wrong cluster key"));
+        // The real client still gets in.
+        p.server.receive(&auth, &p.key, &mut p.replay, &mut echo);
+        assert!(
+            p.server.is_authenticated(),
+            "{:?}",
+            String::from_utf8_lossy(p.server.output())
+        );
+    }
+
+    #[test]
+    fn forged_auths_do_not_flush_the_replay_window() {
+        // A good handshake on a server whose entropy repeats its nonce.
+        let server_nonce = [0x42; 32];
+        let mut replay = ReplayGuard::new();
+        let mut s = ServerConn::new("a", server_nonce, 0);
+        let mut c = ClientConn::new(key(), [0x24; 32]);
+        c.receive(s.output()).unwrap();
+        let n = s.output().len();
+        s.consume_output(n);
+        let auth = c.take_output();
+        s.receive(&auth, &key(), &mut replay, &mut echo);
+        assert!(s.is_authenticated());
+        // A window's worth of forged handshakes with fresh nonces...
+        for i in 0..hvmgmt::auth::REPLAY_WINDOW as u32 + 1 {
+            let mut nonce = [0u8; 32];
+            nonce[..4].copy_from_slice(&i.to_be_bytes());
+            let mut f = ServerConn::new("a", [0x99; 32], 0);
+            f.receive(&forged_auth(&nonce), &key(), &mut replay, &mut echo);
+            assert!(!f.is_authenticated());
+        }
+        // ...did not push the real nonce out: its replay is still refused.
+        let mut again = ServerConn::new("a", server_nonce, 0);
+        again.receive(&auth, &key(), &mut replay, &mut echo);
+        assert!(!again.is_authenticated());
+        assert!(String::from_utf8_lossy(again.output()).contains("replayed nonce"));
+    }
+
+    #[test]
+    fn every_state_has_a_deadline_even_for_a_peer_that_never_reads() {
+        // Handshake: 10 s, then a refusal the peer never takes; 5 s later
+        // the connection is done although its output was never sent.
+        let mut s = ServerConn::new("a", [1; 32], 1000);
+        assert_eq!(s.deadline_ns(), 1000 + HANDSHAKE_TIMEOUT_NS);
+        s.tick(1000 + HANDSHAKE_TIMEOUT_NS);
+        assert!(s.is_closing() && !s.is_finished());
+        s.tick(1000 + HANDSHAKE_TIMEOUT_NS + CLOSING_TIMEOUT_NS - 1);
+        assert!(!s.is_finished(), "the peer still has time to read");
+        s.tick(1000 + HANDSHAKE_TIMEOUT_NS + CLOSING_TIMEOUT_NS);
+        assert!(s.is_finished() && s.is_expired());
+        assert!(s.output().is_empty(), "unsent bytes are dropped");
+
+        // An authenticated session whose client stops reading: its replies
+        // pile up to the mark, it takes no more requests, the idle
+        // deadline closes it and the closing deadline ends it.
+        let mut p = Pair::new(key(), 12);
+        p.pump().unwrap();
+        p.server.tick(1);
+        let mut n = 0;
+        while p.server.wants_input() {
+            p.client.request(Request::NodeInfo).unwrap();
+            let bytes = p.client.take_output();
+            p.server.receive(&bytes, &p.key, &mut p.replay, &mut echo);
+            n += 1;
+            assert!(n < 100_000);
+        }
+        assert!(p.server.output().len() >= OUTPUT_HIGH_BYTES);
+        let t = p.server.deadline_ns();
+        p.server.tick(t);
+        assert!(p.server.is_closing() && !p.server.is_finished());
+        p.server.tick(t + CLOSING_TIMEOUT_NS);
+        assert!(p.server.is_expired());
+
+        // A closing connection whose peer reads is done as soon as the
+        // last byte went out, before its deadline.
+        let mut s = ServerConn::new("a", [1; 32], 0);
+        s.close_with(ErrorCode::NoResources, "make room");
+        assert!(String::from_utf8_lossy(s.output()).contains("no-resources"));
+        let n = s.output().len();
+        s.consume_output(n);
+        assert!(s.is_finished() && !s.is_expired());
+    }
+
+    #[test]
+    fn a_peer_that_closes_still_gets_its_replies() {
+        let mut p = Pair::new(key(), 13);
+        p.pump().unwrap();
+        p.client.request(Request::VmList).unwrap();
+        let bytes = p.client.take_output();
+        p.server.receive(&bytes, &p.key, &mut p.replay, &mut echo);
+        p.server.peer_closed();
+        assert!(p.server.is_closing() && !p.server.is_finished());
+        let out = p.server.output().to_vec();
+        p.server.consume_output(out.len());
+        assert_eq!(p.client.receive(&out).unwrap().len(), 1);
+        assert!(p.server.is_finished());
     }
 
     #[test]

@@ -6,9 +6,13 @@
 //! frames, the authentication, the request and response types and the
 //! client end) is the `hvmgmt` crate, re-exported here as [`wire`], [`auth`]
 //! and [`proto`]; the node's half is here:
-//! * [`conn`]: the server's connection state machine ([`conn::ServerConn`]);
+//! * [`conn`]: the server's connection state machine ([`conn::ServerConn`]),
+//!   with a deadline in every state;
+//! * [`server`]: the management server: connection slots over socket pumps
+//!   (`crate::pump`), admission and eviction;
+//! * [`service`]: the request handlers over the node's VM table;
 //! * [`jobs`]: the job table and the host's migration limits with queueing;
-//! * [`service`]: the request handlers over the node's VM table.
+//! * [`bench`]: the link benchmark's jobs.
 //!
 //! Invariants: bytes from the network are allegations (STYLE 4): every
 //! length and count is capped, anything malformed ends in an error reply
@@ -18,9 +22,15 @@
 
 pub use hvmgmt::{auth, proto, wire};
 
+pub mod bench;
 pub mod conn;
 pub mod jobs;
+pub mod server;
 pub mod service;
+
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod rig;
 
 // The protocol's limits are the VM table's: a name the protocol accepts
 // must be one a VM can have, and a console request may ask for every line

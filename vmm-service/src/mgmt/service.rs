@@ -1,34 +1,24 @@
 //! The managed node: the VM table, the job table and the request handlers
-//! ([`Managed`]), and the management server that carries requests over the
-//! node's TCP stack ([`MgmtServer`]).
-//!
-//! The server is polled by the node loop between VM time slices, in three
-//! steps so that network access and request handling never hold the host at
-//! once: (1) with the [`NetStack`]: poll, notice new connections, read at most
-//! [`READ_CHUNK`] bytes per connection; (2) with the host: answer complete
-//! requests; (3) with the [`NetStack`]: send queued replies, release finished
-//! or dead connections. At most [`CONNECTIONS_MAX`] connections are served;
-//! a listener is always kept open for the next one, so a client that went
-//! away never blocks the API.
+//! ([`Managed`]). Requests reach it through the management server
+//! (server.rs); the link benchmark's jobs are bench.rs's.
 //!
 //! VM semantics (docs/MANAGEMENT.md): create loads the guest kernel into a
 //! new partition (state `created`); start runs it; stop stops it for good
 //! (a stopped VM cannot run again: delete and create it); delete needs a VM
 //! that is not running and returns its memory.
 
-use super::auth::{fresh_nonce, ClusterKey, Entropy, ReplayGuard};
-use super::conn::ServerConn;
+use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
-    parse_ipv4, ApiError, Body, ErrorCode, JobKind, NodeInfo, Outcome, Request, VmInfo,
-    CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
+    ApiError, Body, ErrorCode, NodeInfo, Outcome, Request, VmInfo, CONSOLE_LINES_MAX, GUEST_MAX,
+    PROTOCOL_VERSION,
 };
 use crate::sched::{ProgressLog, Scheduler};
 use crate::vm::{StopReason, Vm, VmError, VmState};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use hvcore::host::{Host, HostError, NetStack, NicRole, SocketId, TcpState};
+use hvcore::host::{Host, HostError, NicRole};
 use hvcore::vcpu::Vendor;
 
 /// Most VMs a node holds.
@@ -54,16 +44,6 @@ pub const GUESTS: [&str; 10] = [
 ];
 /// The guest of a VM created without one.
 pub const DEFAULT_GUEST: &str = "heartbeat";
-/// Most management connections served at once.
-pub const CONNECTIONS_MAX: usize = 4;
-/// Bytes read from one connection per poll.
-pub const READ_CHUNK: usize = 4096;
-/// Link benchmark limits: bytes over TCP, raw frames, frame size.
-pub const BENCH_BYTES_MAX: u64 = 1 << 30;
-pub const BENCH_FRAMES_MAX: u64 = 1_000_000;
-pub const BENCH_FRAME_BYTES: usize = 1514;
-/// A benchmark stream that moves nothing for this long fails.
-pub const BENCH_STALL_NS: u64 = 10_000_000_000;
 
 /// What the node was told at boot that the API reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,30 +60,6 @@ struct VmMeta {
     guest: String,
 }
 
-/// A link benchmark job's side of the work.
-#[derive(Debug)]
-enum BenchWork {
-    Receive {
-        job: u64,
-        socket: Option<SocketId>,
-        port: u16,
-        received: u64,
-        first_ns: Option<u64>,
-        last_progress_ns: u64,
-    },
-    Send {
-        job: u64,
-        peer: [u8; 4],
-        port: u16,
-        frames: u64,
-        raw: Option<(u64, u64)>,
-        socket: Option<SocketId>,
-        sent: u64,
-        start_ns: Option<u64>,
-        last_progress_ns: u64,
-    },
-}
-
 /// The node's VMs, jobs and settings, and the handlers over them.
 pub struct Managed {
     identity: NodeIdentity,
@@ -111,7 +67,7 @@ pub struct Managed {
     vms: Vec<Vm>,
     meta: Vec<VmMeta>,
     jobs: JobTable,
-    bench: Vec<BenchWork>,
+    bench: LinkBench,
     sched: Scheduler,
     progress: ProgressLog,
 }
@@ -150,11 +106,6 @@ fn fmt_addr(a: Option<([u8; 4], u8)>) -> String {
     }
 }
 
-fn mb_per_s(bytes: u64, ns: u64) -> u64 {
-    let r = u128::from(bytes) * 1000 / u128::from(ns.max(1));
-    u64::try_from(r).unwrap_or(u64::MAX)
-}
-
 impl Managed {
     /// A node with no VMs that creates them from the guest kernel `image`.
     pub fn new(identity: NodeIdentity, image: Vec<u8>) -> Self {
@@ -164,7 +115,7 @@ impl Managed {
             vms: Vec::new(),
             meta: Vec::new(),
             jobs: JobTable::new(),
-            bench: Vec::new(),
+            bench: LinkBench::new(),
             sched: Scheduler::default(),
             progress: ProgressLog::default(),
         }
@@ -184,7 +135,12 @@ impl Managed {
     }
     /// Whether a link benchmark is under way (the node loop must not idle).
     pub fn has_bench_work(&self) -> bool {
-        !self.bench.is_empty()
+        self.bench.is_active()
+    }
+
+    /// Advance the link benchmark jobs (call every loop round).
+    pub fn drive_jobs(&mut self, host: &mut dyn Host) {
+        self.bench.drive(&mut self.jobs, host);
     }
 
     /// Run runnable VMs round robin until `deadline_ns`; returns false (at
@@ -355,13 +311,17 @@ impl Managed {
                     ),
                 ),
             },
-            Request::BenchLinkReceive { port, bytes } => self.bench_receive(host, port, bytes),
+            Request::BenchLinkReceive { port, bytes } => {
+                self.bench.receive(&mut self.jobs, host, port, bytes)
+            }
             Request::BenchLinkSend {
                 peer,
                 port,
                 bytes,
                 frames,
-            } => self.bench_send(host, &peer, port, bytes, frames),
+            } => self
+                .bench
+                .send(&mut self.jobs, host, &peer, port, bytes, frames),
         }
     }
 
@@ -414,498 +374,14 @@ impl Managed {
             Err(e) => vm_error(e),
         }
     }
-
-    fn bench_receive(&mut self, host: &mut dyn Host, port: u16, bytes: u64) -> Outcome {
-        if bytes == 0 || bytes > BENCH_BYTES_MAX || port == 0 {
-            return err(
-                ErrorCode::InvalidArgument,
-                "bytes must be 1 B to 1 GiB, port non-zero",
-            );
-        }
-        let Some(net) = host.net() else {
-            return err(ErrorCode::Unsupported, "this node has no network");
-        };
-        let socket = match net.tcp_listen(NicRole::Migration, port) {
-            Ok(s) => s,
-            Err(e) => return err(ErrorCode::NoResources, format!("cannot listen: {e}")),
-        };
-        let now = host.now_ns();
-        match self.jobs.submit(JobKind::LinkBench, "", bytes, true, now) {
-            Ok(job) => {
-                self.bench.push(BenchWork::Receive {
-                    job,
-                    socket: Some(socket),
-                    port,
-                    received: 0,
-                    first_ns: None,
-                    last_progress_ns: now,
-                });
-                self.job_outcome(job, now)
-            }
-            Err(_) => {
-                if let Some(net) = host.net() {
-                    net.tcp_release(socket);
-                }
-                err(ErrorCode::NoResources, "the job table is full")
-            }
-        }
-    }
-
-    fn bench_send(
-        &mut self,
-        host: &mut dyn Host,
-        peer: &str,
-        port: u16,
-        bytes: u64,
-        frames: u64,
-    ) -> Outcome {
-        let Some(addr) = parse_ipv4(peer) else {
-            return err(ErrorCode::InvalidArgument, "peer must be an IPv4 address");
-        };
-        if bytes == 0 || bytes > BENCH_BYTES_MAX || frames > BENCH_FRAMES_MAX || port == 0 {
-            return err(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "bytes must be 1 B to 1 GiB, frames at most {BENCH_FRAMES_MAX}, port non-zero"
-                ),
-            );
-        }
-        if host.net().is_none() {
-            return err(ErrorCode::Unsupported, "this node has no network");
-        }
-        let now = host.now_ns();
-        match self.jobs.submit(JobKind::LinkBench, "", bytes, true, now) {
-            Ok(job) => {
-                self.bench.push(BenchWork::Send {
-                    job,
-                    peer: addr,
-                    port,
-                    frames,
-                    raw: None,
-                    socket: None,
-                    sent: 0,
-                    start_ns: None,
-                    last_progress_ns: now,
-                });
-                self.job_outcome(job, now)
-            }
-            Err(_) => err(ErrorCode::NoResources, "the job table is full"),
-        }
-    }
-
-    fn job_outcome(&self, job: u64, now: u64) -> Outcome {
-        match self.jobs.info(job, now) {
-            Some(j) => Outcome::Ok(Body::Job(j)),
-            None => Outcome::Ok(Body::Done),
-        }
-    }
-
-    /// Advance the link benchmark jobs (call every loop iteration).
-    pub fn drive_jobs(&mut self, host: &mut dyn Host) {
-        if self.bench.is_empty() {
-            return;
-        }
-        let now = host.now_ns();
-        let mut work = core::mem::take(&mut self.bench);
-        work.retain_mut(|w| self.drive_bench(host, w, now));
-        self.bench = work;
-    }
-
-    /// One step of a benchmark job; false once it has ended (its socket
-    /// released).
-    fn drive_bench(&mut self, host: &mut dyn Host, work: &mut BenchWork, now: u64) -> bool {
-        let Some(net) = host.net() else {
-            return false;
-        };
-        match work {
-            BenchWork::Receive {
-                job,
-                socket,
-                port,
-                received,
-                first_ns,
-                last_progress_ns,
-            } => {
-                let done = |net: &mut dyn NetStack, s: &mut Option<SocketId>| {
-                    if let Some(id) = s.take() {
-                        net.tcp_release(id);
-                    }
-                    false
-                };
-                if !self.jobs.is_running(*job) {
-                    return done(net, socket);
-                }
-                let Some(id) = *socket else { return false };
-                let mut buf = [0u8; 4096];
-                loop {
-                    match net.tcp_recv(id, &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            first_ns.get_or_insert(now);
-                            *received += n as u64;
-                            *last_progress_ns = now;
-                        }
-                    }
-                }
-                self.jobs.progress(*job, *received, None);
-                let total = self.jobs.info(*job, now).map_or(0, |j| j.bytes_total);
-                let state = net.tcp_state(id);
-                if *received >= total || matches!(state, TcpState::PeerClosed | TcpState::Closed) {
-                    let ns = now.saturating_sub(first_ns.unwrap_or(now));
-                    let raw = net
-                        .stats(NicRole::Migration)
-                        .map_or(0, |s| s.rx_bench_frames);
-                    let text = format!(
-                        "received {received} bytes on port {port} in {} ms: tcp_mb_per_s={}; raw benchmark frames received so far: {raw}",
-                        ns / 1_000_000,
-                        mb_per_s(*received, ns)
-                    );
-                    if *received >= total {
-                        self.jobs.complete(*job, Some(&text), now);
-                    } else if state == TcpState::Closed && *received == 0 && first_ns.is_none() {
-                        self.jobs
-                            .fail(*job, "the stream was reset before any data", now);
-                    } else {
-                        self.jobs
-                            .fail(*job, &format!("stream ended early: {text}"), now);
-                    }
-                    return done(net, socket);
-                }
-                if first_ns.is_some() && now.saturating_sub(*last_progress_ns) > BENCH_STALL_NS {
-                    self.jobs.fail(*job, "the stream stalled for 10 s", now);
-                    return done(net, socket);
-                }
-                true
-            }
-            BenchWork::Send {
-                job,
-                peer,
-                port,
-                frames,
-                raw,
-                socket,
-                sent,
-                start_ns,
-                last_progress_ns,
-            } => {
-                let release = |net: &mut dyn NetStack, s: &mut Option<SocketId>| {
-                    if let Some(id) = s.take() {
-                        net.tcp_release(id);
-                    }
-                    false
-                };
-                if !self.jobs.is_running(*job) {
-                    return release(net, socket);
-                }
-                // Phase 1: raw frames (blocking, measured by the platform).
-                if raw.is_none() {
-                    match net.raw_bench_send(NicRole::Migration, *frames, BENCH_FRAME_BYTES) {
-                        Ok(ns) => *raw = Some((*frames, ns)),
-                        Err(e) => {
-                            self.jobs.fail(*job, &format!("raw frames: {e}"), now);
-                            return false;
-                        }
-                    }
-                    *last_progress_ns = host.now_ns();
-                    return true;
-                }
-                // Phase 2: TCP.
-                let id = match *socket {
-                    Some(id) => id,
-                    None => match net.tcp_connect(NicRole::Migration, *peer, *port) {
-                        Ok(id) => {
-                            *socket = Some(id);
-                            *last_progress_ns = now;
-                            id
-                        }
-                        Err(e) => {
-                            self.jobs.fail(*job, &format!("cannot connect: {e}"), now);
-                            return false;
-                        }
-                    },
-                };
-                let total = self.jobs.info(*job, now).map_or(0, |j| j.bytes_total);
-                match net.tcp_state(id) {
-                    TcpState::Open | TcpState::PeerClosed => {}
-                    TcpState::Connecting | TcpState::Listening => {
-                        if now.saturating_sub(*last_progress_ns) > BENCH_STALL_NS {
-                            self.jobs
-                                .fail(*job, "the peer did not accept within 10 s", now);
-                            return release(net, socket);
-                        }
-                        return true;
-                    }
-                    TcpState::Closed => {
-                        let msg = format!("the connection closed after {sent} of {total} bytes");
-                        self.jobs.fail(*job, &msg, now);
-                        return release(net, socket);
-                    }
-                }
-                start_ns.get_or_insert(now);
-                let chunk = [0x5au8; 8192];
-                while *sent < total {
-                    let want = (total - *sent).min(chunk.len() as u64) as usize;
-                    match net.tcp_send(id, &chunk[..want]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            *sent += n as u64;
-                            *last_progress_ns = now;
-                        }
-                    }
-                }
-                self.jobs.progress(*job, *sent, None);
-                if *sent >= total && net.tcp_unacked(id) == 0 {
-                    let ns = now.saturating_sub(start_ns.unwrap_or(now));
-                    let (n, raw_ns) = raw.unwrap_or((0, 1));
-                    let raw_bytes = n * BENCH_FRAME_BYTES as u64;
-                    let text = format!(
-                        "tcp_bytes={total} tcp_ms={} tcp_mb_per_s={} raw_frames={n} raw_frame_bytes={BENCH_FRAME_BYTES} raw_ms={} raw_mb_per_s={} raw_frames_per_s={}",
-                        ns / 1_000_000,
-                        mb_per_s(total, ns),
-                        raw_ns / 1_000_000,
-                        mb_per_s(raw_bytes, raw_ns),
-                        u128::from(n) * 1_000_000_000 / u128::from(raw_ns.max(1)),
-                    );
-                    release(net, socket);
-                    self.jobs.complete(*job, Some(&text), now);
-                    host.console_write(&format!("bench link: {text}\n"));
-                    return false;
-                }
-                if now.saturating_sub(*last_progress_ns) > BENCH_STALL_NS {
-                    self.jobs.fail(*job, "the stream stalled for 10 s", now);
-                    return release(net, socket);
-                }
-                true
-            }
-        }
-    }
 }
-
-/// A connection being served.
-struct Served {
-    socket: SocketId,
-    conn: Option<ServerConn>,
-    inbox: Vec<u8>,
-    peer_gone: bool,
-}
-
-/// Entropy drawn from the host.
-struct HostEntropy<'a>(&'a mut dyn Host);
-
-impl Entropy for HostEntropy<'_> {
-    fn fill(&mut self, buf: &mut [u8]) {
-        self.0.entropy(buf);
-    }
-}
-
-/// The management server on the management NIC.
-pub struct MgmtServer {
-    key: ClusterKey,
-    port: u16,
-    listener: Option<SocketId>,
-    served: Vec<Served>,
-    replay: ReplayGuard,
-    nonces: u64,
-    /// Connections accepted so far.
-    pub accepted: u64,
-}
-
-impl MgmtServer {
-    /// A server for `key` on TCP `port`.
-    pub fn new(key: ClusterKey, port: u16) -> Self {
-        Self {
-            key,
-            port,
-            listener: None,
-            served: Vec::new(),
-            replay: ReplayGuard::new(),
-            nonces: 0,
-            accepted: 0,
-        }
-    }
-
-    /// Connections being served.
-    pub fn connections(&self) -> usize {
-        self.served.len()
-    }
-
-    /// One round of serving: network in, requests answered, network out.
-    pub fn poll(&mut self, host: &mut dyn Host, node: &mut Managed) {
-        let now = host.now_ns();
-        let Some(net) = host.net() else { return };
-        net.poll(now);
-        // (1) Accept and read.
-        if let Some(l) = self.listener {
-            if net.tcp_state(l) != TcpState::Listening {
-                self.listener = None;
-                if matches!(net.tcp_state(l), TcpState::Closed) {
-                    net.tcp_release(l);
-                } else {
-                    self.accepted += 1;
-                    self.served.push(Served {
-                        socket: l,
-                        conn: None,
-                        inbox: Vec::new(),
-                        peer_gone: false,
-                    });
-                }
-            }
-        }
-        if self.listener.is_none() && self.served.len() < CONNECTIONS_MAX {
-            // On failure (no socket free) try again next round.
-            self.listener = net.tcp_listen(NicRole::Management, self.port).ok();
-        }
-        for s in &mut self.served {
-            let wants = s.conn.as_ref().is_none_or(ServerConn::wants_input);
-            if wants && s.inbox.len() < READ_CHUNK {
-                let mut buf = [0u8; READ_CHUNK];
-                let room = READ_CHUNK - s.inbox.len();
-                if let Ok(n) = net.tcp_recv(s.socket, &mut buf[..room]) {
-                    s.inbox.extend_from_slice(&buf[..n]);
-                }
-            }
-            if matches!(
-                net.tcp_state(s.socket),
-                TcpState::PeerClosed | TcpState::Closed
-            ) && s.inbox.is_empty()
-            {
-                s.peer_gone = true;
-            }
-        }
-        // (2) Answer.
-        let name = String::from(node.name());
-        for s in &mut self.served {
-            let conn = s.conn.get_or_insert_with(|| {
-                self.nonces += 1;
-                let nonce = fresh_nonce(&mut HostEntropy(&mut *host), self.nonces);
-                ServerConn::new(&name, nonce, now)
-            });
-            conn.tick(now);
-            let inbox = core::mem::take(&mut s.inbox);
-            let mut handler = |req: Request| node.handle(&mut *host, req);
-            if inbox.is_empty() {
-                conn.process(&self.key, &mut self.replay, &mut handler);
-            } else {
-                conn.receive(&inbox, &self.key, &mut self.replay, &mut handler);
-            }
-        }
-        // (3) Send and clean up.
-        let Some(net) = host.net() else { return };
-        self.served.retain_mut(|s| {
-            let Some(conn) = s.conn.as_mut() else {
-                return true;
-            };
-            // A connection still being set up (SYN received) cannot send
-            // yet: its greeting waits for the next round.
-            let state = net.tcp_state(s.socket);
-            let sendable = matches!(state, TcpState::Open | TcpState::PeerClosed);
-            if !conn.output().is_empty() && !s.peer_gone && sendable {
-                match net.tcp_send(s.socket, conn.output()) {
-                    Ok(n) => conn.consume_output(n),
-                    Err(_) => s.peer_gone = true,
-                }
-            }
-            if state == TcpState::Closed {
-                s.peer_gone = true;
-            }
-            if conn.is_finished() || s.peer_gone {
-                net.tcp_release(s.socket);
-                return false;
-            }
-            true
-        });
-        if self.listener.is_none() && self.served.len() < CONNECTIONS_MAX {
-            self.listener = net.tcp_listen(NicRole::Management, self.port).ok();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::proto::{JobKind, JobState};
+    use super::super::rig::{Rig, KEY};
     use super::*;
-    use crate::mgmt::auth::TestEntropy;
-    use crate::mgmt::conn::{ClientConn, ClientError, ClientEvent};
-    use crate::mgmt::proto::{JobState, ResponseFrame};
-    use crate::testing::{printer, FakeHost, FakeNet};
-
-    const KEY: &str = "00112233445566778899aabbccddeeff";
-    const PORT: u16 = 7000;
-
-    struct Rig {
-        host: FakeHost,
-        node: Managed,
-        server: MgmtServer,
-    }
-
-    impl Rig {
-        fn new() -> Self {
-            let mut host = FakeHost::new();
-            host.net = Some(FakeNet::new());
-            host.ns_per_run = 100_000;
-            let image = host.module.clone().unwrap();
-            let identity = NodeIdentity {
-                name: "a".into(),
-                ..NodeIdentity::default()
-            };
-            Rig {
-                host,
-                node: Managed::new(identity, image),
-                server: MgmtServer::new(ClusterKey::from_hex(KEY).unwrap(), PORT),
-            }
-        }
-        fn net(&mut self) -> &mut FakeNet {
-            self.host.net.as_mut().unwrap()
-        }
-        fn round(&mut self) {
-            self.server.poll(&mut self.host, &mut self.node);
-            self.node.drive_jobs(&mut self.host);
-        }
-        /// Connect a client with `key`; returns the socket and the client.
-        fn connect(
-            &mut self,
-            key: &str,
-            seed: u64,
-        ) -> (SocketId, ClientConn, Result<(), ClientError>) {
-            self.round(); // listener up
-            let s = self.net().peer_connect(PORT).expect("listening");
-            let mut e = TestEntropy(seed);
-            let mut c = ClientConn::new(ClusterKey::from_hex(key).unwrap(), fresh_nonce(&mut e, 1));
-            let mut result = Ok(());
-            for _ in 0..6 {
-                self.round();
-                let bytes = self.net().peer_take(s);
-                match c.receive(&bytes) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
-                let out = c.take_output();
-                self.net().peer_send(s, &out);
-                if c.is_ready() {
-                    break;
-                }
-            }
-            (s, c, result)
-        }
-        fn call(&mut self, s: SocketId, c: &mut ClientConn, req: Request) -> Outcome {
-            let id = c.request(req).unwrap();
-            let out = c.take_output();
-            self.net().peer_send(s, &out);
-            for _ in 0..4 {
-                self.round();
-                let bytes = self.net().peer_take(s);
-                for ev in c.receive(&bytes).unwrap() {
-                    if let ClientEvent::Response(ResponseFrame { id: got, outcome }) = ev {
-                        assert_eq!(got, id);
-                        return outcome;
-                    }
-                }
-            }
-            panic!("no reply");
-        }
-    }
+    use crate::testing::printer;
+    use alloc::vec;
 
     fn code(o: &Outcome) -> Option<ErrorCode> {
         match o {
@@ -1142,145 +618,5 @@ mod tests {
             code(&r.call(s, &mut c, Request::JobCancel { id: a })),
             Some(ErrorCode::InvalidState)
         );
-    }
-
-    #[test]
-    fn bad_key_and_garbage_connections_leave_the_node_serving() {
-        let mut r = Rig::new();
-        let (s_bad, _c, res) = r.connect("ffffffffffffffffffffffffffffffff", 3);
-        assert!(
-            matches!(res, Err(ClientError::Refused(ref e)) if e.code == ErrorCode::AuthFailed),
-            "{res:?}"
-        );
-        // Garbage, then a peer that just vanishes.
-        r.round();
-        let g = r.net().peer_connect(PORT).unwrap();
-        r.net()
-            .peer_send(g, b"\x00\x00\x00\x05hello GET / HTTP/1.0\r\n\r\n");
-        r.round();
-        r.round();
-        let reply = r.net().peer_take(g);
-        assert!(String::from_utf8_lossy(&reply).contains("bad-request"));
-        r.round();
-        let v = r.net().peer_connect(PORT).unwrap();
-        r.net().peer_close(v);
-        for _ in 0..3 {
-            r.round();
-        }
-        // A good client is still served, and dead connections were released.
-        let (s, mut c, ok) = r.connect(KEY, 4);
-        ok.unwrap();
-        assert!(matches!(r.call(s, &mut c, Request::VmList), Outcome::Ok(_)));
-        assert!(r.server.connections() <= 2, "{}", r.server.connections());
-        assert!(r.net().released(s_bad), "refused connection released");
-        assert!(r.net().released(v), "vanished peer released");
-    }
-
-    #[test]
-    fn connections_are_capped_and_the_cap_frees() {
-        let mut r = Rig::new();
-        r.net().max_sockets = 16;
-        let mut held = Vec::new();
-        for _ in 0..CONNECTIONS_MAX {
-            r.round();
-            held.push(r.net().peer_connect(PORT).unwrap());
-        }
-        r.round();
-        r.round();
-        assert_eq!(r.server.connections(), CONNECTIONS_MAX);
-        assert!(
-            r.net().peer_connect(PORT).is_none(),
-            "no listener beyond the cap"
-        );
-        // Idle unauthenticated connections time out and free their slots.
-        r.host
-            .clock
-            .set(r.host.now_ns() + super::super::conn::HANDSHAKE_TIMEOUT_NS);
-        r.round();
-        r.round();
-        assert_eq!(r.server.connections(), 0);
-        let (s, mut c, ok) = r.connect(KEY, 5);
-        ok.unwrap();
-        assert!(matches!(
-            r.call(s, &mut c, Request::NodeInfo),
-            Outcome::Ok(_)
-        ));
-    }
-
-    #[test]
-    fn link_bench_jobs_measure_and_report() {
-        let mut r = Rig::new();
-        let o = r.node.handle(
-            &mut r.host,
-            Request::BenchLinkReceive {
-                port: 7100,
-                bytes: 100_000,
-            },
-        );
-        let Outcome::Ok(Body::Job(rx)) = o else {
-            panic!("{o:?}")
-        };
-        let o = r.node.handle(
-            &mut r.host,
-            Request::BenchLinkSend {
-                peer: "192.168.100.2".into(),
-                port: 7100,
-                bytes: 100_000,
-                frames: 50,
-            },
-        );
-        let Outcome::Ok(Body::Job(tx)) = o else {
-            panic!("{o:?}")
-        };
-        assert!(r.node.has_bench_work());
-        // Fake wire: move the sender's bytes into the receiver's socket.
-        let rx_sock = r.net().peer_connect(7100).unwrap();
-        for _ in 0..20 {
-            r.round();
-            let tx_sock: Vec<u32> = r
-                .net()
-                .sockets
-                .iter()
-                .filter(|(_, s)| s.remote.is_some() && !s.tx.is_empty())
-                .map(|(id, _)| *id)
-                .collect();
-            for id in tx_sock {
-                let bytes = r.net().peer_take(SocketId(id));
-                r.net().peer_send(rx_sock, &bytes);
-            }
-            r.host.clock.set(r.host.now_ns() + 1_000_000);
-        }
-        let now = r.host.now_ns();
-        let t = r.node.jobs().info(tx.id, now).unwrap();
-        assert_eq!(t.state, JobState::Completed, "{t:?}");
-        let text = t.result.unwrap();
-        assert!(
-            text.contains("tcp_bytes=100000") && text.contains("raw_frames=50"),
-            "{text}"
-        );
-        assert!(text.contains("raw_mb_per_s=1514"), "{text}");
-        let j = r.node.jobs().info(rx.id, now).unwrap();
-        assert_eq!(
-            (j.state, j.bytes_done, j.percent),
-            (JobState::Completed, 100_000, 100)
-        );
-        assert!(!r.node.has_bench_work());
-        assert!(r.host.console.contains("bench link: tcp_bytes=100000"));
-        // Bad arguments and a node without a network.
-        let bad = Request::BenchLinkSend {
-            peer: "300.1.1.1".into(),
-            port: 1,
-            bytes: 1,
-            frames: 1,
-        };
-        assert_eq!(
-            code(&r.node.handle(&mut r.host, bad)),
-            Some(ErrorCode::InvalidArgument)
-        );
-        r.host.net = None;
-        let o = r
-            .node
-            .handle(&mut r.host, Request::BenchLinkReceive { port: 1, bytes: 1 });
-        assert_eq!(code(&o), Some(ErrorCode::Unsupported));
     }
 }

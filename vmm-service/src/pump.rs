@@ -1,0 +1,293 @@
+//! The socket pump: the one piece of the node that moves bytes between a
+//! [`NetStack`] TCP socket and the code speaking a protocol over it (the
+//! management server, the link benchmark; migration streams next).
+//!
+//! A [`SocketPump`] owns one socket and two bounded buffers. Protocol code
+//! never calls the socket: it takes what arrived from
+//! [`SocketPump::received`] / [`SocketPump::consume`], queues what it wants
+//! sent with [`SocketPump::queue`] (at most [`SocketPump::send_room`]), and
+//! its owner calls [`SocketPump::read`] and [`SocketPump::flush`] once per
+//! round of the node loop:
+//! * `read` takes bytes from the socket while the receive buffer has room,
+//!   so a consumer that stops taking bytes closes the TCP window
+//!   (back-pressure instead of unbounded memory);
+//! * `flush` hands queued bytes to the socket and keeps what the stack did
+//!   not take (partial sends) for the next round;
+//! * both notice the end of the connection: the peer's FIN once everything
+//!   before it was read ([`SocketPump::peer_done`]), a reset or a failed
+//!   call ([`SocketPump::is_broken`]).
+//!
+//! Neither blocks: a socket still connecting (or listening, for a pump
+//! created on a listener) moves nothing yet. Every byte moved either way
+//! counts as progress ([`SocketPump::last_progress_ns`]), which the owners'
+//! deadlines use. The socket is released exactly once, by
+//! [`SocketPump::release`], which consumes the pump.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use hvcore::host::{NetStack, SocketId, TcpState};
+
+/// Bytes asked of the socket per `tcp_recv` call.
+const RECV_PIECE: usize = 4096;
+
+/// One TCP socket with its receive and send buffers.
+#[derive(Debug)]
+pub struct SocketPump {
+    socket: SocketId,
+    rx: Vec<u8>,
+    rx_cap: usize,
+    tx: VecDeque<u8>,
+    tx_cap: usize,
+    /// The peer sent its FIN and every byte before it was read from the
+    /// socket.
+    eof: bool,
+    /// The connection was reset, closed under us, or a call failed.
+    broken: bool,
+    last_progress_ns: u64,
+    received_total: u64,
+    sent_total: u64,
+}
+
+impl SocketPump {
+    /// A pump for `socket` (connected, connecting or listening) that buffers
+    /// at most `rx_cap` received and `tx_cap` queued bytes.
+    pub fn new(socket: SocketId, rx_cap: usize, tx_cap: usize, now_ns: u64) -> Self {
+        Self {
+            socket,
+            rx: Vec::new(),
+            rx_cap,
+            tx: VecDeque::new(),
+            tx_cap,
+            eof: false,
+            broken: false,
+            last_progress_ns: now_ns,
+            received_total: 0,
+            sent_total: 0,
+        }
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> SocketId {
+        self.socket
+    }
+    /// The socket's state as the stack reports it.
+    pub fn state(&self, net: &dyn NetStack) -> TcpState {
+        net.tcp_state(self.socket)
+    }
+    /// Bytes queued and not yet acknowledged by the peer (in the stack).
+    pub fn unacked(&self, net: &dyn NetStack) -> usize {
+        net.tcp_unacked(self.socket)
+    }
+
+    /// Read from the socket while the receive buffer has room; returns the
+    /// bytes read.
+    pub fn read(&mut self, net: &mut dyn NetStack, now_ns: u64) -> usize {
+        match net.tcp_state(self.socket) {
+            TcpState::Listening | TcpState::Connecting => return 0,
+            // The stack reports `PeerClosed` while bytes remain to be read,
+            // so a closed socket has nothing left.
+            TcpState::Closed => {
+                self.broken = true;
+                return 0;
+            }
+            TcpState::Open | TcpState::PeerClosed => {}
+        }
+        let mut total = 0;
+        let mut piece = [0u8; RECV_PIECE];
+        while self.rx.len() < self.rx_cap {
+            let room = (self.rx_cap - self.rx.len()).min(RECV_PIECE);
+            match net.tcp_recv(self.socket, &mut piece[..room]) {
+                Ok(0) => {
+                    if net.tcp_state(self.socket) == TcpState::PeerClosed {
+                        self.eof = true;
+                    }
+                    break;
+                }
+                Ok(n) => {
+                    self.rx.extend_from_slice(&piece[..n]);
+                    total += n;
+                }
+                Err(_) => {
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            self.received_total += total as u64;
+            self.last_progress_ns = now_ns;
+        }
+        total
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn received(&self) -> &[u8] {
+        &self.rx
+    }
+    /// The consumer is done with the first `n` received bytes.
+    pub fn consume(&mut self, n: usize) {
+        self.rx.drain(..n.min(self.rx.len()));
+    }
+    /// Take every received byte.
+    pub fn take_received(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.rx)
+    }
+
+    /// Bytes [`SocketPump::queue`] accepts now.
+    pub fn send_room(&self) -> usize {
+        self.tx_cap.saturating_sub(self.tx.len())
+    }
+    /// Bytes queued and not yet handed to the socket.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+    /// Queue as much of `bytes` as fits; returns how many were queued.
+    pub fn queue(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.send_room());
+        self.tx.extend(&bytes[..n]);
+        n
+    }
+
+    /// Hand queued bytes to the socket until it takes no more; returns the
+    /// bytes sent.
+    pub fn flush(&mut self, net: &mut dyn NetStack, now_ns: u64) -> usize {
+        match net.tcp_state(self.socket) {
+            TcpState::Listening | TcpState::Connecting => return 0,
+            TcpState::Closed => {
+                self.broken = true;
+                return 0;
+            }
+            TcpState::Open | TcpState::PeerClosed => {}
+        }
+        let mut total = 0;
+        while !self.tx.is_empty() {
+            let (front, _) = self.tx.as_slices();
+            match net.tcp_send(self.socket, front) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let n = n.min(front.len());
+                    self.tx.drain(..n);
+                    total += n;
+                }
+                Err(_) => {
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            self.sent_total += total as u64;
+            self.last_progress_ns = now_ns;
+        }
+        total
+    }
+
+    /// The peer closed its side and every byte it sent was consumed.
+    pub fn peer_done(&self) -> bool {
+        self.eof && self.rx.is_empty()
+    }
+    /// The connection is gone: reset, closed under us, or a call failed.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+    /// When bytes last moved either way (or the pump was made).
+    pub fn last_progress_ns(&self) -> u64 {
+        self.last_progress_ns
+    }
+    /// Bytes read from the socket so far.
+    pub fn received_total(&self) -> u64 {
+        self.received_total
+    }
+    /// Bytes handed to the socket so far.
+    pub fn sent_total(&self) -> u64 {
+        self.sent_total
+    }
+
+    /// Release the socket: the stack finishes a graceful close in the
+    /// background (bytes it took are still delivered) and frees it.
+    /// Whatever is still queued here is dropped.
+    pub fn release(self, net: &mut dyn NetStack) {
+        net.tcp_release(self.socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeNet;
+    use hvcore::host::NicRole;
+
+    fn open_pump(net: &mut FakeNet, rx_cap: usize, tx_cap: usize) -> SocketPump {
+        let l = net.tcp_listen(NicRole::Management, 9).unwrap();
+        net.peer_connect(9).unwrap();
+        let mut p = SocketPump::new(l, rx_cap, tx_cap, 0);
+        // Still connecting: nothing moves, nothing breaks.
+        net.peer_send(l, b"early");
+        assert_eq!(p.read(net, 1), 0);
+        assert_eq!(p.flush(net, 1), 0);
+        assert!(!p.is_broken());
+        net.poll(0);
+        p
+    }
+
+    #[test]
+    fn reads_are_bounded_by_the_consumer() {
+        let mut net = FakeNet::new();
+        let mut p = open_pump(&mut net, 10, 16);
+        let s = p.socket();
+        net.peer_send(s, b" and a longer tail");
+        assert_eq!(p.read(&mut net, 5), 10);
+        assert_eq!(p.received(), b"early and ");
+        assert_eq!(p.read(&mut net, 6), 0, "full: the rest waits in the stack");
+        p.consume(6);
+        assert_eq!(p.read(&mut net, 7), 6);
+        assert_eq!(p.take_received(), b"and a long");
+        assert_eq!(p.read(&mut net, 8), 7);
+        assert_eq!(p.received(), b"er tail");
+        assert_eq!((p.received_total(), p.last_progress_ns()), (23, 8));
+        assert!(!p.peer_done());
+    }
+
+    #[test]
+    fn partial_sends_keep_the_rest_in_order() {
+        let mut net = FakeNet::new();
+        net.send_room = 3;
+        let mut p = open_pump(&mut net, 16, 8);
+        let s = p.socket();
+        assert_eq!(p.queue(b"0123456789"), 8, "queue is capped");
+        assert_eq!(p.send_room(), 0);
+        // The fake takes 3 bytes per call; with a window of 5 the peer's
+        // side is full after two calls.
+        net.peer_window(s, 5);
+        assert_eq!(p.flush(&mut net, 3), 5);
+        assert_eq!(p.flush(&mut net, 4), 0, "a peer that does not read");
+        assert_eq!(p.last_progress_ns(), 3);
+        assert_eq!(net.peer_take(s), b"01234");
+        assert_eq!(p.queue(b"89"), 2);
+        assert_eq!(p.flush(&mut net, 5), 5);
+        assert_eq!(net.peer_take(s), b"56789");
+        assert_eq!((p.queued(), p.sent_total()), (0, 10));
+    }
+
+    #[test]
+    fn end_of_stream_and_resets_are_noticed() {
+        let mut net = FakeNet::new();
+        let mut p = open_pump(&mut net, 16, 16);
+        let s = p.socket();
+        net.peer_close(s);
+        assert_eq!(p.read(&mut net, 1), 5, "bytes before the FIN are read");
+        assert!(!p.peer_done(), "not yet consumed");
+        p.consume(5);
+        assert!(p.peer_done());
+        assert!(!p.is_broken());
+        // A reset (the stack reports Closed) breaks both directions.
+        let mut q = open_pump(&mut net, 16, 16);
+        let t = q.socket();
+        q.queue(b"x");
+        net.sockets.get_mut(&t.0).unwrap().state = TcpState::Closed;
+        assert_eq!(q.flush(&mut net, 2), 0);
+        assert!(q.is_broken());
+        q.release(&mut net);
+        assert!(net.released(t));
+    }
+}
