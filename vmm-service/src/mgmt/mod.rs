@@ -30,6 +30,9 @@ pub mod service;
 
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
+pub mod fuzzing;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
 pub mod rig;
 
 // The protocol's limits are the VM table's: a name the protocol accepts
