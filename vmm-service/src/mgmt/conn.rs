@@ -42,11 +42,6 @@ use hvmgmt::proto::{
 use hvmgmt::wire::{self, FrameDecoder, FrameError};
 use serde::Deserialize;
 
-/// The client end moved to `hvmgmt::client`; re-exported so that
-/// `vmm_service::mgmt::conn::{ClientConn, ...}` keeps working for callers
-/// not yet switched to `hvmgmt`.
-pub use hvmgmt::client::{ClientConn, ClientError, ClientEvent};
-
 /// Unauthenticated frames tolerated before the server closes.
 pub const PREAUTH_ERRORS_MAX: u32 = 3;
 /// Time a client has to authenticate.
@@ -367,6 +362,7 @@ mod tests {
     use super::*;
     use alloc::string::String;
     use hvmgmt::auth::{fresh_nonce, TestEntropy};
+    use hvmgmt::client::{ClientConn, ClientError, ClientEvent};
     use hvmgmt::proto::{Auth, Body, NodeInfo};
 
     fn key() -> ClusterKey {
