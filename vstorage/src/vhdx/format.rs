@@ -861,6 +861,16 @@ pub enum MetadataError {
     Unsupported(String),
 }
 
+/// A logical or physical sector size must be 512 or 4096 (MS-VHDX
+/// 2.6.2.4, 2.6.2.5); `which` names it in the message.
+pub fn check_sector_size(which: &str, bytes: u32) -> Result<(), String> {
+    if bytes == 512 || bytes == 4096 {
+        Ok(())
+    } else {
+        Err(format!("{which} sector size {bytes} is not 512 or 4096"))
+    }
+}
+
 /// Interprets the metadata items. `item` returns the bytes of an entry.
 pub fn parse_disk_params(
     entries: &[MetadataEntry],
@@ -914,16 +924,8 @@ pub fn parse_disk_params(
     let disk_id = Guid::read(&fetch(VIRTUAL_DISK_ID, "virtual disk id", 16)?, 0);
     let logical_sector_size = rd32(&fetch(LOGICAL_SECTOR_SIZE, "logical sector size", 4)?, 0);
     let physical_sector_size = rd32(&fetch(PHYSICAL_SECTOR_SIZE, "physical sector size", 4)?, 0);
-    if logical_sector_size != 512 && logical_sector_size != 4096 {
-        return Err(corrupt(format!(
-            "logical sector size {logical_sector_size} is not 512 or 4096"
-        )));
-    }
-    if physical_sector_size != 512 && physical_sector_size != 4096 {
-        return Err(corrupt(format!(
-            "physical sector size {physical_sector_size} is not 512 or 4096"
-        )));
-    }
+    check_sector_size("logical", logical_sector_size).map_err(corrupt)?;
+    check_sector_size("physical", physical_sector_size).map_err(corrupt)?;
     if virtual_size == 0
         || virtual_size > MAX_VIRTUAL_SIZE
         || !virtual_size.is_multiple_of(u64::from(logical_sector_size))

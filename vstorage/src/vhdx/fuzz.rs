@@ -164,8 +164,9 @@ impl BlockIo for PageIo {
     }
 }
 
-/// Virtual size of every template disk.
-const SIZE: u64 = 4 * MIB;
+/// Virtual size of every template disk: two blocks (each run copies and
+/// compares whole disks, so this is what a run costs).
+const SIZE: u64 = 2 * MIB;
 /// Where `create` puts the log, and its length.
 const LOG_OFFSET: usize = MIB as usize;
 const LOG_LEN: usize = MIB as usize;
@@ -181,6 +182,9 @@ pub struct Templates {
     parent: PageIo,
     child: PageIo,
     pending_log: PageIo,
+    /// What the `io` disks (dynamic, 4096-byte sectors, fixed,
+    /// differencing over `parent`) read as, in that order.
+    io_models: [Vec<u8>; 4],
 }
 
 fn params(ls: u32, fixed: bool) -> CreateParams {
@@ -213,10 +217,7 @@ impl PageIo {
 impl Templates {
     /// Builds the templates (a few milliseconds).
     pub fn new() -> Self {
-        let dynamic = image(
-            &params(512, false),
-            &[(0, 4096, 1), (2 * MIB + 512, 512, 2)],
-        );
+        let dynamic = image(&params(512, false), &[(0, 4096, 1), (MIB + 512, 512, 2)]);
         let sector4096 = image(&params(4096, false), &[(4096, 4096, 4)]);
         let fixed = image(&params(512, true), &[(512, 512, 3)]);
         let parent = dynamic.clone();
@@ -248,13 +249,39 @@ impl Templates {
             Some(PageIo::of(&d))
         })()
         .unwrap_or_default();
-        Templates {
+        let mut t = Templates {
             dynamic,
             sector4096,
             fixed,
             parent,
             child,
             pending_log,
+            io_models: Default::default(),
+        };
+        for sel in 0..4u8 {
+            let (io, differencing) = t.io_disk(sel);
+            let model = (|| {
+                let mut d = Vhdx::open(io.clone(), OpenOptions::read_only()).ok()?;
+                if differencing {
+                    d.attach_parent(Vhdx::open(t.parent.clone(), OpenOptions::read_only()).ok()?)
+                        .ok()?;
+                }
+                let mut m = vec![0u8; SIZE as usize];
+                d.read(0, &mut m).ok()?;
+                Some(m)
+            })();
+            t.io_models[usize::from(sel)] = model.unwrap_or_default();
+        }
+        t
+    }
+
+    /// The disk `io` input byte 0 picks, and whether it is differencing.
+    fn io_disk(&self, sel: u8) -> (&PageIo, bool) {
+        match sel % 4 {
+            0 => (&self.dynamic, false),
+            1 => (&self.sector4096, false),
+            2 => (&self.fixed, false),
+            _ => (&self.child, true),
         }
     }
 }
@@ -470,17 +497,13 @@ pub fn io(t: &Templates, data: &[u8]) {
     let Some((&sel, mut ops)) = data.split_first() else {
         return;
     };
-    let (bytes, differencing) = match sel % 4 {
-        0 => (t.dynamic.clone(), false),
-        1 => (t.sector4096.clone(), false),
-        2 => (t.fixed.clone(), false),
-        _ => (t.child.clone(), true),
-    };
-    let mut d = IoDisk::open(t, bytes, differencing, true);
+    let (bytes, differencing) = t.io_disk(sel);
+    let mut d = IoDisk::open(t, bytes.clone(), differencing, true);
     let ss = u64::from(d.disk.logical_sector_size());
     let sectors = SIZE / ss;
-    let mut model = vec![0u8; SIZE as usize];
-    d.disk.read(0, &mut model).expect("initial read");
+    // What the disk reads as before any operation (read once per process).
+    let mut model = t.io_models[usize::from(sel % 4)].clone();
+    assert_eq!(model.len() as u64, SIZE, "template model");
     while let [op, a, b, fill, rest @ ..] = ops {
         ops = rest;
         // Sector numbers spread over the whole disk; up to 64 KiB a request.
@@ -523,7 +546,7 @@ pub fn io(t: &Templates, data: &[u8]) {
             }
         }
     }
-    d.check(&model);
+    // The last state, as a fresh read-only open of the file sees it.
     let mut r = d.reopen(false);
     r.check(&model);
 }

@@ -59,16 +59,8 @@ impl CreateParams {
                 false,
             ),
         };
-        if ps != 512 && ps != 4096 {
-            return Err(open_err(format!(
-                "physical sector size {ps} is not 512 or 4096"
-            )));
-        }
-        if ls != 512 && ls != 4096 {
-            return Err(open_err(format!(
-                "logical sector size {ls} is not 512 or 4096"
-            )));
-        }
+        check_sector_size("physical", ps).map_err(open_err)?;
+        check_sector_size("logical", ls).map_err(open_err)?;
         let geo = Geometry::new(self.block_size, ls, virtual_size, has_parent).ok_or_else(|| {
             open_err(format!(
                 "invalid parameters: size {virtual_size} must be a non-zero multiple of the {ls}-byte sector up to 64 TiB, block size {} a power of two from 1 MiB to 256 MiB",
