@@ -16,9 +16,13 @@
 //!   [`super::acpi_pm`] ports; no C2/C3 (latencies above the limits); the
 //!   RTC century byte at CMOS 0x32; IAPC_BOOT_ARCH: legacy devices, no
 //!   8042 (Linux then skips probing a keyboard controller), no VGA.
-//! * DSDT: only `\_S5` = {5, 5, 0, 0}, the sleep type the PM1 control
-//!   register takes for power-off. No devices: COM1, the RTC and the timers
-//!   are found at their legacy addresses.
+//! * DSDT: `\_S5` = {5, 5, 0, 0}, the sleep type the PM1 control register
+//!   takes for power-off, and one `\_SB.VRnn` device per virtio-mmio
+//!   device ([`VirtioMmioSlot`]: `_HID` "LNRO0005", a 32-bit fixed memory
+//!   range and one level-triggered, active-high interrupt). Debian's kernel
+//!   finds virtio-mmio devices only this way (it is built without
+//!   `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`). COM1, the RTC and the timers are
+//!   found at their legacy addresses.
 //! * No HPET, MCFG or SRAT: the guest sees none of those.
 //!
 //! Reference: ACPI 6.5: 5.2.5.3 (RSDP), 5.2.6 (header), 5.2.7/5.2.8
@@ -42,6 +46,39 @@ const OEM_ID: &[u8; 6] = b"HVMIGR";
 const OEM_TABLE_ID: &[u8; 8] = b"HVMIGRAT";
 const CREATOR_ID: &[u8; 4] = b"HVMG";
 const HEADER_BYTES: usize = 36;
+
+/// Where the machine puts virtio-mmio device `n`: `VIRTIO_MMIO_BASE + n *
+/// VIRTIO_MMIO_STRIDE`, interrupt GSI `VIRTIO_MMIO_FIRST_GSI + n` (I/O APIC
+/// pins 16-23 are free of ISA devices).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Address distance between two virtio-mmio devices.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// GSI of virtio-mmio device 0.
+pub const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
+/// Most virtio-mmio devices the tables describe (one GSI each, 16-23).
+pub const MAX_VIRTIO_MMIO: usize = 8;
+
+/// A virtio-mmio device to describe to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    /// Guest-physical base of its register window (below 4 GiB).
+    pub base: u64,
+    /// Bytes of the window (0x200 is the virtio-mmio register file).
+    pub len: u32,
+    /// Its interrupt (I/O APIC input).
+    pub gsi: u32,
+}
+
+impl VirtioMmioSlot {
+    /// Device `n` at the machine's standard place.
+    pub fn standard(n: u8) -> Self {
+        Self {
+            base: VIRTIO_MMIO_BASE + u64::from(n) * VIRTIO_MMIO_STRIDE,
+            len: 0x200,
+            gsi: VIRTIO_MMIO_FIRST_GSI + u32::from(n),
+        }
+    }
+}
 
 /// The tables as one blob to place at its base address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,7 +180,60 @@ fn facs() -> Vec<u8> {
     t
 }
 
-fn dsdt() -> Vec<u8> {
+/// AML PkgLength for a package whose contents (after the PkgLength) are
+/// `contents` bytes: the encoded length counts itself (ACPI 6.5, 20.2.4).
+fn pkg_length(contents: usize) -> Vec<u8> {
+    if contents < 0x3f {
+        return alloc::vec![(contents + 1) as u8];
+    }
+    for extra in 1..=3usize {
+        let total = contents + 1 + extra;
+        if total < 1 << (4 + 8 * extra) {
+            let mut v = alloc::vec![((extra as u8) << 6) | (total & 0xf) as u8];
+            for i in 0..extra {
+                v.push((total >> (4 + 8 * i)) as u8);
+            }
+            return v;
+        }
+    }
+    unreachable!("AML packages here are far below 256 MiB")
+}
+
+/// `op` (one or two bytes), PkgLength, `body`.
+fn aml_package(op: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut v = op.to_vec();
+    v.extend_from_slice(&pkg_length(body.len()));
+    v.extend_from_slice(body);
+    v
+}
+
+/// `Device (VRnn) { _HID "LNRO0005", _UID n, _CRS { Memory32Fixed,
+/// Interrupt (level, active high, exclusive) } }`.
+fn virtio_device(n: usize, slot: &VirtioMmioSlot) -> Vec<u8> {
+    let hex = b"0123456789ABCDEF";
+    let mut body = alloc::vec![b'V', b'R', hex[(n >> 4) & 0xf], hex[n & 0xf]];
+    // Name (_HID, "LNRO0005")
+    body.extend_from_slice(&[0x08, b'_', b'H', b'I', b'D', 0x0d]);
+    body.extend_from_slice(b"LNRO0005\0");
+    // Name (_UID, n)
+    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x0a, n as u8]);
+    // Name (_CRS, ResourceTemplate () { ... })
+    let mut res = Vec::new();
+    res.extend_from_slice(&[0x86, 0x09, 0x00, 0x01]); // Memory32Fixed, read/write
+    res.extend_from_slice(&(slot.base as u32).to_le_bytes());
+    res.extend_from_slice(&slot.len.to_le_bytes());
+    // Extended interrupt: consumer, level, active high, exclusive; 1 GSI.
+    res.extend_from_slice(&[0x89, 0x06, 0x00, 0x01, 0x01]);
+    res.extend_from_slice(&slot.gsi.to_le_bytes());
+    res.extend_from_slice(&[0x79, 0x00]); // end tag
+    let mut buffer = alloc::vec![0x0a, res.len() as u8];
+    buffer.extend_from_slice(&res);
+    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S']);
+    body.extend_from_slice(&aml_package(&[0x11], &buffer));
+    aml_package(&[0x5b, 0x82], &body)
+}
+
+fn dsdt(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     let mut t = table(b"DSDT", 2);
     // Name (_S5_, Package (4) { 5, 5, 0, 0 })
     let s5 = SLP_TYP_S5 as u8;
@@ -153,6 +243,14 @@ fn dsdt() -> Vec<u8> {
         0x0a, s5, 0x0a, s5, // BytePrefix 5, BytePrefix 5
         0x00, 0x00, // ZeroOp, ZeroOp
     ]);
+    if !virtio.is_empty() {
+        // Scope (\_SB) { Device ... }
+        let mut body = alloc::vec![0x5c, b'_', b'S', b'B', b'_'];
+        for (n, slot) in virtio.iter().take(MAX_VIRTIO_MMIO).enumerate() {
+            body.extend_from_slice(&virtio_device(n, slot));
+        }
+        t.extend_from_slice(&aml_package(&[0x10], &body));
+    }
     finish(t)
 }
 
@@ -211,13 +309,14 @@ fn rsdp(rsdt: u64, xsdt: u64) -> Vec<u8> {
 }
 
 /// Build the tables for placement at `base_gpa` (below 4 GiB, 64-byte
-/// aligned).
-pub fn build(base_gpa: u64) -> AcpiTables {
+/// aligned), describing the virtio-mmio devices `virtio` (at most
+/// [`MAX_VIRTIO_MMIO`]; more are left out).
+pub fn build(base_gpa: u64, virtio: &[VirtioMmioSlot]) -> AcpiTables {
     debug_assert!(base_gpa.is_multiple_of(64) && base_gpa < 1 << 32);
     // Layout: RSDP, FACS (64-byte aligned), DSDT, FADT, MADT, RSDT, XSDT.
     let facs_off = 64u64;
     let dsdt_off = facs_off + 64;
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let fadt_off = (dsdt_off + dsdt.len() as u64).next_multiple_of(16);
     let fadt = fadt(base_gpa + facs_off, base_gpa + dsdt_off);
     let madt_off = (fadt_off + fadt.len() as u64).next_multiple_of(16);
@@ -277,7 +376,7 @@ mod tests {
 
     #[test]
     fn rsdp_finds_every_table() {
-        let t = build(ACPI_TABLES_GPA);
+        let t = build(ACPI_TABLES_GPA, &[]);
         assert!(t.bytes.len() <= ACPI_TABLES_MAX_BYTES);
         let r = &t.bytes[..36];
         assert_eq!(&r[..8], b"RSD PTR ");
@@ -310,7 +409,7 @@ mod tests {
 
     #[test]
     fn fadt_points_at_the_pm_registers() {
-        let t = build(ACPI_TABLES_GPA);
+        let t = build(ACPI_TABLES_GPA, &[]);
         let xsdt = table_at(&t, u64_at(&t.bytes, 24), b"XSDT");
         let fadt = table_at(&t, u64_at(xsdt, 36), b"FACP");
         assert_eq!(u16_at(fadt, 46), 9, "SCI_INT");
@@ -331,7 +430,7 @@ mod tests {
 
     #[test]
     fn madt_describes_the_interrupt_controllers() {
-        let t = build(ACPI_TABLES_GPA);
+        let t = build(ACPI_TABLES_GPA, &[]);
         let xsdt = table_at(&t, u64_at(&t.bytes, 24), b"XSDT");
         let madt = table_at(&t, u64_at(xsdt, 44), b"APIC");
         assert_eq!(u32_at(madt, 36), 0xfee0_0000);
@@ -358,7 +457,7 @@ mod tests {
 
     #[test]
     fn dsdt_s5_package_encoding() {
-        let d = dsdt();
+        let d = dsdt(&[]);
         let aml = &d[HEADER_BYTES..];
         assert_eq!(
             aml,
@@ -366,5 +465,61 @@ mod tests {
         );
         // PkgLength counts itself and everything after it in the package.
         assert_eq!(usize::from(aml[6]), aml.len() - 6);
+    }
+
+    #[test]
+    fn pkg_length_encoding() {
+        assert_eq!(pkg_length(0), [1]);
+        assert_eq!(pkg_length(62), [63]);
+        // 63 + 1 does not fit one byte: two bytes, total 65 = 0x41.
+        assert_eq!(pkg_length(63), [0x41, 0x04]);
+        assert_eq!(pkg_length(0xffd), [0x4f, 0xff]);
+        // 0xffe + 3 = 0x1001: nibble 1, then 0x00, then 0x01.
+        assert_eq!(pkg_length(0xffe), [0x81, 0x00, 0x01]);
+    }
+
+    #[test]
+    fn dsdt_describes_virtio_mmio_devices() {
+        let slots = [VirtioMmioSlot::standard(0), VirtioMmioSlot::standard(1)];
+        assert_eq!(
+            slots[1],
+            VirtioMmioSlot {
+                base: 0xd000_1000,
+                len: 0x200,
+                gsi: 17
+            }
+        );
+        let d = dsdt(&slots);
+        assert_eq!(d.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
+        let aml = &d[HEADER_BYTES + 14..];
+        // Scope (\_SB_) whose PkgLength covers the rest of the table.
+        assert_eq!(aml[0], 0x10);
+        let (len, n) = match aml[1] >> 6 {
+            0 => (usize::from(aml[1] & 0x3f), 1),
+            1 => (usize::from(aml[1] & 0xf) | (usize::from(aml[2]) << 4), 2),
+            _ => panic!("longer PkgLength than expected"),
+        };
+        assert_eq!(len, aml.len() - 1, "PkgLength counts itself and the body");
+        assert_eq!(&aml[1 + n..1 + n + 5], b"\\_SB_");
+        // The first device, byte for byte.
+        let dev = virtio_device(0, &slots[0]);
+        assert_eq!(&aml[1 + n + 5..1 + n + 5 + dev.len()], &dev[..]);
+        let mut want = alloc::vec![0x5b, 0x82, 0x3b]; // 59 = 1 + 58
+        want.extend_from_slice(b"VR00");
+        want.extend_from_slice(b"\x08_HID\x0dLNRO0005\0");
+        want.extend_from_slice(b"\x08_UID\x0a\x00");
+        want.extend_from_slice(b"\x08_CRS\x11\x1a\x0a\x17");
+        want.extend_from_slice(&[0x86, 0x09, 0x00, 0x01, 0, 0, 0, 0xd0, 0, 2, 0, 0]);
+        want.extend_from_slice(&[0x89, 0x06, 0x00, 0x01, 0x01, 16, 0, 0, 0]);
+        want.extend_from_slice(&[0x79, 0x00]);
+        assert_eq!(dev, want);
+        assert_eq!(usize::from(dev[2]), dev.len() - 2);
+        assert_eq!(aml.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
+        assert!(aml.windows(4).any(|w| w == b"VR01"));
+        // The whole set fits, and more than eight are left out.
+        let many: Vec<VirtioMmioSlot> = (0..10).map(VirtioMmioSlot::standard).collect();
+        let t = build(ACPI_TABLES_GPA, &many);
+        assert!(t.bytes.len() <= ACPI_TABLES_MAX_BYTES);
+        assert_eq!(t.bytes.windows(8).filter(|w| w == b"LNRO0005").count(), 8);
     }
 }

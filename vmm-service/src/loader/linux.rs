@@ -33,7 +33,7 @@
 //! `LongModeEntry` the selectors (docs/DESIGN.md, "Linux guest").
 
 use super::bzimage::{self, BzImage, BzImageError, ENTRY_64_OFFSET, XLF_CAN_BE_LOADED_ABOVE_4G};
-use crate::devices::acpi::{self, ACPI_TABLES_GPA};
+use crate::devices::acpi::{self, VirtioMmioSlot, ACPI_TABLES_GPA};
 use crate::start::{write_gdt, write_identity_map, IDENTITY_MAP_BYTES};
 use alloc::format;
 use alloc::string::String;
@@ -352,19 +352,21 @@ fn zero_page(bz: &BzImage<'_>, layout: &LinuxLayout, rsdp: u64) -> [u8; PAGE_SIZ
 }
 
 /// Load `image` and `initrd` into `mem` with kernel command line
-/// `cmdline` (see [`kernel_cmdline`]): page tables, GDT, ACPI tables, zero
+/// `cmdline` (see [`kernel_cmdline`]): page tables, GDT, ACPI tables
+/// (describing the machine and the virtio-mmio devices `virtio`), zero
 /// page, command line, kernel and initramfs. On error nothing is written.
 pub fn load(
     mem: &mut dyn GuestMemory,
     image: &[u8],
     initrd: &[u8],
     cmdline: &str,
+    virtio: &[VirtioMmioSlot],
 ) -> Result<LinuxBoot, LinuxLoadError> {
     let bz = bzimage::parse(image)?;
     let layout = plan(&bz, mem.ram_bytes(), initrd.len() as u64, cmdline)?;
     write_identity_map(mem)?;
     write_gdt(mem, &LINUX_GDT)?;
-    let tables = acpi::build(ACPI_TABLES_GPA);
+    let tables = acpi::build(ACPI_TABLES_GPA, virtio);
     mem.write(Gpa(tables.base_gpa), &tables.bytes)?;
     mem.write(
         Gpa(LINUX_ZERO_PAGE_GPA),
@@ -417,7 +419,8 @@ mod tests {
             cmdline,
             "console=ttyS0 tsc_early_khz=2500000 rdinit=/init quiet"
         );
-        let boot = load(&mut mem, &img, &initrd, &cmdline).unwrap();
+        let disk = [VirtioMmioSlot::standard(0)];
+        let boot = load(&mut mem, &img, &initrd, &cmdline, &disk).unwrap();
         let b = mem.bytes();
         // Kernel at pref_address, entry at +0x200.
         assert_eq!(boot.layout.kernel_gpa, 0x100_0000);
@@ -475,6 +478,7 @@ mod tests {
         assert_eq!(u64_at(b, 0x7018), 0x00cf_9300_0000_ffff);
         assert_eq!(u64_at(b, 0x3000), 0x83);
         assert_eq!(&b[0xe_0000..0xe_0008], b"RSD PTR ");
+        assert!(b[0xe_0000..0x10_0000].windows(8).any(|w| w == b"LNRO0005"));
         // Nothing else written between the boot structures and the kernel.
         assert!(b[0x10_0000..0x100_0000].iter().all(|&x| x == 0));
         assert!(b[0xa000..0xe_0000].iter().all(|&x| x == 0));
@@ -484,7 +488,7 @@ mod tests {
     fn without_an_initrd() {
         let img = test_image(b"");
         let mut mem = FakeMemory::new(RAM);
-        let boot = load(&mut mem, &img, &[], BASE_CMDLINE).unwrap();
+        let boot = load(&mut mem, &img, &[], BASE_CMDLINE, &[]).unwrap();
         assert_eq!((boot.layout.initrd_gpa, boot.layout.initrd_len), (0, 0));
         assert_eq!(u32_at(mem.bytes(), 0x8000 + 0x218), 0);
         assert_eq!(kernel_cmdline("", None), "console=ttyS0");
@@ -546,7 +550,7 @@ mod tests {
         assert_eq!(l.initrd_gpa, 0x01ff_f000);
         // Nothing written when loading fails.
         let mut mem = FakeMemory::new(16 << 20);
-        assert!(load(&mut mem, &img, &[], "").is_err());
+        assert!(load(&mut mem, &img, &[], "", &[]).is_err());
         assert!(mem.bytes().iter().all(|&b| b == 0));
     }
 }
