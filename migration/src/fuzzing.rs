@@ -179,7 +179,7 @@ pub fn sample_config() -> VmConfig {
 
 /// A vCPU state with every field distinct.
 pub fn sample_vcpu(id: u32) -> VcpuState {
-    use crate::state::{EventKind, FpuState, GeneralRegs, Msrs, PendingEvent, Segment, TableReg};
+    use crate::state::{EventKind, FpuState, Msrs, PendingEvent, Regs, Segment, TableReg};
     let k = u64::from(id) << 32;
     let seg = |n: u16| Segment {
         selector: n * 8,
@@ -189,7 +189,7 @@ pub fn sample_vcpu(id: u32) -> VcpuState {
     };
     VcpuState {
         id,
-        regs: GeneralRegs {
+        regs: Regs {
             rax: k | 1,
             rbx: 2,
             rcx: 3,

@@ -67,8 +67,8 @@ pub use receiver::{DestinationVm, DigestCheck, ReceiveOutcome, Receiver, RecvPro
 pub use report::{MigrationReport, MigrationResult};
 pub use source::{Clock, MigratableVm, Migration, Progress};
 pub use state::{
-    CpuidEntry, DeviceDesc, DeviceState, EventKind, FpuState, GeneralRegs, Msrs, PendingEvent,
-    Segment, TableReg, VcpuState, VmConfig,
+    CpuidEntry, DeviceDesc, DeviceState, EventKind, FpuState, Msrs, PendingEvent, Regs, Segment,
+    TableReg, VcpuState, VmConfig,
 };
 pub use stream::{Decoder, Direction, Record};
 pub use transport::{MemPipe, Transport};

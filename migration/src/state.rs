@@ -1,20 +1,11 @@
 //! Vendor-neutral VM state carried by the stream: the VM configuration, one
 //! [`VcpuState`] per vCPU and one [`DeviceState`] per device.
 //!
-//! These are plain structs. The SVM and VMX backends convert their VMCB /
-//! VMCS contents to and from them; nothing vendor-specific crosses the wire.
-//! Conventions the backends must follow:
-//! - Segment attributes use the 12-bit packed form of the AMD VMCB (AMD APM
-//!   vol. 2, 15.5.1 "Segment attributes"): bits 0-3 type, 4 S, 5-6 DPL, 7 P,
-//!   8 AVL, 9 L, 10 D/B, 11 G. The VMX backend packs its access-rights field
-//!   (Intel SDM vol. 3C, 25.4.1, bits 0-7 and 12-15) into the same form and
-//!   maps "unusable" (bit 16) to P = 0.
-//! - FS/GS base are the `base` of `fs`/`gs` (they *are* IA32_FS_BASE and
-//!   IA32_GS_BASE); IA32_KERNEL_GS_BASE is in [`Msrs`].
-//! - The FPU/SSE/AVX state is the standard (non-compacted) XSAVE image for
-//!   the saved XCR0, opaque here, at most [`MAX_XSAVE_BYTES`].
-//! - `tsc` is the value the guest would read with RDTSC at save time; the
-//!   destination derives its own TSC offset from it.
+//! The vCPU records ([`VcpuState`], [`Regs`], [`Segment`], ...) live in the
+//! `vmstate` crate, beneath both this crate and the hypervisor logic, and
+//! are re-exported here; their conventions (packed segment attributes,
+//! FS/GS base, the XSAVE image, `tsc`) are documented there. This module
+//! holds their wire encoding and the configuration and device records.
 //!
 //! Invariant: decoding checks structure and caps only (lengths, counts,
 //! booleans, enum values). Architectural consistency (CR0/CR4/EFER reserved
@@ -24,6 +15,9 @@
 use crate::error::StreamError;
 use crate::wire::{put_u16, put_u32, put_u64, put_u8, Reader};
 use alloc::vec::Vec;
+pub use vmstate::{
+    EventKind, FpuState, Msrs, PendingEvent, Regs, Segment, TableReg, VcpuState, MAX_XSAVE_BYTES,
+};
 
 /// Largest guest RAM the protocol accepts (1 TiB).
 pub const MAX_RAM_BYTES: u64 = 1 << 40;
@@ -33,9 +27,6 @@ pub const MAX_VCPUS: u32 = 256;
 pub const MAX_DEVICES: usize = 64;
 /// Most CPUID entries in one VM configuration.
 pub const MAX_CPUID_ENTRIES: usize = 512;
-/// Largest XSAVE image (covers every XCR0 component defined today, AMX
-/// included, with room to spare).
-pub const MAX_XSAVE_BYTES: usize = 16 * 1024;
 /// Largest opaque device state payload.
 pub const MAX_DEVICE_PAYLOAD: usize = 64 * 1024;
 
@@ -239,239 +230,36 @@ pub(crate) fn with_record(e: StreamError, record: u64) -> StreamError {
     }
 }
 
-/// General-purpose registers, RSP, RIP and RFLAGS, in the field order of
-/// `hvcore::vcpu::Regs` so backends convert field by field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct GeneralRegs {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    pub rsp: u64,
-    pub rip: u64,
-    pub rflags: u64,
-}
-
-impl GeneralRegs {
-    fn fields_mut(&mut self) -> [&mut u64; 18] {
-        [
-            &mut self.rax,
-            &mut self.rbx,
-            &mut self.rcx,
-            &mut self.rdx,
-            &mut self.rsi,
-            &mut self.rdi,
-            &mut self.rbp,
-            &mut self.r8,
-            &mut self.r9,
-            &mut self.r10,
-            &mut self.r11,
-            &mut self.r12,
-            &mut self.r13,
-            &mut self.r14,
-            &mut self.r15,
-            &mut self.rsp,
-            &mut self.rip,
-            &mut self.rflags,
-        ]
-    }
-    fn fields(&self) -> [u64; 18] {
-        [
-            self.rax,
-            self.rbx,
-            self.rcx,
-            self.rdx,
-            self.rsi,
-            self.rdi,
-            self.rbp,
-            self.r8,
-            self.r9,
-            self.r10,
-            self.r11,
-            self.r12,
-            self.r13,
-            self.r14,
-            self.r15,
-            self.rsp,
-            self.rip,
-            self.rflags,
-        ]
-    }
-}
-
-/// A segment register including its hidden (descriptor-cache) part.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Segment {
-    pub selector: u16,
-    /// Packed attributes, AMD VMCB form (see the module docs). Bits 12-15
-    /// must be zero.
-    pub attrib: u16,
-    pub limit: u32,
-    pub base: u64,
-}
-
-/// GDTR or IDTR.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct TableReg {
-    pub base: u64,
-    pub limit: u16,
-}
-
-/// The MSRs a guest uses that are not part of another field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Msrs {
-    pub pat: u64,
-    pub star: u64,
-    pub lstar: u64,
-    pub cstar: u64,
-    pub sfmask: u64,
-    pub kernel_gs_base: u64,
-    pub tsc_aux: u64,
-    pub sysenter_cs: u64,
-    pub sysenter_esp: u64,
-    pub sysenter_eip: u64,
-}
-
-/// How a pending event is delivered (the AMD EVENTINJ TYPE encoding, AMD APM
-/// vol. 2, 15.20; VMX interruption types map onto it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    /// External (maskable) interrupt.
-    ExternalInterrupt,
-    /// Non-maskable interrupt.
-    Nmi,
-    /// Hardware exception (vector < 32).
-    Exception,
-    /// Software interrupt (INTn).
-    SoftwareInterrupt,
-}
-
-impl EventKind {
-    fn raw(self) -> u8 {
-        match self {
-            EventKind::ExternalInterrupt => 0,
-            EventKind::Nmi => 2,
-            EventKind::Exception => 3,
-            EventKind::SoftwareInterrupt => 4,
-        }
-    }
-    fn from_raw(raw: u8) -> Option<Self> {
-        match raw {
-            0 => Some(EventKind::ExternalInterrupt),
-            2 => Some(EventKind::Nmi),
-            3 => Some(EventKind::Exception),
-            4 => Some(EventKind::SoftwareInterrupt),
-            _ => None,
-        }
-    }
-}
-
-/// An event the vCPU had accepted but not yet delivered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PendingEvent {
-    pub vector: u8,
-    pub kind: EventKind,
-    pub error_code: Option<u32>,
-}
-
-/// FPU/SSE/AVX/... state: an opaque XSAVE image and the XCR0 it was saved
-/// with.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct FpuState {
-    pub xcr0: u64,
-    /// Standard-form XSAVE image, at most [`MAX_XSAVE_BYTES`].
-    pub xsave: Vec<u8>,
-}
-
-/// Everything needed to continue one vCPU elsewhere.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct VcpuState {
-    /// vCPU index, 0-based; records arrive in index order.
-    pub id: u32,
-    pub regs: GeneralRegs,
-    pub es: Segment,
-    pub cs: Segment,
-    pub ss: Segment,
-    pub ds: Segment,
-    pub fs: Segment,
-    pub gs: Segment,
-    pub ldtr: Segment,
-    pub tr: Segment,
-    pub gdtr: TableReg,
-    pub idtr: TableReg,
-    pub cr0: u64,
-    pub cr2: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub cr8: u64,
-    pub efer: u64,
-    /// DR0-DR3.
-    pub dr: [u64; 4],
-    pub dr6: u64,
-    pub dr7: u64,
-    pub msrs: Msrs,
-    pub fpu: FpuState,
-    pub pending_event: Option<PendingEvent>,
-    /// The vCPU is in an interrupt shadow (after STI / MOV SS).
-    pub interrupt_shadow: bool,
-    /// Guest-visible TSC at save time.
-    pub tsc: u64,
-}
-
 /// Fixed part of an encoded [`VcpuState`] (everything but the XSAVE bytes).
-pub(crate) const VCPU_FIXED_BYTES: usize =
-    4 + 18 * 8 + 8 * 16 + 2 * 10 + 6 * 8 + 6 * 8 + 10 * 8 + 8 + (1 + 1 + 1 + 4 + 1) + 8 + 4;
+pub(crate) const VCPU_FIXED_BYTES: usize = 4
+    + Regs::FIELDS * 8
+    + 8 * 16
+    + 2 * 10
+    + 6 * 8
+    + 6 * 8
+    + Msrs::FIELDS * 8
+    + 8
+    + (1 + 1 + 1 + 4 + 1)
+    + 8
+    + 4;
 
-impl VcpuState {
-    fn segments(&self) -> [&Segment; 8] {
-        [
-            &self.es, &self.cs, &self.ss, &self.ds, &self.fs, &self.gs, &self.ldtr, &self.tr,
-        ]
-    }
-    fn segments_mut(&mut self) -> [&mut Segment; 8] {
-        [
-            &mut self.es,
-            &mut self.cs,
-            &mut self.ss,
-            &mut self.ds,
-            &mut self.fs,
-            &mut self.gs,
-            &mut self.ldtr,
-            &mut self.tr,
-        ]
-    }
-    fn msr_fields(m: &Msrs) -> [u64; 10] {
-        [
-            m.pat,
-            m.star,
-            m.lstar,
-            m.cstar,
-            m.sfmask,
-            m.kernel_gs_base,
-            m.tsc_aux,
-            m.sysenter_cs,
-            m.sysenter_esp,
-            m.sysenter_eip,
-        ]
-    }
-
+/// The stream encoding of a [`VcpuState`] (the record type lives in the
+/// `vmstate` crate; its wire form is this crate's).
+pub(crate) trait VcpuWire: Sized {
     /// Encoded payload length.
-    pub(crate) fn encoded_len(&self) -> usize {
+    fn encoded_len(&self) -> usize;
+    /// Append the payload.
+    fn encode(&self, out: &mut Vec<u8>);
+    /// Decode one payload, checking structure and caps.
+    fn decode(r: &mut Reader<'_>) -> Result<Self, StreamError>;
+}
+
+impl VcpuWire for VcpuState {
+    fn encoded_len(&self) -> usize {
         VCPU_FIXED_BYTES + self.fpu.xsave.len()
     }
 
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+    fn encode(&self, out: &mut Vec<u8>) {
         put_u32(out, self.id);
         for v in self.regs.fields() {
             put_u64(out, v);
@@ -494,7 +282,7 @@ impl VcpuState {
         ] {
             put_u64(out, v);
         }
-        for v in Self::msr_fields(&self.msrs) {
+        for v in self.msrs.fields() {
             put_u64(out, v);
         }
         put_u64(out, self.tsc);
@@ -518,7 +306,7 @@ impl VcpuState {
         out.extend_from_slice(&self.fpu.xsave);
     }
 
-    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, StreamError> {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, StreamError> {
         let record = r.record();
         let mut s = VcpuState {
             id: r.u32("vcpu.id")?,
@@ -532,7 +320,7 @@ impl VcpuState {
             seg.attrib = r.u16("segment.attrib")?;
             seg.limit = r.u32("segment.limit")?;
             seg.base = r.u64("segment.base")?;
-            if seg.attrib & 0xf000 != 0 {
+            if seg.attrib & !Segment::ATTR_DEFINED != 0 {
                 return Err(StreamError::InvalidValue {
                     record,
                     what: "segment attributes",
@@ -561,22 +349,11 @@ impl VcpuState {
         s.dr = [drs[0], drs[1], drs[2], drs[3]];
         s.dr6 = drs[4];
         s.dr7 = drs[5];
-        let mut m = [0u64; 10];
+        let mut m = [0u64; Msrs::FIELDS];
         for v in m.iter_mut() {
             *v = r.u64("vcpu.msr")?;
         }
-        s.msrs = Msrs {
-            pat: m[0],
-            star: m[1],
-            lstar: m[2],
-            cstar: m[3],
-            sfmask: m[4],
-            kernel_gs_base: m[5],
-            tsc_aux: m[6],
-            sysenter_cs: m[7],
-            sysenter_esp: m[8],
-            sysenter_eip: m[9],
-        };
+        s.msrs = Msrs::from_fields(m);
         s.tsc = r.u64("vcpu.tsc")?;
         let ev_flags = r.u8("event.flags")?;
         let ev_kind = r.u8("event.kind")?;

@@ -86,7 +86,7 @@
 
 use crate::error::StreamError;
 use crate::state::{
-    DeviceDesc, DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES,
+    DeviceDesc, DeviceState, VcpuState, VcpuWire, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES,
     VCPU_FIXED_BYTES,
 };
 use crate::wire::{put_u16, put_u32, put_u64, put_u8, Reader};

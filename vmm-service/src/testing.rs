@@ -135,13 +135,13 @@ impl Vcpu for FakeVcpu {
     }
     fn save_state(&self) -> VcpuState {
         let mut s = self.state.clone();
-        s.regs = hvcore::vcpu_state::general_regs(&self.regs);
+        s.regs = self.regs;
         s
     }
     fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
         hvcore::vcpu_state::check(state)?;
         self.state = state.clone();
-        self.regs = hvcore::vcpu_state::regs_from(&state.regs);
+        self.regs = state.regs;
         self.restores += 1;
         Ok(())
     }

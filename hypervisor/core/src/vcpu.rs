@@ -13,31 +13,9 @@
 
 use crate::addr::{Gpa, Hpa};
 use core::fmt;
-pub use migration::VcpuState;
-
-/// General-purpose registers plus RIP, RSP and RFLAGS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C)]
-pub struct Regs {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    pub rsp: u64,
-    pub rip: u64,
-    pub rflags: u64,
-}
+/// The register file (general registers, RIP, RSP, RFLAGS) and the state
+/// record, from the bottom crate the migration stream shares.
+pub use vmstate::{Regs, VcpuState};
 
 /// Direction of a port I/O access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

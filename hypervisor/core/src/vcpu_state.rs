@@ -21,9 +21,7 @@
 
 use crate::vcpu::{LongModeEntry, Regs, StateError};
 use alloc::vec::Vec;
-pub use migration::{
-    EventKind, FpuState, GeneralRegs, Msrs, PendingEvent, Segment, TableReg, VcpuState,
-};
+pub use vmstate::{EventKind, FpuState, Msrs, PendingEvent, Segment, TableReg, VcpuState};
 
 /// Size of an FXSAVE image.
 pub const FXSAVE_BYTES: usize = 512;
@@ -63,59 +61,11 @@ const CR4_PAE: u64 = 1 << 5;
 pub const CR4_GUEST_BITS: u64 = 0x7ff | (1 << 11) | (1 << 16) | (1 << 17) | (1 << 20) | (1 << 21);
 
 /// Segment attribute: present (VMCB packed form, bit 7).
-pub const ATTR_P: u16 = 1 << 7;
+pub const ATTR_P: u16 = Segment::ATTR_P;
 /// Segment attribute: 64-bit code (L, bit 9).
-pub const ATTR_L: u16 = 1 << 9;
+pub const ATTR_L: u16 = Segment::ATTR_L;
 /// Segment attribute: default size (D/B, bit 10).
-pub const ATTR_DB: u16 = 1 << 10;
-
-/// The record's registers for [`Regs`] (same fields, same order).
-pub fn general_regs(r: &Regs) -> GeneralRegs {
-    GeneralRegs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rsp: r.rsp,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
-}
-
-/// [`Regs`] from the record's registers.
-pub fn regs_from(g: &GeneralRegs) -> Regs {
-    Regs {
-        rax: g.rax,
-        rbx: g.rbx,
-        rcx: g.rcx,
-        rdx: g.rdx,
-        rsi: g.rsi,
-        rdi: g.rdi,
-        rbp: g.rbp,
-        r8: g.r8,
-        r9: g.r9,
-        r10: g.r10,
-        r11: g.r11,
-        r12: g.r12,
-        r13: g.r13,
-        r14: g.r14,
-        r15: g.r15,
-        rsp: g.rsp,
-        rip: g.rip,
-        rflags: g.rflags,
-    }
-}
+pub const ATTR_DB: u16 = Segment::ATTR_DB;
 
 /// Whether `v` is a canonical 48-bit virtual address.
 pub fn canonical(v: u64) -> bool {
@@ -258,12 +208,12 @@ pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
     fx[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
     fx[MXCSR_OFFSET..MXCSR_OFFSET + 4].copy_from_slice(&0x1f80u32.to_le_bytes());
     VcpuState {
-        regs: GeneralRegs {
+        regs: Regs {
             rip: entry.rip,
             rsp: entry.rsp,
             rdi: entry.rdi,
             rflags: 2,
-            ..GeneralRegs::default()
+            ..Regs::default()
         },
         es: data,
         ss: data,

@@ -847,7 +847,7 @@ impl Vcpu for SvmVcpu {
         let (c, s) = (&v.control, &v.save);
         VcpuState {
             id: 0,
-            regs: vcpu_state::general_regs(&self.regs),
+            regs: self.regs,
             es: seg_out(&s.es),
             cs: seg_out(&s.cs),
             ss: seg_out(&s.ss),
@@ -955,7 +955,7 @@ impl Vcpu for SvmVcpu {
         area.copy_from_slice(&fx);
         self.fx.0 = area;
         self.tsc_aux = tsc_aux;
-        self.regs = vcpu_state::regs_from(&st.regs);
+        self.regs = st.regs;
         self.next_rip = None;
         self.flush_pending = true;
         // Loaded into the registers by the next entry.

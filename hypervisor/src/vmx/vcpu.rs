@@ -1391,7 +1391,7 @@ impl Vcpu for VmxVcpu {
         let intr = self.read(GUEST_INTERRUPTIBILITY);
         VcpuState {
             id: 0,
-            regs: vcpu_state::general_regs(&self.regs),
+            regs: self.regs,
             es: segs[0],
             cs: segs[1],
             ss: segs[2],
@@ -1531,7 +1531,7 @@ impl Vcpu for VmxVcpu {
         area.copy_from_slice(&fx);
         self.fx.0 = area;
         self.cr2 = st.cr2;
-        self.regs = vcpu_state::regs_from(&st.regs);
+        self.regs = st.regs;
         self.exit_len = None;
         self.flush_ept = true;
         self.flush_vpid = true;

@@ -136,13 +136,13 @@ impl Vcpu for FakeVcpu {
     }
     fn save_state(&self) -> VcpuState {
         let mut s = self.state.clone();
-        s.regs = crate::vcpu_state::general_regs(&self.regs);
+        s.regs = self.regs;
         s
     }
     fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
         crate::vcpu_state::check(state)?;
         self.state = state.clone();
-        self.regs = crate::vcpu_state::regs_from(&state.regs);
+        self.regs = state.regs;
         Ok(())
     }
 }
