@@ -9,11 +9,7 @@
 use core::arch::asm;
 use hvcore::host::CpuidResult;
 use hvcore::vcpu::Vendor;
-
-/// MSR IA32_EFER (AMD APM vol. 2, 3.1.7; Intel SDM vol. 4, table 2-2).
-pub const MSR_EFER: u32 = 0xC000_0080;
-/// MSR IA32_APIC_BASE (Intel SDM vol. 3A, 11.4.4).
-pub const MSR_APIC_BASE: u32 = 0x1B;
+use x86_64::registers::model_specific::Msr;
 
 /// Execute CPUID with `leaf` in EAX and `subleaf` in ECX.
 pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
@@ -50,12 +46,8 @@ pub fn vendor() -> Vendor {
 /// # Safety
 /// `msr` must exist on this CPU (RDMSR of an unknown MSR raises #GP).
 pub unsafe fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
     // SAFETY: the caller guarantees the MSR exists; RDMSR reads only.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
-    }
-    (u64::from(hi) << 32) | u64::from(lo)
+    unsafe { Msr::new(msr).read() }
 }
 
 /// Write an MSR.
@@ -65,9 +57,7 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 /// not break the hypervisor's own execution (e.g. clearing EFER.LME).
 pub unsafe fn wrmsr(msr: u32, value: u64) {
     // SAFETY: the caller guarantees the write is valid and harmless.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags));
-    }
+    unsafe { Msr::new(msr).write(value) }
 }
 
 macro_rules! read_cr {
@@ -190,55 +180,6 @@ pub fn rflags() -> u64 {
     // SAFETY: pushfq/pop only touches the stack slot it pushes.
     unsafe {
         asm!("pushfq", "pop {}", out(reg) v, options(preserves_flags));
-    }
-    v
-}
-
-/// Write a byte to an I/O port.
-///
-/// # Safety
-/// The port write must not break memory safety or the hypervisor's devices
-/// (the caller owns the device behind `port`).
-pub unsafe fn outb(port: u16, value: u8) {
-    // SAFETY: the caller owns the device.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
-    }
-}
-
-/// Read a byte from an I/O port.
-///
-/// # Safety
-/// As [`outb`]: reads can have device side effects.
-pub unsafe fn inb(port: u16) -> u8 {
-    let v: u8;
-    // SAFETY: the caller owns the device.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags));
-    }
-    v
-}
-
-/// Write a 32-bit value to an I/O port.
-///
-/// # Safety
-/// As [`outb`].
-pub unsafe fn outl(port: u16, value: u32) {
-    // SAFETY: the caller owns the device.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags));
-    }
-}
-
-/// Read a 32-bit value from an I/O port.
-///
-/// # Safety
-/// As [`outb`].
-pub unsafe fn inl(port: u16) -> u32 {
-    let v: u32;
-    // SAFETY: the caller owns the device.
-    unsafe {
-        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags));
     }
     v
 }

@@ -20,18 +20,15 @@
 //!
 //! Host interrupts stay masked except in such deliberate windows.
 
+pub use crate::vectors::{PIC_BASE_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR};
 use crate::{cpu, gdt, serial};
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-/// LAPIC timer vector.
-pub const TIMER_VECTOR: u8 = 0x20;
-/// LAPIC spurious-interrupt vector (low nibble all ones, as older xAPICs
-/// require: Intel SDM vol. 3A, 11.9).
-pub const SPURIOUS_VECTOR: u8 = 0xFF;
-/// Where the masked legacy PICs are parked.
-pub const PIC_BASE_VECTOR: u8 = 0xE0;
+use x86_64::instructions::port::Port;
+use x86_64::instructions::tables::lidt;
+use x86_64::structures::DescriptorTablePointer;
+use x86_64::VirtAddr;
 
 // Vectors whose exceptions push an error code (AMD APM vol. 2, 8.2;
 // Intel SDM vol. 3A, table 6-1): #DF 8, #TS 10, #NP 11, #SS 12, #GP 13,
@@ -182,12 +179,6 @@ unsafe extern "C" {
     static hv_isr_stubs: u8;
 }
 
-#[repr(C, packed)]
-struct DescriptorTablePointer {
-    limit: u16,
-    base: u64,
-}
-
 /// Fill and load the IDT, and park the legacy PICs. Call once after
 /// [`gdt::init`], interrupts disabled.
 pub fn init() {
@@ -206,10 +197,11 @@ pub fn init() {
     }
     let ptr = DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
-        base: idt as u64,
+        base: VirtAddr::new(idt as u64),
     };
-    // SAFETY: the IDT is fully populated with gates to valid stubs.
-    unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
+    // SAFETY: the IDT is fully populated with gates to valid stubs and is
+    // a static, so it outlives its use.
+    unsafe { lidt(&ptr) };
     park_legacy_pics();
 }
 
@@ -220,16 +212,16 @@ fn park_legacy_pics() {
     // SAFETY: ports 0x20/0x21/0xA0/0xA1 are the PICs, owned by the
     // hypervisor; the sequence only remaps and masks them.
     unsafe {
-        cpu::outb(0x20, 0x11); // ICW1: init, ICW4 follows
-        cpu::outb(0xA0, 0x11);
-        cpu::outb(0x21, PIC_BASE_VECTOR); // ICW2: vector base
-        cpu::outb(0xA1, PIC_BASE_VECTOR + 8);
-        cpu::outb(0x21, 4); // ICW3: slave on IRQ2
-        cpu::outb(0xA1, 2);
-        cpu::outb(0x21, 1); // ICW4: 8086 mode
-        cpu::outb(0xA1, 1);
-        cpu::outb(0x21, 0xFF); // OCW1: mask all
-        cpu::outb(0xA1, 0xFF);
+        Port::<u8>::new(0x20).write(0x11); // ICW1: init, ICW4 follows
+        Port::<u8>::new(0xA0).write(0x11);
+        Port::<u8>::new(0x21).write(PIC_BASE_VECTOR); // ICW2: vector base
+        Port::<u8>::new(0xA1).write(PIC_BASE_VECTOR + 8);
+        Port::<u8>::new(0x21).write(4); // ICW3: slave on IRQ2
+        Port::<u8>::new(0xA1).write(2);
+        Port::<u8>::new(0x21).write(1); // ICW4: 8086 mode
+        Port::<u8>::new(0xA1).write(1);
+        Port::<u8>::new(0x21).write(0xFF); // OCW1: mask all
+        Port::<u8>::new(0xA1).write(0xFF);
     }
 }
 
@@ -238,26 +230,25 @@ pub fn idt_base() -> u64 {
     IDT.0.get() as u64
 }
 
-// CLI and STI are compiler barriers on purpose: no `nomem`. With `nomem`
-// the compiler may move memory accesses across them, out of a section that
+// CLI and STI must be compiler barriers: no `nomem`. With `nomem` the
+// compiler may move memory accesses across them, out of a section that
 // relies on interrupts being masked ([`without`]), and may keep values in
-// registers across a window in which a handler runs and writes memory.
+// registers across a window in which a handler runs and writes memory. The
+// `x86_64` crate's `disable`/`enable` are written that way.
 
 /// Mask maskable interrupts (`cli`).
 pub fn disable() {
-    // SAFETY: CLI only clears RFLAGS.IF.
-    unsafe { asm!("cli", options(nostack)) };
+    x86_64::instructions::interrupts::disable();
 }
 
 /// Unmask maskable interrupts (`sti`). Only after [`init`].
 pub fn enable() {
-    // SAFETY: STI only sets RFLAGS.IF; the IDT handles every vector.
-    unsafe { asm!("sti", options(nostack)) };
+    x86_64::instructions::interrupts::enable();
 }
 
 /// Whether RFLAGS.IF is set.
 pub fn are_enabled() -> bool {
-    cpu::rflags() & (1 << 9) != 0
+    x86_64::instructions::interrupts::are_enabled()
 }
 
 /// Run `f` with interrupts masked, restoring the previous state after.

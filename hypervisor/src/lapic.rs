@@ -9,8 +9,11 @@
 //! Interrupt-context functions ([`eoi`], [`count_tick`]) touch only atomics
 //! and the EOI register.
 
-use crate::cpu;
+use crate::vectors::{SPURIOUS_VECTOR, TIMER_VECTOR};
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
+use volatile::VolatilePtr;
+use x86_64::registers::model_specific::{ApicBase, ApicBaseFlags};
 
 const REG_ID: u64 = 0x20;
 const REG_TPR: u64 = 0x80;
@@ -29,11 +32,6 @@ const SVR_APIC_ENABLE: u32 = 1 << 8;
 /// Divide configuration value for divide-by-16 (Intel SDM vol. 3A,
 /// figure 11-10).
 const DIVIDE_BY_16: u32 = 0b0011;
-
-/// IA32_APIC_BASE bits (Intel SDM vol. 3A, 11.4.4).
-const APIC_BASE_ENABLE: u64 = 1 << 11;
-const APIC_BASE_X2APIC: u64 = 1 << 10;
-const APIC_BASE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 
 static BASE: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -56,19 +54,25 @@ impl core::fmt::Display for LapicError {
     }
 }
 
-fn read(reg: u64) -> u32 {
+/// The 32-bit register at offset `reg` of the LAPIC page.
+fn register(reg: u64) -> VolatilePtr<'static, u32> {
     let base = BASE.load(Ordering::Relaxed);
-    debug_assert!(base != 0);
+    let Some(ptr) = NonNull::new((base + reg) as *mut u32) else {
+        panic!("lapic: register {reg:#x} accessed before init");
+    };
     // SAFETY: `base` is the LAPIC MMIO page set by `init` (identity-mapped,
-    // uncached); `reg` is one of the register offsets above.
-    unsafe { ((base + reg) as *const u32).read_volatile() }
+    // uncached, never unmapped); `reg` is one of the 16-byte aligned
+    // register offsets above, so the pointer is valid and aligned for a
+    // 32-bit access for the rest of the hypervisor's life.
+    unsafe { VolatilePtr::new(ptr) }
+}
+
+fn read(reg: u64) -> u32 {
+    register(reg).read()
 }
 
 fn write(reg: u64, value: u32) {
-    let base = BASE.load(Ordering::Relaxed);
-    debug_assert!(base != 0);
-    // SAFETY: as in `read`.
-    unsafe { ((base + reg) as *mut u32).write_volatile(value) }
+    register(reg).write(value)
 }
 
 /// Enable the LAPIC at the address IA32_APIC_BASE holds (the MADT's
@@ -76,29 +80,23 @@ fn write(reg: u64, value: u32) {
 /// legacy PIC's ExtINT path) and the timer. Returns the LAPIC's physical
 /// address.
 pub fn init() -> Result<u64, LapicError> {
-    // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC (CPUID.1:EDX[9],
-    // present on all long-mode CPUs).
-    let msr = unsafe { cpu::rdmsr(cpu::MSR_APIC_BASE) };
-    if msr & APIC_BASE_X2APIC != 0 {
+    // IA32_APIC_BASE (Intel SDM vol. 3A, 11.4.4) exists on every CPU with
+    // an APIC (CPUID.1:EDX[9], present on all long-mode CPUs).
+    let (frame, flags) = ApicBase::read();
+    if flags.contains(ApicBaseFlags::X2APIC_ENABLE) {
         return Err(LapicError::X2ApicMode);
     }
-    if msr & APIC_BASE_ENABLE == 0 {
+    if !flags.contains(ApicBaseFlags::LAPIC_ENABLE) {
         // SAFETY: setting the global enable bit keeps the address unchanged.
-        unsafe { cpu::wrmsr(cpu::MSR_APIC_BASE, msr | APIC_BASE_ENABLE) };
+        unsafe { ApicBase::write(frame, flags | ApicBaseFlags::LAPIC_ENABLE) };
     }
-    let base = msr & APIC_BASE_ADDR_MASK;
+    let base = frame.start_address().as_u64();
     BASE.store(base, Ordering::Relaxed);
-    write(
-        REG_LVT_TIMER,
-        LVT_MASKED | u32::from(crate::interrupts::TIMER_VECTOR),
-    );
+    write(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
     write(REG_LVT_LINT0, LVT_MASKED);
     write(REG_LVT_LINT1, LVT_MASKED);
     write(REG_TPR, 0);
-    write(
-        REG_SVR,
-        SVR_APIC_ENABLE | u32::from(crate::interrupts::SPURIOUS_VECTOR),
-    );
+    write(REG_SVR, SVR_APIC_ENABLE | u32::from(SPURIOUS_VECTOR));
     Ok(base)
 }
 
@@ -131,10 +129,7 @@ pub fn period_ns() -> u64 {
 /// calibration; read it back with [`current_count`].
 pub fn start_calibration_count() {
     write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
-    write(
-        REG_LVT_TIMER,
-        LVT_MASKED | u32::from(crate::interrupts::TIMER_VECTOR),
-    );
+    write(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
     write(REG_TIMER_INITIAL, u32::MAX);
 }
 
@@ -143,26 +138,20 @@ pub fn current_count() -> u32 {
     read(REG_TIMER_CURRENT)
 }
 
-/// Start the periodic timer on [`crate::interrupts::TIMER_VECTOR`] with
+/// Start the periodic timer on [`TIMER_VECTOR`] with
 /// `period_ns`, given the measured count rate (`counts_per_s` at divide by
 /// 16). Interrupts still need to be opened by the caller to be taken.
 pub fn start_periodic(counts_per_s: u64, period_ns: u64) {
     let count = (u128::from(counts_per_s) * u128::from(period_ns) / 1_000_000_000)
         .clamp(1, u128::from(u32::MAX)) as u32;
     write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
-    write(
-        REG_LVT_TIMER,
-        LVT_PERIODIC | u32::from(crate::interrupts::TIMER_VECTOR),
-    );
+    write(REG_LVT_TIMER, LVT_PERIODIC | u32::from(TIMER_VECTOR));
     write(REG_TIMER_INITIAL, count);
     PERIOD_NS.store(period_ns, Ordering::Relaxed);
 }
 
 /// Stop the timer (masked, count 0).
 pub fn stop_timer() {
-    write(
-        REG_LVT_TIMER,
-        LVT_MASKED | u32::from(crate::interrupts::TIMER_VECTOR),
-    );
+    write(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
     write(REG_TIMER_INITIAL, 0);
 }

@@ -19,5 +19,6 @@ pub mod power;
 pub mod serial;
 pub mod svm;
 pub mod time;
+pub mod vectors;
 pub mod virt;
 pub mod vmx;

@@ -6,11 +6,11 @@
 //! module only reads them (through `virtio-drivers`' `PciRoot`) and enables
 //! memory decoding and bus mastering on the devices the node drives.
 
-use crate::cpu;
 use alloc::vec::Vec;
 use virtio_drivers::transport::pci::bus::{Command, ConfigurationAccess, DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::virtio_device_type;
 use virtio_drivers::transport::DeviceType;
+use x86_64::instructions::port::Port;
 
 const CONFIG_ADDRESS: u16 = 0xCF8;
 const CONFIG_DATA: u16 = 0xCFC;
@@ -37,8 +37,8 @@ impl ConfigurationAccess for PortCam {
         // SAFETY: 0xCF8/0xCFC are the PCI configuration ports on every PC
         // machine QEMU and Bochs emulate; only this module uses them.
         unsafe {
-            cpu::outl(CONFIG_ADDRESS, Self::address(df, register_offset));
-            cpu::inl(CONFIG_DATA)
+            Port::<u32>::new(CONFIG_ADDRESS).write(Self::address(df, register_offset));
+            Port::<u32>::new(CONFIG_DATA).read()
         }
     }
 
@@ -46,8 +46,8 @@ impl ConfigurationAccess for PortCam {
         // SAFETY: as in `read_word`; the callers write only the command
         // register and virtio's own configuration fields.
         unsafe {
-            cpu::outl(CONFIG_ADDRESS, Self::address(df, register_offset));
-            cpu::outl(CONFIG_DATA, data);
+            Port::<u32>::new(CONFIG_ADDRESS).write(Self::address(df, register_offset));
+            Port::<u32>::new(CONFIG_DATA).write(data);
         }
     }
 

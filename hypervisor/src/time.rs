@@ -16,6 +16,7 @@
 
 use crate::{cpu, lapic};
 use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::instructions::port::Port;
 
 const PIT_HZ: u64 = 1_193_182;
 /// PIT ticks to measure over: 20 ms.
@@ -62,9 +63,9 @@ fn read_once() -> Reading {
     let t0 = cpu::rdtsc();
     // SAFETY: ports 0x42/0x43 are PIT channel 2, used only by calibration.
     let (pit, lapic) = unsafe {
-        cpu::outb(0x43, 0b1000_0000); // counter latch, channel 2
-        let lo = cpu::inb(0x42);
-        let hi = cpu::inb(0x42);
+        Port::<u8>::new(0x43).write(0b1000_0000); // counter latch, channel 2
+        let lo = Port::<u8>::new(0x42).read();
+        let hi = Port::<u8>::new(0x42).read();
         (u16::from_le_bytes([lo, hi]), lapic::current_count())
     };
     let t1 = cpu::rdtsc();
@@ -132,11 +133,11 @@ fn measure() -> Option<(u64, u64, u64)> {
     // SAFETY: port 0x61 bit 0 gates PIT channel 2 (bit 1, the speaker,
     // stays off); 0x42/0x43 program channel 2, used only here.
     let port_b = unsafe {
-        let port_b = cpu::inb(0x61);
-        cpu::outb(0x61, (port_b & !0x02) | 0x01);
-        cpu::outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
-        cpu::outb(0x42, 0xFF);
-        cpu::outb(0x42, 0xFF);
+        let port_b = Port::<u8>::new(0x61).read();
+        Port::<u8>::new(0x61).write((port_b & !0x02) | 0x01);
+        Port::<u8>::new(0x43).write(0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
+        Port::<u8>::new(0x42).write(0xFF);
+        Port::<u8>::new(0x42).write(0xFF);
         port_b
     };
     lapic::start_calibration_count();
@@ -159,7 +160,7 @@ fn measure() -> Option<(u64, u64, u64)> {
     };
     lapic::stop_timer();
     // SAFETY: restores port B with the gate and speaker off.
-    unsafe { cpu::outb(0x61, port_b & !0x03) };
+    unsafe { Port::<u8>::new(0x61).write(port_b & !0x03) };
     result
 }
 

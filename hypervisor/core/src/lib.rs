@@ -29,6 +29,7 @@ pub mod svm;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vmx;
+pub mod x86;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

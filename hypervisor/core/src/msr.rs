@@ -17,6 +17,8 @@
 //! and AMD APM vol. 2, Appendix A.
 
 use crate::vcpu::Vcpu;
+use crate::x86::EFER_GUEST;
+pub use crate::x86::{is_canonical, is_valid_pat};
 
 pub const IA32_TSC: u32 = 0x10;
 pub const IA32_APIC_BASE: u32 = 0x1b;
@@ -50,10 +52,6 @@ pub const MTRR_DEF_TYPE_VALUE: u64 = 0x806;
 /// 12).
 pub const MISC_ENABLE_VALUE: u64 = 0x1801;
 
-/// EFER bits a guest may set: SCE (0), LME (8), LMA (10), NXE (11). SVME
-/// (12) is refused: SVM is hidden from the guest.
-pub const EFER_ALLOWED: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
-
 /// What the policy makes of one MSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsrClass {
@@ -80,26 +78,6 @@ pub fn classify(msr: u32) -> MsrClass {
     }
 }
 
-/// Whether `addr` is canonical for 48-bit linear addresses.
-pub const fn is_canonical(addr: u64) -> bool {
-    let top = addr >> 47;
-    top == 0 || top == 0x1_ffff
-}
-
-/// Whether every byte of a PAT value is a valid memory type (0, 1, 4, 5, 6
-/// or 7; Intel SDM vol. 3A, 13.12.2).
-pub const fn is_valid_pat(value: u64) -> bool {
-    let mut i = 0;
-    while i < 8 {
-        let t = (value >> (i * 8)) & 0xff;
-        if !matches!(t, 0 | 1 | 4 | 5 | 6 | 7) {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
 /// The guest's RDMSR of `msr`, or `None` for #GP.
 pub fn read(vcpu: &dyn Vcpu, msr: u32) -> Option<u64> {
     match classify(msr) {
@@ -118,7 +96,9 @@ pub fn write_allowed(msr: u32, value: u64) -> bool {
         // Reserved bits 63:12 and 9:8; the type must be a valid one.
         IA32_MTRR_DEF_TYPE => value & !0xcff == 0 && matches!(value & 0xff, 0 | 1 | 4 | 5 | 6),
         IA32_MISC_ENABLE | IA32_BIOS_SIGN_ID => true,
-        IA32_EFER => value & !EFER_ALLOWED == 0,
+        // Reserved bits here; the state-dependent rule (LME while paging)
+        // is the backend's, through `x86::efer_after_write`.
+        IA32_EFER => value & !EFER_GUEST.bits() == 0,
         IA32_PAT => is_valid_pat(value),
         IA32_SYSENTER_ESP | IA32_SYSENTER_EIP | IA32_LSTAR | IA32_CSTAR | IA32_FS_BASE
         | IA32_GS_BASE | IA32_KERNEL_GS_BASE => is_canonical(value),

@@ -20,6 +20,10 @@
 //! [`Vcpu::restore_state`]: crate::vcpu::Vcpu::restore_state
 
 use crate::vcpu::{LongModeEntry, Regs, StateError};
+use crate::x86::{
+    is_canonical, is_valid_pat, Cr0Flags, Cr4Flags, EferFlags, RFlags, ATTR_CODE64, ATTR_DATA,
+    ATTR_LDT, ATTR_TSS_BUSY, CR0_DEFINED, CR4_GUEST, EFER_GUEST, PAT_DEFAULT,
+};
 use alloc::vec::Vec;
 pub use vmstate::{EventKind, FpuState, Msrs, PendingEvent, Segment, TableReg, VcpuState};
 
@@ -38,28 +42,6 @@ const XSTATE_BV_OFFSET: usize = FXSAVE_BYTES;
 /// reserved and make FXRSTOR raise #GP).
 pub const MXCSR_VALID: u32 = 0xffff;
 
-// EFER bits (AMD APM vol. 2, 3.1.7; Intel SDM vol. 3A, 2.2.1).
-const EFER_SCE: u64 = 1 << 0;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
-/// EFER bits a guest may have (the backends refuse others on WRMSR too).
-pub const EFER_GUEST_BITS: u64 = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
-
-// CR0 bits.
-const CR0_PE: u64 = 1 << 0;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-/// CR0 bits that exist: PE MP EM TS ET NE WP AM NW CD PG.
-const CR0_DEFINED: u64 = 0x3f | (1 << 16) | (1 << 18) | (1 << 29) | (1 << 30) | (1 << 31);
-// CR4 bits.
-const CR4_PAE: u64 = 1 << 5;
-/// CR4 bits a guest may have here: VME PVI TSD DE PSE PAE MCE PGE PCE
-/// OSFXSR OSXMMEXCPT UMIP FSGSBASE PCIDE SMEP SMAP. Not OSXSAVE (XSAVE is
-/// hidden) nor VMXE/SMXE (no nested virtualization).
-pub const CR4_GUEST_BITS: u64 = 0x7ff | (1 << 11) | (1 << 16) | (1 << 17) | (1 << 20) | (1 << 21);
-
 /// Segment attribute: present (VMCB packed form, bit 7).
 pub const ATTR_P: u16 = Segment::ATTR_P;
 /// Segment attribute: 64-bit code (L, bit 9).
@@ -67,56 +49,41 @@ pub const ATTR_L: u16 = Segment::ATTR_L;
 /// Segment attribute: default size (D/B, bit 10).
 pub const ATTR_DB: u16 = Segment::ATTR_DB;
 
-/// Whether `v` is a canonical 48-bit virtual address.
-pub fn canonical(v: u64) -> bool {
-    let top = (v as i64) >> 47;
-    top == 0 || top == -1
-}
-
-/// Whether every entry of a PAT value is a defined memory type (0, 1, 4-7).
-pub fn valid_pat(v: u64) -> bool {
-    v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7))
-}
-
-/// Whether exception `vector` pushes an error code (Intel SDM vol. 3A,
-/// table 6-1; AMD APM vol. 2, 8.2).
-pub fn exception_has_error_code(vector: u8) -> bool {
-    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
-}
-
 /// Architectural checks common to both backends. Nothing is changed.
 pub fn check(s: &VcpuState) -> Result<(), StateError> {
     let err = |what, value| Err(StateError::new(what, value));
-    if s.cr0 & !CR0_DEFINED != 0 {
-        return err("CR0 reserved bits", s.cr0);
-    }
-    if s.cr0 & CR0_NW != 0 && s.cr0 & CR0_CD == 0 {
+    let Some(cr0) = Cr0Flags::from_bits(s.cr0) else {
+        return err("CR0 reserved bits", s.cr0 & !CR0_DEFINED.bits());
+    };
+    if cr0.contains(Cr0Flags::NOT_WRITE_THROUGH) && !cr0.contains(Cr0Flags::CACHE_DISABLE) {
         return err("CR0.NW without CR0.CD", s.cr0);
     }
-    if s.cr0 & CR0_PG != 0 && s.cr0 & CR0_PE == 0 {
+    if cr0.contains(Cr0Flags::PAGING) && !cr0.contains(Cr0Flags::PROTECTED_MODE_ENABLE) {
         return err("CR0.PG without CR0.PE", s.cr0);
     }
-    if s.cr4 & !CR4_GUEST_BITS != 0 {
+    if s.cr4 & !CR4_GUEST.bits() != 0 {
         return err("CR4 bits this hypervisor does not offer", s.cr4);
     }
+    let cr4 = Cr4Flags::from_bits_truncate(s.cr4);
     if s.cr8 > 15 {
         return err("CR8 above 15", s.cr8);
     }
-    if s.efer & !EFER_GUEST_BITS != 0 {
+    if s.efer & !EFER_GUEST.bits() != 0 {
         return err("EFER bits this hypervisor does not offer", s.efer);
     }
-    let long = s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0;
-    if long != (s.efer & EFER_LMA != 0) {
+    let efer = EferFlags::from_bits_truncate(s.efer);
+    let long = efer.contains(EferFlags::LONG_MODE_ENABLE) && cr0.contains(Cr0Flags::PAGING);
+    if long != efer.contains(EferFlags::LONG_MODE_ACTIVE) {
         return err("EFER.LMA disagrees with EFER.LME and CR0.PG", s.efer);
     }
-    if long && s.cr4 & CR4_PAE == 0 {
+    if long && !cr4.contains(Cr4Flags::PHYSICAL_ADDRESS_EXTENSION) {
         return err("long mode with CR4.PAE clear", s.cr4);
     }
     if long && s.cs.attrib & ATTR_L != 0 && s.cs.attrib & ATTR_DB != 0 {
         return err("CS has both L and D set", u64::from(s.cs.attrib));
     }
-    for seg in [&s.es, &s.cs, &s.ss, &s.ds, &s.fs, &s.gs, &s.ldtr, &s.tr] {
-        if seg.attrib >> 12 != 0 {
+    for seg in s.segments() {
+        if seg.attrib & !Segment::ATTR_DEFINED != 0 {
             return err("segment attribute bits 15:12", u64::from(seg.attrib));
         }
     }
@@ -139,11 +106,11 @@ pub fn check(s: &VcpuState) -> Result<(), StateError> {
         s.msrs.sysenter_esp,
         s.msrs.sysenter_eip,
     ] {
-        if !canonical(base) {
+        if !is_canonical(base) {
             return err("non-canonical base address or MSR", base);
         }
     }
-    if !valid_pat(s.msrs.pat) {
+    if !is_valid_pat(s.msrs.pat) {
         return err("PAT memory type", s.msrs.pat);
     }
     if s.msrs.sfmask >> 32 != 0 {
@@ -158,13 +125,14 @@ pub fn check(s: &VcpuState) -> Result<(), StateError> {
     if s.dr6 >> 32 != 0 || s.dr7 >> 32 != 0 {
         return err("DR6/DR7 bits 63:32", s.dr6 | s.dr7);
     }
-    if s.dr.iter().any(|&d| !canonical(d)) {
+    if s.dr.iter().any(|&d| !is_canonical(d)) {
         return err("non-canonical DR0-DR3", s.dr[0]);
     }
-    if s.regs.rflags & 2 == 0 || s.regs.rflags >> 22 != 0 {
+    // Bit 1 is always 1; bits 63:22 (and 15, 5, 3) are reserved.
+    if s.regs.rflags & 2 == 0 || RFlags::from_bits(s.regs.rflags & !2).is_none() {
         return err("RFLAGS reserved bits", s.regs.rflags);
     }
-    if !canonical(s.regs.rip) {
+    if !is_canonical(s.regs.rip) {
         return err("non-canonical RIP", s.regs.rip);
     }
     if let Some(ev) = s.pending_event {
@@ -179,7 +147,9 @@ fn check_event(ev: &PendingEvent) -> Result<(), StateError> {
         EventKind::Exception if ev.vector >= 32 || ev.vector == 2 => {
             Err(StateError::new("exception vector", v))
         }
-        EventKind::Exception if ev.error_code.is_some() != exception_has_error_code(ev.vector) => {
+        EventKind::Exception
+            if ev.error_code.is_some() != crate::x86::exception_has_error_code(ev.vector) =>
+        {
             Err(StateError::new("exception error code presence", v))
         }
         EventKind::Nmi if ev.vector != 2 => Err(StateError::new("NMI vector", v)),
@@ -193,6 +163,22 @@ fn check_event(ev: &PendingEvent) -> Result<(), StateError> {
     }
 }
 
+/// CR0 of a vCPU after `reset_long_mode`: PE MP ET NE WP PG.
+pub const LONG_MODE_CR0: Cr0Flags = Cr0Flags::PROTECTED_MODE_ENABLE
+    .union(Cr0Flags::MONITOR_COPROCESSOR)
+    .union(Cr0Flags::EXTENSION_TYPE)
+    .union(Cr0Flags::NUMERIC_ERROR)
+    .union(Cr0Flags::WRITE_PROTECT)
+    .union(Cr0Flags::PAGING);
+/// CR4 of a vCPU after `reset_long_mode`: PAE OSFXSR OSXMMEXCPT.
+pub const LONG_MODE_CR4: Cr4Flags = Cr4Flags::PHYSICAL_ADDRESS_EXTENSION
+    .union(Cr4Flags::OSFXSR)
+    .union(Cr4Flags::OSXMMEXCPT_ENABLE);
+/// EFER of a vCPU after `reset_long_mode`: LME LMA NXE.
+pub const LONG_MODE_EFER: EferFlags = EferFlags::LONG_MODE_ENABLE
+    .union(EferFlags::LONG_MODE_ACTIVE)
+    .union(EferFlags::NO_EXECUTE_ENABLE);
+
 /// The state both backends' `reset_long_mode` give a vCPU, as a record
 /// (TSC 0): 64-bit code at CPL 0, flat data segments, paging with PAE, NX,
 /// x87/SSE in their initial state. Test doubles use it as their reset
@@ -200,7 +186,7 @@ fn check_event(ev: &PendingEvent) -> Result<(), StateError> {
 pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
     let data = Segment {
         selector: 0x10,
-        attrib: 0x0c93,
+        attrib: ATTR_DATA,
         limit: 0xffff_ffff,
         base: 0,
     };
@@ -222,33 +208,32 @@ pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
         gs: data,
         cs: Segment {
             selector: 0x08,
-            attrib: 0x0a9b,
+            attrib: ATTR_CODE64,
             limit: 0xffff_ffff,
             base: 0,
         },
         tr: Segment {
             selector: 0,
-            attrib: 0x008b,
+            attrib: ATTR_TSS_BUSY,
             limit: 0x67,
             base: 0,
         },
         ldtr: Segment {
-            attrib: 0x0082,
+            attrib: ATTR_LDT,
             ..Segment::default()
         },
         gdtr: TableReg {
             base: entry.gdt_base.as_u64(),
             limit: entry.gdt_limit,
         },
-        // PE MP ET NE WP PG; PAE OSFXSR OSXMMEXCPT; LME LMA NXE.
-        cr0: 0x8001_0033,
+        cr0: LONG_MODE_CR0.bits(),
         cr3: entry.cr3.as_u64(),
-        cr4: 0x620,
-        efer: 0xd00,
+        cr4: LONG_MODE_CR4.bits(),
+        efer: LONG_MODE_EFER.bits(),
         dr6: 0xffff_0ff0,
         dr7: 0x400,
         msrs: Msrs {
-            pat: 0x0007_0406_0007_0406,
+            pat: PAT_DEFAULT,
             ..Msrs::default()
         },
         fpu: fpu_from_fxsave(&fx),

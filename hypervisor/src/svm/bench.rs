@@ -7,11 +7,11 @@
 //! guest ABI's layout) so both sides of the ratio pay the same nested
 //! translation costs.
 
-use super::vmcb::{EXIT_INTR, EXIT_VMMCALL};
 use super::Svm;
 use crate::partition::GenericPartition;
 use hvcore::addr::Gpa;
 use hvcore::host::{HostError, Partition};
+use hvcore::svm::exit::{EXIT_INTR, EXIT_VMMCALL};
 use hvcore::vcpu::LongModeEntry;
 
 /// GPA of the guest's code: `vmmcall` (0f 01 d9).

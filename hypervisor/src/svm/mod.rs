@@ -22,6 +22,7 @@
 
 pub mod bench;
 mod maps;
+mod state;
 pub mod vcpu;
 pub mod vmcb;
 mod world_switch;
@@ -35,15 +36,15 @@ use hvcore::addr::Hpa;
 use hvcore::host::HostError;
 use hvcore::msr::IA32_TSC_AUX;
 use hvcore::vcpu::VcpuCaps;
+use hvcore::x86::{Cr4Flags, EferFlags};
+use x86_64::registers::model_specific::Efer;
 
-/// EFER. AMD APM vol. 2, 3.1.7.
-pub(crate) const MSR_EFER: u32 = crate::cpu::MSR_EFER;
 /// VM_CR: SVM lock and disable bits. AMD APM vol. 2, 15.30.1.
 const MSR_VM_CR: u32 = 0xc001_0114;
 /// VM_HSAVE_PA: host save area. AMD APM vol. 2, 15.30.4.
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
 /// EFER.SVME. AMD APM vol. 2, 15.4.
-pub(crate) const EFER_SVME: u64 = 1 << 12;
+pub(crate) const EFER_SVME: u64 = EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
 /// VM_CR.SVMDIS.
 const VM_CR_SVMDIS: u64 = 1 << 4;
 
@@ -52,14 +53,11 @@ const VM_CR_SVMDIS: u64 = 1 << 4;
 /// # Safety
 /// The bits must be supported by this CPU and harmless to the running
 /// hypervisor.
-unsafe fn set_cr4_bits(bits: u64) {
+unsafe fn set_cr4_bits(bits: Cr4Flags) {
     // SAFETY: the caller guarantees the bits are supported and harmless;
     // PAE stays set (only bits are added).
-    unsafe { crate::cpu::write_cr4(crate::cpu::read_cr4() | bits) };
+    unsafe { crate::cpu::write_cr4(crate::cpu::read_cr4() | bits.bits()) };
 }
-
-/// CR4.OSFXSR: FXSAVE/FXRSTOR include the SSE state. AMD APM vol. 2, 3.7.1.
-const CR4_OSFXSR: u64 = 1 << 9;
 
 /// SVM feature identification, CPUID 0x8000_000A. AMD APM vol. 3, E.4.9.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,9 +150,11 @@ pub fn enable() -> Result<SvmFeatures, HostError> {
         // CR4.OSFXSR makes the vCPU's FXSAVE/FXRSTOR switch the guest's
         // SSE registers too; the host (a soft-float target) never uses them.
         unsafe {
-            wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
+            Efer::update(|f| f.insert(EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE));
             wrmsr(MSR_VM_HSAVE_PA, HOST_SAVE_AREA.hpa().as_u64());
-            set_cr4_bits(CR4_OSFXSR);
+            // CR4.OSFXSR: FXSAVE/FXRSTOR include the SSE state (AMD APM
+            // vol. 2, 3.7.1).
+            set_cr4_bits(Cr4Flags::OSFXSR);
         }
         HAS_RDTSCP.store(
             cpuid(0x8000_0001, 0).edx & (1 << 27) != 0,

@@ -11,21 +11,13 @@
 
 use core::mem::{offset_of, size_of};
 
-/// A segment register in the save area. AMD APM vol. 2, Appendix B, table B-2.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C)]
-pub struct Segment {
-    /// +0x0 selector.
-    pub selector: u16,
-    /// +0x2 attributes in the VMCB's packed form: descriptor bits 47:40 in
-    /// 7:0 and bits 55:52 in 11:8 (AMD APM vol. 2, 15.5.1).
-    pub attrib: u16,
-    /// +0x4 limit (expanded, in bytes).
-    pub limit: u32,
-    /// +0x8 base.
-    pub base: u64,
-}
+/// A segment register in the save area (AMD APM vol. 2, Appendix B, table
+/// B-2): the state record's segment, which has this layout (selector +0x0,
+/// packed attributes +0x2, limit +0x4, base +0x8).
+pub use hvcore::vcpu_state::Segment;
 const _: () = assert!(size_of::<Segment>() == 16);
+const _: () = assert!(offset_of!(Segment, attrib) == 0x2);
+const _: () = assert!(offset_of!(Segment, base) == 0x8);
 
 /// VMCB control area. AMD APM vol. 2, Appendix B, table B-1.
 #[derive(Clone, Copy)]
@@ -296,67 +288,3 @@ pub const TLB_CONTROL_NONE: u32 = 0;
 pub const TLB_CONTROL_FLUSH_ALL: u32 = 1;
 /// TLB_CONTROL: flush this guest's ASID only (needs FlushByAsid).
 pub const TLB_CONTROL_FLUSH_ASID: u32 = 3;
-
-/// EVENTINJ / EXITINTINFO valid bit. AMD APM vol. 2, 15.20.
-pub const EVENT_VALID: u64 = 1 << 31;
-/// EVENTINJ error-code-valid bit.
-pub const EVENT_ERROR_VALID: u64 = 1 << 11;
-/// EVENTINJ type: external interrupt.
-pub const EVENT_TYPE_INTR: u64 = 0 << 8;
-/// EVENTINJ type: NMI.
-pub const EVENT_TYPE_NMI: u64 = 2 << 8;
-/// EVENTINJ type: exception.
-pub const EVENT_TYPE_EXCEPTION: u64 = 3 << 8;
-/// EVENTINJ type: software interrupt (INTn).
-pub const EVENT_TYPE_SOFT_INT: u64 = 4 << 8;
-
-// Exit codes, AMD APM vol. 2, Appendix C.
-/// Physical interrupt.
-pub const EXIT_INTR: u64 = 0x60;
-/// Physical NMI.
-pub const EXIT_NMI: u64 = 0x61;
-/// CPUID.
-pub const EXIT_CPUID: u64 = 0x72;
-/// INVD.
-pub const EXIT_INVD: u64 = 0x76;
-/// HLT.
-pub const EXIT_HLT: u64 = 0x78;
-/// INVLPGA.
-pub const EXIT_INVLPGA: u64 = 0x7a;
-/// IN/OUT/INS/OUTS.
-pub const EXIT_IOIO: u64 = 0x7b;
-/// RDMSR/WRMSR.
-pub const EXIT_MSR: u64 = 0x7c;
-/// Shutdown (triple fault).
-pub const EXIT_SHUTDOWN: u64 = 0x7f;
-/// VMRUN.
-pub const EXIT_VMRUN: u64 = 0x80;
-/// VMMCALL.
-pub const EXIT_VMMCALL: u64 = 0x81;
-/// VMLOAD.
-pub const EXIT_VMLOAD: u64 = 0x82;
-/// VMSAVE.
-pub const EXIT_VMSAVE: u64 = 0x83;
-/// STGI.
-pub const EXIT_STGI: u64 = 0x84;
-/// CLGI.
-pub const EXIT_CLGI: u64 = 0x85;
-/// SKINIT.
-pub const EXIT_SKINIT: u64 = 0x86;
-/// MONITOR.
-pub const EXIT_MONITOR: u64 = 0x8a;
-/// MWAIT.
-pub const EXIT_MWAIT: u64 = 0x8b;
-/// MWAIT when armed.
-pub const EXIT_MWAIT_ARMED: u64 = 0x8c;
-/// XSETBV.
-pub const EXIT_XSETBV: u64 = 0x8d;
-/// Nested page fault.
-pub const EXIT_NPF: u64 = 0x400;
-/// VMRUN found invalid guest state (-1).
-pub const EXIT_INVALID: u64 = u64::MAX;
-/// Exception intercepts: EXCP_BASE (0x40) + vector. AMD APM vol. 2,
-/// Appendix C. EXITINFO1 holds the error code.
-pub const EXIT_EXCP_DF: u64 = 0x40 + 8;
-/// #GP intercept.
-pub const EXIT_EXCP_GP: u64 = 0x40 + 13;

@@ -7,13 +7,13 @@
 //! guest gets a minimal long-mode set-up: one PML4, one PDPT and one page
 //! directory identity-mapping the first 2 MiB, and a GDT.
 
-use super::vcpu::EXIT_EXTERNAL_INTERRUPT;
-use super::vcpu::EXIT_VMCALL;
 use super::Vmx;
 use crate::partition::GenericPartition;
 use hvcore::addr::Gpa;
 use hvcore::host::{HostError, Partition};
 use hvcore::vcpu::LongModeEntry;
+use hvcore::vmx::exit::EXIT_EXTERNAL_INTERRUPT;
+use hvcore::vmx::exit::EXIT_VMCALL;
 
 /// GPA of the guest's code: `vmcall` (0f 01 c1).
 const CODE_GPA: u64 = 0x1_0000;

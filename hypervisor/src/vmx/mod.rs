@@ -20,8 +20,10 @@
 //!   flushed (INVVPID) before its new owner's first entry.
 
 pub mod bench;
+pub mod controls;
 pub mod maps;
 pub mod pml;
+mod state;
 pub mod vcpu;
 pub mod vmcs;
 mod world_switch;
@@ -35,6 +37,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use hvcore::addr::Hpa;
 use hvcore::host::HostError;
 use hvcore::vcpu::VcpuCaps;
+use hvcore::x86::Cr4Flags;
 
 // Capability and control MSRs. Intel SDM vol. 4, table 2-2; vol. 3C,
 // Appendix A.
@@ -60,10 +63,10 @@ const MSR_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
 const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 /// CR4.VMXE (Intel SDM vol. 3A, 2.5).
-pub(crate) const CR4_VMXE: u64 = 1 << 13;
+pub(crate) const CR4_VMXE: u64 = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits();
 /// CR4.OSFXSR: FXSAVE/FXRSTOR include the SSE state (the vCPU switches
 /// the guest's x87/SSE state with them).
-const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSFXSR: u64 = Cr4Flags::OSFXSR.bits();
 
 // IA32_VMX_EPT_VPID_CAP bits (Intel SDM vol. 3D, A.10).
 const EPT_CAP_WALK_4: u64 = 1 << 6;
@@ -149,7 +152,7 @@ impl VmxFeatures {
             == (EPT_CAP_INVEPT | EPT_CAP_INVEPT_ALL)
     }
     pub fn vpid(&self) -> bool {
-        self.proc2.can_set(vcpu::PROC2_ENABLE_VPID)
+        self.proc2.can_set(controls::PROC2_ENABLE_VPID)
             && self.ept_vpid & VPID_CAP_INVVPID != 0
             && self.ept_vpid & (VPID_CAP_SINGLE | VPID_CAP_ALL) != 0
     }
@@ -160,7 +163,7 @@ impl VmxFeatures {
     /// (PML logs when the CPU sets an EPT dirty flag; Intel SDM vol. 3C,
     /// 29.3.6).
     pub fn pml(&self) -> bool {
-        self.proc2.can_set(vcpu::PROC2_ENABLE_PML) && self.ept_vpid & EPT_CAP_AD != 0
+        self.proc2.can_set(controls::PROC2_ENABLE_PML) && self.ept_vpid & EPT_CAP_AD != 0
     }
 }
 
@@ -180,7 +183,7 @@ fn read_features() -> VmxFeatures {
         let true_ctls = basic & (1 << 55) != 0;
         let pick = |plain: u32, tru: u32| rdmsr(if true_ctls { tru } else { plain });
         let proc = Allowed::from_msr(pick(MSR_VMX_PROCBASED_CTLS, MSR_VMX_TRUE_PROCBASED_CTLS));
-        let has_proc2 = proc.can_set(vcpu::PROC_SECONDARY_CONTROLS);
+        let has_proc2 = proc.can_set(controls::PROC_SECONDARY_CONTROLS);
         VmxFeatures {
             revision: (basic & 0x7fff_ffff) as u32,
             true_ctls,
@@ -208,7 +211,7 @@ fn read_features() -> VmxFeatures {
 
 /// Why this CPU's VMX cannot run our guests, or `Ok`.
 fn check_features(f: &VmxFeatures) -> Result<(), HostError> {
-    if !f.proc2.can_set(vcpu::PROC2_ENABLE_EPT) {
+    if !f.proc2.can_set(controls::PROC2_ENABLE_EPT) {
         return Err(HostError::Backend("VMX without EPT"));
     }
     if f.ept_vpid & (EPT_CAP_WALK_4 | EPT_CAP_WB) != (EPT_CAP_WALK_4 | EPT_CAP_WB) {

@@ -17,12 +17,16 @@
 //! dirty too. That only ever adds frames (a superset is safe for
 //! migration).
 
+use super::controls::PROC2_ENABLE_PML;
+use super::vmcs::{self, EPT_POINTER, GUEST_PML_INDEX, PML_ADDRESS, SECONDARY_PROC_CONTROLS};
 use super::VmxVcpu;
 use crate::mem::IdentityPhysMem;
-use hvcore::addr::{Hpa, PAGE_SIZE};
+use alloc::vec::Vec;
+use hvcore::addr::{Gfn, Hpa, PAGE_SIZE};
 use hvcore::host::HostError;
 use hvcore::mem::{FrameAlloc, PhysMem};
 use hvcore::npt::{NestedPageTable, ADDR_MASK_4K};
+use hvcore::vmx::EPTP_AD;
 use hvcore::vmx::{EptFormat, EPT_D, EPT_LARGE, EPT_W};
 
 /// Host address of the 4 KiB EPT leaf entry for `gpa`, or `None` when
@@ -83,6 +87,103 @@ pub fn arm_frames(mem: &mut dyn PhysMem, root: Hpa, gfns: &[u64]) -> u64 {
         }
     }
     armed
+}
+
+/// Entries of the PML buffer (Intel SDM vol. 3C, 29.3.6).
+const PML_ENTRIES: u64 = 512;
+
+/// Page-modification logging state while it is on.
+pub(super) struct PmlState {
+    /// The 4 KiB log the CPU writes GPAs into.
+    pub(super) page: Hpa,
+    /// GPAs drained at PML-full exits, not yet handed out.
+    overflow: Vec<u64>,
+}
+
+impl VmxVcpu {
+    /// Start page-modification logging (Intel SDM vol. 3C, 29.3.6): a log
+    /// page, index 511, EPT A/D flags on, the PML control set. Idempotent.
+    pub fn pml_start(&mut self, frames: &mut dyn FrameAlloc) -> Result<(), HostError> {
+        if self.pml.is_some() {
+            return Ok(());
+        }
+        if !self.features.pml() {
+            return Err(HostError::Backend("PML not available"));
+        }
+        let page = frames.alloc_frame().map_err(|_| HostError::OutOfMemory {
+            requested_bytes: PAGE_SIZE,
+            free_bytes: crate::mem::memory_stats().1,
+        })?;
+        self.pml = Some(PmlState {
+            page,
+            overflow: Vec::new(),
+        });
+        self.write(PML_ADDRESS, page.as_u64());
+        self.write(GUEST_PML_INDEX, PML_ENTRIES - 1);
+        self.eptp |= EPTP_AD;
+        self.write(EPT_POINTER, self.eptp);
+        self.proc2 |= PROC2_ENABLE_PML;
+        self.write(SECONDARY_PROC_CONTROLS, u64::from(self.proc2));
+        self.flush_ept = true;
+        Ok(())
+    }
+
+    /// Stop page-modification logging and free the log page.
+    pub fn pml_stop(&mut self, frames: &mut dyn FrameAlloc) {
+        let Some(p) = self.pml.take() else {
+            return;
+        };
+        self.proc2 &= !PROC2_ENABLE_PML;
+        self.write(SECONDARY_PROC_CONTROLS, u64::from(self.proc2));
+        self.eptp &= !EPTP_AD;
+        self.write(EPT_POINTER, self.eptp);
+        self.flush_ept = true;
+        frames.free_frame(p.page);
+    }
+
+    /// Whether PML is on.
+    pub fn pml_active(&self) -> bool {
+        self.pml.is_some()
+    }
+
+    /// Move the logged GPAs out of the PML page (entries index+1..=511,
+    /// 29.3.6) to `mark`, or into the overflow list when `mark` is `None`;
+    /// reset the index.
+    pub(super) fn pml_drain_buffer(&mut self, mut mark: Option<&mut dyn FnMut(Gfn)>) {
+        let index = self.read(GUEST_PML_INDEX) & 0xffff;
+        let Some(p) = self.pml.as_mut() else {
+            return;
+        };
+        // The CPU decrements the index after each entry; 0xffff (or any
+        // value >= 512) means the page is full.
+        let first = if index >= PML_ENTRIES { 0 } else { index + 1 };
+        for i in first..PML_ENTRIES {
+            // SAFETY: the PML page is a frame this vCPU owns; the CPU writes
+            // it only while the guest runs, which it does not now.
+            let gpa = unsafe { ((p.page.as_u64() + i * 8) as *const u64).read_volatile() };
+            match mark.as_mut() {
+                Some(m) => m(Gfn(gpa / PAGE_SIZE)),
+                None => {
+                    if p.overflow.try_reserve(1).is_ok() {
+                        p.overflow.push(gpa);
+                    } else {
+                        log::error!("vmx: PML overflow list: out of heap; a dirty page is lost");
+                    }
+                }
+            }
+        }
+        let _ = vmcs::write(GUEST_PML_INDEX, PML_ENTRIES - 1);
+    }
+
+    /// Hand every GPA logged since the last drain to `mark`.
+    pub fn pml_drain(&mut self, mark: &mut dyn FnMut(Gfn)) {
+        if let Some(p) = self.pml.as_mut() {
+            for gpa in p.overflow.drain(..) {
+                mark(Gfn(gpa / PAGE_SIZE));
+            }
+        }
+        self.pml_drain_buffer(Some(mark));
+    }
 }
 
 #[cfg(test)]

@@ -119,15 +119,23 @@ impl Regs {
 }
 
 /// A segment register including its hidden (descriptor-cache) part.
+///
+/// `#[repr(C)]` in the layout of a VMCB save-area segment (AMD APM vol. 2,
+/// Appendix B, table B-2), so the SVM backend's VMCB holds these directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(C)]
 pub struct Segment {
+    /// +0x0 selector.
     pub selector: u16,
-    /// Packed attributes, AMD VMCB form (see the module docs). Bits 12-15
-    /// must be zero.
+    /// +0x2 packed attributes, AMD VMCB form (see the module docs). Bits
+    /// 12-15 must be zero.
     pub attrib: u16,
+    /// +0x4 limit (expanded, in bytes).
     pub limit: u32,
+    /// +0x8 base.
     pub base: u64,
 }
+const _: () = assert!(core::mem::size_of::<Segment>() == 16);
 
 impl Segment {
     /// Attribute: present (bit 7).
