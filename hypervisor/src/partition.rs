@@ -1,10 +1,12 @@
 //! The vendor-neutral partition: one VM's guest RAM, nested page table,
 //! dirty log and vCPU, implementing [`hvcore::host::Partition`].
 //!
-//! Generic over a small [`Backend`] (SVM today, VMX later): the backend
-//! names its nested-entry format and creates/destroys its vCPU; everything
-//! else — RAM, the nested table, dirty logging, the run loop that resolves
-//! dirty-log faults — is written once here.
+//! Generic over a small [`Backend`] (SVM, VMX): the backend creates and
+//! destroys its vCPU, an [`hvcore::partition::PartitionVcpu`] naming its
+//! nested-entry format and hardware dirty logging. Guest RAM and the
+//! nested table live here; the run loop that resolves dirty-log faults and
+//! dirty logging in both modes (with the TLB flushes they need) are logic,
+//! [`hvcore::partition::PartitionCore`], host-tested there.
 //!
 //! Invariants:
 //! * guest RAM is `[0, ram_bytes)`, backed by zeroed, 2 MiB-aligned host
@@ -19,11 +21,12 @@
 
 use crate::mem::{self as host_mem, IdentityPhysMem as IdentityMem, PlatformFrames};
 use alloc::vec::Vec;
-use hvcore::addr::{Gfn, Gpa, Hpa, LARGE_PAGE_SIZE, PAGE_SIZE};
-use hvcore::dirty::{DirtyLog, FaultOutcome};
+use hvcore::addr::{Gpa, Hpa, LARGE_PAGE_SIZE, PAGE_SIZE};
+use hvcore::dirty::DirtyLog;
 use hvcore::host::{DirtyMode, HostError, Partition, PartitionStats};
 use hvcore::mem::{check_guest_range, FrameAlloc, GuestMemory, MemError};
-use hvcore::npt::{EntryFormat, NestedPageTable};
+use hvcore::npt::NestedPageTable;
+use hvcore::partition::{DirtyLogError, Nested, PartitionCore, PartitionVcpu};
 use hvcore::vcpu::{Vcpu, VmExit};
 
 /// Largest guest RAM a partition may have: the guest ABI identity-maps the
@@ -34,48 +37,16 @@ const CHUNK_PAGES: u64 = LARGE_PAGE_SIZE / PAGE_SIZE;
 
 /// What a virtualization backend supplies to the generic partition.
 pub trait Backend {
-    /// Nested page-table entry format (AMD NPT, Intel EPT).
-    type Format: EntryFormat;
     /// The backend's vCPU.
-    type Vcpu: Vcpu;
+    type Vcpu: PartitionVcpu;
     /// A vCPU whose nested paging uses the table rooted at `nested_root`.
     fn create_vcpu(frames: &mut dyn FrameAlloc, nested_root: Hpa) -> Result<Self::Vcpu, HostError>;
     /// Free the vCPU's control structures.
     fn destroy_vcpu(vcpu: Self::Vcpu, frames: &mut dyn FrameAlloc);
-
-    // Hardware dirty logging ([`DirtyMode::Pml`]), used only when
-    // `Vcpu::caps().pml` says the backend has it; the defaults are what a
-    // backend without it does (refuse, nothing to drain or stop).
-
-    /// Start hardware dirty logging if it is off, then arm every frame set
-    /// in `gfns` (bit n = guest frame n), which the dirty log has just
-    /// write-protected: give write access back with the hardware's own
-    /// dirty tracking reset, so the next write is logged without a fault.
-    fn pml_arm(
-        vcpu: &mut Self::Vcpu,
-        npt: &NestedPageTable<Self::Format>,
-        frames: &mut dyn FrameAlloc,
-        gfns: &[u64],
-    ) -> Result<(), HostError> {
-        let _ = (vcpu, npt, frames, gfns);
-        Err(HostError::Backend("PML not available"))
-    }
-    /// Hand every frame the hardware logged as written since the last
-    /// drain to `mark`.
-    fn pml_drain(vcpu: &mut Self::Vcpu, mark: &mut dyn FnMut(Gfn)) {
-        let _ = (vcpu, mark);
-    }
-    /// Stop hardware dirty logging.
-    fn pml_stop(vcpu: &mut Self::Vcpu, frames: &mut dyn FrameAlloc) {
-        let _ = (vcpu, frames);
-    }
-    /// Exits the backend handled inside `Vcpu::run` without returning
-    /// (e.g. a full PML log drained), counted into [`PartitionStats::exits`].
-    fn resolved_exits(vcpu: &Self::Vcpu) -> u64 {
-        let _ = vcpu;
-        0
-    }
 }
+
+/// The nested-entry format of backend `B`.
+type FormatOf<B> = <<B as Backend>::Vcpu as PartitionVcpu>::Format;
 
 /// Guest RAM: the host chunks backing it and the dirty log every
 /// hypervisor write is recorded in. This is the partition's
@@ -151,13 +122,16 @@ impl GuestMemory for GuestRam {
 pub struct GenericPartition<B: Backend> {
     ram: GuestRam,
     /// `None` only during `Drop`.
-    npt: Option<NestedPageTable<B::Format>>,
+    npt: Option<NestedPageTable<FormatOf<B>>>,
     /// `None` only during `Drop`.
     vcpu: Option<B::Vcpu>,
-    stats: PartitionStats,
-    /// Dirty logging runs in [`DirtyMode::Pml`]: tracked frames stay
-    /// writable and the backend's log feeds the dirty set.
-    pml: bool,
+    /// Dirty-logging mode and counters; the logic behind `run` and the
+    /// dirty-log calls.
+    core: PartitionCore,
+    /// The platform's host memory and frames, lent to the core (both
+    /// zero-sized handles).
+    mem: IdentityMem,
+    frames: PlatformFrames,
 }
 
 impl<B: Backend> GenericPartition<B> {
@@ -183,8 +157,9 @@ impl<B: Backend> GenericPartition<B> {
             },
             npt: None,
             vcpu: None,
-            stats: PartitionStats::default(),
-            pml: false,
+            core: PartitionCore::new(),
+            mem: IdentityMem,
+            frames: PlatformFrames,
         };
         // From here on `Drop` cleans up whatever exists.
         for _ in 0..n_chunks {
@@ -199,7 +174,8 @@ impl<B: Backend> GenericPartition<B> {
             part.ram.chunks.push(chunk);
         }
         let (mut mem, mut frames) = (IdentityMem, PlatformFrames);
-        let mut npt = NestedPageTable::<B::Format>::new(&mut frames, &mut mem).map_err(npt_err)?;
+        let mut npt =
+            NestedPageTable::<FormatOf<B>>::new(&mut frames, &mut mem).map_err(npt_err)?;
         let mut result = Ok(());
         for (i, chunk) in part.ram.chunks.iter().enumerate() {
             let gpa = i as u64 * LARGE_PAGE_SIZE;
@@ -227,33 +203,22 @@ impl<B: Backend> GenericPartition<B> {
             .expect("partition vCPU exists outside Drop")
     }
 
-    /// Let the dirty log handle a nested fault; `true` if it was a logged
-    /// write and the guest can simply resume.
-    fn resolve_dirty_fault(&mut self, gpa: Gpa) -> bool {
-        let Some(npt) = self.npt.as_mut() else {
-            return false;
+    /// The core and the parts it works on, lent for one call; `None` only
+    /// during `Drop`.
+    fn parts(&mut self) -> Option<(&mut PartitionCore, Nested<'_, B::Vcpu>)> {
+        let (Some(vcpu), Some(npt)) = (self.vcpu.as_mut(), self.npt.as_mut()) else {
+            return None;
         };
-        let dirty = &mut self.ram.dirty;
-        let r = dirty.on_write_fault(npt, &mut IdentityMem, &mut PlatformFrames, gpa);
-        match r {
-            Ok(FaultOutcome::Resolved) => true,
-            Ok(FaultOutcome::NotOurs) => false,
-            Err(e) => {
-                log::error!("partition: dirty-log fault at {gpa} failed: {e}");
-                false
-            }
-        }
-    }
-}
-
-impl<B: Backend> GenericPartition<B> {
-    /// Leave PML mode (the dirty log itself is left as it is).
-    fn stop_pml(&mut self) {
-        if core::mem::take(&mut self.pml) {
-            if let Some(vcpu) = self.vcpu.as_mut() {
-                B::pml_stop(vcpu, &mut PlatformFrames);
-            }
-        }
+        Some((
+            &mut self.core,
+            Nested {
+                vcpu,
+                npt,
+                dirty: &mut self.ram.dirty,
+                mem: &mut self.mem,
+                frames: &mut self.frames,
+            },
+        ))
     }
 }
 
@@ -287,64 +252,29 @@ impl<B: Backend> Partition for GenericPartition<B> {
     }
 
     fn run(&mut self) -> VmExit {
-        loop {
-            let exit = self.vcpu_mut().run();
-            self.stats.exits += 1;
-            if let VmExit::NestedFault { gpa, access } = exit {
-                if access.write && access.present && self.resolve_dirty_fault(gpa) {
-                    // Permissions only grew: no flush needed; the faulting
-                    // write is retried on re-entry.
-                    self.stats.dirty_faults += 1;
-                    continue;
-                }
-            }
-            return exit;
+        match self.parts() {
+            Some((core, n)) => core.run(n),
+            None => VmExit::EntryFailed {
+                reason: hvcore::vcpu::EntryFailure {
+                    what: "partition has no vCPU",
+                    raw: 0,
+                    field: None,
+                },
+            },
         }
     }
 
     fn enable_dirty_log(&mut self, mode: DirtyMode) -> Result<(), HostError> {
-        if mode == DirtyMode::Pml && !self.vcpu_mut().caps().pml {
-            return Err(HostError::Backend("PML not available"));
-        }
-        let Some(npt) = self.npt.as_mut() else {
-            return Err(HostError::Backend("partition has no nested page table"));
+        let Some((core, n)) = self.parts() else {
+            return Err(HostError::Backend("partition has no vCPU"));
         };
-        let dirty = &mut self.ram.dirty;
-        dirty
-            .enable(npt, &mut IdentityMem, &mut PlatformFrames)
-            .map_err(npt_err)?;
-        self.vcpu_mut().flush_nested_tlb();
-        if mode == DirtyMode::Pml {
-            // Same tracked set and dirty set as write protection; the
-            // backend then gives write access back to every tracked frame
-            // (all guest RAM is mapped writable, see the invariants) and
-            // logs writes in hardware instead of faulting on them.
-            let all = alloc::vec![u64::MAX; self.ram.dirty.bitmap_words()];
-            let (Some(vcpu), Some(npt)) = (self.vcpu.as_mut(), self.npt.as_ref()) else {
-                return Err(HostError::Backend("partition has no vCPU"));
-            };
-            if let Err(e) = B::pml_arm(vcpu, npt, &mut PlatformFrames, &all) {
-                self.disable_dirty_log();
-                return Err(e);
-            }
-        } else if self.pml {
-            self.stop_pml();
-        }
-        self.pml = mode == DirtyMode::Pml;
-        Ok(())
+        core.enable_dirty_log(n, mode).map_err(dirty_err)
     }
 
     fn disable_dirty_log(&mut self) {
-        self.stop_pml();
-        let Some(npt) = self.npt.as_mut() else {
-            return;
-        };
-        let dirty = &mut self.ram.dirty;
-        if let Err(e) = dirty.disable(npt, &mut IdentityMem, &mut PlatformFrames) {
-            log::error!("partition: disabling the dirty log: {e}");
+        if let Some((core, n)) = self.parts() {
+            core.disable_dirty_log(n);
         }
-        // Permissions only grew; a flush keeps the TLB state simple anyway.
-        self.vcpu_mut().flush_nested_tlb();
     }
 
     fn dirty_log_enabled(&self) -> bool {
@@ -352,55 +282,29 @@ impl<B: Backend> Partition for GenericPartition<B> {
     }
 
     fn collect_dirty(&mut self, bitmap: &mut [u64]) -> Result<u64, HostError> {
-        let Some(npt) = self.npt.as_mut() else {
-            return Err(HostError::Backend("partition has no nested page table"));
+        let Some((core, n)) = self.parts() else {
+            return Err(HostError::Backend("partition has no vCPU"));
         };
-        let dirty = &mut self.ram.dirty;
-        let r = if self.pml {
-            if bitmap.len() < dirty.bitmap_words() {
-                return Err(HostError::InvalidSize {
-                    what: "dirty bitmap words (too few)",
-                    value: dirty.bitmap_words() as u64,
-                });
-            }
-            let Some(vcpu) = self.vcpu.as_mut() else {
-                return Err(HostError::Backend("partition has no vCPU"));
-            };
-            // Whatever the hardware logged joins the dirty set; collection
-            // then write-protects exactly the collected frames, which are
-            // re-armed (writable, hardware dirty flag clear) at once.
-            B::pml_drain(vcpu, &mut |gfn| dirty.mark_range(gfn.gpa(), PAGE_SIZE));
-            let mut collected = alloc::vec![0u64; dirty.bitmap_words()];
-            let r =
-                dirty.collect_and_clear(npt, &mut IdentityMem, &mut PlatformFrames, &mut collected);
-            if let Err(e) = B::pml_arm(vcpu, npt, &mut PlatformFrames, &collected) {
-                log::error!("partition: re-arming PML: {e}");
-            }
-            for (out, c) in bitmap.iter_mut().zip(&collected) {
-                *out |= c;
-            }
-            r
-        } else {
-            dirty.collect_and_clear(npt, &mut IdentityMem, &mut PlatformFrames, bitmap)
-        };
-        // Frames were write-protected again: stale writable translations
-        // must go before the guest runs (even on a partial failure).
-        self.vcpu_mut().flush_nested_tlb();
-        r.map_err(|e| match e {
-            hvcore::npt::NptError::BitmapTooSmall { needed_words, .. } => HostError::InvalidSize {
-                what: "dirty bitmap words (too few)",
-                value: needed_words as u64,
-            },
-            e => npt_err(e),
-        })
+        core.collect_dirty(n, bitmap).map_err(dirty_err)
     }
 
     fn stats(&self) -> PartitionStats {
-        let resolved = self.vcpu.as_ref().map_or(0, B::resolved_exits);
-        PartitionStats {
-            exits: self.stats.exits + resolved,
-            ..self.stats
+        let resolved = self.vcpu.as_ref().map_or(0, PartitionVcpu::resolved_exits);
+        self.core.stats(resolved)
+    }
+}
+
+/// Map a dirty-log error to the platform error.
+fn dirty_err(e: DirtyLogError) -> HostError {
+    match e {
+        DirtyLogError::Table(hvcore::npt::NptError::BitmapTooSmall { needed_words, .. }) => {
+            HostError::InvalidSize {
+                what: "dirty bitmap words (too few)",
+                value: needed_words as u64,
+            }
         }
+        DirtyLogError::Table(e) => npt_err(e),
+        DirtyLogError::Backend(e) => e,
     }
 }
 

@@ -19,10 +19,13 @@ pub mod addr;
 pub mod cpuid;
 pub mod dirty;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod mem;
 pub mod msr;
 pub mod npt;
+pub mod partition;
 #[cfg(test)]
 mod proptests;
 pub mod svm;

@@ -314,7 +314,6 @@ pub(crate) fn free_asid(asid: Asid) {
 pub struct Svm;
 
 impl crate::partition::Backend for Svm {
-    type Format = hvcore::svm::NptFormat;
     type Vcpu = SvmVcpu;
 
     fn create_vcpu(
@@ -327,9 +326,5 @@ impl crate::partition::Backend for Svm {
 
     fn destroy_vcpu(vcpu: SvmVcpu, frames: &mut dyn hvcore::mem::FrameAlloc) {
         vcpu.destroy(frames);
-    }
-
-    fn resolved_exits(vcpu: &SvmVcpu) -> u64 {
-        vcpu.resolved_exits()
     }
 }

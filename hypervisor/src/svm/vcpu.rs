@@ -17,14 +17,17 @@ use super::vmcb::*;
 use super::world_switch::world_switch;
 use super::{maps, SvmFeatures, EFER_SVME};
 use core::ptr::NonNull;
-use hvcore::addr::Hpa;
+use hvcore::addr::{Gfn, Hpa};
 use hvcore::host::HostError;
-use hvcore::mem::FrameAlloc;
+use hvcore::mem::{FrameAlloc, PhysMem};
 use hvcore::msr::{
     IA32_CSTAR, IA32_EFER, IA32_FMASK, IA32_FS_BASE, IA32_GS_BASE, IA32_KERNEL_GS_BASE, IA32_LSTAR,
     IA32_PAT, IA32_STAR, IA32_SYSENTER_CS, IA32_SYSENTER_EIP, IA32_SYSENTER_ESP, IA32_TSC,
     IA32_TSC_AUX,
 };
+use hvcore::npt::NestedPageTable;
+use hvcore::partition::PartitionVcpu;
+use hvcore::svm::entry;
 use hvcore::svm::exit::{
     decode_exit, deliver_exception, injection, reinjection, Decoded, Delivery, EVENT_VALID,
 };
@@ -249,14 +252,8 @@ impl SvmVcpu {
     /// One VMRUN/#VMEXIT round trip with the register file copied in and out.
     fn enter(&mut self) {
         let shared = matches!(self.asid, super::Asid::Shared(_));
-        let flush = core::mem::take(&mut self.flush_pending) || shared;
-        let tlb = if !flush {
-            TLB_CONTROL_NONE
-        } else if self.features.flush_by_asid {
-            TLB_CONTROL_FLUSH_ASID
-        } else {
-            TLB_CONTROL_FLUSH_ALL
-        };
+        let pending = core::mem::take(&mut self.flush_pending);
+        let tlb = entry::tlb_control(pending, shared, self.features.flush_by_asid);
         let regs = self.regs;
         let v = self.vmcb_mut();
         v.save.rax = regs.rax;
@@ -265,7 +262,7 @@ impl SvmVcpu {
         v.save.rflags = regs.rflags;
         v.control.tlb_control = tlb;
         // 15.15: no clean bits claimed, the CPU reloads every field.
-        v.control.clean_bits = 0;
+        v.control.clean_bits = entry::CLEAN_BITS;
         v.control.next_rip = 0;
         let vmcb = self.vmcb_hpa();
         super::load_tsc_aux(self.tsc_aux);
@@ -292,11 +289,6 @@ impl SvmVcpu {
         self.regs.rsp = rsp;
         self.regs.rip = rip;
         self.regs.rflags = rflags;
-    }
-
-    /// Exits handled inside `run` so far.
-    pub fn resolved_exits(&self) -> u64 {
-        self.resolved_exits
     }
 
     /// Set RIP (raw benchmark loop).
@@ -338,7 +330,9 @@ impl SvmVcpu {
                 None
             }
             Decoded::Skip(len) => {
-                self.regs.rip = self.regs.rip.wrapping_add(len);
+                let software = self.regs.rip.wrapping_add(len);
+                let hw = self.vmcb().control.next_rip;
+                self.regs.rip = entry::next_rip(self.features.nrips, hw, software);
                 None
             }
             Decoded::Exception { vector, error_code } => {
@@ -415,11 +409,7 @@ impl Vcpu for SvmVcpu {
         // 15.7.1: with NRIPS the CPU stores the next RIP on instruction
         // intercepts; TCG has none (nRIP reads 0), so fall back to ours.
         let hw = self.vmcb().control.next_rip;
-        self.regs.rip = if self.features.nrips && hw != 0 {
-            hw
-        } else {
-            decoded
-        };
+        self.regs.rip = entry::next_rip(self.features.nrips, hw, decoded);
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
@@ -591,5 +581,29 @@ impl Vcpu for SvmVcpu {
 
     fn restore_state(&mut self, st: &VcpuState) -> Result<(), StateError> {
         self.restore(st)
+    }
+}
+
+/// SVM has no hardware dirty log: the partition uses write protection
+/// (`caps().pml` is false, so it never asks for PML).
+impl PartitionVcpu for SvmVcpu {
+    type Format = hvcore::svm::NptFormat;
+
+    fn pml_arm(
+        &mut self,
+        _npt: &NestedPageTable<Self::Format>,
+        _mem: &mut dyn PhysMem,
+        _frames: &mut dyn FrameAlloc,
+        _gfns: &[u64],
+    ) -> Result<(), HostError> {
+        Err(HostError::Backend("PML not available"))
+    }
+
+    fn pml_drain(&mut self, _mark: &mut dyn FnMut(Gfn)) {}
+
+    fn pml_stop(&mut self, _frames: &mut dyn FrameAlloc) {}
+
+    fn resolved_exits(&self) -> u64 {
+        self.resolved_exits
     }
 }

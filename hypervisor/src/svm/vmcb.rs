@@ -282,9 +282,5 @@ pub const V_INTR_MASKING: u64 = 1 << 24;
 /// np_control bit 0: nested paging enable (AMD APM vol. 2, 15.25.3).
 pub const NP_ENABLE: u64 = 1 << 0;
 
-/// TLB_CONTROL: do nothing. AMD APM vol. 2, 15.16.1.
-pub const TLB_CONTROL_NONE: u32 = 0;
-/// TLB_CONTROL: flush the entire TLB (all ASIDs).
-pub const TLB_CONTROL_FLUSH_ALL: u32 = 1;
-/// TLB_CONTROL: flush this guest's ASID only (needs FlushByAsid).
-pub const TLB_CONTROL_FLUSH_ASID: u32 = 3;
+/// TLB_CONTROL values (AMD APM vol. 2, 15.16.1).
+pub use hvcore::svm::entry::{TLB_CONTROL_FLUSH_ALL, TLB_CONTROL_FLUSH_ASID, TLB_CONTROL_NONE};

@@ -367,7 +367,6 @@ pub(crate) fn free_vpid(vpid: u16) {
 pub struct Vmx;
 
 impl crate::partition::Backend for Vmx {
-    type Format = hvcore::vmx::EptFormat;
     type Vcpu = VmxVcpu;
 
     fn create_vcpu(
@@ -380,27 +379,6 @@ impl crate::partition::Backend for Vmx {
 
     fn destroy_vcpu(vcpu: VmxVcpu, frames: &mut dyn hvcore::mem::FrameAlloc) {
         vcpu.destroy(frames);
-    }
-
-    fn pml_arm(
-        vcpu: &mut VmxVcpu,
-        npt: &hvcore::npt::NestedPageTable<hvcore::vmx::EptFormat>,
-        frames: &mut dyn hvcore::mem::FrameAlloc,
-        gfns: &[u64],
-    ) -> Result<(), HostError> {
-        pml::arm(vcpu, npt, frames, gfns)
-    }
-
-    fn pml_drain(vcpu: &mut VmxVcpu, mark: &mut dyn FnMut(hvcore::addr::Gfn)) {
-        vcpu.pml_drain(mark);
-    }
-
-    fn pml_stop(vcpu: &mut VmxVcpu, frames: &mut dyn hvcore::mem::FrameAlloc) {
-        vcpu.pml_stop(frames);
-    }
-
-    fn resolved_exits(vcpu: &VmxVcpu) -> u64 {
-        vcpu.resolved_exits()
     }
 }
 

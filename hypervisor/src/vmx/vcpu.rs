@@ -43,6 +43,7 @@ use hvcore::vmx::exit::{
     EXIT_INVALID_GUEST_STATE, EXIT_MACHINE_CHECK, EXIT_MSR_LOADING, INTR_INFO_ERROR_VALID,
     INTR_INFO_VALID,
 };
+use hvcore::vmx::flush::{flush_plan, FlushCaps, Invalidation};
 use hvcore::x86::{efer_after_write, event_injection, is_valid_pat, EferFlags, PAT_DEFAULT};
 
 /// The SYSCALL-family MSRs the vCPU switches in software, in
@@ -387,25 +388,29 @@ impl VmxVcpu {
     /// (single context when supported, else global), INVVPID when the VPID
     /// is new to this vCPU or the guest was reset.
     fn flush_tlbs(&mut self) {
-        if core::mem::take(&mut self.flush_ept) {
-            let r = if self.features.invept_single() {
-                vmcs::invept(INV_SINGLE, self.eptp)
-            } else {
-                vmcs::invept(INV_ALL, 0)
-            };
-            if r.is_err() {
-                log::warn!("vmx: INVEPT failed");
-            }
+        let caps = FlushCaps {
+            invept_single: self.features.invept_single(),
+            vpid: self.features.vpid(),
+            invvpid_single: self.features.invvpid_single(),
+        };
+        let ept_changed = core::mem::take(&mut self.flush_ept);
+        let vpid_stale = core::mem::take(&mut self.flush_vpid);
+        let (ept, vpid) = flush_plan(ept_changed, vpid_stale, caps);
+        let r = match ept {
+            Invalidation::None => Ok(()),
+            Invalidation::SingleContext => vmcs::invept(INV_SINGLE, self.eptp),
+            Invalidation::AllContexts => vmcs::invept(INV_ALL, 0),
+        };
+        if r.is_err() {
+            log::warn!("vmx: INVEPT failed");
         }
-        if core::mem::take(&mut self.flush_vpid) && self.features.vpid() {
-            let r = if self.features.invvpid_single() {
-                vmcs::invvpid(INV_SINGLE, self.vpid)
-            } else {
-                vmcs::invvpid(INV_ALL, 0)
-            };
-            if r.is_err() {
-                log::warn!("vmx: INVVPID failed");
-            }
+        let r = match vpid {
+            Invalidation::None => Ok(()),
+            Invalidation::SingleContext => vmcs::invvpid(INV_SINGLE, self.vpid),
+            Invalidation::AllContexts => vmcs::invvpid(INV_ALL, 0),
+        };
+        if r.is_err() {
+            log::warn!("vmx: INVVPID failed");
         }
     }
 
@@ -624,11 +629,6 @@ impl VmxVcpu {
     /// The current EPT pointer (host-physical root plus flags).
     pub fn eptp(&self) -> u64 {
         self.eptp
-    }
-
-    /// Exits handled inside [`Vcpu::run`] so far.
-    pub fn resolved_exits(&self) -> u64 {
-        self.resolved_exits
     }
 }
 

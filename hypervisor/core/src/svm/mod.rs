@@ -7,6 +7,7 @@
 //! [`exit::reinjection`], so every decoding decision is host-tested (and
 //! fuzzed: `hypervisor/core/fuzz`).
 
+pub mod entry;
 pub mod exit;
 mod npt;
 

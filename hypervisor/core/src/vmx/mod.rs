@@ -10,5 +10,7 @@
 
 mod ept;
 pub mod exit;
+pub mod flush;
+pub mod pml;
 
 pub use ept::*;
