@@ -145,7 +145,7 @@ hv_entry32:
     or eax, 0x100
     or eax, ebp
     wrmsr
-    // CR0: PG (31) | WP (16) | NE (5) | PE (0). NE matters for VMX later
+    // CR0: PG (31) | WP (16) | NE (5) | PE (0). NE matters for VMXON, later in boot
     // (GRUB leaves it clear; VMX requires it, Intel SDM vol. 3C, 24.8).
     // CD (30) and NW (29) cleared: normal cache mode (Intel SDM vol. 3A,
     // "Memory Cache Control", cache operating modes table; AMD APM vol. 2,

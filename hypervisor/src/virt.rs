@@ -1,6 +1,6 @@
 //! Backend selection: creates partitions on whichever virtualization
-//! extension this CPU offers. SVM now; VMX plugs in as one more arm of
-//! [`backend`] and of each `match` below.
+//! extension this CPU offers (SVM or VMX; [`backend`] decides, and each
+//! `match` below has one arm per backend).
 
 use crate::partition::GenericPartition;
 use alloc::boxed::Box;
