@@ -6,6 +6,7 @@ extern crate alloc;
 pub mod acpi;
 pub mod bootinfo;
 pub mod cpu;
+pub mod fpu;
 pub mod gdt;
 pub mod interrupts;
 pub mod lapic;

@@ -179,6 +179,18 @@ pub const LONG_MODE_EFER: EferFlags = EferFlags::LONG_MODE_ENABLE
     .union(EferFlags::LONG_MODE_ACTIVE)
     .union(EferFlags::NO_EXECUTE_ENABLE);
 
+/// The registers after `reset_long_mode`: RIP, RSP and RDI from `entry`,
+/// RFLAGS with only its always-one bit 1 (interrupts off), the rest 0.
+pub fn long_mode_regs(entry: &LongModeEntry) -> Regs {
+    Regs {
+        rip: entry.rip,
+        rsp: entry.rsp,
+        rdi: entry.rdi,
+        rflags: 2,
+        ..Regs::default()
+    }
+}
+
 /// The state both backends' `reset_long_mode` give a vCPU, as a record
 /// (TSC 0): 64-bit code at CPL 0, flat data segments, paging with PAE, NX,
 /// x87/SSE in their initial state. Test doubles use it as their reset
@@ -190,17 +202,9 @@ pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
         limit: 0xffff_ffff,
         base: 0,
     };
-    let mut fx = [0u8; FXSAVE_BYTES];
-    fx[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
-    fx[MXCSR_OFFSET..MXCSR_OFFSET + 4].copy_from_slice(&0x1f80u32.to_le_bytes());
+    let fx = initial_fxsave();
     VcpuState {
-        regs: Regs {
-            rip: entry.rip,
-            rsp: entry.rsp,
-            rdi: entry.rdi,
-            rflags: 2,
-            ..Regs::default()
-        },
+        regs: long_mode_regs(entry),
         es: data,
         ss: data,
         ds: data,
@@ -239,6 +243,16 @@ pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
         fpu: fpu_from_fxsave(&fx),
         ..VcpuState::default()
     }
+}
+
+/// The FXSAVE image of x87/SSE state after INIT: FCW = 0x37f, MXCSR =
+/// 0x1f80, everything else 0 (Intel SDM vol. 3A, table 10-1; AMD APM vol.
+/// 2, 11.5.2).
+pub fn initial_fxsave() -> [u8; FXSAVE_BYTES] {
+    let mut fx = [0u8; FXSAVE_BYTES];
+    fx[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+    fx[MXCSR_OFFSET..MXCSR_OFFSET + 4].copy_from_slice(&0x1f80u32.to_le_bytes());
+    fx
 }
 
 /// The record's FPU state for a 512-byte FXSAVE image.

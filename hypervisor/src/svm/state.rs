@@ -11,7 +11,7 @@ use super::vmcb::Segment;
 use super::EFER_SVME;
 use hvcore::svm::exit::{event_in, event_out};
 use hvcore::vcpu::{StateError, VcpuState};
-use hvcore::vcpu_state::{self, Msrs, TableReg, FXSAVE_BYTES};
+use hvcore::vcpu_state::{self, Msrs, TableReg};
 
 impl SvmVcpu {
     /// The VMCB save area plus what lives outside it: the GPRs, the FXSAVE
@@ -128,9 +128,7 @@ impl SvmVcpu {
         c.event_inj = st.pending_event.as_ref().map_or(0, event_in);
         // The guest's TSC continues from the saved value.
         c.tsc_offset = st.tsc.wrapping_sub(crate::cpu::rdtsc());
-        let mut area = [0u8; FXSAVE_BYTES];
-        area.copy_from_slice(&fx);
-        self.fx.0 = area;
+        self.fx.0 = fx;
         self.tsc_aux = tsc_aux;
         self.regs = st.regs;
         self.next_rip = None;

@@ -16,6 +16,7 @@
 use super::vmcb::*;
 use super::world_switch::world_switch;
 use super::{maps, SvmFeatures, EFER_SVME};
+use crate::fpu::FxArea;
 use core::ptr::NonNull;
 use hvcore::addr::{Gfn, Hpa};
 use hvcore::host::HostError;
@@ -42,23 +43,6 @@ use hvcore::x86::{
 
 /// Real-mode code segment after INIT: present, code, execute/read, accessed.
 const ATTR_CODE16: u16 = 0x009b;
-
-/// 512-byte FXSAVE image of the guest's x87/SSE state: VMRUN does not
-/// switch it (AMD APM vol. 2, 15.5.1), so the vCPU keeps its own.
-#[repr(C, align(16))]
-pub(super) struct FxArea(pub(super) [u8; 512]);
-const _: () = assert!(core::mem::size_of::<FxArea>() == 512);
-
-impl FxArea {
-    /// The state after INIT: FCW = 0x37f, MXCSR = 0x1f80 (AMD APM vol. 2,
-    /// 11.5.2; vol. 5 FXSAVE layout).
-    pub(super) fn initial() -> Self {
-        let mut a = [0u8; 512];
-        a[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
-        a[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
-        Self(a)
-    }
-}
 
 /// One SVM vCPU.
 pub struct SvmVcpu {
@@ -274,9 +258,9 @@ impl SvmVcpu {
         // not use x87/SSE state (soft-float target), so nothing of the host's
         // is lost.
         unsafe {
-            core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack, readonly));
+            self.fx.load();
             world_switch(&mut self.regs, vmcb, super::host_state_vmcb());
-            core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
+            self.fx.store();
         }
         self.dr = super::read_debug_regs();
         let v = self.vmcb_mut();
@@ -549,13 +533,7 @@ impl Vcpu for SvmVcpu {
         s.sysenter_eip = 0;
         v.control.event_inj = 0;
         v.control.interrupt_shadow = 0;
-        self.regs = Regs {
-            rip: entry.rip,
-            rsp: entry.rsp,
-            rdi: entry.rdi,
-            rflags: 2,
-            ..Regs::default()
-        };
+        self.regs = hvcore::vcpu_state::long_mode_regs(entry);
         self.fx = FxArea::initial();
         self.tsc_aux = 0;
         self.dr = [0; 4];

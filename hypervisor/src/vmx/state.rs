@@ -10,7 +10,7 @@ use super::vcpu::VmxVcpu;
 use super::vmcs::*;
 use super::CR4_VMXE;
 use hvcore::vcpu::{StateError, VcpuState};
-use hvcore::vcpu_state::{self, Msrs, Segment, TableReg, FXSAVE_BYTES};
+use hvcore::vcpu_state::{self, Msrs, Segment, TableReg};
 use hvcore::vmx::exit::{ar_to_attrib, attrib_to_ar, event_in, event_out};
 use hvcore::x86::EferFlags;
 
@@ -208,9 +208,7 @@ impl VmxVcpu {
         self.write(ENTRY_INSTRUCTION_LENGTH, 2);
         // The guest's TSC continues from the saved value.
         self.write(TSC_OFFSET, st.tsc.wrapping_sub(crate::cpu::rdtsc()));
-        let mut area = [0u8; FXSAVE_BYTES];
-        area.copy_from_slice(&fx);
-        self.fx.0 = area;
+        self.fx.0 = fx;
         self.cr2 = st.cr2;
         self.regs = st.regs;
         self.exit_len = None;

@@ -25,6 +25,7 @@ use super::vmcs::{self, *};
 use super::world_switch::{world_switch, SwitchEnd};
 use super::{maps, VmxFeatures, CR4_VMXE, INV_ALL, INV_SINGLE};
 use crate::cpu::{rdmsr, read_cr0, read_cr3, read_cr4, wrmsr};
+use crate::fpu::FxArea;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hvcore::addr::{Gpa, Hpa, PAGE_SIZE};
 use hvcore::host::HostError;
@@ -66,23 +67,6 @@ static LOADED: [AtomicU64; 6] = [
     AtomicU64::new(u64::MAX),
     AtomicU64::new(u64::MAX),
 ];
-
-/// 512-byte FXSAVE image of the guest's x87/SSE state: VM entry does not
-/// switch it, so the vCPU keeps its own.
-#[repr(C, align(16))]
-pub(super) struct FxArea(pub(super) [u8; 512]);
-const _: () = assert!(core::mem::size_of::<FxArea>() == 512);
-
-impl FxArea {
-    /// The state after INIT: FCW = 0x37f, MXCSR = 0x1f80 (Intel SDM vol. 3A,
-    /// 10.1, table 10-1; FXSAVE layout in vol. 1, 10.5.1).
-    pub(super) fn initial() -> Self {
-        let mut a = [0u8; 512];
-        a[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
-        a[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
-        Self(a)
-    }
-}
 
 /// One VMX vCPU.
 pub struct VmxVcpu {
@@ -432,9 +416,9 @@ impl VmxVcpu {
         // FXRSTOR/FXSAVE use our 16-byte aligned 512-byte area; the host
         // does not use x87/SSE state (soft-float target).
         let end = unsafe {
-            core::arch::asm!("fxrstor64 [{}]", in(reg) self.fx.0.as_ptr(), options(nostack, readonly));
+            self.fx.load();
             let end = world_switch(&mut self.regs, self.launched);
-            core::arch::asm!("fxsave64 [{}]", in(reg) self.fx.0.as_mut_ptr(), options(nostack));
+            self.fx.store();
             end
         };
         self.cr2 = crate::cpu::read_cr2();
@@ -824,13 +808,7 @@ impl Vcpu for VmxVcpu {
         self.syscall_msrs = [0; 5];
         self.tsc_aux = 0;
         self.cr2 = 0;
-        self.regs = Regs {
-            rip: entry.rip,
-            rsp: entry.rsp,
-            rdi: entry.rdi,
-            rflags: 2,
-            ..Regs::default()
-        };
+        self.regs = hvcore::vcpu_state::long_mode_regs(entry);
         self.fx = FxArea::initial();
         self.exit_len = None;
         self.flush_ept = true;

@@ -117,13 +117,7 @@ impl Vcpu for FakeVcpu {
     fn reset_long_mode(&mut self, entry: &LongModeEntry) {
         self.reset = Some(*entry);
         self.state = crate::vcpu_state::long_mode_state(entry);
-        self.regs = Regs {
-            rip: entry.rip,
-            rsp: entry.rsp,
-            rdi: entry.rdi,
-            rflags: 2,
-            ..Regs::default()
-        };
+        self.regs = crate::vcpu_state::long_mode_regs(entry);
     }
     fn flush_nested_tlb(&mut self) {
         self.flushes += 1;
