@@ -1,9 +1,13 @@
-//! The few x86-64 instructions the guest needs, wrapped once. Wrappers that
-//! cannot break memory safety (CPUID, RDTSC, reading registers) are safe
-//! functions; port output is `unsafe` because a port can start DMA or reset
-//! the machine.
+//! The few x86-64 instructions the guest needs, wrapped once, on the
+//! `x86_64` crate (port I/O, CR3, CS) and `core::arch` (CPUID, RDTSC).
+//! Wrappers that cannot break memory safety (CPUID, RDTSC, reading
+//! registers) are safe functions; port output is `unsafe` because a port
+//! can start DMA or reset the machine.
 
 use core::arch::asm;
+use x86_64::instructions::port::Port;
+use x86_64::instructions::segmentation::{Segment, CS};
+use x86_64::registers::control::Cr3;
 
 /// The four CPUID result registers.
 #[derive(Clone, Copy, Debug)]
@@ -16,45 +20,27 @@ pub struct Cpuid {
 
 /// Execute CPUID for `leaf`/`subleaf` (AMD APM vol. 3, "CPUID").
 pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
-    let (eax, ebx, ecx, edx): (u32, u64, u32, u32);
-    // SAFETY: CPUID only writes the four result registers; RBX is reserved
-    // by LLVM, so it is saved in a scratch register and swapped back.
-    unsafe {
-        asm!(
-            "mov {tmp}, rbx",
-            "cpuid",
-            "xchg {tmp}, rbx",
-            tmp = out(reg) ebx,
-            inout("eax") leaf => eax,
-            inout("ecx") subleaf => ecx,
-            out("edx") edx,
-            options(nostack, preserves_flags),
-        );
-    }
+    // `__cpuid_count` saves and restores RBX, which LLVM reserves; CPUID
+    // itself has no memory effects.
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
     Cpuid {
-        eax,
-        ebx: ebx as u32,
-        ecx,
-        edx,
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
     }
 }
 
 /// Read the time-stamp counter.
 pub fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: RDTSC only writes EDX:EAX.
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    (u64::from(hi) << 32) | u64::from(lo)
+    // SAFETY: RDTSC only writes EDX:EAX (CR4.TSD is clear at CPL 0 anyway).
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// Read CR3 (the guest page-table root).
 pub fn read_cr3() -> u64 {
-    let cr3: u64;
-    // SAFETY: reading CR3 has no side effects (we run at CPL 0).
-    unsafe { asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
-    cr3
+    let (frame, flags) = Cr3::read_raw();
+    frame.start_address().as_u64() | u64::from(flags)
 }
 
 /// Read the current stack pointer.
@@ -67,10 +53,7 @@ pub fn read_rsp() -> u64 {
 
 /// Read the CS selector.
 pub fn read_cs() -> u16 {
-    let cs: u16;
-    // SAFETY: copies CS into a register; nothing else changes.
-    unsafe { asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
-    cs
+    CS::get_reg().0
 }
 
 /// Write one byte to an I/O port.
@@ -79,9 +62,7 @@ pub fn read_cs() -> u16 {
 /// The caller must know what the device at `port` does with the write.
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: the caller vouches for the port; OUT touches no memory.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { Port::<u8>::new(port).write(value) };
 }
 
 /// Read one byte from an I/O port.
@@ -89,12 +70,8 @@ pub unsafe fn outb(port: u16, value: u8) {
 /// # Safety
 /// The caller must know what the device at `port` does on a read.
 pub unsafe fn inb(port: u16) -> u8 {
-    let value: u8;
     // SAFETY: the caller vouches for the port; IN touches no memory.
-    unsafe {
-        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
-    };
-    value
+    unsafe { Port::<u8>::new(port).read() }
 }
 
 /// Write the byte at `gpa` back unchanged, which makes its page dirty for
