@@ -14,7 +14,10 @@
 //! * **everything else**: `#GP(0)`, like a CPU without that MSR.
 //!
 //! Numbers and layouts: Intel SDM vol. 4 (Table 2-2, architectural MSRs)
-//! and AMD APM vol. 2, Appendix A.
+//! and AMD APM vol. 2, Appendix A. The numbers are plain `u32` constants
+//! here rather than the `x86_64` crate's `Msr` values: that type hides its
+//! number, and the guest-facing table must match on it. The platform reads
+//! and writes MSRs through the crate's `Msr`.
 
 use crate::vcpu::Vcpu;
 use crate::x86::EFER_GUEST;

@@ -223,26 +223,26 @@ pub(crate) fn read_debug_regs() -> [u64; 4] {
 /// OSXMMEXCPT) plus PCIDE, FSGSBASE, SMEP, SMAP and UMIP where CPUID
 /// Fn0000_0001 ECX / Fn0000_0007_0 EBX, ECX report them.
 pub(crate) fn host_cr4_bits() -> u64 {
-    let mut bits = 0x7ff;
-    if cpuid(1, 0).ecx & (1 << 17) != 0 {
-        bits |= 1 << 17; // PCIDE
-    }
+    // VME .. OSXMMEXCPT: bits 0-10.
+    let mut bits = Cr4Flags::from_bits_truncate(0x7ff);
+    bits.set(Cr4Flags::PCID, cpuid(1, 0).ecx & (1 << 17) != 0);
     if cpuid(0, 0).eax >= 7 {
         let l7 = cpuid(7, 0);
-        if l7.ebx & 1 != 0 {
-            bits |= 1 << 16; // FSGSBASE
-        }
-        if l7.ebx & (1 << 7) != 0 {
-            bits |= 1 << 20; // SMEP
-        }
-        if l7.ebx & (1 << 20) != 0 {
-            bits |= 1 << 21; // SMAP
-        }
-        if l7.ecx & (1 << 2) != 0 {
-            bits |= 1 << 11; // UMIP
-        }
+        bits.set(Cr4Flags::FSGSBASE, l7.ebx & 1 != 0);
+        bits.set(
+            Cr4Flags::SUPERVISOR_MODE_EXECUTION_PROTECTION,
+            l7.ebx & (1 << 7) != 0,
+        );
+        bits.set(
+            Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION,
+            l7.ebx & (1 << 20) != 0,
+        );
+        bits.set(
+            Cr4Flags::USER_MODE_INSTRUCTION_PREVENTION,
+            l7.ecx & (1 << 2) != 0,
+        );
     }
-    bits
+    bits.bits()
 }
 
 /// Physical address of this CPU's host-state VMCB page.
