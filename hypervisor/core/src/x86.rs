@@ -9,7 +9,7 @@
 //! guest. Nothing here touches the machine (only the crate's types are
 //! used, never its instructions).
 
-pub use vmstate::EventKind;
+pub use vmstate::{EventKind, PendingEvent};
 pub use x86_64::registers::control::{Cr0Flags, Cr4Flags};
 pub use x86_64::registers::model_specific::EferFlags;
 pub use x86_64::registers::rflags::RFlags;
@@ -145,6 +145,40 @@ pub const fn event_injection(vector: u8, error_code: Option<u32>) -> Injection {
     Injection {
         info,
         error_code: code,
+    }
+}
+
+/// A pending event from its event word and error code; `None` if the word
+/// is not valid or its type is none the record names (reserved 1,
+/// privileged software exception 5, software exception 6, other 7: our
+/// exits never leave those pending for a guest without INT1/INT3/INTO).
+pub const fn pending_event(info: u32, error_code: u32) -> Option<PendingEvent> {
+    if info & EVENT_VALID == 0 {
+        return None;
+    }
+    let Some(kind) = EventKind::from_raw(((info >> 8) & 7) as u8) else {
+        return None;
+    };
+    Some(PendingEvent {
+        vector: info as u8,
+        kind,
+        error_code: if info & EVENT_ERROR_VALID != 0 {
+            Some(error_code)
+        } else {
+            None
+        },
+    })
+}
+
+/// A pending event as its event word and error code.
+pub const fn event_word(ev: &PendingEvent) -> Injection {
+    let mut info = ev.vector as u32 | (ev.kind.raw() as u32) << 8 | EVENT_VALID;
+    if ev.error_code.is_some() {
+        info |= EVENT_ERROR_VALID;
+    }
+    Injection {
+        info,
+        error_code: ev.error_code,
     }
 }
 

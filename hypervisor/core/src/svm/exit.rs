@@ -11,8 +11,8 @@
 
 use crate::addr::Gpa;
 use crate::vcpu::{Access, IoAccess, IoDir, Regs, VmExit};
-use crate::x86::{EVENT_ERROR_VALID as EV_BIT, EVENT_VALID as V_BIT};
-use vmstate::{EventKind, PendingEvent};
+use crate::x86::{Injection, EVENT_ERROR_VALID as EV_BIT, EVENT_VALID as V_BIT};
+use vmstate::PendingEvent;
 
 /// EVENTINJ / EXITINTINFO valid bit. AMD APM vol. 2, 15.20.
 pub const EVENT_VALID: u64 = V_BIT as u64;
@@ -229,31 +229,23 @@ pub fn decode_ioio(info1: u64) -> Option<IoAccess> {
 /// EVENTINJ (AMD APM vol. 2, 15.20) as a pending event, `None` if not
 /// valid. Types the record cannot name (reserved 1, 5-7) read as none.
 pub fn event_out(ev: u64) -> Option<PendingEvent> {
-    if ev & EVENT_VALID == 0 {
-        return None;
-    }
-    let kind = EventKind::from_raw(((ev >> 8) & 7) as u8)?;
-    Some(PendingEvent {
-        vector: ev as u8,
-        kind,
-        error_code: (ev & EVENT_ERROR_VALID != 0).then_some((ev >> 32) as u32),
-    })
+    crate::x86::pending_event(ev as u32, (ev >> 32) as u32)
+}
+
+/// EVENTINJ: the shared event word, bits 63:32 the error code.
+fn eventinj(i: Injection) -> u64 {
+    u64::from(i.info) | (u64::from(i.error_code.unwrap_or(0)) << 32)
 }
 
 /// A pending event as EVENTINJ.
 pub fn event_in(ev: &PendingEvent) -> u64 {
-    let mut v = u64::from(ev.vector) | (u64::from(ev.kind.raw()) << 8) | EVENT_VALID;
-    if let Some(code) = ev.error_code {
-        v |= EVENT_ERROR_VALID | (u64::from(code) << 32);
-    }
-    v
+    eventinj(crate::x86::event_word(ev))
 }
 
 /// The exception the hypervisor raises as `vector` (with the error code
-/// when the vector pushes one) as EVENTINJ, bits 63:32 the error code.
+/// when the vector pushes one) as EVENTINJ.
 pub fn injection(vector: u8, error_code: Option<u32>) -> u64 {
-    let i = crate::x86::event_injection(vector, error_code);
-    u64::from(i.info) | (u64::from(i.error_code.unwrap_or(0)) << 32)
+    eventinj(crate::x86::event_injection(vector, error_code))
 }
 
 /// What becomes of an intercepted #GP or #DF on its way into the guest.
@@ -287,6 +279,7 @@ pub fn deliver_exception(vector: u8, error_code: u32, idt_limit: u32, long_mode:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmstate::EventKind;
 
     #[test]
     fn intercepted_gp_and_df_decode_with_error_code() {

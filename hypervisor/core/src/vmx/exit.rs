@@ -281,28 +281,16 @@ pub const fn attrib_to_ar(a: u16) -> u64 {
 
 /// VM-entry interruption information (25.8.3) as a pending event.
 pub fn event_out(info: u64, error_code: u64) -> Option<PendingEvent> {
-    if info & INTR_INFO_VALID == 0 {
-        return None;
-    }
-    // Privileged and other software exceptions (types 5, 6) are not stored
-    // by our exits (IDT vectoring re-injection keeps their type); none of
-    // them can be pending for a guest that has no INT1/INT3/INTO.
-    let kind = EventKind::from_raw(((info >> 8) & 7) as u8)?;
-    Some(PendingEvent {
-        vector: info as u8,
-        kind,
-        error_code: (info & INTR_INFO_ERROR_VALID != 0).then_some(error_code as u32),
-    })
+    // Types 5 and 6 (software exceptions) read as none: IDT-vectoring
+    // re-injection keeps their type without going through the record.
+    crate::x86::pending_event(info as u32, error_code as u32)
 }
 
 /// A pending event as VM-entry interruption information and the
 /// exception error code field (25.8.3).
 pub fn event_in(ev: &PendingEvent) -> (u64, u64) {
-    let mut info = u64::from(ev.vector) | (u64::from(ev.kind.raw()) << 8) | INTR_INFO_VALID;
-    if ev.error_code.is_some() {
-        info |= INTR_INFO_ERROR_VALID;
-    }
-    (info, u64::from(ev.error_code.unwrap_or(0)))
+    let i = crate::x86::event_word(ev);
+    (u64::from(i.info), u64::from(i.error_code.unwrap_or(0)))
 }
 
 #[cfg(test)]
