@@ -1,6 +1,11 @@
 //! AMD SVM backend: detection and enabling, the VMCB, the permission maps
 //! and the vCPU (`SvmVcpu`, an [`hvcore::vcpu::Vcpu`]).
 //!
+//! Files: `vcpu.rs` (the vCPU: VMCB set-up, VMRUN, MSRs, reset),
+//! `state.rs` (the state record), `vmcb.rs` (the layout), `maps.rs`,
+//! `world_switch.rs`. Decoding #VMEXITs, EVENTINJ encodings and the
+//! TLB_CONTROL / next-RIP decisions are logic in [`hvcore::svm`].
+//!
 //! Nothing SVM-specific leaves this module: the rest of the hypervisor sees
 //! [`hvcore::vcpu::VmExit`] and the vendor-neutral partition
 //! ([`crate::partition`]), which uses [`Svm`] as its backend.

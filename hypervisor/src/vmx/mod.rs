@@ -3,6 +3,13 @@
 //! VMCS and the vCPU (`VmxVcpu`, an [`hvcore::vcpu::Vcpu`]) with EPT and
 //! optional page-modification logging.
 //!
+//! Files: `vcpu.rs` (the vCPU: entry, exit, MSRs, reset), `setup.rs`
+//! (VMCS controls and host state), `controls.rs` (control bits),
+//! `state.rs` (the state record), `pml.rs` (page-modification logging),
+//! `diagnose.rs` (failed entries), `vmcs.rs` (VMREAD/VMWRITE/INVEPT),
+//! `world_switch.rs`. Decoding exits, VMCS encodings, the flush plan and
+//! PML arming are logic in [`hvcore::vmx`].
+//!
 //! Nothing VMX-specific leaves this module: the rest of the hypervisor sees
 //! [`hvcore::vcpu::VmExit`] and the vendor-neutral partition
 //! ([`crate::partition`]), which uses [`Vmx`] as its backend.
@@ -21,8 +28,10 @@
 
 pub mod bench;
 pub mod controls;
+mod diagnose;
 pub mod maps;
 pub mod pml;
+mod setup;
 mod state;
 pub mod vcpu;
 pub mod vmcs;

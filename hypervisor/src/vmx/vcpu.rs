@@ -23,11 +23,11 @@
 use super::controls::*;
 use super::vmcs::{self, *};
 use super::world_switch::{world_switch, SwitchEnd};
-use super::{maps, VmxFeatures, CR4_VMXE, INV_ALL, INV_SINGLE};
-use crate::cpu::{rdmsr, read_cr0, read_cr3, read_cr4, wrmsr};
+use super::{VmxFeatures, CR4_VMXE, INV_ALL, INV_SINGLE};
+use crate::cpu::wrmsr;
 use crate::fpu::FxArea;
 use core::sync::atomic::{AtomicU64, Ordering};
-use hvcore::addr::{Gpa, Hpa, PAGE_SIZE};
+use hvcore::addr::{Hpa, PAGE_SIZE};
 use hvcore::host::HostError;
 use hvcore::mem::FrameAlloc;
 use hvcore::msr::{
@@ -36,16 +36,15 @@ use hvcore::msr::{
     IA32_TSC_AUX,
 };
 use hvcore::vcpu::{
-    EntryFailure, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, VmExit,
+    LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, VmExit,
 };
 use hvcore::vcpu_state::{LONG_MODE_CR0, LONG_MODE_CR4, LONG_MODE_EFER};
 use hvcore::vmx::exit::{
     decode_exit, gpr_mut, Decoded, AR_CODE64, AR_DATA, AR_TSS_BUSY, AR_UNUSABLE,
-    EXIT_INVALID_GUEST_STATE, EXIT_MACHINE_CHECK, EXIT_MSR_LOADING, INTR_INFO_ERROR_VALID,
-    INTR_INFO_VALID,
+    INTR_INFO_ERROR_VALID, INTR_INFO_VALID,
 };
 use hvcore::vmx::flush::{flush_plan, FlushCaps, Invalidation};
-use hvcore::x86::{efer_after_write, event_injection, is_valid_pat, EferFlags, PAT_DEFAULT};
+use hvcore::x86::{efer_after_write, event_injection, EferFlags, PAT_DEFAULT};
 
 /// The SYSCALL-family MSRs the vCPU switches in software, in
 /// [`SyscallMsrs`] order.
@@ -199,153 +198,6 @@ impl VmxVcpu {
         }
     }
 
-    /// One control field, adjusted to what the CPU allows; `Err` names
-    /// the control field if a bit we need is not available.
-    fn control(
-        &mut self,
-        field: u32,
-        allowed: super::Allowed,
-        required: u32,
-        optional: u32,
-    ) -> Result<u32, HostError> {
-        let value = allowed.adjust(required | (optional & allowed.may_be_one));
-        if value & required != required {
-            log::error!(
-                "vmx: control field {field:#x}: need {required:#x}, CPU allows {:#x}",
-                allowed.may_be_one
-            );
-            return Err(HostError::Backend(
-                "the CPU lacks a VMX control this backend needs",
-            ));
-        }
-        self.write(field, u64::from(value));
-        Ok(value)
-    }
-
-    /// Controls, host state and a default guest state. Intel SDM vol. 3C,
-    /// 25.6-25.8 (controls), 25.5 (host state), 26.2 (what entry checks).
-    fn init_vmcs(&mut self) -> Result<(), HostError> {
-        let f = self.features;
-        let pin = self.control(
-            PIN_BASED_CONTROLS,
-            f.pin,
-            PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING,
-            PIN_PREEMPTION_TIMER,
-        )?;
-        if pin & PIN_PREEMPTION_TIMER != 0 {
-            // Reloaded from this field at every VM entry (no "save timer
-            // value" exit control), so each entry gets one full slice.
-            self.write(GUEST_PREEMPTION_TIMER, preemption_timer_value());
-        }
-        self.control(
-            PRIMARY_PROC_CONTROLS,
-            f.proc,
-            PROC_HLT_EXITING
-                | PROC_USE_TSC_OFFSETTING
-                | PROC_MWAIT_EXITING
-                | PROC_MONITOR_EXITING
-                | PROC_CR8_LOAD_EXITING
-                | PROC_CR8_STORE_EXITING
-                | PROC_USE_IO_BITMAPS
-                | PROC_USE_MSR_BITMAPS
-                | PROC_SECONDARY_CONTROLS,
-            0,
-        )?;
-        let vpid = if f.vpid() { PROC2_ENABLE_VPID } else { 0 };
-        self.proc2 = self.control(
-            SECONDARY_PROC_CONTROLS,
-            f.proc2,
-            PROC2_ENABLE_EPT | vpid,
-            PROC2_ENABLE_RDTSCP | PROC2_ENABLE_INVPCID,
-        )?;
-        self.control(
-            EXIT_CONTROLS,
-            f.exit,
-            EXIT_HOST_ADDRESS_SPACE_SIZE
-                | EXIT_SAVE_PAT
-                | EXIT_LOAD_PAT
-                | EXIT_SAVE_EFER
-                | EXIT_LOAD_EFER,
-            0,
-        )?;
-        self.control(
-            ENTRY_CONTROLS,
-            f.entry,
-            ENTRY_IA32E_MODE_GUEST | ENTRY_LOAD_PAT | ENTRY_LOAD_EFER,
-            0,
-        )?;
-        self.write(EXCEPTION_BITMAP, 0);
-        self.write(CR3_TARGET_COUNT, 0);
-        self.write(EXIT_MSR_STORE_COUNT, 0);
-        self.write(EXIT_MSR_LOAD_COUNT, 0);
-        self.write(ENTRY_MSR_LOAD_COUNT, 0);
-        self.write(ENTRY_INTERRUPTION_INFO, 0);
-        self.write(IO_BITMAP_A, maps::hpa(&maps::IO_BITMAP_A).as_u64());
-        self.write(IO_BITMAP_B, maps::hpa(&maps::IO_BITMAP_B).as_u64());
-        self.write(MSR_BITMAP, maps::hpa(&maps::MSR_BITMAP).as_u64());
-        self.write(TSC_OFFSET, 0);
-        self.write(EPT_POINTER, self.eptp);
-        if f.vpid() {
-            self.write(VPID, u64::from(self.vpid));
-        }
-        // CR4.VMXE belongs to the host; the guest reads it as clear.
-        self.write(CR0_GUEST_HOST_MASK, 0);
-        self.write(CR4_GUEST_HOST_MASK, CR4_VMXE | f.cr4_fixed0);
-
-        // 25.5: host state, this CPU's current values. RSP/RIP are written
-        // by the world switch.
-        let idtr_base = x86_64::instructions::tables::sidt().base.as_u64();
-        self.write(HOST_CR0, read_cr0());
-        self.write(HOST_CR3, read_cr3());
-        self.write(HOST_CR4, read_cr4());
-        let code = u64::from(crate::gdt::CODE_SELECTOR);
-        let data = u64::from(crate::gdt::DATA_SELECTOR);
-        self.write(HOST_CS_SELECTOR, code);
-        self.write(HOST_SS_SELECTOR, data);
-        self.write(HOST_DS_SELECTOR, data);
-        self.write(HOST_ES_SELECTOR, data);
-        self.write(HOST_FS_SELECTOR, 0);
-        self.write(HOST_GS_SELECTOR, 0);
-        // 26.2.3: the host TR selector must not be 0 (the GDT's 64-bit TSS).
-        self.write(HOST_TR_SELECTOR, u64::from(crate::gdt::TSS_SELECTOR));
-        // SAFETY: FS_BASE, GS_BASE, PAT and EFER exist on every 64-bit VMX
-        // CPU (vol. 4, table 2-2).
-        let (fs, gs, pat, efer) = unsafe {
-            (
-                rdmsr(IA32_FS_BASE),
-                rdmsr(IA32_GS_BASE),
-                rdmsr(IA32_PAT),
-                rdmsr(IA32_EFER),
-            )
-        };
-        self.write(HOST_FS_BASE, fs);
-        self.write(HOST_GS_BASE, gs);
-        self.write(HOST_TR_BASE, crate::gdt::tss_base());
-        self.write(HOST_GDTR_BASE, crate::gdt::gdt_base());
-        self.write(HOST_IDTR_BASE, idtr_base);
-        self.write(HOST_SYSENTER_CS, 0);
-        self.write(HOST_SYSENTER_ESP, 0);
-        self.write(HOST_SYSENTER_EIP, 0);
-        self.write(HOST_PAT, pat);
-        self.write(HOST_EFER, efer);
-
-        self.reset_long_mode(&LongModeEntry {
-            rip: 0,
-            rsp: 0,
-            rdi: 0,
-            cr3: Gpa(0),
-            gdt_base: Gpa(0),
-            gdt_limit: 0,
-        });
-        match self.setup_error {
-            Some(field) => {
-                log::error!("vmx: VMCS set-up: VMWRITE of field {field:#x} failed");
-                Err(HostError::Backend("VMWRITE failed while setting up a VMCS"))
-            }
-            None => Ok(()),
-        }
-    }
-
     /// Load the guest's SYSCALL MSRs and TSC_AUX into the CPU where they
     /// differ from what is there.
     fn load_guest_msrs(&self) {
@@ -466,106 +318,6 @@ impl VmxVcpu {
         self.regs.rip = rip;
     }
 
-    /// An `EntryFailed` exit for an entry that did not happen or failed its
-    /// checks, naming the field where the software checks find one.
-    fn entry_failed(&mut self, end: SwitchEnd) -> VmExit {
-        let (what, raw) = match end {
-            SwitchEnd::FailInvalid => ("VMLAUNCH/VMRESUME: no current VMCS (VMfailInvalid)", 0),
-            SwitchEnd::FailValid => {
-                let code = self.read(VM_INSTRUCTION_ERROR);
-                (vmcs::instruction_error_name(code), code)
-            }
-            SwitchEnd::Exited => {
-                let reason = self.read(EXIT_REASON) & 0xffff;
-                let what = match reason as u32 {
-                    EXIT_INVALID_GUEST_STATE => "VM entry failed: invalid guest state",
-                    EXIT_MSR_LOADING => "VM entry failed: MSR loading",
-                    EXIT_MACHINE_CHECK => "VM entry failed: machine-check event",
-                    _ => "VM entry failed",
-                };
-                (what, reason)
-            }
-        };
-        let field = self.diagnose();
-        log::error!(
-            "vmx: {what} (code {raw:#x}); first suspicious field: {field:?}, exit qualification {:#x}",
-            self.read(EXIT_QUALIFICATION)
-        );
-        VmExit::EntryFailed {
-            reason: EntryFailure {
-                what,
-                raw,
-                field: field.map(u64::from),
-            },
-        }
-    }
-
-    /// The first VMCS field that fails one of the VM-entry checks this
-    /// backend can repeat in software (Intel SDM vol. 3C, 27.2.1 controls,
-    /// 27.2.2 host state, 27.3.1 guest state); `None` if all pass.
-    fn diagnose(&self) -> Option<u32> {
-        let f = &self.features;
-        let ctl = |field: u32| self.read(field) as u32;
-        let checks: [(u32, bool); 5] = [
-            (PIN_BASED_CONTROLS, f.pin.accepts(ctl(PIN_BASED_CONTROLS))),
-            (
-                PRIMARY_PROC_CONTROLS,
-                f.proc.accepts(ctl(PRIMARY_PROC_CONTROLS)),
-            ),
-            (
-                SECONDARY_PROC_CONTROLS,
-                f.proc2.accepts(ctl(SECONDARY_PROC_CONTROLS)),
-            ),
-            (EXIT_CONTROLS, f.exit.accepts(ctl(EXIT_CONTROLS))),
-            (ENTRY_CONTROLS, f.entry.accepts(ctl(ENTRY_CONTROLS))),
-        ];
-        if let Some((field, _)) = checks.iter().find(|(_, ok)| !ok) {
-            return Some(*field);
-        }
-        let fixed = |v: u64, f0: u64, f1: u64| v & f0 == f0 && v & !f1 == 0;
-        if !fixed(self.read(HOST_CR0), f.cr0_fixed0, f.cr0_fixed1) {
-            return Some(HOST_CR0);
-        }
-        if !fixed(self.read(HOST_CR4), f.cr4_fixed0, f.cr4_fixed1) {
-            return Some(HOST_CR4);
-        }
-        if self.read(HOST_TR_SELECTOR) == 0 {
-            return Some(HOST_TR_SELECTOR);
-        }
-        if !fixed(self.read(GUEST_CR0), f.cr0_fixed0, f.cr0_fixed1) {
-            return Some(GUEST_CR0);
-        }
-        if !fixed(self.read(GUEST_CR4), f.cr4_fixed0, f.cr4_fixed1) {
-            return Some(GUEST_CR4);
-        }
-        let efer = self.read(GUEST_EFER);
-        let ia32e = self.read(ENTRY_CONTROLS) & u64::from(ENTRY_IA32E_MODE_GUEST) != 0;
-        let (lma, lme) = (
-            efer & EferFlags::LONG_MODE_ACTIVE.bits() != 0,
-            efer & EferFlags::LONG_MODE_ENABLE.bits() != 0,
-        );
-        if lma != ia32e || lme != ia32e {
-            return Some(GUEST_EFER);
-        }
-        if self.read(GUEST_RFLAGS) & 2 == 0 {
-            return Some(GUEST_RFLAGS);
-        }
-        let cs_ar = self.read(GUEST_CS_AR);
-        if ia32e && cs_ar & (1 << 13) != 0 && cs_ar & (1 << 14) != 0 {
-            return Some(GUEST_CS_AR);
-        }
-        if self.read(GUEST_TR_AR) & 0x1f != 0xb {
-            return Some(GUEST_TR_AR);
-        }
-        if self.read(VMCS_LINK_POINTER) != u64::MAX {
-            return Some(VMCS_LINK_POINTER);
-        }
-        if !is_valid_pat(self.read(GUEST_PAT)) {
-            return Some(GUEST_PAT);
-        }
-        None
-    }
-
     /// Decode the last exit. `None` for exits handled here (VMX
     /// instructions, INVD, CR8, PML full), which re-enter the guest.
     fn decode(&mut self) -> Option<VmExit> {
@@ -614,34 +366,6 @@ impl VmxVcpu {
     pub fn eptp(&self) -> u64 {
         self.eptp
     }
-}
-
-/// IA32_VMX_MISC: bits 4:0 give the rate of the VMX-preemption timer
-/// (Intel SDM vol. 3D, A.6).
-const MSR_VMX_MISC: u32 = 0x485;
-/// The guest's time slice when no interrupt comes first.
-const PREEMPTION_SLICE_NS: u64 = 4_000_000;
-
-/// The VMX-preemption timer count for one time slice: it counts down by 1
-/// every 2^X TSC ticks, X = IA32_VMX_MISC[4:0] (Intel SDM vol. 3C, 26.5.1),
-/// and exits the guest (reason 52) at 0 whatever the guest's RFLAGS.IF.
-///
-/// External-interrupt exiting alone should make the host's timer interrupt
-/// exit the guest whatever its IF too (25.6.1), and does on hardware;
-/// Bochs 2.7 however computes its interrupt mask while loading the guest's
-/// RFLAGS, before it counts the CPU as in VMX non-root operation, so a guest
-/// spinning with IF = 0 (the `dirty-demo` guest) never exited there. The
-/// preemption timer gives the CPU back in both.
-fn preemption_timer_value() -> u64 {
-    // SAFETY: IA32_VMX_MISC exists on every VMX CPU (vol. 3D, A.6).
-    let rate = unsafe { rdmsr(MSR_VMX_MISC) } & 0x1f;
-    let slice = match crate::lapic::period_ns() {
-        0 => PREEMPTION_SLICE_NS,
-        p => p,
-    };
-    let tsc_ticks = u128::from(crate::time::tsc_hz()) * u128::from(slice) / 1_000_000_000;
-    let count = (tsc_ticks >> rate).clamp(1, u128::from(u32::MAX));
-    count as u64
 }
 
 impl Vcpu for VmxVcpu {
