@@ -336,9 +336,12 @@ fn tail(text: &str, lines: usize) -> String {
 /// Build every target of the fuzz crate at `fuzz_dir`.
 fn build(fuzz_dir: &Path, target_dir: &Path) -> Result<(), String> {
     let crate_dir = fuzz_dir.parent().ok_or("fuzz dir without a parent")?;
+    // --fuzz-dir: the crate directory need not have a Cargo.toml of its own.
     let args = [
         "fuzz".to_string(),
         "build".to_string(),
+        "--fuzz-dir".to_string(),
+        fuzz_dir.display().to_string(),
         "--target-dir".to_string(),
         target_dir.display().to_string(),
     ];
@@ -578,7 +581,11 @@ pub fn run(wanted: &[String], time: Duration) -> Result<Report, String> {
     let what = crate::setup::rustup::ensure_fuzz_tools(&mut crate::setup::rustup::System)?;
     eprintln!("qemu-runner: setup: {what}");
     let report = run_with_budget(wanted, time, None)?;
-    print!("\n{}", report.render());
+    if report.targets.len() > 1 {
+        // Each target's line was printed as it ended; the summary again,
+        // after the logs of any failure.
+        print!("\n{}", report.render());
+    }
     Ok(report)
 }
 
