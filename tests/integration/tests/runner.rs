@@ -85,3 +85,54 @@ fn unsupported_arch_is_rejected_clearly() {
         run.transcript()
     );
 }
+
+/// The command line as a user meets it: generated help for commands and
+/// subcommands (exit 0), usage errors on stderr with exit status 2, shell
+/// completions. No emulator is started.
+#[test]
+fn help_usage_errors_and_completions() {
+    let help = runner(&["help", "guest-test"]);
+    assert_eq!(help.code, Some(0), "{}", help.transcript());
+    assert!(
+        help.stdout
+            .contains("Usage: qemu-runner guest-test [OPTIONS] [CASE]...")
+            && help.stdout.contains("--accel <ACCEL>"),
+        "{}",
+        help.transcript()
+    );
+    let hvctl = runner(&["hvctl", "help", "vm", "create"]);
+    assert_eq!(hvctl.code, Some(0), "{}", hvctl.transcript());
+    assert!(
+        hvctl.stdout.contains("--memory <SIZE>") && hvctl.stdout.contains("--guest <CASE>"),
+        "{}",
+        hvctl.transcript()
+    );
+    for args in [
+        &["guest-test", "--bogus"][..],
+        &["cluster", "up", "--nodes", "0"][..],
+        &["hvctl", "vm", "create", "web"][..],
+        &["hvctl", "host", "set"][..],
+    ] {
+        let run = runner(args);
+        assert_eq!(run.code, Some(2), "{args:?}: {}", run.transcript());
+        assert!(
+            run.stderr.starts_with("error: ") && run.stdout.is_empty(),
+            "{args:?}: {}",
+            run.transcript()
+        );
+    }
+    let bash = runner(&["completions", "bash"]);
+    assert!(
+        bash.success
+            && bash.stdout.contains("complete -F _qemu__runner")
+            && bash.stdout.contains("guest-test"),
+        "{}",
+        bash.transcript()
+    );
+    let fish = runner(&["hvctl", "completions", "fish"]);
+    assert!(
+        fish.success && fish.stdout.contains("complete -c hvctl"),
+        "{}",
+        fish.transcript()
+    );
+}
