@@ -315,6 +315,19 @@ pub enum MigrationError {
     },
     /// The destination confirmed a digest other than the one we sent.
     DigestDisagreement { sent: u64, confirmed: u64 },
+    /// Verification mode, at the source: with the VM paused, `stale_pages`
+    /// frames hold something other than what was last sent for them (the
+    /// dirty log missed writes); `first_gfns` names the first few.
+    StalePages {
+        stale_pages: u64,
+        first_gfns: Vec<u64>,
+    },
+    /// Verification mode, at the destination: its memory does not hash to
+    /// the source's memory digest from the verify record.
+    MemoryMismatch { source: u64, destination: u64 },
+    /// Verification mode was asked for, but the destination speaks only a
+    /// protocol version without the verify record.
+    VerificationUnsupported { version: u16 },
     /// Something failed (the wrapped error) after the source told the
     /// destination to resume and before the destination confirmed: the
     /// destination may be running.
@@ -347,6 +360,34 @@ impl fmt::Display for MigrationError {
             MigrationError::DigestDisagreement { sent, confirmed } => write!(
                 f,
                 "destination confirmed memory digest {confirmed:#018x}, source sent {sent:#018x}"
+            ),
+            MigrationError::StalePages {
+                stale_pages,
+                first_gfns,
+            } => {
+                write!(
+                    f,
+                    "memory verification failed: {stale_pages} pages at the source differ \
+                     from what was sent (the dirty log missed writes); first gfns"
+                )?;
+                for g in first_gfns {
+                    write!(f, " {g:#x}")?;
+                }
+                write!(f, "; the VM keeps running at the source")
+            }
+            MigrationError::MemoryMismatch {
+                source,
+                destination,
+            } => write!(
+                f,
+                "memory verification failed: the source's memory hashes to {source:#018x}, \
+                 the destination's to {destination:#018x}"
+            ),
+            MigrationError::VerificationUnsupported { version } => write!(
+                f,
+                "memory verification was requested, but the destination speaks protocol \
+                 version {version}, which has no verify record; upgrade it or migrate \
+                 without verification"
             ),
             MigrationError::InDoubt(e) => write!(
                 f,

@@ -261,7 +261,8 @@ pub fn sample_vcpu(id: u32) -> VcpuState {
 }
 
 /// Valid streams of every shape, for corpus tests and fuzz seeds:
-/// a complete source stream, an aborted one, and the back channel.
+/// a complete source stream (version 1), an aborted one, the back channel,
+/// and a complete version-2 stream with the memory verify record.
 pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
     use crate::digest::{page_hash, ImageDigest};
     use crate::stream::{encode_mem_data, encode_mem_zero, Record, MAGIC_DEST, MAGIC_SOURCE};
@@ -283,6 +284,7 @@ pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
     );
     let mut s = Vec::from(MAGIC_SOURCE);
     Record::Select { version: 1 }.encode(&mut s);
+    let select_end = s.len();
     Record::Config(cfg.clone()).encode(&mut s);
     let mut two = Vec::new();
     two.extend_from_slice(&image[0]);
@@ -292,6 +294,7 @@ pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
     encode_mem_data(5, &[7u8; crate::PAGE_SIZE], &mut s); // later overwritten
     encode_mem_data(5, &image[5], &mut s);
     let abort_prefix = s.clone();
+    let memory_end = s.len();
     for id in 0..cfg.vcpus {
         Record::Vcpu(alloc::boxed::Box::new(sample_vcpu(id))).encode(&mut s);
     }
@@ -307,6 +310,14 @@ pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
     }
     Record::End { digest }.encode(&mut s);
     Record::Go.encode(&mut s);
+
+    // The same stream in version 2 with the verify record after the memory
+    // (the source's memory equals the image sent).
+    let mut v2 = Vec::from(MAGIC_SOURCE);
+    Record::Select { version: 2 }.encode(&mut v2);
+    v2.extend_from_slice(&s[select_end..memory_end]);
+    Record::MemVerify { digest }.encode(&mut v2);
+    v2.extend_from_slice(&s[memory_end..]);
 
     let mut aborted = abort_prefix;
     Record::Abort {
@@ -324,6 +335,7 @@ pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
     alloc::vec![
         (Direction::SourceToDest, s),
         (Direction::SourceToDest, aborted),
-        (Direction::DestToSource, back)
+        (Direction::DestToSource, back),
+        (Direction::SourceToDest, v2)
     ]
 }

@@ -12,6 +12,10 @@
 //!
 //! The wire format and its state machine are documented in [`stream`], the
 //! final memory digest in [`digest`], the pre-copy policy in [`policy`].
+//! Verification mode (`Policy::verify_memory`, protocol version 2) checks
+//! the whole memory at switch-over on both sides, so a write the dirty log
+//! missed fails the migration instead of leaving a stale page behind
+//! ([`stream`], "Verification mode").
 //!
 //! How a node drives it (sketch; `tests/local.rs` runs exactly this shape,
 //! `tests/simulation.rs` the two-host shape with threads):

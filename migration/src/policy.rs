@@ -48,6 +48,17 @@ pub struct Policy {
     pub step_pages: u32,
     /// Weight of a new bandwidth sample in the average, in percent.
     pub ewma_weight_pct: u8,
+    /// Verification mode (opt-in; every migration test turns it on): at
+    /// switch-over, with the VM paused and the last pages sent, the source
+    /// reads and hashes its whole memory, fails the migration (the VM
+    /// resumes at the source) if any page differs from what it sent, and
+    /// sends the digest in a verify record; the destination compares it
+    /// with its own memory before it answers `ready`. A write the dirty log
+    /// missed then fails the migration instead of leaving a stale page at
+    /// the destination. Costs a full read of guest memory on each side
+    /// during the downtime, and needs protocol version 2 at the
+    /// destination ([`crate::stream`]).
+    pub verify_memory: bool,
 }
 
 impl Default for Policy {
@@ -63,6 +74,7 @@ impl Default for Policy {
             throttle_max_pct: 99,
             step_pages: 256,
             ewma_weight_pct: 25,
+            verify_memory: false,
         }
     }
 }

@@ -9,9 +9,17 @@
 //! and device state, and answer `ready`; resume only on `go`, then answer
 //! `resumed`.
 //!
+//! Verification mode: when the source sent a memory verify record (the
+//! digest of its whole memory with the VM paused), the end-record check
+//! re-reads and hashes the whole destination memory whatever the
+//! [`DigestCheck`], and the result must equal both the end digest (the
+//! image sent) and the verify digest (the source's memory); a mismatch
+//! aborts before `ready`.
+//!
 //! Invariants:
-//! - The VM is resumed only after the digest matched, all state was
-//!   restored, and the source sent `go`.
+//! - The VM is resumed only after the digest matched (and, after a verify
+//!   record, the source's memory digest too), all state was restored, and
+//!   the source sent `go`.
 //! - Every failure before resume discards the destination VM and
 //!   (best effort) tells the source, which then resumes its own copy.
 //! - RAM handed over by `prepare` is zero-filled, so a zero marker for a
@@ -118,6 +126,9 @@ pub struct ReceiveOutcome {
     pub error: Option<String>,
     /// The digest that was verified (set once it matched).
     pub verified_digest: Option<u64>,
+    /// The source sent a memory verify record and the whole destination
+    /// memory, re-read, hashed to its digest.
+    pub memory_verified: bool,
     /// Page payloads written.
     pub pages_written: u64,
     /// Pages covered by zero markers.
@@ -158,6 +169,8 @@ pub struct Receiver<D: DestinationVm, T: Transport> {
     page_hashes: Vec<u64>,
     vcpus: Vec<VcpuState>,
     devices: Vec<DeviceState>,
+    /// The source's memory digest from its verify record.
+    source_memory: Option<u64>,
     digest: ImageDigest,
     page: Box<Page>,
     buf: Vec<u8>,
@@ -180,6 +193,7 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
             page_hashes: Vec::new(),
             vcpus: Vec::new(),
             devices: Vec::new(),
+            source_memory: None,
             digest: ImageDigest::new(),
             page: Box::new([0u8; PAGE_SIZE]),
             buf: alloc::vec![0u8; RECV_CHUNK],
@@ -188,6 +202,7 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                 result: MigrationResult::Failed,
                 error: None,
                 verified_digest: None,
+                memory_verified: false,
                 pages_written: 0,
                 zero_pages: 0,
                 bytes_received: 0,
@@ -278,7 +293,9 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
             }
             Phase::Verifying { next_gfn, expected } => {
                 let end;
-                if self.check == DigestCheck::FullImageAtEnd {
+                let full =
+                    self.check == DigestCheck::FullImageAtEnd || self.source_memory.is_some();
+                if full {
                     end = next_gfn
                         .saturating_add(VERIFY_PAGES_PER_STEP)
                         .min(self.ram_pages);
@@ -313,6 +330,15 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                         computed,
                     }
                     .into());
+                }
+                if let Some(source) = self.source_memory {
+                    if source != computed {
+                        return Err(MigrationError::MemoryMismatch {
+                            source,
+                            destination: computed,
+                        });
+                    }
+                    self.outcome.memory_verified = true;
                 }
                 self.outcome.verified_digest = Some(computed);
                 self.vm.restore_vcpus(&self.vcpus)?;
@@ -385,6 +411,8 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                 }
                 self.outcome.zero_pages += pages;
             }
+            // The decoder allows one, after the last memory record.
+            Record::MemVerify { digest } => self.source_memory = Some(digest),
             Record::Vcpu(v) => self.vcpus.push(*v),
             Record::Device(d) => self.devices.push(d),
             Record::End { digest } => {

@@ -1,12 +1,15 @@
 //! [`MigrationReport`]: what a migration did, as one JSON line.
 //!
-//! Hand-written JSON (no serde in this `no_std` crate: eleven fixed fields
+//! Hand-written JSON (no serde in this `no_std` crate: thirteen fixed fields
 //! do not justify a dependency). The node prints the line prefixed
 //! `migration-report `. Field order and names are fixed:
 //! `passes`, `pages_per_pass`, `bytes_sent`, `zero_pages`, `ram_bytes`,
 //! `total_ms`, `downtime_ms`, `expected_downtime_ms`, `throttle_pct`,
 //! `result` (`"completed"` | `"cancelled"` | `"failed"`), `error` (string or
-//! `null`).
+//! `null`), `dirty_tracker` (the tracker the source's dirty log used, e.g.
+//! `"write-protect"` or `"pml"`, or `null` if it never started),
+//! `verified` (`true` once verification mode found the source's memory
+//! equal to what was sent, see `Policy::verify_memory`).
 //!
 //! With the `serde` feature the types also derive serde's traits, so host
 //! tools read the line back into this same type (`serde_json::from_str`).
@@ -70,6 +73,14 @@ pub struct MigrationReport {
     pub result: MigrationResult,
     /// Why it did not complete.
     pub error: Option<String>,
+    /// The dirty tracker the source used ([`crate::MigratableVm::start_dirty_log`]).
+    /// (Absent in lines of older nodes: read as `None`.)
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub dirty_tracker: Option<String>,
+    /// Verification mode ran at switch-over and found no stale page.
+    /// (Absent in lines of older nodes: read as `false`.)
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub verified: bool,
 }
 
 impl MigrationReport {
@@ -98,6 +109,12 @@ impl MigrationReport {
             None => s.push_str("null"),
             Some(e) => json_string(&mut s, e),
         }
+        s.push_str(",\"dirty_tracker\":");
+        match &self.dirty_tracker {
+            None => s.push_str("null"),
+            Some(t) => json_string(&mut s, t),
+        }
+        let _ = write!(s, ",\"verified\":{}", self.verified);
         s.push('}');
         s
     }
@@ -142,20 +159,26 @@ mod tests {
             throttle_pct: 20,
             result: MigrationResult::Completed,
             error: None,
+            dirty_tracker: Some("pml".to_string()),
+            verified: true,
         };
         assert_eq!(
             r.to_json(),
             "{\"passes\":3,\"pages_per_pass\":[16384,120,7],\"bytes_sent\":123456,\
              \"zero_pages\":9000,\"ram_bytes\":67108864,\"total_ms\":812,\"downtime_ms\":12,\
-             \"expected_downtime_ms\":10,\"throttle_pct\":20,\"result\":\"completed\",\"error\":null}"
+             \"expected_downtime_ms\":10,\"throttle_pct\":20,\"result\":\"completed\",\"error\":null,\
+             \"dirty_tracker\":\"pml\",\"verified\":true}"
         );
         r.result = MigrationResult::Failed;
         r.pages_per_pass.clear();
         r.error = Some("record 12: \"CRC\" mismatch\\\n\u{1}".to_string());
+        r.dirty_tracker = None;
+        r.verified = false;
         let j = r.to_json();
         assert!(j.contains("\"pages_per_pass\":[],"));
         assert!(j.ends_with(
-            "\"result\":\"failed\",\"error\":\"record 12: \\\"CRC\\\" mismatch\\\\\\n\\u0001\"}"
+            "\"result\":\"failed\",\"error\":\"record 12: \\\"CRC\\\" mismatch\\\\\\n\\u0001\",\
+             \"dirty_tracker\":null,\"verified\":false}"
         ));
     }
 }

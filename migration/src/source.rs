@@ -3,7 +3,8 @@
 //! It drives a [`MigratableVm`] through the protocol in [`crate::stream`]:
 //! handshake, pass 0 (every page; zero pages as markers), dirty passes until
 //! the expected downtime fits the limit (throttling the guest when passes
-//! stop converging), pause, final dirty pages, vCPU and device state, end
+//! stop converging), pause, final dirty pages, in verification mode the
+//! whole-memory check and the verify record, vCPU and device state, end
 //! record, then the ready / go / resumed exchange.
 //!
 //! [`Migration::step`] does a bounded amount of work (at most
@@ -23,6 +24,13 @@
 //!   [`MigrationError::InDoubt`].
 //! - `page_hashes[gfn]` is the hash of the last contents of `gfn` handed to
 //!   the transport, so the end digest describes exactly the image sent.
+//! - Verification mode (`Policy::verify_memory`): with the VM paused after
+//!   the last pages, every frame is read again and hashed; a frame whose
+//!   hash differs from `page_hashes` was written without the dirty log
+//!   reporting it. Any such frame fails the migration before the commit
+//!   point (so the VM resumes at the source), naming the frames; otherwise
+//!   the digest of the memory read goes out in the verify record for the
+//!   destination to compare with its own memory.
 
 use crate::bitmap::DirtyBitmap;
 use crate::digest::{is_zero_page, page_hash, zero_page_hash, ImageDigest};
@@ -32,6 +40,7 @@ use crate::report::{MigrationReport, MigrationResult};
 use crate::state::{DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES};
 use crate::stream::{
     self, Decoder, Direction, Record, MAX_DATA_RUN_PAGES, MAX_ZERO_RUN_PAGES, SUPPORTED_VERSIONS,
+    VERIFY_VERSION,
 };
 use crate::transport::Transport;
 use crate::{Page, PAGE_SIZE};
@@ -46,10 +55,14 @@ pub trait MigratableVm {
     fn config(&self) -> VmConfig;
     /// Copy guest frame `gfn` into `buf`.
     fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError>;
-    /// Start tracking writes (write-protect the nested page tables). Every
-    /// write after this returns must show up in a later `collect_dirty`,
-    /// including writes by the hypervisor and device models (STYLE 5).
-    fn start_dirty_log(&mut self) -> Result<(), VmError>;
+    /// Start tracking writes, with the best tracker the hypervisor has
+    /// (nested write protection, or hardware logging such as Intel PML), and
+    /// return its name for the report (e.g. `"write-protect"`, `"pml"`).
+    /// Every write after this returns must show up in a later
+    /// `collect_dirty`, including writes by the hypervisor and device models
+    /// (STYLE 5). From here until `stop_dirty_log` the log belongs to the
+    /// engine: nothing else may collect, clear or stop it.
+    fn start_dirty_log(&mut self) -> Result<&'static str, VmError>;
     /// Set in `out` the frames written since the last collection and reset
     /// the log. Must only set bits, never clear them. A word-based log ORs
     /// straight in through [`DirtyBitmap::with_words_mut`].
@@ -77,7 +90,7 @@ impl<V: MigratableVm + ?Sized> MigratableVm for &mut V {
     fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
         (**self).read_page(gfn, buf)
     }
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<&'static str, VmError> {
         (**self).start_dirty_log()
     }
     fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError> {
@@ -141,6 +154,8 @@ enum Phase {
     Copy,
     /// Last dirty pages while the VM is paused.
     FinalCopy,
+    /// Verification mode: re-reading the whole memory (VM paused), next gfn.
+    Verify,
     AwaitReady,
     AwaitResumed,
     Finished,
@@ -150,6 +165,10 @@ enum Phase {
 const POLL_NS: u64 = 1_000_000;
 /// Back-channel receive chunk.
 const RECV_CHUNK: usize = 1024;
+/// Pages read and hashed per verification step.
+const VERIFY_PAGES_PER_STEP: u64 = 1024;
+/// Stale frames named in the error of a failed verification.
+const STALE_GFNS_REPORTED: usize = 8;
 /// Smallest batch of pages worth a step when the send window is short.
 const MIN_BATCH_PAGES: usize = 16;
 /// Most stream bytes one page can cost: its data plus a whole record's
@@ -184,6 +203,12 @@ pub struct Migration<V: MigratableVm, T: Transport, C: Clock> {
     paused: bool,
     committed: bool,
     sent_digest: u64,
+    /// Verification mode: next gfn, fold of the memory read so far, frames
+    /// found stale (count and the first few).
+    verify_gfn: u64,
+    verify_digest: ImageDigest,
+    stale_pages: u64,
+    stale_gfns: Vec<u64>,
     report: MigrationReport,
     error: Option<MigrationError>,
 }
@@ -214,6 +239,8 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 throttle_pct: 0,
                 result: MigrationResult::Failed,
                 error: None,
+                dirty_tracker: None,
+                verified: false,
             },
             config,
             phase: Phase::Handshake,
@@ -237,6 +264,10 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
             paused: false,
             committed: false,
             sent_digest: 0,
+            verify_gfn: 0,
+            verify_digest: ImageDigest::new(),
+            stale_pages: 0,
+            stale_gfns: Vec::new(),
             error: None,
         }
     }
@@ -347,11 +378,14 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 None => Ok(Progress::Waiting { max_ns: POLL_NS }),
                 Some(Record::Offer { versions }) => {
                     let version = stream::negotiate(&versions, SUPPORTED_VERSIONS)?;
+                    if self.policy.verify_memory && version < VERIFY_VERSION {
+                        return Err(MigrationError::VerificationUnsupported { version });
+                    }
                     self.out.clear();
                     Record::Select { version }.encode(&mut self.out);
                     Record::Config(self.config.clone()).encode(&mut self.out);
                     self.flush_out()?;
-                    self.vm.start_dirty_log()?;
+                    self.report.dirty_tracker = Some(self.vm.start_dirty_log()?.into());
                     self.dirty_log_on = true;
                     self.to_send.set_all();
                     self.cursor = 0;
@@ -387,6 +421,13 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 if self.to_send.next_set(self.cursor).is_none() {
                     self.end_of_pass()?;
                 }
+                Ok(Progress::Busy)
+            }
+            Phase::Verify => {
+                if let Some(rec) = self.poll_back()? {
+                    return Err(self.unexpected(rec));
+                }
+                self.verify_step()?;
                 Ok(Progress::Busy)
             }
             Phase::AwaitReady => match self.poll_back()? {
@@ -556,6 +597,12 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         self.pages_this_pass = 0;
         self.cursor = 0;
         if self.phase == Phase::FinalCopy {
+            if self.policy.verify_memory {
+                self.verify_gfn = 0;
+                self.verify_digest = ImageDigest::new();
+                self.phase = Phase::Verify;
+                return Ok(());
+            }
             return self.send_state();
         }
         self.to_send.clear_all();
@@ -586,6 +633,53 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
             self.prev_dirty = Some(dirty);
         }
         Ok(())
+    }
+
+    /// Verification mode, VM paused: read and hash the next frames, compare
+    /// each with the hash of what was sent; after the last frame fail on
+    /// any stale one, else send the verify record and the state.
+    fn verify_step(&mut self) -> Result<(), MigrationError> {
+        let ram_pages = self.config.ram_pages();
+        let end = self
+            .verify_gfn
+            .saturating_add(VERIFY_PAGES_PER_STEP)
+            .min(ram_pages);
+        for gfn in self.verify_gfn..end {
+            self.vm.read_page(gfn, &mut self.page)?;
+            let hash = if is_zero_page(&self.page) {
+                zero_page_hash(gfn)
+            } else {
+                page_hash(gfn, &self.page)
+            };
+            self.verify_digest.push(hash);
+            let sent = usize::try_from(gfn)
+                .ok()
+                .and_then(|i| self.page_hashes.get(i));
+            if sent != Some(&hash) {
+                self.stale_pages += 1;
+                if self.stale_gfns.len() < STALE_GFNS_REPORTED {
+                    self.stale_gfns.push(gfn);
+                }
+            }
+        }
+        self.verify_gfn = end;
+        if end < ram_pages {
+            return Ok(());
+        }
+        if self.stale_pages > 0 {
+            return Err(MigrationError::StalePages {
+                stale_pages: self.stale_pages,
+                first_gfns: core::mem::take(&mut self.stale_gfns),
+            });
+        }
+        self.report.verified = true;
+        self.out.clear();
+        Record::MemVerify {
+            digest: self.verify_digest.finish(),
+        }
+        .encode(&mut self.out);
+        self.flush_out()?;
+        self.send_state()
     }
 
     /// vCPU and device state, then the end record (VM paused).

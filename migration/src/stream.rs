@@ -29,6 +29,7 @@
 //! | `0x0010` | configuration | `ram_bytes:u64 vcpus:u32 ndev:u16 ncpuid:u16`, `ndev` x (`kind:u16 instance:u16 version:u32`), `ncpuid` x (`leaf subleaf eax ebx ecx edx`: u32 each) |
 //! | `0x0020` | memory data   | `start_gfn:u64 pages:u32` (1..=[`MAX_DATA_RUN_PAGES`]), then `pages` x 4096 bytes |
 //! | `0x0021` | memory zero   | `start_gfn:u64 pages:u32` (1..=[`MAX_ZERO_RUN_PAGES`]); no page bytes |
+//! | `0x0022` | memory verify | `digest:u64`: the [`crate::digest`] of the source's whole memory, read with the VM paused after the last memory record (version 2, verification mode only) |
 //! | `0x0030` | vCPU          | [`VcpuState`] (fixed fields, then `xsave_len:u32` and the XSAVE bytes) |
 //! | `0x0040` | device        | `kind:u16 instance:u16 version:u32 len:u32`, `len` bytes |
 //! | `0x00f0` | end           | `digest:u64` ([`crate::digest`]) |
@@ -50,10 +51,17 @@
 //!                                           pages the dirty log reported)
 //!                                        -- source pauses the VM --
 //!                                        S: memory* (last dirty pages),
+//!                                           [verification mode: S reads
+//!                                           and hashes its whole memory,
+//!                                           verify(digest)],
 //!                                           vCPU(0) .. vCPU(n-1),
 //!                                           device(d0) .. device(dk) in
 //!                                           configuration order, end(digest)
-//! D: verifies digest, restores state,
+//! D: verifies digest (and, after a
+//!    verify record, re-reads its whole
+//!    memory: it must hash to the
+//!    source's memory digest too),
+//!    restores state,
 //!    ready(digest) ◀──────────────────── (source waits)
 //!                                        S: go           <- commit point
 //! D: resumes the VM, resumed ─────────▶ S: releases the VM (done)
@@ -78,11 +86,25 @@
 //! destination, once resumed, keeps running even if `resumed` cannot be
 //! delivered.
 //!
+//! Verification mode (`Policy::verify_memory`, version 2): the end digest
+//! covers the pages the source *sent*; the verify digest covers what the
+//! source's memory *holds* at switch-over. They differ exactly when a page
+//! changed at the source without being sent again (a write the dirty log
+//! missed). The source compares page by page before sending the verify
+//! record and aborts, naming the stale frames, if any differs; the
+//! destination compares the verify digest with its own memory before it
+//! may answer `ready`, and aborts if they differ. Either way the VM keeps
+//! running at the source and the migration fails instead of resuming a
+//! stale copy. The digest travels in the stream, so a remote destination
+//! checks it the same way as a local one.
+//!
 //! The [`Decoder`] enforces this machine, the caps and the configuration:
-//! memory runs must lie inside the configured RAM, vCPU records arrive in id
-//! order and number exactly `vcpus`, device records match the configured
-//! devices in order and version. It never panics on input and buffers at
-//! most one record plus the caller's last chunk.
+//! memory runs must lie inside the configured RAM, at most one verify
+//! record follows the last memory record (version 2 only; no memory after
+//! it), vCPU records arrive in id order and number exactly `vcpus`, device
+//! records match the configured devices in order and version. It never
+//! panics on input and buffers at most one record plus the caller's last
+//! chunk.
 
 use crate::error::StreamError;
 use crate::state::{
@@ -101,7 +123,9 @@ pub const MAGIC_SOURCE: [u8; 8] = *b"HVMIGSRC";
 /// Magic opening the destination -> source stream.
 pub const MAGIC_DEST: [u8; 8] = *b"HVMIGDST";
 /// Protocol versions this implementation speaks, ascending.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2];
+/// First protocol version with the memory verify record.
+pub const VERIFY_VERSION: u16 = 2;
 /// Record header length.
 pub const HEADER_BYTES: usize = 8;
 /// Record trailer (CRC) length.
@@ -125,6 +149,7 @@ mod ty {
     pub const CONFIG: u16 = 0x0010;
     pub const MEM_DATA: u16 = 0x0020;
     pub const MEM_ZERO: u16 = 0x0021;
+    pub const MEM_VERIFY: u16 = 0x0022;
     pub const VCPU: u16 = 0x0030;
     pub const DEVICE: u16 = 0x0040;
     pub const END: u16 = 0x00f0;
@@ -142,6 +167,7 @@ fn type_info(t: u16) -> Option<(&'static str, u32)> {
         ty::CONFIG => ("configuration", VmConfig::MAX_ENCODED),
         ty::MEM_DATA => ("memory data", 12 + MAX_DATA_RUN_PAGES as usize * PAGE_SIZE),
         ty::MEM_ZERO => ("memory zero", 12),
+        ty::MEM_VERIFY => ("memory verify", 8),
         ty::VCPU => ("vCPU", VCPU_FIXED_BYTES + MAX_XSAVE_BYTES),
         ty::DEVICE => ("device", 12 + MAX_DEVICE_PAYLOAD),
         ty::END => ("end", 8),
@@ -172,6 +198,9 @@ pub enum Record {
     MemData { start_gfn: u64, data: Vec<u8> },
     /// Source: `pages` zero pages starting at `start_gfn`.
     MemZero { start_gfn: u64, pages: u64 },
+    /// Source (version 2, verification mode): the digest of its whole
+    /// memory, read with the VM paused after the last memory record.
+    MemVerify { digest: u64 },
     /// Source: one vCPU's state.
     Vcpu(Box<VcpuState>),
     /// Source: one device's state.
@@ -201,6 +230,7 @@ impl Record {
             Record::Config(_) => ty::CONFIG,
             Record::MemData { .. } => ty::MEM_DATA,
             Record::MemZero { .. } => ty::MEM_ZERO,
+            Record::MemVerify { .. } => ty::MEM_VERIFY,
             Record::Vcpu(_) => ty::VCPU,
             Record::Device(_) => ty::DEVICE,
             Record::End { .. } => ty::END,
@@ -238,7 +268,7 @@ impl Record {
                 o.reserve(d.encoded_len());
                 d.encode(o)
             }),
-            Record::End { digest } | Record::Ready { digest } => {
+            Record::End { digest } | Record::Ready { digest } | Record::MemVerify { digest } => {
                 frame(out, t, 0, |o| put_u64(o, *digest))
             }
             Record::Go | Record::Resumed => frame(out, t, 0, |_| {}),
@@ -339,6 +369,8 @@ enum State {
     Select,
     Config,
     Memory,
+    /// After the verify record: no more memory, vCPU state next.
+    Verified,
     Vcpus,
     Devices,
     AwaitGo,
@@ -356,6 +388,7 @@ impl State {
             State::Select => "waiting for the version selection",
             State::Config => "waiting for the VM configuration",
             State::Memory => "receiving memory",
+            State::Verified => "expecting vCPU state after the memory verify record",
             State::Vcpus => "receiving vCPU state",
             State::Devices => "receiving device state",
             State::AwaitGo => "waiting for the go order",
@@ -602,7 +635,13 @@ impl Decoder {
             (State::Memory, Record::MemZero { start_gfn, pages }) => {
                 self.check_run(record, *start_gfn, *pages)?
             }
-            (State::Memory | State::Vcpus, Record::Vcpu(v)) => {
+            (State::Memory, Record::MemVerify { .. }) => {
+                if self.version < VERIFY_VERSION {
+                    return Err(unexpected(State::Memory));
+                }
+                self.state = State::Verified;
+            }
+            (State::Memory | State::Verified | State::Vcpus, Record::Vcpu(v)) => {
                 if v.id != self.vcpus_seen {
                     return Err(StreamError::VcpuOutOfOrder {
                         record,
@@ -617,7 +656,10 @@ impl Decoder {
                     State::Vcpus
                 };
             }
-            (State::Memory | State::Vcpus, Record::Device(_) | Record::End { .. }) => {
+            (
+                State::Memory | State::Verified | State::Vcpus,
+                Record::Device(_) | Record::End { .. },
+            ) => {
                 return Err(StreamError::MissingState {
                     record,
                     what: "vCPU",
@@ -722,6 +764,9 @@ fn parse(t: u16, payload: &[u8], record: u64) -> Result<Record, StreamError> {
         }
         ty::VCPU => Record::Vcpu(Box::new(VcpuState::decode(&mut r)?)),
         ty::DEVICE => Record::Device(DeviceState::decode(&mut r)?),
+        ty::MEM_VERIFY => Record::MemVerify {
+            digest: r.u64("verify.digest")?,
+        },
         ty::END => Record::End {
             digest: r.u64("end.digest")?,
         },
@@ -1021,6 +1066,100 @@ mod tests {
             err_after_prefix(&r),
             StreamError::UnexpectedRecord {
                 kind: "configuration",
+                ..
+            }
+        ));
+    }
+
+    /// Stream prefix of a version-2 stream, up to the configuration.
+    fn prefix_v2() -> Vec<u8> {
+        let mut s = Vec::from(MAGIC_SOURCE);
+        Record::Select { version: 2 }.encode(&mut s);
+        Record::Config(sample_config()).encode(&mut s);
+        s
+    }
+
+    fn first_error(bytes: &[u8]) -> StreamError {
+        let mut d = Decoder::new(Direction::SourceToDest);
+        d.feed(bytes);
+        loop {
+            match d.next_record() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("no error"),
+                Err(e) => return e,
+            }
+        }
+    }
+
+    #[test]
+    fn verify_record_only_in_version_2_after_the_memory() {
+        // The sample version-2 stream: the verify record follows the last
+        // memory record and carries the image digest.
+        let v2 = sample_streams().remove(3).1;
+        let recs = decode(Direction::SourceToDest, &v2).unwrap();
+        let at = recs
+            .iter()
+            .position(|r| matches!(r, Record::MemVerify { .. }))
+            .expect("verify record");
+        assert!(matches!(recs[at - 1], Record::MemData { .. }));
+        assert!(matches!(recs[at + 1], Record::Vcpu(_)));
+        assert_eq!(recs[at].name(), "memory verify");
+        let Record::End { digest } = recs[recs.len() - 2] else {
+            panic!("{recs:?}")
+        };
+        assert_eq!(recs[at], Record::MemVerify { digest });
+
+        let verify = {
+            let mut r = Vec::new();
+            Record::MemVerify { digest: 7 }.encode(&mut r);
+            r
+        };
+        // Version 1 has no verify record.
+        let mut s = prefix();
+        s.extend_from_slice(&verify);
+        let e = first_error(&s);
+        assert_eq!(
+            e.to_string(),
+            "record 2: memory verify record not allowed while receiving memory"
+        );
+        // No memory after it, no second one.
+        let mut s = prefix_v2();
+        s.extend_from_slice(&verify);
+        encode_mem_zero(0, 1, &mut s);
+        assert!(matches!(
+            first_error(&s),
+            StreamError::UnexpectedRecord {
+                record: 3,
+                kind: "memory zero",
+                ..
+            }
+        ));
+        let mut s = prefix_v2();
+        s.extend_from_slice(&verify);
+        s.extend_from_slice(&verify);
+        assert!(matches!(
+            first_error(&s),
+            StreamError::UnexpectedRecord {
+                record: 3,
+                kind: "memory verify",
+                ..
+            }
+        ));
+        // The vCPU state is still owed.
+        let mut s = prefix_v2();
+        s.extend_from_slice(&verify);
+        Record::End { digest: 7 }.encode(&mut s);
+        assert!(matches!(
+            first_error(&s),
+            StreamError::MissingState { what: "vCPU", .. }
+        ));
+        // A truncated payload is an error, not a panic.
+        let mut s = prefix_v2();
+        encode_raw(ty::MEM_VERIFY, 0, &[1, 2, 3], &mut s);
+        assert!(matches!(
+            first_error(&s),
+            StreamError::Truncated {
+                field: "verify.digest",
                 ..
             }
         ));

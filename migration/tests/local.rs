@@ -63,6 +63,10 @@ struct FakeVm {
     resumes: u32,
     fail_save_vcpus: bool,
     mem_at_pause: Option<Vec<Page>>,
+    /// A broken dirty log: writes to this frame are never reported.
+    lose_dirty: Option<u64>,
+    /// Writes the log lost.
+    lost_writes: u64,
 }
 
 impl FakeVm {
@@ -91,6 +95,8 @@ impl FakeVm {
             resumes: 0,
             fail_save_vcpus: false,
             mem_at_pause: None,
+            lose_dirty: None,
+            lost_writes: 0,
         }
     }
 
@@ -109,7 +115,11 @@ impl FakeVm {
             let off = (self.counter % PAGE_SIZE as u64) as usize;
             self.mem[g as usize][off] = (self.counter as u8) | 1;
             if let Some(log) = &mut self.log {
-                log.set(g);
+                if self.lose_dirty == Some(g) {
+                    self.lost_writes += 1;
+                } else {
+                    log.set(g);
+                }
             }
         }
     }
@@ -127,9 +137,9 @@ impl MigratableVm for FakeVm {
             .ok_or(VmError::at("gfn out of range", gfn))?;
         Ok(())
     }
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<&'static str, VmError> {
         self.log = Some(DirtyBitmap::new(self.mem.len() as u64));
-        Ok(())
+        Ok("test-log")
     }
     fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError> {
         self.run_guest();
@@ -269,7 +279,11 @@ impl Setup {
             vm: FakeVm::new(&time, pages),
             time,
             dest: FakeDest::default(),
-            policy: Policy::default(),
+            // Every migration test verifies the memory at switch-over.
+            policy: Policy {
+                verify_memory: true,
+                ..Policy::default()
+            },
             bytes_per_s: 100 << 20,
             fail_after: None,
             check: DigestCheck::ReadBackOnWrite,
@@ -379,6 +393,7 @@ fn busy_vm_converges_and_the_image_matches_at_pause() {
     assert!(verified.is_some());
     assert_eq!(&s.dest.mem, s.vm.mem_at_pause.as_ref().unwrap());
     assert!(report.passes >= 3, "{report:?}");
+    assert!(report.verified, "{report:?}");
     assert!(report.expected_downtime_ms <= 20, "{report:?}");
     assert!(report.downtime_ms <= 40, "{report:?}");
 }
@@ -557,15 +572,15 @@ fn operator_cancel_and_version_mismatch() {
     let mut vm = FakeVm::new(&time, 64);
     let (a, mut b) = MemPipe::pair();
     let mut mig = Migration::new(&mut vm, a, SimClock(time.clone()), Policy::default());
-    // A destination that only speaks version 2.
+    // A destination that only speaks a future version 3.
     let mut offer = Vec::from(MAGIC_DEST);
-    Record::Offer { versions: vec![2] }.encode(&mut offer);
+    Record::Offer { versions: vec![3] }.encode(&mut offer);
     b.send(&offer).unwrap();
     while let Progress::Busy | Progress::Waiting { .. } = mig.step() {}
     assert_eq!(
         mig.report().error.as_deref(),
         Some(
-            "protocol error: no common protocol version: destination offers [2], source supports [1]; \
+            "protocol error: no common protocol version: destination offers [3], source supports [1, 2]; \
              upgrade one side"
         )
     );
@@ -817,4 +832,191 @@ fn failed_resume_at_the_destination_sends_the_vm_back() {
     assert_source_intact(&s.vm);
     assert_eq!(s.vm.resumes, 1);
     assert!(s.dest.discarded && !s.dest.running);
+}
+
+/// A busy guest whose dirty log loses every write to one frame: without
+/// verification the migration "completes" with that frame stale at the
+/// destination; with verification it fails, names the frame, and the VM
+/// keeps running at the source.
+#[test]
+fn verification_fails_a_migration_that_missed_a_dirty_page() {
+    let lost = 77;
+    let setup = |verify: bool| {
+        let mut s = Setup::new(1024);
+        s.vm.write_rate = 20_000;
+        s.vm.working_set = 256;
+        s.vm.lose_dirty = Some(lost);
+        s.policy.downtime_limit_ns = 20 * NS_PER_MS;
+        s.policy.switch_over_cost_ns = NS_PER_MS;
+        s.policy.verify_memory = verify;
+        s
+    };
+
+    // Without verification: completed, and page 77 differs from the
+    // source's memory at the pause.
+    let mut s = setup(false);
+    let (mig, _) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Completed);
+    assert!(!mig.report().verified);
+    drop(mig);
+    assert!(s.vm.lost_writes > 0, "the guest wrote the frame meanwhile");
+    let at_pause = s.vm.mem_at_pause.as_ref().unwrap();
+    let stale: Vec<usize> = (0..at_pause.len())
+        .filter(|&g| s.dest.mem[g] != at_pause[g])
+        .collect();
+    assert_eq!(stale, [lost as usize], "silently stale");
+
+    // With verification: failed before the commit point, naming the frame.
+    let mut s = setup(true);
+    let original_policy = s.policy;
+    let (mig, rx) = s.run();
+    let report = mig.report().clone();
+    assert_eq!(report.result, MigrationResult::Failed, "{report:?}");
+    assert!(!report.verified && !mig.committed());
+    assert!(
+        matches!(
+            mig.error(),
+            Some(MigrationError::StalePages { stale_pages: 1, first_gfns }) if first_gfns == &[lost]
+        ),
+        "{:?}",
+        mig.error()
+    );
+    let msg = report.error.clone().unwrap();
+    assert_eq!(
+        msg,
+        "memory verification failed: 1 pages at the source differ from what was sent \
+         (the dirty log missed writes); first gfns 0x4d; the VM keeps running at the source"
+    );
+    assert!(report.to_json().contains("\"result\":\"failed\""));
+    assert_eq!(rx.outcome().result, MigrationResult::Cancelled);
+    assert!(rx.outcome().error.as_deref().unwrap().contains("0x4d"));
+    drop((mig, rx));
+    assert_source_intact(&s.vm);
+    assert_eq!((s.vm.pauses, s.vm.resumes), (1, 1));
+    assert!(s.dest.discarded && !s.dest.running);
+    assert!(original_policy.verify_memory);
+}
+
+/// Verification on a busy guest with a sound log: several dirty passes,
+/// then the whole memory is checked on both sides and the migration
+/// completes with the image equal to the source's memory at the pause.
+#[test]
+fn verification_passes_when_the_log_is_sound() {
+    let mut s = Setup::new(4096);
+    s.vm.write_rate = 20_000;
+    s.vm.working_set = 1024;
+    s.policy.downtime_limit_ns = 20 * NS_PER_MS;
+    s.policy.switch_over_cost_ns = NS_PER_MS;
+    s.policy.verify_memory = true;
+    let (mig, rx) = s.run();
+    let report = mig.report().clone();
+    assert_eq!(
+        report.result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    assert!(report.verified && report.passes >= 3, "{report:?}");
+    assert_eq!(report.dirty_tracker.as_deref(), Some("test-log"));
+    assert!(report
+        .to_json()
+        .ends_with(",\"dirty_tracker\":\"test-log\",\"verified\":true}"));
+    assert!(rx.outcome().memory_verified);
+    drop((mig, rx));
+    assert_eq!(&s.dest.mem, s.vm.mem_at_pause.as_ref().unwrap());
+}
+
+/// Verification needs protocol version 2: a version-1 destination is
+/// refused when it is asked for, and still served without it.
+#[test]
+fn verification_needs_a_version_2_destination() {
+    for verify in [true, false] {
+        let time = Rc::new(Cell::new(0));
+        let mut vm = FakeVm::new(&time, 64);
+        let (a, mut b) = MemPipe::pair();
+        let policy = Policy {
+            verify_memory: verify,
+            ..Policy::default()
+        };
+        let mut mig = Migration::new(&mut vm, a, SimClock(time.clone()), policy);
+        let mut offer = Vec::from(MAGIC_DEST);
+        Record::Offer { versions: vec![1] }.encode(&mut offer);
+        b.send(&offer).unwrap();
+        for _ in 0..20 {
+            mig.step();
+        }
+        let mut got = vec![0u8; 1 << 20];
+        let n = b.recv(&mut got).unwrap();
+        let mut d = migration::Decoder::new(migration::Direction::SourceToDest);
+        d.feed(&got[..n]);
+        let mut recs = Vec::new();
+        while let Ok(Some(r)) = d.next_record() {
+            recs.push(r);
+        }
+        if verify {
+            assert_eq!(mig.report().result, MigrationResult::Failed);
+            assert_eq!(
+                mig.error(),
+                Some(&MigrationError::VerificationUnsupported { version: 1 })
+            );
+            assert!(
+                matches!(recs.last(), Some(Record::Abort { .. })),
+                "{recs:?}"
+            );
+        } else {
+            assert!(!matches!(mig.step(), Progress::Finished(_)));
+            assert_eq!(recs[0], Record::Select { version: 1 });
+        }
+    }
+}
+
+/// The destination's side of verification: a verify record whose digest
+/// is not what the destination's memory hashes to (a source whose memory
+/// differs from the image it sent) is refused before `ready`; the VM is
+/// discarded, never resumed, and the source is told why.
+#[test]
+fn destination_refuses_memory_that_does_not_match_the_source() {
+    use migration::stream::{Direction, MAGIC_SOURCE};
+    let good = migration::fuzzing::sample_streams().remove(3).1;
+    let mut d = migration::Decoder::new(Direction::SourceToDest);
+    d.feed(&good);
+    let mut recs = Vec::new();
+    while let Some(r) = d.next_record().unwrap() {
+        recs.push(r);
+    }
+    for wrong in [false, true] {
+        let mut stream = Vec::from(MAGIC_SOURCE);
+        for r in &recs {
+            match r {
+                Record::MemVerify { digest } if wrong => {
+                    Record::MemVerify { digest: digest ^ 1 }.encode(&mut stream)
+                }
+                r => r.encode(&mut stream),
+            }
+        }
+        let (mut src, dst) = MemPipe::pair();
+        src.send(&stream).unwrap();
+        let mut dest = FakeDest::default();
+        let mut rx = Receiver::new(&mut dest, dst);
+        let out = rx.run_to_completion(|| {}).clone();
+        drop(rx);
+        let mut back = vec![0u8; 4096];
+        let n = src.recv(&mut back).unwrap();
+        let back = String::from_utf8_lossy(&back[..n]).into_owned();
+        if wrong {
+            assert_eq!(out.result, MigrationResult::Failed);
+            let e = out.error.unwrap();
+            assert!(
+                e.starts_with("memory verification failed: the source's memory hashes to"),
+                "{e}"
+            );
+            assert!(!out.memory_verified && out.verified_digest.is_none());
+            assert!(dest.discarded && !dest.running);
+            assert!(back.contains("memory verification failed"), "{back}");
+        } else {
+            assert_eq!(out.result, MigrationResult::Completed, "{:?}", out.error);
+            assert!(out.memory_verified);
+            assert!(dest.running);
+        }
+    }
 }

@@ -153,9 +153,9 @@ impl MigratableVm for SimVm {
         }
         Ok(())
     }
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<&'static str, VmError> {
         self.guest.logging.store(true, Release);
-        Ok(())
+        Ok("test-log")
     }
     fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError> {
         let words: Vec<u64> = self.guest.dirty.iter().map(|w| w.swap(0, AcqRel)).collect();
@@ -356,8 +356,14 @@ struct Outcome {
     dest: SimDest,
 }
 
-/// Migrate `vm` to a fresh destination over a link of `bytes_per_s`.
+/// Migrate `vm` to a fresh destination over a link of `bytes_per_s`, in
+/// verification mode (every migration test checks the whole memory at
+/// switch-over).
 fn migrate(vm: SimVm, policy: Policy, bytes_per_s: u64, fail: Fail) -> Outcome {
+    let policy = Policy {
+        verify_memory: true,
+        ..policy
+    };
     let (src_end, dst_end) = link(bytes_per_s, fail);
     let dest_thread = thread::spawn(move || {
         let mut rx = Receiver::new(SimDest::default(), dst_end);
@@ -408,6 +414,10 @@ fn assert_completed_with_exact_image(o: &Outcome) {
         o.received.error
     );
     assert!(o.received.verified_digest.is_some(), "digest verified");
+    assert!(
+        o.report.verified && o.received.memory_verified,
+        "memory verified"
+    );
     assert!(o.dest.running && o.dest.vcpus == 2);
     let at_pause = o.vm.at_pause.as_ref().expect("paused");
     assert!(

@@ -63,6 +63,17 @@ pub fn render(r: &MigrationReport) -> String {
         r.total_ms, r.downtime_ms, r.expected_downtime_ms
     ));
     out.push_str(&format!(
+        "  dirty pages:   tracked by {}; memory {}\n",
+        r.dirty_tracker
+            .as_deref()
+            .unwrap_or("nothing (never started)"),
+        if r.verified {
+            "verified at switch-over (source and destination hash equal)"
+        } else {
+            "not verified"
+        }
+    ));
+    out.push_str(&format!(
         "  throttle:      {}\n",
         if r.throttle_pct == 0 {
             "none (the guest ran at full speed)".to_string()
@@ -95,6 +106,19 @@ mod tests {
         assert!(s.contains("33.0 MiB for 64 MiB of RAM (0.52 x)"));
         assert!(s.contains("downtime 69 ms (expected 27 ms)"));
         assert!(s.contains("20 % of the guest's CPU time taken"));
+        // A line of an older node has neither tracker nor verification.
+        assert_eq!((r.dirty_tracker.as_deref(), r.verified), (None, false));
+        assert!(s.contains("tracked by nothing (never started); memory not verified"));
+        let newer = LINE.replace(
+            "\"error\":null}",
+            "\"error\":null,\"dirty_tracker\":\"pml\",\"verified\":true}",
+        );
+        let r = parse_line(&newer).unwrap();
+        assert_eq!(
+            (r.dirty_tracker.as_deref(), r.verified),
+            (Some("pml"), true)
+        );
+        assert!(render(&r).contains("tracked by pml; memory verified at switch-over"));
     }
 
     #[test]
@@ -139,6 +163,8 @@ mod tests {
             throttle_pct: 45,
             result: MigrationResult::Cancelled,
             error: Some("operator said \"stop\"\n\u{7}".into()),
+            dirty_tracker: Some("write-protect".into()),
+            verified: false,
         };
         assert_eq!(parse_line(&format!("{PREFIX}{}", r.to_json())), Some(r));
     }

@@ -537,6 +537,8 @@ mod tests {
             throttle_pct: 0,
             result: MigrationResult::Completed,
             error: None,
+            dirty_tracker: Some("write-protect".into()),
+            verified: true,
         };
         assert_eq!(
             judge_reports(Case::LocalMigrateIdle, core::slice::from_ref(&ok)),

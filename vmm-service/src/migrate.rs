@@ -100,11 +100,12 @@ impl MigratableVm for SourceVm {
             .map_err(|_| VmError::at("page outside guest RAM", gfn))
     }
 
-    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    fn start_dirty_log(&mut self) -> Result<&'static str, VmError> {
         let mut vm = self.vm.borrow_mut();
         vm.partition()
             .enable_dirty_log(DirtyMode::WriteProtect)
-            .map_err(|_| VmError::new("cannot enable dirty logging (out of memory?)"))
+            .map_err(|_| VmError::new("cannot enable dirty logging (out of memory?)"))?;
+        Ok("write-protect")
     }
 
     fn collect_dirty(&mut self, out: &mut DirtyBitmap) -> Result<(), VmError> {
@@ -515,6 +516,8 @@ fn failed_report(ram_bytes: u64, error: String) -> MigrationReport {
         throttle_pct: 0,
         result: MigrationResult::Failed,
         error: Some(error),
+        dirty_tracker: None,
+        verified: false,
     }
 }
 
