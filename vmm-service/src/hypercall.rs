@@ -9,13 +9,20 @@
 //!
 //! Nothing here allocates except `HC_DIRTY_LOG_CHECK` (two bitmaps sized by
 //! guest RAM); `HC_NOP`, the benchmark's call, is the first arm.
+//!
+//! The dirty log has one owner at a time ([`DirtyLogOwner`]). While a live
+//! migration owns it, the guest's dirty-log calls (`HC_DIRTY_LOG_ENABLE`,
+//! `_CHECK`, `_DISABLE`) are refused with `HC_ERR_BUSY` and touch nothing:
+//! each of them would reset, steal from or stop the log the pre-copy engine
+//! relies on, leaving pages stale at the destination.
 
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use hvcore::abi::{
-    HC_DIRTY_LOG_CHECK, HC_DIRTY_LOG_DISABLE, HC_DIRTY_LOG_ENABLE, HC_ERR_FAILED, HC_ERR_INVALID,
-    HC_ERR_UNKNOWN, HC_FILL_PAGE, HC_NOP, HC_PROGRESS, HC_TEST_RESULT,
+    DIRTY_TRACKER_PML, DIRTY_TRACKER_WRITE_PROTECT, HC_DIRTY_LOG_CHECK, HC_DIRTY_LOG_DISABLE,
+    HC_DIRTY_LOG_ENABLE, HC_ERR_BUSY, HC_ERR_FAILED, HC_ERR_INVALID, HC_ERR_UNKNOWN,
+    HC_ERR_UNSUPPORTED, HC_FILL_PAGE, HC_NOP, HC_PROGRESS, HC_TEST_RESULT,
 };
 use hvcore::addr::{Gpa, PAGE_SIZE};
 use hvcore::host::{DirtyMode, Partition};
@@ -24,6 +31,16 @@ use hvcore::host::{DirtyMode, Partition};
 pub const MESSAGE_MAX: usize = 256;
 /// How many differing frames a dirty-log check reports by number.
 pub const REPORTED_FRAMES: usize = 8;
+
+/// Who may drive a VM's dirty log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyLogOwner {
+    /// The guest, through its test hypercalls (nobody else uses it).
+    #[default]
+    Guest,
+    /// A live migration of the VM: the guest's dirty-log calls are refused.
+    Migration,
+}
 
 /// What a hypercall means for the worker beyond its return value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +53,9 @@ pub enum Effect {
     TestResult { ok: bool, message: String },
     /// `HC_DIRTY_LOG_CHECK` found differences (the guest was told too).
     DirtyMismatch(DirtyCheck),
+    /// A dirty-log call was refused with `HC_ERR_BUSY` (a migration owns
+    /// the log).
+    DirtyLogBusy,
 }
 
 /// Outcome of comparing the guest's bitmap with the hypervisor's dirty set.
@@ -83,20 +103,20 @@ pub fn compare_bitmaps(guest: &[u8], hv: &[u64], pages: u64) -> DirtyCheck {
 }
 
 /// Handle the hypercall the vCPU of `p` just made: set the results, advance
-/// RIP, and say what else the worker must do.
-pub fn dispatch(p: &mut dyn Partition) -> Effect {
+/// RIP, and say what else the worker must do. `dirty_log` says who owns
+/// the partition's dirty log now.
+pub fn dispatch(p: &mut dyn Partition, dirty_log: DirtyLogOwner) -> Effect {
     let regs = *p.vcpu().regs();
     let (rax, effect) = match regs.rax {
         HC_NOP => (regs.rdi.wrapping_add(1), Effect::None),
         HC_PROGRESS => (0, Effect::Progress(regs.rdi)),
         HC_TEST_RESULT => test_result(p, regs.rdi, regs.rsi, regs.rdx),
-        HC_DIRTY_LOG_ENABLE => match p.enable_dirty_log(DirtyMode::WriteProtect) {
-            Ok(()) => (0, Effect::None),
-            Err(e) => {
-                log::warn!("dirty log enable failed: {e}");
-                (HC_ERR_FAILED, Effect::None)
-            }
-        },
+        HC_DIRTY_LOG_ENABLE | HC_DIRTY_LOG_CHECK | HC_DIRTY_LOG_DISABLE
+            if dirty_log == DirtyLogOwner::Migration =>
+        {
+            (HC_ERR_BUSY, Effect::DirtyLogBusy)
+        }
+        HC_DIRTY_LOG_ENABLE => (dirty_log_enable(p, regs.rdi), Effect::None),
         HC_DIRTY_LOG_DISABLE => {
             p.disable_dirty_log();
             (0, Effect::None)
@@ -115,6 +135,23 @@ pub fn dispatch(p: &mut dyn Partition) -> Effect {
     vcpu.regs_mut().rax = rax;
     vcpu.skip_instruction();
     effect
+}
+
+/// `HC_DIRTY_LOG_ENABLE(tracker)`.
+fn dirty_log_enable(p: &mut dyn Partition, tracker: u64) -> u64 {
+    let mode = match tracker {
+        DIRTY_TRACKER_WRITE_PROTECT => DirtyMode::WriteProtect,
+        DIRTY_TRACKER_PML if p.vcpu().caps().pml => DirtyMode::Pml,
+        DIRTY_TRACKER_PML => return HC_ERR_UNSUPPORTED,
+        _ => return HC_ERR_INVALID,
+    };
+    match p.enable_dirty_log(mode) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::warn!("dirty log enable failed: {e}");
+            HC_ERR_FAILED
+        }
+    }
 }
 
 fn test_result(p: &mut dyn Partition, status: u64, msg_gpa: u64, msg_len: u64) -> (u64, Effect) {
@@ -202,12 +239,77 @@ mod tests {
     use hvcore::mem::GuestMemory;
 
     fn call(p: &mut FakePartition, nr: u64, rdi: u64, rsi: u64, rdx: u64) -> Effect {
+        call_as(p, DirtyLogOwner::Guest, nr, rdi, rsi, rdx)
+    }
+
+    fn call_as(
+        p: &mut FakePartition,
+        owner: DirtyLogOwner,
+        nr: u64,
+        rdi: u64,
+        rsi: u64,
+        rdx: u64,
+    ) -> Effect {
         let r = &mut p.vcpu.regs;
         (r.rax, r.rdi, r.rsi, r.rdx) = (nr, rdi, rsi, rdx);
         let skips = p.vcpu.skips;
-        let e = dispatch(p);
+        let e = dispatch(p, owner);
         assert_eq!(p.vcpu.skips, skips + 1, "RIP advanced");
         e
+    }
+
+    /// While a migration owns the dirty log, the guest's three dirty-log
+    /// calls get `HC_ERR_BUSY` and leave the log exactly as it was (the
+    /// audit's DISABLE mid-migration left pages stale at the destination);
+    /// the hypervisor's own writes on the guest's behalf are still logged.
+    #[test]
+    fn dirty_log_calls_are_refused_while_a_migration_owns_the_log() {
+        let mut p = FakePartition::new(1 << 20);
+        p.enable_dirty_log(DirtyMode::WriteProtect).unwrap();
+        p.mem.guest_write(Gpa(5 * 4096), &[1]);
+        let m = DirtyLogOwner::Migration;
+        for (nr, rdi, rsi) in [
+            (HC_DIRTY_LOG_DISABLE, 0, 0),
+            (HC_DIRTY_LOG_ENABLE, DIRTY_TRACKER_WRITE_PROTECT, 0),
+            (HC_DIRTY_LOG_CHECK, 0x8000, 32),
+        ] {
+            assert_eq!(call_as(&mut p, m, nr, rdi, rsi, 0), Effect::DirtyLogBusy);
+            assert_eq!(p.vcpu.regs.rax, HC_ERR_BUSY);
+            assert!(p.mem.logging, "still logging after call {nr}");
+            assert!(p.mem.dirty.contains(&5), "dirty set kept after call {nr}");
+        }
+        assert_eq!(call_as(&mut p, m, HC_FILL_PAGE, 0x7000, 9, 0), Effect::None);
+        assert_eq!(p.vcpu.regs.rax, 0);
+        assert!(p.mem.dirty.contains(&7));
+        assert_eq!(call_as(&mut p, m, HC_NOP, 1, 0, 0), Effect::None);
+        assert_eq!(p.vcpu.regs.rax, 2);
+        // Back with the guest: its calls work again.
+        call(&mut p, HC_DIRTY_LOG_DISABLE, 0, 0, 0);
+        assert_eq!(p.vcpu.regs.rax, 0);
+        assert!(!p.mem.logging);
+    }
+
+    #[test]
+    fn enable_picks_the_tracker() {
+        let mut p = FakePartition::new(1 << 20);
+        call(&mut p, HC_DIRTY_LOG_ENABLE, DIRTY_TRACKER_PML, 0, 0);
+        assert_eq!(p.vcpu.regs.rax, HC_ERR_UNSUPPORTED, "no PML on this vCPU");
+        assert!(!p.mem.logging);
+        call(&mut p, HC_DIRTY_LOG_ENABLE, 2, 0, 0);
+        assert_eq!(p.vcpu.regs.rax, HC_ERR_INVALID);
+        call(
+            &mut p,
+            HC_DIRTY_LOG_ENABLE,
+            DIRTY_TRACKER_WRITE_PROTECT,
+            0,
+            0,
+        );
+        assert_eq!(p.vcpu.regs.rax, 0);
+        assert_eq!(p.dirty_mode, Some(DirtyMode::WriteProtect));
+        p.vcpu.caps.pml = true;
+        call(&mut p, HC_DIRTY_LOG_ENABLE, DIRTY_TRACKER_PML, 0, 0);
+        assert_eq!(p.vcpu.regs.rax, 0);
+        assert_eq!(p.dirty_mode, Some(DirtyMode::Pml));
     }
 
     #[test]
@@ -376,6 +478,7 @@ mod tests {
             rng
         };
         let mut p = FakePartition::new(1 << 20);
+        p.vcpu.caps.pml = true;
         let interesting = [
             0,
             1,
@@ -400,10 +503,22 @@ mod tests {
                 };
             }
             let [rdi, rsi, rdx] = args;
-            let _ = call(&mut p, nr, rdi, rsi, rdx);
+            let owner = if next() % 4 == 0 {
+                DirtyLogOwner::Migration
+            } else {
+                DirtyLogOwner::Guest
+            };
+            let _ = call_as(&mut p, owner, nr, rdi, rsi, rdx);
             let rax = p.vcpu.regs.rax;
             if rax >= HC_ERR_FIRST {
-                assert!([HC_ERR_UNKNOWN, HC_ERR_INVALID, HC_ERR_FAILED].contains(&rax));
+                assert!([
+                    HC_ERR_UNKNOWN,
+                    HC_ERR_INVALID,
+                    HC_ERR_FAILED,
+                    HC_ERR_BUSY,
+                    HC_ERR_UNSUPPORTED
+                ]
+                .contains(&rax));
             }
         }
     }

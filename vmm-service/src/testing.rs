@@ -1,7 +1,12 @@
-//! Test doubles: guest memory over a `Vec<u8>` with a dirty record, a vCPU
-//! that keeps registers and counts what was done to it, a partition that
-//! replays a scripted guest, and a host with a simulated clock that captures
-//! console output.
+//! Test doubles: guest memory over a `Vec<u8>` with a dirty record, a
+//! partition that replays a scripted guest on hvcore's recording
+//! [`FakeVcpu`] (the `testing` feature), and a host with a simulated clock
+//! that captures console output.
+//!
+//! Time: the clock advances by `ns_per_run` on every guest run and, when
+//! `ns_per_page_read` is set, by that much per 4 KiB the hypervisor reads
+//! from guest memory (a migration's copy work), so an engine turn ends and
+//! the guest runs again during pre-copy, as on a real node.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -9,22 +14,23 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::Cell;
-use hvcore::addr::{Gpa, Hpa, PAGE_SIZE};
+use core::cell::{Cell, RefCell};
+use hvcore::addr::{Gpa, PAGE_SIZE};
 use hvcore::host::{
     CpuidResult, CpuidSource, DirtyMode, Host, HostError, NetError, NetStack, NicRole, NicStats,
     Partition, PartitionStats, SocketId, TcpState,
 };
 use hvcore::mem::{check_guest_range, GuestMemory, MemError};
-use hvcore::vcpu::{
-    LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, Vendor, VmExit,
-};
+pub use hvcore::testing::{FakeCpuid, FakeVcpu};
+use hvcore::vcpu::{Vcpu, Vendor, VmExit};
 
 /// Guest RAM in a vector; records written frames while logging is on.
 pub struct FakeMemory {
     bytes: Vec<u8>,
     pub logging: bool,
     pub dirty: BTreeSet<u64>,
+    /// Clock to advance on reads, and by how much per 4 KiB read.
+    pub read_cost: Option<(Rc<Cell<u64>>, u64)>,
 }
 
 impl FakeMemory {
@@ -33,6 +39,7 @@ impl FakeMemory {
             bytes: vec![0; ram_bytes as usize],
             logging: false,
             dirty: BTreeSet::new(),
+            read_cost: None,
         }
     }
     pub fn bytes(&self) -> &[u8] {
@@ -57,6 +64,10 @@ impl GuestMemory for FakeMemory {
         check_guest_range(gpa, buf.len() as u64, self.ram_bytes())?;
         let s = gpa.0 as usize;
         buf.copy_from_slice(&self.bytes[s..s + buf.len()]);
+        if let Some((clock, ns_per_page)) = &self.read_cost {
+            let pages = (buf.len() as u64).div_ceil(PAGE_SIZE);
+            clock.set(clock.get() + pages * ns_per_page);
+        }
         Ok(())
     }
     fn write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), MemError> {
@@ -72,98 +83,25 @@ impl GuestMemory for FakeMemory {
     }
 }
 
-/// A vCPU that only keeps state.
-#[derive(Default)]
-pub struct FakeVcpu {
-    pub regs: Regs,
-    pub skips: u64,
-    pub injected: Vec<(u8, Option<u32>)>,
-    pub msrs: BTreeMap<u32, u64>,
-    pub entry: Option<LongModeEntry>,
-    /// What `save_state` returns besides `regs`; `restore_state` stores here.
-    pub state: VcpuState,
-    /// `restore_state` calls.
-    pub restores: u32,
-}
-
-impl Vcpu for FakeVcpu {
-    fn run(&mut self) -> VmExit {
-        VmExit::Hlt
-    }
-    fn regs(&self) -> &Regs {
-        &self.regs
-    }
-    fn regs_mut(&mut self) -> &mut Regs {
-        &mut self.regs
-    }
-    fn skip_instruction(&mut self) {
-        self.skips += 1;
-        self.regs.rip += 3;
-    }
-    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
-        self.injected.push((vector, error_code));
-    }
-    fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr> {
-        self.msrs.get(&msr).copied().ok_or(UnknownMsr(msr))
-    }
-    fn write_msr(&mut self, msr: u32, value: u64) -> Result<(), UnknownMsr> {
-        match self.msrs.get_mut(&msr) {
-            Some(v) => {
-                *v = value;
-                Ok(())
-            }
-            None => Err(UnknownMsr(msr)),
-        }
-    }
-    fn reset_long_mode(&mut self, entry: &LongModeEntry) {
-        self.entry = Some(*entry);
-        self.state = hvcore::vcpu_state::long_mode_state(entry);
-        self.regs = Regs {
-            rip: entry.rip,
-            rsp: entry.rsp,
-            rdi: entry.rdi,
-            rflags: 0x2,
-            ..Regs::default()
-        };
-    }
-    fn flush_nested_tlb(&mut self) {}
-    fn nested_root(&self) -> Hpa {
-        Hpa(0)
-    }
-    fn caps(&self) -> VcpuCaps {
-        VcpuCaps::default()
-    }
-    fn save_state(&self) -> VcpuState {
-        let mut s = self.state.clone();
-        s.regs = self.regs;
-        s
-    }
-    fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
-        hvcore::vcpu_state::check(state)?;
-        self.state = state.clone();
-        self.regs = state.regs;
-        self.restores += 1;
-        Ok(())
-    }
-}
-
-/// A host CPU that reports SVM and VMX and nothing else interesting.
-pub struct FakeCpuid;
-
-impl CpuidSource for FakeCpuid {
-    fn host_cpuid(&self, leaf: u32, _subleaf: u32) -> CpuidResult {
-        match leaf {
-            1 => CpuidResult {
-                ecx: 1 << 5,
-                ..CpuidResult::default()
-            },
-            0x8000_0001 => CpuidResult {
-                ecx: 1 << 2,
-                ..CpuidResult::default()
-            },
-            _ => CpuidResult::default(),
-        }
-    }
+/// The host CPU of [`FakeHost`]: it reports SVM (CPUID 0x8000_0001 ECX
+/// bit 2) and VMX (CPUID 1 ECX bit 5) and nothing else interesting.
+pub fn svm_vmx_cpuid() -> FakeCpuid {
+    let mut c = FakeCpuid::default();
+    c.leaves.insert(
+        (1, 0),
+        CpuidResult {
+            ecx: 1 << 5,
+            ..CpuidResult::default()
+        },
+    );
+    c.leaves.insert(
+        (0x8000_0001, 0),
+        CpuidResult {
+            ecx: 1 << 2,
+            ..CpuidResult::default()
+        },
+    );
+    c
 }
 
 /// The scripted guest: called once per `Partition::run` with the vCPU and
@@ -209,18 +147,25 @@ pub struct FakePartition {
     pub clock: Rc<Cell<u64>>,
     pub ns_per_run: u64,
     pub dropped: Option<Rc<Cell<u64>>>,
+    /// Where to leave the guest RAM when dropped (the host's
+    /// `dropped_memory`): what a destroyed source held at the end.
+    pub keep_memory: Option<Rc<RefCell<Vec<Vec<u8>>>>>,
+    /// The mode of the last `enable_dirty_log`.
+    pub dirty_mode: Option<DirtyMode>,
 }
 
 impl FakePartition {
     pub fn new(ram_bytes: u64) -> Self {
         Self {
-            vcpu: FakeVcpu::default(),
+            vcpu: FakeVcpu::new(),
             mem: FakeMemory::new(ram_bytes),
             program: spinner(),
             runs: 0,
             clock: Rc::new(Cell::new(0)),
             ns_per_run: 1000,
             dropped: None,
+            keep_memory: None,
+            dirty_mode: None,
         }
     }
 }
@@ -229,6 +174,9 @@ impl Drop for FakePartition {
     fn drop(&mut self) {
         if let Some(d) = &self.dropped {
             d.set(d.get() + 1);
+        }
+        if let Some(keep) = &self.keep_memory {
+            keep.borrow_mut().push(core::mem::take(&mut self.mem.bytes));
         }
     }
 }
@@ -248,7 +196,11 @@ impl Partition for FakePartition {
         self.clock.set(self.clock.get() + self.ns_per_run);
         (self.program)(&mut self.vcpu, &mut self.mem)
     }
-    fn enable_dirty_log(&mut self, _mode: DirtyMode) -> Result<(), HostError> {
+    fn enable_dirty_log(&mut self, mode: DirtyMode) -> Result<(), HostError> {
+        if mode == DirtyMode::Pml && !self.vcpu.caps().pml {
+            return Err(HostError::Backend("PML not available"));
+        }
+        self.dirty_mode = Some(mode);
         self.mem.logging = true;
         self.mem.dirty.clear();
         Ok(())
@@ -286,6 +238,16 @@ pub struct FakeHost {
     pub programs: VecDeque<Program>,
     pub created: Vec<u64>,
     pub dropped: Rc<Cell<u64>>,
+    /// With `keep_dropped_memory`: the guest RAM of every partition
+    /// dropped so far, in drop order.
+    pub dropped_memory: Rc<RefCell<Vec<Vec<u8>>>>,
+    pub keep_dropped_memory: bool,
+    /// Clock advance per 4 KiB the hypervisor reads from guest memory of
+    /// partitions created here (0: reads are free).
+    pub ns_per_page_read: u64,
+    /// vCPU capabilities of partitions created here.
+    pub caps: hvcore::vcpu::VcpuCaps,
+    pub cpuid: FakeCpuid,
     pub fail_create: bool,
     pub raw_ns_per_roundtrip: u64,
     pub entropy: crate::mgmt::auth::TestEntropy,
@@ -315,6 +277,11 @@ impl FakeHost {
             programs: VecDeque::new(),
             created: Vec::new(),
             dropped: Rc::new(Cell::new(0)),
+            dropped_memory: Rc::new(RefCell::new(Vec::new())),
+            keep_dropped_memory: false,
+            ns_per_page_read: 0,
+            caps: hvcore::vcpu::VcpuCaps::default(),
+            cpuid: svm_vmx_cpuid(),
             fail_create: false,
             raw_ns_per_roundtrip: 10_000,
             entropy: crate::mgmt::auth::TestEntropy(0x1234_5678_9abc_def1),
@@ -332,7 +299,7 @@ impl FakeHost {
 
 impl CpuidSource for FakeHost {
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
-        FakeCpuid.host_cpuid(leaf, subleaf)
+        self.cpuid.host_cpuid(leaf, subleaf)
     }
 }
 
@@ -361,6 +328,13 @@ impl Host for FakeHost {
         p.clock = self.clock.clone();
         p.ns_per_run = self.ns_per_run;
         p.dropped = Some(self.dropped.clone());
+        if self.keep_dropped_memory {
+            p.keep_memory = Some(self.dropped_memory.clone());
+        }
+        p.vcpu.caps = self.caps;
+        if self.ns_per_page_read > 0 {
+            p.mem.read_cost = Some((self.clock.clone(), self.ns_per_page_read));
+        }
         if let Some(prog) = self.programs.pop_front() {
             p.program = prog;
         }

@@ -8,13 +8,20 @@
 //! its memory to the host. Every stop prints one console line, `vm NAME
 //! stopped: REASON`.
 //!
+//! The dirty log has one owner at a time: the guest's test hypercalls, or
+//! a live migration, which claims it with [`Vm::claim_dirty_log`] and
+//! returns it with [`Vm::release_dirty_log`]; in between the guest's
+//! dirty-log calls are refused (`HC_ERR_BUSY`, counted in
+//! [`VmCounters::dirty_log_refused`]), so a guest cannot reset, steal from
+//! or stop the log its own migration depends on.
+//!
 //! The exit loop ([`Vm::run_slice`]) is the hot path: it allocates nothing,
 //! formats nothing and reads the clock only on preemption and every
 //! [`CLOCK_CHECK_EXITS`] exits. Console lines and stop reports are formatted
 //! only when they happen.
 
 use crate::devices::Devices;
-use crate::hypercall::{self, DirtyCheck, Effect};
+use crate::hypercall::{self, DirtyCheck, DirtyLogOwner, Effect};
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::start::{self, StartError};
 use crate::uart::LineSink;
@@ -24,7 +31,7 @@ use alloc::string::String;
 use core::fmt::{self, Write as _};
 use hvcore::abi::{HC_MIGRATION_STATUS, HC_NOP};
 use hvcore::exit::{self, Handled, StopReason as ExitStop};
-use hvcore::host::{Host, HostError, Partition};
+use hvcore::host::{DirtyMode, Host, HostError, Partition};
 use hvcore::vcpu::IoDir;
 
 /// Exits between two clock reads when the guest is not preempted.
@@ -145,6 +152,8 @@ pub struct VmCounters {
     pub slices: u64,
     /// Console lines emitted.
     pub console_lines: u64,
+    /// Dirty-log hypercalls refused because a migration owned the log.
+    pub dirty_log_refused: u64,
 }
 
 /// Live migrations of one VM as its guest sees them (`HC_MIGRATION_STATUS`).
@@ -165,6 +174,8 @@ pub struct Vm {
     state: VmState,
     /// Paused by a live migration: not runnable until resumed.
     paused: bool,
+    /// Who drives the partition's dirty log.
+    dirty_log_owner: DirtyLogOwner,
     migrations: MigrationCounters,
     counters: VmCounters,
     recent: VecDeque<String>,
@@ -223,6 +234,7 @@ impl Vm {
             devices: Devices::new(),
             state: VmState::Created,
             paused: false,
+            dirty_log_owner: DirtyLogOwner::Guest,
             migrations: MigrationCounters::default(),
             counters: VmCounters::default(),
             recent: VecDeque::new(),
@@ -305,6 +317,30 @@ impl Vm {
     /// Its devices.
     pub fn devices(&self) -> &Devices {
         &self.devices
+    }
+
+    /// Hand the dirty log to a live migration: start it in `mode` (whatever
+    /// the guest had going is reset) and refuse the guest's dirty-log calls
+    /// until [`Vm::release_dirty_log`].
+    pub fn claim_dirty_log(&mut self, mode: DirtyMode) -> Result<(), HostError> {
+        self.partition.enable_dirty_log(mode)?;
+        self.dirty_log_owner = DirtyLogOwner::Migration;
+        Ok(())
+    }
+    /// Collect-and-clear the dirty log into `bitmap` (the owner's call; see
+    /// `Partition::collect_dirty`).
+    pub fn collect_dirty(&mut self, bitmap: &mut [u64]) -> Result<u64, HostError> {
+        self.partition.collect_dirty(bitmap)
+    }
+    /// The migration is done with the dirty log: stop it and give the
+    /// guest its calls back.
+    pub fn release_dirty_log(&mut self) {
+        self.partition.disable_dirty_log();
+        self.dirty_log_owner = DirtyLogOwner::Guest;
+    }
+    /// Who owns the dirty log now.
+    pub fn dirty_log_owner(&self) -> DirtyLogOwner {
+        self.dirty_log_owner
     }
 
     /// Destroy the VM: its partition is dropped, which returns guest memory
@@ -422,7 +458,7 @@ impl Vm {
 
     /// The general hypercall path; `Some` stops the VM.
     fn hypercall(&mut self, host: &mut dyn Host) -> Option<StopReason> {
-        match hypercall::dispatch(&mut *self.partition) {
+        match hypercall::dispatch(&mut *self.partition, self.dirty_log_owner) {
             Effect::None => None,
             Effect::Progress(counter) => {
                 self.counters.progress_reports += 1;
@@ -433,6 +469,10 @@ impl Vm {
             Effect::TestResult { ok: false, message } => Some(StopReason::GuestFailed(message)),
             Effect::DirtyMismatch(check) => {
                 self.report_dirty_mismatch(host, &check);
+                None
+            }
+            Effect::DirtyLogBusy => {
+                self.counters.dirty_log_refused += 1;
                 None
             }
         }

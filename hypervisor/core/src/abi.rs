@@ -100,8 +100,16 @@ impl BootParams {
 /// Report a test result and stop the VM. RDI = 0 ok / 1 failed, RSI = GPA of
 /// a UTF-8 message, RDX = its length (<= 256).
 pub const HC_TEST_RESULT: u64 = 1;
-/// Enable dirty logging for this VM (clears the dirty set).
+/// Enable dirty logging for this VM (clears the dirty set). RDI picks the
+/// tracker: [`DIRTY_TRACKER_WRITE_PROTECT`] or [`DIRTY_TRACKER_PML`]
+/// ([`HC_ERR_UNSUPPORTED`] on a CPU without PML). The three dirty-log calls
+/// return [`HC_ERR_BUSY`] while a live migration of the VM owns the log.
 pub const HC_DIRTY_LOG_ENABLE: u64 = 2;
+/// `HC_DIRTY_LOG_ENABLE` tracker: nested-page write protection (always
+/// available).
+pub const DIRTY_TRACKER_WRITE_PROTECT: u64 = 0;
+/// `HC_DIRTY_LOG_ENABLE` tracker: Intel page-modification logging.
+pub const DIRTY_TRACKER_PML: u64 = 1;
 /// Collect-and-clear the dirty set and compare it with the guest's own
 /// bitmap at GPA RDI, RSI bytes long (bit n = guest frame n written). Returns
 /// 0 in RAX when equal, else the number of differing frames; RDI = frames the
@@ -129,6 +137,11 @@ pub const HC_ERR_UNKNOWN: u64 = u64::MAX;
 pub const HC_ERR_INVALID: u64 = u64::MAX - 1;
 /// The hypercall is valid but failed in the hypervisor.
 pub const HC_ERR_FAILED: u64 = u64::MAX - 2;
+/// The resource is in use by the hypervisor (the dirty log during a live
+/// migration of this VM); try again later.
+pub const HC_ERR_BUSY: u64 = u64::MAX - 3;
+/// The hypervisor or CPU lacks the feature asked for (e.g. PML).
+pub const HC_ERR_UNSUPPORTED: u64 = u64::MAX - 4;
 
 /// Our CPUID vendor leaf: `CPUID(0x4000_0000)` returns the highest hypervisor
 /// leaf in EAX and this signature in EBX, ECX, EDX.
