@@ -446,7 +446,9 @@ fn bench_dirty(arch: Arch, timeout: Duration, build: bool) -> Result<bool, Strin
     for l in &lines {
         println!("  {l}");
     }
-    if !ok {
+    if lines.iter().any(|l| l.contains("FAILED")) {
+        println!("bench dirty: FAILED: a tracker missed pages the guest wrote (see above)");
+    } else if !ok {
         println!("bench dirty: FAILED: the node did not finish the benchmark");
     }
     Ok(ok)

@@ -102,6 +102,35 @@ pub fn compare_bitmaps(guest: &[u8], hv: &[u64], pages: u64) -> DirtyCheck {
     out
 }
 
+/// Frames of `[first_gfn, first_gfn + pages)` a dirty bitmap (u64 words,
+/// bit n = frame n) does not report: what a tracker missed of a range the
+/// guest is known to have written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Missed {
+    /// How many.
+    pub count: u64,
+    /// The first [`REPORTED_FRAMES`] of them.
+    pub first: Vec<u64>,
+}
+
+/// See [`Missed`]. Bits past the bitmap count as clear.
+pub fn missed_frames(bitmap: &[u64], first_gfn: u64, pages: u64) -> Missed {
+    let mut out = Missed::default();
+    for gfn in first_gfn..first_gfn.saturating_add(pages) {
+        let set = usize::try_from(gfn / 64)
+            .ok()
+            .and_then(|i| bitmap.get(i))
+            .is_some_and(|w| w >> (gfn % 64) & 1 != 0);
+        if !set {
+            out.count += 1;
+            if out.first.len() < REPORTED_FRAMES {
+                out.first.push(gfn);
+            }
+        }
+    }
+    out
+}
+
 /// Handle the hypercall the vCPU of `p` just made: set the results, advance
 /// RIP, and say what else the worker must do. `dirty_log` says who owns
 /// the partition's dirty log now.
@@ -521,6 +550,20 @@ mod tests {
                 .contains(&rax));
             }
         }
+    }
+
+    #[test]
+    fn missed_frames_of_a_written_range() {
+        let mut bm = [u64::MAX; 4];
+        assert_eq!(missed_frames(&bm, 10, 200), Missed::default());
+        bm[1] &= !(1 << 3); // frame 67
+        let m = missed_frames(&bm, 10, 200);
+        assert_eq!((m.count, m.first.as_slice()), (1, &[67][..]));
+        // Past the bitmap: missed.
+        let m = missed_frames(&bm, 250, 10);
+        assert_eq!(m.count, 4);
+        assert_eq!(m.first, [256, 257, 258, 259]);
+        assert_eq!(missed_frames(&[], u64::MAX - 1, 5).count, 1);
     }
 
     #[test]
