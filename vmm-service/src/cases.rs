@@ -9,7 +9,10 @@
 //! guest's first `HC_PROGRESS` (its workload is running), live-migrate it
 //! within the node ([`crate::migrate`]) once or twice, run the VM that
 //! results until its guest reports, and judge from both the guest's result
-//! and the `migration-report` fields.
+//! and the `migration-report` fields. Every one of them migrates in
+//! verification mode (`Policy::verify_memory`): a completed migration must
+//! say `verified`, and must have used the best dirty tracker the vCPU has
+//! (PML when `Vcpu::caps().pml`).
 
 use crate::migrate::{self, Faults};
 use crate::sched::{ProgressLog, RunOutcome, Scheduler};
@@ -60,11 +63,12 @@ pub enum Case {
     LocalMigrateBusy,
     LocalMigrateAbort,
     LocalMigrateConverge,
+    LocalMigrateTamper,
 }
 
 impl Case {
     /// Every case in order.
-    pub const ALL: [Case; 11] = [
+    pub const ALL: [Case; 12] = [
         Case::Hello,
         Case::Cpuid,
         Case::Memory,
@@ -76,6 +80,7 @@ impl Case {
         Case::LocalMigrateBusy,
         Case::LocalMigrateAbort,
         Case::LocalMigrateConverge,
+        Case::LocalMigrateTamper,
     ];
 
     /// The case's name on the command line and in results
@@ -94,6 +99,7 @@ impl Case {
             Case::LocalMigrateBusy => case::LOCAL_MIGRATE_BUSY,
             Case::LocalMigrateAbort => case::LOCAL_MIGRATE_ABORT,
             Case::LocalMigrateConverge => case::LOCAL_MIGRATE_CONVERGE,
+            Case::LocalMigrateTamper => case::LOCAL_MIGRATE_TAMPER,
         }
     }
 
@@ -167,6 +173,11 @@ impl Case {
                 ram_mib: 64,
                 cmdline: "case=local-migrate-converge",
             }],
+            Case::LocalMigrateTamper => &[VmSpec {
+                name: "local-migrate-tamper",
+                ram_mib: 64,
+                cmdline: "case=local-migrate-tamper",
+            }],
         }
     }
 
@@ -178,12 +189,17 @@ impl Case {
                 | Case::LocalMigrateBusy
                 | Case::LocalMigrateAbort
                 | Case::LocalMigrateConverge
+                | Case::LocalMigrateTamper
         )
     }
 
-    /// The migration policy of a live-migration case.
+    /// The migration policy of a live-migration case: verification mode
+    /// always, plus the case's own knobs.
     pub fn migration_policy(self) -> Policy {
-        let mut p = Policy::default();
+        let mut p = Policy {
+            verify_memory: true,
+            ..Policy::default()
+        };
         match self {
             // A tight downtime budget: the dirtying guest needs more than
             // one dirty pass to fit it.
@@ -250,7 +266,8 @@ pub fn evaluate(case: Case, vms: &[Vm], progress: &ProgressLog) -> Result<(), St
         | Case::LocalMigrateIdle
         | Case::LocalMigrateBusy
         | Case::LocalMigrateAbort
-        | Case::LocalMigrateConverge => reported_ok(vm_at(vms, 0)?),
+        | Case::LocalMigrateConverge
+        | Case::LocalMigrateTamper => reported_ok(vm_at(vms, 0)?),
         Case::TripleFault => {
             let vm = vm_at(vms, 0)?;
             match vm.stop_reason() {
@@ -302,6 +319,11 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
     vm.start();
     let deadline = host.now_ns().saturating_add(MIGRATION_CASE_TIMEOUT_NS);
     let policy = case.migration_policy();
+    let tracker = if vm.partition().vcpu().caps().pml {
+        migrate::TRACKER_PML
+    } else {
+        migrate::TRACKER_WRITE_PROTECT
+    };
     let mut reports = Vec::new();
     let mut result = Ok(());
     if !migrate::run_until(host, &mut vm, deadline, |v| {
@@ -338,9 +360,21 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
     }
     let result = result
         .and_then(|()| reported_ok(&vm))
-        .and_then(|()| judge_reports(case, &reports));
+        .and_then(|()| judge_reports(case, &reports, tracker))
+        .and_then(|()| judge_vm(case, &vm));
     vm.destroy();
     result
+}
+
+/// What a case checks of the migrated VM itself.
+fn judge_vm(case: Case, vm: &Vm) -> Result<(), String> {
+    // The guest called the dirty-log hypercalls all along; some of them
+    // must have hit the migration and been refused (counted by the node,
+    // whatever the guest claims).
+    if case == Case::LocalMigrateTamper && vm.counters().dirty_log_refused == 0 {
+        return Err("no dirty-log hypercall was refused during the migration".into());
+    }
+    Ok(())
 }
 
 /// `policy` with its timeout cut to what is left of the case's time, so a
@@ -365,18 +399,27 @@ fn not_running(host: &mut dyn Host, vm: &mut Vm, when: &str) -> String {
     }
 }
 
-/// The report checks of each live-migration case.
-pub fn judge_reports(case: Case, reports: &[MigrationReport]) -> Result<(), String> {
+/// The report checks of each live-migration case; `tracker` is the dirty
+/// tracker the node's vCPU makes best (`dirty_tracker` of the report).
+pub fn judge_reports(case: Case, reports: &[MigrationReport], tracker: &str) -> Result<(), String> {
     let completed = |r: &MigrationReport| {
-        if r.result == MigrationResult::Completed {
-            Ok(())
-        } else {
-            Err(format!(
+        if r.result != MigrationResult::Completed {
+            return Err(format!(
                 "migration {}: {}",
                 r.result.as_str(),
                 r.error.as_deref().unwrap_or("no reason given")
-            ))
+            ));
         }
+        if !r.verified {
+            return Err("the migration completed without verifying the memory".into());
+        }
+        if r.dirty_tracker.as_deref() != Some(tracker) {
+            return Err(format!(
+                "the migration tracked dirty pages with {}, not {tracker}",
+                r.dirty_tracker.as_deref().unwrap_or("nothing")
+            ));
+        }
+        Ok(())
     };
     let last = reports
         .last()
@@ -446,7 +489,7 @@ mod tests {
     use crate::loader::build::kernel;
     use crate::testing::{printer, spinner, FakeHost, FakeMemory, FakeVcpu, Program};
     use alloc::boxed::Box;
-    use hvcore::abi::{HC_PROGRESS, HC_TEST_RESULT};
+    use hvcore::abi::{HC_DIRTY_LOG_DISABLE, HC_PROGRESS, HC_TEST_RESULT};
     use hvcore::addr::Gpa;
     use hvcore::mem::GuestMemory;
     use hvcore::vcpu::VmExit;
@@ -523,6 +566,8 @@ mod tests {
         );
     }
 
+    const WP: &str = migrate::TRACKER_WRITE_PROTECT;
+
     #[test]
     fn migration_reports_are_judged_per_case() {
         let ok = MigrationReport {
@@ -541,25 +586,25 @@ mod tests {
             verified: true,
         };
         assert_eq!(
-            judge_reports(Case::LocalMigrateIdle, core::slice::from_ref(&ok)),
+            judge_reports(Case::LocalMigrateIdle, core::slice::from_ref(&ok), WP),
             Ok(())
         );
         let big = MigrationReport {
             bytes_sent: 71 << 20,
             ..ok.clone()
         };
-        assert!(judge_reports(Case::LocalMigrateIdle, &[big])
+        assert!(judge_reports(Case::LocalMigrateIdle, &[big], WP)
             .unwrap_err()
             .contains("above 1.1 x ram_bytes"));
         let two = MigrationReport {
             passes: 2,
             ..ok.clone()
         };
-        assert!(judge_reports(Case::LocalMigrateBusy, &[two])
+        assert!(judge_reports(Case::LocalMigrateBusy, &[two], WP)
             .unwrap_err()
             .contains("2 passes"));
         assert!(
-            judge_reports(Case::LocalMigrateConverge, core::slice::from_ref(&ok))
+            judge_reports(Case::LocalMigrateConverge, core::slice::from_ref(&ok), WP)
                 .unwrap_err()
                 .contains("never throttled")
         );
@@ -569,14 +614,32 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(
-            judge_reports(Case::LocalMigrateAbort, &[failed.clone(), ok.clone()]),
+            judge_reports(Case::LocalMigrateAbort, &[failed.clone(), ok.clone()], WP),
             Ok(())
         );
-        assert!(judge_reports(Case::LocalMigrateAbort, core::slice::from_ref(&ok)).is_err());
+        assert!(judge_reports(Case::LocalMigrateAbort, core::slice::from_ref(&ok), WP).is_err());
         assert_eq!(
-            judge_reports(Case::LocalMigrateIdle, &[failed]).unwrap_err(),
+            judge_reports(Case::LocalMigrateIdle, &[failed], WP).unwrap_err(),
             "migration failed: transport failed: injected failure"
         );
+        // Every completed migration must have verified the memory, with
+        // the best tracker of the node.
+        let unverified = MigrationReport {
+            verified: false,
+            ..ok.clone()
+        };
+        assert_eq!(
+            judge_reports(Case::LocalMigrateTamper, &[unverified], WP).unwrap_err(),
+            "the migration completed without verifying the memory"
+        );
+        assert_eq!(
+            judge_reports(Case::LocalMigrateIdle, core::slice::from_ref(&ok), "pml").unwrap_err(),
+            "the migration tracked dirty pages with write-protect, not pml"
+        );
+        assert!(Case::ALL
+            .iter()
+            .filter(|c| c.is_migration())
+            .all(|c| c.migration_policy().verify_memory));
     }
 
     #[test]
@@ -605,6 +668,46 @@ mod tests {
             2,
             "source after the switch, then the VM"
         );
+    }
+
+    /// `local-migrate-tamper` on the node side: the guest's dirty-log calls
+    /// during the migration must have been refused (the node counts them);
+    /// a guest that never called them fails the case.
+    #[test]
+    fn tamper_case_needs_refused_dirty_log_calls() {
+        for calls in [true, false] {
+            let mut i = 0u64;
+            let prog: Program = Box::new(move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                i += 1;
+                (v.regs.rdi, v.regs.rsi, v.regs.rdx) = (0, 0, 0);
+                v.regs.rax = match i {
+                    1 => HC_PROGRESS,
+                    30_000.. => HC_TEST_RESULT,
+                    _ if calls => HC_DIRTY_LOG_DISABLE,
+                    _ => return VmExit::ExternalInterrupt,
+                };
+                VmExit::Hypercall
+            });
+            let mut host = FakeHost::new();
+            host.ns_per_run = 100_000;
+            // Copying costs time, so the guest runs during pre-copy.
+            host.ns_per_page_read = 2_000;
+            host.programs.extend([prog, printer("")]);
+            let r = run_case(&mut host, &kernel(), Case::LocalMigrateTamper);
+            if calls {
+                assert_eq!(r, Ok(()), "{}", host.console);
+                assert!(
+                    host.console.contains("\"verified\":true}"),
+                    "{}",
+                    host.console
+                );
+            } else {
+                assert_eq!(
+                    r,
+                    Err("no dirty-log hypercall was refused during the migration".into())
+                );
+            }
+        }
     }
 
     #[test]

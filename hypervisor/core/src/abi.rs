@@ -164,9 +164,10 @@ pub mod case {
     pub const LOCAL_MIGRATE_BUSY: &str = "local-migrate-busy";
     pub const LOCAL_MIGRATE_ABORT: &str = "local-migrate-abort";
     pub const LOCAL_MIGRATE_CONVERGE: &str = "local-migrate-converge";
+    pub const LOCAL_MIGRATE_TAMPER: &str = "local-migrate-tamper";
 
     /// Every test case, in the order `tests=all` runs them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         HELLO,
         CPUID,
         MEMORY,
@@ -178,6 +179,7 @@ pub mod case {
         LOCAL_MIGRATE_BUSY,
         LOCAL_MIGRATE_ABORT,
         LOCAL_MIGRATE_CONVERGE,
+        LOCAL_MIGRATE_TAMPER,
     ];
 }
 

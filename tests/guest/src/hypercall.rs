@@ -41,6 +41,8 @@ pub fn err_name(rax: u64) -> &'static str {
         abi::HC_ERR_UNKNOWN => "unknown hypercall",
         abi::HC_ERR_INVALID => "invalid argument",
         abi::HC_ERR_FAILED => "failed",
+        abi::HC_ERR_BUSY => "busy",
+        abi::HC_ERR_UNSUPPORTED => "unsupported",
         _ => "error",
     }
 }
@@ -90,10 +92,10 @@ pub fn test_result(ok: bool, msg: &[u8]) {
     };
 }
 
-/// `HC_DIRTY_LOG_ENABLE`.
-pub fn dirty_log_enable() -> HcResult {
+/// `HC_DIRTY_LOG_ENABLE(tracker)` (`abi::DIRTY_TRACKER_*`).
+pub fn dirty_log_enable(tracker: u64) -> HcResult {
     // SAFETY: no guest memory is named.
-    unsafe { raw(abi::HC_DIRTY_LOG_ENABLE, 0, 0, 0, 0) }
+    unsafe { raw(abi::HC_DIRTY_LOG_ENABLE, tracker, 0, 0, 0) }
 }
 
 /// `HC_DIRTY_LOG_DISABLE`.

@@ -10,12 +10,18 @@
 //!   sweeps, plus one in the pages before the one where the loop stopped;
 //! * `local-migrate-abort`: a pattern region and the workload's bytes are
 //!   intact after the failed migration (the VM stayed) and again after the
-//!   one that completed.
+//!   one that completed;
+//! * `local-migrate-tamper`: the workload, while the guest keeps calling
+//!   the dirty-log hypercalls (ENABLE, CHECK, DISABLE) that act on the log
+//!   its own migration reads: they must be refused (`HC_ERR_BUSY`) while
+//!   the migration runs, the migration must complete (verified) and every
+//!   workload byte must be right afterwards.
 
 use crate::arch::rdtsc;
-use crate::hypercall;
+use crate::hypercall::{self, err_name};
 use crate::layout::{align_down, pattern, PAGE_BYTES};
 use crate::{fail, println, report, Env};
+use hvcore::abi::{DIRTY_TRACKER_WRITE_PROTECT, HC_ERR_BUSY, HC_ERR_INVALID};
 
 /// Pages between two `HC_MIGRATION_STATUS` polls inside a sweep.
 const POLL_EVERY_PAGES: u64 = 256;
@@ -259,4 +265,108 @@ pub fn abort(env: &Env) -> ! {
     w.verify(at);
     println!("local-migrate-abort: memory intact after the completed migration");
     report::ok("memory intact after the failed and after the completed migration")
+}
+
+/// Bytes of the `local-migrate-tamper` workload.
+const TAMPER_WORKLOAD_BYTES: u64 = 8 << 20;
+
+/// Results of the dirty-log calls `local-migrate-tamper` made.
+#[derive(Default)]
+struct Tampering {
+    /// Calls the hypervisor carried out.
+    done: u64,
+    /// Calls refused with `HC_ERR_BUSY` (a migration owned the log).
+    refused: u64,
+}
+
+impl Tampering {
+    /// ENABLE, CHECK (against an empty bitmap: it collects and clears
+    /// whatever the log holds) and DISABLE: each of them, carried out
+    /// during pre-copy, would reset, steal from or stop the migration's
+    /// dirty log.
+    fn round(&mut self, bitmap: &[u64]) {
+        let calls = [
+            (
+                "ENABLE",
+                hypercall::dirty_log_enable(DIRTY_TRACKER_WRITE_PROTECT),
+            ),
+            ("CHECK", hypercall::dirty_log_check(bitmap)),
+            ("DISABLE", hypercall::dirty_log_disable()),
+        ];
+        for (name, r) in calls {
+            match r.rax {
+                HC_ERR_BUSY => self.refused += 1,
+                // CHECK after a refused ENABLE when the migration ended in
+                // between: the log is off at the destination.
+                HC_ERR_INVALID if name == "CHECK" => self.done += 1,
+                _ if r.is_err() => {
+                    fail!("HC_DIRTY_LOG_{}: {} ({:#x})", name, err_name(r.rax), r.rax)
+                }
+                _ => self.done += 1,
+            }
+        }
+    }
+}
+
+/// `local-migrate-tamper`: the workload over 8 MiB; every
+/// [`POLL_EVERY_PAGES`] pages the three dirty-log calls. Before the
+/// migration they work; during it they must be refused; after it completed
+/// (verified by the node) every workload byte must be as the loop left it,
+/// and the calls work again.
+pub fn tamper(env: &Env) -> ! {
+    let mut w = Sweeper::new(env, 0, TAMPER_WORKLOAD_BYTES);
+    // The bitmap for CHECK: one bit per frame, in free RAM after the
+    // workload, left all zero.
+    let bitmap_gpa = w.start + TAMPER_WORKLOAD_BYTES;
+    let words = (env.params.ram_bytes / PAGE_BYTES).div_ceil(64) as usize;
+    if bitmap_gpa + words as u64 * 8 > env.params.ram_bytes {
+        fail!("local-migrate-tamper: no room for the bitmap");
+    }
+    // SAFETY: free guest RAM after the workload, inside ram_bytes (checked
+    // above), identity-mapped, u64-aligned (page-aligned), owned by nothing
+    // else; fresh RAM is zero.
+    let bitmap = unsafe { core::slice::from_raw_parts(bitmap_gpa as *const u64, words) };
+    println!(
+        "local-migrate-tamper: incrementing one byte in each of {} pages at GPA {:#x}, calling the dirty-log hypercalls every {} pages",
+        w.pages, w.start, POLL_EVERY_PAGES
+    );
+    let mut t = Tampering::default();
+    t.round(bitmap);
+    if t.refused != 0 {
+        fail!("the dirty-log calls were refused before any migration");
+    }
+    let stopped_at = w.run_until(
+        || {
+            t.round(bitmap);
+            let (completed, failed) = status();
+            completed >= 1 || failed >= 1
+        },
+        |sweeps| {
+            if sweeps == 1 {
+                hypercall::progress(1);
+            }
+        },
+    );
+    let (completed, failed) = status();
+    if failed != 0 || completed != 1 {
+        fail!(
+            "the migration did not complete ({} completed, {} failed)",
+            completed,
+            failed
+        );
+    }
+    w.verify(stopped_at);
+    if t.refused == 0 {
+        fail!("no dirty-log call was refused: none ran during the migration");
+    }
+    let before = t.done;
+    t.round(bitmap);
+    if t.done != before + 3 {
+        fail!("the dirty-log calls are still refused after the migration");
+    }
+    println!(
+        "local-migrate-tamper: {} dirty-log calls refused during the migration, {} carried out; after {} sweeps, stopped at page {}: every byte as expected",
+        t.refused, t.done, w.sweeps, stopped_at
+    );
+    report::ok("dirty-log calls refused during the migration, workload bytes intact")
 }

@@ -29,6 +29,7 @@ pub fn run(env: &Env) -> ! {
         name::LOCAL_MIGRATE_BUSY => migrate::busy(env, 16 << 20, name::LOCAL_MIGRATE_BUSY),
         name::LOCAL_MIGRATE_ABORT => migrate::abort(env),
         name::LOCAL_MIGRATE_CONVERGE => migrate::busy(env, 8 << 20, name::LOCAL_MIGRATE_CONVERGE),
+        name::LOCAL_MIGRATE_TAMPER => migrate::tamper(env),
         "heartbeat" => endless::heartbeat(),
         "dirty-demo" => endless::dirty_demo(env),
         "bench-hypercall" => endless::bench_hypercall(),
