@@ -339,3 +339,28 @@ pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
         (Direction::SourceToDest, v2)
     ]
 }
+
+/// The seed corpus of the cargo-fuzz targets (`migration/fuzz/seeds/TARGET/NAME`):
+/// each sample stream behind a control byte for the harness. `decode` gets
+/// every stream twice (plain, and with CRC repair so that mutations reach
+/// the parsers), `receive` the source-to-destination ones with CRC repair.
+/// `tests/corpus.rs` checks that the files on disk are exactly these.
+pub fn fuzz_seeds() -> Vec<(&'static str, alloc::string::String, Vec<u8>)> {
+    const NAMES: [&str; 4] = ["v1-complete", "v1-aborted", "back-channel", "v2-verified"];
+    let mut out = Vec::new();
+    for ((dir, bytes), name) in sample_streams().into_iter().zip(NAMES) {
+        let d = u8::from(dir == Direction::DestToSource);
+        // 4 KiB feed chunks (control bits 2-5 = 12).
+        let chunk = 12 << 2;
+        for (fix, suffix) in [(0u8, ""), (2, "-fixcrc")] {
+            let mut seed = Vec::with_capacity(bytes.len() + 1);
+            seed.push(d | fix | chunk);
+            seed.extend_from_slice(&bytes);
+            out.push(("decode", alloc::format!("{name}{suffix}"), seed.clone()));
+            if dir == Direction::SourceToDest && fix != 0 {
+                out.push(("receive", alloc::format!("{name}{suffix}"), seed));
+            }
+        }
+    }
+    out
+}

@@ -5,8 +5,11 @@
 //! is that nothing panics (a panic fails the test), that valid streams
 //! decode, and that every mutation either decodes or errors cleanly.
 
-use migration::fuzzing::{decode_all, fix_crcs, fuzz_decode, fuzz_receive, sample_streams};
+use migration::fuzzing::{
+    decode_all, fix_crcs, fuzz_decode, fuzz_receive, fuzz_seeds, sample_streams,
+};
 use migration::stream::{Direction, CRC_BYTES, HEADER_BYTES};
+use std::path::Path;
 
 /// xorshift64*: deterministic randomness without a dependency.
 struct Rng(u64);
@@ -166,7 +169,8 @@ fn field_overwrites_never_panic() {
             }
             // Type and flags fields.
             for t in [
-                0u16, 1, 2, 0x10, 0x20, 0x21, 0x30, 0x40, 0xf0, 0xf1, 0x101, 0x102, 0x1ff, 0x7777,
+                0u16, 1, 2, 0x10, 0x20, 0x21, 0x22, 0x30, 0x40, 0xf0, 0xf1, 0x101, 0x102, 0x1ff,
+                0x7777,
             ] {
                 for flags in [0u16, 1, 2] {
                     let mut m = bytes.clone();
@@ -256,4 +260,49 @@ fn random_garbage_never_panics() {
         }
         fuzz_decode(&fixed);
     }
+}
+
+/// The cargo-fuzz seed corpus (`fuzz/seeds/TARGET/NAME`) is exactly
+/// `fuzzing::fuzz_seeds()`, so the fuzzers start from valid streams of the
+/// current encoder (the verify record included). After a change of the
+/// encoder, rewrite the files with `HVMIGRATE_UPDATE_SEEDS=1 cargo test -p
+/// migration --test corpus`.
+#[test]
+fn fuzz_seeds_are_the_current_sample_streams() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let update = std::env::var_os("HVMIGRATE_UPDATE_SEEDS").is_some();
+    let seeds = fuzz_seeds();
+    for target in ["decode", "receive"] {
+        let dir = root.join(target);
+        if update {
+            std::fs::create_dir_all(&dir).unwrap();
+            for e in std::fs::read_dir(&dir).unwrap() {
+                std::fs::remove_file(e.unwrap().path()).unwrap();
+            }
+        }
+        let want: Vec<_> = seeds.iter().filter(|(t, _, _)| *t == target).collect();
+        for (_, name, bytes) in &want {
+            let path = dir.join(name);
+            if update {
+                std::fs::write(&path, bytes).unwrap();
+            }
+            let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (HVMIGRATE_UPDATE_SEEDS=1 writes it)",
+                    path.display()
+                )
+            });
+            assert!(
+                on_disk == *bytes,
+                "{} is stale (HVMIGRATE_UPDATE_SEEDS=1 rewrites it)",
+                path.display()
+            );
+            // Every seed runs through both harnesses without a panic.
+            fuzz_decode(bytes);
+            fuzz_receive(bytes);
+        }
+        let files = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(files, want.len(), "{}: unexpected files", dir.display());
+    }
+    assert!(seeds.iter().any(|(_, n, _)| n == "v2-verified-fixcrc"));
 }
