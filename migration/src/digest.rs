@@ -25,7 +25,7 @@
 //! misapplied pages, not a cryptographic MAC (authentication belongs to the
 //! transport).
 
-use crate::{Page, PAGE_SIZE};
+use crate::Page;
 
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -94,6 +94,7 @@ impl ImageDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PAGE_SIZE;
 
     #[test]
     fn zero_page_hash_matches_hashing_zero_bytes() {
