@@ -6,6 +6,7 @@
 
 use crate::error::VmError;
 use crate::receiver::{DestinationVm, Receiver, RecvProgress};
+use crate::report::MigrationResult;
 use crate::state::{DeviceState, VcpuState, VmConfig};
 use crate::stream::{Decoder, Direction, CRC_BYTES, HEADER_BYTES};
 use crate::transport::{MemPipe, Transport};
@@ -75,10 +76,16 @@ pub fn decode_all(dir: Direction, input: &[u8], chunk: usize) -> (u64, bool) {
     (d.records(), d.finish().is_ok())
 }
 
-/// A destination that keeps nothing: pages read back as zero.
-struct NullVm;
+/// A destination that keeps only the pages written (a map, so its memory
+/// is bounded by the input, not by the configured RAM): the digests of a
+/// valid stream match, and mutations reach the state restore, the verify
+/// comparison and the go/resume path.
+#[derive(Default)]
+struct SparseVm {
+    pages: alloc::collections::BTreeMap<u64, alloc::boxed::Box<Page>>,
+}
 
-impl DestinationVm for NullVm {
+impl DestinationVm for SparseVm {
     fn prepare(&mut self, config: &VmConfig) -> Result<(), VmError> {
         // Refuse what a small host would refuse, so a fuzzed configuration
         // cannot make the harness hash a terabyte of RAM.
@@ -87,14 +94,19 @@ impl DestinationVm for NullVm {
         }
         Ok(())
     }
-    fn write_page(&mut self, _gfn: u64, _data: &Page) -> Result<(), VmError> {
+    fn write_page(&mut self, gfn: u64, data: &Page) -> Result<(), VmError> {
+        self.pages.insert(gfn, alloc::boxed::Box::new(*data));
         Ok(())
     }
-    fn zero_page(&mut self, _gfn: u64) -> Result<(), VmError> {
+    fn zero_page(&mut self, gfn: u64) -> Result<(), VmError> {
+        self.pages.remove(&gfn);
         Ok(())
     }
-    fn read_page(&mut self, _gfn: u64, buf: &mut Page) -> Result<(), VmError> {
-        buf.fill(0);
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        match self.pages.get(&gfn) {
+            Some(p) => buf.copy_from_slice(&p[..]),
+            None => buf.fill(0),
+        }
         Ok(())
     }
     fn restore_vcpus(&mut self, _vcpus: &[VcpuState]) -> Result<(), VmError> {
@@ -110,10 +122,11 @@ impl DestinationVm for NullVm {
 }
 
 /// Run a [`Receiver`] over `data` (source-to-destination bytes, CRCs fixed
-/// if control bit 1 is set, as in [`fuzz_decode`]).
-pub fn fuzz_receive(data: &[u8]) {
+/// if control bit 1 is set, as in [`fuzz_decode`]); returns how it ended
+/// (`None`: still running after the step budget, or no input).
+pub fn fuzz_receive(data: &[u8]) -> Option<MigrationResult> {
     let Some((&ctl, rest)) = data.split_first() else {
-        return;
+        return None;
     };
     let mut input: Vec<u8> = rest.to_vec();
     if ctl & 2 != 0 {
@@ -121,13 +134,20 @@ pub fn fuzz_receive(data: &[u8]) {
     }
     let (mut src, dst) = MemPipe::pair();
     let _ = src.send(&input);
-    drop(src);
-    let mut rx = Receiver::new(NullVm, dst);
+    // The source end stays open while the receiver consumes the input, so
+    // its offer, `ready` and `resumed` can be sent; once it waits for more
+    // bytes, the source hangs up. (Dropping it first made the receiver's
+    // first send, the offer, fail: it never decoded a record.)
+    let mut src = Some(src);
+    let mut rx = Receiver::new(SparseVm::default(), dst);
     for _ in 0..100_000 {
-        if let RecvProgress::Finished(_) = rx.step() {
-            break;
+        match rx.step() {
+            RecvProgress::Finished(r) => return Some(r),
+            RecvProgress::Waiting => drop(src.take()),
+            RecvProgress::Busy => {}
         }
     }
+    None
 }
 
 /// A small, fully valid configuration: 8 pages of RAM, 2 vCPUs, 2 devices.

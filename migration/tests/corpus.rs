@@ -9,6 +9,7 @@ use migration::fuzzing::{
     decode_all, fix_crcs, fuzz_decode, fuzz_receive, fuzz_seeds, sample_streams,
 };
 use migration::stream::{Direction, CRC_BYTES, HEADER_BYTES};
+use migration::MigrationResult;
 use std::path::Path;
 
 /// xorshift64*: deterministic randomness without a dependency.
@@ -64,7 +65,7 @@ fn run(dir: Direction, bytes: &[u8], fix: bool, chunk_log2: usize, receiver: boo
     input.extend_from_slice(bytes);
     fuzz_decode(&input);
     if receiver && dir == Direction::SourceToDest {
-        fuzz_receive(&input);
+        let _ = fuzz_receive(&input);
     }
 }
 
@@ -77,6 +78,19 @@ fn valid_samples_decode_completely() {
         }
         run(dir, &bytes, false, 6, true);
     }
+    // The receive harness's destination keeps what is written: the two
+    // complete source streams (version 1, and version 2 with the verify
+    // record) get through the digest checks to `go` and resume; the
+    // aborted one is cancelled.
+    let samples = sample_streams();
+    let receive = |i: usize| {
+        let mut input = vec![ctl(Direction::SourceToDest, false, 12)];
+        input.extend_from_slice(&samples[i].1);
+        fuzz_receive(&input)
+    };
+    assert_eq!(receive(0), Some(MigrationResult::Completed));
+    assert_eq!(receive(1), Some(MigrationResult::Cancelled));
+    assert_eq!(receive(3), Some(MigrationResult::Completed));
 }
 
 #[test]
@@ -253,7 +267,7 @@ fn random_garbage_never_panics() {
             m[1..9].copy_from_slice(magic);
         }
         fuzz_decode(&m);
-        fuzz_receive(&m);
+        let _ = fuzz_receive(&m);
         let mut fixed = m.clone();
         if fixed.len() > 1 {
             fix_crcs(&mut fixed[1..]);
@@ -299,7 +313,7 @@ fn fuzz_seeds_are_the_current_sample_streams() {
             );
             // Every seed runs through both harnesses without a panic.
             fuzz_decode(bytes);
-            fuzz_receive(bytes);
+            let _ = fuzz_receive(bytes);
         }
         let files = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(files, want.len(), "{}: unexpected files", dir.display());

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    migration::fuzzing::fuzz_receive(data);
+    let _ = migration::fuzzing::fuzz_receive(data);
 });
