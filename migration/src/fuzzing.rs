@@ -125,9 +125,7 @@ impl DestinationVm for SparseVm {
 /// if control bit 1 is set, as in [`fuzz_decode`]); returns how it ended
 /// (`None`: still running after the step budget, or no input).
 pub fn fuzz_receive(data: &[u8]) -> Option<MigrationResult> {
-    let Some((&ctl, rest)) = data.split_first() else {
-        return None;
-    };
+    let (&ctl, rest) = data.split_first()?;
     let mut input: Vec<u8> = rest.to_vec();
     if ctl & 2 != 0 {
         fix_crcs(&mut input);
