@@ -331,13 +331,54 @@ pub enum Cluster {
         #[command(flatten)]
         state: StateDirArg,
     },
-    /// The migration-link hub of a cluster of three nodes or more (started
-    /// by `cluster up`)
+    /// Cut or restore a node's migration link at the relay (fault
+    /// injection: its frames are dropped both ways while cut)
+    #[command(subcommand)]
+    Link(LinkCmd),
+    /// Power a node off abruptly (its QEMU is killed: no shutdown)
+    Kill {
+        /// The node's name
+        name: String,
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Boot a node that is not running again, empty, with the same
+    /// addresses, ports and key; returns when it answers
+    Start {
+        /// The node's name
+        name: String,
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// The migration-link relay of a cluster (started by `cluster up`)
     #[command(hide = true)]
-    Hub {
-        /// The link port on 127.0.0.1
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        port: u16,
+    Relay {
+        /// How many nodes (a, b, ...)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=crate::cluster::NODES_MAX as u64))]
+        nodes: u64,
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum LinkCmd {
+    /// Cut the node's migration link: its frames and frames for it are
+    /// dropped, as if its cable were pulled
+    Cut {
+        /// The node's name
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Restore the node's migration link
+    Restore {
+        /// The node's name
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        #[command(flatten)]
+        state: StateDirArg,
     },
 }
 
@@ -529,9 +570,27 @@ mod tests {
             Ok(Command::Cluster(Cluster::Down { .. }))
         ));
         assert!(matches!(
-            p("cluster hub --port 4000"),
-            Ok(Command::Cluster(Cluster::Hub { port: 4000 }))
+            p("cluster relay --nodes 3 --state-dir /s"),
+            Ok(Command::Cluster(Cluster::Relay { nodes: 3, .. }))
         ));
+        assert!(matches!(
+            p("cluster link cut --node b"),
+            Ok(Command::Cluster(Cluster::Link(LinkCmd::Cut { node, .. }))) if node == "b"
+        ));
+        assert!(matches!(
+            p("cluster link restore --node b --state-dir /s"),
+            Ok(Command::Cluster(Cluster::Link(LinkCmd::Restore { node, state }))) if node == "b" && state.state_dir.as_deref() == Some("/s")
+        ));
+        assert!(matches!(
+            p("cluster kill b"),
+            Ok(Command::Cluster(Cluster::Kill { name, .. })) if name == "b"
+        ));
+        assert!(matches!(
+            p("cluster start b"),
+            Ok(Command::Cluster(Cluster::Start { name, .. })) if name == "b"
+        ));
+        usage_error("cluster link cut");
+        usage_error("cluster kill");
         // hvctl's own options may come before or after its command.
         let Command::Hvctl(h) = p("hvctl --state-dir /s --node b vm list --json").unwrap() else {
             panic!()

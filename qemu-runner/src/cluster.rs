@@ -1,26 +1,32 @@
-//! `qemu-runner cluster up|status|down` and `bench link`: a cluster of
-//! hvmigrate nodes under QEMU on this machine.
+//! `qemu-runner cluster up|status|down|link|kill|start` and `bench link`: a
+//! cluster of hvmigrate nodes under QEMU on this machine.
 //!
 //! Each node is a QEMU process in the background with two NICs
 //! (shared/PLATFORM.md, "Two QEMU nodes on one virtual Ethernet link"):
 //! * management: QEMU user networking; host port `127.0.0.1:P` is forwarded
 //!   to the node's management port 7000 at 10.0.2.15 (addresses internal to
 //!   QEMU's emulated network);
-//! * migration: a TCP-backed socket link on 127.0.0.1, addresses
-//!   192.168.100.N/24 inside the emulated link. Two nodes are joined
-//!   directly (node `a` listens, `b` connects); three or more each connect
-//!   to a hub that `cluster up` starts in the background ([`run_hub`]: a
-//!   `qemu-runner` process repeating every frame to every other node, over
-//!   the same length-prefixed TCP framing QEMU's socket backend speaks).
+//! * migration: a `-netdev stream` connection to the link relay
+//!   ([`crate::relay`]), a `qemu-runner` process that `cluster up` starts
+//!   first, on the Unix socket `link-NAME.sock` of the state directory;
+//!   addresses 192.168.100.N/24 inside the emulated link. The relay forwards
+//!   frames between the nodes it was told about (by pid), and is where
+//!   `cluster link cut|restore` pulls and plugs a node's cable.
+//!
+//! `cluster kill NAME` powers a node off abruptly (SIGKILL to its QEMU) and
+//! `cluster start NAME` boots it again, empty, from the QEMU arguments
+//! `cluster up` recorded: same addresses, ports and key.
 //!
 //! The state directory (default `target/cluster`, or
-//! `$HVMIGRATE_CLUSTER_DIR`, or `--state-dir`) holds `cluster.json` (nodes,
-//! ports, process ids and the cluster key, mode 0600) and each node's serial
-//! log `node-NAME.log`.
+//! `$HVMIGRATE_CLUSTER_DIR`, or `--state-dir`; mode 0700) holds
+//! `cluster.json` (nodes, ports, process ids, QEMU arguments and the
+//! cluster key, mode 0600), each node's serial log `node-NAME.log` (the
+//! previous boot's as `node-NAME.log.1` after `cluster start`), the relay's
+//! sockets and its log `relay.log`.
 
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,12 +40,12 @@ use crate::accel::Accel;
 use crate::arch::Arch;
 use crate::cargo::Images;
 use crate::hvctl::{self, Client};
+use crate::relay::{self, ControlRequest, PortSpec};
 
 /// Most nodes.
 pub const NODES_MAX: usize = 8;
-/// Largest frame the hub forwards (QEMU's socket backend sends at most
-/// 69632 bytes; Ethernet frames here are at most 1514).
-pub const HUB_FRAME_MAX: usize = 69632;
+/// Time for the link relay to answer after it was started.
+pub const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The node's management port inside QEMU's user network.
 pub const NODE_MGMT_PORT: u16 = 7000;
 /// The node's address on QEMU's user network (QEMU's fixed default).
@@ -66,6 +72,10 @@ pub struct NodeState {
     /// The node's address on the migration link.
     pub migration_ip: String,
     pub log: PathBuf,
+    /// QEMU's arguments (run in the state directory), kept for `cluster
+    /// start`.
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
 }
 
 /// `cluster.json`.
@@ -73,12 +83,9 @@ pub struct NodeState {
 pub struct ClusterState {
     /// The cluster key, hex (never printed).
     pub key: String,
-    /// Host port of the migration link (node `a` listens on it, or the hub
-    /// for three nodes or more).
-    pub link_port: u16,
-    /// The hub's process (three nodes or more).
+    /// The link relay's process.
     #[serde(default)]
-    pub hub_pid: Option<u32>,
+    pub relay_pid: Option<u32>,
     pub nodes: Vec<NodeState>,
 }
 
@@ -170,19 +177,24 @@ pub fn node_cmdline(name: &str, key: &str, migration_ip: &str) -> String {
     )
 }
 
-/// QEMU's arguments for node `i` of `count`.
-pub fn qemu_args(
-    boot: &Boot,
-    i: usize,
-    count: usize,
-    key: &str,
-    mgmt_port: u16,
-    link_port: u16,
-    log: &Path,
-) -> Vec<String> {
+/// Node `i`'s migration NIC MAC address (the relay forwards by it).
+pub fn migration_mac(i: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x00, 0x01, (i + 1) as u8]
+}
+
+/// Node `i`'s address on the migration link.
+pub fn migration_ip(i: usize) -> String {
+    format!("192.168.100.{}", i + 1)
+}
+
+/// QEMU's arguments for node `i`. QEMU runs in the state directory, where
+/// its migration NIC connects to the relay's socket `link-NAME.sock`
+/// (relative, so a deep state directory never exceeds a socket path's
+/// length).
+pub fn qemu_args(boot: &Boot, i: usize, key: &str, mgmt_port: u16, log: &Path) -> Vec<String> {
     let name = node_name(i);
-    let mig_ip = format!("192.168.100.{}", i + 1);
     let images = &boot.images;
+    let mac = migration_mac(i);
     let mut a: Vec<String> = boot.accel.qemu_args().map(String::from).into();
     a.extend([
         "-m".into(),
@@ -192,7 +204,7 @@ pub fn qemu_args(
         "-initrd".into(),
         images.guest_kernel.display().to_string(),
         "-append".into(),
-        node_cmdline(&name, key, &mig_ip),
+        node_cmdline(&name, key, &migration_ip(i)),
         "-serial".into(),
         format!("file:{}", log.display()),
         "-display".into(),
@@ -207,51 +219,71 @@ pub fn qemu_args(
         format!("user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{mgmt_port}-{NODE_MGMT_IP}:{NODE_MGMT_PORT}"),
         "-device".into(),
         format!("virtio-net-pci,netdev=mgmt,mac=52:54:00:00:00:{:02x}", i + 1),
+        // Migration NIC: through the relay.
+        "-netdev".into(),
+        format!(
+            "stream,id=mig,server=off,addr.type=unix,addr.path={}",
+            relay::link_socket_name(&name)
+        ),
+        "-device".into(),
+        format!(
+            "virtio-net-pci,netdev=mig,mac={}",
+            mac.map(|b| format!("{b:02x}")).join(":")
+        ),
     ]);
-    if count > 2 {
-        a.extend([
-            "-netdev".into(),
-            format!("socket,id=mig,connect=127.0.0.1:{link_port}"),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=mig,mac=52:54:00:00:01:{:02x}", i + 1),
-        ]);
-    } else if count == 2 {
-        let end = if i == 0 { "listen" } else { "connect" };
-        a.extend([
-            "-netdev".into(),
-            format!("socket,id=mig,{end}=127.0.0.1:{link_port}"),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=mig,mac=52:54:00:00:01:{:02x}", i + 1),
-        ]);
-    } else {
-        // A lone node still gets its migration NIC, on a link to nowhere.
-        a.extend([
-            "-netdev".into(),
-            "user,id=mig,restrict=on".into(),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=mig,mac=52:54:00:00:01:{:02x}", i + 1),
-        ]);
-    }
     a
 }
 
-/// Whether process `pid` exists.
+/// The relay's ports for `count` nodes.
+pub fn relay_ports(count: usize) -> Vec<PortSpec> {
+    (0..count)
+        .map(|i| PortSpec {
+            name: node_name(i),
+            mac: migration_mac(i),
+        })
+        .collect()
+}
+
+/// Whether process `pid` exists and has not exited (a zombie whose parent
+/// has not reaped it counts as gone).
 pub fn alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
+    let Ok(spid) = i32::try_from(pid) else {
         return false;
     };
     // SAFETY: kill with signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid, 0) == 0 }
+    if unsafe { libc::kill(spid, 0) } != 0 {
+        return false;
+    }
+    // /proc/PID/stat: "PID (COMM) STATE ..."; COMM may hold spaces.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+        })
+        .is_none_or(|state| state != 'Z' && state != 'X')
+}
+
+fn signal_group(pid: u32, signal: libc::c_int) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: every process the cluster starts (node QEMUs, the relay)
+        // leads its own process group (process_group(0)); signalling that
+        // group reaches only it.
+        unsafe {
+            libc::kill(-pid, signal);
+        }
+    }
 }
 
 fn kill_group(pid: u32) {
-    if let Ok(pid) = i32::try_from(pid) {
-        // SAFETY: the node was started as the leader of its own process
-        // group (process_group(0)); signalling that group reaches only it.
-        unsafe {
-            libc::kill(-pid, libc::SIGTERM);
-        }
-    }
+    signal_group(pid, libc::SIGTERM);
+}
+
+/// Whether `pid` is still the process we started for a node (a QEMU), not
+/// a reused pid.
+fn is_qemu(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end().starts_with("qemu-system"))
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {
@@ -265,84 +297,67 @@ fn log_tail(path: &Path, lines: usize) -> String {
         .join("\n")
 }
 
-/// `cluster up`: boot `count` nodes in the background and wait until each
-/// answers an authenticated `node-info`.
-pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String> {
-    if !(1..=NODES_MAX).contains(&count) {
-        return Err(format!("--nodes must be 1 to {NODES_MAX}"));
-    }
-    if let Ok(old) = load(dir) {
-        if old.nodes.iter().any(|n| alive(n.pid)) {
+/// Start the link relay for `count` nodes in the background and wait until
+/// it answers.
+fn start_relay(dir: &Path, count: usize) -> Result<u32, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding qemu-runner: {e}"))?;
+    let log_path = dir.join("relay.log");
+    let log = fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let relay = Command::new(exe)
+        .args(["cluster", "relay", "--nodes", &count.to_string()])
+        .arg("--state-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting the link relay: {e}"))?;
+    let pid = relay.id();
+    let deadline = Instant::now() + RELAY_TIMEOUT;
+    while relay::control_status(dir).is_err() {
+        if Instant::now() > deadline || !alive(pid) {
+            signal_group(pid, libc::SIGKILL);
             return Err(format!(
-                "a cluster is already running from {} (`cluster down` first)",
-                dir.display()
+                "the link relay did not start: {}",
+                fs::read_to_string(&log_path).unwrap_or_default().trim()
             ));
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let key = hex_encode(&hvctl::random_bytes::<32>()?);
-    let link_port = free_port()?;
-    let mut state = ClusterState {
-        key: key.clone(),
-        link_port,
-        hub_pid: None,
-        nodes: Vec::new(),
-    };
-    if count > 2 {
-        let exe = std::env::current_exe().map_err(|e| format!("finding qemu-runner: {e}"))?;
-        let hub = Command::new(exe)
-            .args(["cluster", "hub", "--port", &link_port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("starting the link hub: {e}"))?;
-        state.hub_pid = Some(hub.id());
-        save(dir, &state)?;
-        // The nodes connect at start-up and QEMU 7.2 does not retry.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", link_port)).is_err() {
-            if Instant::now() > deadline || !alive(hub.id()) {
-                down(dir).ok();
-                return Err("the link hub did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    Ok(pid)
+}
+
+/// Start node `n`'s QEMU from its recorded arguments and register it with
+/// the relay; returns its pid.
+fn spawn_node(dir: &Path, n: &NodeState) -> Result<u32, String> {
+    let err_path = dir.join(format!("qemu-{}.err", n.name));
+    let err = fs::File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
+    let child = Command::new(crate::qemu::QEMU)
+        .args(&n.qemu_args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", crate::qemu::QEMU))?;
+    let pid = child.id();
+    if let Err(e) = relay::control(
+        dir,
+        &ControlRequest::Expect {
+            node: n.name.clone(),
+            pid,
+        },
+    ) {
+        signal_group(pid, libc::SIGKILL);
+        return Err(e);
     }
-    for i in 0..count {
-        let name = node_name(i);
-        let mgmt_port = free_port()?;
-        let log = dir.join(format!("node-{name}.log"));
-        let _ = fs::remove_file(&log);
-        let err_path = dir.join(format!("qemu-{name}.err"));
-        let err =
-            fs::File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
-        let child = Command::new(crate::qemu::QEMU)
-            .args(qemu_args(boot, i, count, &key, mgmt_port, link_port, &log))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", crate::qemu::QEMU))?;
-        state.nodes.push(NodeState {
-            name,
-            pid: child.id(),
-            mgmt_port,
-            migration_ip: format!("192.168.100.{}", i + 1),
-            log,
-        });
-        save(dir, &state)?;
-        if i == 0 && count == 2 {
-            // The listening end of the link must exist before the other
-            // node connects (QEMU 7.2 does not retry).
-            std::thread::sleep(Duration::from_millis(700));
-        }
-    }
-    let key = ClusterKey::from_hex(&state.key).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + UP_TIMEOUT;
-    // A spinner while the nodes boot (stderr, drawn on a terminal only).
+    Ok(pid)
+}
+
+/// A spinner while nodes boot (stderr, drawn on a terminal only).
+fn spinner() -> indicatif::ProgressBar {
     let spinner =
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     spinner.set_style(
@@ -350,55 +365,127 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     spinner.enable_steady_tick(Duration::from_millis(120));
+    spinner
+}
+
+/// Wait until node `n` answers an authenticated `node-info`.
+fn wait_answer(
+    dir: &Path,
+    n: &NodeState,
+    key: &ClusterKey,
+    deadline: Instant,
+    spinner: &indicatif::ProgressBar,
+) -> Result<(), String> {
+    spinner.set_message(format!(
+        "waiting for node {} to answer on 127.0.0.1:{}",
+        n.name, n.mgmt_port
+    ));
+    let addr = format!("127.0.0.1:{}", n.mgmt_port);
+    loop {
+        if !alive(n.pid) {
+            let err =
+                fs::read_to_string(dir.join(format!("qemu-{}.err", n.name))).unwrap_or_default();
+            return Err(format!(
+                "node {} exited while starting\nQEMU: {}\nserial log tail:\n{}",
+                n.name,
+                err.trim(),
+                log_tail(&n.log, 20)
+            ));
+        }
+        if Client::connect(&addr, key)
+            .and_then(|mut c| c.call_ok(Request::NodeInfo))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node {} did not answer on {addr} within {} s; serial log tail:\n{}",
+                n.name,
+                UP_TIMEOUT.as_secs(),
+                log_tail(&n.log, 20)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `cluster up`: start the link relay, boot `count` nodes in the background
+/// and wait until each answers an authenticated `node-info`.
+pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String> {
+    if !(1..=NODES_MAX).contains(&count) {
+        return Err(format!("--nodes must be 1 to {NODES_MAX}"));
+    }
+    if let Ok(old) = load(dir) {
+        if old
+            .nodes
+            .iter()
+            .map(|n| n.pid)
+            .chain(old.relay_pid)
+            .any(alive)
+        {
+            return Err(format!(
+                "a cluster is already running from {} (`cluster down` first)",
+                dir.display()
+            ));
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let key = hex_encode(&hvctl::random_bytes::<32>()?);
+    let mut state = ClusterState {
+        key: key.clone(),
+        relay_pid: None,
+        nodes: Vec::new(),
+    };
+    state.relay_pid = Some(start_relay(dir, count)?);
+    save(dir, &state)?;
+    for i in 0..count {
+        let name = node_name(i);
+        let mgmt_port = free_port()?;
+        let log = dir.join(format!("node-{name}.log"));
+        let _ = fs::remove_file(&log);
+        let _ = fs::remove_file(dir.join(format!("node-{name}.log.1")));
+        let mut node = NodeState {
+            name,
+            pid: 0,
+            mgmt_port,
+            migration_ip: migration_ip(i),
+            qemu_args: qemu_args(boot, i, &key, mgmt_port, &log),
+            log,
+        };
+        match spawn_node(dir, &node) {
+            Ok(pid) => node.pid = pid,
+            Err(e) => {
+                down(dir).ok();
+                return Err(e);
+            }
+        }
+        state.nodes.push(node);
+        save(dir, &state)?;
+    }
+    let key = ClusterKey::from_hex(&state.key).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + UP_TIMEOUT;
+    let spinner = spinner();
     for n in &state.nodes {
-        spinner.set_message(format!(
-            "waiting for node {} to answer on 127.0.0.1:{}",
-            n.name, n.mgmt_port
-        ));
-        loop {
-            if !alive(n.pid) {
-                spinner.finish_and_clear();
-                let err = fs::read_to_string(dir.join(format!("qemu-{}.err", n.name)))
-                    .unwrap_or_default();
-                down(dir).ok();
-                return Err(format!(
-                    "node {} exited while starting\nQEMU: {}\nserial log tail:\n{}",
-                    n.name,
-                    err.trim(),
-                    log_tail(&n.log, 20)
-                ));
-            }
-            let addr = format!("127.0.0.1:{}", n.mgmt_port);
-            let answered = Client::connect(&addr, &key)
-                .and_then(|mut c| c.call_ok(Request::NodeInfo))
-                .is_ok();
-            if answered {
-                break;
-            }
-            if Instant::now() > deadline {
-                spinner.finish_and_clear();
-                let tail = log_tail(&n.log, 20);
-                down(dir).ok();
-                return Err(format!(
-                    "node {} did not answer on 127.0.0.1:{} within {} s; serial log tail:\n{tail}",
-                    n.name,
-                    n.mgmt_port,
-                    UP_TIMEOUT.as_secs()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(500));
+        if let Err(e) = wait_answer(dir, n, &key, deadline, &spinner) {
+            spinner.finish_and_clear();
+            down(dir).ok();
+            return Err(e);
         }
     }
     spinner.finish_and_clear();
     Ok(state)
 }
 
-/// `cluster down`: stop every node and remove the state file (logs stay).
+/// `cluster down`: stop every node and the relay, and remove the state file
+/// (logs stay).
 pub fn down(dir: &Path) -> Result<usize, String> {
     let state = load(dir)?;
     let mut stopped = 0;
     for n in &state.nodes {
-        if alive(n.pid) {
+        if alive(n.pid) && is_qemu(n.pid) {
             kill_group(n.pid);
             stopped += 1;
         }
@@ -407,71 +494,104 @@ pub fn down(dir: &Path) -> Result<usize, String> {
         .nodes
         .iter()
         .map(|n| n.pid)
-        .chain(state.hub_pid)
+        .chain(state.relay_pid)
         .collect();
-    if let Some(h) = state.hub_pid {
-        kill_group(h);
+    if let Some(r) = state.relay_pid.filter(|&r| alive(r)) {
+        kill_group(r);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     for pid in pids.iter().filter(|p| alive(**p)) {
-        if let Ok(pid) = i32::try_from(*pid) {
-            // SAFETY: as in kill_group; SIGKILL for a node that ignored TERM.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
-        }
+        // A node or relay that ignored TERM.
+        signal_group(*pid, libc::SIGKILL);
     }
     fs::remove_file(state_file(dir)).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(stopped)
 }
 
-/// The migration-link hub for three nodes or more: accepts the nodes'
-/// socket-backend connections on `listener` and repeats every frame (4-byte
-/// big-endian length, then the frame) to every other connection. Blocking
-/// writes carry the links' back-pressure: the slowest node paces the rest,
-/// and no frame is dropped. Runs until killed (`cluster down`).
-pub fn run_hub(listener: TcpListener) -> Result<(), String> {
-    use std::io::{Read, Write};
-    use std::sync::{Arc, Mutex};
-    type Peers = Arc<Mutex<Vec<(u64, std::net::TcpStream)>>>;
-    let peers: Peers = Arc::new(Mutex::new(Vec::new()));
-    for (id, conn) in (0u64..).zip(listener.incoming()) {
-        let Ok(mut conn) = conn else { continue };
-        let Ok(writer) = conn.try_clone() else {
-            continue;
-        };
-        peers
-            .lock()
-            .map_err(|_| "hub lock poisoned")?
-            .push((id, writer));
-        let peers = Arc::clone(&peers);
-        std::thread::spawn(move || {
-            let mut frame = vec![0u8; 4 + HUB_FRAME_MAX];
-            loop {
-                let mut len = [0u8; 4];
-                if conn.read_exact(&mut len).is_err() {
-                    break;
-                }
-                let n = u32::from_be_bytes(len) as usize;
-                if n > HUB_FRAME_MAX {
-                    break; // not QEMU's framing: drop this peer
-                }
-                frame[..4].copy_from_slice(&len);
-                if conn.read_exact(&mut frame[4..4 + n]).is_err() {
-                    break;
-                }
-                let Ok(mut all) = peers.lock() else { break };
-                all.retain_mut(|(pid, w)| *pid == id || w.write_all(&frame[..4 + n]).is_ok());
-            }
-            if let Ok(mut all) = peers.lock() {
-                all.retain(|(pid, _)| *pid != id);
-            }
-        });
+fn find_node<'s>(state: &'s ClusterState, name: &str) -> Result<(usize, &'s NodeState), String> {
+    state
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
+            format!(
+                "no node {name:?} in the cluster (nodes: {})",
+                names.join(", ")
+            )
+        })
+}
+
+/// `cluster kill NAME`: power the node off abruptly (SIGKILL to its QEMU:
+/// no shutdown, whatever it held is lost); returns once it is gone.
+pub fn kill(dir: &Path, name: &str) -> Result<(), String> {
+    let state = load(dir)?;
+    let (_, n) = find_node(&state, name)?;
+    if !alive(n.pid) || !is_qemu(n.pid) {
+        return Err(format!("node {name} is not running"));
+    }
+    signal_group(n.pid, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(n.pid) {
+        if Instant::now() > deadline {
+            return Err(format!("node {name} (pid {}) did not die", n.pid));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// `cluster start NAME`: boot a node that is not running again, empty, from
+/// the arguments `cluster up` recorded (same ports, addresses and key);
+/// returns once it answers.
+pub fn start(dir: &Path, name: &str) -> Result<NodeState, String> {
+    let mut state = load(dir)?;
+    let (i, n) = find_node(&state, name)?;
+    if alive(n.pid) {
+        return Err(format!(
+            "node {name} is running (`cluster kill {name}` first)"
+        ));
+    }
+    if n.qemu_args.is_empty() {
+        return Err(format!(
+            "the cluster state has no QEMU arguments for node {name} (started by an older qemu-runner: `cluster down` and `cluster up`)"
+        ));
+    }
+    if !state.relay_pid.is_some_and(alive) {
+        return Err(
+            "the cluster's link relay is not running (`cluster down` and `cluster up`)".into(),
+        );
+    }
+    let _ = fs::rename(&n.log, n.log.with_extension("log.1"));
+    let pid = spawn_node(dir, n)?;
+    state.nodes[i].pid = pid;
+    save(dir, &state)?;
+    let n = state.nodes[i].clone();
+    let key = ClusterKey::from_hex(&state.key).map_err(|e| e.to_string())?;
+    let spinner = spinner();
+    let answered = wait_answer(dir, &n, &key, Instant::now() + UP_TIMEOUT, &spinner);
+    spinner.finish_and_clear();
+    answered.map(|()| n)
+}
+
+/// `cluster link cut|restore --node NAME`.
+pub fn link(dir: &Path, name: &str, cut: bool) -> Result<(), String> {
+    let state = load(dir)?;
+    find_node(&state, name)?;
+    let node = name.to_string();
+    relay::control(
+        dir,
+        &if cut {
+            ControlRequest::Cut { node }
+        } else {
+            ControlRequest::Restore { node }
+        },
+    )
+    .map(|_| ())
 }
 
 /// One node's status.
@@ -482,16 +602,26 @@ pub struct NodeStatus {
     /// `stopped` (process gone).
     pub state: String,
     pub management_address: String,
+    /// The node's migration link at the relay: `up`, `cut` (`cluster link
+    /// cut`), `down` (the node's QEMU is not connected) or `no-relay`.
+    pub link: String,
 }
 
 /// `cluster status`.
 pub fn status(dir: &Path) -> Result<Vec<NodeStatus>, String> {
     let state = load(dir)?;
     let key = ClusterKey::from_hex(&state.key).map_err(|e| e.to_string())?;
+    let links = relay::control_status(dir).ok();
     Ok(state
         .nodes
         .iter()
         .map(|n| {
+            let link = match links.as_ref().map(|l| l.iter().find(|p| p.name == n.name)) {
+                None => "no-relay",
+                Some(Some(p)) if p.cut => "cut",
+                Some(Some(p)) if p.connected_pid == Some(n.pid) => "up",
+                Some(_) => "down",
+            };
             let addr = format!("127.0.0.1:{}", n.mgmt_port);
             let s = if !alive(n.pid) {
                 "stopped"
@@ -507,6 +637,7 @@ pub fn status(dir: &Path) -> Result<Vec<NodeStatus>, String> {
                 name: n.name.clone(),
                 state: s.into(),
                 management_address: addr,
+                link: link.into(),
             }
         })
         .collect())
@@ -646,15 +777,40 @@ pub fn run_cli(cmd: &crate::cli::Cluster) -> Result<u8, String> {
                 );
             } else {
                 for n in &nodes {
-                    println!("{:<4} {:<12} {}", n.name, n.state, n.management_address);
+                    println!(
+                        "{:<4} {:<12} {:<22} link {}",
+                        n.name, n.state, n.management_address, n.link
+                    );
                 }
             }
             Ok(u8::from(nodes.iter().any(|n| n.state != "running")))
         }
-        Cluster::Hub { port } => {
-            let l = TcpListener::bind(("127.0.0.1", *port))
-                .map_err(|e| format!("hub: 127.0.0.1:{port}: {e}"))?;
-            run_hub(l)?;
+        Cluster::Relay { nodes, state } => {
+            let dir = state_dir(state.state_dir.as_deref());
+            let count = usize::try_from(*nodes).unwrap_or(usize::MAX).min(NODES_MAX);
+            relay::run(&dir, relay_ports(count))?;
+            Ok(0)
+        }
+        Cluster::Link(l) => {
+            let (node, state, cut) = match l {
+                crate::cli::LinkCmd::Cut { node, state } => (node, state, true),
+                crate::cli::LinkCmd::Restore { node, state } => (node, state, false),
+            };
+            link(&state_dir(state.state_dir.as_deref()), node, cut)?;
+            println!(
+                "node {node}: migration link {}",
+                if cut { "cut" } else { "restored" }
+            );
+            Ok(0)
+        }
+        Cluster::Kill { name, state } => {
+            kill(&state_dir(state.state_dir.as_deref()), name)?;
+            println!("node {name} killed");
+            Ok(0)
+        }
+        Cluster::Start { name, state } => {
+            let n = start(&state_dir(state.state_dir.as_deref()), name)?;
+            println!("node {} up: management 127.0.0.1:{}", n.name, n.mgmt_port);
             Ok(0)
         }
         Cluster::Down { state } => {
@@ -708,26 +864,81 @@ mod tests {
             },
             accel: Accel::Tcg,
         };
-        let a = qemu_args(&images, 0, 2, "k", 5000, 6000, Path::new("/l"));
+        let a = qemu_args(&images, 0, "k", 5000, Path::new("/l"));
         let joined = a.join(" ");
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:5000-10.0.2.15:7000"),
             "{joined}"
         );
-        assert!(joined.contains("socket,id=mig,listen=127.0.0.1:6000"));
-        let b = qemu_args(&images, 1, 2, "k", 5001, 6000, Path::new("/l")).join(" ");
-        assert!(b.contains("socket,id=mig,connect=127.0.0.1:6000"));
-        assert!(!b.contains("dgram") && !b.contains("0.0.0.0"));
-        let c = qemu_args(&images, 2, 3, "k", 5002, 6001, Path::new("/l")).join(" ");
-        assert!(c.contains("socket,id=mig,connect=127.0.0.1:6001"), "{c}");
+        assert!(
+            joined.contains(
+                "-netdev stream,id=mig,server=off,addr.type=unix,addr.path=link-a.sock \
+                 -device virtio-net-pci,netdev=mig,mac=52:54:00:00:01:01"
+            ),
+            "{joined}"
+        );
+        let c = qemu_args(&images, 2, "k", 5002, Path::new("/l")).join(" ");
+        assert!(c.contains("addr.path=link-c.sock"), "{c}");
+        assert!(c.contains("mac=52:54:00:00:01:03"), "{c}");
         assert!(c.contains("mig_ip=192.168.100.3/24"), "{c}");
+        assert!(!c.contains("dgram") && !c.contains("0.0.0.0") && !c.contains("socket,"));
         assert!(joined.starts_with("-accel tcg -cpu qemu64,+svm,+npt -m 1024M"));
         let kvm = Boot {
             accel: Accel::Kvm,
             ..images.clone()
         };
-        let k = qemu_args(&kvm, 0, 2, "k", 5000, 6000, Path::new("/l")).join(" ");
+        let k = qemu_args(&kvm, 0, "k", 5000, Path::new("/l")).join(" ");
         assert!(k.starts_with("-accel kvm -cpu host -m 1024M"), "{k}");
+        // The relay forwards by the MACs QEMU is given.
+        let ports = relay_ports(3);
+        assert_eq!(ports[1].name, "b");
+        assert_eq!(ports[1].mac, migration_mac(1));
+        assert!(qemu_args(&images, 1, "k", 1, Path::new("/l"))
+            .join(" ")
+            .contains("mac=52:54:00:00:01:02"));
+    }
+
+    #[test]
+    fn zombies_and_strangers_are_not_nodes() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        assert!(alive(pid) && !is_qemu(pid));
+        let dir = std::env::temp_dir().join(format!("hvm-cluster-kill-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let node = |pid| NodeState {
+            name: "b".into(),
+            pid,
+            mgmt_port: 1,
+            migration_ip: migration_ip(1),
+            log: dir.join("node-b.log"),
+            qemu_args: Vec::new(),
+        };
+        save(
+            &dir,
+            &ClusterState {
+                key: "00".repeat(32),
+                relay_pid: None,
+                nodes: vec![node(pid)],
+            },
+        )
+        .unwrap();
+        // A pid that is not a QEMU is never signalled.
+        let e = kill(&dir, "b").unwrap_err();
+        assert!(e.contains("not running"), "{e}");
+        assert!(alive(pid));
+        assert!(kill(&dir, "z").unwrap_err().contains("no node"));
+        // start refuses a running node, and one without recorded arguments.
+        assert!(start(&dir, "b").unwrap_err().contains("is running"));
+        child.kill().unwrap();
+        // Killed but not yet reaped: a zombie, which counts as gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "a zombie counts as alive");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(start(&dir, "b").unwrap_err().contains("no QEMU arguments"));
+        child.wait().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -736,14 +947,14 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let s = ClusterState {
             key: "00".repeat(32),
-            link_port: 1,
-            hub_pid: None,
+            relay_pid: Some(7),
             nodes: vec![NodeState {
                 name: "a".into(),
                 pid: 0,
                 mgmt_port: 4242,
                 migration_ip: "192.168.100.1".into(),
                 log: "/x".into(),
+                qemu_args: vec!["-m".into(), "1024M".into()],
             }],
         };
         save(&dir, &s).unwrap();

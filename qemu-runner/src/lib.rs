@@ -8,7 +8,8 @@
 //! [`migration_report`]), verdicts
 //! and reports ([`summary`]), command construction ([`qemu`], [`cargo`],
 //! [`setup`]) and the emulator process handling ([`process`]); the
-//! cluster of background nodes ([`cluster`]) and its client ([`hvctl`]).
+//! cluster of background nodes ([`cluster`]), the migration-link relay
+//! between them ([`relay`]) and the management client ([`hvctl`]).
 //! `main.rs` only wires them into commands.
 
 pub mod accel;
@@ -24,5 +25,6 @@ pub mod markers;
 pub mod migration_report;
 pub mod process;
 pub mod qemu;
+pub mod relay;
 pub mod setup;
 pub mod summary;

@@ -1,6 +1,7 @@
 //! A two-node cluster as a user drives it: `cluster up`, `hvctl` against
 //! both nodes (every command), a wrong key and garbage bytes refused while
-//! the node keeps serving, `cluster down`. The cluster's state lives in a
+//! the node keeps serving, the migration link cut and restored at the
+//! relay, a node killed and started again (empty), `cluster down`. The cluster's state lives in a
 //! temporary directory; its ports are picked free at run time on 127.0.0.1.
 //! A guard takes the cluster down if an assertion fails.
 
@@ -226,6 +227,74 @@ fn cluster_up_hvctl_and_down() {
     );
     drop(s);
     assert!(c.ok("a", &["node", "info"]).contains("node a"));
+
+    // The migration link at the relay; a node killed and booted again.
+    // `status(&["b link up"])`: node b's status line says "link up".
+    let status = |want: &[&str]| {
+        let run = runner(&["cluster", "status", "--state-dir", c.dir()]);
+        for w in want {
+            let (node, what) = w.split_once(' ').unwrap();
+            assert!(
+                run.stdout
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(node) && l.contains(what)),
+                "{w:?} not in:\n{}",
+                run.transcript()
+            );
+        }
+    };
+    status(&["a link up", "b link up"]);
+    let cut = runner(&[
+        "cluster",
+        "link",
+        "cut",
+        "--node",
+        "b",
+        "--state-dir",
+        c.dir(),
+    ]);
+    assert!(
+        cut.has_line("node b: migration link cut"),
+        "{}",
+        cut.transcript()
+    );
+    status(&["a link up", "b link cut"]);
+    let restore = runner(&[
+        "cluster",
+        "link",
+        "restore",
+        "--node",
+        "b",
+        "--state-dir",
+        c.dir(),
+    ]);
+    assert!(restore.success, "{}", restore.transcript());
+    status(&["b link up"]);
+    c.ok("b", &["vm", "create", "lost", "--memory", "32"]);
+    let kill = runner(&["cluster", "kill", "b", "--state-dir", c.dir()]);
+    assert!(kill.has_line("node b killed"), "{}", kill.transcript());
+    status(&["a running", "b stopped", "b link down"]);
+    assert!(!c.hvctl("b", &["node", "info"]).success);
+    let again = runner(&["cluster", "kill", "b", "--state-dir", c.dir()]);
+    assert!(
+        !again.success && again.stderr.contains("node b is not running"),
+        "{}",
+        again.transcript()
+    );
+    let start = runner(&["cluster", "start", "b", "--state-dir", c.dir()]);
+    assert!(start.success, "{}", start.transcript());
+    status(&["b running", "b link up"]);
+    // Empty: what it held before the power-off is gone.
+    assert!(c.ok("b", &["vm", "list"]).contains("no VMs"));
+    assert!(c
+        .ok("b", &["node", "info"])
+        .contains("migration    192.168.100.2"));
+    let twice = runner(&["cluster", "start", "b", "--state-dir", c.dir()]);
+    assert!(
+        !twice.success && twice.stderr.contains("node b is running"),
+        "{}",
+        twice.transcript()
+    );
 
     let down = runner(&["cluster", "down", "--state-dir", c.dir()]);
     assert!(down.success, "{}", down.transcript());
