@@ -22,4 +22,5 @@ pub mod svm;
 pub mod time;
 pub mod vectors;
 pub mod virt;
+pub mod virtio_hal;
 pub mod vmx;

@@ -183,6 +183,8 @@ pub enum NetError {
     NoNic,
     /// Every socket slot is in use.
     NoSockets,
+    /// No host memory for the socket's buffers.
+    OutOfMemory,
     /// No such socket, or it is not connected.
     NotConnected,
     /// The address or port is invalid for the NIC.
@@ -196,6 +198,7 @@ impl fmt::Display for NetError {
         match self {
             NetError::NoNic => write!(f, "the NIC is not present"),
             NetError::NoSockets => write!(f, "no free socket"),
+            NetError::OutOfMemory => write!(f, "no host memory for the socket's buffers"),
             NetError::NotConnected => write!(f, "the socket is not connected"),
             NetError::BadAddress => write!(f, "invalid address or port"),
             NetError::Device(what) => write!(f, "NIC failure: {what}"),
@@ -213,6 +216,13 @@ pub struct NicStats {
     /// Received frames of the raw link benchmark (ethertype
     /// [`BENCH_ETHERTYPE`]), which the TCP/IP stack never sees.
     pub rx_bench_frames: u64,
+    /// Notifications the driver sent the device (each a trapped register
+    /// write), for the receive and the transmit queue.
+    pub rx_kicks: u64,
+    pub tx_kicks: u64,
+    /// Completions the device reported that the driver could not match
+    /// to a buffer, or with an impossible length (frames dropped).
+    pub device_errors: u64,
 }
 
 /// Ethertype of raw benchmark frames (IEEE 802 local experimental 1).

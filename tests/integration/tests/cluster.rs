@@ -190,6 +190,31 @@ fn cluster_up_hvctl_and_down() {
         bad.transcript()
     );
 
+    // The migration link carries raw frames and a TCP stream, every frame
+    // and byte accounted for on node b.
+    let bench = runner(&[
+        "bench",
+        "link",
+        "--mib",
+        "8",
+        "--frames",
+        "5000",
+        "--state-dir",
+        c.dir(),
+    ]);
+    assert!(bench.success, "{}", bench.transcript());
+    assert!(
+        bench.stdout.contains("raw 5000 frames of 1514 bytes")
+            && bench
+                .stdout
+                .contains("node b received 8388608 bytes (Completed)")
+            && bench
+                .stdout
+                .contains("raw benchmark frames received so far: 5000"),
+        "{}",
+        bench.transcript()
+    );
+
     // A wrong key is refused; garbage gets an error reply; the node serves on.
     let wrong = runner(&[
         "hvctl",

@@ -1,4 +1,5 @@
-//! `virtio-drivers`' [`Hal`] for this hypervisor: DMA memory from the frame
+//! `virtio-drivers`' [`Hal`] for this hypervisor's virtio devices (the NICs
+//! of `net`, the entropy device of `rng`): DMA memory from the frame
 //! allocator, and addresses that need no translation because the host
 //! identity-maps physical memory and the MMIO holes (`Hpa` == host virtual
 //! address; mem/paging.rs maps non-RAM uncached). There is no IOMMU, so
@@ -10,7 +11,7 @@ use hvcore::addr::Hpa;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
 /// The HAL (no state: everything goes through the global allocators).
-pub struct NetHal;
+pub struct VirtioHal;
 
 /// Highest address the host page tables map for MMIO (mem/paging.rs maps
 /// at least the first 4 GiB).
@@ -19,15 +20,15 @@ const MMIO_MAPPED_END: u64 = 1 << 32;
 // SAFETY: `dma_alloc` returns zeroed, page-aligned, identity-mapped frames
 // owned by the caller until `dma_dealloc`; MMIO addresses are identity-mapped
 // (checked below); shared buffers are identity-mapped heap memory.
-unsafe impl Hal for NetHal {
+unsafe impl Hal for VirtioHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let Some(hpa) = mem::alloc_contiguous(pages as u64, 1) else {
             // The driver has no way to report this; a node that cannot get
             // a few pages for its NIC at boot is broken (STYLE 4, case 4).
-            panic!("virtio-net: out of memory for {pages} DMA pages");
+            panic!("virtio: out of memory for {pages} DMA pages");
         };
         let Some(ptr) = NonNull::new(hpa.as_u64() as *mut u8) else {
-            panic!("virtio-net: frame allocator returned address 0");
+            panic!("virtio: frame allocator returned address 0");
         };
         (hpa.as_u64(), ptr)
     }
