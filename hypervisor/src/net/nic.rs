@@ -1,12 +1,14 @@
 //! A polled virtio-net driver (virtio 1.1, 5.1) on `virtio-drivers`'
 //! [`VirtQueue`] and [`PciTransport`], and its [`smoltcp::phy::Device`].
 //!
-//! `virtio-drivers`' own `VirtIONetRaw` notifies the device on every buffer
-//! it adds, and with `VIRTIO_F_EVENT_IDX` (which it always negotiates) its
-//! `should_notify` stays true while the device is behind, so each frame sent
-//! and each receive buffer given back cost one notification: a trapped MMIO
-//! write that QEMU handles under its global lock, stalling this CPU while
-//! QEMU's I/O thread is busy moving frames. This driver instead:
+//! `virtio-drivers`' own `VirtIONetRaw` checks for a notification after
+//! every frame it sends and every receive buffer it gives back; with
+//! `VIRTIO_F_EVENT_IDX` (which it always negotiates) its `should_notify`
+//! stays true while the device is behind, and every completion re-arms a
+//! used-buffer interrupt. Each notification is a trapped MMIO write that
+//! QEMU handles under its global lock, stalling this CPU while QEMU's I/O
+//! thread is busy moving frames (docs/DESIGN.md, "Node networking", has the
+//! counts). This driver instead:
 //! * negotiates only `VERSION_1` and `MAC`; without `EVENT_IDX` the device
 //!   suppresses notifications with the used ring's `NO_NOTIFY` flag while it
 //!   is already working on a queue (virtio 1.1, 2.6.7.2), which QEMU sets
