@@ -879,6 +879,8 @@ mod tests {
             error: None,
             cancellable: true,
             result: None,
+            migration: None,
+            report: None,
         };
         let l = job_line(&j);
         assert!(l.contains("live-migration") && l.contains("running"), "{l}");

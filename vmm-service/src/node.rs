@@ -36,6 +36,44 @@ pub const BENCH_WARMUP_NS: u64 = 100_000_000;
 pub const SERVE_INTERVAL_NS: u64 = 10_000_000;
 /// Default TCP port of the management API.
 pub const DEFAULT_MGMT_PORT: u16 = 7000;
+/// Default TCP port where a managed node accepts migrations.
+pub const DEFAULT_MIG_PORT: u16 = 7100;
+/// Most entries of `peers=`.
+pub const PEERS_MAX: usize = 16;
+
+/// Another node of the cluster, from `peers=NAME@A.B.C.D` (docs/DESIGN.md,
+/// "Node command line"): where `vm-move --to NAME` connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// Its migration NIC's IPv4 address.
+    pub addr: [u8; 4],
+}
+
+impl Peer {
+    /// `NAME@A.B.C.D`, the name a valid VM-style node name (`[a-z0-9-]`,
+    /// 1 to 32 characters).
+    pub fn parse(s: &str) -> Option<Peer> {
+        let (name, addr) = s.split_once('@')?;
+        let name_ok = !name.is_empty()
+            && name.len() <= crate::vm::NAME_MAX
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let addr = crate::mgmt::proto::parse_ipv4(addr)?;
+        name_ok.then(|| Peer {
+            name: name.into(),
+            addr,
+        })
+    }
+}
+
+impl core::fmt::Display for Peer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let [a, b, c, d] = self.addr;
+        write!(f, "{}@{a}.{b}.{c}.{d}", self.name)
+    }
+}
 
 /// The node's mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +102,13 @@ pub struct NodeConfig {
     /// from them; the service only reports them).
     pub mgmt_ip: String,
     pub mig_ip: String,
+    /// `mig_port=`: TCP port for migrations (`None` when invalid).
+    pub mig_port: Option<u16>,
+    /// `peers=`: the other nodes, in order, duplicates and the node itself
+    /// left out.
+    pub peers: Vec<Peer>,
+    /// `peers=` entries that did not parse (warned about at start).
+    pub bad_peers: Vec<String>,
 }
 
 impl NodeConfig {
@@ -77,6 +122,9 @@ impl NodeConfig {
             mgmt_port: Some(DEFAULT_MGMT_PORT),
             mgmt_ip: String::new(),
             mig_ip: String::new(),
+            mig_port: Some(DEFAULT_MIG_PORT),
+            peers: Vec::new(),
+            bad_peers: Vec::new(),
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -99,9 +147,24 @@ impl NodeConfig {
                 "mgmt_port" => cfg.mgmt_port = value.parse().ok().filter(|p| *p != 0),
                 "mgmt_ip" => cfg.mgmt_ip = value.into(),
                 "mig_ip" => cfg.mig_ip = value.into(),
+                "mig_port" => cfg.mig_port = value.parse().ok().filter(|p| *p != 0),
+                "peers" => {
+                    for entry in value.split(',').filter(|e| !e.is_empty()) {
+                        match Peer::parse(entry) {
+                            Some(p) if cfg.peers.len() < PEERS_MAX => {
+                                if !cfg.peers.iter().any(|q| q.name == p.name) {
+                                    cfg.peers.push(p);
+                                }
+                            }
+                            _ => cfg.bad_peers.push(entry.chars().take(64).collect()),
+                        }
+                    }
+                }
                 _ => {}
             }
         }
+        let own = cfg.name.clone();
+        cfg.peers.retain(|p| p.name != own);
         cfg
     }
 }
@@ -185,10 +248,16 @@ fn managed_mode(host: &mut dyn Host, image: Vec<u8>, cfg: &NodeConfig, rounds: O
         );
         return 1;
     }
+    for bad in &cfg.bad_peers {
+        host.console_write(&format!(
+            "vmm-service: peers=: ignoring '{bad}' (expected NAME@A.B.C.D)\n"
+        ));
+    }
     let identity = NodeIdentity {
         name: cfg.name.clone(),
         mgmt_addr: cfg.mgmt_ip.clone(),
         migration_addr: cfg.mig_ip.clone(),
+        peers: cfg.peers.clone(),
     };
     let mut node = Managed::new(identity, image);
     let mut server = MgmtServer::new(key, port);
@@ -611,6 +680,7 @@ mod tests {
     use super::*;
     use crate::testing::{printer, FakeHost, FakeMemory, FakeVcpu, Program};
     use alloc::boxed::Box;
+    use alloc::string::ToString;
     use hvcore::abi::{HC_NOP, HC_TEST_RESULT};
     use hvcore::addr::Gpa;
     use hvcore::vcpu::VmExit;
@@ -638,6 +708,15 @@ mod tests {
         assert_eq!(NodeConfig::parse("mgmt_port=70000").mgmt_port, None);
         assert_eq!(NodeConfig::parse("").mgmt_port, Some(DEFAULT_MGMT_PORT));
         assert_eq!(NodeConfig::parse("").mode, Mode::Node);
+        assert_eq!(NodeConfig::parse("").mig_port, Some(DEFAULT_MIG_PORT));
+        assert_eq!(NodeConfig::parse("mig_port=7200").mig_port, Some(7200));
+        assert_eq!(NodeConfig::parse("mig_port=0").mig_port, None);
+        let c = NodeConfig::parse(
+            "name=a peers=b@192.168.100.2,a@192.168.100.1,,c@192.168.100.3,B@1.2.3.4,d@1.2.3,b@9.9.9.9",
+        );
+        let shown: Vec<String> = c.peers.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["b@192.168.100.2", "c@192.168.100.3"]);
+        assert_eq!(c.bad_peers, ["B@1.2.3.4", "d@1.2.3"]);
         assert_eq!(NodeConfig::parse("mode=bench-exits").mode, Mode::BenchExits);
         assert_eq!(NodeConfig::parse("mode=bench-dirty").mode, Mode::BenchDirty);
         assert_eq!(

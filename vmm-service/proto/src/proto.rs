@@ -105,9 +105,39 @@ pub enum Request {
         #[serde(default)]
         lines: Option<u32>,
     },
+    /// Live-migrate VM `name` to node `to` (a peer's name, or this node's
+    /// own for a move within the node); a job. `None` = the default.
+    VmMove {
+        name: String,
+        to: String,
+        /// Longest acceptable pause at the switch-over (default 300).
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+        /// Rate limit of the stream in MiB/s (default 0 = none).
+        #[serde(default)]
+        bandwidth_mib_s: Option<u64>,
+        /// Give up (the VM runs on here) after this long (default 600).
+        #[serde(default)]
+        timeout_s: Option<u64>,
+        /// Encrypt the stream (default: authenticated only).
+        #[serde(default)]
+        encrypt: Option<bool>,
+        /// Verification mode (default on).
+        #[serde(default)]
+        verify: Option<bool>,
+    },
     JobList,
+    /// One job, with its migration report once it ended.
+    JobShow {
+        id: u64,
+    },
     JobCancel {
         id: u64,
+    },
+    /// Decide a migration in doubt: which copy of the VM is the one.
+    JobResolve {
+        id: u64,
+        keep: Keep,
     },
     HostGet,
     HostSet {
@@ -178,13 +208,16 @@ pub struct NodeInfo {
     /// Management and migration addresses, as configured at boot.
     pub mgmt_addr: String,
     pub migration_addr: String,
+    /// The nodes VMs can move to, `NAME@IPv4` (its `peers=`).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// One VM as listed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
     pub name: String,
-    /// `created`, `running`, `halted` or `stopped`.
+    /// `created`, `running`, `halted`, `paused`, `incoming` or `stopped`.
     pub state: String,
     /// Why it stopped (stopped VMs only).
     pub stop_reason: Option<String>,
@@ -192,6 +225,9 @@ pub struct VmInfo {
     pub guest: String,
     pub exits: u64,
     pub console_lines: u64,
+    /// The job moving it (either end of a live migration), else `None`.
+    #[serde(default)]
+    pub migration_job: Option<u64>,
 }
 
 /// Job kinds.
@@ -241,6 +277,103 @@ pub struct JobInfo {
     /// Free-form result (e.g. the link benchmark's figures).
     #[serde(default)]
     pub result: Option<String>,
+    /// Live migrations: where it stands (boxed: most jobs list without).
+    #[serde(default)]
+    pub migration: Option<alloc::boxed::Box<MigrationInfo>>,
+    /// Live migrations that ended, in `job-show` only: the report.
+    #[serde(default)]
+    pub report: Option<alloc::boxed::Box<MigrationReport>>,
+}
+
+/// Which end of a live migration a job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// This node is the source: the VM leaves.
+    Outgoing,
+    /// This node is the destination: the VM arrives.
+    Incoming,
+}
+
+/// Where a live migration stands (docs/MANAGEMENT.md, "Live migration").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Waiting for a slot here, or for the destination to have one.
+    Queued,
+    /// Opening the connection to the destination.
+    Connecting,
+    /// Authentication and the destination's checks.
+    Negotiating,
+    /// Pre-copy passes; the VM runs.
+    Copying,
+    /// The VM is paused: last pages, verification, vCPU and device state.
+    FinalCopy,
+    /// The ready / go / resumed exchange.
+    SwitchingOver,
+    /// The link failed after `go` and before `resumed`: the source keeps
+    /// its copy paused until the destination says what it did.
+    InDoubt,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// A live migration's progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub direction: Direction,
+    /// The other node's name.
+    pub peer: String,
+    pub phase: Phase,
+    /// The pass under way, 0 = the full copy.
+    pub pass: u32,
+    /// Stream bytes so far (received, on the destination).
+    pub bytes_sent: u64,
+    /// The rest of this pass plus the pages dirtied since (estimate).
+    pub bytes_remaining: u64,
+    /// How fast the guest dirtied memory in the last pass.
+    pub dirty_rate_bytes_per_s: u64,
+    /// Stream bytes per second the destination acknowledged.
+    pub bandwidth_bytes_per_s: u64,
+    /// `bytes_remaining` at that bandwidth, `None` while unknown.
+    pub eta_ms: Option<u64>,
+    /// Share of its time the guest is held back.
+    pub throttle_pct: u8,
+    pub downtime_limit_ms: u64,
+    pub encrypted: bool,
+    pub verify: bool,
+}
+
+/// A finished live migration's report (the source engine's
+/// `migration-report`; on the destination only the fields it knows).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub passes: u32,
+    pub pages_per_pass: Vec<u64>,
+    pub bytes_sent: u64,
+    pub zero_pages: u64,
+    pub ram_bytes: u64,
+    pub total_ms: u64,
+    pub downtime_ms: u64,
+    pub expected_downtime_ms: u64,
+    pub throttle_pct: u8,
+    /// `completed`, `failed` or `cancelled`.
+    pub result: String,
+    pub error: Option<String>,
+    /// `write-protect`, `pml`, or `None` (the destination).
+    pub dirty_tracker: Option<String>,
+    pub verified: bool,
+}
+
+/// `job-resolve`: which copy of a VM in doubt is the one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keep {
+    /// The VM does not run on the destination: resume it here.
+    Source,
+    /// It runs on the destination: delete the paused copy here.
+    Destination,
 }
 
 /// Host settings.
@@ -276,6 +409,8 @@ pub enum ErrorCode {
     NoResources,
     /// The operation needs something this node does not have (a NIC).
     Unsupported,
+    /// The VM is being moved by a live migration (either end).
+    VmMigrating,
 }
 
 /// An error reply.
@@ -373,11 +508,57 @@ mod tests {
             r#"{"op":"job-cancel","id":3}"#,
             r#"{"op":"host-get"}"#,
             r#"{"op":"host-set","max_live_migrations":3}"#,
+            r#"{"op":"vm-move","name":"v","to":"b"}"#,
+            r#"{"op":"vm-move","name":"v","to":"b","downtime_ms":50,"bandwidth_mib_s":8,"timeout_s":60,"encrypt":true,"verify":false}"#,
+            r#"{"op":"job-show","id":3}"#,
+            r#"{"op":"job-resolve","id":3,"keep":"source"}"#,
+            r#"{"op":"job-resolve","id":3,"keep":"destination"}"#,
         ];
         for op in ops {
             assert!(serde_json::from_str::<Request>(op).is_ok(), "{op}");
         }
         assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"job-resolve","id":3,"keep":"both"}"#)
+                .is_err()
+        );
+    }
+
+    /// The migration fields of a job as the contract shows them, and a
+    /// job of an older node (no migration fields) still parses.
+    #[test]
+    fn migration_jobs_read_well() {
+        let old = r#"{"id":1,"kind":"link-bench","vm":"","state":"running","percent":0,"bytes_done":0,"bytes_total":1,"elapsed_ms":0,"error":null,"cancellable":true}"#;
+        let j: JobInfo = serde_json::from_str(old).unwrap();
+        assert_eq!((j.migration, j.report, j.result), (None, None, None));
+        let info = MigrationInfo {
+            direction: Direction::Outgoing,
+            peer: "b".into(),
+            phase: Phase::FinalCopy,
+            pass: 3,
+            bytes_sent: 10,
+            bytes_remaining: 5,
+            dirty_rate_bytes_per_s: 7,
+            bandwidth_bytes_per_s: 9,
+            eta_ms: None,
+            throttle_pct: 20,
+            downtime_limit_ms: 300,
+            encrypted: true,
+            verify: true,
+        };
+        assert_eq!(
+            String::from_utf8(to_json(&info)).unwrap(),
+            r#"{"direction":"outgoing","peer":"b","phase":"final-copy","pass":3,"bytes_sent":10,"bytes_remaining":5,"dirty_rate_bytes_per_s":7,"bandwidth_bytes_per_s":9,"eta_ms":null,"throttle_pct":20,"downtime_limit_ms":300,"encrypted":true,"verify":true}"#
+        );
+        for (p, name) in [
+            (Phase::Queued, "queued"),
+            (Phase::Negotiating, "negotiating"),
+            (Phase::SwitchingOver, "switching-over"),
+            (Phase::InDoubt, "in-doubt"),
+        ] {
+            assert_eq!(to_json(&p), alloc::format!("\"{name}\"").into_bytes());
+        }
+        assert_eq!(to_json(&ErrorCode::VmMigrating), b"\"vm-migrating\"");
     }
 
     #[test]

@@ -381,6 +381,7 @@ mod tests {
                 protocol_version: 1,
                 mgmt_addr: String::new(),
                 migration_addr: String::new(),
+                peers: alloc::vec::Vec::new(),
             })),
             _ => Outcome::Ok(Body::Done),
         }

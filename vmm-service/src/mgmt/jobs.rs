@@ -301,6 +301,8 @@ fn info(j: &Job, now_ns: u64) -> JobInfo {
         error: j.error.clone(),
         cancellable: j.cancellable && !j.state.is_final(),
         result: j.result.clone(),
+        migration: None,
+        report: None,
     }
 }
 

@@ -30,10 +30,11 @@ pub const VM_MEMORY_MIB_MIN: u64 = 4;
 /// Console lines returned when the request names no count.
 pub const CONSOLE_LINES_DEFAULT: u32 = 20;
 /// Guests the guest kernel runs (`case=` values; docs/DESIGN.md).
-pub const GUESTS: [&str; 10] = [
+pub const GUESTS: [&str; 11] = [
     "heartbeat",
     "dirty-demo",
     "bench-hypercall",
+    "busy-verify",
     "hello",
     "cpuid",
     "memory",
@@ -51,6 +52,8 @@ pub struct NodeIdentity {
     pub name: String,
     pub mgmt_addr: String,
     pub migration_addr: String,
+    /// Where VMs can move (`peers=`).
+    pub peers: Vec<crate::node::Peer>,
 }
 
 /// Per-VM configuration kept beside the [`Vm`].
@@ -178,6 +181,7 @@ impl Managed {
             guest: self.meta[i].guest.clone(),
             exits: vm.counters().exits,
             console_lines: vm.counters().console_lines,
+            migration_job: None,
         }
     }
 
@@ -210,6 +214,12 @@ impl Managed {
                     protocol_version: PROTOCOL_VERSION,
                     mgmt_addr,
                     migration_addr,
+                    peers: self
+                        .identity
+                        .peers
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
                 }))
             }
             Request::VmList => Outcome::Ok(Body::VmList {
@@ -283,6 +293,24 @@ impl Managed {
             Request::JobList => Outcome::Ok(Body::JobList {
                 jobs: self.jobs.list(now),
             }),
+            Request::JobShow { id } => match self.jobs.info(id, now) {
+                Some(j) => Outcome::Ok(Body::Job(j)),
+                None => err(ErrorCode::NotFound, format!("no job {id}")),
+            },
+            Request::VmMove { name, .. } => match self.find(&name) {
+                None => Self::not_found(&name),
+                Some(_) => err(
+                    ErrorCode::Unsupported,
+                    "live migration between nodes is not available on this node yet",
+                ),
+            },
+            Request::JobResolve { id, .. } => match self.jobs.info(id, now) {
+                None => err(ErrorCode::NotFound, format!("no job {id}")),
+                Some(_) => err(
+                    ErrorCode::InvalidState,
+                    format!("job {id} is not a migration in doubt"),
+                ),
+            },
             Request::JobCancel { id } => match self.jobs.cancel(id, now) {
                 Ok(()) => match self.jobs.info(id, now) {
                     Some(j) => Outcome::Ok(Body::Job(j)),
