@@ -27,7 +27,7 @@ use hvcore::abi::{DIRTY_TRACKER_WRITE_PROTECT, HC_ERR_BUSY, HC_ERR_INVALID};
 const POLL_EVERY_PAGES: u64 = 256;
 
 /// `(completed, failed)` migrations of this VM so far.
-fn status() -> (u64, u64) {
+pub(super) fn status() -> (u64, u64) {
     let r = hypercall::migration_status();
     if r.is_err() {
         fail!("HC_MIGRATION_STATUS failed: {}", hypercall::err_name(r.rax));
@@ -37,16 +37,16 @@ fn status() -> (u64, u64) {
 
 /// The classic migration workload over `pages` pages at `start`: sweep
 /// after sweep, one byte per page incremented.
-struct Sweeper {
-    start: u64,
-    pages: u64,
+pub(super) struct Sweeper {
+    pub(super) start: u64,
+    pub(super) pages: u64,
     /// Finished sweeps (each page's byte is `sweeps` mod 256 between
     /// sweeps).
-    sweeps: u64,
+    pub(super) sweeps: u64,
 }
 
 impl Sweeper {
-    fn new(env: &Env, offset: u64, bytes: u64) -> Self {
+    pub(super) fn new(env: &Env, offset: u64, bytes: u64) -> Self {
         let start = env.free_start + offset;
         if start + bytes > env.params.ram_bytes {
             fail!(
@@ -67,6 +67,31 @@ impl Sweeper {
         (self.start + page * PAGE_BYTES) as *mut u8
     }
 
+    /// Increment page `page`'s byte (one step of a sweep).
+    pub(super) fn touch(&self, page: u64) {
+        let p = self.byte(page);
+        // SAFETY: the buffer is free guest RAM inside ram_bytes (checked in
+        // `new`), identity-mapped, owned by no Rust object; volatile keeps
+        // every access.
+        unsafe { p.write_volatile(p.read_volatile().wrapping_add(1)) };
+    }
+
+    /// The first byte that is not as the loop left it when it stood at
+    /// `stopped_at`: `(page, found, expected)`.
+    pub(super) fn first_mismatch(&self, stopped_at: u64) -> Option<(u64, u8, u8)> {
+        (0..self.pages).find_map(|page| {
+            let want = (self.sweeps + u64::from(page < stopped_at)) as u8;
+            // SAFETY: as in `touch`.
+            let got = unsafe { self.byte(page).read_volatile() };
+            (got != want).then_some((page, got, want))
+        })
+    }
+
+    /// GPA of page `page`'s byte.
+    pub(super) fn gpa(&self, page: u64) -> u64 {
+        self.byte(page) as u64
+    }
+
     /// Sweep until `stop()` (polled every [`POLL_EVERY_PAGES`] pages)
     /// holds; returns the page the sweep stopped at (pages before it are
     /// one ahead). `after_sweep` runs after each full sweep.
@@ -80,11 +105,7 @@ impl Sweeper {
                 if page % POLL_EVERY_PAGES == 0 && stop() {
                     return page;
                 }
-                let p = self.byte(page);
-                // SAFETY: the buffer is free guest RAM inside ram_bytes
-                // (checked in `new`), identity-mapped, owned by no Rust
-                // object; volatile keeps every access.
-                unsafe { p.write_volatile(p.read_volatile().wrapping_add(1)) };
+                self.touch(page);
             }
             self.sweeps += 1;
             after_sweep(self.sweeps);
@@ -93,30 +114,23 @@ impl Sweeper {
 
     /// Every byte as the loop left it when it stopped at `stopped_at`.
     fn verify(&self, stopped_at: u64) {
-        for page in 0..self.pages {
-            let want = (self.sweeps + u64::from(page < stopped_at)) as u8;
-            // SAFETY: as in `run_until`.
-            let got = unsafe { self.byte(page).read_volatile() };
-            if got != want {
-                fail!(
-                    "workload byte of page {} (GPA {:#x}) is {}, expected {} ({} sweeps, stopped at page {})",
-                    page,
-                    self.byte(page) as u64,
-                    got,
-                    want,
-                    self.sweeps,
-                    stopped_at
-                );
-            }
+        if let Some((page, got, want)) = self.first_mismatch(stopped_at) {
+            fail!(
+                "workload byte of page {} (GPA {:#x}) is {}, expected {} ({} sweeps, stopped at page {})",
+                page,
+                self.gpa(page),
+                got,
+                want,
+                self.sweeps,
+                stopped_at
+            );
         }
     }
 
     /// Finish the interrupted sweep so the loop can go on.
     fn finish_sweep(&mut self, stopped_at: u64) {
         for page in stopped_at..self.pages {
-            let p = self.byte(page);
-            // SAFETY: as in `run_until`.
-            unsafe { p.write_volatile(p.read_volatile().wrapping_add(1)) };
+            self.touch(page);
         }
         self.sweeps += 1;
     }

@@ -1,8 +1,9 @@
 //! The cases, by command-line name. Test cases end with `HC_TEST_RESULT`;
-//! the non-test guests (`heartbeat`, `dirty-demo`, `bench-hypercall`) run
-//! for ever.
+//! the non-test guests (`heartbeat`, `dirty-demo`, `bench-hypercall`,
+//! `busy-verify`) run for ever.
 
 mod basic;
+mod busy_verify;
 mod dirty_log;
 mod endless;
 mod memory;
@@ -33,6 +34,7 @@ pub fn run(env: &Env) -> ! {
         "heartbeat" => endless::heartbeat(),
         "dirty-demo" => endless::dirty_demo(env),
         "bench-hypercall" => endless::bench_hypercall(),
+        "busy-verify" => busy_verify::run(env),
         other => crate::fail!("unknown case {}", other),
     }
 }
