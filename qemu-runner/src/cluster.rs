@@ -653,7 +653,8 @@ pub fn bench_link(dir: &Path, bytes: u64, frames: u64) -> Result<String, String>
     let key = ClusterKey::from_hex(&state.key).map_err(|e| e.to_string())?;
     let mut ca = Client::connect(&format!("127.0.0.1:{}", a.mgmt_port), &key)?;
     let mut cb = Client::connect(&format!("127.0.0.1:{}", b.mgmt_port), &key)?;
-    let port = 7100;
+    // Not 7100: the managed node accepts migrations there (mig_port).
+    let port = 7200;
     let rx = match cb.call_ok(Request::BenchLinkReceive { port, bytes })? {
         Body::Job(j) => j.id,
         other => return Err(format!("unexpected reply from node b: {other:?}")),
