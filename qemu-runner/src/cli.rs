@@ -347,6 +347,11 @@ pub enum Cluster {
     Start {
         /// The node's name
         name: String,
+        /// Boot it with a fresh random key instead of the cluster's (fault
+        /// injection: the other nodes must refuse to migrate to it; hvctl
+        /// --node NAME uses that key)
+        #[arg(long)]
+        wrong_key: bool,
         #[command(flatten)]
         state: StateDirArg,
     },
@@ -587,7 +592,14 @@ mod tests {
         ));
         assert!(matches!(
             p("cluster start b"),
-            Ok(Command::Cluster(Cluster::Start { name, .. })) if name == "b"
+            Ok(Command::Cluster(Cluster::Start { name, wrong_key: false, .. })) if name == "b"
+        ));
+        assert!(matches!(
+            p("cluster start b --wrong-key"),
+            Ok(Command::Cluster(Cluster::Start {
+                wrong_key: true,
+                ..
+            }))
         ));
         usage_error("cluster link cut");
         usage_error("cluster kill");

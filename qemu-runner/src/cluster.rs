@@ -76,6 +76,10 @@ pub struct NodeState {
     /// start`.
     #[serde(default)]
     pub qemu_args: Vec<String>,
+    /// A key of the node's own instead of the cluster's (hex; `cluster
+    /// start --wrong-key`, fault injection), also what hvctl uses for it.
+    #[serde(default)]
+    pub own_key: Option<String>,
 }
 
 /// `cluster.json`.
@@ -153,7 +157,10 @@ pub fn resolve_target(
         )
     })?;
     let a = addr.map_or_else(|| format!("127.0.0.1:{}", n.mgmt_port), String::from);
-    let k = key.map_or_else(|| state.key.clone(), String::from);
+    let k = key.map_or_else(
+        || n.own_key.clone().unwrap_or_else(|| state.key.clone()),
+        String::from,
+    );
     Ok((a, k))
 }
 
@@ -171,10 +178,24 @@ pub fn node_name(i: usize) -> String {
 }
 
 /// The node command line.
-pub fn node_cmdline(name: &str, key: &str, migration_ip: &str) -> String {
-    format!(
+pub fn node_cmdline(name: &str, key: &str, migration_ip: &str, peers: &str) -> String {
+    let mut line = format!(
         "name={name} mode=node key={key} mgmt_ip={NODE_MGMT_IP}/24 mgmt_gw=10.0.2.2 mgmt_port={NODE_MGMT_PORT} mig_ip={migration_ip}/24"
-    )
+    );
+    if !peers.is_empty() {
+        line.push_str(&format!(" peers={peers}"));
+    }
+    line
+}
+
+/// Node `i`'s peers among `count` nodes, as its `peers=` wants them:
+/// `NAME@IPv4` of every other node, comma-separated (docs/DESIGN.md).
+pub fn peers(i: usize, count: usize) -> String {
+    (0..count)
+        .filter(|&j| j != i)
+        .map(|j| format!("{}@{}", node_name(j), migration_ip(j)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Node `i`'s migration NIC MAC address (the relay forwards by it).
@@ -191,7 +212,14 @@ pub fn migration_ip(i: usize) -> String {
 /// its migration NIC connects to the relay's socket `link-NAME.sock`
 /// (relative, so a deep state directory never exceeds a socket path's
 /// length).
-pub fn qemu_args(boot: &Boot, i: usize, key: &str, mgmt_port: u16, log: &Path) -> Vec<String> {
+pub fn qemu_args(
+    boot: &Boot,
+    i: usize,
+    count: usize,
+    key: &str,
+    mgmt_port: u16,
+    log: &Path,
+) -> Vec<String> {
     let name = node_name(i);
     let images = &boot.images;
     let mac = migration_mac(i);
@@ -204,7 +232,7 @@ pub fn qemu_args(boot: &Boot, i: usize, key: &str, mgmt_port: u16, log: &Path) -
         "-initrd".into(),
         images.guest_kernel.display().to_string(),
         "-append".into(),
-        node_cmdline(&name, key, &migration_ip(i)),
+        node_cmdline(&name, key, &migration_ip(i), &peers(i, count)),
         "-serial".into(),
         format!("file:{}", log.display()),
         "-display".into(),
@@ -452,8 +480,9 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
             pid: 0,
             mgmt_port,
             migration_ip: migration_ip(i),
-            qemu_args: qemu_args(boot, i, &key, mgmt_port, &log),
+            qemu_args: qemu_args(boot, i, count, &key, mgmt_port, &log),
             log,
+            own_key: None,
         };
         match spawn_node(dir, &node) {
             Ok(pid) => node.pid = pid,
@@ -545,10 +574,33 @@ pub fn kill(dir: &Path, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `cluster start NAME`: boot a node that is not running again, empty, from
-/// the arguments `cluster up` recorded (same ports, addresses and key);
-/// returns once it answers.
-pub fn start(dir: &Path, name: &str) -> Result<NodeState, String> {
+/// QEMU arguments `args` with the node command line's `key=` set to
+/// `key`.
+pub fn with_key(args: &[String], key: &str) -> Vec<String> {
+    let mut out = args.to_vec();
+    if let Some(i) = args.iter().position(|a| a == "-append") {
+        if let Some(line) = out.get_mut(i + 1) {
+            *line = line
+                .split(' ')
+                .map(|w| {
+                    if w.starts_with("key=") {
+                        format!("key={key}")
+                    } else {
+                        w.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+    }
+    out
+}
+
+/// `cluster start NAME [--wrong-key]`: boot a node that is not running
+/// again, empty, from the arguments `cluster up` recorded (same ports,
+/// addresses and key; with `wrong_key` a fresh random key instead, which
+/// the other nodes must refuse); returns once it answers.
+pub fn start(dir: &Path, name: &str, wrong_key: bool) -> Result<NodeState, String> {
     let mut state = load(dir)?;
     let (i, n) = find_node(&state, name)?;
     if alive(n.pid) {
@@ -566,16 +618,23 @@ pub fn start(dir: &Path, name: &str) -> Result<NodeState, String> {
             "the cluster's link relay is not running (`cluster down` and `cluster up`)".into(),
         );
     }
+    let key = if wrong_key {
+        hex_encode(&hvctl::random_bytes::<32>()?)
+    } else {
+        state.key.clone()
+    };
     let _ = fs::rename(&n.log, n.log.with_extension("log.1"));
-    let pid = spawn_node(dir, n)?;
-    state.nodes[i].pid = pid;
+    let mut node = n.clone();
+    node.qemu_args = with_key(&n.qemu_args, &key);
+    node.own_key = wrong_key.then(|| key.clone());
+    node.pid = spawn_node(dir, &node)?;
+    state.nodes[i] = node.clone();
     save(dir, &state)?;
-    let n = state.nodes[i].clone();
-    let key = ClusterKey::from_hex(&state.key).map_err(|e| e.to_string())?;
+    let key = ClusterKey::from_hex(&key).map_err(|e| e.to_string())?;
     let spinner = spinner();
-    let answered = wait_answer(dir, &n, &key, Instant::now() + UP_TIMEOUT, &spinner);
+    let answered = wait_answer(dir, &node, &key, Instant::now() + UP_TIMEOUT, &spinner);
     spinner.finish_and_clear();
-    answered.map(|()| n)
+    answered.map(|()| node)
 }
 
 /// `cluster link cut|restore --node NAME`.
@@ -809,9 +868,22 @@ pub fn run_cli(cmd: &crate::cli::Cluster) -> Result<u8, String> {
             println!("node {name} killed");
             Ok(0)
         }
-        Cluster::Start { name, state } => {
-            let n = start(&state_dir(state.state_dir.as_deref()), name)?;
-            println!("node {} up: management 127.0.0.1:{}", n.name, n.mgmt_port);
+        Cluster::Start {
+            name,
+            wrong_key,
+            state,
+        } => {
+            let n = start(&state_dir(state.state_dir.as_deref()), name, *wrong_key)?;
+            println!(
+                "node {} up: management 127.0.0.1:{}{}",
+                n.name,
+                n.mgmt_port,
+                if *wrong_key {
+                    " (with a key of its own, not the cluster's)"
+                } else {
+                    ""
+                }
+            );
             Ok(0)
         }
         Cluster::Down { state } => {
@@ -856,8 +928,10 @@ mod tests {
             (node_name(0), node_name(1)),
             ("a".to_string(), "b".to_string())
         );
-        let c = node_cmdline("b", "00ff", "192.168.100.2");
+        let c = node_cmdline("b", "00ff", "192.168.100.2", &peers(1, 3));
         assert!(c.contains("mode=node key=00ff") && c.contains("mig_ip=192.168.100.2/24"));
+        assert!(c.ends_with(" peers=a@192.168.100.1,c@192.168.100.3"), "{c}");
+        assert!(!node_cmdline("a", "00", "192.168.100.1", &peers(0, 1)).contains("peers"));
         let images = Boot {
             images: Images {
                 hypervisor: "/h".into(),
@@ -865,7 +939,7 @@ mod tests {
             },
             accel: Accel::Tcg,
         };
-        let a = qemu_args(&images, 0, "k", 5000, Path::new("/l"));
+        let a = qemu_args(&images, 0, 2, "k", 5000, Path::new("/l"));
         let joined = a.join(" ");
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:5000-10.0.2.15:7000"),
@@ -878,23 +952,32 @@ mod tests {
             ),
             "{joined}"
         );
-        let c = qemu_args(&images, 2, "k", 5002, Path::new("/l")).join(" ");
+        let c = qemu_args(&images, 2, 3, "k", 5002, Path::new("/l")).join(" ");
         assert!(c.contains("addr.path=link-c.sock"), "{c}");
         assert!(c.contains("mac=52:54:00:00:01:03"), "{c}");
         assert!(c.contains("mig_ip=192.168.100.3/24"), "{c}");
+        assert!(c.contains("peers=a@192.168.100.1,b@192.168.100.2"), "{c}");
         assert!(!c.contains("dgram") && !c.contains("0.0.0.0") && !c.contains("socket,"));
         assert!(joined.starts_with("-accel tcg -cpu qemu64,+svm,+npt -m 1024M"));
         let kvm = Boot {
             accel: Accel::Kvm,
             ..images.clone()
         };
-        let k = qemu_args(&kvm, 0, "k", 5000, Path::new("/l")).join(" ");
+        let k = qemu_args(&kvm, 0, 2, "k", 5000, Path::new("/l")).join(" ");
         assert!(k.starts_with("-accel kvm -cpu host -m 1024M"), "{k}");
+        // `cluster start --wrong-key` swaps the key and nothing else.
+        let swapped = with_key(&a, "beef");
+        let line = |args: &[String]| {
+            let i = args.iter().position(|x| x == "-append").unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(line(&swapped), line(&a).replace("key=k ", "key=beef "));
+        assert_eq!(swapped.len(), a.len());
         // The relay forwards by the MACs QEMU is given.
         let ports = relay_ports(3);
         assert_eq!(ports[1].name, "b");
         assert_eq!(ports[1].mac, migration_mac(1));
-        assert!(qemu_args(&images, 1, "k", 1, Path::new("/l"))
+        assert!(qemu_args(&images, 1, 2, "k", 1, Path::new("/l"))
             .join(" ")
             .contains("mac=52:54:00:00:01:02"));
     }
@@ -913,6 +996,7 @@ mod tests {
             migration_ip: migration_ip(1),
             log: dir.join("node-b.log"),
             qemu_args: Vec::new(),
+            own_key: None,
         };
         save(
             &dir,
@@ -929,7 +1013,7 @@ mod tests {
         assert!(alive(pid));
         assert!(kill(&dir, "z").unwrap_err().contains("no node"));
         // start refuses a running node, and one without recorded arguments.
-        assert!(start(&dir, "b").unwrap_err().contains("is running"));
+        assert!(start(&dir, "b", false).unwrap_err().contains("is running"));
         child.kill().unwrap();
         // Killed but not yet reaped: a zombie, which counts as gone.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -937,7 +1021,9 @@ mod tests {
             assert!(Instant::now() < deadline, "a zombie counts as alive");
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(start(&dir, "b").unwrap_err().contains("no QEMU arguments"));
+        assert!(start(&dir, "b", false)
+            .unwrap_err()
+            .contains("no QEMU arguments"));
         child.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -956,6 +1042,7 @@ mod tests {
                 migration_ip: "192.168.100.1".into(),
                 log: "/x".into(),
                 qemu_args: vec!["-m".into(), "1024M".into()],
+                own_key: None,
             }],
         };
         save(&dir, &s).unwrap();

@@ -95,6 +95,12 @@ fn cluster_up_hvctl_and_down() {
     for node in ["a", "b"] {
         let info = c.ok(node, &["node", "info"]);
         assert!(info.contains(&format!("node {node}")), "{info}");
+        let peer = if node == "a" {
+            "b@192.168.100.2"
+        } else {
+            "a@192.168.100.1"
+        };
+        assert!(info.contains(&format!("peers        {peer}")), "{info}");
         assert!(info.contains("cpu vendor   amd"), "{info}");
         let json = c.ok(node, &["--json", "node", "info"]);
         assert!(
@@ -314,6 +320,61 @@ fn cluster_up_hvctl_and_down() {
     assert!(c
         .ok("b", &["node", "info"])
         .contains("migration    192.168.100.2"));
+    // Booted with a key of its own: hvctl follows it there, the cluster's
+    // key is refused (and, later, the other nodes' migrations).
+    let cluster_key = std::fs::read_to_string(c.dir.join("cluster.json"))
+        .unwrap()
+        .split("\"key\": \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(runner(&["cluster", "kill", "b", "--state-dir", c.dir()]).success);
+    let wrong = runner(&[
+        "cluster",
+        "start",
+        "b",
+        "--wrong-key",
+        "--state-dir",
+        c.dir(),
+    ]);
+    assert!(
+        wrong.stdout.contains("with a key of its own"),
+        "{}",
+        wrong.transcript()
+    );
+    assert!(c.ok("b", &["node", "info"]).contains("node b"));
+    let status = runner(&["cluster", "status", "--json", "--state-dir", c.dir()]);
+    let addr_b = mgmt_addr(&status.stdout, "b");
+    let refused = runner(&[
+        "hvctl",
+        "--addr",
+        &addr_b,
+        "--key",
+        &cluster_key,
+        "node",
+        "info",
+    ]);
+    assert!(
+        !refused.success && refused.stderr.contains("auth-failed"),
+        "{}",
+        refused.transcript()
+    );
+    assert!(runner(&["cluster", "kill", "b", "--state-dir", c.dir()]).success);
+    assert!(runner(&["cluster", "start", "b", "--state-dir", c.dir()]).success);
+    let back = runner(&[
+        "hvctl",
+        "--addr",
+        &addr_b,
+        "--key",
+        &cluster_key,
+        "node",
+        "info",
+    ]);
+    assert!(back.success, "{}", back.transcript());
+
     let twice = runner(&["cluster", "start", "b", "--state-dir", c.dir()]);
     assert!(
         !twice.success && twice.stderr.contains("node b is running"),
