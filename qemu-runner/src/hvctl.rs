@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 use clap::{CommandFactory, Parser, Subcommand};
 use hvmgmt::auth::{ClusterKey, Nonce};
 use hvmgmt::client::{ClientConn, ClientEvent};
-use hvmgmt::proto::{ApiError, Body, JobInfo, JobState, NodeInfo, Outcome, Request, VmInfo};
+use hvmgmt::proto::{
+    ApiError, Body, JobInfo, JobState, Keep, MigrationInfo, MigrationReport, NodeInfo, Outcome,
+    Phase, Request, VmInfo,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Time to connect and for each reply.
@@ -219,6 +222,38 @@ pub enum VmCmd {
         /// The VM's name
         name: String,
     },
+    /// Live-migrate a running VM to another node while it runs (a job: its
+    /// id is printed; --wait follows it)
+    Move {
+        /// The VM's name
+        name: String,
+        /// The destination node: one of this node's peers (`node info`)
+        #[arg(long, value_name = "NODE")]
+        to: String,
+        /// Longest acceptable pause of the guest at the switch-over, in ms
+        /// (node default 300)
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        downtime_ms: Option<u64>,
+        /// Rate limit of the migration stream in MiB/s (node default: none)
+        #[arg(long, value_name = "MIB/S", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        bandwidth: Option<u64>,
+        /// Give up (the VM runs on here) if it has not switched over after S
+        /// seconds (node default 600)
+        #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout: Option<u64>,
+        /// Encrypt the stream (ChaCha20-Poly1305); it is always
+        /// authenticated
+        #[arg(long)]
+        encrypt: bool,
+        /// Skip verification mode (both nodes hashing the whole memory at the
+        /// switch-over; on by default)
+        #[arg(long)]
+        no_verify: bool,
+        /// Follow the job with a live progress bar until it ends; exit 0 only
+        /// if the VM then runs on the destination
+        #[arg(long)]
+        wait: bool,
+    },
     /// The VM's last console lines
     Console {
         /// The VM's name
@@ -237,16 +272,40 @@ pub enum JobCmd {
         #[arg(long)]
         watch: bool,
     },
-    /// A live progress bar until the job ends (exit 0 only if it completed)
+    /// A live progress bar until the job ends (exit 0 only if it completed):
+    /// percent, pass, MiB sent and remaining, dirty rate, ETA
     Watch {
         /// The job's id
         id: u64,
     },
-    /// Cancel a job (the VM stays where it was)
+    /// One job, with a migration's report once it ended
+    Show {
+        /// The job's id
+        id: u64,
+    },
+    /// Cancel a job (a migration cancelled before its switch-over leaves the
+    /// VM running where it was)
     Cancel {
         /// The job's id
         id: u64,
     },
+    /// Decide a migration left in doubt (the link failed after the
+    /// switch-over and the destination restarted): which copy is the VM
+    Resolve {
+        /// The job's id (on the source node)
+        id: u64,
+        /// source: the VM does not run on the destination, resume it here;
+        /// destination: it runs there, delete the paused copy here
+        #[arg(long, value_enum)]
+        keep: KeepArg,
+    },
+}
+
+/// `job resolve --keep`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepArg {
+    Source,
+    Destination,
 }
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
@@ -276,6 +335,8 @@ pub enum Action {
     WatchAll,
     /// `completions SHELL`.
     Completions(clap_complete::Shell),
+    /// `vm move ... --wait`: send the request, then follow the job.
+    MoveAndWait(Request),
 }
 
 impl Cli {
@@ -301,6 +362,30 @@ impl Cli {
                 VmCmd::Start { name } => Request::VmStart { name: name.clone() },
                 VmCmd::Stop { name } => Request::VmStop { name: name.clone() },
                 VmCmd::Delete { name } => Request::VmDelete { name: name.clone() },
+                VmCmd::Move {
+                    name,
+                    to,
+                    downtime_ms,
+                    bandwidth,
+                    timeout,
+                    encrypt,
+                    no_verify,
+                    wait,
+                } => {
+                    let request = Request::VmMove {
+                        name: name.clone(),
+                        to: to.clone(),
+                        downtime_ms: *downtime_ms,
+                        bandwidth_mib_s: *bandwidth,
+                        timeout_s: *timeout,
+                        encrypt: encrypt.then_some(true),
+                        verify: no_verify.then_some(false),
+                    };
+                    if *wait {
+                        return Action::MoveAndWait(request);
+                    }
+                    request
+                }
                 VmCmd::Console { name, lines } => Request::VmConsole {
                     name: name.clone(),
                     lines: lines.map(|n| n.min(u64::from(u32::MAX)) as u32),
@@ -309,7 +394,15 @@ impl Cli {
             HvCommand::Job(JobCmd::List { watch: true }) => return Action::WatchAll,
             HvCommand::Job(JobCmd::List { watch: false }) => Request::JobList,
             HvCommand::Job(JobCmd::Watch { id }) => return Action::Watch(*id),
+            HvCommand::Job(JobCmd::Show { id }) => Request::JobShow { id: *id },
             HvCommand::Job(JobCmd::Cancel { id }) => Request::JobCancel { id: *id },
+            HvCommand::Job(JobCmd::Resolve { id, keep }) => Request::JobResolve {
+                id: *id,
+                keep: match keep {
+                    KeepArg::Source => Keep::Source,
+                    KeepArg::Destination => Keep::Destination,
+                },
+            },
             HvCommand::Host(HostCmd::Get) => Request::HostGet,
             HvCommand::Host(HostCmd::Set {
                 max_migrations,
@@ -391,7 +484,8 @@ fn kind_word(j: &JobInfo) -> String {
         .to_string()
 }
 
-/// One line per job.
+/// One line per job (more for a migration: where it stands, an error, a
+/// result).
 pub fn job_line(j: &JobInfo) -> String {
     let mut line = format!(
         "{:>4}  {:<17} {:<12} {:<9} {}  {} / {}  {:.1} s{}",
@@ -405,6 +499,17 @@ pub fn job_line(j: &JobInfo) -> String {
         j.elapsed_ms as f64 / 1000.0,
         if j.cancellable { "  (cancellable)" } else { "" },
     );
+    if let Some(m) = &j.migration {
+        line.push_str(&format!(
+            "\n      {} {}: {}",
+            match m.direction {
+                hvmgmt::proto::Direction::Outgoing => "to",
+                hvmgmt::proto::Direction::Incoming => "from",
+            },
+            m.peer,
+            migration_progress(m)
+        ));
+    }
     if let Some(e) = &j.error {
         line.push_str(&format!("\n      error: {e}"));
     }
@@ -412,6 +517,97 @@ pub fn job_line(j: &JobInfo) -> String {
         line.push_str(&format!("\n      result: {r}"));
     }
     line
+}
+
+/// A migration phase's word (`final-copy`).
+pub fn phase_word(p: Phase) -> String {
+    serde_json::to_string(&p)
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// A rate in MiB/s.
+fn rate(bytes_per_s: u64) -> String {
+    format!("{:.1} MiB/s", bytes_per_s as f64 / (1024.0 * 1024.0))
+}
+
+/// Milliseconds as a person reads them: `850 ms`, `4.2 s`, `3 min 20 s`.
+pub fn duration_words(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+/// Where a migration stands, in one line: phase, pass, MiB sent and
+/// remaining, the dirty rate, the link's rate, the ETA and any throttle.
+pub fn migration_progress(m: &MigrationInfo) -> String {
+    let mut s = format!(
+        "{}, pass {}: {} sent, {} left, dirty {}, link {}, ETA {}",
+        phase_word(m.phase),
+        m.pass,
+        mib(m.bytes_sent),
+        mib(m.bytes_remaining),
+        rate(m.dirty_rate_bytes_per_s),
+        rate(m.bandwidth_bytes_per_s),
+        m.eta_ms.map_or_else(|| "?".to_string(), duration_words),
+    );
+    if m.throttle_pct > 0 {
+        s.push_str(&format!(", guest throttled {}%", m.throttle_pct));
+    }
+    s
+}
+
+/// A migration report for a person (`job show`, the end of `vm move
+/// --wait`, the demo).
+pub fn report_text(r: &MigrationReport) -> String {
+    let mut out = Vec::new();
+    let checks = match (r.verified, r.dirty_tracker.as_deref()) {
+        (true, Some(t)) => format!(" (memory verified; dirty pages tracked by {t})"),
+        (true, None) => " (memory verified)".to_string(),
+        (false, Some(t)) => format!(" (memory not verified; dirty pages tracked by {t})"),
+        (false, None) => String::new(),
+    };
+    out.push(format!("  result        {}{checks}", r.result));
+    if let Some(e) = &r.error {
+        out.push(format!("  error         {e}"));
+    }
+    if r.passes > 0 {
+        let pages: Vec<String> = r.pages_per_pass.iter().map(u64::to_string).collect();
+        out.push(format!(
+            "  passes        {} ({} pages)",
+            r.passes,
+            pages.join(", ")
+        ));
+    }
+    out.push(format!(
+        "  sent          {} for {} of guest RAM{}",
+        mib(r.bytes_sent),
+        mib(r.ram_bytes),
+        if r.zero_pages > 0 {
+            format!(" ({} zero pages sent as markers)", r.zero_pages)
+        } else {
+            String::new()
+        }
+    ));
+    if r.total_ms > 0 {
+        out.push(format!("  total time    {}", duration_words(r.total_ms)));
+    }
+    if r.downtime_ms > 0 || r.expected_downtime_ms > 0 {
+        out.push(format!(
+            "  downtime      {} (expected {})",
+            duration_words(r.downtime_ms),
+            duration_words(r.expected_downtime_ms)
+        ));
+    }
+    if r.throttle_pct > 0 {
+        out.push(format!("  throttle      {}%", r.throttle_pct));
+    }
+    out.join("\n")
 }
 
 fn vm_line(v: &VmInfo) -> String {
@@ -427,7 +623,7 @@ fn vm_line(v: &VmInfo) -> String {
 
 fn node_text(n: &NodeInfo) -> String {
     format!(
-        "node {}\n  cpu vendor   {}\n  cpus         {}\n  memory       {} total, {} free\n  version      {} (protocol {})\n  management   {}\n  migration    {}",
+        "node {}\n  cpu vendor   {}\n  cpus         {}\n  memory       {} total, {} free\n  version      {} (protocol {})\n  management   {}\n  migration    {}\n  peers        {}",
         n.name,
         n.cpu_vendor,
         n.cpus,
@@ -436,7 +632,12 @@ fn node_text(n: &NodeInfo) -> String {
         n.version,
         n.protocol_version,
         n.mgmt_addr,
-        n.migration_addr
+        n.migration_addr,
+        if n.peers.is_empty() {
+            "none (VMs can move only within this node)".to_string()
+        } else {
+            n.peers.join(", ")
+        }
     )
 }
 
@@ -451,7 +652,10 @@ pub fn render(body: &Body) -> String {
         Body::Console { lines, .. } => lines.join("\n"),
         Body::JobList { jobs } if jobs.is_empty() => "no jobs".into(),
         Body::JobList { jobs } => jobs.iter().map(job_line).collect::<Vec<_>>().join("\n"),
-        Body::Job(j) => job_line(j),
+        Body::Job(j) => match &j.report {
+            Some(r) => format!("{}\n{}", job_line(j), report_text(r)),
+            None => job_line(j),
+        },
         Body::Host(h) => format!(
             "max live migrations     {}\nmax storage migrations  {}",
             h.max_live_migrations, h.max_storage_migrations
@@ -505,58 +709,241 @@ fn draw_job(bar: &ProgressBar, j: &JobInfo) {
         state_word(j.state)
     ));
     bar.set_position(u64::from(j.percent.min(100)));
-    bar.set_message(format!(
-        "{} / {}  {:.1} s{}",
-        mib(j.bytes_done),
-        mib(j.bytes_total),
-        j.elapsed_ms as f64 / 1000.0,
-        if j.cancellable { "  (cancellable)" } else { "" },
-    ));
+    bar.set_message(match &j.migration {
+        Some(m) => format!(
+            "{}  {:.1} s",
+            migration_progress(m),
+            j.elapsed_ms as f64 / 1000.0
+        ),
+        None => format!(
+            "{} / {}  {:.1} s{}",
+            mib(j.bytes_done),
+            mib(j.bytes_total),
+            j.elapsed_ms as f64 / 1000.0,
+            if j.cancellable { "  (cancellable)" } else { "" },
+        ),
+    });
 }
 
-/// Watch job `id` until it ends: a live indicatif bar on a terminal, a
-/// line per change otherwise, the final job as JSON with `--json`.
-pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
+/// The one line `job watch` prints per change into a pipe.
+pub fn progress_line(j: &JobInfo) -> String {
+    let first = job_line(j).lines().next().unwrap_or_default().to_string();
+    match &j.migration {
+        Some(m) => format!("{first}  {}", migration_progress(m)),
+        None => first,
+    }
+}
+
+/// Whether a migration waits for the operator: in doubt, and the
+/// destination can no longer tell whether it ran the VM (the job's error
+/// then says to `job resolve` it; docs/MANAGEMENT.md, "Live migration").
+pub fn awaits_operator(j: &JobInfo) -> bool {
+    j.migration
+        .as_ref()
+        .is_some_and(|m| m.phase == Phase::InDoubt)
+        && j.error
+            .as_deref()
+            .is_some_and(|e| e.contains("job-resolve") || e.contains("job resolve"))
+}
+
+/// Exit status for a followed job: 0 completed, 3 in doubt (the operator
+/// must resolve it), 1 otherwise (failed, cancelled).
+pub fn job_exit_status(j: &JobInfo) -> u8 {
+    if j.state == JobState::Completed {
+        0
+    } else if awaits_operator(j) {
+        3
+    } else {
+        1
+    }
+}
+
+/// Follow job `id` (`job-show` four times a second) until it ends or waits
+/// for the operator: a live indicatif bar on a terminal, a line per change
+/// of state, percent, phase or pass into a pipe, nothing with `--json`.
+/// Returns the job as last shown (with its report once ended).
+pub fn follow(client: &mut Client, id: u64, json: bool) -> Result<JobInfo, String> {
     let bar = live_bars(json).then(|| job_bar(None));
-    let mut last = String::new();
+    let mut last = None;
     let start = Instant::now();
     loop {
-        let job = match client.call(Request::JobList)? {
-            Outcome::Ok(Body::JobList { jobs }) => jobs.into_iter().find(|j| j.id == id),
-            Outcome::Ok(_) => None,
-            Outcome::Error(e) => return Ok(print_error(json, &e)),
-        };
-        let Some(job) = job else {
-            if let Some(b) = &bar {
-                b.abandon();
+        let job = match client.call(Request::JobShow { id }) {
+            Ok(Outcome::Ok(Body::Job(j))) => j,
+            other => {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                return Err(match other {
+                    Ok(Outcome::Error(e)) => e.to_string(),
+                    Ok(Outcome::Ok(body)) => format!("unexpected reply to job-show: {body:?}"),
+                    Err(e) => e,
+                });
             }
-            return Err(format!("no job {id} on node {}", client.node));
         };
-        let line = job_line(&job);
-        let first = line.lines().next().unwrap_or("").to_string();
+        let key = (
+            job.state,
+            job.percent,
+            job.migration.as_ref().map(|m| (m.phase, m.pass)),
+        );
         match &bar {
             Some(b) => draw_job(b, &job),
-            None if !json && first != last => println!("{first}"),
+            None if !json && last != Some(key) => {
+                println!("{}", progress_line(&job));
+                let _ = std::io::stdout().flush();
+            }
             None => {}
         }
-        last = first;
-        if job.state.is_final() {
+        last = Some(key);
+        if job.state.is_final() || awaits_operator(&job) {
             if let Some(b) = &bar {
                 b.finish();
             }
-            if json {
-                println!("{}", render_json(&Outcome::Ok(Body::Job(job.clone()))));
-            } else {
-                for extra in line.lines().skip(1) {
-                    println!("{extra}");
-                }
-            }
-            return Ok(u8::from(job.state != JobState::Completed));
+            return Ok(job);
         }
-        if start.elapsed() > Duration::from_secs(3600) {
-            return Err("gave up watching after an hour".into());
+        if start.elapsed() > Duration::from_secs(24 * 3600) {
+            return Err("gave up following the job after a day".into());
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What a followed job ended with, after its progress: its extra lines
+/// (migration, error, result) and its report; the job as JSON with
+/// `--json`.
+fn print_end(j: &JobInfo, json: bool) {
+    if json {
+        println!("{}", render_json(&Outcome::Ok(Body::Job(j.clone()))));
+        return;
+    }
+    for extra in job_line(j).lines().skip(1) {
+        println!("{extra}");
+    }
+    if let Some(r) = &j.report {
+        println!("{}", report_text(r));
+    }
+}
+
+/// Watch job `id` until it ends ([`follow`]), then print how it ended.
+/// The exit status of [`job_exit_status`].
+pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
+    let job = follow(client, id, json)?;
+    print_end(&job, json);
+    if !json && awaits_operator(&job) {
+        eprintln!(
+            "hvctl: job {id} is in doubt: see its error above, then `hvctl --node {} job resolve {id} --keep source|destination`",
+            client.node
+        );
+    }
+    Ok(job_exit_status(&job))
+}
+
+/// VM `name` as node `client` lists it.
+fn find_vm(client: &mut Client, name: &str) -> Result<Option<VmInfo>, String> {
+    match client.call_ok(Request::VmList)? {
+        Body::VmList { vms } => Ok(vms.into_iter().find(|v| v.name == name)),
+        other => Err(format!("unexpected reply to vm-list: {other:?}")),
+    }
+}
+
+/// After a completed move: the VM runs on `to` (listed `running` or
+/// `halted` there) and has left the source's list (within a few seconds).
+fn check_moved(cli: &Cli, source: &mut Client, name: &str, to: &str) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while find_vm(source, name)?.is_some() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the job completed but node {} still lists VM {name}",
+                source.node
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if cli.addr.is_some() {
+        // No cluster state to find the destination by name.
+        return Ok(format!(
+            "{name} has left node {}; check node {to} with --addr",
+            source.node
+        ));
+    }
+    let (addr, key) = crate::cluster::resolve_target(
+        cli.state_dir.as_deref(),
+        Some(to),
+        None,
+        cli.key.as_deref(),
+    )?;
+    let key = ClusterKey::from_hex(&key).map_err(|e| e.to_string())?;
+    let mut dest = Client::connect(&addr, &key)?;
+    match find_vm(&mut dest, name)? {
+        Some(v) if v.state == "running" || v.state == "halted" => Ok(format!(
+            "{name} runs on node {to} ({}) and no longer on node {}",
+            v.state, source.node
+        )),
+        Some(v) => Err(format!(
+            "the job completed but VM {name} is {} on node {to}",
+            v.state
+        )),
+        None => Err(format!(
+            "the job completed but node {to} does not list VM {name}"
+        )),
+    }
+}
+
+/// `vm move ... --wait`: start the move, follow it, then say where the VM
+/// runs. Exit status 0 only if it runs on the destination (and left the
+/// source); 3 if the move is in doubt; 1 otherwise.
+fn move_and_wait(cli: &Cli, client: &mut Client, request: Request) -> Result<u8, String> {
+    let Request::VmMove { name, to, .. } = &request else {
+        return Err("not a move".into());
+    };
+    let (name, to) = (name.clone(), to.clone());
+    let job = match client.call(request)? {
+        Outcome::Ok(Body::Job(j)) => j,
+        Outcome::Ok(other) => return Err(format!("unexpected reply to vm-move: {other:?}")),
+        Outcome::Error(e) => return Ok(print_error(cli.json, &e)),
+    };
+    if !cli.json {
+        println!(
+            "job {}: moving VM {name} from node {} to node {to}",
+            job.id, client.node
+        );
+    }
+    let job = follow(client, job.id, cli.json)?;
+    print_end(&job, cli.json);
+    let status = job_exit_status(&job);
+    match status {
+        0 => match check_moved(cli, client, &name, &to) {
+            Ok(where_) => {
+                if !cli.json {
+                    println!("{where_}");
+                }
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("hvctl: {e}");
+                Ok(1)
+            }
+        },
+        3 => {
+            eprintln!(
+                "hvctl: the move of {name} is in doubt: see the job's error; then `hvctl --node {} job resolve {} --keep source|destination`",
+                client.node, job.id
+            );
+            Ok(3)
+        }
+        _ => {
+            if !cli.json {
+                let here = find_vm(client, &name)
+                    .ok()
+                    .flatten()
+                    .map(|v| format!("; VM {name} is {} on node {}", v.state, client.node))
+                    .unwrap_or_default();
+                eprintln!(
+                    "hvctl: VM {name} was not moved ({}){here}",
+                    state_word(job.state)
+                );
+            }
+            Ok(1)
+        }
     }
 }
 
@@ -683,12 +1070,21 @@ fn run(cli: &Cli) -> Result<u8, String> {
         Action::Help | Action::Completions(_) => Ok(0),
         Action::Watch(id) => watch(&mut client, id, cli.json),
         Action::WatchAll => watch_all(&mut client, cli.json),
+        Action::MoveAndWait(req) => move_and_wait(cli, &mut client, req),
         Action::Request(req) => {
+            let moving = matches!(req, Request::VmMove { .. });
             let outcome = client.call(req)?;
             match &outcome {
                 Outcome::Ok(body) => {
                     if cli.json {
                         println!("{}", render_json(&outcome));
+                    } else if let (true, Body::Job(j)) = (moving, body) {
+                        println!("job {}", j.id);
+                        println!("{}", render(body));
+                        println!(
+                            "follow it with `hvctl --node {} job watch {}`",
+                            client.node, j.id
+                        );
                     } else {
                         println!("{}", render(body));
                     }
@@ -889,5 +1285,394 @@ mod tests {
             "{l}"
         );
         assert!(l.contains("(cancellable)"));
+    }
+
+    #[test]
+    fn move_show_resolve_parse() {
+        assert_eq!(
+            p("--node a vm move v --to b").unwrap().action(),
+            Action::Request(Request::VmMove {
+                name: "v".into(),
+                to: "b".into(),
+                downtime_ms: None,
+                bandwidth_mib_s: None,
+                timeout_s: None,
+                encrypt: None,
+                verify: None,
+            })
+        );
+        assert_eq!(
+            p("vm move v --to b --downtime-ms 50 --bandwidth 8 --timeout 60 --encrypt --no-verify --wait --json")
+                .unwrap()
+                .action(),
+            Action::MoveAndWait(Request::VmMove {
+                name: "v".into(),
+                to: "b".into(),
+                downtime_ms: Some(50),
+                bandwidth_mib_s: Some(8),
+                timeout_s: Some(60),
+                encrypt: Some(true),
+                verify: Some(false),
+            })
+        );
+        assert_eq!(
+            p("job show 4").unwrap().action(),
+            Action::Request(Request::JobShow { id: 4 })
+        );
+        assert_eq!(
+            p("job resolve 4 --keep destination").unwrap().action(),
+            Action::Request(Request::JobResolve {
+                id: 4,
+                keep: Keep::Destination
+            })
+        );
+        for (args, err) in [
+            ("vm move v", "--to <NODE>"),
+            ("vm move --to b", "<NAME>"),
+            ("vm move v --to b --downtime-ms 0", "invalid value"),
+            ("vm move v --to b --bandwidth 0", "invalid value"),
+            ("vm move v --to b --timeout x", "invalid value"),
+            ("job resolve 4", "--keep"),
+            ("job resolve 4 --keep both", "invalid value 'both'"),
+            ("job show", "<ID>"),
+        ] {
+            let e = usage_error(args);
+            assert!(e.contains(err), "{args}: {e}");
+        }
+        let help = parse(["help", "vm", "move"]).unwrap_err().to_string();
+        for word in [
+            "--downtime-ms <MS>",
+            "--bandwidth <MIB/S>",
+            "--encrypt",
+            "--wait",
+        ] {
+            assert!(help.contains(word), "{word} missing in:\n{help}");
+        }
+    }
+
+    fn migration(phase: Phase, pass: u32) -> MigrationInfo {
+        MigrationInfo {
+            direction: hvmgmt::proto::Direction::Outgoing,
+            peer: "b".into(),
+            phase,
+            pass,
+            bytes_sent: 40 << 20,
+            bytes_remaining: 3 << 20,
+            dirty_rate_bytes_per_s: 8 << 20,
+            bandwidth_bytes_per_s: 20 << 20,
+            eta_ms: Some(1500),
+            throttle_pct: 0,
+            downtime_limit_ms: 300,
+            encrypted: false,
+            verify: true,
+        }
+    }
+
+    fn move_job(id: u64, state: JobState, phase: Phase, pass: u32, percent: u8) -> JobInfo {
+        JobInfo {
+            id,
+            kind: hvmgmt::proto::JobKind::LiveMigration,
+            vm: "v".into(),
+            state,
+            percent,
+            bytes_done: 40 << 20,
+            bytes_total: 43 << 20,
+            elapsed_ms: 2500,
+            error: None,
+            cancellable: !state.is_final(),
+            result: None,
+            migration: Some(Box::new(migration(phase, pass))),
+            report: None,
+        }
+    }
+
+    fn report() -> MigrationReport {
+        MigrationReport {
+            passes: 3,
+            pages_per_pass: vec![16384, 1200, 80],
+            bytes_sent: 70 << 20,
+            zero_pages: 12000,
+            ram_bytes: 64 << 20,
+            total_ms: 4200,
+            downtime_ms: 120,
+            expected_downtime_ms: 90,
+            throttle_pct: 20,
+            result: "completed".into(),
+            error: None,
+            dirty_tracker: Some("write-protect".into()),
+            verified: true,
+        }
+    }
+
+    #[test]
+    fn migration_progress_and_report_read_well() {
+        let j = move_job(7, JobState::Running, Phase::Copying, 2, 45);
+        let line = progress_line(&j);
+        assert!(line.starts_with("   7  live-migration    v"), "{line}");
+        for part in [
+            "copying, pass 2",
+            "40.0 MiB sent",
+            "3.0 MiB left",
+            "dirty 8.0 MiB/s",
+            "link 20.0 MiB/s",
+            "ETA 1.5 s",
+        ] {
+            assert!(line.contains(part), "{part} missing in {line}");
+        }
+        assert!(!line.contains("throttled"));
+        let mut m = migration(Phase::FinalCopy, 4);
+        m.throttle_pct = 30;
+        m.eta_ms = None;
+        let t = migration_progress(&m);
+        assert!(
+            t.starts_with("final-copy, pass 4") && t.contains("ETA ?"),
+            "{t}"
+        );
+        assert!(t.ends_with("guest throttled 30%"), "{t}");
+        assert!(job_line(&j).contains("\n      to b: copying, pass 2"));
+        let text = report_text(&report());
+        for part in [
+            "result        completed (memory verified; dirty pages tracked by write-protect)",
+            "passes        3 (16384, 1200, 80 pages)",
+            "sent          70.0 MiB for 64.0 MiB of guest RAM (12000 zero pages",
+            "total time    4.2 s",
+            "downtime      120 ms (expected 90 ms)",
+            "throttle      20%",
+        ] {
+            assert!(text.contains(part), "{part} missing in:\n{text}");
+        }
+        let failed = MigrationReport {
+            result: "failed".into(),
+            error: Some("link to b lost".into()),
+            verified: false,
+            dirty_tracker: None,
+            ..report()
+        };
+        assert!(report_text(&failed).contains("error         link to b lost"));
+        // `job show` renders the report under the job.
+        let mut done = move_job(7, JobState::Completed, Phase::Completed, 3, 100);
+        done.report = Some(Box::new(report()));
+        assert!(render(&Body::Job(done)).contains("downtime      120 ms"));
+        assert_eq!(duration_words(61_500), "1 min 1 s");
+    }
+
+    #[test]
+    fn exit_status_of_a_followed_job() {
+        let mut j = move_job(1, JobState::Completed, Phase::Completed, 3, 100);
+        assert_eq!(job_exit_status(&j), 0);
+        j.state = JobState::Failed;
+        assert_eq!(job_exit_status(&j), 1);
+        j.state = JobState::Cancelled;
+        assert_eq!(job_exit_status(&j), 1);
+        let mut d = move_job(1, JobState::Running, Phase::InDoubt, 3, 99);
+        assert!(
+            !awaits_operator(&d),
+            "in doubt, still asking the destination"
+        );
+        d.error = Some(
+            "node b restarted since it accepted: look at its vm-list, then job-resolve".into(),
+        );
+        assert!(awaits_operator(&d));
+        assert_eq!(job_exit_status(&d), 3);
+    }
+
+    /// `vm move --wait` against fake nodes a (source) and b: the requests
+    /// it sends and its exit status for each ending.
+    mod fake {
+        use super::super::*;
+        use super::{migration, move_job, report};
+        use crate::fake_node::FakeNode;
+        use hvmgmt::proto::{ErrorCode, Phase};
+
+        const KEY: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+        fn vm(state: &str) -> VmInfo {
+            VmInfo {
+                name: "v".into(),
+                state: state.into(),
+                stop_reason: None,
+                memory_mib: 64,
+                guest: "busy-verify".into(),
+                exits: 1,
+                console_lines: 3,
+                migration_job: None,
+            }
+        }
+
+        /// Node a: `vm-move` gives job 7; `job-show` walks through
+        /// `steps`; `vm-list` lists `left_on_a`.
+        fn source(steps: Vec<JobInfo>, left_on_a: Option<VmInfo>) -> FakeNode {
+            let mut step = 0;
+            FakeNode::start(
+                "a",
+                KEY,
+                Box::new(move |r| match r {
+                    Request::VmMove { .. } => Outcome::Ok(Body::Job(move_job(
+                        7,
+                        JobState::Queued,
+                        Phase::Queued,
+                        0,
+                        0,
+                    ))),
+                    Request::JobShow { id: 7 } => {
+                        let j = steps[step.min(steps.len() - 1)].clone();
+                        step += 1;
+                        Outcome::Ok(Body::Job(j))
+                    }
+                    Request::VmList => Outcome::Ok(Body::VmList {
+                        vms: left_on_a.iter().cloned().collect(),
+                    }),
+                    _ => Outcome::Error(ApiError::new(ErrorCode::NotFound, "no")),
+                }),
+            )
+        }
+
+        fn dest(listed: Option<VmInfo>) -> FakeNode {
+            FakeNode::start(
+                "b",
+                KEY,
+                Box::new(move |r| match r {
+                    Request::VmList => Outcome::Ok(Body::VmList {
+                        vms: listed.iter().cloned().collect(),
+                    }),
+                    _ => Outcome::Error(ApiError::new(ErrorCode::NotFound, "no")),
+                }),
+            )
+        }
+
+        /// A state directory naming the two fake nodes.
+        fn state_dir(tag: &str, a: &FakeNode, b: &FakeNode) -> std::path::PathBuf {
+            let dir = std::env::temp_dir().join(format!("hvm-hvctl-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let node = |name: &str, n: &FakeNode| crate::cluster::NodeState {
+                name: name.into(),
+                pid: 0,
+                mgmt_port: n.addr.rsplit(':').next().unwrap().parse().unwrap(),
+                migration_ip: String::new(),
+                log: dir.join("x"),
+                qemu_args: Vec::new(),
+                own_key: None,
+            };
+            let state = crate::cluster::ClusterState {
+                key: KEY.into(),
+                relay_pid: None,
+                nodes: vec![node("a", a), node("b", b)],
+            };
+            std::fs::write(
+                dir.join("cluster.json"),
+                serde_json::to_string(&state).unwrap(),
+            )
+            .unwrap();
+            dir
+        }
+
+        fn run_move(dir: &std::path::Path, extra: &str) -> u8 {
+            let line = format!(
+                "--state-dir {} --node a vm move v --to b --wait {extra}",
+                dir.display()
+            );
+            run_cli(&parse(line.split_whitespace()).unwrap())
+        }
+
+        fn completed() -> JobInfo {
+            let mut j = move_job(7, JobState::Completed, Phase::Completed, 3, 100);
+            j.report = Some(Box::new(report()));
+            j
+        }
+
+        #[test]
+        fn a_move_that_lands_on_b_exits_0() {
+            let a = source(
+                vec![
+                    move_job(7, JobState::Running, Phase::Copying, 0, 30),
+                    move_job(7, JobState::Running, Phase::Copying, 1, 80),
+                    move_job(7, JobState::Running, Phase::FinalCopy, 2, 97),
+                    completed(),
+                ],
+                None,
+            );
+            let b = dest(Some(vm("running")));
+            let dir = state_dir("ok", &a, &b);
+            assert_eq!(
+                run_move(&dir, "--downtime-ms 50 --bandwidth 8 --encrypt"),
+                0
+            );
+            let seen = a.seen();
+            assert_eq!(
+                seen[0],
+                Request::VmMove {
+                    name: "v".into(),
+                    to: "b".into(),
+                    downtime_ms: Some(50),
+                    bandwidth_mib_s: Some(8),
+                    timeout_s: None,
+                    encrypt: Some(true),
+                    verify: None,
+                }
+            );
+            let shows = seen
+                .iter()
+                .filter(|r| **r == Request::JobShow { id: 7 })
+                .count();
+            assert_eq!(shows, 4, "{seen:?}");
+            assert_eq!(seen.last(), Some(&Request::VmList), "a must have let go");
+            assert_eq!(b.seen(), vec![Request::VmList], "b must list it");
+            // JSON mode: the same checks, one JSON document.
+            assert_eq!(run_move(&dir, "--json"), 0);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn a_move_that_did_not_land_exits_1() {
+            // Completed, but b lists the VM as not running.
+            let a = source(vec![completed()], None);
+            let b = dest(Some(vm("incoming")));
+            let dir = state_dir("incoming", &a, &b);
+            assert_eq!(run_move(&dir, ""), 1);
+            // Completed, but a still lists it.
+            let a2 = source(vec![completed()], Some(vm("running")));
+            let dir2 = state_dir("still", &a2, &b);
+            assert_eq!(run_move(&dir2, ""), 1);
+            assert!(b.seen().len() == 1, "b is asked only when a let go");
+            // Failed: the VM runs on a; b is not asked.
+            let mut failed = move_job(7, JobState::Failed, Phase::Failed, 1, 40);
+            failed.error = Some("link to b lost: no data acknowledged for 8 s".into());
+            let a3 = source(vec![failed], Some(vm("running")));
+            let b3 = dest(None);
+            let dir3 = state_dir("failed", &a3, &b3);
+            assert_eq!(run_move(&dir3, ""), 1);
+            assert!(b3.seen().is_empty());
+            for d in [dir, dir2, dir3] {
+                std::fs::remove_dir_all(d).unwrap();
+            }
+        }
+
+        #[test]
+        fn refused_and_in_doubt_moves() {
+            let refuse = FakeNode::start(
+                "a",
+                KEY,
+                Box::new(|_| {
+                    Outcome::Error(ApiError::new(
+                        ErrorCode::VmMigrating,
+                        "VM v is migrating (job 3)",
+                    ))
+                }),
+            );
+            let b = dest(None);
+            let dir = state_dir("refused", &refuse, &b);
+            assert_eq!(run_move(&dir, ""), 1);
+            assert_eq!(refuse.seen().len(), 1, "no job to follow");
+            let mut doubt = move_job(7, JobState::Running, Phase::InDoubt, 3, 99);
+            doubt.migration = Some(Box::new(migration(Phase::InDoubt, 3)));
+            doubt.error = Some("node b restarted: check it, then job-resolve".into());
+            let a = source(vec![doubt], None);
+            let dir2 = state_dir("doubt", &a, &b);
+            assert_eq!(run_move(&dir2, ""), 3);
+            assert!(b.seen().is_empty());
+            for d in [dir, dir2] {
+                std::fs::remove_dir_all(d).unwrap();
+            }
+        }
     }
 }

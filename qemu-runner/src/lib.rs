@@ -18,6 +18,8 @@ pub mod bochs;
 pub mod cargo;
 pub mod cli;
 pub mod cluster;
+#[cfg(test)]
+mod fake_node;
 pub mod fuzz;
 pub mod hvctl;
 pub mod linux_image;
