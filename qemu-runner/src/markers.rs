@@ -281,6 +281,68 @@ impl SerialLog {
     }
 }
 
+/// The `heartbeat N` numbers VM `vm` printed in a node's serial text
+/// (`[vm] heartbeat N`, in order; a half-written last line is skipped).
+pub fn heartbeats(serial: &str, vm: &str) -> Vec<u64> {
+    let prefix = format!("[{vm}] heartbeat ");
+    serial
+        .lines()
+        .filter_map(|l| clean_line(l).strip_prefix(&prefix)?.parse().ok())
+        .collect()
+}
+
+/// The heartbeats of one VM across nodes: `first..=last`, each once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatSpan {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// Check heartbeats gathered from every node a VM ran on (each node's in
+/// its own order): together they must be 1, 2, 3, ... with none missing
+/// and none printed twice (twice means two copies of the VM ran), and each
+/// node's must rise. `Err` names the first fault.
+pub fn check_heartbeats(per_node: &[(&str, &[u64])]) -> Result<HeartbeatSpan, String> {
+    for (node, beats) in per_node {
+        if let Some(w) = beats.windows(2).find(|w| w[1] <= w[0]) {
+            return Err(format!(
+                "node {node}: heartbeat {} came after {}",
+                w[1], w[0]
+            ));
+        }
+    }
+    let mut all: Vec<(u64, &str)> = per_node
+        .iter()
+        .flat_map(|(node, beats)| beats.iter().map(move |&b| (b, *node)))
+        .collect();
+    all.sort_unstable();
+    let Some(&(first, _)) = all.first() else {
+        return Err("no heartbeat at all".into());
+    };
+    if first != 1 {
+        return Err(format!("the first heartbeat is {first}, not 1"));
+    }
+    for w in all.windows(2) {
+        let ((a, na), (b, nb)) = (w[0], w[1]);
+        if a == b {
+            return Err(format!(
+                "heartbeat {a} was printed twice (nodes {na} and {nb}): two copies of the VM ran"
+            ));
+        }
+        if b != a + 1 {
+            return Err(format!(
+                "heartbeats {}..={} are missing (node {na} printed {a}, then node {nb} {b})",
+                a + 1,
+                b - 1
+            ));
+        }
+    }
+    Ok(HeartbeatSpan {
+        first,
+        last: all.last().map_or(first, |l| l.0),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,5 +519,30 @@ hvmigrate: shutdown code=1\r
         assert_eq!(log.shutdown, Some(1));
         assert_eq!(log.fault, None);
         assert_eq!(log.lines, 9);
+    }
+
+    #[test]
+    fn heartbeats_across_nodes() {
+        let a = "[v] heartbeat 1\r\n[w] heartbeat 7\n[v] heartbeat 2\nhvmigrate: x\n[v] heartbeat 3\n[v] heartbeat 6\n[v] heartb";
+        let b = "[v] heartbeat 4\n[v] busy-verify: migration 1 ok\n[v] heartbeat 5\n";
+        let (ha, hb) = (heartbeats(a, "v"), heartbeats(b, "v"));
+        assert_eq!(ha, vec![1, 2, 3, 6]);
+        assert_eq!(hb, vec![4, 5]);
+        assert_eq!(
+            check_heartbeats(&[("a", &ha), ("b", &hb)]),
+            Ok(HeartbeatSpan { first: 1, last: 6 })
+        );
+        let e = check_heartbeats(&[("a", &[1, 2, 3]), ("b", &[3, 4])]).unwrap_err();
+        assert!(
+            e.contains("heartbeat 3 was printed twice (nodes a and b)"),
+            "{e}"
+        );
+        let e = check_heartbeats(&[("a", &[1, 2]), ("b", &[5, 6])]).unwrap_err();
+        assert!(e.contains("heartbeats 3..=4 are missing"), "{e}");
+        let e = check_heartbeats(&[("a", &[2, 3])]).unwrap_err();
+        assert!(e.contains("first heartbeat is 2"), "{e}");
+        let e = check_heartbeats(&[("a", &[1, 3, 2])]).unwrap_err();
+        assert!(e.contains("node a: heartbeat 2 came after 3"), "{e}");
+        assert!(check_heartbeats(&[("a", &[])]).is_err());
     }
 }

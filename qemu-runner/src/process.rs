@@ -72,6 +72,31 @@ fn install_handlers() {
     });
 }
 
+/// A background process group (a cluster node, the link relay) that an
+/// interrupt of the runner (Ctrl-C) kills with it while this lives;
+/// dropping it leaves the group alone.
+pub struct InterruptGuard(Option<usize>);
+
+/// Kill group `pgid` if the runner is interrupted while the guard lives.
+pub fn kill_on_interrupt(pgid: u32) -> InterruptGuard {
+    install_handlers();
+    let pgid = i32::try_from(pgid).unwrap_or(0);
+    InterruptGuard((pgid > 0).then_some(()).and_then(|()| {
+        GROUPS.iter().position(|s| {
+            s.compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+    }))
+}
+
+impl Drop for InterruptGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0 {
+            GROUPS[slot].store(0, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Kills the child's process group and reaps it when dropped, so no early
 /// return or panic leaves an emulator running.
 struct Guard {

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+pub mod cluster;
+
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The workspace root.
@@ -72,20 +74,52 @@ impl Run {
 
 /// `cargo run -q -p qemu-runner -- ARGS` in the workspace root.
 pub fn runner(args: &[&str]) -> Run {
+    run_cargo(&["run", "-q", "-p", "qemu-runner", "--"], args, &[])
+}
+
+/// `cargo run -q --bin hvctl -- ARGS` in the workspace root (the README's
+/// client command), with extra environment variables.
+pub fn hvctl_bin(args: &[&str], env: &[(&str, &str)]) -> Run {
+    run_cargo(&["run", "-q", "--bin", "hvctl", "--"], args, env)
+}
+
+/// The command of [`hvctl_bin`], to start in the background.
+pub fn hvctl_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["run", "-q", "--bin", "hvctl", "--"]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Run cargo with `pre` then `args`, one runner invocation at a time.
+pub fn run_cargo(pre: &[&str], args: &[&str], env: &[(&str, &str)]) -> Run {
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["run", "-q", "-p", "qemu-runner", "--"])
-        .args(args)
-        .current_dir(workspace_root())
-        .output()
-        .expect("running cargo");
-    Run {
-        success: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    let mut cmd = cargo();
+    cmd.args(pre).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Run::from(cmd.output().expect("running cargo"))
+}
+
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Self {
+        Run {
+            success: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
