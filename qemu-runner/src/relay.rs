@@ -68,6 +68,8 @@ pub const CONTROL_SOCKET: &str = "relay.sock";
 pub const PENDING_PER_PORT: usize = 4;
 /// Time a control client has to send its request and take the answer.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes the writer hands to one `write` system call.
+const WRITE_BATCH: usize = 64 * 1024;
 /// How often the acceptor polls its listeners and expires waiting
 /// connections.
 const POLL: Duration = Duration::from_millis(10);
@@ -560,7 +562,10 @@ fn attach(shared: &Arc<Shared>, st: &mut State, port: usize, s: UnixStream, pid:
 }
 
 /// Read node `port`'s frames and hand each to its destinations' queues.
-fn read_loop(shared: &Shared, port: usize, conn: &Arc<Conn>, mut stream: UnixStream) {
+fn read_loop(shared: &Shared, port: usize, conn: &Arc<Conn>, stream: UnixStream) {
+    // Frames are small: read them out of 64 KiB chunks, not one system call
+    // each.
+    let mut stream = std::io::BufReader::with_capacity(64 * 1024, stream);
     loop {
         let mut len = [0u8; 4];
         if stream.read_exact(&mut len).is_err() {
@@ -608,30 +613,39 @@ fn read_loop(shared: &Shared, port: usize, conn: &Arc<Conn>, mut stream: UnixStr
     conn.close();
 }
 
-/// Write node's queued frames to it, one at a time.
+/// Write a node's queued frames to it, as many as are queued (up to
+/// [`WRITE_BATCH`] bytes) in one system call.
 fn write_loop(conn: &Conn, mut stream: UnixStream) {
+    let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH + 4 + FRAME_MAX);
     loop {
-        let frame = {
+        batch.clear();
+        let mut frames = 0u64;
+        {
             let mut q = lock(&conn.queue);
             loop {
                 if q.closed {
                     return;
                 }
-                if let Some(f) = q.frames.pop_front() {
-                    q.bytes -= f.len();
-                    break f;
+                if !q.frames.is_empty() {
+                    break;
                 }
                 q = conn.ready.wait(q).unwrap_or_else(|p| p.into_inner());
             }
-        };
-        if stream.write_all(&frame).is_err() {
+            while batch.len() < WRITE_BATCH {
+                let Some(f) = q.frames.pop_front() else { break };
+                q.bytes -= f.len();
+                batch.extend_from_slice(&f);
+                frames += 1;
+            }
+        }
+        // Room freed: senders waiting for it may go on.
+        conn.room.notify_all();
+        if stream.write_all(&batch).is_err() {
             conn.close();
             return;
         }
-        conn.counters.frames_out.fetch_add(1, Ordering::Relaxed);
-        let mut q = lock(&conn.queue);
-        q.progress = Instant::now();
-        drop(q);
+        conn.counters.frames_out.fetch_add(frames, Ordering::Relaxed);
+        lock(&conn.queue).progress = Instant::now();
         conn.room.notify_all();
     }
 }
