@@ -37,6 +37,9 @@
 pub mod acpi;
 pub mod acpi_pm;
 pub mod bus;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ioapic;
 pub mod irq;
 pub mod lapic;
