@@ -187,7 +187,7 @@ impl Channel {
         let n = self.period();
         let target_ticks = match self.mode {
             0 | 1 if self.fired == 0 => n,
-            2 | 3 => (self.fired + 1).saturating_mul(n),
+            2 | 3 => self.fired.saturating_add(1).saturating_mul(n),
             4 | 5 if self.fired == 0 => n + 1,
             _ => return None,
         };
