@@ -542,6 +542,7 @@ impl Lapic {
                 if i == LVT_TIMER && self.timer_mode() != old_mode {
                     // A mode change disarms the timer (SDM 11.5.4.1).
                     self.timer_initial = 0;
+                    self.timer_start_count = 0;
                     self.timer_next_ns = None;
                     self.tsc_deadline = 0;
                 }
@@ -915,10 +916,17 @@ mod tests {
         // A tiny period is clamped.
         w(&mut a, REG_TIMER_INITIAL, 1, 10_000_000);
         assert_eq!(a.next_event_ns(), Some(10_000_000 + MIN_PERIOD_NS));
-        // Mode change disarms.
+        // Mode change disarms, and leaves a state that migrates (a count
+        // left over from the old mode was refused by restore once).
         w(&mut a, REG_LVT_TIMER, 0xef, 10_000_000);
         assert_eq!(a.next_event_ns(), None);
         assert_eq!(r(&a, REG_TIMER_INITIAL, 0), 0);
+        assert_eq!(r(&a, REG_TIMER_CURRENT, 10_000_000), 0);
+        let mut s = Vec::new();
+        a.save_state(&mut s);
+        let mut b = Lapic::new(0);
+        b.restore_state(Lapic::STATE_VERSION, &s).unwrap();
+        assert_eq!(b, a);
     }
 
     #[test]
