@@ -644,7 +644,9 @@ fn write_loop(conn: &Conn, mut stream: UnixStream) {
             conn.close();
             return;
         }
-        conn.counters.frames_out.fetch_add(frames, Ordering::Relaxed);
+        conn.counters
+            .frames_out
+            .fetch_add(frames, Ordering::Relaxed);
         lock(&conn.queue).progress = Instant::now();
         conn.room.notify_all();
     }
