@@ -67,8 +67,9 @@ pub enum Command {
     /// Boot a node that runs the guest test cases (all when none are named)
     /// and summarise them
     GuestTest(GuestTestArgs),
-    /// Install/build as needed, boot the demo node and summarise the
-    /// dirty-page rate it tracks and the live migration it makes
+    /// Install/build as needed; act 1: a node shows a busy guest's dirty-page
+    /// rate and migrates it within itself; act 2: two nodes, the busy VM
+    /// moved from a to b with a progress bar; both summarised
     Demo(DemoArgs),
     /// Benchmarks
     #[command(subcommand)]
@@ -245,9 +246,13 @@ pub struct DemoArgs {
     pub arch: ArchArg,
     #[command(flatten)]
     pub accel: AccelArg,
-    /// Watch the node for at most S seconds
+    /// Watch act 1's node for at most S seconds
     #[arg(long, value_name = "S", default_value_t = DEFAULT_DEMO_SECONDS, value_parser = positive)]
     pub seconds: u64,
+    /// Run only this act: 1 (one node: dirty rate, a migration within it)
+    /// or 2 (two nodes: a busy VM moved from a to b)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub act: Option<u8>,
     #[command(flatten)]
     pub build: BuildArg,
 }
@@ -544,7 +549,12 @@ mod tests {
             }))
         ));
         assert!(matches!(p("demo"), Ok(Command::Demo(d)) if d.seconds == DEFAULT_DEMO_SECONDS));
-        assert!(matches!(p("demo --seconds 5"), Ok(Command::Demo(d)) if d.seconds == 5));
+        assert!(
+            matches!(p("demo --seconds 5"), Ok(Command::Demo(d)) if d.seconds == 5 && d.act.is_none())
+        );
+        assert!(matches!(p("demo --act 2"), Ok(Command::Demo(d)) if d.act == Some(2)));
+        usage_error("demo --act 3");
+        usage_error("demo --act 0");
         assert_eq!(p("test"), Ok(Command::Test));
         assert_eq!(p("setup"), Ok(Command::Setup));
         assert_eq!(p("build"), Ok(Command::Build));

@@ -18,6 +18,7 @@ pub mod bochs;
 pub mod cargo;
 pub mod cli;
 pub mod cluster;
+pub mod demo;
 #[cfg(test)]
 mod fake_node;
 pub mod fuzz;

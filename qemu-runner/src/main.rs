@@ -71,7 +71,13 @@ fn main() -> ExitCode {
             Duration::from_secs(a.timeout),
             a.build.build(),
         ),
-        Command::Demo(a) => demo(a.arch.arch, a.accel.accel, a.seconds, a.build.build()),
+        Command::Demo(a) => demo(
+            a.arch.arch,
+            a.accel.accel,
+            a.seconds,
+            a.act,
+            a.build.build(),
+        ),
         Command::Bench(Bench::Dirty {
             arch,
             timeout,
@@ -315,12 +321,58 @@ fn guest_test(
     Ok(verdict.all_passed())
 }
 
-fn demo(arch: Arch, accel: Accel, seconds: u64, build: bool) -> Result<bool, String> {
+fn demo(
+    arch: Arch,
+    accel: Accel,
+    seconds: u64,
+    act: Option<u8>,
+    build: bool,
+) -> Result<bool, String> {
     let what = setup::ensure(setup::Needs::Boot)?;
     eprintln!("qemu-runner: setup: {what}");
     let target = prepare(arch, accel, build)?;
+    let start = Instant::now();
+    let one = act.is_none_or(|a| a == 1);
+    let two = act.is_none_or(|a| a == 2);
+    let first = if one {
+        demo_local(&target, accel, seconds)?
+    } else {
+        true
+    };
+    let second = if two {
+        if arch != Arch::Svm {
+            println!("\ndemo: act 2 (two nodes) runs on the svm path only (QEMU)");
+            true
+        } else {
+            if one {
+                println!();
+            }
+            qemu_runner::demo::two_nodes(
+                &cluster::Boot {
+                    images: target.images.clone(),
+                    accel,
+                },
+                &qemu_runner::demo::state_dir(),
+            )?
+        }
+    } else {
+        true
+    };
+    if one && two {
+        println!(
+            "\ndemo: {} in {:.0} s",
+            if first && second { "done" } else { "FAILED" },
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(first && second)
+}
+
+/// Act 1: one node (`mode=demo`) shows the busy guest's dirty rate, then
+/// migrates it to a new VM on the same node.
+fn demo_local(target: &Target, accel: Accel, seconds: u64) -> Result<bool, String> {
     println!(
-        "hvmigrate demo: booting a node under QEMU ({}).\n\
+        "hvmigrate demo, act 1: booting a node under QEMU ({}).\n\
          Its guest `dirty-demo` increments one byte in every page of a 16 MiB buffer, for ever;\n\
          the hypervisor tracks the pages it dirties (nested page tables write-protected, the\n\
          first write to a page in a round recorded) and prints the rate. Then it live-migrates\n\
@@ -334,7 +386,7 @@ fn demo(arch: Arch, accel: Accel, seconds: u64, build: bool) -> Result<bool, Str
     let watch = Duration::from_secs(seconds);
     let mut reports = Vec::new();
     let (end, log) = boot(
-        &target,
+        target,
         "mode=demo",
         qemu::DEFAULT_MEMORY_MIB,
         Some(watch + Duration::from_secs(120)),

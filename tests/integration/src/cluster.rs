@@ -213,6 +213,57 @@ impl TestCluster {
         }
     }
 
+    /// Wait until `node`'s serial log shows VM `name` printing `line` (or
+    /// a line starting with it if it ends with `…`); panics after
+    /// `timeout`, or at once if the VM reported a failed memory check.
+    /// The serial log holds every line a guest printed on that node (the
+    /// node keeps only the last few for `vm console`).
+    pub fn wait_line(&self, node: &str, name: &str, line: &str, timeout: Duration) {
+        let (text, prefix) = match line.strip_suffix('…') {
+            Some(p) => (p, true),
+            None => (line, false),
+        };
+        let tag = format!("[{name}] ");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let serial = self.serial(node);
+            let mut lines = serial
+                .lines()
+                .filter_map(|l| l.trim_end_matches('\r').strip_prefix(&tag));
+            if lines.any(|l| l == text || (prefix && l.starts_with(text))) {
+                return;
+            }
+            assert!(
+                !serial.contains(&format!("{tag}busy-verify: FAILED")),
+                "VM {name} on node {node} found its memory damaged:\n{}",
+                self.serial_tail(node, 30)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "VM {name} on node {node} did not print {line:?} within {timeout:?}; serial tail:\n{}",
+                self.serial_tail(node, 30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many failed migrations VM `name` has checked its memory after
+    /// on `node` (the N of its last `busy-verify: failed migration N:
+    /// memory ok`).
+    pub fn failed_checks(&self, node: &str, name: &str) -> u32 {
+        let tag = format!("[{name}] busy-verify: failed migration ");
+        self.serial(node)
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix(&tag)?
+                    .strip_suffix(": memory ok")?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// `node`'s whole serial output since `cluster up` (earlier boots
     /// first).
     pub fn serial(&self, node: &str) -> String {
@@ -240,7 +291,7 @@ impl TestCluster {
         .unwrap_or_else(|e| panic!("vm-create {name} on node {node}: {e}"));
         c.call_ok(Request::VmStart { name: name.into() })
             .unwrap_or_else(|e| panic!("vm-start {name} on node {node}: {e}"));
-        self.wait_console(node, name, "heartbeat …", Duration::from_secs(60));
+        self.wait_line(node, name, "heartbeat …", Duration::from_secs(60));
     }
 
     /// Start moving `name` from `from` to `to` with extra `hvctl vm move`
