@@ -1,14 +1,17 @@
 //! `Node`: the platform as the root-partition service sees it
 //! ([`hvcore::host::Host`]).
 //!
-//! Holds what the boot path learned (command line, modules, vendor) and
-//! forwards partition creation and the raw benchmark to [`crate::virt`].
-//! Module bytes stay where the loader put them (excluded from the frame
-//! allocator), so `module()` hands out slices of the identity map.
+//! Holds what the boot path learned (command line, modules, vendor, the
+//! cluster key from QEMU's fw_cfg), the entropy pool ([`crate::rng`]) and
+//! the NICs ([`crate::net`]), and forwards partition creation and the raw
+//! benchmark to [`crate::virt`]. Module bytes stay where the loader put them
+//! (excluded from the frame allocator), so `module()` hands out slices of
+//! the identity map.
 
 use crate::bootinfo::{BootInfo, MAX_MODULES};
 use alloc::boxed::Box;
 use alloc::string::String;
+use hvcore::entropy::{EntropyError, Sources};
 use hvcore::host::{CpuidResult, CpuidSource, Host, HostError, NetStack, Partition};
 use hvcore::vcpu::Vendor;
 
@@ -19,7 +22,9 @@ pub struct Node {
     modules: [(u64, u64); MAX_MODULES],
     module_count: usize,
     cpus: u32,
-    entropy_calls: u64,
+    entropy: crate::rng::NodeEntropy,
+    /// The cluster key from fw_cfg (`opt/hvmigrate/key`).
+    cluster_key: Option<String>,
     net: Option<crate::net::NodeNet>,
     /// Receive counter at the last `idle` and when it last moved.
     idle_rx: (u64, u64),
@@ -36,18 +41,28 @@ impl Node {
         for (slot, m) in modules.iter_mut().zip(info.modules()) {
             *slot = (m.start, m.end);
         }
+        let mut entropy = crate::rng::NodeEntropy::init();
+        // smoltcp's seed picks TCP initial sequence numbers and ports: from
+        // the pool when it has a source, else (no management API is served
+        // then) from the TSC.
+        let mut seed = [0u8; 8];
+        let net_seed = match entropy.fill(&mut seed) {
+            Ok(()) => u64::from_le_bytes(seed),
+            Err(_) => crate::cpu::rdtsc(),
+        };
+        let cluster_key = crate::fw_cfg::cluster_key();
+        if cluster_key.is_some() {
+            log::info!("fw_cfg: cluster key from {}", crate::fw_cfg::KEY_FILE);
+        }
         Node {
             vendor: crate::cpu::vendor(),
             cmdline: String::from(info.cmdline()),
             modules,
             module_count: info.modules().len(),
             cpus: crate::acpi::read_madt(info.rsdp).map_or(1, |m| m.cpus.max(1)),
-            entropy_calls: 0,
-            net: match crate::net::NodeNet::init(
-                info.cmdline(),
-                crate::time::now_ns(),
-                crate::cpu::rdtsc(),
-            ) {
+            entropy,
+            cluster_key,
+            net: match crate::net::NodeNet::init(info.cmdline(), crate::time::now_ns(), net_seed) {
                 Ok(net) => net,
                 Err(e) => {
                     log::error!("net: {e}; the node has no network");
@@ -115,8 +130,18 @@ impl Host for Node {
     }
 
     fn entropy(&mut self, buf: &mut [u8]) {
-        self.entropy_calls = self.entropy_calls.wrapping_add(1);
-        fill_entropy(buf, self.entropy_calls);
+        if let Err(e) = self.entropy.fill(buf) {
+            // The Host contract: callers check `entropy_sources` first.
+            panic!("entropy requested on a node without a source: {e}");
+        }
+    }
+
+    fn entropy_sources(&self) -> Result<Sources, EntropyError> {
+        self.entropy.sources()
+    }
+
+    fn cluster_key(&self) -> Option<&str> {
+        self.cluster_key.as_deref()
     }
 
     fn net(&mut self) -> Option<&mut dyn NetStack> {
@@ -139,54 +164,5 @@ impl Host for Node {
         // The LAPIC timer ticks periodically, so this returns within one
         // tick period.
         crate::interrupts::wait_for_interrupt();
-    }
-}
-
-/// Whether the CPU has RDRAND (CPUID.01H:ECX[30], Intel SDM vol. 2B, RDRAND;
-/// AMD APM vol. 3, E.3.2).
-fn has_rdrand() -> bool {
-    crate::cpu::cpuid(1, 0).ecx & (1 << 30) != 0
-}
-
-/// One RDRAND value, `None` when the DRNG is exhausted (CF = 0; Intel's DRNG
-/// guide recommends 10 retries).
-///
-/// # Safety
-/// The CPU must support RDRAND ([`has_rdrand`]).
-#[target_feature(enable = "rdrand")]
-unsafe fn rdrand64() -> Option<u64> {
-    for _ in 0..10 {
-        let mut v = 0u64;
-        // Safe here: this function is compiled with the `rdrand` feature.
-        if core::arch::x86_64::_rdrand64_step(&mut v) == 1 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// Fill `buf` from RDRAND when present, mixed with TSC readings taken around
-/// work of varying length (the jitter of which is the entropy when RDRAND is
-/// absent, as under QEMU's `qemu64` CPU). The management protocol whitens the
-/// result with SHA-256 and a counter, so nonces never repeat within a boot.
-fn fill_entropy(buf: &mut [u8], call: u64) {
-    let rdrand = has_rdrand();
-    let mut state = crate::cpu::rdtsc() ^ call.rotate_left(32);
-    for chunk in buf.chunks_mut(8) {
-        // xorshift steps between TSC reads vary the gaps between them.
-        for _ in 0..(state & 0x3f) + 8 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-        }
-        let mut v = state ^ crate::cpu::rdtsc().wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        if rdrand {
-            // SAFETY: CPUID reported RDRAND.
-            if let Some(r) = unsafe { rdrand64() } {
-                v ^= r;
-            }
-        }
-        state = state.rotate_left(17) ^ v;
-        chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
     }
 }

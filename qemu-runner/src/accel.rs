@@ -1,7 +1,8 @@
 //! `--accel`: how QEMU runs a node's CPU (docs/DESIGN.md, "Boot").
 //!
-//! * `tcg` (default): QEMU emulates the CPU, `-cpu qemu64,+svm,+npt`: AMD-V
-//!   with nested paging on any host, the path every test runs on.
+//! * `tcg` (default): QEMU emulates the CPU, `-cpu qemu64,+svm,+npt,+rdrand`:
+//!   AMD-V with nested paging on any host, the path every test runs on, and
+//!   RDRAND for the node's entropy pool (TCG has no RDSEED).
 //! * `kvm`: `-accel kvm -cpu host`: the node runs on the host's CPU under
 //!   KVM and its hypervisor gets the host's own virtualization extension
 //!   through *nested* virtualization: an Intel host gives VT-x (the VMX
@@ -22,7 +23,7 @@ use clap::ValueEnum;
 /// A QEMU accelerator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Accel {
-    /// Emulated AMD-V (`-cpu qemu64,+svm,+npt`), any host.
+    /// Emulated AMD-V (`-cpu qemu64,+svm,+npt,+rdrand`), any host.
     Tcg,
     /// The host's CPU under nested KVM (`-cpu host`).
     Kvm,
@@ -65,7 +66,7 @@ impl Accel {
     /// QEMU's `-accel` and `-cpu` arguments.
     pub fn qemu_args(self) -> [&'static str; 4] {
         match self {
-            Accel::Tcg => ["-accel", "tcg", "-cpu", "qemu64,+svm,+npt"],
+            Accel::Tcg => ["-accel", "tcg", "-cpu", "qemu64,+svm,+npt,+rdrand"],
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
         }
     }
@@ -277,7 +278,7 @@ mod tests {
     fn qemu_arguments() {
         assert_eq!(
             Accel::Tcg.qemu_args(),
-            ["-accel", "tcg", "-cpu", "qemu64,+svm,+npt"]
+            ["-accel", "tcg", "-cpu", "qemu64,+svm,+npt,+rdrand"]
         );
         assert_eq!(Accel::Kvm.qemu_args(), ["-accel", "kvm", "-cpu", "host"]);
         assert_eq!(check(Accel::Tcg), Ok(()));

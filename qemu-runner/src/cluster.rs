@@ -17,12 +17,19 @@
 //! `cluster start NAME` boots it again, empty, from the QEMU arguments
 //! `cluster up` recorded: same addresses, ports and key.
 //!
+//! The cluster key never appears on a command line (`ps` shows those to
+//! every local user): each node gets it as QEMU's fw_cfg file
+//! `opt/hvmigrate/key` (`-fw_cfg name=opt/hvmigrate/key,file=cluster.key`),
+//! which the node reads through the fw_cfg I/O ports, and every node also
+//! gets a `virtio-rng-pci` entropy device for its nonces.
+//!
 //! The state directory (default `target/cluster`, or
 //! `$HVMIGRATE_CLUSTER_DIR`, or `--state-dir`; mode 0700) holds
 //! `cluster.json` (nodes, ports, process ids, QEMU arguments and the
-//! cluster key, mode 0600), each node's serial log `node-NAME.log` (the
-//! previous boot's as `node-NAME.log.1` after `cluster start`), the relay's
-//! sockets and its log `relay.log`.
+//! cluster key, mode 0600), the key alone as `cluster.key` (hex, mode 0600,
+//! for QEMU), each node's serial log `node-NAME.log` (the previous boot's
+//! as `node-NAME.log.1` after `cluster start`), the relay's sockets and its
+//! log `relay.log`.
 
 use std::fs;
 use std::net::TcpListener;
@@ -110,6 +117,26 @@ fn state_file(dir: &Path) -> PathBuf {
     dir.join("cluster.json")
 }
 
+/// The key file QEMU passes to the nodes (relative to the state directory,
+/// where QEMU runs).
+pub const KEY_FILE: &str = "cluster.key";
+/// The fw_cfg name the node reads the key from.
+pub const KEY_FW_CFG_NAME: &str = "opt/hvmigrate/key";
+
+/// Write `contents` to `path`, created with mode 0600 (the mode applies at
+/// creation: no moment where another user can open it).
+fn write_private(path: &Path, contents: &str) -> Result<(), String> {
+    let _ = fs::remove_file(path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut file, contents.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Read the cluster state.
 pub fn load(dir: &Path) -> Result<ClusterState, String> {
     let f = state_file(dir);
@@ -177,10 +204,10 @@ pub fn node_name(i: usize) -> String {
     char::from(b'a' + (i % 26) as u8).to_string()
 }
 
-/// The node command line.
-pub fn node_cmdline(name: &str, key: &str, migration_ip: &str, peers: &str) -> String {
+/// The node command line (no key: that comes through fw_cfg).
+pub fn node_cmdline(name: &str, migration_ip: &str, peers: &str) -> String {
     let mut line = format!(
-        "name={name} mode=node key={key} mgmt_ip={NODE_MGMT_IP}/24 mgmt_gw=10.0.2.2 mgmt_port={NODE_MGMT_PORT} mig_ip={migration_ip}/24"
+        "name={name} mode=node mgmt_ip={NODE_MGMT_IP}/24 mgmt_gw=10.0.2.2 mgmt_port={NODE_MGMT_PORT} mig_ip={migration_ip}/24"
     );
     if !peers.is_empty() {
         line.push_str(&format!(" peers={peers}"));
@@ -212,14 +239,7 @@ pub fn migration_ip(i: usize) -> String {
 /// its migration NIC connects to the relay's socket `link-NAME.sock`
 /// (relative, so a deep state directory never exceeds a socket path's
 /// length).
-pub fn qemu_args(
-    boot: &Boot,
-    i: usize,
-    count: usize,
-    key: &str,
-    mgmt_port: u16,
-    log: &Path,
-) -> Vec<String> {
+pub fn qemu_args(boot: &Boot, i: usize, count: usize, mgmt_port: u16, log: &Path) -> Vec<String> {
     let name = node_name(i);
     let images = &boot.images;
     let mac = migration_mac(i);
@@ -232,7 +252,7 @@ pub fn qemu_args(
         "-initrd".into(),
         images.guest_kernel.display().to_string(),
         "-append".into(),
-        node_cmdline(&name, key, &migration_ip(i), &peers(i, count)),
+        node_cmdline(&name, &migration_ip(i), &peers(i, count)),
         "-serial".into(),
         format!("file:{}", log.display()),
         "-display".into(),
@@ -242,6 +262,11 @@ pub fn qemu_args(
         "-no-reboot".into(),
         "-device".into(),
         "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
+        // The cluster key as a file the node reads through fw_cfg.
+        "-fw_cfg".into(),
+        format!("name={KEY_FW_CFG_NAME},file={KEY_FILE}"),
+        "-device".into(),
+        crate::qemu::ENTROPY_DEVICE.into(),
         // Management NIC: user networking, only a host-loopback forward.
         "-netdev".into(),
         format!("user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{mgmt_port}-{NODE_MGMT_IP}:{NODE_MGMT_PORT}"),
@@ -462,6 +487,7 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     let key = hex_encode(&hvctl::random_bytes::<32>()?);
+    write_private(&dir.join(KEY_FILE), &key)?;
     let mut state = ClusterState {
         key: key.clone(),
         relay_pid: None,
@@ -480,7 +506,7 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
             pid: 0,
             mgmt_port,
             migration_ip: migration_ip(i),
-            qemu_args: qemu_args(boot, i, count, &key, mgmt_port, &log),
+            qemu_args: qemu_args(boot, i, count, mgmt_port, &log),
             log,
             own_key: None,
         };
@@ -536,6 +562,10 @@ pub fn down(dir: &Path) -> Result<usize, String> {
         // A node or relay that ignored TERM.
         signal_group(*pid, libc::SIGKILL);
     }
+    let _ = fs::remove_file(dir.join(KEY_FILE));
+    for n in &state.nodes {
+        let _ = fs::remove_file(dir.join(own_key_file(&n.name)));
+    }
     fs::remove_file(state_file(dir)).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(stopped)
 }
@@ -574,26 +604,24 @@ pub fn kill(dir: &Path, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// QEMU arguments `args` with the node command line's `key=` set to
-/// `key`.
-pub fn with_key(args: &[String], key: &str) -> Vec<String> {
-    let mut out = args.to_vec();
-    if let Some(i) = args.iter().position(|a| a == "-append") {
-        if let Some(line) = out.get_mut(i + 1) {
-            *line = line
-                .split(' ')
-                .map(|w| {
-                    if w.starts_with("key=") {
-                        format!("key={key}")
-                    } else {
-                        w.to_string()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" ");
-        }
-    }
-    out
+/// QEMU arguments `args` with the node's fw_cfg key file set to
+/// `key_file` (relative to the state directory).
+pub fn with_key(args: &[String], key_file: &str) -> Vec<String> {
+    let prefix = format!("name={KEY_FW_CFG_NAME},file=");
+    args.iter()
+        .map(|a| {
+            if a.starts_with(&prefix) {
+                format!("{prefix}{key_file}")
+            } else {
+                a.clone()
+            }
+        })
+        .collect()
+}
+
+/// Node `name`'s own key file (`cluster start --wrong-key`).
+fn own_key_file(name: &str) -> String {
+    format!("node-{name}.key")
 }
 
 /// `cluster start NAME [--wrong-key]`: boot a node that is not running
@@ -618,14 +646,18 @@ pub fn start(dir: &Path, name: &str, wrong_key: bool) -> Result<NodeState, Strin
             "the cluster's link relay is not running (`cluster down` and `cluster up`)".into(),
         );
     }
-    let key = if wrong_key {
-        hex_encode(&hvctl::random_bytes::<32>()?)
+    let (key, key_file) = if wrong_key {
+        let key = hex_encode(&hvctl::random_bytes::<32>()?);
+        let file = own_key_file(name);
+        write_private(&dir.join(&file), &key)?;
+        (key, file)
     } else {
-        state.key.clone()
+        let _ = fs::remove_file(dir.join(own_key_file(name)));
+        (state.key.clone(), KEY_FILE.to_string())
     };
     let _ = fs::rename(&n.log, n.log.with_extension("log.1"));
     let mut node = n.clone();
-    node.qemu_args = with_key(&n.qemu_args, &key);
+    node.qemu_args = with_key(&n.qemu_args, &key_file);
     node.own_key = wrong_key.then(|| key.clone());
     node.pid = spawn_node(dir, &node)?;
     state.nodes[i] = node.clone();
@@ -928,10 +960,11 @@ mod tests {
             (node_name(0), node_name(1)),
             ("a".to_string(), "b".to_string())
         );
-        let c = node_cmdline("b", "00ff", "192.168.100.2", &peers(1, 3));
-        assert!(c.contains("mode=node key=00ff") && c.contains("mig_ip=192.168.100.2/24"));
+        let c = node_cmdline("b", "192.168.100.2", &peers(1, 3));
+        assert!(c.contains("mode=node ") && c.contains("mig_ip=192.168.100.2/24"));
         assert!(c.ends_with(" peers=a@192.168.100.1,c@192.168.100.3"), "{c}");
-        assert!(!node_cmdline("a", "00", "192.168.100.1", &peers(0, 1)).contains("peers"));
+        assert!(!c.contains("key"), "{c}");
+        assert!(!node_cmdline("a", "192.168.100.1", &peers(0, 1)).contains("peers"));
         let images = Boot {
             images: Images {
                 hypervisor: "/h".into(),
@@ -939,7 +972,7 @@ mod tests {
             },
             accel: Accel::Tcg,
         };
-        let a = qemu_args(&images, 0, 2, "k", 5000, Path::new("/l"));
+        let a = qemu_args(&images, 0, 2, 5000, Path::new("/l"));
         let joined = a.join(" ");
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:5000-10.0.2.15:7000"),
@@ -952,32 +985,44 @@ mod tests {
             ),
             "{joined}"
         );
-        let c = qemu_args(&images, 2, 3, "k", 5002, Path::new("/l")).join(" ");
+        let c = qemu_args(&images, 2, 3, 5002, Path::new("/l")).join(" ");
         assert!(c.contains("addr.path=link-c.sock"), "{c}");
         assert!(c.contains("mac=52:54:00:00:01:03"), "{c}");
         assert!(c.contains("mig_ip=192.168.100.3/24"), "{c}");
         assert!(c.contains("peers=a@192.168.100.1,b@192.168.100.2"), "{c}");
         assert!(!c.contains("dgram") && !c.contains("0.0.0.0") && !c.contains("socket,"));
-        assert!(joined.starts_with("-accel tcg -cpu qemu64,+svm,+npt -m 1024M"));
+        assert!(joined.starts_with("-accel tcg -cpu qemu64,+svm,+npt,+rdrand -m 1024M"));
+        // The key reaches the node as a fw_cfg file, never as an argument.
+        assert!(
+            joined
+                .contains("-fw_cfg name=opt/hvmigrate/key,file=cluster.key -device virtio-rng-pci"),
+            "{joined}"
+        );
+        assert!(!joined.contains("key="), "{joined}");
         let kvm = Boot {
             accel: Accel::Kvm,
             ..images.clone()
         };
-        let k = qemu_args(&kvm, 0, 2, "k", 5000, Path::new("/l")).join(" ");
+        let k = qemu_args(&kvm, 0, 2, 5000, Path::new("/l")).join(" ");
         assert!(k.starts_with("-accel kvm -cpu host -m 1024M"), "{k}");
         // `cluster start --wrong-key` swaps the key and nothing else.
-        let swapped = with_key(&a, "beef");
-        let line = |args: &[String]| {
-            let i = args.iter().position(|x| x == "-append").unwrap();
-            args[i + 1].clone()
-        };
-        assert_eq!(line(&swapped), line(&a).replace("key=k ", "key=beef "));
+        let swapped = with_key(&a, "node-a.key");
+        let changed: Vec<(&String, &String)> =
+            a.iter().zip(&swapped).filter(|(x, y)| x != y).collect();
+        assert_eq!(
+            changed,
+            [(
+                &"name=opt/hvmigrate/key,file=cluster.key".to_string(),
+                &"name=opt/hvmigrate/key,file=node-a.key".to_string()
+            )]
+        );
         assert_eq!(swapped.len(), a.len());
+        assert_eq!(with_key(&swapped, KEY_FILE), a, "and back");
         // The relay forwards by the MACs QEMU is given.
         let ports = relay_ports(3);
         assert_eq!(ports[1].name, "b");
         assert_eq!(ports[1].mac, migration_mac(1));
-        assert!(qemu_args(&images, 1, 2, "k", 1, Path::new("/l"))
+        assert!(qemu_args(&images, 1, 2, 1, Path::new("/l"))
             .join(" ")
             .contains("mac=52:54:00:00:01:02"));
     }
@@ -1049,6 +1094,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(state_file(&dir)).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "the key file is private");
+        // QEMU's key file: private from creation, replaced on the next up.
+        let kf = dir.join(KEY_FILE);
+        fs::write(&kf, "old").unwrap();
+        fs::set_permissions(&kf, fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&kf, "00ff").unwrap();
+        assert_eq!(fs::read_to_string(&kf).unwrap(), "00ff");
+        let mode = fs::metadata(&kf).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "cluster.key is private");
         assert_eq!(load(&dir).unwrap(), s);
         let d = dir.to_str();
         assert_eq!(

@@ -2,9 +2,11 @@
 //! shared/PLATFORM.md): TCG with SVM and nested paging (or, with `--accel
 //! kvm`, the host CPU under KVM: [`crate::accel`]), the hypervisor image
 //! as `-kernel`, the guest kernel as the first boot module (`-initrd`), the
-//! node command line as `-append`, COM1 on stdout, and the `isa-debug-exit`
+//! node command line as `-append`, COM1 on stdout, the `isa-debug-exit`
 //! device the node powers off through (QEMU then exits with
-//! `(code << 1) | 1`, so pass/fail is read from serial markers instead).
+//! `(code << 1) | 1`, so pass/fail is read from serial markers instead), and
+//! a `virtio-rng-pci` entropy device (with RDRAND, the node's entropy
+//! sources).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +15,9 @@ use crate::accel::Accel;
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
+/// The entropy device every node gets (QEMU fills it from the host's
+/// `getrandom()`).
+pub const ENTROPY_DEVICE: &str = "virtio-rng-pci";
 /// Node RAM unless `--memory` says otherwise.
 pub const DEFAULT_MEMORY_MIB: u64 = 1024;
 
@@ -45,6 +50,8 @@ pub fn args(spec: &NodeSpec) -> Vec<String> {
             "-no-reboot",
             "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-device",
+            ENTROPY_DEVICE,
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -102,11 +109,11 @@ mod tests {
     fn design_md_command_line() {
         assert_eq!(
             display(&spec()),
-            "qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 1024M \
+            "qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt,+rdrand -m 1024M \
              -kernel /t/x86_64-unknown-none/release/hvmigrate \
              -initrd /t/x86_64-unknown-none/release/guest-kernel \
              -append \"mode=test tests=hello,cpuid\" -serial stdio -display none -no-reboot \
-             -device isa-debug-exit,iobase=0xf4,iosize=0x04"
+             -device isa-debug-exit,iobase=0xf4,iosize=0x04 -device virtio-rng-pci"
         );
     }
 

@@ -1,10 +1,10 @@
 //! Node modes, chosen by the node command line (docs/DESIGN.md, "Node
-//! command line"): `node` (with `key=`: the managed node serving the
-//! management API and running the VMs created through it; without: a
-//! heartbeat VM for ever), `test` (the guest test cases), `demo` (the
-//! dirty-rate display), `bench-exits` (hypercall round trips against bare
-//! world switches) and `bench-dirty` (the cost of dirty tracking, nested
-//! write protection against PML).
+//! command line"): `node` (with a cluster key, from the platform's fw_cfg
+//! file or `key=`: the managed node serving the management API and running
+//! the VMs created through it; without: a heartbeat VM for ever), `test`
+//! (the guest test cases), `demo` (the dirty-rate display), `bench-exits`
+//! (hypercall round trips against bare world switches) and `bench-dirty`
+//! (the cost of dirty tracking, nested write protection against PML).
 //!
 //! Each mode returns the node's exit code; [`crate::run`] powers off with
 //! it.
@@ -94,8 +94,12 @@ pub struct NodeConfig {
     pub mode: Mode,
     /// `tests=` as given (`None` when absent).
     pub tests: Option<String>,
-    /// `key=`: the cluster key in hex (`None` when absent).
+    /// The cluster key in hex (`None` when absent): the platform's
+    /// (`Host::cluster_key`, QEMU's fw_cfg file, off the command line) when
+    /// it has one, else `key=` (kept for tests; `ps` shows command lines).
     pub key: Option<String>,
+    /// Where `key` came from, for messages.
+    pub key_origin: &'static str,
     /// `mgmt_port=`: TCP port of the management API (`None` when invalid).
     pub mgmt_port: Option<u16>,
     /// `mgmt_ip=` and `mig_ip=` as given (the platform configures the NICs
@@ -119,6 +123,7 @@ impl NodeConfig {
             mode: Mode::Node,
             tests: None,
             key: None,
+            key_origin: "key=",
             mgmt_port: Some(DEFAULT_MGMT_PORT),
             mgmt_ip: String::new(),
             mig_ip: String::new(),
@@ -169,9 +174,21 @@ impl NodeConfig {
     }
 }
 
+/// The node's configuration: its command line's, with the platform's
+/// cluster key (QEMU's fw_cfg file, which `ps` does not show) in place of
+/// `key=` when the platform has one.
+pub fn node_config(host: &dyn Host) -> NodeConfig {
+    let mut cfg = NodeConfig::parse(host.cmdline());
+    if let Some(key) = host.cluster_key() {
+        cfg.key = Some(key.into());
+        cfg.key_origin = "the fw_cfg cluster key (opt/hvmigrate/key)";
+    }
+    cfg
+}
+
 /// Run the mode the command line asks for; returns the exit code.
 pub fn main(host: &mut dyn Host) -> u8 {
-    let cfg = NodeConfig::parse(host.cmdline());
+    let cfg = node_config(host);
     if let Mode::Unsupported(m) = &cfg.mode {
         let line =
             format!("vmm-service: unknown mode={m} (expected node, test, demo, bench-exits or bench-dirty)\n");
@@ -227,17 +244,25 @@ fn node_mode(host: &mut dyn Host, image: &[u8]) -> u8 {
     1
 }
 
-/// `mode=node key=...`: serve the management API and run the VMs created
-/// through it, for ever (`rounds` bounds the loop for tests). Returns 1 if
-/// the node cannot serve (bad key, no NIC).
+/// `mode=node` with a cluster key: serve the management API and run the VMs
+/// created through it, for ever (`rounds` bounds the loop for tests).
+/// Returns 1 if the node cannot serve (bad key, no entropy source, no NIC).
 fn managed_mode(host: &mut dyn Host, image: Vec<u8>, cfg: &NodeConfig, rounds: Option<u64>) -> u8 {
     let key = match ClusterKey::from_hex(cfg.key.as_deref().unwrap_or("")) {
         Ok(k) => k,
         Err(e) => {
-            host.console_write(&format!("vmm-service: key=: {e}\n"));
+            host.console_write(&format!("vmm-service: {}: {e}\n", cfg.key_origin));
             return 1;
         }
     };
+    // Every handshake draws a nonce: without a real source they would be
+    // guessable.
+    if let Err(e) = host.entropy_sources() {
+        host.console_write(&format!(
+            "vmm-service: not serving the management API (its handshakes need unpredictable nonces): {e}\n"
+        ));
+        return 1;
+    }
     let Some(port) = cfg.mgmt_port else {
         host.console_write("vmm-service: mgmt_port= must be a TCP port from 1 to 65535\n");
         return 1;
@@ -807,6 +832,53 @@ mod tests {
         let net = h.net.as_mut().unwrap();
         assert!(net.peer_connect(7001).is_some(), "a listener is up");
         assert_eq!(h.idles, 5, "idle without VMs");
+    }
+
+    #[test]
+    fn managed_mode_takes_the_platform_key_and_needs_entropy() {
+        let key = "00112233445566778899aabbccddeeff";
+        // The platform's key (fw_cfg) wins over `key=` and makes a managed
+        // node of plain `mode=node`.
+        let mut h = host("mode=node mgmt_port=7001", vec![]);
+        h.cluster_key = Some(key.into());
+        let cfg = node_config(&h);
+        assert_eq!(cfg.key.as_deref(), Some(key));
+        h.cmdline = "mode=node key=ffff".into();
+        assert_eq!(node_config(&h).key.as_deref(), Some(key));
+        h.cluster_key = None;
+        assert_eq!(node_config(&h).key.as_deref(), Some("ffff"));
+        // A bad platform key is named as such.
+        let mut h = host("mode=node", vec![]);
+        h.cluster_key = Some("0011".into());
+        h.net = Some(crate::testing::FakeNet::new());
+        assert_eq!(main(&mut h), 1);
+        assert!(
+            h.console.contains(
+                "the fw_cfg cluster key (opt/hvmigrate/key): the cluster key has 2 bytes"
+            ),
+            "{}",
+            h.console
+        );
+        // No entropy source: refused before anything listens.
+        let mut h = host("mode=node mgmt_port=7001", vec![]);
+        h.cluster_key = Some(key.into());
+        h.net = Some(crate::testing::FakeNet::new());
+        h.entropy_sources = Err(hvcore::entropy::EntropyError::NoSource);
+        assert_eq!(main(&mut h), 1);
+        assert!(
+            h.console.contains(
+                "not serving the management API (its handshakes need unpredictable nonces): no entropy source"
+            ),
+            "{}",
+            h.console
+        );
+        assert!(h.net.as_mut().unwrap().peer_connect(7001).is_none());
+        // With one, the same node serves.
+        h.entropy_sources = Ok(hvcore::entropy::Sources::new(&["virtio-rng"]));
+        h.console.clear();
+        let image = h.module.clone().unwrap();
+        assert_eq!(managed_mode(&mut h, image, &cfg, Some(2)), 0);
+        assert!(h.console.contains("management API listening on port 7001"));
     }
 
     #[test]

@@ -251,6 +251,11 @@ pub struct FakeHost {
     pub fail_create: bool,
     pub raw_ns_per_roundtrip: u64,
     pub entropy: crate::mgmt::auth::TestEntropy,
+    /// What `entropy_sources` reports (a source by default).
+    pub entropy_sources: Result<hvcore::entropy::Sources, hvcore::entropy::EntropyError>,
+    /// What `cluster_key` reports (the platform's key, off the command
+    /// line; none by default).
+    pub cluster_key: Option<String>,
     pub net: Option<FakeNet>,
     /// Partitions larger than this fail with `OutOfMemory` (the fuzz
     /// harnesses: guest RAM is allocated for real here).
@@ -285,6 +290,8 @@ impl FakeHost {
             fail_create: false,
             raw_ns_per_roundtrip: 10_000,
             entropy: crate::mgmt::auth::TestEntropy(0x1234_5678_9abc_def1),
+            entropy_sources: Ok(hvcore::entropy::Sources::new(&["test"])),
+            cluster_key: None,
             net: None,
             ram_limit_bytes: None,
             idle_ns: 1_000_000,
@@ -362,7 +369,17 @@ impl Host for FakeHost {
     }
     fn entropy(&mut self, buf: &mut [u8]) {
         use crate::mgmt::auth::Entropy;
+        assert!(
+            self.entropy_sources.is_ok(),
+            "entropy used on a host that reported no source"
+        );
         self.entropy.fill(buf);
+    }
+    fn entropy_sources(&self) -> Result<hvcore::entropy::Sources, hvcore::entropy::EntropyError> {
+        self.entropy_sources.clone()
+    }
+    fn cluster_key(&self) -> Option<&str> {
+        self.cluster_key.as_deref()
     }
     fn net(&mut self) -> Option<&mut dyn NetStack> {
         self.net.as_mut().map(|n| n as &mut dyn NetStack)

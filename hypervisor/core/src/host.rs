@@ -9,6 +9,7 @@
 //! write faults itself (they never reach the service), so the service sees
 //! only exits it has to act on.
 
+use crate::entropy::{EntropyError, Sources};
 use crate::mem::GuestMemory;
 use crate::vcpu::{Vcpu, Vendor, VmExit};
 use alloc::boxed::Box;
@@ -136,9 +137,23 @@ pub trait Host: CpuidSource {
     fn shutdown(&mut self, code: u8) -> !;
     /// Number of logical CPUs (from the ACPI MADT; 1 when unknown).
     fn cpu_count(&self) -> u32;
-    /// Fill `buf` with unpredictable bytes (RDRAND where the CPU has it,
-    /// else TSC jitter mixed): nonces of the management protocol.
+    /// Fill `buf` with unpredictable bytes: the node's entropy pool
+    /// ([`crate::entropy`]), to which every call first adds fresh bytes
+    /// from the hardware sources (a virtio entropy device, RDRAND, RDSEED).
+    /// Nonces and keys come from here. Only on a node whose
+    /// [`Host::entropy_sources`] is `Ok`: the platform panics otherwise (a
+    /// caller that skipped the check would hand out guessable nonces).
     fn entropy(&mut self, buf: &mut [u8]);
+    /// The entropy sources behind [`Host::entropy`] (capability query), or
+    /// why there are none (no virtio entropy device and no RDRAND/RDSEED:
+    /// timestamps alone are guessable). The service serves nothing that
+    /// needs nonces without them.
+    fn entropy_sources(&self) -> Result<Sources, EntropyError>;
+    /// The cluster key as the node was given it off its command line (which
+    /// `ps` shows every local user): QEMU's fw_cfg file
+    /// `opt/hvmigrate/key`, its text with surrounding whitespace trimmed.
+    /// `None` when there is none (the service then falls back to `key=`).
+    fn cluster_key(&self) -> Option<&str>;
     /// The node's network stack, when it has NICs (capability query: `None`
     /// on a node booted without them).
     fn net(&mut self) -> Option<&mut dyn NetStack>;

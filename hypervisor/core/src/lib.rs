@@ -18,6 +18,7 @@ pub mod abi;
 pub mod addr;
 pub mod cpuid;
 pub mod dirty;
+pub mod entropy;
 pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -60,6 +60,15 @@ fn mgmt_addr(status_json: &str, node: &str) -> String {
     rest[start..].split('"').next().unwrap().to_string()
 }
 
+/// Every string value of `"field": "..."` in a JSON text.
+fn json_strings(json: &str, field: &str) -> Vec<String> {
+    let needle = format!("\"{field}\": \"");
+    json.split(&needle)
+        .skip(1)
+        .map(|r| r.split('"').next().unwrap_or_default().to_string())
+        .collect()
+}
+
 #[test]
 fn cluster_up_hvctl_and_down() {
     require_qemu();
@@ -91,6 +100,43 @@ fn cluster_up_hvctl_and_down() {
         status.stdout
     );
     let addr_a = mgmt_addr(&status.stdout, "a");
+
+    // The key is in no process's command line (what `ps` shows every local
+    // user); the nodes read it through fw_cfg and seeded their entropy
+    // pools from the virtio entropy device and RDRAND.
+    let state = std::fs::read_to_string(c.dir.join("cluster.json")).expect("cluster.json");
+    let key = json_strings(&state, "key")[0].clone();
+    assert_eq!(key.len(), 64, "{state}");
+    let pids: Vec<String> = state
+        .split("\"pid\": ")
+        .skip(1)
+        .map(|r| r.chars().take_while(char::is_ascii_digit).collect())
+        .collect();
+    assert_eq!(pids.len(), 2, "{state}");
+    for pid in &pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("a node's cmdline");
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains("-fw_cfg name=opt/hvmigrate/key,file=cluster.key"),
+            "{cmdline}"
+        );
+        assert!(
+            !cmdline.contains(&key) && !cmdline.contains("key="),
+            "{cmdline}"
+        );
+    }
+    for node in ["a", "b"] {
+        let log = std::fs::read_to_string(c.dir.join(format!("node-{node}.log"))).unwrap();
+        assert!(
+            log.contains("entropy: seeded from virtio-rng, RDRAND"),
+            "{log}"
+        );
+        assert!(
+            log.contains("fw_cfg: cluster key from opt/hvmigrate/key"),
+            "{log}"
+        );
+        assert!(!log.contains(&key), "the key is never logged");
+    }
 
     for node in ["a", "b"] {
         let info = c.ok(node, &["node", "info"]);
