@@ -77,8 +77,38 @@ impl Running {
             .nodes
             .iter()
             .find(|n| n.name == node)
-            .and_then(|n| std::fs::read_to_string(&n.log).ok())
+            .and_then(|n| std::fs::read(&n.log).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The VM's lines on `node`'s serial console until one satisfies
+    /// `want` (the lines up to and with it); `Err` after [`CONSOLE_WAIT`].
+    fn wait_line(&self, node: &str, want: impl Fn(&str) -> bool) -> Result<Vec<String>, String> {
+        let deadline = Instant::now() + CONSOLE_WAIT;
+        loop {
+            let lines = vm_lines(&self.serial(node));
+            if let Some(i) = lines.iter().position(|l| want(l)) {
+                return Ok(lines[..=i].to_vec());
+            }
+            if Instant::now() > deadline {
+                let tail = &lines[lines.len().saturating_sub(5)..];
+                return Err(format!(
+                    "VM {VM} on node {node} did not print the expected line within {} s; its last lines:\n  {}",
+                    CONSOLE_WAIT.as_secs(),
+                    tail.join("\n  ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The VM's last heartbeat line on `node`.
+    fn last_beat(&self, node: &str) -> Option<String> {
+        vm_lines(&self.serial(node))
+            .into_iter()
+            .rev()
+            .find(|l| l.starts_with("heartbeat "))
     }
 }
 
@@ -88,35 +118,26 @@ impl Drop for Running {
     }
 }
 
-/// VM `vm`'s console on `client` until a line satisfies `want` (the lines
-/// up to and with it); `Err` after [`CONSOLE_WAIT`].
-pub fn wait_console(
-    client: &mut Client,
-    vm: &str,
-    want: impl Fn(&str) -> bool,
-) -> Result<Vec<String>, String> {
-    let deadline = Instant::now() + CONSOLE_WAIT;
-    loop {
-        let lines = match client.call_ok(Request::VmConsole {
-            name: vm.into(),
-            lines: None,
-        })? {
-            Body::Console { lines, .. } => lines,
-            other => return Err(format!("unexpected reply to vm-console: {other:?}")),
-        };
-        if let Some(i) = lines.iter().position(|l| want(l)) {
-            return Ok(lines[..=i].to_vec());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "VM {vm} on node {} did not print the expected line within {} s; its last lines:\n  {}",
-                client.node,
-                CONSOLE_WAIT.as_secs(),
-                lines.join("\n  ")
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// What VM [`VM`] printed in a node's serial text, in order (the node
+/// tags each guest line `[NAME] `; the node keeps only the last 32 for
+/// `vm console`, fewer than a tenth of a second of heartbeats).
+fn vm_lines(serial: &str) -> Vec<String> {
+    let tag = format!("[{VM}] ");
+    serial
+        .lines()
+        .filter_map(|l| {
+            markers::clean_line(l)
+                .strip_prefix(&tag)
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Whether a guest line is busy-verify's verdict after a migration.
+fn verdict(line: &str) -> bool {
+    line.starts_with("busy-verify: migration ")
+        || line.starts_with("busy-verify: failed migration ")
+        || line.starts_with("busy-verify: FAILED")
 }
 
 /// The VM's state on `client`'s node (`None`: not listed).
@@ -151,17 +172,14 @@ pub fn two_nodes(boot: &Boot, dir: &Path) -> Result<bool, String> {
         guest: Some("busy-verify".into()),
     })?;
     a.call_ok(Request::VmStart { name: VM.into() })?;
-    let seen = wait_console(&mut a, VM, |l| l.starts_with("heartbeat "))?;
-    for l in seen.iter().filter(|l| !l.starts_with("heartbeat ")) {
+    let seen = cl.wait_line("a", |l| l.starts_with("heartbeat "))?;
+    for l in seen {
         println!("  [{VM} on a] {l}");
     }
     // Let it dirty its buffer for a moment: the move then has work to do.
     std::thread::sleep(Duration::from_secs(2));
-    let last_on_a = wait_console(&mut a, VM, |l| l.starts_with("heartbeat "))?
-        .last()
-        .cloned()
-        .unwrap_or_default();
-    println!("  [{VM} on a] {last_on_a} ...\n");
+    let last_on_a = cl.last_beat("a").unwrap_or_default();
+    println!("  [{VM} on a] ...\n  [{VM} on a] {last_on_a}\n");
 
     println!("hvctl --node a vm move {VM} --to b --wait");
     let job = match a.call(Request::VmMove {
@@ -216,13 +234,21 @@ pub fn two_nodes(boot: &Boot, dir: &Path) -> Result<bool, String> {
             .map_or("does not list it".to_string(), |s| format!("lists it {s}")),
     );
     let placed = on_a.is_none() && on_b.as_deref() == Some("running");
-    let checked = wait_console(&mut b, VM, |l| l.starts_with("busy-verify: "))?;
-    let verdict = checked.last().cloned().unwrap_or_default();
-    println!("  [{VM} on b] {verdict}");
-    if let Some(l) = wait_console(&mut b, VM, |l| l.starts_with("heartbeat "))?.last() {
-        println!("  [{VM} on b] {l} ...");
+    let checked = cl.wait_line("b", verdict)?;
+    let said = checked.last().cloned().unwrap_or_default();
+    for l in checked
+        .iter()
+        .filter(|l| l.starts_with("heartbeat "))
+        .take(1)
+    {
+        println!("  [{VM} on b] {l}");
     }
-    let memory_ok = verdict == "busy-verify: migration 1 ok";
+    println!("  [{VM} on b] {said}");
+    std::thread::sleep(Duration::from_secs(1));
+    if let Some(l) = cl.last_beat("b") {
+        println!("  [{VM} on b] ...\n  [{VM} on b] {l}");
+    }
+    let memory_ok = said == "busy-verify: migration 1 ok";
 
     let (sa, sb) = (cl.serial("a"), cl.serial("b"));
     let (ha, hb) = (markers::heartbeats(&sa, VM), markers::heartbeats(&sb, VM));

@@ -10,7 +10,8 @@
 //! (`hvctl completions bash`), usage errors with exit status 2. Live
 //! progress (`job watch`, `job list --watch`) is drawn by indicatif on a
 //! terminal and never with `--json` or into a pipe, where a line per change
-//! is printed instead.
+//! of state, phase or pass (of percent: at most one a second) is printed
+//! instead.
 //!
 //! Output: one human-readable table or line per command; with `--json` the
 //! reply body as the node sent it (or `{"error":...}`), so scripts never
@@ -758,13 +759,46 @@ pub fn job_exit_status(j: &JobInfo) -> u8 {
     }
 }
 
+/// When `job watch` into a pipe prints a progress line: at every change
+/// of state, phase or pass, and at most once a second for a change of
+/// percent alone (a migration's percent moves four times a second).
+#[derive(Default)]
+pub struct LineThrottle {
+    last: Option<(Step, u8, Instant)>,
+}
+
+/// A job's step: its state and a migration's phase and pass.
+type Step = (JobState, Option<(Phase, u32)>);
+
+/// Least time between two lines for a change of percent alone.
+const PERCENT_LINE_EVERY: Duration = Duration::from_secs(1);
+
+impl LineThrottle {
+    /// Whether `j`, shown at `now`, gets a line (it is then the last).
+    pub fn due(&mut self, j: &JobInfo, now: Instant) -> bool {
+        let step: Step = (j.state, j.migration.as_ref().map(|m| (m.phase, m.pass)));
+        let due = match self.last {
+            None => true,
+            Some((last, percent, at)) => {
+                last != step
+                    || (percent != j.percent && now.duration_since(at) >= PERCENT_LINE_EVERY)
+            }
+        };
+        if due {
+            self.last = Some((step, j.percent, now));
+        }
+        due
+    }
+}
+
 /// Follow job `id` (`job-show` four times a second) until it ends or waits
 /// for the operator: a live indicatif bar on a terminal, a line per change
-/// of state, percent, phase or pass into a pipe, nothing with `--json`.
+/// of state, phase or pass (and of percent, at most once a second) into a
+/// pipe, nothing with `--json`.
 /// Returns the job as last shown (with its report once ended).
 pub fn follow(client: &mut Client, id: u64, json: bool) -> Result<JobInfo, String> {
     let bar = live_bars(json).then(|| job_bar(None));
-    let mut last = None;
+    let mut lines = LineThrottle::default();
     let start = Instant::now();
     loop {
         let job = match client.call(Request::JobShow { id }) {
@@ -780,20 +814,14 @@ pub fn follow(client: &mut Client, id: u64, json: bool) -> Result<JobInfo, Strin
                 });
             }
         };
-        let key = (
-            job.state,
-            job.percent,
-            job.migration.as_ref().map(|m| (m.phase, m.pass)),
-        );
         match &bar {
             Some(b) => draw_job(b, &job),
-            None if !json && last != Some(key) => {
+            None if !json && lines.due(&job, Instant::now()) => {
                 println!("{}", progress_line(&job));
                 let _ = std::io::stdout().flush();
             }
             None => {}
         }
-        last = Some(key);
         if job.state.is_final() || awaits_operator(&job) {
             if let Some(b) = &bar {
                 b.finish();
@@ -1454,6 +1482,32 @@ mod tests {
         done.report = Some(Box::new(report()));
         assert!(render(&Body::Job(done)).contains("downtime      120 ms"));
         assert_eq!(duration_words(61_500), "1 min 1 s");
+    }
+
+    #[test]
+    fn piped_progress_lines_per_step_and_at_most_one_a_second_for_percent() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut l = LineThrottle::default();
+        let j = |phase, pass, percent| move_job(1, JobState::Running, phase, pass, percent);
+        assert!(l.due(&j(Phase::Copying, 0, 10), at(0)), "the first");
+        assert!(!l.due(&j(Phase::Copying, 0, 10), at(2000)), "nothing new");
+        assert!(
+            !l.due(&j(Phase::Copying, 0, 11), at(500)),
+            "percent too soon"
+        );
+        assert!(
+            l.due(&j(Phase::Copying, 0, 12), at(1000)),
+            "percent, a second on"
+        );
+        assert!(
+            l.due(&j(Phase::Copying, 1, 12), at(1100)),
+            "a new pass at once"
+        );
+        assert!(l.due(&j(Phase::FinalCopy, 1, 12), at(1200)), "a new phase");
+        let mut done = j(Phase::Completed, 1, 100);
+        done.state = JobState::Completed;
+        assert!(l.due(&done, at(1300)), "the end");
     }
 
     #[test]

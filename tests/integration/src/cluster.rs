@@ -99,6 +99,57 @@ impl TestCluster {
             .unwrap_or_else(|e| panic!("connecting to node {node}: {e}"))
     }
 
+    /// Cut (`cut`) or restore `node`'s migration link at the relay, as
+    /// `cluster link cut|restore --node NODE` does but in-process, so the
+    /// fault lands within milliseconds of the phase a test waited for.
+    pub fn link(&self, node: &str, cut: bool) {
+        qemu_runner::cluster::link(&self.dir, node, cut).unwrap_or_else(|e| {
+            panic!(
+                "link {} of node {node}: {e}",
+                if cut { "cut" } else { "restore" }
+            )
+        });
+    }
+
+    /// Start moving `name` from `from` to `to` in-process (`vm-move`, what
+    /// `hvctl vm move` sends); the job id. `bandwidth` in MiB/s (0: none).
+    pub fn move_now(&self, from: &str, name: &str, to: &str, bandwidth: u64) -> u64 {
+        match self.client(from).call_ok(Request::VmMove {
+            name: name.into(),
+            to: to.into(),
+            downtime_ms: None,
+            bandwidth_mib_s: (bandwidth > 0).then_some(bandwidth),
+            timeout_s: None,
+            encrypt: None,
+            verify: None,
+        }) {
+            Ok(Body::Job(j)) => j.id,
+            other => panic!("vm-move {name} on node {from}: {other:?}"),
+        }
+    }
+
+    /// Wait until `node` no longer lists VM `name` (a destination drops
+    /// the copy of a migration that failed).
+    pub fn wait_gone(&self, node: &str, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while let Some(v) = self.vm(node, name) {
+            assert!(
+                Instant::now() < deadline,
+                "node {node} still lists VM {name} after {timeout:?}: {v:?}\nserial tail:\n{}",
+                self.serial_tail(node, 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Whether `node`'s QEMU runs (`cluster kill` stops it).
+    pub fn is_up(&self, node: &str) -> bool {
+        qemu_runner::cluster::load(&self.dir)
+            .ok()
+            .and_then(|s| s.nodes.into_iter().find(|n| n.name == node))
+            .is_some_and(|n| qemu_runner::cluster::alive(n.pid))
+    }
+
     /// Job `id` on `node` (`job-show`).
     pub fn job(&self, node: &str, id: u64) -> JobInfo {
         match self.client(node).call(Request::JobShow { id }) {
@@ -313,6 +364,9 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("node {node} does not list VM {name}"));
         assert_eq!(v.state, "running", "VM {name} on node {node}: {v:?}");
         for other in nodes.iter().filter(|n| **n != node) {
+            if !self.is_up(other) {
+                continue; // powered off: it runs nothing
+            }
             if let Some(v) = self.vm(other, name) {
                 assert_ne!(
                     v.state, "running",
