@@ -36,9 +36,31 @@ pub const KEY_MAX_BYTES: usize = 64;
 /// Client nonces a [`ReplayGuard`] remembers.
 pub const REPLAY_WINDOW: usize = 256;
 
-const LABEL_CLIENT: &[u8] = b"hvmigrate-mgmt/1 client";
-const LABEL_SERVER: &[u8] = b"hvmigrate-mgmt/1 server";
-const LABEL_SESSION: &[u8] = b"hvmigrate-mgmt/1 session";
+/// The labels of one protocol's handshake: the same challenge-response
+/// serves the management API and the migration link between nodes, each
+/// under its own labels, so a proof or session key of one is worthless in
+/// the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Domain {
+    client: &'static [u8],
+    server: &'static [u8],
+    session: &'static [u8],
+}
+
+/// The management API (docs/MANAGEMENT.md, "Authentication").
+pub const MGMT: Domain = Domain {
+    client: b"hvmigrate-mgmt/1 client",
+    server: b"hvmigrate-mgmt/1 server",
+    session: b"hvmigrate-mgmt/1 session",
+};
+
+/// The migration link between nodes (docs/DESIGN.md, "Live migration
+/// between nodes").
+pub const MIGRATION: Domain = Domain {
+    client: b"hvmigrate-mig/1 client",
+    server: b"hvmigrate-mig/1 server",
+    session: b"hvmigrate-mig/1 session",
+};
 
 /// A nonce.
 pub type Nonce = [u8; NONCE_BYTES];
@@ -116,39 +138,72 @@ impl ClusterKey {
         m
     }
 
-    /// The client's proof over the two nonces.
+    /// The client's proof over the two nonces (management API).
     pub fn client_proof(&self, server: &Nonce, client: &Nonce) -> Tag {
-        self.mac(LABEL_CLIENT, &[server, client])
-            .finalize()
-            .into_bytes()
-            .into()
+        self.client_proof_in(&MGMT, server, client)
     }
-    /// The server's proof over the two nonces.
+    /// The server's proof over the two nonces (management API).
     pub fn server_proof(&self, server: &Nonce, client: &Nonce) -> Tag {
-        self.mac(LABEL_SERVER, &[server, client])
+        self.server_proof_in(&MGMT, server, client)
+    }
+    /// Check a client's proof in constant time (management API).
+    pub fn verify_client(&self, server: &Nonce, client: &Nonce, proof: &[u8]) -> bool {
+        self.verify_client_in(&MGMT, server, client, proof)
+    }
+    /// Check a server's proof in constant time (management API).
+    pub fn verify_server(&self, server: &Nonce, client: &Nonce, proof: &[u8]) -> bool {
+        self.verify_server_in(&MGMT, server, client, proof)
+    }
+
+    /// The client's proof in `domain`.
+    pub fn client_proof_in(&self, domain: &Domain, server: &Nonce, client: &Nonce) -> Tag {
+        self.mac(domain.client, &[server, client])
             .finalize()
             .into_bytes()
             .into()
     }
-    /// Check a client's proof in constant time.
-    pub fn verify_client(&self, server: &Nonce, client: &Nonce, proof: &[u8]) -> bool {
-        self.mac(LABEL_CLIENT, &[server, client])
-            .verify_slice(proof)
-            .is_ok()
-    }
-    /// Check a server's proof in constant time.
-    pub fn verify_server(&self, server: &Nonce, client: &Nonce, proof: &[u8]) -> bool {
-        self.mac(LABEL_SERVER, &[server, client])
-            .verify_slice(proof)
-            .is_ok()
-    }
-    /// The session after a successful handshake.
-    pub fn session(&self, server: &Nonce, client: &Nonce, side: Side) -> Session {
-        let key: Tag = self
-            .mac(LABEL_SESSION, &[server, client])
+    /// The server's proof in `domain`.
+    pub fn server_proof_in(&self, domain: &Domain, server: &Nonce, client: &Nonce) -> Tag {
+        self.mac(domain.server, &[server, client])
             .finalize()
             .into_bytes()
-            .into();
+            .into()
+    }
+    /// Check a client's proof in `domain`, in constant time.
+    pub fn verify_client_in(
+        &self,
+        domain: &Domain,
+        server: &Nonce,
+        client: &Nonce,
+        proof: &[u8],
+    ) -> bool {
+        self.mac(domain.client, &[server, client])
+            .verify_slice(proof)
+            .is_ok()
+    }
+    /// Check a server's proof in `domain`, in constant time.
+    pub fn verify_server_in(
+        &self,
+        domain: &Domain,
+        server: &Nonce,
+        client: &Nonce,
+        proof: &[u8],
+    ) -> bool {
+        self.mac(domain.server, &[server, client])
+            .verify_slice(proof)
+            .is_ok()
+    }
+    /// The session key in `domain` after a successful handshake (fresh for
+    /// every pair of nonces).
+    pub fn session_key_in(&self, domain: &Domain, server: &Nonce, client: &Nonce) -> Tag {
+        self.mac(domain.session, &[server, client])
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+    /// The management session after a successful handshake.
+    pub fn session(&self, server: &Nonce, client: &Nonce, side: Side) -> Session {
+        let key = self.session_key_in(&MGMT, server, client);
         Session {
             key,
             side,
@@ -395,6 +450,20 @@ mod tests {
         let sp = k.server_proof(&s, &c);
         assert!(k.verify_server(&s, &c, &sp));
         assert_ne!(cp, sp);
+        // The migration link's proofs and keys are its own.
+        let mp = k.client_proof_in(&MIGRATION, &s, &c);
+        assert_ne!(mp, cp);
+        assert!(!k.verify_client(&s, &c, &mp));
+        assert!(k.verify_client_in(&MIGRATION, &s, &c, &mp));
+        assert!(!k.verify_server_in(&MIGRATION, &s, &c, &mp));
+        assert_ne!(
+            k.session_key_in(&MIGRATION, &s, &c),
+            k.session_key_in(&MGMT, &s, &c)
+        );
+        assert_ne!(
+            k.session_key_in(&MIGRATION, &s, &c),
+            k.session_key_in(&MIGRATION, &c, &s)
+        );
     }
 
     #[test]
