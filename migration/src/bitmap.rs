@@ -71,6 +71,22 @@ impl DirtyBitmap {
                 .is_some_and(|w| w & (1 << (gfn % 64)) != 0)
     }
 
+    /// Number of marked frames at or after `from`.
+    pub fn count_from(&self, from: u64) -> u64 {
+        let Ok(first) = usize::try_from(from / 64) else {
+            return 0;
+        };
+        let Some(words) = self.words.get(first..) else {
+            return 0;
+        };
+        let mut n: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        if let Some(w) = words.first() {
+            let below = (1u64 << (from % 64)) - 1;
+            n -= u64::from((w & below).count_ones());
+        }
+        n
+    }
+
     /// Number of marked frames.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -201,6 +217,7 @@ mod tests {
                     _ => {
                         let from = rng(&mut seed) % (len + 2);
                         assert_eq!(b.next_set(from), model.range(from..).next().copied());
+                        assert_eq!(b.count_from(from), model.range(from..).count() as u64);
                     }
                 }
                 assert_eq!(b.test(g), model.contains(&g));

@@ -333,6 +333,15 @@ pub enum MigrationError {
     /// destination may be running.
     /// The source stays paused; management must find out which side runs.
     InDoubt(alloc::boxed::Box<MigrationError>),
+    /// The link moved nothing (no byte acknowledged or received) for
+    /// `silent_ms` while the engine waited for `waiting_for`.
+    LinkStalled {
+        silent_ms: u64,
+        waiting_for: &'static str,
+    },
+    /// After an in-doubt switch-over (the wrapped first cause), the
+    /// destination said it discarded its copy: the VM resumed at the source.
+    DiscardedAfterGo(alloc::boxed::Box<MigrationError>),
 }
 
 impl fmt::Display for MigrationError {
@@ -393,6 +402,19 @@ impl fmt::Display for MigrationError {
                 f,
                 "switch-over in doubt after the go order was sent ({e}): the \
                  destination may be running; the source stays paused"
+            ),
+            MigrationError::LinkStalled {
+                silent_ms,
+                waiting_for,
+            } => write!(
+                f,
+                "link lost: nothing moved for {} s while waiting for {waiting_for}",
+                silent_ms / 1000
+            ),
+            MigrationError::DiscardedAfterGo(e) => write!(
+                f,
+                "the switch-over failed ({e}) and the destination discarded its copy: \
+                 the VM runs at the source"
             ),
         }
     }

@@ -139,9 +139,11 @@ pub fn fuzz_receive(data: &[u8]) -> Option<MigrationResult> {
     // bytes, the source hangs up. (Dropping it first made the receiver's
     // first send, the offer, fail: it never decoded a record.)
     let mut src = Some(src);
-    let mut rx = Receiver::new(SparseVm::default(), dst);
+    let mut dst = dst;
+    let mut vm = SparseVm::default();
+    let mut rx = Receiver::new(0);
     for _ in 0..100_000 {
-        match rx.step() {
+        match rx.step(&mut vm, &mut dst, 0) {
             RecvProgress::Finished(r) => return Some(r),
             RecvProgress::Waiting => drop(src.take()),
             RecvProgress::Busy => {}

@@ -2,10 +2,11 @@
 //! stream and the vendor-neutral VM state records.
 //!
 //! Role: everything about moving a running VM that does not touch the
-//! machine. The hypervisor implements three small traits and drives two
-//! step-wise state machines:
+//! machine. The hypervisor implements small traits and drives two
+//! step-wise state machines, lending them the VM and the link for each
+//! step (the engines own neither):
 //! - source: [`MigratableVm`] (pages, dirty log, throttle, pause/resume,
-//!   saving vCPU and device state), [`Transport`], [`Clock`]; driven by
+//!   saving vCPU and device state) and [`Transport`]; driven by
 //!   [`Migration::step`];
 //! - destination: [`DestinationVm`] and [`Transport`]; driven by
 //!   [`Receiver::step`].
@@ -22,19 +23,21 @@
 //!
 //! ```text
 //! // source host                          // destination host
-//! let mut m = Migration::new(vm, link,    let mut r = Receiver::new(empty_vm, link);
-//!                 clock, policy);
+//! let mut m = Migration::new(&vm,         let mut r = Receiver::new(now);
+//!                 policy, now);
 //! loop {                                  loop {
-//!     match m.step() {                        match r.step() {
-//!         Progress::Busy => {}                    RecvProgress::Busy => {}
-//!         Progress::Waiting { max_ns } =>         RecvProgress::Waiting => run_guests(),
-//!             run_guests_for(max_ns),             RecvProgress::Finished(_) => break,
-//!         Progress::Finished(_) => break,     }
-//!     }                                   }
-//! }                                       // r.outcome(): completed -> VM runs here
+//!     match m.step(&mut vm, &mut link,        match r.step(&mut empty_vm, &mut link, now) {
+//!                  now) {                         RecvProgress::Busy => {}
+//!         Progress::Busy => {}                    RecvProgress::Waiting => run_guests(),
+//!         Progress::Waiting { max_ns } =>         RecvProgress::Finished(_) => break,
+//!             run_guests_for(max_ns),         }
+//!         Progress::Finished(_) => break, }
+//!     }                                   // r.outcome(): completed -> VM runs here
+//! }
 //! print("migration-report {}", m.report().to_json());
 //! // completed: remove the (paused) source VM; cancelled/failed: it runs on,
-//! // unless m.error() is InDoubt (paused; ask the destination).
+//! // unless m.in_doubt() (paused; ask the destination, then
+//! // m.resolve_in_doubt(..)).
 //! ```
 //!
 //! Invariants:
@@ -58,6 +61,7 @@ pub mod fuzzing;
 pub mod policy;
 pub mod receiver;
 pub mod report;
+pub mod seal;
 pub mod source;
 pub mod state;
 pub mod stream;
@@ -69,7 +73,7 @@ pub use error::{MigrationError, StreamError, TransportError, VmError};
 pub use policy::Policy;
 pub use receiver::{DestinationVm, DigestCheck, ReceiveOutcome, Receiver, RecvProgress};
 pub use report::{MigrationReport, MigrationResult};
-pub use source::{Clock, MigratableVm, Migration, Progress};
+pub use source::{MigratableVm, Migration, Progress, Stage, Status};
 pub use state::{
     CpuidEntry, DeviceDesc, DeviceState, EventKind, FpuState, Msrs, PendingEvent, Regs, Segment,
     TableReg, VcpuState, VmConfig,

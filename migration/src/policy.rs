@@ -59,6 +59,10 @@ pub struct Policy {
     /// during the downtime, and needs protocol version 2 at the
     /// destination ([`crate::stream`]).
     pub verify_memory: bool,
+    /// The link counts as lost when it moves nothing (no byte acknowledged
+    /// by the peer, none received from it) for this long while the engine
+    /// has bytes in flight or waits for the peer.
+    pub stall_timeout_ns: u64,
 }
 
 impl Default for Policy {
@@ -75,6 +79,7 @@ impl Default for Policy {
             step_pages: 256,
             ewma_weight_pct: 25,
             verify_memory: false,
+            stall_timeout_ns: 8 * NS_PER_S,
         }
     }
 }

@@ -157,11 +157,15 @@ const VERIFY_PAGES_PER_STEP: u64 = 1024;
 /// Page hashes folded per verification step ([`DigestCheck::ReadBackOnWrite`]).
 const FOLD_HASHES_PER_STEP: u64 = 1 << 16;
 
-/// One incoming live migration.
-pub struct Receiver<D: DestinationVm, T: Transport> {
-    vm: D,
-    transport: T,
+/// Default for [`Receiver::with_stall_timeout`].
+pub const RECEIVER_STALL_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// One incoming live migration: the receiving engine's state. The empty VM
+/// and the link are lent to each step ([`Receiver::step`]).
+pub struct Receiver {
     decoder: Decoder,
+    stall_timeout_ns: u64,
+    last_byte_ns: u64,
     phase: Phase,
     ram_pages: u64,
     written: DirtyBitmap,
@@ -179,13 +183,13 @@ pub struct Receiver<D: DestinationVm, T: Transport> {
     error: Option<MigrationError>,
 }
 
-impl<D: DestinationVm, T: Transport> Receiver<D, T> {
-    /// Wait for a migration into `vm` over `transport`.
-    pub fn new(vm: D, transport: T) -> Self {
+impl Receiver {
+    /// Wait for a migration, from node time `now_ns`.
+    pub fn new(now_ns: u64) -> Self {
         Self {
-            vm,
-            transport,
             decoder: Decoder::new(Direction::SourceToDest),
+            stall_timeout_ns: RECEIVER_STALL_TIMEOUT_NS,
+            last_byte_ns: now_ns,
             phase: Phase::Start,
             ram_pages: 0,
             written: DirtyBitmap::new(0),
@@ -218,37 +222,79 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
         self
     }
 
-    /// Do a bounded amount of work: one record, or one receive of at most
-    /// 64 KiB, or a bounded slice of the digest verification.
-    pub fn step(&mut self) -> RecvProgress {
+    /// Give up (discard the VM) when the source sends nothing for this
+    /// long (default [`RECEIVER_STALL_TIMEOUT_NS`]). Safe in every phase:
+    /// the source resumes its own copy unless this side resumed, which it
+    /// does only on `go`.
+    pub fn with_stall_timeout(mut self, ns: u64) -> Self {
+        self.stall_timeout_ns = ns;
+        self
+    }
+
+    /// Do a bounded amount of work with the destination VM and the link, at
+    /// node time `now_ns`: one record, or one receive of at most 64 KiB, or
+    /// a bounded slice of the digest verification.
+    pub fn step<D, T>(&mut self, vm: &mut D, link: &mut T, now_ns: u64) -> RecvProgress
+    where
+        D: DestinationVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         if self.phase == Phase::Finished {
             return RecvProgress::Finished(self.outcome.result);
         }
-        match self.step_inner() {
+        let before = self.outcome.bytes_received;
+        let result = self.step_inner(vm, link);
+        if self.outcome.bytes_received != before {
+            self.last_byte_ns = now_ns;
+        }
+        match result {
+            Ok(RecvProgress::Waiting)
+                if now_ns.saturating_sub(self.last_byte_ns) >= self.stall_timeout_ns =>
+            {
+                let silent_ms = now_ns.saturating_sub(self.last_byte_ns) / 1_000_000;
+                self.fail(
+                    vm,
+                    link,
+                    MigrationError::LinkStalled {
+                        silent_ms,
+                        waiting_for: "the source's data",
+                    },
+                );
+                RecvProgress::Finished(self.outcome.result)
+            }
             Ok(p) => p,
             Err(e) => {
-                self.fail(e);
+                self.fail(vm, link, e);
                 RecvProgress::Finished(self.outcome.result)
             }
         }
     }
 
-    /// Step until finished, calling `idle` whenever waiting for bytes.
-    pub fn run_to_completion(&mut self, mut idle: impl FnMut()) -> &ReceiveOutcome {
-        loop {
-            match self.step() {
-                RecvProgress::Busy => {}
-                RecvProgress::Waiting => idle(),
-                RecvProgress::Finished(_) => return &self.outcome,
-            }
+    /// Give up (management request, or the source's question about an
+    /// in-doubt switch-over): discard the VM, tell the source. Does nothing
+    /// once the VM has resumed or the migration ended; returns whether it
+    /// gave up.
+    pub fn cancel<D, T>(&mut self, vm: &mut D, link: &mut T, why: MigrationError) -> bool
+    where
+        D: DestinationVm + ?Sized,
+        T: Transport + ?Sized,
+    {
+        if self.phase == Phase::Finished {
+            return false;
         }
+        self.fail(vm, link, why);
+        true
     }
 
-    /// Give up (management request): discard the VM, tell the source.
-    /// Does nothing once the VM has resumed.
-    pub fn cancel(&mut self) {
+    /// The link failed under the job: the same as a transport error in a
+    /// step (the VM is discarded unless it resumed already).
+    pub fn link_failed<D, T>(&mut self, vm: &mut D, link: &mut T, why: crate::TransportError)
+    where
+        D: DestinationVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         if self.phase != Phase::Finished {
-            self.fail(MigrationError::Cancelled);
+            self.fail(vm, link, MigrationError::Transport(why));
         }
     }
 
@@ -262,24 +308,32 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
         self.error.as_ref()
     }
 
-    /// The VM.
-    pub fn vm(&self) -> &D {
-        &self.vm
+    /// Whether the source's `go` arrived and the VM was resumed here.
+    pub fn resumed(&self) -> bool {
+        self.outcome.result == MigrationResult::Completed
     }
 
-    /// Take back the VM and transport.
-    pub fn into_parts(self) -> (D, T) {
-        (self.vm, self.transport)
+    /// Whether this side answered `ready` and waits for `go`.
+    pub fn awaiting_go(&self) -> bool {
+        self.phase == Phase::AwaitGo
     }
 
-    fn send_record(&mut self, rec: &Record) -> Result<(), MigrationError> {
+    fn send_record<T: Transport + ?Sized>(
+        &mut self,
+        link: &mut T,
+        rec: &Record,
+    ) -> Result<(), MigrationError> {
         let mut out = Vec::new();
         rec.encode(&mut out);
-        self.transport.send(&out)?;
+        link.send(&out)?;
         Ok(())
     }
 
-    fn step_inner(&mut self) -> Result<RecvProgress, MigrationError> {
+    fn step_inner<D, T>(&mut self, vm: &mut D, link: &mut T) -> Result<RecvProgress, MigrationError>
+    where
+        D: DestinationVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         match self.phase {
             Phase::Start => {
                 let mut out = Vec::from(MAGIC_DEST);
@@ -287,7 +341,7 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                     versions: SUPPORTED_VERSIONS.to_vec(),
                 }
                 .encode(&mut out);
-                self.transport.send(&out)?;
+                link.send(&out)?;
                 self.phase = Phase::Receiving;
                 Ok(RecvProgress::Busy)
             }
@@ -300,7 +354,7 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                         .saturating_add(VERIFY_PAGES_PER_STEP)
                         .min(self.ram_pages);
                     for gfn in next_gfn..end {
-                        self.vm.read_page(gfn, &mut self.page)?;
+                        vm.read_page(gfn, &mut self.page)?;
                         // A zero page's hash needs no CRC (most of an idle
                         // guest's memory).
                         self.digest.push(if is_zero_page(&self.page) {
@@ -347,20 +401,20 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                     self.outcome.memory_verified = true;
                 }
                 self.outcome.verified_digest = Some(computed);
-                self.vm.restore_vcpus(&self.vcpus)?;
-                self.vm.restore_devices(&self.devices)?;
-                self.send_record(&Record::Ready { digest: computed })?;
+                vm.restore_vcpus(&self.vcpus)?;
+                vm.restore_devices(&self.devices)?;
+                self.send_record(link, &Record::Ready { digest: computed })?;
                 self.phase = Phase::AwaitGo;
                 Ok(RecvProgress::Busy)
             }
             Phase::Receiving | Phase::AwaitGo => {
                 // Records already buffered first, so the buffer stays bounded.
                 if let Some(rec) = self.decoder.next_record()? {
-                    self.apply(rec)?;
+                    self.apply(vm, link, rec)?;
                     return Ok(RecvProgress::Busy);
                 }
                 let mut buf = core::mem::take(&mut self.buf);
-                let got = self.transport.recv(&mut buf);
+                let got = link.recv(&mut buf);
                 let n = match got {
                     Ok(n) => n,
                     Err(e) => {
@@ -383,14 +437,18 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
         }
     }
 
-    fn apply(&mut self, rec: Record) -> Result<(), MigrationError> {
+    fn apply<D, T>(&mut self, vm: &mut D, link: &mut T, rec: Record) -> Result<(), MigrationError>
+    where
+        D: DestinationVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         match rec {
             Record::Select { .. } => {}
             Record::Config(c) => {
                 self.ram_pages = c.ram_pages();
                 // A refused or half-done prepare is discarded too.
                 self.prepared = true;
-                self.vm.prepare(&c)?;
+                vm.prepare(&c)?;
                 self.written = DirtyBitmap::new(self.ram_pages);
                 // Fresh RAM is zero (the `prepare` contract).
                 self.page_hashes = (0..self.ram_pages).map(zero_page_hash).collect();
@@ -399,10 +457,10 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                 for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
                     let gfn = start_gfn + i as u64;
                     if let Ok(page) = <&Page>::try_from(chunk) {
-                        self.vm.write_page(gfn, page)?;
+                        vm.write_page(gfn, page)?;
                         self.written.set(gfn);
                         self.outcome.pages_written += 1;
-                        self.read_back(gfn)?;
+                        self.read_back(vm, gfn)?;
                     }
                 }
             }
@@ -410,9 +468,9 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                 // The decoder checked start_gfn + pages <= RAM pages.
                 for gfn in start_gfn..start_gfn + pages {
                     if self.written.test(gfn) {
-                        self.vm.zero_page(gfn)?;
+                        vm.zero_page(gfn)?;
                         self.written.clear(gfn);
-                        self.read_back(gfn)?;
+                        self.read_back(vm, gfn)?;
                     }
                 }
                 self.outcome.zero_pages += pages;
@@ -429,19 +487,19 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
                 };
             }
             Record::Go => {
-                self.vm.resume()?;
+                vm.resume()?;
                 // From here the VM runs here; a lost `resumed` leaves the
                 // source in doubt, not this side.
                 self.outcome.result = MigrationResult::Completed;
                 self.phase = Phase::Finished;
-                if let Err(e) = self.send_record(&Record::Resumed) {
+                if let Err(e) = self.send_record(link, &Record::Resumed) {
                     self.outcome.error = Some(alloc::format!(
                         "resumed, but could not confirm to the source: {e}"
                     ));
                 }
             }
             Record::Abort { reason } => {
-                self.discard();
+                self.discard(vm);
                 self.outcome.result = MigrationResult::Cancelled;
                 self.outcome.error = Some(MigrationError::PeerAborted(reason.clone()).to_string());
                 self.error = Some(MigrationError::PeerAborted(reason));
@@ -454,8 +512,12 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
     }
 
     /// Hash what memory now holds at `gfn`.
-    fn read_back(&mut self, gfn: u64) -> Result<(), MigrationError> {
-        self.vm.read_page(gfn, &mut self.page)?;
+    fn read_back<D: DestinationVm + ?Sized>(
+        &mut self,
+        vm: &mut D,
+        gfn: u64,
+    ) -> Result<(), MigrationError> {
+        vm.read_page(gfn, &mut self.page)?;
         let h = page_hash(gfn, &self.page);
         if let Some(slot) = usize::try_from(gfn)
             .ok()
@@ -466,9 +528,9 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
         Ok(())
     }
 
-    fn discard(&mut self) {
+    fn discard<D: DestinationVm + ?Sized>(&mut self, vm: &mut D) {
         if self.prepared {
-            self.vm.discard();
+            vm.discard();
             self.prepared = false;
         }
         self.vcpus.clear();
@@ -477,13 +539,23 @@ impl<D: DestinationVm, T: Transport> Receiver<D, T> {
         self.page_hashes = Vec::new();
     }
 
-    fn fail(&mut self, e: MigrationError) {
-        if !matches!(e, MigrationError::Transport(_)) {
-            let _ = self.send_record(&Record::Abort {
-                reason: e.to_string(),
-            });
+    fn fail<D, T>(&mut self, vm: &mut D, link: &mut T, e: MigrationError)
+    where
+        D: DestinationVm + ?Sized,
+        T: Transport + ?Sized,
+    {
+        if !matches!(
+            e,
+            MigrationError::Transport(_) | MigrationError::LinkStalled { .. }
+        ) {
+            let _ = self.send_record(
+                link,
+                &Record::Abort {
+                    reason: e.to_string(),
+                },
+            );
         }
-        self.discard();
+        self.discard(vm);
         self.outcome.result = match e {
             MigrationError::Cancelled => MigrationResult::Cancelled,
             _ => MigrationResult::Failed,

@@ -9,8 +9,17 @@
 //!
 //! [`Migration::step`] does a bounded amount of work (at most
 //! `Policy::step_pages` pages read and one transport send) so the hypervisor
-//! can interleave it with guest execution on one CPU;
-//! [`Migration::run_to_completion`] loops over it.
+//! can interleave it with guest execution on one CPU. The engine owns
+//! neither the VM nor the link: both are lent to each step (the node's
+//! migration job owns them and runs the guest, the network and other VMs
+//! between steps), and the node's clock comes with the step.
+//!
+//! Bandwidth is what the peer *acknowledged* ([`Transport::acked_bytes`])
+//! over node time, sampled over windows of 50 ms, so bytes sitting in
+//! buffers on the way do not make the link look faster than it is and the
+//! switch-over decision is not fooled. A link that moves nothing for
+//! `Policy::stall_timeout_ns` while bytes are owed ends the migration
+//! ([`MigrationError::LinkStalled`]).
 //!
 //! Invariants:
 //! - Until the go record has been handed to the transport (the commit
@@ -21,7 +30,8 @@
 //! - After the commit point the source never resumes on its own: only an
 //!   explicit abort from the destination (it discarded its copy) sends the
 //!   VM back; losing the channel leaves the VM paused and the result
-//!   [`MigrationError::InDoubt`].
+//!   [`MigrationError::InDoubt`], until [`Migration::resolve_in_doubt`]
+//!   brings the destination's answer from a later connection.
 //! - `page_hashes[gfn]` is the hash of the last contents of `gfn` handed to
 //!   the transport, so the end digest describes exactly the image sent.
 //! - Verification mode (`Policy::verify_memory`): with the VM paused after
@@ -34,7 +44,7 @@
 
 use crate::bitmap::DirtyBitmap;
 use crate::digest::{is_zero_page, page_hash, zero_page_hash, ImageDigest};
-use crate::error::{MigrationError, StreamError, VmError};
+use crate::error::{MigrationError, StreamError, TransportError, VmError};
 use crate::policy::{self, Policy};
 use crate::report::{MigrationReport, MigrationResult};
 use crate::state::{DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES};
@@ -116,24 +126,6 @@ impl<V: MigratableVm + ?Sized> MigratableVm for &mut V {
     }
 }
 
-/// Monotonic time, and a way to wait.
-pub trait Clock {
-    /// Nanoseconds since an arbitrary fixed point.
-    fn now_ns(&self) -> u64;
-    /// Nothing to do for up to `max_ns`: a host thread sleeps, the
-    /// hypervisor runs guests or halts until the next interrupt.
-    fn idle(&self, max_ns: u64);
-}
-
-impl<C: Clock + ?Sized> Clock for &C {
-    fn now_ns(&self) -> u64 {
-        (**self).now_ns()
-    }
-    fn idle(&self, max_ns: u64) {
-        (**self).idle(max_ns)
-    }
-}
-
 /// What a step did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Progress {
@@ -144,6 +136,39 @@ pub enum Progress {
     Waiting { max_ns: u64 },
     /// The migration is over; see [`Migration::report`].
     Finished(MigrationResult),
+}
+
+/// Where the source engine stands, for progress displays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Version negotiation.
+    Handshake,
+    /// Pre-copy passes; the VM runs.
+    Copying,
+    /// The VM is paused: last pages, verification, vCPU and device state.
+    FinalCopy,
+    /// Waiting for `ready`, or for `resumed` after `go`.
+    SwitchingOver,
+    /// Over.
+    Finished,
+}
+
+/// A snapshot of the source engine's progress ([`Migration::status`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// The pass under way (0 = the full copy).
+    pub pass: u32,
+    /// Stream bytes handed to the transport.
+    pub bytes_sent: u64,
+    /// Pages of this pass not yet sent, in bytes (an estimate of what is
+    /// left: later passes resend what the guest dirties meanwhile).
+    pub bytes_remaining: u64,
+    /// Bytes per second the guest dirtied in the last pass.
+    pub dirty_rate_bytes_per_s: u64,
+    /// Bytes per second the peer acknowledged (moving average).
+    pub bandwidth_bytes_per_s: u64,
+    /// Throttle in force.
+    pub throttle_pct: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +188,8 @@ enum Phase {
 
 /// How long to wait for back-channel bytes before stepping again.
 const POLL_NS: u64 = 1_000_000;
+/// Shortest interval a bandwidth sample spans.
+const RATE_WINDOW_NS: u64 = 50_000_000;
 /// Back-channel receive chunk.
 const RECV_CHUNK: usize = 1024;
 /// Pages read and hashed per verification step.
@@ -175,11 +202,10 @@ const MIN_BATCH_PAGES: usize = 16;
 /// framing (a run of one page).
 const WORST_BYTES_PER_PAGE: usize = PAGE_SIZE + stream::HEADER_BYTES + 12 + stream::CRC_BYTES;
 
-/// One outgoing live migration.
-pub struct Migration<V: MigratableVm, T: Transport, C: Clock> {
-    vm: V,
-    transport: T,
-    clock: C,
+/// One outgoing live migration: the engine's state. The VM and the link
+/// are lent to it for each step ([`Migration::step`]), so whoever owns
+/// them (the node's job) keeps them between steps.
+pub struct Migration {
     policy: Policy,
     config: VmConfig,
     phase: Phase,
@@ -193,12 +219,23 @@ pub struct Migration<V: MigratableVm, T: Transport, C: Clock> {
     pages_this_pass: u64,
     prev_dirty: Option<u64>,
     bandwidth: Option<u64>,
+    /// Bandwidth sampling window: start time and the link's acknowledged
+    /// bytes then.
+    rate_window: Option<(u64, u64)>,
     throttle: u8,
     expected_downtime_ns: Option<u64>,
     t_start: u64,
+    t_pass: u64,
+    dirty_rate: u64,
     t_transfer: u64,
     transfer_bytes: u64,
     pause_ns: Option<u64>,
+    /// Stall detection: when the link last moved (acknowledged or
+    /// delivered bytes), and its counters then.
+    last_link_progress_ns: u64,
+    last_acked: u64,
+    last_received: u64,
+    received: u64,
     dirty_log_on: bool,
     paused: bool,
     committed: bool,
@@ -213,19 +250,15 @@ pub struct Migration<V: MigratableVm, T: Transport, C: Clock> {
     error: Option<MigrationError>,
 }
 
-impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
-    /// Prepare to migrate `vm` over `transport`. Nothing happens until the
-    /// first [`Migration::step`]. The start time (for the timeout and
-    /// `total_ms`) is taken now.
-    pub fn new(vm: V, transport: T, clock: C, policy: Policy) -> Self {
+impl Migration {
+    /// Prepare to migrate `vm` (its configuration is taken now). Nothing
+    /// happens until the first [`Migration::step`]. `now_ns` starts the
+    /// clock of the timeout and of `total_ms`.
+    pub fn new<V: MigratableVm + ?Sized>(vm: &V, policy: Policy, now_ns: u64) -> Self {
         let config = vm.config();
         let ram_pages = config.ram_pages();
-        let t_start = clock.now_ns();
         let pages = usize::try_from(ram_pages).unwrap_or(0);
         Self {
-            vm,
-            transport,
-            clock,
             policy,
             report: MigrationReport {
                 passes: 0,
@@ -254,12 +287,19 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
             pages_this_pass: 0,
             prev_dirty: None,
             bandwidth: None,
+            rate_window: None,
             throttle: 0,
             expected_downtime_ns: None,
-            t_start,
-            t_transfer: t_start,
+            t_start: now_ns,
+            t_pass: now_ns,
+            dirty_rate: 0,
+            t_transfer: now_ns,
             transfer_bytes: 0,
             pause_ns: None,
+            last_link_progress_ns: now_ns,
+            last_acked: 0,
+            last_received: 0,
+            received: 0,
             dirty_log_on: false,
             paused: false,
             committed: false,
@@ -272,12 +312,17 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         }
     }
 
-    /// Do a bounded amount of work.
-    pub fn step(&mut self) -> Progress {
+    /// Do a bounded amount of work with the VM and the link, at node time
+    /// `now_ns` (monotonic).
+    pub fn step<V, T>(&mut self, vm: &mut V, link: &mut T, now_ns: u64) -> Progress
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         if self.phase == Phase::Finished {
             return Progress::Finished(self.report.result);
         }
-        let now = self.clock.now_ns();
+        let now = now_ns;
         if now.saturating_sub(self.t_start) > self.policy.timeout_ns {
             let limit_ms = self.policy.timeout_ns / policy::NS_PER_MS;
             if self.committed {
@@ -285,53 +330,165 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 self.finish(
                     MigrationResult::Failed,
                     Some(MigrationError::InDoubt(Box::new(e))),
+                    now,
                 );
             } else {
                 self.abandon(
+                    vm,
+                    link,
                     MigrationResult::Cancelled,
                     MigrationError::Timeout { limit_ms },
+                    now,
                 );
             }
             return Progress::Finished(self.report.result);
         }
-        match self.step_inner(now) {
+        let result = self
+            .step_inner(vm, link, now)
+            .and_then(|p| self.check_stall(link, now).map(|()| p));
+        match result {
             Ok(p) => p,
             Err(e) => {
-                match e {
-                    // After the commit point only the destination's own word
-                    // that it discarded the VM lets the source resume.
-                    MigrationError::PeerAborted(_) => self.abandon(MigrationResult::Failed, e),
-                    e if self.committed => self.finish(
-                        MigrationResult::Failed,
-                        Some(MigrationError::InDoubt(Box::new(e))),
-                    ),
-                    e => self.abandon(MigrationResult::Failed, e),
-                }
+                self.fail(vm, link, e, now);
                 Progress::Finished(self.report.result)
             }
         }
     }
 
-    /// Step until finished, idling on the clock while waiting.
-    pub fn run_to_completion(&mut self) -> &MigrationReport {
-        loop {
-            match self.step() {
-                Progress::Busy => {}
-                Progress::Waiting { max_ns } => self.clock.idle(max_ns),
-                Progress::Finished(_) => return &self.report,
+    /// End the migration for `e` as its phase demands: before the commit
+    /// point the way back; after it only the destination's own word that
+    /// it discarded the VM lets the source resume, anything else leaves
+    /// the outcome in doubt.
+    fn fail<V, T>(&mut self, vm: &mut V, link: &mut T, e: MigrationError, now: u64)
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
+        match e {
+            MigrationError::PeerAborted(_) => {
+                self.abandon(vm, link, MigrationResult::Failed, e, now)
             }
+            e if self.committed => self.finish(
+                MigrationResult::Failed,
+                Some(MigrationError::InDoubt(Box::new(e))),
+                now,
+            ),
+            e => self.abandon(vm, link, MigrationResult::Failed, e, now),
         }
+    }
+
+    /// The link has moved nothing for `Policy::stall_timeout_ns` while the
+    /// engine had bytes in flight or waited for the peer.
+    fn check_stall<T: Transport + ?Sized>(
+        &mut self,
+        link: &T,
+        now: u64,
+    ) -> Result<(), MigrationError> {
+        let acked = link.acked_bytes();
+        if acked != self.last_acked || self.received != self.last_received {
+            self.last_acked = acked;
+            self.last_received = self.received;
+            self.last_link_progress_ns = now;
+            return Ok(());
+        }
+        // Nothing owed by the peer: the engine itself is busy (reading
+        // pages, verifying), which is no stall of the link.
+        let in_flight = self.report.bytes_sent > acked;
+        let awaiting_peer = matches!(
+            self.phase,
+            Phase::AwaitOffer | Phase::AwaitReady | Phase::AwaitResumed
+        );
+        if !(in_flight || awaiting_peer) {
+            self.last_link_progress_ns = now;
+            return Ok(());
+        }
+        let silent = now.saturating_sub(self.last_link_progress_ns);
+        if silent >= self.policy.stall_timeout_ns {
+            return Err(MigrationError::LinkStalled {
+                silent_ms: silent / policy::NS_PER_MS,
+                waiting_for: if in_flight {
+                    "the destination to acknowledge data"
+                } else {
+                    "the destination's answer"
+                },
+            });
+        }
+        Ok(())
     }
 
     /// Operator cancel. Before the commit point the VM keeps running at the
     /// source and the result is `cancelled`; returns false (and does
     /// nothing) if the migration is past the commit point or over.
-    pub fn cancel(&mut self) -> bool {
+    pub fn cancel<V, T>(&mut self, vm: &mut V, link: &mut T, now_ns: u64) -> bool
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         if self.committed || self.phase == Phase::Finished {
             return false;
         }
-        self.abandon(MigrationResult::Cancelled, MigrationError::Cancelled);
+        self.abandon(
+            vm,
+            link,
+            MigrationResult::Cancelled,
+            MigrationError::Cancelled,
+            now_ns,
+        );
         true
+    }
+
+    /// The link failed under the job (e.g. its connection was reset): the
+    /// same as a transport error in a step.
+    pub fn link_failed<V, T>(&mut self, vm: &mut V, link: &mut T, why: TransportError, now_ns: u64)
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
+        if self.phase != Phase::Finished {
+            self.fail(vm, link, MigrationError::Transport(why), now_ns);
+        }
+    }
+
+    /// Settle a migration left in doubt ([`MigrationError::InDoubt`]) with
+    /// the destination's answer, learnt over a new connection:
+    /// `resumed_there` = it resumed the VM (the migration completed; the
+    /// paused source is released to be removed), else it discarded its
+    /// copy (the VM resumes here and the migration failed for its first
+    /// cause). Does nothing unless the migration is in doubt.
+    pub fn resolve_in_doubt<V: MigratableVm + ?Sized>(
+        &mut self,
+        vm: &mut V,
+        resumed_there: bool,
+        now_ns: u64,
+    ) {
+        let Some(MigrationError::InDoubt(cause)) = self.error.take() else {
+            return;
+        };
+        if resumed_there {
+            self.report.result = MigrationResult::Completed;
+            self.report.error = None;
+            self.report.total_ms = now_ns.saturating_sub(self.t_start) / policy::NS_PER_MS;
+            self.report.downtime_ms = self
+                .pause_ns
+                .map_or(0, |p| now_ns.saturating_sub(p) / policy::NS_PER_MS);
+            self.error = None;
+        } else {
+            if self.paused {
+                vm.resume();
+                self.paused = false;
+            }
+            let e = MigrationError::DiscardedAfterGo(cause);
+            self.report.result = MigrationResult::Failed;
+            self.report.error = Some(e.to_string());
+            self.report.downtime_ms = 0;
+            self.error = Some(e);
+        }
+    }
+
+    /// Whether the migration ended in doubt (see
+    /// [`Migration::resolve_in_doubt`]).
+    pub fn in_doubt(&self) -> bool {
+        matches!(self.error, Some(MigrationError::InDoubt(_)))
     }
 
     /// The report; final once [`Progress::Finished`] was returned.
@@ -356,25 +513,56 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         self.paused
     }
 
-    /// The VM.
-    pub fn vm(&self) -> &V {
-        &self.vm
+    /// Where the engine stands.
+    pub fn stage(&self) -> Stage {
+        match self.phase {
+            Phase::Handshake | Phase::AwaitOffer => Stage::Handshake,
+            Phase::Copy => Stage::Copying,
+            Phase::FinalCopy | Phase::Verify => Stage::FinalCopy,
+            Phase::AwaitReady | Phase::AwaitResumed => Stage::SwitchingOver,
+            Phase::Finished => Stage::Finished,
+        }
     }
 
-    /// Take back the VM, transport and clock.
-    pub fn into_parts(self) -> (V, T, C) {
-        (self.vm, self.transport, self.clock)
+    /// Progress figures.
+    pub fn status(&self) -> Status {
+        let left = match self.phase {
+            Phase::Copy | Phase::FinalCopy => self.to_send.count_from(self.cursor),
+            _ => 0,
+        };
+        Status {
+            pass: self.report.passes,
+            bytes_sent: self.report.bytes_sent,
+            bytes_remaining: left * PAGE_SIZE as u64,
+            dirty_rate_bytes_per_s: self.dirty_rate,
+            bandwidth_bytes_per_s: self.bandwidth.unwrap_or(0),
+            throttle_pct: self.throttle,
+        }
     }
 
-    fn step_inner(&mut self, now: u64) -> Result<Progress, MigrationError> {
+    /// The configuration sent (and accepted by the destination).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn step_inner<V, T>(
+        &mut self,
+        vm: &mut V,
+        link: &mut T,
+        now: u64,
+    ) -> Result<Progress, MigrationError>
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         match self.phase {
             Phase::Handshake => {
                 self.config.validate()?;
-                self.send_raw(&stream::MAGIC_SOURCE)?;
+                self.send_raw(link, &stream::MAGIC_SOURCE)?;
                 self.phase = Phase::AwaitOffer;
                 Ok(Progress::Busy)
             }
-            Phase::AwaitOffer => match self.poll_back()? {
+            Phase::AwaitOffer => match self.poll_back(link)? {
                 None => Ok(Progress::Waiting { max_ns: POLL_NS }),
                 Some(Record::Offer { versions }) => {
                     let version = stream::negotiate(&versions, SUPPORTED_VERSIONS)?;
@@ -384,22 +572,25 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                     self.out.clear();
                     Record::Select { version }.encode(&mut self.out);
                     Record::Config(self.config.clone()).encode(&mut self.out);
-                    self.flush_out()?;
-                    self.report.dirty_tracker = Some(self.vm.start_dirty_log()?.into());
+                    self.flush_out(link)?;
+                    self.report.dirty_tracker = Some(vm.start_dirty_log()?.into());
                     self.dirty_log_on = true;
                     self.to_send.set_all();
                     self.cursor = 0;
-                    self.t_transfer = self.clock.now_ns();
+                    self.t_transfer = now;
+                    self.t_pass = now;
                     self.transfer_bytes = 0;
+                    self.rate_window = Some((now, link.acked_bytes()));
                     self.phase = Phase::Copy;
                     Ok(Progress::Busy)
                 }
                 Some(other) => Err(self.unexpected(other)),
             },
             Phase::Copy | Phase::FinalCopy => {
-                if let Some(rec) = self.poll_back()? {
+                if let Some(rec) = self.poll_back(link)? {
                     return Err(self.unexpected(rec));
                 }
+                self.sample_bandwidth(link, now);
                 let elapsed = now.saturating_sub(self.t_transfer);
                 let wait = policy::rate_limit_wait_ns(
                     self.transfer_bytes,
@@ -411,26 +602,26 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 }
                 // Flow control: page data only when the transport has room
                 // for a useful batch (never more than it has room for).
-                let pages = self.transport.send_window() / WORST_BYTES_PER_PAGE;
+                let pages = link.send_window() / WORST_BYTES_PER_PAGE;
                 if pages < MIN_BATCH_PAGES.min(self.policy.step_pages.max(1) as usize) {
                     return Ok(Progress::Waiting {
                         max_ns: POLL_NS / 10,
                     });
                 }
-                self.send_pages(pages)?;
+                self.send_pages(vm, link, pages)?;
                 if self.to_send.next_set(self.cursor).is_none() {
-                    self.end_of_pass()?;
+                    self.end_of_pass(vm, link, now)?;
                 }
                 Ok(Progress::Busy)
             }
             Phase::Verify => {
-                if let Some(rec) = self.poll_back()? {
+                if let Some(rec) = self.poll_back(link)? {
                     return Err(self.unexpected(rec));
                 }
-                self.verify_step()?;
+                self.verify_step(vm, link)?;
                 Ok(Progress::Busy)
             }
-            Phase::AwaitReady => match self.poll_back()? {
+            Phase::AwaitReady => match self.poll_back(link)? {
                 None => Ok(Progress::Waiting { max_ns: POLL_NS }),
                 Some(Record::Ready { digest }) => {
                     if digest != self.sent_digest {
@@ -444,22 +635,48 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                     self.committed = true;
                     self.out.clear();
                     Record::Go.encode(&mut self.out);
-                    self.flush_out()?;
+                    self.flush_out(link)?;
                     self.phase = Phase::AwaitResumed;
                     Ok(Progress::Busy)
                 }
                 Some(other) => Err(self.unexpected(other)),
             },
-            Phase::AwaitResumed => match self.poll_back()? {
+            Phase::AwaitResumed => match self.poll_back(link)? {
                 None => Ok(Progress::Waiting { max_ns: POLL_NS }),
                 Some(Record::Resumed) => {
-                    self.finish(MigrationResult::Completed, None);
+                    self.finish(MigrationResult::Completed, None, now);
                     Ok(Progress::Finished(MigrationResult::Completed))
                 }
                 Some(other) => Err(self.unexpected(other)),
             },
             Phase::Finished => Ok(Progress::Finished(self.report.result)),
         }
+    }
+
+    /// Fold a bandwidth sample once the window spans long enough: bytes
+    /// the peer acknowledged over node time (not bytes queued locally, so
+    /// buffers in between do not inflate it).
+    fn sample_bandwidth<T: Transport + ?Sized>(&mut self, link: &T, now: u64) {
+        let acked = link.acked_bytes();
+        let Some((t0, a0)) = self.rate_window else {
+            self.rate_window = Some((now, acked));
+            return;
+        };
+        let span = now.saturating_sub(t0);
+        // Without an estimate yet, take what there is at the end of a
+        // pass rather than wait for a full window.
+        let early = self.bandwidth.is_none() && self.to_send.next_set(self.cursor).is_none();
+        if span < RATE_WINDOW_NS && !(early && span > 0) {
+            return;
+        }
+        if let Some(sample) = policy::bandwidth_sample(acked.saturating_sub(a0), span) {
+            self.bandwidth = Some(policy::ewma(
+                self.bandwidth,
+                sample,
+                self.policy.ewma_weight_pct,
+            ));
+        }
+        self.rate_window = Some((now, acked));
     }
 
     /// An abort from the peer, or a record the decoder accepted but this
@@ -476,49 +693,59 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
     }
 
     /// The next back-channel record, if one has fully arrived.
-    fn poll_back(&mut self) -> Result<Option<Record>, MigrationError> {
+    fn poll_back<T: Transport + ?Sized>(
+        &mut self,
+        link: &mut T,
+    ) -> Result<Option<Record>, MigrationError> {
         if let Some(r) = self.back.next_record()? {
             return Ok(Some(r));
         }
         let mut buf = [0u8; RECV_CHUNK];
-        let n = match self.transport.recv(&mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                // A clean end of the back channel before its last record is
-                // a protocol-level truncation; report the transport error.
-                return Err(MigrationError::Transport(e));
-            }
-        };
+        // A clean end of the back channel before its last record is a
+        // protocol-level truncation; report the transport error.
+        let n = link.recv(&mut buf).map_err(MigrationError::Transport)?;
         if n == 0 {
             return Ok(None);
         }
+        self.received += n as u64;
         self.back.feed(&buf[..n]);
         Ok(self.back.next_record()?)
     }
 
-    fn send_raw(&mut self, bytes: &[u8]) -> Result<(), MigrationError> {
-        self.transport.send(bytes)?;
+    fn send_raw<T: Transport + ?Sized>(
+        &mut self,
+        link: &mut T,
+        bytes: &[u8],
+    ) -> Result<(), MigrationError> {
+        link.send(bytes)?;
         self.report.bytes_sent += bytes.len() as u64;
         self.transfer_bytes += bytes.len() as u64;
         Ok(())
     }
 
-    fn flush_out(&mut self) -> Result<(), MigrationError> {
+    fn flush_out<T: Transport + ?Sized>(&mut self, link: &mut T) -> Result<(), MigrationError> {
         let out = core::mem::take(&mut self.out);
-        let r = self.send_raw(&out);
+        let r = self.send_raw(link, &out);
         self.out = out;
         self.out.clear();
         r
     }
 
     /// Read, classify and send up to `step_pages` pages of the current pass.
-    fn send_pages(&mut self, max_pages: usize) -> Result<(), MigrationError> {
-        let t0 = self.clock.now_ns();
+    fn send_pages<V, T>(
+        &mut self,
+        vm: &mut V,
+        link: &mut T,
+        max_pages: usize,
+    ) -> Result<(), MigrationError>
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         self.out.clear();
         self.run.clear();
         // Current run: (start gfn, pages, zero?).
         let mut run: Option<(u64, u64, bool)> = None;
-        let mut data_pages = 0u64;
         let mut pages = 0u64;
         let limit = u64::from(self.policy.step_pages.max(1)).min(max_pages as u64);
         while pages < limit {
@@ -526,7 +753,7 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 break;
             };
             self.cursor = gfn + 1;
-            self.vm.read_page(gfn, &mut self.page)?;
+            vm.read_page(gfn, &mut self.page)?;
             let zero = is_zero_page(&self.page);
             let hash = if zero {
                 zero_page_hash(gfn)
@@ -557,27 +784,12 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 self.report.zero_pages += 1;
             } else {
                 self.run.extend_from_slice(&self.page[..]);
-                data_pages += 1;
             }
             pages += 1;
         }
         self.emit_run(run);
         self.pages_this_pass += pages;
-        let bytes = self.out.len() as u64;
-        self.flush_out()?;
-        // Plan with the rate at which page data moves: steps of zero markers
-        // only say little about it (used only while nothing better exists).
-        if data_pages > 0 || self.bandwidth.is_none() {
-            let elapsed = self.clock.now_ns().saturating_sub(t0);
-            if let Some(sample) = policy::bandwidth_sample(bytes, elapsed) {
-                self.bandwidth = Some(policy::ewma(
-                    self.bandwidth,
-                    sample,
-                    self.policy.ewma_weight_pct,
-                ));
-            }
-        }
-        Ok(())
+        self.flush_out(link)
     }
 
     fn emit_run(&mut self, run: Option<(u64, u64, bool)>) {
@@ -591,23 +803,42 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         }
     }
 
-    fn end_of_pass(&mut self) -> Result<(), MigrationError> {
+    fn end_of_pass<V, T>(
+        &mut self,
+        vm: &mut V,
+        link: &mut T,
+        now: u64,
+    ) -> Result<(), MigrationError>
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         self.report.pages_per_pass.push(self.pages_this_pass);
         self.report.passes += 1;
         self.pages_this_pass = 0;
         self.cursor = 0;
         if self.phase == Phase::FinalCopy {
+            // The VM is paused and its last pages are sent: nothing more to
+            // track, whatever happens next.
+            vm.stop_dirty_log();
+            self.dirty_log_on = false;
             if self.policy.verify_memory {
                 self.verify_gfn = 0;
                 self.verify_digest = ImageDigest::new();
                 self.phase = Phase::Verify;
                 return Ok(());
             }
-            return self.send_state();
+            return self.send_state(vm, link);
         }
+        self.sample_bandwidth(link, now);
         self.to_send.clear_all();
-        self.vm.collect_dirty(&mut self.to_send)?;
+        vm.collect_dirty(&mut self.to_send)?;
         let dirty = self.to_send.count();
+        let pass_ns = now.saturating_sub(self.t_pass);
+        self.t_pass = now;
+        if let Some(rate) = policy::bandwidth_sample(dirty * PAGE_SIZE as u64, pass_ns) {
+            self.dirty_rate = rate;
+        }
         let bw = policy::effective_bandwidth(self.bandwidth, self.policy.max_bandwidth_bytes_per_s);
         let expected = policy::expected_downtime_ns(
             dirty * PAGE_SIZE as u64,
@@ -617,17 +848,17 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
         self.expected_downtime_ns = Some(expected);
         if policy::fits_downtime(expected, self.policy.downtime_limit_ns) {
             // Downtime starts when stopping the vCPUs starts.
-            self.pause_ns = Some(self.clock.now_ns());
-            self.vm.pause()?;
+            self.pause_ns = Some(now);
+            vm.pause()?;
             self.paused = true;
             // Writes between the collection above and the pause.
-            self.vm.collect_dirty(&mut self.to_send)?;
+            vm.collect_dirty(&mut self.to_send)?;
             self.phase = Phase::FinalCopy;
         } else {
             if let Some(prev) = self.prev_dirty {
                 if !policy::is_converging(prev, dirty, self.policy.min_shrink_pct) {
                     self.throttle = policy::next_throttle(self.throttle, &self.policy);
-                    self.vm.set_throttle(self.throttle);
+                    vm.set_throttle(self.throttle);
                 }
             }
             self.prev_dirty = Some(dirty);
@@ -638,14 +869,18 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
     /// Verification mode, VM paused: read and hash the next frames, compare
     /// each with the hash of what was sent; after the last frame fail on
     /// any stale one, else send the verify record and the state.
-    fn verify_step(&mut self) -> Result<(), MigrationError> {
+    fn verify_step<V, T>(&mut self, vm: &mut V, link: &mut T) -> Result<(), MigrationError>
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         let ram_pages = self.config.ram_pages();
         let end = self
             .verify_gfn
             .saturating_add(VERIFY_PAGES_PER_STEP)
             .min(ram_pages);
         for gfn in self.verify_gfn..end {
-            self.vm.read_page(gfn, &mut self.page)?;
+            vm.read_page(gfn, &mut self.page)?;
             let hash = if is_zero_page(&self.page) {
                 zero_page_hash(gfn)
             } else {
@@ -678,13 +913,17 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
             digest: self.verify_digest.finish(),
         }
         .encode(&mut self.out);
-        self.flush_out()?;
-        self.send_state()
+        self.flush_out(link)?;
+        self.send_state(vm, link)
     }
 
     /// vCPU and device state, then the end record (VM paused).
-    fn send_state(&mut self) -> Result<(), MigrationError> {
-        let vcpus = self.vm.save_vcpus()?;
+    fn send_state<V, T>(&mut self, vm: &mut V, link: &mut T) -> Result<(), MigrationError>
+    where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
+        let vcpus = vm.save_vcpus()?;
         if vcpus.len() as u64 != u64::from(self.config.vcpus) {
             return Err(MigrationError::InconsistentVm {
                 what: "vCPU states",
@@ -692,7 +931,7 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
                 found: vcpus.len() as u64,
             });
         }
-        let devices = self.vm.save_devices()?;
+        let devices = vm.save_devices()?;
         if devices.len() != self.config.devices.len() {
             return Err(MigrationError::InconsistentVm {
                 what: "device states",
@@ -726,19 +965,31 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
             digest: self.sent_digest,
         }
         .encode(&mut self.out);
-        self.flush_out()?;
+        self.flush_out(link)?;
         self.phase = Phase::AwaitReady;
         Ok(())
     }
 
     /// The way back: everything the source changed is undone.
-    fn abandon(&mut self, result: MigrationResult, err: MigrationError) {
+    fn abandon<V, T>(
+        &mut self,
+        vm: &mut V,
+        link: &mut T,
+        result: MigrationResult,
+        err: MigrationError,
+        now: u64,
+    ) where
+        V: MigratableVm + ?Sized,
+        T: Transport + ?Sized,
+    {
         // No abort before our magic (the peer could not parse it) or when the
         // peer already stopped or the channel is gone.
         if self.phase != Phase::Handshake
             && !matches!(
                 err,
-                MigrationError::PeerAborted(_) | MigrationError::Transport(_)
+                MigrationError::PeerAborted(_)
+                    | MigrationError::Transport(_)
+                    | MigrationError::LinkStalled { .. }
             )
         {
             let mut out = Vec::new();
@@ -748,28 +999,25 @@ impl<V: MigratableVm, T: Transport, C: Clock> Migration<V, T, C> {
             .encode(&mut out);
             // Best effort: the destination discards on abort or on loss of
             // the channel alike.
-            let _ = self.transport.send(&out);
+            let _ = link.send(&out);
         }
         if self.dirty_log_on {
-            self.vm.stop_dirty_log();
+            vm.stop_dirty_log();
             self.dirty_log_on = false;
         }
         if self.throttle != 0 {
-            self.vm.set_throttle(0);
+            vm.set_throttle(0);
         }
         if self.paused {
-            self.vm.resume();
+            vm.resume();
             self.paused = false;
         }
-        self.finish(result, Some(err));
+        self.finish(result, Some(err), now);
     }
 
-    fn finish(&mut self, result: MigrationResult, err: Option<MigrationError>) {
-        let now = self.clock.now_ns();
-        if self.dirty_log_on {
-            self.vm.stop_dirty_log();
-            self.dirty_log_on = false;
-        }
+    /// Record the end. The dirty log is off by then: stopped by `abandon`,
+    /// or once the last pages were collected (every later way out).
+    fn finish(&mut self, result: MigrationResult, err: Option<MigrationError>, now: u64) {
         let r = &mut self.report;
         r.result = result;
         r.error = err.as_ref().map(|e| e.to_string());

@@ -30,6 +30,11 @@ pub trait Transport {
     /// transport's budget. A transport whose `send` blocks (e.g. a socket)
     /// returns `usize::MAX`.
     fn send_window(&self) -> usize;
+    /// Of the bytes `send` accepted, how many the peer has acknowledged
+    /// (TCP) or taken (a pipe) so far; never decreases. The engine's
+    /// bandwidth estimate and its stall detection count these, not bytes
+    /// queued locally.
+    fn acked_bytes(&self) -> u64;
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -41,6 +46,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn send_window(&self) -> usize {
         (**self).send_window()
+    }
+    fn acked_bytes(&self) -> u64 {
+        (**self).acked_bytes()
     }
 }
 
@@ -56,6 +64,8 @@ struct Shared {
     budget: [Option<u64>; 2],
     /// Total bytes sent by end `i`.
     sent: [u64; 2],
+    /// Total bytes end `i` received (took out of its queue).
+    taken: [u64; 2],
     /// Bytes the pipe holds in each direction before `send_window` is 0.
     capacity: usize,
 }
@@ -159,6 +169,10 @@ impl Transport for MemPipe {
         s.capacity.saturating_sub(s.queues[1 - self.me].len())
     }
 
+    fn acked_bytes(&self) -> u64 {
+        self.shared.borrow().taken[1 - self.me]
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         let mut s = self.shared.borrow_mut();
         let q = &mut s.queues[self.me];
@@ -175,6 +189,7 @@ impl Transport for MemPipe {
         for (dst, src) in buf.iter_mut().zip(q.drain(..n)) {
             *dst = src;
         }
+        s.taken[self.me] += n as u64;
         Ok(n)
     }
 }
@@ -193,6 +208,11 @@ mod tests {
         let mut buf = [0u8; 3];
         assert_eq!(b.recv(&mut buf).unwrap(), 3);
         assert_eq!(&buf, b"hel");
+        assert_eq!(
+            (a.acked_bytes(), b.acked_bytes()),
+            (3, 0),
+            "taken by the peer"
+        );
         assert_eq!(b.recv(&mut buf).unwrap(), 2);
         assert_eq!(b.recv(&mut buf).unwrap(), 0);
         assert_eq!(a.recv(&mut buf).unwrap(), 2);

@@ -7,22 +7,92 @@
 use migration::policy::{NS_PER_MS, NS_PER_S};
 use migration::stream::{Record, MAGIC_DEST};
 use migration::{
-    Clock, DestinationVm, DeviceState, DigestCheck, DirtyBitmap, MemPipe, MigratableVm, Migration,
+    DestinationVm, DeviceState, DigestCheck, DirtyBitmap, MemPipe, MigratableVm, Migration,
     MigrationError, MigrationResult, Page, Policy, Progress, Receiver, RecvProgress, Transport,
     TransportError, VcpuState, VmConfig, VmError, PAGE_SIZE,
 };
 use std::cell::Cell;
+use std::ops::Deref;
 use std::rc::Rc;
 
 #[derive(Clone)]
 struct SimClock(Rc<Cell<u64>>);
 
-impl Clock for SimClock {
-    fn now_ns(&self) -> u64 {
-        self.0.get()
-    }
+impl SimClock {
     fn idle(&self, max_ns: u64) {
         self.0.set(self.0.get() + max_ns.clamp(1, NS_PER_MS));
+    }
+}
+
+/// The source engine with the VM and link it is lent on every step, and
+/// the simulated clock: what the node's migration job holds.
+struct Src<'a, T: Transport> {
+    m: Migration,
+    vm: &'a mut FakeVm,
+    link: T,
+    time: Rc<Cell<u64>>,
+}
+
+impl<'a, T: Transport> Src<'a, T> {
+    fn new(vm: &'a mut FakeVm, link: T, time: &Rc<Cell<u64>>, policy: Policy) -> Self {
+        let m = Migration::new(&*vm, policy, time.get());
+        Src {
+            m,
+            vm,
+            link,
+            time: time.clone(),
+        }
+    }
+    fn step(&mut self) -> Progress {
+        self.m.step(&mut *self.vm, &mut self.link, self.time.get())
+    }
+    fn cancel(&mut self) -> bool {
+        self.m
+            .cancel(&mut *self.vm, &mut self.link, self.time.get())
+    }
+}
+
+impl<T: Transport> Deref for Src<'_, T> {
+    type Target = Migration;
+    fn deref(&self) -> &Migration {
+        &self.m
+    }
+}
+
+/// The receiving engine with its VM and link.
+struct Dst<'a, D: DestinationVm, T: Transport> {
+    r: Receiver,
+    vm: &'a mut D,
+    link: T,
+    time: Rc<Cell<u64>>,
+}
+
+impl<'a, D: DestinationVm, T: Transport> Dst<'a, D, T> {
+    fn new(vm: &'a mut D, link: T, time: &Rc<Cell<u64>>) -> Self {
+        Dst {
+            r: Receiver::new(time.get()),
+            vm,
+            link,
+            time: time.clone(),
+        }
+    }
+    fn with_digest_check(mut self, check: DigestCheck) -> Self {
+        self.r = self.r.with_digest_check(check);
+        self
+    }
+    fn step(&mut self) -> RecvProgress {
+        self.r.step(&mut *self.vm, &mut self.link, self.time.get())
+    }
+    fn run_to_completion(&mut self) -> &migration::ReceiveOutcome {
+        while !matches!(self.step(), RecvProgress::Finished(_)) {}
+        self.r.outcome()
+    }
+}
+
+impl<D: DestinationVm, T: Transport> Deref for Dst<'_, D, T> {
+    type Target = Receiver;
+    fn deref(&self) -> &Receiver {
+        &self.r
     }
 }
 
@@ -44,6 +114,9 @@ impl Transport for SlowPipe {
     }
     fn send_window(&self) -> usize {
         self.pipe.send_window()
+    }
+    fn acked_bytes(&self) -> u64 {
+        self.pipe.acked_bytes()
     }
 }
 
@@ -291,12 +364,7 @@ impl Setup {
     }
 
     /// Run both sides to the end; returns the two outcomes and the parts.
-    fn run(
-        &mut self,
-    ) -> (
-        Migration<&mut FakeVm, SlowPipe, SimClock>,
-        Receiver<&mut FakeDest, SlowPipe>,
-    ) {
+    fn run(&mut self) -> (Src<'_, SlowPipe>, Dst<'_, FakeDest, SlowPipe>) {
         let (a, b) = MemPipe::pair();
         if let Some(n) = self.fail_after {
             a.fail_after(n);
@@ -312,8 +380,8 @@ impl Setup {
             bytes_per_s: self.bytes_per_s,
         };
         let clock = SimClock(self.time.clone());
-        let mut mig = Migration::new(&mut self.vm, src_t, clock.clone(), self.policy);
-        let mut rx = Receiver::new(&mut self.dest, dst_t).with_digest_check(self.check);
+        let mut mig = Src::new(&mut self.vm, src_t, &self.time, self.policy);
+        let mut rx = Dst::new(&mut self.dest, dst_t, &self.time).with_digest_check(self.check);
         for _ in 0..5_000_000 {
             let s = mig.step();
             let r = rx.step();
@@ -571,7 +639,7 @@ fn operator_cancel_and_version_mismatch() {
     let time = Rc::new(Cell::new(0));
     let mut vm = FakeVm::new(&time, 64);
     let (a, mut b) = MemPipe::pair();
-    let mut mig = Migration::new(&mut vm, a, SimClock(time.clone()), Policy::default());
+    let mut mig = Src::new(&mut vm, a, &time, Policy::default());
     // A destination that only speaks a future version 3.
     let mut offer = Vec::from(MAGIC_DEST);
     Record::Offer { versions: vec![3] }.encode(&mut offer);
@@ -591,8 +659,9 @@ fn operator_cancel_and_version_mismatch() {
     drop(mig);
 
     let (a, b) = MemPipe::pair();
-    let mut mig = Migration::new(&mut vm, a, SimClock(time.clone()), Policy::default());
-    let mut rx = Receiver::new(FakeDest::default(), b);
+    let mut fresh_dest = FakeDest::default();
+    let mut mig = Src::new(&mut vm, a, &time, Policy::default());
+    let mut rx = Dst::new(&mut fresh_dest, b, &time);
     for _ in 0..6 {
         mig.step();
         rx.step();
@@ -671,6 +740,9 @@ impl Transport for Cuttable {
     fn send_window(&self) -> usize {
         self.pipe.send_window()
     }
+    fn acked_bytes(&self) -> u64 {
+        self.pipe.acked_bytes()
+    }
 }
 
 /// Step both sides until the source has committed; the destination gets
@@ -689,8 +761,8 @@ fn link_loss_after_go_leaves_the_source_paused_in_doubt() {
         pipe: a,
         cut: cut.clone(),
     };
-    let mut mig = Migration::new(&mut vm, src_t, clock.clone(), Policy::default());
-    let mut rx = Receiver::new(&mut dest, b);
+    let mut mig = Src::new(&mut vm, src_t, &time, Policy::default());
+    let mut rx = Dst::new(&mut dest, b, &time);
     while !mig.committed() {
         assert!(!matches!(mig.step(), Progress::Finished(_)));
         rx.step();
@@ -741,6 +813,9 @@ fn in_node_migration_respects_the_pipe_capacity() {
         fn send_window(&self) -> usize {
             self.pipe.send_window()
         }
+        fn acked_bytes(&self) -> u64 {
+            self.pipe.acked_bytes()
+        }
     }
     let time = Rc::new(Cell::new(0));
     let mut vm = FakeVm::new(&time, 1024);
@@ -748,13 +823,12 @@ fn in_node_migration_respects_the_pipe_capacity() {
     let mut dest = FakeDest::default();
     let (a, b) = MemPipe::with_capacity(0); // clamped to MIN_CAPACITY
     let peak = Rc::new(Cell::new(0));
-    let clock = SimClock(time.clone());
     let src_t = Watch {
         pipe: a,
         peak: peak.clone(),
     };
-    let mut mig = Migration::new(&mut vm, src_t, clock.clone(), Policy::default());
-    let mut rx = Receiver::new(&mut dest, b);
+    let mut mig = Src::new(&mut vm, src_t, &time, Policy::default());
+    let mut rx = Dst::new(&mut dest, b, &time);
     loop {
         time.set(time.get() + 20_000); // the guest and the clock move on
         let s = mig.step();
@@ -796,8 +870,8 @@ fn silence_after_go_times_out_in_doubt() {
         timeout_ns: 5 * NS_PER_S,
         ..Policy::default()
     };
-    let mut mig = Migration::new(&mut vm, a, clock.clone(), policy);
-    let mut rx = Receiver::new(&mut dest, b);
+    let mut mig = Src::new(&mut vm, a, &time, policy);
+    let mut rx = Dst::new(&mut dest, b, &time);
     while !mig.committed() {
         mig.step();
         rx.step();
@@ -938,7 +1012,7 @@ fn verification_needs_a_version_2_destination() {
             verify_memory: verify,
             ..Policy::default()
         };
-        let mut mig = Migration::new(&mut vm, a, SimClock(time.clone()), policy);
+        let mut mig = Src::new(&mut vm, a, &time, policy);
         let mut offer = Vec::from(MAGIC_DEST);
         Record::Offer { versions: vec![1] }.encode(&mut offer);
         b.send(&offer).unwrap();
@@ -997,8 +1071,9 @@ fn destination_refuses_memory_that_does_not_match_the_source() {
         let (mut src, dst) = MemPipe::pair();
         src.send(&stream).unwrap();
         let mut dest = FakeDest::default();
-        let mut rx = Receiver::new(&mut dest, dst);
-        let out = rx.run_to_completion(|| {}).clone();
+        let time = Rc::new(Cell::new(0));
+        let mut rx = Dst::new(&mut dest, dst, &time);
+        let out = rx.run_to_completion().clone();
         drop(rx);
         let mut back = vec![0u8; 4096];
         let n = src.recv(&mut back).unwrap();
@@ -1018,5 +1093,191 @@ fn destination_refuses_memory_that_does_not_match_the_source() {
             assert!(out.memory_verified);
             assert!(dest.running);
         }
+    }
+}
+
+/// A link that goes silent at a chosen moment without an error (a cable
+/// pulled with TCP still retrying): sends are taken and never delivered,
+/// nothing arrives, nothing more is acknowledged.
+struct Silent {
+    pipe: MemPipe,
+    silent: Rc<Cell<bool>>,
+    acked_at_cut: Cell<Option<u64>>,
+}
+
+impl Transport for Silent {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        if self.silent.get() {
+            return Ok(());
+        }
+        self.pipe.send(bytes)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        if self.silent.get() {
+            return Ok(0);
+        }
+        self.pipe.recv(buf)
+    }
+    fn send_window(&self) -> usize {
+        self.pipe.send_window()
+    }
+    fn acked_bytes(&self) -> u64 {
+        if self.silent.get() {
+            let a = self.acked_at_cut.get().unwrap_or(self.pipe.acked_bytes());
+            self.acked_at_cut.set(Some(a));
+            return a;
+        }
+        self.pipe.acked_bytes()
+    }
+}
+
+/// A link that goes silent in the first pass, in a dirty pass, during
+/// the final (paused) copy or while waiting for `ready`: the source notices
+/// the stall after `stall_timeout_ns`, names it, and the VM runs on at the
+/// source with its memory untouched; the receiver, hearing nothing, gives
+/// up after its own stall timeout and discards its copy.
+#[test]
+fn a_silent_link_is_noticed_in_every_phase_before_the_commit_point() {
+    use migration::Stage;
+    type Cut = fn(&Src<'_, Silent>) -> bool;
+    let points: [(&str, Cut); 4] = [
+        ("first pass", |m| {
+            m.status().pass == 0 && m.status().bytes_sent > 64 << 10
+        }),
+        ("dirty pass", |m| {
+            m.status().pass >= 2 && m.stage() == Stage::Copying
+        }),
+        ("final copy", |m| m.stage() == Stage::FinalCopy),
+        ("awaiting ready", |m| m.stage() == Stage::SwitchingOver),
+    ];
+    for (name, cut_when) in points {
+        let time = Rc::new(Cell::new(0));
+        let mut vm = FakeVm::new(&time, 512);
+        vm.write_rate = 20_000;
+        vm.working_set = 64;
+        let original_data = vm.mem[1..].to_vec();
+        let mut dest = FakeDest::default();
+        let (a, b) = MemPipe::pair();
+        let silent = Rc::new(Cell::new(false));
+        let link = Silent {
+            pipe: a,
+            silent: silent.clone(),
+            acked_at_cut: Cell::new(None),
+        };
+        // A budget the first dirty sets do not fit: dirty passes, then the
+        // throttle, then the switch-over.
+        let policy = Policy {
+            downtime_limit_ns: 100_000,
+            switch_over_cost_ns: 0,
+            verify_memory: true,
+            ..Policy::default()
+        };
+        let mut mig = Src::new(&mut vm, link, &time, policy);
+        let mut rx = Dst::new(&mut dest, b, &time);
+        let mut cut_at = None;
+        let mut rx_done = false;
+        for _ in 0..2_000_000 {
+            if cut_at.is_none() && cut_when(&mig) {
+                silent.set(true);
+                cut_at = Some(time.get());
+            }
+            let s = mig.step();
+            if !rx_done {
+                rx_done = matches!(rx.step(), RecvProgress::Finished(_));
+            }
+            if let Progress::Finished(_) = s {
+                break;
+            }
+            time.set(time.get() + 50_000);
+        }
+        let cut_at = cut_at.unwrap_or_else(|| panic!("{name}: never reached"));
+        assert_eq!(mig.report().result, MigrationResult::Failed, "{name}");
+        assert!(
+            matches!(mig.error(), Some(MigrationError::LinkStalled { .. })),
+            "{name}: {:?}",
+            mig.error()
+        );
+        let e = mig.report().error.clone().unwrap();
+        assert!(
+            e.starts_with("link lost: nothing moved for 8 s"),
+            "{name}: {e}"
+        );
+        let waited = time.get() - cut_at;
+        assert!(
+            (8 * NS_PER_S - NS_PER_MS..9 * NS_PER_S).contains(&waited),
+            "{name}: {waited} ns"
+        );
+        assert!(!mig.committed());
+        // The source's end stays open (silent), as a cut cable leaves it.
+        let Src { link: _held, .. } = mig;
+        assert_source_intact(&vm);
+        // Memory outside the guest's working set is as it was.
+        assert!(vm.mem[64..] == original_data[63..], "{name}");
+        // The receiver hears nothing more and gives up after its stall
+        // timeout, discarding its copy.
+        time.set(time.get() + 31 * NS_PER_S);
+        while !matches!(rx.step(), RecvProgress::Finished(_)) {}
+        assert_eq!(rx.outcome().result, MigrationResult::Failed, "{name}");
+        assert!(
+            rx.outcome()
+                .error
+                .as_deref()
+                .unwrap()
+                .starts_with("link lost: nothing moved for"),
+            "{name}: {:?}",
+            rx.outcome().error
+        );
+        drop(rx);
+        assert!(!dest.running, "{name}");
+    }
+}
+
+/// In doubt after `go`: the destination's later answer settles it. It
+/// resumed -> the migration completes and the source stays paused (to be
+/// removed); it discarded -> the source resumes and the migration fails
+/// naming both causes. An answer without doubt changes nothing.
+#[test]
+fn an_in_doubt_switch_over_is_settled_by_the_destinations_answer() {
+    for resumed_there in [true, false] {
+        let time = Rc::new(Cell::new(0));
+        let mut vm = FakeVm::new(&time, 64);
+        let mut dest = FakeDest::default();
+        let (a, b) = MemPipe::pair();
+        let cut = Rc::new(Cell::new(false));
+        let src_t = Cuttable {
+            pipe: a,
+            cut: cut.clone(),
+        };
+        let mut mig = Src::new(&mut vm, src_t, &time, Policy::default());
+        let mut rx = Dst::new(&mut dest, b, &time);
+        while !mig.committed() {
+            mig.step();
+            rx.step();
+            time.set(time.get() + 1000);
+        }
+        cut.set(true);
+        while !matches!(mig.step(), Progress::Finished(_)) {}
+        assert!(mig.in_doubt());
+        let Src { mut m, vm: v, .. } = mig;
+        m.resolve_in_doubt(&mut *v, resumed_there, time.get());
+        assert!(!m.in_doubt());
+        if resumed_there {
+            assert_eq!(m.report().result, MigrationResult::Completed);
+            assert_eq!(m.report().error, None);
+            assert!(v.paused && v.resumes == 0, "the source stays paused");
+        } else {
+            assert_eq!(m.report().result, MigrationResult::Failed);
+            let e = m.report().error.clone().unwrap();
+            assert!(
+                e.starts_with("the switch-over failed (transport failed: cable pulled)")
+                    && e.ends_with("the destination discarded its copy: the VM runs at the source"),
+                "{e}"
+            );
+            assert!(!v.paused && v.resumes == 1, "the source runs again");
+        }
+        // A second answer is ignored.
+        m.resolve_in_doubt(&mut *v, !resumed_there, time.get());
+        assert_eq!(v.resumes, u32::from(!resumed_there));
+        drop(rx);
     }
 }

@@ -19,9 +19,9 @@
 
 use migration::policy::{NS_PER_MS, NS_PER_S};
 use migration::{
-    Clock, DestinationVm, DeviceState, DirtyBitmap, MigratableVm, Migration, MigrationError,
-    MigrationReport, MigrationResult, Page, Policy, ReceiveOutcome, Receiver, Transport,
-    TransportError, VcpuState, VmConfig, VmError, PAGE_SIZE,
+    DestinationVm, DeviceState, DirtyBitmap, MigratableVm, Migration, MigrationError,
+    MigrationReport, MigrationResult, Page, Policy, Progress, ReceiveOutcome, Receiver,
+    RecvProgress, Transport, TransportError, VcpuState, VmConfig, VmError, PAGE_SIZE,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
 use std::sync::mpsc::{channel, Receiver as Rx, Sender, TryRecvError};
@@ -319,6 +319,11 @@ impl Transport for Link {
         usize::MAX // `send` blocks for bandwidth.
     }
 
+    fn acked_bytes(&self) -> u64 {
+        // `send` returns once the link took the bytes at its rate.
+        self.sent
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         if self.pos == self.pending.len() {
             match self.rx.try_recv() {
@@ -337,15 +342,9 @@ impl Transport for Link {
     }
 }
 
-struct StdClock(Instant);
-
-impl Clock for StdClock {
-    fn now_ns(&self) -> u64 {
-        self.0.elapsed().as_nanos() as u64
-    }
-    fn idle(&self, max_ns: u64) {
-        thread::sleep(Duration::from_nanos(max_ns.clamp(50_000, NS_PER_MS)));
-    }
+/// Nanoseconds since `start`.
+fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
 }
 
 struct Outcome {
@@ -365,17 +364,34 @@ fn migrate(vm: SimVm, policy: Policy, bytes_per_s: u64, fail: Fail) -> Outcome {
         ..policy
     };
     let (src_end, dst_end) = link(bytes_per_s, fail);
+    let start = Instant::now();
     let dest_thread = thread::spawn(move || {
-        let mut rx = Receiver::new(SimDest::default(), dst_end);
-        let received = rx
-            .run_to_completion(|| thread::sleep(Duration::from_micros(50)))
-            .clone();
-        (received, rx.into_parts().0)
+        let mut dest = SimDest::default();
+        let mut dst_end = dst_end;
+        let mut rx = Receiver::new(now_ns(start));
+        loop {
+            match rx.step(&mut dest, &mut dst_end, now_ns(start)) {
+                RecvProgress::Finished(_) => break,
+                RecvProgress::Waiting => thread::sleep(Duration::from_micros(50)),
+                RecvProgress::Busy => {}
+            }
+        }
+        (rx.outcome().clone(), dest)
     });
-    let mut mig = Migration::new(vm, src_end, StdClock(Instant::now()), policy);
-    let report = mig.run_to_completion().clone();
+    let mut vm = vm;
+    let mut src_end = src_end;
+    let mut mig = Migration::new(&vm, policy, now_ns(start));
+    loop {
+        match mig.step(&mut vm, &mut src_end, now_ns(start)) {
+            Progress::Finished(_) => break,
+            Progress::Waiting { max_ns } => {
+                thread::sleep(Duration::from_nanos(max_ns.clamp(50_000, NS_PER_MS)))
+            }
+            Progress::Busy => {}
+        }
+    }
+    let report = mig.report().clone();
     let error = mig.error().cloned();
-    let (vm, src_end, _) = mig.into_parts();
     drop(src_end); // Lets a waiting destination see the end of the channel.
     let (received, dest) = dest_thread.join().unwrap();
     println!("migration-report {}", report.to_json());
