@@ -284,7 +284,8 @@ fn managed_mode(host: &mut dyn Host, image: Vec<u8>, cfg: &NodeConfig, rounds: O
         migration_addr: cfg.mig_ip.clone(),
         peers: cfg.peers.clone(),
     };
-    let mut node = Managed::new(identity, image);
+    let mig_port = cfg.mig_port.unwrap_or(DEFAULT_MIG_PORT);
+    let mut node = Managed::new(host, identity, image, key.clone(), mig_port);
     let mut server = MgmtServer::new(key, port);
     host.console_write(&format!(
         "vmm-service: management API listening on port {port} (protocol {})\n",
@@ -295,7 +296,14 @@ fn managed_mode(host: &mut dyn Host, image: Vec<u8>, cfg: &NodeConfig, rounds: O
         round += 1;
         server.poll(host, &mut node);
         node.drive_jobs(host);
-        let deadline = host.now_ns().saturating_add(SERVE_INTERVAL_NS);
+        // While VMs move, guests get shorter turns so the links (and the
+        // engines) are serviced often.
+        let turn = if node.is_migrating() {
+            crate::migrate::GUEST_SLICE_NS
+        } else {
+            SERVE_INTERVAL_NS
+        };
+        let deadline = host.now_ns().saturating_add(turn);
         if !node.run_vms(host, deadline) && !node.has_bench_work() {
             host.idle();
         }

@@ -3,7 +3,14 @@
 //! Each runnable VM in turn gets a slice of [`SLICE_NS`] of host time
 //! ([`Vm::run_slice`]); a VM that halts gives up the rest of its slice. The
 //! guests' LAPIC-timer exits make sure a VM that never exits on its own still
-//! comes back to the scheduler. Because exactly one VM runs at a time, the
+//! comes back to the scheduler.
+//!
+//! Throttling (live migration's auto-converge) is the scheduler's: a VM
+//! throttled to `p` percent sits out `t * p / (100 - p)` after a slice of
+//! `t` ([`Vm::set_throttle`], [`Vm::note_slice`]), so it gets `100 - p`
+//! percent of the time it would have had; while every runnable VM sits out,
+//! [`Scheduler::run`] returns [`RunOutcome::Held`] and the node loop does
+//! other work (the migration's engine). Because exactly one VM runs at a time, the
 //! order of `HC_PROGRESS` reports across VMs is the order of slices: the
 //! [`ProgressLog`] records it as runs of (VM index, reports), without any
 //! work on the hot path.
@@ -71,6 +78,8 @@ pub enum RunOutcome {
     AllStopped,
     /// The deadline passed.
     Deadline,
+    /// Every runnable VM is held back by its throttle for now.
+    Held,
 }
 
 /// The round-robin scheduler.
@@ -110,8 +119,11 @@ impl Scheduler {
             let n = vms.len();
             let Some(i) = (0..n)
                 .map(|k| (self.next + k) % n)
-                .find(|&i| vms[i].is_runnable())
+                .find(|&i| vms[i].runnable_at(now))
             else {
+                if vms.iter().any(|v| v.is_held(now)) {
+                    return RunOutcome::Held;
+                }
                 return RunOutcome::AllStopped;
             };
             self.next = (i + 1) % n;
@@ -122,6 +134,7 @@ impl Scheduler {
             let vm = &mut vms[i];
             let before = vm.counters().progress_reports;
             vm.run_slice(host, slice_end);
+            vm.note_slice(now, host.now_ns());
             progress.record(i, vm.counters().progress_reports - before);
         }
     }
@@ -197,6 +210,43 @@ mod tests {
             assert_eq!(*vm, k % 2);
             assert!((19..=21).contains(n), "{n}");
         }
+    }
+
+    /// A VM throttled to 75 % gets a quarter of the time of one that is
+    /// not; a throttled VM alone makes `run` return `Held` between slices.
+    #[test]
+    fn throttled_vms_get_their_share() {
+        let mut host = FakeHost::new();
+        host.ns_per_run = 1_000_000;
+        let mut vms: Vec<Vm> = ["a", "b"]
+            .iter()
+            .map(|n| Vm::create(&mut host, n, 4 << 20, &kernel(), "").unwrap())
+            .collect();
+        vms.iter_mut().for_each(Vm::start);
+        vms[1].set_throttle(75);
+        let mut s = Scheduler::default();
+        let mut log = ProgressLog::default();
+        let deadline = host.clock.get() + 2_000_000_000;
+        while s.run(&mut host, &mut vms, Some(deadline), &mut log) != RunOutcome::Deadline {}
+        // b runs a slice, then sits out three while a runs: a quarter of
+        // the time (the rest goes to a).
+        let (a, b) = (vms[0].counters().exits, vms[1].counters().exits);
+        assert!((b * 100 / (a + b)).abs_diff(25) <= 2, "{a} {b}");
+        // Alone: held between slices, for three times its slice.
+        let mut one = vec![Vm::create(&mut host, "c", 4 << 20, &kernel(), "").unwrap()];
+        one[0].start();
+        one[0].set_throttle(75);
+        let t0 = host.clock.get();
+        assert_eq!(
+            s.run(&mut host, &mut one, Some(t0 + 1_000_000_000), &mut log),
+            RunOutcome::Held
+        );
+        let ran = host.clock.get() - t0;
+        assert_eq!(ran, SLICE_NS);
+        assert!(!one[0].runnable_at(host.clock.get() + 3 * SLICE_NS - 1));
+        assert!(one[0].runnable_at(host.clock.get() + 3 * SLICE_NS));
+        one[0].set_throttle(0);
+        assert!(one[0].runnable_at(host.clock.get()));
     }
 
     #[test]

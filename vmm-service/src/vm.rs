@@ -166,9 +166,37 @@ pub struct MigrationCounters {
     pub failed: u64,
 }
 
+/// A live migration moving a VM (the migration jobs set and clear it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationMark {
+    /// The job (either end).
+    pub job: u64,
+    /// This VM is the destination's copy, filled by the migration.
+    pub incoming: bool,
+}
+
+/// The node-side bookkeeping of a VM that travels with a live migration:
+/// what `HC_MIGRATION_STATUS` reports and the console history.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bookkeeping {
+    pub migrations: MigrationCounters,
+    /// The last console lines, oldest first (at most [`RECENT_LINES`]).
+    pub console: alloc::vec::Vec<String>,
+    /// The worker's counters (exits, console lines, refused dirty-log
+    /// calls, ...): they describe the VM, not the node that ran it.
+    pub counters: VmCounters,
+}
+
 /// One VM.
 pub struct Vm {
     name: String,
+    /// What runs in it (the guest case), for listings.
+    label: String,
+    /// Share of its time the scheduler holds it back (live migration's
+    /// auto-converge), and until when it is held after its last slice.
+    throttle_pct: u8,
+    held_until_ns: u64,
+    migration: Option<MigrationMark>,
     partition: Box<dyn Partition>,
     devices: Devices,
     state: VmState,
@@ -230,6 +258,10 @@ impl Vm {
     fn with_partition(name: &str, partition: Box<dyn Partition>) -> Self {
         Self {
             name: name.into(),
+            label: String::new(),
+            throttle_pct: 0,
+            held_until_ns: 0,
+            migration: None,
             partition,
             devices: Devices::new(),
             state: VmState::Created,
@@ -245,6 +277,71 @@ impl Vm {
     /// The VM's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// What runs in it (the guest case), as the management API lists it.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+    /// Set the label.
+    pub fn set_label(&mut self, label: &str) {
+        self.label = label.into();
+    }
+    /// The live migration moving it, if any.
+    pub fn migration_mark(&self) -> Option<MigrationMark> {
+        self.migration
+    }
+    /// Set or clear the live migration moving it.
+    pub fn set_migration_mark(&mut self, mark: Option<MigrationMark>) {
+        self.migration = mark;
+    }
+    /// Hold the VM back `pct` percent of the time (0 = none, at most 99):
+    /// after a slice of `t` the scheduler skips it for `t * pct / (100 -
+    /// pct)`.
+    pub fn set_throttle(&mut self, pct: u8) {
+        self.throttle_pct = pct.min(99);
+        if self.throttle_pct == 0 {
+            self.held_until_ns = 0;
+        }
+    }
+    /// The throttle in percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle_pct
+    }
+    /// Whether the scheduler may give it a slice at `now_ns` (runnable and
+    /// not held back by its throttle).
+    pub fn runnable_at(&self, now_ns: u64) -> bool {
+        self.is_runnable() && now_ns >= self.held_until_ns
+    }
+    /// Whether it is runnable but held back by its throttle at `now_ns`.
+    pub fn is_held(&self, now_ns: u64) -> bool {
+        self.is_runnable() && now_ns < self.held_until_ns
+    }
+    /// A slice ran from `start_ns` to `end_ns`: apply the throttle.
+    pub fn note_slice(&mut self, start_ns: u64, end_ns: u64) {
+        let pct = u64::from(self.throttle_pct);
+        if pct > 0 {
+            let ran = end_ns.saturating_sub(start_ns);
+            self.held_until_ns = end_ns.saturating_add(ran.saturating_mul(pct) / (100 - pct));
+        }
+    }
+    /// What travels with a live migration.
+    pub fn bookkeeping(&self) -> Bookkeeping {
+        Bookkeeping {
+            migrations: self.migrations,
+            console: self.recent.iter().cloned().collect(),
+            counters: self.counters,
+        }
+    }
+    /// Take over `b` after a completed live migration into this VM: its
+    /// console history and one more completed migration.
+    pub fn adopt(&mut self, b: &Bookkeeping) {
+        let keep = b.console.len().saturating_sub(RECENT_LINES);
+        self.recent = b.console[keep..].iter().cloned().collect();
+        self.counters = b.counters;
+        self.migrations = MigrationCounters {
+            completed: b.migrations.completed.saturating_add(1),
+            failed: b.migrations.failed,
+        };
     }
     /// Its state.
     pub fn state(&self) -> &VmState {
@@ -281,18 +378,6 @@ impl Vm {
     /// Count one more migration that failed or was cancelled.
     pub fn note_failed_migration(&mut self) {
         self.migrations.failed = self.migrations.failed.saturating_add(1);
-    }
-    /// Take over the node-side bookkeeping of `source` after a completed
-    /// live migration into this VM: console history, counters, and the
-    /// migration counters plus this one. Nothing guest-visible (memory,
-    /// vCPU and devices came through the migration stream).
-    pub fn adopt_bookkeeping(&mut self, source: &Vm) {
-        self.recent = source.recent.clone();
-        self.counters = source.counters;
-        self.migrations = MigrationCounters {
-            completed: source.migrations.completed.saturating_add(1),
-            failed: source.migrations.failed,
-        };
     }
     /// Replace the device models (restored from a migration stream).
     pub fn set_devices(&mut self, devices: Devices) {
@@ -499,7 +584,7 @@ impl Vm {
 }
 
 /// VM names: 1 to [`NAME_MAX`] characters of `[a-z0-9-]`.
-fn name_ok(name: &str) -> bool {
+pub(crate) fn name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= NAME_MAX
         && name
@@ -746,7 +831,7 @@ mod tests {
         let mut d = Vm::create_empty(&mut host, "m", 4 << 20).unwrap();
         assert_eq!(d.state(), &VmState::Created);
         assert!(!d.is_runnable());
-        d.adopt_bookkeeping(&v);
+        d.adopt(&v.bookkeeping());
         assert_eq!(
             d.migrations(),
             MigrationCounters {

@@ -18,7 +18,8 @@
 //! The table holds at most [`JOBS_MAX`] jobs: ended jobs are forgotten,
 //! oldest first, to make room; when every entry is live, submitting fails.
 
-use super::proto::{HostSettings, JobInfo, JobKind, JobState};
+use super::proto::{HostSettings, JobInfo, JobKind, JobState, MigrationInfo, MigrationReport};
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -46,6 +47,8 @@ pub enum JobError {
     NotCancellable,
     /// A limit outside 1..=[`LIMIT_MAX`].
     BadLimit,
+    /// No slot under the host's limit now (and the job was not queued).
+    AtLimit,
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +64,8 @@ struct Job {
     error: Option<String>,
     result: Option<String>,
     cancellable: bool,
+    migration: Option<Box<MigrationInfo>>,
+    report: Option<Box<MigrationReport>>,
 }
 
 /// The job table and the host settings.
@@ -145,6 +150,39 @@ impl JobTable {
         cancellable: bool,
         now_ns: u64,
     ) -> Result<u64, JobError> {
+        self.make_room()?;
+        let id = self.push(kind, vm, bytes_total, cancellable, JobState::Queued, None);
+        self.schedule(now_ns);
+        Ok(id)
+    }
+
+    /// Start a job now or not at all: `AtLimit` when its kind is at the
+    /// host's limit (unless `beyond_limit`: the destination's half of a
+    /// move within this node, which the source's job already counts).
+    pub fn start_now(
+        &mut self,
+        kind: JobKind,
+        vm: &str,
+        bytes_total: u64,
+        cancellable: bool,
+        beyond_limit: bool,
+        now_ns: u64,
+    ) -> Result<u64, JobError> {
+        if !beyond_limit && self.limit(kind).is_some_and(|l| self.running(kind) >= l) {
+            return Err(JobError::AtLimit);
+        }
+        self.make_room()?;
+        Ok(self.push(
+            kind,
+            vm,
+            bytes_total,
+            cancellable,
+            JobState::Running,
+            Some(now_ns),
+        ))
+    }
+
+    fn make_room(&mut self) -> Result<(), JobError> {
         if self.jobs.len() >= JOBS_MAX {
             let ended = self.jobs.iter().position(|j| j.state.is_final());
             match ended {
@@ -154,23 +192,81 @@ impl JobTable {
                 None => return Err(JobError::TableFull),
             }
         }
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        kind: JobKind,
+        vm: &str,
+        bytes_total: u64,
+        cancellable: bool,
+        state: JobState,
+        started_ns: Option<u64>,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.jobs.push_back(Job {
             id,
             kind,
             vm: capped(vm),
-            state: JobState::Queued,
+            state,
             bytes_done: 0,
             bytes_total,
-            started_ns: None,
+            started_ns,
             ended_ns: None,
             error: None,
             result: None,
             cancellable,
+            migration: None,
+            report: None,
         });
+        id
+    }
+
+    /// A live migration's progress (any state: the last one stays).
+    pub fn set_migration(&mut self, id: u64, info: MigrationInfo) {
+        if let Some(j) = self.get_mut(id) {
+            j.bytes_done = info.bytes_sent;
+            j.bytes_total = info.bytes_sent.saturating_add(info.bytes_remaining);
+            j.migration = Some(Box::new(info));
+        }
+    }
+
+    /// A live migration's report (shown by `job-show`).
+    pub fn set_report(&mut self, id: u64, report: MigrationReport) {
+        if let Some(j) = self.get_mut(id) {
+            j.report = Some(Box::new(report));
+        }
+    }
+
+    /// A running job's note (e.g. what it waits for), or none.
+    pub fn set_note(&mut self, id: u64, note: Option<&str>) {
+        if let Some(j) = self.get_mut(id).filter(|j| j.state == JobState::Running) {
+            j.error = note.map(capped);
+        }
+    }
+
+    /// Whether a running job may be cancelled.
+    pub fn set_cancellable(&mut self, id: u64, cancellable: bool) {
+        if let Some(j) = self.get_mut(id) {
+            j.cancellable = cancellable;
+        }
+    }
+
+    /// The kind of job `id`.
+    pub fn kind(&self, id: u64) -> Option<JobKind> {
+        self.jobs.iter().find(|j| j.id == id).map(|j| j.kind)
+    }
+
+    /// A running job ended cancelled (its owner stopped it).
+    pub fn cancelled(&mut self, id: u64, why: &str, now_ns: u64) {
+        if let Some(j) = self.get_mut(id).filter(|j| j.state == JobState::Running) {
+            j.state = JobState::Cancelled;
+            j.error = Some(capped(why));
+            j.ended_ns = Some(now_ns);
+        }
         self.schedule(now_ns);
-        Ok(id)
     }
 
     /// Start queued jobs, oldest first, while their kind is under its limit.
@@ -232,6 +328,7 @@ impl JobTable {
     pub fn complete(&mut self, id: u64, result: Option<&str>, now_ns: u64) {
         if let Some(j) = self.get_mut(id).filter(|j| j.state == JobState::Running) {
             j.state = JobState::Completed;
+            j.error = None;
             j.bytes_done = j.bytes_total.max(j.bytes_done);
             j.result = result.map(capped);
             j.ended_ns = Some(now_ns);
@@ -262,15 +359,17 @@ impl JobTable {
         Ok(())
     }
 
-    /// One job as listed.
+    /// One job, with its migration report if it has one (`job-show`).
     pub fn info(&self, id: u64, now_ns: u64) -> Option<JobInfo> {
-        self.jobs
-            .iter()
-            .find(|j| j.id == id)
-            .map(|j| info(j, now_ns))
+        self.jobs.iter().find(|j| j.id == id).map(|j| {
+            let mut i = info(j, now_ns);
+            i.report = j.report.clone();
+            i
+        })
     }
 
-    /// Every job, oldest first.
+    /// Every job, oldest first, without reports (`job-list`: a reply must
+    /// fit a frame).
     pub fn list(&self, now_ns: u64) -> Vec<JobInfo> {
         self.jobs.iter().map(|j| info(j, now_ns)).collect()
     }
@@ -282,7 +381,9 @@ fn info(j: &Job, now_ns: u64) -> JobInfo {
     } else if j.bytes_total == 0 {
         0
     } else {
-        (u128::from(j.bytes_done.min(j.bytes_total)) * 100 / u128::from(j.bytes_total)) as u8
+        // 100 only once it completed.
+        ((u128::from(j.bytes_done.min(j.bytes_total)) * 100 / u128::from(j.bytes_total)) as u8)
+            .min(99)
     };
     let elapsed_ns = match (j.started_ns, j.ended_ns) {
         (Some(s), Some(e)) => e.saturating_sub(s),
@@ -301,7 +402,7 @@ fn info(j: &Job, now_ns: u64) -> JobInfo {
         error: j.error.clone(),
         cancellable: j.cancellable && !j.state.is_final(),
         result: j.result.clone(),
-        migration: None,
+        migration: j.migration.clone(),
         report: None,
     }
 }

@@ -16,6 +16,8 @@ use hvmgmt::client::{ClientConn, ClientError, ClientEvent};
 pub const KEY: &str = "00112233445566778899aabbccddeeff";
 /// The management port.
 pub const PORT: u16 = 7000;
+/// The rig node's migration port.
+pub const MIG_PORT: u16 = 7100;
 
 /// A node named `a` with a fake NIC, its VM table and its server.
 pub struct Rig {
@@ -42,9 +44,10 @@ impl Rig {
             ..NodeIdentity::default()
         };
         let key = ClusterKey::from_hex(KEY).unwrap_or_else(|_| unreachable!("a valid key"));
+        let node = Managed::new(&mut host, identity, image, key.clone(), MIG_PORT);
         Rig {
             host,
-            node: Managed::new(identity, image),
+            node,
             server: MgmtServer::new(key, PORT),
         }
     }

@@ -111,8 +111,9 @@ impl Slot {
     }
 }
 
-/// Entropy drawn from the host.
-struct HostEntropy<'a>(&'a mut dyn Host);
+/// Entropy drawn from the host (`Host::entropy`): the management
+/// server's nonces and the migration link's.
+pub(crate) struct HostEntropy<'a>(pub &'a mut dyn Host);
 
 impl Entropy for HostEntropy<'_> {
     fn fill(&mut self, buf: &mut [u8]) {

@@ -5,14 +5,19 @@
 //! VM semantics (docs/MANAGEMENT.md): create loads the guest kernel into a
 //! new partition (state `created`); start runs it; stop stops it for good
 //! (a stopped VM cannot run again: delete and create it); delete needs a VM
-//! that is not running and returns its memory.
+//! that is not running and returns its memory. `vm-move` hands the VM to a
+//! live migration (`crate::migrate`): while it moves, requests that would
+//! change it are refused with `vm-migrating`, and its job is cancelled or
+//! resolved through the migration, not the job table alone.
 
+use super::auth::ClusterKey;
 use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
     ApiError, Body, ErrorCode, NodeInfo, Outcome, Request, VmInfo, CONSOLE_LINES_MAX, GUEST_MAX,
     PROTOCOL_VERSION,
 };
+use crate::migrate::{migrating, Faults, Migrations, MoveRequest};
 use crate::sched::{ProgressLog, Scheduler};
 use crate::vm::{StopReason, Vm, VmError, VmState};
 use alloc::format;
@@ -20,6 +25,8 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use hvcore::host::{Host, HostError, NicRole};
 use hvcore::vcpu::Vendor;
+use migration::policy::{NS_PER_MS, NS_PER_S};
+use migration::Policy;
 
 /// Most VMs a node holds.
 pub const VMS_MAX: usize = 16;
@@ -56,21 +63,22 @@ pub struct NodeIdentity {
     pub peers: Vec<crate::node::Peer>,
 }
 
-/// Per-VM configuration kept beside the [`Vm`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct VmMeta {
-    memory_mib: u64,
-    guest: String,
-}
+/// Bounds of `vm-move`'s arguments.
+pub const DOWNTIME_MS_MAX: u64 = 60_000;
+pub const BANDWIDTH_MIB_S_MAX: u64 = 100_000;
+pub const TIMEOUT_S_MAX: u64 = 86_400;
+/// Defaults of `vm-move`'s arguments.
+pub const DOWNTIME_MS_DEFAULT: u64 = 300;
+pub const TIMEOUT_S_DEFAULT: u64 = 600;
 
 /// The node's VMs, jobs and settings, and the handlers over them.
 pub struct Managed {
     identity: NodeIdentity,
     image: Vec<u8>,
     vms: Vec<Vm>,
-    meta: Vec<VmMeta>,
     jobs: JobTable,
     bench: LinkBench,
+    migrations: Migrations,
     sched: Scheduler,
     progress: ProgressLog,
 }
@@ -93,12 +101,14 @@ fn vm_error(e: VmError) -> Outcome {
     err(code, format!("cannot create the VM: {e}"))
 }
 
-fn state_name(state: &VmState) -> &'static str {
-    match state {
+fn state_name(vm: &Vm) -> &'static str {
+    match vm.state() {
+        VmState::Created if vm.migration_mark().is_some_and(|m| m.incoming) => "incoming",
+        VmState::Stopped(_) => "stopped",
+        _ if vm.is_paused() => "paused",
         VmState::Created => "created",
         VmState::Running => "running",
         VmState::Halted => "halted",
-        VmState::Stopped(_) => "stopped",
     }
 }
 
@@ -110,15 +120,30 @@ fn fmt_addr(a: Option<([u8; 4], u8)>) -> String {
 }
 
 impl Managed {
-    /// A node with no VMs that creates them from the guest kernel `image`.
-    pub fn new(identity: NodeIdentity, image: Vec<u8>) -> Self {
+    /// A node with no VMs that creates them from the guest kernel `image`
+    /// and moves them to its peers with `key` (migration port `mig_port`).
+    pub fn new(
+        host: &mut dyn Host,
+        identity: NodeIdentity,
+        image: Vec<u8>,
+        key: ClusterKey,
+        mig_port: u16,
+    ) -> Self {
+        let migrations = Migrations::new(
+            host,
+            &identity.name,
+            key,
+            mig_port,
+            identity.peers.clone(),
+            true,
+        );
         Self {
             identity,
             image,
             vms: Vec::new(),
-            meta: Vec::new(),
             jobs: JobTable::new(),
             bench: LinkBench::new(),
+            migrations,
             sched: Scheduler::default(),
             progress: ProgressLog::default(),
         }
@@ -136,14 +161,26 @@ impl Managed {
     pub fn vm_count(&self) -> usize {
         self.vms.len()
     }
-    /// Whether a link benchmark is under way (the node loop must not idle).
+    /// Whether a link benchmark or a migration is under way (the node
+    /// loop must not idle).
     pub fn has_bench_work(&self) -> bool {
-        self.bench.is_active()
+        self.bench.is_active() || self.migrations.is_active()
+    }
+    /// Whether a migration is under way (the node loop gives guests
+    /// shorter turns, so the link is serviced often).
+    pub fn is_migrating(&self) -> bool {
+        self.migrations.is_active()
+    }
+    /// The VMs (tests).
+    pub fn vms(&self) -> &[Vm] {
+        &self.vms
     }
 
-    /// Advance the link benchmark jobs (call every loop round).
+    /// Advance the link benchmark and the migration jobs (call every loop
+    /// round).
     pub fn drive_jobs(&mut self, host: &mut dyn Host) {
         self.bench.drive(&mut self.jobs, host);
+        self.migrations.drive(host, &mut self.vms, &mut self.jobs);
     }
 
     /// Run runnable VMs round robin until `deadline_ns`; returns false (at
@@ -159,10 +196,6 @@ impl Managed {
         true
     }
 
-    fn find(&self, name: &str) -> Option<usize> {
-        self.vms.iter().position(|v| v.name() == name)
-    }
-
     fn not_found(name: &str) -> Outcome {
         let shown: String = name.chars().take(crate::vm::NAME_MAX).collect();
         err(
@@ -175,13 +208,85 @@ impl Managed {
         let vm = &self.vms[i];
         VmInfo {
             name: vm.name().into(),
-            state: state_name(vm.state()).into(),
+            state: state_name(vm).into(),
             stop_reason: vm.stop_reason().map(ToString::to_string),
-            memory_mib: self.meta[i].memory_mib,
-            guest: self.meta[i].guest.clone(),
+            memory_mib: vm.ram_bytes() >> 20,
+            guest: vm.label().into(),
             exits: vm.counters().exits,
             console_lines: vm.counters().console_lines,
-            migration_job: None,
+            migration_job: vm.migration_mark().map(|m| m.job),
+        }
+    }
+
+    /// The VM `name` as requests address it: the one that is not a
+    /// migration's incoming copy (during a move within the node both
+    /// exist), else that one.
+    fn find(&self, name: &str) -> Option<usize> {
+        self.vms
+            .iter()
+            .position(|v| v.name() == name && v.migration_mark().is_none_or(|m| !m.incoming))
+            .or_else(|| self.vms.iter().position(|v| v.name() == name))
+    }
+
+    /// `vm-migrating` if a migration moves VM `i`.
+    fn migrating_error(&self, i: usize) -> Option<Outcome> {
+        self.vms[i]
+            .migration_mark()
+            .map(|m| Outcome::Error(migrating(self.vms[i].name(), m.job)))
+    }
+
+    fn move_vm(&mut self, host: &mut dyn Host, request: Request) -> Outcome {
+        let Request::VmMove {
+            name,
+            to,
+            downtime_ms,
+            bandwidth_mib_s,
+            timeout_s,
+            encrypt,
+            verify,
+        } = request
+        else {
+            return err(ErrorCode::BadRequest, "not a move");
+        };
+        let downtime_ms = downtime_ms.unwrap_or(DOWNTIME_MS_DEFAULT);
+        let bandwidth = bandwidth_mib_s.unwrap_or(0);
+        let timeout_s = timeout_s.unwrap_or(TIMEOUT_S_DEFAULT);
+        if !(1..=DOWNTIME_MS_MAX).contains(&downtime_ms)
+            || bandwidth > BANDWIDTH_MIB_S_MAX
+            || !(1..=TIMEOUT_S_MAX).contains(&timeout_s)
+        {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "downtime_ms must be 1 to {DOWNTIME_MS_MAX}, bandwidth_mib_s 0 to \
+                     {BANDWIDTH_MIB_S_MAX}, timeout_s 1 to {TIMEOUT_S_MAX}"
+                ),
+            );
+        }
+        let policy = Policy {
+            downtime_limit_ns: downtime_ms * NS_PER_MS,
+            max_bandwidth_bytes_per_s: bandwidth << 20,
+            timeout_ns: timeout_s * NS_PER_S,
+            verify_memory: verify.unwrap_or(true),
+            ..Policy::default()
+        };
+        let req = MoveRequest {
+            vm: name,
+            to,
+            policy,
+            encrypt: encrypt.unwrap_or(false),
+            faults: Faults::default(),
+        };
+        let now = host.now_ns();
+        match self
+            .migrations
+            .start(host, &mut self.vms, &mut self.jobs, req)
+        {
+            Ok(job) => match self.jobs.info(job, now) {
+                Some(j) => Outcome::Ok(Body::Job(j)),
+                None => Outcome::Ok(Body::Done),
+            },
+            Err(e) => Outcome::Error(e),
         }
     }
 
@@ -234,6 +339,9 @@ impl Managed {
                 let Some(i) = self.find(&name) else {
                     return Self::not_found(&name);
                 };
+                if let Some(e) = self.migrating_error(i) {
+                    return e;
+                }
                 match self.vms[i].state() {
                     VmState::Created => {
                         self.vms[i].start();
@@ -252,6 +360,9 @@ impl Managed {
                 let Some(i) = self.find(&name) else {
                     return Self::not_found(&name);
                 };
+                if let Some(e) = self.migrating_error(i) {
+                    return e;
+                }
                 if self.vms[i].stop_reason().is_some() {
                     return err(
                         ErrorCode::InvalidState,
@@ -265,13 +376,15 @@ impl Managed {
                 let Some(i) = self.find(&name) else {
                     return Self::not_found(&name);
                 };
+                if let Some(e) = self.migrating_error(i) {
+                    return e;
+                }
                 if self.vms[i].is_runnable() {
                     return err(
                         ErrorCode::InvalidState,
                         format!("VM {name} is running: stop it first"),
                     );
                 }
-                self.meta.remove(i);
                 self.vms.remove(i).destroy();
                 host.console_write(&format!("vmm-service: VM {name} deleted\n"));
                 Outcome::Ok(Body::Done)
@@ -297,20 +410,31 @@ impl Managed {
                 Some(j) => Outcome::Ok(Body::Job(j)),
                 None => err(ErrorCode::NotFound, format!("no job {id}")),
             },
-            Request::VmMove { name, .. } => match self.find(&name) {
-                None => Self::not_found(&name),
-                Some(_) => err(
-                    ErrorCode::Unsupported,
-                    "live migration between nodes is not available on this node yet",
-                ),
-            },
-            Request::JobResolve { id, .. } => match self.jobs.info(id, now) {
-                None => err(ErrorCode::NotFound, format!("no job {id}")),
-                Some(_) => err(
-                    ErrorCode::InvalidState,
-                    format!("job {id} is not a migration in doubt"),
-                ),
-            },
+            r @ Request::VmMove { .. } => self.move_vm(host, r),
+            Request::JobResolve { id, keep } => {
+                match self
+                    .migrations
+                    .resolve(host, &mut self.vms, &mut self.jobs, id, keep)
+                {
+                    Ok(()) => match self.jobs.info(id, now) {
+                        Some(j) => Outcome::Ok(Body::Job(j)),
+                        None => Outcome::Ok(Body::Done),
+                    },
+                    Err(e) => Outcome::Error(e),
+                }
+            }
+            Request::JobCancel { id } if self.migrations.owns(id) => {
+                match self
+                    .migrations
+                    .cancel(host, &mut self.vms, &mut self.jobs, id)
+                {
+                    Ok(()) => match self.jobs.info(id, now) {
+                        Some(j) => Outcome::Ok(Body::Job(j)),
+                        None => Outcome::Ok(Body::Done),
+                    },
+                    Err(e) => Outcome::Error(e),
+                }
+            }
             Request::JobCancel { id } => match self.jobs.cancel(id, now) {
                 Ok(()) => match self.jobs.info(id, now) {
                     Some(j) => Outcome::Ok(Body::Job(j)),
@@ -388,12 +512,9 @@ impl Managed {
         }
         let cmdline = format!("case={guest}");
         match Vm::create(host, name, memory_mib << 20, &self.image, &cmdline) {
-            Ok(vm) => {
+            Ok(mut vm) => {
+                vm.set_label(guest);
                 self.vms.push(vm);
-                self.meta.push(VmMeta {
-                    memory_mib,
-                    guest: guest.into(),
-                });
                 host.console_write(&format!(
                     "vmm-service: VM {name} created ({memory_mib} MiB, guest {guest})\n"
                 ));

@@ -1,0 +1,537 @@
+//! The destination's side: connections being accepted ([`Accepting`]: the
+//! handshake, then one `open` or `query`), receiving jobs ([`Incoming`])
+//! and the record of migrations this node accepted ([`Records`]), which
+//! answers a source in doubt.
+//!
+//! An `open` is checked before any page moves and refused naming the
+//! reason: a name taken here, a configuration this node cannot run
+//! faithfully (CPU vendor, a CPUID feature the guest saw, the device list),
+//! not enough memory, or this node at its migration limit (`busy`: the
+//! source waits and asks again). Only then is the empty VM created (listed
+//! `incoming`) and the receiving job started.
+//!
+//! A receiving job ends when its engine does: resumed (the VM runs here,
+//! recorded `resumed`) or not (the VM is removed, recorded `discarded`). A
+//! `query` for a migration still receiving makes this node decide now: it
+//! discards its copy; so every answer it gives is final.
+
+use super::adapt::DestVm;
+use super::channel::REFUSE_BUSY;
+use super::channel::{check_name, Conn, Control, HsProgress, Open};
+use super::set::Migrations;
+use super::{
+    check_cpuid, incoming_mark, vm_config, ENGINE_SLICE_NS, NEGOTIATION_TIMEOUT_NS, RECORDS_MAX,
+};
+use crate::mgmt::jobs::{JobError, JobTable};
+use crate::mgmt::proto::{Direction, JobKind, MigrationInfo, MigrationReport as ApiReport, Phase};
+use crate::vm::{Bookkeeping, Vm};
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use hvcore::host::Host;
+use migration::{
+    MigrationError, MigrationResult, Receiver, RecvProgress, TransportError, VmConfig,
+};
+
+/// A connection being accepted.
+pub struct Accepting {
+    conn: Conn,
+    since: u64,
+}
+
+impl Accepting {
+    pub(super) fn new(conn: Conn, now: u64) -> Self {
+        Self { conn, since: now }
+    }
+}
+
+/// What this node did with a migration it accepted.
+#[derive(Debug, Default)]
+pub struct Records {
+    list: VecDeque<(String, bool)>,
+}
+
+impl Records {
+    fn add(&mut self, id: &str, resumed: bool) {
+        if self.list.len() >= RECORDS_MAX {
+            self.list.pop_front();
+        }
+        self.list.push_back((id.into(), resumed));
+    }
+    /// `Some(true)`: resumed here; `Some(false)`: discarded; `None`: not
+    /// accepted in this boot (or forgotten).
+    pub fn get(&self, id: &str) -> Option<bool> {
+        self.list
+            .iter()
+            .rev()
+            .find(|(i, _)| i == id)
+            .map(|(_, r)| *r)
+    }
+}
+
+/// One incoming migration.
+pub struct Incoming {
+    pub job: u64,
+    pub id: String,
+    pub vm: String,
+    pub from: String,
+    conn: Conn,
+    rx: Receiver,
+    accepted: VmConfig,
+    bookkeeping: Option<Bookkeeping>,
+    encrypt: bool,
+    verify: bool,
+    downtime_limit_ms: u64,
+}
+
+impl Incoming {
+    fn info(&self, phase: Phase) -> MigrationInfo {
+        MigrationInfo {
+            direction: Direction::Incoming,
+            peer: self.from.clone(),
+            phase,
+            pass: 0,
+            bytes_sent: self.rx.outcome().bytes_received,
+            bytes_remaining: 0,
+            dirty_rate_bytes_per_s: 0,
+            bandwidth_bytes_per_s: 0,
+            eta_ms: None,
+            throttle_pct: 0,
+            downtime_limit_ms: self.downtime_limit_ms,
+            encrypted: self.encrypt,
+            verify: self.verify,
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        if self.rx.awaiting_go() {
+            Phase::SwitchingOver
+        } else {
+            Phase::Copying
+        }
+    }
+
+    fn vm_index(&self, vms: &[Vm]) -> Option<usize> {
+        vms.iter()
+            .position(|v| v.migration_mark() == Some(incoming_mark(self.job)))
+    }
+}
+
+/// A refusal of an `open`: its code and why.
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+fn refuse(code: &'static str, message: String) -> Refusal {
+    Refusal { code, message }
+}
+
+impl Migrations {
+    /// One round of a connection being accepted; `None` once it became a
+    /// job or ended.
+    pub(super) fn step_accepting(
+        &mut self,
+        mut a: Accepting,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+    ) -> Option<Accepting> {
+        let now = host.now_ns();
+        a.conn.wire.service(host.net(), now);
+        match a.conn.handshake(&mut self.replay) {
+            HsProgress::Pending => {
+                if now.saturating_sub(a.since) > NEGOTIATION_TIMEOUT_NS || a.conn.wire.is_broken() {
+                    a.conn.wire.release(host.net());
+                    return None;
+                }
+                return Some(a);
+            }
+            HsProgress::Failed(why) => {
+                host.console_write(&format!("vmm-service: migration link: {why}\n"));
+                self.drain(a.conn.wire, now);
+                return None;
+            }
+            HsProgress::Ready => {}
+        }
+        let peer = a.conn.peer.clone().unwrap_or_default();
+        match a.conn.next_control(true) {
+            Ok(None) => {
+                if now.saturating_sub(a.since) > NEGOTIATION_TIMEOUT_NS || a.conn.wire.is_broken() {
+                    a.conn.wire.release(host.net());
+                    return None;
+                }
+                Some(a)
+            }
+            Ok(Some(Control::Open(open))) => {
+                self.accept_open(a.conn, &peer, open, host, vms, jobs);
+                None
+            }
+            Ok(Some(Control::Query { id })) => {
+                let state = self.answer(&id, host, vms, jobs);
+                let _ = a.conn.send_control(&Control::Answer {
+                    id,
+                    state: state.into(),
+                });
+                a.conn.wire.service(host.net(), now);
+                self.drain(a.conn.wire, now);
+                None
+            }
+            Ok(Some(_)) | Err(_) => {
+                self.drain(a.conn.wire, now);
+                None
+            }
+        }
+    }
+
+    /// Check an `open`, and start receiving or refuse.
+    fn accept_open(
+        &mut self,
+        mut conn: Conn,
+        peer: &str,
+        open: Open,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+    ) {
+        let now = host.now_ns();
+        match self.check_open(peer, &open, host, vms, jobs) {
+            Err(r) => {
+                let shown: String = open.vm.chars().take(crate::vm::NAME_MAX).collect();
+                if r.code != REFUSE_BUSY {
+                    host.console_write(&format!(
+                        "vmm-service: refused VM {shown} from {peer}: {}\n",
+                        r.message
+                    ));
+                }
+                let _ = conn.send_control(&Control::Refuse {
+                    code: r.code.into(),
+                    message: r.message,
+                });
+                conn.wire.service(host.net(), now);
+                self.drain(conn.wire, now);
+            }
+            Ok((job, config)) => {
+                conn.set_encrypt(open.encrypt);
+                if conn.send_control(&Control::Accept {}).is_err() {
+                    // The link broke: the job fails at its first step.
+                }
+                conn.wire.service(host.net(), now);
+                host.console_write(&format!(
+                    "vmm-service: VM {} arriving from {peer} (job {job})\n",
+                    open.vm
+                ));
+                let x = Incoming {
+                    job,
+                    id: open.id,
+                    vm: open.vm,
+                    from: peer.into(),
+                    conn,
+                    rx: Receiver::new(now),
+                    accepted: config,
+                    bookkeeping: None,
+                    encrypt: open.encrypt,
+                    verify: open.verify,
+                    downtime_limit_ms: 0,
+                };
+                jobs.set_migration(job, x.info(Phase::Copying));
+                self.incoming.push(x);
+            }
+        }
+    }
+
+    /// The checks of an `open`, then the VM and the job. Nothing is
+    /// created unless every check passed.
+    fn check_open(
+        &mut self,
+        peer: &str,
+        open: &Open,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+    ) -> Result<(u64, VmConfig), Refusal> {
+        let now = host.now_ns();
+        check_name(&open.vm).map_err(|m| refuse("invalid-argument", m))?;
+        // A move within this node: the name is the source's own.
+        let local = peer == self.me
+            && self
+                .outgoing
+                .iter()
+                .any(|o| o.id == open.id && o.vm == open.vm && o.addr.is_none());
+        if !local && vms.iter().any(|v| v.name() == open.vm) {
+            return Err(refuse(
+                "already-exists",
+                format!("a VM named {} exists on node {}", open.vm, self.me),
+            ));
+        }
+        if self.incoming.iter().any(|x| x.id == open.id) || self.records.get(&open.id).is_some() {
+            return Err(refuse(
+                "invalid-state",
+                "this migration was accepted before".into(),
+            ));
+        }
+        let config = open
+            .config
+            .to_config()
+            .map_err(|m| refuse("invalid-argument", format!("bad configuration: {m}")))?;
+        let ours = vm_config(&*host, config.ram_bytes);
+        if config.vcpus != ours.vcpus {
+            return Err(refuse(
+                "unsupported",
+                format!(
+                    "the VM has {} vCPUs; this node runs VMs of {}",
+                    config.vcpus, ours.vcpus
+                ),
+            ));
+        }
+        if config.devices != ours.devices {
+            return Err(refuse(
+                "unsupported",
+                "the VM's devices (or their state versions) differ from this node's".into(),
+            ));
+        }
+        check_cpuid(&*host, &config.cpuid).map_err(|m| refuse("unsupported", m))?;
+        let (_, free) = host.memory_stats();
+        if free < config.ram_bytes {
+            return Err(refuse(
+                "no-resources",
+                format!(
+                    "not enough memory for {} MiB ({} MiB free)",
+                    config.ram_bytes >> 20,
+                    free >> 20
+                ),
+            ));
+        }
+        let job = match jobs.start_now(JobKind::LiveMigration, &open.vm, 0, true, local, now) {
+            Ok(j) => j,
+            Err(JobError::AtLimit) => {
+                return Err(refuse(
+                    REFUSE_BUSY,
+                    format!(
+                        "node {} is at its limit of {} simultaneous migrations",
+                        self.me,
+                        jobs.settings().max_live_migrations
+                    ),
+                ))
+            }
+            Err(_) => return Err(refuse("no-resources", "the job table is full".into())),
+        };
+        let mut vm = match Vm::create_empty(host, &open.vm, config.ram_bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                let m = format!("cannot create the VM: {e}");
+                jobs.fail(job, &m, now);
+                return Err(refuse("no-resources", m));
+            }
+        };
+        vm.set_label(
+            &open
+                .guest
+                .chars()
+                .take(crate::mgmt::proto::GUEST_MAX)
+                .collect::<String>(),
+        );
+        vm.set_migration_mark(Some(incoming_mark(job)));
+        vms.push(vm);
+        Ok((job, config))
+    }
+
+    /// The answer to a source in doubt about migration `id`.
+    fn answer(
+        &mut self,
+        id: &str,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+    ) -> &'static str {
+        if let Some(i) = self.incoming.iter().position(|x| x.id == id) {
+            // Still receiving or waiting for `go`: decide now. The source
+            // asks only after losing the link, so whatever it sent after
+            // that is never read.
+            let mut x = self.incoming.remove(i);
+            let why = MigrationError::PeerAborted(
+                "the source lost the link and asked what happened: discarded".into(),
+            );
+            self.abandon_incoming(&mut x, host, vms, jobs, why);
+        }
+        match self.records.get(id) {
+            Some(true) => "resumed",
+            Some(false) => "discarded",
+            None => "unknown",
+        }
+    }
+
+    /// One round of a receiving job; false once it ended.
+    pub(super) fn step_incoming(
+        &mut self,
+        x: &mut Incoming,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+    ) -> bool {
+        let start = host.now_ns();
+        let Some(vi) = x.vm_index(vms) else {
+            let why = MigrationError::PeerAborted("the destination VM is gone".into());
+            self.abandon_incoming(x, host, vms, jobs, why);
+            return false;
+        };
+        let mut discarded = false;
+        let mut finished = false;
+        loop {
+            let now = host.now_ns();
+            x.conn.wire.service(host.net(), now);
+            let broken = x.conn.wire.is_broken();
+            let Some(mut link) = x.conn.link() else {
+                break;
+            };
+            let mut dest = DestVm {
+                vm: &mut vms[vi],
+                accepted: &x.accepted,
+                bookkeeping: &mut x.bookkeeping,
+                discarded: &mut discarded,
+            };
+            if broken {
+                x.rx.link_failed(
+                    &mut dest,
+                    &mut link,
+                    TransportError::Broken("connection reset"),
+                );
+            }
+            let p = x.rx.step(&mut dest, &mut link, now);
+            // Control messages that arrived with the stream.
+            while let Ok(Some(c)) = x.conn.next_control(false) {
+                if let Control::Paused(p) = c {
+                    x.bookkeeping = Some(p.into_bookkeeping());
+                }
+            }
+            match p {
+                RecvProgress::Finished(_) => {
+                    finished = true;
+                    break;
+                }
+                RecvProgress::Waiting => break,
+                RecvProgress::Busy if host.now_ns().saturating_sub(start) >= ENGINE_SLICE_NS => {
+                    break
+                }
+                RecvProgress::Busy => {}
+            }
+        }
+        let now = host.now_ns();
+        x.conn.wire.service(host.net(), now);
+        if !finished {
+            jobs.set_migration(x.job, x.info(x.phase()));
+            return true;
+        }
+        self.finish_incoming(x, host, vms, jobs);
+        false
+    }
+
+    /// Give up a receiving job for `why` (its VM is discarded).
+    fn abandon_incoming(
+        &mut self,
+        x: &mut Incoming,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+        why: MigrationError,
+    ) {
+        let mut discarded = false;
+        if let Some(vi) = x.vm_index(vms) {
+            if let Some(mut link) = x.conn.link() {
+                let mut dest = DestVm {
+                    vm: &mut vms[vi],
+                    accepted: &x.accepted,
+                    bookkeeping: &mut x.bookkeeping,
+                    discarded: &mut discarded,
+                };
+                x.rx.cancel(&mut dest, &mut link, why);
+            }
+        }
+        self.finish_incoming(x, host, vms, jobs);
+    }
+
+    /// `job-cancel` of a receiving job (before it resumed the VM).
+    pub(super) fn cancel_incoming(
+        &mut self,
+        x: &mut Incoming,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+        _now: u64,
+    ) {
+        self.abandon_incoming(x, host, vms, jobs, MigrationError::Cancelled);
+    }
+
+    /// The receiving engine ended: keep the VM (it runs) or remove it.
+    fn finish_incoming(
+        &mut self,
+        x: &mut Incoming,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+    ) {
+        let now = host.now_ns();
+        let out = x.rx.outcome().clone();
+        let resumed = out.result == MigrationResult::Completed;
+        let vi = x.vm_index(vms);
+        let mut error = out.error.clone();
+        if let (Some(r), false) = (x.conn.refused, resumed) {
+            error = Some(format!(
+                "{}: {r}",
+                error.as_deref().unwrap_or("link failed")
+            ));
+        }
+        let report = ApiReport {
+            bytes_sent: out.bytes_received,
+            ram_bytes: x.accepted.ram_bytes,
+            result: out.result.as_str().into(),
+            error: error.clone(),
+            verified: out.memory_verified,
+            ..ApiReport::default()
+        };
+        jobs.set_report(x.job, report);
+        self.records.add(&x.id, resumed);
+        if let Some(wire) = x.conn.wire.take() {
+            self.drain(wire, now);
+        }
+        if resumed {
+            if let Some(vi) = vi {
+                vms[vi].set_migration_mark(None);
+            }
+            jobs.set_migration(x.job, x.info(Phase::Completed));
+            jobs.complete(
+                x.job,
+                Some(&format!(
+                    "received from {}: {} bytes, memory verified: {}",
+                    x.from, out.bytes_received, out.memory_verified
+                )),
+                now,
+            );
+            host.console_write(&format!(
+                "vmm-service: VM {} arrived from {} and runs here (job {})\n",
+                x.vm, x.from, x.job
+            ));
+        } else {
+            if let Some(vi) = vi {
+                vms.remove(vi).destroy();
+            }
+            let why = error.unwrap_or_else(|| "failed".into());
+            let phase = if out.result == MigrationResult::Cancelled {
+                Phase::Cancelled
+            } else {
+                Phase::Failed
+            };
+            jobs.set_migration(x.job, x.info(phase));
+            if matches!(x.rx.error(), Some(MigrationError::Cancelled)) {
+                jobs.cancelled(x.job, &why, now);
+            } else {
+                jobs.fail(x.job, &why, now);
+            }
+            host.console_write(&format!(
+                "vmm-service: VM {} from {} discarded here: {why} (job {})\n",
+                x.vm, x.from, x.job
+            ));
+        }
+    }
+}

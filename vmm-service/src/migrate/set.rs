@@ -1,0 +1,407 @@
+//! [`Migrations`]: the node's migration jobs, its listener on the
+//! migration NIC and its record of migrations it accepted. The node loop
+//! calls [`Migrations::drive`] once per round; the management handlers
+//! call [`Migrations::start`], [`Migrations::cancel`] and
+//! [`Migrations::resolve`].
+
+use super::channel::Conn;
+use super::incoming::{Accepting, Incoming, Records};
+use super::outgoing::{OutPhase, Outgoing};
+use super::wire::Wire;
+use super::{outgoing_mark, vm_config, Faults, ACCEPTING_MAX, DRAIN_TIMEOUT_NS};
+use crate::mgmt::jobs::{JobError, JobTable};
+use crate::mgmt::proto::{ApiError, ErrorCode, JobKind, JobState, Keep};
+use crate::mgmt::server::HostEntropy;
+use crate::node::Peer;
+use crate::vm::{Vm, VmState};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use hvcore::host::{Host, NetStack, NicRole, SocketId, TcpState};
+use hvmgmt::auth::{fresh_nonce, hex_encode, ClusterKey, Nonce, ReplayGuard};
+use migration::{MigrationReport, Policy};
+
+/// What `vm-move` asks for.
+#[derive(Clone, Debug)]
+pub struct MoveRequest {
+    pub vm: String,
+    /// A peer's name, or this node's own.
+    pub to: String,
+    pub policy: Policy,
+    pub encrypt: bool,
+    /// Test hooks (moves within the node only).
+    pub faults: Faults,
+}
+
+/// A connection that is done but may still hold bytes for its peer.
+pub(super) struct Draining {
+    pub wire: Wire,
+    pub until_ns: u64,
+}
+
+/// The node's migrations.
+pub struct Migrations {
+    pub(super) me: String,
+    pub(super) key: ClusterKey,
+    pub(super) boot: [u8; 16],
+    pub(super) port: u16,
+    pub(super) peers: Vec<Peer>,
+    /// Accept connections on the migration NIC (a managed node).
+    listen: bool,
+    listener: Option<SocketId>,
+    pub(super) nonces: u64,
+    pub(super) replay: ReplayGuard,
+    pub(super) records: Records,
+    pub(super) accepting: Vec<Accepting>,
+    pub(super) draining: Vec<Draining>,
+    pub(super) outgoing: Vec<Outgoing>,
+    pub(super) incoming: Vec<Incoming>,
+    /// Reports of outgoing migrations that ended, newest last (a few).
+    pub(super) finished: Vec<(u64, MigrationReport)>,
+}
+
+/// Reports of ended outgoing migrations kept for [`Migrations::report`].
+const FINISHED_KEPT: usize = 8;
+
+impl Migrations {
+    /// The migrations of node `me`. `listen`: accept migrations from peers
+    /// on the migration NIC at `port` (a managed node; the test and demo
+    /// modes move VMs only within the node). The boot id is drawn here.
+    pub fn new(
+        host: &mut dyn Host,
+        me: &str,
+        key: ClusterKey,
+        port: u16,
+        peers: Vec<Peer>,
+        listen: bool,
+    ) -> Self {
+        let mut boot = [0u8; 16];
+        host.entropy(&mut boot);
+        Self {
+            me: me.into(),
+            key,
+            boot,
+            port,
+            peers,
+            listen,
+            listener: None,
+            nonces: 0,
+            replay: ReplayGuard::new(),
+            records: Records::default(),
+            accepting: Vec::new(),
+            draining: Vec::new(),
+            outgoing: Vec::new(),
+            incoming: Vec::new(),
+            finished: Vec::new(),
+        }
+    }
+
+    /// A fresh nonce from the host's entropy.
+    pub(super) fn nonce(&mut self, host: &mut dyn Host) -> Nonce {
+        self.nonces += 1;
+        fresh_nonce(&mut HostEntropy(host), self.nonces)
+    }
+
+    /// Whether any migration or connection is under way (the node loop
+    /// must keep polling rather than idle).
+    pub fn is_active(&self) -> bool {
+        !(self.outgoing.is_empty()
+            && self.incoming.is_empty()
+            && self.accepting.is_empty()
+            && self.draining.is_empty())
+    }
+
+    /// The report of outgoing job `job`, once it ended.
+    pub fn report(&self, job: u64) -> Option<&MigrationReport> {
+        self.finished
+            .iter()
+            .rev()
+            .find(|(j, _)| *j == job)
+            .map(|(_, r)| r)
+    }
+
+    pub(super) fn keep_report(&mut self, job: u64, r: MigrationReport) {
+        if self.finished.len() >= FINISHED_KEPT {
+            self.finished.remove(0);
+        }
+        self.finished.push((job, r));
+    }
+
+    /// `vm-move`: check the request, submit the job (queued when the node
+    /// is at its limit) and mark the VM. Returns the job id.
+    pub fn start(
+        &mut self,
+        host: &mut dyn Host,
+        vms: &mut [Vm],
+        jobs: &mut JobTable,
+        req: MoveRequest,
+    ) -> Result<u64, ApiError> {
+        let now = host.now_ns();
+        let shown: String = req.vm.chars().take(crate::vm::NAME_MAX).collect();
+        let Some(i) = vms
+            .iter()
+            .position(|v| v.name() == req.vm && v.migration_mark().is_none_or(|m| !m.incoming))
+        else {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no VM named '{shown}' on this node"),
+            ));
+        };
+        if let Some(m) = vms[i].migration_mark() {
+            return Err(migrating(&req.vm, m.job));
+        }
+        match vms[i].state() {
+            VmState::Running | VmState::Halted => {}
+            VmState::Created => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "VM {} has not been started: only a running VM moves",
+                        req.vm
+                    ),
+                ))
+            }
+            VmState::Stopped(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!("VM {} has stopped", req.vm),
+                ))
+            }
+        }
+        let addr = if req.to == self.me {
+            None
+        } else {
+            match self.peers.iter().find(|p| p.name == req.to) {
+                Some(p) => Some(p.addr),
+                None => {
+                    let shown: String = req.to.chars().take(crate::vm::NAME_MAX).collect();
+                    let known: Vec<String> = self.peers.iter().map(|p| p.name.clone()).collect();
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "'{shown}' is not a node this node knows (peers: {}; or '{}' itself)",
+                            if known.is_empty() {
+                                String::from("none")
+                            } else {
+                                known.join(", ")
+                            },
+                            self.me
+                        ),
+                    ));
+                }
+            }
+        };
+        if addr.is_some() && req.faults != Faults::default() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "fault injection applies to moves within the node only",
+            ));
+        }
+        let ram_bytes = vms[i].ram_bytes();
+        let job = jobs
+            .submit(JobKind::LiveMigration, &req.vm, ram_bytes, true, now)
+            .map_err(|e| match e {
+                JobError::TableFull => {
+                    ApiError::new(ErrorCode::NoResources, "the job table is full")
+                }
+                _ => ApiError::new(ErrorCode::NoResources, "cannot add a job"),
+            })?;
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(&self.nonce(host)[..16]);
+        let config = vm_config(&*host, ram_bytes);
+        vms[i].set_migration_mark(Some(outgoing_mark(job)));
+        let o = Outgoing::new(job, hex_encode(&raw), &vms[i], req, addr, config, now);
+        o.publish(jobs);
+        host.console_write(&format!(
+            "vmm-service: VM {} moving to {} (job {job})\n",
+            o.vm, o.to
+        ));
+        self.outgoing.push(o);
+        Ok(job)
+    }
+
+    /// `job-cancel` of a live migration: stop it in any phase before the
+    /// commit point (the VM runs on here).
+    pub fn cancel(
+        &mut self,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+        job: u64,
+    ) -> Result<(), ApiError> {
+        let now = host.now_ns();
+        if let Some(i) = self.outgoing.iter().position(|o| o.job == job) {
+            let mut o = self.outgoing.remove(i);
+            let r = self.cancel_outgoing(&mut o, host, vms, jobs, now);
+            if o.phase != OutPhase::Done {
+                self.outgoing.insert(i, o);
+            }
+            return r;
+        }
+        if let Some(i) = self.incoming.iter().position(|x| x.job == job) {
+            let mut x = self.incoming.remove(i);
+            self.cancel_incoming(&mut x, host, vms, jobs, now);
+            return Ok(());
+        }
+        match jobs.state(job) {
+            None => Err(ApiError::new(ErrorCode::NotFound, format!("no job {job}"))),
+            Some(_) => Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!("job {job} has ended"),
+            )),
+        }
+    }
+
+    /// `job-resolve`: the operator's decision for a migration in doubt.
+    pub fn resolve(
+        &mut self,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+        job: u64,
+        keep: Keep,
+    ) -> Result<(), ApiError> {
+        let now = host.now_ns();
+        let Some(i) = self.outgoing.iter().position(|o| o.job == job) else {
+            return match jobs.state(job) {
+                None => Err(ApiError::new(ErrorCode::NotFound, format!("no job {job}"))),
+                Some(_) => Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!("job {job} is not a migration in doubt"),
+                )),
+            };
+        };
+        if self.outgoing[i].phase != OutPhase::InDoubt {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!("job {job} is not a migration in doubt"),
+            ));
+        }
+        let mut o = self.outgoing.remove(i);
+        self.settle(
+            &mut o,
+            host,
+            vms,
+            jobs,
+            keep == Keep::Destination,
+            true,
+            now,
+        );
+        Ok(())
+    }
+
+    /// One round: accept connections, advance every handshake and job,
+    /// deliver what finished connections still hold.
+    pub fn drive(&mut self, host: &mut dyn Host, vms: &mut Vec<Vm>, jobs: &mut JobTable) {
+        let now = host.now_ns();
+        let mut arrived = None;
+        if self.listen {
+            if let Some(net) = host.net() {
+                net.poll(now);
+                arrived = self.take_arrival(net);
+            }
+        }
+        if let Some(socket) = arrived {
+            let nonce = self.nonce(host);
+            let conn = Conn::server(
+                Wire::accepted(socket, now),
+                &self.me,
+                &self.key,
+                nonce,
+                self.boot,
+            );
+            self.accepting.push(Accepting::new(conn, now));
+        }
+        for mut o in core::mem::take(&mut self.outgoing) {
+            self.step_outgoing(&mut o, host, vms, jobs);
+            if o.phase != OutPhase::Done {
+                self.outgoing.push(o);
+            }
+        }
+        for a in core::mem::take(&mut self.accepting) {
+            if let Some(a) = self.step_accepting(a, host, vms, jobs) {
+                self.accepting.push(a);
+            }
+        }
+        for mut x in core::mem::take(&mut self.incoming) {
+            if self.step_incoming(&mut x, host, vms, jobs) {
+                self.incoming.push(x);
+            }
+        }
+        let now = host.now_ns();
+        for mut d in core::mem::take(&mut self.draining) {
+            d.wire.service(host.net(), now);
+            if d.wire.in_flight() == 0 || d.wire.is_broken() || now >= d.until_ns {
+                d.wire.release(host.net());
+            } else {
+                self.draining.push(d);
+            }
+        }
+        if self.listen {
+            if let Some(net) = host.net() {
+                self.keep_listening(net);
+            }
+        }
+    }
+
+    /// Hand a finished connection over to deliver its last bytes.
+    pub(super) fn drain(&mut self, wire: Wire, now: u64) {
+        self.draining.push(Draining {
+            wire,
+            until_ns: now.saturating_add(DRAIN_TIMEOUT_NS),
+        });
+    }
+
+    /// The listener's connection, if a peer connected to it.
+    fn take_arrival(&mut self, net: &mut dyn NetStack) -> Option<SocketId> {
+        let l = self.listener?;
+        match net.tcp_state(l) {
+            TcpState::Listening => None,
+            TcpState::Closed => {
+                self.listener = None;
+                net.tcp_release(l);
+                None
+            }
+            _ => {
+                self.listener = None;
+                Some(l)
+            }
+        }
+    }
+
+    fn keep_listening(&mut self, net: &mut dyn NetStack) {
+        let room = self.accepting.len() < ACCEPTING_MAX;
+        match (room, self.listener) {
+            (true, None) => self.listener = net.tcp_listen(NicRole::Migration, self.port).ok(),
+            (false, Some(l)) => {
+                self.listener = None;
+                net.tcp_release(l);
+            }
+            _ => {}
+        }
+    }
+
+    /// The migration moving VM `vm` of this node, if any (for the API's
+    /// `vm-migrating` refusals).
+    pub fn job_of(vm: &Vm) -> Option<u64> {
+        vm.migration_mark().map(|m| m.job)
+    }
+
+    /// Whether job `job` is a live migration this node is still working on.
+    pub fn owns(&self, job: u64) -> bool {
+        self.outgoing.iter().any(|o| o.job == job) || self.incoming.iter().any(|x| x.job == job)
+    }
+
+    /// The state of a job as the job table has it (tests).
+    pub fn job_state(jobs: &JobTable, job: u64) -> Option<JobState> {
+        jobs.state(job)
+    }
+}
+
+/// The refusal of a request that would change a migrating VM.
+pub fn migrating(vm: &str, job: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::VmMigrating,
+        format!("VM {vm} is migrating (job {job})"),
+    )
+}
