@@ -146,7 +146,17 @@ enum Phase {
         next_gfn: u64,
         expected: u64,
     },
+    /// Verified; `ready` goes out at `until_ns` (a test knob,
+    /// [`Receiver::with_holds`]).
+    HoldReady {
+        digest: u64,
+        until_ns: u64,
+    },
     AwaitGo,
+    /// Resumed on `go`; `resumed` goes out at `until_ns` (a test knob).
+    HoldResumed {
+        until_ns: u64,
+    },
     Finished,
 }
 
@@ -179,6 +189,11 @@ pub struct Receiver {
     page: Box<Page>,
     buf: Vec<u8>,
     prepared: bool,
+    /// Test knobs: how long to wait before `ready` and before `resumed`.
+    hold_ready_ns: u64,
+    hold_resumed_ns: u64,
+    /// Node time of the current step.
+    now_ns: u64,
     outcome: ReceiveOutcome,
     error: Option<MigrationError>,
 }
@@ -202,6 +217,9 @@ impl Receiver {
             page: Box::new([0u8; PAGE_SIZE]),
             buf: alloc::vec![0u8; RECV_CHUNK],
             prepared: false,
+            hold_ready_ns: 0,
+            hold_resumed_ns: 0,
+            now_ns,
             outcome: ReceiveOutcome {
                 result: MigrationResult::Failed,
                 error: None,
@@ -231,6 +249,18 @@ impl Receiver {
         self
     }
 
+    /// Test knobs (docs/MANAGEMENT.md, "Test knobs"): wait `ready_ns`
+    /// after the verification before answering `ready`, and `resumed_ns`
+    /// after resuming the VM on `go` before confirming `resumed`. They
+    /// change only when this side answers, never what it does; a `go`
+    /// still resumes the VM at once, and the source's stall timeout still
+    /// applies to it.
+    pub fn with_holds(mut self, ready_ns: u64, resumed_ns: u64) -> Self {
+        self.hold_ready_ns = ready_ns;
+        self.hold_resumed_ns = resumed_ns;
+        self
+    }
+
     /// Do a bounded amount of work with the destination VM and the link, at
     /// node time `now_ns`: one record, or one receive of at most 64 KiB, or
     /// a bounded slice of the digest verification.
@@ -242,9 +272,16 @@ impl Receiver {
         if self.phase == Phase::Finished {
             return RecvProgress::Finished(self.outcome.result);
         }
+        self.now_ns = now_ns;
         let before = self.outcome.bytes_received;
         let result = self.step_inner(vm, link);
-        if self.outcome.bytes_received != before {
+        if self.outcome.bytes_received != before
+            || matches!(
+                self.phase,
+                Phase::HoldReady { .. } | Phase::HoldResumed { .. }
+            )
+        {
+            // A hold is this side's own silence, not the source's.
             self.last_byte_ns = now_ns;
         }
         match result {
@@ -282,6 +319,11 @@ impl Receiver {
         if self.phase == Phase::Finished {
             return false;
         }
+        if self.resumed() {
+            // Held before confirming: the VM runs here, for good.
+            self.phase = Phase::Finished;
+            return false;
+        }
         self.fail(vm, link, why);
         true
     }
@@ -293,7 +335,15 @@ impl Receiver {
         D: DestinationVm + ?Sized,
         T: Transport + ?Sized,
     {
-        if self.phase != Phase::Finished {
+        if self.resumed() {
+            // The VM runs here; only the confirmation is lost.
+            if self.phase != Phase::Finished {
+                self.outcome.error = Some(alloc::format!(
+                    "resumed, but could not confirm to the source: {why}"
+                ));
+                self.phase = Phase::Finished;
+            }
+        } else if self.phase != Phase::Finished {
             self.fail(vm, link, MigrationError::Transport(why));
         }
     }
@@ -403,11 +453,31 @@ impl Receiver {
                 self.outcome.verified_digest = Some(computed);
                 vm.restore_vcpus(&self.vcpus)?;
                 vm.restore_devices(&self.devices)?;
-                self.send_record(link, &Record::Ready { digest: computed })?;
+                self.phase = Phase::HoldReady {
+                    digest: computed,
+                    until_ns: self.now_ns.saturating_add(self.hold_ready_ns),
+                };
+                Ok(RecvProgress::Busy)
+            }
+            Phase::HoldReady { digest, until_ns } if self.now_ns >= until_ns => {
+                self.send_record(link, &Record::Ready { digest })?;
                 self.phase = Phase::AwaitGo;
                 Ok(RecvProgress::Busy)
             }
-            Phase::Receiving | Phase::AwaitGo => {
+            Phase::HoldResumed { until_ns } => {
+                if self.now_ns < until_ns {
+                    return Ok(RecvProgress::Waiting);
+                }
+                self.phase = Phase::Finished;
+                if let Err(e) = self.send_record(link, &Record::Resumed) {
+                    self.outcome.error = Some(alloc::format!(
+                        "resumed, but could not confirm to the source: {e}"
+                    ));
+                }
+                Ok(RecvProgress::Finished(self.outcome.result))
+            }
+            // While holding `ready`, records still arrive (an `abort`).
+            Phase::Receiving | Phase::AwaitGo | Phase::HoldReady { .. } => {
                 // Records already buffered first, so the buffer stays bounded.
                 if let Some(rec) = self.decoder.next_record()? {
                     self.apply(vm, link, rec)?;
@@ -491,6 +561,12 @@ impl Receiver {
                 // From here the VM runs here; a lost `resumed` leaves the
                 // source in doubt, not this side.
                 self.outcome.result = MigrationResult::Completed;
+                if self.hold_resumed_ns > 0 {
+                    self.phase = Phase::HoldResumed {
+                        until_ns: self.now_ns.saturating_add(self.hold_resumed_ns),
+                    };
+                    return Ok(());
+                }
                 self.phase = Phase::Finished;
                 if let Err(e) = self.send_record(link, &Record::Resumed) {
                     self.outcome.error = Some(alloc::format!(

@@ -343,6 +343,8 @@ struct Setup {
     bytes_per_s: u64,
     fail_after: Option<u64>,
     check: DigestCheck,
+    /// The receiver's test holds (ready, resumed), ns.
+    holds: (u64, u64),
 }
 
 impl Setup {
@@ -360,6 +362,7 @@ impl Setup {
             bytes_per_s: 100 << 20,
             fail_after: None,
             check: DigestCheck::ReadBackOnWrite,
+            holds: (0, 0),
         }
     }
 
@@ -382,6 +385,7 @@ impl Setup {
         let clock = SimClock(self.time.clone());
         let mut mig = Src::new(&mut self.vm, src_t, &self.time, self.policy);
         let mut rx = Dst::new(&mut self.dest, dst_t, &self.time).with_digest_check(self.check);
+        rx.r = rx.r.with_holds(self.holds.0, self.holds.1);
         for _ in 0..5_000_000 {
             let s = mig.step();
             let r = rx.step();
@@ -439,6 +443,70 @@ fn idle_vm_sends_about_its_data_once() {
         json.contains("\"result\":\"completed\",\"error\":null"),
         "{json}"
     );
+}
+
+#[test]
+fn the_receivers_holds_delay_only_its_answers() {
+    let mut s = Setup::new(512);
+    s.holds = (2 * NS_PER_S, 3 * NS_PER_S);
+    let start = s.time.get();
+    let (mig, rx) = s.run();
+    let report = mig.report().clone();
+    assert_eq!(
+        report.result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    assert_eq!(rx.outcome().result, MigrationResult::Completed);
+    drop((mig, rx));
+    // The source stays paused through the `ready` hold.
+    assert!(report.downtime_ms >= 2000, "{report:?}");
+    assert!(s.time.get() - start >= 5 * NS_PER_S);
+    assert!(s.dest.running && !s.dest.discarded);
+}
+
+#[test]
+fn a_destination_holding_its_resumed_keeps_the_vm_on_cancel_and_link_loss() {
+    for cut in [false, true] {
+        let time = Rc::new(Cell::new(1_000 * NS_PER_S));
+        let mut vm = FakeVm::new(&time, 256);
+        let mut dest = FakeDest::default();
+        let (a, b) = MemPipe::pair();
+        let mut mig = Src::new(&mut vm, a, &time, Policy::default());
+        let mut rx = Dst::new(&mut dest, b, &time);
+        rx.r = rx.r.with_holds(0, 10 * NS_PER_S);
+        let mut resumed = false;
+        for _ in 0..1_000_000 {
+            let _ = mig.step();
+            let r = rx.step();
+            assert!(!matches!(r, RecvProgress::Finished(_)), "held");
+            if rx.vm.running {
+                resumed = true;
+                break;
+            }
+            time.set(time.get() + 1000);
+        }
+        assert!(resumed, "go resumed the VM at once");
+        assert_eq!(rx.outcome().result, MigrationResult::Completed);
+        if cut {
+            let Dst { r, vm, link, .. } = &mut rx;
+            r.link_failed(&mut **vm, link, TransportError::Broken("cut"));
+        } else {
+            let Dst { r, vm, link, .. } = &mut rx;
+            assert!(!r.cancel(&mut **vm, link, MigrationError::Cancelled));
+        }
+        assert!(matches!(
+            rx.step(),
+            RecvProgress::Finished(MigrationResult::Completed)
+        ));
+        assert!(rx.resumed());
+        drop((mig, rx));
+        assert!(
+            dest.running && !dest.discarded,
+            "the VM runs on at the destination"
+        );
+    }
 }
 
 #[test]

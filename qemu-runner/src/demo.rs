@@ -190,6 +190,9 @@ pub fn two_nodes(boot: &Boot, dir: &Path) -> Result<bool, String> {
         timeout_s: None,
         encrypt: None,
         verify: None,
+        debug_hold_accept_ms: None,
+        debug_hold_ready_ms: None,
+        debug_hold_resumed_ms: None,
     })? {
         Outcome::Ok(Body::Job(j)) => j,
         Outcome::Error(e) if e.code == ErrorCode::Unsupported => {

@@ -254,6 +254,15 @@ pub enum VmCmd {
         /// if the VM then runs on the destination
         #[arg(long)]
         wait: bool,
+        /// Test knob: the destination waits MS before accepting
+        #[arg(long, hide = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        debug_hold_accept_ms: Option<u64>,
+        /// Test knob: the destination waits MS before `ready`
+        #[arg(long, hide = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        debug_hold_ready_ms: Option<u64>,
+        /// Test knob: the destination waits MS after resuming before `resumed`
+        #[arg(long, hide = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        debug_hold_resumed_ms: Option<u64>,
     },
     /// The VM's last console lines
     Console {
@@ -372,6 +381,9 @@ impl Cli {
                     encrypt,
                     no_verify,
                     wait,
+                    debug_hold_accept_ms,
+                    debug_hold_ready_ms,
+                    debug_hold_resumed_ms,
                 } => {
                     let request = Request::VmMove {
                         name: name.clone(),
@@ -381,6 +393,9 @@ impl Cli {
                         timeout_s: *timeout,
                         encrypt: encrypt.then_some(true),
                         verify: no_verify.then_some(false),
+                        debug_hold_accept_ms: *debug_hold_accept_ms,
+                        debug_hold_ready_ms: *debug_hold_ready_ms,
+                        debug_hold_resumed_ms: *debug_hold_resumed_ms,
                     };
                     if *wait {
                         return Action::MoveAndWait(request);
@@ -1327,6 +1342,9 @@ mod tests {
                 timeout_s: None,
                 encrypt: None,
                 verify: None,
+                debug_hold_accept_ms: None,
+                debug_hold_ready_ms: None,
+                debug_hold_resumed_ms: None,
             })
         );
         assert_eq!(
@@ -1341,6 +1359,26 @@ mod tests {
                 timeout_s: Some(60),
                 encrypt: Some(true),
                 verify: Some(false),
+                debug_hold_accept_ms: None,
+                debug_hold_ready_ms: None,
+                debug_hold_resumed_ms: None,
+            })
+        );
+        assert_eq!(
+            p("vm move v --to b --debug-hold-ready-ms 3000")
+                .unwrap()
+                .action(),
+            Action::Request(Request::VmMove {
+                name: "v".into(),
+                to: "b".into(),
+                downtime_ms: None,
+                bandwidth_mib_s: None,
+                timeout_s: None,
+                encrypt: None,
+                verify: None,
+                debug_hold_accept_ms: None,
+                debug_hold_ready_ms: Some(3000),
+                debug_hold_resumed_ms: None,
             })
         );
         assert_eq!(
@@ -1662,6 +1700,9 @@ mod tests {
                     timeout_s: None,
                     encrypt: Some(true),
                     verify: None,
+                    debug_hold_accept_ms: None,
+                    debug_hold_ready_ms: None,
+                    debug_hold_resumed_ms: None,
                 }
             );
             let shows = seen

@@ -122,6 +122,9 @@ impl TestCluster {
             timeout_s: None,
             encrypt: None,
             verify: None,
+            debug_hold_accept_ms: None,
+            debug_hold_ready_ms: None,
+            debug_hold_resumed_ms: None,
         }) {
             Ok(Body::Job(j)) => j.id,
             other => panic!("vm-move {name} on node {from}: {other:?}"),

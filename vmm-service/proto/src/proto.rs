@@ -125,6 +125,15 @@ pub enum Request {
         /// Verification mode (default on).
         #[serde(default)]
         verify: Option<bool>,
+        /// Test knobs (docs/MANAGEMENT.md, "Test knobs"): the destination
+        /// waits this many ms before `accept`, before `ready`, and after
+        /// resuming the VM before `resumed` (0..60000, default 0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        debug_hold_accept_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        debug_hold_ready_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        debug_hold_resumed_ms: Option<u64>,
     },
     JobList,
     /// One job, with its migration report once it ended.

@@ -17,6 +17,7 @@ use super::proto::{
     ApiError, Body, ErrorCode, NodeInfo, Outcome, Request, VmInfo, CONSOLE_LINES_MAX, GUEST_MAX,
     PROTOCOL_VERSION,
 };
+use crate::migrate::channel::{Holds, HOLD_MS_MAX};
 use crate::migrate::{migrating, Faults, Migrations, MoveRequest};
 use crate::sched::{ProgressLog, Scheduler};
 use crate::vm::{StopReason, Vm, VmError, VmState};
@@ -244,6 +245,9 @@ impl Managed {
             timeout_s,
             encrypt,
             verify,
+            debug_hold_accept_ms,
+            debug_hold_ready_ms,
+            debug_hold_resumed_ms,
         } = request
         else {
             return err(ErrorCode::BadRequest, "not a move");
@@ -263,6 +267,17 @@ impl Managed {
                 ),
             );
         }
+        let holds = Holds {
+            accept_ms: debug_hold_accept_ms.unwrap_or(0),
+            ready_ms: debug_hold_ready_ms.unwrap_or(0),
+            resumed_ms: debug_hold_resumed_ms.unwrap_or(0),
+        };
+        if holds != holds.capped() {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!("the debug_hold_* arguments must be 0 to {HOLD_MS_MAX}"),
+            );
+        }
         let policy = Policy {
             downtime_limit_ns: downtime_ms * NS_PER_MS,
             max_bandwidth_bytes_per_s: bandwidth << 20,
@@ -276,6 +291,7 @@ impl Managed {
             policy,
             encrypt: encrypt.unwrap_or(false),
             faults: Faults::default(),
+            holds,
         };
         let now = host.now_ns();
         match self

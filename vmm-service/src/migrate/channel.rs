@@ -138,6 +138,34 @@ pub struct Open {
     pub config: ConfigMsg,
     pub encrypt: bool,
     pub verify: bool,
+    /// The test knobs of `vm-move` (docs/MANAGEMENT.md, "Test knobs").
+    #[serde(default)]
+    pub holds: Holds,
+}
+
+/// When the destination answers, for the two-node failure tests: it waits
+/// this many ms before `accept`, before `ready`, and after resuming the VM
+/// before `resumed`. They never change what a migration does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holds {
+    pub accept_ms: u64,
+    pub ready_ms: u64,
+    pub resumed_ms: u64,
+}
+
+/// Largest hold, ms.
+pub const HOLD_MS_MAX: u64 = 60_000;
+
+impl Holds {
+    /// The holds as sent, capped at [`HOLD_MS_MAX`] (they come off the
+    /// network).
+    pub fn capped(self) -> Self {
+        Self {
+            accept_ms: self.accept_ms.min(HOLD_MS_MAX),
+            ready_ms: self.ready_ms.min(HOLD_MS_MAX),
+            resumed_ms: self.resumed_ms.min(HOLD_MS_MAX),
+        }
+    }
 }
 
 /// The source's bookkeeping at the pause.

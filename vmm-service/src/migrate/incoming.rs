@@ -17,7 +17,7 @@
 
 use super::adapt::DestVm;
 use super::channel::REFUSE_BUSY;
-use super::channel::{check_name, Conn, Control, HsProgress, Open};
+use super::channel::{check_name, Conn, Control, Holds, HsProgress, Open};
 use super::set::Migrations;
 use super::{
     check_cpuid, incoming_mark, vm_config, ENGINE_SLICE_NS, NEGOTIATION_TIMEOUT_NS, RECORDS_MAX,
@@ -30,6 +30,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use hvcore::host::Host;
+use migration::policy::NS_PER_MS;
 use migration::{
     MigrationError, MigrationResult, Receiver, RecvProgress, TransportError, VmConfig,
 };
@@ -83,6 +84,10 @@ pub struct Incoming {
     encrypt: bool,
     verify: bool,
     downtime_limit_ms: u64,
+    holds: Holds,
+    /// `accept` goes out at this node time (the accept hold); `None` once
+    /// it went.
+    accept_at: Option<u64>,
 }
 
 impl Incoming {
@@ -105,7 +110,9 @@ impl Incoming {
     }
 
     fn phase(&self) -> Phase {
-        if self.rx.awaiting_go() {
+        if self.accept_at.is_some() {
+            Phase::Negotiating
+        } else if self.rx.awaiting_go() {
             Phase::SwitchingOver
         } else {
             Phase::Copying
@@ -213,11 +220,7 @@ impl Migrations {
                 self.drain(conn.wire, now);
             }
             Ok((job, config)) => {
-                conn.set_encrypt(open.encrypt);
-                if conn.send_control(&Control::Accept {}).is_err() {
-                    // The link broke: the job fails at its first step.
-                }
-                conn.wire.service(host.net(), now);
+                let holds = open.holds.capped();
                 host.console_write(&format!(
                     "vmm-service: VM {} arriving from {peer} (job {job})\n",
                     open.vm
@@ -234,8 +237,10 @@ impl Migrations {
                     encrypt: open.encrypt,
                     verify: open.verify,
                     downtime_limit_ms: 0,
+                    holds,
+                    accept_at: Some(now.saturating_add(holds.accept_ms * NS_PER_MS)),
                 };
-                jobs.set_migration(job, x.info(Phase::Copying));
+                jobs.set_migration(job, x.info(x.phase()));
                 self.incoming.push(x);
             }
         }
@@ -376,6 +381,31 @@ impl Migrations {
             self.abandon_incoming(x, host, vms, jobs, why);
             return false;
         };
+        if let Some(at) = x.accept_at {
+            let now = host.now_ns();
+            x.conn.wire.service(host.net(), now);
+            if x.conn.wire.is_broken() {
+                let why = MigrationError::Transport(TransportError::Broken(
+                    "the source closed the connection before the migration was accepted",
+                ));
+                self.abandon_incoming(x, host, vms, jobs, why);
+                return false;
+            }
+            if now < at {
+                return true;
+            }
+            // Accepted: from here every frame is sealed as the source
+            // asked, and the receiver's stall clock starts now.
+            x.conn.set_encrypt(x.encrypt);
+            if x.conn.send_control(&Control::Accept {}).is_err() {
+                // The link broke: the engine fails at its first step.
+            }
+            x.conn.wire.service(host.net(), now);
+            x.rx = Receiver::new(now)
+                .with_holds(x.holds.ready_ms * NS_PER_MS, x.holds.resumed_ms * NS_PER_MS);
+            x.accept_at = None;
+            jobs.set_migration(x.job, x.info(x.phase()));
+        }
         let mut discarded = false;
         let mut finished = false;
         loop {

@@ -8,6 +8,7 @@
 //! `[NAME]` does not change; both exist only during the migration, and only
 //! one of them is ever runnable.
 
+use super::channel::Holds;
 use super::set::{Migrations, MoveRequest};
 use super::GUEST_SLICE_NS;
 use crate::mgmt::jobs::JobTable;
@@ -65,6 +66,7 @@ pub fn migrate_local(host: &mut dyn Host, vm: Vm, policy: Policy, faults: Faults
         policy,
         encrypt: false,
         faults,
+        holds: Holds::default(),
     };
     let job = match migrations.start(host, &mut vms, &mut jobs, req) {
         Ok(j) => j,

@@ -13,7 +13,7 @@
 //! commit point only the destination's word moves the VM either way.
 
 use super::adapt::SourceVm;
-use super::channel::{ConfigMsg, Conn, Control, HsProgress, Open, Paused, REFUSE_BUSY};
+use super::channel::{ConfigMsg, Conn, Control, Holds, HsProgress, Open, Paused, REFUSE_BUSY};
 use super::incoming::Accepting;
 use super::set::{Migrations, MoveRequest};
 use super::wire::Wire;
@@ -69,6 +69,7 @@ pub struct Outgoing {
     policy: Policy,
     encrypt: bool,
     faults: Faults,
+    holds: Holds,
     config: VmConfig,
     guest: String,
     pub phase: OutPhase,
@@ -106,6 +107,7 @@ impl Outgoing {
             policy: req.policy,
             encrypt: req.encrypt,
             faults: req.faults,
+            holds: req.holds,
             config,
             guest: vm.label().into(),
             phase: OutPhase::Queued,
@@ -342,6 +344,7 @@ impl Migrations {
                             config: ConfigMsg::from_config(&o.config),
                             encrypt: o.encrypt,
                             verify: o.policy.verify_memory,
+                            holds: o.holds,
                         });
                         conn.send_control(&open)
                             .map_err(|e| format!("link to {} lost: {e}", o.to))?;

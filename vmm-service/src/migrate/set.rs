@@ -4,7 +4,7 @@
 //! call [`Migrations::start`], [`Migrations::cancel`] and
 //! [`Migrations::resolve`].
 
-use super::channel::Conn;
+use super::channel::{Conn, Holds};
 use super::incoming::{Accepting, Incoming, Records};
 use super::outgoing::{OutPhase, Outgoing};
 use super::wire::Wire;
@@ -31,6 +31,8 @@ pub struct MoveRequest {
     pub encrypt: bool,
     /// Test hooks (moves within the node only).
     pub faults: Faults,
+    /// Test knobs passed to the destination.
+    pub holds: Holds,
 }
 
 /// A connection that is done but may still hold bytes for its peer.
