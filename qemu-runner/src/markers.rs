@@ -285,8 +285,11 @@ impl SerialLog {
 /// (`[vm] heartbeat N`, in order; a half-written last line is skipped).
 pub fn heartbeats(serial: &str, vm: &str) -> Vec<u64> {
     let prefix = format!("[{vm}] heartbeat ");
+    // Only whole lines: a log read while QEMU writes it may end in the
+    // first digits of the next heartbeat (`heartbeat 4` of `heartbeat 440`).
     serial
-        .lines()
+        .split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
         .filter_map(|l| clean_line(l).strip_prefix(&prefix)?.parse().ok())
         .collect()
 }
@@ -524,6 +527,11 @@ hvmigrate: shutdown code=1\r
     #[test]
     fn heartbeats_across_nodes() {
         let a = "[v] heartbeat 1\r\n[w] heartbeat 7\n[v] heartbeat 2\nhvmigrate: x\n[v] heartbeat 3\n[v] heartbeat 6\n[v] heartb";
+        // Read while `heartbeat 440` was being written.
+        assert_eq!(
+            heartbeats("[v] heartbeat 439\r\n[v] heartbeat 4", "v"),
+            vec![439]
+        );
         let b = "[v] heartbeat 4\n[v] busy-verify: migration 1 ok\n[v] heartbeat 5\n";
         let (ha, hb) = (heartbeats(a, "v"), heartbeats(b, "v"));
         assert_eq!(ha, vec![1, 2, 3, 6]);
