@@ -611,7 +611,9 @@ fn test_suite() -> bool {
         ALL_CASES
             .iter()
             .filter(move |c| {
-                !c.starts_with("local-migrate-") || (migration && **c == "local-migrate-idle")
+                // virtio-blk migrates its VM too (with its disk).
+                let migrates = c.starts_with("local-migrate-") || **c == "virtio-blk";
+                !migrates || (migration && matches!(**c, "local-migrate-idle" | "virtio-blk"))
             })
             .map(|c| c.to_string())
             .collect::<Vec<_>>()

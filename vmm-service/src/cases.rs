@@ -64,11 +64,12 @@ pub enum Case {
     LocalMigrateAbort,
     LocalMigrateConverge,
     LocalMigrateTamper,
+    VirtioBlk,
 }
 
 impl Case {
     /// Every case in order.
-    pub const ALL: [Case; 12] = [
+    pub const ALL: [Case; 13] = [
         Case::Hello,
         Case::Cpuid,
         Case::Memory,
@@ -81,6 +82,7 @@ impl Case {
         Case::LocalMigrateAbort,
         Case::LocalMigrateConverge,
         Case::LocalMigrateTamper,
+        Case::VirtioBlk,
     ];
 
     /// The case's name on the command line and in results
@@ -100,6 +102,7 @@ impl Case {
             Case::LocalMigrateAbort => case::LOCAL_MIGRATE_ABORT,
             Case::LocalMigrateConverge => case::LOCAL_MIGRATE_CONVERGE,
             Case::LocalMigrateTamper => case::LOCAL_MIGRATE_TAMPER,
+            Case::VirtioBlk => case::VIRTIO_BLK,
         }
     }
 
@@ -178,6 +181,11 @@ impl Case {
                 ram_mib: 64,
                 cmdline: "case=local-migrate-tamper",
             }],
+            Case::VirtioBlk => &[VmSpec {
+                name: "virtio-blk",
+                ram_mib: 32,
+                cmdline: "case=virtio-blk",
+            }],
         }
     }
 
@@ -190,6 +198,7 @@ impl Case {
                 | Case::LocalMigrateAbort
                 | Case::LocalMigrateConverge
                 | Case::LocalMigrateTamper
+                | Case::VirtioBlk
         )
     }
 
@@ -267,7 +276,8 @@ pub fn evaluate(case: Case, vms: &[Vm], progress: &ProgressLog) -> Result<(), St
         | Case::LocalMigrateBusy
         | Case::LocalMigrateAbort
         | Case::LocalMigrateConverge
-        | Case::LocalMigrateTamper => reported_ok(vm_at(vms, 0)?),
+        | Case::LocalMigrateTamper
+        | Case::VirtioBlk => reported_ok(vm_at(vms, 0)?),
         Case::TripleFault => {
             let vm = vm_at(vms, 0)?;
             match vm.stop_reason() {
@@ -316,6 +326,15 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
     let spec = case.vms()[0];
     let mut vm = Vm::create(host, spec.name, spec.ram_mib << 20, image, spec.cmdline)
         .map_err(|e| format!("cannot create VM {}: {e}", spec.name))?;
+    let disk_file = if case == Case::VirtioBlk {
+        let (disk, file) = crate::disks::new_mem_vhdx(VIRTIO_BLK_DISK_BYTES)
+            .map_err(|e| format!("cannot create the disk: {e}"))?;
+        vm.attach_disk(alloc::boxed::Box::new(disk), false)
+            .ok_or("no virtio slot for the disk")?;
+        Some(file)
+    } else {
+        None
+    };
     vm.start();
     let deadline = host.now_ns().saturating_add(MIGRATION_CASE_TIMEOUT_NS);
     let policy = case.migration_policy();
@@ -362,8 +381,53 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
         .and_then(|()| reported_ok(&vm))
         .and_then(|()| judge_reports(case, &reports, tracker))
         .and_then(|()| judge_vm(case, &vm));
+    // Destroying the VM closes its disk (the VHDX's log is cleared).
     vm.destroy();
-    result
+    match disk_file {
+        Some(file) => result.and_then(|()| check_virtio_blk_disk(&file.bytes())),
+        None => result,
+    }
+}
+
+/// The `virtio-blk` case's disk: 4 MiB, dynamic.
+pub const VIRTIO_BLK_DISK_BYTES: u64 = 4 << 20;
+/// Seed and sectors of the case's pattern (tests/guest `cases/disk.rs`).
+pub const VIRTIO_BLK_SEED: u64 = 0x5eed_b10c;
+pub const VIRTIO_BLK_SECTORS: u64 = 2048;
+
+/// Check the `virtio-blk` guest's writes in the bytes of its VHDX file, as
+/// a host tool reads them: the file opens and validates, the first half
+/// MiB holds round 1 of the pattern, the second round 2, the rest zeros.
+pub fn check_virtio_blk_disk(file: &[u8]) -> Result<(), String> {
+    use vstorage::vhdx::{OpenOptions, Vhdx};
+    use vstorage::{MemIo, VirtualDisk};
+    let mut disk = Vhdx::open(MemIo::from_vec(file.to_vec()), OpenOptions::read_only())
+        .map_err(|e| format!("the disk's VHDX does not open: {e}"))?;
+    disk.verify()
+        .map_err(|e| format!("the disk's VHDX does not verify: {e}"))?;
+    let half = VIRTIO_BLK_SECTORS / 2;
+    let sector = hvcore::abi::DISK_SECTOR_BYTES;
+    let mut got = alloc::vec![0u8; half as usize * sector];
+    let mut want = got.clone();
+    for (round, first) in [(1, 0), (2, half)] {
+        disk.read(first * sector as u64, &mut got)
+            .map_err(|e| format!("reading the VHDX: {e}"))?;
+        hvcore::abi::fill_disk_pattern(VIRTIO_BLK_SEED, round, first, &mut want);
+        if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            return Err(format!(
+                "the VHDX holds other bytes than the guest wrote: sector {} byte {}",
+                first + (i / sector) as u64,
+                i % sector
+            ));
+        }
+    }
+    let mut rest = alloc::vec![0u8; sector];
+    disk.read(VIRTIO_BLK_SECTORS * sector as u64, &mut rest)
+        .map_err(|e| format!("reading the VHDX: {e}"))?;
+    if rest.iter().any(|&b| b != 0) {
+        return Err("the VHDX has data past what the guest wrote".into());
+    }
+    Ok(())
 }
 
 /// What a case checks of the migrated VM itself.

@@ -48,6 +48,8 @@ pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod state;
+pub mod virtio_blk;
+pub mod virtio_mmio;
 pub mod walk;
 
 use crate::uart::{LineSink, Uart16550};
@@ -61,6 +63,7 @@ use irq::{InterruptPoll, IrqChip, Readiness};
 use pit::Pit;
 use rtc::Rtc;
 use state::{DeviceKind, Snapshot, StateError, StateReader, StateWriter};
+use virtio_blk::VirtioBlk;
 
 pub use state::StateError as RestoreError;
 
@@ -78,6 +81,8 @@ pub const PIT_IRQ: u8 = 0;
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 /// Most device records in a saved set.
 pub const MAX_RECORDS: usize = 32;
+/// Most virtio-mmio slots a VM has (the DSDT describes at most 8).
+pub const MAX_VIRTIO_SLOTS: usize = 8;
 
 /// ISA interrupt line levels as devices drive them, and pulses (an edge
 /// up and down between two propagations, e.g. a PIT period).
@@ -191,6 +196,8 @@ enum Target {
     Pic(u16),
     IoApic,
     Lapic,
+    /// virtio-mmio slot n (`acpi::VirtioMmioSlot::standard(n)`).
+    Virtio(u8),
 }
 
 /// The PC platform's devices (none on a minimal machine).
@@ -248,6 +255,12 @@ pub struct Devices {
     /// Line levels the interrupt controllers last saw.
     delivered: u16,
     requests: Requests,
+    /// virtio-blk disks, slot n at `acpi::VirtioMmioSlot::standard(n)`.
+    virtio: Vec<VirtioBlk>,
+    /// Their interrupt levels as the I/O APIC last saw them (bit n = slot n).
+    virtio_lines: u8,
+    /// Bounce buffer for virtio requests (not state).
+    scratch: Vec<u8>,
     /// Accesses to addresses no device claims (for diagnostics).
     pub unclaimed_accesses: u64,
 }
@@ -343,7 +356,99 @@ impl Devices {
             lines: IrqLines::default(),
             delivered: 0,
             requests: Requests::default(),
+            virtio: Vec::new(),
+            virtio_lines: 0,
+            scratch: Vec::new(),
             unclaimed_accesses: 0,
+        }
+    }
+
+    /// Add a virtio-blk disk of `capacity_bytes` in the next virtio-mmio
+    /// slot; returns the slot. Its bytes come from the disk handed to
+    /// [`Devices::process_virtio`] at index `slot`.
+    pub fn add_virtio_blk(&mut self, capacity_bytes: u64, read_only: bool) -> Option<u8> {
+        let slot = u8::try_from(self.virtio.len()).ok()?;
+        if usize::from(slot) >= MAX_VIRTIO_SLOTS {
+            return None;
+        }
+        let s = acpi::VirtioMmioSlot::standard(slot);
+        self.mmio
+            .insert(s.base, virtio_mmio::WINDOW_BYTES, Target::Virtio(slot))
+            .ok()?;
+        self.virtio.push(VirtioBlk::new(capacity_bytes, read_only));
+        Some(slot)
+    }
+
+    /// Whether a device claims MMIO address `gpa` (an exit there is an
+    /// access to emulate).
+    pub fn claims_mmio(&self, gpa: u64) -> bool {
+        match self.mmio.lookup(gpa) {
+            Some(bus::Hit {
+                target: Target::Virtio(_),
+                ..
+            }) => true,
+            Some(_) => self.pc.is_some(),
+            None => false,
+        }
+    }
+
+    /// The virtio-blk device in `slot`.
+    pub fn virtio_blk(&self, slot: u8) -> Option<&VirtioBlk> {
+        self.virtio.get(usize::from(slot))
+    }
+
+    /// The virtio-mmio slots in use (for the ACPI tables).
+    pub fn virtio_slots(&self) -> Vec<acpi::VirtioMmioSlot> {
+        (0..self.virtio.len() as u8)
+            .map(acpi::VirtioMmioSlot::standard)
+            .collect()
+    }
+
+    /// Whether a virtio device was notified and waits for
+    /// [`Devices::process_virtio`].
+    pub fn virtio_pending(&self) -> bool {
+        self.virtio.iter().any(VirtioBlk::has_work)
+    }
+
+    /// Serve the virtio requests the guest made available: slot n's disk
+    /// is `disks[n]` (missing: every request fails). Called after the
+    /// access that notified, with the VM's memory.
+    pub fn process_virtio(
+        &mut self,
+        mem: &mut dyn hvcore::mem::GuestMemory,
+        disks: &mut [alloc::boxed::Box<dyn vstorage::VirtualDisk>],
+    ) {
+        for (i, dev) in self.virtio.iter_mut().enumerate() {
+            if dev.has_work() {
+                let disk = disks
+                    .get_mut(i)
+                    .map(|d| &mut **d as &mut dyn vstorage::VirtualDisk);
+                dev.process(mem, disk, &mut self.scratch);
+            }
+        }
+        self.sync_virtio_lines();
+    }
+
+    /// Hand virtio interrupt level changes to the I/O APIC (GSI 16 + n).
+    /// A machine without interrupt controllers has none: its guest polls
+    /// the used ring.
+    fn sync_virtio_lines(&mut self) {
+        let mut levels = 0u8;
+        for (i, dev) in self.virtio.iter().enumerate() {
+            if dev.interrupt_line() {
+                levels |= 1 << i;
+            }
+        }
+        let changed = levels ^ self.virtio_lines;
+        self.virtio_lines = levels;
+        let Some(pc) = self.pc.as_mut() else {
+            return;
+        };
+        for i in 0..self.virtio.len() as u8 {
+            if changed & (1 << i) != 0 {
+                let gsi = acpi::VirtioMmioSlot::standard(i).gsi;
+                pc.chip.set_gsi(gsi as u8, levels & (1 << i) != 0);
+            }
         }
     }
 
@@ -557,7 +662,7 @@ impl Devices {
                     }
                 }
             }
-            Target::IoApic | Target::Lapic => data.fill(0xff),
+            Target::IoApic | Target::Lapic | Target::Virtio(_) => data.fill(0xff),
         }
     }
 
@@ -582,6 +687,22 @@ impl Devices {
             .mmio
             .lookup(gpa)
             .filter(|h| h.left >= data.len() as u64);
+        if let Some(bus::Hit {
+            target: Target::Virtio(slot),
+            offset,
+            ..
+        }) = hit
+        {
+            if let Some(dev) = self.virtio.get_mut(usize::from(slot)) {
+                if write {
+                    dev.mmio_write(offset, data);
+                } else {
+                    dev.mmio_read(offset, data);
+                }
+            }
+            self.sync_virtio_lines();
+            return;
+        }
         let (Some(hit), Some(pc)) = (hit, self.pc.as_mut()) else {
             self.unclaimed("MMIO", gpa);
             if !write {
@@ -745,6 +866,9 @@ impl Devices {
             push(&pc.chip.ioapic, 0);
             push(&pc.chip.lapic, 0);
         }
+        for (i, dev) in self.virtio.iter().enumerate() {
+            push(dev, i as u16);
+        }
         out
     }
 
@@ -823,7 +947,27 @@ impl Devices {
         }
         r.finish()?;
         let mut d = Self::with_machine(machine, 0);
+        // The virtio slots the records name exist before they restore
+        // (their capacity comes from the records).
+        let disks = records
+            .iter()
+            .filter(|r| r.kind == DeviceKind::VirtioBlk)
+            .count();
+        for _ in 0..disks {
+            d.add_virtio_blk(0, false)
+                .ok_or(StateError::LengthOverCap {
+                    what: "virtio slots",
+                    len: disks as u64,
+                })?;
+        }
         d.restore_records(&records)?;
+        // The I/O APIC's restored pins already hold these levels.
+        d.virtio_lines = d
+            .virtio
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.interrupt_line())
+            .fold(0, |acc, (i, _)| acc | (1 << i));
         d.clock = DeviceClock::starting_at(clock_ns);
         if machine == Machine::Minimal && (levels | delivered) != 0 {
             return Err(StateError::BadValue {
@@ -872,9 +1016,16 @@ impl Devices {
                 pc.chip.lapic.clone(),
             )
         });
+        let mut virtio = self.virtio.clone();
         for rec in records {
             let target: &mut dyn Snapshot = match (rec.kind, pc_parts.as_mut()) {
                 (DeviceKind::Uart16550, _) => &mut com1,
+                (DeviceKind::VirtioBlk, _) => virtio.get_mut(usize::from(rec.instance)).ok_or(
+                    StateError::UnknownInstance {
+                        kind: rec.kind.code(),
+                        instance: rec.instance,
+                    },
+                )?,
                 (DeviceKind::Pic, Some(p)) => &mut p.0,
                 (DeviceKind::Pit, Some(p)) => &mut p.1,
                 (DeviceKind::Rtc, Some(p)) => &mut p.2,
@@ -891,6 +1042,7 @@ impl Devices {
             target.restore_state(rec.version, &rec.payload)?;
         }
         self.com1 = com1;
+        self.virtio = virtio;
         if let (Some(pc), Some((pic, pit, rtc, pm, ioapic, lapic))) = (self.pc.as_mut(), pc_parts) {
             pc.pit = pit;
             pc.rtc = rtc;

@@ -30,6 +30,7 @@ extern crate alloc;
 
 pub mod cases;
 pub mod devices;
+pub mod disks;
 pub mod hypercall;
 pub mod loader;
 pub mod mgmt;

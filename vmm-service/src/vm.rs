@@ -32,7 +32,8 @@ use core::fmt::{self, Write as _};
 use hvcore::abi::{HC_MIGRATION_STATUS, HC_NOP};
 use hvcore::exit::{self, Handled, StopReason as ExitStop};
 use hvcore::host::{DirtyMode, Host, HostError, Partition};
-use hvcore::vcpu::IoDir;
+use hvcore::vcpu::{IoDir, VmExit};
+use vstorage::VirtualDisk;
 
 /// Exits between two clock reads when the guest is not preempted.
 pub const CLOCK_CHECK_EXITS: u32 = 256;
@@ -209,6 +210,8 @@ pub struct Vm {
     recent: VecDeque<String>,
     /// Reused buffer for console lines.
     line_buf: String,
+    /// The disks behind its virtio-blk devices (index = virtio slot).
+    disks: alloc::vec::Vec<Box<dyn VirtualDisk>>,
 }
 
 impl fmt::Debug for Vm {
@@ -271,7 +274,44 @@ impl Vm {
             counters: VmCounters::default(),
             recent: VecDeque::new(),
             line_buf: String::new(),
+            disks: alloc::vec::Vec::new(),
         }
+    }
+
+    /// Give the VM `disk` as its next virtio-blk device (before it starts;
+    /// the guest sees it at the next virtio-mmio slot). Returns the slot,
+    /// or `None` when every slot is taken.
+    pub fn attach_disk(&mut self, disk: Box<dyn VirtualDisk>, read_only: bool) -> Option<u8> {
+        let slot = self
+            .devices
+            .add_virtio_blk(disk.virtual_size(), read_only)?;
+        self.disks.push(disk);
+        Some(slot)
+    }
+    /// The disk behind virtio slot `slot`.
+    pub fn disk_mut(&mut self, slot: u8) -> Option<&mut (dyn VirtualDisk + 'static)> {
+        self.disks.get_mut(usize::from(slot)).map(|d| &mut **d)
+    }
+    /// Replace the disk behind `slot` (storage migration's switch of the
+    /// VM's I/O); returns the old one.
+    pub fn replace_disk(
+        &mut self,
+        slot: u8,
+        disk: Box<dyn VirtualDisk>,
+    ) -> Option<Box<dyn VirtualDisk>> {
+        let d = self.disks.get_mut(usize::from(slot))?;
+        Some(core::mem::replace(d, disk))
+    }
+    /// Take over `source`'s disks (and what the node knows of them): a
+    /// move within the node, at the destination's resume, when the source
+    /// is paused past its commit point and never runs again. The device
+    /// state came through the stream; the storage behind it is the same.
+    pub fn adopt_disks(&mut self, source: &mut Vm) {
+        self.disks = source.take_disks();
+    }
+    /// Take every disk (the VM is about to be destroyed).
+    pub fn take_disks(&mut self) -> alloc::vec::Vec<Box<dyn VirtualDisk>> {
+        core::mem::take(&mut self.disks)
     }
 
     /// The VM's name.
@@ -470,6 +510,18 @@ impl Vm {
         loop {
             let vm_exit = self.partition.run();
             self.counters.exits += 1;
+            // MMIO: a data access where nothing is mapped, that a device
+            // claims. (Until hvcore's exit handling reports MMIO itself,
+            // the fault is taken here, before it would stop the VM.)
+            if let VmExit::NestedFault { gpa, access } = vm_exit {
+                if !access.present && !access.exec && self.devices.claims_mmio(gpa.as_u64()) {
+                    if let Err(reason) = self.mmio(host, gpa.as_u64()) {
+                        self.stop(host, reason);
+                        return SliceEnd::Stopped;
+                    }
+                    continue;
+                }
+            }
             match exit::handle(vm_exit, self.partition.vcpu(), &*host) {
                 Handled::Resume => {}
                 Handled::Hypercall => {
@@ -539,6 +591,52 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// Emulate the instruction whose access to device memory at `gpa`
+    /// exited, then serve what it started (a virtio notify).
+    fn mmio(&mut self, host: &mut dyn Host, gpa: u64) -> Result<(), StopReason> {
+        use crate::devices::{mmio, walk};
+        let state = self.partition.vcpu().save_state();
+        let paging = walk::Paging {
+            cr0: state.cr0,
+            cr3: state.cr3,
+            cr4: state.cr4,
+            efer: state.efer,
+        };
+        let mode = if state.cs.attrib & hvcore::vcpu_state::ATTR_L != 0 {
+            mmio::CpuMode::Long64
+        } else {
+            mmio::CpuMode::Protected32
+        };
+        let mut insn = [0u8; mmio::MAX_INSN_BYTES];
+        let rip = self.partition.vcpu().regs().rip;
+        let n = walk::fetch(self.partition.memory(), &paging, rip, &mut insn)
+            .map_err(|_| StopReason::ProtocolViolation("MMIO instruction not readable"))?;
+        let now = host.now_ns();
+        let mut regs = *self.partition.vcpu().regs();
+        if let Err(e) = self
+            .devices
+            .emulate_mmio(now, &insn[..n], mode, &mut regs, gpa)
+        {
+            let mut line = String::new();
+            let _ = writeln!(
+                line,
+                "vm {}: MMIO at {gpa:#x} from RIP {rip:#x}: {e:?}; bytes {:02x?}",
+                self.name,
+                &insn[..n]
+            );
+            host.console_write(&line);
+            return Err(StopReason::ProtocolViolation(
+                "MMIO instruction not emulated",
+            ));
+        }
+        *self.partition.vcpu().regs_mut() = regs;
+        if self.devices.virtio_pending() {
+            self.devices
+                .process_virtio(self.partition.memory(), &mut self.disks);
+        }
+        Ok(())
     }
 
     /// The general hypercall path; `Some` stops the VM.

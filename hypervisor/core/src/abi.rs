@@ -165,9 +165,10 @@ pub mod case {
     pub const LOCAL_MIGRATE_ABORT: &str = "local-migrate-abort";
     pub const LOCAL_MIGRATE_CONVERGE: &str = "local-migrate-converge";
     pub const LOCAL_MIGRATE_TAMPER: &str = "local-migrate-tamper";
+    pub const VIRTIO_BLK: &str = "virtio-blk";
 
     /// Every test case, in the order `tests=all` runs them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         HELLO,
         CPUID,
         MEMORY,
@@ -180,7 +181,38 @@ pub mod case {
         LOCAL_MIGRATE_ABORT,
         LOCAL_MIGRATE_CONVERGE,
         LOCAL_MIGRATE_TAMPER,
+        VIRTIO_BLK,
     ];
+}
+
+/// Bytes of a disk sector as the disk guests address it (virtio-blk).
+pub const DISK_SECTOR_BYTES: usize = 512;
+
+/// The 8 bytes at byte `word * 8` of disk sector `sector` as the disk
+/// guests (`virtio-blk`, `disk-verify`) write them in round `round` with
+/// seed `seed`, little-endian: splitmix64 of the four mixed together, so
+/// every word of every sector of every round differs and the node can
+/// check a disk's bytes without the guest.
+pub fn disk_pattern_word(seed: u64, round: u64, sector: u64, word: u64) -> u64 {
+    let mut z = seed
+        ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ sector.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ word.wrapping_mul(0x1656_67b1_9e37_79f9);
+    // splitmix64's finaliser (Steele, Lea, Flood, OOPSLA 2014).
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fill `buf` (whole sectors) with the pattern of the sectors starting at
+/// `first_sector`.
+pub fn fill_disk_pattern(seed: u64, round: u64, first_sector: u64, buf: &mut [u8]) {
+    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        let byte = i as u64 * 8;
+        let sector = first_sector + byte / DISK_SECTOR_BYTES as u64;
+        let word = (byte % DISK_SECTOR_BYTES as u64) / 8;
+        chunk.copy_from_slice(&disk_pattern_word(seed, round, sector, word).to_le_bytes());
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ mod report;
 #[cfg(target_os = "none")]
 #[macro_use]
 mod serial;
+#[cfg(target_os = "none")]
+mod virtio;
 
 #[cfg(not(target_os = "none"))]
 fn main() {}

@@ -118,6 +118,18 @@ impl IrqChip {
         self.messages = msgs;
     }
 
+    /// An I/O APIC input above the ISA lines (a virtio-mmio slot's GSI)
+    /// changed to `level`.
+    pub fn set_gsi(&mut self, gsi: u8, level: bool) {
+        if gsi < ISA_IRQS {
+            return;
+        }
+        let mut msgs = core::mem::take(&mut self.messages);
+        self.ioapic.set_pin(gsi, level, &mut msgs);
+        self.deliver(&mut msgs);
+        self.messages = msgs;
+    }
+
     /// The 8259's INTR output drives I/O APIC input 0: follow it after
     /// anything that may have changed it.
     fn sync_pic_output(&mut self) {

@@ -16,6 +16,11 @@
 //! * `63` MOVSXD (64-bit mode);
 //! * `86`/`87` XCHG r/m, reg (the locked exchange some APIC code uses);
 //! * `A0`-`A3` MOV with a direct address (moffs);
+//! * `38`-`3B` CMP and `84`/`85` TEST with a register, `80`/`81`/`83 /7`
+//!   CMP and `F6`/`F7 /0` TEST with an immediate: a read that only sets
+//!   the arithmetic flags (compilers fold a load of a register they may
+//!   read freely, such as virtio-drivers' `ReadPure` fields, into the
+//!   comparison);
 //! * prefixes: operand size `66`, address size `67`, segment overrides,
 //!   `F0`/`F2`/`F3` (ignored: with these opcodes they change nothing the
 //!   device sees), and REX in 64-bit mode (only when it directly precedes
@@ -89,6 +94,14 @@ pub enum MmioOp {
     Store { size: u8, src: Source },
     /// Read `size` bytes, write `reg`'s, then `reg` = what was read.
     Exchange { size: u8, reg: RegRef },
+    /// Read `size` bytes and set the arithmetic flags of `mem - src`
+    /// (`src - mem` when `reversed`) or, for `test`, of `mem & src`.
+    Compare {
+        size: u8,
+        src: Source,
+        reversed: bool,
+        test: bool,
+    },
 }
 
 impl MmioOp {
@@ -97,12 +110,13 @@ impl MmioOp {
         match *self {
             MmioOp::Load { size, .. }
             | MmioOp::Store { size, .. }
-            | MmioOp::Exchange { size, .. } => size,
+            | MmioOp::Exchange { size, .. }
+            | MmioOp::Compare { size, .. } => size,
         }
     }
     /// Whether memory is written.
     pub fn writes(&self) -> bool {
-        !matches!(self, MmioOp::Load { .. })
+        matches!(self, MmioOp::Store { .. } | MmioOp::Exchange { .. })
     }
 }
 
@@ -309,6 +323,45 @@ pub fn decode(bytes: &[u8], mode: CpuMode) -> Result<MmioInsn, DecodeError> {
                 _ => MmioOp::Exchange { size, reg: r },
             }
         }
+        0x38..=0x3b | 0x84 | 0x85 => {
+            let (reg, _) = modrm(&mut c, &p, mode)?;
+            let (size, r) = if opcode & 1 == 0 {
+                (1, reg8(reg, &p))
+            } else {
+                (opsize, full(reg))
+            };
+            MmioOp::Compare {
+                size,
+                src: Source::Reg(r),
+                reversed: matches!(opcode, 0x3a | 0x3b),
+                test: opcode >= 0x84,
+            }
+        }
+        0x80 | 0x81 | 0x83 | 0xf6 | 0xf7 => {
+            let (_, ext) = modrm(&mut c, &p, mode)?;
+            let test = opcode >= 0xf6;
+            if (test && ext != 0) || (!test && ext != 7) {
+                return Err(DecodeError::Unsupported {
+                    opcode: u16::from(opcode),
+                });
+            }
+            let sext = |v: u64, from: u8| -> u64 {
+                let shift = 64 - 8 * u32::from(from);
+                (((v << shift) as i64) >> shift) as u64
+            };
+            let (size, imm) = match opcode {
+                0x80 | 0xf6 => (1, c.le(1)?),
+                0x83 => (opsize, sext(c.le(1)?, 1) & mask(opsize)),
+                _ if opsize == 2 => (2, c.le(2)?),
+                _ => (opsize, sext(c.le(4)?, 4) & mask(opsize)),
+            };
+            MmioOp::Compare {
+                size,
+                src: Source::Imm(imm),
+                reversed: false,
+                test,
+            }
+        }
         0xc6 | 0xc7 => {
             let (_, ext) = modrm(&mut c, &p, mode)?;
             if ext != 0 {
@@ -459,6 +512,56 @@ fn set(regs: &mut Regs, r: RegRef, width: u8, value: u64) {
     };
 }
 
+const CF: u64 = 1 << 0;
+const PF: u64 = 1 << 2;
+const AF: u64 = 1 << 4;
+const ZF: u64 = 1 << 6;
+const SF: u64 = 1 << 7;
+const OF: u64 = 1 << 11;
+/// The flags CMP and TEST write (SDM vol. 1, 3.4.3.1).
+const ARITH_FLAGS: u64 = CF | PF | AF | ZF | SF | OF;
+
+/// ZF, SF and PF of a result of `size` bytes.
+fn result_flags(r: u64, size: u8) -> u64 {
+    let top = 1u64 << (8 * u32::from(size) - 1);
+    let mut f = 0;
+    if r & mask(size) == 0 {
+        f |= ZF;
+    }
+    if r & top != 0 {
+        f |= SF;
+    }
+    // PF: even number of set bits in the low byte.
+    if (r as u8).count_ones() % 2 == 0 {
+        f |= PF;
+    }
+    f
+}
+
+/// Flags of `a - b` at `size` bytes (CMP).
+fn sub_flags(a: u64, b: u64, size: u8) -> u64 {
+    let m = mask(size);
+    let (a, b) = (a & m, b & m);
+    let r = a.wrapping_sub(b) & m;
+    let top = 1u64 << (8 * u32::from(size) - 1);
+    let mut f = result_flags(r, size);
+    if a < b {
+        f |= CF;
+    }
+    if (a ^ b) & (a ^ r) & top != 0 {
+        f |= OF;
+    }
+    if (a ^ b ^ r) & 0x10 != 0 {
+        f |= AF;
+    }
+    f
+}
+
+/// Flags of a logical result (TEST): CF and OF clear, AF left clear.
+fn logic_flags(r: u64, size: u8) -> u64 {
+    result_flags(r & mask(size), size)
+}
+
 /// The device side of an emulated access.
 pub trait MmioBus {
     /// Read `data.len()` bytes at `gpa`.
@@ -512,6 +615,28 @@ pub fn emulate(
             let new = get(regs, reg, size);
             bus.write(gpa, &new.to_le_bytes()[..n]);
             set(regs, reg, size, u64::from_le_bytes(buf));
+        }
+        MmioOp::Compare {
+            src,
+            reversed,
+            test,
+            ..
+        } => {
+            let mut buf = [0u8; 8];
+            bus.read(gpa, &mut buf[..n]);
+            let mem = u64::from_le_bytes(buf);
+            let other = match src {
+                Source::Reg(r) => get(regs, r, size),
+                Source::Imm(v) => v,
+            };
+            let flags = if test {
+                logic_flags(mem & other, size)
+            } else if reversed {
+                sub_flags(other, mem, size)
+            } else {
+                sub_flags(mem, other, size)
+            };
+            regs.rflags = (regs.rflags & !ARITH_FLAGS) | flags;
         }
     }
     regs.rip = match mode {
@@ -686,6 +811,41 @@ mod tests {
         // mov (%rdi),%r15b
         let (r, _, _) = run(&[0x44, 0x8a, 0x3f], 0x9a);
         assert_eq!(r.r15, 0xf0f0_f0f0_f0f0_f09a);
+    }
+
+    /// CMP/TEST with a memory operand: one read, no write, only the
+    /// arithmetic flags change (values checked against what the CPU sets).
+    #[test]
+    fn compare_and_test_set_flags() {
+        const ALL: u64 = CF | PF | AF | ZF | SF | OF;
+        // cmpl $0x0,0x40(%rax,%rcx,4) (virtio-drivers' queue_used): 0 -> ZF PF.
+        let (r, bus, i) = run(&[0x83, 0x7c, 0x88, 0x40, 0x00], 0);
+        assert_eq!(i.len, 5);
+        assert_eq!((bus.reads.len(), bus.writes.len()), (1, 0));
+        assert_eq!(r.rflags & ALL, ZF | PF);
+        assert_eq!(r.rax, regs().rax, "no register changes");
+        // Non-zero: ZF clear.
+        let (r, _, _) = run(&[0x83, 0x7c, 0x88, 0x40, 0x00], 1);
+        assert_eq!(r.rflags & ZF, 0);
+        // cmp $1,(%rax) with 0 in memory: 0 - 1 borrows, sign, AF, PF.
+        let (r, _, _) = run(&[0x83, 0x38, 0x01], 0);
+        assert_eq!(r.rflags & ALL, CF | SF | AF | PF);
+        // cmpl $0x80000000,(%rax) with 0x7fffffff: overflow.
+        let (r, _, _) = run(&[0x81, 0x38, 0, 0, 0, 0x80], 0x7fff_ffff);
+        assert_eq!(r.rflags & (OF | CF | SF), OF | CF | SF);
+        // cmp (%rax),%ecx (3B: reg - mem), ecx = 0x22222222 > 0x10.
+        let (r, _, _) = run(&[0x3b, 0x08], 0x10);
+        assert_eq!(r.rflags & (CF | ZF | SF), 0);
+        // testb $0x1,(%rdx) / test %eax,(%rdx).
+        let (r, _, i) = run(&[0xf6, 0x02, 0x01], 0xfe);
+        assert_eq!((i.len, r.rflags & ZF), (3, ZF));
+        let (r, _, _) = run(&[0x85, 0x02], 0x0100_0000);
+        assert_eq!(r.rflags & (ZF | CF | OF), 0);
+        // Other /digit forms (add, or, ...) are still refused.
+        assert!(matches!(
+            decode(&[0x83, 0x00, 0x01], CpuMode::Long64),
+            Err(DecodeError::Unsupported { opcode: 0x83 })
+        ));
     }
 
     #[test]

@@ -33,11 +33,13 @@ pub enum DeviceKind {
     Lapic,
     /// The ACPI fixed-hardware registers (PM1 event/control, PM timer).
     AcpiPm,
+    /// A virtio-blk disk on virtio-mmio slot `instance`.
+    VirtioBlk,
 }
 
 impl DeviceKind {
     /// Every kind, in saved-state order.
-    pub const ALL: [DeviceKind; 7] = [
+    pub const ALL: [DeviceKind; 8] = [
         DeviceKind::Uart16550,
         DeviceKind::Pic,
         DeviceKind::Pit,
@@ -45,6 +47,7 @@ impl DeviceKind {
         DeviceKind::IoApic,
         DeviceKind::Lapic,
         DeviceKind::AcpiPm,
+        DeviceKind::VirtioBlk,
     ];
 
     /// The number in saved state.
@@ -57,6 +60,7 @@ impl DeviceKind {
             DeviceKind::IoApic => 5,
             DeviceKind::Lapic => 6,
             DeviceKind::AcpiPm => 7,
+            DeviceKind::VirtioBlk => 8,
         }
     }
 
@@ -75,6 +79,7 @@ impl DeviceKind {
             DeviceKind::IoApic => "I/O APIC",
             DeviceKind::Lapic => "local APIC",
             DeviceKind::AcpiPm => "ACPI PM registers",
+            DeviceKind::VirtioBlk => "virtio-blk",
         }
     }
 }

@@ -528,6 +528,19 @@ impl Migrations {
         if resumed {
             if let Some(vi) = vi {
                 vms[vi].set_migration_mark(None);
+                // A move within the node: the source copy (paused past its
+                // commit point, never to run again) hands its disks over
+                // before the guest runs here.
+                if let Some(si) = (0..vms.len()).find(|&i| i != vi && vms[i].name() == x.vm) {
+                    let (dest, source) = if vi < si {
+                        let (a, b) = vms.split_at_mut(si);
+                        (&mut a[vi], &mut b[0])
+                    } else {
+                        let (a, b) = vms.split_at_mut(vi);
+                        (&mut b[0], &mut a[si])
+                    };
+                    dest.adopt_disks(source);
+                }
             }
             jobs.set_migration(x.job, x.info(Phase::Completed));
             jobs.complete(

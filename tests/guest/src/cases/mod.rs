@@ -5,6 +5,7 @@
 mod basic;
 mod busy_verify;
 mod dirty_log;
+mod disk;
 mod endless;
 mod memory;
 mod migrate;
@@ -31,6 +32,7 @@ pub fn run(env: &Env) -> ! {
         name::LOCAL_MIGRATE_ABORT => migrate::abort(env),
         name::LOCAL_MIGRATE_CONVERGE => migrate::busy(env, 8 << 20, name::LOCAL_MIGRATE_CONVERGE),
         name::LOCAL_MIGRATE_TAMPER => migrate::tamper(env),
+        name::VIRTIO_BLK => disk::virtio_blk(),
         "heartbeat" => endless::heartbeat(),
         "dirty-demo" => endless::dirty_demo(env),
         "bench-hypercall" => endless::bench_hypercall(),

@@ -1,0 +1,152 @@
+//! The disk cases. `virtio-blk` writes the shared pattern
+//! (`hvcore::abi::fill_disk_pattern`, round 1) over the first MiB of its
+//! disk, flushes, reads it back, and reports progress; the node live-
+//! migrates the VM (the device's state travels in the stream); the guest
+//! then reads round 1 back through the migrated device, writes round 2
+//! over the second half MiB, flushes and checks the whole MiB. The node
+//! checks the same bytes in the VHDX behind the disk.
+
+use hvcore::abi::{fill_disk_pattern, DISK_SECTOR_BYTES};
+
+use crate::virtio::{open_disk, Disk};
+use crate::{fail, println, report};
+
+/// Seed of the `virtio-blk` case's pattern (the node checks with it).
+pub const VIRTIO_BLK_SEED: u64 = 0x5eed_b10c;
+/// Sectors the `virtio-blk` case writes (1 MiB).
+pub const VIRTIO_BLK_SECTORS: u64 = 2048;
+/// Bytes per request.
+const REQUEST_BYTES: usize = 64 << 10;
+const REQUEST_SECTORS: u64 = (REQUEST_BYTES / DISK_SECTOR_BYTES) as u64;
+
+/// One request's buffer and its expected contents (in `.bss`: the stack
+/// is 64 KiB).
+static mut BUF: [u8; REQUEST_BYTES] = [0; REQUEST_BYTES];
+static mut EXPECT: [u8; REQUEST_BYTES] = [0; REQUEST_BYTES];
+
+fn buffers() -> (
+    &'static mut [u8; REQUEST_BYTES],
+    &'static mut [u8; REQUEST_BYTES],
+) {
+    // SAFETY: the guest is single-threaded and only the disk cases use
+    // these buffers, through this one call per case.
+    unsafe { (&mut *(&raw mut BUF), &mut *(&raw mut EXPECT)) }
+}
+
+/// Write round `round` of the pattern over `[first, first + sectors)`.
+fn write_pattern(disk: &mut Disk, buf: &mut [u8], seed: u64, round: u64, first: u64, sectors: u64) {
+    let mut s = first;
+    while s < first + sectors {
+        let n = REQUEST_SECTORS.min(first + sectors - s);
+        let bytes = &mut buf[..n as usize * DISK_SECTOR_BYTES];
+        fill_disk_pattern(seed, round, s, bytes);
+        if let Err(e) = disk.write_blocks(s as usize, bytes) {
+            fail!("write of sectors {}..{}: {}", s, s + n, e);
+        }
+        s += n;
+    }
+}
+
+/// Read `[first, first + sectors)` and compare with round `round`;
+/// `Err((sector, byte))` names the first difference.
+fn check_pattern(
+    disk: &mut Disk,
+    buf: &mut [u8],
+    expect: &mut [u8],
+    seed: u64,
+    round: u64,
+    first: u64,
+    sectors: u64,
+) -> Result<(), (u64, usize)> {
+    let mut s = first;
+    while s < first + sectors {
+        let n = REQUEST_SECTORS.min(first + sectors - s);
+        let len = n as usize * DISK_SECTOR_BYTES;
+        if let Err(e) = disk.read_blocks(s as usize, &mut buf[..len]) {
+            fail!("read of sectors {}..{}: {}", s, s + n, e);
+        }
+        fill_disk_pattern(seed, round, s, &mut expect[..len]);
+        if let Some(i) = (0..len).find(|&i| buf[i] != expect[i]) {
+            return Err((s + (i / DISK_SECTOR_BYTES) as u64, i % DISK_SECTOR_BYTES));
+        }
+        s += n;
+    }
+    Ok(())
+}
+
+/// `virtio-blk`.
+pub fn virtio_blk() -> ! {
+    let mut disk = open_disk(0);
+    let (buf, expect) = buffers();
+    let capacity = disk.capacity();
+    if capacity < VIRTIO_BLK_SECTORS {
+        fail!(
+            "disk has {} sectors, the case needs {}",
+            capacity,
+            VIRTIO_BLK_SECTORS
+        );
+    }
+    write_pattern(&mut disk, buf, VIRTIO_BLK_SEED, 1, 0, VIRTIO_BLK_SECTORS);
+    if let Err(e) = disk.flush() {
+        fail!("flush: {}", e);
+    }
+    if let Err((sector, byte)) = check_pattern(
+        &mut disk,
+        buf,
+        expect,
+        VIRTIO_BLK_SEED,
+        1,
+        0,
+        VIRTIO_BLK_SECTORS,
+    ) {
+        fail!("read back: sector {} byte {} differs", sector, byte);
+    }
+    println!(
+        "virtio-blk: {} sectors of {} written, flushed and read back",
+        VIRTIO_BLK_SECTORS, capacity
+    );
+    if crate::hypercall::progress(1).is_err() {
+        fail!("HC_PROGRESS failed");
+    }
+    // The node migrates the VM now.
+    loop {
+        let (completed, failed) = super::migrate::status();
+        if failed > 0 {
+            fail!("the migration failed");
+        }
+        if completed > 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let half = VIRTIO_BLK_SECTORS / 2;
+    if let Err((sector, byte)) = check_pattern(
+        &mut disk,
+        buf,
+        expect,
+        VIRTIO_BLK_SEED,
+        1,
+        0,
+        VIRTIO_BLK_SECTORS,
+    ) {
+        fail!(
+            "after the migration: sector {} byte {} differs",
+            sector,
+            byte
+        );
+    }
+    write_pattern(&mut disk, buf, VIRTIO_BLK_SEED, 2, half, half);
+    if let Err(e) = disk.flush() {
+        fail!("flush after the migration: {}", e);
+    }
+    let checks = [(1, 0), (2, half)];
+    for (round, first) in checks {
+        if let Err((sector, byte)) =
+            check_pattern(&mut disk, buf, expect, VIRTIO_BLK_SEED, round, first, half)
+        {
+            fail!("after round 2: sector {} byte {} differs", sector, byte);
+        }
+    }
+    println!("virtio-blk: after the migration the disk reads back and takes writes");
+    report::ok("disk written, migrated and read back")
+}
