@@ -532,7 +532,7 @@ fn result_flags(r: u64, size: u8) -> u64 {
         f |= SF;
     }
     // PF: even number of set bits in the low byte.
-    if (r as u8).count_ones() % 2 == 0 {
+    if (r as u8).count_ones().is_multiple_of(2) {
         f |= PF;
     }
     f

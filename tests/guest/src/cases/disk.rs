@@ -28,9 +28,10 @@ fn buffers() -> (
     &'static mut [u8; REQUEST_BYTES],
     &'static mut [u8; REQUEST_BYTES],
 ) {
+    let (buf, expect) = (&raw mut BUF, &raw mut EXPECT);
     // SAFETY: the guest is single-threaded and only the disk cases use
     // these buffers, through this one call per case.
-    unsafe { (&mut *(&raw mut BUF), &mut *(&raw mut EXPECT)) }
+    unsafe { (&mut *buf, &mut *expect) }
 }
 
 /// Write round `round` of the pattern over `[first, first + sectors)`.
