@@ -207,7 +207,20 @@ pub enum VmCmd {
         /// The guest test kernel's case to run (default: the heartbeat guest)
         #[arg(long, value_name = "CASE")]
         guest: Option<String>,
+        /// Give it a new virtual disk (a VHDX) of this size: MiB, or with a
+        /// unit (256M, 1G)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_mib)]
+        disk: Option<u64>,
+        /// The store the disk's file goes to (default: the node's own)
+        #[arg(long, value_name = "NAME", requires = "disk")]
+        store: Option<String>,
+        /// Allocate the whole disk now (a fixed VHDX) instead of as written
+        #[arg(long, requires = "disk")]
+        fixed: bool,
     },
+    /// A VM's virtual disks
+    #[command(subcommand)]
+    Disk(DiskCmd),
     /// Start a VM
     Start {
         /// The VM's name
@@ -271,6 +284,15 @@ pub enum VmCmd {
         /// How many lines (default: all the node keeps)
         #[arg(long, value_name = "N")]
         lines: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum DiskCmd {
+    /// Each disk: slot, file location, kind, size, file size
+    List {
+        /// The VM's name
+        name: String,
     },
 }
 
@@ -347,6 +369,9 @@ pub enum Action {
     Completions(clap_complete::Shell),
     /// `vm move ... --wait`: send the request, then follow the job.
     MoveAndWait(Request),
+    /// `vm create ... --disk SIZE`: create the VM, then its disk (the VM
+    /// is deleted again if the disk cannot be made).
+    CreateWithDisk(Request, Request),
 }
 
 impl Cli {
@@ -364,11 +389,29 @@ impl Cli {
                     name,
                     memory,
                     guest,
-                } => Request::VmCreate {
-                    name: name.clone(),
-                    memory_mib: *memory,
-                    guest: guest.clone(),
-                },
+                    disk,
+                    store,
+                    fixed,
+                } => {
+                    let create = Request::VmCreate {
+                        name: name.clone(),
+                        memory_mib: *memory,
+                        guest: guest.clone(),
+                    };
+                    let Some(size_mib) = disk else {
+                        return Action::Request(create);
+                    };
+                    return Action::CreateWithDisk(
+                        create,
+                        Request::VmDiskCreate {
+                            name: name.clone(),
+                            size_mib: *size_mib,
+                            store: store.clone(),
+                            fixed: fixed.then_some(true),
+                        },
+                    );
+                }
+                VmCmd::Disk(DiskCmd::List { name }) => Request::VmDiskList { name: name.clone() },
                 VmCmd::Start { name } => Request::VmStart { name: name.clone() },
                 VmCmd::Stop { name } => Request::VmStop { name: name.clone() },
                 VmCmd::Delete { name } => Request::VmDelete { name: name.clone() },
@@ -676,6 +719,21 @@ pub fn render(body: &Body) -> String {
             "max live migrations     {}\nmax storage migrations  {}",
             h.max_live_migrations, h.max_storage_migrations
         ),
+        Body::Disks { vm, disks } if disks.is_empty() => format!("VM {vm} has no disks"),
+        Body::Disks { disks, .. } => disks
+            .iter()
+            .map(|d| {
+                format!(
+                    "disk {}  {:<40} {:<8} {:>6} MiB  file {}",
+                    d.slot,
+                    d.location,
+                    d.kind,
+                    d.virtual_bytes >> 20,
+                    mib(d.file_bytes)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
         Body::Done => "done".into(),
     }
 }
@@ -1114,6 +1172,31 @@ fn run(cli: &Cli) -> Result<u8, String> {
         Action::Watch(id) => watch(&mut client, id, cli.json),
         Action::WatchAll => watch_all(&mut client, cli.json),
         Action::MoveAndWait(req) => move_and_wait(cli, &mut client, req),
+        Action::CreateWithDisk(create, disk) => {
+            let Request::VmCreate { name, .. } = &create else {
+                return Err("not a create".into());
+            };
+            let name = name.clone();
+            let vm = match client.call(create)? {
+                Outcome::Ok(body) => body,
+                Outcome::Error(e) => return Ok(print_error(cli.json, &e)),
+            };
+            match client.call(disk)? {
+                Outcome::Ok(disks) => {
+                    if cli.json {
+                        println!("{}", serde_json::json!({"ok": {"vm": vm, "disks": disks}}));
+                    } else {
+                        println!("{}\n{}", render(&vm), render(&disks));
+                    }
+                    Ok(0)
+                }
+                Outcome::Error(e) => {
+                    // No half-made VM left behind.
+                    let _ = client.call(Request::VmDelete { name });
+                    Ok(print_error(cli.json, &e))
+                }
+            }
+        }
         Action::Request(req) => {
             let moving = matches!(req, Request::VmMove { .. });
             let outcome = client.call(req)?;
@@ -1145,6 +1228,62 @@ mod tests {
 
     fn p(s: &str) -> Result<Cli, String> {
         parse(s.split_whitespace()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn vm_create_with_a_disk_and_disk_list() {
+        assert_eq!(
+            p("vm create d --memory 64M --disk 256M --store shared --fixed --guest disk-verify")
+                .unwrap()
+                .action(),
+            Action::CreateWithDisk(
+                Request::VmCreate {
+                    name: "d".into(),
+                    memory_mib: 64,
+                    guest: Some("disk-verify".into())
+                },
+                Request::VmDiskCreate {
+                    name: "d".into(),
+                    size_mib: 256,
+                    store: Some("shared".into()),
+                    fixed: Some(true)
+                }
+            )
+        );
+        assert_eq!(
+            p("vm create d --memory 64 --disk 1G").unwrap().action(),
+            Action::CreateWithDisk(
+                Request::VmCreate {
+                    name: "d".into(),
+                    memory_mib: 64,
+                    guest: None
+                },
+                Request::VmDiskCreate {
+                    name: "d".into(),
+                    size_mib: 1024,
+                    store: None,
+                    fixed: None
+                }
+            )
+        );
+        assert_eq!(
+            p("vm disk list d").unwrap().action(),
+            Action::Request(Request::VmDiskList { name: "d".into() })
+        );
+        assert!(usage_error("vm create d --memory 64 --fixed").contains("--disk"));
+        assert!(usage_error("vm create d --memory 64 --store a").contains("--disk"));
+        let text = render(&Body::Disks {
+            vm: "d".into(),
+            disks: vec![hvmgmt::proto::DiskInfo {
+                slot: 0,
+                location: "shared:vms/d/d-0.vhdx".into(),
+                kind: "dynamic".into(),
+                virtual_bytes: 256 << 20,
+                file_bytes: 12 << 20,
+            }],
+        });
+        assert!(text.starts_with("disk 0  shared:vms/d/d-0.vhdx"), "{text}");
+        assert!(text.contains("256 MiB"), "{text}");
     }
 
     fn usage_error(s: &str) -> String {

@@ -329,7 +329,15 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
     let disk_file = if case == Case::VirtioBlk {
         let (disk, file) = crate::disks::new_mem_vhdx(VIRTIO_BLK_DISK_BYTES)
             .map_err(|e| format!("cannot create the disk: {e}"))?;
-        vm.attach_disk(alloc::boxed::Box::new(disk), false)
+        let meta = crate::disks::DiskMeta {
+            backing: crate::disks::Backing::Memory {
+                name: "virtio-blk-0.vhdx".into(),
+                file: file.clone(),
+            },
+            fixed: false,
+            virtual_bytes: VIRTIO_BLK_DISK_BYTES,
+        };
+        vm.attach_disk(alloc::boxed::Box::new(disk), meta)
             .ok_or("no virtio slot for the disk")?;
         Some(file)
     } else {

@@ -212,6 +212,8 @@ pub struct Vm {
     line_buf: String,
     /// The disks behind its virtio-blk devices (index = virtio slot).
     disks: alloc::vec::Vec<Box<dyn VirtualDisk>>,
+    /// What the node knows of each (same index).
+    disk_meta: alloc::vec::Vec<crate::disks::DiskMeta>,
 }
 
 impl fmt::Debug for Vm {
@@ -275,18 +277,34 @@ impl Vm {
             recent: VecDeque::new(),
             line_buf: String::new(),
             disks: alloc::vec::Vec::new(),
+            disk_meta: alloc::vec::Vec::new(),
         }
     }
 
     /// Give the VM `disk` as its next virtio-blk device (before it starts;
     /// the guest sees it at the next virtio-mmio slot). Returns the slot,
     /// or `None` when every slot is taken.
-    pub fn attach_disk(&mut self, disk: Box<dyn VirtualDisk>, read_only: bool) -> Option<u8> {
-        let slot = self
-            .devices
-            .add_virtio_blk(disk.virtual_size(), read_only)?;
+    pub fn attach_disk(
+        &mut self,
+        disk: Box<dyn VirtualDisk>,
+        meta: crate::disks::DiskMeta,
+    ) -> Option<u8> {
+        let slot = self.devices.add_virtio_blk(disk.virtual_size(), false)?;
         self.disks.push(disk);
+        self.disk_meta.push(meta);
         Some(slot)
+    }
+    /// How many disks it has.
+    pub fn disk_count(&self) -> usize {
+        self.disks.len()
+    }
+    /// What the node knows of its disks (index = slot).
+    pub fn disk_meta(&self) -> &[crate::disks::DiskMeta] {
+        &self.disk_meta
+    }
+    /// Its disks' metadata, to change (storage migration moves files).
+    pub fn disk_meta_mut(&mut self) -> &mut [crate::disks::DiskMeta] {
+        &mut self.disk_meta
     }
     /// The disk behind virtio slot `slot`.
     pub fn disk_mut(&mut self, slot: u8) -> Option<&mut (dyn VirtualDisk + 'static)> {
@@ -307,11 +325,19 @@ impl Vm {
     /// is paused past its commit point and never runs again. The device
     /// state came through the stream; the storage behind it is the same.
     pub fn adopt_disks(&mut self, source: &mut Vm) {
-        self.disks = source.take_disks();
+        (self.disks, self.disk_meta) = source.take_disks();
     }
     /// Take every disk (the VM is about to be destroyed).
-    pub fn take_disks(&mut self) -> alloc::vec::Vec<Box<dyn VirtualDisk>> {
-        core::mem::take(&mut self.disks)
+    pub fn take_disks(
+        &mut self,
+    ) -> (
+        alloc::vec::Vec<Box<dyn VirtualDisk>>,
+        alloc::vec::Vec<crate::disks::DiskMeta>,
+    ) {
+        (
+            core::mem::take(&mut self.disks),
+            core::mem::take(&mut self.disk_meta),
+        )
     }
 
     /// The VM's name.

@@ -224,6 +224,21 @@ pub fn page_table_pages(
     Ok(n)
 }
 
+/// `disk-verify`: the round that last wrote span `span` by the end of
+/// round `round`, when round r (from 1) writes span (r - 1) % `spans`;
+/// 0 = no round wrote it yet.
+pub fn last_writer(round: u64, span: u64, spans: u64) -> u64 {
+    if spans == 0 || round == 0 || span >= spans {
+        return 0;
+    }
+    let last = round - 1;
+    if last < span {
+        return 0;
+    }
+    // The largest j <= last with j % spans == span, as a 1-based round.
+    last - (last - span) % spans + 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +341,24 @@ mod tests {
         // Too small an output is an error, not a panic.
         let mut tiny = [0u64; 2];
         assert!(page_table_pages(0x1000, read, &mut tiny).is_err());
+    }
+
+    #[test]
+    fn last_writer_matches_a_simulation() {
+        for spans in 1..6u64 {
+            let mut writer = [0u64; 6];
+            for round in 1..40u64 {
+                writer[((round - 1) % spans) as usize] = round;
+                for span in 0..spans {
+                    assert_eq!(
+                        last_writer(round, span, spans),
+                        writer[span as usize],
+                        "round {round} span {span} of {spans}"
+                    );
+                }
+            }
+        }
+        assert_eq!(last_writer(0, 0, 4), 0);
+        assert_eq!(last_writer(3, 9, 4), 0);
     }
 }

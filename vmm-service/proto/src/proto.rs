@@ -90,6 +90,22 @@ pub enum Request {
         #[serde(default)]
         guest: Option<String>,
     },
+    /// Give VM `name` (created, not started) a new virtual disk: a VHDX
+    /// of `size_mib` on store `store` (default: the node's own store; a
+    /// node without stores keeps small disks in its memory), dynamic
+    /// unless `fixed`. The guest sees it as the next virtio-blk device.
+    VmDiskCreate {
+        name: String,
+        size_mib: u64,
+        #[serde(default)]
+        store: Option<String>,
+        #[serde(default)]
+        fixed: Option<bool>,
+    },
+    /// The VM's virtual disks.
+    VmDiskList {
+        name: String,
+    },
     VmStart {
         name: String,
     },
@@ -196,6 +212,7 @@ pub enum Body {
     VmList { vms: Vec<VmInfo> },
     Vm(VmInfo),
     Console { vm: String, lines: Vec<String> },
+    Disks { vm: String, disks: Vec<DiskInfo> },
     JobList { jobs: Vec<JobInfo> },
     Job(JobInfo),
     Host(HostSettings),
@@ -237,6 +254,22 @@ pub struct VmInfo {
     /// The job moving it (either end of a live migration), else `None`.
     #[serde(default)]
     pub migration_job: Option<u64>,
+}
+
+/// One virtual disk of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Its virtio-mmio slot (the guest's disk number).
+    pub slot: u8,
+    /// Where its file is: `STORE:path`, or `memory:NAME` for a disk in
+    /// the node's memory.
+    pub location: String,
+    /// `dynamic` or `fixed`.
+    pub kind: String,
+    /// Size the guest sees.
+    pub virtual_bytes: u64,
+    /// Bytes of the file (what it occupies on its store).
+    pub file_bytes: u64,
 }
 
 /// Job kinds.

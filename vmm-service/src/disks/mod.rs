@@ -7,11 +7,128 @@
 //! would) while a VM's disk writes through another. The test cases use it;
 //! a node without a store has nothing else.
 
+use crate::vm::Vm;
+use alloc::boxed::Box;
+use alloc::format;
 use alloc::rc::Rc;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use hvmgmt::proto::DiskInfo;
 use vstorage::vhdx::{self, CreateParams, Vhdx};
 use vstorage::{BlockIo, DiskError, IoError, MemIo};
+
+/// Largest disk a node keeps in its own memory (the node heap is small).
+pub const MEM_DISK_MAX_MIB: u64 = 16;
+/// The pseudo-store of disks in node memory.
+pub const MEMORY_STORE: &str = "memory";
+
+/// Where a disk's file is.
+#[derive(Clone, Debug)]
+pub enum Backing {
+    /// In node memory (lost when the node stops).
+    Memory { name: String, file: MemFile },
+}
+
+/// What the node knows of one of a VM's disks besides the disk itself.
+#[derive(Clone, Debug)]
+pub struct DiskMeta {
+    pub backing: Backing,
+    pub fixed: bool,
+    pub virtual_bytes: u64,
+}
+
+impl DiskMeta {
+    /// `STORE:path` (or `memory:NAME`).
+    pub fn location(&self) -> String {
+        match &self.backing {
+            Backing::Memory { name, .. } => format!("{MEMORY_STORE}:{name}"),
+        }
+    }
+    /// Bytes of the file now.
+    pub fn file_bytes(&self) -> u64 {
+        match &self.backing {
+            Backing::Memory { file, .. } => file.len().unwrap_or(0),
+        }
+    }
+    /// As the API lists it.
+    pub fn info(&self, slot: u8) -> DiskInfo {
+        DiskInfo {
+            slot,
+            location: self.location(),
+            kind: if self.fixed { "fixed" } else { "dynamic" }.into(),
+            virtual_bytes: self.virtual_bytes,
+            file_bytes: self.file_bytes(),
+        }
+    }
+}
+
+/// Why a disk could not be made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CreateError {
+    /// The request asks for something impossible here.
+    Invalid(String),
+    /// The node lacks the room.
+    NoResources(String),
+}
+
+/// Create a new disk for `vm` (not started) and attach it: a VHDX of
+/// `size_mib` MiB on `store` (`None`: where the node keeps disks), fixed
+/// or dynamic.
+pub fn create_for_vm(
+    vm: &mut Vm,
+    size_mib: u64,
+    store: Option<&str>,
+    fixed: bool,
+) -> Result<DiskInfo, CreateError> {
+    let store = store.unwrap_or(MEMORY_STORE);
+    if store != MEMORY_STORE {
+        let shown: String = store.chars().take(32).collect();
+        return Err(CreateError::Invalid(format!(
+            "no store '{shown}' on this node (stores: {MEMORY_STORE})"
+        )));
+    }
+    if size_mib == 0 || size_mib > MEM_DISK_MAX_MIB {
+        return Err(CreateError::Invalid(format!(
+            "a disk in node memory is 1 to {MEM_DISK_MAX_MIB} MiB"
+        )));
+    }
+    let slot = vm.disk_count();
+    let name = format!("{}-{slot}.vhdx", vm.name());
+    let bytes = size_mib << 20;
+    let (mut disk, file) =
+        new_mem_vhdx(bytes).map_err(|e| CreateError::NoResources(format!("{e}")))?;
+    if fixed {
+        // Every block allocated now: write zeros over the whole disk.
+        let zeros = alloc::vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < bytes {
+            vstorage::VirtualDisk::write(&mut disk, at, &zeros)
+                .map_err(|e| CreateError::NoResources(format!("{e}")))?;
+            at += 1 << 20;
+        }
+        vstorage::VirtualDisk::flush(&mut disk)
+            .map_err(|e| CreateError::NoResources(format!("{e}")))?;
+    }
+    let meta = DiskMeta {
+        backing: Backing::Memory { name, file },
+        fixed,
+        virtual_bytes: bytes,
+    };
+    let info = meta.info(slot as u8);
+    vm.attach_disk(Box::new(disk), meta)
+        .ok_or_else(|| CreateError::NoResources("every virtio slot of the VM is taken".into()))?;
+    Ok(info)
+}
+
+/// The disks of `vm` as the API lists them.
+pub fn list(vm: &Vm) -> Vec<DiskInfo> {
+    vm.disk_meta()
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.info(i as u8))
+        .collect()
+}
 
 /// A file in node memory; clones are handles on the same bytes.
 #[derive(Clone, Debug)]
@@ -48,7 +165,7 @@ impl BlockIo for MemFile {
 
 /// Bytes a VHDX file needs beyond its payload at most (headers, log,
 /// BAT, metadata, sector bitmaps), generously.
-pub const VHDX_OVERHEAD_BYTES: u64 = 16 << 20;
+pub const VHDX_OVERHEAD_BYTES: u64 = 8 << 20;
 
 /// Payload block size of disks in node memory: the smallest VHDX allows,
 /// so a few writes do not take 32 MiB of node heap each.

@@ -38,11 +38,12 @@ pub const VM_MEMORY_MIB_MIN: u64 = 4;
 /// Console lines returned when the request names no count.
 pub const CONSOLE_LINES_DEFAULT: u32 = 20;
 /// Guests the guest kernel runs (`case=` values; docs/DESIGN.md).
-pub const GUESTS: [&str; 11] = [
+pub const GUESTS: [&str; 12] = [
     "heartbeat",
     "dirty-demo",
     "bench-hypercall",
     "busy-verify",
+    "disk-verify",
     "hello",
     "cpuid",
     "memory",
@@ -351,6 +352,56 @@ impl Managed {
                 memory_mib,
                 guest,
             } => self.create(host, &name, memory_mib, guest.as_deref()),
+            Request::VmDiskCreate {
+                name,
+                size_mib,
+                store,
+                fixed,
+            } => {
+                let Some(i) = self.find(&name) else {
+                    return Self::not_found(&name);
+                };
+                if *self.vms[i].state() != VmState::Created {
+                    return err(
+                        ErrorCode::InvalidState,
+                        format!("VM {name} has started: disks are added before it starts"),
+                    );
+                }
+                let vm = &mut self.vms[i];
+                match crate::disks::create_for_vm(
+                    vm,
+                    size_mib,
+                    store.as_deref(),
+                    fixed == Some(true),
+                ) {
+                    Ok(d) => {
+                        host.console_write(&format!(
+                            "vmm-service: VM {name}: disk {} ({} MiB, {}) at {}\n",
+                            d.slot,
+                            d.virtual_bytes >> 20,
+                            d.kind,
+                            d.location
+                        ));
+                        Outcome::Ok(Body::Disks {
+                            vm: name,
+                            disks: crate::disks::list(&self.vms[i]),
+                        })
+                    }
+                    Err(crate::disks::CreateError::Invalid(m)) => {
+                        err(ErrorCode::InvalidArgument, m)
+                    }
+                    Err(crate::disks::CreateError::NoResources(m)) => {
+                        err(ErrorCode::NoResources, m)
+                    }
+                }
+            }
+            Request::VmDiskList { name } => match self.find(&name) {
+                None => Self::not_found(&name),
+                Some(i) => Outcome::Ok(Body::Disks {
+                    disks: crate::disks::list(&self.vms[i]),
+                    vm: name,
+                }),
+            },
             Request::VmStart { name } => {
                 let Some(i) = self.find(&name) else {
                     return Self::not_found(&name);
@@ -706,6 +757,77 @@ mod tests {
         ] {
             assert_eq!(code(&r.call(s, &mut c, op)), Some(ErrorCode::NotFound));
         }
+    }
+
+    #[test]
+    fn disks_are_created_and_listed_over_the_wire() {
+        let mut r = Rig::new();
+        let (s, mut c, ok) = r.connect(KEY, 1);
+        ok.unwrap();
+        let disk = |size_mib, store: Option<&str>| Request::VmDiskCreate {
+            name: "d".into(),
+            size_mib,
+            store: store.map(Into::into),
+            fixed: None,
+        };
+        assert_eq!(
+            code(&r.call(s, &mut c, disk(4, None))),
+            Some(ErrorCode::NotFound)
+        );
+        r.call(s, &mut c, create("d", 8, Some("disk-verify")));
+        let o = r.call(s, &mut c, disk(4, None));
+        let Outcome::Ok(Body::Disks { vm, disks }) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(vm, "d");
+        assert_eq!(disks.len(), 1);
+        let d = &disks[0];
+        assert_eq!(
+            (
+                d.slot,
+                d.location.as_str(),
+                d.kind.as_str(),
+                d.virtual_bytes
+            ),
+            (0, "memory:d-0.vhdx", "dynamic", 4 << 20)
+        );
+        let empty_file = d.file_bytes;
+        assert!(empty_file > 0);
+        let o = r.call(
+            s,
+            &mut c,
+            Request::VmDiskCreate {
+                name: "d".into(),
+                size_mib: 2,
+                store: None,
+                fixed: Some(true),
+            },
+        );
+        let Outcome::Ok(Body::Disks { disks, .. }) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(disks[1].kind, "fixed");
+        assert!(
+            disks[1].file_bytes >= empty_file + (2 << 20),
+            "a fixed disk is allocated"
+        );
+        for bad in [disk(0, None), disk(1 << 20, None), disk(4, Some("nowhere"))] {
+            assert_eq!(
+                code(&r.call(s, &mut c, bad)),
+                Some(ErrorCode::InvalidArgument)
+            );
+        }
+        let o = r.call(s, &mut c, Request::VmDiskList { name: "d".into() });
+        let Outcome::Ok(Body::Disks { disks, .. }) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(disks.len(), 2);
+        r.host.programs.push_back(printer("x\n"));
+        r.call(s, &mut c, Request::VmStart { name: "d".into() });
+        assert_eq!(
+            code(&r.call(s, &mut c, disk(4, None))),
+            Some(ErrorCode::InvalidState)
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub fn run(env: &Env) -> ! {
         "dirty-demo" => endless::dirty_demo(env),
         "bench-hypercall" => endless::bench_hypercall(),
         "busy-verify" => busy_verify::run(env),
+        "disk-verify" => disk::disk_verify(),
         other => crate::fail!("unknown case {}", other),
     }
 }
