@@ -135,9 +135,25 @@ pub fn list(vm: &Vm) -> Vec<DiskInfo> {
 pub struct MemFile(Rc<RefCell<MemIo>>);
 
 impl MemFile {
-    /// An empty file that may grow to `limit_bytes`.
-    pub fn new(limit_bytes: u64) -> Self {
-        Self(Rc::new(RefCell::new(MemIo::new().with_limit(limit_bytes))))
+    /// An empty file that may grow to `limit_bytes`, all of it reserved
+    /// now: the node heap is small and a growing vector would double its
+    /// allocation (an allocation failure halts the node), so a file that
+    /// cannot have its room fails here, cleanly.
+    pub fn new(limit_bytes: u64) -> Result<Self, IoError> {
+        let mut bytes = Vec::new();
+        usize::try_from(limit_bytes)
+            .ok()
+            .and_then(|n| bytes.try_reserve_exact(n).ok())
+            .ok_or_else(|| IoError::Host {
+                op: "create",
+                detail: format!(
+                    "no room for a {} MiB file in node memory",
+                    limit_bytes >> 20
+                ),
+            })?;
+        Ok(Self(Rc::new(RefCell::new(
+            MemIo::from_vec(bytes).with_limit(limit_bytes),
+        ))))
     }
     /// A copy of the file's bytes now.
     pub fn bytes(&self) -> Vec<u8> {
@@ -174,7 +190,7 @@ pub const MEM_BLOCK_BYTES: u32 = 1 << 20;
 /// A new dynamic VHDX of `size_bytes` in node memory (1 MiB blocks): the
 /// disk, and a handle on its file.
 pub fn new_mem_vhdx(size_bytes: u64) -> Result<(Vhdx<MemFile>, MemFile), DiskError> {
-    let file = MemFile::new(size_bytes.saturating_add(VHDX_OVERHEAD_BYTES));
+    let file = MemFile::new(size_bytes.saturating_add(VHDX_OVERHEAD_BYTES))?;
     let params = CreateParams {
         block_size: MEM_BLOCK_BYTES,
         ..CreateParams::dynamic(size_bytes)
@@ -188,6 +204,22 @@ mod tests {
     use super::*;
     use vstorage::vhdx::OpenOptions;
     use vstorage::VirtualDisk;
+
+    /// The largest memory disk, written full, fits in the room its file
+    /// reserved (a write past it would be an I/O error, not a bigger
+    /// allocation).
+    #[test]
+    fn a_full_memory_disk_fits_its_reservation() {
+        let bytes = MEM_DISK_MAX_MIB << 20;
+        let (mut disk, file) = new_mem_vhdx(bytes).unwrap();
+        let chunk = alloc::vec![0x5au8; 1 << 20];
+        for at in (0..bytes).step_by(1 << 20) {
+            disk.write(at, &chunk).unwrap();
+        }
+        disk.flush().unwrap();
+        assert!(file.len().unwrap() <= bytes + VHDX_OVERHEAD_BYTES);
+        assert!(MemFile::new(u64::MAX).is_err(), "no room is an error");
+    }
 
     #[test]
     fn the_handle_sees_what_the_disk_wrote() {
