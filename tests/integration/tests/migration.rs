@@ -15,6 +15,8 @@
 //! open by the destination on request: vm-move's test knobs
 //! (docs/MANAGEMENT.md). The failure cases use 16 MiB guests.
 
+use std::io::Read;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use hvmgmt::proto::{JobInfo, JobState, Phase};
@@ -138,7 +140,7 @@ fn busy_vm_moves_a_to_b_and_back_and_survives_a_cut() {
     // first pass lasts long enough for a `cluster` command): v stays on a,
     // the job fails.
     let t2 = Instant::now();
-    let waiter = hvctl_command(
+    let mut waiter = hvctl_command(
         &[
             "--node",
             "a",
@@ -157,7 +159,7 @@ fn busy_vm_moves_a_to_b_and_back_and_survives_a_cut() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .expect("starting hvctl");
-    let job_id = wait_for_job(&c, "a", "v");
+    let job_id = wait_for_job(&c, "a", "v", &mut waiter);
     c.wait_phase("a", job_id, Phase::Copying, 0, 1 << 20);
     c.must(&["cluster", "link", "cut", "--node", "b"]);
     let run = Run::from(waiter.wait_with_output().expect("hvctl ran"));
@@ -177,14 +179,26 @@ fn busy_vm_moves_a_to_b_and_back_and_survives_a_cut() {
     took("the whole test (after boot)", t0);
 }
 
-/// The id of the live-migration job of VM `name` on `node`, once there.
-fn wait_for_job(c: &TestCluster, node: &str, name: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// The id of the live-migration job of VM `name` on `node`, once there,
+/// started by `hvctl` (`cargo run`: it may have to link the binary first,
+/// which takes a while on a loaded machine).
+fn wait_for_job(c: &TestCluster, node: &str, name: &str, hvctl: &mut Child) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if let Some(id) = c.vm(node, name).and_then(|v| v.migration_job) {
             return id;
         }
-        assert!(Instant::now() < deadline, "no migration of {name} started");
+        if let Ok(Some(status)) = hvctl.try_wait() {
+            let mut err = String::new();
+            if let Some(e) = hvctl.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("hvctl vm move ended ({status}) before a migration of {name} started:\n{err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no migration of {name} started within 300 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
