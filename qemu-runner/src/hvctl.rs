@@ -221,6 +221,33 @@ pub enum VmCmd {
     /// A VM's virtual disks
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Move a VM's disk files to another store or directory while it runs
+    /// (storage live migration, a job: every guest write is mirrored to
+    /// both copies, one pass copies the rest, then the VM switches to the
+    /// new files and the old ones are deleted)
+    #[command(name = "move-storage")]
+    MoveStorage {
+        /// The VM's name
+        name: String,
+        /// Where every disk goes: STORE or STORE:DIR (each keeps its file
+        /// name)
+        #[arg(long, value_name = "STORE[:DIR]", required_unless_present = "vhd")]
+        to: Option<String>,
+        /// One disk to its own place: SOURCE=STORE:PATH, SOURCE being the
+        /// disk's location (`vm disk list`) or its slot number; repeatable
+        #[arg(long, value_name = "SRC=DST")]
+        vhd: Vec<String>,
+        /// Where the VM's configuration goes (the node keeps none in
+        /// files: refused)
+        #[arg(long, value_name = "DIR")]
+        config: Option<String>,
+        /// Keep the source files after the switch
+        #[arg(long)]
+        keep_source: bool,
+        /// Follow the job until it ends; exit 0 only if it completed
+        #[arg(long)]
+        wait: bool,
+    },
     /// Start a VM
     Start {
         /// The VM's name
@@ -372,6 +399,8 @@ pub enum Action {
     /// `vm create ... --disk SIZE`: create the VM, then its disk (the VM
     /// is deleted again if the disk cannot be made).
     CreateWithDisk(Request, Request),
+    /// `vm move-storage ... --wait`: send the request, then follow the job.
+    RequestAndWatch(Request),
 }
 
 impl Cli {
@@ -412,6 +441,26 @@ impl Cli {
                     );
                 }
                 VmCmd::Disk(DiskCmd::List { name }) => Request::VmDiskList { name: name.clone() },
+                VmCmd::MoveStorage {
+                    name,
+                    to,
+                    vhd,
+                    config,
+                    keep_source,
+                    wait,
+                } => {
+                    let request = Request::VmMoveStorage {
+                        name: name.clone(),
+                        to: to.clone(),
+                        vhd: vhd.clone(),
+                        config: config.clone(),
+                        keep_source: keep_source.then_some(true),
+                    };
+                    if *wait {
+                        return Action::RequestAndWatch(request);
+                    }
+                    request
+                }
                 VmCmd::Start { name } => Request::VmStart { name: name.clone() },
                 VmCmd::Stop { name } => Request::VmStop { name: name.clone() },
                 VmCmd::Delete { name } => Request::VmDelete { name: name.clone() },
@@ -1172,6 +1221,16 @@ fn run(cli: &Cli) -> Result<u8, String> {
         Action::Watch(id) => watch(&mut client, id, cli.json),
         Action::WatchAll => watch_all(&mut client, cli.json),
         Action::MoveAndWait(req) => move_and_wait(cli, &mut client, req),
+        Action::RequestAndWatch(req) => match client.call(req)? {
+            Outcome::Ok(Body::Job(j)) => {
+                if !cli.json {
+                    println!("job {}: storage migration of VM {}", j.id, j.vm);
+                }
+                watch(&mut client, j.id, cli.json)
+            }
+            Outcome::Ok(other) => Err(format!("unexpected reply: {other:?}")),
+            Outcome::Error(e) => Ok(print_error(cli.json, &e)),
+        },
         Action::CreateWithDisk(create, disk) => {
             let Request::VmCreate { name, .. } = &create else {
                 return Err("not a create".into());
@@ -1270,6 +1329,29 @@ mod tests {
             p("vm disk list d").unwrap().action(),
             Action::Request(Request::VmDiskList { name: "d".into() })
         );
+        assert_eq!(
+            p("vm move-storage d --to shared:vms --vhd 0=local:x.vhdx --vhd local:a=shared:b --keep-source --wait")
+                .unwrap()
+                .action(),
+            Action::RequestAndWatch(Request::VmMoveStorage {
+                name: "d".into(),
+                to: Some("shared:vms".into()),
+                vhd: vec!["0=local:x.vhdx".into(), "local:a=shared:b".into()],
+                config: None,
+                keep_source: Some(true)
+            })
+        );
+        assert_eq!(
+            p("vm move-storage d --vhd 0=shared:y").unwrap().action(),
+            Action::Request(Request::VmMoveStorage {
+                name: "d".into(),
+                to: None,
+                vhd: vec!["0=shared:y".into()],
+                config: None,
+                keep_source: None
+            })
+        );
+        assert!(usage_error("vm move-storage d").contains("--to"));
         assert!(usage_error("vm create d --memory 64 --fixed").contains("--disk"));
         assert!(usage_error("vm create d --memory 64 --store a").contains("--disk"));
         let text = render(&Body::Disks {

@@ -39,6 +39,7 @@ pub mod node;
 pub mod pump;
 pub mod sched;
 pub mod start;
+pub mod storage_migration;
 pub mod uart;
 pub mod vm;
 

@@ -106,6 +106,24 @@ pub enum Request {
     VmDiskList {
         name: String,
     },
+    /// Storage live migration of VM `name` (a job): every disk to `to`
+    /// (`STORE[:DIR]`, each keeping its file name), and/or the disks named
+    /// in `vhd` (`SOURCE=STORE:path`, SOURCE a disk's location or slot) to
+    /// their own places; disks not named stay. The sources are deleted
+    /// after the switch unless `keep_source`. `config`: where the VM's
+    /// configuration goes (refused: the node keeps no configuration
+    /// files).
+    VmMoveStorage {
+        name: String,
+        #[serde(default)]
+        to: Option<String>,
+        #[serde(default)]
+        vhd: Vec<String>,
+        #[serde(default)]
+        config: Option<String>,
+        #[serde(default)]
+        keep_source: Option<bool>,
+    },
     VmStart {
         name: String,
     },

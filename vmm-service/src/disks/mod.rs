@@ -23,11 +23,35 @@ pub const MEM_DISK_MAX_MIB: u64 = 16;
 /// The pseudo-store of disks in node memory.
 pub const MEMORY_STORE: &str = "memory";
 
+/// The file operations disks need where their files live (the node's
+/// stores). A location is `STORE:path`.
+pub trait FileStore {
+    /// Whether `store` exists here.
+    fn has_store(&self, store: &str) -> bool;
+    /// The store new disks go to when none is named.
+    fn default_store(&self) -> Option<String>;
+    /// Create `to`'s partial file (a new one; its directory is made) and
+    /// open it read-write.
+    fn create_partial(&self, to: &str) -> Result<Box<dyn BlockIo>, String>;
+    /// Give `to`'s partial file (its data flushed) its final name,
+    /// durably.
+    fn commit_partial(&self, to: &str) -> Result<(), String>;
+    /// Delete `to`'s partial file (best effort: a node's boot removes what
+    /// is left).
+    fn remove_partial(&self, to: &str);
+    /// Delete the file at `at`, durably.
+    fn remove(&self, at: &str) -> Result<(), String>;
+    /// Bytes the file at `at` occupies, if known.
+    fn file_bytes(&self, at: &str) -> Option<u64>;
+}
+
 /// Where a disk's file is.
 #[derive(Clone, Debug)]
 pub enum Backing {
     /// In node memory (lost when the node stops).
     Memory { name: String, file: MemFile },
+    /// A file on a store: `STORE:path`.
+    File { location: String },
 }
 
 /// What the node knows of one of a VM's disks besides the disk itself.
@@ -36,6 +60,8 @@ pub struct DiskMeta {
     pub backing: Backing,
     pub fixed: bool,
     pub virtual_bytes: u64,
+    /// The VHDX's payload block size (a copy is made with the same).
+    pub block_bytes: u32,
 }
 
 impl DiskMeta {
@@ -43,22 +69,30 @@ impl DiskMeta {
     pub fn location(&self) -> String {
         match &self.backing {
             Backing::Memory { name, .. } => format!("{MEMORY_STORE}:{name}"),
+            Backing::File { location } => location.clone(),
         }
     }
-    /// Bytes of the file now.
-    pub fn file_bytes(&self) -> u64 {
+    /// The file's own name (the last part of its path).
+    pub fn file_name(&self) -> String {
+        let loc = self.location();
+        let path = loc.split_once(':').map_or(loc.as_str(), |(_, p)| p);
+        path.rsplit('/').next().unwrap_or(path).into()
+    }
+    /// Bytes of the file now (0 when the node cannot tell).
+    pub fn file_bytes(&self, files: Option<&dyn FileStore>) -> u64 {
         match &self.backing {
             Backing::Memory { file, .. } => file.len().unwrap_or(0),
+            Backing::File { location } => files.and_then(|f| f.file_bytes(location)).unwrap_or(0),
         }
     }
     /// As the API lists it.
-    pub fn info(&self, slot: u8) -> DiskInfo {
+    pub fn info(&self, slot: u8, files: Option<&dyn FileStore>) -> DiskInfo {
         DiskInfo {
             slot,
             location: self.location(),
             kind: if self.fixed { "fixed" } else { "dynamic" }.into(),
             virtual_bytes: self.virtual_bytes,
-            file_bytes: self.file_bytes(),
+            file_bytes: self.file_bytes(files),
         }
     }
 }
@@ -72,21 +106,34 @@ pub enum CreateError {
     NoResources(String),
 }
 
+/// Largest disk on a store.
+pub const STORE_DISK_MAX_MIB: u64 = 64 << 10;
+
 /// Create a new disk for `vm` (not started) and attach it: a VHDX of
-/// `size_mib` MiB on `store` (`None`: where the node keeps disks), fixed
-/// or dynamic.
+/// `size_mib` MiB on `store` (`None`: the node's default store, else its
+/// memory), fixed or dynamic. On a store the file is
+/// `vms/VM/VM-SLOT.vhdx`, written under its partial name and named only
+/// once created and flushed.
 pub fn create_for_vm(
     vm: &mut Vm,
+    files: Option<&dyn FileStore>,
     size_mib: u64,
     store: Option<&str>,
     fixed: bool,
 ) -> Result<DiskInfo, CreateError> {
-    let store = store.unwrap_or(MEMORY_STORE);
+    let store: String = match (store, files) {
+        (Some(s), _) => s.into(),
+        (None, Some(f)) => f.default_store().unwrap_or_else(|| MEMORY_STORE.into()),
+        (None, None) => MEMORY_STORE.into(),
+    };
     if store != MEMORY_STORE {
-        let shown: String = store.chars().take(32).collect();
-        return Err(CreateError::Invalid(format!(
-            "no store '{shown}' on this node (stores: {MEMORY_STORE})"
-        )));
+        let Some(files) = files.filter(|f| f.has_store(&store)) else {
+            let shown: String = store.chars().take(32).collect();
+            return Err(CreateError::Invalid(format!(
+                "no store '{shown}' on this node"
+            )));
+        };
+        return create_on_store(vm, files, &store, size_mib, fixed);
     }
     if size_mib == 0 || size_mib > MEM_DISK_MAX_MIB {
         return Err(CreateError::Invalid(format!(
@@ -114,19 +161,80 @@ pub fn create_for_vm(
         backing: Backing::Memory { name, file },
         fixed,
         virtual_bytes: bytes,
+        block_bytes: MEM_BLOCK_BYTES,
     };
-    let info = meta.info(slot as u8);
+    let info = meta.info(slot as u8, None);
+    vm.attach_disk(Box::new(disk), meta)
+        .ok_or_else(|| CreateError::NoResources("every virtio slot of the VM is taken".into()))?;
+    Ok(info)
+}
+
+fn create_on_store(
+    vm: &mut Vm,
+    files: &dyn FileStore,
+    store: &str,
+    size_mib: u64,
+    fixed: bool,
+) -> Result<DiskInfo, CreateError> {
+    if size_mib == 0 || size_mib > STORE_DISK_MAX_MIB {
+        return Err(CreateError::Invalid(format!(
+            "a disk is 1 to {STORE_DISK_MAX_MIB} MiB"
+        )));
+    }
+    if vm.disk_count() >= crate::devices::MAX_VIRTIO_SLOTS {
+        return Err(CreateError::NoResources(
+            "every virtio slot of the VM is taken".into(),
+        ));
+    }
+    let slot = vm.disk_count();
+    let location = format!("{store}:vms/{0}/{0}-{slot}.vhdx", vm.name());
+    let file = files
+        .create_partial(&location)
+        .map_err(CreateError::NoResources)?;
+    let bytes = size_mib << 20;
+    let params = CreateParams {
+        fixed,
+        guid_seed: bytes ^ slot as u64,
+        ..CreateParams::dynamic(bytes)
+    };
+    let made = vhdx::create(file, &params).and_then(|mut d| {
+        vstorage::VirtualDisk::flush(&mut d)?;
+        Ok(d)
+    });
+    let disk = match made {
+        Ok(d) => d,
+        Err(e) => {
+            files.remove_partial(&location);
+            return Err(CreateError::NoResources(format!(
+                "cannot create {location}: {e}"
+            )));
+        }
+    };
+    if let Err(e) = files.commit_partial(&location) {
+        drop(disk);
+        files.remove_partial(&location);
+        return Err(CreateError::NoResources(format!(
+            "cannot name {location}: {e}"
+        )));
+    }
+    let meta = DiskMeta {
+        backing: Backing::File { location },
+        fixed,
+        virtual_bytes: bytes,
+        block_bytes: params.block_size,
+    };
+    let info = meta.info(slot as u8, Some(files));
     vm.attach_disk(Box::new(disk), meta)
         .ok_or_else(|| CreateError::NoResources("every virtio slot of the VM is taken".into()))?;
     Ok(info)
 }
 
 /// The disks of `vm` as the API lists them.
-pub fn list(vm: &Vm) -> Vec<DiskInfo> {
+pub fn list(vm: &Vm, files: Option<&dyn FileStore>) -> Vec<DiskInfo> {
     vm.disk_meta()
         .iter()
         .enumerate()
-        .map(|(i, m)| m.info(i as u8))
+        .map(|(i, m)| m.info(i as u8, files))
         .collect()
 }
 

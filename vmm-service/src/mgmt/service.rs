@@ -14,12 +14,13 @@ use super::auth::ClusterKey;
 use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
-    ApiError, Body, ErrorCode, NodeInfo, Outcome, Request, VmInfo, CONSOLE_LINES_MAX, GUEST_MAX,
-    PROTOCOL_VERSION,
+    ApiError, Body, ErrorCode, JobKind, JobState, NodeInfo, Outcome, Request, VmInfo,
+    CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
 };
 use crate::migrate::channel::{Holds, HOLD_MS_MAX};
 use crate::migrate::{migrating, Faults, Migrations, MoveRequest};
 use crate::sched::{ProgressLog, Scheduler};
+use crate::storage_migration::{FileStore, Progress as StorageProgress, StorageMove};
 use crate::vm::{StopReason, Vm, VmError, VmState};
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -83,7 +84,15 @@ pub struct Managed {
     migrations: Migrations,
     sched: Scheduler,
     progress: ProgressLog,
+    /// Where storage migrations put files (`None`: no stores).
+    files: Option<alloc::boxed::Box<dyn FileStore>>,
+    /// Storage migrations and their jobs (queued ones too).
+    storage_moves: Vec<(u64, StorageMove)>,
 }
+
+/// Longest step of a storage migration per node-loop round (the VMs and
+/// the API run between steps).
+pub const STORAGE_STEP_NS: u64 = 20_000_000;
 
 fn err(code: ErrorCode, message: impl Into<String>) -> Outcome {
     Outcome::Error(ApiError::new(code, message))
@@ -148,6 +157,8 @@ impl Managed {
             migrations,
             sched: Scheduler::default(),
             progress: ProgressLog::default(),
+            files: None,
+            storage_moves: Vec::new(),
         }
     }
 
@@ -166,7 +177,7 @@ impl Managed {
     /// Whether a link benchmark or a migration is under way (the node
     /// loop must not idle).
     pub fn has_bench_work(&self) -> bool {
-        self.bench.is_active() || self.migrations.is_active()
+        self.bench.is_active() || self.migrations.is_active() || !self.storage_moves.is_empty()
     }
     /// Whether a migration is under way (the node loop gives guests
     /// shorter turns, so the link is serviced often).
@@ -183,6 +194,145 @@ impl Managed {
     pub fn drive_jobs(&mut self, host: &mut dyn Host) {
         self.bench.drive(&mut self.jobs, host);
         self.migrations.drive(host, &mut self.vms, &mut self.jobs);
+        self.drive_storage_moves(host);
+    }
+
+    /// Where storage migrations put files (the node's stores); `None`
+    /// refuses them.
+    pub fn set_file_store(&mut self, files: alloc::boxed::Box<dyn FileStore>) {
+        self.files = Some(files);
+    }
+
+    /// Whether a storage migration of VM `name` is under way.
+    fn storage_job(&self, name: &str) -> Option<u64> {
+        self.storage_moves
+            .iter()
+            .find(|(_, m)| m.vm() == name)
+            .map(|(j, _)| *j)
+    }
+
+    /// One step of each running storage migration (at most
+    /// [`STORAGE_STEP_NS`] each); cancelled ones stop, queued ones wait.
+    fn drive_storage_moves(&mut self, host: &mut dyn Host) {
+        let Some(files) = self.files.as_deref() else {
+            return;
+        };
+        for (job, mut mv) in core::mem::take(&mut self.storage_moves) {
+            let now = host.now_ns();
+            let vi = self.vms.iter().position(|v| v.name() == mv.vm());
+            match (self.jobs.state(job), vi) {
+                (Some(JobState::Queued), Some(_)) => self.storage_moves.push((job, mv)),
+                (Some(JobState::Running), Some(vi)) => {
+                    let clock = || host.now_ns();
+                    match mv.step(&mut self.vms[vi], files, &clock, STORAGE_STEP_NS) {
+                        Ok(StorageProgress::Running {
+                            bytes_done,
+                            bytes_total,
+                        }) => {
+                            self.jobs.progress(job, bytes_done, Some(bytes_total));
+                            self.storage_moves.push((job, mv));
+                        }
+                        Ok(StorageProgress::Done { summary }) => {
+                            let (done, total) = mv.bytes();
+                            self.jobs.progress(job, done, Some(total));
+                            let now = host.now_ns();
+                            host.console_write(&format!(
+                                "vmm-service: VM {}: storage {summary} (job {job})\n",
+                                mv.vm()
+                            ));
+                            self.jobs.complete(job, Some(&summary), now);
+                        }
+                        Err(e) => {
+                            let now = host.now_ns();
+                            host.console_write(&format!(
+                                "vmm-service: VM {}: storage migration failed: {e} (job {job})\n",
+                                mv.vm()
+                            ));
+                            self.jobs.fail(job, &e, now);
+                        }
+                    }
+                }
+                (_, Some(vi)) => {
+                    // Cancelled (or gone from the table): back to the
+                    // sources.
+                    mv.cancel(&mut self.vms[vi], files);
+                    host.console_write(&format!(
+                        "vmm-service: VM {}: storage migration cancelled, the VM runs on its source files (job {job})\n",
+                        self.vms[vi].name()
+                    ));
+                }
+                (state, None) => {
+                    mv.abandon(files);
+                    if state.is_some_and(|s| !s.is_final()) {
+                        self.jobs.fail(job, "the VM is gone", now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn move_storage(&mut self, host: &mut dyn Host, request: Request) -> Outcome {
+        let Request::VmMoveStorage {
+            name,
+            to,
+            vhd,
+            config,
+            keep_source,
+        } = request
+        else {
+            return err(ErrorCode::BadRequest, "not a storage move");
+        };
+        let Some(i) = self.find(&name) else {
+            return Self::not_found(&name);
+        };
+        if let Some(e) = self.migrating_error(i) {
+            return e;
+        }
+        if let Some(job) = self.storage_job(&name) {
+            return Outcome::Error(migrating(&name, job));
+        }
+        if config.is_some() {
+            return err(
+                ErrorCode::Unsupported,
+                "this node keeps VM configurations in memory, not in files: there is no configuration file to move",
+            );
+        }
+        if vhd.len() > crate::devices::MAX_VIRTIO_SLOTS {
+            return err(ErrorCode::InvalidArgument, "more --vhd than a VM has disks");
+        }
+        let Some(files) = self.files.as_deref() else {
+            return err(
+                ErrorCode::Unsupported,
+                "this node has no stores to move files to",
+            );
+        };
+        let plan = match crate::storage_migration::plan(
+            &self.vms[i],
+            to.as_deref(),
+            &vhd,
+            keep_source == Some(true),
+        ) {
+            Ok(p) => p,
+            Err(e) => return err(ErrorCode::InvalidArgument, e),
+        };
+        let mv = match StorageMove::new(&self.vms[i], files, plan) {
+            Ok(m) => m,
+            Err(e) => return err(ErrorCode::InvalidArgument, e),
+        };
+        let now = host.now_ns();
+        match self
+            .jobs
+            .submit(JobKind::StorageMigration, &name, 0, true, now)
+        {
+            Ok(job) => {
+                self.storage_moves.push((job, mv));
+                match self.jobs.info(job, now) {
+                    Some(j) => Outcome::Ok(Body::Job(j)),
+                    None => Outcome::Ok(Body::Done),
+                }
+            }
+            Err(_) => err(ErrorCode::NoResources, "the job table is full"),
+        }
     }
 
     /// Run runnable VMs round robin until `deadline_ns`; returns false (at
@@ -370,6 +520,7 @@ impl Managed {
                 let vm = &mut self.vms[i];
                 match crate::disks::create_for_vm(
                     vm,
+                    self.files.as_deref(),
                     size_mib,
                     store.as_deref(),
                     fixed == Some(true),
@@ -384,7 +535,7 @@ impl Managed {
                         ));
                         Outcome::Ok(Body::Disks {
                             vm: name,
-                            disks: crate::disks::list(&self.vms[i]),
+                            disks: crate::disks::list(&self.vms[i], self.files.as_deref()),
                         })
                     }
                     Err(crate::disks::CreateError::Invalid(m)) => {
@@ -398,7 +549,7 @@ impl Managed {
             Request::VmDiskList { name } => match self.find(&name) {
                 None => Self::not_found(&name),
                 Some(i) => Outcome::Ok(Body::Disks {
-                    disks: crate::disks::list(&self.vms[i]),
+                    disks: crate::disks::list(&self.vms[i], self.files.as_deref()),
                     vm: name,
                 }),
             },
@@ -446,6 +597,9 @@ impl Managed {
                 if let Some(e) = self.migrating_error(i) {
                     return e;
                 }
+                if let Some(job) = self.storage_job(&name) {
+                    return Outcome::Error(migrating(&name, job));
+                }
                 if self.vms[i].is_runnable() {
                     return err(
                         ErrorCode::InvalidState,
@@ -477,7 +631,12 @@ impl Managed {
                 Some(j) => Outcome::Ok(Body::Job(j)),
                 None => err(ErrorCode::NotFound, format!("no job {id}")),
             },
+            // Its files are moving: one migration at a time.
+            Request::VmMove { name, .. } if self.storage_job(&name).is_some() => {
+                Outcome::Error(migrating(&name, self.storage_job(&name).unwrap_or(0)))
+            }
             r @ Request::VmMove { .. } => self.move_vm(host, r),
+            r @ Request::VmMoveStorage { .. } => self.move_storage(host, r),
             Request::JobResolve { id, keep } => {
                 match self
                     .migrations
@@ -827,6 +986,147 @@ mod tests {
         assert_eq!(
             code(&r.call(s, &mut c, disk(4, None))),
             Some(ErrorCode::InvalidState)
+        );
+    }
+
+    /// vm-move-storage over the wire: a disk on store `local` moves to
+    /// `shared` as a job (percent of allocated bytes, the new location
+    /// listed, the source file gone); refusals name why.
+    #[test]
+    fn storage_migration_over_the_wire() {
+        use crate::storage_migration::testing::MemFiles;
+        let mut r = Rig::new();
+        let (s, mut c, ok) = r.connect(KEY, 1);
+        ok.unwrap();
+        let mv = |name: &str, to: Option<&str>| Request::VmMoveStorage {
+            name: name.into(),
+            to: to.map(Into::into),
+            vhd: Vec::new(),
+            config: None,
+            keep_source: None,
+        };
+        r.call(s, &mut c, create("d", 8, Some("disk-verify")));
+        r.call(
+            s,
+            &mut c,
+            Request::VmDiskCreate {
+                name: "d".into(),
+                size_mib: 4,
+                store: None,
+                fixed: None,
+            },
+        );
+        assert_eq!(
+            code(&r.call(s, &mut c, mv("d", Some("shared")))),
+            Some(ErrorCode::Unsupported),
+            "no stores"
+        );
+        r.call(s, &mut c, Request::VmDelete { name: "d".into() });
+        let files = MemFiles::new(64 << 20);
+        r.node.set_file_store(alloc::boxed::Box::new(files.clone()));
+        for vm in ["d", "e"] {
+            r.call(s, &mut c, create(vm, 8, Some("disk-verify")));
+            let o = r.call(
+                s,
+                &mut c,
+                Request::VmDiskCreate {
+                    name: vm.into(),
+                    size_mib: 4,
+                    store: None,
+                    fixed: None,
+                },
+            );
+            let Outcome::Ok(Body::Disks { disks, .. }) = o else {
+                panic!("{o:?}")
+            };
+            assert_eq!(disks[0].location, format!("local:vms/{vm}/{vm}-0.vhdx"));
+        }
+        assert_eq!(
+            files.names(),
+            ["local:vms/d/d-0.vhdx", "local:vms/e/e-0.vhdx"]
+        );
+        r.call(
+            s,
+            &mut c,
+            Request::HostSet {
+                max_live_migrations: None,
+                max_storage_migrations: Some(1),
+            },
+        );
+        for bad in [
+            mv("d", None),
+            mv("d", Some("nowhere")),
+            mv("d", Some("local:vms/d")),
+        ] {
+            assert_eq!(
+                code(&r.call(s, &mut c, bad)),
+                Some(ErrorCode::InvalidArgument)
+            );
+        }
+        let Outcome::Ok(Body::Job(j1)) = r.call(s, &mut c, mv("d", Some("shared:moved"))) else {
+            panic!()
+        };
+        assert_eq!(
+            (j1.kind, j1.state),
+            (JobKind::StorageMigration, JobState::Running)
+        );
+        // (The rig's clock stands still, so the job runs to its end within
+        // the node's round; JobTable's own tests cover queueing.)
+        let Outcome::Ok(Body::Job(j)) = r.call(s, &mut c, Request::JobShow { id: j1.id }) else {
+            panic!()
+        };
+        assert_eq!((j.state, j.percent), (JobState::Completed, 100), "{j:?}");
+        assert_eq!(
+            j.bytes_done, j.bytes_total,
+            "an empty disk: nothing allocated to copy"
+        );
+        let o = r.call(s, &mut c, Request::VmDiskList { name: "d".into() });
+        let Outcome::Ok(Body::Disks { disks, .. }) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(disks[0].location, "shared:moved/d-0.vhdx");
+        assert!(disks[0].file_bytes > 0);
+        assert_eq!(
+            files.names(),
+            ["local:vms/e/e-0.vhdx", "shared:moved/d-0.vhdx"],
+            "the source is gone"
+        );
+        // Moved again, keeping the source this time; the VM is not
+        // migrating any more.
+        let o = r.call(
+            s,
+            &mut c,
+            Request::VmMoveStorage {
+                name: "d".into(),
+                to: None,
+                vhd: vec!["0=local:back.vhdx".into()],
+                config: None,
+                keep_source: Some(true),
+            },
+        );
+        assert!(matches!(o, Outcome::Ok(Body::Job(_))), "{o:?}");
+        r.node.drive_jobs(&mut r.host);
+        assert_eq!(
+            files.names(),
+            [
+                "local:back.vhdx",
+                "local:vms/e/e-0.vhdx",
+                "shared:moved/d-0.vhdx"
+            ]
+        );
+        assert_eq!(
+            code(&r.call(
+                s,
+                &mut c,
+                Request::VmMoveStorage {
+                    name: "e".into(),
+                    to: Some("shared".into()),
+                    vhd: Vec::new(),
+                    config: Some("shared:cfg".into()),
+                    keep_source: None,
+                }
+            )),
+            Some(ErrorCode::Unsupported)
         );
     }
 

@@ -1,0 +1,472 @@
+//! Storage live migration: a running VM's disks move to other files (another
+//! store, another directory) while the guest keeps using them (MISSION,
+//! "Storage live migration"; docs/MANAGEMENT.md, `vm-move-storage`).
+//!
+//! A [`StorageMove`] (one per job) moves the disks its [`Plan`] names, one
+//! after another. For each disk:
+//! 1. the destination VHDX is created under its *partial* name
+//!    ([`FileStore::create_partial`]) with the source's geometry, and the
+//!    VM's disk becomes a [`MirrorHandle`] over
+//!    `vstorage::mirror::MirroredDisk(source, destination)`: from this
+//!    moment every guest write goes to the source and, behind the copy's
+//!    cursor, to the destination too, and completes only when durable on
+//!    both (`MirroredDisk::write`: write and flush on each);
+//! 2. [`StorageMove::step`] copies the source's allocated ranges in one
+//!    ascending pass, a chunk at a time within a time budget per node-loop
+//!    round (unallocated blocks are skipped: holes stay holes);
+//! 3. when the copy is complete and flushed (`Mirrored`), the partial file
+//!    gets its final name durably ([`FileStore::commit_partial`]), the
+//!    guest's I/O switches to the destination (`switch_over`), and only
+//!    then is the source closed and its file deleted (unless the plan
+//!    keeps it).
+//!
+//! Cancel or failure (the destination store full, an I/O error): the
+//! mirror stops, the source is the disk again (it holds every acknowledged
+//! write), the partial destination is closed and deleted. Disks switched
+//! before stay switched (each is whole in its new place). A node that
+//! restarts mid-copy removes its partial files at boot (node stores).
+//!
+//! Invariants: the VM's disk is always its source, or a mirror whose
+//! primary holds every acknowledged write, or its complete destination;
+//! a source file is deleted only after the switch; a destination has its
+//! final name only once complete.
+
+use crate::disks::Backing;
+pub use crate::disks::FileStore;
+use crate::vm::Vm;
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use vstorage::copy::CopyOptions;
+use vstorage::mirror::{MirroredDisk, Step};
+use vstorage::vhdx::{self, CreateParams, Vhdx};
+use vstorage::{BlockIo, DiskError, VirtualDisk};
+
+/// A VM's disk as the mirror's source.
+pub struct Source(Box<dyn VirtualDisk>);
+
+impl VirtualDisk for Source {
+    fn virtual_size(&self) -> u64 {
+        self.0.virtual_size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.0.logical_sector_size()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.0.read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.0.write(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.0.flush()
+    }
+    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
+        self.0.allocated_ranges()
+    }
+}
+
+/// The source and destination of one disk's move.
+pub type Mirror = MirroredDisk<Source, Vhdx<Box<dyn BlockIo>>>;
+
+/// The VM's view of a disk under migration: the mirror, shared with the
+/// job that steps it (the node has one thread: each call borrows it for
+/// its own duration, never across calls).
+pub struct MirrorHandle(Rc<RefCell<Mirror>>);
+
+impl VirtualDisk for MirrorHandle {
+    fn virtual_size(&self) -> u64 {
+        self.0.borrow().virtual_size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.0.borrow().logical_sector_size()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.0.borrow_mut().read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.0.borrow_mut().write(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.0.borrow_mut().flush()
+    }
+    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
+        self.0.borrow_mut().allocated_ranges()
+    }
+}
+
+/// Stands in for a disk for the instant the VM's disk is exchanged.
+struct Detached {
+    size: u64,
+    sector: u32,
+}
+
+impl VirtualDisk for Detached {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.sector
+    }
+    fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), DiskError> {
+        Err(DiskError::Request("the disk is being exchanged".into()))
+    }
+    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), DiskError> {
+        Err(DiskError::Request("the disk is being exchanged".into()))
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
+}
+
+/// Where a job moves a VM's disks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Per disk slot, its new location (`None`: the disk stays).
+    pub targets: Vec<Option<String>>,
+    /// Keep the source files after the switch.
+    pub keep_source: bool,
+}
+
+/// `STORE[:DIR]` and a disk's file name as a location.
+pub fn location_in(to: &str, file_name: &str) -> String {
+    let (store, dir) = to.split_once(':').unwrap_or((to, ""));
+    let dir = dir.trim_matches('/');
+    if dir.is_empty() {
+        format!("{store}:{file_name}")
+    } else {
+        format!("{store}:{dir}/{file_name}")
+    }
+}
+
+/// The plan for `vm`: every disk into `to` (`STORE[:DIR]`, keeping its
+/// file name), then each `SRC=DST` of `vhd` (SRC a disk's location or its
+/// slot number, DST a location) for that disk alone.
+pub fn plan(vm: &Vm, to: Option<&str>, vhd: &[String], keep_source: bool) -> Result<Plan, String> {
+    let metas = vm.disk_meta();
+    let mut targets: Vec<Option<String>> = match to {
+        Some(to) => metas
+            .iter()
+            .map(|m| Some(location_in(to, &m.file_name())))
+            .collect(),
+        None => alloc::vec![None; metas.len()],
+    };
+    for pair in vhd {
+        let (src, dst) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--vhd {pair:.80}: expected SOURCE=STORE:PATH"))?;
+        let slot = metas
+            .iter()
+            .position(|m| m.location() == src)
+            .or_else(|| src.parse::<usize>().ok().filter(|&i| i < metas.len()))
+            .ok_or_else(|| format!("VM {} has no disk {src:.80}", vm.name()))?;
+        if !dst.contains(':') {
+            return Err(format!("--vhd {pair:.80}: the destination is STORE:PATH"));
+        }
+        targets[slot] = Some(dst.into());
+    }
+    if targets.iter().all(Option::is_none) {
+        return Err(format!(
+            "nothing to move: VM {} has no disk named",
+            vm.name()
+        ));
+    }
+    for (m, t) in metas.iter().zip(&targets) {
+        if t.as_deref() == Some(m.location().as_str()) {
+            return Err(format!("disk {} is there already", m.location()));
+        }
+    }
+    Ok(Plan {
+        targets,
+        keep_source,
+    })
+}
+
+/// The disk being moved now.
+struct DiskMove {
+    slot: u8,
+    to: String,
+    mirror: Rc<RefCell<Mirror>>,
+}
+
+/// Where a job stands after a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Allocated bytes copied, and to copy, over the disks so far.
+    Running { bytes_done: u64, bytes_total: u64 },
+    /// Every disk moved.
+    Done { summary: String },
+}
+
+/// A storage migration job's work on one VM.
+pub struct StorageMove {
+    vm: String,
+    plan: Plan,
+    /// Next slot to consider.
+    next: usize,
+    current: Option<DiskMove>,
+    /// Bytes of the disks already switched.
+    done_bytes: u64,
+    moved: Vec<String>,
+}
+
+impl StorageMove {
+    /// A job for `vm` along `plan`, every destination's store checked.
+    pub fn new(vm: &Vm, files: &dyn FileStore, plan: Plan) -> Result<Self, String> {
+        if plan.targets.len() != vm.disk_count() {
+            return Err("the plan does not cover the VM's disks".into());
+        }
+        for t in plan.targets.iter().flatten() {
+            let store = t.split_once(':').map_or(t.as_str(), |(s, _)| s);
+            if !files.has_store(store) {
+                return Err(format!("no store named '{store:.40}' on this node"));
+            }
+        }
+        Ok(Self {
+            vm: vm.name().into(),
+            plan,
+            next: 0,
+            current: None,
+            done_bytes: 0,
+            moved: Vec::new(),
+        })
+    }
+
+    /// The VM it moves.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// Work for up to `budget_ns` of `clock`: start the next disk, copy
+    /// chunks, switch a disk whose copy is complete. `Err` ends the job
+    /// as failed; the VM then runs on from the disk's source.
+    pub fn step(
+        &mut self,
+        vm: &mut Vm,
+        files: &dyn FileStore,
+        clock: &dyn Fn() -> u64,
+        budget_ns: u64,
+    ) -> Result<Progress, String> {
+        let end = clock().saturating_add(budget_ns);
+        loop {
+            if self.current.is_none() {
+                let Some(slot) =
+                    (self.next..self.plan.targets.len()).find(|&i| self.plan.targets[i].is_some())
+                else {
+                    return Ok(Progress::Done {
+                        summary: format!("moved {}", self.moved.join(", ")),
+                    });
+                };
+                self.next = slot + 1;
+                let to = self.plan.targets[slot].clone().unwrap_or_default();
+                self.start_disk(vm, files, slot as u8, to)?;
+            }
+            let step = match &self.current {
+                Some(cur) => cur.mirror.borrow_mut().step(),
+                None => continue,
+            };
+            match step {
+                Ok(Step::Copied(_)) => {}
+                Ok(Step::Mirrored) => self.switch(vm, files)?,
+                Err(e) => {
+                    let why = format!("{e}; the VM runs on from its source");
+                    self.abort(vm, files);
+                    return Err(why);
+                }
+            }
+            if clock() >= end {
+                let (bytes_done, bytes_total) = self.bytes();
+                return Ok(Progress::Running {
+                    bytes_done,
+                    bytes_total,
+                });
+            }
+        }
+    }
+
+    /// Allocated bytes copied and to copy: the disks switched, plus the
+    /// current one's plan.
+    pub fn bytes(&self) -> (u64, u64) {
+        let (mut done, mut total) = (self.done_bytes, self.done_bytes);
+        if let Some(cur) = &self.current {
+            let p = cur.mirror.borrow().progress();
+            done += p.bytes_copied;
+            total += p.bytes_total;
+        }
+        (done, total)
+    }
+
+    fn start_disk(
+        &mut self,
+        vm: &mut Vm,
+        files: &dyn FileStore,
+        slot: u8,
+        to: String,
+    ) -> Result<(), String> {
+        let meta = vm
+            .disk_meta()
+            .get(usize::from(slot))
+            .cloned()
+            .ok_or("the disk is gone")?;
+        let file = files.create_partial(&to)?;
+        let params = CreateParams {
+            virtual_size: meta.virtual_bytes,
+            block_size: meta.block_bytes,
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+            fixed: meta.fixed,
+            parent: None,
+            guid_seed: meta.virtual_bytes ^ u64::from(slot),
+        };
+        let dest = match vhdx::create(file, &params) {
+            Ok(d) => d,
+            Err(e) => {
+                files.remove_partial(&to);
+                return Err(format!("cannot create {to}: {e}"));
+            }
+        };
+        let sector = match vm.disk_mut(slot) {
+            Some(d) => d.logical_sector_size(),
+            None => 512,
+        };
+        let placeholder = Box::new(Detached {
+            size: meta.virtual_bytes,
+            sector,
+        });
+        let Some(source) = vm.replace_disk(slot, placeholder) else {
+            files.remove_partial(&to);
+            return Err("the disk is gone".into());
+        };
+        // Check before the source is handed over: `MirroredDisk::new`
+        // consumes it even when it refuses.
+        if let Err(e) = vstorage::copy::check_geometry(&*source, &dest) {
+            vm.replace_disk(slot, source);
+            files.remove_partial(&to);
+            return Err(format!("cannot mirror to {to}: {e}"));
+        }
+        let mirror = match MirroredDisk::new(Source(source), dest, CopyOptions::default()) {
+            Ok(m) => Rc::new(RefCell::new(m)),
+            Err(e) => {
+                // Only the source's allocation map can fail here, and the
+                // source went with it: the disk cannot go on.
+                files.remove_partial(&to);
+                return Err(format!("cannot read the source's allocation: {e}"));
+            }
+        };
+        vm.replace_disk(slot, Box::new(MirrorHandle(mirror.clone())));
+        self.current = Some(DiskMove { slot, to, mirror });
+        Ok(())
+    }
+
+    /// Take the mirror out of the VM (its handle replaced) as the only
+    /// owner.
+    fn unwrap_mirror(vm: &mut Vm, cur: DiskMove) -> Option<Mirror> {
+        let (size, sector) = {
+            let m = cur.mirror.borrow();
+            (m.virtual_size(), m.logical_sector_size())
+        };
+        let handle = vm.replace_disk(cur.slot, Box::new(Detached { size, sector }));
+        drop(handle);
+        Rc::try_unwrap(cur.mirror).ok().map(RefCell::into_inner)
+    }
+
+    /// The current disk's copy is complete: name the new file, switch the
+    /// VM to it, delete (or keep) the source.
+    fn switch(&mut self, vm: &mut Vm, files: &dyn FileStore) -> Result<(), String> {
+        let Some(cur) = self.current.take() else {
+            return Ok(());
+        };
+        if let Err(e) = files.commit_partial(&cur.to) {
+            self.current = Some(cur);
+            self.abort(vm, files);
+            return Err(format!(
+                "cannot name the new file: {e}; the VM runs on from its source"
+            ));
+        }
+        let switched = cur.mirror.borrow_mut().switch_over();
+        let bytes_total = cur.mirror.borrow().progress().bytes_total;
+        let (slot, to) = (cur.slot, cur.to.clone());
+        let source = match switched {
+            Ok(s) => s,
+            Err(e) => {
+                // Named but not switched: the source still holds every
+                // write; the new file goes.
+                let _ = files.remove(&to);
+                self.current = Some(cur);
+                self.abort(vm, files);
+                return Err(format!(
+                    "cannot switch over: {e}; the VM runs on from its source"
+                ));
+            }
+        };
+        // The mirror now reads and writes only the destination: give the
+        // VM the destination itself.
+        let dest = Self::unwrap_mirror(vm, cur).and_then(|m| m.into_parts().1);
+        match dest {
+            Some(d) => {
+                vm.replace_disk(slot, Box::new(d));
+            }
+            None => return Err("the destination disk was lost at the switch".into()),
+        }
+        self.done_bytes += bytes_total;
+        let old = vm.disk_meta().get(usize::from(slot)).cloned();
+        if let Some(meta) = vm.disk_meta_mut().get_mut(usize::from(slot)) {
+            meta.backing = Backing::File {
+                location: to.clone(),
+            };
+        }
+        // Close the source (its VHDX header written), then delete it.
+        drop(source);
+        if let Some(old) = old {
+            if !self.plan.keep_source {
+                if let Backing::File { location } = &old.backing {
+                    if let Err(e) = files.remove(location) {
+                        log::warn!("storage migration: cannot delete {location}: {e}");
+                    }
+                }
+            }
+            self.moved.push(format!("{} -> {to}", old.location()));
+        }
+        Ok(())
+    }
+
+    /// Stop the current disk's mirror: the source is the disk again, the
+    /// partial destination is deleted.
+    fn abort(&mut self, vm: &mut Vm, files: &dyn FileStore) {
+        let Some(cur) = self.current.take() else {
+            return;
+        };
+        let (slot, to) = (cur.slot, cur.to.clone());
+        let _ = cur.mirror.borrow_mut().cancel();
+        match Self::unwrap_mirror(vm, cur).map(Mirror::into_parts) {
+            Some((Some(Source(source)), dest)) => {
+                vm.replace_disk(slot, source);
+                drop(dest);
+            }
+            _ => log::warn!("storage migration: the source disk of slot {slot} was lost"),
+        }
+        files.remove_partial(&to);
+    }
+
+    /// The job was cancelled: the VM runs on from its sources (disks
+    /// already switched stay switched).
+    pub fn cancel(mut self, vm: &mut Vm, files: &dyn FileStore) {
+        self.abort(vm, files);
+    }
+
+    /// Why a job ends without its VM (deleted): nothing to give back; the
+    /// partial file goes.
+    pub fn abandon(mut self, files: &dyn FileStore) {
+        if let Some(cur) = self.current.take() {
+            files.remove_partial(&cur.to);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
