@@ -238,6 +238,10 @@ pub struct NicStats {
     /// Completions the device reported that the driver could not match
     /// to a buffer, or with an impossible length (frames dropped).
     pub device_errors: u64,
+    /// Received TCP frames dropped for a wrong checksum.
+    pub rx_bad_checksums: u64,
+    /// Polls of this NIC ([`NetStack::poll`] calls).
+    pub polls: u64,
 }
 
 /// Ethertype of raw benchmark frames (IEEE 802 local experimental 1).

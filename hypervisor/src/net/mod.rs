@@ -24,6 +24,7 @@
 //! on this link (see `MIGRATION_SOCKET_BUFFER_BYTES`). A socket whose
 //! buffers cannot be allocated is refused with [`NetError::OutOfMemory`].
 
+mod csum;
 mod nic;
 
 use crate::pci;
@@ -344,6 +345,7 @@ impl NetStack for NodeNet {
         let t = instant(now_ns);
         for nic in &mut self.nics {
             nic.iface.poll(t, &mut nic.dev, &mut nic.sockets);
+            nic.dev.polls += 1;
             // One notification for everything the poll queued.
             nic.dev.kick();
         }
