@@ -794,11 +794,13 @@ pub fn bench_link(dir: &Path, bytes: u64, frames: u64) -> Result<String, String>
             .unwrap_or("?")
             .to_string()
     };
+    let rx_result = rx_job.result.clone().unwrap_or_default();
     let mut report = format!(
-        "bench link: tcp_mb_per_s={} raw_frame_mb_per_s={} raw_frames_per_s={} (tcp {} bytes in {} ms; raw {} frames of {} bytes in {} ms)",
+        "bench link: tcp_mb_per_s={} raw_frame_mb_per_s={} raw_frames_per_s={} tcp_pct_of_raw={} (tcp {} bytes in {} ms; raw {} frames of {} bytes in {} ms)",
         field("tcp_mb_per_s"),
         field("raw_mb_per_s"),
         field("raw_frames_per_s"),
+        pct_of(&field("tcp_mb_per_s"), &field("raw_mb_per_s")),
         field("tcp_bytes"),
         field("tcp_ms"),
         field("raw_frames"),
@@ -811,7 +813,38 @@ pub fn bench_link(dir: &Path, bytes: u64, frames: u64) -> Result<String, String>
         rx_job.state,
         rx_job.result.map(|r| format!(": {r}")).unwrap_or_default()
     ));
+    report.push_str(&format!(
+        "\nbench link: migration NICs during TCP: sender {}; receiver {}",
+        stack_summary(&result),
+        stack_summary(&rx_result)
+    ));
     Ok(report)
+}
+
+/// `a` as a percentage of `b` (both decimal numbers), or `?`.
+fn pct_of(a: &str, b: &str) -> String {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) if b > 0 => (a * 100 / b).to_string(),
+        _ => "?".into(),
+    }
+}
+
+/// A node's NIC counters from a link benchmark result (`out= in= polls=
+/// kicks= csum_bad=`), with the frames each stack poll moved.
+fn stack_summary(result: &str) -> String {
+    let num = |k: &str| -> Option<u64> {
+        result
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+    };
+    match (num("out"), num("in"), num("polls"), num("kicks"), num("csum_bad")) {
+        (Some(out), Some(inn), Some(polls), Some(kicks), Some(bad)) => format!(
+            "{out} frames out, {inn} in, {polls} polls ({} frames per poll), {kicks} notifications, {bad} bad checksums",
+            (out + inn) / polls.max(1)
+        ),
+        _ => "no counters".into(),
+    }
 }
 
 fn images(build: bool) -> Result<Images, String> {
@@ -953,6 +986,23 @@ pub fn run_bench_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_bench_report_helpers() {
+        assert_eq!(pct_of("142", "196"), "72");
+        assert_eq!(pct_of("?", "196"), "?");
+        assert_eq!(pct_of("5", "0"), "?");
+        let sender =
+            "tcp_bytes=1 raw_frames_per_s=2 out=46000 in=1000 polls=2350 kicks=12 csum_bad=0";
+        assert_eq!(
+            stack_summary(sender),
+            "46000 frames out, 1000 in, 2350 polls (20 frames per poll), 12 notifications, 0 bad checksums"
+        );
+        let receiver = "received 9 bytes in 1 ms: tcp_mb_per_s=9; raw benchmark frames received so far: 5; out=3 in=40 polls=0 kicks=1 csum_bad=2";
+        assert!(stack_summary(receiver)
+            .starts_with("3 frames out, 40 in, 0 polls (43 frames per poll)"));
+        assert_eq!(stack_summary("an old node's result"), "no counters");
+    }
 
     #[test]
     fn names_cmdlines_and_args() {

@@ -416,6 +416,9 @@ pub struct FakeNet {
     pub max_sockets: usize,
     /// Send-buffer room per `tcp_send` call.
     pub send_room: usize,
+    /// A socket's send buffer: at most this many bytes sent and not yet
+    /// taken by the peer (a real socket's buffer is bounded too).
+    pub socket_buffer: usize,
     pub polls: u64,
     pub bench_frames: u64,
     /// Receive windows of peers set by [`FakeNet::peer_window`]: the node
@@ -428,6 +431,7 @@ impl FakeNet {
         Self {
             max_sockets: 8,
             send_room: 64 * 1024,
+            socket_buffer: 4 << 20,
             ..Self::default()
         }
     }
@@ -535,8 +539,8 @@ impl NetStack for FakeNet {
         Ok(n)
     }
     fn tcp_send(&mut self, socket: SocketId, data: &[u8]) -> Result<usize, NetError> {
-        let mut room = self.send_room;
         let window = self.windows.get(&socket.0).copied();
+        let buffer = self.socket_buffer;
         let s = self
             .sockets
             .get_mut(&socket.0)
@@ -544,6 +548,7 @@ impl NetStack for FakeNet {
         if !matches!(s.state, TcpState::Open | TcpState::PeerClosed) || s.closed_by_node {
             return Err(NetError::NotConnected);
         }
+        let mut room = self.send_room.min(buffer.saturating_sub(s.tx.len()));
         if let Some(w) = window {
             room = room.min(w.saturating_sub(s.tx.len()));
         }

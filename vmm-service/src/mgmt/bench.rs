@@ -7,8 +7,14 @@
 //! * receive: a pump on a listener at `port`; count what arrives (the bytes
 //!   are dropped) until `bytes` came, the stream ended, or it stalled;
 //! * send: raw frames (one blocking platform call, timed by the platform),
-//!   then connect to `peer:port` and keep the pump's queue topped up until
-//!   `bytes` were sent and acknowledged.
+//!   then connect to `peer:port` and, every round, fill the socket's send
+//!   buffer through the pump (so the stack, not this job, sets the pace)
+//!   until `bytes` were sent and acknowledged.
+//!
+//! Both sides report the migration NIC's counters over their TCP phase
+//! (frames each way, stack polls, device notifications, bad checksums):
+//! few frames per poll on the sender means the node loop, not the link,
+//! sets the pace.
 //!
 //! A job ends exactly once (completed, failed, or cancelled through the job
 //! table) and releases its socket then. A stream that moves nothing for
@@ -19,7 +25,7 @@ use super::proto::{parse_ipv4, ApiError, Body, ErrorCode, JobKind, Outcome};
 use crate::pump::SocketPump;
 use alloc::format;
 use alloc::vec::Vec;
-use hvcore::host::{Host, NicRole, TcpState};
+use hvcore::host::{Host, NetStack, NicRole, NicStats, TcpState};
 
 /// Most bytes one benchmark stream carries.
 pub const BENCH_BYTES_MAX: u64 = 1 << 30;
@@ -43,6 +49,27 @@ fn err(code: ErrorCode, message: impl Into<alloc::string::String>) -> Outcome {
 fn mb_per_s(bytes: u64, ns: u64) -> u64 {
     let r = u128::from(bytes) * 1000 / u128::from(ns.max(1));
     u64::try_from(r).unwrap_or(u64::MAX)
+}
+
+/// The migration NIC's counters now.
+fn mig_stats(net: &dyn NetStack) -> NicStats {
+    net.stats(NicRole::Migration).unwrap_or_default()
+}
+
+/// What the migration NIC did between `before` and `after`, as
+/// `key=value` words short enough for a job's result text: frames out and
+/// in, stack polls, device notifications (both queues), TCP frames dropped
+/// for a bad checksum.
+fn stack_counters(before: &NicStats, after: &NicStats) -> alloc::string::String {
+    let d = |f: fn(&NicStats) -> u64| f(after).saturating_sub(f(before));
+    format!(
+        "out={} in={} polls={} kicks={} csum_bad={}",
+        d(|s| s.tx_frames),
+        d(|s| s.rx_frames),
+        d(|s| s.polls),
+        d(|s| s.tx_kicks) + d(|s| s.rx_kicks),
+        d(|s| s.rx_bad_checksums),
+    )
 }
 
 fn job_outcome(jobs: &JobTable, job: u64, now: u64) -> Outcome {
@@ -104,7 +131,7 @@ impl LinkBench {
                     job,
                     pump,
                     port,
-                    first_ns: None,
+                    first: None,
                 }));
                 job_outcome(jobs, job, now)
             }
@@ -150,7 +177,7 @@ impl LinkBench {
                     raw: None,
                     pump: None,
                     queued: 0,
-                    start_ns: None,
+                    start: None,
                 }));
                 job_outcome(jobs, job, now)
             }
@@ -192,7 +219,8 @@ struct ReceiveJob {
     /// Made on the listener: it moves bytes once a peer connected.
     pump: SocketPump,
     port: u16,
-    first_ns: Option<u64>,
+    /// When the first bytes arrived, and the NIC's counters then.
+    first: Option<(u64, NicStats)>,
 }
 
 impl ReceiveJob {
@@ -212,22 +240,25 @@ impl ReceiveJob {
             if n == 0 {
                 break;
             }
-            self.first_ns.get_or_insert(now);
+            if self.first.is_none() {
+                self.first = Some((now, mig_stats(net)));
+            }
             pump.consume(n);
         }
         let received = pump.received_total();
         jobs.progress(job, received, None);
         let total = jobs.info(job, now).map_or(0, |j| j.bytes_total);
         if received >= total || pump.peer_done() || pump.is_broken() {
-            let ns = now.saturating_sub(self.first_ns.unwrap_or(now));
-            let raw = net
-                .stats(NicRole::Migration)
-                .map_or(0, |s| s.rx_bench_frames);
+            let (first_ns, before) = self.first.unwrap_or((now, NicStats::default()));
+            let ns = now.saturating_sub(first_ns);
+            let after = mig_stats(net);
             let text = format!(
-                "received {received} bytes on port {} in {} ms: tcp_mb_per_s={}; raw benchmark frames received so far: {raw}",
+                "received {received} bytes on port {} in {} ms: tcp_mb_per_s={}; raw benchmark frames received so far: {}; {}",
                 self.port,
                 ns / 1_000_000,
-                mb_per_s(received, ns)
+                mb_per_s(received, ns),
+                after.rx_bench_frames,
+                stack_counters(&before, &after),
             );
             if received >= total {
                 jobs.complete(job, Some(&text), now);
@@ -238,7 +269,7 @@ impl ReceiveJob {
             }
             return false;
         }
-        if self.first_ns.is_some() && now.saturating_sub(pump.last_progress_ns()) > BENCH_STALL_NS {
+        if self.first.is_some() && now.saturating_sub(pump.last_progress_ns()) > BENCH_STALL_NS {
             jobs.fail(job, "the stream stalled for 10 s", now);
             return false;
         }
@@ -259,7 +290,8 @@ struct SendJob {
     pump: Option<SocketPump>,
     /// Bytes queued into the pump so far.
     queued: u64,
-    start_ns: Option<u64>,
+    /// When the stream opened, and the NIC's counters then.
+    start: Option<(u64, NicStats)>,
 }
 
 impl SendJob {
@@ -314,12 +346,18 @@ impl SendJob {
                 return false;
             }
         }
-        let start_ns = *self.start_ns.get_or_insert(now);
-        while self.queued < total && pump.send_room() > 0 {
-            let want = (total - self.queued).min(FILL.len() as u64) as usize;
-            self.queued += pump.queue(&FILL[..want]) as u64;
+        let (start_ns, before) = *self.start.get_or_insert_with(|| (now, mig_stats(net)));
+        // Fill the socket's send buffer: the next poll sends as much as the
+        // window and the device take.
+        loop {
+            while self.queued < total && pump.send_room() > 0 {
+                let want = (total - self.queued).min(FILL.len() as u64) as usize;
+                self.queued += pump.queue(&FILL[..want]) as u64;
+            }
+            if pump.flush(net, now) == 0 || pump.queued() > 0 {
+                break;
+            }
         }
-        pump.flush(net, now);
         let sent = pump.sent_total();
         jobs.progress(job, sent, None);
         if sent >= total && pump.queued() == 0 && pump.unacked(net) == 0 {
@@ -327,12 +365,13 @@ impl SendJob {
             let (n, raw_ns) = self.raw.unwrap_or((0, 1));
             let raw_bytes = n * BENCH_FRAME_BYTES as u64;
             let text = format!(
-                "tcp_bytes={total} tcp_ms={} tcp_mb_per_s={} raw_frames={n} raw_frame_bytes={BENCH_FRAME_BYTES} raw_ms={} raw_mb_per_s={} raw_frames_per_s={}",
+                "tcp_bytes={total} tcp_ms={} tcp_mb_per_s={} raw_frames={n} raw_frame_bytes={BENCH_FRAME_BYTES} raw_ms={} raw_mb_per_s={} raw_frames_per_s={} {}",
                 ns / 1_000_000,
                 mb_per_s(total, ns),
                 raw_ns / 1_000_000,
                 mb_per_s(raw_bytes, raw_ns),
                 u128::from(n) * 1_000_000_000 / u128::from(raw_ns.max(1)),
+                stack_counters(&before, &mig_stats(net)),
             );
             jobs.complete(job, Some(&text), now);
             host.console_write(&format!("bench link: {text}\n"));
@@ -412,6 +451,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("raw_mb_per_s=1514"), "{text}");
+        // The stack's counters over the TCP phase (the fake's are zero).
+        assert!(
+            text.ends_with(" out=0 in=0 polls=0 kicks=0 csum_bad=0"),
+            "{text}"
+        );
         let j = r.node.jobs().info(rx.id, now).unwrap();
         assert_eq!(
             (j.state, j.bytes_done, j.percent),
@@ -443,13 +487,13 @@ mod tests {
         let send = Request::BenchLinkSend {
             peer: "192.168.100.2".into(),
             port: 7200,
-            bytes: 1 << 20,
+            bytes: 8 << 20,
             frames: 0,
         };
         let Outcome::Ok(Body::Job(tx)) = r.node.handle(&mut r.host, send) else {
             panic!()
         };
-        // The receiving peer never reads: the first round fills its side.
+        // The receiving peer never reads: the first round fills the socket.
         r.round(); // raw phase
         r.round(); // connect, send what fits
         let sock = r
@@ -462,7 +506,10 @@ mod tests {
         r.net().peer_window(sock, 0);
         let now = r.host.now_ns();
         let sent = r.node.jobs().info(tx.id, now).unwrap().bytes_done;
-        assert!(sent > 0 && sent < 1 << 20, "{sent}");
+        // One round filled the socket's whole send buffer, not just the
+        // pump's queue: the stack sets the pace.
+        assert_eq!(sent, r.net().socket_buffer as u64);
+        assert_eq!(r.net().peer_take(sock).len(), 4 << 20);
         for _ in 0..3 {
             r.round();
         }
