@@ -27,14 +27,16 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use hvcore::host::{NetStack, SocketId, TcpState};
 
-/// Bytes asked of the socket per `tcp_recv` call.
-const RECV_PIECE: usize = 4096;
-
 /// One TCP socket with its receive and send buffers.
 #[derive(Debug)]
 pub struct SocketPump {
     socket: SocketId,
+    /// The receive buffer: `rx_cap` bytes once the first read made it, of
+    /// which the first `rx_len` were received and not yet consumed. The
+    /// socket writes straight into its free tail (one copy out of the
+    /// stack; a stream moves every byte through here).
     rx: Vec<u8>,
+    rx_len: usize,
     rx_cap: usize,
     tx: VecDeque<u8>,
     tx_cap: usize,
@@ -55,6 +57,7 @@ impl SocketPump {
         Self {
             socket,
             rx: Vec::new(),
+            rx_len: 0,
             rx_cap,
             tx: VecDeque::new(),
             tx_cap,
@@ -92,11 +95,12 @@ impl SocketPump {
             }
             TcpState::Open | TcpState::PeerClosed => {}
         }
+        if self.rx.len() < self.rx_cap {
+            self.rx.resize(self.rx_cap, 0);
+        }
         let mut total = 0;
-        let mut piece = [0u8; RECV_PIECE];
-        while self.rx.len() < self.rx_cap {
-            let room = (self.rx_cap - self.rx.len()).min(RECV_PIECE);
-            match net.tcp_recv(self.socket, &mut piece[..room]) {
+        while self.rx_len < self.rx_cap {
+            match net.tcp_recv(self.socket, &mut self.rx[self.rx_len..]) {
                 Ok(0) => {
                     if net.tcp_state(self.socket) == TcpState::PeerClosed {
                         self.eof = true;
@@ -104,7 +108,9 @@ impl SocketPump {
                     break;
                 }
                 Ok(n) => {
-                    self.rx.extend_from_slice(&piece[..n]);
+                    // A stack that claims more than it was given is capped.
+                    let n = n.min(self.rx_cap - self.rx_len);
+                    self.rx_len += n;
                     total += n;
                 }
                 Err(_) => {
@@ -122,15 +128,19 @@ impl SocketPump {
 
     /// Bytes received and not yet consumed.
     pub fn received(&self) -> &[u8] {
-        &self.rx
+        &self.rx[..self.rx_len]
     }
     /// The consumer is done with the first `n` received bytes.
     pub fn consume(&mut self, n: usize) {
-        self.rx.drain(..n.min(self.rx.len()));
+        let n = n.min(self.rx_len);
+        self.rx.copy_within(n..self.rx_len, 0);
+        self.rx_len -= n;
     }
     /// Take every received byte.
     pub fn take_received(&mut self) -> Vec<u8> {
-        core::mem::take(&mut self.rx)
+        let bytes = self.rx[..self.rx_len].to_vec();
+        self.rx_len = 0;
+        bytes
     }
 
     /// Bytes [`SocketPump::queue`] accepts now.
@@ -184,7 +194,7 @@ impl SocketPump {
 
     /// The peer closed its side and every byte it sent was consumed.
     pub fn peer_done(&self) -> bool {
-        self.eof && self.rx.is_empty()
+        self.eof && self.rx_len == 0
     }
     /// The connection is gone: reset, closed under us, or a call failed.
     pub fn is_broken(&self) -> bool {
