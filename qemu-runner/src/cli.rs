@@ -295,6 +295,20 @@ pub enum Bench {
         #[command(flatten)]
         build: BuildArg,
     },
+    /// Live migration between two nodes: a 64 MiB and a 256 MiB VM, idle
+    /// and busy, each moved from node a to b; total time, downtime (the
+    /// report's and the largest heartbeat gap), bytes per RAM, pre-copy
+    /// rate against the TCP rate of the same link (boots a cluster for the
+    /// run if none is up)
+    Migrate {
+        /// One JSON object per scenario
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateDirArg,
+        #[command(flatten)]
+        build: BuildArg,
+    },
 }
 
 /// Where the cluster keeps its state.
@@ -548,6 +562,10 @@ mod tests {
                 ..
             }))
         ));
+        assert!(matches!(
+            p("bench migrate --json"),
+            Ok(Command::Bench(Bench::Migrate { json: true, .. }))
+        ));
         assert!(matches!(p("demo"), Ok(Command::Demo(d)) if d.seconds == DEFAULT_DEMO_SECONDS));
         assert!(
             matches!(p("demo --seconds 5"), Ok(Command::Demo(d)) if d.seconds == 5 && d.act.is_none())
@@ -676,7 +694,7 @@ mod tests {
         cmd.build();
         let mut seen = 0;
         walk(&mut cmd, &mut Vec::new(), &mut seen);
-        // qemu-runner's 12 commands, 3 bench, 4 cluster, hvctl's tree, help.
+        // qemu-runner's 12 commands, 4 bench, 4 cluster, hvctl's tree, help.
         assert!(seen > 30, "{seen}");
         let node = Cli::command()
             .find_subcommand_mut("node")

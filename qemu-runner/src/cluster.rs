@@ -737,6 +737,17 @@ pub fn status(dir: &Path) -> Result<Vec<NodeStatus>, String> {
 /// `bench link`: `bytes` from node a to node b over TCP on the migration
 /// link, after `frames` raw frames on the same link; returns the report.
 pub fn bench_link(dir: &Path, bytes: u64, frames: u64) -> Result<String, String> {
+    bench_link_quiet(dir, bytes, frames, false)
+}
+
+/// [`bench_link`], printing nothing while it runs when `quiet` (`bench
+/// migrate --json` keeps its output JSON).
+pub fn bench_link_quiet(
+    dir: &Path,
+    bytes: u64,
+    frames: u64,
+    quiet: bool,
+) -> Result<String, String> {
     let state = load(dir)?;
     let [a, b, ..] = state.nodes.as_slice() else {
         return Err("bench link needs a cluster of two nodes".into());
@@ -759,11 +770,15 @@ pub fn bench_link(dir: &Path, bytes: u64, frames: u64) -> Result<String, String>
         Body::Job(j) => j.id,
         other => return Err(format!("unexpected reply from node a: {other:?}")),
     };
-    println!(
-        "bench link: {frames} raw frames, then {} MiB over TCP from node a to node b",
-        bytes >> 20
-    );
-    hvctl::watch(&mut ca, tx, false)?;
+    if quiet {
+        hvctl::follow(&mut ca, tx, true)?;
+    } else {
+        println!(
+            "bench link: {frames} raw frames, then {} MiB over TCP from node a to node b",
+            bytes >> 20
+        );
+        hvctl::watch(&mut ca, tx, false)?;
+    }
     let job = |c: &mut Client, id: u64| -> Result<Option<hvmgmt::proto::JobInfo>, String> {
         match c.call_ok(Request::JobList)? {
             Body::JobList { jobs } => Ok(jobs.into_iter().find(|j| j.id == id)),

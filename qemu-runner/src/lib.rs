@@ -14,6 +14,7 @@
 
 pub mod accel;
 pub mod arch;
+pub mod bench_migrate;
 pub mod bochs;
 pub mod cargo;
 pub mod cli;
