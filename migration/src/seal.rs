@@ -358,7 +358,14 @@ impl Sealer {
         let mut buf = [0u8; 2048];
         let mut got = 0;
         while got < RECV_CHUNK {
-            let n = inner.recv(&mut buf).map_err(SealedError::Transport)?;
+            let n = match inner.recv(&mut buf) {
+                Ok(n) => n,
+                // What arrived before a close or reset counts first (a
+                // refusal followed at once by the peer's close): the
+                // error repeats at the next pull.
+                Err(_) if got > 0 => break,
+                Err(e) => return Err(SealedError::Transport(e)),
+            };
             if n == 0 {
                 break;
             }

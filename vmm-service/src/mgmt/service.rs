@@ -188,6 +188,11 @@ impl Managed {
     pub fn vms(&self) -> &[Vm] {
         &self.vms
     }
+    /// The VMs, to look into their memory (tests).
+    #[cfg(test)]
+    pub fn vms_mut(&mut self) -> &mut [Vm] {
+        &mut self.vms
+    }
 
     /// Advance the link benchmark and the migration jobs (call every loop
     /// round).

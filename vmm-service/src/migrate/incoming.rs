@@ -384,7 +384,7 @@ impl Migrations {
         if let Some(at) = x.accept_at {
             let now = host.now_ns();
             x.conn.wire.service(host.net(), now);
-            if x.conn.wire.is_broken() {
+            if x.conn.wire.is_broken() || x.conn.wire.peer_closed() {
                 let why = MigrationError::Transport(TransportError::Broken(
                     "the source closed the connection before the migration was accepted",
                 ));

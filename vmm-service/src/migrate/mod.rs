@@ -49,6 +49,8 @@ pub mod outgoing;
 pub mod wire;
 
 mod set;
+#[cfg(test)]
+mod twonode;
 
 pub use local::{migrate_local, run_until, Faults, LocalOutcome};
 pub use set::{migrating, Migrations, MoveRequest};

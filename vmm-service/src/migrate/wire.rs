@@ -119,6 +119,15 @@ impl Wire {
         }
     }
 
+    /// Whether the peer closed its side and everything it sent was read.
+    pub fn peer_closed(&self) -> bool {
+        match self {
+            Wire::Tcp(t) => t.pump.peer_done(),
+            Wire::Pipe(_) => false,
+            Wire::Gone => true,
+        }
+    }
+
     /// Whether the connection is established (a pipe always is).
     pub fn is_open(&self) -> bool {
         match self {

@@ -1,0 +1,595 @@
+//! Host tests of node-to-node moves: two managed nodes on the test doubles
+//! ([`Pair`]), their migration NICs joined by a simulated link that the
+//! tests cut, restore or silence, requests answered by the real handlers,
+//! and guests whose state lives in registers and memory so that either
+//! copy can be checked at any time ([`writer`], [`check_memory`]).
+//!
+//! A cut link holds every byte in the sockets (as TCP retransmits): after
+//! a restore they are delivered; a killed node's sockets never answer.
+
+use crate::mgmt::auth::{ClusterKey, TestEntropy};
+use crate::mgmt::proto::{
+    Body, ErrorCode, JobInfo, JobState, Keep, Outcome, Phase, Request, VmInfo,
+};
+use crate::mgmt::service::{Managed, NodeIdentity};
+use crate::node::Peer;
+use crate::testing::{FakeHost, FakeMemory, FakeNet, FakeVcpu, Program};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use hvcore::addr::Gpa;
+use hvcore::host::{Host, SocketId, TcpState};
+use hvcore::vcpu::VmExit;
+use std::cell::Cell;
+use std::rc::Rc;
+
+const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const MIG_PORT: u16 = 7100;
+/// The guest's work buffer: 64 pages from 1 MiB.
+const WORK_GPA: u64 = 0x10_0000;
+const WORK_PAGES: u64 = 64;
+/// Simulated time per round of the two node loops.
+const ROUND_NS: u64 = 50_000;
+
+fn ip(i: usize) -> [u8; 4] {
+    [192, 168, 100, 1 + i as u8]
+}
+
+/// A guest that writes counter N (kept in RBX, so it moves with the vCPU)
+/// into work page N % 64 on every run.
+fn writer() -> Program {
+    Box::new(|v: &mut FakeVcpu, m: &mut FakeMemory| {
+        let i = v.regs.rbx + 1;
+        v.regs.rbx = i;
+        m.guest_write(Gpa(WORK_GPA + (i % WORK_PAGES) * 4096), &i.to_le_bytes());
+        VmExit::ExternalInterrupt
+    })
+}
+
+/// One node: its host doubles and its VM and job tables.
+struct Node {
+    name: &'static str,
+    host: FakeHost,
+    node: Managed,
+    up: bool,
+}
+
+impl Node {
+    fn new(
+        i: usize,
+        name: &'static str,
+        peer: &'static str,
+        clock: &Rc<Cell<u64>>,
+        key: &str,
+    ) -> Self {
+        let mut host = FakeHost::new();
+        host.clock = clock.clone();
+        host.ns_per_run = 100_000;
+        host.ns_per_page_read = 2_000;
+        host.entropy = TestEntropy(0x5eed_0000 + i as u64 * 7919 + clock.get());
+        host.net = Some(FakeNet::new());
+        // Writers for every partition this node will create.
+        for _ in 0..8 {
+            host.programs.push_back(writer());
+        }
+        let image = host.module.clone().unwrap_or_default();
+        let identity = NodeIdentity {
+            name: name.into(),
+            peers: vec![Peer {
+                name: peer.into(),
+                addr: ip(1 - i),
+            }],
+            ..NodeIdentity::default()
+        };
+        let key = ClusterKey::from_hex(key).unwrap();
+        let node = Managed::new(&mut host, identity, image, key, MIG_PORT);
+        Node {
+            name,
+            host,
+            node,
+            up: true,
+        }
+    }
+
+    fn net(&mut self) -> &mut FakeNet {
+        self.host.net.as_mut().unwrap()
+    }
+
+    fn call(&mut self, req: Request) -> Outcome {
+        self.node.handle(&mut self.host, req)
+    }
+
+    fn ok(&mut self, req: Request) -> Body {
+        match self.call(req.clone()) {
+            Outcome::Ok(b) => b,
+            Outcome::Error(e) => panic!("node {}: {req:?}: {e:?}", self.name),
+        }
+    }
+
+    fn job(&mut self, id: u64) -> JobInfo {
+        match self.ok(Request::JobShow { id }) {
+            Body::Job(j) => j,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn jobs(&mut self) -> Vec<JobInfo> {
+        match self.ok(Request::JobList) {
+            Body::JobList { jobs } => jobs,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn vms(&mut self) -> Vec<VmInfo> {
+        match self.ok(Request::VmList) {
+            Body::VmList { vms } => vms,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn vm_state(&mut self, name: &str) -> Option<String> {
+        self.vms()
+            .into_iter()
+            .find(|v| v.name == name)
+            .map(|v| v.state)
+    }
+
+    /// The guest's writes are all there: the last 64 counters in their
+    /// pages (memory and registers of one consistent moment).
+    fn check_memory(&mut self, name: &str) -> u64 {
+        let i = self
+            .node
+            .vms()
+            .iter()
+            .position(|v| v.name() == name)
+            .unwrap();
+        let vm = &mut self.node.vms_mut()[i];
+        let last = vm.partition().vcpu().regs().rbx;
+        assert!(last > WORK_PAGES, "the guest ran: {last}");
+        for back in 0..WORK_PAGES {
+            let n = last - back;
+            let mut b = [0u8; 8];
+            vm.partition()
+                .memory()
+                .read(Gpa(WORK_GPA + (n % WORK_PAGES) * 4096), &mut b)
+                .unwrap();
+            assert_eq!(u64::from_le_bytes(b), n, "VM {name} on {}", self.name);
+        }
+        last
+    }
+}
+
+/// A `vm-move` to b (or `to`) with short downtime and the test knobs.
+#[derive(Default)]
+struct Mv {
+    to: Option<&'static str>,
+    encrypt: Option<bool>,
+    verify: Option<bool>,
+    accept_ms: u64,
+    ready_ms: u64,
+    resumed_ms: u64,
+}
+
+impl Mv {
+    fn req(&self, name: &str) -> Request {
+        Request::VmMove {
+            name: name.into(),
+            to: self.to.unwrap_or("b").into(),
+            downtime_ms: Some(300),
+            bandwidth_mib_s: None,
+            timeout_s: Some(120),
+            encrypt: self.encrypt,
+            verify: self.verify,
+            debug_hold_accept_ms: Some(self.accept_ms),
+            debug_hold_ready_ms: Some(self.ready_ms),
+            debug_hold_resumed_ms: Some(self.resumed_ms),
+        }
+    }
+}
+
+/// Two nodes, `a` and `b`, and the link between their migration NICs.
+struct Pair {
+    clock: Rc<Cell<u64>>,
+    n: [Node; 2],
+    /// Connections: (node, socket) of the connecting end and of the
+    /// accepted one.
+    links: Vec<((usize, u32), (usize, u32))>,
+    cut: bool,
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self::with_keys(KEY, KEY)
+    }
+
+    fn with_keys(ka: &str, kb: &str) -> Self {
+        let clock = Rc::new(Cell::new(1_000_000_000));
+        Pair {
+            n: [
+                Node::new(0, "a", "b", &clock, ka),
+                Node::new(1, "b", "a", &clock, kb),
+            ],
+            clock,
+            links: Vec::new(),
+            cut: false,
+        }
+    }
+
+    fn a(&mut self) -> &mut Node {
+        &mut self.n[0]
+    }
+    fn b(&mut self) -> &mut Node {
+        &mut self.n[1]
+    }
+
+    /// VM `name` (4 MiB, a writer) created and started on `a`, run a bit.
+    fn started(&mut self, name: &str) {
+        self.a().ok(Request::VmCreate {
+            name: name.into(),
+            memory_mib: 4,
+            guest: None,
+        });
+        self.a().ok(Request::VmStart { name: name.into() });
+        self.rounds(50);
+    }
+
+    fn move_req(name: &str) -> Request {
+        Mv::default().req(name)
+    }
+
+    /// Start a move of `name` to b; its job id on a.
+    fn start_move(&mut self, req: Request) -> u64 {
+        match self.a().ok(req) {
+            Body::Job(j) => j.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One round of both node loops and of the link.
+    fn round(&mut self) {
+        for node in &mut self.n {
+            if !node.up {
+                continue;
+            }
+            node.node.drive_jobs(&mut node.host);
+            let deadline = node.host.now_ns() + super::GUEST_SLICE_NS;
+            node.node.run_vms(&mut node.host, deadline);
+        }
+        self.carry();
+        self.clock.set(self.clock.get() + ROUND_NS);
+    }
+
+    fn rounds(&mut self, n: usize) {
+        for _ in 0..n {
+            self.round();
+        }
+    }
+
+    /// Run until `done` holds (panics after `max` rounds).
+    fn until(&mut self, max: usize, what: &str, mut done: impl FnMut(&mut Pair) -> bool) {
+        for _ in 0..max {
+            if done(self) {
+                return;
+            }
+            self.round();
+        }
+        panic!("{what}: not within {max} rounds");
+    }
+
+    /// Run until a's job `id` is in `phase`.
+    fn until_phase(&mut self, id: u64, phase: Phase) {
+        self.until(200_000, &format!("phase {phase:?}"), |p| {
+            p.a().job(id).migration.is_some_and(|m| m.phase == phase)
+        });
+    }
+
+    /// Run until a's job `id` ended; its info.
+    fn until_ended(&mut self, id: u64) -> JobInfo {
+        self.until(400_000, "the job ends", |p| {
+            !matches!(p.a().job(id).state, JobState::Queued | JobState::Running)
+        });
+        self.a().job(id)
+    }
+
+    /// New connections get their peer; bytes move unless the link is cut;
+    /// a close reaches the other end after its last bytes.
+    fn carry(&mut self) {
+        for i in 0..2 {
+            let fresh: Vec<(u32, [u8; 4], u16)> = self.n[i]
+                .net()
+                .sockets
+                .iter()
+                .filter(|(_, s)| s.remote.is_some() && !s.released)
+                .filter_map(|(id, s)| s.remote.map(|(addr, port)| (*id, addr, port)))
+                .collect();
+            for (id, addr, port) in fresh {
+                if self.links.iter().any(|(c, _)| *c == (i, id)) || self.cut {
+                    continue;
+                }
+                let Some(j) = (0..2).find(|&j| ip(j) == addr) else {
+                    continue;
+                };
+                if !self.n[j].up {
+                    continue; // a dead node answers nothing
+                }
+                match self.n[j].net().peer_connect(port) {
+                    Some(s) => self.links.push(((i, id), (j, s.0))),
+                    None => {
+                        // Refused (nothing listening).
+                        if let Some(s) = self.n[i].net().sockets.get_mut(&id) {
+                            s.state = TcpState::Closed;
+                        }
+                        self.links.push(((i, id), (usize::MAX, 0)));
+                    }
+                }
+            }
+        }
+        if self.cut {
+            return;
+        }
+        for &((i, x), (j, y)) in &self.links.clone() {
+            if j == usize::MAX || !self.n[i].up || !self.n[j].up {
+                continue;
+            }
+            for ((p, s), (q, t)) in [((i, x), (j, y)), ((j, y), (i, x))] {
+                let bytes = self.n[p].net().peer_take(SocketId(s));
+                self.n[q].net().peer_send(SocketId(t), &bytes);
+                let closed = self.n[p]
+                    .net()
+                    .sockets
+                    .get(&s)
+                    .is_some_and(|k| k.closed_by_node || k.released);
+                if closed {
+                    if let Some(k) = self.n[q].net().sockets.get_mut(&t) {
+                        if k.state == TcpState::Open {
+                            k.state = TcpState::PeerClosed;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Node `i` loses power: it stops, its sockets go silent.
+    fn kill(&mut self, i: usize) {
+        self.n[i].up = false;
+    }
+}
+
+fn phase_of(j: &JobInfo) -> Phase {
+    j.migration.as_ref().map(|m| m.phase).unwrap()
+}
+
+#[test]
+fn a_vm_moves_to_the_peer_and_runs_there_only() {
+    let mut p = Pair::new();
+    p.started("v");
+    let before = p.a().check_memory("v");
+    let id = p.start_move(Pair::move_req("v"));
+    // While it moves, the API answers and refuses to change the VM.
+    p.until_phase(id, Phase::Copying);
+    for req in [
+        Request::VmStop { name: "v".into() },
+        Request::VmDelete { name: "v".into() },
+        Pair::move_req("v"),
+    ] {
+        match p.a().call(req) {
+            Outcome::Error(e) => {
+                assert_eq!(e.code, ErrorCode::VmMigrating);
+                assert_eq!(e.message, format!("VM v is migrating (job {id})"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(p.b().vm_state("v").as_deref(), Some("incoming"));
+    let j = p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    let r = j.report.unwrap();
+    assert!(r.verified, "{r:?}");
+    assert_eq!(r.result, "completed");
+    assert!(p.a().vms().is_empty(), "the source let go");
+    assert_eq!(p.b().vm_state("v").as_deref(), Some("running"));
+    p.rounds(20);
+    let after = p.b().check_memory("v");
+    assert!(after > before, "the guest runs on at b");
+    // b's job.
+    let bj = p.b().jobs();
+    assert_eq!(bj.len(), 1);
+    assert_eq!(bj[0].state, JobState::Completed);
+    // And back, encrypted, without verification.
+    let back = match p.b().ok(Mv {
+        to: Some("a"),
+        encrypt: Some(true),
+        verify: Some(false),
+        ..Mv::default()
+    }
+    .req("v"))
+    {
+        Body::Job(j) => j.id,
+        other => panic!("{other:?}"),
+    };
+    p.until(400_000, "move back", |p| {
+        !matches!(p.b().job(back).state, JobState::Queued | JobState::Running)
+    });
+    let j = p.b().job(back);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    let m = j.migration.unwrap();
+    assert!(m.encrypted && !m.verify);
+    assert!(p.b().vms().is_empty());
+    p.rounds(20);
+    assert!(p.a().check_memory("v") > after);
+}
+
+/// In doubt with b gone for good: the operator decides; keeping the
+/// source resumes it.
+#[test]
+fn an_operator_resolves_a_move_in_doubt() {
+    let mut p = Pair::new();
+    p.started("v");
+    let id = p.start_move(
+        Mv {
+            resumed_ms: 5000,
+            ..Mv::default()
+        }
+        .req("v"),
+    );
+    p.until(400_000, "b resumed", |p| {
+        p.b().vm_state("v").as_deref() == Some("running")
+    });
+    p.kill(1);
+    p.until_phase(id, Phase::InDoubt);
+    match p.a().call(Request::JobCancel { id }) {
+        Outcome::Error(e) => assert_eq!(e.code, ErrorCode::InvalidState, "{e:?}"),
+        other => panic!("cancel after go: {other:?}"),
+    }
+    let j = match p.a().ok(Request::JobResolve {
+        id,
+        keep: Keep::Source,
+    }) {
+        Body::Job(j) => j,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert_eq!(p.a().vm_state("v").as_deref(), Some("running"));
+    p.rounds(20);
+    p.a().check_memory("v");
+    match p.a().call(Request::JobResolve {
+        id,
+        keep: Keep::Source,
+    }) {
+        Outcome::Error(e) => assert_eq!(e.code, ErrorCode::InvalidState),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `job-cancel` in every phase before `go`: the VM runs on at a, b keeps
+/// nothing.
+#[test]
+fn cancel_works_in_every_phase_before_go() {
+    for phase in [
+        Phase::Queued,
+        Phase::Negotiating,
+        Phase::Copying,
+        Phase::SwitchingOver,
+    ] {
+        let mut p = Pair::new();
+        p.started("v");
+        p.started("w");
+        if phase == Phase::Queued {
+            p.a().ok(Request::HostSet {
+                max_live_migrations: Some(1),
+                max_storage_migrations: None,
+            });
+            let _first = p.start_move(
+                Mv {
+                    accept_ms: 60_000,
+                    ..Mv::default()
+                }
+                .req("w"),
+            );
+        }
+        let id = p.start_move(
+            Mv {
+                accept_ms: if phase == Phase::Negotiating { 5000 } else { 0 },
+                ready_ms: if phase == Phase::SwitchingOver {
+                    5000
+                } else {
+                    0
+                },
+                ..Mv::default()
+            }
+            .req("v"),
+        );
+        p.until_phase(id, phase);
+        let j = match p.a().ok(Request::JobCancel { id }) {
+            Body::Job(j) => j,
+            other => panic!("{other:?}"),
+        };
+        let j = if j.state == JobState::Running {
+            p.until_ended(id)
+        } else {
+            j
+        };
+        assert_eq!(j.state, JobState::Cancelled, "{phase:?}: {j:?}");
+        assert_eq!(phase_of(&j), Phase::Cancelled);
+        assert_eq!(p.a().vm_state("v").as_deref(), Some("running"), "{phase:?}");
+        p.rounds(20);
+        p.a().check_memory("v");
+        if phase != Phase::Queued {
+            p.until(400_000, "b discards", |p| p.b().vm_state("v").is_none());
+        }
+    }
+}
+
+/// With a limit of one, a second move queues and starts by itself once
+/// the first ends.
+#[test]
+fn a_second_move_queues_under_max_migrations_one() {
+    let mut p = Pair::new();
+    p.started("v");
+    p.started("w");
+    p.a().ok(Request::HostSet {
+        max_live_migrations: Some(1),
+        max_storage_migrations: None,
+    });
+    let first = p.start_move(Pair::move_req("v"));
+    let second = p.start_move(Pair::move_req("w"));
+    let j = p.a().job(second);
+    assert_eq!(j.state, JobState::Queued);
+    assert_eq!(phase_of(&j), Phase::Queued);
+    assert_eq!(p.until_ended(first).state, JobState::Completed);
+    let j = p.until_ended(second);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    assert!(p.a().vms().is_empty());
+    p.rounds(20);
+    p.b().check_memory("v");
+    p.b().check_memory("w");
+}
+
+/// The destination refuses before any page moves, naming the reason: a
+/// name taken there, not enough memory.
+#[test]
+fn refusals_name_the_reason_and_move_nothing() {
+    let mut p = Pair::new();
+    p.started("v");
+    p.b().ok(Request::VmCreate {
+        name: "v".into(),
+        memory_mib: 4,
+        guest: None,
+    });
+    let id = p.start_move(Pair::move_req("v"));
+    let j = p.until_ended(id);
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.unwrap();
+    assert!(e.contains("a VM named v exists on node b"), "{e}");
+    assert!(j.report.unwrap().bytes_sent < 4096, "no page moved");
+    assert_eq!(p.a().vm_state("v").as_deref(), Some("running"));
+    p.b().ok(Request::VmDelete { name: "v".into() });
+    p.b().host.ram_limit_bytes = Some(1 << 20);
+    let id = p.start_move(Pair::move_req("v"));
+    let j = p.until_ended(id);
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.unwrap();
+    assert!(e.contains("cannot create the VM"), "{e}");
+    assert_eq!(p.a().vm_state("v").as_deref(), Some("running"));
+    assert!(p.b().vms().is_empty());
+    p.a().check_memory("v");
+}
+
+/// A node with another key is no member: nothing is received, the job
+/// says why.
+#[test]
+fn a_wrong_cluster_key_is_refused_and_nothing_is_received() {
+    let other = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    let mut p = Pair::with_keys(KEY, other);
+    p.started("v");
+    let id = p.start_move(Pair::move_req("v"));
+    let j = p.until_ended(id);
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.unwrap();
+    assert!(e.contains("cluster key"), "{e}");
+    assert!(p.b().vms().is_empty() && p.b().jobs().is_empty());
+    assert_eq!(p.a().vm_state("v").as_deref(), Some("running"));
+}
