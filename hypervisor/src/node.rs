@@ -78,6 +78,10 @@ impl CpuidSource for Node {
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
         crate::cpu::cpuid(leaf, subleaf)
     }
+    fn tsc_khz(&self) -> u64 {
+        // No TSC scaling: the guest's TSC ticks at the node's.
+        crate::time::tsc_hz() / 1000
+    }
 }
 
 impl Host for Node {
@@ -107,6 +111,10 @@ impl Host for Node {
 
     fn now_ns(&self) -> u64 {
         crate::time::now_ns()
+    }
+
+    fn wall_clock_ns(&self) -> u64 {
+        crate::time::wall_clock_ns()
     }
 
     fn console_write(&mut self, s: &str) {

@@ -13,6 +13,12 @@
 //! [`now_ns`] is `(rdtsc - tsc_at_boot) * 1e9 / tsc_hz`; it is monotonic on
 //! one CPU (invariant TSC on hardware; emulators tick it from their clock).
 //! Before calibration it returns 0.
+//!
+//! Wall clock: [`calibrate`] also reads the CMOS real-time clock once (MC146818
+//! registers 0-9, after waiting out an update in progress) and keeps it as
+//! nanoseconds since 1970-01-01 UTC at that instant; [`wall_clock_ns`] adds
+//! the node time since. The CMOS clock is taken to be UTC (QEMU's and Bochs'
+//! default).
 
 use crate::{cpu, lapic};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +35,9 @@ const READ_TRIES: usize = 8;
 
 static TSC_BOOT: AtomicU64 = AtomicU64::new(0);
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+/// Wall clock at node time [`WALL_AT_NS`], ns since 1970 (0 = unknown).
+static WALL_NS: AtomicU64 = AtomicU64::new(0);
+static WALL_AT_NS: AtomicU64 = AtomicU64::new(0);
 
 /// Result of [`calibrate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +103,83 @@ fn read_best() -> Reading {
 pub fn calibrate() -> Calibration {
     let cal = rates(measure());
     TSC_HZ.store(cal.tsc_hz, Ordering::Relaxed);
+    if let Some(wall) = read_cmos() {
+        WALL_AT_NS.store(now_ns(), Ordering::Relaxed);
+        WALL_NS.store(wall, Ordering::Relaxed);
+    }
     cal
+}
+
+/// Read CMOS register `reg` (port 0x70 index with NMI left enabled, 0x71
+/// data).
+fn cmos(reg: u8) -> u8 {
+    // SAFETY: ports 0x70/0x71 are the RTC's index and data registers; the
+    // node reads them only here, at boot, with interrupts masked.
+    unsafe {
+        Port::<u8>::new(0x70).write(reg);
+        Port::<u8>::new(0x71).read()
+    }
+}
+
+/// The CMOS date and time as ns since 1970, or `None` if it reads as no
+/// valid date. MC146818: register 0xA bit 7 = update in progress; 0xB bit
+/// 2 = binary (else BCD), bit 1 = 24-hour (else bit 7 of the hour is PM).
+fn read_cmos() -> Option<u64> {
+    let mut polls = 0;
+    while cmos(0x0a) & 0x80 != 0 {
+        polls += 1;
+        if polls > 100_000 {
+            return None;
+        }
+    }
+    let raw = [cmos(0), cmos(2), cmos(4), cmos(7), cmos(8), cmos(9)];
+    cmos_to_unix_ns(raw, cmos(0x0b))
+}
+
+/// `[sec, min, hour, day, month, year]` as the CMOS holds them, with
+/// status register B, to ns since 1970 (years 2000-2099).
+fn cmos_to_unix_ns(raw: [u8; 6], status_b: u8) -> Option<u64> {
+    let binary = status_b & 0x04 != 0;
+    let h24 = status_b & 0x02 != 0;
+    let dec = |v: u8| -> u64 {
+        if binary {
+            u64::from(v)
+        } else {
+            u64::from(v >> 4) * 10 + u64::from(v & 0xf)
+        }
+    };
+    let [sec, min, hour_raw, day, month, year] = raw;
+    let pm = !h24 && hour_raw & 0x80 != 0;
+    let mut hour = dec(hour_raw & 0x7f);
+    if !h24 {
+        hour %= 12;
+        if pm {
+            hour += 12;
+        }
+    }
+    let (s, mi, d, mo, y) = (dec(sec), dec(min), dec(day), dec(month), 2000 + dec(year));
+    if s > 59 || mi > 59 || hour > 23 || !(1..=31).contains(&d) || !(1..=12).contains(&mo) {
+        return None;
+    }
+    // Days from 1970-01-01 to y-mo-d (proleptic Gregorian).
+    let leap = |y: u64| (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400);
+    let mut days: u64 = (1970..y).map(|y| if leap(y) { 366 } else { 365 }).sum();
+    const MONTH_DAYS: [u64; 12] = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    for m in 1..mo {
+        days += MONTH_DAYS[(m - 1) as usize] + u64::from(m == 2 && leap(y));
+    }
+    days += d - 1;
+    Some((((days * 24 + hour) * 60 + mi) * 60 + s) * 1_000_000_000)
+}
+
+/// Wall-clock time now in ns since 1970-01-01 UTC, 0 if the CMOS clock
+/// could not be read.
+pub fn wall_clock_ns() -> u64 {
+    let wall = WALL_NS.load(Ordering::Relaxed);
+    if wall == 0 {
+        return 0;
+    }
+    wall + now_ns().saturating_sub(WALL_AT_NS.load(Ordering::Relaxed))
 }
 
 /// The rates from one measurement `(TSC ticks, LAPIC counts, PIT ticks)`,
@@ -198,6 +283,21 @@ mod tests {
         assert_eq!(cal.tsc_hz, 40_000_000 * PIT_HZ / PIT_INTERVAL);
         assert_eq!(cal.lapic_timer_hz, 500_000 * PIT_HZ / PIT_INTERVAL);
         assert!(!rates(None).measured);
+    }
+
+    #[test]
+    fn cmos_dates() {
+        // 2026-12-03 18:45:07 in BCD, 24-hour.
+        let ns = cmos_to_unix_ns([0x07, 0x45, 0x18, 0x03, 0x12, 0x26], 0x02).unwrap();
+        assert_eq!(ns / 1_000_000_000, 1_796_323_507);
+        // The same in binary, 12-hour with PM.
+        let ns2 = cmos_to_unix_ns([7, 45, 0x80 | 6, 3, 12, 26], 0x04).unwrap();
+        assert_eq!(ns, ns2);
+        // 2024-02-29 00:00:00 (leap day), BCD 24-hour.
+        let leap = cmos_to_unix_ns([0, 0, 0, 0x29, 0x02, 0x24], 0x02).unwrap();
+        assert_eq!(leap / 1_000_000_000, 1_709_164_800);
+        // Garbage (an absent RTC reads all-ones) is no date.
+        assert_eq!(cmos_to_unix_ns([0xff; 6], 0xff), None);
     }
 
     /// A PIT that wrapped between the start and the end reading gives a

@@ -115,6 +115,9 @@ pub mod selftest {
             cr3: Gpa(PML4_GPA),
             gdt_base: Gpa(GDT_GPA),
             gdt_limit: 23,
+            rsi: 0,
+            code_selector: hvcore::vcpu::SELECTORS_ABI.0,
+            data_selector: hvcore::vcpu::SELECTORS_ABI.1,
         });
         Ok(())
     }

@@ -160,6 +160,8 @@ pub mod case {
     pub const BAD_MSR: &str = "bad-msr";
     pub const TRIPLE_FAULT: &str = "triple-fault";
     pub const TWO_VMS: &str = "two-vms";
+    /// External interrupts from the emulated local APIC (PC machine).
+    pub const INTERRUPT: &str = "interrupt";
     pub const LOCAL_MIGRATE_IDLE: &str = "local-migrate-idle";
     pub const LOCAL_MIGRATE_BUSY: &str = "local-migrate-busy";
     pub const LOCAL_MIGRATE_ABORT: &str = "local-migrate-abort";
@@ -176,6 +178,7 @@ pub mod case {
         BAD_MSR,
         TRIPLE_FAULT,
         TWO_VMS,
+        INTERRUPT,
         LOCAL_MIGRATE_IDLE,
         LOCAL_MIGRATE_BUSY,
         LOCAL_MIGRATE_ABORT,

@@ -3,7 +3,9 @@
 //! A backend decodes its exit into a [`VmExit`]; the partition resolves
 //! dirty-log write faults itself; everything else comes to [`handle`],
 //! which does what needs no device or VM state (CPUID, MSRs, HLT,
-//! exceptions) and tells the caller what is left ([`Handled`]).
+//! exceptions, window exits) and tells the caller what is left
+//! ([`Handled`]): port I/O, MMIO (a nested fault on guest-physical memory
+//! that is not RAM), device MSRs and hypercalls.
 //!
 //! RIP rules: an instruction the handler completes is skipped here. An
 //! instruction that faults (#GP for an MSR, #UD for string I/O) is *not*
@@ -91,6 +93,17 @@ pub enum Handled {
     /// A hypercall (number in RAX). RIP is not advanced: the caller sets
     /// the result registers and skips.
     Hypercall,
+    /// A data access to guest-physical memory that is not RAM (nothing is
+    /// mapped there): MMIO for a device model. RIP is not advanced: the
+    /// caller emulates the instruction (which advances it) or stops the VM.
+    Mmio { gpa: Gpa, access: Access },
+    /// RDMSR of a device MSR ([`msr::MsrClass::Device`]): the caller
+    /// answers with [`complete_msr_read`] or faults it with
+    /// [`refuse_msr`].
+    DeviceMsrRead { msr: u32 },
+    /// WRMSR of `value` to a device MSR: the caller completes it with
+    /// [`Vcpu::skip_instruction`] or faults it with [`refuse_msr`].
+    DeviceMsrWrite { msr: u32, value: u64 },
     /// The VM cannot continue.
     Stop(StopReason),
 }
@@ -119,16 +132,16 @@ pub fn handle(exit: VmExit, vcpu: &mut dyn Vcpu, cpuid: &dyn CpuidSource) -> Han
             vcpu.skip_instruction();
             Handled::Resume
         }
+        VmExit::MsrRead { msr: index } if msr::classify(index) == msr::MsrClass::Device => {
+            Handled::DeviceMsrRead { msr: index }
+        }
+        VmExit::MsrWrite { msr: index, value } if msr::classify(index) == msr::MsrClass::Device => {
+            Handled::DeviceMsrWrite { msr: index, value }
+        }
         VmExit::MsrRead { msr: index } => {
             match msr::read(vcpu, index) {
-                Some(value) => {
-                    // RDMSR: EDX:EAX, upper halves of RAX/RDX cleared.
-                    let regs = vcpu.regs_mut();
-                    regs.rax = value & 0xffff_ffff;
-                    regs.rdx = value >> 32;
-                    vcpu.skip_instruction();
-                }
-                None => vcpu.inject_exception(VECTOR_GP, Some(0)),
+                Some(value) => complete_msr_read(vcpu, value),
+                None => refuse_msr(vcpu),
             }
             Handled::Resume
         }
@@ -136,7 +149,7 @@ pub fn handle(exit: VmExit, vcpu: &mut dyn Vcpu, cpuid: &dyn CpuidSource) -> Han
             if msr::write(vcpu, index, value) {
                 vcpu.skip_instruction();
             } else {
-                vcpu.inject_exception(VECTOR_GP, Some(0));
+                refuse_msr(vcpu);
             }
             Handled::Resume
         }
@@ -145,15 +158,37 @@ pub fn handle(exit: VmExit, vcpu: &mut dyn Vcpu, cpuid: &dyn CpuidSource) -> Han
             Handled::Halted
         }
         VmExit::Hypercall => Handled::Hypercall,
+        // Nothing mapped there and not an instruction fetch: MMIO.
+        VmExit::NestedFault { gpa, access } if !access.present && !access.exec => {
+            Handled::Mmio { gpa, access }
+        }
         VmExit::NestedFault { gpa, access } => {
             Handled::Stop(StopReason::BadNestedAccess { gpa, access })
         }
+        // The guest can take what the caller waits to inject: it polls
+        // its interrupt controllers before the next entry anyway.
+        VmExit::InterruptWindow | VmExit::NmiWindow => Handled::Resume,
         VmExit::NestedMisconfig { gpa } => Handled::Stop(StopReason::NestedMisconfig { gpa }),
         VmExit::Shutdown => Handled::Stop(StopReason::TripleFault),
         VmExit::ExternalInterrupt => Handled::Preempted,
         VmExit::EntryFailed { reason } => Handled::Stop(StopReason::EntryFailed(reason)),
         VmExit::Unknown { raw } => Handled::Stop(StopReason::UnknownExit(raw)),
     }
+}
+
+/// Complete an RDMSR that read `value`: EDX:EAX, the upper halves of RAX
+/// and RDX cleared; then skip the instruction.
+pub fn complete_msr_read(vcpu: &mut dyn Vcpu, value: u64) {
+    let regs = vcpu.regs_mut();
+    regs.rax = value & 0xffff_ffff;
+    regs.rdx = value >> 32;
+    vcpu.skip_instruction();
+}
+
+/// Fault an RDMSR/WRMSR as a CPU without that MSR does: #GP(0), RIP left
+/// at the instruction.
+pub fn refuse_msr(vcpu: &mut dyn Vcpu) {
+    vcpu.inject_exception(VECTOR_GP, Some(0));
 }
 
 /// Mask of the low `size` bytes (1, 2, or otherwise 4).
@@ -234,9 +269,10 @@ mod tests {
                 | LEAF1_ECX_OSXSAVE
                 | LEAF1_ECX_XSAVE_FEATURES)
         );
-        assert_eq!((r.eax, r.ebx, r.edx), (!0, !0, !0));
+        // The initial APIC ID is the emulated local APIC's: 0.
+        assert_eq!((r.eax, r.ebx, r.edx), (!0, !LEAF1_EBX_APIC_ID, !0));
         let (_, r) = cpuid(&FakeCpuid::default(), 1, 0);
-        assert_eq!(r.ecx, LEAF1_ECX_HYPERVISOR);
+        assert_eq!(r.ecx, LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE);
         let (_, r) = cpuid(&ones, 0x8000_0001, 0);
         assert_eq!(r.ecx, !(EXT1_ECX_SVM | EXT1_ECX_XSAVE_FEATURES));
         assert_eq!(r.edx, !0);
@@ -249,7 +285,7 @@ mod tests {
         }
         // Leaf 7: only the features with XSAVE-managed state are hidden.
         let r = cpuid(&ones, 7, 0).1;
-        assert_eq!(r.ebx, !LEAF7_EBX_XSAVE_FEATURES);
+        assert_eq!(r.ebx, !(LEAF7_EBX_XSAVE_FEATURES | LEAF7_EBX_TSC_ADJUST));
         assert_eq!(r.ecx, !LEAF7_ECX_XSAVE_FEATURES);
         assert_eq!(r.edx, !LEAF7_EDX_XSAVE_FEATURES);
         assert_eq!(r.ebx & (1 << 5), 0, "AVX2 hidden");
@@ -259,17 +295,100 @@ mod tests {
     }
 
     #[test]
+    fn cpuid_timing_policy() {
+        // A host whose highest basic leaf is 0xd and that knows its TSC.
+        let mut host = FakeCpuid::all_ones();
+        host.tsc_khz = 2_500_000;
+        assert_eq!(cpuid(&host, 0, 0).1.eax, TSC_LEAF, "raised to 0x15");
+        // Leaf 0x15: TSC Hz = ECX * EBX / EAX.
+        let r = cpuid(&host, TSC_LEAF, 0).1;
+        assert_eq!(
+            u64::from(r.ecx) * u64::from(r.ebx) / u64::from(r.eax),
+            2_500_000_000
+        );
+        // A leaf above the host's highest but below ours reads zero, not
+        // the host's answer for an out-of-range leaf.
+        host.leaves.insert(
+            (0x10, 0),
+            CpuidResult {
+                eax: !0,
+                ebx: !0,
+                ecx: !0,
+                edx: !0,
+            },
+        );
+        assert_eq!(cpuid(&host, 0x10, 0).1, CpuidResult::default());
+        assert_eq!(cpuid(&host, 6, 0).1.eax & LEAF6_EAX_ARAT, LEAF6_EAX_ARAT);
+        let r = cpuid(&host, HV_TIMING_LEAF, 0).1;
+        assert_eq!((r.eax, r.ebx), (2_500_000, APIC_BUS_KHZ));
+        // Unknown rate: leaf 0x15 reads zero, the guest calibrates.
+        host.tsc_khz = 0;
+        assert_eq!(cpuid(&host, TSC_LEAF, 0).1, CpuidResult::default());
+        host.tsc_khz = u64::MAX;
+        assert_eq!(cpuid(&host, TSC_LEAF, 0).1, CpuidResult::default());
+    }
+
+    #[test]
+    fn device_msrs_go_to_the_caller() {
+        let cpu = FakeCpuid::default();
+        let mut v = FakeVcpu::new();
+        assert_eq!(
+            handle(
+                VmExit::MsrRead {
+                    msr: IA32_TSC_DEADLINE
+                },
+                &mut v,
+                &cpu
+            ),
+            Handled::DeviceMsrRead {
+                msr: IA32_TSC_DEADLINE
+            }
+        );
+        assert_eq!(
+            handle(
+                VmExit::MsrWrite {
+                    msr: IA32_TSC_DEADLINE,
+                    value: 7
+                },
+                &mut v,
+                &cpu
+            ),
+            Handled::DeviceMsrWrite {
+                msr: IA32_TSC_DEADLINE,
+                value: 7
+            }
+        );
+        assert_eq!((v.skips, v.injected.len()), (0, 0), "left to the caller");
+        complete_msr_read(&mut v, 0x1_0000_0002);
+        assert_eq!((v.regs.rax, v.regs.rdx, v.skips), (2, 1, 1));
+        refuse_msr(&mut v);
+        assert_eq!(v.injected, [(VECTOR_GP, Some(0))]);
+        // x2APIC MSRs are absent (#GP through the normal path).
+        assert_eq!(
+            handle(VmExit::MsrRead { msr: 0x802 }, &mut v, &cpu),
+            Handled::Resume
+        );
+        assert_eq!(v.injected.len(), 2);
+    }
+
+    #[test]
     fn cpuid_signature_leaf() {
         let ones = FakeCpuid::all_ones();
         let (_, r) = cpuid(&ones, 0x4000_0000, 0);
-        assert_eq!(r.eax, 0x4000_0000);
+        assert_eq!(r.eax, HV_TIMING_LEAF);
         let mut sig = [0u8; 12];
         sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
         sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
         sig[8..].copy_from_slice(&r.edx.to_le_bytes());
         assert_eq!(&sig, HV_SIGNATURE);
         assert_eq!(&sig, b"hvmigrateHV!");
-        for leaf in [0x4000_0001, 0x4000_0010, 0x4000_0100, 0x4fff_ffff] {
+        for leaf in [
+            0x4000_0001,
+            0x4000_000f,
+            0x4000_0011,
+            0x4000_0100,
+            0x4fff_ffff,
+        ] {
             assert_eq!(
                 cpuid(&ones, leaf, 0).1,
                 CpuidResult::default(),
@@ -392,13 +511,39 @@ mod tests {
             &mut v,
             &cpu,
         );
+        // Nothing mapped there: MMIO, left to the caller's devices.
+        assert_eq!(
+            h,
+            Handled::Mmio {
+                gpa: Gpa(0xfee0_0000),
+                access
+            }
+        );
+        assert_eq!(v.skips, 1, "MMIO is not skipped here");
+        // An instruction fetch from there is no device access.
+        let fetch = Access {
+            exec: true,
+            ..access
+        };
+        let h = handle(
+            VmExit::NestedFault {
+                gpa: Gpa(0xfee0_0000),
+                access: fetch,
+            },
+            &mut v,
+            &cpu,
+        );
         let Handled::Stop(reason) = h else {
             panic!("{h:?}")
         };
         assert_eq!(
             reason.to_string(),
-            "write to unmapped guest-physical memory at 0xfee00000"
+            "instruction fetch from unmapped guest-physical memory at 0xfee00000"
         );
+        for w in [VmExit::InterruptWindow, VmExit::NmiWindow] {
+            assert_eq!(handle(w, &mut v, &cpu), Handled::Resume);
+        }
+        assert_eq!(v.skips, 1, "window exits do not skip");
         let reason = EntryFailure {
             what: "invalid guest state",
             raw: 0x21,

@@ -62,10 +62,15 @@ pub struct CpuidResult {
 }
 
 /// Source of the host's own CPUID values (the guest's view is derived from
-/// them by policy in [`crate::exit`]).
+/// them by policy in [`crate::cpuid`]).
 pub trait CpuidSource {
     /// Execute CPUID on the host.
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult;
+    /// The rate of the TSC guests read, in kHz (the host's measured rate:
+    /// no TSC scaling); 0 when unknown. The CPUID policy reports it (leaf
+    /// 0x15, leaf 0x4000_0010) and Linux guests on AMD get it as
+    /// `tsc_early_khz=`.
+    fn tsc_khz(&self) -> u64;
 }
 
 /// Dirty-tracking mode of a partition.
@@ -125,6 +130,10 @@ pub trait Host: CpuidSource {
     fn create_partition(&mut self, ram_bytes: u64) -> Result<Box<dyn Partition>, HostError>;
     /// Monotonic nanoseconds since boot.
     fn now_ns(&self) -> u64;
+    /// Wall-clock time now, nanoseconds since 1970-01-01 UTC (the node's
+    /// CMOS clock read at boot, advanced by [`Host::now_ns`]); 0 when the
+    /// node has no clock it could read. A PC guest's RTC starts from it.
+    fn wall_clock_ns(&self) -> u64;
     /// Write to the node console (serial).
     fn console_write(&mut self, s: &str);
     /// Host memory: (total, free) in bytes.

@@ -11,7 +11,13 @@
 //!   canonical addresses), since a backend copies them into hardware state
 //!   and a bad value there fails the next VM entry instead of faulting the
 //!   guest;
-//! * **everything else**: `#GP(0)`, like a CPU without that MSR.
+//! * **device**: registers of an emulated device that the guest reaches
+//!   through an MSR (IA32_TSC_DEADLINE, the local APIC timer's deadline):
+//!   [`crate::exit::handle`] hands them to the caller, whose device models
+//!   answer (a VM without a local APIC faults them);
+//! * **everything else**: `#GP(0)`, like a CPU without that MSR. The
+//!   x2APIC range (0x800-0x8FF) is in it: CPUID shows no x2APIC, and an
+//!   x2APIC MSR access on a CPU in xAPIC mode faults.
 //!
 //! Numbers and layouts: Intel SDM vol. 4 (Table 2-2, architectural MSRs)
 //! and AMD APM vol. 2, Appendix A. The numbers are plain `u32` constants
@@ -33,6 +39,7 @@ pub const IA32_SYSENTER_EIP: u32 = 0x176;
 pub const IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const IA32_PAT: u32 = 0x277;
 pub const IA32_MTRR_DEF_TYPE: u32 = 0x2ff;
+pub const IA32_TSC_DEADLINE: u32 = 0x6e0;
 pub const IA32_EFER: u32 = 0xc000_0080;
 pub const IA32_STAR: u32 = 0xc000_0081;
 pub const IA32_LSTAR: u32 = 0xc000_0082;
@@ -62,6 +69,8 @@ pub enum MsrClass {
     Fixed(u64),
     /// Kept by the backend ([`Vcpu::read_msr`] / [`Vcpu::write_msr`]).
     Delegated,
+    /// A device register: the caller's device models answer.
+    Device,
     /// Not present: #GP.
     Absent,
 }
@@ -77,16 +86,18 @@ pub fn classify(msr: u32) -> MsrClass {
         IA32_TSC | IA32_SYSENTER_CS | IA32_SYSENTER_ESP | IA32_SYSENTER_EIP | IA32_PAT
         | IA32_EFER | IA32_STAR | IA32_LSTAR | IA32_CSTAR | IA32_FMASK | IA32_FS_BASE
         | IA32_GS_BASE | IA32_KERNEL_GS_BASE | IA32_TSC_AUX => MsrClass::Delegated,
+        IA32_TSC_DEADLINE => MsrClass::Device,
         _ => MsrClass::Absent,
     }
 }
 
-/// The guest's RDMSR of `msr`, or `None` for #GP.
+/// The guest's RDMSR of `msr`, or `None` for #GP (device MSRs included:
+/// the caller answers them before asking here).
 pub fn read(vcpu: &dyn Vcpu, msr: u32) -> Option<u64> {
     match classify(msr) {
         MsrClass::Fixed(v) => Some(v),
         MsrClass::Delegated => vcpu.read_msr(msr).ok(),
-        MsrClass::Absent => None,
+        MsrClass::Device | MsrClass::Absent => None,
     }
 }
 
@@ -121,6 +132,6 @@ pub fn write(vcpu: &mut dyn Vcpu, msr: u32, value: u64) -> bool {
         // Accepted and dropped: the value reads back fixed.
         MsrClass::Fixed(_) => true,
         MsrClass::Delegated => vcpu.write_msr(msr, value).is_ok(),
-        MsrClass::Absent => false,
+        MsrClass::Device | MsrClass::Absent => false,
     }
 }

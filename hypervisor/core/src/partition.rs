@@ -280,6 +280,21 @@ mod tests {
         fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
             self.v.inject_exception(vector, error_code)
         }
+        fn inject_interrupt(&mut self, vector: u8) {
+            self.v.inject_interrupt(vector)
+        }
+        fn inject_nmi(&mut self) {
+            self.v.inject_nmi()
+        }
+        fn readiness(&self) -> crate::vcpu::EventReadiness {
+            self.v.readiness()
+        }
+        fn set_event_windows(&mut self, interrupt: bool, nmi: bool) {
+            self.v.set_event_windows(interrupt, nmi)
+        }
+        fn guest_mode(&self) -> crate::vcpu::GuestMode {
+            self.v.guest_mode()
+        }
         fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr> {
             self.v.read_msr(msr)
         }

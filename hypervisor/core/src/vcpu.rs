@@ -76,6 +76,13 @@ pub enum VmExit {
     Shutdown,
     /// A physical interrupt arrived for the host (e.g. the preemption timer).
     ExternalInterrupt,
+    /// The guest became able to take an external interrupt (the window
+    /// [`Vcpu::set_event_windows`] asked for: SVM VINTR intercept, VMX
+    /// interrupt-window exiting). The backend has closed the window.
+    InterruptWindow,
+    /// The guest became able to take an NMI (SVM: its IRET; VMX: NMI-window
+    /// exiting). The backend has closed the window.
+    NmiWindow,
     /// The CPU refused to enter the guest.
     EntryFailed { reason: EntryFailure },
     /// An exit code this backend does not decode.
@@ -140,11 +147,53 @@ pub struct LongModeEntry {
     pub rsp: u64,
     /// First argument register (boot parameters GPA).
     pub rdi: u64,
+    /// Second argument register (Linux: the zero page GPA).
+    pub rsi: u64,
     /// Guest CR3: GPA of the PML4.
     pub cr3: Gpa,
-    /// Guest GDT base (GPA) and limit. Selector 0x08 is 64-bit code, 0x10 data.
+    /// Guest GDT base (GPA) and limit.
     pub gdt_base: Gpa,
     pub gdt_limit: u16,
+    /// CS: a 64-bit code descriptor of that GDT ([`SELECTORS_ABI`] for
+    /// the project's guests, [`SELECTORS_LINUX`] for Linux's boot
+    /// protocol).
+    pub code_selector: u16,
+    /// DS, ES, SS, FS, GS: a flat data descriptor of that GDT.
+    pub data_selector: u16,
+}
+
+/// Code and data selectors of the project's guest ABI (`abi.rs`): 0x08
+/// 64-bit code, 0x10 data.
+pub const SELECTORS_ABI: (u16, u16) = (0x08, 0x10);
+/// Code and data selectors of Linux's 64-bit boot protocol
+/// (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol": `__BOOT_CS`
+/// 0x10, `__BOOT_DS` 0x18).
+pub const SELECTORS_LINUX: (u16, u16) = (0x10, 0x18);
+
+/// Whether the guest could take an event injected now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventReadiness {
+    /// A maskable external interrupt: RFLAGS.IF = 1, no STI/MOV-SS
+    /// interrupt shadow, and no event already queued for the next entry.
+    pub interrupt: bool,
+    /// An NMI: NMIs not blocked (no NMI handler running), no shadow that
+    /// blocks them, no event already queued.
+    pub nmi: bool,
+}
+
+/// What the MMIO emulator needs to read the guest's instruction: the
+/// registers that select and root its paging, and how CS decodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestMode {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    /// EFER as the guest sees it (LMA included).
+    pub efer: u64,
+    /// CS.L: 64-bit code.
+    pub cs_long: bool,
+    /// CS.D: 32-bit default operand size (when not 64-bit).
+    pub cs_db: bool,
 }
 
 /// Optional hardware features, queried explicitly (never `cfg`-gated).
@@ -179,6 +228,24 @@ pub trait Vcpu {
     fn skip_instruction(&mut self);
     /// Queue a hardware exception for delivery on the next entry.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// Queue external interrupt `vector` for delivery on the next entry
+    /// (SVM EVENTINJ type INTR, VMX entry interruption type external).
+    /// The CPU delivers it whatever the guest's RFLAGS.IF: call only when
+    /// [`Vcpu::readiness`] says `interrupt`.
+    fn inject_interrupt(&mut self, vector: u8);
+    /// Queue an NMI for delivery on the next entry; NMIs are blocked until
+    /// the guest's IRET. Call only when [`Vcpu::readiness`] says `nmi`.
+    fn inject_nmi(&mut self);
+    /// Whether the guest could take an external interrupt or an NMI now
+    /// (between runs).
+    fn readiness(&self) -> EventReadiness;
+    /// Ask for an exit ([`VmExit::InterruptWindow`] / [`VmExit::NmiWindow`])
+    /// as soon as the guest can take an interrupt / an NMI; `false` closes
+    /// the window. The backend closes a window itself when it exits for
+    /// it.
+    fn set_event_windows(&mut self, interrupt: bool, nmi: bool);
+    /// The guest's paging registers and code mode (between runs).
+    fn guest_mode(&self) -> GuestMode;
     /// Read an architectural MSR the backend keeps in its guest state.
     fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr>;
     /// Write an architectural MSR the backend keeps in its guest state.

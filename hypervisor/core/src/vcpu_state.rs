@@ -179,13 +179,15 @@ pub const LONG_MODE_EFER: EferFlags = EferFlags::LONG_MODE_ENABLE
     .union(EferFlags::LONG_MODE_ACTIVE)
     .union(EferFlags::NO_EXECUTE_ENABLE);
 
-/// The registers after `reset_long_mode`: RIP, RSP and RDI from `entry`,
-/// RFLAGS with only its always-one bit 1 (interrupts off), the rest 0.
+/// The registers after `reset_long_mode`: RIP, RSP, RDI and RSI from
+/// `entry`, RFLAGS with only its always-one bit 1 (interrupts off), the
+/// rest 0.
 pub fn long_mode_regs(entry: &LongModeEntry) -> Regs {
     Regs {
         rip: entry.rip,
         rsp: entry.rsp,
         rdi: entry.rdi,
+        rsi: entry.rsi,
         rflags: 2,
         ..Regs::default()
     }
@@ -197,7 +199,7 @@ pub fn long_mode_regs(entry: &LongModeEntry) -> Regs {
 /// state.
 pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
     let data = Segment {
-        selector: 0x10,
+        selector: entry.data_selector,
         attrib: ATTR_DATA,
         limit: 0xffff_ffff,
         base: 0,
@@ -211,7 +213,7 @@ pub fn long_mode_state(entry: &LongModeEntry) -> VcpuState {
         fs: data,
         gs: data,
         cs: Segment {
-            selector: 0x08,
+            selector: entry.code_selector,
             attrib: ATTR_CODE64,
             limit: 0xffff_ffff,
             base: 0,
@@ -327,8 +329,11 @@ mod tests {
             rsp: 0x8_0000,
             rdi: 0x8000,
             cr3: crate::addr::Gpa(0x1000),
+            rsi: 0,
             gdt_base: crate::addr::Gpa(0x7000),
             gdt_limit: 0x17,
+            code_selector: crate::vcpu::SELECTORS_ABI.0,
+            data_selector: crate::vcpu::SELECTORS_ABI.1,
         });
         s.tsc = 12345;
         s

@@ -49,6 +49,9 @@ pub fn raw_roundtrips(iterations: u64) -> Result<u64, HostError> {
         cr3: Gpa(PML4_GPA),
         gdt_base: Gpa(GDT_GPA),
         gdt_limit: 23,
+        rsi: 0,
+        code_selector: hvcore::vcpu::SELECTORS_ABI.0,
+        data_selector: hvcore::vcpu::SELECTORS_ABI.1,
     });
     let vcpu = part.backend_vcpu();
     let start = crate::time::now_ns();

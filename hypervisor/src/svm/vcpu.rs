@@ -30,16 +30,23 @@ use hvcore::npt::NestedPageTable;
 use hvcore::partition::PartitionVcpu;
 use hvcore::svm::entry;
 use hvcore::svm::exit::{
-    decode_exit, deliver_exception, injection, reinjection, Decoded, Delivery, EVENT_VALID,
+    decode_exit, deliver_exception, injection, reinjection, Decoded, Delivery, EVENT_TYPE_INTR,
+    EVENT_TYPE_NMI, EVENT_VALID,
 };
 use hvcore::vcpu::{
-    EntryFailure, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, VmExit,
+    EntryFailure, EventReadiness, GuestMode, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu,
+    VcpuCaps, VcpuState, VmExit,
 };
 use hvcore::vcpu_state::{LONG_MODE_CR0, LONG_MODE_CR4, LONG_MODE_EFER};
 use hvcore::x86::{
     efer_after_write, Cr0Flags, Cr4Flags, EferFlags, ATTR_CODE64, ATTR_DATA, ATTR_LDT,
     ATTR_TSS_BUSY, PAT_DEFAULT,
 };
+
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+/// The vector of an NMI (AMD APM vol. 2, 8.2).
+const NMI_VECTOR: u64 = 2;
 
 /// Real-mode code segment after INIT: present, code, execute/read, accessed.
 const ATTR_CODE16: u16 = 0x009b;
@@ -67,6 +74,13 @@ pub struct SvmVcpu {
     /// instructions, INVD), for the partition's exit count.
     pub(super) resolved_exits: u64,
     pub(super) fx: FxArea,
+    /// The guest runs the handler of an NMI we injected: SVM keeps NMI
+    /// blocking hidden, so it is tracked here, from the injection to the
+    /// guest's next IRET (intercepted while this is set).
+    pub(super) nmi_blocked: bool,
+    /// The caller asked for an NMI window ([`VmExit::NmiWindow`] at the
+    /// guest's IRET).
+    pub(super) nmi_window: bool,
 }
 
 impl SvmVcpu {
@@ -107,6 +121,8 @@ impl SvmVcpu {
             dr: [0; 4],
             resolved_exits: 0,
             fx: FxArea::initial(),
+            nmi_blocked: false,
+            nmi_window: false,
         };
         vcpu.init_vmcb(nested_root);
         Ok(vcpu)
@@ -298,6 +314,32 @@ impl SvmVcpu {
         let (code, info1, info2) = (c.exit_code, c.exit_info1, c.exit_info2);
         self.next_rip = None;
         match decode_exit(code, info1, info2, &self.regs) {
+            Decoded::Exit {
+                exit: VmExit::InterruptWindow,
+                ..
+            } => {
+                // 15.21.4: drop the virtual interrupt that opened the
+                // window before the guest takes it; the caller injects
+                // the real one.
+                let c = &mut self.vmcb_mut().control;
+                c.int_control &= !(V_IRQ | V_INTR_PRIO_MAX | V_IGN_TPR);
+                c.intercept_misc1 &= !INTERCEPT_VINTR;
+                Some(VmExit::InterruptWindow)
+            }
+            Decoded::Exit {
+                exit: VmExit::NmiWindow,
+                ..
+            } => {
+                // The guest's IRET ends its NMI handler (the IRET itself
+                // runs on re-entry: the intercept is checked before it).
+                self.nmi_blocked = false;
+                self.vmcb_mut().control.intercept_misc1 &= !INTERCEPT_IRET;
+                if core::mem::take(&mut self.nmi_window) {
+                    Some(VmExit::NmiWindow)
+                } else {
+                    None
+                }
+            }
             Decoded::Exit { exit, next_rip } => {
                 self.next_rip = next_rip;
                 Some(exit)
@@ -410,6 +452,68 @@ impl Vcpu for SvmVcpu {
         v.control.event_inj = ev;
     }
 
+    fn inject_interrupt(&mut self, vector: u8) {
+        // 15.20: EVENTINJ type 0 (INTR), no error code.
+        let v = self.vmcb_mut();
+        if v.control.event_inj & EVENT_VALID != 0 {
+            log::warn!(
+                "svm: interrupt {vector} replaces pending event {:#x}",
+                v.control.event_inj
+            );
+        }
+        v.control.event_inj = u64::from(vector) | EVENT_TYPE_INTR | EVENT_VALID;
+    }
+
+    fn inject_nmi(&mut self) {
+        // 15.20: EVENTINJ type 2 (NMI), vector 2. Blocking lasts until the
+        // handler's IRET, which we intercept to see it.
+        let c = &mut self.vmcb_mut().control;
+        c.event_inj = NMI_VECTOR | EVENT_TYPE_NMI | EVENT_VALID;
+        c.intercept_misc1 |= INTERCEPT_IRET;
+        self.nmi_blocked = true;
+    }
+
+    fn readiness(&self) -> EventReadiness {
+        let c = &self.vmcb().control;
+        // 15.20: one event per VMRUN; 15.21.5: the STI/MOV SS shadow
+        // (interrupt_shadow bit 0) holds off interrupts and NMIs alike.
+        let free = c.event_inj & EVENT_VALID == 0 && c.interrupt_shadow & 1 == 0;
+        EventReadiness {
+            interrupt: free && self.regs.rflags & RFLAGS_IF != 0,
+            nmi: free && !self.nmi_blocked,
+        }
+    }
+
+    fn set_event_windows(&mut self, interrupt: bool, nmi: bool) {
+        let blocked = self.nmi_blocked;
+        let c = &mut self.vmcb_mut().control;
+        // 15.21.4: a pending virtual interrupt of the highest priority,
+        // ignoring V_TPR, with the VINTR intercept: the CPU exits as soon
+        // as the guest could take it (IF = 1, no shadow).
+        if interrupt {
+            c.int_control |= V_IRQ | V_INTR_PRIO_MAX | V_IGN_TPR;
+            c.intercept_misc1 |= INTERCEPT_VINTR;
+        } else {
+            c.int_control &= !(V_IRQ | V_INTR_PRIO_MAX | V_IGN_TPR);
+            c.intercept_misc1 &= !INTERCEPT_VINTR;
+        }
+        // The NMI window opens at the handler's IRET, intercepted while
+        // an NMI is being handled (an unblocked guest can take one now).
+        self.nmi_window = nmi && blocked;
+    }
+
+    fn guest_mode(&self) -> GuestMode {
+        let s = &self.vmcb().save;
+        GuestMode {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer & !EFER_SVME,
+            cs_long: s.cs.attrib & Segment::ATTR_L != 0,
+            cs_db: s.cs.attrib & Segment::ATTR_DB != 0,
+        }
+    }
+
     fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr> {
         let s = &self.vmcb().save;
         Ok(match msr {
@@ -479,13 +583,13 @@ impl Vcpu for SvmVcpu {
         let v = self.vmcb_mut();
         let s = &mut v.save;
         let data = Segment {
-            selector: 0x10,
+            selector: entry.data_selector,
             attrib: ATTR_DATA,
             limit: 0xffff_ffff,
             base: 0,
         };
         s.cs = Segment {
-            selector: 0x08,
+            selector: entry.code_selector,
             attrib: ATTR_CODE64,
             limit: 0xffff_ffff,
             base: 0,
@@ -533,6 +637,10 @@ impl Vcpu for SvmVcpu {
         s.sysenter_eip = 0;
         v.control.event_inj = 0;
         v.control.interrupt_shadow = 0;
+        v.control.int_control &= !(V_IRQ | V_INTR_PRIO_MAX | V_IGN_TPR);
+        v.control.intercept_misc1 &= !(INTERCEPT_VINTR | INTERCEPT_IRET);
+        self.nmi_blocked = false;
+        self.nmi_window = false;
         self.regs = hvcore::vcpu_state::long_mode_regs(entry);
         self.fx = FxArea::initial();
         self.tsc_aux = 0;

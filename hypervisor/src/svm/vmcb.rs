@@ -233,6 +233,10 @@ const _: () = assert!(offset_of!(Vmcb, save) == 0x400);
 pub const INTERCEPT_INTR: u32 = 1 << 0;
 /// misc1 bit 1: physical NMI.
 pub const INTERCEPT_NMI: u32 = 1 << 1;
+/// misc1 bit 4: VINTR, a virtual interrupt about to be taken (15.21.4).
+pub const INTERCEPT_VINTR: u32 = 1 << 4;
+/// misc1 bit 20: IRET.
+pub const INTERCEPT_IRET: u32 = 1 << 20;
 /// misc1 bit 18: CPUID.
 pub const INTERCEPT_CPUID: u32 = 1 << 18;
 /// misc1 bit 22: INVD.
@@ -279,6 +283,13 @@ pub const INTERCEPT_INVLPGA: u32 = 1 << 26;
 /// (AMD APM vol. 2, 15.21.1), so a guest running with IF=0 is still
 /// preempted by the host timer.
 pub const V_INTR_MASKING: u64 = 1 << 24;
+/// int_control bit 8: V_IRQ, a virtual interrupt is pending (15.21.4).
+pub const V_IRQ: u64 = 1 << 8;
+/// int_control bits 19:16: V_INTR_PRIO, the pending virtual interrupt's
+/// priority (compared with V_TPR unless V_IGN_TPR).
+pub const V_INTR_PRIO_MAX: u64 = 0xf << 16;
+/// int_control bit 20: V_IGN_TPR, the virtual interrupt ignores V_TPR.
+pub const V_IGN_TPR: u64 = 1 << 20;
 /// np_control bit 0: nested paging enable (AMD APM vol. 2, 15.25.3).
 pub const NP_ENABLE: u64 = 1 << 0;
 

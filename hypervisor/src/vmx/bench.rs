@@ -45,6 +45,9 @@ pub fn raw_roundtrips(iterations: u64) -> Result<u64, HostError> {
             cr3: Gpa(0x1000),
             gdt_base: Gpa(0x7000),
             gdt_limit: 23,
+            rsi: 0,
+            code_selector: hvcore::vcpu::SELECTORS_ABI.0,
+            data_selector: hvcore::vcpu::SELECTORS_ABI.1,
         },
     );
     let start = crate::time::now_ns();

@@ -5,13 +5,16 @@
 // Pin-based controls (Intel SDM vol. 3C, 25.6.1, table 25-5).
 pub const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
 pub const PIN_NMI_EXITING: u32 = 1 << 3;
+pub const PIN_VIRTUAL_NMIS: u32 = 1 << 5;
 pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 // Primary processor-based controls (25.6.2, table 25-6).
+pub const PROC_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 pub const PROC_USE_TSC_OFFSETTING: u32 = 1 << 3;
 pub const PROC_HLT_EXITING: u32 = 1 << 7;
 pub const PROC_MWAIT_EXITING: u32 = 1 << 10;
 pub const PROC_CR8_LOAD_EXITING: u32 = 1 << 19;
 pub const PROC_CR8_STORE_EXITING: u32 = 1 << 20;
+pub const PROC_NMI_WINDOW_EXITING: u32 = 1 << 22;
 pub const PROC_USE_IO_BITMAPS: u32 = 1 << 25;
 pub const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
 pub const PROC_MONITOR_EXITING: u32 = 1 << 29;

@@ -44,14 +44,17 @@ impl VmxVcpu {
             PIN_BASED_CONTROLS,
             f.pin,
             PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING,
-            PIN_PREEMPTION_TIMER,
+            // Virtual NMIs (25.6.1): the guest's IRET ends the blocking of
+            // an NMI we injected, and NMI-window exiting exists.
+            PIN_PREEMPTION_TIMER | PIN_VIRTUAL_NMIS,
         )?;
+        self.virtual_nmis = pin & PIN_VIRTUAL_NMIS != 0;
         if pin & PIN_PREEMPTION_TIMER != 0 {
             // Reloaded from this field at every VM entry (no "save timer
             // value" exit control), so each entry gets one full slice.
             self.write(GUEST_PREEMPTION_TIMER, preemption_timer_value());
         }
-        self.control(
+        self.proc1 = self.control(
             PRIMARY_PROC_CONTROLS,
             f.proc,
             PROC_HLT_EXITING
@@ -150,6 +153,9 @@ impl VmxVcpu {
             cr3: Gpa(0),
             gdt_base: Gpa(0),
             gdt_limit: 0,
+            rsi: 0,
+            code_selector: hvcore::vcpu::SELECTORS_ABI.0,
+            data_selector: hvcore::vcpu::SELECTORS_ABI.1,
         });
         match self.setup_error {
             Some(field) => {

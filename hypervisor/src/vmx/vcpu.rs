@@ -36,12 +36,13 @@ use hvcore::msr::{
     IA32_TSC_AUX,
 };
 use hvcore::vcpu::{
-    LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, VmExit,
+    EventReadiness, GuestMode, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps,
+    VcpuState, VmExit,
 };
 use hvcore::vcpu_state::{LONG_MODE_CR0, LONG_MODE_CR4, LONG_MODE_EFER};
 use hvcore::vmx::exit::{
     decode_exit, gpr_mut, Decoded, AR_CODE64, AR_DATA, AR_TSS_BUSY, AR_UNUSABLE,
-    INTR_INFO_ERROR_VALID, INTR_INFO_VALID,
+    INTR_INFO_ERROR_VALID, INTR_INFO_VALID, INTR_TYPE_NMI,
 };
 use hvcore::vmx::flush::{flush_plan, FlushCaps, Invalidation};
 use hvcore::x86::{efer_after_write, event_injection, EferFlags, PAT_DEFAULT};
@@ -76,8 +77,15 @@ pub struct VmxVcpu {
     pub(super) features: VmxFeatures,
     /// The EPT pointer (A/D bit set only while PML is on).
     pub(super) eptp: u64,
+    /// Primary controls as written (the window exits are toggled at run
+    /// time).
+    pub(super) proc1: u32,
     /// Secondary controls as written (PML is toggled at run time).
     pub(super) proc2: u32,
+    /// The CPU has virtual NMIs (and NMI-window exiting): without them an
+    /// injected NMI stays blocked forever (26.3, IRET), so none is
+    /// injected.
+    pub(super) virtual_nmis: bool,
     pub(super) launched: bool,
     /// Length of the instruction the last exit reported, if any.
     pub(super) exit_len: Option<u64>,
@@ -136,7 +144,9 @@ impl VmxVcpu {
             vpid,
             features: *features,
             eptp: hvcore::vmx::eptp(nested_root, false),
+            proc1: 0,
             proc2: 0,
+            virtual_nmis: false,
             launched: false,
             exit_len: None,
             flush_ept: true,
@@ -331,6 +341,19 @@ impl VmxVcpu {
             &self.regs,
         );
         match d {
+            Decoded::Exit {
+                exit: exit @ (VmExit::InterruptWindow | VmExit::NmiWindow),
+                ..
+            } => {
+                // 26.7.5 / 26.7.6: close the window that exited.
+                let bit = if exit == VmExit::InterruptWindow {
+                    PROC_INTERRUPT_WINDOW_EXITING
+                } else {
+                    PROC_NMI_WINDOW_EXITING
+                };
+                self.set_proc1_bit(bit, false);
+                Some(exit)
+            }
             Decoded::Exit { exit, len } => {
                 self.exit_len = len;
                 Some(exit)
@@ -359,6 +382,20 @@ impl VmxVcpu {
                 self.pml_drain_buffer(None);
                 None
             }
+        }
+    }
+
+    /// Set or clear one primary processor-based control (the window
+    /// exits), if the CPU allows it to be 1.
+    fn set_proc1_bit(&mut self, bit: u32, on: bool) {
+        let value = if on && self.features.proc.may_be_one & bit != 0 {
+            self.proc1 | bit
+        } else {
+            self.proc1 & !bit
+        };
+        if value != self.proc1 {
+            self.proc1 = value;
+            self.write(PRIMARY_PROC_CONTROLS, u64::from(value));
         }
     }
 
@@ -418,6 +455,49 @@ impl Vcpu for VmxVcpu {
             log::debug!("vmx: injecting vector {vector} replaces pending event {old:#x}");
         }
         self.write(ENTRY_INTERRUPTION_INFO, info);
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        // 25.8.3: vector, type 0 (external interrupt), valid.
+        let old = self.read(ENTRY_INTERRUPTION_INFO);
+        if old & INTR_INFO_VALID != 0 {
+            log::warn!("vmx: interrupt {vector} replaces pending event {old:#x}");
+        }
+        self.write(ENTRY_INTERRUPTION_INFO, u64::from(vector) | INTR_INFO_VALID);
+    }
+
+    fn inject_nmi(&mut self) {
+        // 25.8.3: vector 2, type 2 (NMI), valid.
+        self.write(ENTRY_INTERRUPTION_INFO, 2 | INTR_TYPE_NMI | INTR_INFO_VALID);
+    }
+
+    fn readiness(&self) -> EventReadiness {
+        // 25.4.2, table 25-3: interruptibility bit 0 blocking by STI, 1 by
+        // MOV SS, 3 by NMI. One event per entry.
+        let intr = self.read(GUEST_INTERRUPTIBILITY);
+        let free = self.read(ENTRY_INTERRUPTION_INFO) & INTR_INFO_VALID == 0;
+        EventReadiness {
+            interrupt: free && intr & 0b11 == 0 && self.regs.rflags & (1 << 9) != 0,
+            nmi: free && self.virtual_nmis && intr & 0b1011 == 0,
+        }
+    }
+
+    fn set_event_windows(&mut self, interrupt: bool, nmi: bool) {
+        self.set_proc1_bit(PROC_INTERRUPT_WINDOW_EXITING, interrupt);
+        self.set_proc1_bit(PROC_NMI_WINDOW_EXITING, nmi && self.virtual_nmis);
+    }
+
+    fn guest_mode(&self) -> GuestMode {
+        // 25.4.1: access rights bit 13 L, bit 14 D/B.
+        let cs = self.read(GUEST_CS_AR);
+        GuestMode {
+            cr0: self.read(GUEST_CR0),
+            cr3: self.read(GUEST_CR3),
+            cr4: self.read(GUEST_CR4),
+            efer: self.read(GUEST_EFER),
+            cs_long: cs & (1 << 13) != 0,
+            cs_db: cs & (1 << 14) != 0,
+        }
     }
 
     fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr> {
@@ -484,12 +564,12 @@ impl Vcpu for VmxVcpu {
             .iter()
             .filter(|f| f.0 != GUEST_CS_SELECTOR)
         {
-            self.write(sel, 0x10);
+            self.write(sel, u64::from(entry.data_selector));
             self.write(base, 0);
             self.write(limit, 0xffff_ffff);
             self.write(ar, AR_DATA);
         }
-        self.write(GUEST_CS_SELECTOR, 0x08);
+        self.write(GUEST_CS_SELECTOR, u64::from(entry.code_selector));
         self.write(GUEST_CS_BASE, 0);
         self.write(GUEST_CS_LIMIT, 0xffff_ffff);
         self.write(GUEST_CS_AR, AR_CODE64);
@@ -528,6 +608,7 @@ impl Vcpu for VmxVcpu {
         self.write(GUEST_PENDING_DEBUG, 0);
         self.write(VMCS_LINK_POINTER, u64::MAX);
         self.write(ENTRY_INTERRUPTION_INFO, 0);
+        self.set_event_windows(false, false);
         self.write(TSC_OFFSET, 0);
         self.syscall_msrs = [0; 5];
         self.tsc_aux = 0;

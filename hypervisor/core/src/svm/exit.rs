@@ -32,8 +32,13 @@ pub const EVENT_TYPE_SOFT_INT: u64 = 4 << 8;
 pub const EXIT_INTR: u64 = 0x60;
 /// Physical NMI.
 pub const EXIT_NMI: u64 = 0x61;
+/// Virtual interrupt (the V_IRQ the VMM set is deliverable: an interrupt
+/// window).
+pub const EXIT_VINTR: u64 = 0x64;
 /// CPUID.
 pub const EXIT_CPUID: u64 = 0x72;
+/// IRET (the end of the guest's NMI handler: an NMI window).
+pub const EXIT_IRET: u64 = 0x74;
 /// INVD.
 pub const EXIT_INVD: u64 = 0x76;
 /// HLT.
@@ -115,6 +120,12 @@ pub fn decode_exit(code: u64, info1: u64, info2: u64, regs: &Regs) -> Decoded {
     match code {
         // Both stay pending until STGI, then the host's IDT takes them.
         EXIT_INTR | EXIT_NMI => event(VmExit::ExternalInterrupt),
+        // 15.21.4: the VINTR intercept fires before the guest takes the
+        // virtual interrupt the backend raised to open the window.
+        EXIT_VINTR => event(VmExit::InterruptWindow),
+        // 15.9: the IRET intercept fires before the IRET executes; the
+        // backend intercepts it only while the guest's NMI handler runs.
+        EXIT_IRET => event(VmExit::NmiWindow),
         EXIT_CPUID => insn(
             VmExit::Cpuid {
                 leaf: regs.rax as u32,
@@ -343,6 +354,25 @@ mod tests {
             (0x1f0, 2, IoDir::In, true, true)
         );
         assert_eq!(decode_ioio(0x3f8 << 16), None);
+    }
+
+    #[test]
+    fn window_exits_carry_no_instruction() {
+        // Neither is an instruction the backend steps over: the guest
+        // resumes where it was and takes the injected event there.
+        let regs = Regs::default();
+        for (code, exit) in [
+            (EXIT_VINTR, VmExit::InterruptWindow),
+            (EXIT_IRET, VmExit::NmiWindow),
+        ] {
+            assert_eq!(
+                decode_exit(code, 0, 0, &regs),
+                Decoded::Exit {
+                    exit,
+                    next_rip: None
+                }
+            );
+        }
     }
 
     #[test]

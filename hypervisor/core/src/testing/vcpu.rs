@@ -3,7 +3,10 @@
 
 use crate::addr::Hpa;
 use crate::host::{CpuidResult, CpuidSource};
-use crate::vcpu::{LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps, VcpuState, VmExit};
+use crate::vcpu::{
+    EventReadiness, GuestMode, LongModeEntry, Regs, StateError, UnknownMsr, Vcpu, VcpuCaps,
+    VcpuState, VmExit,
+};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 
@@ -20,6 +23,20 @@ pub struct FakeVcpu {
     pub skips: u32,
     /// Exceptions queued, in order.
     pub injected: Vec<(u8, Option<u32>)>,
+    /// External interrupt vectors queued, in order.
+    pub interrupts: Vec<u8>,
+    /// NMIs queued.
+    pub nmis: u32,
+    /// An event is queued for the next `run` (which delivers it).
+    pub event_queued: bool,
+    /// An STI/MOV-SS interrupt shadow is in effect.
+    pub shadow: bool,
+    /// The guest runs its NMI handler (until a test clears it).
+    pub nmi_blocked: bool,
+    /// The windows last asked for: (interrupt, NMI).
+    pub windows: (bool, bool),
+    /// What `guest_mode` returns.
+    pub mode: GuestMode,
     /// MSRs the "backend" keeps; others answer `UnknownMsr`.
     pub msrs: BTreeMap<u32, u64>,
     /// Calls of `flush_nested_tlb`.
@@ -73,6 +90,13 @@ impl FakeVcpu {
             insn_len: 2,
             skips: 0,
             injected: Vec::new(),
+            interrupts: Vec::new(),
+            nmis: 0,
+            event_queued: false,
+            shadow: false,
+            nmi_blocked: false,
+            windows: (false, false),
+            mode: GuestMode::default(),
             msrs,
             flushes: 0,
             runs: 0,
@@ -87,6 +111,7 @@ impl FakeVcpu {
 impl Vcpu for FakeVcpu {
     fn run(&mut self) -> VmExit {
         self.runs += 1;
+        self.event_queued = false;
         self.exits.pop_front().unwrap_or(VmExit::Hlt)
     }
     fn regs(&self) -> &Regs {
@@ -101,6 +126,29 @@ impl Vcpu for FakeVcpu {
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         self.injected.push((vector, error_code));
+        self.event_queued = true;
+    }
+    fn inject_interrupt(&mut self, vector: u8) {
+        self.interrupts.push(vector);
+        self.event_queued = true;
+    }
+    fn inject_nmi(&mut self) {
+        self.nmis += 1;
+        self.nmi_blocked = true;
+        self.event_queued = true;
+    }
+    fn readiness(&self) -> EventReadiness {
+        const IF: u64 = 1 << 9;
+        EventReadiness {
+            interrupt: self.regs.rflags & IF != 0 && !self.shadow && !self.event_queued,
+            nmi: !self.nmi_blocked && !self.shadow && !self.event_queued,
+        }
+    }
+    fn set_event_windows(&mut self, interrupt: bool, nmi: bool) {
+        self.windows = (interrupt, nmi);
+    }
+    fn guest_mode(&self) -> GuestMode {
+        self.mode
     }
     fn read_msr(&self, msr: u32) -> Result<u64, UnknownMsr> {
         self.msrs.get(&msr).copied().ok_or(UnknownMsr(msr))
@@ -146,6 +194,8 @@ impl Vcpu for FakeVcpu {
 pub struct FakeCpuid {
     /// `(leaf, subleaf)` -> result.
     pub leaves: BTreeMap<(u32, u32), CpuidResult>,
+    /// What `tsc_khz` answers.
+    pub tsc_khz: u64,
 }
 
 impl FakeCpuid {
@@ -159,7 +209,7 @@ impl FakeCpuid {
             ecx: !0,
             edx: !0,
         };
-        let leaves = [
+        let mut leaves: BTreeMap<(u32, u32), CpuidResult> = [
             1,
             5,
             7,
@@ -172,11 +222,16 @@ impl FakeCpuid {
         .into_iter()
         .map(|l| ((l, 0), ones))
         .collect();
-        Self { leaves }
+        // Leaf 0: highest basic leaf 0xd (so 1, 5, 7 and 0xa are real).
+        leaves.insert((0, 0), CpuidResult { eax: 0xd, ..ones });
+        Self { leaves, tsc_khz: 0 }
     }
 }
 
 impl CpuidSource for FakeCpuid {
+    fn tsc_khz(&self) -> u64 {
+        self.tsc_khz
+    }
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
         self.leaves
             .get(&(leaf, subleaf))

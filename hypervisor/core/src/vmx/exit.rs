@@ -22,6 +22,8 @@ const CR4_VMXE: Cr4Flags = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS;
 pub const EXIT_EXCEPTION_OR_NMI: u32 = 0;
 pub const EXIT_EXTERNAL_INTERRUPT: u32 = 1;
 pub const EXIT_TRIPLE_FAULT: u32 = 2;
+pub const EXIT_INTERRUPT_WINDOW: u32 = 7;
+pub const EXIT_NMI_WINDOW: u32 = 8;
 pub const EXIT_GETSEC: u32 = 11;
 pub const EXIT_CPUID: u32 = 10;
 pub const EXIT_HLT: u32 = 12;
@@ -126,6 +128,9 @@ pub fn decode_exit(
             event(VmExit::ExternalInterrupt)
         }
         EXIT_TRIPLE_FAULT => event(VmExit::Shutdown),
+        // 26.7.5 / 26.7.6: the windows the backend opened are open.
+        EXIT_INTERRUPT_WINDOW => event(VmExit::InterruptWindow),
+        EXIT_NMI_WINDOW => event(VmExit::NmiWindow),
         EXIT_CPUID => insn(VmExit::Cpuid {
             leaf: regs.rax as u32,
             subleaf: regs.rcx as u32,
@@ -304,6 +309,21 @@ mod tests {
             rdx: 0x1234,
             rip: 0x1000,
             ..Regs::default()
+        }
+    }
+
+    #[test]
+    fn window_exits_carry_no_instruction() {
+        let regs = Regs::default();
+        for (reason, exit) in [
+            (EXIT_INTERRUPT_WINDOW, VmExit::InterruptWindow),
+            (EXIT_NMI_WINDOW, VmExit::NmiWindow),
+        ] {
+            // A stale instruction length in the VMCS is not used.
+            assert_eq!(
+                decode_exit(u64::from(reason), 0, 0, 3, 0, &regs),
+                Decoded::Exit { exit, len: None }
+            );
         }
     }
 
