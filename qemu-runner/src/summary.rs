@@ -7,7 +7,7 @@ use crate::markers::{BenchExits, CaseResult, DirtyRate, SerialLog};
 
 /// The test cases, in the node's default order (one list for the node,
 /// the guest kernel and the runner: `hvcore::abi::case`).
-pub const ALL_CASES: [&str; 13] = hvcore::abi::case::ALL;
+pub const ALL_CASES: [&str; 14] = hvcore::abi::case::ALL;
 
 /// The console line the `hello` case must produce (checked by the runner
 /// too, not only by the node).

@@ -14,6 +14,7 @@
 //! say `verified`, and must have used the best dirty tracker the vCPU has
 //! (PML when `Vcpu::caps().pml`).
 
+use crate::devices::{Devices, Machine};
 use crate::migrate::{self, Faults};
 use crate::sched::{ProgressLog, RunOutcome, Scheduler};
 use crate::vm::{StopReason, Vm};
@@ -59,6 +60,7 @@ pub enum Case {
     BadMsr,
     TripleFault,
     TwoVms,
+    Interrupt,
     LocalMigrateIdle,
     LocalMigrateBusy,
     LocalMigrateAbort,
@@ -69,7 +71,7 @@ pub enum Case {
 
 impl Case {
     /// Every case in order.
-    pub const ALL: [Case; 13] = [
+    pub const ALL: [Case; 14] = [
         Case::Hello,
         Case::Cpuid,
         Case::Memory,
@@ -77,6 +79,7 @@ impl Case {
         Case::BadMsr,
         Case::TripleFault,
         Case::TwoVms,
+        Case::Interrupt,
         Case::LocalMigrateIdle,
         Case::LocalMigrateBusy,
         Case::LocalMigrateAbort,
@@ -97,6 +100,7 @@ impl Case {
             Case::BadMsr => case::BAD_MSR,
             Case::TripleFault => case::TRIPLE_FAULT,
             Case::TwoVms => case::TWO_VMS,
+            Case::Interrupt => case::INTERRUPT,
             Case::LocalMigrateIdle => case::LOCAL_MIGRATE_IDLE,
             Case::LocalMigrateBusy => case::LOCAL_MIGRATE_BUSY,
             Case::LocalMigrateAbort => case::LOCAL_MIGRATE_ABORT,
@@ -156,6 +160,11 @@ impl Case {
                     cmdline: "case=two-vms role=b",
                 },
             ],
+            Case::Interrupt => &[VmSpec {
+                name: "interrupt",
+                ram_mib: 32,
+                cmdline: "case=interrupt",
+            }],
             Case::LocalMigrateIdle => &[VmSpec {
                 name: "local-migrate-idle",
                 ram_mib: 64,
@@ -186,6 +195,15 @@ impl Case {
                 ram_mib: 32,
                 cmdline: "case=virtio-blk",
             }],
+        }
+    }
+
+    /// The machine its VMs get: the PC platform for `interrupt` (its
+    /// local APIC), the minimal one otherwise.
+    pub fn machine(self) -> Machine {
+        match self {
+            Case::Interrupt => Machine::Pc,
+            _ => Machine::Minimal,
         }
     }
 
@@ -234,8 +252,11 @@ pub fn run_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(), Str
     }
     let mut vms = Vec::new();
     for spec in case.vms() {
-        let vm = Vm::create(host, spec.name, spec.ram_mib << 20, image, spec.cmdline)
+        let mut vm = Vm::create(host, spec.name, spec.ram_mib << 20, image, spec.cmdline)
             .map_err(|e| format!("cannot create VM {}: {e}", spec.name))?;
+        if case.machine() == Machine::Pc {
+            vm.set_devices(Devices::pc(host.wall_clock_ns()));
+        }
         vms.push(vm);
     }
     vms.iter_mut().for_each(Vm::start);
@@ -269,6 +290,7 @@ pub fn evaluate(case: Case, vms: &[Vm], progress: &ProgressLog) -> Result<(), St
             }
         }
         Case::Cpuid
+        | Case::Interrupt
         | Case::Memory
         | Case::DirtyLog
         | Case::BadMsr

@@ -37,6 +37,7 @@
 pub mod acpi;
 pub mod acpi_pm;
 pub mod bus;
+pub mod exits;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod fuzzing;

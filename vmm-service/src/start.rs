@@ -115,6 +115,9 @@ pub fn build(
         cr3: Gpa(GUEST_PML4_GPA),
         gdt_base: Gpa(GUEST_GDT_GPA),
         gdt_limit: (GDT.len() * 8 - 1) as u16,
+        rsi: 0,
+        code_selector: hvcore::vcpu::SELECTORS_ABI.0,
+        data_selector: hvcore::vcpu::SELECTORS_ABI.1,
     })
 }
 
@@ -224,6 +227,9 @@ mod tests {
                 cr3: Gpa(0x1000),
                 gdt_base: Gpa(0x7000),
                 gdt_limit: 23,
+                rsi: 0,
+                code_selector: hvcore::vcpu::SELECTORS_ABI.0,
+                data_selector: hvcore::vcpu::SELECTORS_ABI.1,
             }
         );
         // Nothing written at or above the kernel's lowest address.

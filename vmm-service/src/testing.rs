@@ -248,6 +248,8 @@ pub struct FakeHost {
     /// vCPU capabilities of partitions created here.
     pub caps: hvcore::vcpu::VcpuCaps,
     pub cpuid: FakeCpuid,
+    /// What `wall_clock_ns` answers.
+    pub wall_clock_ns: u64,
     pub fail_create: bool,
     pub raw_ns_per_roundtrip: u64,
     pub entropy: crate::mgmt::auth::TestEntropy,
@@ -287,6 +289,7 @@ impl FakeHost {
             ns_per_page_read: 0,
             caps: hvcore::vcpu::VcpuCaps::default(),
             cpuid: svm_vmx_cpuid(),
+            wall_clock_ns: 0,
             fail_create: false,
             raw_ns_per_roundtrip: 10_000,
             entropy: crate::mgmt::auth::TestEntropy(0x1234_5678_9abc_def1),
@@ -307,6 +310,9 @@ impl FakeHost {
 impl CpuidSource for FakeHost {
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
         self.cpuid.host_cpuid(leaf, subleaf)
+    }
+    fn tsc_khz(&self) -> u64 {
+        self.cpuid.tsc_khz
     }
 }
 
@@ -349,6 +355,9 @@ impl Host for FakeHost {
     }
     fn now_ns(&self) -> u64 {
         self.clock.get()
+    }
+    fn wall_clock_ns(&self) -> u64 {
+        self.wall_clock_ns
     }
     fn console_write(&mut self, s: &str) {
         self.console.push_str(s);

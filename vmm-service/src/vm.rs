@@ -20,8 +20,10 @@
 //! [`CLOCK_CHECK_EXITS`] exits. Console lines and stop reports are formatted
 //! only when they happen.
 
-use crate::devices::Devices;
+use crate::devices::exits::{self as device_exits, MmioError};
+use crate::devices::{Devices, Machine};
 use crate::hypercall::{self, DirtyCheck, DirtyLogOwner, Effect};
+use crate::loader::linux::{self, LinuxLoadError};
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::start::{self, StartError};
 use crate::uart::LineSink;
@@ -32,7 +34,7 @@ use core::fmt::{self, Write as _};
 use hvcore::abi::{HC_MIGRATION_STATUS, HC_NOP};
 use hvcore::exit::{self, Handled, StopReason as ExitStop};
 use hvcore::host::{DirtyMode, Host, HostError, Partition};
-use hvcore::vcpu::{IoDir, VmExit};
+use hvcore::vcpu::IoDir;
 use vstorage::VirtualDisk;
 
 /// Exits between two clock reads when the guest is not preempted.
@@ -64,6 +66,8 @@ pub enum StopReason {
     /// The guest broke the hypervisor's protocol in a way it cannot recover
     /// from.
     ProtocolViolation(&'static str),
+    /// An MMIO access could not be emulated.
+    Mmio(MmioError),
 }
 
 impl fmt::Display for StopReason {
@@ -77,6 +81,7 @@ impl fmt::Display for StopReason {
             StopReason::Requested => write!(f, "stopped by the service"),
             StopReason::Timeout => write!(f, "timeout"),
             StopReason::ProtocolViolation(what) => write!(f, "guest protocol violation: {what}"),
+            StopReason::Mmio(e) => write!(f, "{e}"),
         }
     }
 }
@@ -105,6 +110,8 @@ pub enum VmError {
     Host(HostError),
     /// The kernel image could not be loaded.
     Load(LoadError),
+    /// The Linux kernel or initramfs could not be loaded.
+    Linux(LinuxLoadError),
     /// The start state could not be built.
     Start(StartError),
 }
@@ -120,6 +127,7 @@ impl fmt::Display for VmError {
             }
             VmError::Host(e) => write!(f, "{e}"),
             VmError::Load(e) => write!(f, "guest kernel: {e}"),
+            VmError::Linux(e) => write!(f, "{e}"),
             VmError::Start(e) => write!(f, "{e}"),
         }
     }
@@ -247,6 +255,33 @@ impl Vm {
         let entry = start::build(partition.memory(), &kernel, cmdline).map_err(VmError::Start)?;
         partition.vcpu().reset_long_mode(&entry);
         Ok(Self::with_partition(name, partition))
+    }
+
+    /// Create VM `name` on the PC machine with `ram_bytes` of RAM running
+    /// the Linux bzImage `image` with initramfs `initrd` and kernel
+    /// arguments `args` (after `console=ttyS0` and the TSC rate,
+    /// [`linux::kernel_cmdline`]).
+    pub fn create_linux(
+        host: &mut dyn Host,
+        name: &str,
+        ram_bytes: u64,
+        image: &[u8],
+        initrd: &[u8],
+        args: &str,
+    ) -> Result<Self, VmError> {
+        if !name_ok(name) {
+            return Err(VmError::BadName);
+        }
+        let khz = host.tsc_khz();
+        let cmdline = linux::kernel_cmdline(args, (khz > 0).then_some(khz));
+        linux::check(image, ram_bytes, initrd.len() as u64, &cmdline).map_err(VmError::Linux)?;
+        let mut partition = host.create_partition(ram_bytes).map_err(VmError::Host)?;
+        let boot = linux::load(partition.memory(), image, initrd, &cmdline, &[])
+            .map_err(VmError::Linux)?;
+        partition.vcpu().reset_long_mode(&boot.entry);
+        let mut vm = Self::with_partition(name, partition);
+        vm.devices = Devices::pc(host.wall_clock_ns());
+        Ok(vm)
     }
 
     /// An empty VM `name` with `ram_bytes` of zeroed RAM and a vCPU in its
@@ -528,26 +563,26 @@ impl Vm {
         }
         match self.state {
             VmState::Running => {}
-            VmState::Halted => self.state = VmState::Running,
+            VmState::Halted => {
+                // A halted PC guest sleeps until a device interrupt.
+                if self.devices.machine() == Machine::Pc && !self.wake(host, slice_end_ns) {
+                    return SliceEnd::Idle;
+                }
+                self.state = VmState::Running;
+            }
             _ => return SliceEnd::NotRunnable,
         }
         self.counters.slices += 1;
         let mut since_clock = 0u32;
+        let pc = self.devices.machine() == Machine::Pc;
         loop {
+            if pc {
+                // Timers up to now, then the next event or its window.
+                self.devices.advance(host.now_ns());
+                device_exits::deliver(&mut self.devices, self.partition.vcpu());
+            }
             let vm_exit = self.partition.run();
             self.counters.exits += 1;
-            // MMIO: a data access where nothing is mapped, that a device
-            // claims. (Until hvcore's exit handling reports MMIO itself,
-            // the fault is taken here, before it would stop the VM.)
-            if let VmExit::NestedFault { gpa, access } = vm_exit {
-                if !access.present && !access.exec && self.devices.claims_mmio(gpa.as_u64()) {
-                    if let Err(reason) = self.mmio(host, gpa.as_u64()) {
-                        self.stop(host, reason);
-                        return SliceEnd::Stopped;
-                    }
-                    continue;
-                }
-            }
             match exit::handle(vm_exit, self.partition.vcpu(), &*host) {
                 Handled::Resume => {}
                 Handled::Hypercall => {
@@ -589,10 +624,46 @@ impl Vm {
                         }
                     }
                 }
+                Handled::Mmio { gpa, access } => {
+                    // Nothing behind it on a machine without a PC platform
+                    // and no virtio device there: the guest is broken.
+                    if !pc && !self.devices.claims_mmio(gpa.as_u64()) {
+                        let stop = ExitStop::BadNestedAccess { gpa, access };
+                        self.stop(host, StopReason::Exit(stop));
+                        return SliceEnd::Stopped;
+                    }
+                    let now = host.now_ns();
+                    let r = device_exits::mmio(
+                        &mut self.devices,
+                        &mut *self.partition,
+                        now,
+                        gpa.as_u64(),
+                    );
+                    if let Err(e) = r {
+                        self.stop(host, StopReason::Mmio(e));
+                        return SliceEnd::Stopped;
+                    }
+                    // Serve what the access started (a virtio notify).
+                    if self.devices.virtio_pending() {
+                        self.devices
+                            .process_virtio(self.partition.memory(), &mut self.disks);
+                    }
+                }
+                Handled::DeviceMsrRead { msr } => {
+                    device_exits::msr_read(&self.devices, self.partition.vcpu(), msr);
+                }
+                Handled::DeviceMsrWrite { msr, value } => {
+                    let (now, khz) = (host.now_ns(), host.tsc_khz());
+                    let vcpu = self.partition.vcpu();
+                    device_exits::msr_write(&mut self.devices, vcpu, now, msr, value, khz);
+                }
                 Handled::Halted => {
                     if self.partition.vcpu().regs().rflags & RFLAGS_IF == 0 {
                         self.stop(host, StopReason::HaltedInterruptsDisabled);
                         return SliceEnd::Stopped;
+                    }
+                    if pc && self.wake(host, slice_end_ns) {
+                        continue;
                     }
                     self.state = VmState::Halted;
                     return SliceEnd::Idle;
@@ -619,50 +690,23 @@ impl Vm {
         }
     }
 
-    /// Emulate the instruction whose access to device memory at `gpa`
-    /// exited, then serve what it started (a virtio notify).
-    fn mmio(&mut self, host: &mut dyn Host, gpa: u64) -> Result<(), StopReason> {
-        use crate::devices::{mmio, walk};
-        let state = self.partition.vcpu().save_state();
-        let paging = walk::Paging {
-            cr0: state.cr0,
-            cr3: state.cr3,
-            cr4: state.cr4,
-            efer: state.efer,
-        };
-        let mode = if state.cs.attrib & hvcore::vcpu_state::ATTR_L != 0 {
-            mmio::CpuMode::Long64
-        } else {
-            mmio::CpuMode::Protected32
-        };
-        let mut insn = [0u8; mmio::MAX_INSN_BYTES];
-        let rip = self.partition.vcpu().regs().rip;
-        let n = walk::fetch(self.partition.memory(), &paging, rip, &mut insn)
-            .map_err(|_| StopReason::ProtocolViolation("MMIO instruction not readable"))?;
-        let now = host.now_ns();
-        let mut regs = *self.partition.vcpu().regs();
-        if let Err(e) = self
-            .devices
-            .emulate_mmio(now, &insn[..n], mode, &mut regs, gpa)
-        {
-            let mut line = String::new();
-            let _ = writeln!(
-                line,
-                "vm {}: MMIO at {gpa:#x} from RIP {rip:#x}: {e:?}; bytes {:02x?}",
-                self.name,
-                &insn[..n]
-            );
-            host.console_write(&line);
-            return Err(StopReason::ProtocolViolation(
-                "MMIO instruction not emulated",
-            ));
+    /// A PC guest halted with interrupts enabled: wait (node time) for its
+    /// next device event if that comes before `slice_end_ns`. `true` when
+    /// an interrupt is pending and the guest should run again now.
+    fn wake(&mut self, host: &mut dyn Host, slice_end_ns: u64) -> bool {
+        loop {
+            let now = host.now_ns();
+            self.devices.advance(now);
+            if self.devices.interrupt_pending() {
+                return true;
+            }
+            match self.devices.next_event_ns() {
+                Some(t) if t < slice_end_ns && now < slice_end_ns => {
+                    core::hint::spin_loop();
+                }
+                _ => return false,
+            }
         }
-        *self.partition.vcpu().regs_mut() = regs;
-        if self.devices.virtio_pending() {
-            self.devices
-                .process_virtio(self.partition.memory(), &mut self.disks);
-        }
-        Ok(())
     }
 
     /// The general hypercall path; `Some` stops the VM.
@@ -749,6 +793,7 @@ mod tests {
     use crate::testing::{printer, FakeHost, FakeMemory, FakeVcpu};
     use hvcore::abi::{HC_MIGRATION_STATUS, HC_PROGRESS, HC_TEST_RESULT};
     use hvcore::addr::Gpa;
+    use hvcore::mem::GuestMemory;
     use hvcore::vcpu::{Access, IoAccess, VmExit};
 
     fn vm(host: &mut FakeHost, name: &str) -> Vm {
@@ -968,6 +1013,119 @@ mod tests {
         assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::NotRunnable);
         v.resume();
         assert!(v.is_runnable());
+    }
+
+    /// A PC guest programs its local APIC timer through MMIO (emulated
+    /// from the instruction bytes at RIP), then runs with interrupts off
+    /// (a window is asked for, nothing injected), then opens the window:
+    /// the timer's vector is injected exactly once, and TSC_DEADLINE reads
+    /// back through the device models.
+    #[test]
+    fn pc_guest_takes_its_lapic_timer_interrupt() {
+        use crate::loader::bzimage::test_image;
+        use hvcore::msr::IA32_TSC_DEADLINE;
+        let mut host = FakeHost::new();
+        host.cpuid.tsc_khz = 1_000_000;
+        let seen = alloc::rc::Rc::new(core::cell::RefCell::new(alloc::vec::Vec::new()));
+        let seen2 = seen.clone();
+        let mut step = 0;
+        host.programs.push_back(alloc::boxed::Box::new(
+            move |v: &mut FakeVcpu, m: &mut FakeMemory| {
+                step += 1;
+                // `mov [edi], eax` (89 07) at 0x1000, paging off.
+                m.write(Gpa(0x1000), &[0x89, 0x07]).unwrap();
+                let mmio_write = |v: &mut FakeVcpu, reg: u64, value: u64| {
+                    v.regs.rip = 0x1000;
+                    v.regs.rax = value;
+                    VmExit::NestedFault {
+                        gpa: Gpa(0xfee0_0000 + reg),
+                        access: Access {
+                            write: true,
+                            ..Access::default()
+                        },
+                    }
+                };
+                match step {
+                    1 => {
+                        assert_eq!(v.regs.rip, 0x100_0200, "Linux entry");
+                        assert_eq!(v.regs.rsi, 0x8000, "zero page");
+                        mmio_write(v, 0xf0, 0x1ff) // SVR: enabled
+                    }
+                    2 => {
+                        assert_eq!(v.regs.rip, 0x1002, "MMIO stepped over");
+                        mmio_write(v, 0x320, 0x40) // LVT timer: one-shot, 0x40
+                    }
+                    3 => mmio_write(v, 0x380, 1), // initial count: fires now
+                    4..=6 => {
+                        // Interrupts off: nothing injected, a window asked.
+                        v.regs.rflags = 2;
+                        if step == 6 {
+                            seen2.borrow_mut().push((v.interrupts.clone(), v.windows));
+                        }
+                        v.regs.rax = HC_NOP;
+                        VmExit::Hypercall
+                    }
+                    7 => {
+                        v.regs.rflags = 0x202;
+                        VmExit::InterruptWindow
+                    }
+                    8 => {
+                        seen2.borrow_mut().push((v.interrupts.clone(), v.windows));
+                        v.regs.rcx = u64::from(IA32_TSC_DEADLINE);
+                        VmExit::MsrRead {
+                            msr: IA32_TSC_DEADLINE,
+                        }
+                    }
+                    _ => {
+                        seen2.borrow_mut().push((v.interrupts.clone(), v.windows));
+                        assert_eq!(v.regs.rax, 0, "deadline 0 outside TSC-deadline mode");
+                        assert!(v.injected.is_empty(), "no #GP: {:?}", v.injected);
+                        v.regs.rax = HC_TEST_RESULT;
+                        (v.regs.rdi, v.regs.rsi, v.regs.rdx) = (0, 0, 0);
+                        VmExit::Hypercall
+                    }
+                }
+            },
+        ));
+        let image = test_image(b"\xf4");
+        let mut v = Vm::create_linux(&mut host, "lx", 64 << 20, &image, b"", "").unwrap();
+        assert_eq!(v.devices().machine(), Machine::Pc);
+        v.start();
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::Stopped);
+        assert_eq!(v.stop_reason(), Some(&StopReason::GuestOk(String::new())));
+        let seen = seen.borrow();
+        assert_eq!(seen[0], (alloc::vec![], (true, false)), "blocked: window");
+        assert_eq!(seen[1], (alloc::vec![0x40], (false, false)), "injected");
+        assert_eq!(seen[2], (alloc::vec![0x40], (false, false)), "only once");
+    }
+
+    /// MMIO on the minimal machine (no devices behind it) still stops the
+    /// VM as an access to unmapped memory; an instruction the emulator
+    /// cannot decode stops a PC guest with its bytes.
+    #[test]
+    fn mmio_that_cannot_be_emulated_stops_the_vm() {
+        use crate::loader::bzimage::test_image;
+        let mut host = FakeHost::new();
+        host.programs.push_back(alloc::boxed::Box::new(
+            |v: &mut FakeVcpu, m: &mut FakeMemory| {
+                m.write(Gpa(0x1000), &[0x0f, 0x0b]).unwrap(); // ud2
+                v.regs.rip = 0x1000;
+                VmExit::NestedFault {
+                    gpa: Gpa(0xfec0_0000),
+                    access: Access::default(),
+                }
+            },
+        ));
+        let image = test_image(b"\xf4");
+        let mut v = Vm::create_linux(&mut host, "lx", 64 << 20, &image, b"", "").unwrap();
+        v.start();
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::Stopped);
+        let line = host.lines().last().unwrap().to_string();
+        assert!(
+            line.starts_with("vm lx stopped: MMIO access to 0xfec00000: cannot emulate the instruction at RIP 0x1000")
+                && line.contains("(opcode 0xf0b is not an emulated MMIO access); bytes 0f 0b "),
+            "{line}"
+        );
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub mod case {
     pub const VIRTIO_BLK: &str = "virtio-blk";
 
     /// Every test case, in the order `tests=all` runs them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         HELLO,
         CPUID,
         MEMORY,

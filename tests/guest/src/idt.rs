@@ -5,6 +5,10 @@
 //! The handler resolves a #GP the `bad-msr` case asked for (count it, skip
 //! the 2-byte `rdmsr`); every other exception is unexpected and fails the
 //! case with its vector, error code and RIP.
+//!
+//! Vector [`TIMER_VECTOR`] is the `interrupt` case's local APIC timer: its
+//! stub counts the interrupt ([`timer_ticks`]) and writes the APIC's EOI
+//! register (an MMIO store the hypervisor emulates).
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -145,10 +149,49 @@ guest_isr_table:
 
 extern "C" {
     /// The 32 stub addresses, defined in the asm above.
-    static guest_isr_table: [u64; VECTORS];
+    static guest_isr_table: [u64; EXCEPTIONS];
+    /// The timer interrupt's stub, defined below.
+    fn guest_irq_timer();
 }
 
-const VECTORS: usize = 32;
+/// Interrupts taken on [`TIMER_VECTOR`].
+static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// The local APIC's EOI register (xAPIC page at its reset base).
+pub const LAPIC_EOI_GPA: u64 = 0xfee0_00b0;
+
+// Count the interrupt, EOI through the APIC page (`mov [rax], ecx`: an
+// MMIO store), return. Interrupt gate: IF is clear until the IRETQ.
+global_asm!(
+    r#"
+.section .text.guest_irq,"ax",@progbits
+.global guest_irq_timer
+guest_irq_timer:
+    push rax
+    push rcx
+    lock inc qword ptr [rip + {ticks}]
+    mov rax, {eoi}
+    xor ecx, ecx
+    mov dword ptr [rax], ecx
+    pop rcx
+    pop rax
+    iretq
+"#,
+    ticks = sym TIMER_TICKS,
+    eoi = const LAPIC_EOI_GPA,
+);
+
+/// Exception vectors with a stub of their own.
+const EXCEPTIONS: usize = 32;
+/// The `interrupt` case's timer vector.
+pub const TIMER_VECTOR: u8 = 0x40;
+/// Gates in the IDT: the exceptions and everything up to the timer.
+const VECTORS: usize = TIMER_VECTOR as usize + 1;
+
+/// Timer interrupts taken so far.
+pub fn timer_ticks() -> u64 {
+    TIMER_TICKS.load(Ordering::Relaxed)
+}
 
 /// One 16-byte IDT gate (AMD APM vol. 2, figure 4-24).
 #[repr(C)]
@@ -224,6 +267,7 @@ pub fn init() {
     for (gate, &handler) in idt.iter_mut().zip(table.iter()) {
         *gate = Gate::interrupt(handler, cs);
     }
+    idt[usize::from(TIMER_VECTOR)] = Gate::interrupt(guest_irq_timer as *const () as u64, cs);
     let ptr = DescriptorTablePointer {
         limit: (core::mem::size_of::<[Gate; VECTORS]>() - 1) as u16,
         base: IDT.0.get() as u64,

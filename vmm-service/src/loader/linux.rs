@@ -25,12 +25,8 @@
 //! Start state (boot.rst, "64-bit Boot Protocol"): 64-bit mode, paging on
 //! with the 4 GiB identity map (it covers the kernel's `init_size` range,
 //! the zero page and the command line), interrupts off, RSI = the zero
-//! page, RIP = load address + 0x200. The protocol asks for CS = 0x10 and
-//! DS = ES = SS = 0x18; [`LINUX_GDT`] has those descriptors, but
-//! `Vcpu::reset_long_mode` loads CS = 0x08 / data 0x10, which Linux 6.1's
-//! `startup_64` tolerates (it clears the data selectors and reloads CS from
-//! its own GDT before anything depends on them). Phase B gives
-//! `LongModeEntry` the selectors (docs/DESIGN.md, "Linux guest").
+//! page, RIP = load address + 0x200, CS = 0x10 and DS = ES = SS = 0x18
+//! (`__BOOT_CS` / `__BOOT_DS`, descriptors of [`LINUX_GDT`]).
 
 use super::bzimage::{self, BzImage, BzImageError, ENTRY_64_OFFSET, XLF_CAN_BE_LOADED_ABOVE_4G};
 use crate::devices::acpi::{self, VirtioMmioSlot, ACPI_TABLES_GPA};
@@ -42,7 +38,7 @@ use core::fmt;
 use hvcore::abi::{BOOT_PARAMS_GPA, GUEST_GDT_GPA, GUEST_INITIAL_RSP, GUEST_PML4_GPA};
 use hvcore::addr::{Gpa, PAGE_SIZE};
 use hvcore::mem::{GuestMemory, MemError};
-use hvcore::vcpu::LongModeEntry;
+use hvcore::vcpu::{LongModeEntry, SELECTORS_LINUX};
 
 /// The zero page.
 pub const LINUX_ZERO_PAGE_GPA: u64 = BOOT_PARAMS_GPA;
@@ -117,11 +113,9 @@ pub struct LinuxLayout {
 /// A loaded kernel, ready to start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinuxBoot {
-    /// The vCPU's reset state ([`crate::start`]'s conventions).
+    /// The vCPU's reset state: RSI = the zero page, CS/DS the boot
+    /// protocol's selectors.
     pub entry: LongModeEntry,
-    /// RSI at entry: the zero page. `LongModeEntry` has no RSI, so the
-    /// caller sets it after `reset_long_mode`.
-    pub rsi: u64,
     pub layout: LinuxLayout,
     /// The kernel's version string, if it has one.
     pub kernel_version: Option<String>,
@@ -384,11 +378,13 @@ pub fn load(
             rip: layout.kernel_gpa + ENTRY_64_OFFSET,
             rsp: GUEST_INITIAL_RSP,
             rdi: 0,
+            rsi: LINUX_ZERO_PAGE_GPA,
             cr3: Gpa(GUEST_PML4_GPA),
             gdt_base: Gpa(GUEST_GDT_GPA),
             gdt_limit: (LINUX_GDT.len() * 8 - 1) as u16,
+            code_selector: SELECTORS_LINUX.0,
+            data_selector: SELECTORS_LINUX.1,
         },
-        rsi: LINUX_ZERO_PAGE_GPA,
         layout,
         kernel_version: bz.version.map(String::from),
     })
@@ -427,7 +423,11 @@ mod tests {
         assert_eq!(boot.layout.kernel_end_gpa, 0x140_0000);
         assert_eq!(&b[0x100_0000..0x100_0004], b"\xfa\xf4\xeb\xfd");
         assert_eq!(boot.entry.rip, 0x100_0200);
-        assert_eq!(boot.rsi, 0x8000);
+        assert_eq!(boot.entry.rsi, 0x8000);
+        assert_eq!(
+            (boot.entry.code_selector, boot.entry.data_selector),
+            (0x10, 0x18)
+        );
         assert_eq!(boot.entry.cr3, Gpa(0x1000));
         assert_eq!(boot.entry.gdt_limit, 31);
         assert_eq!(boot.kernel_version.as_deref(), Some("6.1.0-test (x)"));

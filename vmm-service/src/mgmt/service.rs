@@ -105,9 +105,10 @@ fn vm_error(e: VmError) -> Outcome {
         VmError::Host(HostError::NoVirtualization | HostError::Backend(_)) => {
             ErrorCode::Unsupported
         }
-        VmError::Host(HostError::InvalidSize { .. }) | VmError::Load(_) | VmError::Start(_) => {
-            ErrorCode::InvalidArgument
-        }
+        VmError::Host(HostError::InvalidSize { .. })
+        | VmError::Load(_)
+        | VmError::Linux(_)
+        | VmError::Start(_) => ErrorCode::InvalidArgument,
     };
     err(code, format!("cannot create the VM: {e}"))
 }

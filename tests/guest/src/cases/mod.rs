@@ -7,6 +7,7 @@ mod busy_verify;
 mod dirty_log;
 mod disk;
 mod endless;
+mod interrupt;
 mod memory;
 mod migrate;
 mod two_vms;
@@ -27,6 +28,7 @@ pub fn run(env: &Env) -> ! {
         name::BAD_MSR => basic::bad_msr(),
         name::TRIPLE_FAULT => basic::triple_fault(),
         name::TWO_VMS => two_vms::run(env),
+        name::INTERRUPT => interrupt::run(),
         name::LOCAL_MIGRATE_IDLE => migrate::idle(),
         name::LOCAL_MIGRATE_BUSY => migrate::busy(env, 16 << 20, name::LOCAL_MIGRATE_BUSY),
         name::LOCAL_MIGRATE_ABORT => migrate::abort(env),
