@@ -30,6 +30,9 @@
 //!   silently corrupted between VMs and lost on migration; its XSETBV gets
 //!   #UD;
 //! * the architectural performance-monitoring leaf 0Ah reads zero (no PMU);
+//! * MCE and MCA (`1:EDX[7,14]`, the same bits of `8000_0001h:EDX`) are
+//!   cleared: the machine-check MSRs are not emulated, and Linux panics
+//!   ("MCA architectural violation") when one it was promised faults;
 //! * `CPUID(0x4000_0000)` returns EAX = 0x4000_0010 (highest hypervisor
 //!   leaf) and the signature [`crate::abi::HV_SIGNATURE`] in EBX, ECX, EDX
 //!   (not KVM's or any other hypervisor's: guests use no paravirtual
@@ -111,6 +114,11 @@ pub const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// CPUID.8000_0001h:ECX bit 2: SVM (AMD APM vol. 3, E.4.2).
 pub const EXT1_ECX_SVM: u32 = 1 << 2;
+/// CPUID.1:EDX and CPUID.8000_0001:EDX bit 7: machine-check exception.
+pub const EDX_MCE: u32 = 1 << 7;
+/// CPUID.1:EDX and CPUID.8000_0001:EDX bit 14: machine-check architecture
+/// (its MSRs, MCG_CAP 0x179 and up, are not emulated).
+pub const EDX_MCA: u32 = 1 << 14;
 
 /// Highest hypervisor leaf we implement.
 pub const HV_MAX_LEAF: u32 = HV_TIMING_LEAF;
@@ -181,6 +189,7 @@ pub fn guest_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> CpuidResu
                 | LEAF1_ECX_OSXSAVE
                 | LEAF1_ECX_XSAVE_FEATURES);
             r.ebx &= !LEAF1_EBX_APIC_ID;
+            r.edx &= !(EDX_MCE | EDX_MCA);
         }
         6 => r.eax |= LEAF6_EAX_ARAT,
         7 if subleaf == 0 => {
@@ -189,7 +198,10 @@ pub fn guest_cpuid(host: &dyn CpuidSource, leaf: u32, subleaf: u32) -> CpuidResu
             r.edx &= !LEAF7_EDX_XSAVE_FEATURES;
         }
         5 | 0xa | 0xd | 0x8000_000a => r = CpuidResult::default(),
-        0x8000_0001 => r.ecx &= !(EXT1_ECX_SVM | EXT1_ECX_XSAVE_FEATURES),
+        0x8000_0001 => {
+            r.ecx &= !(EXT1_ECX_SVM | EXT1_ECX_XSAVE_FEATURES);
+            r.edx &= !(EDX_MCE | EDX_MCA);
+        }
         _ => {}
     }
     r

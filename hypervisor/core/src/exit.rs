@@ -269,13 +269,17 @@ mod tests {
                 | LEAF1_ECX_OSXSAVE
                 | LEAF1_ECX_XSAVE_FEATURES)
         );
-        // The initial APIC ID is the emulated local APIC's: 0.
-        assert_eq!((r.eax, r.ebx, r.edx), (!0, !LEAF1_EBX_APIC_ID, !0));
+        // The initial APIC ID is the emulated local APIC's: 0; no
+        // machine-check architecture.
+        assert_eq!(
+            (r.eax, r.ebx, r.edx),
+            (!0, !LEAF1_EBX_APIC_ID, !(EDX_MCE | EDX_MCA))
+        );
         let (_, r) = cpuid(&FakeCpuid::default(), 1, 0);
         assert_eq!(r.ecx, LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE);
         let (_, r) = cpuid(&ones, 0x8000_0001, 0);
         assert_eq!(r.ecx, !(EXT1_ECX_SVM | EXT1_ECX_XSAVE_FEATURES));
-        assert_eq!(r.edx, !0);
+        assert_eq!(r.edx, !(EDX_MCE | EDX_MCA));
         for leaf in [5, 0xa, 0xd, 0x8000_000a] {
             assert_eq!(
                 cpuid(&ones, leaf, 0).1,

@@ -179,6 +179,19 @@ pub const LONG_MODE_EFER: EferFlags = EferFlags::LONG_MODE_ENABLE
     .union(EferFlags::LONG_MODE_ACTIVE)
     .union(EferFlags::NO_EXECUTE_ENABLE);
 
+/// TR's attributes as the CPU uses them: a loaded TR is always a busy TSS
+/// (LTR sets the busy bit, AMD APM vol. 2, 12.2.5; Intel SDM vol. 2A,
+/// LTR). QEMU's TCG keeps the descriptor's type from before LTR set the
+/// bit in its TR cache (and so in the VMCB), which would make a running
+/// Linux guest's state fail [`check`] and VM entry on VMX: an available
+/// TSS type (1 or 9) is reported as the busy one (3 or 11).
+pub const fn tr_attrib_busy(attrib: u16) -> u16 {
+    match attrib & 0x1f {
+        0x01 | 0x09 => attrib | 0x02,
+        _ => attrib,
+    }
+}
+
 /// The registers after `reset_long_mode`: RIP, RSP, RDI and RSI from
 /// `entry`, RFLAGS with only its always-one bit 1 (interrupts off), the
 /// rest 0.
@@ -337,6 +350,21 @@ mod tests {
         });
         s.tsc = 12345;
         s
+    }
+
+    #[test]
+    fn tr_is_reported_busy() {
+        // A 64-bit TSS as QEMU's TCG caches it after LTR: available.
+        assert_eq!(tr_attrib_busy(0x89), 0x8b);
+        assert_eq!(tr_attrib_busy(0x81), 0x83);
+        assert_eq!(tr_attrib_busy(0x8b), 0x8b);
+        // Not a TSS: left as it is (check refuses it).
+        assert_eq!(tr_attrib_busy(0x93), 0x93);
+        let mut s = long_mode_state();
+        s.tr.attrib = 0x89;
+        assert!(check(&s).is_err());
+        s.tr.attrib = tr_attrib_busy(s.tr.attrib);
+        assert_eq!(check(&s), Ok(()));
     }
 
     #[test]

@@ -32,7 +32,11 @@ impl SvmVcpu {
             fs: s.fs,
             gs: s.gs,
             ldtr: s.ldtr,
-            tr: s.tr,
+            // TCG caches TR with its pre-LTR (available) type.
+            tr: Segment {
+                attrib: vcpu_state::tr_attrib_busy(s.tr.attrib),
+                ..s.tr
+            },
             gdtr: TableReg {
                 base: s.gdtr.base,
                 limit: s.gdtr.limit as u16,
