@@ -138,6 +138,8 @@ struct Target {
     arch: Arch,
     accel: Accel,
     images: Images,
+    /// Boot modules after the guest kernel (the Linux image).
+    modules: Vec<std::path::PathBuf>,
 }
 
 /// The path is supported, its emulator is installed (and, for `--accel
@@ -181,6 +183,7 @@ fn prepare(arch: Arch, accel: Accel, build: bool) -> Result<Target, String> {
         arch,
         accel,
         images,
+        modules: Vec::new(),
     })
 }
 
@@ -196,6 +199,7 @@ fn boot(
     let spec = NodeSpec {
         hypervisor: target.images.hypervisor.clone(),
         guest_kernel: target.images.guest_kernel.clone(),
+        modules: target.modules.clone(),
         cmdline: cmdline.to_string(),
         memory_mib,
         accel: target.accel,
@@ -206,6 +210,9 @@ fn boot(
         Emulator::Qemu => {
             eprintln!("qemu-runner: {}", qemu::display(&spec));
             qemu::command(&spec)
+        }
+        Emulator::Bochs if !spec.modules.is_empty() => {
+            return Err("the Linux guest cases run under QEMU only (--arch svm)".into());
         }
         Emulator::Bochs => {
             let scratch = target
@@ -285,7 +292,28 @@ fn guest_test(
     timeout: Duration,
     build: bool,
 ) -> Result<bool, String> {
-    let target = prepare(arch, accel, build)?;
+    let mut target = prepare(arch, accel, build)?;
+    let linux = cases
+        .iter()
+        .any(|c| hvcore::abi::case::LINUX.contains(&c.as_str()));
+    if linux {
+        // The Linux cases boot Debian's kernel with the runner's
+        // initramfs, passed as boot modules 1 and 2 (built and cached
+        // under target/linux-guest/, downloaded on first use).
+        if arch.emulator() != Emulator::Qemu {
+            return Err("the Linux guest cases run under QEMU only (--arch svm)".into());
+        }
+        let dir = qemu_runner::cargo::target_dir()?;
+        let image = qemu_runner::linux_image::build(&dir, &mut |l| eprintln!("qemu-runner: {l}"))
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "qemu-runner: Linux guest {} ({}, {})",
+            image.release,
+            image.kernel.display(),
+            image.initramfs.display()
+        );
+        target.modules = vec![image.kernel, image.initramfs];
+    }
     let (requested, tests): (Vec<String>, String) = if cases.is_empty() {
         (
             ALL_CASES.iter().map(|c| c.to_string()).collect(),
@@ -295,6 +323,7 @@ fn guest_test(
         (cases.to_vec(), cases.join(","))
     };
     let cmdline = format!("mode=test tests={tests}");
+    let mut linux_lines: Vec<String> = Vec::new();
     // Bochs runs the suite in minutes where QEMU takes seconds.
     let timeout = match arch.emulator() {
         Emulator::Qemu => timeout,
@@ -305,13 +334,22 @@ fn guest_test(
         &cmdline,
         qemu::DEFAULT_MEMORY_MIB,
         Some(timeout),
-        |_, marker, _| match marker {
-            Marker::Totals { .. } => Control::StopAfter(TOTALS_GRACE),
-            _ => Control::Continue,
+        |line, marker, _| {
+            if line.starts_with("linux: ") {
+                linux_lines.push(line.to_string());
+            }
+            match marker {
+                Marker::Totals { .. } => Control::StopAfter(TOTALS_GRACE),
+                _ => Control::Continue,
+            }
         },
     )?;
     let verdict = TestSummary::build(&requested, &log, &end.describe());
     println!();
+    // The Linux cases' figures (boot time to the shell, the migration).
+    for line in linux_lines {
+        println!("{line}");
+    }
     println!(
         "guest-test --arch {arch}{}: node {}",
         match accel {

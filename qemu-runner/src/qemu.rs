@@ -26,6 +26,9 @@ pub const DEFAULT_MEMORY_MIB: u64 = 1024;
 pub struct NodeSpec {
     pub hypervisor: PathBuf,
     pub guest_kernel: PathBuf,
+    /// Boot modules after the guest kernel (the Linux cases: bzImage and
+    /// initramfs as modules 1 and 2).
+    pub modules: Vec<PathBuf>,
     /// The node command line (`mode=... name=...`).
     pub cmdline: String,
     pub memory_mib: u64,
@@ -39,7 +42,13 @@ pub fn args(spec: &NodeSpec) -> Vec<String> {
     args.push("-m".into());
     args.push(format!("{}M", spec.memory_mib));
     args.extend(["-kernel".to_string(), path(&spec.hypervisor)]);
-    args.extend(["-initrd".to_string(), path(&spec.guest_kernel)]);
+    // QEMU's Multiboot loader takes the modules comma-separated.
+    let modules = std::iter::once(&spec.guest_kernel)
+        .chain(&spec.modules)
+        .map(|p| path(p))
+        .collect::<Vec<_>>()
+        .join(",");
+    args.extend(["-initrd".to_string(), modules]);
     args.extend(["-append".to_string(), spec.cmdline.clone()]);
     args.extend(
         [
@@ -97,6 +106,7 @@ mod tests {
 
     fn spec() -> NodeSpec {
         NodeSpec {
+            modules: Vec::new(),
             hypervisor: "/t/x86_64-unknown-none/release/hvmigrate".into(),
             guest_kernel: "/t/x86_64-unknown-none/release/guest-kernel".into(),
             cmdline: "mode=test tests=hello,cpuid".into(),

@@ -32,6 +32,7 @@ pub mod cases;
 pub mod devices;
 pub mod disks;
 pub mod hypercall;
+pub mod linux_cases;
 pub mod loader;
 pub mod mgmt;
 pub mod migrate;

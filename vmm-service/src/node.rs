@@ -10,6 +10,7 @@
 //! it.
 
 use crate::cases::{self, Case};
+use crate::linux_cases;
 use crate::mgmt::auth::ClusterKey;
 use crate::mgmt::server::MgmtServer;
 use crate::mgmt::service::{Managed, NodeIdentity};
@@ -322,6 +323,7 @@ fn test_mode(host: &mut dyn Host, image: &[u8], tests: Option<&str>) -> u8 {
     for name in names {
         let result = match Case::from_name(name) {
             Some(case) => cases::run_case(host, image, case),
+            None if linux_cases::CASES.contains(&name) => linux_case(host, name),
             None => Err("unknown case".into()),
         };
         let line = match result {
@@ -338,6 +340,18 @@ fn test_mode(host: &mut dyn Host, image: &[u8], tests: Option<&str>) -> u8 {
     }
     host.console_write(&format!("{passed} passed, {failed} failed\n"));
     u8::from(failed != 0)
+}
+
+/// A Linux case, with the kernel and initramfs from boot modules 1 and 2.
+fn linux_case(host: &mut dyn Host, name: &str) -> Result<(), String> {
+    let (Some(kernel), Some(initrd)) = (host.module(1), host.module(2)) else {
+        return Err(
+            "the Linux cases need the kernel and initramfs as boot modules 1 and 2 (qemu-runner guest-test passes them)"
+                .into(),
+        );
+    };
+    let (kernel, initrd) = (kernel.to_vec(), initrd.to_vec());
+    linux_cases::run(host, name, &kernel, &initrd)
 }
 
 /// `mode=demo`: watch the dirty rate of a guest rewriting a 16 MiB buffer.

@@ -480,6 +480,11 @@ impl Vm {
     pub fn note_failed_migration(&mut self) {
         self.migrations.failed = self.migrations.failed.saturating_add(1);
     }
+    /// Host console input for the guest's COM1 at the host's time now: how
+    /// many bytes its receive FIFO took (offer the rest again later).
+    pub fn console_input(&mut self, host: &dyn Host, bytes: &[u8]) -> usize {
+        self.devices.console_input(host.now_ns(), bytes)
+    }
     /// Replace the device models (restored from a migration stream).
     pub fn set_devices(&mut self, devices: Devices) {
         self.devices = devices;

@@ -169,6 +169,12 @@ pub mod case {
     pub const LOCAL_MIGRATE_TAMPER: &str = "local-migrate-tamper";
     pub const VIRTIO_BLK: &str = "virtio-blk";
 
+    /// The Linux guest cases: not in [`ALL`] (they need the Linux image
+    /// as boot modules 1 and 2, and minutes of emulated time).
+    pub const LINUX_BOOT: &str = "linux-boot";
+    pub const LINUX_MIGRATE: &str = "linux-migrate";
+    pub const LINUX: [&str; 2] = [LINUX_BOOT, LINUX_MIGRATE];
+
     /// Every test case, in the order `tests=all` runs them.
     pub const ALL: [&str; 14] = [
         HELLO,

@@ -62,8 +62,12 @@ pub const LINUX_GDT: [u64; 4] = [
     0x00cf_9300_0000_ffff,
 ];
 /// What every Linux guest's command line starts with: the console on the
-/// emulated COM1.
-pub const BASE_CMDLINE: &str = "console=ttyS0";
+/// emulated COM1, and `tsc=reliable`: the guest's TSC is the node's plus
+/// an offset (constant rate, continued across a migration), while the
+/// clocksource watchdog would check it against the ACPI PM timer, whose
+/// every read is a VM exit; on a loaded node a slow read-back made Linux
+/// mark the TSC unstable and fall back to that timer.
+pub const BASE_CMDLINE: &str = "console=ttyS0 tsc=reliable";
 
 /// `boot_params` offsets (Documentation/arch/x86/zero-page.rst).
 const BP_ACPI_RSDP_ADDR: usize = 0x070;
@@ -413,7 +417,7 @@ mod tests {
         let cmdline = kernel_cmdline("  rdinit=/init quiet ", Some(2_500_000));
         assert_eq!(
             cmdline,
-            "console=ttyS0 tsc_early_khz=2500000 rdinit=/init quiet"
+            "console=ttyS0 tsc=reliable tsc_early_khz=2500000 rdinit=/init quiet"
         );
         let disk = [VirtioMmioSlot::standard(0)];
         let boot = load(&mut mem, &img, &initrd, &cmdline, &disk).unwrap();
@@ -491,7 +495,7 @@ mod tests {
         let boot = load(&mut mem, &img, &[], BASE_CMDLINE, &[]).unwrap();
         assert_eq!((boot.layout.initrd_gpa, boot.layout.initrd_len), (0, 0));
         assert_eq!(u32_at(mem.bytes(), 0x8000 + 0x218), 0);
-        assert_eq!(kernel_cmdline("", None), "console=ttyS0");
+        assert_eq!(kernel_cmdline("", None), "console=ttyS0 tsc=reliable");
     }
 
     fn err(img: &[u8], ram: u64, initrd: u64, cmdline: &str) -> LinuxLoadError {
