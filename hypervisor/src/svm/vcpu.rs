@@ -436,6 +436,13 @@ impl Vcpu for SvmVcpu {
         // intercepts; TCG has none (nRIP reads 0), so fall back to ours.
         let hw = self.vmcb().control.next_rip;
         self.regs.rip = entry::next_rip(self.features.nrips, hw, decoded);
+        // 15.21.5: the STI/MOV SS shadow covers one instruction; stepping
+        // over it (the HLT of `sti; hlt`) ends the shadow, as executing it
+        // would. Left set, it covered the guest's next instruction instead
+        // (Bochs reports the shadow on a HLT intercept): a `cli` there ran
+        // before the window could open, and the guest never took the
+        // interrupt that should have ended its HLT.
+        self.vmcb_mut().control.interrupt_shadow &= !1;
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
