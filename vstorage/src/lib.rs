@@ -1,5 +1,6 @@
-//! Virtual storage: the VHDX engine, volumes, write mirroring and the
-//! one-pass copy engine used by storage live migration.
+//! Virtual storage: the VHDX engine, volumes, write mirroring, the
+//! one-pass copy engine used by storage live migration, and the 9P2000.L
+//! client through which a node reaches its stores ([`p9`]).
 //!
 //! Logic only (no_std + alloc, no unsafe). Host files come in through the
 //! `std` feature ([`io::FileIo`]); everything else reaches storage through the
@@ -18,6 +19,7 @@ pub mod copy;
 #[cfg(feature = "std")]
 pub mod fsops;
 pub mod mirror;
+pub mod p9;
 
 #[cfg(feature = "std")]
 pub use io::FileIo;
