@@ -24,5 +24,6 @@ pub mod svm;
 pub mod time;
 pub mod vectors;
 pub mod virt;
+pub mod virtio_9p;
 pub mod virtio_hal;
 pub mod vmx;

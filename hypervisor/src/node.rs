@@ -11,8 +11,9 @@
 use crate::bootinfo::{BootInfo, MAX_MODULES};
 use alloc::boxed::Box;
 use alloc::string::String;
+use alloc::vec::Vec;
 use hvcore::entropy::{EntropyError, Sources};
-use hvcore::host::{CpuidResult, CpuidSource, Host, HostError, NetStack, Partition};
+use hvcore::host::{CpuidResult, CpuidSource, Host, HostError, NetStack, Partition, StoreChannel};
 use hvcore::vcpu::Vendor;
 
 /// The node.
@@ -26,6 +27,8 @@ pub struct Node {
     /// The cluster key from fw_cfg (`opt/hvmigrate/key`).
     cluster_key: Option<String>,
     net: Option<crate::net::NodeNet>,
+    /// Store devices not yet handed to the service (`take_stores`).
+    stores: Vec<crate::virtio_9p::StoreDevice>,
     /// Receive counter at the last `idle` and when it last moved.
     idle_rx: (u64, u64),
 }
@@ -69,6 +72,7 @@ impl Node {
                     None
                 }
             },
+            stores: crate::virtio_9p::init(),
             idle_rx: (0, 0),
         }
     }
@@ -172,5 +176,9 @@ impl Host for Node {
         // The LAPIC timer ticks periodically, so this returns within one
         // tick period.
         crate::interrupts::wait_for_interrupt();
+    }
+
+    fn take_stores(&mut self) -> Vec<Box<dyn StoreChannel>> {
+        crate::virtio_9p::channels(core::mem::take(&mut self.stores))
     }
 }

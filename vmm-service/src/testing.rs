@@ -18,7 +18,7 @@ use core::cell::{Cell, RefCell};
 use hvcore::addr::{Gpa, PAGE_SIZE};
 use hvcore::host::{
     CpuidResult, CpuidSource, DirtyMode, Host, HostError, NetError, NetStack, NicRole, NicStats,
-    Partition, PartitionStats, SocketId, TcpState,
+    Partition, PartitionStats, SocketId, StoreChannel, TcpState,
 };
 use hvcore::mem::{check_guest_range, GuestMemory, MemError};
 pub use hvcore::testing::{FakeCpuid, FakeVcpu};
@@ -265,6 +265,8 @@ pub struct FakeHost {
     /// Clock advance per `idle()`.
     pub idle_ns: u64,
     pub idles: u64,
+    /// Store channels `take_stores` hands over (once).
+    pub stores: Vec<Box<dyn StoreChannel>>,
 }
 
 impl Default for FakeHost {
@@ -299,6 +301,7 @@ impl FakeHost {
             ram_limit_bytes: None,
             idle_ns: 1_000_000,
             idles: 0,
+            stores: Vec::new(),
         }
     }
     /// Console lines.
@@ -396,6 +399,9 @@ impl Host for FakeHost {
     fn idle(&mut self) {
         self.clock.set(self.clock.get() + self.idle_ns);
         self.idles += 1;
+    }
+    fn take_stores(&mut self) -> Vec<Box<dyn StoreChannel>> {
+        core::mem::take(&mut self.stores)
     }
 }
 

@@ -13,6 +13,7 @@ use crate::entropy::{EntropyError, Sources};
 use crate::mem::GuestMemory;
 use crate::vcpu::{Vcpu, Vendor, VmExit};
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::fmt;
 
 /// Errors from the platform.
@@ -169,6 +170,48 @@ pub trait Host: CpuidSource {
     /// Idle until something may have happened (a timer tick or a frame):
     /// called by the service when no VM is runnable, instead of spinning.
     fn idle(&mut self);
+    /// The node's stores (capability query): one channel per store device
+    /// (virtio-9p), in PCI slot order, handed over to the caller, which
+    /// owns them from then on (open files keep using them while the host
+    /// is borrowed elsewhere). A device has one owner: later calls return
+    /// an empty list, as does a node without stores.
+    fn take_stores(&mut self) -> Vec<Box<dyn StoreChannel>>;
+}
+
+/// One node store as the platform offers it (docs/DESIGN.md, "Node
+/// stores"): a 9P2000.L request/response channel to a host directory. The
+/// channel moves whole messages and checks only their sizes; what the
+/// reply says is the caller's to check (`vstorage::p9`).
+pub trait StoreChannel {
+    /// The device's mount tag (the store's identity on this node).
+    fn tag(&self) -> &str;
+    /// Largest message the channel carries either way (the 9P msize cap).
+    fn max_message_bytes(&self) -> u32;
+    /// Sends `request` (one whole T-message, at most
+    /// [`StoreChannel::max_message_bytes`]) and waits for its reply in
+    /// `reply`; returns the reply's length, which is at most `reply.len()`.
+    /// Blocks the node until the server answers.
+    fn transact(&mut self, request: &[u8], reply: &mut [u8]) -> Result<usize, StoreIoError>;
+}
+
+/// A store channel failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreIoError {
+    /// A request above the channel's limit, or shorter than a 9P header.
+    BadRequest { len: usize, max: u32 },
+    /// The device failed or answered impossibly (message names it).
+    Device(&'static str),
+}
+
+impl fmt::Display for StoreIoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreIoError::BadRequest { len, max } => {
+                write!(f, "a {len}-byte request is outside 7..={max} bytes")
+            }
+            StoreIoError::Device(what) => write!(f, "store device: {what}"),
+        }
+    }
 }
 
 /// The node's two NICs (docs/DESIGN.md, "Node networking").
