@@ -17,6 +17,8 @@
 //!   heartbeat node, managed node);
 //! * [`mgmt`]: the management API (server, jobs, handlers; the protocol
 //!   itself is the `hvmgmt` crate);
+//! * [`store`]: the node's stores (host directories over 9P2000.L) and
+//!   their files as `vstorage::BlockIo`;
 //! * [`pump`]: the one piece that moves bytes between TCP sockets and the
 //!   protocols spoken over them.
 //!
@@ -41,6 +43,7 @@ pub mod pump;
 pub mod sched;
 pub mod start;
 pub mod storage_migration;
+pub mod store;
 pub mod uart;
 pub mod vm;
 

@@ -286,7 +286,10 @@ fn managed_mode(host: &mut dyn Host, image: Vec<u8>, cfg: &NodeConfig, rounds: O
         peers: cfg.peers.clone(),
     };
     let mig_port = cfg.mig_port.unwrap_or(DEFAULT_MIG_PORT);
+    let cmdline = String::from(host.cmdline());
+    let stores = crate::store::Stores::boot(host, &cmdline);
     let mut node = Managed::new(host, identity, image, key.clone(), mig_port);
+    node.set_stores(stores);
     let mut server = MgmtServer::new(key, port);
     host.console_write(&format!(
         "vmm-service: management API listening on port {port} (protocol {})\n",

@@ -203,6 +203,16 @@ pub enum Request {
         bytes: u64,
         frames: u64,
     },
+    /// The node's stores with their file systems' figures.
+    StoreList,
+    /// Store benchmark: write, read back, copy and write as a VHDX `mib`
+    /// MiB on `store` (a job; `keep` leaves the files for inspection).
+    StoreBench {
+        store: String,
+        mib: u64,
+        #[serde(default)]
+        keep: bool,
+    },
 }
 
 /// A reply: the request's id (0 when the request could not be parsed) and
@@ -234,7 +244,27 @@ pub enum Body {
     JobList { jobs: Vec<JobInfo> },
     Job(JobInfo),
     Host(HostSettings),
+    StoreList { stores: Vec<StoreInfo> },
     Done,
+}
+
+/// One store as listed (`store-list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreInfo {
+    /// The store's name (`local`, `shared`, ...): what `STORE:path` names.
+    pub name: String,
+    /// The mount tag of its virtio-9p device.
+    pub tag: String,
+    /// The directory on the machine that exports it, as told at boot
+    /// (empty when unknown).
+    pub host_path: String,
+    /// Its file system's size, free bytes (for unprivileged writers) and
+    /// used bytes; all zero when `error` is set.
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub used_bytes: u64,
+    /// Why the store cannot be used, if it cannot.
+    pub error: Option<String>,
 }
 
 /// `node-info`.
@@ -297,6 +327,7 @@ pub enum JobKind {
     LiveMigration,
     StorageMigration,
     LinkBench,
+    StoreBench,
 }
 
 /// Job states.
@@ -573,6 +604,8 @@ mod tests {
             r#"{"op":"job-show","id":3}"#,
             r#"{"op":"job-resolve","id":3,"keep":"source"}"#,
             r#"{"op":"job-resolve","id":3,"keep":"destination"}"#,
+            r#"{"op":"store-list"}"#,
+            r#"{"op":"store-bench","store":"local","mib":64}"#,
         ];
         for op in ops {
             assert!(serde_json::from_str::<Request>(op).is_ok(), "{op}");

@@ -130,7 +130,7 @@ impl JobTable {
         match kind {
             JobKind::LiveMigration => Some(self.settings.max_live_migrations as usize),
             JobKind::StorageMigration => Some(self.settings.max_storage_migrations as usize),
-            JobKind::LinkBench => None,
+            JobKind::LinkBench | JobKind::StoreBench => None,
         }
     }
 

@@ -14,7 +14,7 @@ use super::auth::ClusterKey;
 use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
-    ApiError, Body, ErrorCode, JobKind, JobState, NodeInfo, Outcome, Request, VmInfo,
+    ApiError, Body, ErrorCode, JobKind, JobState, NodeInfo, Outcome, Request, StoreInfo, VmInfo,
     CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
 };
 use crate::migrate::channel::{Holds, HOLD_MS_MAX};
@@ -53,6 +53,9 @@ pub const GUESTS: [&str; 12] = [
     "triple-fault",
     "two-vms",
 ];
+/// Longest step of a store benchmark per node loop round (VMs and the
+/// management API run between steps).
+pub const STORE_BENCH_STEP_NS: u64 = 50_000_000;
 /// The guest of a VM created without one.
 pub const DEFAULT_GUEST: &str = "heartbeat";
 
@@ -88,6 +91,9 @@ pub struct Managed {
     files: Option<alloc::boxed::Box<dyn FileStore>>,
     /// Storage migrations and their jobs (queued ones too).
     storage_moves: Vec<(u64, StorageMove)>,
+    stores: crate::store::Stores,
+    /// Running store benchmarks and their jobs.
+    store_benches: Vec<(u64, crate::store::bench::StoreBench)>,
 }
 
 /// Longest step of a storage migration per node-loop round (the VMs and
@@ -111,6 +117,20 @@ fn vm_error(e: VmError) -> Outcome {
         | VmError::Start(_) => ErrorCode::InvalidArgument,
     };
     err(code, format!("cannot create the VM: {e}"))
+}
+
+/// A store operation's failure as an error reply.
+fn store_error(e: &crate::store::StoreError) -> Outcome {
+    use crate::store::StoreError;
+    let code = match e {
+        StoreError::NoSuchStore(_) => ErrorCode::NotFound,
+        StoreError::BadPath(_) => ErrorCode::InvalidArgument,
+        StoreError::Unusable { .. } => ErrorCode::Unsupported,
+        e if e.is_no_space() => ErrorCode::NoResources,
+        e if e.is_not_found() => ErrorCode::NotFound,
+        StoreError::P9 { .. } | StoreError::Busy(_) => ErrorCode::InvalidState,
+    };
+    err(code, e.to_string())
 }
 
 fn state_name(vm: &Vm) -> &'static str {
@@ -160,7 +180,18 @@ impl Managed {
             progress: ProgressLog::default(),
             files: None,
             storage_moves: Vec::new(),
+            stores: crate::store::Stores::none(),
+            store_benches: Vec::new(),
         }
+    }
+
+    /// The node's stores (attached at boot, `crate::store::Stores::boot`).
+    pub fn set_stores(&mut self, stores: crate::store::Stores) {
+        self.stores = stores;
+    }
+    /// The node's stores.
+    pub fn stores(&self) -> &crate::store::Stores {
+        &self.stores
     }
 
     /// The node's name.
@@ -175,10 +206,13 @@ impl Managed {
     pub fn vm_count(&self) -> usize {
         self.vms.len()
     }
-    /// Whether a link benchmark or a migration is under way (the node
-    /// loop must not idle).
+    /// Whether a link benchmark, a store benchmark or a migration is under
+    /// way (the node loop must not idle).
     pub fn has_bench_work(&self) -> bool {
-        self.bench.is_active() || self.migrations.is_active() || !self.storage_moves.is_empty()
+        self.bench.is_active()
+            || self.migrations.is_active()
+            || !self.storage_moves.is_empty()
+            || !self.store_benches.is_empty()
     }
     /// Whether a migration is under way (the node loop gives guests
     /// shorter turns, so the link is serviced often).
@@ -201,6 +235,7 @@ impl Managed {
         self.bench.drive(&mut self.jobs, host);
         self.migrations.drive(host, &mut self.vms, &mut self.jobs);
         self.drive_storage_moves(host);
+        self.drive_store_benches(host);
     }
 
     /// Where storage migrations put files (the node's stores); `None`
@@ -338,6 +373,67 @@ impl Managed {
                 }
             }
             Err(_) => err(ErrorCode::NoResources, "the job table is full"),
+        }
+    }
+
+    /// One step of each store benchmark (at most
+    /// [`STORE_BENCH_STEP_NS`] each).
+    fn drive_store_benches(&mut self, host: &mut dyn Host) {
+        for (job, mut bench) in core::mem::take(&mut self.store_benches) {
+            if !self.jobs.is_running(job) {
+                bench.abandon(&self.stores);
+                continue;
+            }
+            let clock = || host.now_ns();
+            match bench.step(&self.stores, &clock, STORE_BENCH_STEP_NS) {
+                Ok(crate::store::bench::Step::Running { bytes_done }) => {
+                    self.jobs.progress(job, bytes_done, None);
+                    self.store_benches.push((job, bench));
+                }
+                Ok(crate::store::bench::Step::Done(result)) => {
+                    let now = host.now_ns();
+                    host.console_write(&format!("vmm-service: store bench: {result}\n"));
+                    self.jobs.complete(job, Some(&result), now);
+                }
+                Err(e) => {
+                    bench.abandon(&self.stores);
+                    let now = host.now_ns();
+                    self.jobs.fail(job, &e, now);
+                }
+            }
+        }
+    }
+
+    fn store_bench(&mut self, host: &mut dyn Host, store: &str, mib: u64, keep: bool) -> Outcome {
+        let mut seed = [0u8; 8];
+        host.entropy(&mut seed);
+        let bench = match crate::store::bench::StoreBench::start(
+            &self.stores,
+            store,
+            &self.identity.name,
+            mib,
+            keep,
+            u64::from_le_bytes(seed),
+        ) {
+            Ok(b) => b,
+            Err(e) => return store_error(&e),
+        };
+        let now = host.now_ns();
+        match self
+            .jobs
+            .submit(JobKind::StoreBench, "", bench.bytes_total(), true, now)
+        {
+            Ok(job) => {
+                self.store_benches.push((job, bench));
+                match self.jobs.info(job, now) {
+                    Some(j) => Outcome::Ok(Body::Job(j)),
+                    None => Outcome::Ok(Body::Done),
+                }
+            }
+            Err(_) => {
+                bench.abandon(&self.stores);
+                err(ErrorCode::NoResources, "the job table is full")
+            }
         }
     }
 
@@ -706,6 +802,23 @@ impl Managed {
             } => self
                 .bench
                 .send(&mut self.jobs, host, &peer, port, bytes, frames),
+            Request::StoreList => Outcome::Ok(Body::StoreList {
+                stores: self
+                    .stores
+                    .status()
+                    .into_iter()
+                    .map(|s| StoreInfo {
+                        name: s.name,
+                        tag: s.tag,
+                        host_path: s.host_path,
+                        total_bytes: s.total_bytes,
+                        free_bytes: s.free_bytes,
+                        used_bytes: s.used_bytes,
+                        error: s.error,
+                    })
+                    .collect(),
+            }),
+            Request::StoreBench { store, mib, keep } => self.store_bench(host, &store, mib, keep),
         }
     }
 

@@ -92,6 +92,7 @@ fn detail(e: &crate::io::IoError) -> String {
 
 /// One line for the user about `e` concerning `path`: named once, without
 /// the error kind's prefix when the message already says what failed.
+#[cfg(feature = "cli")]
 fn describe(path: &Path, e: &DiskError) -> String {
     let msg = match e {
         DiskError::Open(m) | DiskError::Request(m) => m.clone(),

@@ -1,0 +1,146 @@
+//! [`StoreFile`]: an open file on a store as a `vstorage::BlockIo`.
+//!
+//! Every `BlockIo` call is one or more 9P exchanges on the store's shared
+//! client, nothing is cached: `read_at` is `Tread`s (a short read is
+//! `IoError::OutOfRange`, as the trait requires), `write_at` `Twrite`s,
+//! `flush` one `Tfsync` (QEMU: fsync(2) of the host file; the only point at
+//! which written data is durable, exactly where the VHDX engine's
+//! durability contract calls it), `len` a `Tgetattr`, `set_len` a
+//! `Tsetattr` of the size. `allocate` writes zeros past the end (9P2000.L
+//! has no fallocate), so a fixed VHDX is really allocated on the host.
+//!
+//! A failed call keeps the 9P error ([`StoreFile::last_error`]) beside the
+//! `IoError` the trait returns, so a caller can tell a full store (ENOSPC)
+//! from other failures without parsing messages.
+
+use super::{Conn, StorePath};
+use alloc::format;
+use alloc::string::String;
+use core::cell::RefCell;
+use vstorage::p9::{Fid, P9Error};
+use vstorage::{BlockIo, IoError};
+
+/// An open file on a store (see the module doc).
+pub struct StoreFile {
+    conn: Conn,
+    fid: Fid,
+    writable: bool,
+    at: StorePath,
+    last_error: RefCell<Option<P9Error>>,
+}
+
+impl core::fmt::Debug for StoreFile {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("StoreFile")
+            .field("at", &self.at)
+            .field("fid", &self.fid)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+impl StoreFile {
+    pub(super) fn new(conn: Conn, fid: Fid, writable: bool, at: StorePath) -> Self {
+        StoreFile {
+            conn,
+            fid,
+            writable,
+            at,
+            last_error: RefCell::new(None),
+        }
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &StorePath {
+        &self.at
+    }
+
+    /// Whether it was opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The 9P error of the last call that failed, if any.
+    pub fn last_error(&self) -> Option<P9Error> {
+        self.last_error.borrow().clone()
+    }
+
+    /// Whether the last failure was a full store (ENOSPC, EDQUOT).
+    pub fn last_error_is_no_space(&self) -> bool {
+        self.last_error
+            .borrow()
+            .as_ref()
+            .is_some_and(P9Error::is_no_space)
+    }
+
+    /// One operation on the client, with errors recorded and mapped.
+    fn call<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut vstorage::p9::Client<super::ChannelTransport>, Fid) -> Result<R, P9Error>,
+    ) -> Result<R, IoError> {
+        let mut c = self.conn.try_borrow_mut().map_err(|_| IoError::Host {
+            op,
+            detail: format!("{}: the store is busy", self.at),
+        })?;
+        f(&mut c, self.fid).map_err(|e| {
+            let detail = format!("{}: {e}", self.at);
+            *self.last_error.borrow_mut() = Some(e);
+            IoError::Host { op, detail }
+        })
+    }
+}
+
+impl BlockIo for StoreFile {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let n = self.call("read", |c, fid| c.read(fid, offset, buf))?;
+        if n < buf.len() {
+            return Err(IoError::OutOfRange {
+                offset,
+                len_bytes: buf.len() as u64,
+                store_len: offset.saturating_add(n as u64),
+            });
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        if !self.writable {
+            return Err(IoError::ReadOnly);
+        }
+        if offset.checked_add(data.len() as u64).is_none() {
+            return Err(IoError::Host {
+                op: "write",
+                detail: String::from("offset overflows"),
+            });
+        }
+        self.call("write", |c, fid| c.write(fid, offset, data))
+    }
+
+    fn flush(&mut self) -> Result<(), IoError> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.call("flush", |c, fid| c.fsync(fid))
+    }
+
+    fn len(&self) -> Result<u64, IoError> {
+        self.call("stat", |c, fid| c.getattr(fid).map(|a| a.size))
+    }
+
+    fn set_len(&mut self, len: u64) -> Result<(), IoError> {
+        if !self.writable {
+            return Err(IoError::ReadOnly);
+        }
+        self.call("set_len", |c, fid| c.set_size(fid, len))
+    }
+}
+
+impl Drop for StoreFile {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.conn.try_borrow_mut() {
+            // The fid is released whatever the server says.
+            let _ = c.clunk(self.fid);
+        }
+    }
+}
