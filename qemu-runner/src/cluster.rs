@@ -47,6 +47,7 @@ use crate::accel::Accel;
 use crate::arch::Arch;
 use crate::cargo::Images;
 use crate::hvctl::{self, Client};
+use crate::qemu::NodeStore;
 use crate::relay::{self, ControlRequest, PortSpec};
 
 /// Most nodes.
@@ -235,14 +236,45 @@ pub fn migration_ip(i: usize) -> String {
     format!("192.168.100.{}", i + 1)
 }
 
-/// QEMU's arguments for node `i`. QEMU runs in the state directory, where
-/// its migration NIC connects to the relay's socket `link-NAME.sock`
-/// (relative, so a deep state directory never exceeds a socket path's
-/// length).
-pub fn qemu_args(boot: &Boot, i: usize, count: usize, mgmt_port: u16, log: &Path) -> Vec<String> {
+/// The stores of node `name` under the state directory `dir`: its local
+/// store `stores/NAME` (named `local`, mount tag = the node's name) and the
+/// cluster's shared store `stores/shared` (named and tagged `shared`).
+pub fn node_stores(dir: &Path, name: &str) -> Vec<NodeStore> {
+    let stores = dir.join("stores");
+    vec![
+        NodeStore {
+            name: "local".into(),
+            tag: name.into(),
+            path: stores.join(name),
+        },
+        NodeStore {
+            name: "shared".into(),
+            tag: "shared".into(),
+            path: stores.join("shared"),
+        },
+    ]
+}
+
+/// QEMU's arguments for node `i`, with `stores` exported to it. QEMU runs
+/// in the state directory, where its migration NIC connects to the relay's
+/// socket `link-NAME.sock` (relative, so a deep state directory never
+/// exceeds a socket path's length).
+pub fn qemu_args(
+    boot: &Boot,
+    i: usize,
+    count: usize,
+    mgmt_port: u16,
+    log: &Path,
+    stores: &[NodeStore],
+) -> Vec<String> {
     let name = node_name(i);
     let images = &boot.images;
     let mac = migration_mac(i);
+    let mut cmdline = node_cmdline(&name, &migration_ip(i), &peers(i, count));
+    for s in stores {
+        cmdline.push(' ');
+        cmdline.push_str(&crate::qemu::store_word(s));
+    }
     let mut a: Vec<String> = boot.accel.qemu_args().map(String::from).into();
     a.extend([
         "-m".into(),
@@ -252,7 +284,7 @@ pub fn qemu_args(boot: &Boot, i: usize, count: usize, mgmt_port: u16, log: &Path
         "-initrd".into(),
         images.guest_kernel.display().to_string(),
         "-append".into(),
-        node_cmdline(&name, &migration_ip(i), &peers(i, count)),
+        cmdline,
         "-serial".into(),
         format!("file:{}", log.display()),
         "-display".into(),
@@ -284,6 +316,9 @@ pub fn qemu_args(boot: &Boot, i: usize, count: usize, mgmt_port: u16, log: &Path
             mac.map(|b| format!("{b:02x}")).join(":")
         ),
     ]);
+    for (index, s) in stores.iter().enumerate() {
+        a.extend(crate::qemu::store_args(index, s));
+    }
     a
 }
 
@@ -486,6 +521,8 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
+    // QEMU is told the stores' absolute paths (and reports them).
+    let stores_root = fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let key = hex_encode(&hvctl::random_bytes::<32>()?);
     write_private(&dir.join(KEY_FILE), &key)?;
     let mut state = ClusterState {
@@ -501,12 +538,17 @@ pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String>
         let log = dir.join(format!("node-{name}.log"));
         let _ = fs::remove_file(&log);
         let _ = fs::remove_file(dir.join(format!("node-{name}.log.1")));
+        // Stores persist across `cluster down` and `up`, like disks.
+        let stores = node_stores(&stores_root, &name);
+        for s in &stores {
+            fs::create_dir_all(&s.path).map_err(|e| format!("{}: {e}", s.path.display()))?;
+        }
         let mut node = NodeState {
             name,
             pid: 0,
             mgmt_port,
             migration_ip: migration_ip(i),
-            qemu_args: qemu_args(boot, i, count, mgmt_port, &log),
+            qemu_args: qemu_args(boot, i, count, mgmt_port, &log, &stores),
             log,
             own_key: None,
         };
@@ -1037,7 +1079,8 @@ mod tests {
             },
             accel: Accel::Tcg,
         };
-        let a = qemu_args(&images, 0, 2, 5000, Path::new("/l"));
+        let stores = node_stores(Path::new("/s"), "a");
+        let a = qemu_args(&images, 0, 2, 5000, Path::new("/l"), &stores);
         let joined = a.join(" ");
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:5000-10.0.2.15:7000"),
@@ -1050,7 +1093,17 @@ mod tests {
             ),
             "{joined}"
         );
-        let c = qemu_args(&images, 2, 3, 5002, Path::new("/l")).join(" ");
+        assert!(
+            joined.contains("store=local:a:/s/stores/a store=shared:shared:/s/stores/shared"),
+            "{joined}"
+        );
+        assert!(joined.contains(
+            "-fsdev local,id=st0,path=/s/stores/a,security_model=none -device virtio-9p-pci,fsdev=st0,mount_tag=a"
+        ));
+        assert!(joined.contains(
+            "path=/s/stores/shared,security_model=none -device virtio-9p-pci,fsdev=st1,mount_tag=shared"
+        ));
+        let c = qemu_args(&images, 2, 3, 5002, Path::new("/l"), &[]).join(" ");
         assert!(c.contains("addr.path=link-c.sock"), "{c}");
         assert!(c.contains("mac=52:54:00:00:01:03"), "{c}");
         assert!(c.contains("mig_ip=192.168.100.3/24"), "{c}");
@@ -1068,7 +1121,7 @@ mod tests {
             accel: Accel::Kvm,
             ..images.clone()
         };
-        let k = qemu_args(&kvm, 0, 2, 5000, Path::new("/l")).join(" ");
+        let k = qemu_args(&kvm, 0, 2, 5000, Path::new("/l"), &[]).join(" ");
         assert!(k.starts_with("-accel kvm -cpu host -m 1024M"), "{k}");
         // `cluster start --wrong-key` swaps the key and nothing else.
         let swapped = with_key(&a, "node-a.key");
@@ -1087,7 +1140,7 @@ mod tests {
         let ports = relay_ports(3);
         assert_eq!(ports[1].name, "b");
         assert_eq!(ports[1].mac, migration_mac(1));
-        assert!(qemu_args(&images, 1, 2, 1, Path::new("/l"))
+        assert!(qemu_args(&images, 1, 2, 1, Path::new("/l"), &[])
             .join(" ")
             .contains("mac=52:54:00:00:01:02"));
     }

@@ -27,7 +27,7 @@ use hvmgmt::auth::{ClusterKey, Nonce};
 use hvmgmt::client::{ClientConn, ClientEvent};
 use hvmgmt::proto::{
     ApiError, Body, JobInfo, JobState, Keep, MigrationInfo, MigrationReport, NodeInfo, Outcome,
-    Phase, Request, VmInfo,
+    Phase, Request, StoreInfo, VmInfo,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -179,6 +179,9 @@ pub enum HvCommand {
     /// Host-wide settings
     #[command(subcommand)]
     Host(HostCmd),
+    /// The node's stores (host directories it keeps VM files in)
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         /// The shell to complete for
@@ -383,6 +386,28 @@ pub enum HostCmd {
     },
 }
 
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum StoreCmd {
+    /// Name, mount tag, free, used and total bytes, host directory
+    List,
+    /// Time plain 9P writes, reads and a copy on a store, and write a VHDX
+    /// there (a job; the node prints its figures)
+    Bench {
+        /// The store (default local)
+        #[arg(long, value_name = "NAME", default_value = "local")]
+        store: String,
+        /// How much data, in MiB (1 to 1024)
+        #[arg(long, value_name = "N", default_value_t = 64)]
+        mib: u64,
+        /// Keep the files (bench-NODE.raw, .copy, .vhdx) for inspection
+        #[arg(long)]
+        keep: bool,
+        /// Wait for the job and exit 0 only if it completed
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
 /// What to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -399,7 +424,8 @@ pub enum Action {
     /// `vm create ... --disk SIZE`: create the VM, then its disk (the VM
     /// is deleted again if the disk cannot be made).
     CreateWithDisk(Request, Request),
-    /// `vm move-storage ... --wait`: send the request, then follow the job.
+    /// A request that starts a job, then follow the job (`--wait`: `vm
+    /// move-storage`, `store bench`).
     RequestAndWatch(Request),
 }
 
@@ -511,6 +537,23 @@ impl Cli {
                     KeepArg::Destination => Keep::Destination,
                 },
             },
+            HvCommand::Store(StoreCmd::List) => Request::StoreList,
+            HvCommand::Store(StoreCmd::Bench {
+                store,
+                mib,
+                keep,
+                wait,
+            }) => {
+                let req = Request::StoreBench {
+                    store: store.clone(),
+                    mib: *mib,
+                    keep: *keep,
+                };
+                if *wait {
+                    return Action::RequestAndWatch(req);
+                }
+                req
+            }
             HvCommand::Host(HostCmd::Get) => Request::HostGet,
             HvCommand::Host(HostCmd::Set {
                 max_migrations,
@@ -783,8 +826,51 @@ pub fn render(body: &Body) -> String {
             })
             .collect::<Vec<_>>()
             .join("\n"),
+        Body::StoreList { stores } if stores.is_empty() => "no stores".into(),
+        Body::StoreList { stores } => store_table(stores),
         Body::Done => "done".into(),
     }
+}
+
+fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        mib(bytes)
+    }
+}
+
+/// `store list`: a table, one store per line.
+fn store_table(stores: &[StoreInfo]) -> String {
+    let mut out = format!(
+        "{:<12} {:<12} {:>11} {:>11} {:>11}  {}",
+        "NAME", "TAG", "FREE", "USED", "TOTAL", "HOST PATH"
+    );
+    for st in stores {
+        out.push('\n');
+        let path = if st.host_path.is_empty() {
+            "-"
+        } else {
+            &st.host_path
+        };
+        match &st.error {
+            None => out.push_str(&format!(
+                "{:<12} {:<12} {:>11} {:>11} {:>11}  {}",
+                st.name,
+                st.tag,
+                size(st.free_bytes),
+                size(st.used_bytes),
+                size(st.total_bytes),
+                path
+            )),
+            Some(e) => out.push_str(&format!(
+                "{:<12} {:<12} unusable: {e}  {}",
+                st.name, st.tag, path
+            )),
+        }
+    }
+    out
 }
 
 /// The JSON form of an outcome.
@@ -1221,16 +1307,23 @@ fn run(cli: &Cli) -> Result<u8, String> {
         Action::Watch(id) => watch(&mut client, id, cli.json),
         Action::WatchAll => watch_all(&mut client, cli.json),
         Action::MoveAndWait(req) => move_and_wait(cli, &mut client, req),
-        Action::RequestAndWatch(req) => match client.call(req)? {
-            Outcome::Ok(Body::Job(j)) => {
-                if !cli.json {
-                    println!("job {}: storage migration of VM {}", j.id, j.vm);
+        Action::RequestAndWatch(req) => {
+            let storage = matches!(req, Request::VmMoveStorage { .. });
+            match client.call(req)? {
+                Outcome::Ok(Body::Job(j)) => {
+                    if storage && !cli.json {
+                        println!("job {}: storage migration of VM {}", j.id, j.vm);
+                    }
+                    watch(&mut client, j.id, cli.json)
                 }
-                watch(&mut client, j.id, cli.json)
+                Outcome::Ok(other) if storage => Err(format!("unexpected reply: {other:?}")),
+                Outcome::Ok(body) => {
+                    println!("{}", render(&body));
+                    Ok(0)
+                }
+                Outcome::Error(e) => Ok(print_error(cli.json, &e)),
             }
-            Outcome::Ok(other) => Err(format!("unexpected reply: {other:?}")),
-            Outcome::Error(e) => Ok(print_error(cli.json, &e)),
-        },
+        }
         Action::CreateWithDisk(create, disk) => {
             let Request::VmCreate { name, .. } = &create else {
                 return Err("not a create".into());
@@ -1421,6 +1514,28 @@ mod tests {
             })
         );
         assert_eq!(
+            p("store list --node b").unwrap().action(),
+            Action::Request(Request::StoreList)
+        );
+        assert_eq!(
+            p("store bench").unwrap().action(),
+            Action::Request(Request::StoreBench {
+                store: "local".into(),
+                mib: 64,
+                keep: false
+            })
+        );
+        assert_eq!(
+            p("store bench --store shared --mib 8 --keep --wait")
+                .unwrap()
+                .action(),
+            Action::RequestAndWatch(Request::StoreBench {
+                store: "shared".into(),
+                mib: 8,
+                keep: true
+            })
+        );
+        assert_eq!(
             p("completions zsh").unwrap().action(),
             Action::Completions(clap_complete::Shell::Zsh)
         );
@@ -1435,6 +1550,8 @@ mod tests {
             ("fly away", "unrecognized subcommand 'fly'"),
             ("--bogus", "unexpected argument '--bogus'"),
             ("vm create x --memory 3T", "unit"),
+            ("store bench --mib x", "invalid value 'x'"),
+            ("store", "Usage: hvctl store"),
         ] {
             let e = usage_error(args);
             assert!(e.contains(err), "{args}: {e}");
@@ -1508,6 +1625,40 @@ mod tests {
                 assert!(text.contains(word), "{shell}: {word}");
             }
         }
+    }
+
+    #[test]
+    fn store_table() {
+        let st = |name: &str, error: Option<&str>| StoreInfo {
+            name: name.into(),
+            tag: "a".into(),
+            host_path: "/srv/stores/a".into(),
+            total_bytes: 100 << 30,
+            free_bytes: 30 << 30,
+            used_bytes: 512 << 20,
+            error: error.map(Into::into),
+        };
+        let text = render(&Body::StoreList {
+            stores: vec![st("local", None), st("broken", Some("9P attach: EACCES"))],
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("NAME") && lines[0].ends_with("HOST PATH"));
+        assert!(
+            lines[1].starts_with("local ")
+                && lines[1].contains("30.0 GiB")
+                && lines[1].contains("512.0 MiB")
+                && lines[1].contains("100.0 GiB")
+                && lines[1].ends_with("/srv/stores/a"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("unusable: 9P attach: EACCES"),
+            "{}",
+            lines[2]
+        );
+        assert_eq!(render(&Body::StoreList { stores: vec![] }), "no stores");
     }
 
     #[test]

@@ -68,6 +68,45 @@ pub fn args(spec: &NodeSpec) -> Vec<String> {
     args
 }
 
+/// One store a node is given (docs/DESIGN.md, "Node stores"): host
+/// directory `path` exported over virtio-9p with mount tag `tag`, named
+/// `name` on the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStore {
+    pub name: String,
+    pub tag: String,
+    pub path: PathBuf,
+}
+
+/// QEMU's arguments exporting `store` as device number `index`:
+/// `-fsdev local,id=stN,path=DIR,security_model=none -device
+/// virtio-9p-pci,fsdev=stN,mount_tag=TAG` (commas in the path doubled, as
+/// QEMU's option syntax wants).
+pub fn store_args(index: usize, store: &NodeStore) -> [String; 4] {
+    let path = store.path.display().to_string().replace(',', ",,");
+    [
+        "-fsdev".into(),
+        format!("local,id=st{index},path={path},security_model=none"),
+        "-device".into(),
+        format!("virtio-9p-pci,fsdev=st{index},mount_tag={}", store.tag),
+    ]
+}
+
+/// The node command line's word for `store`: `store=NAME:TAG:PATH`, the
+/// path percent-encoded except `A-Z a-z 0-9 / . _ -` (the command line is
+/// split at spaces).
+pub fn store_word(store: &NodeStore) -> String {
+    let mut path = String::new();
+    for b in store.path.display().to_string().bytes() {
+        if b.is_ascii_alphanumeric() || b"/._-".contains(&b) {
+            path.push(char::from(b));
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("store={}:{}:{path}", store.name, store.tag)
+}
+
 /// The command to spawn.
 pub fn command(spec: &NodeSpec) -> Command {
     let mut cmd = Command::new(QEMU);
@@ -138,6 +177,20 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("tcg") && !line.contains("+svm"), "{line}");
+    }
+
+    #[test]
+    fn stores_are_exported_and_named() {
+        let s = NodeStore {
+            name: "local".into(),
+            tag: "a".into(),
+            path: "/t/my stores,x/a".into(),
+        };
+        assert_eq!(
+            store_args(0, &s).join(" "),
+            "-fsdev local,id=st0,path=/t/my stores,,x/a,security_model=none -device virtio-9p-pci,fsdev=st0,mount_tag=a"
+        );
+        assert_eq!(store_word(&s), "store=local:a:/t/my%20stores%2Cx/a");
     }
 
     #[test]
