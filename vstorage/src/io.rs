@@ -35,8 +35,28 @@ pub enum IoError {
         /// The host's explanation.
         detail: String,
     },
+    /// The store is full (ENOSPC or EDQUOT, from the host file system or a
+    /// node store's 9P server): the failed write or allocation may have
+    /// happened in part, nothing written before it is lost, and it can be
+    /// retried once space is freed. Kept apart from [`IoError::Host`] so a
+    /// caller acts on it without reading messages (pause the VM whose disk
+    /// grew, fail a copy to a store that filled).
+    NoSpace {
+        /// The operation that failed ("write", "allocate", "flush", ...).
+        op: &'static str,
+        /// The host's explanation (which file, which store). A `Box<str>`
+        /// keeps `IoError` (and every error holding one) as small as before.
+        detail: alloc::boxed::Box<str>,
+    },
     /// The store is read-only.
     ReadOnly,
+}
+
+impl IoError {
+    /// Whether the store is full ([`IoError::NoSpace`]).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, IoError::NoSpace { .. })
+    }
 }
 
 impl fmt::Display for IoError {
@@ -51,6 +71,7 @@ impl fmt::Display for IoError {
                 "read of {len_bytes} bytes at offset {offset} runs past the end of the file ({store_len} bytes)"
             ),
             IoError::Host { op, detail } => write!(f, "{op} failed: {detail}"),
+            IoError::NoSpace { op, detail } => write!(f, "{op} failed: store full: {detail}"),
             IoError::ReadOnly => f.write_str("file is opened read-only"),
         }
     }
@@ -267,6 +288,10 @@ impl DiskError {
     pub fn is_corrupt(&self) -> bool {
         matches!(self, DiskError::Corrupt(_))
     }
+    /// True when the backing store is full ([`IoError::NoSpace`]).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, DiskError::Io(e) if e.is_no_space())
+    }
 }
 
 impl fmt::Display for DiskError {
@@ -432,7 +457,18 @@ mod file {
         bounce: Mutex<Vec<u8>>,
     }
 
+    /// ENOSPC and EDQUOT (Linux errno values).
+    const NO_SPACE_ERRNOS: [i32; 2] = [28, 122];
+
     fn host(op: &'static str, e: std::io::Error) -> IoError {
+        if e.raw_os_error()
+            .is_some_and(|n| NO_SPACE_ERRNOS.contains(&n))
+        {
+            return IoError::NoSpace {
+                op,
+                detail: e.to_string().into_boxed_str(),
+            };
+        }
         IoError::Host {
             op,
             detail: e.to_string(),
@@ -769,6 +805,28 @@ mod file {
                 f.flush().unwrap();
             }
             std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn a_full_file_system_is_no_space_not_a_host_error() {
+            // Linux's /dev/full refuses every write with ENOSPC.
+            let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+            let mut f = FileIo::from_file(full, true);
+            let e = f.write_at(0, b"data").unwrap_err();
+            assert!(e.is_no_space(), "{e:?}");
+            assert!(matches!(e, IoError::NoSpace { op: "write", .. }), "{e:?}");
+            assert!(
+                e.to_string().starts_with("write failed: store full: "),
+                "{e}"
+            );
+            assert!(crate::io::DiskError::from(e).is_no_space());
+            // Other failures stay host errors.
+            let e = FileIo::open(Path::new("/nonexistent/vstorage"), false).unwrap_err();
+            assert!(
+                !e.is_no_space() && matches!(e, IoError::Host { .. }),
+                "{e:?}"
+            );
+            assert!(!crate::io::DiskError::Corrupt("x".into()).is_no_space());
         }
     }
 }

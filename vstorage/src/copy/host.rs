@@ -86,6 +86,7 @@ impl VirtualDisk for HostDisk {
 fn detail(e: &crate::io::IoError) -> String {
     match e {
         crate::io::IoError::Host { detail, .. } => detail.clone(),
+        crate::io::IoError::NoSpace { detail, .. } => format!("store full: {detail}"),
         other => other.to_string(),
     }
 }

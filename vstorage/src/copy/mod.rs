@@ -137,6 +137,22 @@ impl fmt::Display for CopyError {
 #[cfg(feature = "std")]
 impl std::error::Error for CopyError {}
 
+impl CopyError {
+    /// Whether a store filled up ([`crate::io::IoError::NoSpace`] on
+    /// either side): the copy can be retried once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            CopyError::SourceMap(e) | CopyError::DestFlush(e) | CopyError::Open(e) => {
+                e.is_no_space()
+            }
+            CopyError::SourceRead { error, .. } | CopyError::DestWrite { error, .. } => {
+                error.is_no_space()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One unit of copying: `[offset, offset + len_bytes)` in virtual bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {

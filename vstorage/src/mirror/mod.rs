@@ -175,6 +175,18 @@ impl fmt::Display for MirrorError {
 #[cfg(feature = "std")]
 impl std::error::Error for MirrorError {}
 
+impl MirrorError {
+    /// Whether a store filled up (copying or mirroring a write to the
+    /// destination, [`crate::io::IoError::NoSpace`]).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            MirrorError::Copy(e) => e.is_no_space(),
+            MirrorError::MirrorWrite { error, .. } => error.is_no_space(),
+            _ => false,
+        }
+    }
+}
+
 impl From<CopyError> for MirrorError {
     fn from(e: CopyError) -> Self {
         MirrorError::Copy(e)
