@@ -661,6 +661,8 @@ mod tests {
             "migration/decode",
             "migration/receive",
             "vstorage/vhdx_open",
+            "vstorage/p9_reply",
+            "vstorage/p9_session",
         ] {
             assert!(ids.iter().any(|i| i == want), "{want} not in {ids:?}");
         }

@@ -287,7 +287,7 @@ fn managed_mode(host: &mut dyn Host, image: Vec<u8>, cfg: &NodeConfig, rounds: O
     };
     let mig_port = cfg.mig_port.unwrap_or(DEFAULT_MIG_PORT);
     let cmdline = String::from(host.cmdline());
-    let stores = crate::store::Stores::boot(host, &cmdline);
+    let stores = crate::store::Stores::boot(host, &cmdline, &cfg.name);
     let mut node = Managed::new(host, identity, image, key.clone(), mig_port);
     node.set_stores(stores);
     let mut server = MgmtServer::new(key, port);

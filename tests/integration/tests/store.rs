@@ -4,7 +4,9 @@
 //! list` shows both on both nodes with the host's free bytes; a file the
 //! node writes through 9P is a host file with the node's bytes, and the
 //! VHDX it writes passes `qemu-img check`; a server error (QEMU refusing
-//! to create a file over a directory) reaches the user as a clear error.
+//! to create a file over a directory) reaches the user as a clear error;
+//! a node that restarts removes the partial files (unfinished copies) it
+//! left on its stores, and only its own.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -234,4 +236,36 @@ fn stores_on_a_cluster() {
     );
     // The node goes on serving.
     assert!(c.ok("a", &["store", "list"]).contains("local"));
+
+    // Node b dies in the middle of copies; at its next boot it removes its
+    // partial files from both stores and leaves node a's.
+    std::fs::create_dir_all(stores.join("b/vms/v1")).unwrap();
+    let mine = [
+        stores.join("b/vms/v1/disk.vhdx.partial-b"),
+        stores.join("shared/disk2.vhdx.partial-b"),
+    ];
+    let theirs = stores.join("shared/disk2.vhdx.partial-a");
+    for p in mine.iter().chain([&theirs]) {
+        std::fs::write(p, b"half a copy").unwrap();
+    }
+    let run = runner(&["cluster", "kill", "b", "--state-dir", c.dir()]);
+    assert!(run.success, "{}", run.transcript());
+    let run = runner(&["cluster", "start", "b", "--state-dir", c.dir()]);
+    assert!(run.success, "{}", run.transcript());
+    let log = std::fs::read_to_string(c.dir.join("node-b.log")).unwrap();
+    for line in [
+        "vmm-service: store local: removed vms/v1/disk.vhdx.partial-b (left by an unfinished copy)",
+        "vmm-service: store shared: removed disk2.vhdx.partial-b (left by an unfinished copy)",
+    ] {
+        assert!(
+            log.lines().any(|l| l == line),
+            "no {line:?} in node b's log"
+        );
+    }
+    for p in &mine {
+        assert!(!p.exists(), "{p:?} is still there");
+    }
+    assert!(theirs.exists(), "node b removed node a's partial file");
+    assert!(stores.join("b/vms/v1").is_dir());
+    assert!(c.ok("b", &["store", "list"]).contains("shared"));
 }

@@ -7,8 +7,11 @@
 //!    ([`pattern`]) in 1 MiB writes, fsyncs it;
 //! 2. *read*: reads it back in 1 MiB reads and checks every byte;
 //! 3. *copy*: copies it to `S:bench-NODE.copy` (read + write, 1 MiB at a
-//!    time, fsync at the end): the plain copy a storage migration competes
-//!    with;
+//!    time) the way a storage migration writes its destination: into the
+//!    partial file (`bench-NODE.copy.partial-NODE`), committed at the end
+//!    (fsync, rename, directory fsync; `Stores::commit_partial`), and its
+//!    length read back through the still-open file: the plain copy a
+//!    storage migration competes with;
 //! 4. *vhdx*: creates `S:bench-NODE.vhdx` (dynamic, 32 MiB blocks, virtual
 //!    size `mib` MiB rounded up to 32 MiB) with the VHDX engine over a
 //!    [`StoreFile`], writes the pattern at virtual offset 0, flushes and
@@ -248,7 +251,13 @@ impl StoreBench {
                     return Ok((Some(1), false));
                 }
                 let src = stores.open(&raw, false).map_err(|e| e.to_string())?;
-                let dst = stores.create(&copy, false).map_err(|e| e.to_string())?;
+                let partial = stores.partial_of(&copy).map_err(|e| e.to_string())?;
+                match stores.remove(&partial) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                let dst = stores.create_partial(&copy).map_err(|e| e.to_string())?;
                 self.phase = Phase::Copy { src, dst, done: 0 };
                 Ok((Some(2), false))
             }
@@ -260,7 +269,15 @@ impl StoreBench {
                     *done += n as u64;
                     return Ok((Some(2), false));
                 }
-                dst.flush().map_err(e)?;
+                stores
+                    .commit_partial(dst, &copy)
+                    .map_err(|e| e.to_string())?;
+                let len = dst.len().map_err(e)?;
+                if len != bytes {
+                    return Err(format!(
+                        "{copy}: {len} bytes after its commit, {bytes} written"
+                    ));
+                }
                 let io = stores
                     .create(&vhdx_path, false)
                     .map_err(|e| e.to_string())?;
@@ -312,6 +329,9 @@ impl StoreBench {
         drop(self.phase);
         for p in &paths {
             let _ = stores.remove(p);
+        }
+        if let Ok(p) = stores.partial_of(&paths[1]) {
+            let _ = stores.remove(&p);
         }
     }
 }

@@ -9,9 +9,11 @@
 //! `Tsetattr` of the size. `allocate` writes zeros past the end (9P2000.L
 //! has no fallocate), so a fixed VHDX is really allocated on the host.
 //!
-//! A failed call keeps the 9P error ([`StoreFile::last_error`]) beside the
-//! `IoError` the trait returns, so a caller can tell a full store (ENOSPC)
-//! from other failures without parsing messages.
+//! A full store (the server's `Rlerror` says ENOSPC or EDQUOT) is
+//! `IoError::NoSpace`, which the VHDX engine passes up unchanged
+//! (`DiskError::is_no_space`), so the caller of a disk write learns that
+//! the store is full, not just that something failed. A failed call also
+//! keeps the 9P error itself ([`StoreFile::last_error`]).
 
 use super::{Conn, StorePath};
 use alloc::format;
@@ -55,6 +57,11 @@ impl StoreFile {
         &self.at
     }
 
+    /// The file was renamed (under its open fid) to `at`.
+    pub(super) fn set_path(&mut self, at: StorePath) {
+        self.at = at;
+    }
+
     /// Whether it was opened for writing.
     pub fn writable(&self) -> bool {
         self.writable
@@ -85,8 +92,16 @@ impl StoreFile {
         })?;
         f(&mut c, self.fid).map_err(|e| {
             let detail = format!("{}: {e}", self.at);
+            let full = e.is_no_space();
             *self.last_error.borrow_mut() = Some(e);
-            IoError::Host { op, detail }
+            if full {
+                IoError::NoSpace {
+                    op,
+                    detail: detail.into_boxed_str(),
+                }
+            } else {
+                IoError::Host { op, detail }
+            }
         })
     }
 }

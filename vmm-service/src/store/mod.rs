@@ -26,7 +26,19 @@
 //!   9P `Tfsync` of the file (QEMU: fsync(2) on the host file), and nothing
 //!   else is; a new name is durable after [`Stores::sync_dir`] of its
 //!   directory. QEMU's 9P server ignores `O_DIRECT`, so the host's page
-//!   cache sits under every store: fsync is the only durability point.
+//!   cache sits under every store: fsync is the only durability point;
+//! - a file that must not be taken for whole until it is complete (a copy's
+//!   destination) is written under its *partial* name,
+//!   `NAME.partial-NODE` ([`Stores::create_partial`]), and gets its name
+//!   only by [`Stores::commit_partial`] (fsync of the data, rename, fsync of
+//!   the directory). A partial file is never complete: at boot every
+//!   partial file of this node is removed from every store, and a marker
+//!   line names it (`vmm-service: store NAME: removed PATH (left by an
+//!   unfinished copy)`). Other nodes' partial files on a shared store are
+//!   theirs and left alone;
+//! - a full store is a typed error all the way up: `Rlerror` ENOSPC or
+//!   EDQUOT is `StoreError::is_no_space` here and `IoError::NoSpace` from a
+//!   [`StoreFile`] (so `DiskError::is_no_space` through the VHDX engine).
 
 pub mod bench;
 mod file;
@@ -57,6 +69,14 @@ pub const STORES_MAX: usize = 8;
 /// Permission bits of files and directories the node creates.
 pub const FILE_MODE: u32 = 0o644;
 pub const DIR_MODE: u32 = 0o755;
+/// What a partial file's name adds to the final name, before the node's
+/// name: `disk.vhdx` becomes `disk.vhdx.partial-a` on node `a`.
+pub const PARTIAL_MARK: &str = ".partial-";
+/// Bounds of the search for partial files: directory levels below the
+/// store's root, and directories listed in all (boot time stays bounded
+/// whatever a store holds).
+pub const PARTIAL_SCAN_DEPTH: usize = 8;
+pub const PARTIAL_SCAN_DIRS: usize = 1024;
 
 /// A platform store channel as the client's transport.
 pub struct ChannelTransport(pub Box<dyn StoreChannel>);
@@ -116,6 +136,10 @@ impl StoreError {
     /// Whether the file or directory does not exist.
     pub fn is_not_found(&self) -> bool {
         self.p9().is_some_and(P9Error::is_not_found)
+    }
+    /// Whether the name is taken already (EEXIST).
+    pub fn is_exists(&self) -> bool {
+        self.p9().and_then(P9Error::errno) == Some(p9::errno::EEXIST)
     }
 }
 
@@ -292,6 +316,8 @@ pub struct StoreStatus {
 #[derive(Debug, Default)]
 pub struct Stores {
     stores: Vec<Store>,
+    /// This node's name: the owner mark of its partial files.
+    node: String,
 }
 
 impl Stores {
@@ -300,15 +326,17 @@ impl Stores {
         Self::default()
     }
 
-    /// Takes the platform's store channels, attaches each and prints a
-    /// marker line per store (and per `store=` word that names no device).
-    pub fn boot(host: &mut dyn Host, cmdline: &str) -> Self {
+    /// Takes the platform's store channels, attaches each, prints a marker
+    /// line per store (and per `store=` word that names no device) and
+    /// removes the partial files node `node` left on them (a line per file
+    /// removed).
+    pub fn boot(host: &mut dyn Host, cmdline: &str, node: &str) -> Self {
         let (specs, errors) = parse_specs(cmdline);
         for e in errors {
             host.console_write(&format!("vmm-service: {e}\n"));
         }
         let channels = host.take_stores();
-        let stores = Self::attach(channels, &specs);
+        let stores = Self::attach(channels, &specs, node);
         for s in &stores.stores {
             let line = match &s.conn {
                 Ok(_) => match stores.statfs(&s.name) {
@@ -332,13 +360,29 @@ impl Stores {
                 ));
             }
         }
+        for s in stores.stores.iter().filter(|s| s.conn.is_ok()) {
+            match stores.remove_partials(&s.name) {
+                Ok(removed) => {
+                    for p in removed {
+                        host.console_write(&format!(
+                            "vmm-service: store {}: removed {} (left by an unfinished copy)\n",
+                            s.name, p.path
+                        ));
+                    }
+                }
+                Err(e) => host.console_write(&format!(
+                    "vmm-service: store {}: cannot remove unfinished copies: {e}\n",
+                    s.name
+                )),
+            }
+        }
         stores
     }
 
     /// Connects a client to each channel and names it: from `specs` by
     /// mount tag, else by the tag itself (when it is a valid name), else
-    /// `storeN`.
-    pub fn attach(channels: Vec<Box<dyn StoreChannel>>, specs: &[StoreSpec]) -> Self {
+    /// `storeN`. `node` is this node's name (partial files carry it).
+    pub fn attach(channels: Vec<Box<dyn StoreChannel>>, specs: &[StoreSpec], node: &str) -> Self {
         let mut stores: Vec<Store> = Vec::new();
         for (i, ch) in channels.into_iter().enumerate().take(STORES_MAX) {
             let tag: String = ch.tag().chars().take(64).collect();
@@ -361,7 +405,10 @@ impl Stores {
                 conn,
             });
         }
-        Stores { stores }
+        Stores {
+            stores,
+            node: node.into(),
+        }
     }
 
     /// The stores, in device order.
@@ -604,6 +651,128 @@ impl Stores {
             let _ = c.clunk(fid);
             r
         })
+    }
+
+    /// The partial name of `at` on this node: `NAME.partial-NODE` in the
+    /// same directory.
+    pub fn partial_of(&self, at: &StorePath) -> Result<StorePath, StoreError> {
+        if at.split_last().is_none() {
+            return Err(StoreError::BadPath(format!("{at}: names no file")));
+        }
+        StorePath::new(
+            &at.store,
+            &format!("{}{PARTIAL_MARK}{}", at.path, self.node),
+        )
+    }
+
+    /// Creates `at`'s partial file (a new one: `is_exists` on the error if
+    /// it is there already, e.g. a copy of the same file under way) and
+    /// opens it read-write. Its parent directory must exist. The file is
+    /// `at` only after [`Stores::commit_partial`]; removed without a
+    /// commit (a cancelled copy: [`Stores::remove`] of
+    /// [`StoreFile::path`]) or at the node's next boot, it never was.
+    pub fn create_partial(&self, at: &StorePath) -> Result<StoreFile, StoreError> {
+        let partial = self.partial_of(at)?;
+        self.create(&partial, true)
+    }
+
+    /// Gives the partial file `file` (from [`Stores::create_partial`] for
+    /// `at`) its final name, durably: `Tfsync` of the file (its data and
+    /// size), rename over `at` (an existing `at` is replaced atomically),
+    /// `Tfsync` of the directory. `file` stays open and usable, now as
+    /// `at`. On an error `at` is either untouched or, if only the last
+    /// fsync failed, renamed but perhaps not durably.
+    pub fn commit_partial(&self, file: &mut StoreFile, at: &StorePath) -> Result<(), StoreError> {
+        let partial = self.partial_of(at)?;
+        if *file.path() != partial {
+            return Err(StoreError::BadPath(format!(
+                "{} is not the partial file of {at}",
+                file.path()
+            )));
+        }
+        if let Err(e) = vstorage::BlockIo::flush(file) {
+            return Err(match file.last_error() {
+                Some(error) => StoreError::P9 {
+                    store: partial.store.clone(),
+                    path: partial.path.clone(),
+                    error,
+                },
+                None => StoreError::Busy(format!("{}: {e}", partial.store)),
+            });
+        }
+        self.rename(&partial, at)?;
+        file.set_path(at.clone());
+        let dir = at
+            .split_last()
+            .map(|(dir, _)| dir.join("/"))
+            .unwrap_or_default();
+        self.sync_dir(&StorePath {
+            store: at.store.clone(),
+            path: dir,
+        })
+    }
+
+    /// This node's partial files on `store`, anywhere below its root (at
+    /// most [`PARTIAL_SCAN_DEPTH`] levels down and [`PARTIAL_SCAN_DIRS`]
+    /// directories listed), in the order found.
+    pub fn find_partials(&self, store: &str) -> Result<Vec<StorePath>, StoreError> {
+        let mark = format!("{PARTIAL_MARK}{}", self.node);
+        let mut found = Vec::new();
+        // (directory, depth) still to list; the root first.
+        let mut todo: Vec<(String, usize)> = alloc::vec![(String::new(), 0)];
+        let mut listed = 0usize;
+        while let Some((dir, depth)) = todo.pop() {
+            if listed == PARTIAL_SCAN_DIRS {
+                break;
+            }
+            listed += 1;
+            let entries = self.read_dir(&StorePath {
+                store: store.into(),
+                path: dir.clone(),
+            })?;
+            for e in entries {
+                let path = if dir.is_empty() {
+                    e.name.clone()
+                } else {
+                    format!("{dir}/{}", e.name)
+                };
+                let is_dir = e.kind == 4 || (e.kind == 0 && e.qid.is_dir());
+                if is_dir {
+                    if depth + 1 < PARTIAL_SCAN_DEPTH {
+                        todo.push((path, depth + 1));
+                    }
+                } else if e.name.len() > mark.len() && e.name.ends_with(&mark) {
+                    // Names the server sent that are not valid here
+                    // (replaced bytes, over-long) cannot be removed by
+                    // name: skipped.
+                    if let Ok(p) = StorePath::new(store, &path) {
+                        found.push(p);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes this node's partial files from `store` ([`Stores::find_partials`])
+    /// and makes their removal durable; returns what it removed.
+    pub fn remove_partials(&self, store: &str) -> Result<Vec<StorePath>, StoreError> {
+        let found = self.find_partials(store)?;
+        let mut dirs: Vec<String> = Vec::new();
+        for p in &found {
+            self.remove(p)?;
+            let dir = p.split_last().map(|(d, _)| d.join("/")).unwrap_or_default();
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        for dir in dirs {
+            self.sync_dir(&StorePath {
+                store: store.into(),
+                path: dir,
+            })?;
+        }
+        Ok(found)
     }
 }
 

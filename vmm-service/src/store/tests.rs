@@ -37,7 +37,7 @@ fn fixture() -> Fixture {
 
 fn stores(f: &mut Fixture) -> Stores {
     let specs = parse_specs("store=local:a:/srv/stores/a store=shared:shared:/srv/stores/shared").0;
-    Stores::attach(channels(f, 65536), &specs)
+    Stores::attach(channels(f, 65536), &specs, "a")
 }
 
 fn sp(s: &str) -> StorePath {
@@ -72,7 +72,7 @@ fn the_command_line_names_the_stores_and_boot_prints_a_marker_each() {
     host.stores = channels(&mut f, 65536);
     let cmdline =
         "name=a store=local:a:/srv/a store=shared:shared:/srv/shared store=gone:g:/nowhere";
-    let s = Stores::boot(&mut host, cmdline);
+    let s = Stores::boot(&mut host, cmdline, "a");
     let lines = host.lines();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(
@@ -99,7 +99,7 @@ fn the_command_line_names_the_stores_and_boot_prints_a_marker_each() {
 
     // Without a store= word a device is named by its tag.
     let mut f = fixture();
-    let s = Stores::attach(channels(&mut f, 65536), &[]);
+    let s = Stores::attach(channels(&mut f, 65536), &[], "a");
     let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["a", "shared"]);
 }
@@ -113,7 +113,7 @@ fn a_store_whose_server_fails_is_listed_with_the_reason() {
         .fail_next(Op::Attach, errno::EACCES);
     let mut host = FakeHost::new();
     host.stores = ch;
-    let s = Stores::boot(&mut host, "store=local:a:/a store=shared:shared:/s");
+    let s = Stores::boot(&mut host, "store=local:a:/a store=shared:shared:/s", "a");
     assert_eq!(
         host.lines()[1],
         "vmm-service: store shared (shared) unusable: 9P attach: permission denied (EACCES)"
@@ -257,11 +257,17 @@ fn server_errors_reach_the_caller_by_name() {
     let e = file.write_at(0, &[1; 100]).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "write failed: local:d.bin: 9P write: no space left on the store (ENOSPC)"
+        "write failed: store full: local:d.bin: 9P write: no space left on the store (ENOSPC)"
     );
+    assert!(matches!(e, IoError::NoSpace { op: "write", .. }), "{e:?}");
     assert!(file.last_error_is_no_space());
+    f.servers[0]
+        .borrow_mut()
+        .fail_next(Op::Write, errno::EDQUOT);
+    assert!(file.write_at(0, &[1; 100]).unwrap_err().is_no_space());
     f.servers[0].borrow_mut().fail_next(Op::Fsync, errno::EIO);
-    assert!(file.flush().is_err());
+    let e = file.flush().unwrap_err();
+    assert!(matches!(e, IoError::Host { op: "flush", .. }), "{e:?}");
     assert!(!file.last_error_is_no_space());
     // A malformed reply is the protocol's error, and the store goes on.
     f.servers[0]
@@ -384,6 +390,191 @@ fn a_vhdx_written_through_9p_is_a_valid_host_file_and_flush_is_fsync() {
     assert_eq!(f.servers[1].borrow().open_fids(), 1);
 }
 
+#[test]
+fn a_full_store_reaches_the_disk_writer_as_no_space_and_nothing_acknowledged_is_lost() {
+    let mut f = fixture();
+    let s = stores(&mut f);
+    let io = s.create(&sp("local:d.vhdx"), true).unwrap();
+    let mut disk = vhdx::create(io, &CreateParams::dynamic(64 << 20)).unwrap();
+    let a = pattern(2 << 20, 0x21);
+    let b = pattern(1 << 20, 0x42);
+    disk.write(0, &a).unwrap();
+    disk.flush().unwrap();
+    // The store fills while a write needs a new block.
+    f.servers[0]
+        .borrow_mut()
+        .fail_next(Op::Write, errno::ENOSPC);
+    let e = disk.write(32 << 20, &b).unwrap_err();
+    assert!(e.is_no_space(), "{e:?}");
+    assert!(e.to_string().contains("store full"), "{e}");
+    // The engine refuses further I/O on that handle (its in-memory state
+    // may be ahead of the file); space returns, the disk is opened again
+    // (log replay) and the same write goes through, earlier data intact.
+    assert!(disk.write(32 << 20, &b).is_err());
+    drop(disk);
+    let io = s.open(&sp("local:d.vhdx"), true).unwrap();
+    let mut disk = Vhdx::open(io, OpenOptions::read_write(7)).unwrap();
+    disk.write(32 << 20, &b).unwrap();
+    disk.flush().unwrap();
+    let mut back = vec![0u8; a.len()];
+    disk.read(0, &mut back).unwrap();
+    assert!(back == a);
+    disk.close().unwrap();
+    drop(disk);
+    let host_file = f.local.path().join("d.vhdx");
+    let check = qemu_img(&["check", "-f", "vhdx"], &host_file);
+    assert!(check.contains("No errors"), "{check}");
+    let mut expect = vec![0u8; 64 << 20];
+    expect[..a.len()].copy_from_slice(&a);
+    expect[32 << 20..(32 << 20) + b.len()].copy_from_slice(&b);
+    let raw = f.local.path().join("expect.raw");
+    std::fs::write(&raw, &expect).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "vhdx", "-F", "raw"])
+        .arg(&host_file)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Store operations say it the same way.
+    f.servers[0]
+        .borrow_mut()
+        .fail_next(Op::Mkdir, errno::ENOSPC);
+    let e = s.mkdir(&sp("local:vms")).unwrap_err();
+    assert!(e.is_no_space(), "{e:?}");
+}
+
+#[test]
+fn a_partial_file_gets_its_name_only_when_committed() {
+    let mut f = fixture();
+    let s = stores(&mut f);
+    s.mkdir(&sp("shared:vms")).unwrap();
+    let at = sp("shared:vms/d.vhdx");
+    let host = |p: &str| f.shared.path().join(p);
+    let mut file = s.create_partial(&at).unwrap();
+    assert_eq!(file.path(), &sp("shared:vms/d.vhdx.partial-a"));
+    file.write_at(0, &pattern(100_000, 3)).unwrap();
+    assert!(host("vms/d.vhdx.partial-a").is_file() && !host("vms/d.vhdx").exists());
+    // A second copy to the same place is refused, not clobbered.
+    let e = s.create_partial(&at).unwrap_err();
+    assert!(e.is_exists(), "{e:?}");
+    // Only the partial file of `at` commits to `at`.
+    let mut other = s.create(&sp("shared:vms/other"), true).unwrap();
+    assert!(matches!(
+        s.commit_partial(&mut other, &at),
+        Err(StoreError::BadPath(_))
+    ));
+
+    let server = f.servers[1].clone();
+    let fsyncs = server.borrow().count(Op::Fsync);
+    s.commit_partial(&mut file, &at).unwrap();
+    // The data, then the directory entry: two fsyncs, in that order of need.
+    assert_eq!(server.borrow().count(Op::Fsync), fsyncs + 2);
+    assert!(!host("vms/d.vhdx.partial-a").exists());
+    assert_eq!(
+        std::fs::read(host("vms/d.vhdx")).unwrap(),
+        pattern(100_000, 3)
+    );
+    // The open file goes on as the committed one (its fid followed the
+    // rename, as QEMU's do).
+    assert_eq!(file.path(), &at);
+    assert_eq!(file.len().unwrap(), 100_000);
+    file.write_at(100_000, b"more").unwrap();
+    file.flush().unwrap();
+    assert_eq!(
+        std::fs::metadata(host("vms/d.vhdx")).unwrap().len(),
+        100_004
+    );
+    // A cancelled copy removes its partial file by its path.
+    let gone = s.create_partial(&sp("shared:vms/e.vhdx")).unwrap();
+    let p = gone.path().clone();
+    drop(gone);
+    s.remove(&p).unwrap();
+    assert!(!host("vms/e.vhdx.partial-a").exists());
+    assert!(matches!(
+        s.create_partial(&sp("shared:")),
+        Err(StoreError::BadPath(_))
+    ));
+    drop((file, other));
+    assert_eq!(server.borrow().open_fids(), 1);
+}
+
+#[test]
+fn boot_removes_this_nodes_partial_files_and_only_those() {
+    let mut f = fixture();
+    let local = f.local.path().to_path_buf();
+    let shared = f.shared.path().to_path_buf();
+    let mut deep = local.join("deep");
+    for i in 0..PARTIAL_SCAN_DEPTH {
+        deep = deep.join(format!("d{i}"));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::create_dir_all(local.join("vms/x")).unwrap();
+    let mine = [
+        local.join("vms/x/disk.vhdx.partial-a"),
+        local.join("old.partial-a"),
+        shared.join("s.vhdx.partial-a"),
+    ];
+    let others = [
+        shared.join("s.vhdx.partial-b"),
+        local.join("vms/x/disk.vhdx"),
+        local.join("vms/x/disk.partial-ab"),
+        local.join(".partial-a"),
+        local.join("keep.partial"),
+        // Below the scan's depth bound: left alone.
+        deep.join("far.partial-a"),
+    ];
+    for p in mine.iter().chain(&others) {
+        std::fs::write(p, b"x").unwrap();
+    }
+    let mut host = FakeHost::new();
+    host.stores = channels(&mut f, 65536);
+    let s = Stores::boot(
+        &mut host,
+        "store=local:a:/srv/a store=shared:shared:/srv/shared",
+        "a",
+    );
+    let lines = host.lines();
+    for want in [
+        "vmm-service: store local: removed vms/x/disk.vhdx.partial-a (left by an unfinished copy)",
+        "vmm-service: store local: removed old.partial-a (left by an unfinished copy)",
+        "vmm-service: store shared: removed s.vhdx.partial-a (left by an unfinished copy)",
+    ] {
+        assert!(lines.contains(&want), "{want} not in {lines:?}");
+    }
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    for p in &mine {
+        assert!(!p.exists(), "{p:?} left");
+    }
+    for p in &others {
+        assert!(p.exists(), "{p:?} removed");
+    }
+    // The API vdisk uses: nothing left now, and new partial files listed.
+    assert!(s.find_partials("local").unwrap().is_empty());
+    let one = s.create_partial(&sp("local:vms/x/n.vhdx")).unwrap();
+    assert_eq!(
+        s.find_partials("local").unwrap(),
+        [sp("local:vms/x/n.vhdx.partial-a")]
+    );
+    drop(one);
+    assert_eq!(
+        s.remove_partials("local").unwrap(),
+        [sp("local:vms/x/n.vhdx.partial-a")]
+    );
+    assert!(!local.join("vms/x/n.vhdx.partial-a").exists());
+    assert!(matches!(
+        s.find_partials("nope"),
+        Err(StoreError::NoSuchStore(_))
+    ));
+    for server in &f.servers {
+        assert_eq!(server.borrow().open_fids(), 1);
+    }
+}
+
 mod api {
     //! `store-list` and `store-bench` through the management handlers.
     use super::*;
@@ -396,6 +587,7 @@ mod api {
         let stores = Stores::boot(
             &mut host,
             "store=local:a:/srv/stores/a store=shared:shared:/srv/stores/shared",
+            "a",
         );
         let mut node = Managed::new(
             &mut host,
@@ -538,7 +730,7 @@ mod api {
         assert_eq!(state, JobState::Failed);
         assert_eq!(
             error,
-            "store shared: bench-a.copy: 9P lcreate: no space left on the store (ENOSPC)"
+            "store shared: bench-a.copy.partial-a: 9P lcreate: no space left on the store (ENOSPC)"
         );
         assert!(empty(f.shared.path()), "the partial files were removed");
 

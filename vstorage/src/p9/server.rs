@@ -138,6 +138,22 @@ impl DirServer {
         &self.root
     }
 
+    /// After `from` was renamed to `to`: every fid on `from` or below it
+    /// now names the new path, as QEMU's server updates its fids' paths
+    /// (an open file renamed under its fid keeps working, path-based
+    /// requests such as getattr included).
+    fn renamed(&mut self, from: &Path, to: &Path) {
+        for node in self.fids.values_mut() {
+            if let Ok(rest) = node.rel.strip_prefix(from) {
+                node.rel = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
+            }
+        }
+    }
+
     fn path(&self, rel: &Path) -> PathBuf {
         self.root.join(rel)
     }
@@ -355,7 +371,7 @@ impl DirServer {
                 let to = self.node(dfid)?.rel.join(name);
                 let from = self.node(fid)?.rel.clone();
                 fs::rename(self.path(&from), self.path(&to)).map_err(|e| io_errno(&e))?;
-                self.node_mut(fid)?.rel = to;
+                self.renamed(&from, &to);
                 self.reply(op, tag).finish();
             }
             Op::Renameat => {
@@ -363,9 +379,10 @@ impl DirServer {
                 let old_name = component(r.str().ok_or(bad)?)?;
                 let new_dir = r.u32().ok_or(bad)?;
                 let new_name = component(r.str().ok_or(bad)?)?;
-                let from = self.path(&self.node(old_dir)?.rel.join(old_name));
-                let to = self.path(&self.node(new_dir)?.rel.join(new_name));
-                fs::rename(from, to).map_err(|e| io_errno(&e))?;
+                let from = self.node(old_dir)?.rel.join(old_name);
+                let to = self.node(new_dir)?.rel.join(new_name);
+                fs::rename(self.path(&from), self.path(&to)).map_err(|e| io_errno(&e))?;
+                self.renamed(&from, &to);
                 self.reply(op, tag).finish();
             }
             Op::Unlinkat => {
