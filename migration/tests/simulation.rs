@@ -517,9 +517,12 @@ fn throttle_slows_the_dirtier() {
     let rate = |pct: u8| {
         guest.throttle.store(pct, Release);
         thread::sleep(Duration::from_millis(20));
-        let before = guest.writes.load(Relaxed);
+        // Divide by the time that really passed: on a loaded machine a
+        // 200 ms sleep can last much longer.
+        let (before, start) = (guest.writes.load(Relaxed), Instant::now());
         thread::sleep(Duration::from_millis(200));
-        (guest.writes.load(Relaxed) - before) as f64 / 0.2
+        let (after, took) = (guest.writes.load(Relaxed), start.elapsed());
+        (after - before) as f64 / took.as_secs_f64()
     };
     let full = rate(0);
     let slowed = rate(80);
