@@ -784,10 +784,56 @@ impl LineSink for ConsoleSink<'_> {
         self.buf.push('\n');
         self.host.console_write(self.buf);
         *self.count += 1;
-        if self.recent.len() >= RECENT_LINES {
-            self.recent.pop_front();
+        keep_line(self.recent, line);
+    }
+}
+
+/// The separator of a folded run of counting lines (`heartbeat 12 … 480`).
+const FOLD: &str = " … ";
+
+/// Keep `line` among the last [`RECENT_LINES`], folding a run of lines that
+/// differ only in a trailing number, each one more than the last, into one
+/// kept line updated in place: a guest that prints `heartbeat N` every 10 ms
+/// would otherwise push its own reports out of the kept lines within a third
+/// of a second (the node console still gets every line).
+fn keep_line(recent: &mut VecDeque<String>, line: &str) {
+    if let (Some(last), Some((prefix, n))) = (recent.back_mut(), counted(line)) {
+        if let Some((run_prefix, first, end)) = run(last) {
+            if run_prefix == prefix && end.checked_add(1) == Some(n) {
+                *last = alloc::format!("{prefix} {first}{FOLD}{n}");
+                return;
+            }
         }
-        self.recent.push_back(line.into());
+    }
+    if recent.len() >= RECENT_LINES {
+        recent.pop_front();
+    }
+    recent.push_back(line.into());
+}
+
+/// `"text N"` as `("text", N)`: a non-empty text, one space, decimal digits.
+fn counted(line: &str) -> Option<(&str, u64)> {
+    let (prefix, digits) = line.rsplit_once(' ')?;
+    if prefix.is_empty() {
+        return None;
+    }
+    Some((prefix, number(digits)?))
+}
+
+/// Plain decimal digits (no sign, no spaces) that fit a `u64`.
+fn number(digits: &str) -> Option<u64> {
+    let plain = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+    plain.then(|| digits.parse().ok()).flatten()
+}
+
+/// A kept line as a run: `"text N"` is the run N..=N, `"text A … B"` A..=B.
+fn run(kept: &str) -> Option<(&str, u64, u64)> {
+    match kept.rsplit_once(FOLD) {
+        Some((head, tail)) => {
+            let (prefix, first) = counted(head)?;
+            Some((prefix, first, number(tail)?))
+        }
+        None => counted(kept).map(|(prefix, n)| (prefix, n, n)),
     }
 }
 
@@ -829,6 +875,69 @@ mod tests {
         assert_eq!(v.stop_reason(), Some(&StopReason::GuestOk(String::new())));
         assert!(!v.is_runnable());
         assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::NotRunnable);
+    }
+
+    fn kept(lines: &[&str]) -> Vec<String> {
+        let mut recent = VecDeque::new();
+        for l in lines {
+            keep_line(&mut recent, l);
+        }
+        recent.into_iter().collect()
+    }
+
+    #[test]
+    fn counting_runs_fold_into_one_kept_line() {
+        let mut lines = vec!["busy-verify: 16 MiB"];
+        let beats: Vec<String> = (1..=500).map(|n| format!("heartbeat {n}")).collect();
+        lines.extend(beats[..300].iter().map(String::as_str));
+        lines.push("busy-verify: migration 1 ok");
+        lines.extend(beats[300..].iter().map(String::as_str));
+        assert_eq!(
+            kept(&lines),
+            [
+                "busy-verify: 16 MiB",
+                "heartbeat 1 … 300",
+                "busy-verify: migration 1 ok",
+                "heartbeat 301 … 500",
+            ]
+        );
+    }
+
+    #[test]
+    fn only_consecutive_numbers_with_the_same_text_fold() {
+        assert_eq!(
+            kept(&[
+                "heartbeat 1",
+                "heartbeat 3",
+                "tick 4",
+                "T:12 1796323507",
+                "T:13 1796323508",
+                "x 18446744073709551615",
+                "x 0",
+                "7",
+                "8",
+                "heartbeat 4",
+                "heartbeat 5",
+            ]),
+            [
+                "heartbeat 1",
+                "heartbeat 3",
+                "tick 4",
+                "T:12 1796323507",
+                "T:13 1796323508",
+                "x 18446744073709551615",
+                "x 0",
+                "7",
+                "8",
+                "heartbeat 4 … 5",
+            ]
+        );
+        // Never more than RECENT_LINES kept lines.
+        let many: Vec<String> = (0..100).map(|n| format!("line {}", n * 2)).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let k = kept(&refs);
+        assert_eq!(k.len(), RECENT_LINES);
+        assert_eq!(k.last().map(String::as_str), Some("line 198"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::io::Read;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use hvmgmt::proto::{JobInfo, JobState, Phase};
+use hvmgmt::proto::{Body, JobInfo, JobState, Phase, Request};
 use integration_tests::cluster::{job_of, TestCluster};
 use integration_tests::{hvctl_bin, hvctl_command, Run};
 
@@ -184,8 +184,17 @@ fn busy_vm_moves_a_to_b_and_back_and_survives_a_cut() {
 /// which takes a while on a loaded machine).
 fn wait_for_job(c: &TestCluster, node: &str, name: &str, hvctl: &mut Child) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(300);
+    // One session for all the polling: a new connection every few ms keeps
+    // the node's slots churning, and a slot that hvctl holds while it is
+    // still authenticating may be the one given up to a newcomer (the node
+    // then closes hvctl's connection before it could ask for the move).
+    let mut client = c.client(node);
     loop {
-        if let Some(id) = c.vm(node, name).and_then(|v| v.migration_job) {
+        let vm = match client.call_ok(Request::VmList) {
+            Ok(Body::VmList { vms }) => vms.into_iter().find(|v| v.name == name),
+            other => panic!("vm-list on node {node}: {other:?}"),
+        };
+        if let Some(id) = vm.and_then(|v| v.migration_job) {
             return id;
         }
         if let Ok(Some(status)) = hvctl.try_wait() {

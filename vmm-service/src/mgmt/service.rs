@@ -970,7 +970,7 @@ mod tests {
             o,
             Outcome::Ok(Body::Console {
                 vm: "web".into(),
-                lines: vec!["heartbeat 2".into()]
+                lines: vec!["heartbeat 1 … 2".into()]
             })
         );
         let Outcome::Ok(Body::VmList { vms }) = r.call(s, &mut c, Request::VmList) else {
