@@ -271,12 +271,14 @@ impl Tailer {
         let beats = Arc::new(Mutex::new(Arrivals::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (b, s) = (beats.clone(), stop.clone());
+        // Per log: the offset read so far and the unfinished line, taken
+        // before `start` returns (inside the thread, lines appended right
+        // after `start` could be taken for old ones).
+        let mut state: Vec<(u64, String)> = logs
+            .iter()
+            .map(|p| (std::fs::metadata(p).map_or(0, |m| m.len()), String::new()))
+            .collect();
         let thread = std::thread::spawn(move || {
-            // Per log: the offset read so far and the unfinished line.
-            let mut state: Vec<(u64, String)> = logs
-                .iter()
-                .map(|p| (std::fs::metadata(p).map_or(0, |m| m.len()), String::new()))
-                .collect();
             while !s.load(Ordering::Relaxed) {
                 for (path, (offset, partial)) in logs.iter().zip(state.iter_mut()) {
                     let Some(text) = read_from(path, offset) else {
