@@ -91,7 +91,9 @@ pub struct Managed {
     files: Option<alloc::boxed::Box<dyn FileStore>>,
     /// Storage migrations and their jobs (queued ones too).
     storage_moves: Vec<(u64, StorageMove)>,
-    stores: crate::store::Stores,
+    /// The node's stores, shared with `files` when it is their
+    /// `StoreFiles`.
+    stores: alloc::rc::Rc<crate::store::Stores>,
     /// Running store benchmarks and their jobs.
     store_benches: Vec<(u64, crate::store::bench::StoreBench)>,
 }
@@ -180,14 +182,23 @@ impl Managed {
             progress: ProgressLog::default(),
             files: None,
             storage_moves: Vec::new(),
-            stores: crate::store::Stores::none(),
+            stores: alloc::rc::Rc::new(crate::store::Stores::none()),
             store_benches: Vec::new(),
         }
     }
 
     /// The node's stores (attached at boot, `crate::store::Stores::boot`).
+    /// A node with stores keeps VM disks on them (`crate::store::StoreFiles`:
+    /// new disks, storage migration); one without keeps disks in its
+    /// memory and refuses storage migration.
     pub fn set_stores(&mut self, stores: crate::store::Stores) {
-        self.stores = stores;
+        self.stores = alloc::rc::Rc::new(stores);
+        self.files = match self.stores.iter().next() {
+            Some(_) => Some(alloc::boxed::Box::new(crate::store::StoreFiles::new(
+                self.stores.clone(),
+            ))),
+            None => None,
+        };
     }
     /// The node's stores.
     pub fn stores(&self) -> &crate::store::Stores {
@@ -238,8 +249,8 @@ impl Managed {
         self.drive_store_benches(host);
     }
 
-    /// Where storage migrations put files (the node's stores); `None`
-    /// refuses them.
+    /// Where disks and storage migrations put files in place of the
+    /// node's stores (tests: files in memory).
     pub fn set_file_store(&mut self, files: alloc::boxed::Box<dyn FileStore>) {
         self.files = Some(files);
     }

@@ -131,9 +131,14 @@ pub struct Plan {
     pub keep_source: bool,
 }
 
-/// `STORE[:DIR]` and a disk's file name as a location.
-pub fn location_in(to: &str, file_name: &str) -> String {
-    let (store, dir) = to.split_once(':').unwrap_or((to, ""));
+/// `STORE[:DIR]` and a disk's file name as a location: `STORE:DIR/FILE`,
+/// or with a store alone the store's own layout for VM `vm`,
+/// `STORE:vms/VM/FILE` (where `vm create --disk` puts disks).
+pub fn location_in(to: &str, vm: &str, file_name: &str) -> String {
+    let (store, dir) = match to.split_once(':') {
+        Some((store, dir)) => (store, String::from(dir)),
+        None => (to, format!("vms/{vm}")),
+    };
     let dir = dir.trim_matches('/');
     if dir.is_empty() {
         format!("{store}:{file_name}")
@@ -143,14 +148,14 @@ pub fn location_in(to: &str, file_name: &str) -> String {
 }
 
 /// The plan for `vm`: every disk into `to` (`STORE[:DIR]`, keeping its
-/// file name), then each `SRC=DST` of `vhd` (SRC a disk's location or its
+/// file name; [`location_in`]), then each `SRC=DST` of `vhd` (SRC a disk's location or its
 /// slot number, DST a location) for that disk alone.
 pub fn plan(vm: &Vm, to: Option<&str>, vhd: &[String], keep_source: bool) -> Result<Plan, String> {
     let metas = vm.disk_meta();
     let mut targets: Vec<Option<String>> = match to {
         Some(to) => metas
             .iter()
-            .map(|m| Some(location_in(to, &m.file_name())))
+            .map(|m| Some(location_in(to, vm.name(), &m.file_name())))
             .collect(),
         None => alloc::vec![None; metas.len()],
     };

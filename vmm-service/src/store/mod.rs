@@ -42,10 +42,12 @@
 
 pub mod bench;
 mod file;
+pub mod files;
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use file::StoreFile;
+pub use files::StoreFiles;
 
 use alloc::boxed::Box;
 use alloc::format;
