@@ -271,8 +271,10 @@ pub enum VmCmd {
     Move {
         /// The VM's name
         name: String,
-        /// The destination node: one of this node's peers (`node info`)
-        #[arg(long, value_name = "NODE")]
+        /// The destination node: one of this node's peers (`node info`), or
+        /// `auto`: the peer with the most free memory that can run the VM
+        /// (same CPU vendor, room for its RAM)
+        #[arg(long, value_name = "NODE|auto")]
         to: String,
         /// Longest acceptable pause of the guest at the switch-over, in ms
         /// (node default 300)
@@ -1081,6 +1083,109 @@ fn find_vm(client: &mut Client, name: &str) -> Result<Option<VmInfo>, String> {
     }
 }
 
+/// The destination `vm move --to auto` names.
+const AUTO: &str = "auto";
+
+/// One peer as placement sees it: its `node info`, or why it could not be
+/// asked.
+type Candidate = (String, Result<NodeInfo, String>);
+
+/// Placement (`vm move NAME --to auto`), as a cluster picks a node: of the
+/// source's peers, the one with the most free memory among those that can
+/// run the VM (the source's CPU vendor, free memory for all of its RAM);
+/// ties go to the first name. The error names every peer and why it was
+/// passed over.
+fn choose_node(vm_bytes: u64, vendor: &str, peers: &[Candidate]) -> Result<String, String> {
+    let mut best: Option<(&str, u64)> = None;
+    let mut passed = Vec::new();
+    for (name, info) in peers {
+        match info {
+            Err(e) => passed.push(format!("{name}: {e}")),
+            Ok(n) if n.cpu_vendor != vendor => passed.push(format!(
+                "{name}: {} CPU, the VM runs on {vendor}",
+                n.cpu_vendor
+            )),
+            Ok(n) if n.memory_free_bytes < vm_bytes => passed.push(format!(
+                "{name}: {} MiB free, the VM needs {} MiB",
+                n.memory_free_bytes >> 20,
+                vm_bytes.div_ceil(1 << 20)
+            )),
+            Ok(n) => {
+                if best.is_none_or(|(_, free)| n.memory_free_bytes > free) {
+                    best = Some((name, n.memory_free_bytes));
+                }
+            }
+        }
+    }
+    match best {
+        Some((name, _)) => Ok(name.to_string()),
+        None if peers.is_empty() => Err("no node to move to: this node has no peers".into()),
+        None => Err(format!("no node can take the VM ({})", passed.join("; "))),
+    }
+}
+
+/// A `vm-move` request with `--to auto` gets the node [`choose_node`]
+/// picks among the source's peers (each asked for its `node info`); any
+/// other request is returned as it is.
+fn place_if_auto(cli: &Cli, source: &mut Client, mut request: Request) -> Result<Request, String> {
+    let name = match &request {
+        Request::VmMove { name, to, .. } if to == AUTO => name.clone(),
+        _ => return Ok(request),
+    };
+    if cli.addr.is_some() {
+        return Err(
+            "--to auto asks every node of the cluster: use --node with the cluster's state, not --addr"
+                .into(),
+        );
+    }
+    let vm = find_vm(source, &name)?
+        .ok_or_else(|| format!("node {} has no VM named {name}", source.node))?;
+    let here = match source.call_ok(Request::NodeInfo)? {
+        Body::NodeInfo(n) => n,
+        other => return Err(format!("unexpected reply to node-info: {other:?}")),
+    };
+    let peers: Vec<Candidate> = here
+        .peers
+        .iter()
+        .map(|p| {
+            let peer = p.split_once('@').map_or(p.as_str(), |(n, _)| n).to_string();
+            let info = ask_node_info(cli, &peer);
+            (peer, info)
+        })
+        .collect();
+    let chosen = choose_node(vm.memory_mib << 20, &here.cpu_vendor, &peers)
+        .map_err(|e| format!("vm move {name} --to auto: {e}"))?;
+    if !cli.json {
+        let free = peers
+            .iter()
+            .find(|(n, _)| *n == chosen)
+            .and_then(|(_, i)| i.as_ref().ok())
+            .map_or(0, |i| i.memory_free_bytes >> 20);
+        println!(
+            "placement: node {chosen} ({free} MiB free, the most of the nodes that can run {name})"
+        );
+    }
+    if let Request::VmMove { to, .. } = &mut request {
+        *to = chosen;
+    }
+    Ok(request)
+}
+
+/// `node info` of the cluster's node `name`.
+fn ask_node_info(cli: &Cli, name: &str) -> Result<NodeInfo, String> {
+    let (addr, key) = crate::cluster::resolve_target(
+        cli.state_dir.as_deref(),
+        Some(name),
+        None,
+        cli.key.as_deref(),
+    )?;
+    let key = ClusterKey::from_hex(&key).map_err(|e| e.to_string())?;
+    match Client::connect(&addr, &key)?.call_ok(Request::NodeInfo)? {
+        Body::NodeInfo(n) => Ok(n),
+        other => Err(format!("unexpected reply to node-info: {other:?}")),
+    }
+}
+
 /// After a completed move: the VM runs on `to` (listed `running` or
 /// `halted` there) and has left the source's list (within a few seconds).
 fn check_moved(cli: &Cli, source: &mut Client, name: &str, to: &str) -> Result<String, String> {
@@ -1302,7 +1407,12 @@ fn run(cli: &Cli) -> Result<u8, String> {
     )?;
     let key = ClusterKey::from_hex(&key).map_err(|e| e.to_string())?;
     let mut client = Client::connect(&addr, &key)?;
-    match cli.action() {
+    let action = match cli.action() {
+        Action::MoveAndWait(req) => Action::MoveAndWait(place_if_auto(cli, &mut client, req)?),
+        Action::Request(req) => Action::Request(place_if_auto(cli, &mut client, req)?),
+        other => other,
+    };
+    match action {
         Action::Help | Action::Completions(_) => Ok(0),
         Action::Watch(id) => watch(&mut client, id, cli.json),
         Action::WatchAll => watch_all(&mut client, cli.json),
@@ -1765,7 +1875,7 @@ mod tests {
             })
         );
         for (args, err) in [
-            ("vm move v", "--to <NODE>"),
+            ("vm move v", "--to <NODE|auto>"),
             ("vm move --to b", "<NAME>"),
             ("vm move v --to b --downtime-ms 0", "invalid value"),
             ("vm move v --to b --bandwidth 0", "invalid value"),
@@ -2140,6 +2250,173 @@ mod tests {
             for d in [dir, dir2] {
                 std::fs::remove_dir_all(d).unwrap();
             }
+        }
+
+        fn info(name: &str, vendor: &str, free_mib: u64, peers: &[&str]) -> NodeInfo {
+            NodeInfo {
+                name: name.into(),
+                cpu_vendor: vendor.into(),
+                cpus: 1,
+                memory_total_bytes: 512 << 20,
+                memory_free_bytes: free_mib << 20,
+                version: "0".into(),
+                protocol_version: 1,
+                mgmt_addr: String::new(),
+                migration_addr: String::new(),
+                peers: peers.iter().map(|p| format!("{p}@10.0.0.1")).collect(),
+            }
+        }
+
+        /// A node answering `node-info` with `info`, `vm-list` with v, and
+        /// `vm-move` with a queued job.
+        fn node(info: NodeInfo) -> FakeNode {
+            let name = info.name.clone();
+            FakeNode::start(
+                &name,
+                KEY,
+                Box::new(move |r| match r {
+                    Request::NodeInfo => Outcome::Ok(Body::NodeInfo(info.clone())),
+                    Request::VmList => Outcome::Ok(Body::VmList {
+                        vms: vec![vm("running")],
+                    }),
+                    Request::VmMove { .. } => Outcome::Ok(Body::Job(move_job(
+                        7,
+                        JobState::Queued,
+                        Phase::Queued,
+                        0,
+                        0,
+                    ))),
+                    _ => Outcome::Error(ApiError::new(ErrorCode::NotFound, "no")),
+                }),
+            )
+        }
+
+        fn cluster_dir(tag: &str, nodes: &[(&str, &FakeNode)]) -> std::path::PathBuf {
+            let dir = std::env::temp_dir().join(format!("hvm-hvctl-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let state = crate::cluster::ClusterState {
+                key: KEY.into(),
+                relay_pid: None,
+                nodes: nodes
+                    .iter()
+                    .map(|(name, n)| crate::cluster::NodeState {
+                        name: (*name).into(),
+                        pid: 0,
+                        mgmt_port: n.addr.rsplit(':').next().unwrap().parse().unwrap(),
+                        migration_ip: String::new(),
+                        log: dir.join("x"),
+                        qemu_args: Vec::new(),
+                        own_key: None,
+                    })
+                    .collect(),
+            };
+            std::fs::write(
+                dir.join("cluster.json"),
+                serde_json::to_string(&state).unwrap(),
+            )
+            .unwrap();
+            dir
+        }
+
+        fn moved_to(n: &FakeNode) -> Vec<String> {
+            n.seen()
+                .into_iter()
+                .filter_map(|r| match r {
+                    Request::VmMove { to, .. } => Some(to),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// `--to auto`: b has too little memory, c is another vendor, d
+        /// has the most room: the move goes to d, the others are only
+        /// asked. With nowhere to go, nothing is requested and the exit is
+        /// 1.
+        #[test]
+        fn to_auto_moves_to_the_peer_with_most_free_memory() {
+            let a = node(info("a", "amd", 400, &["b", "c", "d", "e"]));
+            let b = node(info("b", "amd", 32, &[]));
+            let c = node(info("c", "intel", 900, &[]));
+            let d = node(info("d", "amd", 300, &[]));
+            let e = node(info("e", "amd", 200, &[]));
+            let nodes = [("a", &a), ("b", &b), ("c", &c), ("d", &d), ("e", &e)];
+            let dir = cluster_dir("auto", &nodes);
+            let line = format!("--state-dir {} --node a vm move v --to auto", dir.display());
+            assert_eq!(run_cli(&parse(line.split_whitespace()).unwrap()), 0);
+            assert_eq!(moved_to(&a), ["d"]);
+            for n in [&b, &c, &d, &e] {
+                assert_eq!(n.seen(), [Request::NodeInfo], "peers are only asked");
+            }
+
+            let lone = node(info("a", "amd", 400, &["b", "c"]));
+            let dir2 = cluster_dir("auto-none", &[("a", &lone), ("b", &b), ("c", &c)]);
+            let line = format!(
+                "--state-dir {} --node a vm move v --to auto --wait",
+                dir2.display()
+            );
+            assert_eq!(run_cli(&parse(line.split_whitespace()).unwrap()), 1);
+            assert!(moved_to(&lone).is_empty());
+            for d in [dir, dir2] {
+                std::fs::remove_dir_all(d).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn placement_names_why_each_peer_was_passed_over() {
+        let peer = |name: &str, vendor: &str, free_mib: u64| -> Candidate {
+            let mut n = hvmgmt_node(name);
+            n.cpu_vendor = vendor.into();
+            n.memory_free_bytes = free_mib << 20;
+            (name.into(), Ok(n))
+        };
+        let vm = 64 << 20;
+        // Most free memory wins; equal room goes to the first named.
+        let got = choose_node(
+            vm,
+            "amd",
+            &[
+                peer("b", "amd", 100),
+                peer("c", "amd", 300),
+                peer("d", "amd", 300),
+            ],
+        );
+        assert_eq!(got.unwrap(), "c");
+        // Exactly the VM's RAM is enough.
+        assert_eq!(
+            choose_node(vm, "amd", &[peer("b", "amd", 64)]).unwrap(),
+            "b"
+        );
+        let down: Candidate = (
+            "e".into(),
+            Err("cannot connect to 127.0.0.1:1: refused".into()),
+        );
+        let err = choose_node(
+            vm,
+            "amd",
+            &[peer("b", "amd", 63), peer("c", "intel", 900), down],
+        )
+        .unwrap_err();
+        assert!(err.contains("b: 63 MiB free, the VM needs 64 MiB"), "{err}");
+        assert!(err.contains("c: intel CPU, the VM runs on amd"), "{err}");
+        assert!(err.contains("e: cannot connect"), "{err}");
+        assert!(choose_node(vm, "amd", &[])
+            .unwrap_err()
+            .contains("no peers"));
+    }
+
+    fn hvmgmt_node(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            cpu_vendor: String::new(),
+            cpus: 1,
+            memory_total_bytes: 1 << 30,
+            memory_free_bytes: 0,
+            version: "0".into(),
+            protocol_version: 1,
+            mgmt_addr: String::new(),
+            migration_addr: String::new(),
+            peers: Vec::new(),
         }
     }
 }
