@@ -76,7 +76,10 @@ fn guids_change_on_first_write_only() {
     let h1 = d.header().clone();
     assert_ne!(h0.file_write_guid, h1.file_write_guid);
     assert_ne!(h0.data_write_guid, h1.data_write_guid);
-    assert!(!h1.log_guid.is_zero());
+    assert!(
+        h1.log_guid.is_zero(),
+        "nothing committed through the log yet"
+    );
     d.write(512, &[1u8; 512]).unwrap();
     assert_eq!(d.header().data_write_guid, h1.data_write_guid);
     assert_eq!(d.header().file_write_guid, h1.file_write_guid);
@@ -684,19 +687,54 @@ fn failed_replay_keeps_the_log() {
     }
 }
 
-/// A header naming a LogGuid whose log holds no valid entry: a new session
-/// takes a fresh LogGuid before writing, so stale entries never replay.
+/// Each commit takes a fresh LogGuid before it writes an entry (so entries
+/// of an earlier commit or session never join its sequence) and clears it
+/// once applied: a crash inside a commit leaves that commit's LogGuid,
+/// the next commit after the replay uses another one.
 #[test]
-fn new_session_takes_a_fresh_log_guid() {
+fn each_commit_takes_a_fresh_log_guid() {
     let mut d = new_disk(8 << 20, 1 << 20, 512);
     d.write(0, &[1u8; 512]).unwrap();
+    d.debug_stop_before_apply();
+    assert!(d.flush().is_err(), "crashed inside the commit");
     let session1 = d.header().log_guid;
-    let img = d.io().as_slice().to_vec(); // not closed: LogGuid still set
+    assert!(!session1.is_zero());
+    let img = d.io().as_slice().to_vec();
     core::mem::forget(d);
     let mut d = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_write(2)).unwrap();
-    d.write(512, &[2u8; 512]).unwrap();
+    assert!(d.header().log_guid.is_zero(), "replayed and cleared");
+    d.write(2 << 20, &[2u8; 512]).unwrap();
+    d.debug_stop_before_apply();
+    assert!(d.flush().is_err());
     assert_ne!(d.header().log_guid, session1);
     assert!(!d.header().log_guid.is_zero());
+    let img = d.io().as_slice().to_vec();
+    core::mem::forget(d);
+    let mut r = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+    let mut b = [0u8; 512];
+    r.read(0, &mut b).unwrap();
+    assert_eq!(b, [1u8; 512]);
+    r.read(2 << 20, &mut b).unwrap();
+    assert_eq!(b, [2u8; 512]);
+}
+
+/// A disk in use is clean after every flush: its file, copied without a
+/// close (as a host tool reads a running VM's disk), has no log to replay
+/// and holds every flushed write, new blocks included.
+#[test]
+fn a_flushed_disk_in_use_needs_no_replay() {
+    let mut d = new_disk(16 << 20, 1 << 20, 512);
+    for (i, at) in [0u64, 5 << 20, 9 << 20].into_iter().enumerate() {
+        d.write(at, &[i as u8 + 1; 4096]).unwrap();
+        d.flush().unwrap();
+        assert!(d.header().log_guid.is_zero(), "after flush {i}");
+        let img = d.io().as_slice().to_vec();
+        let mut r = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+        let mut b = [0u8; 4096];
+        r.read(at, &mut b).unwrap();
+        assert_eq!(b, [i as u8 + 1; 4096]);
+        r.verify().unwrap();
+    }
 }
 
 /// Counts flushes; everything else goes to a MemIo.

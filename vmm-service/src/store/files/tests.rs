@@ -133,7 +133,7 @@ fn a_new_disk_is_a_host_vhdx_on_the_default_store() {
     let mut host = FakeHost::new();
     assert_eq!(f.files.default_store().as_deref(), Some("local"));
     assert!(f.files.has_store("shared") && !f.files.has_store("memory"));
-    let (mut vm, model) = vm_with_disk(&mut host, &f, 64);
+    let (vm, model) = vm_with_disk(&mut host, &f, 64);
     assert_eq!(tree(f.local.path()), ["vms/v/v-0.vhdx"], "no partial file");
     let listed = disks::list(&vm, Some(&f.files));
     assert_eq!(listed[0].location, "local:vms/v/v-0.vhdx");
@@ -141,13 +141,10 @@ fn a_new_disk_is_a_host_vhdx_on_the_default_store() {
         listed[0].file_bytes,
         std::fs::metadata(local_file(&f)).unwrap().len()
     );
-    // (A host tool reads the file after the disk is closed: while it is
-    // open for writing its VHDX log is in use.)
-    let (taken, metas) = vm.take_disks();
-    drop(taken);
+    // A host tool reads the disk in use (flushed).
     qemu_img_check(&local_file(&f));
     assert!(host_disk(&local_file(&f)) == model, "the guest's bytes");
-    drop(metas);
+    drop(vm);
 
     // Two disks of VM u on the shared store, the second fixed: allocated
     // on the host.
@@ -229,6 +226,7 @@ fn a_disk_moves_local_to_shared_while_written_and_the_source_goes() {
     guest_write(&mut vm, &mut model, 7 * MIB, 7, 4096);
     vm.disk_mut(0).unwrap().flush().unwrap();
     let moved = f.shared.path().join("vms/v/v-0.vhdx");
+    qemu_img_check(&moved);
     assert!(host_disk(&moved) == model);
 
     // Back to another local directory, keeping the source.

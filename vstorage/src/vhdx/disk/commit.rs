@@ -113,28 +113,17 @@ impl<B: BlockIo> Vhdx<B> {
             return Err(DiskError::Request("disk is opened read-only".into()));
         }
         let new_file = !self.session_file;
-        // A fresh LogGuid before this session writes into the log region:
-        // entries left by earlier sessions can then never join our sequences.
-        let new_log = !self.session_log || self.header.log_guid.is_zero();
         let new_data = user_visible && !self.session_data;
-        if new_file || new_log || new_data {
+        if new_file || new_data {
             self.update_header(|h, g| {
                 if new_file {
                     h.file_write_guid = g.next_guid();
-                }
-                if new_log {
-                    h.log_guid = g.next_guid();
                 }
                 if new_data {
                     h.data_write_guid = g.next_guid();
                 }
                 h.log_version = 0;
             })?;
-            if new_log {
-                self.log_head = 0;
-                self.log_seq = 1;
-                self.session_log = true;
-            }
             self.session_file = true;
             self.session_data |= user_visible;
         }
@@ -150,7 +139,43 @@ impl<B: BlockIo> Vhdx<B> {
     }
 
     /// Commits metadata writes through the log.
+    ///
+    /// The log is in use only for the length of one commit: a fresh
+    /// LogGuid is written to the header before the first entry (so entries
+    /// left by earlier commits or sessions can never join this sequence),
+    /// and once every entry is applied and flushed the LogGuid is cleared
+    /// again (MS-VHDX 2.3.1: a zero LogGuid means nothing to replay).
+    /// Between commits the file is therefore clean: a host tool such as
+    /// `qemu-img check` opens it read-only while the disk is in use,
+    /// instead of finding a log it would have to replay. Cost: two header
+    /// updates per commit; data written into allocated blocks commits
+    /// nothing.
     pub(super) fn commit(&mut self, writes: Vec<LogWrite>) -> Result<(), DiskError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let r = self.update_header(|h, g| {
+            h.log_guid = g.next_guid();
+            h.log_version = 0;
+        });
+        if let Err(e) = &r {
+            self.poisoned = Some(e.to_string());
+        }
+        r?;
+        self.log_head = 0;
+        self.log_seq = 1;
+        self.session_log = true;
+        self.commit_entries(writes)?;
+        let r = self.update_header(|h, _| h.log_guid = Guid::ZERO);
+        if let Err(e) = &r {
+            self.poisoned = Some(e.to_string());
+        }
+        r?;
+        self.session_log = false;
+        Ok(())
+    }
+
+    fn commit_entries(&mut self, writes: Vec<LogWrite>) -> Result<(), DiskError> {
         let max_entry = (self.log_length / 2) as usize;
         let mut groups: Vec<Vec<LogWrite>> = vec![Vec::new()];
         for w in writes {
