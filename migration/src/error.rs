@@ -344,11 +344,57 @@ pub enum MigrationError {
     DiscardedAfterGo(alloc::boxed::Box<MigrationError>),
 }
 
+impl MigrationError {
+    /// The error in words, with a lost or silent link named after the node
+    /// at its other end: `link to b lost: transport failed: connection
+    /// reset` instead of the bare transport error (the engines know no node
+    /// names; the node that runs them does).
+    pub fn describe(&self, peer: &str) -> alloc::string::String {
+        alloc::format!(
+            "{}",
+            Described {
+                e: self,
+                peer: Some(peer)
+            }
+        )
+    }
+
+    /// Whether the link failed (closed, broken or silent), here or as the
+    /// first cause of an in-doubt switch-over.
+    pub fn is_link_loss(&self) -> bool {
+        match self {
+            MigrationError::Transport(_) | MigrationError::LinkStalled { .. } => true,
+            MigrationError::InDoubt(e) | MigrationError::DiscardedAfterGo(e) => e.is_link_loss(),
+            _ => false,
+        }
+    }
+}
+
+/// [`MigrationError`]'s text, with the peer's name when it is known.
+struct Described<'a> {
+    e: &'a MigrationError,
+    peer: Option<&'a str>,
+}
+
 impl fmt::Display for MigrationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        Described {
+            e: self,
+            peer: None,
+        }
+        .fmt(f)
+    }
+}
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = |e| Described { e, peer: self.peer };
+        match self.e {
             MigrationError::Stream(e) => write!(f, "protocol error: {e}"),
-            MigrationError::Transport(e) => write!(f, "{e}"),
+            MigrationError::Transport(e) => match self.peer {
+                Some(p) => write!(f, "link to {p} lost: {e}"),
+                None => write!(f, "{e}"),
+            },
             MigrationError::Vm(e) => write!(f, "VM operation failed: {e}"),
             MigrationError::Timeout { limit_ms } => write!(
                 f,
@@ -400,21 +446,29 @@ impl fmt::Display for MigrationError {
             ),
             MigrationError::InDoubt(e) => write!(
                 f,
-                "switch-over in doubt after the go order was sent ({e}): the \
-                 destination may be running; the source stays paused"
+                "switch-over in doubt after the go order was sent ({}): the \
+                 destination may be running; the source stays paused",
+                inner(e)
             ),
             MigrationError::LinkStalled {
                 silent_ms,
                 waiting_for,
-            } => write!(
-                f,
-                "link lost: nothing moved for {} s while waiting for {waiting_for}",
-                silent_ms / 1000
-            ),
+            } => {
+                match self.peer {
+                    Some(p) => write!(f, "link to {p} lost: ")?,
+                    None => write!(f, "link lost: ")?,
+                }
+                write!(
+                    f,
+                    "nothing moved for {} s while waiting for {waiting_for}",
+                    silent_ms / 1000
+                )
+            }
             MigrationError::DiscardedAfterGo(e) => write!(
                 f,
-                "the switch-over failed ({e}) and the destination discarded its copy: \
-                 the VM runs at the source"
+                "the switch-over failed ({}) and the destination discarded its copy: \
+                 the VM runs at the source",
+                inner(e)
             ),
         }
     }
@@ -433,5 +487,47 @@ impl From<TransportError> for MigrationError {
 impl From<VmError> for MigrationError {
     fn from(e: VmError) -> Self {
         MigrationError::Vm(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::boxed::Box;
+    use alloc::string::ToString;
+
+    #[test]
+    fn a_lost_link_is_named_after_the_peer() {
+        let stalled = MigrationError::LinkStalled {
+            silent_ms: 8_200,
+            waiting_for: "the destination to acknowledge data",
+        };
+        assert_eq!(
+            stalled.describe("b"),
+            "link to b lost: nothing moved for 8 s while waiting for the destination to \
+             acknowledge data"
+        );
+        // Without a name (the engines' own text) it stays as it was.
+        assert!(stalled
+            .to_string()
+            .starts_with("link lost: nothing moved for 8 s"));
+        let reset = MigrationError::Transport(TransportError::Broken("connection reset"));
+        assert_eq!(
+            reset.describe("b"),
+            "link to b lost: transport failed: connection reset"
+        );
+        let doubt = MigrationError::InDoubt(Box::new(reset.clone()));
+        assert!(doubt.is_link_loss());
+        assert!(
+            doubt
+                .describe("b")
+                .starts_with("switch-over in doubt after the go order was sent (link to b lost: "),
+            "{}",
+            doubt.describe("b")
+        );
+        // Other errors read the same with or without a peer.
+        let other = MigrationError::Timeout { limit_ms: 5 };
+        assert!(!other.is_link_loss());
+        assert_eq!(other.describe("b"), other.to_string());
     }
 }

@@ -169,11 +169,17 @@ fn busy_vm_moves_a_to_b_and_back_and_survives_a_cut() {
         "{}",
         run.transcript()
     );
+    // The lost link is named after the destination, in --wait's output too.
+    assert!(
+        run.stdout.contains("link to b lost"),
+        "{}",
+        run.transcript()
+    );
     c.must(&["cluster", "link", "restore", "--node", "b"]);
     let job = c.job("a", job_id);
     assert_eq!(job.state, JobState::Failed, "{job:#?}");
     let e = error_of(&job);
-    assert!(e.contains("link"), "{e}");
+    assert!(e.contains("link to b lost"), "{e}");
     survived(&c, "a", "v", 0);
     took("move a -> b with the link cut", t2);
     took("the whole test (after boot)", t0);
@@ -243,7 +249,7 @@ fn link_cut_in_each_phase() {
         c.link("b", false);
         assert_eq!(job.state, JobState::Failed, "{what}: {job:#?}");
         let e = error_of(&job);
-        assert!(e.contains("link"), "{what}: {e}");
+        assert!(e.contains("link to b lost"), "{what}: {e}");
         survived(&c, "a", "v", before);
         c.wait_gone("b", "v", DROPPED);
         took(&format!("link cut in {what}"), t);
@@ -267,7 +273,16 @@ fn link_cut_in_each_phase() {
             .is_some_and(|m| m.phase == Phase::InDoubt)
     });
     assert_eq!(c.vm("a", "v").map(|v| v.state), Some("paused".into()));
-    assert!(error_of(&doubt).contains("in doubt"), "{doubt:#?}");
+    // The whole explanation (past 200 bytes), the peer named.
+    let note = error_of(&doubt);
+    assert!(
+        note.contains("in doubt") && note.contains("link to b lost"),
+        "{doubt:#?}"
+    );
+    assert!(
+        note.contains("VM v stays paused here; this node asks b about it"),
+        "{doubt:#?}"
+    );
     // Past the commit point: the move can no longer be cancelled.
     let refused = c.hvctl("a", &["job", "cancel", &id.to_string()]);
     assert_eq!(refused.code, Some(1), "{}", refused.transcript());

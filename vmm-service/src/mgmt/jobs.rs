@@ -33,8 +33,12 @@ pub const DEFAULT_SETTINGS: HostSettings = HostSettings {
     max_live_migrations: 2,
     max_storage_migrations: 2,
 };
-/// Longest error or result text kept.
-pub const TEXT_MAX: usize = 200;
+/// Longest error or result text kept (shown whole by `job-show`: an
+/// in-doubt note with the operator's choices runs to about 400 bytes).
+pub const TEXT_MAX: usize = 1024;
+/// Longest error or result text in a `job-list` reply (every job's must
+/// fit one frame); a longer one ends in `...`, and `job-show` has it whole.
+pub const LIST_TEXT_MAX: usize = 200;
 
 /// Why a job operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,11 +87,26 @@ impl Default for JobTable {
 }
 
 fn capped(s: &str) -> String {
-    let mut end = s.len().min(TEXT_MAX);
+    cut(s, TEXT_MAX)
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
     s[..end].into()
+}
+
+/// `s` for a `job-list` line: whole if short, else cut with `...`.
+fn listed(s: &str) -> String {
+    if s.len() <= LIST_TEXT_MAX {
+        return s.into();
+    }
+    let mut t = cut(s, LIST_TEXT_MAX - 3);
+    t.push_str("...");
+    t
 }
 
 impl JobTable {
@@ -234,8 +253,9 @@ impl JobTable {
     }
 
     /// A live migration's report (shown by `job-show`).
-    pub fn set_report(&mut self, id: u64, report: MigrationReport) {
+    pub fn set_report(&mut self, id: u64, mut report: MigrationReport) {
         if let Some(j) = self.get_mut(id) {
+            report.error = report.error.as_deref().map(capped);
             j.report = Some(Box::new(report));
         }
     }
@@ -371,7 +391,15 @@ impl JobTable {
     /// Every job, oldest first, without reports (`job-list`: a reply must
     /// fit a frame).
     pub fn list(&self, now_ns: u64) -> Vec<JobInfo> {
-        self.jobs.iter().map(|j| info(j, now_ns)).collect()
+        self.jobs
+            .iter()
+            .map(|j| {
+                let mut i = info(j, now_ns);
+                i.error = i.error.as_deref().map(listed);
+                i.result = i.result.as_deref().map(listed);
+                i
+            })
+            .collect()
     }
 }
 
@@ -502,9 +530,51 @@ mod tests {
         assert_eq!(t.cancel(99, 0), Err(JobError::NotFound));
         let fixed = t.submit(JobKind::LinkBench, "", 0, false, 0).unwrap();
         assert_eq!(t.cancel(fixed, 0), Err(JobError::NotCancellable));
-        t.complete(fixed, Some(&"r".repeat(500)), 1);
+        t.complete(fixed, Some(&"r".repeat(TEXT_MAX + 300)), 1);
         let j = t.info(fixed, 0).unwrap();
         assert_eq!((j.percent, j.result.unwrap().len()), (100, TEXT_MAX));
+    }
+
+    /// An in-doubt note or a failure runs past 200 bytes: `job-show`
+    /// (and its report) has it whole, `job-list` a cut marked `...`.
+    #[test]
+    fn long_texts_reach_job_show_whole() {
+        let mut t = JobTable::new();
+        let id = t.submit(JobKind::LiveMigration, "v", 1, true, 0).unwrap();
+        let note = alloc::format!(
+            "switch-over in doubt after the go order was sent (link to b lost: {}): the \
+             destination may be running; VM v stays paused here and this node asks b every 2 s",
+            "x".repeat(200)
+        );
+        assert!(note.len() > 300);
+        t.set_note(id, Some(&note));
+        assert_eq!(t.info(id, 0).unwrap().error.as_deref(), Some(note.as_str()));
+        let listed = t.list(0)[0].error.clone().unwrap();
+        assert_eq!(listed.len(), LIST_TEXT_MAX);
+        assert!(listed.ends_with("...") && note.starts_with(&listed[..LIST_TEXT_MAX - 3]));
+        t.set_report(
+            id,
+            MigrationReport {
+                error: Some(note.clone()),
+                ..MigrationReport::default()
+            },
+        );
+        t.fail(id, &note, 1);
+        let shown = t.info(id, 2).unwrap();
+        assert_eq!(shown.error.as_deref(), Some(note.as_str()));
+        assert_eq!(shown.report.unwrap().error.as_deref(), Some(note.as_str()));
+        // Still bounded.
+        t.set_report(
+            id,
+            MigrationReport {
+                error: Some("y".repeat(5000)),
+                ..MigrationReport::default()
+            },
+        );
+        assert_eq!(
+            t.info(id, 2).unwrap().report.unwrap().error.unwrap().len(),
+            TEXT_MAX
+        );
     }
 
     #[test]

@@ -505,7 +505,11 @@ impl Migrations {
         let out = x.rx.outcome().clone();
         let resumed = out.result == MigrationResult::Completed;
         let vi = x.vm_index(vms);
-        let mut error = out.error.clone();
+        // A lost link is named after the source (`link to a lost: ...`).
+        let mut error =
+            x.rx.error()
+                .map(|e| e.describe(&x.from))
+                .or_else(|| out.error.clone());
         if let (Some(r), false) = (x.conn.refused, resumed) {
             error = Some(format!(
                 "{}: {r}",

@@ -84,6 +84,8 @@ pub struct Outgoing {
     next_query_ns: u64,
     /// What the job says while in doubt.
     doubt: Option<String>,
+    /// The engine's error that left it in doubt (peer named).
+    doubt_cause: Option<String>,
     /// How it ended (`Done`).
     ended: Option<Phase>,
 }
@@ -120,6 +122,7 @@ impl Outgoing {
             query: None,
             next_query_ns: now,
             doubt: None,
+            doubt_cause: None,
             ended: None,
         }
     }
@@ -553,21 +556,15 @@ impl Migrations {
         if engine.in_doubt() {
             o.phase = OutPhase::InDoubt;
             o.next_query_ns = now;
-            let why = engine.report().error.clone().unwrap_or_default();
-            let note = format!(
-                "{why}. VM {} stays paused here; this node asks {} about it every {} s and acts on \
-                 its answer",
-                o.vm,
-                o.to,
-                QUERY_INTERVAL_NS / 1_000_000_000
-            );
+            o.doubt_cause = named_report(engine, &o.to).error;
+            let note = doubt_note(o, None);
             jobs.set_note(o.job, Some(&note));
             jobs.set_cancellable(o.job, false);
             host.console_write(&format!("vmm-service: job {}: {note}\n", o.job));
             o.doubt = Some(note);
             return;
         }
-        let mut report = engine.report().clone();
+        let mut report = named_report(engine, &o.to);
         if let (Some(r), MigrationResult::Failed) = (refused, report.result) {
             // The engine saw a broken link; say why it broke.
             report.error = Some(format!(
@@ -752,13 +749,7 @@ impl Migrations {
     }
 
     fn note_doubt(&self, o: &mut Outgoing, jobs: &mut JobTable, why: &str) {
-        let note = format!(
-            "switch-over in doubt: node {} has not confirmed that VM {} runs there; it stays \
-             paused here and this node asks every {} s (last attempt: {why})",
-            o.to,
-            o.vm,
-            QUERY_INTERVAL_NS / 1_000_000_000
-        );
+        let note = doubt_note(o, Some(why));
         jobs.set_note(o.job, Some(&note));
         o.doubt = Some(note);
     }
@@ -789,7 +780,7 @@ impl Migrations {
             };
             engine.resolve_in_doubt(&mut src, resumed_there, now);
         }
-        let mut report = engine.report().clone();
+        let mut report = named_report(&engine, &o.to);
         if by_operator && !resumed_there {
             report.error = Some(format!(
                 "{} (decided by the operator)",
@@ -843,7 +834,7 @@ impl Migrations {
                 }
                 conn.wire.service(host.net(), now);
                 self.drain(conn.wire, now);
-                let report = engine.report().clone();
+                let report = named_report(&engine, &o.to);
                 o.engine = Some(engine);
                 self.finish_outgoing(o, host, vms, jobs, report, false);
                 Ok(())
@@ -862,6 +853,39 @@ impl Migrations {
             )),
         }
     }
+}
+
+/// What an in-doubt job says: the first cause (the engine's error, e.g.
+/// `link to b lost: ...`), what this node does about it, and why its last
+/// question went unanswered.
+fn doubt_note(o: &Outgoing, last_attempt: Option<&str>) -> String {
+    let mut note = match &o.doubt_cause {
+        Some(cause) => format!("{cause}. "),
+        None => format!(
+            "switch-over in doubt: node {} has not confirmed that VM {} runs there. ",
+            o.to, o.vm
+        ),
+    };
+    note.push_str(&format!(
+        "VM {} stays paused here; this node asks {} about it every {} s and acts on its answer",
+        o.vm,
+        o.to,
+        QUERY_INTERVAL_NS / 1_000_000_000
+    ));
+    if let Some(why) = last_attempt {
+        note.push_str(&format!(" (last attempt: {why})"));
+    }
+    note
+}
+
+/// The engine's report, its error naming the destination when the link
+/// to it was lost (`link to b lost: ...`).
+fn named_report(engine: &Migration, to: &str) -> MigrationReport {
+    let mut report = engine.report().clone();
+    if let Some(e) = engine.error() {
+        report.error = Some(e.describe(to));
+    }
+    report
 }
 
 fn failed_report(ram_bytes: u64, error: &str, cancelled: bool) -> MigrationReport {

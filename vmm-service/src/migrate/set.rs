@@ -193,6 +193,24 @@ impl Migrations {
                 }
             }
         };
+        // Only memory and state cross to another node: its disks would stay
+        // behind (shared-nothing migration, which mirrors them over first,
+        // is issue 14). A move within the node keeps them (the receiving
+        // VM adopts the source's disks).
+        if addr.is_some() && vms[i].disk_count() > 0 {
+            let n = vms[i].disk_count();
+            return Err(ApiError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "VM {} has {n} virtual disk{}, which would not follow it to node {}: a \
+                     move to another node carries memory and device state only, and moving \
+                     disks with it is not supported yet; the VM stays here",
+                    req.vm,
+                    if n == 1 { "" } else { "s" },
+                    req.to
+                ),
+            ));
+        }
         if addr.is_some() && req.faults != Faults::default() {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,

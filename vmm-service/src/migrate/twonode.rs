@@ -440,6 +440,20 @@ fn an_operator_resolves_a_move_in_doubt() {
     });
     p.kill(1);
     p.until_phase(id, Phase::InDoubt);
+    // The whole explanation reaches job-show (it runs past 200 bytes), the
+    // lost link named after the destination.
+    let note = p.a().job(id).error.unwrap();
+    assert!(note.len() > 250, "{note}");
+    assert!(
+        note.starts_with("switch-over in doubt after the go order was sent (link to b lost: "),
+        "{note}"
+    );
+    assert!(
+        note.contains(
+            "VM v stays paused here; this node asks b about it every 2 s and acts on its answer"
+        ),
+        "{note}"
+    );
     match p.a().call(Request::JobCancel { id }) {
         Outcome::Error(e) => assert_eq!(e.code, ErrorCode::InvalidState, "{e:?}"),
         other => panic!("cancel after go: {other:?}"),
@@ -592,4 +606,51 @@ fn a_wrong_cluster_key_is_refused_and_nothing_is_received() {
     assert!(e.contains("cluster key"), "{e}");
     assert!(p.b().vms().is_empty() && p.b().jobs().is_empty());
     assert_eq!(p.a().vm_state("v").as_deref(), Some("running"));
+}
+
+/// A VM with a virtual disk is not moved to another node (its disk would
+/// stay behind): refused before any job, the VM runs on at a untouched,
+/// b has nothing.
+#[test]
+fn a_vm_with_disks_is_not_moved_to_another_node() {
+    let mut p = Pair::new();
+    p.a().ok(Request::VmCreate {
+        name: "d".into(),
+        memory_mib: 4,
+        guest: None,
+    });
+    p.a().ok(Request::VmDiskCreate {
+        name: "d".into(),
+        size_mib: 1,
+        store: None,
+        fixed: None,
+    });
+    p.a().ok(Request::VmStart { name: "d".into() });
+    p.rounds(50);
+    match p.a().call(Pair::move_req("d")) {
+        Outcome::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unsupported, "{e:?}");
+            assert!(
+                e.message
+                    .starts_with("VM d has 1 virtual disk, which would not follow it to node b"),
+                "{e:?}"
+            );
+        }
+        other => panic!("a VM with a disk was moved: {other:?}"),
+    }
+    assert!(p.a().jobs().is_empty());
+    assert_eq!(p.a().vm_state("d").as_deref(), Some("running"));
+    p.rounds(50);
+    assert!(p.b().vms().is_empty());
+    assert!(p.b().jobs().is_empty());
+    // Within the node it still moves (the new VM adopts the disks).
+    let id = p.start_move(
+        Mv {
+            to: Some("a"),
+            ..Mv::default()
+        }
+        .req("d"),
+    );
+    let j = p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
 }
