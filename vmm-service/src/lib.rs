@@ -17,6 +17,8 @@
 //!   heartbeat node, managed node);
 //! * [`mgmt`]: the management API (server, jobs, handlers; the protocol
 //!   itself is the `hvmgmt` crate);
+//! * [`lease`]: which node may write a VM's files on a shared store
+//!   (delta leases over a lease file; not yet taken by VMs);
 //! * [`store`]: the node's stores (host directories over 9P2000.L) and
 //!   their files as `vstorage::BlockIo`;
 //! * [`pump`]: the one piece that moves bytes between TCP sockets and the
@@ -34,6 +36,7 @@ pub mod cases;
 pub mod devices;
 pub mod disks;
 pub mod hypercall;
+pub mod lease;
 pub mod linux_cases;
 pub mod loader;
 pub mod mgmt;
