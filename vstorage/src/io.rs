@@ -178,7 +178,8 @@ impl MemIo {
         }
     }
 
-    /// Caps how large the store may grow (writes past it fail).
+    /// Caps how large the store may grow (writes past it fail with
+    /// [`IoError::NoSpace`]).
     pub fn with_limit(mut self, limit_bytes: u64) -> Self {
         self.limit = limit_bytes;
         self
@@ -196,12 +197,15 @@ impl MemIo {
 
     fn grow_to(&mut self, len: u64) -> Result<(), IoError> {
         if len > self.limit {
-            return Err(IoError::Host {
+            // The limit is the store's capacity: a full store, as a host
+            // file system's ENOSPC would say.
+            return Err(IoError::NoSpace {
                 op: "write",
                 detail: alloc::format!(
                     "memory store would grow to {len} bytes, above its limit of {}",
                     self.limit
-                ),
+                )
+                .into_boxed_str(),
             });
         }
         let len = usize::try_from(len).map_err(|_| IoError::Host {

@@ -1038,3 +1038,161 @@ fn zero_state_space_is_reused_once_and_never_over_live_data() {
     assert_eq!(e(0).file_offset(), b0.file_offset());
     assert!(e(1).file_offset() >= len && e(2).file_offset() >= len);
 }
+
+/// A file on a file system like tmpfs: growing the file is free (a hole),
+/// writing into a 4 KiB page never written before takes one page of the
+/// store's space; a write that runs out writes the pages that fit, then
+/// fails with `IoError::NoSpace`. `pages_left` is shared: the test frees
+/// space by raising it.
+struct SparseIo {
+    inner: MemIo,
+    written: alloc::collections::BTreeSet<u64>,
+    pages_left: alloc::rc::Rc<core::cell::Cell<u64>>,
+}
+
+impl BlockIo for SparseIo {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        let end = offset + data.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let page = at / 4096;
+            let next = ((page + 1) * 4096).min(end);
+            if !self.written.contains(&page) {
+                if self.pages_left.get() == 0 {
+                    return Err(IoError::NoSpace {
+                        op: "write",
+                        detail: "sparse test file: no pages left".into(),
+                    });
+                }
+                self.pages_left.set(self.pages_left.get() - 1);
+                self.written.insert(page);
+            }
+            let from = (at - offset) as usize;
+            self.inner
+                .write_at(at, &data[from..from + (next - at) as usize])?;
+            at = next;
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        Ok(())
+    }
+    fn len(&self) -> Result<u64, IoError> {
+        self.inner.len()
+    }
+    fn set_len(&mut self, len: u64) -> Result<(), IoError> {
+        self.written.retain(|&p| p * 4096 < len);
+        self.inner.set_len(len)
+    }
+}
+
+/// A store that fills under a dynamic disk (payload blocks, sector
+/// bitmaps, log entries all hit it, with a few pages freed at a time):
+/// every failed write or flush is `is_no_space`, leaves the disk usable,
+/// and succeeds when tried again after space is freed; at every failure the
+/// file as it is on the store opens (log replayed) with every flushed
+/// write in it; at the end it verifies, holds exactly what was written,
+/// and has no block allocated twice (no space leaked by the retries).
+#[test]
+fn a_full_store_fails_writes_retryably_and_loses_nothing() {
+    for (grant, block) in [(5u64, 1u32 << 20), (61, 2 << 20)] {
+        let size = 12u64 << 20;
+        let pages_left = alloc::rc::Rc::new(core::cell::Cell::new(u64::MAX));
+        let io = SparseIo {
+            inner: MemIo::new(),
+            written: Default::default(),
+            pages_left: pages_left.clone(),
+        };
+        let mut p = CreateParams::dynamic(size);
+        p.block_size = block;
+        p.guid_seed = 9;
+        let mut d = create(io, &p).unwrap();
+        // The store is full from here on, but for what the test frees.
+        pages_left.set(0);
+        let mut model = vec![0u8; size as usize];
+        let mut flushed = model.clone();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut failures = 0u32;
+        for op in 0..120u32 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let sectors = 1 + rng % 24;
+            let at = (rng >> 20) % (size / 512 - sectors) * 512;
+            let data: Vec<u8> = (0..sectors * 512)
+                .map(|i| (i as u32 ^ op.wrapping_mul(77)) as u8)
+                .collect();
+            let flush = op % 5 == 4;
+            let mut tries = 0;
+            loop {
+                let r = if flush { d.flush() } else { d.write(at, &data) };
+                match r {
+                    Ok(()) => break,
+                    Err(e) => {
+                        assert!(e.is_no_space(), "op {op}: {e}");
+                        failures += 1;
+                        pages_left.set(grant);
+                        tries += 1;
+                        assert!(tries < 10_000, "op {op} never succeeds");
+                        if failures % 7 != 1 {
+                            continue;
+                        }
+                        // What is on the store now holds every flushed write.
+                        let img = d.io().inner.as_slice().to_vec();
+                        let mut r =
+                            Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+                        let mut back = vec![0u8; size as usize];
+                        r.read(0, &mut back).unwrap();
+                        for (i, (b, f)) in back.iter().zip(&flushed).enumerate() {
+                            // Acknowledged but unflushed bytes may show, and
+                            // so may the failed write's own (not acknowledged).
+                            let failed_write = (!flush
+                                && (at as usize..at as usize + data.len()).contains(&i))
+                            .then(|| data[i - at as usize]);
+                            if b != f && *b != model[i] && Some(*b) != failed_write {
+                                panic!("op {op}: byte {i} is {b}, flushed {f}");
+                            }
+                        }
+                    }
+                }
+            }
+            if flush {
+                flushed.copy_from_slice(&model);
+            } else {
+                model[at as usize..][..data.len()].copy_from_slice(&data);
+            }
+        }
+        assert!(
+            failures > 3,
+            "grant {grant}: the store filled {failures} times"
+        );
+        pages_left.set(u64::MAX);
+        d.flush().unwrap();
+        let mut back = vec![0u8; size as usize];
+        d.read(0, &mut back).unwrap();
+        assert!(back == model, "grant {grant}: contents differ");
+        d.close().unwrap();
+        let img = d.io().inner.as_slice().to_vec();
+        let file_len = img.len() as u64;
+        let mut r = Vhdx::open(MemIo::from_vec(img), OpenOptions::read_only()).unwrap();
+        r.verify().unwrap();
+        r.read(0, &mut back).unwrap();
+        assert!(back == model, "grant {grant}: reopened contents differ");
+        // Allocated blocks end the file: nothing allocated and dropped.
+        let blocks = r
+            .allocated_ranges()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l)
+            .sum::<u64>()
+            / u64::from(block);
+        let payload_start = 4 << 20;
+        assert!(
+            file_len <= payload_start + blocks * u64::from(block),
+            "grant {grant}: file {file_len} bytes for {blocks} blocks"
+        );
+    }
+}

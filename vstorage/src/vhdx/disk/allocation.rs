@@ -187,18 +187,35 @@ impl<B: BlockIo> Vhdx<B> {
                     new_state,
                     mark,
                 } => {
-                    let off = match reuse {
+                    let fresh = reuse.is_none();
+                    let end_before = self.alloc_end;
+                    let placed = match reuse {
                         Some(off) => {
-                            self.reusable.remove(idx);
                             // The rest of the block must read as zeros.
-                            self.write_zeros(off, offset_in_block)?;
                             let tail = offset_in_block + n;
-                            self.write_zeros(off + tail, bs - tail)?;
-                            off
+                            self.write_zeros(off, offset_in_block)
+                                .and_then(|()| self.write_zeros(off + tail, bs - tail))
+                                .map(|()| off)
                         }
-                        None => self.allocate(bs)?,
+                        None => self.allocate(bs),
+                    }
+                    .and_then(|off| {
+                        self.io.write_at(off + offset_in_block, src)?;
+                        Ok(off)
+                    });
+                    let off = match placed {
+                        Ok(off) => off,
+                        Err(e) => {
+                            // Nothing refers to the space yet: give it back,
+                            // so a retry (the store was full) places the
+                            // block in the same space.
+                            self.alloc_end = end_before;
+                            return Err(e);
+                        }
                     };
-                    self.io.write_at(off + offset_in_block, src)?;
+                    if !fresh {
+                        self.reusable.remove(idx);
+                    }
                     self.set_bat_entry(idx, BatEntry::new(new_state, off), dirty);
                     mark
                 }
@@ -208,6 +225,14 @@ impl<B: BlockIo> Vhdx<B> {
                     Some(o) => o,
                     None => {
                         let o = self.allocate(MIB)?;
+                        // Zeros written now, not left a hole: the bitmap's
+                        // later log apply then never needs new space on
+                        // the store (a full store fails here, retryably,
+                        // not half-way through a commit).
+                        if let Err(e) = self.write_zeros(o, MIB) {
+                            self.alloc_end = o;
+                            return Err(e);
+                        }
                         self.set_bat_entry(m.bitmap_index, BatEntry::new(SB_PRESENT, o), dirty);
                         o
                     }

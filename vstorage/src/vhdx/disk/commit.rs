@@ -187,16 +187,48 @@ impl<B: BlockIo> Vhdx<B> {
             }
         }
         for g in groups.into_iter().filter(|g| !g.is_empty()) {
-            let r = self.commit_entry(&g);
-            if let Err(e) = &r {
-                self.poisoned = Some(e.to_string());
+            match self.commit_entry(&g) {
+                Ok(()) => {}
+                // The entry never became durable and nothing of it was
+                // applied: the disk is as before this entry (earlier ones
+                // are applied, and idempotent to commit again).
+                Err(Entry::NotWritten(e)) if e.is_no_space() => return Err(e),
+                Err(Entry::NotWritten(e) | Entry::Failed(e)) => {
+                    self.poisoned = Some(e.to_string());
+                    return Err(e);
+                }
             }
-            r?;
         }
         Ok(())
     }
 
-    fn commit_entry(&mut self, writes: &[LogWrite]) -> Result<(), DiskError> {
+    fn commit_entry(&mut self, writes: &[LogWrite]) -> Result<(), Entry> {
+        let not_written = |e: DiskError| Entry::NotWritten(e);
+        let failed = |e: DiskError| Entry::Failed(e);
+        let (len, entry) = self.build_log_entry(writes).map_err(failed)?;
+        self.io
+            .write_at(self.log_offset + u64::from(self.log_head), &entry)
+            .map_err(|e| not_written(e.into()))?;
+        self.io.flush().map_err(|e| failed(e.into()))?;
+        self.log_head += len;
+        self.log_seq += 1;
+        if self.stop_before_apply {
+            self.crashed = true;
+            return Err(Entry::Failed(DiskError::Io(crate::io::IoError::Host {
+                op: "commit",
+                detail: "simulated crash before applying the log".into(),
+            })));
+        }
+        for w in writes {
+            self.apply_write(w).map_err(failed)?;
+        }
+        self.io.flush().map_err(|e| failed(e.into()))?;
+        Ok(())
+    }
+
+    /// The next log entry holding `writes` (its length, its bytes); moves
+    /// the head to the log's start when it does not fit before the end.
+    fn build_log_entry(&mut self, writes: &[LogWrite]) -> Result<(u32, Vec<u8>), DiskError> {
         let len = log::entry_len(writes) as u32;
         if len > self.log_length {
             return Err(corrupt("log too small for one entry"));
@@ -213,24 +245,7 @@ impl<B: BlockIo> Vhdx<B> {
             last_file_offset: round_up_mib(self.alloc_end.max(real_len))
                 .ok_or_else(|| corrupt("file too large"))?,
         };
-        let entry = log::build_entry(&p, writes);
-        self.io
-            .write_at(self.log_offset + u64::from(self.log_head), &entry)?;
-        self.io.flush()?;
-        self.log_head += len;
-        self.log_seq += 1;
-        if self.stop_before_apply {
-            self.crashed = true;
-            return Err(DiskError::Io(crate::io::IoError::Host {
-                op: "commit",
-                detail: "simulated crash before applying the log".into(),
-            }));
-        }
-        for w in writes {
-            self.apply_write(w)?;
-        }
-        self.io.flush()?;
-        Ok(())
+        Ok((len, log::build_entry(&p, writes)))
     }
 
     fn bat_page_writes(&self, dirty: &BTreeSet<usize>) -> Vec<LogWrite> {
@@ -248,18 +263,33 @@ impl<B: BlockIo> Vhdx<B> {
 
     /// Commits pending BAT and sector bitmap pages: data first (so no entry
     /// points at unwritten space), then one log transaction.
+    ///
+    /// A full store while the log entry is written leaves everything
+    /// staged (the disk stays usable: the commit is tried again by the next
+    /// flush); any other failure poisons the disk.
     pub(super) fn commit_pending(&mut self) -> Result<(), DiskError> {
         if self.pending_bat.is_empty() && self.pending_sb.is_empty() {
             return Ok(());
         }
-        self.io.flush()?;
-        let mut meta: Vec<LogWrite> = core::mem::take(&mut self.pending_sb)
-            .into_iter()
-            .map(|(file_offset, data)| LogWrite::Data { file_offset, data })
+        // A failed fsync may have dropped the data it was to make durable:
+        // never retried.
+        if let Err(e) = self.io.flush() {
+            self.poisoned.get_or_insert_with(|| e.to_string());
+            return Err(e.into());
+        }
+        let mut meta: Vec<LogWrite> = self
+            .pending_sb
+            .iter()
+            .map(|(&file_offset, data)| LogWrite::Data {
+                file_offset,
+                data: data.clone(),
+            })
             .collect();
-        let dirty = core::mem::take(&mut self.pending_bat);
-        meta.extend(self.bat_page_writes(&dirty));
-        self.commit(meta)
+        meta.extend(self.bat_page_writes(&self.pending_bat));
+        self.commit(meta)?;
+        self.pending_sb.clear();
+        self.pending_bat.clear();
+        Ok(())
     }
 
     /// Marks the file cleanly closed: flushes and clears LogGuid so other
@@ -282,4 +312,12 @@ impl<B: BlockIo> Vhdx<B> {
         }
         Ok(())
     }
+}
+
+/// How a log entry's commit failed.
+enum Entry {
+    /// Before the entry was durable: nothing of it is applied.
+    NotWritten(DiskError),
+    /// After it was (or while it was made) durable.
+    Failed(DiskError),
 }

@@ -16,6 +16,13 @@
 //!   it visible, so a crash never exposes stale file bytes.
 //! - A clean [`Vhdx::close`] (or drop) clears LogGuid so other implementations
 //!   can open the file read-only.
+//! - A full store (`IoError::NoSpace`) while a write places its payload, or
+//!   while a log entry is written (before it is durable), leaves the disk
+//!   usable and unchanged as far as any reader can tell: space allocated for
+//!   the failed write is given back and staged metadata stays staged, so the
+//!   same write (or flush) can be retried once space is freed (a VM whose
+//!   disk filled its store is paused and retries). Any other failure, and a
+//!   failed fsync, poisons the disk: every later call fails.
 //! - A file with a pending log opened read-only is replayed into an in-memory
 //!   overlay (MS-VHDX 2.3.3, note 5); the file itself is not touched.
 //!
@@ -394,7 +401,7 @@ impl<B: BlockIo> VirtualDisk for Vhdx<B> {
         )?;
         let r = self.write_inner(offset, data);
         if let Err(e) = &r {
-            if self.poisoned.is_none() && !matches!(e, DiskError::Request(_)) {
+            if self.poisoned.is_none() && !matches!(e, DiskError::Request(_)) && !e.is_no_space() {
                 self.poisoned = Some(e.to_string());
             }
         }
@@ -403,11 +410,12 @@ impl<B: BlockIo> VirtualDisk for Vhdx<B> {
     fn flush(&mut self) -> Result<(), DiskError> {
         self.check_usable()?;
         if self.writable {
-            let r = self.commit_pending().and_then(|()| Ok(self.io.flush()?));
-            if let Err(e) = &r {
+            // commit_pending poisons what cannot be retried itself.
+            self.commit_pending()?;
+            if let Err(e) = self.io.flush() {
                 self.poisoned.get_or_insert_with(|| e.to_string());
+                return Err(e.into());
             }
-            r?;
         }
         Ok(())
     }
