@@ -261,6 +261,12 @@ pub enum VmCmd {
         /// The VM's name
         name: String,
     },
+    /// Run a paused VM on: for `store full`, retry its disk's waiting
+    /// write now (refused while the store is still full)
+    Resume {
+        /// The VM's name
+        name: String,
+    },
     /// Delete a stopped VM
     Delete {
         /// The VM's name
@@ -491,6 +497,7 @@ impl Cli {
                 }
                 VmCmd::Start { name } => Request::VmStart { name: name.clone() },
                 VmCmd::Stop { name } => Request::VmStop { name: name.clone() },
+                VmCmd::Resume { name } => Request::VmResume { name: name.clone() },
                 VmCmd::Delete { name } => Request::VmDelete { name: name.clone() },
                 VmCmd::Move {
                     name,
@@ -769,6 +776,9 @@ fn vm_line(v: &VmInfo) -> String {
         v.name, v.state, v.memory_mib, v.guest, v.exits, v.console_lines
     );
     if let Some(r) = &v.stop_reason {
+        line.push_str(&format!("  ({r})"));
+    }
+    if let Some(r) = &v.pause_reason {
         line.push_str(&format!("  ({r})"));
     }
     line
@@ -2070,6 +2080,8 @@ mod tests {
                 exits: 1,
                 console_lines: 3,
                 migration_job: None,
+                pause_reason: None,
+                pause_detail: None,
             }
         }
 

@@ -411,6 +411,15 @@ impl Devices {
         self.virtio.iter().any(VirtioBlk::has_work)
     }
 
+    /// A disk whose store is full holds a request back: `(slot, why)` of
+    /// the first (each [`Devices::process_virtio`] retries them).
+    pub fn store_full(&self) -> Option<(u8, &str)> {
+        self.virtio
+            .iter()
+            .enumerate()
+            .find_map(|(i, d)| Some((i as u8, d.store_full()?)))
+    }
+
     /// Serve the virtio requests the guest made available: slot n's disk
     /// is `disks[n]` (missing: every request fails). Called after the
     /// access that notified, with the VM's memory.

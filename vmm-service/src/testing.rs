@@ -608,3 +608,54 @@ impl NetStack for FakeNet {
         })
     }
 }
+
+/// A file on a store with room for `room` bytes of file: growing past it
+/// is a full store (`IoError::NoSpace`, nothing written); the test frees
+/// space by raising the shared `room`.
+pub struct RoomFile {
+    pub io: vstorage::MemIo,
+    pub room: Rc<Cell<u64>>,
+}
+
+impl RoomFile {
+    /// An empty file with unlimited room, and the handle on its room.
+    pub fn new() -> (Self, Rc<Cell<u64>>) {
+        let room = Rc::new(Cell::new(u64::MAX));
+        (
+            Self {
+                io: vstorage::MemIo::new(),
+                room: room.clone(),
+            },
+            room,
+        )
+    }
+    fn check(&self, end: u64) -> Result<(), vstorage::IoError> {
+        if end > self.room.get() {
+            return Err(vstorage::IoError::NoSpace {
+                op: "write",
+                detail: "test store: no space left".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl vstorage::BlockIo for RoomFile {
+    fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), vstorage::IoError> {
+        self.io.read_at(o, b)
+    }
+    fn write_at(&mut self, o: u64, b: &[u8]) -> Result<(), vstorage::IoError> {
+        self.check(o + b.len() as u64)?;
+        self.io.write_at(o, b)
+    }
+    fn flush(&mut self) -> Result<(), vstorage::IoError> {
+        Ok(())
+    }
+    fn len(&self) -> Result<u64, vstorage::IoError> {
+        self.io.len()
+    }
+    fn set_len(&mut self, l: u64) -> Result<(), vstorage::IoError> {
+        self.check(l)?;
+        self.io.set_len(l)
+    }
+}

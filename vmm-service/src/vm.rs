@@ -3,7 +3,12 @@
 //! Lifecycle: `Created` (kernel loaded, start state built) -> `Running` <->
 //! `Halted` (idle for the rest of a slice) -> `Stopped(reason)`. Apart from
 //! the state, a live migration can *pause* a VM ([`Vm::pause`]): it is not
-//! runnable until [`Vm::resume`], whatever its state. A stopped VM
+//! runnable until [`Vm::resume`], whatever its state. A disk whose store is
+//! full pauses it too, for its own reason ([`Vm::store_full`]): the guest's
+//! request waits in its ring, unanswered, and [`Vm::retry_store_full`]
+//! (the node, every [`STORE_FULL_RETRY_NS`], or `vm resume`) serves it
+//! again; the VM runs on once it succeeds. The two pauses are independent:
+//! a migration's resume does not end a store-full pause. A stopped VM
 //! never runs again; dropping the [`Vm`] drops its partition, which returns
 //! its memory to the host. Every stop prints one console line, `vm NAME
 //! stopped: REASON`.
@@ -45,6 +50,26 @@ pub const RECENT_LINES: usize = 32;
 pub const NAME_MAX: usize = 32;
 
 const RFLAGS_IF: u64 = 1 << 9;
+
+/// Host time between the node's automatic retries of a VM paused because
+/// its store is full.
+pub const STORE_FULL_RETRY_NS: u64 = 1_000_000_000;
+
+/// A VM held back because a disk's store is full: the guest's request
+/// waits in its ring (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreFull {
+    /// The disk's virtio slot.
+    pub slot: u8,
+    /// The store's error on the last try.
+    pub detail: String,
+    /// Host time of the pause.
+    pub since_ns: u64,
+    /// Host time of the next automatic retry.
+    pub next_retry_ns: u64,
+    /// Retries that found the store still full.
+    pub retries: u64,
+}
 
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,6 +236,8 @@ pub struct Vm {
     state: VmState,
     /// Paused by a live migration: not runnable until resumed.
     paused: bool,
+    /// Paused because a disk's store is full.
+    store_full: Option<StoreFull>,
     /// Who drives the partition's dirty log.
     dirty_log_owner: DirtyLogOwner,
     migrations: MigrationCounters,
@@ -306,6 +333,7 @@ impl Vm {
             devices: Devices::new(),
             state: VmState::Created,
             paused: false,
+            store_full: None,
             dirty_log_owner: DirtyLogOwner::Guest,
             migrations: MigrationCounters::default(),
             counters: VmCounters::default(),
@@ -457,7 +485,73 @@ impl Vm {
     }
     /// Whether the scheduler should give it slices.
     pub fn is_runnable(&self) -> bool {
-        !self.paused && matches!(self.state, VmState::Running | VmState::Halted)
+        !self.paused
+            && self.store_full.is_none()
+            && matches!(self.state, VmState::Running | VmState::Halted)
+    }
+    /// Why it is held back besides a live migration: a disk's store is
+    /// full.
+    pub fn store_full(&self) -> Option<&StoreFull> {
+        self.store_full.as_ref()
+    }
+    /// Whether the node should retry its store-full request at `now_ns`.
+    pub fn store_full_retry_due(&self, now_ns: u64) -> bool {
+        self.store_full
+            .as_ref()
+            .is_some_and(|f| now_ns >= f.next_retry_ns)
+            && self.stop_reason().is_none()
+    }
+    /// Serve the request that waits for a full store again (the node's
+    /// retry, or `vm resume`). `Ok(true)`: served, the VM runs on;
+    /// `Ok(false)`: not paused for a full store; `Err(why)`: the store is
+    /// still full (next automatic retry in [`STORE_FULL_RETRY_NS`]).
+    pub fn retry_store_full(&mut self, host: &mut dyn Host) -> Result<bool, String> {
+        let Some(mut full) = self.store_full.take() else {
+            return Ok(false);
+        };
+        self.devices
+            .process_virtio(self.partition.memory(), &mut self.disks);
+        let now = host.now_ns();
+        match self.devices.store_full() {
+            None => {
+                let waited_ms = now.saturating_sub(full.since_ns) / 1_000_000;
+                host.console_write(&alloc::format!(
+                    "vm {} resumed: its store has space again (paused {waited_ms} ms, {} retries)\n",
+                    self.name, full.retries
+                ));
+                Ok(true)
+            }
+            Some((slot, why)) => {
+                full.slot = slot;
+                full.detail = why.into();
+                full.retries += 1;
+                full.next_retry_ns = now.saturating_add(STORE_FULL_RETRY_NS);
+                let err = full.detail.clone();
+                self.store_full = Some(full);
+                Err(err)
+            }
+        }
+    }
+    /// A disk's request found its store full: hold the VM (once).
+    fn note_store_full(&mut self, host: &mut dyn Host) {
+        let Some((slot, why)) = self.devices.store_full() else {
+            return;
+        };
+        if self.store_full.is_some() {
+            return;
+        }
+        let now = host.now_ns();
+        host.console_write(&alloc::format!(
+            "vm {} paused: store full: disk {slot}: {why}\n",
+            self.name
+        ));
+        self.store_full = Some(StoreFull {
+            slot,
+            detail: why.into(),
+            since_ns: now,
+            next_retry_ns: now.saturating_add(STORE_FULL_RETRY_NS),
+            retries: 0,
+        });
     }
     /// Whether a live migration paused it.
     pub fn is_paused(&self) -> bool {
@@ -508,6 +602,11 @@ impl Vm {
     /// Its devices.
     pub fn devices(&self) -> &Devices {
         &self.devices
+    }
+    /// Its devices and memory, to play a guest driver (tests).
+    #[cfg(test)]
+    pub fn devices_and_memory(&mut self) -> (&mut Devices, &mut dyn hvcore::mem::GuestMemory) {
+        (&mut self.devices, self.partition.memory())
     }
 
     /// Hand the dirty log to a live migration: start it in `mode` (whatever
@@ -563,7 +662,7 @@ impl Vm {
     /// Run the VM until `slice_end_ns` (host clock), until it halts, or
     /// until it stops.
     pub fn run_slice(&mut self, host: &mut dyn Host, slice_end_ns: u64) -> SliceEnd {
-        if self.paused {
+        if self.paused || self.store_full.is_some() {
             return SliceEnd::NotRunnable;
         }
         match self.state {
@@ -578,6 +677,16 @@ impl Vm {
             _ => return SliceEnd::NotRunnable,
         }
         self.counters.slices += 1;
+        // Requests a restored device found in its ring (one that waited
+        // for a full store on the source of a live migration).
+        if self.devices.virtio_pending() {
+            self.devices
+                .process_virtio(self.partition.memory(), &mut self.disks);
+            if self.devices.store_full().is_some() {
+                self.note_store_full(host);
+                return SliceEnd::NotRunnable;
+            }
+        }
         let mut since_clock = 0u32;
         let pc = self.devices.machine() == Machine::Pc;
         loop {
@@ -652,6 +761,10 @@ impl Vm {
                     if self.devices.virtio_pending() {
                         self.devices
                             .process_virtio(self.partition.memory(), &mut self.disks);
+                        if self.devices.store_full().is_some() {
+                            self.note_store_full(host);
+                            return SliceEnd::NotRunnable;
+                        }
                     }
                 }
                 Handled::DeviceMsrRead { msr } => {
@@ -1127,6 +1240,77 @@ mod tests {
         assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::NotRunnable);
         v.resume();
         assert!(v.is_runnable());
+    }
+
+    /// A disk whose store fills pauses its VM with the request unanswered
+    /// (`store full`); a retry while it is still full keeps it paused;
+    /// after space is freed the retry serves the write (acknowledged then,
+    /// data on the disk) and the VM runs on. Other VMs are not held.
+    #[test]
+    fn a_full_store_pauses_the_vm_until_a_retry_succeeds() {
+        use crate::devices::acpi::VirtioMmioSlot;
+        use crate::devices::virtio_blk::{test_driver, S_OK};
+        use crate::testing::RoomFile;
+        use vstorage::vhdx::{self, CreateParams};
+        let mut host = FakeHost::new();
+        let mut v = vm(&mut host, "full");
+        let other = vm(&mut host, "other");
+        let (file, room) = RoomFile::new();
+        let params = CreateParams {
+            block_size: 1 << 20,
+            ..CreateParams::dynamic(8 << 20)
+        };
+        let disk = vhdx::create(file, &params).unwrap();
+        room.set(vstorage::BlockIo::len(disk.io()).unwrap());
+        let meta = crate::disks::DiskMeta {
+            backing: crate::disks::Backing::File {
+                location: "local:full.vhdx".into(),
+            },
+            fixed: false,
+            virtual_bytes: 8 << 20,
+            block_bytes: 1 << 20,
+        };
+        assert_eq!(v.attach_disk(Box::new(disk), meta), Some(0));
+        let base = VirtioMmioSlot::standard(0).base;
+        let devices = &mut v.devices;
+        let mut w = |off: u64, val: u32| devices.mmio_write(0, base + off, &val.to_le_bytes());
+        test_driver::init(&mut w);
+        let data: alloc::vec::Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+        test_driver::submit_write(v.partition.memory(), &mut w, 0, 8, &data);
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::NotRunnable);
+        let full = v.store_full().expect("paused for a full store").clone();
+        assert_eq!(full.slot, 0);
+        assert!(full.detail.contains("store full"), "{}", full.detail);
+        assert!(
+            !v.is_runnable() && !v.is_paused(),
+            "not a migration's pause"
+        );
+        assert!(other.is_runnable(), "other VMs are not held");
+        assert!(host
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("vm full paused: store full: disk 0")));
+        assert_eq!(test_driver::completed(v.partition.memory()).0, 0);
+        // Not due yet; then due, and still full.
+        assert!(!v.store_full_retry_due(full.since_ns));
+        assert!(v.store_full_retry_due(full.since_ns + STORE_FULL_RETRY_NS));
+        assert!(v.retry_store_full(&mut host).is_err());
+        assert_eq!(v.store_full().unwrap().retries, 1);
+        assert_eq!(test_driver::completed(v.partition.memory()), (0, 0xaa));
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::NotRunnable);
+        // Space returns: the same write completes, acknowledged.
+        room.set(u64::MAX);
+        assert_eq!(v.retry_store_full(&mut host), Ok(true));
+        assert!(v.store_full().is_none() && v.is_runnable());
+        assert_eq!(test_driver::completed(v.partition.memory()), (1, S_OK));
+        let mut back = alloc::vec![0u8; 4096];
+        v.disk_mut(0).unwrap().read(8 * 512, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert!(host
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("vm full resumed: its store has space again")));
+        assert_eq!(v.retry_store_full(&mut host), Ok(false), "nothing waits");
     }
 
     /// A PC guest programs its local APIC timer through MMIO (emulated

@@ -130,6 +130,12 @@ pub enum Request {
     VmStop {
         name: String,
     },
+    /// Run VM `name` on after a pause of its own (`pause_reason`): for
+    /// `store full`, serve the waiting disk request again now; refused
+    /// with `no-resources` if the store is still full.
+    VmResume {
+        name: String,
+    },
     VmDelete {
         name: String,
     },
@@ -302,6 +308,14 @@ pub struct VmInfo {
     /// The job moving it (either end of a live migration), else `None`.
     #[serde(default)]
     pub migration_job: Option<u64>,
+    /// Why a `paused` VM is paused, when not by a live migration: `store
+    /// full` (a disk's store filled; the node retries every second and
+    /// the VM runs on once the write succeeds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
+    /// The store's error while `store full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_detail: Option<String>,
 }
 
 /// One virtual disk of a VM.

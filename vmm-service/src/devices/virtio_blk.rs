@@ -20,11 +20,23 @@
 //! (the driver negotiates `VIRTIO_BLK_F_FLUSH`; without it the device is
 //! write-through: each write is flushed before it is acknowledged).
 //!
+//! A full store is not an error the guest sees: a request whose disk call
+//! fails with `IoError::NoSpace` (the VHDX engine leaves the disk usable
+//! then) is *not completed*: it goes back to the available ring (the queue's
+//! `last_avail` steps back over it), no status byte is written, nothing is
+//! acknowledged, later requests wait behind it, and the device reports
+//! [`VirtioBlk::store_full`]. The VM is paused on that; each later
+//! [`VirtioBlk::process`] (the node's retry) serves the same request again
+//! from the ring, in full (a write is idempotent), until it succeeds. The
+//! stalled request needs no saved state: it is still in the guest's ring,
+//! and a restored device looks at its ring once without a notify.
+//!
 //! Features offered: `SEG_MAX`, `FLUSH`, `RO` for a read-only disk. Memory
 //! is bounded by one [`CHUNK_BYTES`] bounce buffer whatever the request.
 
 use super::state::{expect_version, DeviceKind, Snapshot, StateError, StateReader, StateWriter};
 use super::virtio_mmio::{Desc, QueueError, VirtioDevice, VirtioMmio};
+use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 use hvcore::addr::Gpa;
@@ -114,6 +126,21 @@ pub struct VirtioBlk {
     pub counters: BlkCounters,
     /// The last protocol violation, for diagnostics (not saved).
     pub last_error: Option<QueueError>,
+    /// The store behind the disk is full: the first request waiting in the
+    /// ring failed with `NoSpace` (the error's text); `None` once it is
+    /// served (not saved: the request is still in the ring).
+    store_full: Option<String>,
+    /// Restored from a saved state: requests the source left in the ring
+    /// (one that waited for a full store) are served without a new notify.
+    recheck: bool,
+}
+
+/// How one request was served.
+enum Served {
+    /// Completed: bytes written into the guest's buffers (status included).
+    Done(u32),
+    /// The disk's store is full: not completed (the error's text).
+    StoreFull(String),
 }
 
 /// The writable/readable bytes of a chain as one address space.
@@ -179,6 +206,8 @@ impl VirtioBlk {
             },
             counters: BlkCounters::default(),
             last_error: None,
+            store_full: None,
+            recheck: false,
         }
     }
 
@@ -204,9 +233,14 @@ impl VirtioBlk {
     }
 
     /// Whether the guest notified a queue since the last
-    /// [`VirtioBlk::process`].
+    /// [`VirtioBlk::process`], or a request waits for a full store.
     pub fn has_work(&self) -> bool {
-        self.mmio.notified() != 0
+        self.mmio.notified() != 0 || self.store_full.is_some() || self.recheck
+    }
+
+    /// Why a request waits (its store is full), if one does.
+    pub fn store_full(&self) -> Option<&str> {
+        self.store_full.as_deref()
     }
 
     /// The interrupt line (level).
@@ -216,7 +250,9 @@ impl VirtioBlk {
 
     /// Serve every request the guest made available, on `disk` (`None`:
     /// no disk attached, every request fails). `scratch` is reused
-    /// between calls. Returns whether any request completed.
+    /// between calls. Returns whether any request completed. A request
+    /// that finds the store full stops the round and stays in the ring
+    /// ([`VirtioBlk::store_full`]; the module doc).
     pub fn process(
         &mut self,
         mem: &mut dyn GuestMemory,
@@ -224,6 +260,7 @@ impl VirtioBlk {
         scratch: &mut Vec<u8>,
     ) -> bool {
         self.mmio.take_notified();
+        self.recheck = false;
         if !self.mmio.driver_ok() {
             return false;
         }
@@ -257,16 +294,28 @@ impl VirtioBlk {
                 &mut counters,
             );
             self.counters = counters;
+            let Some(queue) = self.mmio.queue_mut(0) else {
+                return completed;
+            };
             let written = match served {
-                Ok(n) => n,
+                Ok(Served::Done(n)) => n,
+                Ok(Served::StoreFull(why)) => {
+                    // Back into the ring, unanswered: served again by the
+                    // next call. The driver may not touch a chain it made
+                    // available until it is used, so it is the same one.
+                    queue.last_avail = queue.last_avail.wrapping_sub(1);
+                    if self.store_full.is_none() {
+                        log::warn!("virtio-blk: {why}: the request waits for space");
+                    }
+                    self.store_full = Some(why);
+                    break;
+                }
                 Err(e) => {
                     self.fail(e);
                     return completed;
                 }
             };
-            let Some(queue) = self.mmio.queue_mut(0) else {
-                return completed;
-            };
+            self.store_full = None;
             if let Err(e) = queue.push_used(mem, head, written) {
                 self.fail(e);
                 return completed;
@@ -290,7 +339,8 @@ impl VirtioBlk {
     }
 }
 
-/// Serve one request; returns the bytes written into the guest's buffers.
+/// Serve one request; returns the bytes written into the guest's buffers,
+/// or that the store is full (nothing written to the guest then).
 fn serve<'d>(
     config: &BlkConfig,
     chain: &[Desc],
@@ -299,7 +349,7 @@ fn serve<'d>(
     write_through: bool,
     scratch: &mut Vec<u8>,
     counters: &mut BlkCounters,
-) -> Result<u32, QueueError> {
+) -> Result<Served, QueueError> {
     let segs = Segments { descs: chain };
     let readable = segs.total(false);
     let writable = segs.total(true);
@@ -329,6 +379,7 @@ fn serve<'d>(
             counters.flushes += 1;
             match d.flush() {
                 Ok(()) => S_OK,
+                Err(e) if e.is_no_space() => return Ok(Served::StoreFull(e.to_string())),
                 Err(e) => {
                     log::warn!("virtio-blk: flush failed: {e}");
                     S_IOERR
@@ -360,12 +411,16 @@ fn serve<'d>(
                         if write && write_through {
                             match d.flush() {
                                 Ok(()) => S_OK,
+                                Err(e) if e.is_no_space() => {
+                                    return Ok(Served::StoreFull(e.to_string()))
+                                }
                                 Err(_) => S_IOERR,
                             }
                         } else {
                             S_OK
                         }
                     }
+                    Ok(Err(e)) if e.is_no_space() => return Ok(Served::StoreFull(e.to_string())),
                     Ok(Err(e)) => {
                         log::warn!("virtio-blk: disk error at sector {sector}: {e}");
                         S_IOERR
@@ -381,7 +436,9 @@ fn serve<'d>(
     }
     segs.copy(mem, true, in_len, &mut [status])?;
     // At most MAX_REQUEST_BYTES + 1 or the ID: fits u32.
-    Ok(u32::try_from(data_written + 1).unwrap_or(u32::MAX))
+    Ok(Served::Done(
+        u32::try_from(data_written + 1).unwrap_or(u32::MAX),
+    ))
 }
 
 /// Move `len` bytes between the chain's data and the disk at byte
@@ -451,7 +508,87 @@ impl Snapshot for VirtioBlk {
         r.finish()?;
         self.config = config;
         self.mmio = mmio;
+        self.recheck = true;
         Ok(())
+    }
+}
+
+/// A driver's side of one queue for tests elsewhere in the crate (a VM's
+/// or a node's disk): `w(offset, value)` writes the slot's registers.
+#[cfg(test)]
+pub(crate) mod test_driver {
+    use super::*;
+    const DESC: u64 = 0x30_0000;
+    const AVAIL: u64 = 0x30_1000;
+    const USED: u64 = 0x30_2000;
+    const HDR: u64 = 0x30_3000;
+    const STATUS: u64 = 0x30_4000;
+    const DATA: u64 = 0x31_0000;
+
+    /// Negotiate FLUSH, one queue of 16 (rings at 3 MiB), DRIVER_OK.
+    pub fn init(w: &mut dyn FnMut(u64, u32)) {
+        for (off, v) in [
+            (0x70, 3),
+            (0x24, 0),
+            (0x20, F_FLUSH as u32),
+            (0x24, 1),
+            (0x20, 1),
+            (0x70, 0xb),
+            (0x30, 0),
+            (0x38, 16),
+            (0x80, DESC as u32),
+            (0x90, AVAIL as u32),
+            (0xa0, USED as u32),
+            (0x44, 1),
+            (0x70, 0xf),
+        ] {
+            w(off, v);
+        }
+    }
+
+    /// Make request number `n` (0, 1, ...) a write of `data` at `sector`
+    /// available, and notify.
+    pub fn submit_write(
+        mem: &mut dyn GuestMemory,
+        w: &mut dyn FnMut(u64, u32),
+        n: u16,
+        sector: u64,
+        data: &[u8],
+    ) {
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&T_OUT.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write(Gpa(HDR), &hdr).unwrap();
+        mem.write(Gpa(STATUS), &[0xaa]).unwrap();
+        mem.write(Gpa(DATA), data).unwrap();
+        for (i, (gpa, len, flags)) in [
+            (HDR, 16u32, 1u16),
+            (DATA, data.len() as u32, 1),
+            (STATUS, 1, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&gpa.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&(i as u16 + 1).to_le_bytes());
+            mem.write(Gpa(DESC + 16 * i as u64), &d).unwrap();
+        }
+        mem.write(Gpa(AVAIL + 4 + 2 * u64::from(n % 16)), &0u16.to_le_bytes())
+            .unwrap();
+        mem.write(Gpa(AVAIL + 2), &(n + 1).to_le_bytes()).unwrap();
+        w(0x50, 0);
+    }
+
+    /// Requests completed (the used ring's index) and the last status byte.
+    pub fn completed(mem: &dyn GuestMemory) -> (u16, u8) {
+        let mut b = [0u8; 2];
+        mem.read(Gpa(USED + 2), &mut b).unwrap();
+        let mut st = [0u8];
+        mem.read(Gpa(STATUS), &mut st).unwrap();
+        (u16::from_le_bytes(b), st[0])
     }
 }
 
@@ -685,6 +822,70 @@ mod tests {
         let mut drv = Driver { avail: 0 };
         let (st, _) = drv.request(&mut dev, &mut mem, Some(&mut disk), (T_OUT, 0, 512, false));
         assert_eq!(st, S_IOERR);
+    }
+
+    /// A write that finds the store full is neither completed nor answered:
+    /// it stays in the ring, the device says why, retries find it again,
+    /// and once space is freed it completes with its data on the disk.
+    #[test]
+    fn a_full_store_leaves_the_request_in_the_ring_until_space_returns() {
+        for flush_negotiated in [true, false] {
+            let (file, room) = crate::testing::RoomFile::new();
+            let params = CreateParams {
+                block_size: 1 << 20,
+                ..CreateParams::dynamic(8 << 20)
+            };
+            let mut disk = vhdx::create(file, &params).unwrap();
+            room.set(disk.io().len().unwrap());
+            let mut dev = VirtioBlk::new(8 << 20, false);
+            let mut mem = FakeMemory::new(4 << 20);
+            driver_init(&mut dev, flush_negotiated);
+            let data = pattern(3, 8192);
+            mem.write(Gpa(DATA), &data).unwrap();
+            let mut hdr = [0u8; 16];
+            hdr[..4].copy_from_slice(&T_OUT.to_le_bytes());
+            hdr[8..].copy_from_slice(&40u64.to_le_bytes());
+            mem.write(Gpa(HDR), &hdr).unwrap();
+            mem.write(Gpa(STATUS), &[0xaa]).unwrap();
+            Driver::desc(&mut mem, 0, HDR, 16, 1, 1);
+            Driver::desc(&mut mem, 1, DATA, 8192, 1, 2);
+            Driver::desc(&mut mem, 2, STATUS, 1, 2, 0);
+            mem.write(Gpa(AVAIL + 4), &0u16.to_le_bytes()).unwrap();
+            mem.write(Gpa(AVAIL + 2), &1u16.to_le_bytes()).unwrap();
+            w32(&mut dev, 0x50, 0);
+            let used_idx = |mem: &FakeMemory| {
+                let mut b = [0u8; 2];
+                mem.read(Gpa(USED + 2), &mut b).unwrap();
+                u16::from_le_bytes(b)
+            };
+            let status = |mem: &FakeMemory| {
+                let mut b = [0u8];
+                mem.read(Gpa(STATUS), &mut b).unwrap();
+                b[0]
+            };
+            let mut scratch = Vec::new();
+            for _ in 0..3 {
+                assert!(!dev.process(&mut mem, Some(&mut disk), &mut scratch));
+                assert!(dev.store_full().is_some_and(|w| w.contains("store full")));
+                assert!(dev.has_work(), "the retry has work");
+                assert_eq!(used_idx(&mem), 0, "nothing completed");
+                assert_eq!(status(&mem), 0xaa, "no status written");
+                assert!(!dev.interrupt_line());
+                assert!(dev.transport().driver_ok(), "no reset");
+            }
+            assert_eq!(dev.counters.errors, 0);
+            room.set(u64::MAX);
+            assert!(dev.process(&mut mem, Some(&mut disk), &mut scratch));
+            assert_eq!(dev.store_full(), None);
+            assert!(!dev.has_work());
+            assert_eq!((used_idx(&mem), status(&mem)), (1, S_OK));
+            assert!(dev.interrupt_line());
+            let mut back = vec![0u8; 8192];
+            disk.read(40 * 512, &mut back).unwrap();
+            assert_eq!(back, data);
+            disk.flush().unwrap();
+            disk.verify().unwrap();
+        }
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub const GUESTS: [&str; 12] = [
 /// Longest step of a store benchmark per node loop round (VMs and the
 /// management API run between steps).
 pub const STORE_BENCH_STEP_NS: u64 = 50_000_000;
+/// `pause_reason` of a VM whose disk's store is full.
+pub const PAUSE_STORE_FULL: &str = "store full";
 /// The guest of a VM created without one.
 pub const DEFAULT_GUEST: &str = "heartbeat";
 
@@ -139,7 +141,7 @@ fn state_name(vm: &Vm) -> &'static str {
     match vm.state() {
         VmState::Created if vm.migration_mark().is_some_and(|m| m.incoming) => "incoming",
         VmState::Stopped(_) => "stopped",
-        _ if vm.is_paused() => "paused",
+        _ if vm.is_paused() || vm.store_full().is_some() => "paused",
         VmState::Created => "created",
         VmState::Running => "running",
         VmState::Halted => "halted",
@@ -247,6 +249,7 @@ impl Managed {
         self.migrations.drive(host, &mut self.vms, &mut self.jobs);
         self.drive_storage_moves(host);
         self.drive_store_benches(host);
+        self.retry_store_full(host);
     }
 
     /// Where disks and storage migrations put files in place of the
@@ -480,6 +483,27 @@ impl Managed {
             exits: vm.counters().exits,
             console_lines: vm.counters().console_lines,
             migration_job: vm.migration_mark().map(|m| m.job),
+            pause_reason: vm
+                .store_full()
+                .filter(|_| vm.stop_reason().is_none())
+                .map(|_| PAUSE_STORE_FULL.into()),
+            pause_detail: vm
+                .store_full()
+                .filter(|_| vm.stop_reason().is_none())
+                .map(|f| format!("disk {}: {}", f.slot, f.detail)),
+        }
+    }
+
+    /// Retry the waiting disk request of each VM paused because its store
+    /// is full, once a [`crate::vm::STORE_FULL_RETRY_NS`] (call every loop
+    /// round).
+    fn retry_store_full(&mut self, host: &mut dyn Host) {
+        let now = host.now_ns();
+        for vm in &mut self.vms {
+            if vm.store_full_retry_due(now) {
+                // Still full: the VM waits for the next retry.
+                let _ = vm.retry_store_full(host);
+            }
         }
     }
 
@@ -702,6 +726,28 @@ impl Managed {
                 }
                 self.vms[i].stop(host, StopReason::Requested);
                 Outcome::Ok(Body::Vm(self.vm_info(i)))
+            }
+            Request::VmResume { name } => {
+                let Some(i) = self.find(&name) else {
+                    return Self::not_found(&name);
+                };
+                if let Some(e) = self.migrating_error(i) {
+                    return e;
+                }
+                if self.vms[i].stop_reason().is_some() {
+                    return err(ErrorCode::InvalidState, format!("VM {name} has stopped"));
+                }
+                match self.vms[i].retry_store_full(host) {
+                    Ok(true) => Outcome::Ok(Body::Vm(self.vm_info(i))),
+                    Ok(false) => err(
+                        ErrorCode::InvalidState,
+                        format!("VM {name} is not paused (nothing to resume)"),
+                    ),
+                    Err(why) => err(
+                        ErrorCode::NoResources,
+                        format!("VM {name} stays paused: its store is still full ({why}); free space on it or move the disk (vm move-storage)"),
+                    ),
+                }
             }
             Request::VmDelete { name } => {
                 let Some(i) = self.find(&name) else {
@@ -1258,6 +1304,126 @@ mod tests {
             )),
             Some(ErrorCode::Unsupported)
         );
+    }
+
+    /// A VM whose disk's store fills: `vm list` says `paused` with the
+    /// reason `store full` (JSON too), other VMs run on; `vm resume` while
+    /// the store is still full is refused and leaves it paused; the node's
+    /// own retry (a second later) resumes it once space returns, and `vm
+    /// resume` does at once after a second stall.
+    #[test]
+    fn a_full_store_pauses_the_vm_until_space_returns() {
+        use crate::devices::acpi::VirtioMmioSlot;
+        use crate::devices::virtio_blk::{test_driver, S_OK};
+        use crate::testing::RoomFile;
+        let mut r = Rig::new();
+        let (s, mut c, ok) = r.connect(KEY, 1);
+        ok.unwrap();
+        for vm in ["d", "other"] {
+            r.call(s, &mut c, create(vm, 8, Some("disk-verify")));
+        }
+        r.call(
+            s,
+            &mut c,
+            Request::VmDiskCreate {
+                name: "d".into(),
+                size_mib: 4,
+                store: None,
+                fixed: None,
+            },
+        );
+        for vm in ["d", "other"] {
+            r.call(s, &mut c, Request::VmStart { name: vm.into() });
+        }
+        // The disk's file lives on a store the test fills and frees.
+        let (file, room) = RoomFile::new();
+        let params = vstorage::vhdx::CreateParams {
+            block_size: 1 << 20,
+            ..vstorage::vhdx::CreateParams::dynamic(4 << 20)
+        };
+        let disk = vstorage::vhdx::create(file, &params).unwrap();
+        let full_at = vstorage::BlockIo::len(disk.io()).unwrap();
+        room.set(full_at);
+        let vm = &mut r.node.vms_mut()[0];
+        vm.replace_disk(0, alloc::boxed::Box::new(disk));
+        let base = VirtioMmioSlot::standard(0).base;
+        let (devices, mem) = vm.devices_and_memory();
+        let mut w = |off: u64, val: u32| devices.mmio_write(0, base + off, &val.to_le_bytes());
+        test_driver::init(&mut w);
+        test_driver::submit_write(mem, &mut w, 0, 0, &[0x5a; 512]);
+        let list = |r: &mut Rig, c: &mut hvmgmt::client::ClientConn| {
+            let Outcome::Ok(Body::VmList { vms }) = r.call(s, c, Request::VmList) else {
+                panic!()
+            };
+            vms
+        };
+        let soon = r.host.now_ns() + 1_000_000;
+        r.node.run_vms(&mut r.host, soon);
+        let vms = list(&mut r, &mut c);
+        assert_eq!(
+            (vms[0].state.as_str(), vms[0].pause_reason.as_deref()),
+            ("paused", Some("store full"))
+        );
+        assert!(vms[0].pause_detail.as_deref().unwrap().contains("disk 0"));
+        assert_eq!(
+            (vms[1].state.as_str(), vms[1].pause_reason.as_deref()),
+            ("running", None)
+        );
+        let json = serde_json::to_string(&vms[0]).unwrap();
+        assert!(json.contains(r#""pause_reason":"store full""#), "{json}");
+        let exits = r.node.vms()[1].counters().exits;
+        let soon = r.host.now_ns() + 1_000_000;
+        r.node.run_vms(&mut r.host, soon);
+        assert!(
+            r.node.vms()[1].counters().exits > exits,
+            "the other VM runs"
+        );
+        let resume = Request::VmResume { name: "d".into() };
+        let o = r.call(s, &mut c, resume.clone());
+        assert_eq!(code(&o), Some(ErrorCode::NoResources));
+        let Outcome::Error(e) = o else { panic!() };
+        assert!(e.message.contains("still full"), "{}", e.message);
+        assert_eq!(list(&mut r, &mut c)[0].state, "paused");
+        // Space returns: the node's retry, a second later, resumes it.
+        room.set(u64::MAX);
+        r.node.drive_jobs(&mut r.host);
+        let (_, mem) = r.node.vms_mut()[0].devices_and_memory();
+        assert_eq!(test_driver::completed(mem).0, 0, "not before its time");
+        r.advance(crate::vm::STORE_FULL_RETRY_NS);
+        r.node.drive_jobs(&mut r.host);
+        let vms = list(&mut r, &mut c);
+        assert_eq!(
+            (vms[0].state.as_str(), vms[0].pause_reason.as_deref()),
+            ("running", None)
+        );
+        let (devices, mem) = r.node.vms_mut()[0].devices_and_memory();
+        assert_eq!(test_driver::completed(mem), (1, S_OK));
+        // A second stall, ended by vm resume at once.
+        room.set(full_at + (1 << 20));
+        let mut w = |off: u64, val: u32| devices.mmio_write(0, base + off, &val.to_le_bytes());
+        test_driver::submit_write(mem, &mut w, 1, 4 << 10, &[0x6b; 4096]);
+        let soon = r.host.now_ns() + 1_000_000;
+        r.node.run_vms(&mut r.host, soon);
+        assert_eq!(list(&mut r, &mut c)[0].state, "paused");
+        room.set(u64::MAX);
+        let o = r.call(s, &mut c, resume.clone());
+        let Outcome::Ok(Body::Vm(v)) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!((v.state.as_str(), v.pause_reason), ("running", None));
+        let (_, mem) = r.node.vms_mut()[0].devices_and_memory();
+        assert_eq!(test_driver::completed(mem), (2, S_OK));
+        assert_eq!(
+            code(&r.call(s, &mut c, resume)),
+            Some(ErrorCode::InvalidState)
+        );
+        let mut back = [0u8; 4096];
+        r.node.vms_mut()[0]
+            .disk_mut(0)
+            .unwrap()
+            .read(2 << 20, &mut back)
+            .unwrap();
+        assert_eq!(back, [0x6b; 4096]);
     }
 
     #[test]
