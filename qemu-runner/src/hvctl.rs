@@ -247,6 +247,10 @@ pub enum VmCmd {
         /// Keep the source files after the switch
         #[arg(long)]
         keep_source: bool,
+        /// Rate limit of the copy in MiB/s (node default: none; guest
+        /// writes are mirrored whatever the limit)
+        #[arg(long, value_name = "MIB/S", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        bandwidth: Option<u64>,
         /// Follow the job until it ends; exit 0 only if it completed
         #[arg(long)]
         wait: bool,
@@ -481,6 +485,7 @@ impl Cli {
                     vhd,
                     config,
                     keep_source,
+                    bandwidth,
                     wait,
                 } => {
                     let request = Request::VmMoveStorage {
@@ -489,6 +494,7 @@ impl Cli {
                         vhd: vhd.clone(),
                         config: config.clone(),
                         keep_source: keep_source.then_some(true),
+                        bandwidth_mib_s: *bandwidth,
                     };
                     if *wait {
                         return Action::RequestAndWatch(request);
@@ -1543,7 +1549,7 @@ mod tests {
             Action::Request(Request::VmDiskList { name: "d".into() })
         );
         assert_eq!(
-            p("vm move-storage d --to shared:vms --vhd 0=local:x.vhdx --vhd local:a=shared:b --keep-source --wait")
+            p("vm move-storage d --to shared:vms --vhd 0=local:x.vhdx --vhd local:a=shared:b --keep-source --bandwidth 2 --wait")
                 .unwrap()
                 .action(),
             Action::RequestAndWatch(Request::VmMoveStorage {
@@ -1551,7 +1557,8 @@ mod tests {
                 to: Some("shared:vms".into()),
                 vhd: vec!["0=local:x.vhdx".into(), "local:a=shared:b".into()],
                 config: None,
-                keep_source: Some(true)
+                keep_source: Some(true),
+                bandwidth_mib_s: Some(2),
             })
         );
         assert_eq!(
@@ -1561,7 +1568,8 @@ mod tests {
                 to: None,
                 vhd: vec!["0=shared:y".into()],
                 config: None,
-                keep_source: None
+                keep_source: None,
+                bandwidth_mib_s: None,
             })
         );
         assert!(usage_error("vm move-storage d").contains("--to"));

@@ -123,6 +123,10 @@ pub enum Request {
         config: Option<String>,
         #[serde(default)]
         keep_source: Option<bool>,
+        /// Rate limit of the copy in MiB/s (default 0 = none; guest
+        /// writes are mirrored whatever the limit).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bandwidth_mib_s: Option<u64>,
     },
     VmStart {
         name: String,

@@ -333,10 +333,18 @@ impl Managed {
             vhd,
             config,
             keep_source,
+            bandwidth_mib_s,
         } = request
         else {
             return err(ErrorCode::BadRequest, "not a storage move");
         };
+        let bandwidth = bandwidth_mib_s.unwrap_or(0);
+        if bandwidth > BANDWIDTH_MIB_S_MAX {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!("bandwidth_mib_s must be 0 to {BANDWIDTH_MIB_S_MAX}"),
+            );
+        }
         let Some(i) = self.find(&name) else {
             return Self::not_found(&name);
         };
@@ -371,7 +379,7 @@ impl Managed {
             Err(e) => return err(ErrorCode::InvalidArgument, e),
         };
         let mv = match StorageMove::new(&self.vms[i], files, plan) {
-            Ok(m) => m,
+            Ok(m) => m.with_rate(bandwidth << 20),
             Err(e) => return err(ErrorCode::InvalidArgument, e),
         };
         let now = host.now_ns();
@@ -1180,6 +1188,7 @@ mod tests {
             vhd: Vec::new(),
             config: None,
             keep_source: None,
+            bandwidth_mib_s: None,
         };
         r.call(s, &mut c, create("d", 8, Some("disk-verify")));
         r.call(
@@ -1229,10 +1238,19 @@ mod tests {
                 max_storage_migrations: Some(1),
             },
         );
+        let too_fast = Request::VmMoveStorage {
+            name: "d".into(),
+            to: Some("shared".into()),
+            vhd: Vec::new(),
+            config: None,
+            keep_source: None,
+            bandwidth_mib_s: Some(BANDWIDTH_MIB_S_MAX + 1),
+        };
         for bad in [
             mv("d", None),
             mv("d", Some("nowhere")),
             mv("d", Some("local:vms/d")),
+            too_fast,
         ] {
             assert_eq!(
                 code(&r.call(s, &mut c, bad)),
@@ -1278,6 +1296,7 @@ mod tests {
                 vhd: vec!["0=local:back.vhdx".into()],
                 config: None,
                 keep_source: Some(true),
+                bandwidth_mib_s: None,
             },
         );
         assert!(matches!(o, Outcome::Ok(Body::Job(_))), "{o:?}");
@@ -1300,6 +1319,7 @@ mod tests {
                     vhd: Vec::new(),
                     config: Some("shared:cfg".into()),
                     keep_source: None,
+                    bandwidth_mib_s: None,
                 }
             )),
             Some(ErrorCode::Unsupported)

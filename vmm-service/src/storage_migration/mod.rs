@@ -216,6 +216,20 @@ pub struct StorageMove {
     /// Bytes of the disks already switched.
     done_bytes: u64,
     moved: Vec<String>,
+    /// Rate limit of the copy in bytes per second (0: none).
+    rate_bytes_per_s: u64,
+    /// When the first step ran (the rate limit's origin).
+    started_ns: Option<u64>,
+}
+
+/// Whether a copy limited to `rate_bytes_per_s` (0: no limit) that has
+/// moved `bytes_done` in `elapsed_ns` may move more now: the bytes moved
+/// stay at or under the rate times the time elapsed (a chunk may take it
+/// over by one chunk, which the next steps wait out).
+pub fn under_rate(bytes_done: u64, elapsed_ns: u64, rate_bytes_per_s: u64) -> bool {
+    rate_bytes_per_s == 0
+        || u128::from(bytes_done) * 1_000_000_000
+            <= u128::from(rate_bytes_per_s) * u128::from(elapsed_ns)
 }
 
 impl StorageMove {
@@ -237,7 +251,16 @@ impl StorageMove {
             current: None,
             done_bytes: 0,
             moved: Vec::new(),
+            rate_bytes_per_s: 0,
+            started_ns: None,
         })
+    }
+
+    /// The copy limited to `bytes_per_s` (0: no limit); guest writes are
+    /// mirrored whatever the limit.
+    pub fn with_rate(mut self, bytes_per_s: u64) -> Self {
+        self.rate_bytes_per_s = bytes_per_s;
+        self
     }
 
     /// The VM it moves.
@@ -255,7 +278,9 @@ impl StorageMove {
         clock: &dyn Fn() -> u64,
         budget_ns: u64,
     ) -> Result<Progress, String> {
-        let end = clock().saturating_add(budget_ns);
+        let now = clock();
+        let end = now.saturating_add(budget_ns);
+        let started = *self.started_ns.get_or_insert(now);
         loop {
             if self.current.is_none() {
                 let Some(slot) =
@@ -268,6 +293,14 @@ impl StorageMove {
                 self.next = slot + 1;
                 let to = self.plan.targets[slot].clone().unwrap_or_default();
                 self.start_disk(vm, files, slot as u8, to)?;
+            }
+            let elapsed = clock().saturating_sub(started);
+            if !under_rate(self.bytes().0, elapsed, self.rate_bytes_per_s) {
+                let (bytes_done, bytes_total) = self.bytes();
+                return Ok(Progress::Running {
+                    bytes_done,
+                    bytes_total,
+                });
             }
             let step = match &self.current {
                 Some(cur) => cur.mirror.borrow_mut().step(),

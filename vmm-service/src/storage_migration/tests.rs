@@ -236,3 +236,44 @@ fn keep_source_and_plans() {
     );
     assert_eq!(guest_sees(&mut vm), model);
 }
+
+#[test]
+fn a_rate_limit_spaces_the_copy_and_the_guest_writes_on() {
+    assert!(under_rate(0, 0, 1));
+    assert!(under_rate(u64::MAX, 0, 0), "0: no limit");
+    assert!(under_rate(MIB, 1_000_000_000, MIB));
+    assert!(!under_rate(MIB + 1, 1_000_000_000, MIB));
+    assert!(under_rate(u64::MAX, u64::MAX, u64::MAX), "no overflow");
+
+    let mut host = FakeHost::new();
+    let files = MemFiles::new(64 * MIB);
+    let (mut vm, mut model) = vm_with_disk(&mut host, &files);
+    let p = plan(&vm, Some("shared"), &[], false).unwrap();
+    let mut job = StorageMove::new(&vm, &files, p).unwrap().with_rate(MIB);
+    let now = Cell::new(0u64);
+    let clock = || now.get();
+    let copied = |p: Progress| match p {
+        Progress::Running { bytes_done, .. } => bytes_done,
+        Progress::Done { .. } => u64::MAX,
+    };
+    let first = copied(job.step(&mut vm, &files, &clock, 0).unwrap());
+    assert!(first > 0 && first < 3 * MIB, "{first}");
+    for _ in 0..5 {
+        guest_write(&mut vm, &mut model, 6 * MIB, 40, 4096);
+        let again = copied(job.step(&mut vm, &files, &clock, 0).unwrap());
+        assert_eq!(again, first, "no time passed: nothing more copied");
+    }
+    assert_eq!(guest_sees(&mut vm), model);
+    // Time passes: the copy goes on and ends.
+    let mut rounds = 0;
+    loop {
+        now.set(now.get() + 1_000_000_000);
+        if copied(job.step(&mut vm, &files, &clock, 0).unwrap()) == u64::MAX {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 10);
+    }
+    assert_eq!(files.names(), ["shared:vms/v/v-0.vhdx"]);
+    assert_eq!(guest_sees(&mut vm), model);
+}

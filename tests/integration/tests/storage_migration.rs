@@ -1,0 +1,322 @@
+//! Storage live migration on a booted node, as a user does it (issue 12,
+//! "Tests"): a `disk-verify` VM's disk, a VHDX on the node's local store,
+//! moves local -> shared -> another local directory while the guest writes
+//! and checks it; its `disk-verify: round N ok` lines keep coming and none
+//! says FAILED; the host files pass `qemu-img check` (also while the VM
+//! holds them); the source is gone after a move, or kept with
+//! `--keep-source`. Then, on the same node: a move cancelled mid-copy
+//! (rate-limited with `--bandwidth` so the copy lasts seconds) leaves no
+//! destination file, and a second move queued behind it under
+//! `max-storage-migrations 1` runs once it ends; a destination on a full
+//! file system (an 8 MiB tmpfs mounted inside the shared store) fails the
+//! move and the VM runs on from its source; after the VM stops, a copy the
+//! node makes matches its source (`qemu-img compare`); and a node killed
+//! mid-copy removes the half-written destination at its next boot.
+//!
+//! One node, one cluster for the whole file (boots are the slow part).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hvmgmt::proto::{Body, JobInfo, JobState, Request};
+use integration_tests::cluster::{job_of, TestCluster};
+
+/// Time for a guest line to appear.
+const LINE: Duration = Duration::from_secs(90);
+/// Time for a move to end.
+const MOVE: Duration = Duration::from_secs(180);
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (qemu-utils; `qemu-runner setup` installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn check(file: &Path) {
+    let (ok, text) = qemu_img(&["check", "-f", "vhdx", file.to_str().unwrap()]);
+    assert!(
+        ok && text.contains("No errors"),
+        "qemu-img check {}: {text}",
+        file.display()
+    );
+}
+
+/// Every file below `dir`, relative, sorted (none if it does not exist).
+fn files_in(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// An 8 MiB tmpfs mounted at a directory, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8M", "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount(8)");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (the tests run as root here and in CI): {out:?}"
+        );
+        SmallFs(at.into())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+struct Node<'a> {
+    c: &'a TestCluster,
+    stores: PathBuf,
+}
+
+impl Node<'_> {
+    fn ok(&self, args: &[&str]) -> String {
+        self.c.ok("a", args)
+    }
+    /// The disk location VM `vm` lists (slot 0).
+    fn location(&self, vm: &str) -> String {
+        match self
+            .c
+            .client("a")
+            .call_ok(Request::VmDiskList { name: vm.into() })
+        {
+            Ok(Body::Disks { disks, .. }) => disks[0].location.clone(),
+            other => panic!("vm-disk-list {vm}: {other:?}"),
+        }
+    }
+    /// `vm move-storage` without --wait; the job.
+    fn start_move(&self, vm: &str, args: &[&str]) -> JobInfo {
+        let mut all = vec!["--json", "vm", "move-storage", vm];
+        all.extend_from_slice(args);
+        job_of(&self.ok(&all))
+    }
+    /// `vm move-storage ... --wait`, which must exit 0.
+    fn move_wait(&self, vm: &str, args: &[&str]) -> String {
+        let mut all = vec!["vm", "move-storage", vm];
+        all.extend_from_slice(args);
+        all.push("--wait");
+        let t = Instant::now();
+        let out = self.ok(&all);
+        eprintln!(
+            "timing: move-storage {vm} {args:?}: {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        out
+    }
+    /// The last round VM `vm` reported ok, after checking none failed.
+    fn last_round(&self, vm: &str) -> u64 {
+        let serial = self.c.serial("a");
+        let tag = format!("[{vm}] disk-verify: ");
+        assert!(
+            !serial.contains(&format!("{tag}FAILED")),
+            "VM {vm} found its disk damaged:\n{}",
+            self.c.serial_tail("a", 30)
+        );
+        serial
+            .lines()
+            .filter_map(|l| {
+                l.trim_end_matches('\r')
+                    .strip_prefix(&tag)?
+                    .strip_prefix("round ")?
+                    .strip_suffix(" ok")?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+    /// Wait until VM `vm` has checked `more` more rounds, none failed.
+    fn rounds_go_on(&self, vm: &str, more: u64) {
+        let want = self.last_round(vm) + more;
+        let deadline = Instant::now() + LINE;
+        while self.last_round(vm) < want {
+            assert!(
+                Instant::now() < deadline,
+                "VM {vm} did not reach round {want}:\n{}",
+                self.c.serial_tail("a", 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    fn wait_log(&self, line: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.c.serial("a").lines().any(|l| l.trim_end() == line) {
+            assert!(
+                Instant::now() < deadline,
+                "no line {line:?} in node a's log:\n{}",
+                self.c.serial_tail("a", 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+fn a_running_vms_disk_moves_between_stores() {
+    let c = TestCluster::up("vstore", 1);
+    let n = Node {
+        c: &c,
+        stores: std::fs::canonicalize(c.dir.join("stores")).unwrap(),
+    };
+    let (local, shared) = (n.stores.join("a"), n.stores.join("shared"));
+
+    n.ok(&[
+        "vm",
+        "create",
+        "d",
+        "--memory",
+        "32M",
+        "--disk",
+        "32M",
+        "--guest",
+        "disk-verify",
+    ]);
+    assert_eq!(n.location("d"), "local:vms/d/d-0.vhdx");
+    assert_eq!(files_in(&local), ["vms/d/d-0.vhdx"]);
+    n.ok(&["vm", "start", "d"]);
+    // Four 8 MiB spans: after round 4 every block is written.
+    c.wait_line("a", "d", "disk-verify: round 4 ok", LINE);
+    check(&local.join("vms/d/d-0.vhdx"));
+
+    // local -> shared while the guest writes; the source goes.
+    let out = n.move_wait("d", &["--to", "shared"]);
+    assert!(
+        out.contains("moved local:vms/d/d-0.vhdx -> shared:vms/d/d-0.vhdx"),
+        "{out}"
+    );
+    assert!(n
+        .ok(&["vm", "disk", "list", "d"])
+        .contains("shared:vms/d/d-0.vhdx"));
+    assert!(files_in(&local).is_empty(), "{:?}", files_in(&local));
+    assert!(!local.join("vms/d").exists(), "the VM's directory went too");
+    assert_eq!(files_in(&shared), ["vms/d/d-0.vhdx"]);
+    check(&shared.join("vms/d/d-0.vhdx"));
+    n.rounds_go_on("d", 2);
+
+    // shared -> another local directory, keeping the source.
+    n.move_wait("d", &["--to", "local:moved", "--keep-source"]);
+    assert_eq!(n.location("d"), "local:moved/d-0.vhdx");
+    assert_eq!(files_in(&local), ["moved/d-0.vhdx"]);
+    assert_eq!(files_in(&shared), ["vms/d/d-0.vhdx"], "kept");
+    n.rounds_go_on("d", 2);
+    check(&local.join("moved/d-0.vhdx"));
+
+    // Cancel mid-copy (1 MiB/s: the 32 MiB take half a minute), with a
+    // second move queued behind it under max-storage-migrations 1.
+    n.ok(&["host", "set", "--max-storage-migrations", "1"]);
+    n.ok(&["vm", "create", "e", "--memory", "8M", "--disk", "4M"]);
+    let slow = n.start_move("d", &["--to", "shared:cancel", "--bandwidth", "1"]);
+    let queued = n.start_move("e", &["--to", "shared"]);
+    assert_eq!(queued.state, JobState::Queued, "{queued:#?}");
+    let j = c.wait_job("a", slow.id, "copying", MOVE, |j| j.bytes_done > 0);
+    assert!(j.bytes_done < j.bytes_total, "{j:#?}");
+    assert_eq!(
+        files_in(&shared.join("cancel")),
+        ["d-0.vhdx.partial-a"],
+        "written under its partial name"
+    );
+    assert_eq!(c.job("a", queued.id).state, JobState::Queued);
+    n.ok(&["job", "cancel", &slow.id.to_string()]);
+    assert_eq!(c.wait_end("a", slow.id, MOVE).state, JobState::Cancelled);
+    assert!(
+        files_in(&shared.join("cancel")).is_empty(),
+        "a destination file is left: {:?}",
+        files_in(&shared.join("cancel"))
+    );
+    assert_eq!(n.location("d"), "local:moved/d-0.vhdx");
+    let e = c.wait_end("a", queued.id, MOVE);
+    assert_eq!(e.state, JobState::Completed, "the queued move ran: {e:#?}");
+    assert_eq!(n.location("e"), "shared:vms/e/e-0.vhdx");
+    n.rounds_go_on("d", 2);
+
+    // A destination on a full file system: the move fails, nothing is
+    // left there, the VM runs on from its source.
+    let small = shared.join("small");
+    let fs = SmallFs::mount(&small);
+    let run = c.hvctl(
+        "a",
+        &["vm", "move-storage", "d", "--to", "shared:small", "--wait"],
+    );
+    assert!(!run.success, "{}", run.transcript());
+    let text = run.stdout.clone() + &run.stderr;
+    assert!(text.contains("store full"), "{}", run.transcript());
+    assert!(files_in(&small).is_empty(), "{:?}", files_in(&small));
+    drop(fs);
+    assert_eq!(n.location("d"), "local:moved/d-0.vhdx");
+    n.rounds_go_on("d", 3);
+
+    // The VM stops; a copy the node makes of its disk now matches it.
+    n.ok(&["vm", "stop", "d"]);
+    let last = local.join("moved/d-0.vhdx");
+    check(&last);
+    n.move_wait("d", &["--to", "shared:copy", "--keep-source"]);
+    let copy = shared.join("copy/d-0.vhdx");
+    check(&copy);
+    let (same, text) = qemu_img(&[
+        "compare",
+        "-f",
+        "vhdx",
+        "-F",
+        "vhdx",
+        last.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    assert!(same && text.contains("Images are identical"), "{text}");
+
+    // The node dies mid-copy; its next boot removes the half-written
+    // destination, and the source is whole.
+    let slow = n.start_move("d", &["--to", "local:restart", "--bandwidth", "1"]);
+    c.wait_job("a", slow.id, "copying", MOVE, |j| j.bytes_done > 0);
+    assert_eq!(files_in(&local.join("restart")), ["d-0.vhdx.partial-a"]);
+    c.must(&["cluster", "kill", "a"]);
+    // The node boots on the ports it had; one freed a moment ago can be
+    // briefly unavailable on a busy machine: a few tries.
+    let mut start = c.runner(&["cluster", "start", "a"]);
+    for _ in 0..5 {
+        if start.success {
+            break;
+        }
+        eprintln!(
+            "cluster start a failed, again in 2 s:\n{}",
+            start.transcript()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        start = c.runner(&["cluster", "start", "a"]);
+    }
+    assert!(start.success, "{}", start.transcript());
+    n.wait_log(
+        "vmm-service: store local: removed restart/d-0.vhdx.partial-a (left by an unfinished copy)",
+        LINE,
+    );
+    assert!(files_in(&local.join("restart")).is_empty());
+    check(&copy);
+}
