@@ -369,6 +369,7 @@ fn run_scenario(dir: &Path, s: &Scenario, link: &Link, quiet: bool) -> Result<Fi
         name: vm.clone(),
         memory_mib: s.mib,
         guest: Some(s.workload.guest().into()),
+        linux: None,
     })?;
     a.call_ok(Request::VmStart { name: vm.clone() })?;
     if !tail.wait_for(BEAT_WAIT, |b| !b.is_empty()) {
@@ -498,6 +499,7 @@ pub fn run(state_dir_arg: Option<&str>, json: bool, build: bool) -> Result<u8, S
                 i
             },
             accel: crate::accel::Accel::Tcg,
+            modules: Vec::new(),
         };
         cluster::up(&dir, &boot, 2)?;
     }

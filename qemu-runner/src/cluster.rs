@@ -68,6 +68,9 @@ pub const NODE_MEMORY_MIB: u64 = 1024;
 pub struct Boot {
     pub images: Images,
     pub accel: Accel,
+    /// Boot modules after the guest kernel: the Linux guest's kernel and
+    /// initramfs (what `vm create --linux` boots), or none.
+    pub modules: Vec<PathBuf>,
 }
 
 /// One node of the cluster state.
@@ -282,7 +285,12 @@ pub fn qemu_args(
         "-kernel".into(),
         images.hypervisor.display().to_string(),
         "-initrd".into(),
-        images.guest_kernel.display().to_string(),
+        // QEMU's Multiboot loader takes the modules comma-separated.
+        std::iter::once(&images.guest_kernel)
+            .chain(&boot.modules)
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         "-append".into(),
         cmdline,
         "-serial".into(),
@@ -926,7 +934,28 @@ fn boot(arch: Arch, accel: Accel, build: bool) -> Result<Boot, String> {
     Ok(Boot {
         images: images(build)?,
         accel,
+        modules: linux_modules(),
     })
+}
+
+/// The Linux guest's kernel and initramfs for the nodes (built, or
+/// downloaded and built, under target/linux-guest/ by `linux_image`). A
+/// machine that cannot fetch them still gets its cluster, whose nodes
+/// then refuse `vm create --linux` with a clear error.
+fn linux_modules() -> Vec<PathBuf> {
+    let built = crate::cargo::target_dir().and_then(|dir| {
+        crate::linux_image::build(&dir, &mut |l| eprintln!("qemu-runner: {l}"))
+            .map_err(|e| e.to_string())
+    });
+    match built {
+        Ok(image) => vec![image.kernel, image.initramfs],
+        Err(e) => {
+            eprintln!(
+                "qemu-runner: no Linux guest image for the nodes (vm create --linux will be refused): {e}"
+            );
+            Vec::new()
+        }
+    }
 }
 
 /// qemu-runner's `cluster` commands; `Ok` with the exit status.
@@ -1078,6 +1107,7 @@ mod tests {
                 guest_kernel: "/g".into(),
             },
             accel: Accel::Tcg,
+            modules: vec!["/lk".into(), "/li".into()],
         };
         let stores = node_stores(Path::new("/s"), "a");
         let a = qemu_args(&images, 0, 2, 5000, Path::new("/l"), &stores);
@@ -1110,6 +1140,8 @@ mod tests {
         assert!(c.contains("peers=a@192.168.100.1,b@192.168.100.2"), "{c}");
         assert!(!c.contains("dgram") && !c.contains("0.0.0.0") && !c.contains("socket,"));
         assert!(joined.starts_with("-accel tcg -cpu qemu64,+svm,+npt,+rdrand -m 1024M"));
+        // The Linux image follows the guest kernel as boot modules 1 and 2.
+        assert!(joined.contains(" -initrd /g,/lk,/li "), "{joined}");
         // The key reaches the node as a fw_cfg file, never as an argument.
         assert!(
             joined
@@ -1240,7 +1272,8 @@ mod tests {
                     hypervisor: "/h".into(),
                     guest_kernel: "/g".into()
                 },
-                accel: Accel::Tcg
+                accel: Accel::Tcg,
+                modules: Vec::new()
             },
             9
         )

@@ -170,6 +170,7 @@ pub fn two_nodes(boot: &Boot, dir: &Path) -> Result<bool, String> {
         name: VM.into(),
         memory_mib: VM_MIB,
         guest: Some("busy-verify".into()),
+        linux: None,
     })?;
     a.call_ok(Request::VmStart { name: VM.into() })?;
     let seen = cl.wait_line("a", |l| l.starts_with("heartbeat "))?;

@@ -208,8 +208,22 @@ pub enum VmCmd {
         #[arg(long, value_name = "SIZE", value_parser = parse_size_mib)]
         memory: u64,
         /// The guest test kernel's case to run (default: the heartbeat guest)
-        #[arg(long, value_name = "CASE")]
+        #[arg(long, value_name = "CASE", conflicts_with = "linux")]
         guest: Option<String>,
+        /// Boot Linux instead: the Debian kernel and initramfs the node was
+        /// given at boot (`cluster up` passes them), to a shell on the
+        /// console
+        #[arg(long)]
+        linux: bool,
+        /// Extra Linux kernel arguments (`hvmigrate.ticks=1`: the guest
+        /// prints a counter and its clock every second)
+        #[arg(
+            long,
+            value_name = "ARGS",
+            requires = "linux",
+            allow_hyphen_values = true
+        )]
+        append: Option<String>,
         /// Give it a new virtual disk (a VHDX) of this size: MiB, or with a
         /// unit (256M, 1G)
         #[arg(long, value_name = "SIZE", value_parser = parse_size_mib)]
@@ -456,6 +470,8 @@ impl Cli {
                     name,
                     memory,
                     guest,
+                    linux,
+                    append,
                     disk,
                     store,
                     fixed,
@@ -464,6 +480,9 @@ impl Cli {
                         name: name.clone(),
                         memory_mib: *memory,
                         guest: guest.clone(),
+                        linux: linux.then(|| hvmgmt::proto::LinuxBoot {
+                            append: append.clone().unwrap_or_default(),
+                        }),
                     };
                     let Some(size_mib) = disk else {
                         return Action::Request(create);
@@ -1518,7 +1537,8 @@ mod tests {
                 Request::VmCreate {
                     name: "d".into(),
                     memory_mib: 64,
-                    guest: Some("disk-verify".into())
+                    guest: Some("disk-verify".into()),
+                    linux: None
                 },
                 Request::VmDiskCreate {
                     name: "d".into(),
@@ -1534,7 +1554,8 @@ mod tests {
                 Request::VmCreate {
                     name: "d".into(),
                     memory_mib: 64,
-                    guest: None
+                    guest: None,
+                    linux: None
                 },
                 Request::VmDiskCreate {
                     name: "d".into(),
@@ -1573,6 +1594,30 @@ mod tests {
             })
         );
         assert!(usage_error("vm move-storage d").contains("--to"));
+        assert_eq!(
+            p("vm create lx --memory 256M --linux --append hvmigrate.ticks=1")
+                .unwrap()
+                .action(),
+            Action::Request(Request::VmCreate {
+                name: "lx".into(),
+                memory_mib: 256,
+                guest: None,
+                linux: Some(hvmgmt::proto::LinuxBoot {
+                    append: "hvmigrate.ticks=1".into()
+                })
+            })
+        );
+        assert_eq!(
+            p("vm create lx --memory 256M --linux").unwrap().action(),
+            Action::Request(Request::VmCreate {
+                name: "lx".into(),
+                memory_mib: 256,
+                guest: None,
+                linux: Some(hvmgmt::proto::LinuxBoot::default())
+            })
+        );
+        assert!(usage_error("vm create lx --memory 64 --append quiet").contains("--linux"));
+        assert!(usage_error("vm create lx --memory 64 --linux --guest hello").contains("--guest"));
         assert!(usage_error("vm create d --memory 64 --fixed").contains("--disk"));
         assert!(usage_error("vm create d --memory 64 --store a").contains("--disk"));
         let text = render(&Body::Disks {
@@ -1604,7 +1649,8 @@ mod tests {
             Action::Request(Request::VmCreate {
                 name: "web".into(),
                 memory_mib: 64,
-                guest: Some("hello".into())
+                guest: Some("hello".into()),
+                linux: None
             })
         );
         assert_eq!(
@@ -1612,7 +1658,8 @@ mod tests {
             Action::Request(Request::VmCreate {
                 name: "x".into(),
                 memory_mib: 1024,
-                guest: None
+                guest: None,
+                linux: None
             })
         );
         // The connection options may also follow the command.

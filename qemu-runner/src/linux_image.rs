@@ -41,7 +41,14 @@ pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk"];
 /// The line `/init` prints when the shell is about to start.
 pub const BANNER: &str = "hvmigrate-linux: shell ready";
 /// Bumped whenever the initramfs contents change for the same packages.
-pub const RECIPE_VERSION: u32 = 1;
+pub const RECIPE_VERSION: u32 = 2;
+/// The kernel argument (`vm create --linux --append hvmigrate.ticks=1`)
+/// that makes `/init` print a counter line every second, in the
+/// background, for watching a VM through `vm console` (which takes no
+/// input): [`TICK_PREFIX`]`N clock SECONDS dmesg-bad COUNT`, COUNT being
+/// the `dmesg` lines matching `hvcore::abi::case::LINUX_DMESG_BAD`.
+pub const TICKS_ARG: &str = "hvmigrate.ticks=1";
+pub const TICK_PREFIX: &str = "hvmigrate-linux: tick ";
 
 /// What [`build`] produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -408,10 +415,56 @@ for m in $(cat /etc/modules-order); do
     insmod /lib/modules/"$m".ko $args || echo "hvmigrate-linux: insmod $m failed"
 done
 echo "hvmigrate-linux: $(uname -r) up $(cut -d' ' -f1 /proc/uptime)s"
+case " $(cat /proc/cmdline) " in
+*" {TICKS_ARG} "*)
+    (i=0; while true; do
+        i=$((i+1))
+        echo "{TICK_PREFIX}$i clock $(date +%s) dmesg-bad $(dmesg | grep -cE '{DMESG_BAD}')"
+        sleep 1
+    done) &
+    ;;
+esac
 echo "{BANNER}"
 exec setsid cttyhack /bin/sh
-"#
+"#,
+        DMESG_BAD = hvcore::abi::case::LINUX_DMESG_BAD
     )
+}
+
+/// A counter line of `/init`'s ticker ([`TICKS_ARG`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tick {
+    /// Counts from 1, one a second.
+    pub n: u64,
+    /// The guest's clock (`date +%s`).
+    pub clock_s: u64,
+    /// `dmesg` lines matching `LINUX_DMESG_BAD` so far.
+    pub dmesg_bad: u64,
+}
+
+/// Parse a ticker line (the node's `[vm] ` prefix removed); `None` for
+/// any other line, the terminal's echo of a command included. The first
+/// line after the shell starts follows its prompt (`/ # `, which ends in
+/// no newline, and the cursor query), so text before the counter is
+/// allowed unless it is a command typed at that prompt.
+pub fn parse_tick(line: &str) -> Option<Tick> {
+    let at = line.find(TICK_PREFIX)?;
+    if line[..at].contains("echo") {
+        return None;
+    }
+    let rest = line[at + TICK_PREFIX.len()..].trim_end();
+    let mut w = rest.split(' ');
+    let n = w.next()?.parse().ok()?;
+    let clock_s = (w.next()? == "clock").then(|| w.next())??.parse().ok()?;
+    let dmesg_bad = (w.next()? == "dmesg-bad")
+        .then(|| w.next())??
+        .parse()
+        .ok()?;
+    w.next().is_none().then_some(Tick {
+        n,
+        clock_s,
+        dmesg_bad,
+    })
 }
 
 /// Write the initramfs: busybox, `/init`, `/dev/console`, and `modules`
@@ -773,6 +826,35 @@ mod tests {
     }
 
     #[test]
+    fn ticker_lines() {
+        assert_eq!(
+            parse_tick("hvmigrate-linux: tick 12 clock 1796323507 dmesg-bad 0\r"),
+            Some(Tick {
+                n: 12,
+                clock_s: 1_796_323_507,
+                dmesg_bad: 0
+            })
+        );
+        assert_eq!(
+            parse_tick("/ # \u{1b}[6nhvmigrate-linux: tick 2 clock 1796338933 dmesg-bad 0"),
+            Some(Tick {
+                n: 2,
+                clock_s: 1_796_338_933,
+                dmesg_bad: 0
+            })
+        );
+        for bad in [
+            "hvmigrate-linux: tick 12 clock 1796323507",
+            "hvmigrate-linux: tick 12 clock 1796323507 dmesg-bad 0 x",
+            "hvmigrate-linux: tick x clock 1 dmesg-bad 0",
+            "hvmigrate-linux: tick 1 time 1 dmesg-bad 0",
+            "/ # echo hvmigrate-linux: tick 1 clock 1 dmesg-bad 0",
+        ] {
+            assert_eq!(parse_tick(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn initramfs_holds_init_busybox_console_and_modules() {
         let modules = vec![
             ("virtio_ring".to_string(), b"ring".to_vec()),
@@ -792,6 +874,13 @@ mod tests {
         let init = String::from_utf8(get("init").data.clone()).unwrap();
         assert!(init.starts_with("#!/bin/sh\n"));
         assert!(init.contains(BANNER));
+        // The ticker starts (in the background) before the shell.
+        let ticker = init.find(&format!("*\" {TICKS_ARG} \"*)")).unwrap();
+        assert!(ticker < init.find(BANNER).unwrap());
+        assert!(init.contains(&format!(
+            "echo \"{TICK_PREFIX}$i clock $(date +%s) dmesg-bad $(dmesg | grep -cE '{}')\"",
+            hvcore::abi::case::LINUX_DMESG_BAD
+        )));
         assert!(init.contains("mount -t devtmpfs devtmpfs /dev"));
         assert!(init.contains(r#"args="$args ${a#"$m".}""#));
         assert_eq!(get("init").mode, 0o100755);

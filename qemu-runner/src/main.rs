@@ -392,6 +392,7 @@ fn demo(
                 &cluster::Boot {
                     images: target.images.clone(),
                     accel,
+                    modules: Vec::new(),
                 },
                 &qemu_runner::demo::state_dir(),
             )?

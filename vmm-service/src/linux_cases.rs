@@ -48,7 +48,7 @@ pub const COMMAND_TIMEOUT_NS: u64 = 60 * NS_PER_S;
 pub const FILE_COMMAND: &str = "seq 1 20000 > /tmp/f";
 pub const FILE_MD5: &str = "e071f707df7bbeee2a6a1eb48011ddd0";
 /// `dmesg` lines that fail `linux-migrate`.
-pub const DMESG_BAD: &str = "BUG|WARNING|soft lockup|clocksource.*unstable";
+pub use hvcore::abi::case::LINUX_DMESG_BAD as DMESG_BAD;
 
 /// Run Linux case `name` with kernel `kernel` and initramfs `initrd`.
 pub fn run(host: &mut dyn Host, name: &str, kernel: &[u8], initrd: &[u8]) -> Result<(), String> {

@@ -230,6 +230,8 @@ impl Partition for FakePartition {
 pub struct FakeHost {
     pub cmdline: String,
     pub module: Option<Vec<u8>>,
+    /// Boot modules 1, 2, ... (a Linux kernel and initramfs).
+    pub more_modules: Vec<Vec<u8>>,
     pub console: String,
     pub clock: Rc<Cell<u64>>,
     /// Clock advance per guest run of partitions created here.
@@ -280,6 +282,7 @@ impl FakeHost {
         Self {
             cmdline: String::new(),
             module: Some(crate::loader::build::kernel()),
+            more_modules: Vec::new(),
             console: String::new(),
             clock: Rc::new(Cell::new(1_000_000)),
             ns_per_run: 1000,
@@ -327,7 +330,10 @@ impl Host for FakeHost {
         &self.cmdline
     }
     fn module(&self, index: usize) -> Option<&[u8]> {
-        (index == 0).then_some(self.module.as_deref()).flatten()
+        match index.checked_sub(1) {
+            None => self.module.as_deref(),
+            Some(i) => self.more_modules.get(i).map(Vec::as_slice),
+        }
     }
     fn create_partition(&mut self, ram_bytes: u64) -> Result<Box<dyn Partition>, HostError> {
         if self.fail_create {

@@ -174,6 +174,10 @@ pub mod case {
     pub const LINUX_BOOT: &str = "linux-boot";
     pub const LINUX_MIGRATE: &str = "linux-migrate";
     pub const LINUX: [&str; 2] = [LINUX_BOOT, LINUX_MIGRATE];
+    /// `dmesg` lines (an extended regular expression) that mean the Linux
+    /// guest is unwell: the cases' check, and the counter lines the
+    /// guest's init prints with `hvmigrate.ticks=1`.
+    pub const LINUX_DMESG_BAD: &str = "BUG|WARNING|soft lockup|clocksource.*unstable";
 
     /// Every test case, in the order `tests=all` runs them.
     pub const ALL: [&str; 14] = [

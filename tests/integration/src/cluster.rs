@@ -341,6 +341,7 @@ impl TestCluster {
             name: name.into(),
             memory_mib: mib,
             guest: Some("busy-verify".into()),
+            linux: None,
         })
         .unwrap_or_else(|e| panic!("vm-create {name} on node {node}: {e}"));
         c.call_ok(Request::VmStart { name: name.into() })

@@ -23,6 +23,8 @@ pub const MAGIC: &str = "hvmigrate-mgmt";
 pub const NAME_MAX: usize = 32;
 /// Longest guest case name accepted.
 pub const GUEST_MAX: usize = 32;
+/// Longest extra Linux command line accepted ([`LinuxBoot::append`]).
+pub const APPEND_MAX: usize = 256;
 /// Most console lines a console request returns (the node keeps this many
 /// per VM).
 pub const CONSOLE_LINES_MAX: u32 = 32;
@@ -89,6 +91,10 @@ pub enum Request {
         /// Guest case run by the guest kernel; `None` = `heartbeat`.
         #[serde(default)]
         guest: Option<String>,
+        /// Boot Linux instead of the guest kernel: the kernel and
+        /// initramfs the node was given at boot (`guest` must be unset).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        linux: Option<LinuxBoot>,
     },
     /// Give VM `name` (created, not started) a new virtual disk: a VHDX
     /// of `size_mib` on store `store` (default: the node's own store; a
@@ -223,6 +229,15 @@ pub enum Request {
         #[serde(default)]
         keep: bool,
     },
+}
+
+/// `vm-create`'s Linux guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxBoot {
+    /// Kernel arguments after the node's own (`console=ttyS0`, the TSC
+    /// rate), at most [`APPEND_MAX`] bytes.
+    #[serde(default)]
+    pub append: String,
 }
 
 /// A reply: the request's id (0 when the request could not be parsed) and
@@ -594,6 +609,7 @@ mod tests {
                 name: "web".into(),
                 memory_mib: 64,
                 guest: None,
+                linux: None,
             },
         };
         let json = String::from_utf8(to_json(&r)).unwrap();

@@ -99,6 +99,7 @@ pub fn fuzz_session(data: &[u8]) {
             name: name.into(),
             memory_mib: 4,
             guest: None,
+            linux: None,
         };
         assert!(matches!(
             rig.node.handle(&mut rig.host, create),

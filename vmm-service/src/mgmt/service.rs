@@ -14,8 +14,8 @@ use super::auth::ClusterKey;
 use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
-    ApiError, Body, ErrorCode, JobKind, JobState, NodeInfo, Outcome, Request, StoreInfo, VmInfo,
-    CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
+    ApiError, Body, ErrorCode, JobKind, JobState, LinuxBoot, NodeInfo, Outcome, Request, StoreInfo,
+    VmInfo, APPEND_MAX, CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
 };
 use crate::migrate::channel::{Holds, HOLD_MS_MAX};
 use crate::migrate::{migrating, Faults, Migrations, MoveRequest};
@@ -38,6 +38,12 @@ pub const VM_MEMORY_MIB_MAX: u64 = 4096;
 pub const VM_MEMORY_MIB_MIN: u64 = 4;
 /// Console lines returned when the request names no count.
 pub const CONSOLE_LINES_DEFAULT: u32 = 20;
+/// The `guest` a Linux VM is listed with.
+pub const LINUX_GUEST: &str = "linux";
+/// Boot modules holding the Linux guest's kernel (a bzImage) and initramfs
+/// (module 0 is the guest test kernel).
+pub const LINUX_KERNEL_MODULE: usize = 1;
+pub const LINUX_INITRD_MODULE: usize = 2;
 /// Guests the guest kernel runs (`case=` values; docs/DESIGN.md).
 pub const GUESTS: [&str; 12] = [
     "heartbeat",
@@ -646,7 +652,8 @@ impl Managed {
                 name,
                 memory_mib,
                 guest,
-            } => self.create(host, &name, memory_mib, guest.as_deref()),
+                linux,
+            } => self.create(host, &name, memory_mib, guest.as_deref(), linux.as_ref()),
             Request::VmDiskCreate {
                 name,
                 size_mib,
@@ -893,9 +900,19 @@ impl Managed {
         name: &str,
         memory_mib: u64,
         guest: Option<&str>,
+        linux: Option<&LinuxBoot>,
     ) -> Outcome {
-        let guest = guest.unwrap_or(DEFAULT_GUEST);
-        if guest.len() > GUEST_MAX || !GUESTS.contains(&guest) {
+        if linux.is_some() && guest.is_some() {
+            return err(
+                ErrorCode::InvalidArgument,
+                "a VM runs either Linux or a guest case: give linux or guest, not both",
+            );
+        }
+        let guest = match linux {
+            Some(_) => LINUX_GUEST,
+            None => guest.unwrap_or(DEFAULT_GUEST),
+        };
+        if linux.is_none() && (guest.len() > GUEST_MAX || !GUESTS.contains(&guest)) {
             let shown: String = guest.chars().take(GUEST_MAX).collect();
             return err(
                 ErrorCode::InvalidArgument,
@@ -920,8 +937,18 @@ impl Managed {
                 format!("this node holds at most {VMS_MAX} VMs"),
             );
         }
-        let cmdline = format!("case={guest}");
-        match Vm::create(host, name, memory_mib << 20, &self.image, &cmdline) {
+        let created = match linux {
+            Some(l) => Self::create_linux(host, name, memory_mib, &l.append),
+            None => Vm::create(
+                host,
+                name,
+                memory_mib << 20,
+                &self.image,
+                &format!("case={guest}"),
+            )
+            .map_err(CreateError::Vm),
+        };
+        match created {
             Ok(mut vm) => {
                 vm.set_label(guest);
                 self.vms.push(vm);
@@ -930,9 +957,45 @@ impl Managed {
                 ));
                 Outcome::Ok(Body::Vm(self.vm_info(self.vms.len() - 1)))
             }
-            Err(e) => vm_error(e),
+            Err(CreateError::Vm(e)) => vm_error(e),
+            Err(CreateError::Refused(e)) => Outcome::Error(e),
         }
     }
+
+    /// A Linux VM from the kernel and initramfs the node was given as
+    /// boot modules 1 and 2 (`qemu-runner cluster up` passes them).
+    fn create_linux(
+        host: &mut dyn Host,
+        name: &str,
+        memory_mib: u64,
+        append: &str,
+    ) -> Result<Vm, CreateError> {
+        if append.len() > APPEND_MAX || append.chars().any(char::is_control) {
+            return Err(CreateError::Refused(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("--append: at most {APPEND_MAX} printable characters"),
+            )));
+        }
+        // Copied: the VM's creation borrows the host mutably.
+        let (Some(kernel), Some(initrd)) = (
+            host.module(LINUX_KERNEL_MODULE).map(<[u8]>::to_vec),
+            host.module(LINUX_INITRD_MODULE).map(<[u8]>::to_vec),
+        ) else {
+            return Err(CreateError::Refused(ApiError::new(
+                ErrorCode::Unsupported,
+                "this node has no Linux image: it boots with Debian's kernel and the runner's initramfs as boot modules 1 and 2 (`qemu-runner cluster up` passes them when it could build the image)",
+            )));
+        };
+        Vm::create_linux(host, name, memory_mib << 20, &kernel, &initrd, append)
+            .map_err(CreateError::Vm)
+    }
+}
+
+/// Why [`Managed::create`] made no VM.
+enum CreateError {
+    Vm(VmError),
+    /// Refused before a VM was attempted.
+    Refused(ApiError),
 }
 #[cfg(test)]
 mod tests {
@@ -954,6 +1017,7 @@ mod tests {
             name: name.into(),
             memory_mib: mib,
             guest: guest.map(Into::into),
+            linux: None,
         }
     }
 
@@ -1100,6 +1164,80 @@ mod tests {
         ] {
             assert_eq!(code(&r.call(s, &mut c, op)), Some(ErrorCode::NotFound));
         }
+    }
+
+    fn create_linux(name: &str, append: &str) -> Request {
+        Request::VmCreate {
+            name: name.into(),
+            memory_mib: 64,
+            guest: None,
+            linux: Some(LinuxBoot {
+                append: append.into(),
+            }),
+        }
+    }
+
+    /// `vm create --linux` boots the node's Linux image (boot modules 1
+    /// and 2) with the user's arguments; a node without one says so.
+    #[test]
+    fn linux_vms_are_created_from_the_nodes_image() {
+        use crate::loader::bzimage::test_image;
+        use crate::loader::linux::LINUX_CMDLINE_GPA;
+        let mut r = Rig::new();
+        let (s, mut c, ok) = r.connect(KEY, 1);
+        ok.unwrap();
+        let o = r.call(s, &mut c, create_linux("lx", ""));
+        let Outcome::Error(e) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        assert!(e.message.contains("no Linux image"), "{}", e.message);
+
+        r.host.more_modules = vec![test_image(b"\xf4"), b"initramfs".to_vec()];
+        let both = Request::VmCreate {
+            name: "lx".into(),
+            memory_mib: 64,
+            guest: Some("hello".into()),
+            linux: Some(LinuxBoot::default()),
+        };
+        assert_eq!(
+            code(&r.call(s, &mut c, both)),
+            Some(ErrorCode::InvalidArgument)
+        );
+        let long = "x".repeat(APPEND_MAX + 1);
+        assert_eq!(
+            code(&r.call(s, &mut c, create_linux("lx", &long))),
+            Some(ErrorCode::InvalidArgument)
+        );
+        assert_eq!(
+            code(&r.call(s, &mut c, create_linux("lx", "a\nb"))),
+            Some(ErrorCode::InvalidArgument)
+        );
+        let o = r.call(s, &mut c, create_linux("lx", "hvmigrate.ticks=1 quiet"));
+        let Outcome::Ok(Body::Vm(vm)) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(
+            (vm.state.as_str(), vm.guest.as_str(), vm.memory_mib),
+            ("created", LINUX_GUEST, 64)
+        );
+        // The kernel's command line: the node's arguments, then the user's.
+        let mut line = [0u8; 128];
+        r.node.vms_mut()[0]
+            .partition()
+            .memory()
+            .read(hvcore::addr::Gpa(LINUX_CMDLINE_GPA), &mut line)
+            .unwrap();
+        let end = line.iter().position(|&b| b == 0).unwrap();
+        let line = core::str::from_utf8(&line[..end]).unwrap();
+        assert!(
+            line.starts_with("console=ttyS0") && line.ends_with(" hvmigrate.ticks=1 quiet"),
+            "{line}"
+        );
+        assert!(r
+            .host
+            .console
+            .contains("VM lx created (64 MiB, guest linux)"));
     }
 
     #[test]

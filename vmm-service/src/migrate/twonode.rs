@@ -230,6 +230,7 @@ impl Pair {
             name: name.into(),
             memory_mib: 4,
             guest: None,
+            linux: None,
         });
         self.a().ok(Request::VmStart { name: name.into() });
         self.rounds(50);
@@ -572,6 +573,7 @@ fn refusals_name_the_reason_and_move_nothing() {
         name: "v".into(),
         memory_mib: 4,
         guest: None,
+        linux: None,
     });
     let id = p.start_move(Pair::move_req("v"));
     let j = p.until_ended(id);
@@ -618,6 +620,7 @@ fn a_vm_with_disks_is_not_moved_to_another_node() {
         name: "d".into(),
         memory_mib: 4,
         guest: None,
+        linux: None,
     });
     p.a().ok(Request::VmDiskCreate {
         name: "d".into(),
