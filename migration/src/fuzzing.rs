@@ -278,6 +278,7 @@ pub fn sample_vcpu(id: u32) -> VcpuState {
             error_code: Some(2),
         }),
         interrupt_shadow: id == 1,
+        nmi_blocked: false,
         tsc: 0x1_0000_0000 + u64::from(id),
     }
 }

@@ -230,6 +230,13 @@ pub(crate) fn with_record(e: StreamError, record: u64) -> StreamError {
     }
 }
 
+/// The vCPU record's interruptibility byte: bit 0 the STI/MOV-SS shadow
+/// (every version), bit 1 NMIs blocked (version 3,
+/// [`crate::stream::NMI_STATE_VERSION`]; the decoder refuses it in older
+/// streams, so a version-2 peer never gets a state it would misread).
+pub(crate) const INTERRUPT_SHADOW: u8 = 1;
+pub(crate) const NMI_BLOCKED: u8 = 2;
+
 /// Fixed part of an encoded [`VcpuState`] (everything but the XSAVE bytes).
 pub(crate) const VCPU_FIXED_BYTES: usize = 4
     + Regs::FIELDS * 8
@@ -300,7 +307,10 @@ impl VcpuWire for VcpuState {
                 put_u32(out, ev.error_code.unwrap_or(0));
             }
         }
-        put_u8(out, u8::from(self.interrupt_shadow));
+        put_u8(
+            out,
+            u8::from(self.interrupt_shadow) | if self.nmi_blocked { NMI_BLOCKED } else { 0 },
+        );
         put_u64(out, self.fpu.xcr0);
         put_u32(out, u32::try_from(self.fpu.xsave.len()).unwrap_or(u32::MAX));
         out.extend_from_slice(&self.fpu.xsave);
@@ -388,7 +398,16 @@ impl VcpuWire for VcpuState {
                 })
             }
         };
-        s.interrupt_shadow = r.bool("vcpu.interrupt_shadow")?;
+        let flags = r.u8("vcpu.interruptibility")?;
+        if flags & !(INTERRUPT_SHADOW | NMI_BLOCKED) != 0 {
+            return Err(StreamError::InvalidValue {
+                record,
+                what: "vcpu.interruptibility",
+                value: u64::from(flags),
+            });
+        }
+        s.interrupt_shadow = flags & INTERRUPT_SHADOW != 0;
+        s.nmi_blocked = flags & NMI_BLOCKED != 0;
         s.fpu.xcr0 = r.u64("fpu.xcr0")?;
         let len = r.u32("fpu.xsave_len")?;
         if len as usize > MAX_XSAVE_BYTES {
@@ -505,6 +524,7 @@ mod tests {
         v.msrs.sysenter_eip = r.next();
         v.tsc = r.next();
         v.interrupt_shadow = r.next() & 1 == 1;
+        v.nmi_blocked = r.next() & 1 == 1;
         v.pending_event = match r.next() % 4 {
             0 => None,
             1 => Some(PendingEvent {
@@ -561,7 +581,7 @@ mod tests {
             (ev_flags, &[2], "pending event flags"),
             (ev_flags, &[1, 9], "pending event type"),
             (ev_flags, &[1, 3, 40], "exception vector"),
-            (shadow, &[2], "vcpu.interrupt_shadow"),
+            (shadow, &[4], "vcpu.interruptibility"),
             (xsave_len, &[0xff, 0xff, 0, 0], "XSAVE image size in bytes"),
         ];
         for (off, bytes, what) in cases {

@@ -30,7 +30,7 @@
 //! | `0x0020` | memory data   | `start_gfn:u64 pages:u32` (1..=[`MAX_DATA_RUN_PAGES`]), then `pages` x 4096 bytes |
 //! | `0x0021` | memory zero   | `start_gfn:u64 pages:u32` (1..=[`MAX_ZERO_RUN_PAGES`]); no page bytes |
 //! | `0x0022` | memory verify | `digest:u64`: the [`crate::digest`] of the source's whole memory, read with the VM paused after the last memory record (version 2, verification mode only) |
-//! | `0x0030` | vCPU          | [`VcpuState`] (fixed fields, then `xsave_len:u32` and the XSAVE bytes) |
+//! | `0x0030` | vCPU          | [`VcpuState`] (fixed fields, then `xsave_len:u32` and the XSAVE bytes); its interruptibility byte: bit 0 STI/MOV-SS shadow, bit 1 NMIs blocked (version 3 only) |
 //! | `0x0040` | device        | `kind:u16 instance:u16 version:u32 len:u32`, `len` bytes |
 //! | `0x00f0` | end           | `digest:u64` ([`crate::digest`]) |
 //! | `0x00f1` | go            | empty: the destination may resume the VM |
@@ -123,9 +123,12 @@ pub const MAGIC_SOURCE: [u8; 8] = *b"HVMIGSRC";
 /// Magic opening the destination -> source stream.
 pub const MAGIC_DEST: [u8; 8] = *b"HVMIGDST";
 /// Protocol versions this implementation speaks, ascending.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2];
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3];
 /// First protocol version with the memory verify record.
 pub const VERIFY_VERSION: u16 = 2;
+/// First protocol version whose vCPU records carry NMI blocking (bit 1 of
+/// the interruptibility byte).
+pub const NMI_STATE_VERSION: u16 = 3;
 /// Record header length.
 pub const HEADER_BYTES: usize = 8;
 /// Record trailer (CRC) length.
@@ -642,6 +645,13 @@ impl Decoder {
                 self.state = State::Verified;
             }
             (State::Memory | State::Verified | State::Vcpus, Record::Vcpu(v)) => {
+                if v.nmi_blocked && self.version < NMI_STATE_VERSION {
+                    return Err(StreamError::InvalidValue {
+                        record,
+                        what: "NMI blocking (a version-3 field) in the vCPU record",
+                        value: u64::from(self.version),
+                    });
+                }
                 if v.id != self.vcpus_seen {
                     return Err(StreamError::VcpuOutOfOrder {
                         record,
@@ -1069,6 +1079,42 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// NMI blocking travels in version 3; a version-2 stream carrying it
+    /// is refused (its peer would have read the byte as a bad boolean).
+    #[test]
+    fn nmi_blocking_only_in_version_3() {
+        for (version, ok) in [(1u16, false), (2, false), (3, true)] {
+            let mut s = Vec::from(MAGIC_SOURCE);
+            Record::Select { version }.encode(&mut s);
+            Record::Config(sample_config()).encode(&mut s);
+            let blocked = VcpuState {
+                nmi_blocked: true,
+                interrupt_shadow: true,
+                ..sample_vcpu(0)
+            };
+            Record::Vcpu(Box::new(blocked.clone())).encode(&mut s);
+            let mut d = Decoder::new(Direction::SourceToDest);
+            d.feed(&s);
+            let mut last = None;
+            let r = loop {
+                match d.next_record() {
+                    Ok(Some(rec)) => last = Some(rec),
+                    Ok(None) => break Ok(last),
+                    Err(e) => break Err(e),
+                }
+            };
+            if ok {
+                assert_eq!(r.unwrap(), Some(Record::Vcpu(Box::new(blocked))));
+            } else {
+                let e = r.unwrap_err();
+                assert!(
+                    e.to_string().contains("NMI blocking (a version-3 field)"),
+                    "version {version}: {e}"
+                );
+            }
+        }
     }
 
     /// Stream prefix of a version-2 stream, up to the configuration.

@@ -61,17 +61,6 @@ impl<'a> Reader<'a> {
     pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, StreamError> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
-    pub(crate) fn bool(&mut self, field: &'static str) -> Result<bool, StreamError> {
-        match self.u8(field)? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(StreamError::InvalidValue {
-                record: self.record,
-                what: field,
-                value: u64::from(v),
-            }),
-        }
-    }
 
     /// The payload must be fully consumed.
     pub(crate) fn finish(self, kind: &'static str) -> Result<(), StreamError> {

@@ -7,9 +7,9 @@
 //! on `Err`.
 
 use super::vcpu::SvmVcpu;
-use super::vmcb::Segment;
+use super::vmcb::{Segment, INTERCEPT_IRET};
 use super::EFER_SVME;
-use hvcore::svm::exit::{event_in, event_out};
+use hvcore::svm::exit::{event_in, event_out, nmi_blocked_in};
 use hvcore::vcpu::{StateError, VcpuState};
 use hvcore::vcpu_state::{self, Msrs, TableReg};
 
@@ -70,6 +70,9 @@ impl SvmVcpu {
             fpu: vcpu_state::fpu_from_fxsave(&self.fx.0),
             pending_event: event_out(c.event_inj),
             interrupt_shadow: c.interrupt_shadow & 1 != 0,
+            // Kept by the backend (15.21.5): set by an NMI's injection,
+            // cleared at the handler's intercepted IRET.
+            nmi_blocked: self.nmi_blocked,
             // 15.30.4 (TSC offset): the guest reads host TSC + TSC_OFFSET.
             tsc: crate::cpu::rdtsc().wrapping_add(c.tsc_offset),
         }
@@ -130,10 +133,20 @@ impl SvmVcpu {
         c.int_control = (c.int_control & !0xf) | (st.cr8 & 0xf);
         c.interrupt_shadow = u64::from(st.interrupt_shadow);
         c.event_inj = st.pending_event.as_ref().map_or(0, event_in);
+        // NMI blocking lasts until the handler's IRET, which is
+        // intercepted to see it (15.21.5); no NMI window is pending.
+        let nmi_blocked = nmi_blocked_in(st.nmi_blocked, st.pending_event.as_ref());
+        if nmi_blocked {
+            c.intercept_misc1 |= INTERCEPT_IRET;
+        } else {
+            c.intercept_misc1 &= !INTERCEPT_IRET;
+        }
         // The guest's TSC continues from the saved value.
         c.tsc_offset = st.tsc.wrapping_sub(crate::cpu::rdtsc());
         self.fx.0 = fx;
         self.tsc_aux = tsc_aux;
+        self.nmi_blocked = nmi_blocked;
+        self.nmi_window = false;
         self.regs = st.regs;
         self.next_rip = None;
         self.flush_pending = true;

@@ -11,7 +11,9 @@ use super::vmcs::*;
 use super::CR4_VMXE;
 use hvcore::vcpu::{StateError, VcpuState};
 use hvcore::vcpu_state::{self, Msrs, Segment, TableReg};
-use hvcore::vmx::exit::{ar_to_attrib, attrib_to_ar, event_in, event_out};
+use hvcore::vmx::exit::{
+    ar_to_attrib, attrib_to_ar, event_in, event_out, interruptibility_in, interruptibility_out,
+};
 use hvcore::x86::EferFlags;
 
 /// Guest segment fields (selector, base, limit, access rights) in record
@@ -135,8 +137,9 @@ impl VmxVcpu {
                 self.read(ENTRY_INTERRUPTION_INFO),
                 self.read(ENTRY_EXCEPTION_ERROR_CODE),
             ),
-            // Blocking by STI (bit 0) or by MOV SS (bit 1), 25.4.2.
-            interrupt_shadow: intr & 3 != 0,
+            // Blocking by STI or MOV SS, and by NMI, 25.4.2.
+            interrupt_shadow: interruptibility_out(intr).0,
+            nmi_blocked: interruptibility_out(intr).1,
             // 25.6.5: the guest reads the TSC plus TSC_OFFSET.
             tsc: crate::cpu::rdtsc().wrapping_add(self.read(TSC_OFFSET)),
         }
@@ -193,14 +196,15 @@ impl VmxVcpu {
             st.msrs.kernel_gs_base,
         ];
         self.tsc_aux = tsc_aux;
-        // STI blocking needs RFLAGS.IF = 1 (26.3.1.5); MOV-SS blocking
-        // stands for either otherwise.
-        let shadow = match (st.interrupt_shadow, st.regs.rflags & (1 << 9) != 0) {
-            (false, _) => 0,
-            (true, true) => 1,
-            (true, false) => 2,
-        };
-        self.write(GUEST_INTERRUPTIBILITY, shadow);
+        // 26.3.1.5: what VM entry accepts (interruptibility_in).
+        let intr = interruptibility_in(
+            st.interrupt_shadow,
+            st.regs.rflags,
+            st.nmi_blocked,
+            self.virtual_nmis,
+            st.pending_event.as_ref(),
+        );
+        self.write(GUEST_INTERRUPTIBILITY, intr);
         let (info, code) = st.pending_event.as_ref().map_or((0, 0), event_in);
         self.write(ENTRY_INTERRUPTION_INFO, info);
         self.write(ENTRY_EXCEPTION_ERROR_CODE, code);

@@ -297,6 +297,10 @@ pub struct VcpuState {
     pub pending_event: Option<PendingEvent>,
     /// The vCPU is in an interrupt shadow (after STI / MOV SS).
     pub interrupt_shadow: bool,
+    /// NMIs are blocked: the guest runs an NMI handler (until its IRET).
+    /// AMD APM vol. 2, 15.21.5 (the hypervisor tracks it, intercepting
+    /// IRET); Intel SDM vol. 3C, 25.4.2 (interruptibility bit 3).
+    pub nmi_blocked: bool,
     /// Guest-visible TSC at save time.
     pub tsc: u64,
 }

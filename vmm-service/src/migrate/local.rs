@@ -296,6 +296,32 @@ mod tests {
         assert!(report.ends_with("\"dirty_tracker\":\"write-protect\",\"verified\":true}"));
     }
 
+    /// A vCPU inside an NMI handler (NMIs blocked until its IRET) and in
+    /// an STI shadow keeps both across the move: the record carries them
+    /// (stream version 3) and the destination's vCPU restores them.
+    #[test]
+    fn nmi_blocking_and_the_interrupt_shadow_move_with_the_vcpu() {
+        let mut host = host();
+        let vm = started(
+            &mut host,
+            Box::new(|v: &mut FakeVcpu, _: &mut FakeMemory| {
+                v.nmi_blocked = true;
+                v.shadow = true;
+                VmExit::ExternalInterrupt
+            }),
+        );
+        let out = migrate_local(&mut host, vm, policy(), Faults::default());
+        assert_eq!(
+            out.report.result,
+            MigrationResult::Completed,
+            "{:?}",
+            out.report
+        );
+        let mut vm = out.vm;
+        let st = vm.partition().vcpu().save_state();
+        assert!(st.nmi_blocked && st.interrupt_shadow, "{st:?}");
+    }
+
     /// The audit's case: a guest that calls the dirty-log hypercalls
     /// (DISABLE among them) while it is being migrated. The calls are
     /// refused, the migration keeps its log, and the memory verifies.

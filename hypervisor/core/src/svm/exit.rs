@@ -287,10 +287,35 @@ pub fn deliver_exception(vector: u8, error_code: u32, idt_limit: u32, long_mode:
     }
 }
 
+/// Whether NMIs are blocked after restoring a vCPU whose record says
+/// `nmi_blocked` and re-injects `pending`: SVM has no NMI-blocking field
+/// the hypervisor can set (AMD APM vol. 2, 15.21.5), so the backend keeps
+/// the blocking itself until it intercepts the handler's IRET, and an NMI
+/// being injected blocks as its delivery will.
+pub fn nmi_blocked_in(nmi_blocked: bool, pending: Option<&PendingEvent>) -> bool {
+    nmi_blocked || pending.is_some_and(|e| e.kind == vmstate::EventKind::Nmi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vmstate::EventKind;
+
+    #[test]
+    fn nmi_blocking_after_restore() {
+        let ev = |kind| PendingEvent {
+            vector: 2,
+            kind,
+            error_code: None,
+        };
+        assert!(nmi_blocked_in(true, None));
+        assert!(!nmi_blocked_in(false, None));
+        assert!(nmi_blocked_in(false, Some(&ev(EventKind::Nmi))));
+        assert!(!nmi_blocked_in(
+            false,
+            Some(&ev(EventKind::ExternalInterrupt))
+        ));
+    }
 
     #[test]
     fn intercepted_gp_and_df_decode_with_error_code() {

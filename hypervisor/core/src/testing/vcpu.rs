@@ -179,12 +179,16 @@ impl Vcpu for FakeVcpu {
     fn save_state(&self) -> VcpuState {
         let mut s = self.state.clone();
         s.regs = self.regs;
+        s.interrupt_shadow = self.shadow;
+        s.nmi_blocked = self.nmi_blocked;
         s
     }
     fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
         crate::vcpu_state::check(state)?;
         self.state = state.clone();
         self.regs = state.regs;
+        self.shadow = state.interrupt_shadow;
+        self.nmi_blocked = state.nmi_blocked;
         Ok(())
     }
 }

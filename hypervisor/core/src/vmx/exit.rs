@@ -298,9 +298,68 @@ pub fn event_in(ev: &PendingEvent) -> (u64, u64) {
     (u64::from(i.info), u64::from(i.error_code.unwrap_or(0)))
 }
 
+/// Guest interruptibility state (Intel SDM vol. 3C, 25.4.2, table 25-3)
+/// as the record's (interrupt shadow, NMIs blocked): bit 0 blocking by
+/// STI, bit 1 by MOV SS, bit 3 by NMI (with virtual NMIs: virtual-NMI
+/// blocking, the only NMIs guests get here).
+pub fn interruptibility_out(intr: u64) -> (bool, bool) {
+    (intr & 0b11 != 0, intr & 0b1000 != 0)
+}
+
+/// The record's shadow and NMI blocking as an interruptibility state VM
+/// entry accepts (26.3.1.5): STI blocking needs RFLAGS.IF = 1, MOV-SS
+/// blocking stands for either otherwise; NMI blocking is set only with
+/// `virtual_nmis` and not beside an NMI being injected (`pending`), whose
+/// delivery blocks NMIs itself.
+pub fn interruptibility_in(
+    shadow: bool,
+    rflags: u64,
+    nmi_blocked: bool,
+    virtual_nmis: bool,
+    pending: Option<&PendingEvent>,
+) -> u64 {
+    let sti = match (shadow, rflags & (1 << 9) != 0) {
+        (false, _) => 0,
+        (true, true) => 0b1,
+        (true, false) => 0b10,
+    };
+    let nmi_pending = pending.is_some_and(|e| e.kind == EventKind::Nmi);
+    let nmi = if nmi_blocked && virtual_nmis && !nmi_pending {
+        0b1000
+    } else {
+        0
+    };
+    sti | nmi
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interruptibility_round_trips_what_entry_accepts() {
+        const IF: u64 = 1 << 9;
+        let nmi = PendingEvent {
+            vector: 2,
+            kind: EventKind::Nmi,
+            error_code: None,
+        };
+        assert_eq!(interruptibility_out(0b1001), (true, true));
+        assert_eq!(interruptibility_out(0b10), (true, false));
+        assert_eq!(interruptibility_out(0b100), (false, false), "SMI");
+        assert_eq!(interruptibility_in(true, IF, true, true, None), 0b1001);
+        assert_eq!(interruptibility_in(true, 0, false, true, None), 0b10);
+        assert_eq!(interruptibility_in(false, IF, true, false, None), 0);
+        assert_eq!(interruptibility_in(false, IF, true, true, Some(&nmi)), 0);
+        for intr in [0, 0b1, 0b1000, 0b1001] {
+            let (shadow, blocked) = interruptibility_out(intr);
+            assert_eq!(
+                interruptibility_in(shadow, IF, blocked, true, None),
+                intr,
+                "{intr:#b}"
+            );
+        }
+    }
 
     fn regs() -> Regs {
         Regs {
