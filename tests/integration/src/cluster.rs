@@ -33,6 +33,13 @@ pub struct TestCluster {
 impl TestCluster {
     /// Boot `nodes` nodes for test `tag`.
     pub fn up(tag: &str, nodes: u32) -> Self {
+        Self::up_prepared(tag, nodes, |_| {})
+    }
+
+    /// [`TestCluster::up`], with `prepare` run on the empty state
+    /// directory first (a test mounts a small file system where a store
+    /// will be, before QEMU exports it).
+    pub fn up_prepared(tag: &str, nodes: u32, prepare: impl FnOnce(&std::path::Path)) -> Self {
         require_qemu();
         let turn = ONE_CLUSTER
             .lock()
@@ -45,6 +52,7 @@ impl TestCluster {
             up: false,
             _turn: turn,
         };
+        prepare(&c.dir);
         let start = Instant::now();
         let n = nodes.to_string();
         let run = runner(&["cluster", "up", "--nodes", &n, "--state-dir", c.dir()]);
