@@ -309,6 +309,20 @@ pub enum Bench {
         #[command(flatten)]
         build: BuildArg,
     },
+    /// Storage live migration on node a: a 1 GiB VHDX holding 512 MiB
+    /// (written by its disk-verify guest) moved between two stores with
+    /// the guest writing, then idle; MB/s next to the node's plain 9P copy
+    /// and qemu-img convert, allocated sizes (boots a cluster for the run
+    /// if none is up)
+    Storage {
+        /// One JSON object per scenario
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateDirArg,
+        #[command(flatten)]
+        build: BuildArg,
+    },
 }
 
 /// Where the cluster keeps its state.
@@ -566,6 +580,10 @@ mod tests {
             p("bench migrate --json"),
             Ok(Command::Bench(Bench::Migrate { json: true, .. }))
         ));
+        assert!(matches!(
+            p("bench storage --json --state-dir /x"),
+            Ok(Command::Bench(Bench::Storage { json: true, state, .. })) if state.state_dir.as_deref() == Some("/x")
+        ));
         assert!(matches!(p("demo"), Ok(Command::Demo(d)) if d.seconds == DEFAULT_DEMO_SECONDS));
         assert!(
             matches!(p("demo --seconds 5"), Ok(Command::Demo(d)) if d.seconds == 5 && d.act.is_none())
@@ -694,7 +712,7 @@ mod tests {
         cmd.build();
         let mut seen = 0;
         walk(&mut cmd, &mut Vec::new(), &mut seen);
-        // qemu-runner's 12 commands, 4 bench, 4 cluster, hvctl's tree, help.
+        // qemu-runner's 12 commands, 5 bench, 4 cluster, hvctl's tree, help.
         assert!(seen > 30, "{seen}");
         let node = Cli::command()
             .find_subcommand_mut("node")

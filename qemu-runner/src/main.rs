@@ -102,6 +102,9 @@ fn main() -> ExitCode {
         Command::Bench(Bench::Migrate { json, state, build }) => exit_with(
             qemu_runner::bench_migrate::run(state.state_dir.as_deref(), json, build.build()),
         ),
+        Command::Bench(Bench::Storage { json, state, build }) => exit_with(
+            qemu_runner::bench_storage::run(state.state_dir.as_deref(), json, build.build()),
+        ),
         Command::Cluster(c) => exit_with(cluster::run_cli(&c)),
         Command::Hvctl(h) => return ExitCode::from(qemu_runner::hvctl::run_cli(&h)),
         Command::Test => Ok(test_suite()),
