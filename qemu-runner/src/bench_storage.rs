@@ -283,6 +283,7 @@ fn measure_move(
             vhd: Vec::new(),
             config: None,
             keep_source: Some(true),
+            bandwidth_mib_s: None,
         })?,
         "vm-move-storage",
     )?;

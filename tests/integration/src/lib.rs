@@ -24,6 +24,34 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A small tmpfs mounted at a directory (a store that fills), lazily
+/// unmounted when dropped (QEMU may still hold it then). Needs root, as
+/// the tests have here and in CI.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mount a tmpfs of `mib` MiB at `at` (made if missing).
+    pub fn mount(at: &Path, mib: u64) -> Self {
+        std::fs::create_dir_all(at).unwrap_or_else(|e| panic!("{}: {e}", at.display()));
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}M"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount(8)");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (the tests run as root here and in CI): {out:?}"
+        );
+        Tmpfs(at.into())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// Panic with instructions unless `qemu-system-x86_64` runs.
 pub fn require_qemu() {
     let ok = Command::new("qemu-system-x86_64")

@@ -68,31 +68,6 @@ fn files_in(dir: &Path) -> Vec<String> {
     out
 }
 
-/// An 8 MiB tmpfs mounted at a directory, unmounted when dropped.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(at: &Path) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8M", "tmpfs"])
-            .arg(at)
-            .output()
-            .expect("mount(8)");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root (the tests run as root here and in CI): {out:?}"
-        );
-        SmallFs(at.into())
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 struct Node<'a> {
     c: &'a TestCluster,
     stores: PathBuf,
@@ -261,7 +236,7 @@ fn a_running_vms_disk_moves_between_stores() {
     // A destination on a full file system: the move fails, nothing is
     // left there, the VM runs on from its source.
     let small = shared.join("small");
-    let fs = SmallFs::mount(&small);
+    let fs = integration_tests::Tmpfs::mount(&small, 8);
     let run = c.hvctl(
         "a",
         &["vm", "move-storage", "d", "--to", "shared:small", "--wait"],

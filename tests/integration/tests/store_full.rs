@@ -11,44 +11,18 @@
 //!
 //! Needs root (to mount the tmpfs), as the suite has here and in CI.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::cluster::TestCluster;
+use integration_tests::Tmpfs;
 
 /// Size of the tmpfs under node a's local store, and of the filler on it:
 /// 16 MiB free, which the 32 MiB disk's second 8 MiB round runs out of;
 /// without the filler the whole disk fits.
 const STORE_MIB: u64 = 40;
 const FILLER_MIB: u64 = 24;
-
-/// A tmpfs mounted at `path`, lazily unmounted when dropped (QEMU may
-/// still hold it then; the cluster goes down right after).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, mib: u64) {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(path)
-            .output()
-            .expect("mount(8)");
-        assert!(
-            out.status.success(),
-            "mounting a {mib} MiB tmpfs at {} failed (this test needs root): {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// The rounds VM `name` reported ok in `serial`, and whether it failed.
 fn rounds(serial: &str, name: &str) -> (u64, bool) {
@@ -75,15 +49,18 @@ fn heartbeats(serial: &str, name: &str) -> usize {
 #[test]
 fn a_full_store_pauses_the_vm_and_space_resumes_it() {
     let store = |dir: &Path| dir.join("stores").join("a");
+    let mut mount = None;
     let c = TestCluster::up_prepared("store-full", 1, |dir| {
-        Tmpfs::mount(&store(dir), STORE_MIB);
+        mount = Some(Tmpfs::mount(&store(dir), STORE_MIB));
         std::fs::write(
             store(dir).join("filler"),
             vec![0x11u8; (FILLER_MIB << 20) as usize],
         )
         .unwrap();
     });
-    let _mount = Tmpfs(store(&c.dir));
+    // Unmounted (lazily) before the cluster goes down and its directory
+    // is removed: declared after it, dropped before it.
+    let _mount = mount;
     let store = store(&c.dir);
 
     c.ok("a", &["vm", "create", "hb", "--memory", "8M"]);
