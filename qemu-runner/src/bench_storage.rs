@@ -379,6 +379,7 @@ pub fn run(state_dir_arg: Option<&str>, json: bool, build: bool) -> Result<u8, S
                 i
             },
             accel: crate::accel::Accel::Tcg,
+            modules: Vec::new(),
         };
         cluster::up(&dir, &boot, 1)?;
     }
