@@ -72,7 +72,7 @@ pub use bitmap::DirtyBitmap;
 pub use error::{MigrationError, StreamError, TransportError, VmError};
 pub use policy::Policy;
 pub use receiver::{DestinationVm, DigestCheck, ReceiveOutcome, Receiver, RecvProgress};
-pub use report::{MigrationReport, MigrationResult};
+pub use report::{MigrationReport, MigrationResult, PausePhases};
 pub use source::{MigratableVm, Migration, Progress, Stage, Status};
 pub use state::{
     CpuidEntry, DeviceDesc, DeviceState, EventKind, FpuState, Msrs, PendingEvent, Regs, Segment,

@@ -9,7 +9,10 @@
 //! `null`), `dirty_tracker` (the tracker the source's dirty log used, e.g.
 //! `"write-protect"` or `"pml"`, or `null` if it never started),
 //! `verified` (`true` once verification mode found the source's memory
-//! equal to what was sent, see `Policy::verify_memory`).
+//! equal to what was sent, see `Policy::verify_memory`), `pause_us`
+//! (where the downtime went, [`PausePhases`]: an object of seven
+//! microsecond counts `harvest`, `last_pages`, `verify`, `state`, `drain`,
+//! `ready`, `resumed`).
 //!
 //! With the `serde` feature the types also derive serde's traits, so host
 //! tools read the line back into this same type (`serde_json::from_str`).
@@ -43,6 +46,49 @@ impl MigrationResult {
             MigrationResult::Cancelled => "cancelled",
             MigrationResult::Failed => "failed",
         }
+    }
+}
+
+/// Where the downtime went, in microseconds of the source's clock, from
+/// the pause to the destination's `resumed`, phase after phase (their sum
+/// is the downtime; all 0 if the VM was never paused). Each phase runs
+/// from the first engine step in it to the first step of the next, so the
+/// node's other work between steps counts where it delayed the migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PausePhases {
+    /// Stopping the vCPUs and the last collection of the dirty log.
+    pub harvest: u64,
+    /// The last dirty pages handed to the transport.
+    pub last_pages: u64,
+    /// Verification mode: re-reading and hashing the whole memory (0 when
+    /// off).
+    pub verify: u64,
+    /// Saving vCPU and device state, sending it and the end record.
+    pub state: u64,
+    /// Until the destination acknowledged every byte sent (data in flight
+    /// at the pause, and the state).
+    pub drain: u64,
+    /// Until its `ready`: it applied the last records, checked the digest
+    /// (in verification mode: re-read its whole memory) and loaded the
+    /// state.
+    pub ready: u64,
+    /// From `go` to its `resumed`.
+    pub resumed: u64,
+}
+
+impl PausePhases {
+    /// The phases' names and values, in order.
+    pub fn named(&self) -> [(&'static str, u64); 7] {
+        [
+            ("harvest", self.harvest),
+            ("last_pages", self.last_pages),
+            ("verify", self.verify),
+            ("state", self.state),
+            ("drain", self.drain),
+            ("ready", self.ready),
+            ("resumed", self.resumed),
+        ]
     }
 }
 
@@ -81,6 +127,9 @@ pub struct MigrationReport {
     /// (Absent in lines of older nodes: read as `false`.)
     #[cfg_attr(feature = "serde", serde(default))]
     pub verified: bool,
+    /// Where the downtime went. (Absent in lines of older nodes: zeros.)
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub pause_us: PausePhases,
 }
 
 impl MigrationReport {
@@ -114,8 +163,11 @@ impl MigrationReport {
             None => s.push_str("null"),
             Some(t) => json_string(&mut s, t),
         }
-        let _ = write!(s, ",\"verified\":{}", self.verified);
-        s.push('}');
+        let _ = write!(s, ",\"verified\":{},\"pause_us\":{{", self.verified);
+        for (i, (name, us)) in self.pause_us.named().iter().enumerate() {
+            let _ = write!(s, "{}\"{name}\":{us}", if i == 0 { "" } else { "," });
+        }
+        s.push_str("}}");
         s
     }
 }
@@ -161,13 +213,23 @@ mod tests {
             error: None,
             dirty_tracker: Some("pml".to_string()),
             verified: true,
+            pause_us: PausePhases {
+                harvest: 1,
+                last_pages: 2,
+                verify: 3,
+                state: 4,
+                drain: 5,
+                ready: 6,
+                resumed: 7,
+            },
         };
         assert_eq!(
             r.to_json(),
             "{\"passes\":3,\"pages_per_pass\":[16384,120,7],\"bytes_sent\":123456,\
              \"zero_pages\":9000,\"ram_bytes\":67108864,\"total_ms\":812,\"downtime_ms\":12,\
              \"expected_downtime_ms\":10,\"throttle_pct\":20,\"result\":\"completed\",\"error\":null,\
-             \"dirty_tracker\":\"pml\",\"verified\":true}"
+             \"dirty_tracker\":\"pml\",\"verified\":true,\"pause_us\":{\"harvest\":1,\
+             \"last_pages\":2,\"verify\":3,\"state\":4,\"drain\":5,\"ready\":6,\"resumed\":7}}"
         );
         r.result = MigrationResult::Failed;
         r.pages_per_pass.clear();
@@ -178,7 +240,8 @@ mod tests {
         assert!(j.contains("\"pages_per_pass\":[],"));
         assert!(j.ends_with(
             "\"result\":\"failed\",\"error\":\"record 12: \\\"CRC\\\" mismatch\\\\\\n\\u0001\",\
-             \"dirty_tracker\":null,\"verified\":false}"
+             \"dirty_tracker\":null,\"verified\":false,\"pause_us\":{\"harvest\":1,\
+             \"last_pages\":2,\"verify\":3,\"state\":4,\"drain\":5,\"ready\":6,\"resumed\":7}}"
         ));
     }
 }

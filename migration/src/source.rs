@@ -46,7 +46,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::digest::{is_zero_page, page_hash, zero_page_hash, ImageDigest};
 use crate::error::{MigrationError, StreamError, TransportError, VmError};
 use crate::policy::{self, Policy};
-use crate::report::{MigrationReport, MigrationResult};
+use crate::report::{MigrationReport, MigrationResult, PausePhases};
 use crate::state::{DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES};
 use crate::stream::{
     self, Decoder, Direction, Record, MAX_DATA_RUN_PAGES, MAX_ZERO_RUN_PAGES, SUPPORTED_VERSIONS,
@@ -181,6 +181,8 @@ enum Phase {
     FinalCopy,
     /// Verification mode: re-reading the whole memory (VM paused), next gfn.
     Verify,
+    /// vCPU and device state, then the end record (VM paused).
+    SendState,
     AwaitReady,
     AwaitResumed,
     Finished,
@@ -201,6 +203,56 @@ const MIN_BATCH_PAGES: usize = 16;
 /// Most stream bytes one page can cost: its data plus a whole record's
 /// framing (a run of one page).
 const WORST_BYTES_PER_PAGE: usize = PAGE_SIZE + stream::HEADER_BYTES + 12 + stream::CRC_BYTES;
+
+/// When each phase of the pause began (node time, ns): the start of the
+/// first step in it ([`PausePhases`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct PauseMarks {
+    pause: Option<u64>,
+    final_copy: Option<u64>,
+    verify: Option<u64>,
+    state: Option<u64>,
+    await_ready: Option<u64>,
+    acked: Option<u64>,
+    ready: Option<u64>,
+}
+
+impl PauseMarks {
+    /// The phases' lengths in µs, the last one ending at `end`. A phase
+    /// never entered lasts 0; a later mark missing (the migration ended
+    /// early) ends a phase at `end`.
+    fn phases(&self, end: u64) -> PausePhases {
+        let marks = [
+            self.pause,
+            self.final_copy,
+            self.verify,
+            self.state,
+            self.await_ready,
+            self.acked,
+            self.ready,
+        ];
+        let mut us = [0u64; 7];
+        for (i, m) in marks.iter().enumerate() {
+            let Some(start) = *m else { continue };
+            let next = marks[i + 1..]
+                .iter()
+                .flatten()
+                .next()
+                .copied()
+                .unwrap_or(end);
+            us[i] = next.saturating_sub(start) / 1000;
+        }
+        PausePhases {
+            harvest: us[0],
+            last_pages: us[1],
+            verify: us[2],
+            state: us[3],
+            drain: us[4],
+            ready: us[5],
+            resumed: us[6],
+        }
+    }
+}
 
 /// One outgoing live migration: the engine's state. The VM and the link
 /// are lent to it for each step ([`Migration::step`]), so whoever owns
@@ -230,6 +282,7 @@ pub struct Migration {
     t_transfer: u64,
     transfer_bytes: u64,
     pause_ns: Option<u64>,
+    marks: PauseMarks,
     /// Stall detection: when the link last moved (acknowledged or
     /// delivered bytes), and its counters then.
     last_link_progress_ns: u64,
@@ -274,6 +327,7 @@ impl Migration {
                 error: None,
                 dirty_tracker: None,
                 verified: false,
+                pause_us: PausePhases::default(),
             },
             config,
             phase: Phase::Handshake,
@@ -309,6 +363,7 @@ impl Migration {
             stale_pages: 0,
             stale_gfns: Vec::new(),
             error: None,
+            marks: PauseMarks::default(),
         }
     }
 
@@ -464,6 +519,7 @@ impl Migration {
         let Some(MigrationError::InDoubt(cause)) = self.error.take() else {
             return;
         };
+        self.stop_dirty_log(vm);
         if resumed_there {
             self.report.result = MigrationResult::Completed;
             self.report.error = None;
@@ -518,7 +574,7 @@ impl Migration {
         match self.phase {
             Phase::Handshake | Phase::AwaitOffer => Stage::Handshake,
             Phase::Copy => Stage::Copying,
-            Phase::FinalCopy | Phase::Verify => Stage::FinalCopy,
+            Phase::FinalCopy | Phase::Verify | Phase::SendState => Stage::FinalCopy,
             Phase::AwaitReady | Phase::AwaitResumed => Stage::SwitchingOver,
             Phase::Finished => Stage::Finished,
         }
@@ -555,6 +611,7 @@ impl Migration {
         V: MigratableVm + ?Sized,
         T: Transport + ?Sized,
     {
+        self.mark(link, now);
         match self.phase {
             Phase::Handshake => {
                 self.config.validate()?;
@@ -600,6 +657,12 @@ impl Migration {
                 if wait > 0 {
                     return Ok(Progress::Waiting { max_ns: wait });
                 }
+                // The end of a pass is a step of its own, so the pause it
+                // may start is timed from a step's start.
+                if self.to_send.next_set(self.cursor).is_none() {
+                    self.end_of_pass(vm, link, now)?;
+                    return Ok(Progress::Busy);
+                }
                 // Flow control: page data only when the transport has room
                 // for a useful batch (never more than it has room for).
                 let pages = link.send_window() / WORST_BYTES_PER_PAGE;
@@ -609,9 +672,6 @@ impl Migration {
                     });
                 }
                 self.send_pages(vm, link, pages)?;
-                if self.to_send.next_set(self.cursor).is_none() {
-                    self.end_of_pass(vm, link, now)?;
-                }
                 Ok(Progress::Busy)
             }
             Phase::Verify => {
@@ -621,9 +681,15 @@ impl Migration {
                 self.verify_step(vm, link)?;
                 Ok(Progress::Busy)
             }
+            Phase::SendState => {
+                self.send_state(vm, link)?;
+                Ok(Progress::Busy)
+            }
             Phase::AwaitReady => match self.poll_back(link)? {
                 None => Ok(Progress::Waiting { max_ns: POLL_NS }),
                 Some(Record::Ready { digest }) => {
+                    self.marks.acked.get_or_insert(now);
+                    self.marks.ready = Some(now);
                     if digest != self.sent_digest {
                         return Err(MigrationError::DigestDisagreement {
                             sent: self.sent_digest,
@@ -645,12 +711,37 @@ impl Migration {
                 None => Ok(Progress::Waiting { max_ns: POLL_NS }),
                 Some(Record::Resumed) => {
                     self.finish(MigrationResult::Completed, None, now);
+                    self.stop_dirty_log(vm);
                     Ok(Progress::Finished(MigrationResult::Completed))
                 }
                 Some(other) => Err(self.unexpected(other)),
             },
             Phase::Finished => Ok(Progress::Finished(self.report.result)),
         }
+    }
+
+    /// Note the start of a pause phase: the first step in it (and, while
+    /// waiting for `ready`, the first step that finds every byte sent
+    /// acknowledged).
+    fn mark<T: Transport + ?Sized>(&mut self, link: &T, now: u64) {
+        let m = &mut self.marks;
+        let slot = match self.phase {
+            Phase::FinalCopy => &mut m.final_copy,
+            Phase::Verify => &mut m.verify,
+            Phase::SendState => &mut m.state,
+            Phase::AwaitReady => {
+                if m.await_ready.is_some()
+                    && m.acked.is_none()
+                    && link.acked_bytes() >= self.report.bytes_sent
+                {
+                    m.acked = Some(now);
+                }
+                &mut m.await_ready
+            }
+            Phase::AwaitResumed => &mut m.ready,
+            _ => return,
+        };
+        slot.get_or_insert(now);
     }
 
     /// Fold a bandwidth sample once the window spans long enough: bytes
@@ -819,16 +910,19 @@ impl Migration {
         self.cursor = 0;
         if self.phase == Phase::FinalCopy {
             // The VM is paused and its last pages are sent: nothing more to
-            // track, whatever happens next.
-            vm.stop_dirty_log();
-            self.dirty_log_on = false;
+            // collect. The log stays on until the migration is over:
+            // stopping it gives write access back to every frame, work in
+            // proportion to RAM that the pause does not need (the way back
+            // stops it before the VM resumes; on completion it stops after
+            // the destination confirmed).
             if self.policy.verify_memory {
                 self.verify_gfn = 0;
                 self.verify_digest = ImageDigest::new();
                 self.phase = Phase::Verify;
                 return Ok(());
             }
-            return self.send_state(vm, link);
+            self.phase = Phase::SendState;
+            return Ok(());
         }
         self.sample_bandwidth(link, now);
         self.to_send.clear_all();
@@ -849,6 +943,7 @@ impl Migration {
         if policy::fits_downtime(expected, self.policy.downtime_limit_ns) {
             // Downtime starts when stopping the vCPUs starts.
             self.pause_ns = Some(now);
+            self.marks.pause = Some(now);
             vm.pause()?;
             self.paused = true;
             // Writes between the collection above and the pause.
@@ -914,7 +1009,8 @@ impl Migration {
         }
         .encode(&mut self.out);
         self.flush_out(link)?;
-        self.send_state(vm, link)
+        self.phase = Phase::SendState;
+        Ok(())
     }
 
     /// vCPU and device state, then the end record (VM paused).
@@ -1001,10 +1097,7 @@ impl Migration {
             // the channel alike.
             let _ = link.send(&out);
         }
-        if self.dirty_log_on {
-            vm.stop_dirty_log();
-            self.dirty_log_on = false;
-        }
+        self.stop_dirty_log(vm);
         if self.throttle != 0 {
             vm.set_throttle(0);
         }
@@ -1015,8 +1108,18 @@ impl Migration {
         self.finish(result, Some(err), now);
     }
 
-    /// Record the end. The dirty log is off by then: stopped by `abandon`,
-    /// or once the last pages were collected (every later way out).
+    /// Stop the dirty log if it is on.
+    fn stop_dirty_log<V: MigratableVm + ?Sized>(&mut self, vm: &mut V) {
+        if self.dirty_log_on {
+            vm.stop_dirty_log();
+            self.dirty_log_on = false;
+        }
+    }
+
+    /// Record the end. The dirty log is stopped by the caller: `abandon`
+    /// before the VM resumes, the `resumed` step after the destination
+    /// confirmed, `resolve_in_doubt` once the destination answered (until
+    /// then the VM stays paused with the log on).
     fn finish(&mut self, result: MigrationResult, err: Option<MigrationError>, now: u64) {
         let r = &mut self.report;
         r.result = result;
@@ -1026,6 +1129,7 @@ impl Migration {
             (MigrationResult::Completed, Some(p)) => now.saturating_sub(p) / policy::NS_PER_MS,
             _ => 0,
         };
+        r.pause_us = self.marks.phases(now);
         r.expected_downtime_ms = self
             .expected_downtime_ns
             .map_or(0, |e| e / policy::NS_PER_MS);

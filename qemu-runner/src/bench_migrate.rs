@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hvmgmt::auth::ClusterKey;
-use hvmgmt::proto::{Body, JobState, MigrationReport, Outcome, Request};
+use hvmgmt::proto::{Body, JobState, MigrationReport, Outcome, PausePhases, Request};
 use serde::Serialize;
 
 use crate::cluster;
@@ -177,6 +177,10 @@ pub struct Figures {
     pub link_tcp_mb_per_s: u64,
     /// Pre-copy rate / TCP rate of the same link in the same run.
     pub ratio_to_tcp: f64,
+    /// Verification mode was on (`--verify`).
+    pub verified: bool,
+    /// Where the downtime went, µs per phase (the report's `pause_us`).
+    pub pause_us: PausePhases,
     /// busy-verify's verdict on node b (`busy-verify: migration 1 ok`).
     pub guest_verdict: Option<String>,
     /// QEMU's own migration of a comparable guest, same run.
@@ -221,6 +225,8 @@ pub fn figures(
         link_raw_mb_per_s: link.raw_mb_per_s,
         link_tcp_mb_per_s: link.tcp_mb_per_s,
         ratio_to_tcp: ratio(precopy, link.tcp_mb_per_s),
+        verified: r.verified,
+        pause_us: r.pause_us,
         guest_verdict: verdict,
         qemu: None,
         qemu_error: None,
@@ -359,7 +365,13 @@ fn client(dir: &Path, node: &str) -> Result<Client, String> {
 }
 
 /// Run one scenario on the cluster in `dir`.
-fn run_scenario(dir: &Path, s: &Scenario, link: &Link, quiet: bool) -> Result<Figures, String> {
+fn run_scenario(
+    dir: &Path,
+    s: &Scenario,
+    link: &Link,
+    verify: bool,
+    quiet: bool,
+) -> Result<Figures, String> {
     let state = cluster::load(dir)?;
     let logs: Vec<PathBuf> = state.nodes.iter().take(2).map(|n| n.log.clone()).collect();
     let vm = s.vm();
@@ -385,7 +397,7 @@ fn run_scenario(dir: &Path, s: &Scenario, link: &Link, quiet: bool) -> Result<Fi
         bandwidth_mib_s: None,
         timeout_s: Some(MOVE_TIMEOUT_S),
         encrypt: None,
-        verify: None,
+        verify: Some(verify),
         debug_hold_accept_ms: None,
         debug_hold_ready_ms: None,
         debug_hold_resumed_ms: None,
@@ -449,6 +461,24 @@ fn run_scenario(dir: &Path, s: &Scenario, link: &Link, quiet: bool) -> Result<Fi
     Ok(figures(s, &report, gap, link, verdict))
 }
 
+/// Where the pause went, in ms: `harvest 1.2, last pages 30.0, ...`.
+pub fn pause_text(p: &PausePhases) -> String {
+    let phases = [
+        ("harvest", p.harvest),
+        ("last pages", p.last_pages),
+        ("verify", p.verify),
+        ("state", p.state),
+        ("drain", p.drain),
+        ("ready", p.ready),
+        ("resumed", p.resumed),
+    ];
+    phases
+        .iter()
+        .map(|(name, us)| format!("{name} {:.1}", *us as f64 / 1000.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One scenario's human-readable line.
 pub fn text_line(f: &Figures) -> String {
     format!(
@@ -470,6 +500,11 @@ pub fn text_line(f: &Figures) -> String {
             .as_deref()
             .map(|v| format!("  guest: {v}"))
             .unwrap_or_default()
+    ) + &format!(
+        "\n{:<11} pause (ms{}): {}",
+        "",
+        if f.verified { ", memory verified" } else { "" },
+        pause_text(&f.pause_us)
     ) + &match (&f.qemu, &f.qemu_error) {
         (Some(q), _) => format!(
             "\n{:<11} QEMU 7.2   total {:>6} ms  downtime: QEMU {:>4} ms, heartbeats {}  sent {:.2} x RAM  {:.0} Mbit/s",
@@ -486,7 +521,12 @@ pub fn text_line(f: &Figures) -> String {
 
 /// `bench migrate`: on the running cluster, or on one booted for the run.
 /// Prints a line per scenario, or with `json` one JSON object per line.
-pub fn run(state_dir_arg: Option<&str>, json: bool, build: bool) -> Result<u8, String> {
+pub fn run(
+    state_dir_arg: Option<&str>,
+    json: bool,
+    verify: bool,
+    build: bool,
+) -> Result<u8, String> {
     let dir = cluster::state_dir(state_dir_arg);
     let own = cluster::load(&dir).is_err();
     if own {
@@ -503,14 +543,14 @@ pub fn run(state_dir_arg: Option<&str>, json: bool, build: bool) -> Result<u8, S
         };
         cluster::up(&dir, &boot, 2)?;
     }
-    let result = run_on(&dir, json);
+    let result = run_on(&dir, json, verify);
     if own {
         cluster::down(&dir).ok();
     }
     result
 }
 
-fn run_on(dir: &Path, json: bool) -> Result<u8, String> {
+fn run_on(dir: &Path, json: bool, verify: bool) -> Result<u8, String> {
     let report = cluster::bench_link_quiet(dir, LINK_BYTES, LINK_FRAMES, json)?;
     let link =
         Link::parse(&report).ok_or_else(|| format!("bench link gave no figures: {report}"))?;
@@ -520,7 +560,7 @@ fn run_on(dir: &Path, json: bool) -> Result<u8, String> {
     let tsc_hz = host_tsc_hz();
     let mut failed = 0;
     for s in &SCENARIOS {
-        match run_scenario(dir, s, &link, json) {
+        match run_scenario(dir, s, &link, verify, json) {
             Ok(mut f) => {
                 let compared = tsc_hz
                     .clone()
@@ -833,6 +873,15 @@ mod tests {
             error: None,
             dirty_tracker: Some("write-protect".into()),
             verified: true,
+            pause_us: PausePhases {
+                harvest: 100,
+                last_pages: 2500,
+                verify: 0,
+                state: 50,
+                drain: 4000,
+                ready: 3000,
+                resumed: 350,
+            },
         }
     }
 

@@ -304,6 +304,11 @@ pub enum Bench {
         /// One JSON object per scenario
         #[arg(long)]
         json: bool,
+        /// Move in verification mode (vm-move's default: both nodes hash
+        /// the whole memory during the pause); without it the moves check
+        /// what QEMU's own migration checks, nothing beyond the stream
+        #[arg(long)]
+        verify: bool,
         #[command(flatten)]
         state: StateDirArg,
         #[command(flatten)]

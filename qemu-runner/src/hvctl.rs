@@ -789,6 +789,12 @@ pub fn report_text(r: &MigrationReport) -> String {
             duration_words(r.expected_downtime_ms)
         ));
     }
+    if r.downtime_ms > 0 {
+        out.push(format!(
+            "  pause (ms)    {}",
+            crate::bench_migrate::pause_text(&r.pause_us)
+        ));
+    }
     if r.throttle_pct > 0 {
         out.push(format!("  throttle      {}%", r.throttle_pct));
     }
@@ -2014,6 +2020,7 @@ mod tests {
             error: None,
             dirty_tracker: Some("write-protect".into()),
             verified: true,
+            pause_us: Default::default(),
         }
     }
 

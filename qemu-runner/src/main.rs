@@ -99,9 +99,17 @@ fn main() -> ExitCode {
             state.state_dir.as_deref(),
             build.build(),
         )),
-        Command::Bench(Bench::Migrate { json, state, build }) => exit_with(
-            qemu_runner::bench_migrate::run(state.state_dir.as_deref(), json, build.build()),
-        ),
+        Command::Bench(Bench::Migrate {
+            json,
+            verify,
+            state,
+            build,
+        }) => exit_with(qemu_runner::bench_migrate::run(
+            state.state_dir.as_deref(),
+            json,
+            verify,
+            build.build(),
+        )),
         Command::Bench(Bench::Storage { json, state, build }) => exit_with(
             qemu_runner::bench_storage::run(state.state_dir.as_deref(), json, build.build()),
         ),

@@ -165,6 +165,15 @@ mod tests {
             error: Some("operator said \"stop\"\n\u{7}".into()),
             dirty_tracker: Some("write-protect".into()),
             verified: false,
+            pause_us: migration::PausePhases {
+                harvest: 1,
+                last_pages: 2,
+                verify: 3,
+                state: 4,
+                drain: 5,
+                ready: 6,
+                resumed: 7,
+            },
         };
         assert_eq!(parse_line(&format!("{PREFIX}{}", r.to_json())), Some(r));
     }

@@ -679,6 +679,7 @@ mod tests {
             error: None,
             dirty_tracker: Some("write-protect".into()),
             verified: true,
+            pause_us: Default::default(),
         };
         assert_eq!(
             judge_reports(Case::LocalMigrateIdle, core::slice::from_ref(&ok), WP),
@@ -792,7 +793,7 @@ mod tests {
             if calls {
                 assert_eq!(r, Ok(()), "{}", host.console);
                 assert!(
-                    host.console.contains("\"verified\":true}"),
+                    host.console.contains("\"verified\":true,"),
                     "{}",
                     host.console
                 );

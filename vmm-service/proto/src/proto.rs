@@ -488,6 +488,31 @@ pub struct MigrationReport {
     /// `write-protect`, `pml`, or `None` (the destination).
     pub dirty_tracker: Option<String>,
     pub verified: bool,
+    /// Where the downtime went (µs per phase; zeros on the destination
+    /// and from older nodes).
+    #[serde(default)]
+    pub pause_us: PausePhases,
+}
+
+/// The phases of a migration's pause, in µs of the source's clock (the
+/// `migration` crate's `PausePhases`, docs/DESIGN.md): they add up to
+/// `downtime_ms`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausePhases {
+    /// Stopping the vCPUs and the last collection of the dirty log.
+    pub harvest: u64,
+    /// The last dirty pages.
+    pub last_pages: u64,
+    /// Verification mode's re-read of the whole memory.
+    pub verify: u64,
+    /// vCPU and device state.
+    pub state: u64,
+    /// Until the destination acknowledged every byte.
+    pub drain: u64,
+    /// Until the destination answered `ready`.
+    pub ready: u64,
+    /// From `go` to `resumed`.
+    pub resumed: u64,
 }
 
 /// `job-resolve`: which copy of a VM in doubt is the one.

@@ -122,6 +122,7 @@ fn refused_report(ram_bytes: u64, error: String) -> MigrationReport {
         error: Some(error),
         dirty_tracker: None,
         verified: false,
+        pause_us: Default::default(),
     }
 }
 
@@ -293,7 +294,7 @@ mod tests {
             .find(|l| l.starts_with("migration-report {"))
             .expect("report line");
         assert!(report.contains("\"result\":\"completed\""));
-        assert!(report.ends_with("\"dirty_tracker\":\"write-protect\",\"verified\":true}"));
+        assert!(report.contains("\"dirty_tracker\":\"write-protect\",\"verified\":true,\"pause_us\":{"));
     }
 
     /// A vCPU inside an NMI handler (NMIs blocked until its IRET) and in

@@ -200,6 +200,18 @@ pub(super) fn api_report(r: &MigrationReport) -> ApiReport {
         error: r.error.clone(),
         dirty_tracker: r.dirty_tracker.clone(),
         verified: r.verified,
+        pause_us: {
+            let p = r.pause_us;
+            crate::mgmt::proto::PausePhases {
+                harvest: p.harvest,
+                last_pages: p.last_pages,
+                verify: p.verify,
+                state: p.state,
+                drain: p.drain,
+                ready: p.ready,
+                resumed: p.resumed,
+            }
+        },
     }
 }
 
@@ -907,6 +919,7 @@ fn failed_report(ram_bytes: u64, error: &str, cancelled: bool) -> MigrationRepor
         error: Some(error.into()),
         dirty_tracker: None,
         verified: false,
+        pause_us: Default::default(),
     }
 }
 

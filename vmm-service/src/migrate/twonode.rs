@@ -67,7 +67,8 @@ impl Node {
         let mut host = FakeHost::new();
         host.clock = clock.clone();
         host.ns_per_run = 100_000;
-        host.ns_per_page_read = 2_000;
+        // A 4 MiB pass spans several engine slices, so every phase is seen.
+        host.ns_per_page_read = 8_000;
         host.entropy = TestEntropy(0x5eed_0000 + i as u64 * 7919 + clock.get());
         host.net = Some(FakeNet::new());
         // Writers for every partition this node will create.
