@@ -294,7 +294,9 @@ mod tests {
             .find(|l| l.starts_with("migration-report {"))
             .expect("report line");
         assert!(report.contains("\"result\":\"completed\""));
-        assert!(report.contains("\"dirty_tracker\":\"write-protect\",\"verified\":true,\"pause_us\":{"));
+        assert!(
+            report.contains("\"dirty_tracker\":\"write-protect\",\"verified\":true,\"pause_us\":{")
+        );
     }
 
     /// A vCPU inside an NMI handler (NMIs blocked until its IRET) and in
