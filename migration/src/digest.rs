@@ -41,6 +41,58 @@ pub fn page_hash(gfn: u64, page: &Page) -> u64 {
     mix(gfn, crc32fast::hash(page))
 }
 
+/// [`page_hash`] from the page's CRC-32 (`crc32fast::hash(page)`), for a
+/// caller that needs the CRC anyway ([`crc32_append_page`]).
+pub fn page_hash_of_crc(gfn: u64, page_crc: u32) -> u64 {
+    mix(gfn, page_crc)
+}
+
+/// The reflected CRC-32 polynomial (ISO-HDLC).
+const CRC_POLY: u32 = 0xedb8_8320;
+
+/// `a * b` modulo the CRC polynomial, in the reflected bit order CRC-32
+/// uses (bit 31 is x^0).
+const fn mul_mod_poly(a: u32, mut b: u32) -> u32 {
+    let mut m: u32 = 1 << 31;
+    let mut p: u32 = 0;
+    while m != 0 {
+        if a & m != 0 {
+            p ^= b;
+        }
+        m >>= 1;
+        b = if b & 1 != 0 {
+            (b >> 1) ^ CRC_POLY
+        } else {
+            b >> 1
+        };
+    }
+    p
+}
+
+/// `x^(8 * 4096)` modulo the polynomial: the operator that shifts a CRC
+/// past one page.
+const X_POW_PAGE_BITS: u32 = {
+    let mut p: u32 = 1 << 31; // x^0
+    let mut i = 0;
+    while i < 8 * crate::PAGE_SIZE {
+        p = if p & 1 != 0 {
+            (p >> 1) ^ CRC_POLY
+        } else {
+            p >> 1
+        };
+        i += 1;
+    }
+    p
+};
+
+/// The CRC-32 of `A || page` from `crc32(A)` and `crc32(page)` (the
+/// standard combination of CRCs, for a 4096-byte second part with the
+/// operator precomputed): a record's CRC is built from the page CRCs the
+/// page hashes need, so each page's bytes go through one CRC pass.
+pub const fn crc32_append_page(crc_a: u32, page_crc: u32) -> u32 {
+    mul_mod_poly(X_POW_PAGE_BITS, crc_a) ^ page_crc
+}
+
 /// Hash of an all-zero guest frame, without reading it.
 pub fn zero_page_hash(gfn: u64) -> u64 {
     mix(gfn, ZERO_PAGE_CRC)
@@ -121,6 +173,34 @@ mod tests {
         let mut last = [0u8; PAGE_SIZE];
         last[PAGE_SIZE - 1] = 0x80;
         assert!(!is_zero_page(&last));
+    }
+
+    #[test]
+    fn page_crcs_combine_into_the_crc_of_the_whole() {
+        let mut a = alloc::vec::Vec::new();
+        for i in 0..20u32 {
+            a.push((i * 13) as u8);
+        }
+        let mut whole = a.clone();
+        let mut crc = crc32fast::hash(&a);
+        for k in 0..3u64 {
+            let mut page = [0u8; PAGE_SIZE];
+            for (i, b) in page.iter_mut().enumerate() {
+                *b = (i as u64 * 31 + k * 7) as u8;
+            }
+            if k == 1 {
+                page = [0u8; PAGE_SIZE];
+            }
+            whole.extend_from_slice(&page);
+            let page_crc = crc32fast::hash(&page);
+            crc = crc32_append_page(crc, page_crc);
+            assert_eq!(crc, crc32fast::hash(&whole), "after page {k}");
+            assert_eq!(page_hash_of_crc(k, page_crc), page_hash(k, &page));
+        }
+        assert_eq!(
+            crc32_append_page(crc32fast::hash(&[]), ZERO_PAGE_CRC),
+            ZERO_PAGE_CRC
+        );
     }
 
     #[test]

@@ -43,7 +43,9 @@
 //!   destination to compare with its own memory.
 
 use crate::bitmap::DirtyBitmap;
-use crate::digest::{is_zero_page, page_hash, zero_page_hash, ImageDigest};
+use crate::digest::{
+    crc32_append_page, is_zero_page, page_hash, page_hash_of_crc, zero_page_hash, ImageDigest,
+};
 use crate::error::{MigrationError, StreamError, TransportError, VmError};
 use crate::policy::{self, Policy};
 use crate::report::{MigrationReport, MigrationResult, PausePhases};
@@ -254,6 +256,115 @@ impl PauseMarks {
     }
 }
 
+/// The records of one batch of pages, built in place in the batch buffer:
+/// finished records end at `len`; at most one run is open after them.
+struct Batch {
+    /// Bytes of finished records.
+    len: usize,
+    /// Open run of data pages: first gfn, pages; its header goes at `len`,
+    /// its pages right after it.
+    data: Option<(u64, u64)>,
+    /// The CRC of each page of the open data run.
+    crcs: [u32; MAX_DATA_RUN_PAGES as usize],
+    /// Open run of zero pages: first gfn, pages.
+    zero: Option<(u64, u64)>,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            data: None,
+            crcs: [0; MAX_DATA_RUN_PAGES as usize],
+            zero: None,
+        }
+    }
+}
+
+impl Batch {
+    /// Where the page of `gfn` is read to: the end of the open data run if
+    /// it continues it, else behind a data header (and behind the marker of
+    /// an open zero run, which a data page closes). Closes a data run the
+    /// page cannot continue.
+    fn page_slot(&mut self, buf: &mut [u8], gfn: u64) -> usize {
+        if let Some((start, n)) = self.data {
+            if start + n == gfn && n < MAX_DATA_RUN_PAGES {
+                return self.len + stream::MEM_DATA_HEAD_BYTES + n as usize * PAGE_SIZE;
+            }
+            self.close_data(buf);
+        }
+        let marker = if self.zero.is_some() {
+            stream::MEM_ZERO_RECORD_BYTES
+        } else {
+            0
+        };
+        self.len + marker + stream::MEM_DATA_HEAD_BYTES
+    }
+
+    /// The page just read for `gfn` is zero: it joins (or starts) a zero
+    /// run; its bytes are overwritten later.
+    fn zero(&mut self, buf: &mut [u8], gfn: u64) {
+        self.close_data(buf);
+        match self.zero {
+            Some((start, n)) if start + n == gfn && n < MAX_ZERO_RUN_PAGES => {
+                self.zero = Some((start, n + 1))
+            }
+            _ => {
+                self.close_zero(buf);
+                self.zero = Some((gfn, 1));
+            }
+        }
+    }
+
+    /// The page just read for `gfn` (CRC `crc`) carries data, where
+    /// [`Batch::page_slot`] put it: it continues the open data run or opens
+    /// one (the marker of an open zero run goes into the gap left for it).
+    fn data(&mut self, buf: &mut [u8], gfn: u64, crc: u32) {
+        let n = match self.data {
+            Some((start, n)) => {
+                self.data = Some((start, n + 1));
+                n
+            }
+            None => {
+                self.close_zero(buf);
+                self.data = Some((gfn, 1));
+                0
+            }
+        };
+        if let Some(slot) = self.crcs.get_mut(n as usize) {
+            *slot = crc;
+        }
+    }
+
+    fn close_zero(&mut self, buf: &mut [u8]) {
+        if let Some((start, n)) = self.zero.take() {
+            let rec = stream::mem_zero_record(start, n as u32);
+            buf[self.len..self.len + rec.len()].copy_from_slice(&rec);
+            self.len += rec.len();
+        }
+    }
+
+    fn close_data(&mut self, buf: &mut [u8]) {
+        if let Some((start, n)) = self.data.take() {
+            let head = stream::mem_data_head(start, n as u32);
+            buf[self.len..self.len + head.len()].copy_from_slice(&head);
+            let mut crc = crc32fast::hash(&head);
+            for c in &self.crcs[..n as usize] {
+                crc = crc32_append_page(crc, *c);
+            }
+            let end = self.len + head.len() + n as usize * PAGE_SIZE;
+            buf[end..end + stream::CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
+            self.len = end + stream::CRC_BYTES;
+        }
+    }
+
+    /// Finish the open run.
+    fn close(&mut self, buf: &mut [u8]) {
+        self.close_data(buf);
+        self.close_zero(buf);
+    }
+}
+
 /// One outgoing live migration: the engine's state. The VM and the link
 /// are lent to it for each step ([`Migration::step`]), so whoever owns
 /// them (the node's job) keeps them between steps.
@@ -263,7 +374,8 @@ pub struct Migration {
     phase: Phase,
     back: Decoder,
     out: Vec<u8>,
-    run: Vec<u8>,
+    /// Page batches on their way to the transport ([`Migration::send_pages`]).
+    batch: Vec<u8>,
     page: Box<Page>,
     page_hashes: Vec<u64>,
     to_send: DirtyBitmap,
@@ -333,7 +445,7 @@ impl Migration {
             phase: Phase::Handshake,
             back: Decoder::new(Direction::DestToSource),
             out: Vec::new(),
-            run: Vec::new(),
+            batch: Vec::new(),
             page: Box::new([0u8; PAGE_SIZE]),
             page_hashes: (0..pages as u64).map(zero_page_hash).collect(),
             to_send: DirtyBitmap::new(ram_pages),
@@ -823,6 +935,12 @@ impl Migration {
     }
 
     /// Read, classify and send up to `step_pages` pages of the current pass.
+    ///
+    /// Each page is read from guest memory straight into its place in the
+    /// batch handed to the transport (one copy), checked for zero there and
+    /// CRC'd once: that CRC gives the page hash (for the end digest) and,
+    /// combined, the record's CRC ([`crate::digest::crc32_append_page`]).
+    /// A zero page's bytes are dropped again and it joins a zero marker.
     fn send_pages<V, T>(
         &mut self,
         vm: &mut V,
@@ -833,65 +951,50 @@ impl Migration {
         V: MigratableVm + ?Sized,
         T: Transport + ?Sized,
     {
-        self.out.clear();
-        self.run.clear();
-        // Current run: (start gfn, pages, zero?).
-        let mut run: Option<(u64, u64, bool)> = None;
-        let mut pages = 0u64;
         let limit = u64::from(self.policy.step_pages.max(1)).min(max_pages as u64);
-        while pages < limit {
-            let Some(gfn) = self.to_send.next_set(self.cursor) else {
-                break;
-            };
-            self.cursor = gfn + 1;
-            vm.read_page(gfn, &mut self.page)?;
-            let zero = is_zero_page(&self.page);
-            let hash = if zero {
-                zero_page_hash(gfn)
-            } else {
-                page_hash(gfn, &self.page)
-            };
-            if let Some(h) = usize::try_from(gfn)
-                .ok()
-                .and_then(|i| self.page_hashes.get_mut(i))
-            {
-                *h = hash;
-            }
-            let cap = if zero {
-                MAX_ZERO_RUN_PAGES
-            } else {
-                MAX_DATA_RUN_PAGES
-            };
-            match run {
-                Some((start, n, z)) if z == zero && start + n == gfn && n < cap => {
-                    run = Some((start, n + 1, z))
-                }
-                _ => {
-                    self.emit_run(run);
-                    run = Some((gfn, 1, zero));
-                }
-            }
-            if zero {
-                self.report.zero_pages += 1;
-            } else {
-                self.run.extend_from_slice(&self.page[..]);
-            }
-            pages += 1;
+        // Worst case: every page its own data record, each behind a zero
+        // marker. Grown once, then reused (never shrunk, never re-zeroed).
+        let room = limit as usize * (WORST_BYTES_PER_PAGE + stream::MEM_ZERO_RECORD_BYTES);
+        if self.batch.len() < room {
+            self.batch.resize(room, 0);
         }
-        self.emit_run(run);
+        let mut batch = core::mem::take(&mut self.batch);
+        let mut b = Batch::default();
+        let mut pages = 0u64;
+        let result = (|| {
+            while pages < limit {
+                let Some(gfn) = self.to_send.next_set(self.cursor) else {
+                    break;
+                };
+                self.cursor = gfn + 1;
+                let at = b.page_slot(&mut batch, gfn);
+                let page = <&mut Page>::try_from(&mut batch[at..at + PAGE_SIZE])
+                    .map_err(|_| VmError::at("batch buffer", gfn))?;
+                vm.read_page(gfn, page)?;
+                let hash = if is_zero_page(page) {
+                    self.report.zero_pages += 1;
+                    b.zero(&mut batch, gfn);
+                    zero_page_hash(gfn)
+                } else {
+                    let crc = crc32fast::hash(page);
+                    b.data(&mut batch, gfn, crc);
+                    page_hash_of_crc(gfn, crc)
+                };
+                if let Some(h) = usize::try_from(gfn)
+                    .ok()
+                    .and_then(|i| self.page_hashes.get_mut(i))
+                {
+                    *h = hash;
+                }
+                pages += 1;
+            }
+            b.close(&mut batch);
+            Ok::<(), MigrationError>(())
+        })();
         self.pages_this_pass += pages;
-        self.flush_out(link)
-    }
-
-    fn emit_run(&mut self, run: Option<(u64, u64, bool)>) {
-        match run {
-            None => {}
-            Some((start, n, true)) => stream::encode_mem_zero(start, n, &mut self.out),
-            Some((start, _, false)) => {
-                stream::encode_mem_data(start, &self.run, &mut self.out);
-                self.run.clear();
-            }
-        }
+        let sent = result.and_then(|()| self.send_raw(link, &batch[..b.len]));
+        self.batch = batch;
+        sent
     }
 
     fn end_of_pass<V, T>(

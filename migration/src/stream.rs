@@ -318,6 +318,39 @@ pub fn encode_mem_data(start_gfn: u64, data: &[u8], out: &mut Vec<u8>) {
     });
 }
 
+/// Bytes before the first page of a memory data record: header,
+/// `start_gfn`, `pages`.
+pub const MEM_DATA_HEAD_BYTES: usize = HEADER_BYTES + 12;
+/// Bytes of a whole zero marker record.
+pub const MEM_ZERO_RECORD_BYTES: usize = HEADER_BYTES + 12 + CRC_BYTES;
+
+/// The first [`MEM_DATA_HEAD_BYTES`] of a memory data record of `pages`
+/// pages from `start_gfn`, for an encoder that puts the page bytes in
+/// place itself (the record's CRC then covers these bytes and the pages;
+/// [`crate::digest::crc32_append_page`] builds it from the pages' CRCs).
+/// The same bytes as [`encode_mem_data`] writes.
+pub fn mem_data_head(start_gfn: u64, pages: u32) -> [u8; MEM_DATA_HEAD_BYTES] {
+    let payload = 12 + pages as usize * PAGE_SIZE;
+    let mut h = [0u8; MEM_DATA_HEAD_BYTES];
+    h[0..2].copy_from_slice(&ty::MEM_DATA.to_le_bytes());
+    h[4..8].copy_from_slice(&(payload as u32).to_le_bytes());
+    h[8..16].copy_from_slice(&start_gfn.to_le_bytes());
+    h[16..20].copy_from_slice(&pages.to_le_bytes());
+    h
+}
+
+/// A whole zero marker record, the bytes [`encode_mem_zero`] appends.
+pub fn mem_zero_record(start_gfn: u64, pages: u32) -> [u8; MEM_ZERO_RECORD_BYTES] {
+    let mut r = [0u8; MEM_ZERO_RECORD_BYTES];
+    r[0..2].copy_from_slice(&ty::MEM_ZERO.to_le_bytes());
+    r[4..8].copy_from_slice(&12u32.to_le_bytes());
+    r[8..16].copy_from_slice(&start_gfn.to_le_bytes());
+    r[16..20].copy_from_slice(&pages.to_le_bytes());
+    let crc = crc32fast::hash(&r[..20]);
+    r[20..24].copy_from_slice(&crc.to_le_bytes());
+    r
+}
+
 /// Append a zero marker for `pages` pages starting at `start_gfn`.
 pub fn encode_mem_zero(start_gfn: u64, pages: u64, out: &mut Vec<u8>) {
     frame(out, ty::MEM_ZERO, 0, |o| {
@@ -819,6 +852,30 @@ mod tests {
     use crate::fuzzing::{decode_all, sample_config, sample_streams, sample_vcpu};
     use alloc::string::ToString;
     use alloc::vec;
+
+    /// The in-place encoder's pieces give the bytes of the appending one.
+    #[test]
+    fn in_place_memory_records_equal_the_encoders() {
+        use crate::digest::crc32_append_page;
+        let mut pages = vec![0u8; 3 * PAGE_SIZE];
+        for (i, b) in pages.iter_mut().enumerate() {
+            *b = (i * 11 + 5) as u8;
+        }
+        let mut want = Vec::new();
+        encode_mem_data(0x1234, &pages, &mut want);
+        let head = mem_data_head(0x1234, 3);
+        let mut crc = crc32fast::hash(&head);
+        for p in pages.chunks_exact(PAGE_SIZE) {
+            crc = crc32_append_page(crc, crc32fast::hash(p));
+        }
+        let mut got = head.to_vec();
+        got.extend_from_slice(&pages);
+        got.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(got, want);
+        let mut zero = Vec::new();
+        encode_mem_zero(77, 9, &mut zero);
+        assert_eq!(mem_zero_record(77, 9).to_vec(), zero);
+    }
 
     fn decode(dir: Direction, bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
         let mut d = Decoder::new(dir);
