@@ -12,6 +12,10 @@
 //! | `64mib-idle`, `256mib-idle` | `heartbeat` (prints and sleeps) | about 1 s |
 //! | `64mib-busy`, `256mib-busy` | `busy-verify` (rewrites 16 MiB, checks itself after the move) | 10 ms |
 //!
+//! The moves run without verification mode unless `--verify` (QEMU's own
+//! migration, beside it, checks nothing beyond its stream either); each
+//! line shows where the pause went (the report's `pause_us`).
+//!
 //! Per scenario: the job's total time, the report's downtime next to the
 //! largest gap between consecutive heartbeats as they arrived in the nodes'
 //! serial logs (timed here, by a thread that tails both logs every
