@@ -988,6 +988,10 @@ mod tests {
             f.write_all(s.as_bytes()).unwrap();
         };
         append(&la, "[vm] heartbeat 2\n[other] heartbeat 9\n[vm] heart");
+        // The rest of line 3 comes 30 ms after the tailer saw line 2 (a
+        // fixed sleep after the append alone failed on a loaded machine:
+        // the tailer's thread saw line 2 late, then both lines at once).
+        assert!(t.wait_for(Duration::from_secs(5), |b| b.contains_key(&2)));
         std::thread::sleep(Duration::from_millis(30));
         append(&la, "beat 3\n");
         append(&lb, "[vm] heartbeat 4\r\n");
