@@ -709,15 +709,33 @@ pub fn start(dir: &Path, name: &str, wrong_key: bool) -> Result<NodeState, Strin
     let mut node = n.clone();
     node.qemu_args = with_key(&n.qemu_args, &key_file);
     node.own_key = wrong_key.then(|| key.clone());
-    node.pid = spawn_node(dir, &node)?;
-    state.nodes[i] = node.clone();
-    save(dir, &state)?;
     let key = ClusterKey::from_hex(&key).map_err(|e| e.to_string())?;
     let spinner = spinner();
-    let answered = wait_answer(dir, &node, &key, Instant::now() + UP_TIMEOUT, &spinner);
+    let deadline = Instant::now() + UP_TIMEOUT;
+    let mut attempt = 1;
+    let answered = loop {
+        node.pid = spawn_node(dir, &node)?;
+        state.nodes[i] = node.clone();
+        save(dir, &state)?;
+        match wait_answer(dir, &node, &key, deadline, &spinner) {
+            // The node's old management port can be taken for a moment
+            // after a kill (a client's connection bound to it on this
+            // busy host): QEMU then exits at once; try again shortly.
+            Err(e) if e.contains(PORT_BUSY) && attempt < START_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => break other,
+        }
+    };
     spinner.finish_and_clear();
     answered.map(|()| node)
 }
+
+/// What QEMU says when a host port of its user network is in use.
+const PORT_BUSY: &str = "Could not set up host forwarding rule";
+/// Boots `cluster start` tries when the node's port is briefly in use.
+const START_ATTEMPTS: u32 = 5;
 
 /// `cluster link cut|restore --node NAME`.
 pub fn link(dir: &Path, name: &str, cut: bool) -> Result<(), String> {
