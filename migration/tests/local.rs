@@ -5,7 +5,7 @@
 //! throttle) whenever the engine touches it.
 
 use migration::policy::{NS_PER_MS, NS_PER_S};
-use migration::stream::{Record, MAGIC_DEST};
+use migration::stream::{Record, MAGIC_DEST, SUPPORTED_VERSIONS};
 use migration::{
     DestinationVm, DeviceState, DigestCheck, DirtyBitmap, MemPipe, MigratableVm, Migration,
     MigrationError, MigrationResult, Page, Policy, Progress, Receiver, RecvProgress, Transport,
@@ -715,16 +715,29 @@ fn operator_cancel_and_version_mismatch() {
     let mut vm = FakeVm::new(&time, 64);
     let (a, mut b) = MemPipe::pair();
     let mut mig = Src::new(&mut vm, a, &time, Policy::default());
-    // A destination that only speaks a future version 3.
+    // A destination that only speaks a future version (one above the
+    // newest this source supports).
+    let future = SUPPORTED_VERSIONS.iter().max().unwrap() + 1;
     let mut offer = Vec::from(MAGIC_DEST);
-    Record::Offer { versions: vec![3] }.encode(&mut offer);
+    Record::Offer {
+        versions: vec![future],
+    }
+    .encode(&mut offer);
     b.send(&offer).unwrap();
-    while let Progress::Busy | Progress::Waiting { .. } = mig.step() {}
+    // Bounded: a source that took the offer would wait for ever here.
+    for _ in 0..1_000 {
+        if !matches!(mig.step(), Progress::Busy | Progress::Waiting { .. }) {
+            break;
+        }
+    }
     assert_eq!(
         mig.report().error.as_deref(),
         Some(
-            "protocol error: no common protocol version: destination offers [3], source supports [1, 2]; \
-             upgrade one side"
+            format!(
+                "protocol error: no common protocol version: destination offers [{future}], \
+                 source supports {SUPPORTED_VERSIONS:?}; upgrade one side"
+            )
+            .as_str()
         )
     );
     // The destination was told why.
