@@ -12,10 +12,17 @@
 //! * `linux-boot`: the shell comes up (its banner line); the node prints
 //!   the boot time; `uname -r` is the kernel's version, `/proc/cpuinfo`
 //!   shows one processor, and the MD5 of a file written to tmpfs is right.
+//!   The VM has a virtio-blk disk (a VHDX in node memory, described to
+//!   Linux in the ACPI tables): the guest `dd`s a file to `/dev/vda`,
+//!   drops its page cache and reads it back (Linux's driver waits for the
+//!   device's interrupts); afterwards the node reads the VHDX and finds
+//!   the same bytes.
 //! * `linux-migrate`: the same, then a shell loop prints a counter and the
 //!   time every 100 ms while the VM live-migrates within the node
 //!   (verification mode); after it the counter goes on, the clock did not
-//!   go back, the checksum of the file written before still matches and
+//!   go back, the checksum of the file written before still matches, the
+//!   disk reads back on the destination and takes a second write there,
+//!   and
 //!   `dmesg` has no `BUG`/`WARNING`/`soft lockup`/`clocksource ...
 //!   unstable` line.
 //!
@@ -47,6 +54,13 @@ pub const COMMAND_TIMEOUT_NS: u64 = 60 * NS_PER_S;
 /// The file the cases checksum: `seq 1 20000` in tmpfs, and its MD5.
 pub const FILE_COMMAND: &str = "seq 1 20000 > /tmp/f";
 pub const FILE_MD5: &str = "e071f707df7bbeee2a6a1eb48011ddd0";
+/// The case VM's disk (`/dev/vda`, in node memory).
+pub const DISK_BYTES: u64 = 8 << 20;
+/// The guest writes `seq 1 DISK_SEQ_LAST` (588,895 bytes) at offset 0 of
+/// its disk before any migration, and again at [`DISK_SECOND_OFFSET`]
+/// after one.
+pub const DISK_SEQ_LAST: u32 = 100_000;
+pub const DISK_SECOND_OFFSET: u64 = 4 << 20;
 /// `dmesg` lines that fail `linux-migrate`.
 pub use hvcore::abi::case::LINUX_DMESG_BAD as DMESG_BAD;
 
@@ -60,16 +74,84 @@ pub fn run(host: &mut dyn Host, name: &str, kernel: &[u8], initrd: &[u8]) -> Res
         .ok_or_else(|| String::from("boot module 1 is no bzImage with a version string"))?;
     let mut vm = Vm::create_linux(host, name, RAM_MIB << 20, kernel, initrd, "")
         .map_err(|e| format!("cannot create VM {name}: {e}"))?;
+    let disk_file = attach_disk(&mut vm)?;
     vm.start();
     let mut con = Console::default();
+    let migrate = name == LINUX_MIGRATE;
     let (result, mut vm) = match boot_and_check(host, &mut vm, &mut con, &release) {
         Err(e) => (Err(e), vm),
-        Ok(()) if name == LINUX_MIGRATE => migrate_and_check(host, vm, &mut con),
+        Ok(()) if migrate => migrate_and_check(host, vm, &mut con),
         Ok(()) => (Ok(()), vm),
     };
     vm.stop(host, StopReason::Requested);
+    // Destroying the VM closes its disk (the VHDX's log is cleared).
     vm.destroy();
-    result
+    result.and_then(|()| check_disk_file(&disk_file.bytes(), migrate))
+}
+
+/// Give the case VM its disk: a dynamic VHDX of [`DISK_BYTES`] in node
+/// memory, the guest's `/dev/vda`. The handle returned reads the file.
+fn attach_disk(vm: &mut Vm) -> Result<crate::disks::MemFile, String> {
+    let (disk, file) = crate::disks::new_mem_vhdx(DISK_BYTES)
+        .map_err(|e| format!("cannot create the disk: {e}"))?;
+    let meta = crate::disks::DiskMeta {
+        backing: crate::disks::Backing::Memory {
+            name: format!("{}-0.vhdx", vm.name()),
+            file: file.clone(),
+        },
+        fixed: false,
+        virtual_bytes: DISK_BYTES,
+        block_bytes: crate::disks::MEM_BLOCK_BYTES,
+    };
+    vm.attach_disk(alloc::boxed::Box::new(disk), meta)
+        .ok_or("no virtio slot for the disk")?;
+    Ok(file)
+}
+
+/// The bytes of `seq 1 DISK_SEQ_LAST` (what the guest writes to its disk).
+fn disk_data() -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 1..=DISK_SEQ_LAST {
+        v.extend_from_slice(format!("{i}\n").as_bytes());
+    }
+    v
+}
+
+/// The case's disk as the host reads it: the VHDX opens and verifies, the
+/// data the guest wrote is at offset 0 (and, after a migration, at
+/// [`DISK_SECOND_OFFSET`]), and nothing else was written.
+fn check_disk_file(file: &[u8], migrated: bool) -> Result<(), String> {
+    use vstorage::vhdx::{OpenOptions, Vhdx};
+    use vstorage::{MemIo, VirtualDisk};
+    let mut disk = Vhdx::open(MemIo::from_vec(file.to_vec()), OpenOptions::read_only())
+        .map_err(|e| format!("the disk's VHDX does not open: {e}"))?;
+    disk.verify()
+        .map_err(|e| format!("the disk's VHDX does not verify: {e}"))?;
+    // The data, then zeros to the end of its last sector.
+    let mut want = disk_data();
+    want.resize(want.len().next_multiple_of(512), 0);
+    let mut got = alloc::vec![0u8; want.len()];
+    let mut places = alloc::vec![0u64];
+    if migrated {
+        places.push(DISK_SECOND_OFFSET);
+    }
+    for at in places {
+        disk.read(at, &mut got)
+            .map_err(|e| format!("reading the VHDX: {e}"))?;
+        if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            return Err(format!(
+                "the VHDX holds other bytes than Linux wrote at offset {}",
+                at + i as u64
+            ));
+        }
+    }
+    let mut tail = alloc::vec![0u8; 4096];
+    disk.read(DISK_BYTES - 4096, &mut tail)
+        .map_err(|e| format!("reading the VHDX: {e}"))?;
+    if tail.iter().any(|&b| b != 0) {
+        return Err("the VHDX has data at its end, where Linux wrote nothing".into());
+    }
+    Ok(())
 }
 
 /// Boot to the shell, print the boot time, check `uname -r`, the CPU
@@ -99,7 +181,56 @@ fn boot_and_check(
     if n != "1" {
         return Err(format!("/proc/cpuinfo lists {n} processors, expected 1"));
     }
-    check_file(host, vm, con, true)
+    check_file(host, vm, con, true)?;
+    con.type_line(host, vm, &format!("seq 1 {DISK_SEQ_LAST} > /tmp/d"))?;
+    check_disk(host, vm, con, 0, true)
+}
+
+/// Write `/tmp/d` to the disk at `offset` (when `write`; then `sync`),
+/// drop the page cache and read the range back from the device: the same
+/// MD5 as the file, so the bytes went through virtio-blk and its
+/// interrupts both ways.
+fn check_disk(
+    host: &mut dyn Host,
+    vm: &mut Vm,
+    con: &mut Console,
+    offset: u64,
+    write: bool,
+) -> Result<(), String> {
+    let blocks = offset / (64 << 10);
+    let len = disk_data().len();
+    let want = con.ask(host, vm, "echo M:$(md5sum < /tmp/d)", "M:")?;
+    if write {
+        let rc = con.ask(
+            host,
+            vm,
+            &format!("dd if=/tmp/d of=/dev/vda bs=64k seek={blocks} 2>/dev/null; echo W:$?"),
+            "W:",
+        )?;
+        if rc != "0" {
+            let devs = con.ask(host, vm, "echo L:$(ls /dev | grep vd)", "L:")?;
+            return Err(format!(
+                "dd to /dev/vda failed (exit {rc}); the guest's vd devices: {devs:?}"
+            ));
+        }
+        con.type_line(host, vm, "sync")?;
+    }
+    let got = con.ask(
+        host,
+        vm,
+        &format!(
+            "echo 3 > /proc/sys/vm/drop_caches; echo V:$(dd if=/dev/vda bs=64k skip={blocks} \
+             2>/dev/null | head -c {len} | md5sum)"
+        ),
+        "V:",
+    )?;
+    let first = |s: &str| s.split_whitespace().next().map(String::from);
+    if first(&got).is_none() || first(&got) != first(&want) {
+        return Err(format!(
+            "/dev/vda at offset {offset} reads back with MD5 {got:?}, the data written has {want:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// Write (when `create`) and checksum the tmpfs file.
@@ -184,6 +315,10 @@ fn migrate_and_check(
             }
         }
         check_file(host, &mut vm, con, false)?;
+        // The disk written before the move reads back on the destination,
+        // and takes a write there.
+        check_disk(host, &mut vm, con, 0, false)?;
+        check_disk(host, &mut vm, con, DISK_SECOND_OFFSET, true)?;
         let bad = con.ask(
             host,
             &mut vm,

@@ -26,7 +26,7 @@
 //! only when they happen.
 
 use crate::devices::exits::{self as device_exits, MmioError};
-use crate::devices::{Devices, Machine};
+use crate::devices::{acpi, Devices, Machine};
 use crate::hypercall::{self, DirtyCheck, DirtyLogOwner, Effect};
 use crate::loader::linux::{self, LinuxLoadError};
 use crate::loader::{self, LoadError, LoadedKernel};
@@ -352,10 +352,38 @@ impl Vm {
         disk: Box<dyn VirtualDisk>,
         meta: crate::disks::DiskMeta,
     ) -> Option<u8> {
-        let slot = self.devices.add_virtio_blk(disk.virtual_size(), false)?;
+        if self.devices.machine() == Machine::Pc {
+            // A PC guest (Linux) finds virtio-mmio devices only in the
+            // ACPI tables, which the loader wrote before any disk was
+            // attached: write them again describing the slots with this
+            // one (the RSDP stays at the tables' start, where the zero
+            // page points). Not started yet: the guest has not read them.
+            let mut slots = self.devices.virtio_slots();
+            if slots.len() >= acpi::MAX_VIRTIO_MMIO {
+                return None;
+            }
+            slots.push(acpi::VirtioMmioSlot::standard(slots.len() as u8));
+            self.write_acpi_tables(&slots).ok()?;
+        }
+        let Some(slot) = self.devices.add_virtio_blk(disk.virtual_size(), false) else {
+            if self.devices.machine() == Machine::Pc {
+                let _ = self.write_acpi_tables(&self.devices.virtio_slots());
+            }
+            return None;
+        };
         self.disks.push(disk);
         self.disk_meta.push(meta);
         Some(slot)
+    }
+    /// Write the PC machine's ACPI tables describing virtio `slots`.
+    fn write_acpi_tables(
+        &mut self,
+        slots: &[acpi::VirtioMmioSlot],
+    ) -> Result<(), hvcore::mem::MemError> {
+        let tables = acpi::build(acpi::ACPI_TABLES_GPA, slots);
+        self.partition
+            .memory()
+            .write(hvcore::addr::Gpa(tables.base_gpa), &tables.bytes)
     }
     /// How many disks it has.
     pub fn disk_count(&self) -> usize {
@@ -1395,6 +1423,48 @@ mod tests {
         assert_eq!(seen[0], (alloc::vec![], (true, false)), "blocked: window");
         assert_eq!(seen[1], (alloc::vec![0x40], (false, false)), "injected");
         assert_eq!(seen[2], (alloc::vec![0x40], (false, false)), "only once");
+    }
+
+    /// Disks attached to a Linux VM before it starts are described in its
+    /// ACPI tables (Linux finds virtio-mmio devices nowhere else): the
+    /// tables in guest memory are those built for every slot in use.
+    #[test]
+    fn disks_of_a_linux_vm_are_in_its_acpi_tables() {
+        use crate::loader::bzimage::test_image;
+        let mut host = FakeHost::new();
+        let image = test_image(b"\xf4");
+        let mut v = Vm::create_linux(&mut host, "lx", 64 << 20, &image, b"", "").unwrap();
+        let read_tables = |v: &mut Vm, len: usize| {
+            let mut got = alloc::vec![0u8; len];
+            v.partition
+                .memory()
+                .read(hvcore::addr::Gpa(acpi::ACPI_TABLES_GPA), &mut got)
+                .unwrap();
+            got
+        };
+        let none = acpi::build(acpi::ACPI_TABLES_GPA, &[]);
+        assert_eq!(read_tables(&mut v, none.bytes.len()), none.bytes);
+        for n in 1..=2u8 {
+            let (disk, file) = crate::disks::new_mem_vhdx(1 << 20).unwrap();
+            let meta = crate::disks::DiskMeta {
+                backing: crate::disks::Backing::Memory {
+                    name: format!("lx-{n}.vhdx"),
+                    file,
+                },
+                fixed: false,
+                virtual_bytes: 1 << 20,
+                block_bytes: crate::disks::MEM_BLOCK_BYTES,
+            };
+            assert_eq!(v.attach_disk(Box::new(disk), meta), Some(n - 1));
+            let slots: alloc::vec::Vec<_> = (0..n).map(acpi::VirtioMmioSlot::standard).collect();
+            let want = acpi::build(acpi::ACPI_TABLES_GPA, &slots);
+            assert!(want.bytes.len() > none.bytes.len());
+            assert_eq!(
+                read_tables(&mut v, want.bytes.len()),
+                want.bytes,
+                "{n} disks"
+            );
+        }
     }
 
     /// MMIO on the minimal machine (no devices behind it) still stops the
