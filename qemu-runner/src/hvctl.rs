@@ -27,7 +27,7 @@ use hvmgmt::auth::{ClusterKey, Nonce};
 use hvmgmt::client::{ClientConn, ClientEvent};
 use hvmgmt::proto::{
     ApiError, Body, JobInfo, JobState, Keep, MigrationInfo, MigrationReport, NodeInfo, Outcome,
-    Phase, Request, StoreInfo, VmInfo,
+    Phase, Request, StoreInfo, VmInfo, CONSOLE_LINES_MAX,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -333,13 +333,25 @@ pub enum VmCmd {
         #[arg(long, hide = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
         debug_hold_resumed_ms: Option<u64>,
     },
-    /// The VM's last console lines
+    /// The VM's last console lines; with --send, type into its console
+    /// and print what the guest prints in answer
     Console {
         /// The VM's name
         name: String,
         /// How many lines (default: all the node keeps)
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", conflicts_with = "send")]
         lines: Option<u64>,
+        /// Type TEXT and Enter into the console (at most 1024 bytes
+        /// waiting per VM), then print the lines the guest prints until it
+        /// is quiet for half a second
+        #[arg(long, value_name = "TEXT")]
+        send: Option<String>,
+        /// With --send: no Enter after TEXT
+        #[arg(long, requires = "send")]
+        no_newline: bool,
+        /// With --send: wait at most MS for the answer (default 5000)
+        #[arg(long, value_name = "MS", requires = "send", value_parser = clap::value_parser!(u64).range(0..=600_000))]
+        wait_ms: Option<u64>,
     },
 }
 
@@ -453,7 +465,20 @@ pub enum Action {
     /// A request that starts a job, then follow the job (`--wait`: `vm
     /// move-storage`, `store bench`).
     RequestAndWatch(Request),
+    /// `vm console NAME --send TEXT`: type `text` (Enter included unless
+    /// `--no-newline`), then print the guest's new lines.
+    ConsoleSend {
+        name: String,
+        text: String,
+        wait_ms: u64,
+    },
 }
+
+/// `vm console --send`: longest wait for the guest's answer.
+pub const CONSOLE_WAIT_MS_DEFAULT: u64 = 5000;
+/// `vm console --send`: the answer is complete once no new line came for
+/// this long.
+const CONSOLE_QUIET_MS: u64 = 500;
 
 impl Cli {
     /// The action this command line asks for.
@@ -554,7 +579,24 @@ impl Cli {
                     }
                     request
                 }
-                VmCmd::Console { name, lines } => Request::VmConsole {
+                VmCmd::Console {
+                    name,
+                    send: Some(text),
+                    no_newline,
+                    wait_ms,
+                    ..
+                } => {
+                    let mut text = text.clone();
+                    if !no_newline {
+                        text.push('\n');
+                    }
+                    return Action::ConsoleSend {
+                        name: name.clone(),
+                        text,
+                        wait_ms: wait_ms.unwrap_or(CONSOLE_WAIT_MS_DEFAULT),
+                    };
+                }
+                VmCmd::Console { name, lines, .. } => Request::VmConsole {
                     name: name.clone(),
                     lines: lines.map(|n| n.min(u64::from(u32::MAX)) as u32),
                 },
@@ -1116,6 +1158,70 @@ pub fn watch(client: &mut Client, id: u64, json: bool) -> Result<u8, String> {
     Ok(job_exit_status(&job))
 }
 
+/// `vm console NAME --send TEXT`: note how many lines the VM has printed,
+/// type `text`, then follow its line count until it has been quiet for
+/// [`CONSOLE_QUIET_MS`] after a new line (or `wait_ms` passed) and print
+/// the new lines (those the node still keeps).
+fn console_send(
+    cli: &Cli,
+    client: &mut Client,
+    name: &str,
+    text: String,
+    wait_ms: u64,
+) -> Result<u8, String> {
+    let before = find_vm(client, name)?.map_or(0, |v| v.console_lines);
+    let sent = client.call(Request::VmConsoleInput {
+        name: name.into(),
+        text,
+    })?;
+    if let Outcome::Error(e) = &sent {
+        return Ok(print_error(cli.json, e));
+    }
+    let start = std::time::Instant::now();
+    let (mut seen, mut changed) = (before, start);
+    loop {
+        let now = std::time::Instant::now();
+        let quiet = now.duration_since(changed).as_millis() as u64;
+        if (seen > before && quiet >= CONSOLE_QUIET_MS)
+            || now.duration_since(start).as_millis() as u64 >= wait_ms
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let Some(vm) = find_vm(client, name)? else {
+            return Err(format!("VM {name} is no longer on node {}", client.node));
+        };
+        if vm.console_lines != seen {
+            (seen, changed) = (vm.console_lines, std::time::Instant::now());
+        }
+    }
+    let new = seen
+        .saturating_sub(before)
+        .min(u64::from(CONSOLE_LINES_MAX));
+    let lines = if new == 0 {
+        Vec::new()
+    } else {
+        match client.call_ok(Request::VmConsole {
+            name: name.into(),
+            lines: Some(new as u32),
+        })? {
+            Body::Console { lines, .. } => lines,
+            other => return Err(format!("unexpected reply to vm-console: {other:?}")),
+        }
+    };
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": {"vm": name, "lines": lines}})
+        );
+    } else if lines.is_empty() {
+        eprintln!("hvctl: VM {name} printed no line within {wait_ms} ms");
+    } else {
+        println!("{}", lines.join("\n"));
+    }
+    Ok(0)
+}
+
 /// VM `name` as node `client` lists it.
 fn find_vm(client: &mut Client, name: &str) -> Result<Option<VmInfo>, String> {
     match client.call_ok(Request::VmList)? {
@@ -1475,6 +1581,11 @@ fn run(cli: &Cli) -> Result<u8, String> {
                 Outcome::Error(e) => Ok(print_error(cli.json, &e)),
             }
         }
+        Action::ConsoleSend {
+            name,
+            text,
+            wait_ms,
+        } => console_send(cli, &mut client, &name, text, wait_ms),
         Action::CreateWithDisk(create, disk) => {
             let Request::VmCreate { name, .. } = &create else {
                 return Err("not a create".into());
@@ -1687,6 +1798,26 @@ mod tests {
                 lines: Some(5)
             })
         );
+        assert_eq!(
+            p("vm console web --send ls").unwrap().action(),
+            Action::ConsoleSend {
+                name: "web".into(),
+                text: "ls\n".into(),
+                wait_ms: CONSOLE_WAIT_MS_DEFAULT
+            }
+        );
+        assert_eq!(
+            p("vm console web --send q --no-newline --wait-ms 100")
+                .unwrap()
+                .action(),
+            Action::ConsoleSend {
+                name: "web".into(),
+                text: "q".into(),
+                wait_ms: 100
+            }
+        );
+        assert!(usage_error("vm console web --no-newline").contains("--send"));
+        assert!(usage_error("vm console web --send ls --lines 3").contains("--lines"));
         assert_eq!(
             p("host set --max-migrations 3").unwrap().action(),
             Action::Request(Request::HostSet {

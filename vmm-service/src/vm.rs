@@ -46,6 +46,9 @@ use vstorage::VirtualDisk;
 pub const CLOCK_CHECK_EXITS: u32 = 256;
 /// Console lines each VM remembers (for node-side checks).
 pub const RECENT_LINES: usize = 32;
+/// Console input waiting for the guest to read it (`vm console --send`):
+/// the most bytes a VM holds back.
+pub use hvmgmt::proto::CONSOLE_INPUT_MAX;
 /// Longest VM name.
 pub const NAME_MAX: usize = 32;
 
@@ -219,6 +222,9 @@ pub struct Bookkeeping {
     /// The worker's counters (exits, console lines, refused dirty-log
     /// calls, ...): they describe the VM, not the node that ran it.
     pub counters: VmCounters,
+    /// Console input the guest has not read yet (at most
+    /// [`CONSOLE_INPUT_MAX`] bytes): it moves with the VM.
+    pub console_input: alloc::vec::Vec<u8>,
 }
 
 /// One VM.
@@ -238,6 +244,8 @@ pub struct Vm {
     paused: bool,
     /// Paused because a disk's store is full.
     store_full: Option<StoreFull>,
+    /// Console input COM1's receive FIFO has not taken yet.
+    console_queue: VecDeque<u8>,
     /// Who drives the partition's dirty log.
     dirty_log_owner: DirtyLogOwner,
     migrations: MigrationCounters,
@@ -334,6 +342,7 @@ impl Vm {
             state: VmState::Created,
             paused: false,
             store_full: None,
+            console_queue: VecDeque::new(),
             dirty_log_owner: DirtyLogOwner::Guest,
             migrations: MigrationCounters::default(),
             counters: VmCounters::default(),
@@ -487,6 +496,7 @@ impl Vm {
             migrations: self.migrations,
             console: self.recent.iter().cloned().collect(),
             counters: self.counters,
+            console_input: self.console_queue.iter().copied().collect(),
         }
     }
     /// Take over `b` after a completed live migration into this VM: its
@@ -494,6 +504,12 @@ impl Vm {
     pub fn adopt(&mut self, b: &Bookkeeping) {
         let keep = b.console.len().saturating_sub(RECENT_LINES);
         self.recent = b.console[keep..].iter().cloned().collect();
+        self.console_queue = b
+            .console_input
+            .iter()
+            .take(CONSOLE_INPUT_MAX)
+            .copied()
+            .collect();
         self.counters = b.counters;
         self.migrations = MigrationCounters {
             completed: b.migrations.completed.saturating_add(1),
@@ -607,6 +623,34 @@ impl Vm {
     pub fn console_input(&mut self, host: &dyn Host, bytes: &[u8]) -> usize {
         self.devices.console_input(host.now_ns(), bytes)
     }
+    /// Queue console input (`vm console --send`): COM1's receive FIFO gets
+    /// it as the guest reads, a FIFO's worth before each of the VM's
+    /// slices. All or nothing: `Err(room)` when more than the `room` bytes
+    /// still free of [`CONSOLE_INPUT_MAX`] were offered.
+    pub fn queue_console_input(&mut self, bytes: &[u8]) -> Result<(), usize> {
+        let room = CONSOLE_INPUT_MAX.saturating_sub(self.console_queue.len());
+        if bytes.len() > room {
+            return Err(room);
+        }
+        self.console_queue.extend(bytes);
+        Ok(())
+    }
+    /// Bytes of queued console input the guest has not read yet.
+    pub fn console_input_queued(&self) -> usize {
+        self.console_queue.len()
+    }
+    /// Move queued console input into COM1's receive FIFO while it has room.
+    fn feed_console(&mut self, now_ns: u64) {
+        while !self.console_queue.is_empty() {
+            let (front, _) = self.console_queue.as_slices();
+            let offered = front.len();
+            let n = self.devices.console_input(now_ns, front);
+            self.console_queue.drain(..n);
+            if n < offered {
+                break;
+            }
+        }
+    }
     /// Replace the device models (restored from a migration stream).
     pub fn set_devices(&mut self, devices: Devices) {
         self.devices = devices;
@@ -692,6 +736,12 @@ impl Vm {
     pub fn run_slice(&mut self, host: &mut dyn Host, slice_end_ns: u64) -> SliceEnd {
         if self.paused || self.store_full.is_some() {
             return SliceEnd::NotRunnable;
+        }
+        if !self.console_queue.is_empty()
+            && matches!(self.state, VmState::Running | VmState::Halted)
+        {
+            // Before the halted check: the input's interrupt wakes the guest.
+            self.feed_console(host.now_ns());
         }
         match self.state {
             VmState::Running => {}
@@ -1112,6 +1162,55 @@ mod tests {
         // Destroy returns the partition.
         v.destroy();
         assert_eq!(host.dropped.get(), 1);
+    }
+
+    /// Queued console input reaches the guest's COM1 receive register a
+    /// FIFO's worth at a time as its slices run, is bounded, and moves
+    /// with the VM's bookkeeping (a live migration's `Paused` message).
+    #[test]
+    fn queued_console_input_reaches_the_guest() {
+        let mut host = FakeHost::new();
+        let mut step = 0;
+        let seen = alloc::rc::Rc::new(core::cell::RefCell::new(alloc::vec::Vec::new()));
+        let seen2 = seen.clone();
+        host.programs.push_back(alloc::boxed::Box::new(
+            move |v: &mut FakeVcpu, _: &mut FakeMemory| {
+                if step > 0 {
+                    seen2.borrow_mut().push(v.regs.rax as u8);
+                }
+                step += 1;
+                if step > 3 {
+                    v.regs.rax = HC_TEST_RESULT;
+                    v.regs.rdi = 0;
+                    v.regs.rdx = 0;
+                    return VmExit::Hypercall;
+                }
+                VmExit::Io(IoAccess {
+                    port: 0x3f8,
+                    size: 1,
+                    dir: IoDir::In,
+                    string: false,
+                    rep: false,
+                })
+            },
+        ));
+        let mut v = vm(&mut host, "con");
+        assert_eq!(
+            v.queue_console_input(&[b'x'; CONSOLE_INPUT_MAX + 1]),
+            Err(CONSOLE_INPUT_MAX)
+        );
+        assert_eq!(v.queue_console_input(b"ls\n"), Ok(()));
+        assert_eq!(v.bookkeeping().console_input, b"ls\n");
+        assert_eq!(v.console_input_queued(), 3);
+        assert_eq!(v.run_slice(&mut host, u64::MAX), SliceEnd::Stopped);
+        assert_eq!(*seen.borrow(), b"ls\n");
+        assert_eq!(v.console_input_queued(), 0);
+        // Input left waiting goes with the VM.
+        v.queue_console_input(b"pwd\n").unwrap();
+        let mut w = vm(&mut host, "dst");
+        w.adopt(&v.bookkeeping());
+        assert_eq!(w.console_input_queued(), 4);
+        assert_eq!(w.bookkeeping().console_input, b"pwd\n");
     }
 
     /// A guest doing `in` from ports and recording RAX, then stopping.

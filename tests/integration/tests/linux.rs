@@ -1,11 +1,12 @@
 //! A Linux VM on a two-node cluster, as a user runs one (issue 15): `hvctl
 //! vm create lx --memory 128M --linux --append hvmigrate.ticks=1`, `vm
 //! start`, `vm console` shows the initramfs' banner and the counter lines
-//! its `/init` prints every second (the console takes no input, so the
-//! counter line also carries the guest's clock and its count of bad
-//! `dmesg` lines); then `vm move lx --to b --wait` of the running guest,
-//! after which its counter goes on on b from where it was, its clock never
-//! went back and `dmesg` stays clean. `cluster up` gives the nodes the
+//! its `/init` prints every second (the counter line also carries the
+//! guest's clock and its count of bad `dmesg` lines); `vm console lx
+//! --send 'echo ...'` types a command into the shell and prints its
+//! answer; then `vm move lx --to b --wait` of the running guest, after
+//! which its counter goes on on b from where it was, its clock never went
+//! back, `dmesg` stays clean and the shell answers on b. `cluster up` gives the
 //! Linux image (downloaded and cached under target/linux-guest/ on first
 //! use).
 
@@ -81,6 +82,18 @@ fn linux_vm_boots_to_its_shell_and_moves_between_nodes() {
         console.contains("hvmigrate-linux: tick 2 clock "),
         "{console}"
     );
+    // A user types into the shell and reads the answer.
+    let answer = c.ok(
+        "a",
+        &[
+            "vm",
+            "console",
+            "lx",
+            "--send",
+            "echo from-a > /tmp/m; echo X:$((6*7)) on $(uname -m)",
+        ],
+    );
+    assert!(answer.lines().any(|l| l == "X:42 on x86_64"), "{answer}");
     let last_a = *wait_tick(&c, "a", "lx", 4).last().expect("ticks");
 
     let t1 = Instant::now();
@@ -143,6 +156,12 @@ fn linux_vm_boots_to_its_shell_and_moves_between_nodes() {
     );
     let console = c.ok("b", &["vm", "console", "lx"]);
     assert!(console.contains("hvmigrate-linux: tick "), "{console}");
+    // The shell answers on b, and the tmpfs file written on a is there.
+    let answer = c.ok(
+        "b",
+        &["vm", "console", "lx", "--send", "echo Y:$(cat /tmp/m)"],
+    );
+    assert!(answer.lines().any(|l| l == "Y:from-a"), "{answer}");
     eprintln!(
         "linux: lx counted {} -> {} across the move a -> b (a's last {})",
         last_a.n,

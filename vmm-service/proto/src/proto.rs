@@ -25,6 +25,8 @@ pub const NAME_MAX: usize = 32;
 pub const GUEST_MAX: usize = 32;
 /// Longest extra Linux command line accepted ([`LinuxBoot::append`]).
 pub const APPEND_MAX: usize = 256;
+/// Most console input bytes a VM holds back for its guest to read.
+pub const CONSOLE_INPUT_MAX: usize = 1024;
 /// Most console lines a console request returns (the node keeps this many
 /// per VM).
 pub const CONSOLE_LINES_MAX: u32 = 32;
@@ -154,6 +156,15 @@ pub enum Request {
         /// Last lines wanted (capped at [`CONSOLE_LINES_MAX`]).
         #[serde(default)]
         lines: Option<u32>,
+    },
+    /// Type `text` into VM `name`'s console (COM1's receive side): queued
+    /// in the node until the guest reads it, at most
+    /// [`CONSOLE_INPUT_MAX`] bytes waiting per VM (refused whole with
+    /// `no-resources` beyond). Refused while the VM migrates or once it
+    /// stopped.
+    VmConsoleInput {
+        name: String,
+        text: String,
     },
     /// Live-migrate VM `name` to node `to` (a peer's name, or this node's
     /// own for a move within the node); a job. `None` = the default.

@@ -15,7 +15,7 @@ use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
     ApiError, Body, ErrorCode, JobKind, JobState, LinuxBoot, NodeInfo, Outcome, Request, StoreInfo,
-    VmInfo, APPEND_MAX, CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
+    VmInfo, APPEND_MAX, CONSOLE_INPUT_MAX, CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
 };
 use crate::migrate::channel::{Holds, HOLD_MS_MAX};
 use crate::migrate::{migrating, Faults, Migrations, MoveRequest};
@@ -798,6 +798,33 @@ impl Managed {
                     lines: all[skip..].iter().map(|s| String::from(*s)).collect(),
                 })
             }
+            Request::VmConsoleInput { name, text } => {
+                let Some(i) = self.find(&name) else {
+                    return Self::not_found(&name);
+                };
+                if let Some(e) = self.migrating_error(i) {
+                    return e;
+                }
+                if self.vms[i].stop_reason().is_some() {
+                    return err(ErrorCode::InvalidState, format!("VM {name} has stopped"));
+                }
+                if text.len() > CONSOLE_INPUT_MAX {
+                    return err(
+                        ErrorCode::InvalidArgument,
+                        format!("console input is at most {CONSOLE_INPUT_MAX} bytes at a time"),
+                    );
+                }
+                match self.vms[i].queue_console_input(text.as_bytes()) {
+                    Ok(()) => Outcome::Ok(Body::Done),
+                    Err(room) => err(
+                        ErrorCode::NoResources,
+                        format!(
+                            "VM {name} has not read its earlier console input: room for {room} more bytes, {} offered",
+                            text.len()
+                        ),
+                    ),
+                }
+            }
             Request::JobList => Outcome::Ok(Body::JobList {
                 jobs: self.jobs.list(now),
             }),
@@ -1116,6 +1143,18 @@ mod tests {
             Some(ErrorCode::InvalidState)
         );
         assert_eq!(
+            code(&r.call(
+                s,
+                &mut c,
+                Request::VmConsoleInput {
+                    name: "web".into(),
+                    text: "ls\n".into()
+                }
+            )),
+            Some(ErrorCode::InvalidState),
+            "a stopped VM reads no input"
+        );
+        assert_eq!(
             code(&r.call(s, &mut c, Request::VmStart { name: "web".into() })),
             Some(ErrorCode::InvalidState)
         );
@@ -1133,6 +1172,29 @@ mod tests {
             Request::VmStart {
                 name: "spin".into(),
             },
+        );
+        // Console input: queued whole up to CONSOLE_INPUT_MAX bytes.
+        let input = |text: String| Request::VmConsoleInput {
+            name: "spin".into(),
+            text,
+        };
+        assert_eq!(
+            code(&r.call(s, &mut c, input("x".repeat(CONSOLE_INPUT_MAX + 1)))),
+            Some(ErrorCode::InvalidArgument)
+        );
+        assert_eq!(
+            r.call(s, &mut c, input("x".repeat(1000))),
+            Outcome::Ok(Body::Done)
+        );
+        let o = r.call(s, &mut c, input("y".repeat(100)));
+        assert!(
+            matches!(&o, Outcome::Error(e) if e.code == ErrorCode::NoResources
+                && e.message.contains("room for 24 more bytes")),
+            "{o:?}"
+        );
+        assert_eq!(
+            r.call(s, &mut c, input("y".repeat(24))),
+            Outcome::Ok(Body::Done)
         );
         let o = r.call(
             s,
@@ -1159,6 +1221,10 @@ mod tests {
             Request::VmConsole {
                 name: "nope".into(),
                 lines: None,
+            },
+            Request::VmConsoleInput {
+                name: "nope".into(),
+                text: "ls\n".into(),
             },
             Request::JobCancel { id: 5 },
         ] {

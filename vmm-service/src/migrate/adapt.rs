@@ -237,6 +237,7 @@ mod tests {
                 console_lines: 7,
                 ..Default::default()
             },
+            console_input: b"ls\n".to_vec(),
         });
         d.resume().unwrap();
         d.discard();
@@ -244,5 +245,6 @@ mod tests {
         assert!(vm.is_runnable());
         assert_eq!(vm.migrations().completed, 3);
         assert_eq!(vm.recent_lines().collect::<Vec<_>>(), ["heartbeat 7"]);
+        assert_eq!(vm.console_input_queued(), 3, "unread console input arrives");
     }
 }

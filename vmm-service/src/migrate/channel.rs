@@ -183,6 +183,9 @@ pub struct Paused {
     pub slices: u64,
     pub console_lines: u64,
     pub dirty_log_refused: u64,
+    /// Console input the guest had not read (`Bookkeeping::console_input`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub console_input: Vec<u8>,
 }
 
 impl Paused {
@@ -200,6 +203,7 @@ impl Paused {
             slices: c.slices,
             console_lines: c.console_lines,
             dirty_log_refused: c.dirty_log_refused,
+            console_input: b.console_input,
         }
     }
 
@@ -225,6 +229,11 @@ impl Paused {
                 console_lines: self.console_lines,
                 dirty_log_refused: self.dirty_log_refused,
             },
+            console_input: self
+                .console_input
+                .into_iter()
+                .take(crate::vm::CONSOLE_INPUT_MAX)
+                .collect(),
         }
     }
 }
