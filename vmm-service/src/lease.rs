@@ -495,6 +495,48 @@ impl Lease {
         }
     }
 
+    /// The former owner takes back a lease it handed over whose
+    /// destination never adopted it (the migration failed before its
+    /// commit point, so the destination never writes): only if the file
+    /// still holds exactly `handed` (or `before`, this node's own record
+    /// from before the hand-over, if the hand-over's write never landed)
+    /// does it write itself as owner with the next epoch and own the lease
+    /// from `now_ms`. Anything else is an error; the caller then acquires
+    /// the lease like any other node.
+    pub fn take_back(
+        &mut self,
+        handed: &LeaseRecord,
+        before: &LeaseRecord,
+        now_ms: u64,
+        file: &dyn LeaseFile,
+    ) -> Result<(), String> {
+        match Self::read(file)? {
+            Some(Ok(r)) if r == *handed || r == *before => {
+                let record = self.record(handed.epoch.saturating_add(1));
+                file.replace(&record.encode())?;
+                self.state = State::Owned {
+                    record,
+                    renewed_ms: now_ms,
+                };
+                Ok(())
+            }
+            Some(Ok(r)) => Err(format!(
+                "the lease of {} names {} with epoch {} now, not the hand-over to {}",
+                r.vm, r.owner, r.epoch, handed.owner
+            )),
+            Some(Err(e)) => Err(e),
+            None => Err(format!("the lease of {} is gone", self.vm)),
+        }
+    }
+
+    /// The record this node holds, if it owns the lease.
+    pub fn owned_record(&self) -> Option<&LeaseRecord> {
+        match &self.state {
+            State::Owned { record, .. } => Some(record),
+            _ => None,
+        }
+    }
+
     /// The owner gives the lease up (the VM stopped or was deleted).
     pub fn release(&mut self, file: &dyn LeaseFile) -> Result<(), String> {
         if !matches!(self.state, State::Owned { .. }) {
@@ -504,6 +546,8 @@ impl Lease {
         file.remove()
     }
 }
+
+pub mod vms;
 
 #[cfg(test)]
 mod tests;

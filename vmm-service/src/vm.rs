@@ -246,6 +246,15 @@ pub struct Vm {
     store_full: Option<StoreFull>,
     /// Console input COM1's receive FIFO has not taken yet.
     console_queue: VecDeque<u8>,
+    /// Paused because this node may not write the VM's disks on a shared
+    /// store (its lease is lost or not yet held): why, for `vm list`.
+    lease_hold: Option<String>,
+    /// The VM's lease on the shared store its disks are on, if any
+    /// (`crate::lease::vms`).
+    lease: Option<crate::lease::vms::VmLease>,
+    /// Open while this node may write the VM's disks on a shared store:
+    /// their files' writes go through it (`crate::lease::vms::GatedIo`).
+    disk_gate: crate::lease::vms::WriteGate,
     /// Who drives the partition's dirty log.
     dirty_log_owner: DirtyLogOwner,
     migrations: MigrationCounters,
@@ -343,6 +352,9 @@ impl Vm {
             paused: false,
             store_full: None,
             console_queue: VecDeque::new(),
+            lease_hold: None,
+            lease: None,
+            disk_gate: crate::lease::vms::WriteGate::default(),
             dirty_log_owner: DirtyLogOwner::Guest,
             migrations: MigrationCounters::default(),
             counters: VmCounters::default(),
@@ -426,6 +438,10 @@ impl Vm {
     /// state came through the stream; the storage behind it is the same.
     pub fn adopt_disks(&mut self, source: &mut Vm) {
         (self.disks, self.disk_meta) = source.take_disks();
+        // The lease and the gate its files write through go with them.
+        self.lease = source.lease.take();
+        self.disk_gate = source.disk_gate.clone();
+        self.lease_hold = source.lease_hold.take();
     }
     /// Take every disk (the VM is about to be destroyed).
     pub fn take_disks(
@@ -531,6 +547,7 @@ impl Vm {
     pub fn is_runnable(&self) -> bool {
         !self.paused
             && self.store_full.is_none()
+            && self.lease_hold.is_none()
             && matches!(self.state, VmState::Running | VmState::Halted)
     }
     /// Why it is held back besides a live migration: a disk's store is
@@ -596,6 +613,42 @@ impl Vm {
             next_retry_ns: now.saturating_add(STORE_FULL_RETRY_NS),
             retries: 0,
         });
+    }
+    /// Why it is held back because this node may not write its disks
+    /// (its lease), if it is.
+    pub fn lease_hold(&self) -> Option<&str> {
+        self.lease_hold.as_deref()
+    }
+    /// Hold it (`Some(why)`: fenced, its disk gate closed at once) or let
+    /// it run again (`None`: the gate opens).
+    pub fn set_lease_hold(&mut self, why: Option<String>) {
+        match why {
+            Some(_) => self.disk_gate.close(),
+            None => self.disk_gate.open(),
+        }
+        self.lease_hold = why;
+    }
+    /// Its lease, if its disks are on a shared store.
+    pub fn lease_mut(&mut self) -> &mut Option<crate::lease::vms::VmLease> {
+        &mut self.lease
+    }
+    /// Its lease, to look at.
+    pub fn lease(&self) -> Option<&crate::lease::vms::VmLease> {
+        self.lease.as_ref()
+    }
+    /// The gate its shared-store disks write through.
+    pub fn disk_gate(&self) -> &crate::lease::vms::WriteGate {
+        &self.disk_gate
+    }
+    /// Give it disks opened for it elsewhere (a live migration's
+    /// destination on a shared store: its devices came with the state).
+    pub fn set_disks(
+        &mut self,
+        disks: alloc::vec::Vec<Box<dyn VirtualDisk>>,
+        meta: alloc::vec::Vec<crate::disks::DiskMeta>,
+    ) {
+        self.disks = disks;
+        self.disk_meta = meta;
     }
     /// Whether a live migration paused it.
     pub fn is_paused(&self) -> bool {
@@ -734,7 +787,7 @@ impl Vm {
     /// Run the VM until `slice_end_ns` (host clock), until it halts, or
     /// until it stops.
     pub fn run_slice(&mut self, host: &mut dyn Host, slice_end_ns: u64) -> SliceEnd {
-        if self.paused || self.store_full.is_some() {
+        if self.paused || self.store_full.is_some() || self.lease_hold.is_some() {
             return SliceEnd::NotRunnable;
         }
         if !self.console_queue.is_empty()

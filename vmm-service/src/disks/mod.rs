@@ -191,6 +191,16 @@ fn create_on_store(
     let file = files
         .create_partial(&location)
         .map_err(CreateError::NoResources)?;
+    // A disk other nodes can see writes only while the VM's lease allows
+    // (crate::lease::vms).
+    let file: Box<dyn BlockIo> = if crate::lease::vms::is_shared_store(store) {
+        Box::new(crate::lease::vms::GatedIo::new(
+            file,
+            vm.disk_gate().clone(),
+        ))
+    } else {
+        file
+    };
     let bytes = size_mib << 20;
     let params = CreateParams {
         fixed,

@@ -64,6 +64,9 @@ pub const GUESTS: [&str; 12] = [
 pub const STORE_BENCH_STEP_NS: u64 = 50_000_000;
 /// `pause_reason` of a VM whose disk's store is full.
 pub const PAUSE_STORE_FULL: &str = "store full";
+/// `pause_reason` of a VM whose node may not write its disks on a shared
+/// store (its lease is lost, or not yet held).
+pub const PAUSE_LEASE: &str = "lease";
 /// The guest of a VM created without one.
 pub const DEFAULT_GUEST: &str = "heartbeat";
 
@@ -147,7 +150,7 @@ fn state_name(vm: &Vm) -> &'static str {
     match vm.state() {
         VmState::Created if vm.migration_mark().is_some_and(|m| m.incoming) => "incoming",
         VmState::Stopped(_) => "stopped",
-        _ if vm.is_paused() || vm.store_full().is_some() => "paused",
+        _ if vm.is_paused() || vm.store_full().is_some() || vm.lease_hold().is_some() => "paused",
         VmState::Created => "created",
         VmState::Running => "running",
         VmState::Halted => "halted",
@@ -201,6 +204,7 @@ impl Managed {
     /// memory and refuses storage migration.
     pub fn set_stores(&mut self, stores: crate::store::Stores) {
         self.stores = alloc::rc::Rc::new(stores);
+        self.migrations.set_stores(self.stores.clone());
         self.files = match self.stores.iter().next() {
             Some(_) => Some(alloc::boxed::Box::new(crate::store::StoreFiles::new(
                 self.stores.clone(),
@@ -256,6 +260,91 @@ impl Managed {
         self.drive_storage_moves(host);
         self.drive_store_benches(host);
         self.retry_store_full(host);
+        self.drive_leases(host);
+    }
+
+    /// The leases' times (tests shorten them).
+    pub fn set_lease_timing(&mut self, timing: crate::lease::Timing) {
+        self.migrations.lease_node.timing = timing;
+    }
+
+    /// VM `i`'s lease on the shared store of its disks (or on `store`,
+    /// about to get one), made if it has none yet; `None` if neither is
+    /// shared.
+    fn lease_of(
+        &mut self,
+        i: usize,
+        store: Option<&str>,
+    ) -> Option<&mut crate::lease::vms::VmLease> {
+        use crate::lease::vms;
+        if self.vms[i].lease().is_none() {
+            let store = store
+                .filter(|s| vms::is_shared_store(s))
+                .map(String::from)
+                .or_else(|| vms::shared_store(&self.vms[i]))?;
+            let at = vms::lease_location(&store, self.vms[i].name());
+            let node = self.migrations.lease_node.clone();
+            let file = vms::StoreLeaseFile::new(self.stores.clone(), &at, &node.name).ok()?;
+            let lease =
+                vms::VmLease::new(self.vms[i].name(), &node, &at, alloc::boxed::Box::new(file));
+            *self.vms[i].lease_mut() = Some(lease);
+        }
+        self.vms[i].lease_mut().as_mut()
+    }
+
+    /// Ask for VM `i`'s lease now (before it starts or gets a disk on
+    /// `store`): `Err` names the holder.
+    fn acquire_lease(
+        &mut self,
+        host: &dyn Host,
+        i: usize,
+        store: Option<&str>,
+    ) -> Result<(), String> {
+        let now_ms = host.now_ns() / NS_PER_MS;
+        match self.lease_of(i, store) {
+            None => return Ok(()),
+            Some(l) => l.acquire(now_ms)?,
+        }
+        // Back after a time without it: its disks are opened again.
+        crate::lease::vms::regain(&mut self.vms[i], &self.stores, host.now_ns())
+    }
+
+    /// Give VM `i`'s lease up (it stopped or is deleted).
+    fn release_lease(&mut self, host: &mut dyn Host, i: usize) {
+        let name = String::from(self.vms[i].name());
+        if let Some(l) = self.vms[i].lease_mut() {
+            let at = String::from(l.location());
+            if let Err(e) = l.release() {
+                host.console_write(&format!(
+                    "vmm-service: VM {name}: cannot remove its lease {at}: {e}\n"
+                ));
+            }
+        }
+    }
+
+    /// Renew, watch, take or adopt each VM's lease (call every loop
+    /// round): a VM whose node may not write its shared disks is held.
+    fn drive_leases(&mut self, host: &mut dyn Host) {
+        let now_ms = host.now_ns() / NS_PER_MS;
+        for i in 0..self.vms.len() {
+            if self.vms[i].stop_reason().is_some() || self.vms[i].migration_mark().is_some() {
+                continue;
+            }
+            // A running VM whose disk came onto a shared store (storage
+            // migration) takes its lease too.
+            if self.vms[i].lease().is_none()
+                && *self.vms[i].state() != VmState::Created
+                && crate::lease::vms::shared_store(&self.vms[i]).is_some()
+            {
+                let _ = self.lease_of(i, None);
+            }
+            let seed = host.now_ns();
+            if let Some(line) =
+                crate::lease::vms::tick(&mut self.vms[i], now_ms, Some(&self.stores), seed)
+            {
+                host.console_write(&line);
+            }
+        }
     }
 
     /// Where disks and storage migrations put files in place of the
@@ -497,14 +586,18 @@ impl Managed {
             exits: vm.counters().exits,
             console_lines: vm.counters().console_lines,
             migration_job: vm.migration_mark().map(|m| m.job),
-            pause_reason: vm
-                .store_full()
-                .filter(|_| vm.stop_reason().is_none())
-                .map(|_| PAUSE_STORE_FULL.into()),
-            pause_detail: vm
-                .store_full()
-                .filter(|_| vm.stop_reason().is_none())
-                .map(|f| format!("disk {}: {}", f.slot, f.detail)),
+            pause_reason: match (vm.store_full(), vm.lease_hold()) {
+                _ if vm.stop_reason().is_some() => None,
+                (Some(_), _) => Some(PAUSE_STORE_FULL.into()),
+                (None, Some(_)) => Some(PAUSE_LEASE.into()),
+                (None, None) => None,
+            },
+            pause_detail: match (vm.store_full(), vm.lease_hold()) {
+                _ if vm.stop_reason().is_some() => None,
+                (Some(f), _) => Some(format!("disk {}: {}", f.slot, f.detail)),
+                (None, Some(why)) => Some(why.into()),
+                (None, None) => None,
+            },
         }
     }
 
@@ -669,6 +762,15 @@ impl Managed {
                         format!("VM {name} has started: disks are added before it starts"),
                     );
                 }
+                if let Err(e) = self.acquire_lease(&*host, i, store.as_deref()) {
+                    return err(
+                        ErrorCode::InvalidState,
+                        format!(
+                            "VM {name} cannot have a disk on store {}: {e}",
+                            store.as_deref().unwrap_or("")
+                        ),
+                    );
+                }
                 let vm = &mut self.vms[i];
                 match crate::disks::create_for_vm(
                     vm,
@@ -714,6 +816,12 @@ impl Managed {
                 }
                 match self.vms[i].state() {
                     VmState::Created => {
+                        if let Err(e) = self.acquire_lease(&*host, i, None) {
+                            return err(
+                                ErrorCode::InvalidState,
+                                format!("VM {name} cannot start on node {}: {e}", self.identity.name),
+                            );
+                        }
                         self.vms[i].start();
                         Outcome::Ok(Body::Vm(self.vm_info(i)))
                     }
@@ -740,6 +848,7 @@ impl Managed {
                     );
                 }
                 self.vms[i].stop(host, StopReason::Requested);
+                self.release_lease(host, i);
                 Outcome::Ok(Body::Vm(self.vm_info(i)))
             }
             Request::VmResume { name } => {
@@ -751,6 +860,21 @@ impl Managed {
                 }
                 if self.vms[i].stop_reason().is_some() {
                     return err(ErrorCode::InvalidState, format!("VM {name} has stopped"));
+                }
+                if self.vms[i].lease_hold().is_some() {
+                    return match self.acquire_lease(&*host, i, None) {
+                        Ok(()) => {
+                            self.vms[i].set_lease_hold(None);
+                            host.console_write(&format!(
+                                "vm {name} runs again: it holds its lease\n"
+                            ));
+                            Outcome::Ok(Body::Vm(self.vm_info(i)))
+                        }
+                        Err(e) => err(
+                            ErrorCode::InvalidState,
+                            format!("VM {name} stays paused: {e}"),
+                        ),
+                    };
                 }
                 match self.vms[i].retry_store_full(host) {
                     Ok(true) => Outcome::Ok(Body::Vm(self.vm_info(i))),
@@ -780,6 +904,7 @@ impl Managed {
                         format!("VM {name} is running: stop it first"),
                     );
                 }
+                self.release_lease(host, i);
                 self.vms.remove(i).destroy();
                 host.console_write(&format!("vmm-service: VM {name} deleted\n"));
                 Outcome::Ok(Body::Done)

@@ -141,6 +141,11 @@ pub struct Open {
     /// The test knobs of `vm-move` (docs/MANAGEMENT.md, "Test knobs").
     #[serde(default)]
     pub holds: Holds,
+    /// The VM's disks on the shared store, which the destination opens
+    /// where they are (only memory and state move); empty for a VM
+    /// without disks.
+    #[serde(default)]
+    pub disks: Vec<crate::lease::vms::SharedDisk>,
 }
 
 /// When the destination answers, for the two-node failure tests: it waits
@@ -186,6 +191,11 @@ pub struct Paused {
     /// Console input the guest had not read (`Bookkeeping::console_input`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub console_input: Vec<u8>,
+    /// A VM on the shared store: the epoch of the lease record the source
+    /// wrote naming the destination (docs/DESIGN.md "Leases"), which the
+    /// destination adopts at `go` before it writes the VM's disks.
+    #[serde(default)]
+    pub lease_epoch: Option<u64>,
 }
 
 impl Paused {
@@ -204,6 +214,7 @@ impl Paused {
             console_lines: c.console_lines,
             dirty_log_refused: c.dirty_log_refused,
             console_input: b.console_input,
+            lease_epoch: None,
         }
     }
 

@@ -88,6 +88,12 @@ pub struct Incoming {
     /// `accept` goes out at this node time (the accept hold); `None` once
     /// it went.
     accept_at: Option<u64>,
+    /// The VM's disks on the shared store, opened here once the lease
+    /// handed over with `lease_epoch` (the source's `paused`) is adopted.
+    disks: Vec<crate::lease::vms::SharedDisk>,
+    lease_epoch: Option<u64>,
+    /// The VM resumed here and [`Migrations::arrive_shared`] ran.
+    arrived: bool,
 }
 
 impl Incoming {
@@ -239,6 +245,9 @@ impl Migrations {
                     downtime_limit_ms: 0,
                     holds,
                     accept_at: Some(now.saturating_add(holds.accept_ms * NS_PER_MS)),
+                    disks: open.disks,
+                    lease_epoch: None,
+                    arrived: false,
                 };
                 jobs.set_migration(job, x.info(x.phase()));
                 self.incoming.push(x);
@@ -297,6 +306,26 @@ impl Migrations {
             ));
         }
         check_cpuid(&*host, &config.cpuid).map_err(|m| refuse("unsupported", m))?;
+        if open.disks.len() > crate::devices::MAX_VIRTIO_SLOTS {
+            return Err(refuse("invalid-argument", "too many disks".into()));
+        }
+        if !open.disks.is_empty() {
+            // Its files stay on the shared store: this node must see the
+            // same ones (read-only now; written only after the lease).
+            let Some(stores) = self.stores.as_deref() else {
+                return Err(refuse(
+                    "unsupported",
+                    format!(
+                        "the VM's disks are on a shared store and node {} has no stores",
+                        self.me
+                    ),
+                ));
+            };
+            for d in &open.disks {
+                crate::lease::vms::check_disk(stores, d)
+                    .map_err(|m| refuse("unsupported", format!("the VM's disk: {m}")))?;
+            }
+        }
         let (_, free) = host.memory_stats();
         if free < config.ram_bytes {
             return Err(refuse(
@@ -429,9 +458,16 @@ impl Migrations {
                 );
             }
             let p = x.rx.step(&mut dest, &mut link, now);
+            if !x.arrived && !x.disks.is_empty() && x.rx.resumed() {
+                // Past `go`: before the guest runs here, hold it until
+                // the lease is adopted and its disks are open.
+                x.arrived = true;
+                self.arrive_shared(x, &mut vms[vi], host);
+            }
             // Control messages that arrived with the stream.
             while let Ok(Some(c)) = x.conn.next_control(false) {
                 if let Control::Paused(p) = c {
+                    x.lease_epoch = p.lease_epoch;
                     x.bookkeeping = Some(p.into_bookkeeping());
                 }
             }
@@ -491,6 +527,44 @@ impl Migrations {
         _now: u64,
     ) {
         self.abandon_incoming(x, host, vms, jobs, MigrationError::Cancelled);
+    }
+
+    /// A VM on the shared store arrived (past `go`): it may write its
+    /// disks only once it adopted the lease the source handed over, so it
+    /// is held until then; the first try is now, the node loop retries
+    /// (`crate::lease::vms::tick`).
+    fn arrive_shared(&mut self, x: &Incoming, vm: &mut Vm, host: &mut dyn Host) {
+        use crate::lease::vms;
+        let now_ms = host.now_ns() / NS_PER_MS;
+        let store = String::from(vms::store_of(&x.disks[0].location));
+        let at = vms::lease_location(&store, &x.vm);
+        let file = self
+            .stores
+            .clone()
+            .ok_or_else(|| String::from("no stores"))
+            .and_then(|s| vms::StoreLeaseFile::new(s, &at, &self.me));
+        vm.set_lease_hold(Some(String::from("waiting for the hand-over of the lease")));
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                vm.set_lease_hold(Some(format!("no lease file: {e}")));
+                return;
+            }
+        };
+        let mut lease =
+            vms::VmLease::new(&x.vm, &self.lease_node, &at, alloc::boxed::Box::new(file));
+        match x.lease_epoch {
+            Some(epoch) => lease.expect_hand_over(epoch, x.disks.clone()),
+            None => {
+                // No hand-over named: take the lease like any node.
+                vm.set_lease_hold(Some("the source handed over no lease".into()));
+            }
+        }
+        *vm.lease_mut() = Some(lease);
+        let seed = host.now_ns();
+        if let Some(line) = vms::tick(vm, now_ms, self.stores.as_deref(), seed) {
+            host.console_write(&line);
+        }
     }
 
     /// The receiving engine ended: keep the VM (it runs) or remove it.

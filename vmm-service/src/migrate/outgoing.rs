@@ -88,6 +88,9 @@ pub struct Outgoing {
     doubt_cause: Option<String>,
     /// How it ended (`Done`).
     ended: Option<Phase>,
+    /// The VM's disks on the shared store (a move to another node): the
+    /// destination opens them; the lease passes at the pause.
+    pub disks: Vec<crate::lease::vms::SharedDisk>,
 }
 
 impl Outgoing {
@@ -124,6 +127,7 @@ impl Outgoing {
             doubt: None,
             doubt_cause: None,
             ended: None,
+            disks: Vec::new(),
         }
     }
 
@@ -360,6 +364,7 @@ impl Migrations {
                             encrypt: o.encrypt,
                             verify: o.policy.verify_memory,
                             holds: o.holds,
+                            disks: o.disks.clone(),
                         });
                         conn.send_control(&open)
                             .map_err(|e| format!("link to {} lost: {e}", o.to))?;
@@ -540,7 +545,25 @@ impl Migrations {
             }
             if engine.vm_paused() && !o.paused_sent {
                 o.paused_sent = true;
-                let paused = Control::Paused(Paused::from_bookkeeping(src.vm.bookkeeping()));
+                let mut paused = Paused::from_bookkeeping(src.vm.bookkeeping());
+                if !o.disks.is_empty() {
+                    // The VM's files stay where they are: write them out,
+                    // stop writing and name the destination in the lease.
+                    match Self::hand_over(src.vm, &o.to) {
+                        Ok(epoch) => paused.lease_epoch = Some(epoch),
+                        Err(why) => {
+                            let mut link = conn.link().expect("handshake done");
+                            engine.cancel(&mut src, &mut link, now);
+                            finished = true;
+                            o.doubt = Some(format!(
+                                "the lease on the VM's disks could not be handed to {}: {why}",
+                                o.to
+                            ));
+                            break;
+                        }
+                    }
+                }
+                let paused = Control::Paused(paused);
                 // A failed send shows up as a broken link at the next step.
                 let _ = conn.send_control(&paused);
             }
@@ -594,6 +617,23 @@ impl Migrations {
         self.finish_outgoing(o, host, vms, jobs, report, false);
     }
 
+    /// The switch-over of a VM on the shared store (paused): flush its disks,
+    /// close its write gate and hand its lease to `to`. Returns the epoch the
+    /// destination adopts.
+    fn hand_over(vm: &mut Vm, to: &str) -> Result<u64, String> {
+        for slot in 0..vm.disk_count() {
+            if let Some(d) = vm.disk_mut(slot as u8) {
+                d.flush().map_err(|e| format!("disk {slot}: {e}"))?;
+            }
+        }
+        // From here until the way back decides, nothing is written.
+        vm.disk_gate().close();
+        match vm.lease_mut() {
+            Some(l) => l.hand_over(to),
+            None => Err("the VM holds no lease".into()),
+        }
+    }
+
     /// The engine ended (completed, failed or cancelled; not in doubt).
     fn finish_outgoing(
         &mut self,
@@ -635,6 +675,8 @@ impl Migrations {
                 if let Some(vi) = vi {
                     vms[vi].set_migration_mark(None);
                     vms[vi].note_failed_migration();
+                    // Before it runs again: its lease back (or wait for it).
+                    crate::lease::vms::take_back(&mut vms[vi], now / NS_PER_MS);
                 }
                 let why = report.error.clone().unwrap_or_else(|| "failed".into());
                 if result == MigrationResult::Cancelled && why.contains("cancelled by the operator")

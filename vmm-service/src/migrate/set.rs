@@ -60,6 +60,11 @@ pub struct Migrations {
     pub(super) incoming: Vec<Incoming>,
     /// Reports of outgoing migrations that ended, newest last (a few).
     pub(super) finished: Vec<(u64, MigrationReport)>,
+    /// The node's stores (a VM on the shared store moves without its
+    /// files: the destination opens them there).
+    pub(super) stores: Option<alloc::rc::Rc<crate::store::Stores>>,
+    /// This node as its leases name it.
+    pub(crate) lease_node: crate::lease::vms::LeaseNode,
 }
 
 /// Reports of ended outgoing migrations kept for [`Migrations::report`].
@@ -79,6 +84,13 @@ impl Migrations {
     ) -> Self {
         let mut boot = [0u8; 16];
         host.entropy(&mut boot);
+        let mut inc = [0u8; 8];
+        inc.copy_from_slice(&boot[..8]);
+        let lease_node = crate::lease::vms::LeaseNode {
+            name: me.into(),
+            incarnation: u64::from_le_bytes(inc),
+            timing: crate::lease::Timing::DEFAULT,
+        };
         Self {
             me: me.into(),
             key,
@@ -95,7 +107,14 @@ impl Migrations {
             outgoing: Vec::new(),
             incoming: Vec::new(),
             finished: Vec::new(),
+            stores: None,
+            lease_node,
         }
+    }
+
+    /// The node's stores (`Managed::set_stores`).
+    pub fn set_stores(&mut self, stores: alloc::rc::Rc<crate::store::Stores>) {
+        self.stores = Some(stores);
     }
 
     /// A fresh nonce from the host's entropy.
@@ -197,7 +216,39 @@ impl Migrations {
         // behind (shared-nothing migration, which mirrors them over first,
         // is issue 14). A move within the node keeps them (the receiving
         // VM adopts the source's disks).
-        if addr.is_some() && vms[i].disk_count() > 0 {
+        let mut shared_disks = Vec::new();
+        if addr.is_some() && crate::lease::vms::all_disks_shared(&vms[i]) {
+            // Only memory and state move; the destination opens the same
+            // files on the shared store, and the lease passes at the
+            // switch-over.
+            let now_ms = now / migration::policy::NS_PER_MS;
+            if !vms[i].lease().is_some_and(|l| l.may_write(now_ms)) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "VM {} does not hold the lease on its disks on this node ({}): it \
+                         cannot hand them over",
+                        req.vm,
+                        vms[i].lease_hold().unwrap_or("no lease taken")
+                    ),
+                ));
+            }
+            let Some(stores) = self.stores.as_deref() else {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    "this node has no stores",
+                ));
+            };
+            for m in vms[i].disk_meta() {
+                let d = crate::lease::vms::describe(stores, &m.location()).map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::InvalidState,
+                        format!("VM {}'s disk cannot be described: {e}", req.vm),
+                    )
+                })?;
+                shared_disks.push(d);
+            }
+        } else if addr.is_some() && vms[i].disk_count() > 0 {
             let n = vms[i].disk_count();
             return Err(ApiError::new(
                 ErrorCode::Unsupported,
@@ -230,7 +281,8 @@ impl Migrations {
         raw.copy_from_slice(&self.nonce(host)[..16]);
         let config = vm_config(&*host, ram_bytes);
         vms[i].set_migration_mark(Some(outgoing_mark(job)));
-        let o = Outgoing::new(job, hex_encode(&raw), &vms[i], req, addr, config, now);
+        let mut o = Outgoing::new(job, hex_encode(&raw), &vms[i], req, addr, config, now);
+        o.disks = shared_disks;
         o.publish(jobs);
         host.console_write(&format!(
             "vmm-service: VM {} moving to {} (job {job})\n",

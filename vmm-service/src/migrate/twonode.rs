@@ -25,6 +25,8 @@ use hvcore::vcpu::VmExit;
 use std::cell::Cell;
 use std::rc::Rc;
 
+mod shared;
+
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const MIG_PORT: u16 = 7100;
 /// The guest's work buffer: 64 pages from 1 MiB.

@@ -1,0 +1,408 @@
+//! Moves of a VM whose disk is on the shared store (only memory and state
+//! move; the lease passes at the switch-over): two managed nodes on the
+//! test doubles whose stores are the 9P server double over real
+//! temporary directories, the `shared` one the same directory for both.
+
+use super::*;
+use crate::lease::{LeaseRecord, Timing};
+use crate::store::testing::DirChannel;
+use crate::store::{parse_specs, Stores};
+use hvcore::host::StoreChannel;
+
+/// Short lease times so that expiry fits a test (the rules of
+/// `Timing::check` hold).
+const TIMING: Timing = Timing {
+    renew_ms: 10,
+    expire_ms: 100,
+    settle_ms: 30,
+    margin_ms: 10,
+};
+
+struct Shared {
+    p: Pair,
+    shared: tempfile::TempDir,
+    _local: [tempfile::TempDir; 2],
+}
+
+impl Shared {
+    fn new() -> Self {
+        let mut p = Pair::new();
+        let shared = tempfile::tempdir().unwrap();
+        let local = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for (i, name) in ["a", "b"].into_iter().enumerate() {
+            let l = DirChannel::new(name, local[i].path(), 65536);
+            let s = DirChannel::new("shared", shared.path(), 65536);
+            let channels: Vec<Box<dyn StoreChannel>> = vec![Box::new(l), Box::new(s)];
+            let specs = parse_specs(&format!(
+                "store=local:{name}:/srv/{name} store=shared:shared:/srv/shared"
+            ))
+            .0;
+            let node = &mut p.n[i];
+            node.node.set_stores(Stores::attach(channels, &specs, name));
+            node.node.set_lease_timing(TIMING);
+        }
+        Shared {
+            p,
+            shared,
+            _local: local,
+        }
+    }
+
+    /// VM `name` with a 4 MiB disk on the shared store, on node `i`.
+    fn create(&mut self, i: usize, name: &str) -> Outcome {
+        self.p.n[i].ok(Request::VmCreate {
+            name: name.into(),
+            memory_mib: 4,
+            guest: None,
+            linux: None,
+        });
+        self.p.n[i].call(Request::VmDiskCreate {
+            name: name.into(),
+            size_mib: 4,
+            store: Some("shared".into()),
+            fixed: None,
+        })
+    }
+
+    fn lease(&self, vm: &str) -> Option<LeaseRecord> {
+        let at = self.shared.path().join(format!("vms/{vm}/{vm}.lease"));
+        let bytes = std::fs::read(at).ok()?;
+        Some(LeaseRecord::decode(&bytes).unwrap())
+    }
+
+    fn write_lease(&self, vm: &str, owner: &str, epoch: u64) {
+        let r = LeaseRecord {
+            vm: vm.into(),
+            owner: owner.into(),
+            incarnation: 77,
+            epoch,
+            counter: 0,
+        };
+        let at = self.shared.path().join(format!("vms/{vm}/{vm}.lease"));
+        std::fs::write(at, r.encode()).unwrap();
+    }
+
+    fn info(&mut self, i: usize, vm: &str) -> VmInfo {
+        self.p.n[i]
+            .vms()
+            .into_iter()
+            .find(|v| v.name == vm)
+            .unwrap()
+    }
+
+    /// Write one sector through VM `vm`'s disk on node `i`.
+    fn disk_write(&mut self, i: usize, vm: &str) -> Result<(), vstorage::DiskError> {
+        let n = &mut self.p.n[i];
+        let v = n
+            .node
+            .vms_mut()
+            .iter_mut()
+            .find(|v| v.name() == vm)
+            .unwrap();
+        let d = v.disk_mut(0).unwrap();
+        d.write(0, &[0x5a; 512])?;
+        d.flush()
+    }
+
+    fn vhdx_files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in walk(self.shared.path()) {
+            if e.ends_with(".vhdx") {
+                out.push(e);
+            }
+        }
+        out
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+fn gate_open(s: &mut Shared, i: usize, vm: &str) -> bool {
+    s.p.n[i]
+        .node
+        .vms()
+        .iter()
+        .find(|v| v.name() == vm)
+        .unwrap()
+        .disk_gate()
+        .is_open()
+}
+
+fn error_of(o: Outcome) -> crate::mgmt::proto::ApiError {
+    match o {
+        Outcome::Error(e) => e,
+        other => panic!("expected a refusal: {other:?}"),
+    }
+}
+
+/// A VM on the shared store moves a -> b -> a with its lease: the
+/// destination writes the same file after adopting the record naming it
+/// with the next epoch; the other node cannot take the VM's files
+/// meanwhile.
+#[test]
+fn a_shared_store_vm_moves_with_its_lease() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    let l = s.lease("s").expect("the lease is taken with the disk");
+    assert_eq!((l.owner.as_str(), l.epoch), ("a", 1));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    s.disk_write(0, "s").unwrap();
+    // b cannot put a disk of a VM of that name there while a holds it.
+    s.p.b().ok(Request::VmCreate {
+        name: "s".into(),
+        memory_mib: 4,
+        guest: None,
+        linux: None,
+    });
+    let e = error_of(s.p.b().call(Request::VmDiskCreate {
+        name: "s".into(),
+        size_mib: 4,
+        store: Some("shared".into()),
+        fixed: None,
+    }));
+    assert!(e.message.contains("leased by node a"), "{e:?}");
+    s.p.b().ok(Request::VmDelete { name: "s".into() });
+    assert_eq!(
+        s.lease("s").unwrap().owner,
+        "a",
+        "b's attempt changed nothing"
+    );
+
+    let id = s.p.start_move(Pair::move_req("s"));
+    let j = s.p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    s.p.rounds(20);
+    assert!(s.p.a().vms().is_empty());
+    let v = s.info(1, "s");
+    assert_eq!((v.state.as_str(), v.pause_reason), ("running", None));
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("b", 2));
+    assert_ne!(l.incarnation, 0, "b adopted the hand-over");
+    s.disk_write(1, "s").unwrap();
+    s.p.b().check_memory("s");
+    match s.p.b().ok(Request::VmDiskList { name: "s".into() }) {
+        Body::Disks { disks, .. } => {
+            assert_eq!(disks.len(), 1);
+            assert_eq!(disks[0].location, "shared:vms/s/s-0.vhdx");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Renewals go on at b.
+    let c = s.lease("s").unwrap().counter;
+    s.p.rounds(400);
+    assert!(s.lease("s").unwrap().counter > c, "b renews");
+
+    // And back.
+    let back = match s.p.b().ok(Mv {
+        to: Some("a"),
+        ..Mv::default()
+    }
+    .req("s"))
+    {
+        Body::Job(j) => j.id,
+        other => panic!("{other:?}"),
+    };
+    s.p.until(400_000, "move back", |p| {
+        !matches!(p.b().job(back).state, JobState::Queued | JobState::Running)
+    });
+    assert_eq!(s.p.b().job(back).state, JobState::Completed);
+    s.p.rounds(20);
+    assert!(s.p.b().vms().is_empty());
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("a", 3));
+    s.disk_write(0, "s").unwrap();
+    assert_eq!(s.vhdx_files().len(), 1, "one file, never copied");
+    // Stop releases the lease.
+    s.p.a().ok(Request::VmStop { name: "s".into() });
+    assert!(s.lease("s").is_none());
+}
+
+/// A node whose lease record is no longer its own stops writing at once:
+/// the VM is paused (`lease`), its disk refuses writes, `vm resume` names
+/// the holder; when the lease is free again, resume takes it.
+#[test]
+fn a_lost_lease_fences_the_vm() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    s.write_lease("s", "x", 5);
+    s.p.until(10_000, "fenced", |p| {
+        p.a().vms()[0].pause_reason.as_deref() == Some("lease")
+    });
+    let v = s.info(0, "s");
+    assert_eq!(v.state, "paused");
+    assert!(
+        v.pause_detail.unwrap().contains("held by x"),
+        "{:?}",
+        s.info(0, "s")
+    );
+    assert!(!gate_open(&mut s, 0, "s"), "the gate stops writes");
+    let e = error_of(s.p.a().call(Request::VmResume { name: "s".into() }));
+    assert!(e.message.contains("leased by node x"), "{e:?}");
+    // Nothing renews x's record: still, a resume only watches it...
+    assert_eq!(s.lease("s").unwrap().owner, "x");
+    // ...and the record freed, it takes the lease and runs on.
+    std::fs::remove_file(s.shared.path().join("vms/s/s.lease")).unwrap();
+    s.p.a().ok(Request::VmResume { name: "s".into() });
+    let v = s.info(0, "s");
+    assert_eq!((v.state.as_str(), v.pause_reason), ("running", None));
+    assert_eq!(s.lease("s").unwrap().owner, "a");
+    s.disk_write(0, "s").unwrap();
+}
+
+/// `vm start` of a VM whose lease another node holds is refused naming
+/// it; an abandoned lease (its record unchanged) is taken only after the
+/// expiry and the settle time.
+#[test]
+fn start_is_refused_while_another_node_holds_the_lease() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "t"), Outcome::Ok(_)));
+    s.write_lease("t", "b", 4);
+    // The node loop renews the lease of the created VM and finds it lost.
+    s.p.until(10_000, "lost", |p| p.a().vms()[0].pause_reason.is_some());
+    let start = s.p.clock.get();
+    let e = error_of(s.p.a().call(Request::VmStart { name: "t".into() }));
+    assert_eq!(e.code, ErrorCode::InvalidState);
+    assert!(
+        e.message
+            .starts_with("VM t cannot start on node a: its disks are leased by node b"),
+        "{e:?}"
+    );
+    assert_eq!(s.info(0, "t").state, "paused");
+    // Keep asking: refused until expiry + settle, then it starts.
+    let mut started_at = None;
+    for _ in 0..20_000 {
+        s.p.round();
+        if let Outcome::Ok(_) = s.p.a().call(Request::VmStart { name: "t".into() }) {
+            started_at = Some(s.p.clock.get());
+            break;
+        }
+    }
+    let waited_ms = (started_at.expect("started once the lease expired") - start) / 1_000_000;
+    assert!(
+        // (ms of the node clock, truncated)
+        waited_ms + 1 >= TIMING.expire_ms + TIMING.settle_ms,
+        "taken after {waited_ms} ms"
+    );
+    let l = s.lease("t").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("a", 5));
+    s.p.rounds(20);
+    assert_eq!(s.info(0, "t").state, "running");
+}
+
+/// A move cancelled while the destination holds `ready` (after the pause,
+/// so after the hand-over, before `go`): the source takes its lease back
+/// (the destination never adopted it) and runs on; b keeps nothing.
+#[test]
+fn a_failure_before_the_commit_point_keeps_a_as_owner() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    let id = s.p.start_move(
+        Mv {
+            ready_ms: 5000,
+            ..Mv::default()
+        }
+        .req("s"),
+    );
+    s.p.until_phase(id, Phase::SwitchingOver);
+    // The hand-over was written at the pause.
+    let handed = s.lease("s").unwrap();
+    assert_eq!(
+        (handed.owner.as_str(), handed.epoch, handed.incarnation),
+        ("b", 2, 0)
+    );
+    s.p.a().ok(Request::JobCancel { id });
+    let j = s.p.until_ended(id);
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("a", 3));
+    let v = s.info(0, "s");
+    assert_eq!((v.state.as_str(), v.pause_reason), ("running", None));
+    s.disk_write(0, "s").unwrap();
+    s.p.until(400_000, "b discards", |p| p.b().vm_state("s").is_none());
+    s.p.rounds(400);
+    assert_eq!(s.lease("s").unwrap().owner, "a");
+}
+
+/// b dies right after `go` (it adopted the lease): a is in doubt; the
+/// operator keeps the source, which may run only once the lease b held
+/// expired and a's claim settled. Exactly one owner runs the VM.
+#[test]
+fn the_destination_lost_after_go_leaves_one_owner() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    let id = s.p.start_move(
+        Mv {
+            resumed_ms: 5000,
+            ..Mv::default()
+        }
+        .req("s"),
+    );
+    s.p.until(400_000, "b resumed", |p| {
+        p.b().vm_state("s").as_deref() == Some("running")
+    });
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("b", 2));
+    assert_ne!(l.incarnation, 0, "b adopted");
+    s.p.kill(1);
+    s.p.until_phase(id, Phase::InDoubt);
+    s.p.a().ok(Request::JobResolve {
+        id,
+        keep: Keep::Source,
+    });
+    // Held until the lease is a's.
+    let v = s.info(0, "s");
+    assert_eq!(
+        (v.state.as_str(), v.pause_reason.as_deref()),
+        ("paused", Some("lease"))
+    );
+    assert!(!gate_open(&mut s, 0, "s"));
+    s.p.until(40_000, "a owns the lease", |p| {
+        p.a().vm_state("s").as_deref() == Some("running")
+    });
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("a", 3));
+    s.disk_write(0, "s").unwrap();
+}
+
+/// A VM with a disk on a store only this node sees is still refused.
+#[test]
+fn a_vm_on_a_local_store_is_still_refused() {
+    let mut s = Shared::new();
+    s.p.a().ok(Request::VmCreate {
+        name: "l".into(),
+        memory_mib: 4,
+        guest: None,
+        linux: None,
+    });
+    s.p.a().ok(Request::VmDiskCreate {
+        name: "l".into(),
+        size_mib: 4,
+        store: Some("local".into()),
+        fixed: None,
+    });
+    s.p.a().ok(Request::VmStart { name: "l".into() });
+    let e = error_of(s.p.a().call(Pair::move_req("l")));
+    assert!(
+        e.message
+            .starts_with("VM l has 1 virtual disk, which would not follow it"),
+        "{e:?}"
+    );
+}
