@@ -3,7 +3,10 @@
 //! writes, copy steps, reads, flushes, cancel and switch-over, with a fault
 //! injected on the source or the destination at a generated operation. After every run the surviving disk (and, once
 //! mirrored, both) must hold exactly the acknowledged writes, after losing
-//! everything that was not flushed.
+//! everything that was not flushed. Half the runs let the copy skip
+//! all-zero chunks (the destination stays sparse); then the zero writes the
+//! guest makes over data, behind and ahead of the cursor, must still end
+//! as zeros on the destination.
 
 mod mirror_support;
 
@@ -12,7 +15,8 @@ use proptest::prelude::*;
 use vstorage::copy::CopyOptions;
 use vstorage::io::{MemIo, RawDisk, VirtualDisk};
 use vstorage::mirror::fault::{FaultPlan, FaultyDisk};
-use vstorage::mirror::{MirrorState, MirroredDisk, Step};
+use vstorage::mirror::{MirrorState, MirroredDisk, SharedMirror, Step};
+use vstorage::vhdx::{self, CreateParams, Vhdx};
 
 type Disk = FaultyDisk<RawDisk<MemIo>>;
 
@@ -101,6 +105,7 @@ fn run_case(
     dst_plan: FaultPlan,
     ops: &[Op],
     cancel_at: Option<usize>,
+    skip_zeros: bool,
 ) {
     let mut model = Model::new(SECTORS);
     // Initial contents: the allocated part of the source holds data.
@@ -122,7 +127,7 @@ fn run_case(
     let dst = FaultyDisk::new(mem_disk(SECTORS), dst_plan);
     let opts = CopyOptions {
         chunk_bytes: CHUNK,
-        ..CopyOptions::default()
+        skip_zero_chunks: skip_zeros,
     };
     let mut disk = MirroredDisk::new(src, dst, opts).expect("start mirror");
     let mut source_back = None;
@@ -212,8 +217,9 @@ proptest! {
         dst_plan in fault_plan(),
         ops in prop::collection::vec(op(), 1..220),
         cancel_at in prop::option::weighted(0.25, 0..220usize),
+        skip_zeros in any::<bool>(),
     ) {
-        run_case(map, src_plan, dst_plan, &ops, cancel_at);
+        run_case(map, src_plan, dst_plan, &ops, cancel_at, skip_zeros);
     }
 }
 
@@ -292,4 +298,120 @@ fn mismatched_geometry_is_refused() {
     let src = mem_disk(SECTORS);
     let dst = mem_disk(SECTORS / 2);
     assert!(MirroredDisk::new(src, dst, CopyOptions::default()).is_err());
+}
+
+const MIB: u64 = 1 << 20;
+const ZERO_CHUNK: u32 = 64 << 10;
+
+/// An 8 MiB dynamic VHDX in memory with 1 MiB blocks; `data` MiB of it
+/// written with stamps of write 1.
+fn vhdx_disk(data: u64) -> Vhdx<MemIo> {
+    let params = CreateParams {
+        block_size: MIB as u32,
+        guid_seed: 7,
+        ..CreateParams::dynamic(8 * MIB)
+    };
+    let mut d = vhdx::create(MemIo::new(), &params).expect("create VHDX");
+    if data > 0 {
+        let sectors = data * MIB / SECTOR as u64;
+        d.write(0, &write_data(1, 0, sectors)).expect("fill");
+    }
+    d
+}
+
+/// The guest's writes of the zero-skip cases, made after the first chunk
+/// `[0, 64 KiB)` of a plan `[0, 3 MiB)` is copied: zeros over data behind
+/// the cursor (mirrored); data straddling the plan's end (mirrored: part of
+/// it lands on the destination *ahead* of the cursor); zeros over that, all
+/// inside the plan and ahead (not mirrored: the copy carries it, and must
+/// write its zeros over what the mirrored write left); zeros over a whole
+/// block ahead (not mirrored; its chunks stay holes).
+fn zero_writes(disk: &mut dyn VirtualDisk) {
+    let s = SECTOR as u64;
+    disk.write(0, &write_data(0, 0, 8)).unwrap();
+    let straddle = 3 * MIB - 1024;
+    disk.write(straddle, &write_data(2, straddle / s, 4))
+        .unwrap();
+    let tail = 3 * MIB - u64::from(ZERO_CHUNK);
+    disk.write(tail, &write_data(0, tail / s, u64::from(ZERO_CHUNK) / s))
+        .unwrap();
+    disk.write(MIB, &write_data(0, MIB / s, MIB / s)).unwrap();
+}
+
+fn whole(disk: &mut dyn VirtualDisk) -> Vec<u8> {
+    let mut v = vec![0u8; disk.virtual_size() as usize];
+    disk.read(0, &mut v).unwrap();
+    v
+}
+
+/// The checks after a zero-skip case: both copies read the same, the
+/// zeros the guest wrote read as zeros on the destination, and the block
+/// the guest zeroed ahead of the cursor was never allocated there.
+fn check_zero_case(src: &mut dyn VirtualDisk, dst: &mut dyn VirtualDisk) {
+    let want = whole(src);
+    let got = whole(dst);
+    assert!(want == got, "the destination differs from the source");
+    let tail = (3 * MIB - u64::from(ZERO_CHUNK)) as usize;
+    assert!(got[tail..(3 * MIB - 1024) as usize].iter().all(|&b| b == 0));
+    assert!(got[..4096].iter().all(|&b| b == 0));
+    let allocated = dst.allocated_ranges().unwrap();
+    assert!(
+        allocated.iter().all(|&(o, l)| o + l <= MIB || o >= 2 * MIB),
+        "the zeroed block was allocated on the destination: {allocated:?}"
+    );
+}
+
+#[test]
+fn zero_chunks_stay_holes_and_zero_writes_reach_the_destination() {
+    let opts = CopyOptions {
+        chunk_bytes: ZERO_CHUNK,
+        skip_zero_chunks: true,
+    };
+    let mut disk = MirroredDisk::new(vhdx_disk(3), vhdx_disk(0), opts).unwrap();
+    assert!(matches!(disk.step().unwrap(), Step::Copied(_)));
+    zero_writes(&mut disk);
+    disk.run_to_mirrored().unwrap();
+    let stats = disk.stats();
+    // The zeroed block's 16 chunks; not the chunk the mirrored write reached.
+    assert_eq!(stats.zero_chunks_skipped, 16, "{stats:?}");
+    assert_eq!(stats.chunks, 48);
+    let mut source = disk.switch_over().unwrap();
+    let (_, dest) = disk.into_parts();
+    check_zero_case(&mut source, &mut dest.expect("destination"));
+}
+
+#[test]
+fn shared_mirror_skips_zero_chunks_the_same_way() {
+    let opts = CopyOptions {
+        chunk_bytes: ZERO_CHUNK,
+        skip_zero_chunks: true,
+    };
+    let mirror = SharedMirror::new(vhdx_disk(3), vhdx_disk(0), opts).unwrap();
+    let mut buf = Vec::new();
+    assert!(matches!(mirror.step(&mut buf).unwrap(), Step::Copied(_)));
+    let mut guest = mirror.disk();
+    zero_writes(&mut guest);
+    mirror.run_to_mirrored().unwrap();
+    let mut source = mirror.switch_over().unwrap();
+    // After the switch the guest's disk is the destination.
+    check_zero_case(&mut source, &mut guest);
+}
+
+#[test]
+fn without_the_option_zero_chunks_are_written() {
+    let opts = CopyOptions {
+        chunk_bytes: ZERO_CHUNK,
+        skip_zero_chunks: false,
+    };
+    let mut disk = MirroredDisk::new(vhdx_disk(3), vhdx_disk(0), opts).unwrap();
+    assert!(matches!(disk.step().unwrap(), Step::Copied(_)));
+    zero_writes(&mut disk);
+    disk.run_to_mirrored().unwrap();
+    assert_eq!(disk.stats().zero_chunks_skipped, 0);
+    let mut source = disk.switch_over().unwrap();
+    let (_, dest) = disk.into_parts();
+    let mut dest = dest.unwrap();
+    assert!(whole(&mut source) == whole(&mut dest));
+    // Block 3 too: the mirrored write straddling the plan's end.
+    assert_eq!(dest.allocated_ranges().unwrap(), vec![(0, 4 * MIB)]);
 }

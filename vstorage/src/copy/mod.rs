@@ -50,10 +50,14 @@ pub struct CopyOptions {
     /// Bytes moved per step (rounded down to the disk's sector size,
     /// clamped to [`MIN_CHUNK_BYTES`]..=[`MAX_CHUNK_BYTES`]).
     pub chunk_bytes: u32,
-    /// [`copy_disk`] only: do not write chunks that read as all zeros, so
-    /// a fully allocated source (a raw image) yields a sparse destination.
-    /// Valid only when the destination is freshly created (reads as zeros);
-    /// the mirror never skips, since a mirrored write may have landed there.
+    /// Do not write chunks that read as all zeros, so a fully allocated
+    /// source (a raw image) or a block the guest wrote only in part yields
+    /// a sparse destination. Valid only when the destination is freshly
+    /// created and reads as zeros where nothing was written: a raw file, a
+    /// dynamic or a fixed VHDX, never a differencing one (an unwritten
+    /// range reads its parent). The mirror skips a zero chunk only where no
+    /// mirrored guest write reached the destination ahead of the cursor
+    /// ([`crate::mirror::MirrorCore::may_skip_zeros`]).
     pub skip_zero_chunks: bool,
 }
 
@@ -194,6 +198,8 @@ pub struct CopyJob {
     chunk_bytes: u64,
     bytes_total: u64,
     bytes_copied: u64,
+    /// [`CopyOptions::skip_zero_chunks`] of the options the plan was made with.
+    skip_zeros: bool,
 }
 
 impl CopyJob {
@@ -240,6 +246,7 @@ impl CopyJob {
             chunk_bytes,
             bytes_total,
             bytes_copied: 0,
+            skip_zeros: opts.skip_zero_chunks,
         }
     }
 
@@ -359,6 +366,71 @@ impl CopyJob {
     pub fn ranges(&self) -> &[(u64, u64)] {
         &self.ranges
     }
+
+    /// Whether the plan was made to skip all-zero chunks
+    /// ([`CopyOptions::skip_zero_chunks`]).
+    pub fn skips_zero_chunks(&self) -> bool {
+        self.skip_zeros
+    }
+}
+
+/// Where a copy's time and bytes went, counted by the drivers that are
+/// given a clock ([`crate::mirror::MirroredDisk::step_timed`]). Times are
+/// in the clock's nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Chunks read from the source.
+    pub chunks: u64,
+    /// Of those, chunks not written because they read as all zeros.
+    pub zero_chunks_skipped: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes written to the destination.
+    pub bytes_written: u64,
+    /// Time reading the source.
+    pub read_ns: u64,
+    /// Time looking for zeros.
+    pub zero_check_ns: u64,
+    /// Time writing the destination.
+    pub write_ns: u64,
+    /// Destination flushes by the copy (not those of mirrored writes) and
+    /// their time.
+    pub flushes: u64,
+    pub flush_ns: u64,
+}
+
+impl CopyStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &CopyStats) {
+        self.chunks += other.chunks;
+        self.zero_chunks_skipped += other.zero_chunks_skipped;
+        self.bytes_read += other.bytes_read;
+        self.bytes_written += other.bytes_written;
+        self.read_ns += other.read_ns;
+        self.zero_check_ns += other.zero_check_ns;
+        self.write_ns += other.write_ns;
+        self.flushes += other.flushes;
+        self.flush_ns += other.flush_ns;
+    }
+}
+
+/// True when every byte of `data` is zero. Looks at 64 bytes at a time
+/// (eight words or-ed together, which the compiler vectorizes), stopping at
+/// the first block that is not zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let mut blocks = data.chunks_exact(64);
+    for block in &mut blocks {
+        let mut acc = 0u64;
+        for w in block.chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            acc |= u64::from_ne_bytes(b);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Percentage (0..=100) of `done` out of `total`; an empty job is 100%.
@@ -402,23 +474,53 @@ pub(crate) fn read_chunk<S: VirtualDisk + ?Sized>(
         })
 }
 
-/// Writes `chunk`'s bytes (the start of `buf`) to `dst`; with `skip_zeros`,
-/// an all-zero chunk is not written (see [`CopyOptions::skip_zero_chunks`]).
+/// Granule of zero skipping inside a chunk: aligned 64 KiB pieces of a
+/// chunk that read as zeros are not written (a chunk whose start or end
+/// holds the edge of the guest's data keeps the rest a hole), while a
+/// chunk of data stays one write.
+pub const ZERO_GRANULE_BYTES: u64 = 64 << 10;
+
+/// Writes `chunk`'s bytes (the start of `buf`) to `dst` and returns the
+/// bytes written; with `skip_zeros` (see
+/// [`CopyOptions::skip_zero_chunks`]) only its runs of aligned
+/// [`ZERO_GRANULE_BYTES`] pieces that are not all zeros, one write a run.
 pub(crate) fn write_chunk<D: VirtualDisk + ?Sized>(
     dst: &mut D,
     chunk: Chunk,
     buf: &[u8],
     skip_zeros: bool,
-) -> Result<(), CopyError> {
+) -> Result<u64, CopyError> {
     let data = buf.get(..chunk.len_bytes as usize).unwrap_or(buf);
-    if skip_zeros && data.iter().all(|&b| b == 0) {
-        return Ok(());
+    let write = |dst: &mut D, from: usize, to: usize| {
+        let at = chunk.offset + from as u64;
+        dst.write(at, &data[from..to])
+            .map(|()| (to - from) as u64)
+            .map_err(|error| CopyError::DestWrite { offset: at, error })
+    };
+    if !skip_zeros {
+        return write(dst, 0, data.len());
     }
-    dst.write(chunk.offset, data)
-        .map_err(|error| CopyError::DestWrite {
-            offset: chunk.offset,
-            error,
-        })
+    let mut written = 0;
+    let mut run: Option<usize> = None;
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let at = chunk.offset + pos as u64;
+        let next = (at / ZERO_GRANULE_BYTES + 1) * ZERO_GRANULE_BYTES;
+        let end = data.len().min((next - chunk.offset) as usize);
+        match (is_zero(&data[pos..end]), run) {
+            (true, Some(from)) => {
+                written += write(dst, from, pos)?;
+                run = None;
+            }
+            (false, None) => run = Some(pos),
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(from) = run {
+        written += write(dst, from, data.len())?;
+    }
+    Ok(written)
 }
 
 /// Moves one chunk from `src` to `dst` through `buf`.
@@ -434,7 +536,7 @@ where
     D: VirtualDisk + ?Sized,
 {
     read_chunk(src, chunk, buf)?;
-    write_chunk(dst, chunk, buf, skip_zeros)
+    write_chunk(dst, chunk, buf, skip_zeros).map(drop)
 }
 
 /// Copies every allocated range of `src` into `dst` in one ascending pass
@@ -596,6 +698,67 @@ mod tests {
             copy_disk(&mut src, &mut dst, opts(4096), |done, _| done < 8192),
             Err(CopyError::Cancelled)
         );
+    }
+
+    /// A disk that records the writes it gets.
+    struct Recorder(Vec<(u64, usize)>);
+
+    impl VirtualDisk for Recorder {
+        fn virtual_size(&self) -> u64 {
+            1 << 20
+        }
+        fn logical_sector_size(&self) -> u32 {
+            512
+        }
+        fn read(&mut self, _: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+            self.0.push((offset, data.len()));
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), DiskError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn zero_granules_of_a_chunk_are_not_written() {
+        const K: usize = 1024;
+        let chunk = Chunk {
+            offset: 60 * K as u64,
+            len_bytes: 200 * K as u64,
+        };
+        let mut buf = vec![0u8; 200 * K];
+        buf[..4 * K].fill(1); // [60K, 64K)
+        buf[70 * K] = 1; // 130K: granule [128K, 192K)
+        let mut d = Recorder(Vec::new());
+        assert_eq!(write_chunk(&mut d, chunk, &buf, true), Ok(68 * K as u64));
+        assert_eq!(d.0, [(60 * K as u64, 4 * K), (128 * K as u64, 64 * K)]);
+        let mut d = Recorder(Vec::new());
+        assert_eq!(write_chunk(&mut d, chunk, &buf, false), Ok(200 * K as u64));
+        assert_eq!(d.0, [(60 * K as u64, 200 * K)]);
+        // A chunk of data is one write; one of zeros none.
+        let mut d = Recorder(Vec::new());
+        buf.fill(3);
+        assert_eq!(write_chunk(&mut d, chunk, &buf, true), Ok(200 * K as u64));
+        buf.fill(0);
+        assert_eq!(write_chunk(&mut d, chunk, &buf, true), Ok(0));
+        assert_eq!(d.0, [(60 * K as u64, 200 * K)]);
+    }
+
+    #[test]
+    fn is_zero_finds_any_set_byte() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 200]));
+        for len in [1usize, 63, 64, 65, 200, 4096] {
+            for at in [0, len / 2, len - 1] {
+                let mut b = vec![0u8; len];
+                b[at] = 0x80;
+                assert!(!is_zero(&b), "len {len} at {at}");
+            }
+        }
     }
 
     #[test]

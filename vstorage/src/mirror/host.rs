@@ -111,7 +111,12 @@ impl StorageMigration {
             &ranges,
             source.virtual_size(),
             source.logical_sector_size(),
-            opts.copy,
+            CopyOptions {
+                // An unwritten range of a differencing destination reads its
+                // parent: the child's zeros must be written.
+                skip_zero_chunks: false,
+                ..opts.copy
+            },
         );
         let ops: Arc<dyn FileOps> = Arc::new(HostFileOps);
         let dest = create_child_like_with(&source, dest_path, dest_parent, &*ops);

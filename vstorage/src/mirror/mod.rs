@@ -27,6 +27,17 @@
 //! - **Cancelled / Failed**: the destination is handed back to be discarded;
 //!   the source keeps serving I/O and holds every acknowledged write.
 //!
+//! Holes: with [`CopyOptions::skip_zero_chunks`] (a destination that reads
+//! as zeros wherever nothing was written: a new dynamic or fixed VHDX, a raw
+//! file; never a differencing disk) a chunk the source reads as all zeros is
+//! not written, so the destination stays sparse. That is right only while
+//! the destination still reads zeros there: a mirrored guest write may have
+//! reached the destination ahead of the cursor (one that spans pending and
+//! copied or unplanned bytes), and a later unmirrored write of zeros over it
+//! lands on the source alone. The core records the ranges ahead of the
+//! cursor that mirrored writes reached; a zero chunk touching one of them is
+//! written ([`MirrorCore::may_skip_zeros`]).
+//!
 //! A write is acknowledged only when every copy it must reach is durable:
 //! the primary (source before switch-over, destination after) is written and
 //! flushed, then the mirror copy. A mirror-side failure does not fail the
@@ -56,7 +67,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::copy::{self, ranges_overlap, Chunk, CopyError, CopyJob, CopyOptions};
+use crate::copy::{self, ranges_overlap, Chunk, CopyError, CopyJob, CopyOptions, CopyStats};
 use crate::io::{DiskError, VirtualDisk};
 
 /// Where a mirrored migration stands.
@@ -253,7 +264,15 @@ pub struct MirrorCore {
     next_ticket: u64,
     mirrored_writes: u64,
     failure: Option<MirrorError>,
+    /// Ranges at or past the cursor that mirrored writes reached on the
+    /// destination: sorted, disjoint, at most [`DEST_AHEAD_MAX`] (more are
+    /// merged into one covering range, which only costs zero chunks
+    /// written). Kept only for a plan that skips zero chunks.
+    dest_ahead: Vec<(u64, u64)>,
 }
+
+/// Most ranges [`MirrorCore`] keeps of mirrored writes ahead of the cursor.
+const DEST_AHEAD_MAX: usize = 1024;
 
 impl MirrorCore {
     /// A core in [`MirrorState::Copying`] for the plan `job`.
@@ -267,6 +286,7 @@ impl MirrorCore {
             next_ticket: 0,
             mirrored_writes: 0,
             failure: None,
+            dest_ahead: Vec::new(),
         }
     }
 
@@ -311,6 +331,9 @@ impl MirrorCore {
             MirrorState::SwitchedOver => (Primary::Dest, false),
             MirrorState::Cancelled | MirrorState::Failed => (Primary::Source, false),
         };
+        if mirror && self.state == MirrorState::Copying && self.job.skips_zero_chunks() {
+            self.note_dest_ahead(offset, len_bytes);
+        }
         let id = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);
         self.writes.push((id, offset, len_bytes));
@@ -319,6 +342,49 @@ impl MirrorCore {
             primary,
             mirror,
         })
+    }
+
+    /// Records that a mirrored write of `[offset, offset + len_bytes)` will
+    /// reach the destination: the part at or past the cursor, which a later
+    /// zero chunk there must overwrite.
+    fn note_dest_ahead(&mut self, offset: u64, len_bytes: u64) {
+        let start = offset.max(self.job.cursor());
+        let end = offset.saturating_add(len_bytes);
+        if start >= end {
+            return;
+        }
+        let r = &mut self.dest_ahead;
+        // Ranges wholly behind the cursor no longer matter.
+        let cursor = self.job.cursor();
+        r.retain(|&(s, l)| s + l > cursor);
+        // Insert and merge with whatever it touches.
+        let first = r.partition_point(|&(s, l)| s + l < start);
+        let mut last = first;
+        let (mut lo, mut hi) = (start, end);
+        while let Some(&(s, l)) = r.get(last) {
+            if s > hi {
+                break;
+            }
+            lo = lo.min(s);
+            hi = hi.max(s + l);
+            last += 1;
+        }
+        r.splice(first..last, [(lo, hi - lo)]);
+        if r.len() > DEST_AHEAD_MAX {
+            let lo = r.first().map_or(lo, |f| f.0);
+            let hi = r.last().map_or(hi, |l| l.0 + l.1);
+            r.clear();
+            r.push((lo, hi - lo));
+        }
+    }
+
+    /// Whether the driver may leave `chunk` (admitted, in flight) unwritten
+    /// when the source reads it as all zeros: the plan skips zero chunks
+    /// and no mirrored write reached the destination in its range, so the
+    /// destination still reads zeros there. While the chunk is in flight
+    /// no write can enter its range, so the answer holds until it ends.
+    pub fn may_skip_zeros(&self, chunk: Chunk) -> bool {
+        self.job.skips_zero_chunks() && self.dest_ahead.iter().all(|&(s, l)| !chunk.overlaps(s, l))
     }
 
     /// Ends a write. `mirror_result` is the destination's outcome when the
@@ -470,6 +536,40 @@ fn write_durable<D: VirtualDisk + ?Sized>(
     disk.flush()
 }
 
+/// Moves one chunk (skipping it when it reads as zeros and `skip` allows),
+/// counting and timing each part in `stats`.
+fn copy_chunk_counted<S: VirtualDisk, D: VirtualDisk>(
+    src: &mut S,
+    dst: &mut D,
+    chunk: Chunk,
+    buf: &mut Vec<u8>,
+    skip: bool,
+    now: &dyn Fn() -> u64,
+    stats: &mut CopyStats,
+) -> Result<(), CopyError> {
+    let t0 = now();
+    copy::read_chunk(src, chunk, buf)?;
+    let t1 = now();
+    stats.chunks += 1;
+    stats.bytes_read += chunk.len_bytes;
+    stats.read_ns += t1.saturating_sub(t0);
+    let data = buf.get(..chunk.len_bytes as usize).unwrap_or(buf);
+    if skip {
+        let zero = copy::is_zero(data);
+        stats.zero_check_ns += now().saturating_sub(t1);
+        if zero {
+            stats.zero_chunks_skipped += 1;
+            return Ok(());
+        }
+    }
+    // A chunk with some data: its zero granules are skipped too (each
+    // look stops at the first word that is not zero).
+    let t2 = now();
+    stats.bytes_written += copy::write_chunk(dst, chunk, data, skip)?;
+    stats.write_ns += now().saturating_sub(t2);
+    Ok(())
+}
+
 fn gone(which: &str) -> DiskError {
     DiskError::Request(alloc::format!(
         "the {which} disk is no longer part of this migration"
@@ -490,6 +590,7 @@ pub struct MirroredDisk<S, D> {
     buf: Vec<u8>,
     virtual_size: u64,
     sector_bytes: u32,
+    stats: CopyStats,
 }
 
 /// What one [`MirroredDisk::step`] did.
@@ -515,7 +616,14 @@ impl<S: VirtualDisk, D: VirtualDisk> MirroredDisk<S, D> {
             discarded: None,
             core: MirrorCore::new(job),
             buf: Vec::new(),
+            stats: CopyStats::default(),
         })
+    }
+
+    /// What the copy's steps did so far, and (with
+    /// [`MirroredDisk::step_timed`]) where their time went.
+    pub fn stats(&self) -> CopyStats {
+        self.stats
     }
 
     /// Progress snapshot.
@@ -539,10 +647,19 @@ impl<S: VirtualDisk, D: VirtualDisk> MirroredDisk<S, D> {
     /// [`MirrorState::Failed`] (the guest keeps running on the source) and is
     /// returned.
     pub fn step(&mut self) -> Result<Step, MirrorError> {
+        self.step_timed(&|| 0)
+    }
+
+    /// [`MirroredDisk::step`], timing its reads, zero checks, writes and
+    /// flush with `now` (nanoseconds) into [`MirroredDisk::stats`].
+    pub fn step_timed(&mut self, now: &dyn Fn() -> u64) -> Result<Step, MirrorError> {
         match self.core.begin_chunk() {
             ChunkAdmission::Copy(chunk) => {
+                let skip = self.core.may_skip_zeros(chunk);
                 let result = match (self.source.as_mut(), self.dest.as_mut()) {
-                    (Some(s), Some(d)) => copy::copy_chunk(s, d, chunk, &mut self.buf, false),
+                    (Some(s), Some(d)) => {
+                        copy_chunk_counted(s, d, chunk, &mut self.buf, skip, now, &mut self.stats)
+                    }
                     _ => Err(CopyError::Cancelled),
                 };
                 if self.core.end_chunk(chunk, result) {
@@ -553,10 +670,13 @@ impl<S: VirtualDisk, D: VirtualDisk> MirroredDisk<S, D> {
             }
             ChunkAdmission::Done => {
                 self.buf = Vec::new();
+                let t0 = now();
                 let flushed = match self.dest.as_mut() {
                     Some(d) => d.flush(),
                     None => Err(gone("destination")),
                 };
+                self.stats.flushes += 1;
+                self.stats.flush_ns += now().saturating_sub(t0);
                 if self.core.end_copy(flushed) {
                     self.discard_dest();
                 }
@@ -802,6 +922,76 @@ mod tests {
             c.begin_write(first.offset, 512).is_ok(),
             "cancel frees ranges"
         );
+    }
+
+    #[test]
+    fn zero_chunks_are_skippable_only_where_no_mirrored_write_went_ahead() {
+        let opts = CopyOptions {
+            chunk_bytes: 4096,
+            skip_zero_chunks: true,
+        };
+        // Plan: [0, 16 KiB) and [20 KiB, 32 KiB); hole [16, 20) KiB.
+        let mut c = MirrorCore::new(CopyJob::new(
+            &[(0, 16384), (20480, 12288)],
+            1 << 20,
+            512,
+            opts,
+        ));
+        // Straddles the plan's hole: mirrored, and part of it lies ahead.
+        let w = c.begin_write(16384 - 512, 1024).unwrap();
+        assert!(w.mirror);
+        assert!(!c.end_write(w, 16384 - 512, Some(Ok(()))));
+        // Two more that touch each other merge into one record.
+        for off in [20480 + 4096 - 512, 20480 + 4096] {
+            let w = c.begin_write(off, 512).unwrap();
+            assert!(!w.mirror, "wholly pending");
+            assert!(!c.end_write(w, off, None));
+        }
+        let w = c.begin_write(40960, 512).unwrap();
+        assert!(w.mirror, "outside the plan");
+        assert!(!c.end_write(w, 40960, Some(Ok(()))));
+        assert_eq!(c.dest_ahead, [(16384 - 512, 1024), (40960, 512)]);
+        let mut skippable = Vec::new();
+        while let ChunkAdmission::Copy(chunk) = c.begin_chunk() {
+            skippable.push((chunk.offset, c.may_skip_zeros(chunk)));
+            assert!(!c.end_chunk(chunk, Ok(())));
+        }
+        assert_eq!(
+            skippable,
+            [
+                (0, true),
+                (4096, true),
+                (8192, true),
+                (12288, false),
+                (20480, true),
+                (24576, true),
+                (28672, true)
+            ]
+        );
+        // Touching or overlapping records merge.
+        let mut c = MirrorCore::new(CopyJob::new(&[(0, 1 << 20)], 4 << 20, 512, opts));
+        c.note_dest_ahead(8192, 512);
+        c.note_dest_ahead(4096, 512);
+        c.note_dest_ahead(8704, 512);
+        c.note_dest_ahead(4096 + 256, 4096);
+        assert_eq!(c.dest_ahead, [(4096, 5120)]);
+        // Many records collapse into one that covers them all.
+        let mut c = MirrorCore::new(CopyJob::new(&[(0, 1 << 20)], 4 << 20, 512, opts));
+        for i in 0..(DEST_AHEAD_MAX as u64 + 5) {
+            c.note_dest_ahead(i * 2048, 512);
+        }
+        assert!(c.dest_ahead.len() <= DEST_AHEAD_MAX);
+        let covered = |o: u64| c.dest_ahead.iter().any(|&(s, l)| o >= s && o < s + l);
+        assert!((0..(DEST_AHEAD_MAX as u64 + 5)).all(|i| covered(i * 2048)));
+        // Without the option nothing is recorded or skipped.
+        let mut c = core(&[(0, 8192)]);
+        let w = c.begin_write(4096 - 512, 1024).unwrap();
+        assert!(!c.end_write(w, 0, Some(Ok(()))));
+        assert!(c.dest_ahead.is_empty());
+        let ChunkAdmission::Copy(chunk) = c.begin_chunk() else {
+            panic!("chunk")
+        };
+        assert!(!c.may_skip_zeros(chunk));
     }
 
     #[test]

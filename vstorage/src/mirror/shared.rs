@@ -126,13 +126,17 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
                             .wait(core)
                             .unwrap_or_else(PoisonError::into_inner)
                     }
-                    other => break other,
+                    ChunkAdmission::Copy(c) => {
+                        break (ChunkAdmission::Copy(c), core.may_skip_zeros(c))
+                    }
+                    other => break (other, false),
                 }
             }
         };
+        let (admission, skip) = admission;
         match admission {
             ChunkAdmission::Copy(chunk) => {
-                let result = inner.copy_chunk(chunk, buf);
+                let result = inner.copy_chunk(chunk, buf, skip);
                 let failed = lock(&inner.core).end_chunk(chunk, result);
                 inner.changed.notify_all();
                 if failed {
@@ -174,7 +178,7 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
     /// they end in order, so the cursor and the mirror rule are unchanged.
     pub fn run_to_mirrored(&self) -> Result<(), MirrorError> {
         let inner = &*self.inner;
-        type Filled = (Chunk, Vec<u8>, Result<(), CopyError>);
+        type Filled = (Chunk, bool, Vec<u8>, Result<(), CopyError>);
         let (full_tx, full_rx) = mpsc::sync_channel::<Filled>(READ_AHEAD_CHUNKS);
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
         for _ in 0..=READ_AHEAD_CHUNKS {
@@ -187,11 +191,11 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
             scope.spawn(move || {
                 // A buffer first: an admitted chunk must reach the writer.
                 while let Ok(mut buf) = free_rx.recv() {
-                    let chunk = {
+                    let (chunk, skip) = {
                         let mut core = lock(&inner.core);
                         loop {
                             match core.begin_chunk() {
-                                ChunkAdmission::Copy(c) => break c,
+                                ChunkAdmission::Copy(c) => break (c, core.may_skip_zeros(c)),
                                 ChunkAdmission::Busy => {
                                     core = inner
                                         .changed
@@ -204,13 +208,13 @@ impl<S: VirtualDisk + Send, D: VirtualDisk + Send> SharedMirror<S, D> {
                         }
                     };
                     let read = inner.read_chunk(chunk, &mut buf);
-                    if full_tx.send((chunk, buf, read)).is_err() {
+                    if full_tx.send((chunk, skip, buf, read)).is_err() {
                         return;
                     }
                 }
             });
-            for (chunk, buf, read) in full_rx.iter() {
-                let result = read.and_then(|()| inner.write_chunk(chunk, &buf));
+            for (chunk, skip, buf, read) in full_rx.iter() {
+                let result = read.and_then(|()| inner.write_chunk(chunk, &buf, skip));
                 let failed = lock(&inner.core).end_chunk(chunk, result);
                 inner.changed.notify_all();
                 if failed {
@@ -295,11 +299,11 @@ impl<S: VirtualDisk, D: VirtualDisk> Inner<S, D> {
         }
     }
 
-    /// Reads the chunk from the source, then writes it to the destination,
-    /// holding one disk lock at a time.
-    fn copy_chunk(&self, chunk: Chunk, buf: &mut Vec<u8>) -> Result<(), CopyError> {
+    /// Reads the chunk from the source, then writes it to the destination
+    /// (unless `skip` and it is all zeros), holding one disk lock at a time.
+    fn copy_chunk(&self, chunk: Chunk, buf: &mut Vec<u8>, skip: bool) -> Result<(), CopyError> {
         self.read_chunk(chunk, buf)?;
-        self.write_chunk(chunk, buf)
+        self.write_chunk(chunk, buf, skip)
     }
 
     /// Reads `chunk` from the source into `buf` (grown to fit).
@@ -310,10 +314,11 @@ impl<S: VirtualDisk, D: VirtualDisk> Inner<S, D> {
         }
     }
 
-    /// Writes `chunk`'s bytes (the start of `buf`) to the destination.
-    fn write_chunk(&self, chunk: Chunk, buf: &[u8]) -> Result<(), CopyError> {
+    /// Writes `chunk`'s bytes (the start of `buf`) to the destination;
+    /// with `skip` ([`MirrorCore::may_skip_zeros`]) not when all zeros.
+    fn write_chunk(&self, chunk: Chunk, buf: &[u8], skip: bool) -> Result<(), CopyError> {
         match lock(&self.dest).as_mut() {
-            Some(d) => copy::write_chunk(d, chunk, buf, false),
+            Some(d) => copy::write_chunk(d, chunk, buf, skip).map(drop),
             None => Err(CopyError::Cancelled),
         }
     }
