@@ -91,6 +91,9 @@ pub struct Move {
     /// whether it reported a failure.
     pub guest_rounds: u64,
     pub guest_failed: bool,
+    /// Where the node says the copy's time went (its `storage copy:`
+    /// line for the job; empty when it printed none).
+    pub copy_report: String,
 }
 
 /// One scenario's line (`--json`: one object).
@@ -116,6 +119,9 @@ pub struct Figures {
     /// Goals met: >= 0.8 x the plain copy, allocated within 1 %.
     pub rate_goal_met: bool,
     pub allocated_goal_met: bool,
+    /// The node's account of the copy: steps and the time inside them,
+    /// chunks, zero chunks not written, read/write/flush times.
+    pub copy_report: String,
 }
 
 fn mb_per_s(bytes: u64, ms: u64) -> u64 {
@@ -161,6 +167,7 @@ pub fn figures(m: &Move, plain: &PlainCopy, qemu_img_mb_per_s: u64) -> Figures {
         guest_failed: m.guest_failed,
         rate_goal_met: ratio_plain >= 0.8,
         allocated_goal_met: diff.abs() <= 1.0,
+        copy_report: m.copy_report.clone(),
     }
 }
 
@@ -191,6 +198,23 @@ pub fn text_line(f: &Figures) -> String {
             (false, false) => "  (rate and allocation goals missed)",
         }
     )
+}
+
+/// The node's `storage copy:` line for job `job` of VM `vm` in `serial`
+/// (what follows the prefix, without the job suffix).
+pub fn copy_report(serial: &str, vm: &str, job: u64) -> String {
+    let prefix = format!("vmm-service: VM {vm}: storage copy: ");
+    let suffix = format!(" (job {job})");
+    serial
+        .lines()
+        .filter_map(|l| {
+            crate::markers::clean_line(l)
+                .strip_prefix(&prefix)?
+                .strip_suffix(&suffix)
+                .map(str::to_string)
+        })
+        .next_back()
+        .unwrap_or_default()
 }
 
 /// `disk-verify`'s last ok round of VM `vm` in `serial`, and whether it
@@ -294,7 +318,8 @@ fn measure_move(
         );
     }
     let j = hvctl::follow(c, j.id, true)?;
-    let (rounds_after, failed) = guest_rounds(&serial(dir), VM);
+    let log = serial(dir);
+    let (rounds_after, failed) = guest_rounds(&log, VM);
     let dest = location(c)?;
     let result = match j.state {
         JobState::Completed => "completed".to_string(),
@@ -311,6 +336,7 @@ fn measure_move(
         dest_allocated: allocated(&host_path(dir, &dest)?).unwrap_or(0),
         guest_rounds: rounds_after.saturating_sub(rounds_before),
         guest_failed: failed,
+        copy_report: copy_report(&log, VM, j.id),
     })
 }
 
@@ -470,6 +496,9 @@ fn run_on(dir: &Path, json: bool) -> Result<u8, String> {
             println!("{}", serde_json::to_string(&f).unwrap_or_default());
         } else {
             println!("{}", text_line(&f));
+            if !f.copy_report.is_empty() {
+                println!("        copy: {}", f.copy_report);
+            }
         }
     }
     Ok(u8::from(failed > 0))
@@ -511,6 +540,7 @@ mod tests {
             dest_allocated: 1005 << 20,
             guest_rounds: 0,
             guest_failed: false,
+            copy_report: String::new(),
         };
         let plain = PlainCopy {
             copy_mb_per_s: 60,
@@ -567,5 +597,11 @@ mod tests {
             Path::new("/s/stores/shared/b/x.vhdx")
         );
         assert!(host_path(Path::new("/s"), "nocolon").is_err());
+        let node = "vmm-service: VM bstore: storage copy: 3 steps (40 ms), 2 chunks (job 1)\r\n\
+                    vmm-service: VM other: storage copy: 9 steps (job 2)\n\
+                    vmm-service: VM bstore: storage copy: 5 steps (60 ms), 4 chunks (job 2)\n";
+        assert_eq!(copy_report(node, "bstore", 1), "3 steps (40 ms), 2 chunks");
+        assert_eq!(copy_report(node, "bstore", 2), "5 steps (60 ms), 4 chunks");
+        assert_eq!(copy_report(node, "bstore", 3), "");
     }
 }

@@ -387,8 +387,10 @@ impl Managed {
                             self.jobs.progress(job, done, Some(total));
                             let now = host.now_ns();
                             host.console_write(&format!(
-                                "vmm-service: VM {}: storage {summary} (job {job})\n",
-                                mv.vm()
+                                "vmm-service: VM {}: storage {summary} (job {job})\nvmm-service: VM {}: storage copy: {} (job {job})\n",
+                                mv.vm(),
+                                mv.vm(),
+                                mv.report()
                             ));
                             self.jobs.complete(job, Some(&summary), now);
                         }

@@ -40,7 +40,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use vstorage::copy::CopyOptions;
+use vstorage::copy::{CopyOptions, CopyStats};
 use vstorage::mirror::{MirroredDisk, Step};
 use vstorage::vhdx::{self, CreateParams, Vhdx};
 use vstorage::{BlockIo, DiskError, VirtualDisk};
@@ -220,6 +220,11 @@ pub struct StorageMove {
     rate_bytes_per_s: u64,
     /// When the first step ran (the rate limit's origin).
     started_ns: Option<u64>,
+    /// The copy's counts of the disks already switched.
+    stats_done: CopyStats,
+    /// Steps taken and the time spent inside them.
+    steps: u64,
+    step_ns: u64,
 }
 
 /// Whether a copy limited to `rate_bytes_per_s` (0: no limit) that has
@@ -253,6 +258,9 @@ impl StorageMove {
             moved: Vec::new(),
             rate_bytes_per_s: 0,
             started_ns: None,
+            stats_done: CopyStats::default(),
+            steps: 0,
+            step_ns: 0,
         })
     }
 
@@ -279,7 +287,20 @@ impl StorageMove {
         budget_ns: u64,
     ) -> Result<Progress, String> {
         let now = clock();
-        let end = now.saturating_add(budget_ns);
+        self.steps += 1;
+        let r = self.step_until(vm, files, clock, now, now.saturating_add(budget_ns));
+        self.step_ns += clock().saturating_sub(now);
+        r
+    }
+
+    fn step_until(
+        &mut self,
+        vm: &mut Vm,
+        files: &dyn FileStore,
+        clock: &dyn Fn() -> u64,
+        now: u64,
+        end: u64,
+    ) -> Result<Progress, String> {
         let started = *self.started_ns.get_or_insert(now);
         loop {
             if self.current.is_none() {
@@ -303,7 +324,7 @@ impl StorageMove {
                 });
             }
             let step = match &self.current {
-                Some(cur) => cur.mirror.borrow_mut().step(),
+                Some(cur) => cur.mirror.borrow_mut().step_timed(clock),
                 None => continue,
             };
             match step {
@@ -335,6 +356,37 @@ impl StorageMove {
             total += p.bytes_total;
         }
         (done, total)
+    }
+
+    /// The copy's counts over every disk so far (with the current one's).
+    pub fn stats(&self) -> CopyStats {
+        let mut s = self.stats_done;
+        if let Some(cur) = &self.current {
+            s.add(&cur.mirror.borrow().stats());
+        }
+        s
+    }
+
+    /// Where the copy's time went, one line: steps and the time inside
+    /// them, then per part (`read`, `zero check`, `write`, `flush`) its
+    /// milliseconds, chunks and zero chunks left unwritten.
+    pub fn report(&self) -> String {
+        let s = self.stats();
+        let ms = |ns: u64| ns / 1_000_000;
+        format!(
+            "{} steps ({} ms), {} chunks ({} MiB read, {} MiB written, {} all-zero not written): read {} ms, zero check {} ms, write {} ms, {} flushes {} ms",
+            self.steps,
+            ms(self.step_ns),
+            s.chunks,
+            s.bytes_read >> 20,
+            s.bytes_written >> 20,
+            s.zero_chunks_skipped,
+            ms(s.read_ns),
+            ms(s.zero_check_ns),
+            ms(s.write_ns),
+            s.flushes,
+            ms(s.flush_ns)
+        )
     }
 
     fn start_disk(
@@ -385,7 +437,16 @@ impl StorageMove {
             files.remove_partial(&to);
             return Err(format!("cannot mirror to {to}: {e}"));
         }
-        let mirror = match MirroredDisk::new(Source(source), dest, CopyOptions::default()) {
+        let opts = CopyOptions {
+            // The destination is a new dynamic or fixed VHDX (no parent):
+            // what is not written reads as zeros, so zero chunks stay holes
+            // (the mirror still writes those a mirrored write reached).
+            skip_zero_chunks: true,
+            // Two full 9P messages a read and a write: round trips, not
+            // bytes, are what a chunk costs on a store.
+            chunk_bytes: crate::store::COPY_IO_BYTES as u32,
+        };
+        let mirror = match MirroredDisk::new(Source(source), dest, opts) {
             Ok(m) => Rc::new(RefCell::new(m)),
             Err(e) => {
                 // Only the source's allocation map can fail here, and the
@@ -426,6 +487,7 @@ impl StorageMove {
         }
         let switched = cur.mirror.borrow_mut().switch_over();
         let bytes_total = cur.mirror.borrow().progress().bytes_total;
+        self.stats_done.add(&cur.mirror.borrow().stats());
         let (slot, to) = (cur.slot, cur.to.clone());
         let source = match switched {
             Ok(s) => s,

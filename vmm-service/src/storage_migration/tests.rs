@@ -277,3 +277,54 @@ fn a_rate_limit_spaces_the_copy_and_the_guest_writes_on() {
     assert_eq!(files.names(), ["shared:vms/v/v-0.vhdx"]);
     assert_eq!(guest_sees(&mut vm), model);
 }
+
+#[test]
+fn zeros_in_the_source_stay_holes_and_zero_writes_reach_the_destination() {
+    let mut host = FakeHost::new();
+    let files = MemFiles::new(64 * MIB);
+    let (mut vm, mut model) = vm_with_disk(&mut host, &files);
+    // Block 2 allocated on the source but all zeros.
+    vm.disk_mut(0)
+        .unwrap()
+        .write(2 * MIB, &vec![0u8; MIB as usize])
+        .unwrap();
+    let plan = plan(&vm, Some("shared"), &[], false).unwrap();
+    let mut job = StorageMove::new(&vm, &files, plan).unwrap();
+    let clock = tick();
+    let mut steps = 0;
+    loop {
+        let p = job.step(&mut vm, &files, &clock, 1).unwrap();
+        steps += 1;
+        if steps == 1 {
+            // Zeros over data behind the cursor (mirrored) and over a
+            // whole block ahead of it (the copy finds it all zeros).
+            let zeros = vec![0u8; MIB as usize];
+            vm.disk_mut(0).unwrap().write(0, &zeros[..4096]).unwrap();
+            model[..4096].fill(0);
+            vm.disk_mut(0).unwrap().write(5 * MIB, &zeros).unwrap();
+            model[(5 * MIB) as usize..(6 * MIB) as usize].fill(0);
+        }
+        if matches!(p, Progress::Done { .. }) {
+            break;
+        }
+        assert!(steps < 100);
+    }
+    assert_eq!(guest_sees(&mut vm), model);
+    let report = job.report();
+    // Blocks 0 and 1 written; 2 and 5 read, and found zeros.
+    assert!(report.contains("(4 MiB read, 2 MiB written"), "{report}");
+    vm.disk_mut(0).unwrap().flush().unwrap();
+    let bytes = files.bytes("shared:vms/v/v-0.vhdx");
+    let mut d = Vhdx::open(MemIo::from_vec(bytes), OpenOptions::read_only()).unwrap();
+    d.verify().unwrap();
+    let mut all = vec![0u8; DISK as usize];
+    d.read(0, &mut all).unwrap();
+    assert_eq!(all, model);
+    let blocks: Vec<u64> = d
+        .allocated_ranges()
+        .unwrap()
+        .iter()
+        .flat_map(|&(o, l)| (o / MIB)..((o + l) / MIB))
+        .collect();
+    assert_eq!(blocks, [0, 1], "the all-zero blocks 2 and 5 stay holes");
+}

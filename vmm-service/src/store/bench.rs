@@ -4,10 +4,12 @@
 //!
 //! On store `S` the node, in four timed phases over `mib` MiB:
 //! 1. *write*: creates `S:bench-NODE.raw`, writes the pattern
-//!    ([`pattern`]) in 1 MiB writes, fsyncs it;
-//! 2. *read*: reads it back in 1 MiB reads and checks every byte;
-//! 3. *copy*: copies it to `S:bench-NODE.copy` (read + write, 1 MiB at a
-//!    time) the way a storage migration writes its destination: into the
+//!    ([`pattern`]) in writes of [`CHUNK_BYTES`] (1020 KiB: two full 9P
+//!    messages), fsyncs it;
+//! 2. *read*: reads it back in reads of [`CHUNK_BYTES`] and checks every
+//!    byte;
+//! 3. *copy*: copies it to `S:bench-NODE.copy` (read + write,
+//!    [`CHUNK_BYTES`] at a time) the way a storage migration writes its destination: into the
 //!    partial file (`bench-NODE.copy.partial-NODE`), committed at the end
 //!    (fsync, rename, directory fsync; `Stores::commit_partial`), and its
 //!    length read back through the still-open file: the plain copy a
@@ -34,8 +36,10 @@ use alloc::vec::Vec;
 use vstorage::vhdx::{self, CreateParams, Vhdx};
 use vstorage::{BlockIo, VirtualDisk};
 
-/// Bytes moved per read or write call.
-pub const CHUNK_BYTES: usize = 1 << 20;
+/// Bytes moved per read or write call: [`super::COPY_IO_BYTES`] (two
+/// full 9P messages), the size storage migration copies in, so the plain
+/// copy it is held against moves its bytes in as few round trips.
+pub const CHUNK_BYTES: usize = super::COPY_IO_BYTES;
 /// Largest benchmark, in MiB.
 pub const BENCH_MIB_MAX: u64 = 1024;
 

@@ -22,6 +22,17 @@ use core::cell::RefCell;
 use vstorage::p9::{Fid, P9Error};
 use vstorage::{BlockIo, IoError};
 
+/// Bytes a bulk copy on a store moves per read or write call: two full
+/// 9P messages (`2 x (MSIZE - 24)`, each `Tread`/`Twrite` carries at most
+/// `MSIZE - 24` bytes) rounded down to whole 4 KiB pages, 1020 KiB. A
+/// round trip costs the node far more than its bytes (measured under TCG
+/// on a loaded 2-core machine, docs/DESIGN.md "Storage live migration"),
+/// and a power of two such as 1 MiB needs a third message for its last
+/// 48 bytes: 3 round trips per MiB instead of 2.
+pub const COPY_IO_BYTES: usize =
+    (2 * (super::MSIZE - vstorage::p9::wire::IO_HEADER_BYTES) as usize) & !4095;
+const _: () = assert!(COPY_IO_BYTES == 1020 << 10);
+
 /// An open file on a store (see the module doc).
 pub struct StoreFile {
     conn: Conn,

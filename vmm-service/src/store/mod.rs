@@ -46,7 +46,7 @@ pub mod files;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use file::StoreFile;
+pub use file::{StoreFile, COPY_IO_BYTES};
 pub use files::StoreFiles;
 
 use alloc::boxed::Box;
