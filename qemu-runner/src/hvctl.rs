@@ -297,7 +297,8 @@ pub enum VmCmd {
         name: String,
         /// The destination node: one of this node's peers (`node info`), or
         /// `auto`: the peer with the most free memory that can run the VM
-        /// (same CPU vendor, room for its RAM)
+        /// (same CPU vendor, room for its RAM, and the shared store if its
+        /// disks are there)
         #[arg(long, value_name = "NODE|auto")]
         to: String,
         /// Longest acceptable pause of the guest at the switch-over, in ms
@@ -1291,12 +1292,20 @@ fn place_if_auto(cli: &Cli, source: &mut Client, mut request: Request) -> Result
         Body::NodeInfo(n) => n,
         other => return Err(format!("unexpected reply to node-info: {other:?}")),
     };
+    // A VM with disks on the shared store moves without them: only nodes
+    // that see that store can run it.
+    let needs = shared_stores_of(source, &name)?;
     let peers: Vec<Candidate> = here
         .peers
         .iter()
         .map(|p| {
             let peer = p.split_once('@').map_or(p.as_str(), |(n, _)| n).to_string();
-            let info = ask_node_info(cli, &peer);
+            let info = ask_node_info(cli, &peer).and_then(|info| {
+                match needs.iter().find(|s| !sees_store(cli, &peer, s)) {
+                    Some(s) => Err(format!("does not see store {s}, where the VM's disks are")),
+                    None => Ok(info),
+                }
+            });
             (peer, info)
         })
         .collect();
@@ -1316,6 +1325,46 @@ fn place_if_auto(cli: &Cli, source: &mut Client, mut request: Request) -> Result
         *to = chosen;
     }
     Ok(request)
+}
+
+/// The store every node of a cluster sees (docs/DESIGN.md "Leases": a
+/// VM with disks there moves without them).
+const SHARED_STORE: &str = "shared";
+
+/// The shared stores VM `name`'s disks are on (none, or `shared`).
+fn shared_stores_of(source: &mut Client, name: &str) -> Result<Vec<String>, String> {
+    let disks = match source.call_ok(Request::VmDiskList { name: name.into() })? {
+        Body::Disks { disks, .. } => disks,
+        other => return Err(format!("unexpected reply to vm-disk-list: {other:?}")),
+    };
+    let mut out: Vec<String> = disks
+        .iter()
+        .filter_map(|d| d.location.split_once(':').map(|(s, _)| s.to_string()))
+        .filter(|s| s == SHARED_STORE)
+        .collect();
+    out.dedup();
+    Ok(out)
+}
+
+/// Whether the cluster's node `node` has store `store` (its `store list`).
+fn sees_store(cli: &Cli, node: &str, store: &str) -> bool {
+    let Ok((addr, key)) = crate::cluster::resolve_target(
+        cli.state_dir.as_deref(),
+        Some(node),
+        None,
+        cli.key.as_deref(),
+    ) else {
+        return false;
+    };
+    let Ok(key) = ClusterKey::from_hex(&key) else {
+        return false;
+    };
+    match Client::connect(&addr, &key).and_then(|mut c| c.call_ok(Request::StoreList)) {
+        Ok(Body::StoreList { stores }) => {
+            stores.iter().any(|s| s.name == store && s.error.is_none())
+        }
+        _ => false,
+    }
 }
 
 /// `node info` of the cluster's node `name`.
@@ -2475,12 +2524,48 @@ mod tests {
         /// A node answering `node-info` with `info`, `vm-list` with v, and
         /// `vm-move` with a queued job.
         fn node(info: NodeInfo) -> FakeNode {
+            node_with(info, &[], &[])
+        }
+
+        /// [`node`], whose VM has disks at `disks` and which has stores
+        /// `stores`.
+        fn node_with(info: NodeInfo, disks: &[&str], stores: &[&str]) -> FakeNode {
             let name = info.name.clone();
+            let disks: Vec<hvmgmt::proto::DiskInfo> = disks
+                .iter()
+                .enumerate()
+                .map(|(i, l)| hvmgmt::proto::DiskInfo {
+                    slot: i as u8,
+                    location: (*l).into(),
+                    kind: "dynamic".into(),
+                    virtual_bytes: 1 << 20,
+                    file_bytes: 1 << 20,
+                })
+                .collect();
+            let stores: Vec<hvmgmt::proto::StoreInfo> = stores
+                .iter()
+                .map(|n| hvmgmt::proto::StoreInfo {
+                    name: (*n).into(),
+                    tag: (*n).into(),
+                    host_path: String::new(),
+                    total_bytes: 1 << 30,
+                    free_bytes: 1 << 29,
+                    used_bytes: 1 << 29,
+                    error: None,
+                })
+                .collect();
             FakeNode::start(
                 &name,
                 KEY,
                 Box::new(move |r| match r {
                     Request::NodeInfo => Outcome::Ok(Body::NodeInfo(info.clone())),
+                    Request::VmDiskList { name } => Outcome::Ok(Body::Disks {
+                        vm: name.clone(),
+                        disks: disks.clone(),
+                    }),
+                    Request::StoreList => Outcome::Ok(Body::StoreList {
+                        stores: stores.clone(),
+                    }),
                     Request::VmList => Outcome::Ok(Body::VmList {
                         vms: vec![vm("running")],
                     }),
@@ -2531,6 +2616,55 @@ mod tests {
                     _ => None,
                 })
                 .collect()
+        }
+
+        /// `--to auto` for a VM with a disk on the shared store: d has the
+        /// most room but does not see the store, so e gets it; a VM with
+        /// its disk on a local store is placed by memory alone (and then
+        /// refused by the source, which is not placement's business).
+        #[test]
+        fn to_auto_picks_only_nodes_that_see_the_shared_store() {
+            let a = node_with(
+                info("a", "amd", 400, &["d", "e"]),
+                &["shared:vms/v/v-0.vhdx"],
+                &["local", "shared"],
+            );
+            let d = node_with(info("d", "amd", 300, &[]), &[], &["local"]);
+            let e = node_with(info("e", "amd", 200, &[]), &[], &["local", "shared"]);
+            let dir = cluster_dir("auto-shared", &[("a", &a), ("d", &d), ("e", &e)]);
+            let line = format!("--state-dir {} --node a vm move v --to auto", dir.display());
+            assert_eq!(run_cli(&parse(line.split_whitespace()).unwrap()), 0);
+            assert_eq!(moved_to(&a), ["e"]);
+            assert_eq!(d.seen(), [Request::NodeInfo, Request::StoreList]);
+
+            let only_d = node_with(
+                info("a", "amd", 400, &["d"]),
+                &["shared:vms/v/v-0.vhdx"],
+                &["local", "shared"],
+            );
+            let dir2 = cluster_dir("auto-shared-none", &[("a", &only_d), ("d", &d)]);
+            let line = format!(
+                "--state-dir {} --node a vm move v --to auto",
+                dir2.display()
+            );
+            assert_eq!(run_cli(&parse(line.split_whitespace()).unwrap()), 1);
+            assert!(moved_to(&only_d).is_empty());
+
+            let local = node_with(
+                info("a", "amd", 400, &["d", "e"]),
+                &["local:vms/v/v-0.vhdx"],
+                &["local", "shared"],
+            );
+            let dir3 = cluster_dir("auto-local", &[("a", &local), ("d", &d), ("e", &e)]);
+            let line = format!(
+                "--state-dir {} --node a vm move v --to auto",
+                dir3.display()
+            );
+            assert_eq!(run_cli(&parse(line.split_whitespace()).unwrap()), 0);
+            assert_eq!(moved_to(&local), ["d"]);
+            for dir in [dir, dir2, dir3] {
+                std::fs::remove_dir_all(dir).unwrap();
+            }
         }
 
         /// `--to auto`: b has too little memory, c is another vendor, d
