@@ -327,12 +327,16 @@ impl Managed {
     fn drive_leases(&mut self, host: &mut dyn Host) {
         let now_ms = host.now_ns() / NS_PER_MS;
         for i in 0..self.vms.len() {
-            if self.vms[i].stop_reason().is_some() || self.vms[i].migration_mark().is_some() {
+            // A migrating VM's lease is renewed too (a pre-copy may take
+            // longer than the expiry): the source's until it hands the lease
+            // over, the destination's from its arrival.
+            if self.vms[i].stop_reason().is_some() {
                 continue;
             }
             // A running VM whose disk came onto a shared store (storage
             // migration) takes its lease too.
             if self.vms[i].lease().is_none()
+                && self.vms[i].migration_mark().is_none()
                 && *self.vms[i].state() != VmState::Created
                 && crate::lease::vms::shared_store(&self.vms[i]).is_some()
             {

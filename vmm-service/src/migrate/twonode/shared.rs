@@ -406,3 +406,37 @@ fn a_vm_on_a_local_store_is_still_refused() {
         "{e:?}"
     );
 }
+
+/// A move that takes longer than the lease's expiry (here: the
+/// destination holds its `accept` for 2 s against an expiry of 100 ms)
+/// keeps the source renewing: the VM is never fenced while it moves, and
+/// the move completes.
+#[test]
+fn the_source_renews_while_the_vm_moves() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    let id = s.p.start_move(
+        Mv {
+            accept_ms: 2000,
+            ..Mv::default()
+        }
+        .req("s"),
+    );
+    s.p.until_phase(id, Phase::Negotiating);
+    let before = s.lease("s").unwrap().counter;
+    let t = s.p.clock.get();
+    s.p.until(400_000, "a few expiries pass", |p| {
+        p.clock.get() - t > 5 * TIMING.expire_ms * 1_000_000
+    });
+    assert!(
+        s.lease("s").unwrap().counter > before + 5,
+        "a renews while it moves"
+    );
+    assert_eq!(s.info(0, "s").pause_reason, None);
+    let j = s.p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    s.p.rounds(20);
+    assert_eq!(s.lease("s").unwrap().owner, "b");
+}
