@@ -7,16 +7,18 @@
 //! file beside it names the node that runs it. While a holds the lease, b
 //! cannot give a VM of that name a disk there (`vm import` of another
 //! engineer's work is not on main yet: this is the nearest way to make b
-//! touch the VM's files). Then b is killed right after the commit point:
-//! a is in doubt, the operator keeps the source, and a runs the VM only
-//! after the lease b adopted expired and a's claim settled; b, started
-//! again, has nothing. Exactly one node runs the VM throughout.
+//! touch the VM's files). Then b is killed right after the commit point,
+//! after it adopted the lease: a, in doubt, reads the lease, settles the
+//! move as b's and deletes its stale copy (never resumed over a disk b
+//! wrote); b, started again, has nothing. Never two nodes run the VM; the
+//! VM died with b, as any VM of a crashed node (starting it again from its
+//! disk needs `vm import`, not on main yet).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hvmgmt::proto::{JobState, Phase};
+use hvmgmt::proto::JobState;
 use integration_tests::cluster::TestCluster;
 
 /// One line of a guest under load.
@@ -114,6 +116,9 @@ fn one_file(stores: &Path) {
 
 fn moved(c: &TestCluster, from: &str, to: &str) {
     let out = c.ok(from, &["vm", "move", "s", "--to", to, "--wait"]);
+    for l in out.lines().filter(|l| l.contains("downtime")) {
+        eprintln!("{from} -> {to}: {}", l.trim());
+    }
     assert!(c.vm(from, "s").is_none(), "{from} let go: {out}");
     let v = c.vm(to, "s").expect("the VM is listed on the destination");
     assert_eq!(v.state, "running", "{v:?}");
@@ -186,41 +191,24 @@ fn a_vm_on_the_shared_store_moves_with_its_lease() {
         std::thread::sleep(Duration::from_millis(20));
     }
     c.must(&["cluster", "kill", "b"]);
-    c.wait_job("a", id, "in doubt", MOVE, |j| {
-        j.migration
-            .as_ref()
-            .is_some_and(|m| m.phase == Phase::InDoubt)
-    });
-    assert_eq!(c.vm("a", "s").map(|v| v.state), Some("paused".into()));
-    c.ok(
-        "a",
-        &["job", "resolve", &id.to_string(), "--keep", "source"],
+    // b adopted the lease: it ran the VM after the switch-over and may have
+    // written its disk, so a's paused copy is stale. a settles the doubt
+    // from the lease (the VM was b's) and deletes its copy instead of
+    // resuming it over a disk that moved on without it.
+    let job = c.wait_end("a", id, MOVE);
+    assert_eq!(job.state, JobState::Completed, "{job:#?}");
+    assert!(c.vm("a", "s").is_none(), "a deleted its stale copy");
+    assert!(
+        c.serial("a").contains(&format!(
+            "job {id}: node b adopted the lease on the VM's disks"
+        )),
+        "{}",
+        c.serial_tail("a", 20)
     );
-    // a waits for the lease b held (expiry + settle) before it writes.
-    let v = c.vm("a", "s").unwrap();
-    assert_eq!(
-        (v.state.as_str(), v.pause_reason.as_deref()),
-        ("paused", Some("lease")),
-        "{v:?}"
-    );
-    let t = Instant::now();
-    let deadline = Instant::now() + MOVE;
-    while c.vm("a", "s").is_none_or(|v| v.state != "running") {
-        assert!(Instant::now() < deadline, "a never took the lease back");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let waited = t.elapsed();
-    assert!(waited >= Duration::from_secs(5), "took it after {waited:?}");
-    eprintln!("a ran the VM again {waited:?} after the operator's decision");
-    assert_eq!(lease_field(&stores, "owner").as_deref(), Some("a"));
-    assert_eq!(lease_field(&stores, "epoch").as_deref(), Some("5"));
-    assert_eq!(c.job("a", id).state, JobState::Failed);
-    rounds_go_on(&c, "a", &["a"]);
+    assert_eq!(lease_field(&stores, "owner").as_deref(), Some("b"));
+    assert_eq!(lease_field(&stores, "epoch").as_deref(), Some("4"));
     c.must(&["cluster", "start", "b"]);
     assert!(c.vm("b", "s").is_none(), "b came back without the VM");
-    rounds_go_on(&c, "a", &["a"]);
-    assert_eq!(lease_field(&stores, "owner").as_deref(), Some("a"));
-    c.ok("a", &["vm", "stop", "s"]);
-    assert_eq!(lease_field(&stores, "owner"), None, "stop released it");
+    assert!(c.vm("a", "s").is_none(), "no node runs a copy");
     one_file(&stores);
 }

@@ -536,11 +536,23 @@ pub fn take_back(vm: &mut Vm, now_ms: u64) {
     }
 }
 
-/// The operator kept the source copy of a migration in doubt: the
-/// destination may have adopted the lease, so wait for it like any node
-/// (the VM is held until this node owns it).
-pub fn wait_for(vm: &mut Vm, now_ms: u64) {
-    take_back(vm, now_ms);
+/// Whether the destination of `vm`'s hand-over adopted the lease: it
+/// processed `go`, runs the VM and may have written its disks, so this
+/// (source) copy is stale and must never run again. `Some(why)` if so.
+pub fn adopted_elsewhere(vm: &Vm) -> Option<String> {
+    let l = vm.lease()?;
+    let Phase::HandedOver { handed, .. } = &l.phase else {
+        return None;
+    };
+    let bytes = l.file.read().ok()??;
+    let r = LeaseRecord::decode(&bytes).ok()?;
+    (r.owner == handed.owner && r.epoch == handed.epoch && r.incarnation != 0).then(|| {
+        format!(
+            "node {} adopted the lease on the VM's disks ({}, epoch {}): it ran the VM after \
+             the switch-over",
+            r.owner, l.location, r.epoch
+        )
+    })
 }
 
 /// Open `vm`'s disks on the shared store again (the lease came back after

@@ -186,6 +186,11 @@ impl Outgoing {
         vms.iter()
             .position(|v| v.migration_mark() == Some(outgoing_mark(self.job)))
     }
+
+    /// The index of the VM it moves (the job's set).
+    pub(super) fn vm_index_of(&self, vms: &[Vm]) -> Option<usize> {
+        self.vm_index(vms)
+    }
 }
 
 /// The engine's report as the API shows it.
@@ -713,6 +718,21 @@ impl Migrations {
     ) {
         if o.query.is_none() {
             if now < o.next_query_ns {
+                return;
+            }
+            // A VM on the shared store: the lease answers for a
+            // destination that cannot (it may be down): adopted there, the
+            // VM is the destination's.
+            if let Some(why) = o
+                .vm_index(vms)
+                .filter(|_| !o.disks.is_empty())
+                .and_then(|vi| crate::lease::vms::adopted_elsewhere(&vms[vi]))
+            {
+                host.console_write(&format!(
+                    "vmm-service: job {}: {why}; this copy is deleted\n",
+                    o.job
+                ));
+                self.settle(o, host, vms, jobs, true, false, now);
                 return;
             }
             match self.connect(host, o, Faults::default()) {

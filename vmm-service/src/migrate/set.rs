@@ -349,6 +349,20 @@ impl Migrations {
                 format!("job {job} is not a migration in doubt"),
             ));
         }
+        if keep == Keep::Source {
+            let stale = self.outgoing[i]
+                .vm_index_of(vms)
+                .and_then(|vi| crate::lease::vms::adopted_elsewhere(&vms[vi]));
+            if let Some(why) = stale {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "{why}, so its disks may hold writes this paused copy never saw: \
+                         keep the destination"
+                    ),
+                ));
+            }
+        }
         let mut o = self.outgoing.remove(i);
         self.settle(
             &mut o,

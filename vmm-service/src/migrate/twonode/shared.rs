@@ -339,11 +339,14 @@ fn a_failure_before_the_commit_point_keeps_a_as_owner() {
     assert_eq!(s.lease("s").unwrap().owner, "a");
 }
 
-/// b dies right after `go` (it adopted the lease): a is in doubt; the
-/// operator keeps the source, which may run only once the lease b held
-/// expired and a's claim settled. Exactly one owner runs the VM.
+/// b dies right after `go`, having adopted the lease (it ran the VM and
+/// may have written its disks): the source's paused copy is stale, so a
+/// settles the doubt from the lease itself (the VM is b's; a deletes its
+/// copy) and refuses to keep its copy. Never two copies, never the stale
+/// one; the lease stays b's (a restarted b does not own it: its
+/// incarnation changed) until it expires.
 #[test]
-fn the_destination_lost_after_go_leaves_one_owner() {
+fn the_destination_lost_after_adopting_keeps_the_vm() {
     let mut s = Shared::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
@@ -362,24 +365,46 @@ fn the_destination_lost_after_go_leaves_one_owner() {
     assert_eq!((l.owner.as_str(), l.epoch), ("b", 2));
     assert_ne!(l.incarnation, 0, "b adopted");
     s.p.kill(1);
+    let j = s.p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    assert!(s.p.a().vms().is_empty(), "the stale copy is gone");
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("b", 2));
+}
+
+/// In doubt with the lease adopted at b: the operator cannot keep the
+/// source copy (stale), and is told why.
+#[test]
+fn keeping_a_stale_source_copy_is_refused() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    let id = s.p.start_move(
+        Mv {
+            resumed_ms: 5000,
+            ..Mv::default()
+        }
+        .req("s"),
+    );
+    s.p.until(400_000, "b resumed", |p| {
+        p.b().vm_state("s").as_deref() == Some("running")
+    });
+    // The source is still waiting for `resumed`: ask it to keep its copy
+    // as soon as it is in doubt (cut the link).
+    s.p.cut = true;
     s.p.until_phase(id, Phase::InDoubt);
-    s.p.a().ok(Request::JobResolve {
+    match s.p.a().call(Request::JobResolve {
         id,
         keep: Keep::Source,
-    });
-    // Held until the lease is a's.
-    let v = s.info(0, "s");
-    assert_eq!(
-        (v.state.as_str(), v.pause_reason.as_deref()),
-        ("paused", Some("lease"))
-    );
-    assert!(!gate_open(&mut s, 0, "s"));
-    s.p.until(40_000, "a owns the lease", |p| {
-        p.a().vm_state("s").as_deref() == Some("running")
-    });
-    let l = s.lease("s").unwrap();
-    assert_eq!((l.owner.as_str(), l.epoch), ("a", 3));
-    s.disk_write(0, "s").unwrap();
+    }) {
+        Outcome::Error(e) => {
+            assert_eq!(e.code, ErrorCode::InvalidState, "{e:?}");
+            assert!(e.message.contains("node b adopted the lease"), "{e:?}");
+        }
+        // The doubt was already settled from the lease.
+        Outcome::Ok(_) => panic!("a stale copy was kept"),
+    }
 }
 
 /// A VM with a disk on a store only this node sees is still refused.
