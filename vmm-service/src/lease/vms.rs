@@ -408,6 +408,12 @@ impl VmLease {
             reopen: false,
         }
     }
+    /// For a VM whose disks came onto the shared store while it ran
+    /// (storage migration): once the lease is its own, its disk files are
+    /// opened again, through its write gate.
+    pub fn reopen_when_owned(&mut self) {
+        self.had_it = true;
+    }
     /// The lease file's location.
     pub fn location(&self) -> &str {
         &self.location

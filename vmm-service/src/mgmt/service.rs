@@ -338,9 +338,14 @@ impl Managed {
             if self.vms[i].lease().is_none()
                 && self.vms[i].migration_mark().is_none()
                 && *self.vms[i].state() != VmState::Created
+                && self.storage_job(self.vms[i].name()).is_none()
                 && crate::lease::vms::shared_store(&self.vms[i]).is_some()
             {
-                let _ = self.lease_of(i, None);
+                // Its files were opened without the gate: open them again
+                // behind it once the lease is its own.
+                if let Some(l) = self.lease_of(i, None) {
+                    l.reopen_when_owned();
+                }
             }
             let seed = host.now_ns();
             if let Some(line) =

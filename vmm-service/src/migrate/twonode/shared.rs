@@ -465,3 +465,46 @@ fn the_source_renews_while_the_vm_moves() {
     s.p.rounds(20);
     assert_eq!(s.lease("s").unwrap().owner, "b");
 }
+
+/// A running VM whose disk a storage migration moved onto the shared store
+/// takes the lease, and its disk file is opened again behind the VM's
+/// write gate: losing the lease then stops its writes at the I/O layer.
+#[test]
+fn a_disk_moved_onto_the_shared_store_takes_the_lease() {
+    let mut s = Shared::new();
+    s.p.a().ok(Request::VmCreate {
+        name: "m".into(),
+        memory_mib: 4,
+        guest: None,
+        linux: None,
+    });
+    s.p.a().ok(Request::VmDiskCreate {
+        name: "m".into(),
+        size_mib: 4,
+        store: Some("local".into()),
+        fixed: None,
+    });
+    s.p.a().ok(Request::VmStart { name: "m".into() });
+    assert!(s.lease("m").is_none());
+    s.p.a().ok(Request::VmMoveStorage {
+        name: "m".into(),
+        to: Some("shared".into()),
+        vhd: Vec::new(),
+        config: None,
+        keep_source: None,
+        bandwidth_mib_s: None,
+    });
+    s.p.until(100_000, "moved and leased", |p| {
+        p.a().jobs().iter().all(|j| j.state == JobState::Completed)
+            && p.a().vms()[0].pause_reason.is_none()
+    });
+    s.p.rounds(50);
+    let l = s.lease("m").expect("the lease is taken after the move");
+    assert_eq!(l.owner, "a");
+    s.disk_write(0, "m").unwrap();
+    s.write_lease("m", "x", 9);
+    s.p.until(10_000, "fenced", |p| {
+        p.a().vms()[0].pause_reason.as_deref() == Some("lease")
+    });
+    assert!(s.disk_write(0, "m").is_err(), "the reopened file is gated");
+}
