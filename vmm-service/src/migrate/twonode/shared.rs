@@ -20,6 +20,8 @@ const TIMING: Timing = Timing {
 
 struct Shared {
     p: Pair,
+    /// Each node's 9P server of the shared store (to inject failures).
+    servers: Vec<Rc<core::cell::RefCell<vstorage::p9::server::DirServer>>>,
     shared: tempfile::TempDir,
     _local: [tempfile::TempDir; 2],
 }
@@ -29,9 +31,11 @@ impl Shared {
         let mut p = Pair::new();
         let shared = tempfile::tempdir().unwrap();
         let local = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let mut servers = Vec::new();
         for (i, name) in ["a", "b"].into_iter().enumerate() {
             let l = DirChannel::new(name, local[i].path(), 65536);
             let s = DirChannel::new("shared", shared.path(), 65536);
+            servers.push(s.server.clone());
             let channels: Vec<Box<dyn StoreChannel>> = vec![Box::new(l), Box::new(s)];
             let specs = parse_specs(&format!(
                 "store=local:{name}:/srv/{name} store=shared:shared:/srv/shared"
@@ -43,6 +47,7 @@ impl Shared {
         }
         Shared {
             p,
+            servers,
             shared,
             _local: local,
         }
@@ -507,4 +512,50 @@ fn a_disk_moved_onto_the_shared_store_takes_the_lease() {
         p.a().vms()[0].pause_reason.as_deref() == Some("lease")
     });
     assert!(s.disk_write(0, "m").is_err(), "the reopened file is gated");
+}
+
+/// b dies after `go` but before it could adopt the lease (its store
+/// failed every read meanwhile): it never wrote the VM's disk, and the
+/// lease still holds the hand-over record. The source, in doubt, is not
+/// settled by the lease; the operator keeps the source, which takes the
+/// lease back at once and runs on.
+#[test]
+fn a_destination_lost_before_adopting_leaves_the_source_its_copy() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    let id = s.p.start_move(
+        Mv {
+            resumed_ms: 5000,
+            ..Mv::default()
+        }
+        .req("s"),
+    );
+    s.p.until_phase(id, Phase::Copying);
+    let b_store = s.servers[1].clone();
+    s.p.until(400_000, "b resumed, held for its lease", |p| {
+        b_store
+            .borrow_mut()
+            .fail_next(vstorage::p9::Op::Lopen, vstorage::p9::errno::EIO);
+        p.b()
+            .vms()
+            .iter()
+            .any(|v| v.name == "s" && v.pause_reason.as_deref() == Some("lease"))
+    });
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch, l.incarnation), ("b", 2, 0));
+    s.p.kill(1);
+    s.p.until_phase(id, Phase::InDoubt);
+    s.p.rounds(200);
+    assert_eq!(s.p.a().job(id).state, JobState::Running, "still in doubt");
+    s.p.a().ok(Request::JobResolve {
+        id,
+        keep: Keep::Source,
+    });
+    let v = s.info(0, "s");
+    assert_eq!((v.state.as_str(), v.pause_reason), ("running", None));
+    let l = s.lease("s").unwrap();
+    assert_eq!((l.owner.as_str(), l.epoch), ("a", 3));
+    s.disk_write(0, "s").unwrap();
 }
