@@ -306,6 +306,7 @@ fn measure_move(
             to: Some(to.into()),
             vhd: Vec::new(),
             config: None,
+            snapshots: None,
             keep_source: Some(true),
             bandwidth_mib_s: None,
         })?,

@@ -246,18 +246,27 @@ pub enum VmCmd {
     MoveStorage {
         /// The VM's name
         name: String,
-        /// Where every disk goes: STORE or STORE:DIR (each keeps its file
-        /// name)
-        #[arg(long, value_name = "STORE[:DIR]", required_unless_present = "vhd")]
+        /// Where everything goes (every disk, keeping its file name, the
+        /// configuration file and the snapshot location): STORE or
+        /// STORE:DIR (STORE alone: STORE:vms/NAME)
+        #[arg(
+            long,
+            value_name = "STORE[:DIR]",
+            required_unless_present_any = ["vhd", "config", "snapshots"]
+        )]
         to: Option<String>,
         /// One disk to its own place: SOURCE=STORE:PATH, SOURCE being the
         /// disk's location (`vm disk list`) or its slot number; repeatable
         #[arg(long, value_name = "SRC=DST")]
         vhd: Vec<String>,
-        /// Where the VM's configuration goes (the node keeps none in
-        /// files: refused)
-        #[arg(long, value_name = "DIR")]
+        /// Where the VM's configuration file goes: STORE or STORE:DIR
+        /// (overrides --to for it)
+        #[arg(long, value_name = "STORE[:DIR]")]
         config: Option<String>,
+        /// Where the VM's checkpoint files go (its snapshot location):
+        /// STORE or STORE:DIR (overrides --to for it)
+        #[arg(long, value_name = "STORE[:DIR]")]
+        snapshots: Option<String>,
         /// Keep the source files after the switch
         #[arg(long)]
         keep_source: bool,
@@ -268,6 +277,14 @@ pub enum VmCmd {
         /// Follow the job until it ends; exit 0 only if it completed
         #[arg(long)]
         wait: bool,
+    },
+    /// Register on this node the VM a configuration file on a store
+    /// describes, in place (like Hyper-V's Import-VM -Register): it is
+    /// listed `created` (off), its disks where the file names them
+    Import {
+        /// The configuration file: STORE:PATH (e.g. shared:vms/d/d.vmcfg)
+        #[arg(value_name = "STORE:PATH")]
+        path: String,
     },
     /// Start a VM
     Start {
@@ -529,6 +546,7 @@ impl Cli {
                     to,
                     vhd,
                     config,
+                    snapshots,
                     keep_source,
                     bandwidth,
                     wait,
@@ -538,6 +556,7 @@ impl Cli {
                         to: to.clone(),
                         vhd: vhd.clone(),
                         config: config.clone(),
+                        snapshots: snapshots.clone(),
                         keep_source: keep_source.then_some(true),
                         bandwidth_mib_s: *bandwidth,
                     };
@@ -546,6 +565,7 @@ impl Cli {
                     }
                     request
                 }
+                VmCmd::Import { path } => Request::VmImport { path: path.clone() },
                 VmCmd::Start { name } => Request::VmStart { name: name.clone() },
                 VmCmd::Stop { name } => Request::VmStop { name: name.clone() },
                 VmCmd::Resume { name } => Request::VmResume { name: name.clone() },
@@ -897,21 +917,36 @@ pub fn render(body: &Body) -> String {
             "max live migrations     {}\nmax storage migrations  {}",
             h.max_live_migrations, h.max_storage_migrations
         ),
-        Body::Disks { vm, disks } if disks.is_empty() => format!("VM {vm} has no disks"),
-        Body::Disks { disks, .. } => disks
-            .iter()
-            .map(|d| {
-                format!(
-                    "disk {}  {:<40} {:<8} {:>6} MiB  file {}",
-                    d.slot,
-                    d.location,
-                    d.kind,
-                    d.virtual_bytes >> 20,
-                    mib(d.file_bytes)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Body::Disks {
+            vm,
+            disks,
+            config,
+            snapshots,
+        } => {
+            let mut lines: Vec<String> = disks
+                .iter()
+                .map(|d| {
+                    format!(
+                        "disk {}  {:<40} {:<8} {:>6} MiB  file {}",
+                        d.slot,
+                        d.location,
+                        d.kind,
+                        d.virtual_bytes >> 20,
+                        mib(d.file_bytes)
+                    )
+                })
+                .collect();
+            if lines.is_empty() {
+                lines.push(format!("VM {vm} has no disks"));
+            }
+            if let Some(c) = config {
+                lines.push(format!("config     {c}"));
+            }
+            if let Some(s) = snapshots {
+                lines.push(format!("snapshots  {s}"));
+            }
+            lines.join("\n")
+        }
         Body::StoreList { stores } if stores.is_empty() => "no stores".into(),
         Body::StoreList { stores } => store_table(stores),
         Body::Done => "done".into(),
@@ -1744,6 +1779,7 @@ mod tests {
                 to: Some("shared:vms".into()),
                 vhd: vec!["0=local:x.vhdx".into(), "local:a=shared:b".into()],
                 config: None,
+                snapshots: None,
                 keep_source: Some(true),
                 bandwidth_mib_s: Some(2),
             })
@@ -1755,6 +1791,7 @@ mod tests {
                 to: None,
                 vhd: vec!["0=shared:y".into()],
                 config: None,
+                snapshots: None,
                 keep_source: None,
                 bandwidth_mib_s: None,
             })
@@ -1795,9 +1832,37 @@ mod tests {
                 virtual_bytes: 256 << 20,
                 file_bytes: 12 << 20,
             }],
+            config: Some("shared:cfg/d.vmcfg".into()),
+            snapshots: Some("local:vms/d/snapshots".into()),
         });
         assert!(text.starts_with("disk 0  shared:vms/d/d-0.vhdx"), "{text}");
         assert!(text.contains("256 MiB"), "{text}");
+        assert!(text.contains("\nconfig     shared:cfg/d.vmcfg\n"), "{text}");
+        assert!(
+            text.ends_with("\nsnapshots  local:vms/d/snapshots"),
+            "{text}"
+        );
+        assert_eq!(
+            p("vm move-storage d --config shared:cfg --snapshots local:snaps")
+                .unwrap()
+                .action(),
+            Action::Request(Request::VmMoveStorage {
+                name: "d".into(),
+                to: None,
+                vhd: vec![],
+                config: Some("shared:cfg".into()),
+                snapshots: Some("local:snaps".into()),
+                keep_source: None,
+                bandwidth_mib_s: None,
+            })
+        );
+        assert_eq!(
+            p("vm import shared:cfg/d.vmcfg").unwrap().action(),
+            Action::Request(Request::VmImport {
+                path: "shared:cfg/d.vmcfg".into()
+            })
+        );
+        assert!(usage_error("vm import").contains("STORE:PATH"));
     }
 
     fn usage_error(s: &str) -> String {
@@ -2324,6 +2389,7 @@ mod tests {
                 migration_job: None,
                 pause_reason: None,
                 pause_detail: None,
+                files: None,
             }
         }
 
@@ -2562,6 +2628,8 @@ mod tests {
                     Request::VmDiskList { name } => Outcome::Ok(Body::Disks {
                         vm: name.clone(),
                         disks: disks.clone(),
+                        config: None,
+                        snapshots: None,
                     }),
                     Request::StoreList => Outcome::Ok(Body::StoreList {
                         stores: stores.clone(),

@@ -21,6 +21,8 @@
 //!   (delta leases over a lease file; not yet taken by VMs);
 //! * [`store`]: the node's stores (host directories over 9P2000.L) and
 //!   their files as `vstorage::BlockIo`;
+//! * [`vmconfig`]: VM configuration files on stores (format, parser,
+//!   crash-safe writes);
 //! * [`pump`]: the one piece that moves bytes between TCP sockets and the
 //!   protocols spoken over them.
 //!
@@ -49,6 +51,7 @@ pub mod storage_migration;
 pub mod store;
 pub mod uart;
 pub mod vm;
+pub mod vmconfig;
 
 /// Test doubles (host, partition, vCPU, memory, network): the host tests'
 /// and, with the `testing` feature, the fuzz harnesses'. Not API.

@@ -266,6 +266,9 @@ pub struct Vm {
     disks: alloc::vec::Vec<Box<dyn VirtualDisk>>,
     /// What the node knows of each (same index).
     disk_meta: alloc::vec::Vec<crate::disks::DiskMeta>,
+    /// Its identity and configuration file (a node with stores keeps
+    /// one; `crate::vmconfig`), else `None`.
+    placement: Option<crate::vmconfig::Placement>,
 }
 
 impl fmt::Debug for Vm {
@@ -362,6 +365,7 @@ impl Vm {
             line_buf: String::new(),
             disks: alloc::vec::Vec::new(),
             disk_meta: alloc::vec::Vec::new(),
+            placement: None,
         }
     }
 
@@ -442,6 +446,22 @@ impl Vm {
         self.lease = source.lease.take();
         self.disk_gate = source.disk_gate.clone();
         self.lease_hold = source.lease_hold.take();
+        // The same VM on the same node: the same identity and file.
+        if self.placement.is_none() {
+            self.placement = source.placement.take();
+        }
+    }
+    /// Its identity and configuration file, if the node keeps one.
+    pub fn placement(&self) -> Option<&crate::vmconfig::Placement> {
+        self.placement.as_ref()
+    }
+    /// The same, to change (a storage migration moves the file).
+    pub fn placement_mut(&mut self) -> Option<&mut crate::vmconfig::Placement> {
+        self.placement.as_mut()
+    }
+    /// Give it an identity and configuration file (create, import).
+    pub fn set_placement(&mut self, placement: Option<crate::vmconfig::Placement>) {
+        self.placement = placement;
     }
     /// Take every disk (the VM is about to be destroyed).
     pub fn take_disks(

@@ -118,9 +118,10 @@ pub enum Request {
     /// (`STORE[:DIR]`, each keeping its file name), and/or the disks named
     /// in `vhd` (`SOURCE=STORE:path`, SOURCE a disk's location or slot) to
     /// their own places; disks not named stay. The sources are deleted
-    /// after the switch unless `keep_source`. `config`: where the VM's
-    /// configuration goes (refused: the node keeps no configuration
-    /// files).
+    /// after the switch unless `keep_source`. `config` (`STORE[:DIR]`):
+    /// where the VM's configuration file goes; `snapshots`
+    /// (`STORE[:DIR]`): where its checkpoint files go; `to` moves both
+    /// too unless named.
     VmMoveStorage {
         name: String,
         #[serde(default)]
@@ -129,12 +130,21 @@ pub enum Request {
         vhd: Vec<String>,
         #[serde(default)]
         config: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshots: Option<String>,
         #[serde(default)]
         keep_source: Option<bool>,
         /// Rate limit of the copy in MiB/s (default 0 = none; guest
         /// writes are mirrored whatever the limit).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bandwidth_mib_s: Option<u64>,
+    },
+    /// Register the VM that the configuration file at `path`
+    /// (`STORE:path`) describes, in place (Hyper-V's `Import-VM`
+    /// -Register): state `created`, its disks opened where the file
+    /// names them.
+    VmImport {
+        path: String,
     },
     VmStart {
         name: String,
@@ -273,14 +283,32 @@ pub enum Outcome {
 #[serde(tag = "body", rename_all = "kebab-case")]
 pub enum Body {
     NodeInfo(NodeInfo),
-    VmList { vms: Vec<VmInfo> },
+    VmList {
+        vms: Vec<VmInfo>,
+    },
     Vm(VmInfo),
-    Console { vm: String, lines: Vec<String> },
-    Disks { vm: String, disks: Vec<DiskInfo> },
-    JobList { jobs: Vec<JobInfo> },
+    Console {
+        vm: String,
+        lines: Vec<String>,
+    },
+    Disks {
+        vm: String,
+        disks: Vec<DiskInfo>,
+        /// The VM's configuration file and snapshot location (a node
+        /// that keeps configurations in files).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshots: Option<String>,
+    },
+    JobList {
+        jobs: Vec<JobInfo>,
+    },
     Job(JobInfo),
     Host(HostSettings),
-    StoreList { stores: Vec<StoreInfo> },
+    StoreList {
+        stores: Vec<StoreInfo>,
+    },
     Done,
 }
 
@@ -346,6 +374,24 @@ pub struct VmInfo {
     /// The store's error while `store full`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_detail: Option<String>,
+    /// Its identity, configuration file and snapshot location (a node
+    /// with stores keeps them per VM; absent on a node that keeps VM
+    /// configurations in memory). Boxed: every reply body carries the
+    /// largest variant's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<alloc::boxed::Box<VmFiles>>,
+}
+
+/// A VM's identity and files ([`VmInfo::files`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmFiles {
+    /// Its identity, kept across storage moves and imports (GUID form).
+    pub vm_id: String,
+    /// Its configuration file, `STORE:path` (`None`: none could be
+    /// written on this node).
+    pub config: Option<String>,
+    /// Where its checkpoint files go, `STORE:DIR`.
+    pub snapshots: String,
 }
 
 /// One virtual disk of a VM.

@@ -33,8 +33,13 @@ pub trait FileStore {
     /// Create `to`'s partial file (a new one; its directory is made) and
     /// open it read-write.
     fn create_partial(&self, to: &str) -> Result<Box<dyn BlockIo>, String>;
+    /// Create `to`'s partial file like [`FileStore::create_partial`],
+    /// but for a file that may exist already and is to be replaced whole
+    /// (a VM's own configuration file being rewritten): the commit
+    /// renames over it.
+    fn replace_partial(&self, to: &str) -> Result<Box<dyn BlockIo>, String>;
     /// Give `to`'s partial file (its data flushed) its final name,
-    /// durably.
+    /// durably (replacing a file of that name).
     fn commit_partial(&self, to: &str) -> Result<(), String>;
     /// Delete `to`'s partial file (best effort: a node's boot removes what
     /// is left).
@@ -43,6 +48,10 @@ pub trait FileStore {
     fn remove(&self, at: &str) -> Result<(), String>;
     /// Bytes the file at `at` occupies, if known.
     fn file_bytes(&self, at: &str) -> Option<u64>;
+    /// The whole file at `at`, refused if longer than `max_bytes`.
+    fn read(&self, at: &str, max_bytes: usize) -> Result<Vec<u8>, String>;
+    /// Open the existing file at `at` read-write (a disk being imported).
+    fn open(&self, at: &str) -> Result<Box<dyn BlockIo>, String>;
 }
 
 /// Where a disk's file is.
@@ -236,6 +245,46 @@ fn create_on_store(
     let info = meta.info(slot as u8, Some(files));
     vm.attach_disk(Box::new(disk), meta)
         .ok_or_else(|| CreateError::NoResources("every virtio slot of the VM is taken".into()))?;
+    Ok(info)
+}
+
+/// Attach the existing VHDX at `location` (`STORE:path`) to `vm` (not
+/// started) as its next disk, opened read-write (a VM being imported).
+/// Opening writes nothing unless the file has a log to replay (a node
+/// stopped mid-update); the header is first updated by the guest's first
+/// write. `guid_seed` seeds the GUIDs that write draws.
+pub fn attach_existing(
+    vm: &mut Vm,
+    files: &dyn FileStore,
+    location: &str,
+    guid_seed: u64,
+) -> Result<DiskInfo, String> {
+    let io = files
+        .open(location)
+        .map_err(|e| format!("cannot open {location}: {e}"))?;
+    let disk = Vhdx::open(io, vhdx::OpenOptions::read_write(guid_seed))
+        .map_err(|e| format!("{location} is not a usable VHDX: {e}"))?;
+    let fixed = match disk.kind() {
+        vhdx::DiskKind::Dynamic => false,
+        vhdx::DiskKind::Fixed => true,
+        vhdx::DiskKind::Differencing => {
+            return Err(format!(
+                "{location} is a differencing disk: a VM's disks here are dynamic or fixed"
+            ))
+        }
+    };
+    let meta = DiskMeta {
+        backing: Backing::File {
+            location: location.into(),
+        },
+        fixed,
+        virtual_bytes: disk.virtual_size_bytes(),
+        block_bytes: disk.block_size(),
+    };
+    let slot = vm.disk_count();
+    let info = meta.info(slot as u8, Some(files));
+    vm.attach_disk(Box::new(disk), meta)
+        .ok_or_else(|| String::from("every virtio slot of the VM is taken"))?;
     Ok(info)
 }
 

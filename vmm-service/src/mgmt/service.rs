@@ -15,13 +15,14 @@ use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
     ApiError, Body, ErrorCode, JobKind, JobState, LinuxBoot, NodeInfo, Outcome, Request, StoreInfo,
-    VmInfo, APPEND_MAX, CONSOLE_INPUT_MAX, CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
+    VmFiles, VmInfo, APPEND_MAX, CONSOLE_INPUT_MAX, CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
 };
 use crate::migrate::channel::{Holds, HOLD_MS_MAX};
 use crate::migrate::{migrating, Faults, Migrations, MoveRequest};
 use crate::sched::{ProgressLog, Scheduler};
 use crate::storage_migration::{FileStore, Progress as StorageProgress, StorageMove};
 use crate::vm::{StopReason, Vm, VmError, VmState};
+use crate::vmconfig;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -256,7 +257,17 @@ impl Managed {
     /// round).
     pub fn drive_jobs(&mut self, host: &mut dyn Host) {
         self.bench.drive(&mut self.jobs, host);
-        self.migrations.drive(host, &mut self.vms, &mut self.jobs);
+        if self.migrations.is_active() && self.files.is_some() {
+            let before: Vec<(String, vmconfig::Placement)> = self
+                .vms
+                .iter()
+                .filter_map(|v| v.placement().map(|p| (v.name().into(), p.clone())))
+                .collect();
+            self.migrations.drive(host, &mut self.vms, &mut self.jobs);
+            self.settle_placements(host, before);
+        } else {
+            self.migrations.drive(host, &mut self.vms, &mut self.jobs);
+        }
         self.drive_storage_moves(host);
         self.drive_store_benches(host);
         self.retry_store_full(host);
@@ -356,6 +367,90 @@ impl Managed {
         }
     }
 
+    /// After live migrations stepped: a VM that left this node takes
+    /// its configuration file with it (the file here is removed; the
+    /// destination writes its own); a VM replaced by its copy within the
+    /// node keeps its identity and file; a VM that arrived from another
+    /// node gets a configuration file here (a new identity: the stream
+    /// does not carry it; a Linux VM's `append` is not known here and is
+    /// recorded empty). `before`: the VMs with a placement before the
+    /// step.
+    fn settle_placements(
+        &mut self,
+        host: &mut dyn Host,
+        before: Vec<(String, vmconfig::Placement)>,
+    ) {
+        let Some(files) = self.files.as_deref() else {
+            return;
+        };
+        for (name, p) in before {
+            match self.vms.iter_mut().find(|v| v.name() == name) {
+                Some(v) if v.placement().is_none() => v.set_placement(Some(p)),
+                Some(_) => {}
+                None => {
+                    if let Some(at) = p.at {
+                        let line = match files.remove(&at) {
+                            Ok(()) => format!(
+                                "vmm-service: VM {name} left this node: its configuration {at} removed\n"
+                            ),
+                            Err(e) => format!(
+                                "vmm-service: VM {name} left this node: cannot remove its configuration {at}: {e}\n"
+                            ),
+                        };
+                        host.console_write(&line);
+                    }
+                }
+            }
+        }
+        for i in 0..self.vms.len() {
+            let vm = &self.vms[i];
+            if vm.placement().is_some() || vm.migration_mark().is_some() {
+                continue;
+            }
+            let store = files.default_store();
+            let at = store
+                .as_deref()
+                .map(|s| vmconfig::default_location(s, vm.name()))
+                .filter(|at| files.file_bytes(at).is_none());
+            let boot = if vm.label() == LINUX_GUEST {
+                vmconfig::Boot::Linux {
+                    append: String::new(),
+                }
+            } else {
+                vmconfig::Boot::Guest(vm.label().into())
+            };
+            let placement = vmconfig::Placement {
+                id: vmconfig::new_id(host),
+                at: at.clone(),
+                snapshots: vmconfig::default_snapshots(
+                    store
+                        .as_deref()
+                        .unwrap_or(crate::store::files::DEFAULT_STORE),
+                    vm.name(),
+                ),
+                boot,
+            };
+            let vm = &mut self.vms[i];
+            vm.set_placement(Some(placement));
+            let line = match at {
+                Some(at) => match vmconfig::save(vm, files) {
+                    Ok(()) => format!("vmm-service: VM {}: configuration {at} written\n", vm.name()),
+                    Err(e) => {
+                        if let Some(p) = vm.placement_mut() {
+                            p.at = None;
+                        }
+                        format!("vmm-service: VM {}: cannot write its configuration {at}: {e}\n", vm.name())
+                    }
+                },
+                None => format!(
+                    "vmm-service: VM {}: no configuration file written (a file of its name is in the way, or no store)\n",
+                    vm.name()
+                ),
+            };
+            host.console_write(&line);
+        }
+    }
+
     /// Where disks and storage migrations put files in place of the
     /// node's stores (tests: files in memory).
     pub fn set_file_store(&mut self, files: alloc::boxed::Box<dyn FileStore>) {
@@ -438,6 +533,7 @@ impl Managed {
             to,
             vhd,
             config,
+            snapshots,
             keep_source,
             bandwidth_mib_s,
         } = request
@@ -460,10 +556,10 @@ impl Managed {
         if let Some(job) = self.storage_job(&name) {
             return Outcome::Error(migrating(&name, job));
         }
-        if config.is_some() {
+        if (config.is_some() || snapshots.is_some()) && self.vms[i].placement().is_none() {
             return err(
                 ErrorCode::Unsupported,
-                "this node keeps VM configurations in memory, not in files: there is no configuration file to move",
+                "this node keeps VM configurations in memory, not in files: there is no configuration file or snapshot location to move",
             );
         }
         if vhd.len() > crate::devices::MAX_VIRTIO_SLOTS {
@@ -475,12 +571,14 @@ impl Managed {
                 "this node has no stores to move files to",
             );
         };
-        let plan = match crate::storage_migration::plan(
-            &self.vms[i],
-            to.as_deref(),
-            &vhd,
-            keep_source == Some(true),
-        ) {
+        let ask = crate::storage_migration::Ask {
+            to: to.as_deref(),
+            vhd: &vhd,
+            config: config.as_deref(),
+            snapshots: snapshots.as_deref(),
+            keep_source: keep_source == Some(true),
+        };
+        let plan = match crate::storage_migration::plan_all(&self.vms[i], &ask) {
             Ok(p) => p,
             Err(e) => return err(ErrorCode::InvalidArgument, e),
         };
@@ -609,7 +707,25 @@ impl Managed {
                 (None, Some(why)) => Some(why.into()),
                 (None, None) => None,
             },
+            files: vm.placement().map(|p| {
+                alloc::boxed::Box::new(VmFiles {
+                    vm_id: p.id.to_string(),
+                    config: p.at.clone(),
+                    snapshots: p.snapshots.clone(),
+                })
+            }),
         }
+    }
+
+    /// VM `i`'s disks, configuration file and snapshot location.
+    fn disks_body(&self, i: usize) -> Outcome {
+        let vm = &self.vms[i];
+        Outcome::Ok(Body::Disks {
+            vm: vm.name().into(),
+            disks: crate::disks::list(vm, self.files.as_deref()),
+            config: vm.placement().and_then(|p| p.at.clone()),
+            snapshots: vm.placement().map(|p| p.snapshots.clone()),
+        })
     }
 
     /// Retry the waiting disk request of each VM paused because its store
@@ -798,10 +914,15 @@ impl Managed {
                             d.kind,
                             d.location
                         ));
-                        Outcome::Ok(Body::Disks {
-                            vm: name,
-                            disks: crate::disks::list(&self.vms[i], self.files.as_deref()),
-                        })
+                        if let Some(files) = self.files.as_deref() {
+                            if let Err(e) = vmconfig::save(&self.vms[i], files) {
+                                return err(
+                                    ErrorCode::NoResources,
+                                    format!("disk {} was made at {}, but the VM's configuration file could not be rewritten to name it: {e}", d.slot, d.location),
+                                );
+                            }
+                        }
+                        self.disks_body(i)
                     }
                     Err(crate::disks::CreateError::Invalid(m)) => {
                         err(ErrorCode::InvalidArgument, m)
@@ -813,11 +934,9 @@ impl Managed {
             }
             Request::VmDiskList { name } => match self.find(&name) {
                 None => Self::not_found(&name),
-                Some(i) => Outcome::Ok(Body::Disks {
-                    disks: crate::disks::list(&self.vms[i], self.files.as_deref()),
-                    vm: name,
-                }),
+                Some(i) => self.disks_body(i),
             },
+            Request::VmImport { path } => self.import(host, &path),
             Request::VmStart { name } => {
                 let Some(i) = self.find(&name) else {
                     return Self::not_found(&name);
@@ -916,7 +1035,18 @@ impl Managed {
                     );
                 }
                 self.release_lease(host, i);
-                self.vms.remove(i).destroy();
+                let vm = self.vms.remove(i);
+                // As Hyper-V's Remove-VM: the configuration goes, the
+                // disks stay.
+                let gone = vm.placement().and_then(|p| p.at.clone());
+                vm.destroy();
+                if let (Some(at), Some(files)) = (gone, self.files.as_deref()) {
+                    if let Err(e) = files.remove(&at) {
+                        host.console_write(&format!(
+                            "vmm-service: VM {name}: cannot remove its configuration {at}: {e}\n"
+                        ));
+                    }
+                }
                 host.console_write(&format!("vmm-service: VM {name} deleted\n"));
                 Outcome::Ok(Body::Done)
             }
@@ -975,10 +1105,16 @@ impl Managed {
             r @ Request::VmMove { .. } => self.move_vm(host, r),
             r @ Request::VmMoveStorage { .. } => self.move_storage(host, r),
             Request::JobResolve { id, keep } => {
-                match self
-                    .migrations
-                    .resolve(host, &mut self.vms, &mut self.jobs, id, keep)
-                {
+                let before: Vec<(String, vmconfig::Placement)> = self
+                    .vms
+                    .iter()
+                    .filter_map(|v| v.placement().map(|p| (v.name().into(), p.clone())))
+                    .collect();
+                let resolved =
+                    self.migrations
+                        .resolve(host, &mut self.vms, &mut self.jobs, id, keep);
+                self.settle_placements(host, before);
+                match resolved {
                     Ok(()) => match self.jobs.info(id, now) {
                         Some(j) => Outcome::Ok(Body::Job(j)),
                         None => Outcome::Ok(Body::Done),
@@ -1114,6 +1250,16 @@ impl Managed {
         match created {
             Ok(mut vm) => {
                 vm.set_label(guest);
+                let boot = match linux {
+                    Some(l) => vmconfig::Boot::Linux {
+                        append: l.append.clone(),
+                    },
+                    None => vmconfig::Boot::Guest(guest.into()),
+                };
+                if let Err(e) = self.place_new(host, &mut vm, boot) {
+                    vm.destroy();
+                    return Outcome::Error(e);
+                }
                 self.vms.push(vm);
                 host.console_write(&format!(
                     "vmm-service: VM {name} created ({memory_mib} MiB, guest {guest})\n"
@@ -1123,6 +1269,177 @@ impl Managed {
             Err(CreateError::Vm(e)) => vm_error(e),
             Err(CreateError::Refused(e)) => Outcome::Error(e),
         }
+    }
+
+    /// Register the VM the configuration file at `path` describes, in
+    /// place (Hyper-V's Import-VM -Register): created (off), its disks
+    /// opened where the file names them, the file kept where it is and
+    /// rewritten there on every change from now on. Refused: a VM of
+    /// that name (or that id) here already, a file that is missing,
+    /// unreadable or invalid, a disk missing or not a usable VHDX.
+    ///
+    /// The one entry point for registering a VM from its file (issue 14's
+    /// shared-store moves use it): it takes no lease; a caller that
+    /// shares the store with other nodes must own the VM's files first.
+    pub fn import(&mut self, host: &mut dyn Host, path: &str) -> Outcome {
+        let Some(files) = self.files.as_deref() else {
+            return err(
+                ErrorCode::Unsupported,
+                "this node has no stores: it keeps VM configurations in memory and cannot import one",
+            );
+        };
+        if let Err(e) = vmconfig::check_location(path) {
+            return err(ErrorCode::InvalidArgument, e);
+        }
+        let store = path.split_once(':').map_or(path, |(s, _)| s);
+        if !files.has_store(store) {
+            return err(
+                ErrorCode::InvalidArgument,
+                format!("no store named '{store}' on this node"),
+            );
+        }
+        if files.file_bytes(path).is_none() {
+            return err(ErrorCode::NotFound, format!("no file at {path}"));
+        }
+        let cfg = match vmconfig::read(files, path) {
+            Ok(c) => c,
+            Err(e) => return err(ErrorCode::InvalidArgument, format!("cannot import: {e}")),
+        };
+        let name = cfg.name.clone();
+        if self.find(&name).is_some() {
+            return err(
+                ErrorCode::AlreadyExists,
+                format!("a VM named {name} is registered on this node already"),
+            );
+        }
+        if let Some(v) = self
+            .vms
+            .iter()
+            .find(|v| v.placement().is_some_and(|p| p.id == cfg.id))
+        {
+            return err(
+                ErrorCode::AlreadyExists,
+                format!("VM {} here has the id {} already", v.name(), cfg.id),
+            );
+        }
+        if self.vms.len() >= VMS_MAX {
+            return err(
+                ErrorCode::NoResources,
+                format!("this node holds at most {VMS_MAX} VMs"),
+            );
+        }
+        for (slot, d) in cfg.disks.iter().enumerate() {
+            if files.file_bytes(&d.location).is_none() {
+                return err(
+                    ErrorCode::NotFound,
+                    format!(
+                        "cannot import {name}: its disk {slot} is missing ({} is not there)",
+                        d.location
+                    ),
+                );
+            }
+        }
+        let (guest, linux) = match &cfg.boot {
+            vmconfig::Boot::Guest(g) => (Some(g.as_str()), None),
+            vmconfig::Boot::Linux { append } => (
+                None,
+                Some(LinuxBoot {
+                    append: append.clone(),
+                }),
+            ),
+        };
+        if let Some(g) = guest {
+            if !GUESTS.contains(&g) {
+                return err(
+                    ErrorCode::InvalidArgument,
+                    format!("cannot import {name}: this node has no guest '{g}'"),
+                );
+            }
+        }
+        let created = match &linux {
+            Some(l) => Self::create_linux(host, &name, cfg.memory_mib, &l.append),
+            None => Vm::create(
+                host,
+                &name,
+                cfg.memory_mib << 20,
+                &self.image,
+                &format!("case={}", guest.unwrap_or(DEFAULT_GUEST)),
+            )
+            .map_err(CreateError::Vm),
+        };
+        let mut vm = match created {
+            Ok(vm) => vm,
+            Err(CreateError::Vm(e)) => return vm_error(e),
+            Err(CreateError::Refused(e)) => return Outcome::Error(e),
+        };
+        vm.set_label(guest.unwrap_or(LINUX_GUEST));
+        for (slot, d) in cfg.disks.iter().enumerate() {
+            let mut seed = [0u8; 8];
+            host.entropy(&mut seed);
+            if let Err(e) =
+                crate::disks::attach_existing(&mut vm, files, &d.location, u64::from_le_bytes(seed))
+            {
+                vm.destroy();
+                return err(
+                    ErrorCode::InvalidArgument,
+                    format!("cannot import {name}: disk {slot}: {e}"),
+                );
+            }
+        }
+        vm.set_placement(Some(vmconfig::Placement {
+            id: cfg.id,
+            at: Some(path.into()),
+            snapshots: cfg.snapshots,
+            boot: cfg.boot,
+        }));
+        host.console_write(&format!(
+            "vmm-service: VM {name} imported from {path} (id {}, {} MiB, {} disks)\n",
+            cfg.id,
+            cfg.memory_mib,
+            cfg.disks.len()
+        ));
+        self.vms.push(vm);
+        Outcome::Ok(Body::Vm(self.vm_info(self.vms.len() - 1)))
+    }
+
+    /// Give a new VM its identity and configuration file
+    /// (`STORE:vms/VM/VM.vmcfg` on the node's default store), written
+    /// now; a node without stores keeps VM configurations in memory. A
+    /// file already there is never replaced: it may describe a VM this
+    /// node or another registered before (import it instead).
+    fn place_new(
+        &mut self,
+        host: &mut dyn Host,
+        vm: &mut Vm,
+        boot: vmconfig::Boot,
+    ) -> Result<(), ApiError> {
+        let Some(files) = self.files.as_deref() else {
+            return Ok(());
+        };
+        let Some(store) = files.default_store() else {
+            return Ok(());
+        };
+        let at = vmconfig::default_location(&store, vm.name());
+        if files.file_bytes(&at).is_some() {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "a VM configuration exists at {at}: register that VM with `vm import {at}`, or remove the file"
+                ),
+            ));
+        }
+        vm.set_placement(Some(vmconfig::Placement {
+            id: vmconfig::new_id(host),
+            at: Some(at.clone()),
+            snapshots: vmconfig::default_snapshots(&store, vm.name()),
+            boot,
+        }));
+        vmconfig::save(vm, files).map_err(|e| {
+            ApiError::new(
+                ErrorCode::NoResources,
+                format!("cannot write the VM's configuration {at}: {e}"),
+            )
+        })
     }
 
     /// A Linux VM from the kernel and initramfs the node was given as
@@ -1459,7 +1776,7 @@ mod tests {
         );
         r.call(s, &mut c, create("d", 8, Some("disk-verify")));
         let o = r.call(s, &mut c, disk(4, None));
-        let Outcome::Ok(Body::Disks { vm, disks }) = o else {
+        let Outcome::Ok(Body::Disks { vm, disks, .. }) = o else {
             panic!("{o:?}")
         };
         assert_eq!(vm, "d");
@@ -1527,6 +1844,7 @@ mod tests {
             to: to.map(Into::into),
             vhd: Vec::new(),
             config: None,
+            snapshots: None,
             keep_source: None,
             bandwidth_mib_s: None,
         };
@@ -1568,7 +1886,12 @@ mod tests {
         }
         assert_eq!(
             files.names(),
-            ["local:vms/d/d-0.vhdx", "local:vms/e/e-0.vhdx"]
+            [
+                "local:vms/d/d-0.vhdx",
+                "local:vms/d/d.vmcfg",
+                "local:vms/e/e-0.vhdx",
+                "local:vms/e/e.vmcfg"
+            ]
         );
         r.call(
             s,
@@ -1583,6 +1906,7 @@ mod tests {
             to: Some("shared".into()),
             vhd: Vec::new(),
             config: None,
+            snapshots: None,
             keep_source: None,
             bandwidth_mib_s: Some(BANDWIDTH_MIB_S_MAX + 1),
         };
@@ -1622,8 +1946,13 @@ mod tests {
         assert!(disks[0].file_bytes > 0);
         assert_eq!(
             files.names(),
-            ["local:vms/e/e-0.vhdx", "shared:moved/d-0.vhdx"],
-            "the source is gone"
+            [
+                "local:vms/e/e-0.vhdx",
+                "local:vms/e/e.vmcfg",
+                "shared:moved/d-0.vhdx",
+                "shared:moved/d.vmcfg"
+            ],
+            "the sources are gone; the configuration moved with the disk"
         );
         // Moved again, keeping the source this time; the VM is not
         // migrating any more.
@@ -1635,6 +1964,7 @@ mod tests {
                 to: None,
                 vhd: vec!["0=local:back.vhdx".into()],
                 config: None,
+                snapshots: None,
                 keep_source: Some(true),
                 bandwidth_mib_s: None,
             },
@@ -1646,24 +1976,13 @@ mod tests {
             [
                 "local:back.vhdx",
                 "local:vms/e/e-0.vhdx",
-                "shared:moved/d-0.vhdx"
+                "local:vms/e/e.vmcfg",
+                "shared:moved/d-0.vhdx",
+                "shared:moved/d.vmcfg"
             ]
         );
-        assert_eq!(
-            code(&r.call(
-                s,
-                &mut c,
-                Request::VmMoveStorage {
-                    name: "e".into(),
-                    to: Some("shared".into()),
-                    vhd: Vec::new(),
-                    config: Some("shared:cfg".into()),
-                    keep_source: None,
-                    bandwidth_mib_s: None,
-                }
-            )),
-            Some(ErrorCode::Unsupported)
-        );
+        let cfg = crate::vmconfig::read(&files, "shared:moved/d.vmcfg").unwrap();
+        assert_eq!(cfg.disks[0].location, "local:back.vhdx");
     }
 
     /// A VM whose disk's store fills: `vm list` says `paused` with the

@@ -16,9 +16,14 @@
 //!    round (unallocated blocks are skipped: holes stay holes);
 //! 3. when the copy is complete and flushed (`Mirrored`), the partial file
 //!    gets its final name durably ([`FileStore::commit_partial`]), the
-//!    guest's I/O switches to the destination (`switch_over`), and only
-//!    then is the source closed and its file deleted (unless the plan
-//!    keeps it).
+//!    VM's configuration file (`crate::vmconfig`, if the node keeps one)
+//!    is rewritten crash-safely to name it, the guest's I/O switches to
+//!    the destination (`switch_over`), and only then is the source closed
+//!    and its file deleted (unless the plan keeps it).
+//!
+//! After the disks, the configuration file moves if the plan says so
+//! (written whole at its new place, then the old one deleted unless
+//! kept) and the snapshot location is recorded in it.
 //!
 //! Cancel or failure (the destination store full, an I/O error): the
 //! mirror stops, the source is the disk again (it holds every acknowledged
@@ -29,11 +34,14 @@
 //! Invariants: the VM's disk is always its source, or a mirror whose
 //! primary holds every acknowledged write, or its complete destination;
 //! a source file is deleted only after the switch; a destination has its
-//! final name only once complete.
+//! final name only once complete; the VM's configuration file names, at
+//! every instant, disk files that are whole (the source until the new
+//! file is named, then the new file before the source goes).
 
 use crate::disks::Backing;
 pub use crate::disks::FileStore;
 use crate::vm::Vm;
+use crate::vmconfig;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::rc::Rc;
@@ -122,13 +130,31 @@ impl VirtualDisk for Detached {
     }
 }
 
-/// Where a job moves a VM's disks.
+/// Where a job moves a VM's disks, configuration file and snapshot
+/// location.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     /// Per disk slot, its new location (`None`: the disk stays).
     pub targets: Vec<Option<String>>,
+    /// The configuration file's new location, `STORE:path` (`None`: it
+    /// stays).
+    pub config: Option<String>,
+    /// The new snapshot location, `STORE:DIR` (`None`: it stays).
+    pub snapshots: Option<String>,
     /// Keep the source files after the switch.
     pub keep_source: bool,
+}
+
+/// Where the checkpoint files go for `STORE[:DIR]`: with a store alone
+/// the store's own layout, `STORE:vms/VM/snapshots`; else `STORE:DIR`
+/// itself when the snapshot location was named (`--snapshots`), and its
+/// `snapshots` directory when everything moves there (`--to`).
+pub fn snapshots_in(to: &str, vm: &str, named: bool) -> String {
+    match to.split_once(':') {
+        None => format!("{to}:vms/{vm}/snapshots"),
+        Some(_) if named => vmconfig::dir_in(to, vm),
+        Some(_) => vmconfig::file_in(&vmconfig::dir_in(to, vm), "snapshots"),
+    }
 }
 
 /// `STORE[:DIR]` and a disk's file name as a location: `STORE:DIR/FILE`,
@@ -147,10 +173,94 @@ pub fn location_in(to: &str, vm: &str, file_name: &str) -> String {
     }
 }
 
-/// The plan for `vm`: every disk into `to` (`STORE[:DIR]`, keeping its
-/// file name; [`location_in`]), then each `SRC=DST` of `vhd` (SRC a disk's location or its
-/// slot number, DST a location) for that disk alone.
+/// What a storage move is asked to move: `to` (`STORE[:DIR]`)
+/// everything, each of `vhd` (`SRC=DST`) one disk, `config` and
+/// `snapshots` (`STORE[:DIR]`) the configuration file and the snapshot
+/// location.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ask<'a> {
+    pub to: Option<&'a str>,
+    pub vhd: &'a [String],
+    pub config: Option<&'a str>,
+    pub snapshots: Option<&'a str>,
+    pub keep_source: bool,
+}
+
+/// The plan for `vm` (see [`Ask`]): every disk into `to` (keeping its
+/// file name; [`location_in`]), then each `SRC=DST` of `vhd` (SRC a
+/// disk's location or its slot number, DST a location) for that disk
+/// alone; the configuration file (keeping its name) to `config`, else
+/// `to`; the snapshot location to `snapshots`, else `to`
+/// ([`snapshots_in`]). Items already where they would go stay; a VM
+/// without a configuration file (a node without stores) has neither
+/// item to move.
+pub fn plan_all(vm: &Vm, ask: &Ask) -> Result<Plan, String> {
+    let mut plan = plan_disks(vm, ask.to, ask.vhd, ask.keep_source, true)?;
+    let placement = vm.placement();
+    if placement.is_none() && (ask.config.is_some() || ask.snapshots.is_some()) {
+        return Err(format!(
+            "VM {} has no configuration file on this node (it keeps VM configurations in memory)",
+            vm.name()
+        ));
+    }
+    if let Some(p) = placement {
+        for (what, dir) in [("config", ask.config), ("snapshots", ask.snapshots)] {
+            if let Some(d) = dir {
+                let store = d.split_once(':').map_or(d, |(s, _)| s);
+                crate::store::check_store_name(store)
+                    .map_err(|e| format!("--{what} {d:.80}: {e}"))?;
+            }
+        }
+        if let (Some(at), Some(dir)) = (&p.at, ask.config.or(ask.to)) {
+            let new = vmconfig::file_in(&vmconfig::dir_in(dir, vm.name()), vmconfig::file_name(at));
+            vmconfig::check_location(&new).map_err(|e| format!("--config: {e}"))?;
+            if new != *at {
+                plan.config = Some(new);
+            } else if ask.config.is_some() {
+                return Err(format!("the configuration file is at {at} already"));
+            }
+        }
+        let snapshots = match (ask.snapshots, ask.to) {
+            (Some(d), _) => Some(snapshots_in(d, vm.name(), true)),
+            (None, Some(d)) => Some(snapshots_in(d, vm.name(), false)),
+            (None, None) => None,
+        };
+        if let Some(new) = snapshots {
+            vmconfig::check_location(&new).map_err(|e| format!("--snapshots: {e}"))?;
+            if new != p.snapshots {
+                plan.snapshots = Some(new);
+            } else if ask.snapshots.is_some() {
+                return Err(format!("the snapshot location is {new} already"));
+            }
+        }
+    }
+    if plan.targets.iter().all(Option::is_none) && plan.config.is_none() && plan.snapshots.is_none()
+    {
+        return Err(format!(
+            "nothing to move: VM {} has no item named",
+            vm.name()
+        ));
+    }
+    Ok(plan)
+}
+
+/// The plan for `vm`'s disks alone: every disk into `to` (`STORE[:DIR]`,
+/// keeping its file name; [`location_in`]), then each `SRC=DST` of `vhd`
+/// (SRC a disk's location or its slot number, DST a location) for that
+/// disk alone.
 pub fn plan(vm: &Vm, to: Option<&str>, vhd: &[String], keep_source: bool) -> Result<Plan, String> {
+    plan_disks(vm, to, vhd, keep_source, false)
+}
+
+/// The disks' part of the plan; `allow_none`: a plan that moves no disk
+/// is not an error here.
+fn plan_disks(
+    vm: &Vm,
+    to: Option<&str>,
+    vhd: &[String],
+    keep_source: bool,
+    allow_none: bool,
+) -> Result<Plan, String> {
     let metas = vm.disk_meta();
     let mut targets: Vec<Option<String>> = match to {
         Some(to) => metas
@@ -173,7 +283,7 @@ pub fn plan(vm: &Vm, to: Option<&str>, vhd: &[String], keep_source: bool) -> Res
         }
         targets[slot] = Some(dst.into());
     }
-    if targets.iter().all(Option::is_none) {
+    if targets.iter().all(Option::is_none) && !allow_none {
         return Err(format!(
             "nothing to move: VM {} has no disk named",
             vm.name()
@@ -186,6 +296,8 @@ pub fn plan(vm: &Vm, to: Option<&str>, vhd: &[String], keep_source: bool) -> Res
     }
     Ok(Plan {
         targets,
+        config: None,
+        snapshots: None,
         keep_source,
     })
 }
@@ -243,10 +355,23 @@ impl StorageMove {
         if plan.targets.len() != vm.disk_count() {
             return Err("the plan does not cover the VM's disks".into());
         }
-        for t in plan.targets.iter().flatten() {
+        for t in plan
+            .targets
+            .iter()
+            .flatten()
+            .chain(&plan.config)
+            .chain(&plan.snapshots)
+        {
             let store = t.split_once(':').map_or(t.as_str(), |(s, _)| s);
             if !files.has_store(store) {
                 return Err(format!("no store named '{store:.40}' on this node"));
+            }
+        }
+        if let Some(c) = &plan.config {
+            if files.file_bytes(c).is_some() {
+                return Err(format!(
+                    "{c} exists: pick another place, or remove the file first"
+                ));
             }
         }
         Ok(Self {
@@ -307,6 +432,7 @@ impl StorageMove {
                 let Some(slot) =
                     (self.next..self.plan.targets.len()).find(|&i| self.plan.targets[i].is_some())
                 else {
+                    self.move_config(vm, files)?;
                     return Ok(Progress::Done {
                         summary: format!("moved {}", self.moved.join(", ")),
                     });
@@ -485,6 +611,18 @@ impl StorageMove {
                 "cannot name the new file: {e}; the VM runs on from its source"
             ));
         }
+        // The new file is whole and named: the VM's configuration names
+        // it before the VM switches (a node that stops from here on
+        // finds a configuration naming a whole file: the new one, or
+        // before this rewrite the source, which is not deleted yet).
+        if let Err(e) = Self::name_in_config(vm, files, cur.slot, &cur.to) {
+            let _ = files.remove(&cur.to);
+            self.current = Some(cur);
+            self.abort(vm, files);
+            return Err(format!(
+                "cannot rewrite the VM's configuration to name the new file: {e}; the VM runs on from its source"
+            ));
+        }
         let switched = cur.mirror.borrow_mut().switch_over();
         let bytes_total = cur.mirror.borrow().progress().bytes_total;
         self.stats_done.add(&cur.mirror.borrow().stats());
@@ -497,6 +635,13 @@ impl StorageMove {
                 let _ = files.remove(&to);
                 self.current = Some(cur);
                 self.abort(vm, files);
+                // The configuration names the source again.
+                if let Err(c) = vmconfig::save(vm, files) {
+                    log::warn!(
+                        "storage migration: cannot restore the configuration of {}: {c}",
+                        vm.name()
+                    );
+                }
                 return Err(format!(
                     "cannot switch over: {e}; the VM runs on from its source"
                 ));
@@ -529,6 +674,71 @@ impl StorageMove {
                 }
             }
             self.moved.push(format!("{} -> {to}", old.location()));
+        }
+        Ok(())
+    }
+
+    /// Rewrite VM `vm`'s configuration file with disk `slot` at `to`
+    /// (nothing for a VM without one).
+    fn name_in_config(vm: &Vm, files: &dyn FileStore, slot: u8, to: &str) -> Result<(), String> {
+        let Some(p) = vm.placement() else {
+            return Ok(());
+        };
+        let Some(at) = &p.at else {
+            return Ok(());
+        };
+        let mut cfg = vmconfig::of_vm(vm, p);
+        if let Some(d) = cfg.disks.get_mut(usize::from(slot)) {
+            d.location = to.into();
+        }
+        vmconfig::write(files, at, &cfg)
+    }
+
+    /// After the disks: the configuration file to its new place (written
+    /// whole there, durably, before the old one is deleted: a node that
+    /// stops in between has both, each describing the VM), and the
+    /// snapshot location recorded. The VM has no checkpoint files yet
+    /// (this node makes none), so no file moves with the location.
+    fn move_config(&mut self, vm: &mut Vm, files: &dyn FileStore) -> Result<(), String> {
+        let (config, snapshots) = (self.plan.config.take(), self.plan.snapshots.take());
+        if config.is_none() && snapshots.is_none() {
+            return Ok(());
+        }
+        let Some(old) = vm.placement().cloned() else {
+            return Err("the VM has no configuration file".into());
+        };
+        let mut new = old.clone();
+        if let Some(s) = &snapshots {
+            new.snapshots = s.clone();
+        }
+        if let Some(c) = &config {
+            new.at = Some(c.clone());
+        }
+        let Some(at) = new.at.clone() else {
+            return Err("the VM has no configuration file".into());
+        };
+        if config.is_some() && files.file_bytes(&at).is_some() {
+            return Err(format!(
+                "{at} exists: the configuration file stays at its place"
+            ));
+        }
+        if let Err(e) = vmconfig::write(files, &at, &vmconfig::of_vm(vm, &new)) {
+            return Err(format!(
+                "cannot write the configuration file {at}: {e} (it stays at its place)"
+            ));
+        }
+        vm.set_placement(Some(new));
+        if let Some(s) = snapshots {
+            self.moved
+                .push(format!("snapshots {} -> {s}", old.snapshots));
+        }
+        if let (Some(c), Some(old_at)) = (config, old.at) {
+            if !self.plan.keep_source {
+                if let Err(e) = files.remove(&old_at) {
+                    log::warn!("storage migration: cannot delete {old_at}: {e}");
+                }
+            }
+            self.moved.push(format!("config {old_at} -> {c}"));
         }
         Ok(())
     }

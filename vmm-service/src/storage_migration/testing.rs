@@ -54,6 +54,23 @@ impl FileStore for MemFiles {
         self.files.borrow_mut().insert(name, f.clone());
         Ok(Box::new(f))
     }
+    fn replace_partial(&self, to: &str) -> Result<Box<dyn BlockIo>, String> {
+        self.create_partial(to)
+    }
+    fn read(&self, at: &str, max_bytes: usize) -> Result<Vec<u8>, String> {
+        let files = self.files.borrow();
+        let f = files.get(at).ok_or_else(|| format!("{at}: no such file"))?;
+        let bytes = f.bytes();
+        if bytes.len() > max_bytes {
+            return Err(format!("{at}: larger than {max_bytes} bytes"));
+        }
+        Ok(bytes)
+    }
+    fn open(&self, at: &str) -> Result<Box<dyn BlockIo>, String> {
+        let files = self.files.borrow();
+        let f = files.get(at).ok_or_else(|| format!("{at}: no such file"))?;
+        Ok(Box::new(f.clone()))
+    }
     fn commit_partial(&self, to: &str) -> Result<(), String> {
         let f = self
             .files

@@ -172,6 +172,43 @@ impl FileStore for StoreFiles {
         Ok(Box::new(PartialFile(file)))
     }
 
+    fn replace_partial(&self, to: &str) -> Result<Box<dyn BlockIo>, String> {
+        let at = parse(to)?;
+        self.stores
+            .mkdir_all(&Self::parent(&at))
+            .map_err(|e| message(&e))?;
+        let file = self.stores.create_partial(&at).map_err(|e| {
+            if e.is_exists() {
+                format!("a rewrite of {at} is under way already")
+            } else {
+                message(&e)
+            }
+        })?;
+        let file = Rc::new(RefCell::new(file));
+        self.partials.borrow_mut().push((at, file.clone()));
+        Ok(Box::new(PartialFile(file)))
+    }
+
+    fn read(&self, at: &str, max_bytes: usize) -> Result<Vec<u8>, String> {
+        let at = parse(at)?;
+        let file = self.stores.open(&at, false).map_err(|e| message(&e))?;
+        let len = file.len().map_err(|e| format!("{at}: {e}"))?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= max_bytes)
+            .ok_or_else(|| format!("{at}: larger than {max_bytes} bytes"))?;
+        let mut bytes = alloc::vec![0u8; len];
+        file.read_at(0, &mut bytes)
+            .map_err(|e| format!("{at}: {e}"))?;
+        Ok(bytes)
+    }
+
+    fn open(&self, at: &str) -> Result<Box<dyn BlockIo>, String> {
+        let at = parse(at)?;
+        let file = self.stores.open(&at, true).map_err(|e| message(&e))?;
+        Ok(Box::new(file))
+    }
+
     fn commit_partial(&self, to: &str) -> Result<(), String> {
         let at = parse(to)?;
         let file = self

@@ -496,6 +496,7 @@ fn a_disk_moved_onto_the_shared_store_takes_the_lease() {
         to: Some("shared".into()),
         vhd: Vec::new(),
         config: None,
+        snapshots: None,
         keep_source: None,
         bandwidth_mib_s: None,
     });
