@@ -238,10 +238,11 @@ pub enum VmCmd {
     /// A VM's virtual disks
     #[command(subcommand)]
     Disk(DiskCmd),
-    /// Move a VM's disk files to another store or directory while it runs
-    /// (storage live migration, a job: every guest write is mirrored to
-    /// both copies, one pass copies the rest, then the VM switches to the
-    /// new files and the old ones are deleted)
+    /// Move a VM's files (disks, configuration file, snapshot location) to
+    /// another store or directory while it runs (storage live migration,
+    /// a job: every guest write is mirrored to both copies, one pass
+    /// copies the rest, then the VM switches to the new files and the old
+    /// ones are deleted); items not named stay
     #[command(name = "move-storage")]
     MoveStorage {
         /// The VM's name

@@ -572,6 +572,10 @@ pub fn write(files: &dyn FileStore, at: &str, cfg: &VmConfig) -> Result<(), Stri
 
 /// Reads and parses the configuration file at `at`.
 pub fn read(files: &dyn FileStore, at: &str) -> Result<VmConfig, String> {
+    if let Some(bytes) = files.file_bytes(at).filter(|&b| b > FILE_MAX as u64) {
+        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        return Err(format!("{at}: {}", ConfigError::TooLarge { bytes }));
+    }
     let bytes = files.read(at, FILE_MAX + 1)?;
     VmConfig::parse(&bytes).map_err(|e| format!("{at}: {e}"))
 }

@@ -11,9 +11,16 @@
 //! file system (an 8 MiB tmpfs mounted inside the shared store) fails the
 //! move and the VM runs on from its source; after the VM stops, a copy the
 //! node makes matches its source (`qemu-img compare`); and a node killed
-//! mid-copy removes the half-written destination at its next boot.
+//! mid-copy removes the half-written destination at its next boot. The
+//! VM's configuration file (`VM.vmcfg`) moves with `--to`.
 //!
-//! One node, one cluster for the whole file (boots are the slow part).
+//! `vm_configuration_files_move_and_import` (two nodes): a VM's
+//! configuration file moved alone (`--config`), then with everything
+//! (`--to`), read on the host after each move; a VM whose files are on
+//! the shared store registered on node b (`vm import`), listed off,
+//! refused a second time, then run there on its disk.
+//!
+//! One cluster per test (boots are the slow part).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -185,7 +192,7 @@ fn a_running_vms_disk_moves_between_stores() {
         "disk-verify",
     ]);
     assert_eq!(n.location("d"), "local:vms/d/d-0.vhdx");
-    assert_eq!(files_in(&local), ["vms/d/d-0.vhdx"]);
+    assert_eq!(files_in(&local), ["vms/d/d-0.vhdx", "vms/d/d.vmcfg"]);
     n.ok(&["vm", "start", "d"]);
     // Four 8 MiB spans: after round 4 every block is written.
     c.wait_line("a", "d", "disk-verify: round 4 ok", LINE);
@@ -202,15 +209,19 @@ fn a_running_vms_disk_moves_between_stores() {
         .contains("shared:vms/d/d-0.vhdx"));
     assert!(files_in(&local).is_empty(), "{:?}", files_in(&local));
     assert!(!local.join("vms/d").exists(), "the VM's directory went too");
-    assert_eq!(vm_files_in(&shared), ["vms/d/d-0.vhdx"]);
+    assert_eq!(vm_files_in(&shared), ["vms/d/d-0.vhdx", "vms/d/d.vmcfg"]);
     check(&shared.join("vms/d/d-0.vhdx"));
     n.rounds_go_on("d", 2);
 
     // shared -> another local directory, keeping the source.
     n.move_wait("d", &["--to", "local:moved", "--keep-source"]);
     assert_eq!(n.location("d"), "local:moved/d-0.vhdx");
-    assert_eq!(files_in(&local), ["moved/d-0.vhdx"]);
-    assert_eq!(vm_files_in(&shared), ["vms/d/d-0.vhdx"], "kept");
+    assert_eq!(files_in(&local), ["moved/d-0.vhdx", "moved/d.vmcfg"]);
+    assert_eq!(
+        vm_files_in(&shared),
+        ["vms/d/d-0.vhdx", "vms/d/d.vmcfg"],
+        "kept"
+    );
     n.rounds_go_on("d", 2);
     check(&local.join("moved/d-0.vhdx"));
 
@@ -303,4 +314,130 @@ fn a_running_vms_disk_moves_between_stores() {
     );
     assert!(files_in(&local.join("restart")).is_empty());
     check(&copy);
+}
+
+/// The `key=value` lines of the configuration file at `path` on the host.
+fn config_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(text.starts_with("hvmigrate-vm 1\n"), "{text}");
+    text.lines().skip(1).map(String::from).collect()
+}
+
+fn line_of<'a>(lines: &'a [String], key: &str) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .collect()
+}
+
+#[test]
+fn vm_configuration_files_move_and_import() {
+    let c = TestCluster::up("vmcfg", 2);
+    let n = Node {
+        c: &c,
+        stores: std::fs::canonicalize(c.dir.join("stores")).unwrap(),
+    };
+    let (local, shared) = (n.stores.join("a"), n.stores.join("shared"));
+    n.ok(&[
+        "vm",
+        "create",
+        "d",
+        "--memory",
+        "32M",
+        "--disk",
+        "16M",
+        "--guest",
+        "disk-verify",
+    ]);
+    assert_eq!(files_in(&local), ["vms/d/d-0.vhdx", "vms/d/d.vmcfg"]);
+    let first = config_lines(&local.join("vms/d/d.vmcfg"));
+    let id = line_of(&first, "id")[0].to_string();
+    assert_eq!(line_of(&first, "name"), ["d"]);
+    assert_eq!(line_of(&first, "disk.0"), ["dynamic local:vms/d/d-0.vhdx"]);
+    n.ok(&["vm", "start", "d"]);
+    c.wait_line("a", "d", "disk-verify: round 2 ok", LINE);
+
+    // The configuration alone to the shared store: the disk stays.
+    let out = n.move_wait("d", &["--config", "shared:cfg"]);
+    assert!(
+        out.contains("config local:vms/d/d.vmcfg -> shared:cfg/d.vmcfg"),
+        "{out}"
+    );
+    assert_eq!(files_in(&local), ["vms/d/d-0.vhdx"]);
+    assert_eq!(files_in(&shared), ["cfg/d.vmcfg"]);
+    let cfg = config_lines(&shared.join("cfg/d.vmcfg"));
+    assert_eq!(line_of(&cfg, "disk.0"), ["dynamic local:vms/d/d-0.vhdx"]);
+    assert_eq!(line_of(&cfg, "id"), [id.as_str()]);
+    let listed = n.ok(&["vm", "disk", "list", "d"]);
+    assert!(listed.contains("config     shared:cfg/d.vmcfg"), "{listed}");
+
+    // Everything to another local directory while the guest writes.
+    n.move_wait("d", &["--to", "local:final"]);
+    assert_eq!(files_in(&local), ["final/d-0.vhdx", "final/d.vmcfg"]);
+    assert!(files_in(&shared).is_empty(), "{:?}", files_in(&shared));
+    let cfg = config_lines(&local.join("final/d.vmcfg"));
+    assert_eq!(line_of(&cfg, "disk.0"), ["dynamic local:final/d-0.vhdx"]);
+    assert_eq!(line_of(&cfg, "snapshots"), ["local:final/snapshots"]);
+    assert_eq!(line_of(&cfg, "id"), [id.as_str()]);
+    check(&local.join("final/d-0.vhdx"));
+    n.rounds_go_on("d", 2);
+    let json = n.ok(&["--json", "vm", "list"]);
+    assert!(
+        json.contains("\"config\": \"local:final/d.vmcfg\""),
+        "{json}"
+    );
+
+    // A VM whose files are all on the shared store, registered on b.
+    n.ok(&[
+        "vm",
+        "create",
+        "s",
+        "--memory",
+        "32M",
+        "--disk",
+        "16M",
+        "--store",
+        "shared",
+        "--guest",
+        "disk-verify",
+    ]);
+    n.move_wait("s", &["--config", "shared", "--snapshots", "shared"]);
+    assert_eq!(files_in(&shared), ["vms/s/s-0.vhdx", "vms/s/s.vmcfg"]);
+    let out = c.ok("b", &["vm", "import", "shared:vms/s/s.vmcfg"]);
+    assert!(out.contains("created"), "{out}");
+    let listed = c.ok("b", &["vm", "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("s ") && l.contains("created")),
+        "{listed}"
+    );
+    let disks = c.ok("b", &["vm", "disk", "list", "s"]);
+    assert!(disks.contains("shared:vms/s/s-0.vhdx"), "{disks}");
+    assert!(disks.contains("config     shared:vms/s/s.vmcfg"), "{disks}");
+    let twice = c.hvctl("b", &["vm", "import", "shared:vms/s/s.vmcfg"]);
+    assert!(
+        !twice.success && twice.stderr.contains("registered on this node already"),
+        "{}",
+        twice.transcript()
+    );
+    let bad = c.hvctl("b", &["vm", "import", "shared:vms/s/s-0.vhdx"]);
+    assert!(
+        !bad.success && bad.stderr.contains("is at most 4096 bytes"),
+        "{}",
+        bad.transcript()
+    );
+    // Registered is not running: while a holds the VM's lease (taken
+    // when its disk was made on the shared store), b may not start it;
+    // once a gives it up, b runs it on its disk.
+    let held = c.hvctl("b", &["vm", "start", "s"]);
+    assert!(
+        !held.success && held.stderr.contains("leased by node a"),
+        "{}",
+        held.transcript()
+    );
+    n.ok(&["vm", "stop", "s"]);
+    c.ok("b", &["vm", "start", "s"]);
+    c.wait_line("b", "s", "disk-verify: round 1 ok", LINE);
+    check(&shared.join("vms/s/s-0.vhdx"));
 }

@@ -262,6 +262,14 @@ pub fn attach_existing(
     let io = files
         .open(location)
         .map_err(|e| format!("cannot open {location}: {e}"))?;
+    // As for a new disk: one other nodes can see writes only while the
+    // VM's lease allows (crate::lease::vms).
+    let io: Box<dyn BlockIo> =
+        if crate::lease::vms::is_shared_store(crate::lease::vms::store_of(location)) {
+            Box::new(crate::lease::vms::GatedIo::new(io, vm.disk_gate().clone()))
+        } else {
+            io
+        };
     let disk = Vhdx::open(io, vhdx::OpenOptions::read_write(guid_seed))
         .map_err(|e| format!("{location} is not a usable VHDX: {e}"))?;
     let fixed = match disk.kind() {

@@ -149,7 +149,9 @@ fn the_configuration_is_written_at_create_and_rewritten_with_each_disk() {
     assert_eq!(cfg.id.to_string(), f.vm_id);
     assert!(cfg.disks.is_empty());
     add_disk(&mut r, "d", None, false);
-    add_disk(&mut r, "d", Some("shared"), true);
+    // (A disk made on the shared store takes the VM's lease, which the
+    // stores' double does not serve: both on `local` here.)
+    add_disk(&mut r, "d", Some("local"), true);
     let cfg = read(&files, "local:vms/d/d.vmcfg").unwrap();
     assert_eq!(
         cfg.disks,
@@ -160,7 +162,7 @@ fn the_configuration_is_written_at_create_and_rewritten_with_each_disk() {
             },
             DiskEntry {
                 fixed: true,
-                location: "shared:vms/d/d-1.vhdx".into()
+                location: "local:vms/d/d-1.vhdx".into()
             }
         ]
     );
@@ -184,8 +186,8 @@ fn the_configuration_is_written_at_create_and_rewritten_with_each_disk() {
         files.names(),
         [
             "local:vms/d/d-0.vhdx",
-            "local:vms/e/e.vmcfg",
-            "shared:vms/d/d-1.vhdx"
+            "local:vms/d/d-1.vhdx",
+            "local:vms/e/e.vmcfg"
         ]
     );
     // A configuration file already where a new VM's would go is never
@@ -444,11 +446,11 @@ fn a_disk_move_leaves_a_whole_configuration_at_every_instant() {
 }
 
 #[test]
-fn import_registers_a_vm_from_its_file_on_a_shared_store() {
+fn import_registers_a_vm_from_its_file_on_a_store_both_nodes_see() {
     let files = MemFiles::new(64 << 20);
     let mut a = node(&files);
     create(&mut a, "d");
-    add_disk(&mut a, "d", Some("shared"), false);
+    add_disk(&mut a, "d", None, false);
     moved(&mut a, None, Some("shared:cfg"), None, false);
     {
         let disk = a.node.vms_mut()[0].disk_mut(0).unwrap();
@@ -463,7 +465,9 @@ fn import_registers_a_vm_from_its_file_on_a_shared_store() {
         "registered here already"
     );
 
-    // Node b sees the same store.
+    // Node b sees the same files (the double stands for a store both
+    // nodes see; the lease of a disk on `shared` is lease/vms.rs's, tested
+    // there and in the cluster test).
     let mut b = node(&files);
     let v = vm_info(call(&mut b, Request::VmImport { path: path.into() }));
     assert_eq!(
@@ -479,7 +483,7 @@ fn import_registers_a_vm_from_its_file_on_a_shared_store() {
     match call(&mut b, Request::VmDiskList { name: "d".into() }) {
         Outcome::Ok(Body::Disks { disks, config, .. }) => {
             assert_eq!(disks.len(), 1);
-            assert_eq!(disks[0].location, "shared:vms/d/d-0.vhdx");
+            assert_eq!(disks[0].location, "local:vms/d/d-0.vhdx");
             assert_eq!(
                 (disks[0].kind.as_str(), disks[0].virtual_bytes),
                 ("dynamic", 4 << 20)
@@ -534,10 +538,20 @@ fn import_registers_a_vm_from_its_file_on_a_shared_store() {
             "{o:?}"
         );
     }
+    let big = "shared:bad/big.vmcfg";
+    let mut f = files.create_partial(big).unwrap();
+    f.write_at(0, &[b'#'; FILE_MAX + 1]).unwrap();
+    files.commit_partial(big).unwrap();
+    let o = call(&mut c, Request::VmImport { path: big.into() });
+    assert_eq!(code(&o), Some(ErrorCode::InvalidArgument));
+    assert!(
+        message(&o).contains("at most 4096 bytes; this one has 4097"),
+        "{o:?}"
+    );
     let mut lost = read(&files, path).unwrap();
     lost.name = "lost".into();
     lost.id = VmId([7; 16]);
-    lost.disks[0].location = "shared:vms/lost/lost-0.vhdx".into();
+    lost.disks[0].location = "local:vms/lost/lost-0.vhdx".into();
     write(&files, "shared:cfg/lost.vmcfg", &lost).unwrap();
     let o = call(
         &mut c,
