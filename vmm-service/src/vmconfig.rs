@@ -557,6 +557,10 @@ pub fn write(files: &dyn FileStore, at: &str, cfg: &VmConfig) -> Result<(), Stri
             text.len()
         ));
     }
+    // Never write what this node could not read back (e.g. a guest name
+    // the parser refuses).
+    VmConfig::parse(text.as_bytes())
+        .map_err(|e| format!("the configuration of VM {} is not valid: {e}", cfg.name))?;
     let mut file = files.replace_partial(at)?;
     let written = file
         .write_at(0, text.as_bytes())

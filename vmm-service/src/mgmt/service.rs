@@ -258,11 +258,7 @@ impl Managed {
     pub fn drive_jobs(&mut self, host: &mut dyn Host) {
         self.bench.drive(&mut self.jobs, host);
         if self.migrations.is_active() && self.files.is_some() {
-            let before: Vec<(String, vmconfig::Placement)> = self
-                .vms
-                .iter()
-                .filter_map(|v| v.placement().map(|p| (v.name().into(), p.clone())))
-                .collect();
+            let before = self.placements();
             self.migrations.drive(host, &mut self.vms, &mut self.jobs);
             self.settle_placements(host, before);
         } else {
@@ -378,16 +374,26 @@ impl Managed {
     fn settle_placements(
         &mut self,
         host: &mut dyn Host,
-        before: Vec<(String, vmconfig::Placement)>,
+        before: Vec<(String, vmconfig::Placement, bool)>,
     ) {
         let Some(files) = self.files.as_deref() else {
             return;
         };
-        for (name, p) in before {
+        for (name, p, all_shared) in before {
             match self.vms.iter_mut().find(|v| v.name() == name) {
                 Some(v) if v.placement().is_none() => v.set_placement(Some(p)),
                 Some(_) => {}
                 None => {
+                    // A VM whose disks and file are all on the shared
+                    // store moved with them: the destination adopts the
+                    // file (and so the VM's id).
+                    let adopted = all_shared
+                        && p.at.as_deref().is_some_and(|at| {
+                            crate::lease::vms::is_shared_store(crate::lease::vms::store_of(at))
+                        });
+                    if adopted {
+                        continue;
+                    }
                     if let Some(at) = p.at {
                         let line = match files.remove(&at) {
                             Ok(()) => format!(
@@ -405,6 +411,21 @@ impl Managed {
         for i in 0..self.vms.len() {
             let vm = &self.vms[i];
             if vm.placement().is_some() || vm.migration_mark().is_some() {
+                continue;
+            }
+            if let Some((at, cfg)) = Self::shared_config_of(files, vm) {
+                let line = format!(
+                    "vmm-service: VM {}: its configuration {at} (id {}) is on the shared store with its disks: kept\n",
+                    vm.name(),
+                    cfg.id
+                );
+                self.vms[i].set_placement(Some(vmconfig::Placement {
+                    id: cfg.id,
+                    at: Some(at),
+                    snapshots: cfg.snapshots,
+                    boot: cfg.boot,
+                }));
+                host.console_write(&line);
                 continue;
             }
             let store = files.default_store();
@@ -449,6 +470,47 @@ impl Managed {
             };
             host.console_write(&line);
         }
+    }
+
+    /// The VMs' placements by name, and whether all of each VM's disks
+    /// are on the shared store (before a migration step:
+    /// [`Managed::settle_placements`]).
+    fn placements(&self) -> Vec<(String, vmconfig::Placement, bool)> {
+        self.vms
+            .iter()
+            .filter_map(|v| {
+                let shared = crate::lease::vms::all_disks_shared(v);
+                v.placement().map(|p| (v.name().into(), p.clone(), shared))
+            })
+            .collect()
+    }
+
+    /// The configuration file on the shared store of a VM that arrived
+    /// with all its disks there: `shared:vms/VM/VM.vmcfg` or `VM.vmcfg`
+    /// beside one of its disks, if it describes this VM (its name, its
+    /// disks where they are).
+    fn shared_config_of(files: &dyn FileStore, vm: &Vm) -> Option<(String, vmconfig::VmConfig)> {
+        if !crate::lease::vms::all_disks_shared(vm) {
+            return None;
+        }
+        let file = format!("{}.{}", vm.name(), vmconfig::EXTENSION);
+        let disks: Vec<String> = vm.disk_meta().iter().map(|m| m.location()).collect();
+        let mut candidates = alloc::vec![vmconfig::default_location(
+            crate::lease::vms::SHARED_STORE,
+            vm.name()
+        )];
+        for d in &disks {
+            if let Some((dir, _)) = d.rsplit_once('/') {
+                candidates.push(vmconfig::file_in(dir, &file));
+            }
+        }
+        candidates.into_iter().find_map(|at| {
+            files.file_bytes(&at)?;
+            let cfg = vmconfig::read(files, &at).ok()?;
+            let same =
+                cfg.name == vm.name() && cfg.disks.iter().map(|d| &d.location).eq(disks.iter());
+            same.then_some((at, cfg))
+        })
     }
 
     /// Where disks and storage migrations put files in place of the
@@ -1105,11 +1167,7 @@ impl Managed {
             r @ Request::VmMove { .. } => self.move_vm(host, r),
             r @ Request::VmMoveStorage { .. } => self.move_storage(host, r),
             Request::JobResolve { id, keep } => {
-                let before: Vec<(String, vmconfig::Placement)> = self
-                    .vms
-                    .iter()
-                    .filter_map(|v| v.placement().map(|p| (v.name().into(), p.clone())))
-                    .collect();
+                let before = self.placements();
                 let resolved =
                     self.migrations
                         .resolve(host, &mut self.vms, &mut self.jobs, id, keep);

@@ -26,6 +26,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 mod shared;
+mod vmconfig;
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const MIG_PORT: u16 = 7100;
