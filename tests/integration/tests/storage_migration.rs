@@ -364,7 +364,7 @@ fn vm_configuration_files_move_and_import() {
         "{out}"
     );
     assert_eq!(files_in(&local), ["vms/d/d-0.vhdx"]);
-    assert_eq!(files_in(&shared), ["cfg/d.vmcfg"]);
+    assert_eq!(vm_files_in(&shared), ["cfg/d.vmcfg"]);
     let cfg = config_lines(&shared.join("cfg/d.vmcfg"));
     assert_eq!(line_of(&cfg, "disk.0"), ["dynamic local:vms/d/d-0.vhdx"]);
     assert_eq!(line_of(&cfg, "id"), [id.as_str()]);
@@ -374,7 +374,7 @@ fn vm_configuration_files_move_and_import() {
     // Everything to another local directory while the guest writes.
     n.move_wait("d", &["--to", "local:final"]);
     assert_eq!(files_in(&local), ["final/d-0.vhdx", "final/d.vmcfg"]);
-    assert!(files_in(&shared).is_empty(), "{:?}", files_in(&shared));
+    assert!(vm_files_in(&shared).is_empty(), "{:?}", files_in(&shared));
     let cfg = config_lines(&local.join("final/d.vmcfg"));
     assert_eq!(line_of(&cfg, "disk.0"), ["dynamic local:final/d-0.vhdx"]);
     assert_eq!(line_of(&cfg, "snapshots"), ["local:final/snapshots"]);
@@ -402,7 +402,7 @@ fn vm_configuration_files_move_and_import() {
         "disk-verify",
     ]);
     n.move_wait("s", &["--config", "shared", "--snapshots", "shared"]);
-    assert_eq!(files_in(&shared), ["vms/s/s-0.vhdx", "vms/s/s.vmcfg"]);
+    assert_eq!(vm_files_in(&shared), ["vms/s/s-0.vhdx", "vms/s/s.vmcfg"]);
     let out = c.ok("b", &["vm", "import", "shared:vms/s/s.vmcfg"]);
     assert!(out.contains("created"), "{out}");
     let listed = c.ok("b", &["vm", "list"]);
