@@ -263,15 +263,23 @@ pub fn attach_existing(
         .open(location)
         .map_err(|e| format!("cannot open {location}: {e}"))?;
     // As for a new disk: one other nodes can see writes only while the
-    // VM's lease allows (crate::lease::vms).
-    let io: Box<dyn BlockIo> =
-        if crate::lease::vms::is_shared_store(crate::lease::vms::store_of(location)) {
-            Box::new(crate::lease::vms::GatedIo::new(io, vm.disk_gate().clone()))
-        } else {
-            io
-        };
-    let disk = Vhdx::open(io, vhdx::OpenOptions::read_write(guid_seed))
-        .map_err(|e| format!("{location} is not a usable VHDX: {e}"))?;
+    // VM's lease allows (crate::lease::vms). Such a file is opened
+    // read-only here: a read-write open writes (a new file GUID, a replay
+    // of the log another node may be appending to), and this node does not
+    // hold the lease yet; `vm start` takes it and opens the file again,
+    // read-write behind the VM's gate (`lease::vms::regain`).
+    let shared = crate::lease::vms::is_shared_store(crate::lease::vms::store_of(location));
+    let io: Box<dyn BlockIo> = if shared {
+        Box::new(crate::lease::vms::GatedIo::new(io, vm.disk_gate().clone()))
+    } else {
+        io
+    };
+    let opts = if shared {
+        vhdx::OpenOptions::read_only()
+    } else {
+        vhdx::OpenOptions::read_write(guid_seed)
+    };
+    let disk = Vhdx::open(io, opts).map_err(|e| format!("{location} is not a usable VHDX: {e}"))?;
     let fixed = match disk.kind() {
         vhdx::DiskKind::Dynamic => false,
         vhdx::DiskKind::Fixed => true,

@@ -285,6 +285,9 @@ impl Managed {
     ) -> Option<&mut crate::lease::vms::VmLease> {
         use crate::lease::vms;
         if self.vms[i].lease().is_none() {
+            // Disks it has already were opened without the lease (an
+            // imported VM's, read-only): opened again once it is owned.
+            let reopen = self.vms[i].disk_count() > 0;
             let store = store
                 .filter(|s| vms::is_shared_store(s))
                 .map(String::from)
@@ -292,8 +295,11 @@ impl Managed {
             let at = vms::lease_location(&store, self.vms[i].name());
             let node = self.migrations.lease_node.clone();
             let file = vms::StoreLeaseFile::new(self.stores.clone(), &at, &node.name).ok()?;
-            let lease =
+            let mut lease =
                 vms::VmLease::new(self.vms[i].name(), &node, &at, alloc::boxed::Box::new(file));
+            if reopen {
+                lease.reopen_when_owned();
+            }
             *self.vms[i].lease_mut() = Some(lease);
         }
         self.vms[i].lease_mut().as_mut()

@@ -560,3 +560,57 @@ fn a_destination_lost_before_adopting_leaves_the_source_its_copy() {
     assert_eq!((l.owner.as_str(), l.epoch), ("a", 3));
     s.disk_write(0, "s").unwrap();
 }
+
+/// `vm import` of a VM on the shared store on the node that does not hold
+/// its lease: listed off, its disk opened read-only (b writes nothing to
+/// the store, not even a VHDX header); `vm start` refused naming a; once a
+/// stopped it (lease removed), b starts it and writes its disk.
+#[test]
+fn an_imported_vm_starts_only_on_the_lease_holder() {
+    let mut s = Shared::new();
+    assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
+    s.p.a().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    s.disk_write(0, "s").unwrap();
+    // Its configuration file onto the shared store too, for b to import.
+    let job = match s.p.a().ok(Request::VmMoveStorage {
+        name: "s".into(),
+        to: None,
+        vhd: Vec::new(),
+        config: Some("shared".into()),
+        snapshots: None,
+        keep_source: None,
+        bandwidth_mib_s: None,
+    }) {
+        Body::Job(j) => j.id,
+        other => panic!("{other:?}"),
+    };
+    s.p.until(10_000, "the config move", |p| {
+        p.a().job(job).state == JobState::Completed
+    });
+    let before = s_writes(&s);
+    s.p.b().ok(Request::VmImport {
+        path: "shared:vms/s/s.vmcfg".into(),
+    });
+    assert_eq!(s.info(1, "s").state, "created");
+    let e = error_of(s.p.b().call(Request::VmStart { name: "s".into() }));
+    assert!(
+        e.message
+            .starts_with("VM s cannot start on node b: its disks are leased by node a"),
+        "{e:?}"
+    );
+    s.p.rounds(100);
+    assert_eq!(s_writes(&s), before, "b wrote nothing to the shared store");
+    assert_eq!(s.lease("s").unwrap().owner, "a");
+    s.p.a().ok(Request::VmStop { name: "s".into() });
+    s.p.b().ok(Request::VmStart { name: "s".into() });
+    s.p.rounds(50);
+    let v = s.info(1, "s");
+    assert_eq!((v.state.as_str(), v.pause_reason), ("running", None));
+    assert_eq!(s.lease("s").unwrap().owner, "b");
+    s.disk_write(1, "s").unwrap();
+}
+
+fn s_writes(s: &Shared) -> u64 {
+    s.servers[1].borrow().count(vstorage::p9::Op::Write)
+}
