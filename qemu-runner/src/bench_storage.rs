@@ -10,15 +10,17 @@
 //!
 //! | scenario | the VM | move |
 //! |---|---|---|
-//! | `writes` | runs on: the guest writes 8 MiB a round while the copy runs (every write mirrored) | `local` -> `shared:bench-storage` |
+//! | `writes` | runs on: the guest writes 8 MiB a round while the copy runs (writes behind the cursor mirrored); stopped once the job is seen completed | `local` -> `shared:bench-storage` |
 //! | `idle` | stopped: nothing written | `shared:bench-storage` -> `local:bench-storage` |
 //!
 //! Per scenario: the bytes the job copied (the source's allocated bytes)
 //! over the job's wall time (which, for `writes`, includes the guest's
 //! slices between the copy's steps), next to, in the same run, the
-//! node's store benchmark's plain read+write copy of a file of the same
-//! size on the same store (`store-bench`: its copy phase, timed inside its
-//! own steps) and `qemu-img convert` of the source VHDX to a new VHDX on
+//! node's store benchmark's plain read+write copy of a file of the data's
+//! size (544 MiB) on store `local` (`store-bench`: its copy phase, timed
+//! inside its own steps; run right before and right after each move, the
+//! move held against the mean of the two, as the node's speed drifts by
+//! 2-3x within minutes on a shared machine) and `qemu-img convert` of the source VHDX to a new VHDX on
 //! the host; the ratios to both; and the destination's allocated size (the
 //! host's `st_blocks`) against the source's. Goals: >= 0.8 x the plain
 //! copy; allocated within 1 %.
@@ -106,7 +108,11 @@ pub struct Figures {
     pub copied_mib: u64,
     pub elapsed_ms: u64,
     pub move_mb_per_s: u64,
+    /// The plain copy the move is held against: the mean of the two
+    /// measured right before and right after it (both below).
     pub plain_copy_mb_per_s: u64,
+    pub plain_copy_before_mb_per_s: u64,
+    pub plain_copy_after_mb_per_s: u64,
     pub ratio_to_plain_copy: f64,
     pub qemu_img_convert_mb_per_s: u64,
     pub ratio_to_qemu_img: f64,
@@ -157,6 +163,8 @@ pub fn figures(m: &Move, plain: &PlainCopy, qemu_img_mb_per_s: u64) -> Figures {
         elapsed_ms: m.elapsed_ms,
         move_mb_per_s: rate,
         plain_copy_mb_per_s: plain.copy_mb_per_s,
+        plain_copy_before_mb_per_s: plain.copy_mb_per_s,
+        plain_copy_after_mb_per_s: plain.copy_mb_per_s,
         ratio_to_plain_copy: ratio_plain,
         qemu_img_convert_mb_per_s: qemu_img_mb_per_s,
         ratio_to_qemu_img: ratio(rate, qemu_img_mb_per_s),
@@ -174,7 +182,7 @@ pub fn figures(m: &Move, plain: &PlainCopy, qemu_img_mb_per_s: u64) -> Figures {
 /// One scenario's human-readable line.
 pub fn text_line(f: &Figures) -> String {
     format!(
-        "{:<7} {:<9} {} -> {}: {} MiB in {} ms = {} MB/s = {:.2} x plain 9P copy ({} MB/s), {:.2} x qemu-img convert ({} MB/s)  allocated {} -> {} MiB ({:+.2} %)  guest rounds during the move {}{}{}",
+        "{:<7} {:<9} {} -> {}: {} MiB in {} ms = {} MB/s = {:.2} x plain 9P copy ({} MB/s: {} before, {} after), {:.2} x qemu-img convert ({} MB/s)  allocated {} -> {} MiB ({:+.2} %)  guest rounds during the move {}{}{}",
         f.scenario,
         f.result,
         f.from,
@@ -184,6 +192,8 @@ pub fn text_line(f: &Figures) -> String {
         f.move_mb_per_s,
         f.ratio_to_plain_copy,
         f.plain_copy_mb_per_s,
+        f.plain_copy_before_mb_per_s,
+        f.plain_copy_after_mb_per_s,
         f.ratio_to_qemu_img,
         f.qemu_img_convert_mb_per_s,
         f.source_allocated_bytes >> 20,
@@ -290,13 +300,18 @@ fn job(reply: Body, what: &str) -> Result<JobInfo, String> {
     }
 }
 
-/// Move the VM's disk to `to` (keeping the source) and measure it.
+/// Move the VM's disk to `to` (keeping the source) and measure it. With
+/// `stop_after` the VM is stopped as soon as the job is seen completed,
+/// before the files are measured: after the switch the guest writes to the
+/// destination alone, and what it wrote there in the meantime (up to one
+/// job poll, 250 ms, and the stop) counts as destination allocation.
 fn measure_move(
     dir: &Path,
     c: &mut Client,
     scenario: &str,
     to: &str,
     quiet: bool,
+    stop_after: bool,
 ) -> Result<Move, String> {
     let from = location(c)?;
     let (rounds_before, _) = guest_rounds(&serial(dir), VM);
@@ -319,6 +334,9 @@ fn measure_move(
         );
     }
     let j = hvctl::follow(c, j.id, true)?;
+    if stop_after {
+        c.call_ok(Request::VmStop { name: VM.into() })?;
+    }
     let log = serial(dir);
     let (rounds_after, failed) = guest_rounds(&log, VM);
     let dest = location(c)?;
@@ -471,25 +489,48 @@ fn run_on(dir: &Path, json: bool) -> Result<u8, String> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let writes = measure_move(dir, &mut c, "writes", &format!("shared:{DIR}"), json)?;
-    c.call_ok(Request::VmStop { name: VM.into() })?;
-    let idle = measure_move(dir, &mut c, "idle", &format!("local:{DIR}"), json)?;
-    // The yardsticks: a plain copy of a file as large as what was copied,
-    // on the same store, and qemu-img on the host.
-    let mib = (idle.bytes >> 20).clamp(1, 1024);
-    let plain = store_bench(&mut c, "local", mib)?;
+    // The yardstick, a plain copy of a file as large as the data, on the
+    // same store, is measured right before and right after each move:
+    // on a shared machine the node's speed drifts by 2-3x within minutes,
+    // so a move is held against the mean of the two around it.
+    let mib = DATA_MIB + 32;
+    let plain_0 = store_bench(&mut c, "local", mib)?;
+    let writes = measure_move(dir, &mut c, "writes", &format!("shared:{DIR}"), json, true)?;
+    let plain_1 = store_bench(&mut c, "local", mib)?;
+    let idle = measure_move(dir, &mut c, "idle", &format!("local:{DIR}"), json, false)?;
+    let plain_2 = store_bench(&mut c, "local", mib)?;
+    let around = |a: &PlainCopy, b: &PlainCopy| PlainCopy {
+        write_mb_per_s: (a.write_mb_per_s + b.write_mb_per_s) / 2,
+        read_mb_per_s: (a.read_mb_per_s + b.read_mb_per_s) / 2,
+        copy_mb_per_s: (a.copy_mb_per_s + b.copy_mb_per_s) / 2,
+        mib: a.mib,
+    };
+    let plain = [around(&plain_0, &plain_1), around(&plain_1, &plain_2)];
     // The idle move's kept source: closed cleanly at the switch (the
     // destination is still open, its log in use).
     let qemu = qemu_img_convert(&host_path(dir, &idle.from)?, idle.bytes)?;
     let mut failed = 0;
     if !json {
-        println!(
-            "plain 9P copy on the node (store-bench, {} MiB): write {} MB/s, read {} MB/s, copy {} MB/s; qemu-img convert on the host: {qemu} MB/s",
-            plain.mib, plain.write_mb_per_s, plain.read_mb_per_s, plain.copy_mb_per_s
-        );
+        for (when, p) in [
+            ("before the moves", &plain_0),
+            ("between them", &plain_1),
+            ("after them", &plain_2),
+        ] {
+            println!(
+                "plain 9P copy on the node {when} (store-bench, {} MiB): write {} MB/s, read {} MB/s, copy {} MB/s",
+                p.mib, p.write_mb_per_s, p.read_mb_per_s, p.copy_mb_per_s
+            );
+        }
+        println!("qemu-img convert on the host: {qemu} MB/s");
     }
-    for m in [&writes, &idle] {
-        let f = figures(m, &plain, qemu);
+    let runs = [(&plain_0, &plain_1), (&plain_1, &plain_2)];
+    for ((m, plain), (before, after)) in [(&writes, &plain[0]), (&idle, &plain[1])]
+        .into_iter()
+        .zip(runs)
+    {
+        let mut f = figures(m, plain, qemu);
+        f.plain_copy_before_mb_per_s = before.copy_mb_per_s;
+        f.plain_copy_after_mb_per_s = after.copy_mb_per_s;
         if f.result != "completed" || f.guest_failed {
             failed += 1;
         }
@@ -557,7 +598,7 @@ mod tests {
         let line = text_line(&f);
         assert!(line.starts_with("idle    completed shared:"), "{line}");
         assert!(
-            line.contains("= 54 MB/s = 0.90 x plain 9P copy (60 MB/s)"),
+            line.contains("= 54 MB/s = 0.90 x plain 9P copy (60 MB/s: 60 before, 60 after)"),
             "{line}"
         );
         assert!(
