@@ -27,11 +27,11 @@
 //!   a written frame zeroes it.
 
 use crate::bitmap::DirtyBitmap;
-use crate::digest::{is_zero_page, page_hash, zero_page_hash, ImageDigest};
+use crate::digest::{is_zero_page, page_hash, page_hash_of_crc, zero_page_hash, ImageDigest};
 use crate::error::{MigrationError, StreamError, VmError};
 use crate::report::MigrationResult;
 use crate::state::{DeviceState, VcpuState, VmConfig};
-use crate::stream::{Decoder, Direction, Record, MAGIC_DEST, SUPPORTED_VERSIONS};
+use crate::stream::{Decoder, Direction, Item, Record, MAGIC_DEST, SUPPORTED_VERSIONS};
 use crate::transport::Transport;
 use crate::{Page, PAGE_SIZE};
 use alloc::boxed::Box;
@@ -191,7 +191,6 @@ pub struct Receiver {
     source_memory: Option<u64>,
     digest: ImageDigest,
     page: Box<Page>,
-    buf: Vec<u8>,
     prepared: bool,
     /// Test knobs: how long to wait before `ready` and before `resumed`.
     hold_ready_ns: u64,
@@ -219,7 +218,6 @@ impl Receiver {
             source_memory: None,
             digest: ImageDigest::new(),
             page: Box::new([0u8; PAGE_SIZE]),
-            buf: alloc::vec![0u8; RECV_CHUNK],
             prepared: false,
             hold_ready_ns: 0,
             hold_resumed_ns: 0,
@@ -483,24 +481,46 @@ impl Receiver {
             // While holding `ready`, records still arrive (an `abort`).
             Phase::Receiving | Phase::AwaitGo | Phase::HoldReady { .. } => {
                 // Records already buffered first, so the buffer stays bounded.
-                if let Some(rec) = self.decoder.next_record()? {
-                    self.apply(vm, link, rec)?;
-                    return Ok(RecvProgress::Busy);
+                match self.decoder.next_item()? {
+                    Some(Item::Pages {
+                        start_gfn,
+                        data,
+                        page_crcs,
+                    }) => {
+                        // Straight from the decoder's buffer into guest
+                        // memory; the page hashes reuse the CRCs that
+                        // checked the record (one CRC pass per page).
+                        for (i, (chunk, crc)) in
+                            data.chunks_exact(PAGE_SIZE).zip(page_crcs).enumerate()
+                        {
+                            let gfn = start_gfn + i as u64;
+                            if let Ok(page) = <&Page>::try_from(chunk) {
+                                vm.write_page(gfn, page)?;
+                                self.written.set(gfn);
+                                self.outcome.pages_written += 1;
+                                set_hash(&mut self.page_hashes, gfn, page_hash_of_crc(gfn, *crc));
+                            }
+                        }
+                        return Ok(RecvProgress::Busy);
+                    }
+                    Some(Item::Record(rec)) => {
+                        self.apply(vm, link, rec)?;
+                        return Ok(RecvProgress::Busy);
+                    }
+                    None => {}
                 }
-                let mut buf = core::mem::take(&mut self.buf);
-                let got = link.recv(&mut buf);
+                // Received straight into the decoder's buffer.
+                let got = link.recv(self.decoder.spare(RECV_CHUNK));
                 let n = match got {
                     Ok(n) => n,
                     Err(e) => {
-                        self.buf = buf;
                         // A cut inside the stream says more than the bare
                         // transport error.
                         self.decoder.finish()?;
                         return Err(e.into());
                     }
                 };
-                self.decoder.feed(&buf[..n]);
-                self.buf = buf;
+                self.decoder.filled(n);
                 self.outcome.bytes_received += n as u64;
                 if n == 0 {
                     return Ok(RecvProgress::Waiting);
@@ -534,7 +554,7 @@ impl Receiver {
                         vm.write_page(gfn, page)?;
                         self.written.set(gfn);
                         self.outcome.pages_written += 1;
-                        self.set_hash(gfn, page_hash(gfn, page));
+                        set_hash(&mut self.page_hashes, gfn, page_hash(gfn, page));
                     }
                 }
             }
@@ -544,7 +564,7 @@ impl Receiver {
                     if self.written.test(gfn) {
                         vm.zero_page(gfn)?;
                         self.written.clear(gfn);
-                        self.set_hash(gfn, zero_page_hash(gfn));
+                        set_hash(&mut self.page_hashes, gfn, zero_page_hash(gfn));
                     }
                 }
                 self.outcome.zero_pages += pages;
@@ -591,16 +611,6 @@ impl Receiver {
         Ok(())
     }
 
-    /// The hash of what frame `gfn` now holds.
-    fn set_hash(&mut self, gfn: u64, h: u64) {
-        if let Some(slot) = usize::try_from(gfn)
-            .ok()
-            .and_then(|i| self.page_hashes.get_mut(i))
-        {
-            *slot = h;
-        }
-    }
-
     fn discard<D: DestinationVm + ?Sized>(&mut self, vm: &mut D) {
         if self.prepared {
             vm.discard();
@@ -636,5 +646,15 @@ impl Receiver {
         self.outcome.error = Some(e.to_string());
         self.error = Some(e);
         self.phase = Phase::Finished;
+    }
+}
+
+/// Record `h` as the hash of what frame `gfn` now holds.
+fn set_hash(page_hashes: &mut [u64], gfn: u64, h: u64) {
+    if let Some(slot) = usize::try_from(gfn)
+        .ok()
+        .and_then(|i| page_hashes.get_mut(i))
+    {
+        *slot = h;
     }
 }

@@ -136,19 +136,31 @@ impl fmt::Display for SealError {
 
 /// One end's sealing state: the session's cipher, both sequence numbers,
 /// the negotiated mode and what was received.
+///
+/// Received bytes land once in `rx` (straight from the inner transport in
+/// [`Sealer::pull`]); each complete frame's tag is checked there in place
+/// (and a ciphertext body decrypted in place), and a stream frame's body is
+/// then read from there by [`Sealer::read_stream`]: no copy between the
+/// transport's bytes and the reader's buffer.
 pub struct Sealer {
     cipher: ChaCha20Poly1305,
     end: End,
     send_seq: u64,
     recv_seq: u64,
     encrypt: Option<bool>,
-    /// Bytes of an incomplete frame.
+    /// Received bytes: `rx[..rx_len]` are valid, of which `rx[..checked]`
+    /// are whole frames already verified; the rest is an incomplete frame.
     rx: Vec<u8>,
-    /// Stream bytes received, not yet read.
-    stream: VecDeque<u8>,
+    rx_len: usize,
+    checked: usize,
+    /// Verified stream bodies in `rx` not yet read, in order (`start..end`).
+    stream: VecDeque<(usize, usize)>,
+    /// Bytes in `stream`.
+    stream_len: usize,
     controls: VecDeque<Vec<u8>>,
     error: Option<SealError>,
-    scratch: Vec<u8>,
+    /// Sealed frames of the last stream send (reused, never shrunk).
+    tx: Vec<u8>,
 }
 
 impl fmt::Debug for Sealer {
@@ -179,10 +191,13 @@ impl Sealer {
             recv_seq: 0,
             encrypt: None,
             rx: Vec::new(),
+            rx_len: 0,
+            checked: 0,
             stream: VecDeque::new(),
+            stream_len: 0,
             controls: VecDeque::new(),
             error: None,
-            scratch: Vec::new(),
+            tx: Vec::new(),
         }
     }
 
@@ -257,19 +272,49 @@ impl Sealer {
         if let Some(e) = self.error {
             return Err(e);
         }
-        self.rx.extend_from_slice(bytes);
+        self.compact();
+        let end = self.rx_len + bytes.len();
+        if self.rx.len() < end {
+            self.rx.resize(end, 0);
+        }
+        self.rx[self.rx_len..end].copy_from_slice(bytes);
+        self.rx_len = end;
+        self.decode_checked()
+    }
+
+    /// Drop what was read and checked from the front of `rx`, when that is
+    /// at least as much as what is left (so each byte is moved at most
+    /// about once, and `rx` stays within twice what it holds).
+    fn compact(&mut self) {
+        let head = self.stream.front().map_or(self.checked, |r| r.0);
+        if head == 0 || head < self.rx_len - head {
+            return;
+        }
+        self.rx.copy_within(head..self.rx_len, 0);
+        self.rx_len -= head;
+        self.checked -= head;
+        for r in &mut self.stream {
+            r.0 -= head;
+            r.1 -= head;
+        }
+    }
+
+    fn decode_checked(&mut self) -> Result<(), SealError> {
         let r = self.decode();
         if let Err(e) = r {
+            // Poisoned: what was not checked is dropped; stream bytes
+            // checked before stay readable.
             self.error = Some(e);
-            self.rx = Vec::new();
+            self.rx_len = self.checked;
         }
         r
     }
 
+    /// Check and open every complete frame behind `checked`, in place.
     fn decode(&mut self) -> Result<(), SealError> {
-        let mut pos = 0;
         loop {
-            let avail = &self.rx[pos..];
+            let pos = self.checked;
+            let avail = &self.rx[pos..self.rx_len];
             let Some(h) = avail.get(..HEADER_BYTES) else {
                 break;
             };
@@ -294,37 +339,35 @@ impl Sealer {
             let body_end = HEADER_BYTES + len as usize;
             let tag = Tag::clone_from_slice(&avail[body_end..total]);
             let n = nonce(self.end.peer(), frame);
-            self.scratch.clear();
+            let sealed = &mut self.rx[pos..pos + body_end];
+            // One pass over the body: the tag (and, encrypted, the
+            // decryption in place, only after the tag verified).
             let ok = if encrypted {
-                self.scratch
-                    .extend_from_slice(&avail[HEADER_BYTES..body_end]);
+                let (header, body) = sealed.split_at_mut(HEADER_BYTES);
                 self.cipher
-                    .decrypt_in_place_detached(&n, &avail[..HEADER_BYTES], &mut self.scratch, &tag)
+                    .decrypt_in_place_detached(&n, header, body, &tag)
                     .is_ok()
             } else {
-                let ok = self
-                    .cipher
-                    .decrypt_in_place_detached(&n, &avail[..body_end], &mut [], &tag)
-                    .is_ok();
-                self.scratch
-                    .extend_from_slice(&avail[HEADER_BYTES..body_end]);
-                ok
+                self.cipher
+                    .decrypt_in_place_detached(&n, sealed, &mut [], &tag)
+                    .is_ok()
             };
             if !ok {
                 return Err(SealError::Integrity { frame });
             }
             self.recv_seq = self.recv_seq.wrapping_add(1);
-            pos += total;
+            self.checked = pos + total;
+            let body = (pos + HEADER_BYTES, pos + body_end);
             if base == KIND_CONTROL {
-                if self.scratch.len() > CONTROL_MAX || self.controls.len() >= CONTROL_QUEUE_MAX {
+                if len as usize > CONTROL_MAX || self.controls.len() >= CONTROL_QUEUE_MAX {
                     return Err(SealError::ControlOverflow { frame });
                 }
-                self.controls.push_back(self.scratch.clone());
-            } else {
-                self.stream.extend(self.scratch.iter());
+                self.controls.push_back(self.rx[body.0..body.1].to_vec());
+            } else if body.1 > body.0 {
+                self.stream.push_back(body);
+                self.stream_len += body.1 - body.0;
             }
         }
-        self.rx.drain(..pos);
         Ok(())
     }
 
@@ -335,15 +378,26 @@ impl Sealer {
 
     /// Stream bytes received and not yet read.
     pub fn stream_pending(&self) -> usize {
-        self.stream.len()
+        self.stream_len
     }
 
-    /// Read received stream bytes into `buf`.
+    /// Read received stream bytes into `buf` (straight from the frames
+    /// they arrived in).
     pub fn read_stream(&mut self, buf: &mut [u8]) -> usize {
-        let n = buf.len().min(self.stream.len());
-        for (d, s) in buf.iter_mut().zip(self.stream.drain(..n)) {
-            *d = s;
+        let mut n = 0;
+        while n < buf.len() {
+            let Some(r) = self.stream.front_mut() else {
+                break;
+            };
+            let k = (r.1 - r.0).min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&self.rx[r.0..r.0 + k]);
+            r.0 += k;
+            n += k;
+            if r.0 == r.1 {
+                self.stream.pop_front();
+            }
         }
+        self.stream_len -= n;
         n
     }
 
@@ -352,14 +406,23 @@ impl Sealer {
         self.error
     }
 
-    /// Pull what the inner transport has into the sealer (one chunk).
-    /// `Ok(0)`: nothing arrived.
+    /// Pull what the inner transport has into the sealer (one chunk,
+    /// received straight into the sealer's buffer) and open the frames
+    /// that completed. `Ok(0)`: nothing arrived.
     pub fn pull<T: Transport + ?Sized>(&mut self, inner: &mut T) -> Result<usize, SealedError> {
-        let mut buf = [0u8; 2048];
+        if let Some(e) = self.error {
+            return Err(SealedError::Seal(e));
+        }
+        self.compact();
+        let end = self.rx_len + RECV_CHUNK;
+        if self.rx.len() < end {
+            self.rx.resize(end, 0);
+        }
         let mut got = 0;
         while got < RECV_CHUNK {
-            let n = match inner.recv(&mut buf) {
-                Ok(n) => n,
+            let at = self.rx_len;
+            let n = match inner.recv(&mut self.rx[at..end]) {
+                Ok(n) => n.min(end - at),
                 // What arrived before a close or reset counts first (a
                 // refusal followed at once by the peer's close): the
                 // error repeats at the next pull.
@@ -370,7 +433,10 @@ impl Sealer {
                 break;
             }
             got += n;
-            self.feed(&buf[..n]).map_err(SealedError::Seal)?;
+            self.rx_len += n;
+        }
+        if got > 0 {
+            self.decode_checked().map_err(SealedError::Seal)?;
         }
         Ok(got)
     }
@@ -395,9 +461,12 @@ pub struct SealedLink<'a, T: Transport + ?Sized> {
 
 impl<T: Transport + ?Sized> Transport for SealedLink<'_, T> {
     fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
-        let mut out = Vec::with_capacity(Sealer::sealed_len(bytes.len()));
+        let mut out = core::mem::take(&mut self.sealer.tx);
+        out.clear();
         self.sealer.seal_stream(bytes, &mut out);
-        self.inner.send(&out)
+        let r = self.inner.send(&out);
+        self.sealer.tx = out;
+        r
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {

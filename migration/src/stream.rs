@@ -379,6 +379,31 @@ pub fn negotiate(offered: &[u16], supported: &'static [u16]) -> Result<u16, Stre
         })
 }
 
+/// What [`Decoder::next_item`] yields.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Item<'a> {
+    /// A memory data record: `data.len() / 4096` pages from `start_gfn`,
+    /// lent from the decoder's buffer, and each page's CRC-32
+    /// (`crc32fast::hash(page)`).
+    Pages {
+        start_gfn: u64,
+        data: &'a [u8],
+        page_crcs: &'a [u32],
+    },
+    /// Any other record.
+    Record(Record),
+}
+
+/// A decoded record inside the decoder: memory data by position.
+enum Next {
+    Pages {
+        start_gfn: u64,
+        at: usize,
+        pages: usize,
+    },
+    Record(Record),
+}
+
 /// Which direction a [`Decoder`] reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -444,8 +469,13 @@ impl State {
 #[derive(Debug)]
 pub struct Decoder {
     dir: Direction,
+    /// Received bytes: `buf[pos..end]` are not yet decoded; `buf[end..]`
+    /// is room a caller may receive into ([`Decoder::spare`]).
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
+    /// The CRC-32 of each page of the last memory data record.
+    page_crcs: [u32; MAX_DATA_RUN_PAGES as usize],
     record: u64,
     state: State,
     error: Option<StreamError>,
@@ -465,6 +495,8 @@ impl Decoder {
             dir,
             buf: Vec::new(),
             pos: 0,
+            end: 0,
+            page_crcs: [0; MAX_DATA_RUN_PAGES as usize],
             record: 0,
             state: State::Magic,
             error: None,
@@ -482,11 +514,34 @@ impl Decoder {
     /// `Ok(None)` before feeding more, so at most one partial record and one
     /// chunk are buffered.
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
+        self.spare(bytes.len()).copy_from_slice(bytes);
+        self.filled(bytes.len());
+    }
+
+    /// Room for `n` more bytes at the end of the buffer, for a caller that
+    /// receives straight into it (no copy through a buffer of its own);
+    /// then [`Decoder::filled`] with how many it wrote. The same contract
+    /// as [`Decoder::feed`]: decode everything before asking again.
+    pub fn spare(&mut self, n: usize) -> &mut [u8] {
+        // Decoded bytes are dropped from the front when they are at least
+        // as many as those left (each byte moves about once at most) or
+        // the room is short; the buffer grows only to what it holds plus
+        // `n`.
+        let live = self.end - self.pos;
+        if self.pos > 0 && (self.pos >= live || self.end + n > self.buf.len()) {
+            self.buf.copy_within(self.pos..self.end, 0);
             self.pos = 0;
+            self.end = live;
         }
-        self.buf.extend_from_slice(bytes);
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+        &mut self.buf[self.end..self.end + n]
+    }
+
+    /// `n` bytes were written at the start of [`Decoder::spare`]'s room.
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
     }
 
     /// The stream ended with its final record (`go`, `resumed` or `abort`).
@@ -506,7 +561,7 @@ impl Decoder {
 
     /// Bytes held: at most one partial record plus the last chunk fed.
     pub fn buffered_bytes(&self) -> usize {
-        self.buf.len() - self.pos
+        self.end - self.pos
     }
 
     /// Number of records decoded so far.
@@ -529,12 +584,42 @@ impl Decoder {
     }
 
     /// The next complete record, `Ok(None)` if more bytes are needed.
+    /// Memory data comes as [`Record::MemData`] with its own copy of the
+    /// pages; [`Decoder::next_item`] lends them instead.
     pub fn next_record(&mut self) -> Result<Option<Record>, StreamError> {
+        Ok(match self.next_item()? {
+            None => None,
+            Some(Item::Record(r)) => Some(r),
+            Some(Item::Pages {
+                start_gfn, data, ..
+            }) => Some(Record::MemData {
+                start_gfn,
+                data: data.to_vec(),
+            }),
+        })
+    }
+
+    /// The next complete record, `Ok(None)` if more bytes are needed; a
+    /// memory data record's pages are lent from the decoder's buffer, with
+    /// the CRC of each page (the record's CRC was checked from them: one
+    /// CRC pass over the page bytes, whose results the receiver's page
+    /// hashes reuse).
+    pub fn next_item(&mut self) -> Result<Option<Item<'_>>, StreamError> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
         match self.next_inner() {
-            Ok(r) => Ok(r),
+            Ok(None) => Ok(None),
+            Ok(Some(Next::Record(r))) => Ok(Some(Item::Record(r))),
+            Ok(Some(Next::Pages {
+                start_gfn,
+                at,
+                pages,
+            })) => Ok(Some(Item::Pages {
+                start_gfn,
+                data: &self.buf[at..at + pages * PAGE_SIZE],
+                page_crcs: &self.page_crcs[..pages],
+            })),
             Err(e) => {
                 self.error = Some(e.clone());
                 Err(e)
@@ -542,9 +627,27 @@ impl Decoder {
         }
     }
 
-    fn next_inner(&mut self) -> Result<Option<Record>, StreamError> {
+    /// A well-formed memory data record of `pages` (1..=64) pages whose
+    /// payload is `whole[HEADER_BYTES..body_end]`: its CRC from one pass
+    /// over each page (kept in `page_crcs`) combined with the header's.
+    fn mem_data_crc(&mut self, at: usize, pages: usize) -> u32 {
+        let head = &self.buf[at..at + MEM_DATA_HEAD_BYTES];
+        let mut crc = crc32fast::hash(head);
+        let first = at + MEM_DATA_HEAD_BYTES;
+        for (i, page) in self.buf[first..first + pages * PAGE_SIZE]
+            .chunks_exact(PAGE_SIZE)
+            .enumerate()
+        {
+            let c = crc32fast::hash(page);
+            self.page_crcs[i] = c;
+            crc = crate::digest::crc32_append_page(crc, c);
+        }
+        crc
+    }
+
+    fn next_inner(&mut self) -> Result<Option<Next>, StreamError> {
         loop {
-            let avail = &self.buf[self.pos..];
+            let avail = &self.buf[self.pos..self.end];
             if self.state == State::Done {
                 if avail.is_empty() {
                     return Ok(None);
@@ -612,6 +715,43 @@ impl Decoder {
                 whole[body_end + 2],
                 whole[body_end + 3],
             ]);
+            // A memory data record of the right shape: its pages are CRC'd
+            // one by one and lent, not copied.
+            let run = (t == ty::MEM_DATA && len as usize >= 12).then(|| {
+                let gfn = u64::from_le_bytes(whole[8..16].try_into().unwrap_or([0; 8]));
+                let pages = u32::from_le_bytes(whole[16..20].try_into().unwrap_or([0; 4]));
+                (gfn, pages as usize)
+            });
+            if let Some((start_gfn, pages)) = run.filter(|&(_, p)| {
+                (1..=MAX_DATA_RUN_PAGES as usize).contains(&p) && len as usize == 12 + p * PAGE_SIZE
+            }) {
+                let at = self.pos;
+                let computed = self.mem_data_crc(at, pages);
+                if stored != computed {
+                    return Err(StreamError::CrcMismatch {
+                        record,
+                        stored,
+                        computed,
+                    });
+                }
+                match self.state {
+                    State::Memory => self.check_run(record, start_gfn, pages as u64)?,
+                    s => {
+                        return Err(StreamError::UnexpectedRecord {
+                            record,
+                            kind: "memory data",
+                            state: s.describe(),
+                        })
+                    }
+                }
+                self.pos += total;
+                self.record += 1;
+                return Ok(Some(Next::Pages {
+                    start_gfn,
+                    at: at + MEM_DATA_HEAD_BYTES,
+                    pages,
+                }));
+            }
             let computed = crc32fast::hash(&whole[..body_end]);
             if stored != computed {
                 return Err(StreamError::CrcMismatch {
@@ -629,7 +769,7 @@ impl Decoder {
             let payload = &self.buf[payload_start..payload_start + len as usize];
             let rec = parse(t, payload, record)?;
             self.advance(&rec, record)?;
-            return Ok(Some(rec));
+            return Ok(Some(Next::Record(rec)));
         }
     }
 
@@ -1331,6 +1471,77 @@ mod tests {
         }
         assert_eq!(n, 18);
         assert!(peak <= MAX_RECORD_BYTES + 10 * 1024, "{peak}");
+    }
+
+    /// Memory data is lent from the decoder's buffer with each page's CRC
+    /// (the same values as hashing the pages), the record's CRC is still
+    /// checked from them, and the state machine still applies.
+    #[test]
+    fn pages_are_lent_with_their_crcs_and_still_checked() {
+        let mut cfg = sample_config();
+        cfg.ram_bytes = 256 * PAGE_SIZE as u64;
+        let mut s = Vec::from(MAGIC_SOURCE);
+        Record::Select { version: 3 }.encode(&mut s);
+        Record::Config(cfg).encode(&mut s);
+        let run: Vec<u8> = (0..3 * PAGE_SIZE)
+            .map(|i| (i * 31 + i / 4096) as u8)
+            .collect();
+        let at = s.len();
+        encode_mem_data(7, &run, &mut s);
+        let mut d = Decoder::new(Direction::SourceToDest);
+        // Received straight into the decoder, in uneven pieces.
+        for c in s.chunks(1000) {
+            d.spare(c.len()).copy_from_slice(c);
+            d.filled(c.len());
+        }
+        assert!(matches!(
+            d.next_item(),
+            Ok(Some(Item::Record(Record::Select { .. })))
+        ));
+        assert!(matches!(
+            d.next_item(),
+            Ok(Some(Item::Record(Record::Config(_))))
+        ));
+        match d.next_item() {
+            Ok(Some(Item::Pages {
+                start_gfn,
+                data,
+                page_crcs,
+            })) => {
+                assert_eq!(start_gfn, 7);
+                assert_eq!(data, &run[..]);
+                let want: Vec<u32> = run.chunks(PAGE_SIZE).map(crc32fast::hash).collect();
+                assert_eq!(page_crcs, &want[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(d.next_item(), Ok(None));
+        // A flipped bit in the last page: refused by the record's CRC.
+        let mut bad = s.clone();
+        bad[at + MEM_DATA_HEAD_BYTES + 3 * PAGE_SIZE - 1] ^= 1;
+        let e = decode(Direction::SourceToDest, &bad).unwrap_err();
+        assert!(
+            matches!(e, StreamError::CrcMismatch { record: 2, .. }),
+            "{e}"
+        );
+        // Outside RAM, and after the vCPU state: refused as before.
+        let mut far = s[..at].to_vec();
+        encode_mem_data(255, &run, &mut far);
+        assert!(matches!(
+            decode(Direction::SourceToDest, &far),
+            Err(StreamError::GfnOutOfRange { start_gfn: 255, .. })
+        ));
+        let mut late = s[..at].to_vec();
+        Record::Vcpu(Box::new(sample_vcpu(0))).encode(&mut late);
+        encode_mem_data(0, &run, &mut late);
+        assert!(matches!(
+            decode(Direction::SourceToDest, &late),
+            Err(StreamError::UnexpectedRecord {
+                record: 3,
+                kind: "memory data",
+                ..
+            })
+        ));
     }
 
     #[test]
