@@ -350,9 +350,10 @@ pub fn sample_streams() -> Vec<(Direction, Vec<u8>)> {
 
     let mut back = Vec::from(MAGIC_DEST);
     Record::Offer {
-        versions: alloc::vec![1, 2],
+        versions: alloc::vec![1, 2, 3, 4],
     }
     .encode(&mut back);
+    Record::Progress { applied: 131_072 }.encode(&mut back);
     Record::Ready { digest }.encode(&mut back);
     Record::Resumed.encode(&mut back);
     alloc::vec![

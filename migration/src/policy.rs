@@ -105,6 +105,27 @@ pub fn expected_downtime_ns(
         .saturating_add(switch_over_cost_ns)
 }
 
+/// Smallest and largest bound on stream bytes in flight beyond what the
+/// destination applied ([`in_flight_cap_bytes`]).
+pub const IN_FLIGHT_MIN_BYTES: u64 = 1 << 20;
+/// See [`IN_FLIGHT_MIN_BYTES`].
+pub const IN_FLIGHT_MAX_BYTES: u64 = 8 << 20;
+
+/// How far the source may run ahead of what the destination applied: what
+/// the measured bandwidth moves in a quarter of the downtime limit, so the
+/// bytes a pause must wait for take at most that long; within
+/// [`IN_FLIGHT_MIN_BYTES`] (enough to keep a link busy across a node's
+/// scheduling round) and [`IN_FLIGHT_MAX_BYTES`]. Unknown bandwidth: the
+/// minimum.
+pub fn in_flight_cap_bytes(bandwidth_bytes_per_s: u64, downtime_limit_ns: u64) -> u64 {
+    let quarter = u128::from(bandwidth_bytes_per_s) * u128::from(downtime_limit_ns)
+        / u128::from(NS_PER_S)
+        / 4;
+    u64::try_from(quarter)
+        .unwrap_or(u64::MAX)
+        .clamp(IN_FLIGHT_MIN_BYTES, IN_FLIGHT_MAX_BYTES)
+}
+
 /// Whether the expected downtime is within the limit.
 pub fn fits_downtime(expected_ns: u64, limit_ns: u64) -> bool {
     expected_ns <= limit_ns
@@ -174,6 +195,18 @@ pub fn rate_limit_wait_ns(bytes_sent: u64, elapsed_ns: u64, max_bytes_per_s: u64
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_in_flight_cap_is_a_quarter_of_the_limit_at_the_measured_rate() {
+        // 40 MB/s, 300 ms: 3 MB.
+        assert_eq!(in_flight_cap_bytes(40_000_000, 300 * NS_PER_MS), 3_000_000);
+        assert_eq!(in_flight_cap_bytes(0, 300 * NS_PER_MS), IN_FLIGHT_MIN_BYTES);
+        assert_eq!(
+            in_flight_cap_bytes(1_000, 300 * NS_PER_MS),
+            IN_FLIGHT_MIN_BYTES
+        );
+        assert_eq!(in_flight_cap_bytes(u64::MAX, u64::MAX), IN_FLIGHT_MAX_BYTES);
+    }
     use super::*;
 
     #[test]

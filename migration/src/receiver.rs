@@ -31,7 +31,9 @@ use crate::digest::{is_zero_page, page_hash, page_hash_of_crc, zero_page_hash, I
 use crate::error::{MigrationError, StreamError, VmError};
 use crate::report::MigrationResult;
 use crate::state::{DeviceState, VcpuState, VmConfig};
-use crate::stream::{Decoder, Direction, Item, Record, MAGIC_DEST, SUPPORTED_VERSIONS};
+use crate::stream::{
+    Decoder, Direction, Item, Record, MAGIC_DEST, PROGRESS_VERSION, SUPPORTED_VERSIONS,
+};
 use crate::transport::Transport;
 use crate::{Page, PAGE_SIZE};
 use alloc::boxed::Box;
@@ -166,6 +168,9 @@ enum Phase {
 
 /// Receive chunk per step.
 const RECV_CHUNK: usize = 64 * 1024;
+/// Version 4: a progress record goes back after this many more stream
+/// bytes were applied (one per 64-page record, 41 bytes sealed).
+const PROGRESS_EVERY_BYTES: u64 = 128 * 1024;
 /// Pages hashed per verification step.
 const VERIFY_PAGES_PER_STEP: u64 = 1024;
 /// Page hashes folded per verification step ([`DigestCheck::HashOnWrite`]).
@@ -192,6 +197,8 @@ pub struct Receiver {
     digest: ImageDigest,
     page: Box<Page>,
     prepared: bool,
+    /// Stream bytes applied as of the last progress record sent.
+    progress_sent: u64,
     /// Test knobs: how long to wait before `ready` and before `resumed`.
     hold_ready_ns: u64,
     hold_resumed_ns: u64,
@@ -219,6 +226,7 @@ impl Receiver {
             digest: ImageDigest::new(),
             page: Box::new([0u8; PAGE_SIZE]),
             prepared: false,
+            progress_sent: 0,
             hold_ready_ns: 0,
             hold_resumed_ns: 0,
             now_ns,
@@ -381,6 +389,28 @@ impl Receiver {
         Ok(())
     }
 
+    /// Version 4, while memory arrives: tell the source how much of its
+    /// stream is applied here once `every` more bytes were (every
+    /// [`PROGRESS_EVERY_BYTES`] while records keep coming, at once when
+    /// nothing more has arrived), so what it has sent beyond that (what a
+    /// pause would wait for) stays bounded and known.
+    fn report_progress<T: Transport + ?Sized>(&mut self, link: &mut T, every: u64) {
+        if self.decoder.version() < PROGRESS_VERSION || self.phase != Phase::Receiving {
+            return;
+        }
+        let applied = self
+            .outcome
+            .bytes_received
+            .saturating_sub(self.decoder.buffered_bytes() as u64);
+        if applied < self.progress_sent.saturating_add(every) {
+            return;
+        }
+        self.progress_sent = applied;
+        // Advisory: a link that broke shows at the next receive, after
+        // what arrived before the break (e.g. the source's abort) is read.
+        let _ = self.send_record(link, &Record::Progress { applied });
+    }
+
     fn step_inner<D, T>(&mut self, vm: &mut D, link: &mut T) -> Result<RecvProgress, MigrationError>
     where
         D: DestinationVm + ?Sized,
@@ -501,10 +531,15 @@ impl Receiver {
                                 set_hash(&mut self.page_hashes, gfn, page_hash_of_crc(gfn, *crc));
                             }
                         }
+                        self.report_progress(link, PROGRESS_EVERY_BYTES);
                         return Ok(RecvProgress::Busy);
                     }
                     Some(Item::Record(rec)) => {
+                        let memory = matches!(rec, Record::MemZero { .. });
                         self.apply(vm, link, rec)?;
+                        if memory {
+                            self.report_progress(link, PROGRESS_EVERY_BYTES);
+                        }
                         return Ok(RecvProgress::Busy);
                     }
                     None => {}
@@ -523,6 +558,10 @@ impl Receiver {
                 self.decoder.filled(n);
                 self.outcome.bytes_received += n as u64;
                 if n == 0 {
+                    // Caught up: say so, however little was applied since
+                    // (the source counts what it has not heard of as still
+                    // on its way).
+                    self.report_progress(link, 1);
                     return Ok(RecvProgress::Waiting);
                 }
                 Ok(RecvProgress::Busy)
@@ -606,7 +645,10 @@ impl Receiver {
                 self.phase = Phase::Finished;
             }
             // The decoder only yields source -> destination records here.
-            Record::Offer { .. } | Record::Ready { .. } | Record::Resumed => {}
+            Record::Offer { .. }
+            | Record::Ready { .. }
+            | Record::Resumed
+            | Record::Progress { .. } => {}
         }
         Ok(())
     }

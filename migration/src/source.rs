@@ -51,8 +51,8 @@ use crate::policy::{self, Policy};
 use crate::report::{MigrationReport, MigrationResult, PausePhases};
 use crate::state::{DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES};
 use crate::stream::{
-    self, Decoder, Direction, Record, MAX_DATA_RUN_PAGES, MAX_ZERO_RUN_PAGES, SUPPORTED_VERSIONS,
-    VERIFY_VERSION,
+    self, Decoder, Direction, Record, MAX_DATA_RUN_PAGES, MAX_ZERO_RUN_PAGES, PROGRESS_VERSION,
+    SUPPORTED_VERSIONS, VERIFY_VERSION,
 };
 use crate::transport::Transport;
 use crate::{Page, PAGE_SIZE};
@@ -401,6 +401,10 @@ pub struct Migration {
     last_acked: u64,
     last_received: u64,
     received: u64,
+    /// The negotiated stream version (0 before the offer).
+    version: u16,
+    /// Version 4: stream bytes the destination reported applied.
+    applied: u64,
     dirty_log_on: bool,
     paused: bool,
     committed: bool,
@@ -466,6 +470,8 @@ impl Migration {
             last_acked: 0,
             last_received: 0,
             received: 0,
+            version: 0,
+            applied: 0,
             dirty_log_on: false,
             paused: false,
             committed: false,
@@ -738,6 +744,7 @@ impl Migration {
                     if self.policy.verify_memory && version < VERIFY_VERSION {
                         return Err(MigrationError::VerificationUnsupported { version });
                     }
+                    self.version = version;
                     self.out.clear();
                     Record::Select { version }.encode(&mut self.out);
                     Record::Config(self.config.clone()).encode(&mut self.out);
@@ -749,7 +756,7 @@ impl Migration {
                     self.t_transfer = now;
                     self.t_pass = now;
                     self.transfer_bytes = 0;
-                    self.rate_window = Some((now, link.acked_bytes()));
+                    self.rate_window = Some((now, self.acknowledged(link)));
                     self.phase = Phase::Copy;
                     Ok(Progress::Busy)
                 }
@@ -777,7 +784,7 @@ impl Migration {
                 }
                 // Flow control: page data only when the transport has room
                 // for a useful batch (never more than it has room for).
-                let pages = link.send_window() / WORST_BYTES_PER_PAGE;
+                let pages = self.send_window(link) / WORST_BYTES_PER_PAGE;
                 if pages < MIN_BATCH_PAGES.min(self.policy.step_pages.max(1) as usize) {
                     return Ok(Progress::Waiting {
                         max_ns: POLL_NS / 10,
@@ -860,7 +867,7 @@ impl Migration {
     /// the peer acknowledged over node time (not bytes queued locally, so
     /// buffers in between do not inflate it).
     fn sample_bandwidth<T: Transport + ?Sized>(&mut self, link: &T, now: u64) {
-        let acked = link.acked_bytes();
+        let acked = self.acknowledged(link);
         let Some((t0, a0)) = self.rate_window else {
             self.rate_window = Some((now, acked));
             return;
@@ -895,24 +902,64 @@ impl Migration {
         }
     }
 
-    /// The next back-channel record, if one has fully arrived.
+    /// The next back-channel record, if one has fully arrived. Progress
+    /// records (version 4) are taken here: they only move `applied`.
     fn poll_back<T: Transport + ?Sized>(
         &mut self,
         link: &mut T,
     ) -> Result<Option<Record>, MigrationError> {
-        if let Some(r) = self.back.next_record()? {
-            return Ok(Some(r));
+        let mut pulled = false;
+        loop {
+            match self.back.next_record()? {
+                Some(Record::Progress { applied }) => {
+                    if self.version < PROGRESS_VERSION {
+                        return Err(self.unexpected(Record::Progress { applied }));
+                    }
+                    // Never more than was sent, never backwards.
+                    self.applied = self.applied.max(applied.min(self.report.bytes_sent));
+                }
+                Some(r) => return Ok(Some(r)),
+                None if pulled => return Ok(None),
+                None => {
+                    pulled = true;
+                    let mut buf = [0u8; RECV_CHUNK];
+                    // A clean end of the back channel before its last
+                    // record is a protocol-level truncation; report the
+                    // transport error.
+                    let n = link.recv(&mut buf).map_err(MigrationError::Transport)?;
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    self.received += n as u64;
+                    self.back.feed(&buf[..n]);
+                }
+            }
         }
-        let mut buf = [0u8; RECV_CHUNK];
-        // A clean end of the back channel before its last record is a
-        // protocol-level truncation; report the transport error.
-        let n = link.recv(&mut buf).map_err(MigrationError::Transport)?;
-        if n == 0 {
-            return Ok(None);
+    }
+
+    /// Bytes the peer has acknowledged: version 4, what the destination
+    /// reported applied; before it, what the transport delivered.
+    fn acknowledged<T: Transport + ?Sized>(&self, link: &T) -> u64 {
+        if self.version >= PROGRESS_VERSION {
+            self.applied
+        } else {
+            link.acked_bytes()
         }
-        self.received += n as u64;
-        self.back.feed(&buf[..n]);
-        Ok(self.back.next_record()?)
+    }
+
+    /// Room for page data now: the transport's window, and (version 4) no
+    /// more in flight beyond what the destination applied than
+    /// [`policy::in_flight_cap_bytes`], so what a pause waits for stays
+    /// a fraction of the downtime limit.
+    fn send_window<T: Transport + ?Sized>(&self, link: &T) -> usize {
+        let w = link.send_window();
+        if self.version < PROGRESS_VERSION {
+            return w;
+        }
+        let bw = policy::effective_bandwidth(self.bandwidth, self.policy.max_bandwidth_bytes_per_s);
+        let cap = policy::in_flight_cap_bytes(bw, self.policy.downtime_limit_ns);
+        let ahead = self.report.bytes_sent.saturating_sub(self.applied);
+        w.min(usize::try_from(cap.saturating_sub(ahead)).unwrap_or(usize::MAX))
     }
 
     fn send_raw<T: Transport + ?Sized>(
@@ -1037,8 +1084,13 @@ impl Migration {
             self.dirty_rate = rate;
         }
         let bw = policy::effective_bandwidth(self.bandwidth, self.policy.max_bandwidth_bytes_per_s);
+        // What is still on its way counts too: the pause waits for it.
+        let in_flight = self
+            .report
+            .bytes_sent
+            .saturating_sub(self.acknowledged(link));
         let expected = policy::expected_downtime_ns(
-            dirty * PAGE_SIZE as u64,
+            (dirty * PAGE_SIZE as u64).saturating_add(in_flight),
             bw,
             self.policy.switch_over_cost_ns,
         );

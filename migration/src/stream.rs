@@ -36,6 +36,7 @@
 //! | `0x00f1` | go            | empty: the destination may resume the VM |
 //! | `0x0101` | ready         | `digest:u64`: the destination verified it and holds all state |
 //! | `0x0102` | resumed       | empty: the VM runs at the destination |
+//! | `0x0103` | progress      | `applied:u64`: bytes of the source's stream (magic included) the destination has decoded and applied (version 4 only; before `ready`) |
 //! | `0x01ff` | abort         | `len:u16` (<= 256), UTF-8 reason |
 //!
 //! # State machine
@@ -57,6 +58,9 @@
 //!                                           vCPU(0) .. vCPU(n-1),
 //!                                           device(d0) .. device(dk) in
 //!                                           configuration order, end(digest)
+//! D: progress(applied)* ◀───────────── (while memory arrives, version 4:
+//!                                         the source keeps what it sent
+//!                                         beyond `applied` bounded)
 //! D: verifies digest (and, after a
 //!    verify record, re-reads its whole
 //!    memory: it must hash to the
@@ -123,12 +127,15 @@ pub const MAGIC_SOURCE: [u8; 8] = *b"HVMIGSRC";
 /// Magic opening the destination -> source stream.
 pub const MAGIC_DEST: [u8; 8] = *b"HVMIGDST";
 /// Protocol versions this implementation speaks, ascending.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3];
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4];
 /// First protocol version with the memory verify record.
 pub const VERIFY_VERSION: u16 = 2;
 /// First protocol version whose vCPU records carry NMI blocking (bit 1 of
 /// the interruptibility byte).
 pub const NMI_STATE_VERSION: u16 = 3;
+/// First protocol version with the destination's progress record (the
+/// source bounds what it sent beyond what the destination applied).
+pub const PROGRESS_VERSION: u16 = 4;
 /// Record header length.
 pub const HEADER_BYTES: usize = 8;
 /// Record trailer (CRC) length.
@@ -159,6 +166,7 @@ mod ty {
     pub const GO: u16 = 0x00f1;
     pub const READY: u16 = 0x0101;
     pub const RESUMED: u16 = 0x0102;
+    pub const PROGRESS: u16 = 0x0103;
     pub const ABORT: u16 = 0x01ff;
 }
 
@@ -177,6 +185,7 @@ fn type_info(t: u16) -> Option<(&'static str, u32)> {
         ty::GO => ("go", 0),
         ty::READY => ("ready", 8),
         ty::RESUMED => ("resumed", 0),
+        ty::PROGRESS => ("progress", 8),
         ty::ABORT => ("abort", 2 + MAX_ABORT_REASON_BYTES),
         _ => return None,
     };
@@ -216,6 +225,8 @@ pub enum Record {
     Ready { digest: u64 },
     /// Destination: the VM runs here now.
     Resumed,
+    /// Destination (version 4): stream bytes it has decoded and applied.
+    Progress { applied: u64 },
     /// Either side: the migration is abandoned.
     Abort { reason: String },
 }
@@ -240,6 +251,7 @@ impl Record {
             Record::Go => ty::GO,
             Record::Ready { .. } => ty::READY,
             Record::Resumed => ty::RESUMED,
+            Record::Progress { .. } => ty::PROGRESS,
             Record::Abort { .. } => ty::ABORT,
         }
     }
@@ -274,6 +286,7 @@ impl Record {
             Record::End { digest } | Record::Ready { digest } | Record::MemVerify { digest } => {
                 frame(out, t, 0, |o| put_u64(o, *digest))
             }
+            Record::Progress { applied } => frame(out, t, 0, |o| put_u64(o, *applied)),
             Record::Go | Record::Resumed => frame(out, t, 0, |_| {}),
             Record::Abort { reason } => frame(out, t, 0, |o| {
                 let bytes = truncate_utf8(reason, MAX_ABORT_REASON_BYTES);
@@ -788,6 +801,7 @@ impl Decoder {
             }
             (State::Offer, Record::Offer { .. }) => self.state = State::AwaitReady,
             (State::AwaitReady, Record::Ready { .. }) => self.state = State::AwaitResumed,
+            (State::AwaitReady, Record::Progress { .. }) => {}
             (State::AwaitResumed, Record::Resumed) => self.state = State::Done,
             (State::Select, Record::Select { version }) => {
                 if !SUPPORTED_VERSIONS.contains(version) {
@@ -958,6 +972,9 @@ fn parse(t: u16, payload: &[u8], record: u64) -> Result<Record, StreamError> {
             digest: r.u64("ready.digest")?,
         },
         ty::RESUMED => Record::Resumed,
+        ty::PROGRESS => Record::Progress {
+            applied: r.u64("progress.applied")?,
+        },
         ty::ABORT => {
             let n = r.u16("abort.len")?;
             if usize::from(n) > MAX_ABORT_REASON_BYTES {
@@ -1541,6 +1558,42 @@ mod tests {
                 kind: "memory data",
                 ..
             })
+        ));
+    }
+
+    /// Progress records (version 4) belong to the back channel before
+    /// `ready`; anywhere else they are refused.
+    #[test]
+    fn progress_only_in_the_back_channel_before_ready() {
+        let mut b = Vec::from(MAGIC_DEST);
+        Record::Offer { versions: vec![4] }.encode(&mut b);
+        Record::Progress { applied: 9 }.encode(&mut b);
+        Record::Progress { applied: 10 }.encode(&mut b);
+        Record::Ready { digest: 1 }.encode(&mut b);
+        let recs = decode(Direction::DestToSource, &{
+            let mut all = b.clone();
+            Record::Resumed.encode(&mut all);
+            all
+        })
+        .unwrap();
+        assert_eq!(recs[2], Record::Progress { applied: 10 });
+        let mut late = b.clone();
+        Record::Progress { applied: 11 }.encode(&mut late);
+        assert!(matches!(
+            decode(Direction::DestToSource, &late),
+            Err(StreamError::UnexpectedRecord {
+                kind: "progress",
+                ..
+            })
+        ));
+        let mut main = prefix();
+        Record::Progress { applied: 1 }.encode(&mut main);
+        assert!(matches!(
+            err_after_prefix(&main[prefix().len()..]),
+            StreamError::UnexpectedRecord {
+                kind: "progress",
+                ..
+            }
         ));
     }
 

@@ -186,9 +186,13 @@ impl Transport for MemPipe {
             return Ok(0);
         }
         let n = buf.len().min(q.len());
-        for (dst, src) in buf.iter_mut().zip(q.drain(..n)) {
-            *dst = src;
-        }
+        // Slice copies, not a byte loop over the queue's iterator (every
+        // byte of a local migration passes here).
+        let (front, back) = q.as_slices();
+        let a = n.min(front.len());
+        buf[..a].copy_from_slice(&front[..a]);
+        buf[a..n].copy_from_slice(&back[..n - a]);
+        q.drain(..n);
         s.taken[self.me] += n as u64;
         Ok(n)
     }

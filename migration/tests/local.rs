@@ -1466,3 +1466,46 @@ fn an_in_doubt_switch_over_is_settled_by_the_destinations_answer() {
         drop(rx);
     }
 }
+
+/// Version 4: the destination reports what it applied, and the source
+/// never runs further ahead of that than the in-flight cap, however much
+/// room the transport has (here a 64 MiB pipe and a receiver stepped once
+/// per eight source steps): what a pause would wait for stays bounded.
+#[test]
+fn the_source_stays_within_the_cap_of_what_the_destination_applied() {
+    let time = Rc::new(Cell::new(0));
+    let mut vm = FakeVm::new(&time, 16384); // 16 MiB of data pages
+    let mut dest = FakeDest::default();
+    let (a, b) = MemPipe::with_capacity(64 << 20);
+    let mut mig = Src::new(&mut vm, a, &time, Policy::default());
+    let mut rx = Dst::new(&mut dest, b, &time);
+    let mut peak = 0u64;
+    for i in 0..10_000_000u64 {
+        time.set(time.get() + 20_000);
+        let s = mig.step();
+        let ahead = mig
+            .report()
+            .bytes_sent
+            .saturating_sub(rx.outcome().bytes_received);
+        peak = peak.max(ahead);
+        if i % 8 == 0 && matches!(rx.step(), RecvProgress::Finished(_)) {
+            while !matches!(mig.step(), Progress::Finished(_)) {}
+            break;
+        }
+        if let Progress::Finished(_) = s {
+            rx.run_to_completion();
+            break;
+        }
+    }
+    assert_eq!(
+        mig.report().result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    let cap = migration::policy::IN_FLIGHT_MAX_BYTES;
+    assert!(peak <= cap + (2 << 20), "{peak} bytes ahead");
+    assert!(peak >= migration::policy::IN_FLIGHT_MIN_BYTES / 2, "{peak}");
+    drop((mig, rx));
+    assert_eq!(&dest.mem, vm.mem_at_pause.as_ref().unwrap());
+}

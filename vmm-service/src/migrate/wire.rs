@@ -27,8 +27,9 @@ pub const WINDOW_BYTES: usize = 1 << 20;
 pub const PENDING_MAX: usize = 8 << 20;
 /// Receive buffer of the pump.
 const RX_BYTES: usize = 256 << 10;
-/// Send queue of the pump.
-const TX_BYTES: usize = 256 << 10;
+/// Send queue of the pump: the whole send window, so page data goes from
+/// the sealer's frames into it directly.
+const TX_BYTES: usize = WINDOW_BYTES + (64 << 10);
 
 /// A TCP connection through a socket pump.
 #[derive(Debug)]
@@ -175,7 +176,14 @@ impl Transport for Wire {
                 if t.pending.len() + bytes.len() > PENDING_MAX {
                     return Err(TransportError::Broken("send queue overflow"));
                 }
-                t.pending.extend(bytes);
+                // Into the pump's queue when nothing waits before it (one
+                // copy fewer); the rest waits here.
+                let n = if t.pending.is_empty() {
+                    t.pump.queue(bytes)
+                } else {
+                    0
+                };
+                t.pending.extend(&bytes[n..]);
                 Ok(())
             }
         }
