@@ -779,6 +779,14 @@ impl Migration {
                 // The end of a pass is a step of its own, so the pause it
                 // may start is timed from a step's start.
                 if self.to_send.next_set(self.cursor).is_none() {
+                    // While the destination is further behind than the
+                    // pause could absorb, wait for it instead of starting
+                    // another pass (which would only harvest the log again).
+                    if self.phase == Phase::Copy && self.destination_behind(link) {
+                        return Ok(Progress::Waiting {
+                            max_ns: POLL_NS / 10,
+                        });
+                    }
                     self.end_of_pass(vm, link, now)?;
                     return Ok(Progress::Busy);
                 }
@@ -947,6 +955,23 @@ impl Migration {
         }
     }
 
+    /// Version 4: what the destination has yet to apply would alone take
+    /// longer than the downtime limit at the measured rate.
+    fn destination_behind<T: Transport + ?Sized>(&self, link: &T) -> bool {
+        let bw = policy::effective_bandwidth(self.bandwidth, self.policy.max_bandwidth_bytes_per_s);
+        if self.version < PROGRESS_VERSION || bw == 0 {
+            return false;
+        }
+        let ahead = self
+            .report
+            .bytes_sent
+            .saturating_sub(self.acknowledged(link));
+        !policy::fits_downtime(
+            policy::expected_downtime_ns(ahead, bw, self.policy.switch_over_cost_ns),
+            self.policy.downtime_limit_ns,
+        )
+    }
+
     /// Room for page data now: the transport's window, and (version 4) no
     /// more in flight beyond what the destination applied than
     /// [`policy::in_flight_cap_bytes`], so what a pause waits for stays
@@ -1084,11 +1109,16 @@ impl Migration {
             self.dirty_rate = rate;
         }
         let bw = policy::effective_bandwidth(self.bandwidth, self.policy.max_bandwidth_bytes_per_s);
-        // What is still on its way counts too: the pause waits for it.
-        let in_flight = self
-            .report
-            .bytes_sent
-            .saturating_sub(self.acknowledged(link));
+        // What is still on its way counts too: the pause waits for it
+        // (once there is a rate to time it by; without one, an idle guest
+        // with nothing dirty must still be able to switch over).
+        let in_flight = if bw > 0 {
+            self.report
+                .bytes_sent
+                .saturating_sub(self.acknowledged(link))
+        } else {
+            0
+        };
         let expected = policy::expected_downtime_ns(
             (dirty * PAGE_SIZE as u64).saturating_add(in_flight),
             bw,
