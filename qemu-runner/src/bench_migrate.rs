@@ -170,6 +170,10 @@ pub struct Figures {
     /// move until [`BEATS_AFTER`] beats after it; `None` if fewer than two
     /// beats were seen.
     pub heartbeat_gap_ms: Option<u64>,
+    /// The guest's worst stall during pre-copy: the largest gap between
+    /// consecutive heartbeats that both arrived from node a after the move
+    /// began (before the first one from node b); `None` if fewer than two.
+    pub precopy_gap_ms: Option<u64>,
     pub heartbeat_period_ms: u64,
     pub passes: u32,
     pub bytes_sent: u64,
@@ -204,7 +208,7 @@ pub fn precopy_mb_per_s(r: &MigrationReport) -> u64 {
 pub fn figures(
     s: &Scenario,
     r: &MigrationReport,
-    gap_ms: Option<u64>,
+    (gap_ms, precopy_gap_ms): (Option<u64>, Option<u64>),
     link: &Link,
     verdict: Option<String>,
 ) -> Figures {
@@ -219,6 +223,7 @@ pub fn figures(
         total_ms: r.total_ms,
         report_downtime_ms: r.downtime_ms,
         heartbeat_gap_ms: gap_ms,
+        precopy_gap_ms,
         heartbeat_period_ms: s.workload.heartbeat_period_ms(),
         passes: r.passes,
         bytes_sent: r.bytes_sent,
@@ -262,10 +267,28 @@ pub fn largest_gap(beats: &Arrivals, from: Instant, to: Instant) -> Option<Durat
         .max()
 }
 
+/// The largest gap between consecutive heartbeats within `from..=to`
+/// among those numbered below `first_on_b` (the first beat node b printed:
+/// the ones before it were printed on node a, before the switch-over).
+pub fn precopy_gap(
+    beats: &Arrivals,
+    first_on_b: Option<u64>,
+    from: Instant,
+    to: Instant,
+) -> Option<Duration> {
+    let before: Arrivals = beats
+        .range(..first_on_b.unwrap_or(u64::MAX))
+        .map(|(n, t)| (*n, *t))
+        .collect();
+    largest_gap(&before, from, to)
+}
+
 /// A thread that tails the nodes' serial logs and timestamps one VM's
 /// heartbeats as they arrive.
 struct Tailer {
     beats: Arc<Mutex<Arrivals>>,
+    /// The lowest heartbeat number seen in the second log (node b's).
+    first_on_b: Arc<Mutex<Option<u64>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -279,8 +302,9 @@ impl Tailer {
     /// Lines `PREFIX N`.
     fn start_with_prefix(logs: Vec<PathBuf>, prefix: String) -> Self {
         let beats = Arc::new(Mutex::new(Arrivals::new()));
+        let first_on_b = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
-        let (b, s) = (beats.clone(), stop.clone());
+        let (b, s, on_b) = (beats.clone(), stop.clone(), first_on_b.clone());
         // Per log: the offset read so far and the unfinished line, taken
         // before `start` returns (inside the thread, lines appended right
         // after `start` could be taken for old ones).
@@ -290,7 +314,8 @@ impl Tailer {
             .collect();
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                for (path, (offset, partial)) in logs.iter().zip(state.iter_mut()) {
+                for (i, (path, (offset, partial))) in logs.iter().zip(state.iter_mut()).enumerate()
+                {
                     let Some(text) = read_from(path, offset) else {
                         continue;
                     };
@@ -306,6 +331,11 @@ impl Tailer {
                             if let Ok(mut m) = b.lock() {
                                 m.entry(n).or_insert(now);
                             }
+                            if i == 1 {
+                                if let Ok(mut f) = on_b.lock() {
+                                    *f = Some(f.map_or(n, |f: u64| f.min(n)));
+                                }
+                            }
                         }
                     }
                 }
@@ -314,9 +344,14 @@ impl Tailer {
         });
         Self {
             beats,
+            first_on_b,
             stop,
             thread: Some(thread),
         }
+    }
+
+    fn first_on_b(&self) -> Option<u64> {
+        self.first_on_b.lock().ok().and_then(|f| *f)
     }
 
     fn snapshot(&self) -> Arrivals {
@@ -424,7 +459,10 @@ fn run_scenario(
     let after = |b: &Arrivals| b.range(last_before + 1..).count() > BEATS_AFTER;
     tail.wait_for(BEAT_WAIT, after);
     let to = Instant::now();
-    let gap = largest_gap(&tail.snapshot(), from, to).map(|d| d.as_millis() as u64);
+    let beats = tail.snapshot();
+    let gap = largest_gap(&beats, from, to).map(|d| d.as_millis() as u64);
+    let precopy_gap =
+        precopy_gap(&beats, tail.first_on_b(), from, to).map(|d| d.as_millis() as u64);
     let report = job.report.as_deref().cloned().ok_or_else(|| {
         format!(
             "the move of {vm} ended {:?} without a report: {}",
@@ -462,7 +500,7 @@ fn run_scenario(
             let _ = c.call(Request::VmDelete { name: vm.clone() });
         }
     }
-    Ok(figures(s, &report, gap, link, verdict))
+    Ok(figures(s, &report, (gap, precopy_gap), link, verdict))
 }
 
 /// Where the pause went, in ms: `harvest 1.2, last pages 30.0, ...`.
@@ -486,7 +524,7 @@ pub fn pause_text(p: &PausePhases) -> String {
 /// One scenario's human-readable line.
 pub fn text_line(f: &Figures) -> String {
     format!(
-        "{:<11} {:<9} total {:>6} ms  downtime: report {:>4} ms, heartbeats {} (period {} ms)  sent {:.2} x RAM in {} passes  pre-copy {} MB/s = {:.2} x TCP ({} MB/s; raw {} frames/s){}",
+        "{:<11} {:<9} total {:>6} ms  downtime: report {:>4} ms, heartbeats {} (period {} ms; worst pre-copy stall {})  sent {:.2} x RAM in {} passes  pre-copy {} MB/s = {:.2} x TCP ({} MB/s; raw {} frames/s){}",
         f.scenario,
         f.result,
         f.total_ms,
@@ -494,6 +532,8 @@ pub fn text_line(f: &Figures) -> String {
         f.heartbeat_gap_ms
             .map_or("?".to_string(), |g| format!("{g} ms")),
         f.heartbeat_period_ms,
+        f.precopy_gap_ms
+            .map_or("?".to_string(), |g| format!("{g} ms")),
         f.bytes_per_ram,
         f.passes,
         f.precopy_mb_per_s,
@@ -911,7 +951,13 @@ mod tests {
             tcp_mb_per_s: 100,
         };
         let s = SCENARIOS[2];
-        let f = figures(&s, &report(), Some(17), &link, Some("ok".into()));
+        let f = figures(
+            &s,
+            &report(),
+            (Some(17), Some(12)),
+            &link,
+            Some("ok".into()),
+        );
         // (80,000,000 - 100 pages) bytes over 1000 ms of pre-copy.
         assert_eq!(f.precopy_mb_per_s, 79);
         assert_eq!(f.ratio_to_tcp, 0.79);
@@ -921,10 +967,13 @@ mod tests {
             ("64mib-busy", "busy-verify")
         );
         assert_eq!((f.heartbeat_gap_ms, f.heartbeat_period_ms), (Some(17), 10));
+        assert_eq!(f.precopy_gap_ms, Some(12));
+        assert!(text_line(&f).contains("worst pre-copy stall 12 ms"));
         let json = serde_json::to_value(&f).unwrap();
         for k in [
             "ratio_to_tcp",
             "heartbeat_gap_ms",
+            "precopy_gap_ms",
             "report_downtime_ms",
             "total_ms",
             "bytes_per_ram",
@@ -942,7 +991,7 @@ mod tests {
             ram_bytes: 0,
             ..report()
         };
-        let f = figures(&s, &zero, None, &Link::default(), None);
+        let f = figures(&s, &zero, (None, None), &Link::default(), None);
         assert_eq!(
             (f.precopy_mb_per_s, f.ratio_to_tcp, f.bytes_per_ram),
             (0, 0.0, 0.0)
@@ -972,6 +1021,17 @@ mod tests {
             Some(Duration::from_millis(10))
         );
         assert_eq!(largest_gap(&beats, at(96), at(200)), None);
+        // Before the switch-over: the beats numbered below node b's first
+        // (here 5), so the gap across the pause (4 -> 5) is not one.
+        assert_eq!(
+            precopy_gap(&beats, Some(5), at(0), at(200)),
+            Some(Duration::from_millis(75))
+        );
+        assert_eq!(
+            precopy_gap(&beats, Some(4), at(0), at(200)),
+            Some(Duration::from_millis(10))
+        );
+        assert_eq!(precopy_gap(&beats, Some(2), at(0), at(200)), None);
     }
 
     #[test]
@@ -1000,6 +1060,7 @@ mod tests {
         // Lines already in the log before the tailer started are not
         // timed; the split line counts when its end arrived.
         assert_eq!(b.keys().copied().collect::<Vec<_>>(), [2, 3, 4]);
+        assert_eq!(t.first_on_b(), Some(4), "beat 4 came from the second log");
         assert!(b[&3] - b[&2] >= Duration::from_millis(25));
         drop(t);
         std::fs::remove_dir_all(&dir).ok();
