@@ -20,7 +20,9 @@
 //! largest gap between consecutive heartbeats as they arrived in the nodes'
 //! serial logs (timed here, by a thread that tails both logs every
 //! millisecond, so it is the pause the guest's console showed, plus at
-//! most a period of the heartbeat), bytes sent per byte of RAM, the
+//! most a period of the heartbeat), the guest's worst stall during
+//! pre-copy (the largest such gap between beats both printed on node a
+//! after the move began), bytes sent per byte of RAM, the
 //! pre-copy rate and its ratio to the TCP rate `bench link` measured on
 //! the same link in the same run.
 //!
