@@ -62,6 +62,25 @@ impl StoreFiles {
     }
 
     /// The directory holding `at` (the store's root for a file there).
+    /// Create `at`'s partial file (its directory made first) and keep a
+    /// handle on it until its commit; `busy` names the work another
+    /// partial file of `at` means ("a copy to", "a rewrite of").
+    fn open_partial(&self, at: StorePath, busy: &str) -> Result<Box<dyn BlockIo>, String> {
+        self.stores
+            .mkdir_all(&Self::parent(&at))
+            .map_err(|e| message(&e))?;
+        let file = self.stores.create_partial(&at).map_err(|e| {
+            if e.is_exists() {
+                format!("{busy} {at} is under way already")
+            } else {
+                message(&e)
+            }
+        })?;
+        let file = Rc::new(RefCell::new(file));
+        self.partials.borrow_mut().push((at, file.clone()));
+        Ok(Box::new(PartialFile(file)))
+    }
+
     fn parent(at: &StorePath) -> StorePath {
         let dir = at.path.rsplit_once('/').map_or("", |(d, _)| d);
         StorePath {
@@ -157,36 +176,11 @@ impl FileStore for StoreFiles {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(message(&e)),
         }
-        self.stores
-            .mkdir_all(&Self::parent(&at))
-            .map_err(|e| message(&e))?;
-        let file = self.stores.create_partial(&at).map_err(|e| {
-            if e.is_exists() {
-                format!("a copy to {at} is under way already")
-            } else {
-                message(&e)
-            }
-        })?;
-        let file = Rc::new(RefCell::new(file));
-        self.partials.borrow_mut().push((at, file.clone()));
-        Ok(Box::new(PartialFile(file)))
+        self.open_partial(at, "a copy to")
     }
 
     fn replace_partial(&self, to: &str) -> Result<Box<dyn BlockIo>, String> {
-        let at = parse(to)?;
-        self.stores
-            .mkdir_all(&Self::parent(&at))
-            .map_err(|e| message(&e))?;
-        let file = self.stores.create_partial(&at).map_err(|e| {
-            if e.is_exists() {
-                format!("a rewrite of {at} is under way already")
-            } else {
-                message(&e)
-            }
-        })?;
-        let file = Rc::new(RefCell::new(file));
-        self.partials.borrow_mut().push((at, file.clone()));
-        Ok(Box::new(PartialFile(file)))
+        self.open_partial(parse(to)?, "a rewrite of")
     }
 
     fn read(&self, at: &str, max_bytes: usize) -> Result<Vec<u8>, String> {
