@@ -269,6 +269,9 @@ pub struct Vm {
     /// Its identity and configuration file (a node with stores keeps
     /// one; `crate::vmconfig`), else `None`.
     placement: Option<crate::vmconfig::Placement>,
+    /// What it brought of its configuration when it arrived by live
+    /// migration (until the node gives it a placement).
+    carried: Option<crate::vmconfig::Carried>,
 }
 
 impl fmt::Debug for Vm {
@@ -366,6 +369,7 @@ impl Vm {
             disks: alloc::vec::Vec::new(),
             disk_meta: alloc::vec::Vec::new(),
             placement: None,
+            carried: None,
         }
     }
 
@@ -462,6 +466,15 @@ impl Vm {
     /// Give it an identity and configuration file (create, import).
     pub fn set_placement(&mut self, placement: Option<crate::vmconfig::Placement>) {
         self.placement = placement;
+    }
+    /// What it brought of its configuration, if it arrived by live
+    /// migration from a node that sent it.
+    pub fn carried(&self) -> Option<&crate::vmconfig::Carried> {
+        self.carried.as_ref()
+    }
+    /// Set what it brought (the destination of a live migration).
+    pub fn set_carried(&mut self, carried: Option<crate::vmconfig::Carried>) {
+        self.carried = carried;
     }
     /// Take every disk (the VM is about to be destroyed).
     pub fn take_disks(

@@ -464,6 +464,64 @@ pub struct Placement {
     pub boot: Boot,
 }
 
+/// What a VM moving to another node brings of its configuration (the
+/// `open` control's `vm_id` and `append`): the destination writes them
+/// into the file it makes for the VM (`Managed::settle_placements`), so
+/// the VM keeps its identity and a Linux VM its kernel arguments.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub id: Option<VmId>,
+    /// Only for a Linux VM.
+    pub append: Option<String>,
+}
+
+impl Carried {
+    /// What VM `vm` carries (nothing if the node keeps no file for it).
+    pub fn of(vm: &crate::vm::Vm) -> Self {
+        let Some(p) = vm.placement() else {
+            return Self::default();
+        };
+        Self {
+            id: Some(p.id),
+            append: match &p.boot {
+                Boot::Linux { append } => Some(append.clone()),
+                Boot::Guest(_) => None,
+            },
+        }
+    }
+
+    /// The fields of an `open` from a peer for a VM of guest `guest`,
+    /// checked: an id in GUID form, an `append` only for a Linux VM and
+    /// valid as one.
+    pub fn from_open(
+        vm_id: Option<&str>,
+        append: Option<&str>,
+        guest: &str,
+    ) -> Result<Self, String> {
+        let id = match vm_id {
+            None => None,
+            Some(s) => Some(VmId::parse(s).ok_or_else(|| {
+                let shown: String = s.chars().take(40).collect();
+                format!("'{shown}' is not a VM id (8-4-4-4-12 lowercase hex digits)")
+            })?),
+        };
+        if let Some(a) = append {
+            if guest != LINUX {
+                return Err("kernel arguments (append) for a VM that is not a Linux VM".into());
+            }
+            if a.len() > APPEND_MAX || a.chars().any(char::is_control) {
+                return Err(format!(
+                    "the VM's kernel arguments (append) are not at most {APPEND_MAX} printable characters"
+                ));
+            }
+        }
+        Ok(Self {
+            id,
+            append: append.map(String::from),
+        })
+    }
+}
+
 /// VM `vm`'s configuration as its file holds it.
 pub fn of_vm(vm: &crate::vm::Vm, p: &Placement) -> VmConfig {
     VmConfig {

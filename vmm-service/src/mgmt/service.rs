@@ -373,10 +373,10 @@ impl Managed {
     /// its configuration file with it (the file here is removed; the
     /// destination writes its own); a VM replaced by its copy within the
     /// node keeps its identity and file; a VM that arrived from another
-    /// node gets a configuration file here (a new identity: the stream
-    /// does not carry it; a Linux VM's `append` is not known here and is
-    /// recorded empty). `before`: the VMs with a placement before the
-    /// step.
+    /// node gets a configuration file here, with the identity and (a
+    /// Linux VM's) kernel arguments its source sent in the `open`
+    /// (`Vm::carried`; a new identity if the source sent none).
+    /// `before`: the VMs with a placement before the step.
     fn settle_placements(
         &mut self,
         host: &mut dyn Host,
@@ -439,15 +439,18 @@ impl Managed {
                 .as_deref()
                 .map(|s| vmconfig::default_location(s, vm.name()))
                 .filter(|at| files.file_bytes(at).is_none());
+            // What it brought from its source (an older source sends
+            // neither: a new id, no kernel arguments).
+            let carried = vm.carried().cloned().unwrap_or_default();
             let boot = if vm.label() == LINUX_GUEST {
                 vmconfig::Boot::Linux {
-                    append: String::new(),
+                    append: carried.append.unwrap_or_default(),
                 }
             } else {
                 vmconfig::Boot::Guest(vm.label().into())
             };
             let placement = vmconfig::Placement {
-                id: vmconfig::new_id(host),
+                id: carried.id.unwrap_or_else(|| vmconfig::new_id(host)),
                 at: at.clone(),
                 snapshots: vmconfig::default_snapshots(
                     store

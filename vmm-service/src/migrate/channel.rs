@@ -146,6 +146,15 @@ pub struct Open {
     /// without disks.
     #[serde(default)]
     pub disks: Vec<crate::lease::vms::SharedDisk>,
+    /// The VM's identity (`vmconfig::VmId`, GUID form), which the
+    /// destination keeps in the configuration file it writes; `None` from
+    /// a source that keeps none (or predates this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    /// A Linux VM's extra kernel arguments (guest `linux` only), for the
+    /// same file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<String>,
 }
 
 /// When the destination answers, for the two-node failure tests: it waits

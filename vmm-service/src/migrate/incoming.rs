@@ -279,6 +279,24 @@ impl Migrations {
                 format!("a VM named {} exists on node {}", open.vm, self.me),
             ));
         }
+        let carried = crate::vmconfig::Carried::from_open(
+            open.vm_id.as_deref(),
+            open.append.as_deref(),
+            &open.guest,
+        )
+        .map_err(|m| refuse("invalid-argument", m))?;
+        if let Some(id) = carried.id.filter(|_| !local) {
+            let taken = vms.iter().find(|v| {
+                v.placement().map(|p| p.id) == Some(id)
+                    || v.carried().and_then(|c| c.id) == Some(id)
+            });
+            if let Some(v) = taken {
+                return Err(refuse(
+                    "already-exists",
+                    format!("VM {} on node {} has the id {id}", v.name(), self.me),
+                ));
+            }
+        }
         if self.incoming.iter().any(|x| x.id == open.id) || self.records.get(&open.id).is_some() {
             return Err(refuse(
                 "invalid-state",
@@ -367,6 +385,7 @@ impl Migrations {
                 .collect::<String>(),
         );
         vm.set_migration_mark(Some(incoming_mark(job)));
+        vm.set_carried(Some(carried));
         vms.push(vm);
         Ok((job, config))
     }

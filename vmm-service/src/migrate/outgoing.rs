@@ -91,6 +91,8 @@ pub struct Outgoing {
     /// The VM's disks on the shared store (a move to another node): the
     /// destination opens them; the lease passes at the pause.
     pub disks: Vec<crate::lease::vms::SharedDisk>,
+    /// Its identity and kernel arguments, for the destination's file.
+    carried: crate::vmconfig::Carried,
 }
 
 impl Outgoing {
@@ -128,6 +130,7 @@ impl Outgoing {
             doubt_cause: None,
             ended: None,
             disks: Vec::new(),
+            carried: crate::vmconfig::Carried::of(vm),
         }
     }
 
@@ -370,6 +373,8 @@ impl Migrations {
                             verify: o.policy.verify_memory,
                             holds: o.holds,
                             disks: o.disks.clone(),
+                            vm_id: o.carried.id.map(|i| i.to_string()),
+                            append: o.carried.append.clone(),
                         });
                         conn.send_control(&open)
                             .map_err(|e| format!("link to {} lost: {e}", o.to))?;

@@ -381,3 +381,35 @@ fn the_fuzz_corpus_keeps_its_round_trip() {
     assert!(n >= 2, "seeds found: {n}");
     fuzz_parse(SAMPLE.as_bytes());
 }
+
+/// The `open` control's id and kernel arguments, as a peer sends them:
+/// checked like a file's.
+#[test]
+fn carried_fields_from_a_peer_are_checked() {
+    let id = "5f0c1a9e-3b27-4d6e-8a41-0c9d2e7b6f13";
+    let c = Carried::from_open(Some(id), Some("quiet"), LINUX).unwrap();
+    assert_eq!(
+        (c.id.map(|i| i.to_string()), c.append.as_deref()),
+        (Some(id.to_string()), Some("quiet"))
+    );
+    assert_eq!(
+        Carried::from_open(None, None, "hello"),
+        Ok(Carried::default())
+    );
+    for (vm_id, append, guest, why) in [
+        (
+            Some("5F0C1A9E-3B27-4D6E-8A41-0C9D2E7B6F13"),
+            None,
+            "hello",
+            "is not a VM id",
+        ),
+        (Some(""), None, "hello", "is not a VM id"),
+        (None, Some("quiet"), "hello", "not a Linux VM"),
+        (None, Some("a\nb"), LINUX, "printable"),
+    ] {
+        let e = Carried::from_open(vm_id, append, guest).unwrap_err();
+        assert!(e.contains(why), "{e}");
+    }
+    let long = "x".repeat(APPEND_MAX + 1);
+    assert!(Carried::from_open(None, Some(&long), LINUX).is_err());
+}
