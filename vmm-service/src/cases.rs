@@ -359,6 +359,7 @@ fn run_migration_case(host: &mut dyn Host, image: &[u8], case: Case) -> Result<(
             fixed: false,
             virtual_bytes: VIRTIO_BLK_DISK_BYTES,
             block_bytes: crate::disks::MEM_BLOCK_BYTES,
+            checkpoint: None,
         };
         vm.attach_disk(alloc::boxed::Box::new(disk), meta)
             .ok_or("no virtio slot for the disk")?;

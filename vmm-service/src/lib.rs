@@ -21,6 +21,8 @@
 //!   (delta leases over a lease file; not yet taken by VMs);
 //! * [`store`]: the node's stores (host directories over 9P2000.L) and
 //!   their files as `vstorage::BlockIo`;
+//! * [`checkpoint`]: checkpoints of a running VM's disks (a differencing
+//!   child takes the writes; merged back into its base);
 //! * [`vmconfig`]: VM configuration files on stores (format, parser,
 //!   crash-safe writes);
 //! * [`pump`]: the one piece that moves bytes between TCP sockets and the
@@ -35,6 +37,7 @@
 extern crate alloc;
 
 pub mod cases;
+pub mod checkpoint;
 pub mod devices;
 pub mod disks;
 pub mod hypercall;

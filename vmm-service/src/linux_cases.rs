@@ -102,6 +102,7 @@ fn attach_disk(vm: &mut Vm) -> Result<crate::disks::MemFile, String> {
         fixed: false,
         virtual_bytes: DISK_BYTES,
         block_bytes: crate::disks::MEM_BLOCK_BYTES,
+        checkpoint: None,
     };
     vm.attach_disk(alloc::boxed::Box::new(disk), meta)
         .ok_or("no virtio slot for the disk")?;

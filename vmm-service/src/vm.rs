@@ -1482,6 +1482,7 @@ mod tests {
             fixed: false,
             virtual_bytes: 8 << 20,
             block_bytes: 1 << 20,
+            checkpoint: None,
         };
         assert_eq!(v.attach_disk(Box::new(disk), meta), Some(0));
         let base = VirtioMmioSlot::standard(0).base;
@@ -1639,6 +1640,7 @@ mod tests {
                 fixed: false,
                 virtual_bytes: 1 << 20,
                 block_bytes: crate::disks::MEM_BLOCK_BYTES,
+                checkpoint: None,
             };
             assert_eq!(v.attach_disk(Box::new(disk), meta), Some(n - 1));
             let slots: alloc::vec::Vec<_> = (0..n).map(acpi::VirtioMmioSlot::standard).collect();

@@ -22,8 +22,10 @@
 //! (only with `guest=linux`: the extra kernel arguments, printable,
 //! at most [`APPEND_MAX`] bytes), `disk.N` (slot N, 0 to
 //! [`DISKS_MAX`] - 1, slots contiguous from 0; `dynamic` or `fixed`, one
-//! space, the file's `STORE:path`) and `snapshots` (`STORE:DIR`, where the
-//! VM's checkpoint files go). `name`, `id`, `memory_mib`, `guest` and
+//! space, the file's `STORE:path`), `checkpoint.N` (the `STORE:path` of
+//! disk N's checkpoint, a differencing VHDX over disk N's file that the
+//! VM writes to; `crate::checkpoint`) and `snapshots` (`STORE:DIR`, where
+//! the VM's checkpoint files go). `name`, `id`, `memory_mib`, `guest` and
 //! `snapshots` are required. A value is at most [`VALUE_MAX`] bytes.
 //! Anything else (another first line or version, an unknown or repeated
 //! key, a line without `=`, a path with `..` or an empty part) is an
@@ -133,6 +135,10 @@ pub struct DiskEntry {
     pub fixed: bool,
     /// `STORE:path` of its VHDX.
     pub location: String,
+    /// `STORE:path` of its checkpoint: a differencing VHDX over
+    /// `location` that holds every write since it was taken
+    /// (`crate::checkpoint`); the disk is the two together.
+    pub checkpoint: Option<String>,
 }
 
 /// A VM's configuration as its file holds it.
@@ -249,6 +255,17 @@ fn bad(line: usize, key: &str, why: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The slot number of key `key` (`PREFIX` and a slot, 0 to
+/// [`DISKS_MAX`] - 1, no leading zero).
+fn slot_of(line: usize, key: &str, prefix: &str) -> Result<usize, ConfigError> {
+    let slot = key.strip_prefix(prefix).unwrap_or_default();
+    slot.parse::<usize>()
+        .ok()
+        .filter(|&s| s < DISKS_MAX && (s == 0 || !slot.starts_with('0')))
+        .filter(|_| slot.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| bad(line, key, format!("disk slots are 0 to {}", DISKS_MAX - 1)))
+}
+
 impl VmConfig {
     /// Parses and checks a configuration file (see the module doc).
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
@@ -280,6 +297,7 @@ impl VmConfig {
         let mut append: Option<(usize, String)> = None;
         let mut snapshots = None;
         let mut disks: [Option<DiskEntry>; DISKS_MAX] = Default::default();
+        let mut checkpoints: [Option<(usize, String)>; DISKS_MAX] = Default::default();
         for (i, l) in lines.enumerate() {
             let line = i + 2;
             if l.contains('\r') {
@@ -369,21 +387,21 @@ impl VmConfig {
                         return Err(dup());
                     }
                 }
+                _ if key.starts_with("checkpoint.") => {
+                    let slot = slot_of(line, key, "checkpoint.")?;
+                    check_location(value).map_err(|e| bad(line, key, e))?;
+                    if checkpoints[slot].replace((line, value.into())).is_some() {
+                        return Err(dup());
+                    }
+                }
                 _ => {
-                    let Some(slot) = key.strip_prefix("disk.") else {
+                    if !key.starts_with("disk.") {
                         return Err(ConfigError::UnknownKey {
                             line,
                             key: key.chars().take(40).collect(),
                         });
-                    };
-                    let slot = slot
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&s| s < DISKS_MAX && (s == 0 || !slot.starts_with('0')))
-                        .filter(|_| slot.bytes().all(|b| b.is_ascii_digit()))
-                        .ok_or_else(|| {
-                            bad(line, key, format!("disk slots are 0 to {}", DISKS_MAX - 1))
-                        })?;
+                    }
+                    let slot = slot_of(line, key, "disk.")?;
                     let (kind, location) = value
                         .split_once(' ')
                         .ok_or_else(|| bad(line, key, "expected KIND STORE:path"))?;
@@ -396,6 +414,7 @@ impl VmConfig {
                     let entry = DiskEntry {
                         fixed,
                         location: location.into(),
+                        checkpoint: None,
                     };
                     if disks[slot].replace(entry).is_some() {
                         return Err(dup());
@@ -413,6 +432,24 @@ impl VmConfig {
             }
             (_, None) => Boot::Guest(guest),
         };
+        for (slot, c) in checkpoints.into_iter().enumerate() {
+            let Some((line, at)) = c else { continue };
+            let Some(d) = disks[slot].as_mut() else {
+                return Err(bad(
+                    line,
+                    "checkpoint",
+                    format!("checkpoint.{slot} without disk.{slot}"),
+                ));
+            };
+            if at == d.location {
+                return Err(bad(
+                    line,
+                    "checkpoint",
+                    "a disk cannot be its own checkpoint",
+                ));
+            }
+            d.checkpoint = Some(at);
+        }
         let count = disks.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
         let mut list = Vec::with_capacity(count);
         for (slot, d) in disks.into_iter().take(count).enumerate() {
@@ -442,6 +479,9 @@ impl VmConfig {
         for (slot, d) in self.disks.iter().enumerate() {
             let kind = if d.fixed { "fixed" } else { "dynamic" };
             s.push_str(&format!("disk.{slot}={kind} {}\n", d.location));
+            if let Some(c) = &d.checkpoint {
+                s.push_str(&format!("checkpoint.{slot}={c}\n"));
+            }
         }
         s.push_str(&format!("snapshots={}\n", self.snapshots));
         s
@@ -535,6 +575,7 @@ pub fn of_vm(vm: &crate::vm::Vm, p: &Placement) -> VmConfig {
             .map(|m| DiskEntry {
                 fixed: m.fixed,
                 location: m.location(),
+                checkpoint: m.checkpoint.clone(),
             })
             .collect(),
         snapshots: p.snapshots.clone(),

@@ -71,6 +71,10 @@ pub struct DiskMeta {
     pub virtual_bytes: u64,
     /// The VHDX's payload block size (a copy is made with the same).
     pub block_bytes: u32,
+    /// `STORE:path` of the checkpoint (a differencing VHDX whose parent is
+    /// the file above) the VM writes to, if it has one
+    /// (`crate::checkpoint`).
+    pub checkpoint: Option<String>,
 }
 
 impl DiskMeta {
@@ -171,6 +175,7 @@ pub fn create_for_vm(
         fixed,
         virtual_bytes: bytes,
         block_bytes: MEM_BLOCK_BYTES,
+        checkpoint: None,
     };
     let info = meta.info(slot as u8, None);
     vm.attach_disk(Box::new(disk), meta)
@@ -241,6 +246,7 @@ fn create_on_store(
         fixed,
         virtual_bytes: bytes,
         block_bytes: params.block_size,
+        checkpoint: None,
     };
     let info = meta.info(slot as u8, Some(files));
     vm.attach_disk(Box::new(disk), meta)
@@ -296,6 +302,7 @@ pub fn attach_existing(
         fixed,
         virtual_bytes: disk.virtual_size_bytes(),
         block_bytes: disk.block_size(),
+        checkpoint: None,
     };
     let slot = vm.disk_count();
     let info = meta.info(slot as u8, Some(files));

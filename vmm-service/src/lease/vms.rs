@@ -336,6 +336,7 @@ pub fn open_disks(
             fixed: d.kind() == DiskKind::Fixed,
             virtual_bytes: want.virtual_bytes,
             block_bytes: want.block_bytes,
+            checkpoint: None,
         });
         out.push(Box::new(d));
     }

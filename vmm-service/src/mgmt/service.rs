@@ -1443,9 +1443,12 @@ impl Managed {
         for (slot, d) in cfg.disks.iter().enumerate() {
             let mut seed = [0u8; 8];
             host.entropy(&mut seed);
-            if let Err(e) =
-                crate::disks::attach_existing(&mut vm, files, &d.location, u64::from_le_bytes(seed))
-            {
+            let seed = u64::from_le_bytes(seed);
+            let attached = match &d.checkpoint {
+                Some(c) => crate::checkpoint::attach_chain(&mut vm, files, &d.location, c, seed),
+                None => crate::disks::attach_existing(&mut vm, files, &d.location, seed),
+            };
+            if let Err(e) = attached {
                 vm.destroy();
                 return err(
                     ErrorCode::InvalidArgument,

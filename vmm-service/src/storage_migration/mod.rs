@@ -293,6 +293,12 @@ fn plan_disks(
         if t.as_deref() == Some(m.location().as_str()) {
             return Err(format!("disk {} is there already", m.location()));
         }
+        if let (Some(_), Some(c)) = (t, &m.checkpoint) {
+            return Err(format!(
+                "disk {} has a checkpoint ({c}): it moves once the checkpoint is merged",
+                m.location()
+            ));
+        }
     }
     Ok(Plan {
         targets,

@@ -47,6 +47,7 @@ fn vm_with_disk(host: &mut FakeHost, files: &MemFiles) -> (Vm, Vec<u8>) {
         fixed: false,
         virtual_bytes: DISK,
         block_bytes: MEM_BLOCK_BYTES,
+        checkpoint: None,
     };
     assert_eq!(vm.attach_disk(Box::new(disk), meta), Some(0));
     (vm, model)

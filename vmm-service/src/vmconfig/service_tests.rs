@@ -158,11 +158,13 @@ fn the_configuration_is_written_at_create_and_rewritten_with_each_disk() {
         [
             DiskEntry {
                 fixed: false,
-                location: "local:vms/d/d-0.vhdx".into()
+                location: "local:vms/d/d-0.vhdx".into(),
+                checkpoint: None
             },
             DiskEntry {
                 fixed: true,
-                location: "local:vms/d/d-1.vhdx".into()
+                location: "local:vms/d/d-1.vhdx".into(),
+                checkpoint: None
             }
         ]
     );

@@ -32,10 +32,12 @@ fn sample() -> VmConfig {
             DiskEntry {
                 fixed: false,
                 location: "local:vms/d/d-0.vhdx".into(),
+                checkpoint: None,
             },
             DiskEntry {
                 fixed: true,
                 location: "shared:cfg/d-1.vhdx".into(),
+                checkpoint: None,
             },
         ],
         snapshots: "local:vms/d/snapshots".into(),
@@ -412,4 +414,30 @@ fn carried_fields_from_a_peer_are_checked() {
     }
     let long = "x".repeat(APPEND_MAX + 1);
     assert!(Carried::from_open(None, Some(&long), LINUX).is_err());
+}
+
+#[test]
+fn a_checkpoint_is_kept_with_its_disk_and_refused_without_one() {
+    let text = SAMPLE.replace(
+        "disk.1=",
+        "checkpoint.0=local:vms/d/snapshots/d-0-checkpoint.vhdx\ndisk.1=",
+    );
+    let cfg = VmConfig::parse(text.as_bytes()).unwrap();
+    assert_eq!(
+        cfg.disks[0].checkpoint.as_deref(),
+        Some("local:vms/d/snapshots/d-0-checkpoint.vhdx")
+    );
+    assert_eq!(cfg.disks[1].checkpoint, None);
+    assert_eq!(cfg.render(), text);
+    let alone = SAMPLE.replace("disk.1=", "checkpoint.2=local:x.vhdx\ndisk.1=");
+    assert!(refused(&alone).contains("checkpoint.2 without disk.2"));
+    let twice = text.replace(
+        "disk.1=",
+        "checkpoint.0=local:vms/d/snapshots/other.vhdx\ndisk.1=",
+    );
+    assert!(refused(&twice).contains("line 8: 'checkpoint.0' given twice"));
+    let own = SAMPLE.replace("disk.1=", "checkpoint.0=local:vms/d/d-0.vhdx\ndisk.1=");
+    assert!(refused(&own).contains("its own checkpoint"));
+    let bad_slot = SAMPLE.replace("disk.1=", "checkpoint.09=local:x.vhdx\ndisk.1=");
+    assert!(refused(&bad_slot).contains("disk slots are 0 to"));
 }
