@@ -63,6 +63,12 @@ pub struct Policy {
     /// by the peer, none received from it) for this long while the engine
     /// has bytes in flight or waits for the peer.
     pub stall_timeout_ns: u64,
+    /// No live pre-copy (quick migration, MISSION "Quick storage
+    /// migration"): the VM pauses as soon as the destination accepted the
+    /// stream, and one pass sends all its memory, then its state. The
+    /// downtime is the whole memory's transfer; the downtime limit is not
+    /// consulted.
+    pub pause_at_once: bool,
 }
 
 impl Default for Policy {
@@ -80,6 +86,7 @@ impl Default for Policy {
             ewma_weight_pct: 25,
             verify_memory: false,
             stall_timeout_ns: 8 * NS_PER_S,
+            pause_at_once: false,
         }
     }
 }

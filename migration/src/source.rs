@@ -758,6 +758,15 @@ impl Migration {
                     self.transfer_bytes = 0;
                     self.rate_window = Some((now, self.acknowledged(link)));
                     self.phase = Phase::Copy;
+                    if self.policy.pause_at_once {
+                        // Quick migration: one pass, the VM paused from the
+                        // start (every page is already to be sent).
+                        self.pause_ns = Some(now);
+                        self.marks.pause = Some(now);
+                        vm.pause()?;
+                        self.paused = true;
+                        self.phase = Phase::FinalCopy;
+                    }
                     Ok(Progress::Busy)
                 }
                 Some(other) => Err(self.unexpected(other)),

@@ -1509,3 +1509,30 @@ fn the_source_stays_within_the_cap_of_what_the_destination_applied() {
     drop((mig, rx));
     assert_eq!(&dest.mem, vm.mem_at_pause.as_ref().unwrap());
 }
+
+/// Quick migration's memory move (`Policy::pause_at_once`): the VM pauses
+/// before its first page goes, one pass sends all of it, and the image at
+/// the destination is the one at the pause, however busy the guest was.
+#[test]
+fn pause_at_once_sends_one_paused_pass() {
+    let mut s = Setup::new(2048);
+    s.vm.write_rate = 50_000; // faster than the link: pre-copy would throttle
+    s.vm.working_set = 2048;
+    s.policy.pause_at_once = true;
+    let (mig, rx) = s.run();
+    let report = mig.report().clone();
+    assert_eq!(
+        report.result,
+        MigrationResult::Completed,
+        "{:?}",
+        mig.error()
+    );
+    drop((mig, rx));
+    assert_eq!(report.passes, 1, "{report:?}");
+    assert_eq!(report.pages_per_pass, vec![2048]);
+    assert_eq!(&s.dest.mem, s.vm.mem_at_pause.as_ref().unwrap());
+    assert_eq!(s.vm.throttle, 0, "never throttled");
+    // The pause spans the whole transfer.
+    assert!(report.downtime_ms + 1 >= report.total_ms / 2, "{report:?}");
+    assert!(s.dest.running);
+}
