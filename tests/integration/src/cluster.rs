@@ -26,6 +26,8 @@ static ONE_CLUSTER: Mutex<()> = Mutex::new(());
 pub struct TestCluster {
     pub dir: PathBuf,
     pub booted_in: Duration,
+    /// What `cluster up` printed.
+    pub up_stdout: String,
     up: bool,
     _turn: MutexGuard<'static, ()>,
 }
@@ -49,6 +51,7 @@ impl TestCluster {
         let mut c = TestCluster {
             dir,
             booted_in: Duration::ZERO,
+            up_stdout: String::new(),
             up: false,
             _turn: turn,
         };
@@ -59,7 +62,20 @@ impl TestCluster {
         c.up = true;
         assert!(run.success, "cluster up failed:\n{}", run.transcript());
         c.booted_in = start.elapsed();
+        c.up_stdout = run.stdout;
         c
+    }
+
+    /// `cluster down` now (a test of it); the cluster is not taken down
+    /// again when dropped.
+    pub fn down(&mut self) -> Run {
+        self.up = false;
+        self.runner(&["cluster", "down"])
+    }
+
+    /// The host directory holding the nodes' stores (`STATE/stores`).
+    pub fn stores(&self) -> PathBuf {
+        self.dir.join("stores")
     }
 
     pub fn dir(&self) -> &str {

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 pub mod cluster;
+pub mod files;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 

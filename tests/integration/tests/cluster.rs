@@ -7,47 +7,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use integration_tests::{require_qemu, runner, Run};
-
-struct Cluster {
-    dir: PathBuf,
-    up: bool,
-}
-
-impl Cluster {
-    fn dir(&self) -> &str {
-        self.dir.to_str().expect("utf-8 temp path")
-    }
-    fn hvctl(&self, node: &str, args: &[&str]) -> Run {
-        let mut all = vec!["hvctl", "--state-dir", self.dir(), "--node", node];
-        all.extend_from_slice(args);
-        runner(&all)
-    }
-    fn ok(&self, node: &str, args: &[&str]) -> String {
-        let run = self.hvctl(node, args);
-        assert!(
-            run.success,
-            "hvctl {args:?} on {node} failed:\n{}",
-            run.transcript()
-        );
-        run.stdout
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if self.up {
-            let run = runner(&["cluster", "down", "--state-dir", self.dir()]);
-            if !run.success {
-                eprintln!("cluster down failed:\n{}", run.transcript());
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use integration_tests::cluster::TestCluster;
+use integration_tests::runner;
 
 /// The management address of `node` from `cluster status --json`.
 fn mgmt_addr(status_json: &str, node: &str) -> String {
@@ -71,24 +34,16 @@ fn json_strings(json: &str, field: &str) -> Vec<String> {
 
 #[test]
 fn cluster_up_hvctl_and_down() {
-    require_qemu();
-    let mut c = Cluster {
-        dir: std::env::temp_dir().join(format!("hvmigrate-cluster-test-{}", std::process::id())),
-        up: false,
-    };
-    let _ = std::fs::remove_dir_all(&c.dir);
-    let run = runner(&["cluster", "up", "--nodes", "2", "--state-dir", c.dir()]);
-    c.up = true;
-    assert!(run.success, "cluster up failed:\n{}", run.transcript());
+    let mut c = TestCluster::up("cluster", 2);
     assert!(
-        run.stdout.contains("node a up: management 127.0.0.1:"),
+        c.up_stdout.contains("node a up: management 127.0.0.1:"),
         "{}",
-        run.transcript()
+        c.up_stdout
     );
     assert!(
-        run.stdout.contains("node b up: management 127.0.0.1:"),
+        c.up_stdout.contains("node b up: management 127.0.0.1:"),
         "{}",
-        run.transcript()
+        c.up_stdout
     );
 
     let status = runner(&["cluster", "status", "--json", "--state-dir", c.dir()]);
@@ -428,14 +383,13 @@ fn cluster_up_hvctl_and_down() {
         twice.transcript()
     );
 
-    let down = runner(&["cluster", "down", "--state-dir", c.dir()]);
+    let down = c.down();
     assert!(down.success, "{}", down.transcript());
     assert!(
         down.stdout.contains("2 node(s) stopped"),
         "{}",
         down.transcript()
     );
-    c.up = false;
     let after = runner(&["cluster", "status", "--state-dir", c.dir()]);
     assert!(
         !after.success && after.stderr.contains("no cluster"),

@@ -17,52 +17,16 @@
 //! Never two nodes run the VM.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hvmgmt::proto::JobState;
 use integration_tests::cluster::TestCluster;
+use integration_tests::files::{check_vhdx, files_in};
 
 /// One line of a guest under load.
 const LINE: Duration = Duration::from_secs(90);
 /// A move with `--wait`, or a lease take-over.
 const MOVE: Duration = Duration::from_secs(180);
-
-fn check(file: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", "vhdx"])
-        .arg(file)
-        .output()
-        .expect("qemu-img runs (qemu-runner setup installs qemu-utils)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("No errors"),
-        "qemu-img check {}: {text}{}",
-        file.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Every file below `dir`, relative, sorted.
-fn files_in(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
 
 /// `KEY=` of the lease file (`owner`, `epoch`).
 fn lease_field(stores: &Path, key: &str) -> Option<String> {
@@ -113,7 +77,7 @@ fn one_file(stores: &Path) {
         .filter(|f| f.ends_with(".vhdx") || f.contains(".partial-"))
         .collect();
     assert_eq!(vhdx, ["shared/vms/s/s-0.vhdx"], "{:?}", files_in(stores));
-    check(&stores.join("shared/vms/s/s-0.vhdx"));
+    check_vhdx(&stores.join("shared/vms/s/s-0.vhdx"));
 }
 
 fn moved(c: &TestCluster, from: &str, to: &str) {

@@ -23,57 +23,16 @@
 //! One cluster per test (boots are the slow part).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hvmgmt::proto::{Body, JobInfo, JobState, Request};
 use integration_tests::cluster::{job_of, TestCluster};
+use integration_tests::files::{check_vhdx, files_in, qemu_img};
 
 /// Time for a guest line to appear.
 const LINE: Duration = Duration::from_secs(90);
 /// Time for a move to end.
 const MOVE: Duration = Duration::from_secs(180);
-
-fn qemu_img(args: &[&str]) -> (bool, String) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (qemu-utils; `qemu-runner setup` installs it)");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn check(file: &Path) {
-    let (ok, text) = qemu_img(&["check", "-f", "vhdx", file.to_str().unwrap()]);
-    assert!(
-        ok && text.contains("No errors"),
-        "qemu-img check {}: {text}",
-        file.display()
-    );
-}
-
-/// Every file below `dir`, relative, sorted (none if it does not exist).
-fn files_in(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
 
 /// [`files_in`] without lease files (`VM.lease`: a node takes one for a
 /// running VM with a disk on the shared store, in its own time; leases
@@ -196,7 +155,7 @@ fn a_running_vms_disk_moves_between_stores() {
     n.ok(&["vm", "start", "d"]);
     // Four 8 MiB spans: after round 4 every block is written.
     c.wait_line("a", "d", "disk-verify: round 4 ok", LINE);
-    check(&local.join("vms/d/d-0.vhdx"));
+    check_vhdx(&local.join("vms/d/d-0.vhdx"));
 
     // local -> shared while the guest writes; the source goes.
     let out = n.move_wait("d", &["--to", "shared"]);
@@ -210,7 +169,7 @@ fn a_running_vms_disk_moves_between_stores() {
     assert!(files_in(&local).is_empty(), "{:?}", files_in(&local));
     assert!(!local.join("vms/d").exists(), "the VM's directory went too");
     assert_eq!(vm_files_in(&shared), ["vms/d/d-0.vhdx", "vms/d/d.vmcfg"]);
-    check(&shared.join("vms/d/d-0.vhdx"));
+    check_vhdx(&shared.join("vms/d/d-0.vhdx"));
     n.rounds_go_on("d", 2);
 
     // shared -> another local directory, keeping the source.
@@ -223,7 +182,7 @@ fn a_running_vms_disk_moves_between_stores() {
         "kept"
     );
     n.rounds_go_on("d", 2);
-    check(&local.join("moved/d-0.vhdx"));
+    check_vhdx(&local.join("moved/d-0.vhdx"));
 
     // Cancel mid-copy (1 MiB/s: the 32 MiB take half a minute), with a
     // second move queued behind it under max-storage-migrations 1.
@@ -272,10 +231,10 @@ fn a_running_vms_disk_moves_between_stores() {
     // The VM stops; a copy the node makes of its disk now matches it.
     n.ok(&["vm", "stop", "d"]);
     let last = local.join("moved/d-0.vhdx");
-    check(&last);
+    check_vhdx(&last);
     n.move_wait("d", &["--to", "shared:copy", "--keep-source"]);
     let copy = shared.join("copy/d-0.vhdx");
-    check(&copy);
+    check_vhdx(&copy);
     let (same, text) = qemu_img(&[
         "compare",
         "-f",
@@ -313,7 +272,7 @@ fn a_running_vms_disk_moves_between_stores() {
         LINE,
     );
     assert!(files_in(&local.join("restart")).is_empty());
-    check(&copy);
+    check_vhdx(&copy);
 }
 
 /// The `key=value` lines of the configuration file at `path` on the host.
@@ -379,7 +338,7 @@ fn vm_configuration_files_move_and_import() {
     assert_eq!(line_of(&cfg, "disk.0"), ["dynamic local:final/d-0.vhdx"]);
     assert_eq!(line_of(&cfg, "snapshots"), ["local:final/snapshots"]);
     assert_eq!(line_of(&cfg, "id"), [id.as_str()]);
-    check(&local.join("final/d-0.vhdx"));
+    check_vhdx(&local.join("final/d-0.vhdx"));
     n.rounds_go_on("d", 2);
     let json = n.ok(&["--json", "vm", "list"]);
     assert!(
@@ -439,5 +398,5 @@ fn vm_configuration_files_move_and_import() {
     n.ok(&["vm", "stop", "s"]);
     c.ok("b", &["vm", "start", "s"]);
     c.wait_line("b", "s", "disk-verify: round 1 ok", LINE);
-    check(&shared.join("vms/s/s-0.vhdx"));
+    check_vhdx(&shared.join("vms/s/s-0.vhdx"));
 }

@@ -8,50 +8,12 @@
 //! a node that restarts removes the partial files (unfinished copies) it
 //! left on its stores, and only its own.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use integration_tests::{require_qemu, runner, Run};
-
-struct Cluster {
-    dir: PathBuf,
-    up: bool,
-}
-
-impl Cluster {
-    fn dir(&self) -> &str {
-        self.dir.to_str().expect("utf-8 temp path")
-    }
-    fn hvctl(&self, node: &str, args: &[&str]) -> Run {
-        let mut all = vec!["hvctl", "--state-dir", self.dir(), "--node", node];
-        all.extend_from_slice(args);
-        runner(&all)
-    }
-    fn ok(&self, node: &str, args: &[&str]) -> String {
-        let run = self.hvctl(node, args);
-        assert!(
-            run.success,
-            "hvctl {args:?} on {node} failed:\n{}",
-            run.transcript()
-        );
-        run.stdout
-    }
-    fn stores(&self) -> PathBuf {
-        self.dir.join("stores")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if self.up {
-            let run = runner(&["cluster", "down", "--state-dir", self.dir()]);
-            if !run.success {
-                eprintln!("cluster down failed:\n{}", run.transcript());
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use integration_tests::cluster::TestCluster;
+use integration_tests::files::qemu_img;
+use integration_tests::runner;
 
 /// `"key": value` of the JSON object that starts at `from` in `text`.
 fn field<'a>(text: &'a str, from: usize, key: &str) -> &'a str {
@@ -94,28 +56,9 @@ fn pattern(len: usize) -> Vec<u8> {
     v
 }
 
-fn qemu_img(args: &[&str]) -> (bool, String) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (qemu-utils; `qemu-runner setup` installs it)");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[test]
 fn stores_on_a_cluster() {
-    require_qemu();
-    let mut c = Cluster {
-        dir: std::env::temp_dir().join(format!("hvmigrate-store-test-{}", std::process::id())),
-        up: false,
-    };
-    let _ = std::fs::remove_dir_all(&c.dir);
-    let run = runner(&["cluster", "up", "--nodes", "2", "--state-dir", c.dir()]);
-    c.up = true;
-    assert!(run.success, "cluster up failed:\n{}", run.transcript());
+    let c = TestCluster::up("store", 2);
     let stores = std::fs::canonicalize(c.stores()).unwrap();
     for node in ["a", "b"] {
         assert!(stores.join(node).is_dir() && stores.join("shared").is_dir());
