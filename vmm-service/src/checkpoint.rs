@@ -369,6 +369,12 @@ impl Checkpoint {
         &self.child
     }
 
+    /// The disk's virtual size and logical sector size.
+    pub fn geometry(&self) -> (u64, u32) {
+        let c = self.chain.borrow();
+        (c.virtual_size(), c.logical_sector_size())
+    }
+
     /// The ranges the child holds (whole blocks): what a merge writes.
     pub fn own_ranges(&self) -> Result<Vec<(u64, u64)>, String> {
         own_ranges(&mut self.chain.borrow_mut())
@@ -477,4 +483,4 @@ impl Checkpoint {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -14,11 +14,11 @@ use alloc::vec;
 use core::cell::Cell;
 use vstorage::MemIo;
 
-const MIB: u64 = 1 << 20;
-const DISK: u64 = 8 * MIB;
-const BASE: &str = "local:vms/v/v-0.vhdx";
-const CONFIG: &str = "local:vms/v/v.vmcfg";
-const CHILD: &str = "local:vms/v/snapshots/v-0-checkpoint.avhdx";
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const DISK: u64 = 8 * MIB;
+pub(crate) const BASE: &str = "local:vms/v/v-0.vhdx";
+pub(crate) const CONFIG: &str = "local:vms/v/v.vmcfg";
+pub(crate) const CHILD: &str = "local:vms/v/snapshots/v-0-checkpoint.avhdx";
 
 fn fill(tag: u8, len: u64) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(13) ^ tag).collect()
@@ -26,7 +26,11 @@ fn fill(tag: u8, len: u64) -> Vec<u8> {
 
 /// A VM with an 8 MiB disk at `BASE` (data in blocks 0 and 3) and its
 /// configuration file at `CONFIG`; returns the VM and its disk's model.
-fn vm_with_disk(host: &mut FakeHost, files: &dyn FileStore, mem: &MemFiles) -> (Vm, Vec<u8>) {
+pub(crate) fn vm_with_disk(
+    host: &mut FakeHost,
+    files: &dyn FileStore,
+    mem: &MemFiles,
+) -> (Vm, Vec<u8>) {
     let file = MemFile::new(64 * MIB).unwrap();
     mem.files.borrow_mut().insert(BASE.into(), file.clone());
     let params = CreateParams {
@@ -62,20 +66,20 @@ fn vm_with_disk(host: &mut FakeHost, files: &dyn FileStore, mem: &MemFiles) -> (
     (vm, model)
 }
 
-fn guest_write(vm: &mut Vm, model: &mut [u8], at: u64, tag: u8, len: u64) {
+pub(crate) fn guest_write(vm: &mut Vm, model: &mut [u8], at: u64, tag: u8, len: u64) {
     let data = fill(tag, len);
     vm.disk_mut(0).unwrap().write(at, &data).unwrap();
     model[at as usize..(at + len) as usize].copy_from_slice(&data);
 }
 
-fn guest_sees(vm: &mut Vm) -> Vec<u8> {
+pub(crate) fn guest_sees(vm: &mut Vm) -> Vec<u8> {
     let mut all = vec![0u8; DISK as usize];
     vm.disk_mut(0).unwrap().read(0, &mut all).unwrap();
     all
 }
 
 /// The whole virtual disk in the file at `at` as a host tool reads it.
-fn file_reads(files: &MemFiles, at: &str) -> Vec<u8> {
+pub(crate) fn file_reads(files: &MemFiles, at: &str) -> Vec<u8> {
     let mut d = Vhdx::open(MemIo::from_vec(files.bytes(at)), OpenOptions::read_only()).unwrap();
     let mut all = vec![0u8; DISK as usize];
     d.read(0, &mut all).unwrap();

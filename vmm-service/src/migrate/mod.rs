@@ -46,6 +46,7 @@ pub mod channel;
 pub mod incoming;
 pub mod local;
 pub mod outgoing;
+pub mod quick;
 pub mod wire;
 
 mod set;
