@@ -286,8 +286,8 @@ pub fn precopy_gap(
 }
 
 /// A thread that tails the nodes' serial logs and timestamps one VM's
-/// heartbeats as they arrive.
-struct Tailer {
+/// heartbeats as they arrive (`bench modes` uses it too).
+pub(crate) struct Tailer {
     beats: Arc<Mutex<Arrivals>>,
     /// The lowest heartbeat number seen in the second log (node b's).
     first_on_b: Arc<Mutex<Option<u64>>>,
@@ -297,7 +297,7 @@ struct Tailer {
 
 impl Tailer {
     /// Heartbeats of VM `vm` on a node's serial log.
-    fn start(logs: Vec<PathBuf>, vm: &str) -> Self {
+    pub(crate) fn start(logs: Vec<PathBuf>, vm: &str) -> Self {
         Self::start_with_prefix(logs, format!("[{vm}] heartbeat "))
     }
 
@@ -352,16 +352,16 @@ impl Tailer {
         }
     }
 
-    fn first_on_b(&self) -> Option<u64> {
+    pub(crate) fn first_on_b(&self) -> Option<u64> {
         self.first_on_b.lock().ok().and_then(|f| *f)
     }
 
-    fn snapshot(&self) -> Arrivals {
+    pub(crate) fn snapshot(&self) -> Arrivals {
         self.beats.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Wait until `enough` holds for the beats seen, at most `wait`.
-    fn wait_for(&self, wait: Duration, enough: impl Fn(&Arrivals) -> bool) -> bool {
+    pub(crate) fn wait_for(&self, wait: Duration, enough: impl Fn(&Arrivals) -> bool) -> bool {
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             if enough(&self.snapshot()) {
@@ -397,7 +397,7 @@ fn read_from(path: &Path, offset: &mut u64) -> Option<String> {
 }
 
 /// A node's client.
-fn client(dir: &Path, node: &str) -> Result<Client, String> {
+pub(crate) fn client(dir: &Path, node: &str) -> Result<Client, String> {
     let (addr, key) = cluster::resolve_target(dir.to_str(), Some(node), None, None)?;
     Client::connect(
         &addr,
@@ -424,25 +424,10 @@ fn run_scenario(
         guest: Some(s.workload.guest().into()),
         linux: None,
     })?;
-    a.call_ok(Request::VmStart { name: vm.clone() })?;
-    if !tail.wait_for(BEAT_WAIT, |b| !b.is_empty()) {
-        return Err(format!("VM {vm} printed no heartbeat on node a"));
-    }
+    start_until_beat(&mut a, &tail, &vm, BEAT_WAIT)?;
     std::thread::sleep(WARM_UP);
-    let last_before = tail.snapshot().keys().last().copied().unwrap_or(0);
-    let from = Instant::now();
-    let job = match a.call(Request::VmMove {
-        name: vm.clone(),
-        to: "b".into(),
-        downtime_ms: None,
-        bandwidth_mib_s: None,
-        timeout_s: Some(MOVE_TIMEOUT_S),
-        encrypt: None,
-        verify: Some(verify),
-        debug_hold_accept_ms: None,
-        debug_hold_ready_ms: None,
-        debug_hold_resumed_ms: None,
-    })? {
+    let window = MoveWindow::open(&tail);
+    let job = match a.call(move_request(&vm, verify))? {
         Outcome::Ok(Body::Job(j)) => j,
         Outcome::Error(e) => return Err(format!("node a refused to move {vm}: {e}")),
         Outcome::Ok(other) => return Err(format!("unexpected reply to vm-move: {other:?}")),
@@ -457,14 +442,7 @@ fn run_scenario(
         );
     }
     let job = hvctl::follow(&mut a, job.id, true)?;
-    // The beats after the move (a failed move: they go on on node a).
-    let after = |b: &Arrivals| b.range(last_before + 1..).count() > BEATS_AFTER;
-    tail.wait_for(BEAT_WAIT, after);
-    let to = Instant::now();
-    let beats = tail.snapshot();
-    let gap = largest_gap(&beats, from, to).map(|d| d.as_millis() as u64);
-    let precopy_gap =
-        precopy_gap(&beats, tail.first_on_b(), from, to).map(|d| d.as_millis() as u64);
+    let (gap, precopy_gap) = window.close(&tail);
     let report = job.report.as_deref().cloned().ok_or_else(|| {
         format!(
             "the move of {vm} ended {:?} without a report: {}",
@@ -495,14 +473,81 @@ fn run_scenario(
         None
     };
     drop(tail);
-    // Clean up wherever the VM is now.
-    for node in ["b", "a"] {
-        if let Ok(mut c) = client(dir, node) {
-            let _ = c.call(Request::VmStop { name: vm.clone() });
-            let _ = c.call(Request::VmDelete { name: vm.clone() });
+    remove_vm(dir, &vm);
+    Ok(figures(s, &report, (gap, precopy_gap), link, verdict))
+}
+
+/// Start VM `vm` on `a` and wait (at most `wait`) for its first
+/// heartbeat.
+pub(crate) fn start_until_beat(
+    a: &mut Client,
+    tail: &Tailer,
+    vm: &str,
+    wait: Duration,
+) -> Result<(), String> {
+    a.call_ok(Request::VmStart { name: vm.into() })?;
+    if !tail.wait_for(wait, |b| !b.is_empty()) {
+        return Err(format!("VM {vm} printed no heartbeat on node a"));
+    }
+    Ok(())
+}
+
+/// `vm-move` of `vm` from a to b at the default downtime limit, no
+/// bandwidth cap, verification mode iff `verify`.
+pub(crate) fn move_request(vm: &str, verify: bool) -> Request {
+    Request::VmMove {
+        name: vm.into(),
+        to: "b".into(),
+        downtime_ms: None,
+        bandwidth_mib_s: None,
+        timeout_s: Some(MOVE_TIMEOUT_S),
+        encrypt: None,
+        verify: Some(verify),
+        debug_hold_accept_ms: None,
+        debug_hold_ready_ms: None,
+        debug_hold_resumed_ms: None,
+    }
+}
+
+/// The heartbeats of a move: from just before it starts until
+/// [`BEATS_AFTER`] beats after it ended.
+pub(crate) struct MoveWindow {
+    last_before: u64,
+    from: Instant,
+}
+
+impl MoveWindow {
+    /// Right before the move is asked for.
+    pub(crate) fn open(tail: &Tailer) -> Self {
+        Self {
+            last_before: tail.snapshot().keys().last().copied().unwrap_or(0),
+            from: Instant::now(),
         }
     }
-    Ok(figures(s, &report, (gap, precopy_gap), link, verdict))
+
+    /// After the move ended: wait for the beats after it (a failed move:
+    /// they go on on node a); the largest heartbeat gap and the worst
+    /// pre-copy stall, ms.
+    pub(crate) fn close(&self, tail: &Tailer) -> (Option<u64>, Option<u64>) {
+        let after = |b: &Arrivals| b.range(self.last_before + 1..).count() > BEATS_AFTER;
+        tail.wait_for(BEAT_WAIT, after);
+        let to = Instant::now();
+        let beats = tail.snapshot();
+        let gap = largest_gap(&beats, self.from, to).map(|d| d.as_millis() as u64);
+        let precopy =
+            precopy_gap(&beats, tail.first_on_b(), self.from, to).map(|d| d.as_millis() as u64);
+        (gap, precopy)
+    }
+}
+
+/// Stop and delete VM `vm` wherever it is now (b, then a).
+pub(crate) fn remove_vm(dir: &Path, vm: &str) {
+    for node in ["b", "a"] {
+        if let Ok(mut c) = client(dir, node) {
+            let _ = c.call(Request::VmStop { name: vm.into() });
+            let _ = c.call(Request::VmDelete { name: vm.into() });
+        }
+    }
 }
 
 /// Where the pause went, in ms: `harvest 1.2, last pages 30.0, ...`.
@@ -573,6 +618,16 @@ pub fn run(
     verify: bool,
     build: bool,
 ) -> Result<u8, String> {
+    on_two_nodes(state_dir_arg, build, |dir| run_on(dir, json, verify))
+}
+
+/// Run `bench` on the running cluster, or on one of two nodes booted for
+/// it (and shut down after).
+pub(crate) fn on_two_nodes(
+    state_dir_arg: Option<&str>,
+    build: bool,
+    bench: impl FnOnce(&Path) -> Result<u8, String>,
+) -> Result<u8, String> {
     let dir = cluster::state_dir(state_dir_arg);
     let own = cluster::load(&dir).is_err();
     if own {
@@ -589,7 +644,7 @@ pub fn run(
         };
         cluster::up(&dir, &boot, 2)?;
     }
-    let result = run_on(&dir, json, verify);
+    let result = bench(&dir);
     if own {
         cluster::down(&dir).ok();
     }
