@@ -6,7 +6,9 @@
 //!
 //! ```text
 //! frame = len:u32 BE | kind:u8 | body (len bytes, at most FRAME_BODY_MAX) | tag:16
-//! kind  = 1 control (a JSON message) | 2 stream bytes, + 0x80 when `body` is ciphertext
+//! kind  = 1 control (a JSON message) | 2 stream bytes | 3 disk message (a
+//!         shared-nothing migration's remote disk, the node's
+//!         `migrate::remote_disk`), + 0x80 when `body` is ciphertext
 //! tag   = ChaCha20-Poly1305 (RFC 8439) under the session key,
 //!         nonce = direction ('C' source -> destination, 'S' back) 0 0 0 | seq:u64 BE,
 //!         associated data = len | kind, and the body itself when not encrypted
@@ -47,11 +49,15 @@ pub const FRAME_BODY_MAX: usize = 64 * 1024;
 pub const CONTROL_MAX: usize = 16 * 1024;
 /// Control messages received and not yet taken, at most.
 pub const CONTROL_QUEUE_MAX: usize = 8;
+/// Disk messages received and not yet taken, at most (the sender keeps
+/// far fewer in flight: its window of unacknowledged disk bytes).
+pub const DISK_QUEUE_MAX: usize = 256;
 /// Bytes a frame adds to its body.
 pub const FRAME_OVERHEAD: usize = HEADER_BYTES + TAG_BYTES;
 
 const KIND_CONTROL: u8 = 1;
 const KIND_STREAM: u8 = 2;
+const KIND_DISK: u8 = 3;
 const KIND_ENCRYPTED: u8 = 0x80;
 /// Bytes pulled from the inner transport per receive.
 const RECV_CHUNK: usize = 64 * 1024;
@@ -95,6 +101,8 @@ pub enum SealError {
     /// A control message over [`CONTROL_MAX`], or more than
     /// [`CONTROL_QUEUE_MAX`] of them waiting.
     ControlOverflow { frame: u64 },
+    /// More than [`DISK_QUEUE_MAX`] disk messages waiting.
+    DiskOverflow { frame: u64 },
 }
 
 impl fmt::Display for SealError {
@@ -130,6 +138,9 @@ impl fmt::Display for SealError {
                 f,
                 "sealed frame {frame}: control message too large or too many waiting"
             ),
+            SealError::DiskOverflow { frame } => {
+                write!(f, "sealed frame {frame}: too many disk messages waiting")
+            }
         }
     }
 }
@@ -158,6 +169,8 @@ pub struct Sealer {
     /// Bytes in `stream`.
     stream_len: usize,
     controls: VecDeque<Vec<u8>>,
+    /// Disk messages received and not yet taken.
+    disks: VecDeque<Vec<u8>>,
     error: Option<SealError>,
     /// Sealed frames of the last stream send (reused, never shrunk).
     tx: Vec<u8>,
@@ -196,6 +209,7 @@ impl Sealer {
             stream: VecDeque::new(),
             stream_len: 0,
             controls: VecDeque::new(),
+            disks: VecDeque::new(),
             error: None,
             tx: Vec::new(),
         }
@@ -251,6 +265,16 @@ impl Sealer {
         self.seal(
             KIND_CONTROL,
             &message[..message.len().min(CONTROL_MAX)],
+            out,
+        );
+    }
+
+    /// Append `message` sealed as one disk frame (at most
+    /// [`FRAME_BODY_MAX`] bytes; the caller's messages fit).
+    pub fn seal_disk(&mut self, message: &[u8], out: &mut Vec<u8>) {
+        self.seal(
+            KIND_DISK,
+            &message[..message.len().min(FRAME_BODY_MAX)],
             out,
         );
     }
@@ -325,7 +349,7 @@ impl Sealer {
                 return Err(SealError::TooLarge { frame, len });
             }
             let base = kind & !KIND_ENCRYPTED;
-            if base != KIND_CONTROL && base != KIND_STREAM {
+            if base != KIND_CONTROL && base != KIND_STREAM && base != KIND_DISK {
                 return Err(SealError::BadKind { frame, kind });
             }
             let total = HEADER_BYTES + len as usize + TAG_BYTES;
@@ -363,6 +387,11 @@ impl Sealer {
                     return Err(SealError::ControlOverflow { frame });
                 }
                 self.controls.push_back(self.rx[body.0..body.1].to_vec());
+            } else if base == KIND_DISK {
+                if self.disks.len() >= DISK_QUEUE_MAX {
+                    return Err(SealError::DiskOverflow { frame });
+                }
+                self.disks.push_back(self.rx[body.0..body.1].to_vec());
             } else if body.1 > body.0 {
                 self.stream.push_back(body);
                 self.stream_len += body.1 - body.0;
@@ -374,6 +403,11 @@ impl Sealer {
     /// The next control message received, oldest first.
     pub fn take_control(&mut self) -> Option<Vec<u8>> {
         self.controls.pop_front()
+    }
+
+    /// The next disk message received, oldest first.
+    pub fn take_disk(&mut self) -> Option<Vec<u8>> {
+        self.disks.pop_front()
     }
 
     /// Stream bytes received and not yet read.
@@ -633,6 +667,39 @@ mod tests {
             b.feed(&wire),
             Err(SealError::ControlOverflow {
                 frame: CONTROL_QUEUE_MAX as u64
+            })
+        );
+    }
+
+    #[test]
+    fn disk_messages_travel_beside_the_stream_in_their_own_bounded_queue() {
+        for mode in [Some(false), Some(true)] {
+            let (mut a, mut b) = pair(mode);
+            let mut wire = Vec::new();
+            a.seal_stream(b"pages", &mut wire);
+            a.seal_disk(&[1, 2, 3], &mut wire);
+            a.seal_control(b"{}", &mut wire);
+            a.seal_disk(&[4], &mut wire);
+            for chunk in wire.chunks(7) {
+                b.feed(chunk).unwrap();
+            }
+            assert_eq!(b.take_disk().unwrap(), [1, 2, 3]);
+            assert_eq!(b.take_disk().unwrap(), [4]);
+            assert_eq!(b.take_disk(), None);
+            assert_eq!(b.take_control().unwrap(), b"{}");
+            let mut got = [0u8; 8];
+            assert_eq!(b.read_stream(&mut got), 5);
+            assert_eq!(&got[..5], b"pages");
+        }
+        let (mut a, mut b) = pair(None);
+        let mut wire = Vec::new();
+        for _ in 0..=DISK_QUEUE_MAX {
+            a.seal_disk(&[0], &mut wire);
+        }
+        assert_eq!(
+            b.feed(&wire),
+            Err(SealError::DiskOverflow {
+                frame: DISK_QUEUE_MAX as u64
             })
         );
     }

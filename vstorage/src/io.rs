@@ -335,6 +335,19 @@ pub trait VirtualDisk {
     fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
         Ok(vec![(0, self.virtual_size())])
     }
+    /// For a disk whose writes become durable later, elsewhere (a mirror
+    /// to another node, acknowledged over the network): a ticket covering
+    /// every write and flush so far, to ask [`VirtualDisk::is_durable`]
+    /// about before the guest is told they are done. `None` (the
+    /// default): `write` and `flush` returning `Ok` is all there is.
+    fn durability_ticket(&mut self) -> Option<u64> {
+        None
+    }
+    /// Whether the writes `ticket` covers are durable everywhere they must
+    /// be (or need not be any more). Default: yes.
+    fn is_durable(&mut self, _ticket: u64) -> bool {
+        true
+    }
 }
 
 /// Checks that `[offset, offset+len)` is sector-aligned and inside a disk.

@@ -31,6 +31,17 @@
 //! stalled request needs no saved state: it is still in the guest's ring,
 //! and a restored device looks at its ring once without a notify.
 //!
+//! A disk whose writes become durable later, elsewhere (a disk mirrored to
+//! another node during a shared-nothing migration:
+//! `VirtualDisk::durability_ticket`) holds a served `OUT` or `FLUSH` the
+//! same way, without pausing anything: the request is done on the disk
+//! but not completed; it goes back to the ring and the device remembers
+//! it ([`VirtioBlk::held`]); each later `process` finds it first and
+//! completes it, without serving it again, once the disk says the ticket
+//! is durable. Later requests wait behind it. Should the VM move while
+//! one is held, the destination serves it again from the ring (the same
+//! bytes to the same place).
+//!
 //! Features offered: `SEG_MAX`, `FLUSH`, `RO` for a read-only disk. Memory
 //! is bounded by one [`CHUNK_BYTES`] bounce buffer whatever the request.
 
@@ -133,12 +144,24 @@ pub struct VirtioBlk {
     /// Restored from a saved state: requests the source left in the ring
     /// (one that waited for a full store) are served without a new notify.
     recheck: bool,
+    /// A request served on a disk whose durability comes later (not
+    /// saved: the request is still in the ring).
+    held: Option<Held>,
+}
+
+/// A request done on the disk, waiting for its durability ticket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    head: u16,
+    written: u32,
+    ticket: u64,
 }
 
 /// How one request was served.
 enum Served {
-    /// Completed: bytes written into the guest's buffers (status included).
-    Done(u32),
+    /// Completed: bytes written into the guest's buffers (status included),
+    /// and whether it wrote or flushed the disk.
+    Done(u32, bool),
     /// The disk's store is full: not completed (the error's text).
     StoreFull(String),
 }
@@ -208,6 +231,7 @@ impl VirtioBlk {
             last_error: None,
             store_full: None,
             recheck: false,
+            held: None,
         }
     }
 
@@ -235,7 +259,15 @@ impl VirtioBlk {
     /// Whether the guest notified a queue since the last
     /// [`VirtioBlk::process`], or a request waits for a full store.
     pub fn has_work(&self) -> bool {
-        self.mmio.notified() != 0 || self.store_full.is_some() || self.recheck
+        self.mmio.notified() != 0
+            || self.store_full.is_some()
+            || self.recheck
+            || self.held.is_some()
+    }
+
+    /// Whether a served request waits for its disk's durability ticket.
+    pub fn held(&self) -> bool {
+        self.held.is_some()
     }
 
     /// Why a request waits (its store is full), if one does.
@@ -280,6 +312,26 @@ impl VirtioBlk {
                     return completed;
                 }
             };
+            if let Some(h) = self.held.take() {
+                if h.head == head {
+                    let durable = match &mut disk {
+                        Some(d) => d.is_durable(h.ticket),
+                        None => true,
+                    };
+                    if !durable {
+                        queue.last_avail = queue.last_avail.wrapping_sub(1);
+                        self.held = Some(h);
+                        break;
+                    }
+                    if let Err(e) = queue.push_used(mem, head, h.written) {
+                        self.fail(e);
+                        return completed;
+                    }
+                    completed = true;
+                    continue;
+                }
+                // Not the chain it held (a reset): serve what is there.
+            }
             let mut counters = self.counters;
             let served = serve(
                 &config,
@@ -298,7 +350,24 @@ impl VirtioBlk {
                 return completed;
             };
             let written = match served {
-                Ok(Served::Done(n)) => n,
+                Ok(Served::Done(n, wrote)) => {
+                    let ticket = match (&mut disk, wrote) {
+                        (Some(d), true) => d.durability_ticket().filter(|&t| !d.is_durable(t)),
+                        _ => None,
+                    };
+                    if let Some(ticket) = ticket {
+                        // Done on the disk, durable later: back into the
+                        // ring, remembered (the module doc).
+                        queue.last_avail = queue.last_avail.wrapping_sub(1);
+                        self.held = Some(Held {
+                            head,
+                            written: n,
+                            ticket,
+                        });
+                        break;
+                    }
+                    n
+                }
                 Ok(Served::StoreFull(why)) => {
                     // Back into the ring, unanswered: served again by the
                     // next call. The driver may not touch a chain it made
@@ -438,6 +507,7 @@ fn serve<'d>(
     // At most MAX_REQUEST_BYTES + 1 or the ID: fits u32.
     Ok(Served::Done(
         u32::try_from(data_written + 1).unwrap_or(u32::MAX),
+        status == S_OK && matches!(kind, T_OUT | T_FLUSH),
     ))
 }
 
@@ -886,6 +956,92 @@ mod tests {
             disk.flush().unwrap();
             disk.verify().unwrap();
         }
+    }
+
+    /// A disk whose writes are durable only once a counter says so (a
+    /// disk mirrored to another node); it counts its writes.
+    struct Later {
+        disk: Vhdx<MemIo>,
+        writes: u32,
+        acked: u64,
+        ticket: u64,
+    }
+
+    impl VirtualDisk for Later {
+        fn virtual_size(&self) -> u64 {
+            self.disk.virtual_size()
+        }
+        fn logical_sector_size(&self) -> u32 {
+            512
+        }
+        fn read(&mut self, o: u64, b: &mut [u8]) -> Result<(), vstorage::DiskError> {
+            self.disk.read(o, b)
+        }
+        fn write(&mut self, o: u64, d: &[u8]) -> Result<(), vstorage::DiskError> {
+            self.writes += 1;
+            self.ticket += 1;
+            self.disk.write(o, d)
+        }
+        fn flush(&mut self) -> Result<(), vstorage::DiskError> {
+            self.disk.flush()
+        }
+        fn durability_ticket(&mut self) -> Option<u64> {
+            Some(self.ticket)
+        }
+        fn is_durable(&mut self, ticket: u64) -> bool {
+            self.acked >= ticket
+        }
+    }
+
+    /// A write on a disk whose durability comes later is done once, then
+    /// held in the ring unanswered (the VM runs on) until its ticket is
+    /// durable; then it completes without being written again.
+    #[test]
+    fn a_write_waits_in_the_ring_until_its_disk_says_it_is_durable() {
+        let mut disk = Later {
+            disk: new_vhdx(8 << 20),
+            writes: 0,
+            acked: 0,
+            ticket: 0,
+        };
+        let mut dev = VirtioBlk::new(8 << 20, false);
+        let mut mem = FakeMemory::new(4 << 20);
+        test_driver::init(&mut |o, v| w32(&mut dev, o, v));
+        let data = pattern(5, 4096);
+        test_driver::submit_write(&mut mem, &mut |o, v| w32(&mut dev, o, v), 0, 8, &data);
+        let mut scratch = Vec::new();
+        for _ in 0..3 {
+            assert!(!dev.process(&mut mem, Some(&mut disk), &mut scratch));
+            assert!(dev.held() && dev.has_work(), "held, retried each round");
+            assert_eq!(test_driver::completed(&mem).0, 0, "not completed");
+            assert_eq!(dev.store_full(), None, "nothing pauses the VM");
+        }
+        assert_eq!(disk.writes, 1, "served once, never again");
+        disk.acked = disk.ticket;
+        assert!(dev.process(&mut mem, Some(&mut disk), &mut scratch));
+        assert_eq!(test_driver::completed(&mem), (1, S_OK));
+        assert!(!dev.held());
+        assert_eq!(disk.writes, 1);
+        let mut back = vec![0u8; 4096];
+        disk.read(8 * 512, &mut back).unwrap();
+        assert_eq!(back, data);
+        // A restored device (the VM moved while it was held) serves the
+        // request again from the ring: it is still available there.
+        let mut dev2 = VirtioBlk::new(8 << 20, false);
+        test_driver::init(&mut |o, v| w32(&mut dev2, o, v));
+        test_driver::submit_write(&mut mem, &mut |o, v| w32(&mut dev2, o, v), 1, 16, &data);
+        disk.acked = 0;
+        assert!(!dev2.process(&mut mem, Some(&mut disk), &mut scratch));
+        let mut saved = Vec::new();
+        dev2.save_state(&mut saved);
+        let mut dev3 = VirtioBlk::new(8 << 20, false);
+        dev3.restore_state(VirtioBlk::STATE_VERSION, &saved)
+            .unwrap();
+        let mut plain = new_vhdx(8 << 20);
+        assert!(dev3.process(&mut mem, Some(&mut plain), &mut scratch));
+        assert_eq!(test_driver::completed(&mem), (2, S_OK));
+        plain.read(16 * 512, &mut back).unwrap();
+        assert_eq!(back, data);
     }
 
     #[test]

@@ -155,6 +155,15 @@ pub struct Open {
     /// same file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub append: Option<String>,
+    /// A shared-nothing move (`--include-storage`): the disks the
+    /// destination creates and receives over this link
+    /// ([`super::remote_disk`]); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub create_disks: Vec<super::remote_disk::DiskSpec>,
+    /// Where they go on the destination, `STORE[:DIR]` (`None`: its
+    /// default store's layout, `STORE:vms/VM/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// When the destination answers, for the two-node failure tests: it waits
@@ -264,10 +273,22 @@ impl Paused {
 pub enum Control {
     Open(Open),
     Accept {},
-    Refuse { code: String, message: String },
-    Query { id: String },
-    Answer { id: String, state: String },
+    Refuse {
+        code: String,
+        message: String,
+    },
+    Query {
+        id: String,
+    },
+    Answer {
+        id: String,
+        state: String,
+    },
     Paused(Paused),
+    /// A shared-nothing move: every disk is copied and current on the
+    /// destination (its last flush acknowledged); the memory engine
+    /// starts now (the destination starts its receiver).
+    StorageCopied {},
 }
 
 /// A VM name from a peer, checked like a local one.
@@ -637,6 +658,39 @@ impl Conn {
                 .map(Some)
                 .map_err(|e| format!("bad control message: {}", hvmgmt::proto::detail(&e))),
         }
+    }
+
+    /// Send a disk message ([`super::remote_disk`]; after the handshake).
+    pub fn send_disk(&mut self, body: &[u8]) -> Result<(), TransportError> {
+        let Some(sealer) = self.sealer.as_mut() else {
+            return Err(TransportError::Broken("not authenticated"));
+        };
+        let mut out = Vec::new();
+        sealer.seal_disk(body, &mut out);
+        self.wire.send(&out)
+    }
+
+    /// The next disk message received. With `pull`, first read what the
+    /// wire has (when no engine does; stream bytes read now stay queued).
+    pub fn next_disk(&mut self, pull: bool) -> Result<Option<Vec<u8>>, String> {
+        let Some(sealer) = self.sealer.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(d) = sealer.take_disk() {
+            return Ok(Some(d));
+        }
+        if pull {
+            if let Err(e) = sealer.pull(&mut self.wire) {
+                return Err(match e {
+                    migration::seal::SealedError::Seal(s) => {
+                        self.refused.get_or_insert(s);
+                        s.to_string()
+                    }
+                    migration::seal::SealedError::Transport(t) => t.to_string(),
+                });
+            }
+        }
+        Ok(sealer.take_disk())
     }
 
     /// Fix the migration's encryption (after the `open`).

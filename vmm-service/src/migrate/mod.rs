@@ -47,6 +47,7 @@ pub mod incoming;
 pub mod local;
 pub mod outgoing;
 pub mod quick;
+pub mod remote_disk;
 pub mod wire;
 
 mod set;

@@ -93,6 +93,10 @@ pub struct Outgoing {
     pub disks: Vec<crate::lease::vms::SharedDisk>,
     /// Its identity and kernel arguments, for the destination's file.
     carried: crate::vmconfig::Carried,
+    /// A shared-nothing move: the disks the destination creates, and
+    /// where (`STORE[:DIR]`; `None`: its default store).
+    pub create_disks: Vec<super::remote_disk::DiskSpec>,
+    pub store: Option<String>,
 }
 
 impl Outgoing {
@@ -131,6 +135,8 @@ impl Outgoing {
             ended: None,
             disks: Vec::new(),
             carried: crate::vmconfig::Carried::of(vm),
+            create_disks: Vec::new(),
+            store: None,
         }
     }
 
@@ -375,6 +381,8 @@ impl Migrations {
                             disks: o.disks.clone(),
                             vm_id: o.carried.id.map(|i| i.to_string()),
                             append: o.carried.append.clone(),
+                            create_disks: o.create_disks.clone(),
+                            store: o.store.clone(),
                         });
                         conn.send_control(&open)
                             .map_err(|e| format!("link to {} lost: {e}", o.to))?;
