@@ -28,6 +28,7 @@
 //! child holds ([`QuickDisks::child_bytes`], reported while the base
 //! copies).
 
+use super::remote_disk::{DiskSpec, RemoteDisk, RemoteLink};
 use crate::checkpoint::{self, Checkpoint, StoreDisk};
 use crate::disks::{Backing, FileStore};
 use crate::vm::Vm;
@@ -423,6 +424,210 @@ fn write_skipping_zeros(
         dst.write(at + from as u64, &data[from..])?;
     }
     Ok(())
+}
+
+/// Where the source's disk work over the link stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The bases go to the destination; the guest runs on the children.
+    CopyBase,
+    /// The guest is paused (downtime); the children's data goes.
+    Fold,
+    /// Everything is queued; waiting for the destination's last ack.
+    Flushing { ticket: u64 },
+    /// Every disk is whole and durable on the destination.
+    Copied,
+}
+
+/// The source's disk work of a quick move over the migration link: the
+/// [`QuickDisks`] writing the destination's new disks through the remote
+/// disk target (`super::remote_disk`), which the destination's sink
+/// creates from [`QuickSource::specs`].
+pub struct QuickSource {
+    disks: QuickDisks,
+    link: RemoteLink,
+    targets: Vec<RemoteDisk>,
+    specs: Vec<DiskSpec>,
+    stage: Stage,
+    /// When this job paused the guest (downtime's start).
+    pause_ns: Option<u64>,
+    /// Largest size of the children seen while the bases copied.
+    child_max: u64,
+}
+
+impl core::fmt::Debug for QuickSource {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("QuickSource")
+            .field("stage", &self.stage)
+            .field("disks", &self.disks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A quick move's disk progress, for the job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuickProgress {
+    /// Bytes of the bases copied and to copy.
+    pub base_done: u64,
+    pub base_total: u64,
+    /// Bytes the checkpoints hold now (their growth while the bases
+    /// copy), and the most seen.
+    pub child_bytes: u64,
+    pub child_max: u64,
+    /// Bytes of the checkpoints written during the pause, and to write.
+    pub fold_done: u64,
+    pub fold_total: u64,
+    /// Write data acknowledged durable by the destination.
+    pub acked: u64,
+}
+
+impl QuickSource {
+    /// Take the checkpoints of `vm`'s disks; the specs of the disks the
+    /// destination creates (one per slot, the base's file name and
+    /// geometry) are [`QuickSource::specs`].
+    pub fn start(vm: &mut Vm, files: &dyn FileStore) -> Result<Self, String> {
+        let mut specs = Vec::new();
+        for slot in 0..vm.disk_count() as u8 {
+            let sector = vm.disk_mut(slot).map_or(512, |d| d.logical_sector_size());
+            let Some(meta) = vm.disk_meta().get(usize::from(slot)) else {
+                return Err("the disks changed".into());
+            };
+            if let Some(c) = &meta.checkpoint {
+                return Err(format!(
+                    "disk {} has a checkpoint ({c}): merge it first",
+                    meta.location()
+                ));
+            }
+            specs.push(DiskSpec::of(slot, meta, sector));
+        }
+        let disks = QuickDisks::start(vm, files)?;
+        let link = RemoteLink::new();
+        let targets = specs
+            .iter()
+            .map(|s| link.disk(s.slot, s.virtual_bytes, s.sector_bytes))
+            .collect();
+        Ok(Self {
+            disks,
+            link,
+            targets,
+            specs,
+            stage: Stage::CopyBase,
+            pause_ns: None,
+            child_max: 0,
+        })
+    }
+
+    /// The disks the destination creates (`open`'s `create_disks`).
+    pub fn specs(&self) -> &[DiskSpec] {
+        &self.specs
+    }
+
+    /// Where it stands.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// When it paused the guest, if it did.
+    pub fn paused_at(&self) -> Option<u64> {
+        self.pause_ns
+    }
+
+    /// Progress for the job.
+    pub fn progress(&self) -> QuickProgress {
+        let (base_done, base_total) = self.disks.base_bytes();
+        let (fold_done, fold_total) = self.disks.fold_bytes();
+        QuickProgress {
+            base_done,
+            base_total,
+            child_bytes: self.disks.child_bytes(),
+            child_max: self.child_max,
+            fold_done,
+            fold_total,
+            acked: self.link.bytes().1,
+        }
+    }
+
+    /// Work until `end` of `clock`: take the destination's acks from
+    /// `recv`, copy, pause the guest and fold once the bases are there,
+    /// put what is queued on the link through `send`. `Ok(true)`: every
+    /// disk is whole and durable on the destination (the guest is
+    /// paused; memory moves next). `Err`: the move fails (call
+    /// [`QuickSource::abort`]).
+    pub fn step(
+        &mut self,
+        vm: &mut Vm,
+        send: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+        recv: &mut dyn FnMut() -> Result<Option<Vec<u8>>, String>,
+        clock: &dyn Fn() -> u64,
+        end: u64,
+    ) -> Result<bool, String> {
+        while let Some(m) = recv()? {
+            self.link.receive(&m)?;
+        }
+        if let Some(why) = self.link.failed() {
+            return Err(why);
+        }
+        let link = self.link.clone();
+        let mut room = || link.has_room();
+        let mut targets: Vec<&mut dyn VirtualDisk> = self
+            .targets
+            .iter_mut()
+            .map(|t| t as &mut dyn VirtualDisk)
+            .collect();
+        match self.stage {
+            Stage::CopyBase => {
+                let step = self.disks.copy_base(&mut targets, &mut room, clock, end)?;
+                self.child_max = self.child_max.max(self.disks.child_bytes());
+                if step == Step::Done {
+                    // The save: downtime starts.
+                    vm.pause();
+                    self.pause_ns = Some(clock());
+                    self.disks.start_fold()?;
+                    self.stage = Stage::Fold;
+                }
+            }
+            Stage::Fold => {
+                if self.disks.fold(&mut targets, &mut room, clock, end)? == Step::Done {
+                    for t in &mut targets {
+                        t.flush().map_err(|e| format!("{e}"))?;
+                    }
+                    self.link.sync();
+                    self.stage = Stage::Flushing {
+                        ticket: self.link.ticket(),
+                    };
+                }
+            }
+            Stage::Flushing { ticket } => {
+                if self.link.is_acked(ticket) {
+                    self.stage = Stage::Copied;
+                }
+            }
+            Stage::Copied => {}
+        }
+        self.link.pump(send)?;
+        if let Some(why) = self.link.failed() {
+            return Err(why);
+        }
+        Ok(self.stage == Stage::Copied)
+    }
+
+    /// The move failed before the VM resumed at the destination: the VM
+    /// runs on here (resumed if this job paused it), its checkpoints
+    /// merged back (`merge`) or kept; the destination deletes its partial
+    /// files. Returns what was kept, to say so.
+    pub fn abort(self, vm: &mut Vm, files: &dyn FileStore, merge: bool) -> Option<String> {
+        self.link.fail("the move failed");
+        if self.pause_ns.is_some() {
+            vm.resume();
+        }
+        self.disks.abort(vm, files, merge)
+    }
+
+    /// The VM runs at the destination and left this node: delete the
+    /// checkpoints and bases here. Returns what could not be deleted.
+    pub fn finish(self, files: &dyn FileStore) -> Vec<String> {
+        self.disks.finish(files)
+    }
 }
 
 #[cfg(test)]

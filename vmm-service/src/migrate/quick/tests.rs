@@ -5,6 +5,7 @@
 //! written, the files here go only at the end; a move that fails leaves
 //! the VM on its disk with every write, merged back or kept and said so.
 
+use super::super::remote_disk::DiskSink;
 use super::*;
 use crate::checkpoint::tests::{
     file_reads, guest_sees, guest_write, vm_with_disk, BASE, CHILD, CONFIG, DISK, MIB,
@@ -13,6 +14,7 @@ use crate::disks::{MemFile, MEM_BLOCK_BYTES};
 use crate::storage_migration::testing::MemFiles;
 use crate::testing::FakeHost;
 use crate::vmconfig;
+use alloc::rc::Rc;
 use alloc::string::ToString;
 use alloc::vec;
 use core::cell::Cell;
@@ -219,4 +221,156 @@ fn a_vm_whose_disk_cannot_take_a_checkpoint_is_refused_untouched() {
         .unwrap_err()
         .contains("node memory"));
     assert!(files.names().is_empty());
+}
+
+/// The two ends of the link in memory: what the source sent, what the
+/// destination answered; `cut` makes the source's next receive fail.
+#[derive(Default)]
+struct Link {
+    to_b: core::cell::RefCell<alloc::collections::VecDeque<Vec<u8>>>,
+    to_a: core::cell::RefCell<alloc::collections::VecDeque<Vec<u8>>>,
+    cut: Cell<bool>,
+}
+
+impl Link {
+    /// One source step, then the destination applies what came.
+    fn round(
+        &self,
+        src: &mut QuickSource,
+        vm: &mut Vm,
+        sink: &mut DiskSink,
+        clock: &dyn Fn() -> u64,
+    ) -> Result<bool, String> {
+        let done = src.step(
+            vm,
+            &mut |m| {
+                self.to_b.borrow_mut().push_back(m.to_vec());
+                Ok(())
+            },
+            &mut || {
+                if self.cut.get() {
+                    return Err("link to b lost".into());
+                }
+                Ok(self.to_a.borrow_mut().pop_front())
+            },
+            clock,
+            clock() + 1,
+        )?;
+        while let Some(m) = self.to_b.borrow_mut().pop_front() {
+            if let Some(ack) = sink.apply(&m).unwrap() {
+                self.to_a.borrow_mut().push_back(ack);
+            }
+        }
+        Ok(done)
+    }
+}
+
+const ON_B: &str = "local:vms/v/v-0.vhdx";
+
+#[test]
+fn over_the_remote_disk_target_b_gets_every_write_and_a_deletes_its_files() {
+    let mut host = FakeHost::new();
+    let a = MemFiles::new(64 * MIB);
+    let b = MemFiles::new(64 * MIB);
+    let (mut vm, mut model) = vm_with_disk(&mut host, &a, &a);
+    let mut src = QuickSource::start(&mut vm, &a).unwrap();
+    assert_eq!(src.specs().len(), 1);
+    assert_eq!(src.specs()[0].file, "v-0.vhdx", "b's base keeps its name");
+    let mut sink = DiskSink::create(Rc::new(b.clone()), "v", None, src.specs()).unwrap();
+    let link = Link::default();
+    let clock = tick();
+    let mut rounds = 0;
+    loop {
+        let done = link.round(&mut src, &mut vm, &mut sink, &clock).unwrap();
+        rounds += 1;
+        if !vm.is_paused() {
+            // The guest writes on while the base copies.
+            match rounds {
+                1 => guest_write(&mut vm, &mut model, 4096, 21, 8192),
+                2 => guest_write(&mut vm, &mut model, 6 * MIB + 512, 22, 1024),
+                3 => {
+                    vm.disk_mut(0).unwrap().write(0, &[0u8; 512]).unwrap();
+                    model[..512].fill(0);
+                }
+                _ => {}
+            }
+        } else {
+            assert_ne!(src.stage(), Stage::CopyBase);
+        }
+        if done {
+            break;
+        }
+        assert!(rounds < 10_000);
+    }
+    assert!(vm.is_paused(), "the guest is saved for the memory move");
+    assert!(src.paused_at().is_some());
+    let p = src.progress();
+    assert_eq!((p.base_done, p.base_total), (2 * MIB, 2 * MIB));
+    // Blocks 0 and 6 of the child: its growth while the base copied.
+    assert_eq!(p.child_max, 2 * MIB);
+    assert_eq!((p.fold_done, p.fold_total), (2 * MIB, 2 * MIB));
+    assert_eq!(p.acked, 4 * MIB, "{p:?}");
+    // b commits at the VM's resume there.
+    sink.commit().unwrap();
+    assert!(b.names().contains(&ON_B.to_string()), "{:?}", b.names());
+    same(&file_reads(&b, ON_B), &model, "b's merged base");
+    vm.destroy();
+    assert!(src.finish(&a).is_empty());
+    let left = a.names();
+    assert!(
+        !left.contains(&BASE.to_string()) && !left.contains(&CHILD.to_string()),
+        "{left:?}"
+    );
+}
+
+#[test]
+fn a_link_cut_during_the_base_copy_or_the_fold_leaves_the_vm_on_a() {
+    for cut_in_fold in [false, true] {
+        let mut host = FakeHost::new();
+        let a = MemFiles::new(64 * MIB);
+        let b = MemFiles::new(64 * MIB);
+        let (mut vm, mut model) = vm_with_disk(&mut host, &a, &a);
+        let mut src = QuickSource::start(&mut vm, &a).unwrap();
+        let mut sink = DiskSink::create(Rc::new(b.clone()), "v", None, src.specs()).unwrap();
+        let link = Link::default();
+        let clock = tick();
+        let mut rounds = 0;
+        let err = loop {
+            if !vm.is_paused() {
+                guest_write(
+                    &mut vm,
+                    &mut model,
+                    (rounds % 8) * MIB + 4096,
+                    30 + rounds as u8,
+                    4096,
+                );
+            }
+            let cut_now = if cut_in_fold {
+                src.stage() == Stage::Fold
+            } else {
+                rounds == 2
+            };
+            link.cut.set(cut_now);
+            match link.round(&mut src, &mut vm, &mut sink, &clock) {
+                Err(e) => break e,
+                Ok(done) => assert!(!done, "the cut came too late"),
+            }
+            rounds += 1;
+            assert!(rounds < 10_000);
+        };
+        assert!(err.contains("link to b lost"), "{err}");
+        assert_eq!(src.stage() == Stage::Fold, cut_in_fold);
+        assert_eq!(src.abort(&mut vm, &a, true), None);
+        sink.discard();
+        assert!(
+            b.names().is_empty(),
+            "b's partial files removed: {:?}",
+            b.names()
+        );
+        assert!(!vm.is_paused(), "the VM runs on at a");
+        same(&guest_sees(&mut vm), &model, "the guest's view");
+        vm.disk_mut(0).unwrap().flush().unwrap();
+        same(&file_reads(&a, BASE), &model, "a's base, merged");
+        assert!(!a.names().contains(&CHILD.to_string()));
+    }
 }
