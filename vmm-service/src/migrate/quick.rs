@@ -453,6 +453,29 @@ pub struct QuickSource {
     pause_ns: Option<u64>,
     /// Largest size of the children seen while the bases copied.
     child_max: u64,
+    /// The destination's last acknowledged byte count, and when it moved.
+    last_acked: (u64, u64),
+}
+
+/// How long the destination may leave written data unacknowledged.
+pub const STALL_NS: u64 = 8_000_000_000;
+
+/// The link as the disk work uses it: disk messages out and in
+/// (`Conn::send_disk`, `Conn::next_disk`).
+pub trait DiskWire {
+    /// Put one disk message on the link.
+    fn send(&mut self, body: &[u8]) -> Result<(), String>;
+    /// The next disk message from the peer, if one came.
+    fn recv(&mut self) -> Result<Option<Vec<u8>>, String>;
+}
+
+impl DiskWire for super::channel::Conn {
+    fn send(&mut self, body: &[u8]) -> Result<(), String> {
+        self.send_disk(body).map_err(|e| format!("{e}"))
+    }
+    fn recv(&mut self) -> Result<Option<Vec<u8>>, String> {
+        self.next_disk(true)
+    }
 }
 
 impl core::fmt::Debug for QuickSource {
@@ -482,10 +505,16 @@ pub struct QuickProgress {
 }
 
 impl QuickSource {
-    /// Take the checkpoints of `vm`'s disks; the specs of the disks the
-    /// destination creates (one per slot, the base's file name and
-    /// geometry) are [`QuickSource::specs`].
-    pub fn start(vm: &mut Vm, files: &dyn FileStore) -> Result<Self, String> {
+    /// The disks the destination creates for `vm` (one per slot, each
+    /// base's file name and geometry), checked movable: each on a store,
+    /// none on the shared store, none with a checkpoint.
+    pub fn specs_of(vm: &mut Vm) -> Result<Vec<DiskSpec>, String> {
+        if vm.disk_count() == 0 {
+            return Err(format!(
+                "VM {} has no disk: a quick move is for disks (move it without --quick)",
+                vm.name()
+            ));
+        }
         let mut specs = Vec::new();
         for slot in 0..vm.disk_count() as u8 {
             let sector = vm.disk_mut(slot).map_or(512, |d| d.logical_sector_size());
@@ -498,8 +527,28 @@ impl QuickSource {
                     meta.location()
                 ));
             }
+            let Backing::File { location } = &meta.backing else {
+                return Err(format!(
+                    "disk {} is in node memory: a quick move needs its disks on a store",
+                    meta.location()
+                ));
+            };
+            if crate::lease::vms::is_shared_store(crate::lease::vms::store_of(location)) {
+                return Err(format!(
+                    "disk {location} is on the shared store: both nodes see it, move the VM \
+                     without --quick"
+                ));
+            }
             specs.push(DiskSpec::of(slot, meta, sector));
         }
+        Ok(specs)
+    }
+
+    /// Take the checkpoints of `vm`'s disks; the specs of the disks the
+    /// destination creates are [`QuickSource::specs`] (as
+    /// [`QuickSource::specs_of`] gave them before).
+    pub fn start(vm: &mut Vm, files: &dyn FileStore) -> Result<Self, String> {
+        let specs = Self::specs_of(vm)?;
         let disks = QuickDisks::start(vm, files)?;
         let link = RemoteLink::new();
         let targets = specs
@@ -514,6 +563,7 @@ impl QuickSource {
             stage: Stage::CopyBase,
             pause_ns: None,
             child_max: 0,
+            last_acked: (0, 0),
         })
     }
 
@@ -556,16 +606,27 @@ impl QuickSource {
     pub fn step(
         &mut self,
         vm: &mut Vm,
-        send: &mut dyn FnMut(&[u8]) -> Result<(), String>,
-        recv: &mut dyn FnMut() -> Result<Option<Vec<u8>>, String>,
+        wire: &mut dyn DiskWire,
         clock: &dyn Fn() -> u64,
         end: u64,
     ) -> Result<bool, String> {
-        while let Some(m) = recv()? {
+        while let Some(m) = wire.recv()? {
             self.link.receive(&m)?;
         }
         if let Some(why) = self.link.failed() {
             return Err(why);
+        }
+        // A destination that acknowledges nothing for long, while data
+        // waits for it, is gone.
+        let now = clock();
+        let (queued, acked) = self.link.bytes();
+        if acked != self.last_acked.0 || queued == acked {
+            self.last_acked = (acked, now);
+        } else if now.saturating_sub(self.last_acked.1) > STALL_NS {
+            return Err(format!(
+                "the destination acknowledged no disk data for {} s",
+                STALL_NS / 1_000_000_000
+            ));
         }
         let link = self.link.clone();
         let mut room = || link.has_room();
@@ -604,7 +665,7 @@ impl QuickSource {
             }
             Stage::Copied => {}
         }
-        self.link.pump(send)?;
+        self.link.pump(&mut |b| wire.send(b))?;
         if let Some(why) = self.link.failed() {
             return Err(why);
         }

@@ -232,6 +232,19 @@ struct Link {
     cut: Cell<bool>,
 }
 
+impl DiskWire for &Link {
+    fn send(&mut self, body: &[u8]) -> Result<(), String> {
+        self.to_b.borrow_mut().push_back(body.to_vec());
+        Ok(())
+    }
+    fn recv(&mut self) -> Result<Option<Vec<u8>>, String> {
+        if self.cut.get() {
+            return Err("link to b lost".into());
+        }
+        Ok(self.to_a.borrow_mut().pop_front())
+    }
+}
+
 impl Link {
     /// One source step, then the destination applies what came.
     fn round(
@@ -241,21 +254,8 @@ impl Link {
         sink: &mut DiskSink,
         clock: &dyn Fn() -> u64,
     ) -> Result<bool, String> {
-        let done = src.step(
-            vm,
-            &mut |m| {
-                self.to_b.borrow_mut().push_back(m.to_vec());
-                Ok(())
-            },
-            &mut || {
-                if self.cut.get() {
-                    return Err("link to b lost".into());
-                }
-                Ok(self.to_a.borrow_mut().pop_front())
-            },
-            clock,
-            clock() + 1,
-        )?;
+        let mut wire = self;
+        let done = src.step(vm, &mut wire, clock, clock() + 1)?;
         while let Some(m) = self.to_b.borrow_mut().pop_front() {
             if let Some(ack) = sink.apply(&m).unwrap() {
                 self.to_a.borrow_mut().push_back(ack);
@@ -373,4 +373,34 @@ fn a_link_cut_during_the_base_copy_or_the_fold_leaves_the_vm_on_a() {
         same(&file_reads(&a, BASE), &model, "a's base, merged");
         assert!(!a.names().contains(&CHILD.to_string()));
     }
+}
+
+#[test]
+fn a_destination_that_acknowledges_nothing_fails_the_move_in_bounded_time() {
+    let mut host = FakeHost::new();
+    let a = MemFiles::new(64 * MIB);
+    let (mut vm, model) = vm_with_disk(&mut host, &a, &a);
+    let mut src = QuickSource::start(&mut vm, &a).unwrap();
+    let link = Link::default();
+    let now = Cell::new(0u64);
+    let clock = || now.get();
+    let mut wire = &link;
+    let mut err = None;
+    for _ in 0..100 {
+        // b takes the messages and never answers.
+        match src.step(&mut vm, &mut wire, &clock, now.get() + 1) {
+            Ok(done) => assert!(!done),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+        link.to_b.borrow_mut().clear();
+        now.set(now.get() + STALL_NS / 10);
+    }
+    let err = err.expect("the stall is noticed");
+    assert!(err.contains("acknowledged no disk data"), "{err}");
+    assert!(now.get() <= 2 * STALL_NS, "within about the stall time");
+    assert_eq!(src.abort(&mut vm, &a, true), None);
+    same(&guest_sees(&mut vm), &model, "the guest's view");
 }
