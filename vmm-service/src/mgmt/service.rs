@@ -46,12 +46,13 @@ pub const LINUX_GUEST: &str = "linux";
 pub const LINUX_KERNEL_MODULE: usize = 1;
 pub const LINUX_INITRD_MODULE: usize = 2;
 /// Guests the guest kernel runs (`case=` values; docs/DESIGN.md).
-pub const GUESTS: [&str; 12] = [
+pub const GUESTS: [&str; 13] = [
     "heartbeat",
     "dirty-demo",
     "bench-hypercall",
     "busy-verify",
     "disk-verify",
+    "disk-beat",
     "hello",
     "cpuid",
     "memory",

@@ -12,8 +12,8 @@
 //! that differs from the model, is a page the migration lost or left
 //! stale.
 
+use super::endless::Beats;
 use super::migrate::{status, Sweeper};
-use crate::arch::rdtsc;
 use crate::layout::{align_down, PAGE_BYTES};
 use crate::{fail, println, Env};
 
@@ -38,24 +38,12 @@ pub fn run(env: &Env) -> ! {
         "busy-verify: workload over {} pages at GPA {:#x}",
         w.pages, w.start
     );
-    let period = (super::endless::tsc_hz() / BEATS_PER_S).max(1);
-    let mut next_beat = rdtsc().wrapping_add(period);
-    let mut beat: u64 = 0;
+    let mut beats = Beats::new(BEATS_PER_S);
     let mut seen = status();
     loop {
         for page in 0..w.pages {
             if page % BEAT_CHECK_PAGES == 0 {
-                let now = rdtsc();
-                if (now.wrapping_sub(next_beat) as i64) >= 0 {
-                    beat += 1;
-                    println!("heartbeat {}", beat);
-                    next_beat = next_beat.wrapping_add(period);
-                    // Far behind (the VM did not run for a while): go on
-                    // from now instead of printing a burst.
-                    if (now.wrapping_sub(next_beat) as i64) >= 0 {
-                        next_beat = now.wrapping_add(period);
-                    }
-                }
+                beats.tick();
             }
             if page % STATUS_EVERY_PAGES == 0 {
                 let now = status();

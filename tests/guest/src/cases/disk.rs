@@ -233,3 +233,70 @@ fn check_zero(
     }
     Ok(())
 }
+
+/// Bytes `disk-beat` writes before it beats.
+pub const DISK_BEAT_BYTES: u64 = 128 << 20;
+/// Seed of `disk-beat`'s pattern.
+pub const DISK_BEAT_SEED: u64 = 0xd15c_bea7;
+/// `disk-beat`'s heartbeats per second.
+const DISK_BEAT_PER_S: u64 = 100;
+
+/// `disk-beat` (the guest of `qemu-runner bench modes`): writes round 1
+/// of the pattern over the first 128 MiB of its disk (all of a smaller
+/// one), flushes and prints `disk-beat: N MiB written`; then, for ever,
+/// `heartbeat N` every 10 ms, and whenever the count of completed or
+/// failed migrations grows, reads the data back (beating between
+/// requests) and prints `disk-beat: migration N: N MiB read back ok`, or
+/// `disk-beat: FAILED ...` and reports failure.
+pub fn disk_beat() -> ! {
+    let mut disk = open_disk(0);
+    let (buf, expect) = buffers();
+    let sectors = disk
+        .capacity()
+        .min(DISK_BEAT_BYTES / DISK_SECTOR_BYTES as u64);
+    if sectors == 0 {
+        fail!("disk-beat: the disk is empty");
+    }
+    let mib = (sectors * DISK_SECTOR_BYTES as u64) >> 20;
+    write_pattern(&mut disk, buf, DISK_BEAT_SEED, 1, 0, sectors);
+    if let Err(e) = disk.flush() {
+        fail!("disk-beat: flush: {}", e);
+    }
+    println!("disk-beat: {} MiB written", mib);
+    let mut beats = super::endless::Beats::new(DISK_BEAT_PER_S);
+    let mut seen = super::migrate::status();
+    loop {
+        if !beats.tick() {
+            core::hint::spin_loop();
+            continue;
+        }
+        let now = super::migrate::status();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        // Request by request, beating in between.
+        let mut s = 0;
+        while s < sectors {
+            let n = REQUEST_SECTORS.min(sectors - s);
+            if let Err((sector, byte)) =
+                check_pattern(&mut disk, buf, expect, DISK_BEAT_SEED, 1, s, n)
+            {
+                println!(
+                    "disk-beat: FAILED after migration {}: sector {} byte {} differs",
+                    now.0 + now.1,
+                    sector,
+                    byte
+                );
+                fail!("disk-beat: sector {} differs", sector);
+            }
+            s += n;
+            beats.tick();
+        }
+        println!(
+            "disk-beat: migration {}: {} MiB read back ok",
+            now.0 + now.1,
+            mib
+        );
+    }
+}

@@ -44,6 +44,44 @@ pub(crate) fn tsc_hz() -> u64 {
     DEFAULT_TSC_HZ
 }
 
+/// `heartbeat N` lines, N = 1, 2, 3, ..., one per period of guest time
+/// (TSC) when [`Beats::tick`] is called often enough; far behind (the VM
+/// did not run for a while) it goes on from now instead of printing a
+/// burst. Its state lives in guest memory, so it continues across
+/// migrations.
+pub(crate) struct Beats {
+    period: u64,
+    next: u64,
+    n: u64,
+}
+
+impl Beats {
+    /// `per_s` beats a second, the first one period from now.
+    pub(crate) fn new(per_s: u64) -> Self {
+        let period = (tsc_hz() / per_s.max(1)).max(1);
+        Self {
+            period,
+            next: rdtsc().wrapping_add(period),
+            n: 0,
+        }
+    }
+
+    /// Print the next beat if it is due; whether it did.
+    pub(crate) fn tick(&mut self) -> bool {
+        let now = rdtsc();
+        if (now.wrapping_sub(self.next) as i64) < 0 {
+            return false;
+        }
+        self.n += 1;
+        println!("heartbeat {}", self.n);
+        self.next = self.next.wrapping_add(self.period);
+        if (now.wrapping_sub(self.next) as i64) >= 0 {
+            self.next = now.wrapping_add(self.period);
+        }
+        true
+    }
+}
+
 /// `heartbeat`: print `heartbeat N` about once a second, for ever.
 pub fn heartbeat() -> ! {
     let period = tsc_hz();

@@ -1,6 +1,6 @@
 //! The cases, by command-line name. Test cases end with `HC_TEST_RESULT`;
 //! the non-test guests (`heartbeat`, `dirty-demo`, `bench-hypercall`,
-//! `busy-verify`) run for ever.
+//! `busy-verify`, `disk-verify`, `disk-beat`) run for ever.
 
 mod basic;
 mod busy_verify;
@@ -40,6 +40,7 @@ pub fn run(env: &Env) -> ! {
         "bench-hypercall" => endless::bench_hypercall(),
         "busy-verify" => busy_verify::run(env),
         "disk-verify" => disk::disk_verify(),
+        "disk-beat" => disk::disk_beat(),
         other => crate::fail!("unknown case {}", other),
     }
 }
