@@ -452,29 +452,42 @@ fn run_scenario(
     })?;
     let verdict = if s.workload == Workload::Busy && job.state == JobState::Completed {
         let b_log = logs.get(1).cloned().unwrap_or_default();
-        let deadline = Instant::now() + BEAT_WAIT;
-        loop {
-            let serial = std::fs::read(&b_log)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
-            let tag = format!("[{vm}] busy-verify: ");
-            let said = serial.lines().rev().find_map(|l| {
-                let c = markers::clean_line(l);
-                c.strip_prefix(&format!("[{vm}] "))
-                    .filter(|_| c.starts_with(&tag) && !c.contains("workload over"))
-                    .map(str::to_string)
-            });
-            if said.is_some() || Instant::now() > deadline {
-                break said;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        guest_line(&b_log, &vm, BEAT_WAIT, |l| {
+            l.starts_with("busy-verify: ") && !l.contains("workload over")
+        })
     } else {
         None
     };
     drop(tail);
     remove_vm(dir, &vm);
     Ok(figures(s, &report, (gap, precopy_gap), link, verdict))
+}
+
+/// The last line of VM `vm` (without its `[vm] ` tag) in the serial log
+/// `log` that `wanted` takes, waiting for one at most `wait`.
+pub(crate) fn guest_line(
+    log: &Path,
+    vm: &str,
+    wait: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let deadline = Instant::now() + wait;
+    let tag = format!("[{vm}] ");
+    loop {
+        let serial = std::fs::read(log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let said = serial.lines().rev().find_map(|l| {
+            markers::clean_line(l)
+                .strip_prefix(&tag)
+                .filter(|c| wanted(c))
+                .map(str::to_string)
+        });
+        if said.is_some() || Instant::now() > deadline {
+            return said;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Start VM `vm` on `a` and wait (at most `wait`) for its first

@@ -314,6 +314,21 @@ pub enum Bench {
         #[command(flatten)]
         build: BuildArg,
     },
+    /// One VM (64 MiB, a 256 MiB disk with 128 MiB written) moved from
+    /// node a to b by each mode: shared-store live migration,
+    /// shared-nothing (--include-storage), quick (--quick); total time,
+    /// downtime (heartbeat gap and the report's), bytes over the link,
+    /// whether shared-store < shared-nothing < quick in downtime (boots a
+    /// cluster for the run if none is up)
+    Modes {
+        /// One JSON object per mode
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateDirArg,
+        #[command(flatten)]
+        build: BuildArg,
+    },
     /// Storage live migration on node a: a 1 GiB VHDX holding 512 MiB
     /// (written by its disk-verify guest) moved between two stores with
     /// the guest writing, then idle; MB/s next to the node's plain 9P copy
@@ -586,6 +601,10 @@ mod tests {
             Ok(Command::Bench(Bench::Migrate { json: true, .. }))
         ));
         assert!(matches!(
+            p("bench modes --json"),
+            Ok(Command::Bench(Bench::Modes { json: true, .. }))
+        ));
+        assert!(matches!(
             p("bench storage --json --state-dir /x"),
             Ok(Command::Bench(Bench::Storage { json: true, state, .. })) if state.state_dir.as_deref() == Some("/x")
         ));
@@ -717,7 +736,7 @@ mod tests {
         cmd.build();
         let mut seen = 0;
         walk(&mut cmd, &mut Vec::new(), &mut seen);
-        // qemu-runner's 12 commands, 5 bench, 4 cluster, hvctl's tree, help.
+        // qemu-runner's 12 commands, 6 bench, 4 cluster, hvctl's tree, help.
         assert!(seen > 30, "{seen}");
         let node = Cli::command()
             .find_subcommand_mut("node")

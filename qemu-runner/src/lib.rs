@@ -15,6 +15,7 @@
 pub mod accel;
 pub mod arch;
 pub mod bench_migrate;
+pub mod bench_modes;
 pub mod bench_storage;
 pub mod bochs;
 pub mod cargo;

@@ -110,6 +110,9 @@ fn main() -> ExitCode {
             verify,
             build.build(),
         )),
+        Command::Bench(Bench::Modes { json, state, build }) => exit_with(
+            qemu_runner::bench_modes::run(state.state_dir.as_deref(), json, build.build()),
+        ),
         Command::Bench(Bench::Storage { json, state, build }) => exit_with(
             qemu_runner::bench_storage::run(state.state_dir.as_deref(), json, build.build()),
         ),

@@ -1,0 +1,502 @@
+//! `qemu-runner bench modes [--json]`: one VM moved from node a to node b
+//! by each of the three ways a VM with a disk moves between nodes (issue
+//! 14's benchmark), side by side.
+//!
+//! One cluster of two nodes (the running one, or one booted for the run).
+//! Per mode a fresh VM on node a: 64 MiB of RAM, a 256 MiB dynamic VHDX,
+//! guest `disk-beat`, which writes 128 MiB of its disk before its first
+//! heartbeat and then prints `heartbeat N` every 10 ms (and reads the data
+//! back after the move). Once it beats, it is moved by:
+//!
+//! | mode | the disk | command |
+//! |---|---|---|
+//! | `shared-store` | on store `shared` | `vm move VM --to b` (only memory and state move; b opens the same VHDX) |
+//! | `shared-nothing` | on a's `local` | `vm move VM --to b --include-storage` (the disk is mirrored to b's `local`) |
+//! | `quick` | on a's `local` | `vm move VM --to b --quick` (checkpoint, base copied, the VM saved, differencing disk and state copied) |
+//!
+//! Per mode: the job's total time (its `elapsed_ms` on node a, the whole
+//! job), the downtime as the guest saw it (the largest gap between its
+//! heartbeats as they arrived in the nodes' serial logs, timed here as in
+//! `bench migrate`, from just before the move until a few beats after it)
+//! next to the report's `downtime_ms`, the bytes that crossed the link and
+//! where that figure comes from ([`link_bytes`]), and the guest's own
+//! check of its data after the move. Then whether the expected order
+//! shared-store < shared-nothing < quick in (heartbeat) downtime holds.
+//!
+//! Every mode runs the real command. A mode the nodes do not support yet
+//! (the request has no such flag in this build, or the node refuses it)
+//! is a row `not available: <why>`, and the order is checked only when
+//! all three were measured.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hvmgmt::proto::{Body, JobInfo, JobState, Outcome, Request};
+use serde::Serialize;
+
+use crate::bench_migrate::{
+    client, guest_line, move_request, on_two_nodes, remove_vm, start_until_beat, MoveWindow, Tailer,
+};
+use crate::cluster;
+use crate::hvctl;
+
+/// The VM: RAM, disk, and what its guest writes before the move.
+pub const VM_MIB: u64 = 64;
+pub const DISK_MIB: u64 = 256;
+pub const WRITTEN_MIB: u64 = 128;
+/// The guest that writes [`WRITTEN_MIB`] and then beats.
+pub const GUEST: &str = "disk-beat";
+/// Longest wait for the first heartbeat (the guest writes 128 MiB first).
+const FILL_WAIT: Duration = Duration::from_secs(900);
+/// How long the VM beats on node a before it is moved.
+const WARM_UP: Duration = Duration::from_secs(2);
+/// Longest wait for the guest's check of its data after the move.
+const CHECK_WAIT: Duration = Duration::from_secs(300);
+
+/// How a VM moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    SharedStore,
+    SharedNothing,
+    Quick,
+}
+
+/// The modes, in the expected order of their downtime.
+pub const MODES: [Mode; 3] = [Mode::SharedStore, Mode::SharedNothing, Mode::Quick];
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::SharedStore => "shared-store",
+            Mode::SharedNothing => "shared-nothing",
+            Mode::Quick => "quick",
+        }
+    }
+    /// The VM's name (short: the node tags its console lines with it).
+    fn vm(self) -> &'static str {
+        match self {
+            Mode::SharedStore => "bmshared",
+            Mode::SharedNothing => "bmnothing",
+            Mode::Quick => "bmquick",
+        }
+    }
+    /// Where the VM's disk is created on node a.
+    fn store(self) -> &'static str {
+        match self {
+            Mode::SharedStore => "shared",
+            Mode::SharedNothing | Mode::Quick => "local",
+        }
+    }
+    /// The `vm-move` field this mode sets besides a plain move, as hvctl
+    /// sends it (`--include-storage`, `--quick`).
+    fn flag(self) -> Option<&'static str> {
+        match self {
+            Mode::SharedStore => None,
+            Mode::SharedNothing => Some("include_storage"),
+            Mode::Quick => Some("quick"),
+        }
+    }
+    /// The command it stands for.
+    pub fn command(self) -> String {
+        let flag = match self {
+            Mode::SharedStore => "",
+            Mode::SharedNothing => " --include-storage",
+            Mode::Quick => " --quick",
+        };
+        format!("hvctl --node a vm move {} --to b{flag}", self.vm())
+    }
+}
+
+/// The `vm-move` request of `mode`: the plain move with the mode's flag
+/// set to true. `Err` when this build's request has no such field (the
+/// mode is not built yet: the field would be dropped, and the move would
+/// be another mode's).
+pub fn mode_request(mode: Mode, vm: &str) -> Result<Request, String> {
+    let plain = move_request(vm, false);
+    let Some(flag) = mode.flag() else {
+        return Ok(plain);
+    };
+    let mut v = serde_json::to_value(&plain).map_err(|e| e.to_string())?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert(flag.into(), serde_json::Value::Bool(true));
+    }
+    let req: Request = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let kept = serde_json::to_value(&req)
+        .ok()
+        .and_then(|v| v.get(flag).cloned())
+        == Some(serde_json::Value::Bool(true));
+    if kept {
+        Ok(req)
+    } else {
+        Err(format!(
+            "this build's vm-move request has no '{flag}' field ({} is not built yet)",
+            mode.command()
+        ))
+    }
+}
+
+/// The bytes that crossed the link for a move, from its job on node a,
+/// and where the figure comes from.
+pub fn link_bytes(job: &JobInfo) -> Option<(u64, String)> {
+    let r = job.report.as_deref()?;
+    Some((
+        r.bytes_sent,
+        "report.bytes_sent (the migration stream on the link, as the source sent it)".into(),
+    ))
+}
+
+/// One mode's figures (`--json`: one object per mode).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Figures {
+    pub mode: String,
+    pub command: String,
+    /// `completed`, the job's end state, `error` or `not available`.
+    pub result: String,
+    pub error: Option<String>,
+    pub ram_mib: u64,
+    pub disk_mib: u64,
+    pub written_mib: u64,
+    /// The job's wall time on node a.
+    pub total_ms: Option<u64>,
+    /// The largest gap between the guest's heartbeats around the move.
+    pub heartbeat_gap_ms: Option<u64>,
+    pub report_downtime_ms: Option<u64>,
+    pub link_bytes: Option<u64>,
+    pub link_bytes_source: Option<String>,
+    /// The guest's check of its data after the move (node b's
+    /// `disk-beat: ...` line).
+    pub guest_check: Option<String>,
+    /// Whether shared-store < shared-nothing < quick in heartbeat
+    /// downtime (`None`: not all three measured).
+    pub order_holds: Option<bool>,
+}
+
+impl Figures {
+    fn new(mode: Mode) -> Self {
+        Self {
+            mode: mode.name().into(),
+            command: mode.command(),
+            ram_mib: VM_MIB,
+            disk_mib: DISK_MIB,
+            written_mib: WRITTEN_MIB,
+            ..Self::default()
+        }
+    }
+
+    /// Measured (a move ran, whatever its end).
+    fn measured(&self) -> bool {
+        !matches!(self.result.as_str(), "not available" | "error")
+    }
+}
+
+/// Whether the heartbeat downtimes rise in the order of [`MODES`]: `None`
+/// unless every mode completed with a gap.
+pub fn order_holds(rows: &[Figures]) -> Option<bool> {
+    let gaps: Option<Vec<u64>> = rows
+        .iter()
+        .map(|f| f.heartbeat_gap_ms.filter(|_| f.result == "completed"))
+        .collect();
+    let gaps = gaps.filter(|g| g.len() == MODES.len())?;
+    Some(gaps.windows(2).all(|w| w[0] < w[1]))
+}
+
+/// The host directories a VM of this bench may have files in.
+fn vm_dirs(dir: &Path, vm: &str) -> Vec<PathBuf> {
+    ["a", "b", "shared"]
+        .iter()
+        .map(|s| dir.join("stores").join(s).join("vms").join(vm))
+        .collect()
+}
+
+/// Remove the VM and its files wherever they are.
+fn clean(dir: &Path, vm: &str) {
+    remove_vm(dir, vm);
+    for d in vm_dirs(dir, vm) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Move one VM by `mode`; `Err` only for what kept the move from running
+/// (the row then says `error`).
+fn run_mode(dir: &Path, mode: Mode, quiet: bool) -> Result<Figures, String> {
+    let mut f = Figures::new(mode);
+    let vm = mode.vm();
+    let req = match mode_request(mode, vm) {
+        Ok(r) => r,
+        Err(e) => {
+            f.result = "not available".into();
+            f.error = Some(e);
+            return Ok(f);
+        }
+    };
+    let state = cluster::load(dir)?;
+    let logs: Vec<PathBuf> = state.nodes.iter().take(2).map(|n| n.log.clone()).collect();
+    let mut a = client(dir, "a")?;
+    clean(dir, vm);
+    let tail = Tailer::start(logs.clone(), vm);
+    a.call_ok(Request::VmCreate {
+        name: vm.into(),
+        memory_mib: VM_MIB,
+        guest: Some(GUEST.into()),
+        linux: None,
+    })?;
+    a.call_ok(Request::VmDiskCreate {
+        name: vm.into(),
+        size_mib: DISK_MIB,
+        store: Some(mode.store().into()),
+        fixed: None,
+    })?;
+    if !quiet {
+        println!(
+            "bench modes: {}: VM {vm} ({VM_MIB} MiB, {DISK_MIB} MiB disk on {}) writes {WRITTEN_MIB} MiB",
+            mode.name(),
+            mode.store()
+        );
+    }
+    start_until_beat(&mut a, &tail, vm, FILL_WAIT)?;
+    std::thread::sleep(WARM_UP);
+    let window = MoveWindow::open(&tail);
+    let job = match a.call(req)? {
+        Outcome::Ok(Body::Job(j)) => j,
+        Outcome::Error(e) => {
+            // The node refused the mode (not supported yet, or not for
+            // this VM): no figure.
+            f.result = "not available".into();
+            f.error = Some(e.to_string());
+            return Ok(f);
+        }
+        Outcome::Ok(other) => return Err(format!("unexpected reply to vm-move: {other:?}")),
+    };
+    if !quiet {
+        println!(
+            "bench modes: {}: {} (job {})",
+            mode.name(),
+            mode.command(),
+            job.id
+        );
+    }
+    let job = hvctl::follow(&mut a, job.id, true)?;
+    let (gap, _) = window.close(&tail);
+    drop(tail);
+    f.result = match job.state {
+        JobState::Completed => "completed".into(),
+        s => format!("{s:?}").to_lowercase(),
+    };
+    f.error = job.error.clone();
+    f.total_ms = Some(job.elapsed_ms);
+    f.heartbeat_gap_ms = gap;
+    f.report_downtime_ms = job.report.as_deref().map(|r| r.downtime_ms);
+    if let Some((bytes, source)) = link_bytes(&job) {
+        f.link_bytes = Some(bytes);
+        f.link_bytes_source = Some(source);
+    }
+    if job.state == JobState::Completed {
+        let b_log = logs.get(1).cloned().unwrap_or_default();
+        f.guest_check = guest_line(&b_log, vm, CHECK_WAIT, |l| {
+            l.starts_with("disk-beat: ") && !l.ends_with("written")
+        })
+        .or_else(|| Some("no check seen on node b".into()));
+    }
+    Ok(f)
+}
+
+fn ms(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| format!("{v} ms"))
+}
+
+/// The table: a header, a row per mode, the order's verdict.
+pub fn table(rows: &[Figures]) -> String {
+    let mut out = format!(
+        "{:<15} {:>10} {:>22} {:>16} {:>14}  {}\n",
+        "mode", "total", "downtime (heartbeats)", "(report)", "link bytes", "guest check"
+    );
+    for f in rows {
+        if !f.measured() {
+            out += &format!(
+                "{:<15} {}: {}\n",
+                f.mode,
+                f.result,
+                f.error.as_deref().unwrap_or("")
+            );
+            continue;
+        }
+        out += &format!(
+            "{:<15} {:>10} {:>22} {:>16} {:>14}  {}{}\n",
+            f.mode,
+            ms(f.total_ms),
+            ms(f.heartbeat_gap_ms),
+            ms(f.report_downtime_ms),
+            f.link_bytes.map_or("-".into(), |b| b.to_string()),
+            f.guest_check.as_deref().unwrap_or("-"),
+            if f.result == "completed" {
+                String::new()
+            } else {
+                format!(
+                    "  [{}: {}]",
+                    f.result,
+                    f.error.as_deref().unwrap_or("no error given")
+                )
+            }
+        );
+    }
+    let sources: Vec<String> = rows
+        .iter()
+        .filter_map(|f| Some(format!("{}: {}", f.mode, f.link_bytes_source.as_deref()?)))
+        .collect();
+    if !sources.is_empty() {
+        out += &format!(
+            "link bytes from the job's report on node a: {}\n",
+            sources.join("; ")
+        );
+    }
+    out += &match order_holds(rows) {
+        Some(true) => "expected order shared-store < shared-nothing < quick in downtime: holds".into(),
+        Some(false) => {
+            "expected order shared-store < shared-nothing < quick in downtime: does NOT hold".into()
+        }
+        None => "expected order shared-store < shared-nothing < quick in downtime: not checked (not every mode completed)".to_string(),
+    };
+    out
+}
+
+/// `bench modes`: on the running cluster, or on one booted for the run.
+/// Prints the table, or with `json` one JSON object per mode.
+pub fn run(state_dir_arg: Option<&str>, json: bool, build: bool) -> Result<u8, String> {
+    on_two_nodes(state_dir_arg, build, |dir| run_on(dir, json))
+}
+
+fn run_on(dir: &Path, json: bool) -> Result<u8, String> {
+    let mut rows = Vec::new();
+    for mode in MODES {
+        let f = run_mode(dir, mode, json).unwrap_or_else(|e| Figures {
+            result: "error".into(),
+            error: Some(e),
+            ..Figures::new(mode)
+        });
+        clean(dir, mode.vm());
+        rows.push(f);
+    }
+    let order = order_holds(&rows);
+    for f in &mut rows {
+        f.order_holds = order;
+    }
+    if json {
+        for f in &rows {
+            println!("{}", serde_json::to_string(f).unwrap_or_default());
+        }
+    } else {
+        println!("{}", table(&rows));
+    }
+    // A move that ran and failed, or a run that could not measure, fails
+    // the bench; a mode not built yet does not.
+    let failed = rows
+        .iter()
+        .any(|f| f.result == "error" || (f.measured() && f.result != "completed"));
+    Ok(u8::from(failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(mode: Mode, result: &str, gap: Option<u64>) -> Figures {
+        Figures {
+            result: result.into(),
+            heartbeat_gap_ms: gap,
+            total_ms: Some(1000),
+            report_downtime_ms: gap.map(|g| g / 2),
+            ..Figures::new(mode)
+        }
+    }
+
+    #[test]
+    fn the_order_is_checked_only_when_every_mode_completed() {
+        let rows = |gaps: [Option<u64>; 3]| -> Vec<Figures> {
+            MODES
+                .iter()
+                .zip(gaps)
+                .map(|(m, g)| row(*m, "completed", g))
+                .collect()
+        };
+        assert_eq!(
+            order_holds(&rows([Some(50), Some(80), Some(900)])),
+            Some(true)
+        );
+        assert_eq!(
+            order_holds(&rows([Some(50), Some(40), Some(900)])),
+            Some(false)
+        );
+        assert_eq!(
+            order_holds(&rows([Some(50), Some(50), Some(900)])),
+            Some(false)
+        );
+        assert_eq!(order_holds(&rows([Some(50), None, Some(900)])), None);
+        let mut r = rows([Some(50), Some(80), Some(900)]);
+        r[2].result = "not available".into();
+        assert_eq!(order_holds(&r), None);
+        r[2].result = "failed".into();
+        assert_eq!(order_holds(&r), None);
+    }
+
+    #[test]
+    fn the_table_shows_figures_and_unavailable_modes_with_the_nodes_words() {
+        let mut rows = vec![
+            row(Mode::SharedStore, "completed", Some(120)),
+            row(Mode::SharedNothing, "not available", None),
+            row(Mode::Quick, "failed", Some(40)),
+        ];
+        rows[0].link_bytes = Some(70_000_000);
+        rows[0].link_bytes_source = Some("report.bytes_sent".into());
+        rows[0].guest_check = Some("disk-beat: migration 1: 128 MiB read back ok".into());
+        rows[1].error = Some("unsupported: --include-storage is not built".into());
+        rows[2].error = Some("link to b lost".into());
+        let t = table(&rows);
+        assert!(
+            t.contains(
+                "shared-nothing  not available: unsupported: --include-storage is not built"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("120 ms") && t.contains("70000000"), "{t}");
+        assert!(t.contains("[failed: link to b lost]"), "{t}");
+        assert!(
+            t.contains(
+                "link bytes from the job's report on node a: shared-store: report.bytes_sent"
+            ),
+            "{t}"
+        );
+        assert!(t.ends_with("not checked (not every mode completed)"), "{t}");
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        for k in [
+            "mode",
+            "total_ms",
+            "heartbeat_gap_ms",
+            "report_downtime_ms",
+            "link_bytes",
+            "link_bytes_source",
+            "order_holds",
+        ] {
+            assert!(json.get(k).is_some(), "{k} missing: {json}");
+        }
+    }
+
+    #[test]
+    fn a_plain_move_is_the_shared_store_mode_and_flags_survive_only_if_the_request_has_them() {
+        assert_eq!(
+            mode_request(Mode::SharedStore, "v"),
+            Ok(move_request("v", false))
+        );
+        for mode in [Mode::SharedNothing, Mode::Quick] {
+            let flag = mode.flag().unwrap();
+            match mode_request(mode, "v") {
+                // Built: the request carries the flag.
+                Ok(r) => assert_eq!(
+                    serde_json::to_value(&r).unwrap()[flag],
+                    serde_json::Value::Bool(true)
+                ),
+                // Not built: never a plain move in its place.
+                Err(e) => assert!(e.contains(flag) && e.contains("not built yet"), "{e}"),
+            }
+        }
+    }
+}
