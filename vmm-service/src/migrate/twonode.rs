@@ -112,6 +112,24 @@ impl Node {
         }
     }
 
+    /// VM `name` (4 MiB, a writer) with a 4 MiB disk on `store` (`None`:
+    /// the node's default), not started: the disk's answer (the VM's
+    /// creation must succeed).
+    fn create_with_disk(&mut self, name: &str, store: Option<&str>) -> Outcome {
+        self.ok(Request::VmCreate {
+            name: name.into(),
+            memory_mib: 4,
+            guest: None,
+            linux: None,
+        });
+        self.call(Request::VmDiskCreate {
+            name: name.into(),
+            size_mib: 4,
+            store: store.map(Into::into),
+            fixed: None,
+        })
+    }
+
     fn job(&mut self, id: u64) -> JobInfo {
         match self.ok(Request::JobShow { id }) {
             Body::Job(j) => j,
@@ -620,18 +638,7 @@ fn a_wrong_cluster_key_is_refused_and_nothing_is_received() {
 #[test]
 fn a_vm_with_disks_is_not_moved_to_another_node() {
     let mut p = Pair::new();
-    p.a().ok(Request::VmCreate {
-        name: "d".into(),
-        memory_mib: 4,
-        guest: None,
-        linux: None,
-    });
-    p.a().ok(Request::VmDiskCreate {
-        name: "d".into(),
-        size_mib: 1,
-        store: None,
-        fixed: None,
-    });
+    assert!(matches!(p.a().create_with_disk("d", None), Outcome::Ok(_)));
     p.a().ok(Request::VmStart { name: "d".into() });
     p.rounds(50);
     match p.a().call(Pair::move_req("d")) {

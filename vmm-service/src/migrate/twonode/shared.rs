@@ -55,18 +55,7 @@ impl Shared {
 
     /// VM `name` with a 4 MiB disk on the shared store, on node `i`.
     fn create(&mut self, i: usize, name: &str) -> Outcome {
-        self.p.n[i].ok(Request::VmCreate {
-            name: name.into(),
-            memory_mib: 4,
-            guest: None,
-            linux: None,
-        });
-        self.p.n[i].call(Request::VmDiskCreate {
-            name: name.into(),
-            size_mib: 4,
-            store: Some("shared".into()),
-            fixed: None,
-        })
+        self.p.n[i].create_with_disk(name, Some("shared"))
     }
 
     fn lease(&self, vm: &str) -> Option<LeaseRecord> {
@@ -165,18 +154,7 @@ fn a_shared_store_vm_moves_with_its_lease() {
     s.p.rounds(50);
     s.disk_write(0, "s").unwrap();
     // b cannot put a disk of a VM of that name there while a holds it.
-    s.p.b().ok(Request::VmCreate {
-        name: "s".into(),
-        memory_mib: 4,
-        guest: None,
-        linux: None,
-    });
-    let e = error_of(s.p.b().call(Request::VmDiskCreate {
-        name: "s".into(),
-        size_mib: 4,
-        store: Some("shared".into()),
-        fixed: None,
-    }));
+    let e = error_of(s.create(1, "s"));
     assert!(e.message.contains("leased by node a"), "{e:?}");
     s.p.b().ok(Request::VmDelete { name: "s".into() });
     assert_eq!(
@@ -416,18 +394,10 @@ fn keeping_a_stale_source_copy_is_refused() {
 #[test]
 fn a_vm_on_a_local_store_is_still_refused() {
     let mut s = Shared::new();
-    s.p.a().ok(Request::VmCreate {
-        name: "l".into(),
-        memory_mib: 4,
-        guest: None,
-        linux: None,
-    });
-    s.p.a().ok(Request::VmDiskCreate {
-        name: "l".into(),
-        size_mib: 4,
-        store: Some("local".into()),
-        fixed: None,
-    });
+    assert!(matches!(
+        s.p.a().create_with_disk("l", Some("local")),
+        Outcome::Ok(_)
+    ));
     s.p.a().ok(Request::VmStart { name: "l".into() });
     let e = error_of(s.p.a().call(Pair::move_req("l")));
     assert!(
@@ -477,18 +447,10 @@ fn the_source_renews_while_the_vm_moves() {
 #[test]
 fn a_disk_moved_onto_the_shared_store_takes_the_lease() {
     let mut s = Shared::new();
-    s.p.a().ok(Request::VmCreate {
-        name: "m".into(),
-        memory_mib: 4,
-        guest: None,
-        linux: None,
-    });
-    s.p.a().ok(Request::VmDiskCreate {
-        name: "m".into(),
-        size_mib: 4,
-        store: Some("local".into()),
-        fixed: None,
-    });
+    assert!(matches!(
+        s.p.a().create_with_disk("m", Some("local")),
+        Outcome::Ok(_)
+    ));
     s.p.a().ok(Request::VmStart { name: "m".into() });
     assert!(s.lease("m").is_none());
     s.p.a().ok(Request::VmMoveStorage {

@@ -95,18 +95,10 @@ impl Stored {
 #[test]
 fn a_shared_store_vm_keeps_its_configuration_and_id_across_a_move() {
     let mut s = Stored::new();
-    s.p.a().ok(Request::VmCreate {
-        name: "s".into(),
-        memory_mib: 4,
-        guest: None,
-        linux: None,
-    });
-    s.p.a().ok(Request::VmDiskCreate {
-        name: "s".into(),
-        size_mib: 4,
-        store: Some("shared".into()),
-        fixed: None,
-    });
+    assert!(matches!(
+        s.p.a().create_with_disk("s", Some("shared")),
+        Outcome::Ok(_)
+    ));
     let job = match s.p.a().ok(Request::VmMoveStorage {
         name: "s".into(),
         to: None,
