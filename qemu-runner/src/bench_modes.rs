@@ -135,14 +135,36 @@ pub fn mode_request(mode: Mode, vm: &str) -> Result<Request, String> {
     }
 }
 
+/// The job's field with the disk bytes a move copied over the link
+/// (`MigrationInfo`, shared-nothing and quick moves; read by name, so
+/// that a build without it still runs).
+pub const STORAGE_BYTES_FIELD: &str = "storage_bytes_copied";
+
 /// The bytes that crossed the link for a move, from its job on node a,
-/// and where the figure comes from.
+/// and where the figure comes from: the report's `bytes_sent` (the
+/// migration stream: memory and device state), plus the disk bytes the
+/// job's migration info counts when it has them.
 pub fn link_bytes(job: &JobInfo) -> Option<(u64, String)> {
     let r = job.report.as_deref()?;
-    Some((
-        r.bytes_sent,
-        "report.bytes_sent (the migration stream on the link, as the source sent it)".into(),
-    ))
+    let disk = job
+        .migration
+        .as_deref()
+        .and_then(|m| serde_json::to_value(m).ok())
+        .and_then(|m| m.get(STORAGE_BYTES_FIELD)?.as_u64())
+        .filter(|&b| b > 0);
+    Some(match disk {
+        Some(d) => (
+            r.bytes_sent.saturating_add(d),
+            format!(
+                "report.bytes_sent {} (memory and state) + migration.{STORAGE_BYTES_FIELD} {d} (disks)",
+                r.bytes_sent
+            ),
+        ),
+        None => (
+            r.bytes_sent,
+            "report.bytes_sent (the migration stream: memory and state)".into(),
+        ),
+    })
 }
 
 /// One mode's figures (`--json`: one object per mode).
@@ -345,7 +367,7 @@ pub fn table(rows: &[Figures]) -> String {
         .collect();
     if !sources.is_empty() {
         out += &format!(
-            "link bytes from the job's report on node a: {}\n",
+            "link bytes, from the job on node a: {}\n",
             sources.join("; ")
         );
     }
@@ -460,9 +482,7 @@ mod tests {
         assert!(t.contains("120 ms") && t.contains("70000000"), "{t}");
         assert!(t.contains("[failed: link to b lost]"), "{t}");
         assert!(
-            t.contains(
-                "link bytes from the job's report on node a: shared-store: report.bytes_sent"
-            ),
+            t.contains("link bytes, from the job on node a: shared-store: report.bytes_sent"),
             "{t}"
         );
         assert!(t.ends_with("not checked (not every mode completed)"), "{t}");
@@ -478,6 +498,48 @@ mod tests {
         ] {
             assert!(json.get(k).is_some(), "{k} missing: {json}");
         }
+    }
+
+    #[test]
+    fn link_bytes_add_the_disk_bytes_when_the_job_counts_them() {
+        let mut job: JobInfo = serde_json::from_value(serde_json::json!({
+            "id": 1, "kind": "live-migration", "vm": "v", "state": "completed",
+            "percent": 100, "bytes_done": 0, "bytes_total": 0, "elapsed_ms": 10,
+            "error": null, "cancellable": false,
+            "report": {"passes": 1, "pages_per_pass": [1], "bytes_sent": 1000,
+                "zero_pages": 0, "ram_bytes": 4096, "total_ms": 10, "downtime_ms": 1,
+                "expected_downtime_ms": 1, "throttle_pct": 0, "result": "completed",
+                "error": null, "dirty_tracker": null, "verified": false}
+        }))
+        .unwrap();
+        let (b, from) = link_bytes(&job).unwrap();
+        assert_eq!(b, 1000);
+        assert!(from.starts_with("report.bytes_sent"), "{from}");
+        let mut m = serde_json::json!({
+            "direction": "outgoing", "peer": "b", "phase": "completed", "pass": 1,
+            "bytes_sent": 1000, "bytes_remaining": 0, "dirty_rate_bytes_per_s": 0,
+            "bandwidth_bytes_per_s": 0, "eta_ms": null, "throttle_pct": 0,
+            "downtime_limit_ms": 300, "encrypted": false, "verify": false
+        });
+        job.migration = Some(Box::new(serde_json::from_value(m.clone()).unwrap()));
+        assert_eq!(
+            link_bytes(&job).unwrap().0,
+            1000,
+            "no disk field: the stream alone"
+        );
+        m[STORAGE_BYTES_FIELD] = serde_json::json!(5000);
+        if let Ok(info) = serde_json::from_value(m) {
+            job.migration = Some(Box::new(info));
+            // Only where this build's MigrationInfo has the field.
+            if serde_json::to_value(job.migration.as_deref()).unwrap()[STORAGE_BYTES_FIELD] == 5000
+            {
+                let (b, from) = link_bytes(&job).unwrap();
+                assert_eq!(b, 6000);
+                assert!(from.contains("storage_bytes_copied 5000"), "{from}");
+            }
+        }
+        job.report = None;
+        assert_eq!(link_bytes(&job), None);
     }
 
     #[test]
