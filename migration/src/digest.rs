@@ -11,6 +11,14 @@
 //! - A zero page hashes like 4096 zero bytes (`crc32` = `0xc71c0011`), so
 //!   its hash needs no page read ([`zero_page_hash`]).
 //!
+//! - Version 5 (a sealed link, verification mode off): a data page's hash
+//!   names where its bytes travelled instead of what they were:
+//!   `page_hash = (((O ^ gfn) * P) ^ (s | 2^63)) * P`, `s` the offset of
+//!   the page's first byte in the source's stream (its magic is bytes
+//!   0..8): [`page_hash_at`]. Zero pages hash as above. With verification
+//!   mode, version 5 uses the content hash above (the source compares it
+//!   with what its memory holds).
+//!
 //! Why CRC-32 per page: it runs at memory speed with the carry-less
 //! multiply instructions (the hot path during downtime), detects every
 //! error burst up to 32 bits, and misses random corruption of a page with
@@ -24,6 +32,19 @@
 //! image is the image sent. It is an integrity check against lost, stale or
 //! misapplied pages, not a cryptographic MAC (authentication belongs to the
 //! transport).
+//!
+//! Why version 5 may name positions instead of contents: over a sealed
+//! link every byte the destination reads was checked by the link's
+//! Poly1305 tag, which catches any change on the way far more surely than
+//! a CRC; what the digest must still catch is the engines' bookkeeping
+//! going wrong (a page never sent or never applied, applied to another
+//! frame, or an older copy applied after a newer one), and a page's
+//! stream offset is unique to each copy of each page, so the fold of
+//! `(gfn, offset of its last copy)` differs exactly when the destination
+//! applied a different set of last copies than the source sent. It no
+//! longer covers the page bytes between the source's read and the seal,
+//! and between the tag check and the write (software copies inside each
+//! node); verification mode's re-reads cover those, and more.
 
 use crate::Page;
 
@@ -33,12 +54,23 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const ZERO_PAGE_CRC: u32 = 0xc71c_0011;
 
 fn mix(gfn: u64, crc: u32) -> u64 {
-    ((FNV_OFFSET ^ gfn).wrapping_mul(FNV_PRIME) ^ u64::from(crc)).wrapping_mul(FNV_PRIME)
+    mix64(gfn, u64::from(crc))
+}
+
+fn mix64(gfn: u64, v: u64) -> u64 {
+    ((FNV_OFFSET ^ gfn).wrapping_mul(FNV_PRIME) ^ v).wrapping_mul(FNV_PRIME)
 }
 
 /// Hash of one guest frame's contents.
 pub fn page_hash(gfn: u64, page: &Page) -> u64 {
     mix(gfn, crc32fast::hash(page))
+}
+
+/// Version 5's hash of a data page whose bytes started at `stream_offset`
+/// in the source's stream (module docs). Never equal to a content hash of
+/// the same frame (the offset's top bit is set; a CRC is 32 bits).
+pub fn page_hash_at(gfn: u64, stream_offset: u64) -> u64 {
+    mix64(gfn, stream_offset | 1 << 63)
 }
 
 /// [`page_hash`] from the page's CRC-32 (`crc32fast::hash(page)`), for a
@@ -201,6 +233,25 @@ mod tests {
             crc32_append_page(crc32fast::hash(&[]), ZERO_PAGE_CRC),
             ZERO_PAGE_CRC
         );
+    }
+
+    /// Version 5's positional hash: distinct per frame and per copy, and
+    /// never a content hash of the frame (a page whose newest copy was
+    /// not applied, or landed in another frame, changes the fold).
+    #[test]
+    fn positional_hashes_name_frame_and_copy() {
+        let o: u64 = 0xcbf2_9ce4_8422_2325;
+        let p: u64 = 0x100_0000_01b3;
+        assert_eq!(
+            page_hash_at(3, 0x1234),
+            (((o ^ 3).wrapping_mul(p)) ^ (0x1234 | 1 << 63)).wrapping_mul(p)
+        );
+        assert_ne!(page_hash_at(3, 0x1234), page_hash_at(4, 0x1234));
+        assert_ne!(page_hash_at(3, 0x1234), page_hash_at(3, 0x2234));
+        for crc in [0, 0x1234, ZERO_PAGE_CRC, u32::MAX] {
+            assert_ne!(page_hash_at(3, u64::from(crc)), page_hash_of_crc(3, crc));
+        }
+        assert_ne!(page_hash_at(3, u64::from(ZERO_PAGE_CRC)), zero_page_hash(3));
     }
 
     #[test]

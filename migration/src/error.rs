@@ -27,6 +27,10 @@ pub enum StreamError {
     },
     /// The source selected a version this decoder does not implement.
     UnsupportedVersion { record: u64, version: u16 },
+    /// The source selected a version whose page bytes only the link's MAC
+    /// covers ([`crate::stream::SEALED_VERSION`]) over a link that does not
+    /// authenticate its bytes (this destination did not offer it).
+    VersionNeedsSealedLink { record: u64, version: u16 },
     /// A record's CRC32 did not match its header and payload.
     CrcMismatch {
         record: u64,
@@ -126,6 +130,12 @@ impl fmt::Display for StreamError {
                 f,
                 "record {record}: source selected protocol version {version}, \
                  which this destination does not support"
+            ),
+            VersionNeedsSealedLink { record, version } => write!(
+                f,
+                "record {record}: source selected protocol version {version}, whose page \
+                 bytes only a sealed link's MAC covers, but this link is not sealed \
+                 (the destination did not offer it)"
             ),
             CrcMismatch {
                 record,

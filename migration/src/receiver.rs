@@ -27,13 +27,13 @@
 //!   a written frame zeroes it.
 
 use crate::bitmap::DirtyBitmap;
-use crate::digest::{is_zero_page, page_hash, page_hash_of_crc, zero_page_hash, ImageDigest};
+use crate::digest::{
+    is_zero_page, page_hash, page_hash_at, page_hash_of_crc, zero_page_hash, ImageDigest,
+};
 use crate::error::{MigrationError, StreamError, VmError};
 use crate::report::MigrationResult;
 use crate::state::{DeviceState, VcpuState, VmConfig};
-use crate::stream::{
-    Decoder, Direction, Item, Record, MAGIC_DEST, PROGRESS_VERSION, SUPPORTED_VERSIONS,
-};
+use crate::stream::{versions_for, Decoder, Direction, Item, Record, MAGIC_DEST, PROGRESS_VERSION};
 use crate::transport::Transport;
 use crate::{Page, PAGE_SIZE};
 use alloc::boxed::Box;
@@ -98,7 +98,9 @@ pub enum DigestCheck {
     /// [`DestinationVm::write_page`]; a zeroed page hashes as zero without
     /// a read) and keep the hash (8 bytes per guest page); at the end
     /// record only fold the hashes. One CRC pass over each page received
-    /// and no read-back (issue 13: at most one checksum pass per side when
+    /// (version 5, over a sealed link: none, the hash names the page's
+    /// stream offset and the link's tag checked its bytes) and no
+    /// read-back (issue 13: at most one checksum pass per side when
     /// verification is off); the fold is all the pause pays. Catches lost,
     /// stale, misplaced or misapplied records; not a `write_page` that
     /// stores something other than it was given, nor memory corrupted
@@ -418,9 +420,16 @@ impl Receiver {
     {
         match self.phase {
             Phase::Start => {
+                // Version 5 only over a sealed link, and only when the
+                // digest is folded from hashes kept while writing (a
+                // version-5 data page's hash names its place in the
+                // stream, which a re-read of memory cannot tell).
+                let versions =
+                    versions_for(link.authenticated() && self.check == DigestCheck::HashOnWrite);
+                self.decoder.set_versions(versions);
                 let mut out = Vec::from(MAGIC_DEST);
                 Record::Offer {
-                    versions: SUPPORTED_VERSIONS.to_vec(),
+                    versions: versions.to_vec(),
                 }
                 .encode(&mut out);
                 link.send(&out)?;
@@ -516,19 +525,24 @@ impl Receiver {
                         start_gfn,
                         data,
                         page_crcs,
+                        offset,
                     }) => {
                         // Straight from the decoder's buffer into guest
                         // memory; the page hashes reuse the CRCs that
-                        // checked the record (one CRC pass per page).
-                        for (i, (chunk, crc)) in
-                            data.chunks_exact(PAGE_SIZE).zip(page_crcs).enumerate()
-                        {
+                        // checked the record (one CRC pass per page), or
+                        // (version 5, no CRCs) name the page's place in
+                        // the stream.
+                        for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
                             let gfn = start_gfn + i as u64;
+                            let hash = match page_crcs.get(i) {
+                                Some(crc) => page_hash_of_crc(gfn, *crc),
+                                None => page_hash_at(gfn, offset + (i * PAGE_SIZE) as u64),
+                            };
                             if let Ok(page) = <&Page>::try_from(chunk) {
                                 vm.write_page(gfn, page)?;
                                 self.written.set(gfn);
                                 self.outcome.pages_written += 1;
-                                set_hash(&mut self.page_hashes, gfn, page_hash_of_crc(gfn, *crc));
+                                set_hash(&mut self.page_hashes, gfn, hash);
                             }
                         }
                         self.report_progress(link, PROGRESS_EVERY_BYTES);

@@ -44,7 +44,8 @@
 
 use crate::bitmap::DirtyBitmap;
 use crate::digest::{
-    crc32_append_page, is_zero_page, page_hash, page_hash_of_crc, zero_page_hash, ImageDigest,
+    crc32_append_page, is_zero_page, page_hash, page_hash_at, page_hash_of_crc, zero_page_hash,
+    ImageDigest,
 };
 use crate::error::{MigrationError, StreamError, TransportError, VmError};
 use crate::policy::{self, Policy};
@@ -52,7 +53,7 @@ use crate::report::{MigrationReport, MigrationResult, PausePhases};
 use crate::state::{DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES};
 use crate::stream::{
     self, Decoder, Direction, Record, MAX_DATA_RUN_PAGES, MAX_ZERO_RUN_PAGES, PROGRESS_VERSION,
-    SUPPORTED_VERSIONS, VERIFY_VERSION,
+    SEALED_VERSION, VERIFY_VERSION,
 };
 use crate::transport::Transport;
 use crate::{Page, PAGE_SIZE};
@@ -268,20 +269,22 @@ struct Batch {
     crcs: [u32; MAX_DATA_RUN_PAGES as usize],
     /// Open run of zero pages: first gfn, pages.
     zero: Option<(u64, u64)>,
+    /// A data record's CRC covers its pages (before version 5; from it on,
+    /// its head only and `crcs` are unused).
+    pages_in_crc: bool,
 }
 
-impl Default for Batch {
-    fn default() -> Self {
+impl Batch {
+    fn new(pages_in_crc: bool) -> Self {
         Self {
             len: 0,
             data: None,
             crcs: [0; MAX_DATA_RUN_PAGES as usize],
             zero: None,
+            pages_in_crc,
         }
     }
-}
 
-impl Batch {
     /// Where the page of `gfn` is read to: the end of the open data run if
     /// it continues it, else behind a data header (and behind the marker of
     /// an open zero run, which a data page closes). Closes a data run the
@@ -349,8 +352,10 @@ impl Batch {
             let head = stream::mem_data_head(start, n as u32);
             buf[self.len..self.len + head.len()].copy_from_slice(&head);
             let mut crc = crc32fast::hash(&head);
-            for c in &self.crcs[..n as usize] {
-                crc = crc32_append_page(crc, *c);
+            if self.pages_in_crc {
+                for c in &self.crcs[..n as usize] {
+                    crc = crc32_append_page(crc, *c);
+                }
             }
             let end = self.len + head.len() + n as usize * PAGE_SIZE;
             buf[end..end + stream::CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
@@ -714,6 +719,11 @@ impl Migration {
         }
     }
 
+    /// The negotiated stream version (0 before the destination's offer).
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
     /// The configuration sent (and accepted by the destination).
     pub fn config(&self) -> &VmConfig {
         &self.config
@@ -740,7 +750,8 @@ impl Migration {
             Phase::AwaitOffer => match self.poll_back(link)? {
                 None => Ok(Progress::Waiting { max_ns: POLL_NS }),
                 Some(Record::Offer { versions }) => {
-                    let version = stream::negotiate(&versions, SUPPORTED_VERSIONS)?;
+                    let version =
+                        stream::negotiate(&versions, stream::versions_for(link.authenticated()))?;
                     if self.policy.verify_memory && version < VERIFY_VERSION {
                         return Err(MigrationError::VerificationUnsupported { version });
                     }
@@ -1018,10 +1029,15 @@ impl Migration {
     /// Read, classify and send up to `step_pages` pages of the current pass.
     ///
     /// Each page is read from guest memory straight into its place in the
-    /// batch handed to the transport (one copy), checked for zero there and
-    /// CRC'd once: that CRC gives the page hash (for the end digest) and,
-    /// combined, the record's CRC ([`crate::digest::crc32_append_page`]).
-    /// A zero page's bytes are dropped again and it joins a zero marker.
+    /// batch handed to the transport (one copy) and checked for zero
+    /// there. Before version 5 it is CRC'd once: that CRC gives the page
+    /// hash (for the end digest) and, combined, the record's CRC
+    /// ([`crate::digest::crc32_append_page`]). From version 5 on (a
+    /// sealed link) the link's MAC is the one pass over its bytes: the
+    /// record's CRC covers its head and the page hash names the page's
+    /// place in the stream ([`crate::digest::page_hash_at`]), unless
+    /// verification mode needs the content hash (one CRC pass). A zero
+    /// page's bytes are dropped again and it joins a zero marker.
     fn send_pages<V, T>(
         &mut self,
         vm: &mut V,
@@ -1040,7 +1056,11 @@ impl Migration {
             self.batch.resize(room, 0);
         }
         let mut batch = core::mem::take(&mut self.batch);
-        let mut b = Batch::default();
+        let sealed = self.version >= SEALED_VERSION;
+        let positional = sealed && !self.policy.verify_memory;
+        // The stream offset of `batch[0]`.
+        let base = self.report.bytes_sent;
+        let mut b = Batch::new(!sealed);
         let mut pages = 0u64;
         let result = (|| {
             while pages < limit {
@@ -1056,6 +1076,9 @@ impl Migration {
                     self.report.zero_pages += 1;
                     b.zero(&mut batch, gfn);
                     zero_page_hash(gfn)
+                } else if positional {
+                    b.data(&mut batch, gfn, 0);
+                    page_hash_at(gfn, base + at as u64)
                 } else {
                     let crc = crc32fast::hash(page);
                     b.data(&mut batch, gfn, crc);

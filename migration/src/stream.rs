@@ -27,7 +27,7 @@
 //! | `0x0001` | offer         | `n:u8` (1..=16), `n` x `version:u16` |
 //! | `0x0002` | select        | `version:u16` |
 //! | `0x0010` | configuration | `ram_bytes:u64 vcpus:u32 ndev:u16 ncpuid:u16`, `ndev` x (`kind:u16 instance:u16 version:u32`), `ncpuid` x (`leaf subleaf eax ebx ecx edx`: u32 each) |
-//! | `0x0020` | memory data   | `start_gfn:u64 pages:u32` (1..=[`MAX_DATA_RUN_PAGES`]), then `pages` x 4096 bytes |
+//! | `0x0020` | memory data   | `start_gfn:u64 pages:u32` (1..=[`MAX_DATA_RUN_PAGES`]), then `pages` x 4096 bytes (version 5: the record's CRC covers header, `start_gfn` and `pages` only) |
 //! | `0x0021` | memory zero   | `start_gfn:u64 pages:u32` (1..=[`MAX_ZERO_RUN_PAGES`]); no page bytes |
 //! | `0x0022` | memory verify | `digest:u64`: the [`crate::digest`] of the source's whole memory, read with the VM paused after the last memory record (version 2, verification mode only) |
 //! | `0x0030` | vCPU          | [`VcpuState`] (fixed fields, then `xsave_len:u32` and the XSAVE bytes); its interruptibility byte: bit 0 STI/MOV-SS shadow, bit 1 NMIs blocked (version 3 only) |
@@ -90,6 +90,27 @@
 //! destination, once resumed, keeps running even if `resumed` cannot be
 //! delivered.
 //!
+//! Version 5 (only over a link that authenticates every byte,
+//! [`crate::Transport::authenticated`]: the node's sealed frames). Page
+//! bytes are the bulk of a stream and each per-byte pass costs (under
+//! emulation most of all), so the link's Poly1305 tag is their one check
+//! on each side: a memory data record's CRC covers its first 20 bytes
+//! (the header and the run) and not its pages, and without verification
+//! mode the end digest names each data page by its place in the stream
+//! ([`crate::digest::page_hash_at`]), so neither side reads a page's bytes
+//! for a checksum. Every other record keeps its whole CRC. What each check
+//! is for: the tag, that the bytes read are the bytes the peer sealed, in
+//! order (any change, loss, replay on the way); the CRCs, that a record's
+//! framing and fields are what the encoder wrote (faults in code paths
+//! that never saw a tag, e.g. an unsealed pipe); the end digest, that the
+//! destination applied the same last copy of every page the source sent
+//! (engine bookkeeping); verification mode, that both memories hold the
+//! same bytes (a missed dirty page, a faulty write). A destination offers
+//! version 5 only over such a link (and when it folds its digest from
+//! hashes kept while writing, [`crate::DigestCheck::HashOnWrite`]); a
+//! select of 5 anywhere else is refused
+//! ([`StreamError::VersionNeedsSealedLink`]).
+//!
 //! Verification mode (`Policy::verify_memory`, version 2): the end digest
 //! covers the pages the source *sent*; the verify digest covers what the
 //! source's memory *holds* at switch-over. They differ exactly when a page
@@ -127,7 +148,10 @@ pub const MAGIC_SOURCE: [u8; 8] = *b"HVMIGSRC";
 /// Magic opening the destination -> source stream.
 pub const MAGIC_DEST: [u8; 8] = *b"HVMIGDST";
 /// Protocol versions this implementation speaks, ascending.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4];
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4, 5];
+/// The versions spoken over a link that does not authenticate every byte
+/// ([`crate::Transport::authenticated`]): all but [`SEALED_VERSION`].
+pub const UNSEALED_VERSIONS: &[u16] = &[1, 2, 3, 4];
 /// First protocol version with the memory verify record.
 pub const VERIFY_VERSION: u16 = 2;
 /// First protocol version whose vCPU records carry NMI blocking (bit 1 of
@@ -136,6 +160,22 @@ pub const NMI_STATE_VERSION: u16 = 3;
 /// First protocol version with the destination's progress record (the
 /// source bounds what it sent beyond what the destination applied).
 pub const PROGRESS_VERSION: u16 = 4;
+/// First protocol version whose memory data records leave their page bytes
+/// to the link's MAC (the record CRC covers the record's head only) and
+/// whose end digest identifies each data page by where it travelled in the
+/// stream ([`crate::digest::page_hash_at`]); only over an authenticated
+/// link (module docs, "Version 5").
+pub const SEALED_VERSION: u16 = 5;
+
+/// The versions a side speaks over a link that is (or is not)
+/// authenticated.
+pub const fn versions_for(authenticated: bool) -> &'static [u16] {
+    if authenticated {
+        SUPPORTED_VERSIONS
+    } else {
+        UNSEALED_VERSIONS
+    }
+}
 /// Record header length.
 pub const HEADER_BYTES: usize = 8;
 /// Record trailer (CRC) length.
@@ -396,12 +436,16 @@ pub fn negotiate(offered: &[u16], supported: &'static [u16]) -> Result<u16, Stre
 #[derive(Debug, PartialEq, Eq)]
 pub enum Item<'a> {
     /// A memory data record: `data.len() / 4096` pages from `start_gfn`,
-    /// lent from the decoder's buffer, and each page's CRC-32
-    /// (`crc32fast::hash(page)`).
+    /// lent from the decoder's buffer; each page's CRC-32
+    /// (`crc32fast::hash(page)`) before version 5, none from version 5 on
+    /// (the link's MAC covered the bytes); `offset`: where the first page's
+    /// bytes are in the stream (magic included), which a version-5 page
+    /// hash names ([`crate::digest::page_hash_at`]).
     Pages {
         start_gfn: u64,
         data: &'a [u8],
         page_crcs: &'a [u32],
+        offset: u64,
     },
     /// Any other record.
     Record(Record),
@@ -487,6 +531,11 @@ pub struct Decoder {
     buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// Stream bytes dropped from the front of `buf` so far: `buf[i]` is
+    /// byte `base + i` of the stream.
+    base: u64,
+    /// The versions a select record may name.
+    versions: &'static [u16],
     /// The CRC-32 of each page of the last memory data record.
     page_crcs: [u32; MAX_DATA_RUN_PAGES as usize],
     record: u64,
@@ -509,6 +558,8 @@ impl Decoder {
             buf: Vec::new(),
             pos: 0,
             end: 0,
+            base: 0,
+            versions: SUPPORTED_VERSIONS,
             page_crcs: [0; MAX_DATA_RUN_PAGES as usize],
             record: 0,
             state: State::Magic,
@@ -521,6 +572,14 @@ impl Decoder {
             devices_seen: 0,
             aborted: false,
         }
+    }
+
+    /// Accept only these versions in the select record (a receiver over a
+    /// link that is not authenticated: [`UNSEALED_VERSIONS`]); a select
+    /// of another supported version is refused naming why. Default: all of
+    /// [`SUPPORTED_VERSIONS`].
+    pub fn set_versions(&mut self, versions: &'static [u16]) {
+        self.versions = versions;
     }
 
     /// Append received bytes. Call [`Decoder::next_record`] until it yields
@@ -543,6 +602,7 @@ impl Decoder {
         let live = self.end - self.pos;
         if self.pos > 0 && (self.pos >= live || self.end + n > self.buf.len()) {
             self.buf.copy_within(self.pos..self.end, 0);
+            self.base += self.pos as u64;
             self.pos = 0;
             self.end = live;
         }
@@ -631,7 +691,12 @@ impl Decoder {
             })) => Ok(Some(Item::Pages {
                 start_gfn,
                 data: &self.buf[at..at + pages * PAGE_SIZE],
-                page_crcs: &self.page_crcs[..pages],
+                page_crcs: if self.version >= SEALED_VERSION {
+                    &[]
+                } else {
+                    &self.page_crcs[..pages]
+                },
+                offset: self.base + at as u64,
             })),
             Err(e) => {
                 self.error = Some(e.clone());
@@ -642,10 +707,14 @@ impl Decoder {
 
     /// A well-formed memory data record of `pages` (1..=64) pages whose
     /// payload is `whole[HEADER_BYTES..body_end]`: its CRC from one pass
-    /// over each page (kept in `page_crcs`) combined with the header's.
+    /// over each page (kept in `page_crcs`) combined with the header's;
+    /// from version 5 on the header's alone (the pages are the MAC's).
     fn mem_data_crc(&mut self, at: usize, pages: usize) -> u32 {
         let head = &self.buf[at..at + MEM_DATA_HEAD_BYTES];
         let mut crc = crc32fast::hash(head);
+        if self.version >= SEALED_VERSION {
+            return crc;
+        }
         let first = at + MEM_DATA_HEAD_BYTES;
         for (i, page) in self.buf[first..first + pages * PAGE_SIZE]
             .chunks_exact(PAGE_SIZE)
@@ -806,6 +875,12 @@ impl Decoder {
             (State::Select, Record::Select { version }) => {
                 if !SUPPORTED_VERSIONS.contains(version) {
                     return Err(StreamError::UnsupportedVersion {
+                        record,
+                        version: *version,
+                    });
+                }
+                if !self.versions.contains(version) {
+                    return Err(StreamError::VersionNeedsSealedLink {
                         record,
                         version: *version,
                     });
@@ -1524,8 +1599,10 @@ mod tests {
                 start_gfn,
                 data,
                 page_crcs,
+                offset,
             })) => {
                 assert_eq!(start_gfn, 7);
+                assert_eq!(offset, (at + MEM_DATA_HEAD_BYTES) as u64, "in the stream");
                 assert_eq!(data, &run[..]);
                 let want: Vec<u32> = run.chunks(PAGE_SIZE).map(crc32fast::hash).collect();
                 assert_eq!(page_crcs, &want[..]);
@@ -1559,6 +1636,107 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Version 5 (sealed links): a memory data record's CRC covers its head
+    /// only, so altered page bytes pass the decoder (the link's MAC is
+    /// their check) while an altered head still fails; the pages come
+    /// without CRCs but with their stream offset. Version 4 still checks
+    /// every page byte.
+    #[test]
+    fn version_5_leaves_page_bytes_to_the_link() {
+        let mut cfg = sample_config();
+        cfg.ram_bytes = 256 * PAGE_SIZE as u64;
+        let run: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i * 7 + 1) as u8).collect();
+        for version in [4u16, 5] {
+            let mut s = Vec::from(MAGIC_SOURCE);
+            Record::Select { version }.encode(&mut s);
+            Record::Config(cfg.clone()).encode(&mut s);
+            let at = s.len();
+            // What the source's batch writes: the head, the pages, the
+            // CRC over the head alone (version 5) or over all of it.
+            s.extend_from_slice(&mem_data_head(9, 2));
+            s.extend_from_slice(&run);
+            let crc = if version >= SEALED_VERSION {
+                crc32fast::hash(&s[at..at + MEM_DATA_HEAD_BYTES])
+            } else {
+                crc32fast::hash(&s[at..])
+            };
+            s.extend_from_slice(&crc.to_le_bytes());
+            let mut d = Decoder::new(Direction::SourceToDest);
+            d.feed(&s);
+            assert!(d.next_item().unwrap().is_some());
+            assert!(d.next_item().unwrap().is_some());
+            match d.next_item() {
+                Ok(Some(Item::Pages {
+                    start_gfn,
+                    data,
+                    page_crcs,
+                    offset,
+                })) => {
+                    assert_eq!((start_gfn, data), (9, &run[..]));
+                    assert_eq!(offset, (at + MEM_DATA_HEAD_BYTES) as u64);
+                    assert_eq!(page_crcs.len(), if version == 5 { 0 } else { 2 });
+                }
+                other => panic!("version {version}: {other:?}"),
+            }
+            let mut page_flip = s.clone();
+            page_flip[at + MEM_DATA_HEAD_BYTES + 5] ^= 1;
+            let r = decode_prefix_records(&page_flip);
+            if version == 5 {
+                assert_eq!(r, Ok(3), "the page bytes are the MAC's");
+            } else {
+                assert!(matches!(r, Err(StreamError::CrcMismatch { .. })), "{r:?}");
+            }
+            let mut head_flip = s.clone();
+            head_flip[at + 8] ^= 1; // start_gfn
+            assert!(matches!(
+                decode_prefix_records(&head_flip),
+                Err(StreamError::CrcMismatch { record: 2, .. })
+            ));
+        }
+    }
+
+    /// Records decoded before the bytes ran out, or the first error.
+    fn decode_prefix_records(bytes: &[u8]) -> Result<usize, StreamError> {
+        let mut d = Decoder::new(Direction::SourceToDest);
+        d.feed(bytes);
+        let mut n = 0;
+        while d.next_record()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A destination over a link that is not sealed offers versions 1-4;
+    /// a source selecting 5 anyway is refused, saying why.
+    #[test]
+    fn version_5_is_refused_where_the_link_is_not_sealed() {
+        assert_eq!(versions_for(false), UNSEALED_VERSIONS);
+        assert_eq!(versions_for(true), SUPPORTED_VERSIONS);
+        assert_eq!(negotiate(&[1, 2, 3, 4, 5], versions_for(false)), Ok(4));
+        assert_eq!(negotiate(&[1, 2, 3, 4], versions_for(true)), Ok(4));
+        let mut s = Vec::from(MAGIC_SOURCE);
+        Record::Select { version: 5 }.encode(&mut s);
+        let mut d = Decoder::new(Direction::SourceToDest);
+        d.set_versions(UNSEALED_VERSIONS);
+        d.feed(&s);
+        let e = d.next_record().unwrap_err();
+        assert_eq!(
+            e,
+            StreamError::VersionNeedsSealedLink {
+                record: 0,
+                version: 5
+            }
+        );
+        assert!(e.to_string().contains("this link is not sealed"), "{e}");
+        let mut d = Decoder::new(Direction::SourceToDest);
+        d.feed(&s);
+        assert_eq!(
+            d.next_record(),
+            Ok(Some(Record::Select { version: 5 })),
+            "accepted by default"
+        );
     }
 
     /// Progress records (version 4) belong to the back channel before

@@ -35,6 +35,14 @@ pub trait Transport {
     /// bandwidth estimate and its stall detection count these, not bytes
     /// queued locally.
     fn acked_bytes(&self) -> u64;
+    /// Whether every byte `recv` hands out was checked by a MAC under a
+    /// key only the two ends hold, in order, before it is handed out (a
+    /// sealed link: [`crate::seal::SealedLink`]). Then the stream may
+    /// leave page bytes to that MAC ([`crate::stream::SEALED_VERSION`]).
+    /// Default: not.
+    fn authenticated(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -49,6 +57,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn acked_bytes(&self) -> u64 {
         (**self).acked_bytes()
+    }
+    fn authenticated(&self) -> bool {
+        (**self).authenticated()
     }
 }
 

@@ -5,7 +5,8 @@
 //! throttle) whenever the engine touches it.
 
 use migration::policy::{NS_PER_MS, NS_PER_S};
-use migration::stream::{Record, MAGIC_DEST, SUPPORTED_VERSIONS};
+use migration::seal::{End, SealError, SealedLink, Sealer};
+use migration::stream::{Record, MAGIC_DEST, SUPPORTED_VERSIONS, UNSEALED_VERSIONS};
 use migration::{
     DestinationVm, DeviceState, DigestCheck, DirtyBitmap, MemPipe, MigratableVm, Migration,
     MigrationError, MigrationResult, Page, Policy, Progress, Receiver, RecvProgress, Transport,
@@ -96,27 +97,74 @@ impl<D: DestinationVm, T: Transport> Deref for Dst<'_, D, T> {
     }
 }
 
-/// A `MemPipe` end whose sends take `bytes / bandwidth` of simulated time.
+/// A `MemPipe` end whose sends take `bytes / bandwidth` of simulated time;
+/// sealed (frames with tags, as between nodes) when it has a sealer.
 struct SlowPipe {
     pipe: MemPipe,
     time: Rc<Cell<u64>>,
     bytes_per_s: u64,
+    seal: Option<(Sealer, Option<SealError>)>,
 }
 
-impl Transport for SlowPipe {
-    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+impl SlowPipe {
+    fn raw_send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
         let ns = bytes.len() as u64 * NS_PER_S / self.bytes_per_s;
         self.time.set(self.time.get() + ns.max(1));
         self.pipe.send(bytes)
     }
+}
+
+/// The pipe without the sealing (what a [`SealedLink`] runs over).
+struct Raw<'a>(&'a mut SlowPipe);
+
+impl Transport for Raw<'_> {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.0.raw_send(bytes)
+    }
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        self.pipe.recv(buf)
+        self.0.pipe.recv(buf)
+    }
+    fn send_window(&self) -> usize {
+        self.0.pipe.send_window()
+    }
+    fn acked_bytes(&self) -> u64 {
+        self.0.pipe.acked_bytes()
+    }
+}
+
+impl SlowPipe {
+    /// Run `f` on the sealed view of the pipe (or the pipe itself).
+    fn with<R>(&mut self, f: impl FnOnce(&mut dyn Transport) -> R) -> R {
+        match self.seal.take() {
+            None => f(&mut Raw(self)),
+            Some((mut sealer, mut refused)) => {
+                let r = f(&mut SealedLink {
+                    sealer: &mut sealer,
+                    inner: &mut Raw(self),
+                    refused: &mut refused,
+                });
+                self.seal = Some((sealer, refused));
+                r
+            }
+        }
+    }
+}
+
+impl Transport for SlowPipe {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.with(|t| t.send(bytes))
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        self.with(|t| t.recv(buf))
     }
     fn send_window(&self) -> usize {
         self.pipe.send_window()
     }
     fn acked_bytes(&self) -> u64 {
         self.pipe.acked_bytes()
+    }
+    fn authenticated(&self) -> bool {
+        self.seal.is_some()
     }
 }
 
@@ -352,6 +400,8 @@ struct Setup {
     check: DigestCheck,
     /// The receiver's test holds (ready, resumed), ns.
     holds: (u64, u64),
+    /// Both ends seal the link (stream version 5).
+    sealed: bool,
 }
 
 impl Setup {
@@ -370,6 +420,7 @@ impl Setup {
             fail_after: None,
             check: DigestCheck::HashOnWrite,
             holds: (0, 0),
+            sealed: false,
         }
     }
 
@@ -379,15 +430,19 @@ impl Setup {
         if let Some(n) = self.fail_after {
             a.fail_after(n);
         }
+        let key = [3u8; 32];
+        let seal = |end| self.sealed.then(|| (Sealer::new(&key, end), None));
         let src_t = SlowPipe {
             pipe: a,
             time: self.time.clone(),
             bytes_per_s: self.bytes_per_s,
+            seal: seal(End::Source),
         };
         let dst_t = SlowPipe {
             pipe: b,
             time: self.time.clone(),
             bytes_per_s: self.bytes_per_s,
+            seal: seal(End::Destination),
         };
         let clock = SimClock(self.time.clone());
         let mut mig = Src::new(&mut self.vm, src_t, &self.time, self.policy);
@@ -539,6 +594,53 @@ fn busy_vm_converges_and_the_image_matches_at_pause() {
     assert!(report.verified, "{report:?}");
     assert!(report.expected_downtime_ms <= 20, "{report:?}");
     assert!(report.downtime_ms <= 40, "{report:?}");
+}
+
+/// Over a sealed link the stream is version 5 (page bytes under the
+/// link's MAC only, the end digest by stream position): a busy VM still
+/// arrives exactly as it was at the pause, with and without verification
+/// mode (which keeps content hashes and re-reads both memories); over a
+/// plain pipe it stays version 4.
+#[test]
+fn a_sealed_link_speaks_version_5_and_the_image_matches() {
+    for (sealed, verify) in [(true, false), (true, true), (false, false)] {
+        let mut s = Setup::new(2048);
+        s.sealed = sealed;
+        s.vm.write_rate = 20_000;
+        s.vm.working_set = 512;
+        s.policy.verify_memory = verify;
+        let (mig, rx) = s.run();
+        let report = mig.report().clone();
+        assert_eq!(
+            report.result,
+            MigrationResult::Completed,
+            "{:?}",
+            mig.error()
+        );
+        assert_eq!(mig.version(), if sealed { 5 } else { 4 });
+        assert!(report.passes >= 2, "{report:?}");
+        let verified = (rx.outcome().verified_digest, rx.outcome().memory_verified);
+        drop((mig, rx));
+        assert!(verified.0.is_some());
+        assert_eq!(verified.1, verify);
+        assert_eq!(&s.dest.mem, s.vm.mem_at_pause.as_ref().unwrap());
+        assert_eq!(s.dest.reads, if verify { 2048 } else { 0 });
+    }
+}
+
+/// A receiver that re-reads memory for its digest (`FullImageAtEnd`)
+/// cannot check version 5's positional digest, so it does not offer it.
+#[test]
+fn a_full_image_receiver_keeps_version_4_on_a_sealed_link() {
+    let mut s = Setup::new(256);
+    s.sealed = true;
+    s.policy.verify_memory = false;
+    s.check = DigestCheck::FullImageAtEnd;
+    let (mig, rx) = s.run();
+    assert_eq!(mig.report().result, MigrationResult::Completed);
+    assert_eq!(mig.version(), 4);
+    drop((mig, rx));
+    assert_eq!(s.dest.mem, s.vm.mem);
 }
 
 #[test]
@@ -735,7 +837,7 @@ fn operator_cancel_and_version_mismatch() {
         Some(
             format!(
                 "protocol error: no common protocol version: destination offers [{future}], \
-                 source supports {SUPPORTED_VERSIONS:?}; upgrade one side"
+                 source supports {UNSEALED_VERSIONS:?}; upgrade one side"
             )
             .as_str()
         )
