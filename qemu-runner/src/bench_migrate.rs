@@ -519,6 +519,8 @@ pub(crate) fn move_request(vm: &str, verify: bool) -> Request {
         debug_hold_accept_ms: None,
         debug_hold_ready_ms: None,
         debug_hold_resumed_ms: None,
+        include_storage: false,
+        store: None,
     }
 }
 

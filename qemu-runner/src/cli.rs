@@ -78,7 +78,7 @@ pub enum Command {
     #[command(subcommand)]
     Cluster(Cluster),
     /// The management client (the same as the hvctl binary)
-    Hvctl(crate::hvctl::Cli),
+    Hvctl(Box<crate::hvctl::Cli>),
     /// The whole suite: setup, fmt, clippy (host and bare-metal), host tests,
     /// fuzzing, guest tests
     Test,

@@ -194,6 +194,8 @@ pub fn two_nodes(boot: &Boot, dir: &Path) -> Result<bool, String> {
         debug_hold_accept_ms: None,
         debug_hold_ready_ms: None,
         debug_hold_resumed_ms: None,
+        include_storage: false,
+        store: None,
     })? {
         Outcome::Ok(Body::Job(j)) => j,
         Outcome::Error(e) if e.code == ErrorCode::Unsupported => {

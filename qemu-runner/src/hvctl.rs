@@ -351,6 +351,15 @@ pub enum VmCmd {
         /// Test knob: the destination waits MS after resuming before `resumed`
         #[arg(long, hide = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
         debug_hold_resumed_ms: Option<u64>,
+        /// Shared-nothing: mirror the VM's disks to the destination's store
+        /// while it runs, then move memory and state; its files here are
+        /// deleted once it runs there
+        #[arg(long)]
+        include_storage: bool,
+        /// With --include-storage: where the disks go on the destination,
+        /// STORE[:DIR] (default: its default store, STORE:vms/NAME/)
+        #[arg(long, value_name = "STORE[:DIR]", requires = "include_storage")]
+        store: Option<String>,
     },
     /// The VM's last console lines; with --send, type into its console
     /// and print what the guest prints in answer
@@ -583,6 +592,8 @@ impl Cli {
                     debug_hold_accept_ms,
                     debug_hold_ready_ms,
                     debug_hold_resumed_ms,
+                    include_storage,
+                    store,
                 } => {
                     let request = Request::VmMove {
                         name: name.clone(),
@@ -595,6 +606,8 @@ impl Cli {
                         debug_hold_accept_ms: *debug_hold_accept_ms,
                         debug_hold_ready_ms: *debug_hold_ready_ms,
                         debug_hold_resumed_ms: *debug_hold_resumed_ms,
+                        include_storage: *include_storage,
+                        store: store.clone(),
                     };
                     if *wait {
                         return Action::MoveAndWait(request);
@@ -2144,6 +2157,8 @@ mod tests {
                 debug_hold_accept_ms: None,
                 debug_hold_ready_ms: None,
                 debug_hold_resumed_ms: None,
+                include_storage: false,
+                store: None,
             })
         );
         assert_eq!(
@@ -2161,7 +2176,32 @@ mod tests {
                 debug_hold_accept_ms: None,
                 debug_hold_ready_ms: None,
                 debug_hold_resumed_ms: None,
+                include_storage: false,
+                store: None,
             })
+        );
+        assert_eq!(
+            p("vm move v --to b --include-storage --store local:x --wait")
+                .unwrap()
+                .action(),
+            Action::MoveAndWait(Request::VmMove {
+                name: "v".into(),
+                to: "b".into(),
+                downtime_ms: None,
+                bandwidth_mib_s: None,
+                timeout_s: None,
+                encrypt: None,
+                verify: None,
+                debug_hold_accept_ms: None,
+                debug_hold_ready_ms: None,
+                debug_hold_resumed_ms: None,
+                include_storage: true,
+                store: Some("local:x".into()),
+            })
+        );
+        assert!(
+            p("vm move v --to b --store local").is_err(),
+            "--store needs --include-storage"
         );
         assert_eq!(
             p("vm move v --to b --debug-hold-ready-ms 3000")
@@ -2178,6 +2218,8 @@ mod tests {
                 debug_hold_accept_ms: None,
                 debug_hold_ready_ms: Some(3000),
                 debug_hold_resumed_ms: None,
+                include_storage: false,
+                store: None,
             })
         );
         assert_eq!(
@@ -2230,6 +2272,8 @@ mod tests {
             downtime_limit_ms: 300,
             encrypted: false,
             verify: true,
+            storage_bytes_copied: 0,
+            storage_bytes_total: 0,
         }
     }
 
@@ -2506,6 +2550,8 @@ mod tests {
                     debug_hold_accept_ms: None,
                     debug_hold_ready_ms: None,
                     debug_hold_resumed_ms: None,
+                    include_storage: false,
+                    store: None,
                 }
             );
             let shows = seen

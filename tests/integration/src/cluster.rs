@@ -149,6 +149,8 @@ impl TestCluster {
             debug_hold_accept_ms: None,
             debug_hold_ready_ms: None,
             debug_hold_resumed_ms: None,
+            include_storage: false,
+            store: None,
         }) {
             Ok(Body::Job(j)) => j.id,
             other => panic!("vm-move {name} on node {from}: {other:?}"),

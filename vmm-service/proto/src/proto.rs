@@ -205,6 +205,14 @@ pub enum Request {
         debug_hold_ready_ms: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         debug_hold_resumed_ms: Option<u64>,
+        /// Shared-nothing: mirror the VM's disks to the destination's
+        /// store first, then move memory and state (docs/MANAGEMENT.md).
+        #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+        include_storage: bool,
+        /// With `include_storage`: where the disks go on the destination,
+        /// `STORE[:DIR]` (default: its default store, `STORE:vms/NAME/`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        store: Option<String>,
     },
     JobList,
     /// One job, with its migration report once it ended.
@@ -524,6 +532,16 @@ pub struct MigrationInfo {
     pub downtime_limit_ms: u64,
     pub encrypted: bool,
     pub verify: bool,
+    /// A shared-nothing move: disk bytes copied to the destination and
+    /// to copy (allocated data; 0 and 0 for a move without disks).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub storage_bytes_copied: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub storage_bytes_total: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A finished live migration's report (the source engine's
@@ -754,6 +772,8 @@ mod tests {
             downtime_limit_ms: 300,
             encrypted: true,
             verify: true,
+            storage_bytes_copied: 0,
+            storage_bytes_total: 0,
         };
         assert_eq!(
             String::from_utf8(to_json(&info)).unwrap(),

@@ -842,6 +842,8 @@ impl Managed {
             debug_hold_accept_ms,
             debug_hold_ready_ms,
             debug_hold_resumed_ms,
+            include_storage,
+            store,
         } = request
         else {
             return err(ErrorCode::BadRequest, "not a move");
@@ -886,6 +888,8 @@ impl Managed {
             encrypt: encrypt.unwrap_or(false),
             faults: Faults::default(),
             holds,
+            include_storage,
+            store,
         };
         let now = host.now_ns();
         match self

@@ -18,16 +18,18 @@
 use super::adapt::DestVm;
 use super::channel::REFUSE_BUSY;
 use super::channel::{check_name, Conn, Control, Holds, HsProgress, Open};
+use super::remote_disk::{error_message, DiskSink, DISK_STALL_NS};
 use super::set::Migrations;
 use super::{
     check_cpuid, incoming_mark, vm_config, ENGINE_SLICE_NS, NEGOTIATION_TIMEOUT_NS, RECORDS_MAX,
 };
+use crate::disks::FileStore;
 use crate::mgmt::jobs::{JobError, JobTable};
 use crate::mgmt::proto::{Direction, JobKind, MigrationInfo, MigrationReport as ApiReport, Phase};
 use crate::vm::{Bookkeeping, Vm};
 use alloc::collections::VecDeque;
 use alloc::format;
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use hvcore::host::Host;
 use migration::policy::NS_PER_MS;
@@ -94,6 +96,16 @@ pub struct Incoming {
     lease_epoch: Option<u64>,
     /// The VM resumed here and [`Migrations::arrive_shared`] ran.
     arrived: bool,
+    /// A shared-nothing move: the disks received here (partial files
+    /// until the VM's state is whole, then committed; deleted unless the
+    /// VM resumes here).
+    sink: Option<DiskSink>,
+    /// The disk copy runs (the receiver starts at `storage-copied`).
+    storage: bool,
+    /// The last time a disk message arrived (the copy's stall clock).
+    storage_seen: u64,
+    /// Why this node gave the migration up, when it did (its own words).
+    failure: Option<String>,
 }
 
 impl Incoming {
@@ -112,6 +124,8 @@ impl Incoming {
             downtime_limit_ms: self.downtime_limit_ms,
             encrypted: self.encrypt,
             verify: self.verify,
+            storage_bytes_copied: self.sink.as_ref().map_or(0, |s| s.applied),
+            storage_bytes_total: 0,
         }
     }
 
@@ -225,7 +239,7 @@ impl Migrations {
                 conn.wire.service(host.net(), now);
                 self.drain(conn.wire, now);
             }
-            Ok((job, config)) => {
+            Ok((job, config, sink)) => {
                 let holds = open.holds.capped();
                 host.console_write(&format!(
                     "vmm-service: VM {} arriving from {peer} (job {job})\n",
@@ -248,6 +262,10 @@ impl Migrations {
                     disks: open.disks,
                     lease_epoch: None,
                     arrived: false,
+                    storage: sink.is_some(),
+                    sink,
+                    storage_seen: now,
+                    failure: None,
                 };
                 jobs.set_migration(job, x.info(x.phase()));
                 self.incoming.push(x);
@@ -264,7 +282,7 @@ impl Migrations {
         host: &mut dyn Host,
         vms: &mut Vec<Vm>,
         jobs: &mut JobTable,
-    ) -> Result<(u64, VmConfig), Refusal> {
+    ) -> Result<(u64, VmConfig, Option<DiskSink>), Refusal> {
         let now = host.now_ns();
         check_name(&open.vm).map_err(|m| refuse("invalid-argument", m))?;
         // A move within this node: the name is the source's own.
@@ -355,9 +373,38 @@ impl Migrations {
                 ),
             ));
         }
+        // A shared-nothing move: its disks are created here first (as
+        // partial files), or the VM is refused naming why.
+        let mut sink = match (&open.create_disks[..], self.stores.clone()) {
+            ([], _) => None,
+            (_, None) => {
+                return Err(refuse(
+                    "unsupported",
+                    format!("node {} has no stores for the VM's disks", self.me),
+                ))
+            }
+            (specs, Some(stores)) => {
+                let files: alloc::rc::Rc<dyn FileStore> =
+                    alloc::rc::Rc::new(crate::store::StoreFiles::new(stores));
+                let sink = DiskSink::create(files, &open.vm, open.store.as_deref(), specs)
+                    .map_err(|m| {
+                        refuse(
+                            "no-resources",
+                            format!("cannot create the VM's disks on node {}: {m}", self.me),
+                        )
+                    })?;
+                Some(sink)
+            }
+        };
+        let unwind = |sink: &mut Option<DiskSink>| {
+            if let Some(s) = sink.as_mut() {
+                s.discard();
+            }
+        };
         let job = match jobs.start_now(JobKind::LiveMigration, &open.vm, 0, true, local, now) {
             Ok(j) => j,
             Err(JobError::AtLimit) => {
+                unwind(&mut sink);
                 return Err(refuse(
                     REFUSE_BUSY,
                     format!(
@@ -365,15 +412,19 @@ impl Migrations {
                         self.me,
                         jobs.settings().max_live_migrations
                     ),
-                ))
+                ));
             }
-            Err(_) => return Err(refuse("no-resources", "the job table is full".into())),
+            Err(_) => {
+                unwind(&mut sink);
+                return Err(refuse("no-resources", "the job table is full".into()));
+            }
         };
         let mut vm = match Vm::create_empty(host, &open.vm, config.ram_bytes) {
             Ok(v) => v,
             Err(e) => {
                 let m = format!("cannot create the VM: {e}");
                 jobs.fail(job, &m, now);
+                unwind(&mut sink);
                 return Err(refuse("no-resources", m));
             }
         };
@@ -387,7 +438,7 @@ impl Migrations {
         vm.set_migration_mark(Some(incoming_mark(job)));
         vm.set_carried(Some(carried));
         vms.push(vm);
-        Ok((job, config))
+        Ok((job, config, sink))
     }
 
     /// The answer to a source in doubt about migration `id`.
@@ -454,6 +505,9 @@ impl Migrations {
             x.accept_at = None;
             jobs.set_migration(x.job, x.info(x.phase()));
         }
+        if x.storage {
+            return self.receive_disks(x, host, vms, jobs);
+        }
         let mut discarded = false;
         let mut finished = false;
         loop {
@@ -477,6 +531,17 @@ impl Migrations {
                 );
             }
             let p = x.rx.step(&mut dest, &mut link, now);
+            if x.sink.is_some() {
+                // Guest writes of the pre-copy (in order with the stream:
+                // all of them precede the state); the disks are committed
+                // once the state is whole, and are the VM's at `go`.
+                if let Err(why) = Self::disks_during_memory(x, &mut vms[vi]) {
+                    let _ = x.conn.send_disk(&error_message(&why));
+                    x.failure = Some(why.clone());
+                    self.abandon_incoming(x, host, vms, jobs, MigrationError::PeerAborted(why));
+                    return false;
+                }
+            }
             if !x.arrived && !x.disks.is_empty() && x.rx.resumed() {
                 // Past `go`: before the guest runs here, hold it until
                 // the lease is adopted and its disks are open.
@@ -510,6 +575,107 @@ impl Migrations {
         }
         self.finish_incoming(x, host, vms, jobs);
         false
+    }
+
+    /// A shared-nothing move's disk copy, before the receiver starts:
+    /// apply the source's disk messages, answer its barriers once the
+    /// disks are flushed; at `storage-copied` the receiver starts. A bad
+    /// message, a disk error, a lost link or a silent source for
+    /// [`DISK_STALL_NS`] ends the job (the partial
+    /// files go). False once it ended.
+    fn receive_disks(
+        &mut self,
+        x: &mut Incoming,
+        host: &mut dyn Host,
+        vms: &mut Vec<Vm>,
+        jobs: &mut JobTable,
+    ) -> bool {
+        let start = host.now_ns();
+        x.conn.wire.service(host.net(), start);
+        let from = x.from.clone();
+        let lost = |e: String| format!("link to {from} lost during the disk copy: {e}");
+        let r: Result<(), String> = (|| {
+            let Some(sink) = x.sink.as_mut() else {
+                return Err("no disks to receive".into());
+            };
+            while let Some(body) = x.conn.next_disk(true).map_err(&lost)? {
+                x.storage_seen = start;
+                if let Some(reply) = sink.apply(&body)? {
+                    x.conn.send_disk(&reply).map_err(|e| lost(e.to_string()))?;
+                }
+                if host.now_ns().saturating_sub(start) >= ENGINE_SLICE_NS {
+                    break;
+                }
+            }
+            while let Some(c) = x.conn.next_control(false).map_err(&lost)? {
+                match c {
+                    Control::StorageCopied {} => {
+                        x.storage = false;
+                        // The memory copy starts: the receiver's stall
+                        // clock with it.
+                        x.rx = Receiver::new(start).with_holds(
+                            x.holds.ready_ms * NS_PER_MS,
+                            x.holds.resumed_ms * NS_PER_MS,
+                        );
+                    }
+                    _ => {
+                        return Err(format!(
+                            "node {from} broke the protocol during the disk copy"
+                        ))
+                    }
+                }
+            }
+            if x.storage && (x.conn.wire.is_broken() || x.conn.wire.peer_closed()) {
+                return Err(lost(x.conn.broken_reason("connection reset")));
+            }
+            if x.storage && start.saturating_sub(x.storage_seen) > DISK_STALL_NS {
+                return Err(format!(
+                    "node {from} sent no disk data for {} s",
+                    DISK_STALL_NS / 1_000_000_000
+                ));
+            }
+            Ok(())
+        })();
+        let now = host.now_ns();
+        x.conn.wire.service(host.net(), now);
+        match r {
+            Ok(()) => {
+                jobs.set_migration(x.job, x.info(x.phase()));
+                true
+            }
+            Err(why) => {
+                let _ = x.conn.send_disk(&error_message(&why));
+                x.conn.wire.service(host.net(), now);
+                x.failure = Some(why.clone());
+                self.abandon_incoming(x, host, vms, jobs, MigrationError::PeerAborted(why));
+                false
+            }
+        }
+    }
+
+    /// The disks of a shared-nothing move while memory moves: apply the
+    /// source's messages, commit the files once the VM's state is whole
+    /// (awaiting `go`), give them to the VM when it resumes here.
+    fn disks_during_memory(x: &mut Incoming, vm: &mut Vm) -> Result<(), String> {
+        let Some(sink) = x.sink.as_mut() else {
+            return Ok(());
+        };
+        while let Some(body) = x.conn.next_disk(false)? {
+            if let Some(reply) = sink.apply(&body)? {
+                // A lost link shows up in the receiver.
+                let _ = x.conn.send_disk(&reply);
+            }
+        }
+        if (x.rx.awaiting_go() || x.rx.resumed()) && !sink.is_committed() {
+            sink.commit()?;
+        }
+        if x.rx.resumed() {
+            if let Some(sink) = x.sink.take() {
+                let (disks, meta) = sink.into_disks();
+                vm.set_disks(disks, meta);
+            }
+        }
+        Ok(())
     }
 
     /// Give up a receiving job for `why` (its VM is discarded).
@@ -599,10 +765,11 @@ impl Migrations {
         let resumed = out.result == MigrationResult::Completed;
         let vi = x.vm_index(vms);
         // A lost link is named after the source (`link to a lost: ...`).
-        let mut error =
+        let mut error = x.failure.clone().or_else(|| {
             x.rx.error()
                 .map(|e| e.describe(&x.from))
-                .or_else(|| out.error.clone());
+                .or_else(|| out.error.clone())
+        });
         if let (Some(r), false) = (x.conn.refused, resumed) {
             error = Some(format!(
                 "{}: {r}",
@@ -655,6 +822,11 @@ impl Migrations {
         } else {
             if let Some(vi) = vi {
                 vms.remove(vi).destroy();
+            }
+            if let Some(mut sink) = x.sink.take() {
+                // Its disks here go with it (partial, or committed for a
+                // VM that did not resume here).
+                sink.discard();
             }
             let why = error.unwrap_or_else(|| "failed".into());
             let phase = if out.result == MigrationResult::Cancelled {

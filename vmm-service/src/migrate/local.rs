@@ -67,6 +67,8 @@ pub fn migrate_local(host: &mut dyn Host, vm: Vm, policy: Policy, faults: Faults
         encrypt: false,
         faults,
         holds: Holds::default(),
+        include_storage: false,
+        store: None,
     };
     let job = match migrations.start(host, &mut vms, &mut jobs, req) {
         Ok(j) => j,

@@ -15,6 +15,7 @@
 use super::adapt::SourceVm;
 use super::channel::{ConfigMsg, Conn, Control, Holds, HsProgress, Open, Paused, REFUSE_BUSY};
 use super::incoming::Accepting;
+use super::remote_disk::{Mirrors, RemoteLink, DISK_STALL_NS, PING_NS};
 use super::set::{Migrations, MoveRequest};
 use super::wire::Wire;
 use super::{
@@ -44,6 +45,9 @@ pub enum OutPhase {
     Connecting,
     Handshake,
     Opening,
+    /// A shared-nothing move: the disks are being mirrored to the
+    /// destination (before the memory engine starts).
+    Storage,
     Running,
     InDoubt,
     Done,
@@ -97,6 +101,16 @@ pub struct Outgoing {
     /// where (`STORE[:DIR]`; `None`: its default store).
     pub create_disks: Vec<super::remote_disk::DiskSpec>,
     pub store: Option<String>,
+    /// The VM's disks mirrored to the destination (from `accept` until
+    /// the job ends).
+    mirrors: Option<Mirrors>,
+    /// When the disk copy started (its timeout).
+    storage_since: u64,
+    /// Disk data acknowledged when last seen, and since when it has
+    /// not moved while some was outstanding (the stall clock).
+    acked_seen: (u64, u64),
+    /// When the last barrier went out as a sign of life.
+    pinged_at: u64,
 }
 
 impl Outgoing {
@@ -137,6 +151,10 @@ impl Outgoing {
             carried: crate::vmconfig::Carried::of(vm),
             create_disks: Vec::new(),
             store: None,
+            mirrors: None,
+            storage_since: now,
+            acked_seen: (0, now),
+            pinged_at: now,
         }
     }
 
@@ -151,6 +169,7 @@ impl Outgoing {
             OutPhase::Queued => Phase::Queued,
             OutPhase::Connecting => Phase::Connecting,
             OutPhase::Handshake | OutPhase::Opening => Phase::Negotiating,
+            OutPhase::Storage => Phase::Copying,
             OutPhase::InDoubt => Phase::InDoubt,
             OutPhase::Done => self.ended.unwrap_or(Phase::Failed),
             OutPhase::Running => match self.engine.as_ref().map(Migration::stage) {
@@ -166,6 +185,7 @@ impl Outgoing {
             )
             .unwrap_or(u64::MAX)
         });
+        let storage = self.mirrors.as_ref().map_or((0, 0), Mirrors::bytes);
         MigrationInfo {
             direction: Direction::Outgoing,
             peer: self.to.clone(),
@@ -184,6 +204,8 @@ impl Outgoing {
             downtime_limit_ms: self.policy.downtime_limit_ns / NS_PER_MS,
             encrypted: self.encrypt,
             verify: self.policy.verify_memory,
+            storage_bytes_copied: storage.0,
+            storage_bytes_total: storage.1,
         }
     }
 
@@ -313,6 +335,7 @@ impl Migrations {
             OutPhase::Connecting | OutPhase::Handshake | OutPhase::Opening => {
                 self.negotiate(o, host, vms, jobs, now)
             }
+            OutPhase::Storage => self.run_storage(o, host, vms, jobs),
             OutPhase::Running => self.run_engine(o, host, vms, jobs),
             OutPhase::InDoubt => self.ask(o, host, vms, jobs, now),
             OutPhase::Done => {}
@@ -399,6 +422,17 @@ impl Migrations {
                         return fail("the VM is gone from this node".into());
                     };
                     let vm = &mut vms[vi];
+                    jobs.set_note(o.job, None);
+                    if !o.create_disks.is_empty() {
+                        // Shared-nothing: the disks first, mirrored.
+                        let m = Mirrors::install(vm).map_err(|e| {
+                            format!("cannot mirror the VM's disks to {}: {e}", o.to)
+                        })?;
+                        o.mirrors = Some(m);
+                        o.phase = OutPhase::Storage;
+                        o.storage_since = now;
+                        return Ok(());
+                    }
                     let engine = Migration::new(
                         &SourceVm {
                             vm,
@@ -409,7 +443,6 @@ impl Migrations {
                     );
                     o.engine = Some(engine);
                     o.phase = OutPhase::Running;
-                    jobs.set_note(o.job, None);
                     Ok(())
                 }
                 Ok(Some(Control::Refuse { code, message })) => {
@@ -455,6 +488,109 @@ impl Migrations {
         }
     }
 
+    /// A shared-nothing move's disk copy (phase `Storage`): copy chunk by
+    /// chunk within the job's slice, move disk messages and their acks;
+    /// once every disk is current on the destination (its last flush
+    /// acknowledged), say so and start the memory engine with the mirror
+    /// still in place. A failure gives the VM its own disks back.
+    fn run_storage(
+        &mut self,
+        o: &mut Outgoing,
+        host: &mut dyn Host,
+        vms: &mut [Vm],
+        jobs: &mut JobTable,
+    ) {
+        let Some(mut conn) = o.conn.take() else {
+            return self.end_without_engine(o, host, vms, jobs, "no connection", false);
+        };
+        let Some(vi) = o.vm_index(vms) else {
+            o.conn = Some(conn);
+            return self.end_without_engine(o, host, vms, jobs, "the VM is gone", false);
+        };
+        let start = host.now_ns();
+        conn.wire.service(host.net(), start);
+        let r: Result<bool, String> = (|| {
+            let to = &o.to;
+            let lost = |e: String| format!("link to {to} lost during the disk copy: {e}");
+            if vms[vi].stop_reason().is_some() {
+                return Err("the VM stopped during the disk copy".into());
+            }
+            if start.saturating_sub(o.storage_since) > o.policy.timeout_ns {
+                return Err(format!(
+                    "the disk copy to {to} did not complete within {} s",
+                    o.policy.timeout_ns / 1_000_000_000
+                ));
+            }
+            if conn.wire.is_broken() {
+                return Err(lost(conn.broken_reason("connection reset")));
+            }
+            let Some(m) = o.mirrors.as_mut() else {
+                return Err("the disks' mirror is gone".into());
+            };
+            exchange(&mut conn, &m.link, true).map_err(&lost)?;
+            ack_stall(&m.link, &mut o.acked_seen, start, to)?;
+            if start.saturating_sub(o.pinged_at) >= PING_NS {
+                o.pinged_at = start;
+                m.link.ping();
+            }
+            let done = {
+                let h: &dyn Host = &*host;
+                m.step(&|| h.now_ns(), start.saturating_add(ENGINE_SLICE_NS))
+                    .map_err(|e| format!("the disk copy to {to} failed: {e}"))?
+            };
+            exchange(&mut conn, &m.link, false).map_err(&lost)?;
+            Ok(done)
+        })();
+        let now = host.now_ns();
+        conn.wire.service(host.net(), now);
+        match r {
+            Ok(false) => o.conn = Some(conn),
+            Ok(true) => {
+                if let Err(e) = conn.send_control(&Control::StorageCopied {}) {
+                    o.conn = Some(conn);
+                    let why = format!("link to {} lost: {e}", o.to);
+                    return self.end_without_engine(o, host, vms, jobs, &why, false);
+                }
+                conn.wire.service(host.net(), now);
+                let engine = Migration::new(
+                    &SourceVm {
+                        vm: &mut vms[vi],
+                        config: &o.config,
+                    },
+                    o.policy,
+                    now,
+                );
+                o.engine = Some(engine);
+                o.phase = OutPhase::Running;
+                o.conn = Some(conn);
+            }
+            Err(why) => {
+                o.conn = Some(conn);
+                self.end_without_engine(o, host, vms, jobs, &why, false);
+            }
+        }
+    }
+
+    /// Delete the disk files `files` of VM `vm`, which now runs elsewhere
+    /// with its own copies.
+    fn delete_files(&self, host: &mut dyn Host, vm: &str, files: &[String]) {
+        let Some(stores) = self.stores.clone() else {
+            return;
+        };
+        let store = crate::store::StoreFiles::new(stores);
+        for at in files {
+            let line = match crate::disks::FileStore::remove(&store, at) {
+                Ok(()) => format!("vmm-service: VM {vm} left this node: its disk {at} deleted\n"),
+                Err(e) => {
+                    format!(
+                        "vmm-service: VM {vm} left this node: cannot delete its disk {at}: {e}\n"
+                    )
+                }
+            };
+            host.console_write(&line);
+        }
+    }
+
     /// End a job whose engine never started: the VM was not touched.
     fn end_without_engine(
         &mut self,
@@ -470,6 +606,9 @@ impl Migrations {
             self.drain(c.wire, now);
         }
         if let Some(vi) = o.vm_index(vms) {
+            if let Some(m) = o.mirrors.take() {
+                m.restore(&mut vms[vi]);
+            }
             vms[vi].set_migration_mark(None);
             if o.phase != OutPhase::Queued || jobs.state(o.job) == Some(JobState::Running) {
                 vms[vi].note_failed_migration();
@@ -544,6 +683,26 @@ impl Migrations {
                 let why = TransportError::Broken("connection reset");
                 let mut link = conn.link().expect("handshake done");
                 engine.link_failed(&mut src, &mut link, why, now);
+            }
+            if let Some(m) = o.mirrors.as_ref().filter(|_| !engine.committed()) {
+                // Guest writes still go to the destination's disks: move
+                // them and their acks. The engine steps only with every
+                // disk message on the wire, so those written before the
+                // pause precede the VM's state there.
+                let r = exchange(&mut conn, &m.link, false)
+                    .and_then(|()| ack_stall(&m.link, &mut o.acked_seen, now, &o.to))
+                    .map(|()| m.link.outbox_empty());
+                match r {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(why) => {
+                        let mut link = conn.link().expect("handshake done");
+                        engine.cancel(&mut src, &mut link, now);
+                        finished = true;
+                        o.doubt = Some(format!("the VM's disks on {}: {why}", o.to));
+                        break;
+                    }
+                }
             }
             let before = (engine.stage(), engine.status().pass);
             let step = {
@@ -670,8 +829,16 @@ impl Migrations {
         match report.result {
             MigrationResult::Completed => {
                 // The VM runs at the destination: this copy goes.
+                let mirrors = o.mirrors.take();
                 if let Some(vi) = vi {
                     vms.remove(vi).destroy();
+                }
+                if let Some(m) = mirrors {
+                    // Shared-nothing: its disks are the destination's
+                    // now; the mirror is broken, this node's files go.
+                    let files = m.files.clone();
+                    drop(m);
+                    self.delete_files(host, &o.vm, &files);
                 }
                 let how = if by_operator {
                     " (the operator said it runs there)"
@@ -691,6 +858,10 @@ impl Migrations {
             }
             result => {
                 if let Some(vi) = vi {
+                    if let Some(m) = o.mirrors.take() {
+                        // Its own disks back (they hold every write).
+                        m.restore(&mut vms[vi]);
+                    }
                     vms[vi].set_migration_mark(None);
                     vms[vi].note_failed_migration();
                     // Before it runs again: its lease back (or wait for it).
@@ -889,7 +1060,11 @@ impl Migrations {
         now: u64,
     ) -> Result<(), ApiError> {
         match o.phase {
-            OutPhase::Queued | OutPhase::Connecting | OutPhase::Handshake | OutPhase::Opening => {
+            OutPhase::Queued
+            | OutPhase::Connecting
+            | OutPhase::Handshake
+            | OutPhase::Opening
+            | OutPhase::Storage => {
                 self.end_without_engine(o, host, vms, jobs, "cancelled by request", true);
                 Ok(())
             }
@@ -1003,4 +1178,33 @@ pub(super) fn print_report(host: &mut dyn Host, report: &MigrationReport) {
     line.push_str(&report.to_json());
     line.push('\n');
     host.console_write(&line);
+}
+
+/// `Err` when disk data is outstanding and none was acknowledged for
+/// [`DISK_STALL_NS`] (`seen`: the acknowledged count when last seen, and
+/// since when).
+fn ack_stall(link: &RemoteLink, seen: &mut (u64, u64), now: u64, to: &str) -> Result<(), String> {
+    let (queued, acked) = link.bytes();
+    if acked != seen.0 || (queued == acked && link.outbox_empty()) {
+        *seen = (acked, now);
+        return Ok(());
+    }
+    if now.saturating_sub(seen.1) > DISK_STALL_NS {
+        return Err(format!(
+            "node {to} acknowledged no disk write for {} s",
+            DISK_STALL_NS / 1_000_000_000
+        ));
+    }
+    Ok(())
+}
+
+/// Move queued disk messages to the wire and hand those from the
+/// destination (acks, its error) to `link`; with `pull`, read the wire
+/// first (no engine does).
+fn exchange(conn: &mut Conn, link: &RemoteLink, pull: bool) -> Result<(), String> {
+    link.pump(&mut |b| conn.send_disk(b).map_err(|e| e.to_string()))?;
+    while let Some(body) = conn.next_disk(pull)? {
+        link.receive(&body)?;
+    }
+    Ok(())
 }

@@ -58,6 +58,14 @@ pub const WINDOW_BYTES: u64 = 2 << 20;
 /// A barrier goes out after this much write data at the latest (so acks
 /// flow back while the copy runs).
 pub const BARRIER_BYTES: u64 = 512 << 10;
+/// Either end gives up when the other is silent this long during the
+/// disk copy: the source when nothing it sent is acknowledged, the
+/// destination when nothing arrives (the source sends a barrier at least
+/// every [`PING_NS`]).
+pub const DISK_STALL_NS: u64 = 10_000_000_000;
+/// A barrier goes out at least this often while the source waits for
+/// nothing (so the destination knows it lives).
+pub const PING_NS: u64 = 1_000_000_000;
 /// Longest error text sent or shown.
 pub const ERROR_TEXT_MAX: usize = 300;
 
@@ -240,6 +248,11 @@ impl RemoteLink {
         self.0.borrow().failed.clone()
     }
 
+    /// Queue a barrier whatever was written (a sign of life).
+    pub fn ping(&self) {
+        self.0.borrow_mut().barrier();
+    }
+
     /// Queue a barrier if writes were queued since the last one.
     pub fn sync(&self) {
         let mut s = self.0.borrow_mut();
@@ -410,6 +423,208 @@ impl VirtualDisk for MirrorSlot {
     }
     fn is_durable(&mut self, ticket: u64) -> bool {
         !self.mirror.borrow().state().mirrors() || self.link.is_acked(ticket)
+    }
+}
+
+/// Stands in for a disk whose source was lost (never expected: the
+/// mirror hands it back); every request fails.
+struct Lost {
+    size: u64,
+    sector: u32,
+}
+
+impl VirtualDisk for Lost {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.sector
+    }
+    fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), DiskError> {
+        Err(DiskError::Request("the disk was lost".into()))
+    }
+    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), DiskError> {
+        Err(DiskError::Request("the disk was lost".into()))
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        Err(DiskError::Request("the disk was lost".into()))
+    }
+}
+
+/// Bytes a copy step moves at once.
+pub const COPY_CHUNK_BYTES: u32 = 256 << 10;
+
+/// The source's side of a shared-nothing move: every disk of the VM
+/// mirrored to the destination over one [`RemoteLink`] (the VM's disks
+/// are [`MirrorSlot`]s meanwhile), copied one after another.
+pub struct Mirrors {
+    pub link: RemoteLink,
+    mirrors: Vec<Rc<RefCell<Mirror>>>,
+    /// The disk being copied.
+    next: usize,
+    /// The VM's own disk files (`STORE:path`), deleted once it runs on
+    /// the destination.
+    pub files: Vec<String>,
+}
+
+impl Mirrors {
+    /// Mirror every disk of `vm` to the destination. `Err`: the VM keeps
+    /// its disks as they were.
+    pub fn install(vm: &mut crate::vm::Vm) -> Result<Self, String> {
+        let link = RemoteLink::new();
+        let (disks, meta) = vm.take_disks();
+        let mut ranges_ok = Ok(());
+        let mut sources = Vec::new();
+        for (slot, mut d) in disks.into_iter().enumerate() {
+            // The plan's ranges are read again by the mirror; a disk that
+            // cannot say them is refused before it is handed over.
+            if let Err(e) = d.allocated_ranges() {
+                ranges_ok = Err(format!("disk {slot}: cannot read its allocation: {e}"));
+            }
+            sources.push(d);
+        }
+        if let Err(e) = ranges_ok {
+            vm.set_disks(sources, meta);
+            return Err(e);
+        }
+        let files = meta
+            .iter()
+            .filter_map(|m| match &m.backing {
+                Backing::File { location } => Some(location.clone()),
+                Backing::Memory { .. } => None,
+            })
+            .collect();
+        let opts = vstorage::copy::CopyOptions {
+            // The destination is a new dynamic or fixed VHDX: zero chunks
+            // stay holes.
+            skip_zero_chunks: true,
+            chunk_bytes: COPY_CHUNK_BYTES,
+        };
+        let mut mirrors = Vec::new();
+        let mut slots: Vec<Box<dyn VirtualDisk>> = Vec::new();
+        let mut it = sources.into_iter().enumerate();
+        while let Some((slot, d)) = it.next() {
+            let (size, sector) = (d.virtual_size(), d.logical_sector_size());
+            let remote = link.disk(slot as u8, size, sector);
+            match MirroredDisk::new(Local(d), remote, opts) {
+                Ok(m) => {
+                    let m = Rc::new(RefCell::new(m));
+                    slots.push(Box::new(MirrorSlot {
+                        mirror: m.clone(),
+                        link: link.clone(),
+                    }));
+                    mirrors.push(m);
+                }
+                Err(e) => {
+                    // Only the allocation map can fail here (read just
+                    // before); the disk went with it. The others go back.
+                    log::warn!("shared-nothing migration: disk {slot} lost: {e}");
+                    link.fail("cancelled");
+                    drop(slots);
+                    let mut back: Vec<Box<dyn VirtualDisk>> = Vec::new();
+                    for m in mirrors {
+                        let (size, sector) = {
+                            let b = m.borrow();
+                            (b.virtual_size(), b.logical_sector_size())
+                        };
+                        let _ = m.borrow_mut().cancel();
+                        match Rc::try_unwrap(m)
+                            .ok()
+                            .and_then(|c| c.into_inner().into_parts().0)
+                        {
+                            Some(Local(d)) => back.push(d),
+                            None => back.push(Box::new(Lost { size, sector })),
+                        }
+                    }
+                    back.push(Box::new(Lost { size, sector }));
+                    back.extend(it.map(|(_, d)| d));
+                    vm.set_disks(back, meta);
+                    return Err(format!("disk {slot}: {e}"));
+                }
+            }
+        }
+        vm.set_disks(slots, meta);
+        Ok(Self {
+            link,
+            mirrors,
+            next: 0,
+            files,
+        })
+    }
+
+    /// The disk specs for the destination's `open` (by slot).
+    pub fn specs(vm: &crate::vm::Vm) -> Vec<DiskSpec> {
+        let mut v = Vec::new();
+        for (slot, m) in vm.disk_meta().iter().enumerate() {
+            v.push(DiskSpec::of(slot as u8, m, 512));
+        }
+        v
+    }
+
+    /// Copy until `clock` reaches `end_ns` or the window is full. `Ok(true)`
+    /// once every disk is mirrored and every write so far is durable on
+    /// the destination.
+    pub fn step(&mut self, clock: &dyn Fn() -> u64, end_ns: u64) -> Result<bool, String> {
+        loop {
+            if let Some(why) = self.link.failed() {
+                return Err(why);
+            }
+            let Some(m) = self.mirrors.get(self.next) else {
+                self.link.sync();
+                return Ok(self.link.drained());
+            };
+            if !self.link.has_room() {
+                return Ok(false);
+            }
+            let step = m.borrow_mut().step_timed(clock);
+            match step {
+                Ok(vstorage::mirror::Step::Copied(_)) => {}
+                Ok(vstorage::mirror::Step::Mirrored) => self.next += 1,
+                Err(e) => {
+                    let why = self.link.failed().unwrap_or_else(|| format!("{e}"));
+                    return Err(format!("disk {}: {why}", self.next));
+                }
+            }
+            if clock() >= end_ns {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Allocated bytes copied and to copy, over every disk.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.mirrors.iter().fold((0, 0), |(d, t), m| {
+            let p = m.borrow().progress();
+            (d + p.bytes_copied, t + p.bytes_total)
+        })
+    }
+
+    /// The move failed or was cancelled: the VM gets its own disks back
+    /// (they hold every write), the mirror stops.
+    pub fn restore(self, vm: &mut crate::vm::Vm) {
+        self.link.fail("the migration ended");
+        let (slots, meta) = vm.take_disks();
+        let sizes: Vec<(u64, u32)> = slots
+            .iter()
+            .map(|d| (d.virtual_size(), d.logical_sector_size()))
+            .collect();
+        drop(slots);
+        let mut disks: Vec<Box<dyn VirtualDisk>> = Vec::new();
+        let mut mirrors = self.mirrors.into_iter();
+        for (slot, (size, sector)) in sizes.into_iter().enumerate() {
+            let source = mirrors.next().and_then(|m| {
+                let _ = m.borrow_mut().cancel();
+                Rc::try_unwrap(m).ok().map(RefCell::into_inner)
+            });
+            match source.and_then(|m| m.into_parts().0) {
+                Some(Local(d)) => disks.push(d),
+                None => {
+                    log::warn!("shared-nothing migration: the source of disk {slot} was lost");
+                    disks.push(Box::new(Lost { size, sector }));
+                }
+            }
+        }
+        vm.set_disks(disks, meta);
     }
 }
 
@@ -592,6 +807,11 @@ impl DiskSink {
         }
         self.committed = true;
         Ok(())
+    }
+
+    /// Whether [`DiskSink::commit`] succeeded.
+    pub fn is_committed(&self) -> bool {
+        self.committed
     }
 
     /// The committed disks and their metadata (by slot).

@@ -33,6 +33,10 @@ pub struct MoveRequest {
     pub faults: Faults,
     /// Test knobs passed to the destination.
     pub holds: Holds,
+    /// Shared-nothing: the disks move too (mirrored to the destination's
+    /// store first), to `store` (`STORE[:DIR]`; `None`: its default).
+    pub include_storage: bool,
+    pub store: Option<String>,
 }
 
 /// A connection that is done but may still hold bytes for its peer.
@@ -217,7 +221,10 @@ impl Migrations {
         // is issue 14). A move within the node keeps them (the receiving
         // VM adopts the source's disks).
         let mut shared_disks = Vec::new();
-        if addr.is_some() && crate::lease::vms::all_disks_shared(&vms[i]) {
+        let mut create_disks = Vec::new();
+        if req.include_storage {
+            create_disks = self.shared_nothing(&vms[i], &req, addr.is_some())?;
+        } else if addr.is_some() && crate::lease::vms::all_disks_shared(&vms[i]) {
             // Only memory and state move; the destination opens the same
             // files on the shared store, and the lease passes at the
             // switch-over.
@@ -254,8 +261,8 @@ impl Migrations {
                 ErrorCode::Unsupported,
                 format!(
                     "VM {} has {n} virtual disk{}, which would not follow it to node {}: a \
-                     move to another node carries memory and device state only, and moving \
-                     disks with it is not supported yet; the VM stays here",
+                     move to another node carries memory and device state only; move them \
+                     with it with --include-storage (include_storage); the VM stays here",
                     req.vm,
                     if n == 1 { "" } else { "s" },
                     req.to
@@ -281,8 +288,11 @@ impl Migrations {
         raw.copy_from_slice(&self.nonce(host)[..16]);
         let config = vm_config(&*host, ram_bytes);
         vms[i].set_migration_mark(Some(outgoing_mark(job)));
+        let store = req.store.clone();
         let mut o = Outgoing::new(job, hex_encode(&raw), &vms[i], req, addr, config, now);
         o.disks = shared_disks;
+        o.create_disks = create_disks;
+        o.store = store;
         o.publish(jobs);
         host.console_write(&format!(
             "vmm-service: VM {} moving to {} (job {job})\n",
@@ -290,6 +300,59 @@ impl Migrations {
         ));
         self.outgoing.push(o);
         Ok(job)
+    }
+
+    /// The checks of a shared-nothing move (`include_storage`) of `vm`;
+    /// the disks the destination is to create.
+    fn shared_nothing(
+        &self,
+        vm: &Vm,
+        req: &MoveRequest,
+        to_peer: bool,
+    ) -> Result<Vec<super::remote_disk::DiskSpec>, ApiError> {
+        let bad = |m: String| Err(ApiError::new(ErrorCode::InvalidArgument, m));
+        if !to_peer {
+            return bad(format!(
+                "--include-storage moves the disks to another node; {} is this node (use \
+                 vm move-storage within it)",
+                self.me
+            ));
+        }
+        if let Some(store) = &req.store {
+            let name = store.split_once(':').map_or(store.as_str(), |(s, _)| s);
+            crate::store::check_store_name(name)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("--store: {e}")))?;
+            if store.len() > 200 || store.contains("..") {
+                return bad(format!("--store {store:.80}: not a STORE[:DIR]"));
+            }
+        }
+        if vm.disk_count() == 0 {
+            return bad(format!(
+                "VM {} has no disks: move it without --include-storage",
+                req.vm
+            ));
+        }
+        if crate::lease::vms::all_disks_shared(vm) {
+            return Err(ApiError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "VM {}'s disks are on the shared store: move it without \
+                     --include-storage (the destination opens them there)",
+                    req.vm
+                ),
+            ));
+        }
+        if let Some(m) = vm.disk_meta().iter().find(|m| m.checkpoint.is_some()) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "VM {}'s disk {} has a checkpoint: merge it first",
+                    req.vm,
+                    m.location()
+                ),
+            ));
+        }
+        Ok(super::remote_disk::Mirrors::specs(vm))
     }
 
     /// `job-cancel` of a live migration: stop it in any phase before the

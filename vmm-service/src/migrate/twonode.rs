@@ -25,6 +25,7 @@ use hvcore::vcpu::VmExit;
 use std::cell::Cell;
 use std::rc::Rc;
 
+mod nothing;
 mod shared;
 mod vmconfig;
 
@@ -192,6 +193,8 @@ struct Mv {
     accept_ms: u64,
     ready_ms: u64,
     resumed_ms: u64,
+    include_storage: bool,
+    store: Option<&'static str>,
 }
 
 impl Mv {
@@ -207,6 +210,8 @@ impl Mv {
             debug_hold_accept_ms: Some(self.accept_ms),
             debug_hold_ready_ms: Some(self.ready_ms),
             debug_hold_resumed_ms: Some(self.resumed_ms),
+            include_storage: self.include_storage,
+            store: self.store.map(Into::into),
         }
     }
 }
