@@ -425,9 +425,9 @@ impl Migrations {
                     jobs.set_note(o.job, None);
                     if !o.create_disks.is_empty() {
                         // Shared-nothing: the disks first, mirrored.
-                        let m = Mirrors::install(vm).map_err(|e| {
-                            format!("cannot mirror the VM's disks to {}: {e}", o.to)
-                        })?;
+                        let m = Mirrors::install(vm)
+                            .map_err(|e| format!("cannot mirror the VM's disks to {}: {e}", o.to))?
+                            .with_rate(o.policy.max_bandwidth_bytes_per_s);
                         o.mirrors = Some(m);
                         o.phase = OutPhase::Storage;
                         o.storage_since = now;

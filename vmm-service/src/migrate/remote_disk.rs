@@ -465,6 +465,10 @@ pub struct Mirrors {
     /// The VM's own disk files (`STORE:path`), deleted once it runs on
     /// the destination.
     pub files: Vec<String>,
+    /// The copy's rate limit, bytes per second (0: none), and when it
+    /// started.
+    rate_bytes_per_s: u64,
+    started_ns: Option<u64>,
 }
 
 impl Mirrors {
@@ -549,7 +553,16 @@ impl Mirrors {
             mirrors,
             next: 0,
             files,
+            rate_bytes_per_s: 0,
+            started_ns: None,
         })
+    }
+
+    /// The copy limited to `bytes_per_s` (0: none; guest writes are
+    /// mirrored whatever the limit).
+    pub fn with_rate(mut self, bytes_per_s: u64) -> Self {
+        self.rate_bytes_per_s = bytes_per_s;
+        self
     }
 
     /// The disk specs for the destination's `open` (by slot).
@@ -565,6 +578,7 @@ impl Mirrors {
     /// once every disk is mirrored and every write so far is durable on
     /// the destination.
     pub fn step(&mut self, clock: &dyn Fn() -> u64, end_ns: u64) -> Result<bool, String> {
+        let started = *self.started_ns.get_or_insert_with(clock);
         loop {
             if let Some(why) = self.link.failed() {
                 return Err(why);
@@ -573,7 +587,13 @@ impl Mirrors {
                 self.link.sync();
                 return Ok(self.link.drained());
             };
-            if !self.link.has_room() {
+            let elapsed = clock().saturating_sub(started);
+            let limited = !crate::storage_migration::under_rate(
+                self.link.bytes().0,
+                elapsed,
+                self.rate_bytes_per_s,
+            );
+            if !self.link.has_room() || limited {
                 return Ok(false);
             }
             let step = m.borrow_mut().step_timed(clock);
