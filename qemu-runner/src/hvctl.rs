@@ -808,6 +808,14 @@ pub fn duration_words(ms: u64) -> String {
 /// Where a migration stands, in one line: phase, pass, MiB sent and
 /// remaining, the dirty rate, the link's rate, the ETA and any throttle.
 pub fn migration_progress(m: &MigrationInfo) -> String {
+    if m.storage_bytes_total > 0 && m.bytes_sent == 0 && m.phase == Phase::Copying {
+        // Shared-nothing, the disk copy first.
+        return format!(
+            "copying disks: {} of {} copied",
+            mib(m.storage_bytes_copied),
+            mib(m.storage_bytes_total)
+        );
+    }
     let mut s = format!(
         "{}, pass {}: {} sent, {} left, dirty {}, link {}, ETA {}",
         phase_word(m.phase),
@@ -820,6 +828,9 @@ pub fn migration_progress(m: &MigrationInfo) -> String {
     );
     if m.throttle_pct > 0 {
         s.push_str(&format!(", guest throttled {}%", m.throttle_pct));
+    }
+    if m.storage_bytes_total > 0 {
+        s.push_str(&format!(", disks {} copied", mib(m.storage_bytes_total)));
     }
     s
 }
@@ -2339,6 +2350,19 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("guest throttled 30%"), "{t}");
+        // Shared-nothing: the disk copy first, then memory.
+        let mut m = migration(Phase::Copying, 0);
+        (m.bytes_sent, m.storage_bytes_copied, m.storage_bytes_total) = (0, 3 << 20, 8 << 20);
+        assert_eq!(
+            migration_progress(&m),
+            "copying disks: 3.0 MiB of 8.0 MiB copied"
+        );
+        m.bytes_sent = 1 << 20;
+        assert!(
+            migration_progress(&m).ends_with(", disks 8.0 MiB copied"),
+            "{}",
+            migration_progress(&m)
+        );
         assert!(job_line(&j).contains("\n      to b: copying, pass 2"));
         let text = report_text(&report());
         for part in [
