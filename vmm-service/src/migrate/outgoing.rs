@@ -104,6 +104,9 @@ pub struct Outgoing {
     /// The VM's disks mirrored to the destination (from `accept` until
     /// the job ends).
     mirrors: Option<Mirrors>,
+    /// The mirrors' last figures once they are gone, so that the ended
+    /// job still shows its disk bytes.
+    storage_done: (u64, u64),
     /// When the disk copy started (its timeout).
     storage_since: u64,
     /// Disk data acknowledged when last seen, and since when it has
@@ -152,6 +155,7 @@ impl Outgoing {
             create_disks: Vec::new(),
             store: None,
             mirrors: None,
+            storage_done: (0, 0),
             storage_since: now,
             acked_seen: (0, now),
             pinged_at: now,
@@ -185,7 +189,10 @@ impl Outgoing {
             )
             .unwrap_or(u64::MAX)
         });
-        let storage = self.mirrors.as_ref().map_or((0, 0), Mirrors::bytes);
+        let storage = self
+            .mirrors
+            .as_ref()
+            .map_or(self.storage_done, Mirrors::bytes);
         MigrationInfo {
             direction: Direction::Outgoing,
             peer: self.to.clone(),
@@ -207,6 +214,15 @@ impl Outgoing {
             storage_bytes_copied: storage.0,
             storage_bytes_total: storage.1,
         }
+    }
+
+    /// The mirrors, taken as the job ends (their figures kept).
+    fn take_mirrors(&mut self) -> Option<Mirrors> {
+        let m = self.mirrors.take();
+        if let Some(m) = &m {
+            self.storage_done = m.bytes();
+        }
+        m
     }
 
     pub(super) fn publish(&self, jobs: &mut JobTable) {
@@ -606,7 +622,7 @@ impl Migrations {
             self.drain(c.wire, now);
         }
         if let Some(vi) = o.vm_index(vms) {
-            if let Some(m) = o.mirrors.take() {
+            if let Some(m) = o.take_mirrors() {
                 m.restore(&mut vms[vi]);
             }
             vms[vi].set_migration_mark(None);
@@ -829,7 +845,7 @@ impl Migrations {
         match report.result {
             MigrationResult::Completed => {
                 // The VM runs at the destination: this copy goes.
-                let mirrors = o.mirrors.take();
+                let mirrors = o.take_mirrors();
                 if let Some(vi) = vi {
                     vms.remove(vi).destroy();
                 }
@@ -858,7 +874,7 @@ impl Migrations {
             }
             result => {
                 if let Some(vi) = vi {
-                    if let Some(m) = o.mirrors.take() {
+                    if let Some(m) = o.take_mirrors() {
                         // Its own disks back (they hold every write).
                         m.restore(&mut vms[vi]);
                     }

@@ -175,6 +175,7 @@ fn a_vm_moves_with_its_disk_and_writes_during_both_copies_arrive() {
     s.write(0, 12 * MIB, 512, 11);
     let j = s.p.until_ended(id);
     assert_eq!(j.state, JobState::Completed, "{j:?}");
+    assert_eq!(s.storage(id).0, total, "the ended job keeps its disk bytes");
     s.p.rounds(50);
     assert!(s.p.a().vms().is_empty());
     assert_eq!(s.p.b().vm_state("v").as_deref(), Some("running"));
