@@ -5,8 +5,9 @@
 //! link: after each move the VHDX is in the destination's local store and
 //! nowhere else (checked on the host, `qemu-img check` clean, no partial
 //! file left), and the guest's rounds go on there with none FAILED. Then
-//! a move whose link is cut during the disk copy fails: the VM runs on at
-//! a on its own disk, and b, once it learns, keeps no file.
+//! a move whose link is cut during the disk copy, and one cut during the
+//! memory copy, fail: the VM runs on at a on its own disk, and b, once it
+//! learns, keeps no file.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -126,6 +127,28 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
         assert!(Instant::now() < deadline, "the disk copy never started");
         std::thread::sleep(Duration::from_millis(50));
     }
+    c.link("b", true);
+    let job = c.wait_end("a", id, MOVE);
+    assert_eq!(job.state, JobState::Failed, "{job:#?}");
+    assert_eq!(c.vm("a", "s").map(|v| v.state), Some("running".into()));
+    c.link("b", false);
+    c.wait_gone("b", "s", MOVE);
+    rounds_go_on(&c, "a");
+    disk_on(&stores, "a");
+
+    // The link cut during the memory copy (the disks copied, the mirror
+    // in place): the same outcome.
+    let id = c.start_move("a", "s", "b", &["--include-storage", "--bandwidth", "2"]);
+    let deadline = Instant::now() + MOVE;
+    while c.job("a", id).migration.is_none_or(|m| m.bytes_sent == 0) {
+        assert!(Instant::now() < deadline, "the memory copy never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = c.job("a", id).migration.unwrap();
+    assert!(
+        m.storage_bytes_total > 0 && m.storage_bytes_copied == m.storage_bytes_total,
+        "{m:?}"
+    );
     c.link("b", true);
     let job = c.wait_end("a", id, MOVE);
     assert_eq!(job.state, JobState::Failed, "{job:#?}");

@@ -307,3 +307,35 @@ fn refusals_name_the_reason() {
     s.check_disk(0);
     assert_eq!(s.files(0), ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"]);
 }
+
+/// `job-cancel` during the disk copy: the VM runs on at a on its own disk
+/// (writes made during the copy kept); b drops its partial files at once
+/// (it sees the link close). A second move then completes.
+#[test]
+fn cancel_during_the_disk_copy_gives_the_vm_its_disk_back() {
+    let mut s = Nothing::new();
+    s.started();
+    let id = s.start();
+    s.p.until(10_000, "the disk copy runs", |p| {
+        p.a().job(id).migration.is_some_and(|m| {
+            m.storage_bytes_copied > 0 && m.storage_bytes_copied < m.storage_bytes_total
+        })
+    });
+    s.write(0, 8 * MIB, 4096, 41);
+    let j = match s.p.a().ok(Request::JobCancel { id }) {
+        Body::Job(j) => j,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
+    s.write(0, 9 * MIB, 4096, 42);
+    s.check_disk(0);
+    s.p.until(10_000, "b lets go", |p| p.b().vms().is_empty());
+    s.p.rounds(10);
+    assert_eq!(s.files(1), Vec::<String>::new(), "no partial files on b");
+    let id = s.start();
+    let j = s.p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    s.p.rounds(20);
+    s.check_disk(1);
+}
