@@ -384,8 +384,25 @@ impl Migrations {
                 ))
             }
             (specs, Some(stores)) => {
-                let files: alloc::rc::Rc<dyn FileStore> =
-                    alloc::rc::Rc::new(crate::store::StoreFiles::new(stores));
+                let store_files = crate::store::StoreFiles::new(stores.clone());
+                let store = open.store.clone().or_else(|| store_files.default_store());
+                if let Some(store) = store {
+                    let name = store.split_once(':').map_or(store.as_str(), |(s, _)| s);
+                    if let Ok(st) = stores.statfs(name) {
+                        super::remote_disk::check_space(name, st.free_bytes(), specs).map_err(
+                            |m| {
+                                refuse(
+                                    "no-resources",
+                                    format!(
+                                        "cannot create the VM's disks on node {}: {m}",
+                                        self.me
+                                    ),
+                                )
+                            },
+                        )?;
+                    }
+                }
+                let files: alloc::rc::Rc<dyn FileStore> = alloc::rc::Rc::new(store_files);
                 let sink = DiskSink::create(files, &open.vm, open.store.as_deref(), specs)
                     .map_err(|m| {
                         refuse(

@@ -86,6 +86,36 @@ pub struct DiskSpec {
     pub virtual_bytes: u64,
     pub block_bytes: u32,
     pub sector_bytes: u32,
+    /// Allocated data on the source (what the copy moves), for the
+    /// destination's space check; 0 when unknown.
+    #[serde(default)]
+    pub allocated_bytes: u64,
+}
+
+/// Room a disk's file needs beyond its data (headers, log, tables), as
+/// the space check counts it.
+pub const FILE_OVERHEAD_BYTES: u64 = 8 << 20;
+
+/// Whether `free_bytes` in a store hold the disks `specs` (a fixed disk
+/// its whole size, a dynamic one its allocated data, each plus
+/// [`FILE_OVERHEAD_BYTES`]); `Err` says how much is missing.
+pub fn check_space(store: &str, free_bytes: u64, specs: &[DiskSpec]) -> Result<(), String> {
+    let need = specs.iter().fold(0u64, |n, s| {
+        let data = if s.fixed {
+            s.virtual_bytes
+        } else {
+            s.allocated_bytes.min(s.virtual_bytes)
+        };
+        n.saturating_add(data).saturating_add(FILE_OVERHEAD_BYTES)
+    });
+    if need > free_bytes {
+        return Err(format!(
+            "not enough space in store {store:.40}: {} MiB free, the disks need {} MiB",
+            free_bytes >> 20,
+            need.div_ceil(1 << 20)
+        ));
+    }
+    Ok(())
 }
 
 impl DiskSpec {
@@ -98,7 +128,14 @@ impl DiskSpec {
             virtual_bytes: meta.virtual_bytes,
             block_bytes: meta.block_bytes,
             sector_bytes,
+            allocated_bytes: 0,
         }
+    }
+
+    /// With `bytes` of allocated data (the destination's space check).
+    pub fn with_allocated(mut self, bytes: u64) -> Self {
+        self.allocated_bytes = bytes;
+        self
     }
 }
 
@@ -566,10 +603,20 @@ impl Mirrors {
     }
 
     /// The disk specs for the destination's `open` (by slot).
-    pub fn specs(vm: &crate::vm::Vm) -> Vec<DiskSpec> {
+    pub fn specs(vm: &mut crate::vm::Vm) -> Vec<DiskSpec> {
+        let metas = vm.disk_meta().to_vec();
         let mut v = Vec::new();
-        for (slot, m) in vm.disk_meta().iter().enumerate() {
-            v.push(DiskSpec::of(slot as u8, m, 512));
+        for (slot, m) in metas.iter().enumerate() {
+            let (sector, allocated) = match vm.disk_mut(slot as u8) {
+                Some(d) => (
+                    d.logical_sector_size(),
+                    d.allocated_ranges()
+                        .map(|r| r.iter().map(|x| x.1).sum())
+                        .unwrap_or(0),
+                ),
+                None => (512, 0),
+            };
+            v.push(DiskSpec::of(slot as u8, m, sector).with_allocated(allocated));
         }
         v
     }
@@ -888,7 +935,23 @@ mod tests {
             virtual_bytes: 8 * MIB,
             block_bytes: MIB as u32,
             sector_bytes: 512,
+            allocated_bytes: 0,
         }
+    }
+
+    #[test]
+    fn the_space_check_counts_fixed_disks_whole_and_dynamic_ones_by_data() {
+        let mut a = spec(0, "a.vhdx");
+        a.allocated_bytes = 3 * MIB;
+        let mut b = spec(1, "b.vhdx");
+        b.fixed = true;
+        let need = 3 * MIB + 8 * MIB + 2 * FILE_OVERHEAD_BYTES;
+        assert!(check_space("local", need, &[a.clone(), b.clone()]).is_ok());
+        let e = check_space("local", need - 1, &[a, b]).unwrap_err();
+        assert_eq!(
+            e,
+            "not enough space in store local: 26 MiB free, the disks need 27 MiB"
+        );
     }
 
     fn local_disk(seed: u8) -> (Box<dyn VirtualDisk>, Vec<u8>) {

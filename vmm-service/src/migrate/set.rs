@@ -223,7 +223,7 @@ impl Migrations {
         let mut shared_disks = Vec::new();
         let mut create_disks = Vec::new();
         if req.include_storage {
-            create_disks = self.shared_nothing(&vms[i], &req, addr.is_some())?;
+            create_disks = self.shared_nothing(&mut vms[i], &req, addr.is_some())?;
         } else if addr.is_some() && crate::lease::vms::all_disks_shared(&vms[i]) {
             // Only memory and state move; the destination opens the same
             // files on the shared store, and the lease passes at the
@@ -306,7 +306,7 @@ impl Migrations {
     /// the disks the destination is to create.
     fn shared_nothing(
         &self,
-        vm: &Vm,
+        vm: &mut Vm,
         req: &MoveRequest,
         to_peer: bool,
     ) -> Result<Vec<super::remote_disk::DiskSpec>, ApiError> {
