@@ -339,3 +339,35 @@ fn cancel_during_the_disk_copy_gives_the_vm_its_disk_back() {
     s.p.rounds(20);
     s.check_disk(1);
 }
+
+/// b dies during the disk copy: a gives up after the stall, the VM runs on
+/// at a on its own disk with every write (b's partial files are for its
+/// next boot to remove).
+#[test]
+fn a_dead_destination_during_the_disk_copy_leaves_the_vm_on_a() {
+    let mut s = Nothing::new();
+    s.started();
+    let id = s.start();
+    s.p.until(10_000, "the disk copy runs", |p| {
+        p.a()
+            .job(id)
+            .migration
+            .is_some_and(|m| m.storage_bytes_copied > 0)
+    });
+    s.p.kill(1);
+    s.write(0, 11 * MIB, 4096, 51);
+    let j = s.p.until_ended(id);
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    let why = j.error.unwrap_or_default();
+    assert!(why.contains("node b acknowledged no disk write"), "{why}");
+    assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
+    s.write(0, 13 * MIB, 4096, 52);
+    s.check_disk(0);
+    s.p.a().check_memory("v");
+    assert_eq!(s.files(0), ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"]);
+    assert!(
+        s.files(1).iter().all(|f| f.contains(".partial-")),
+        "only partial files on b: {:?}",
+        s.files(1)
+    );
+}
