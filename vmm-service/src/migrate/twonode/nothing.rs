@@ -333,11 +333,22 @@ fn cancel_during_the_disk_copy_gives_the_vm_its_disk_back() {
     s.p.until(10_000, "b lets go", |p| p.b().vms().is_empty());
     s.p.rounds(10);
     assert_eq!(s.files(1), Vec::<String>::new(), "no partial files on b");
-    let id = s.start();
+    // Moved again, to a directory named on b's store.
+    let id = s.p.start_move(
+        Mv {
+            include_storage: true,
+            store: Some("local:elsewhere"),
+            ..Mv::default()
+        }
+        .req("v"),
+    );
     let j = s.p.until_ended(id);
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     s.p.rounds(20);
     s.check_disk(1);
+    assert_eq!(s.files(1), ["/elsewhere/v-0.vhdx", "/vms/v/v.vmcfg"]);
+    let cfg = std::fs::read_to_string(s.dirs[1].path().join("vms/v/v.vmcfg")).unwrap();
+    assert!(cfg.contains("local:elsewhere/v-0.vhdx"), "{cfg}");
 }
 
 /// b dies during the disk copy: a gives up after the stall, the VM runs on
