@@ -521,6 +521,7 @@ pub(crate) fn move_request(vm: &str, verify: bool) -> Request {
         debug_hold_resumed_ms: None,
         include_storage: false,
         store: None,
+        quick: false,
     }
 }
 

@@ -196,6 +196,7 @@ pub fn two_nodes(boot: &Boot, dir: &Path) -> Result<bool, String> {
         debug_hold_resumed_ms: None,
         include_storage: false,
         store: None,
+        quick: false,
     })? {
         Outcome::Ok(Body::Job(j)) => j,
         Outcome::Error(e) if e.code == ErrorCode::Unsupported => {

@@ -342,6 +342,13 @@ pub enum VmCmd {
         /// if the VM then runs on the destination
         #[arg(long)]
         wait: bool,
+        /// Quick storage migration: the VM's disks (on this node's store)
+        /// are copied to the destination's store through a checkpoint while
+        /// the VM runs, then the VM is saved, the checkpoint's data and its
+        /// memory follow, and it resumes there (downtime grows with what
+        /// the guest writes during the copy)
+        #[arg(long, group = "disk_mode", conflicts_with = "include_storage")]
+        quick: bool,
         /// Test knob: the destination waits MS before accepting
         #[arg(long, hide = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
         debug_hold_accept_ms: Option<u64>,
@@ -354,11 +361,12 @@ pub enum VmCmd {
         /// Shared-nothing: mirror the VM's disks to the destination's store
         /// while it runs, then move memory and state; its files here are
         /// deleted once it runs there
-        #[arg(long)]
+        #[arg(long, group = "disk_mode")]
         include_storage: bool,
-        /// With --include-storage: where the disks go on the destination,
-        /// STORE[:DIR] (default: its default store, STORE:vms/NAME/)
-        #[arg(long, value_name = "STORE[:DIR]", requires = "include_storage")]
+        /// With --include-storage or --quick: where the disks go on the
+        /// destination, STORE[:DIR] (default: its default store,
+        /// STORE:vms/NAME/)
+        #[arg(long, value_name = "STORE[:DIR]", requires = "disk_mode")]
         store: Option<String>,
     },
     /// The VM's last console lines; with --send, type into its console
@@ -589,6 +597,7 @@ impl Cli {
                     encrypt,
                     no_verify,
                     wait,
+                    quick,
                     debug_hold_accept_ms,
                     debug_hold_ready_ms,
                     debug_hold_resumed_ms,
@@ -608,6 +617,7 @@ impl Cli {
                         debug_hold_resumed_ms: *debug_hold_resumed_ms,
                         include_storage: *include_storage,
                         store: store.clone(),
+                        quick: *quick,
                     };
                     if *wait {
                         return Action::MoveAndWait(request);
@@ -2170,6 +2180,7 @@ mod tests {
                 debug_hold_resumed_ms: None,
                 include_storage: false,
                 store: None,
+                quick: false,
             })
         );
         assert_eq!(
@@ -2189,6 +2200,7 @@ mod tests {
                 debug_hold_resumed_ms: None,
                 include_storage: false,
                 store: None,
+                quick: false,
             })
         );
         assert_eq!(
@@ -2208,11 +2220,36 @@ mod tests {
                 debug_hold_resumed_ms: None,
                 include_storage: true,
                 store: Some("local:x".into()),
+                quick: false,
             })
         );
         assert!(
             p("vm move v --to b --store local").is_err(),
-            "--store needs --include-storage"
+            "--store needs --include-storage or --quick"
+        );
+        assert_eq!(
+            p("vm move v --to b --quick --store local --wait")
+                .unwrap()
+                .action(),
+            Action::MoveAndWait(Request::VmMove {
+                name: "v".into(),
+                to: "b".into(),
+                downtime_ms: None,
+                bandwidth_mib_s: None,
+                timeout_s: None,
+                encrypt: None,
+                verify: None,
+                debug_hold_accept_ms: None,
+                debug_hold_ready_ms: None,
+                debug_hold_resumed_ms: None,
+                include_storage: false,
+                store: Some("local".into()),
+                quick: true,
+            })
+        );
+        assert!(
+            p("vm move v --to b --quick --include-storage").is_err(),
+            "one way to move the disks"
         );
         assert_eq!(
             p("vm move v --to b --debug-hold-ready-ms 3000")
@@ -2231,6 +2268,7 @@ mod tests {
                 debug_hold_resumed_ms: None,
                 include_storage: false,
                 store: None,
+                quick: false,
             })
         );
         assert_eq!(
@@ -2576,6 +2614,7 @@ mod tests {
                     debug_hold_resumed_ms: None,
                     include_storage: false,
                     store: None,
+                    quick: false,
                 }
             );
             let shows = seen

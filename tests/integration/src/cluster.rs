@@ -151,6 +151,7 @@ impl TestCluster {
             debug_hold_resumed_ms: None,
             include_storage: false,
             store: None,
+            quick: false,
         }) {
             Ok(Body::Job(j)) => j.id,
             other => panic!("vm-move {name} on node {from}: {other:?}"),

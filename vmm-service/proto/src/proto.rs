@@ -213,6 +213,11 @@ pub enum Request {
         /// `STORE[:DIR]` (default: its default store, `STORE:vms/NAME/`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         store: Option<String>,
+        /// Quick storage migration (docs/MANAGEMENT.md): the VM's disks go
+        /// to the destination's store through checkpoints, then the VM is
+        /// saved and its memory and state follow.
+        #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+        quick: bool,
     },
     JobList,
     /// One job, with its migration report once it ended.

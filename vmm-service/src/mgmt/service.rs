@@ -844,6 +844,7 @@ impl Managed {
             debug_hold_resumed_ms,
             include_storage,
             store,
+            quick,
         } = request
         else {
             return err(ErrorCode::BadRequest, "not a move");
@@ -879,6 +880,8 @@ impl Managed {
             max_bandwidth_bytes_per_s: bandwidth << 20,
             timeout_ns: timeout_s * NS_PER_S,
             verify_memory: verify.unwrap_or(true),
+            // A quick move saves the VM for its memory: no pre-copy.
+            pause_at_once: quick,
             ..Policy::default()
         };
         let req = MoveRequest {
@@ -890,6 +893,7 @@ impl Managed {
             holds,
             include_storage,
             store,
+            quick,
         };
         let now = host.now_ns();
         match self

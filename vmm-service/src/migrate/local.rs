@@ -69,6 +69,7 @@ pub fn migrate_local(host: &mut dyn Host, vm: Vm, policy: Policy, faults: Faults
         holds: Holds::default(),
         include_storage: false,
         store: None,
+        quick: false,
     };
     let job = match migrations.start(host, &mut vms, &mut jobs, req) {
         Ok(j) => j,

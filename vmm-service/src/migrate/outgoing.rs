@@ -4,6 +4,8 @@
 //! it answered `busy`) -> `Connecting` (TCP to the peer's migration port,
 //! or an in-memory pipe for a move within the node) -> `Handshake`
 //! (mutual authentication) -> `Opening` (the destination checks the VM)
+//! -> (a quick move: `QuickCopy`, [`super::quick`]: the disks' bases,
+//! then with the VM paused their checkpoints' data, to the destination)
 //! -> `Running` (the pre-copy engine) -> `Done`, or `InDoubt` after `go`
 //! without `resumed`, until the destination's answer (or the operator's
 //! `job-resolve`) settles it.
@@ -48,6 +50,8 @@ pub enum OutPhase {
     /// A shared-nothing move: the disks are being mirrored to the
     /// destination (before the memory engine starts).
     Storage,
+    /// A quick move copies the VM's disks before the engine starts.
+    QuickCopy,
     Running,
     InDoubt,
     Done,
@@ -114,6 +118,10 @@ pub struct Outgoing {
     acked_seen: (u64, u64),
     /// When the last barrier went out as a sign of life.
     pinged_at: u64,
+    /// A quick move (`--quick`): its disk work once the destination
+    /// accepted (`QuickCopy`), kept until the move ends.
+    pub quick: bool,
+    quick_src: Option<super::quick::QuickSource>,
 }
 
 impl Outgoing {
@@ -159,6 +167,8 @@ impl Outgoing {
             storage_since: now,
             acked_seen: (0, now),
             pinged_at: now,
+            quick: req.quick,
+            quick_src: None,
         }
     }
 
@@ -174,6 +184,7 @@ impl Outgoing {
             OutPhase::Connecting => Phase::Connecting,
             OutPhase::Handshake | OutPhase::Opening => Phase::Negotiating,
             OutPhase::Storage => Phase::Copying,
+            OutPhase::QuickCopy => Phase::Copying,
             OutPhase::InDoubt => Phase::InDoubt,
             OutPhase::Done => self.ended.unwrap_or(Phase::Failed),
             OutPhase::Running => match self.engine.as_ref().map(Migration::stage) {
@@ -189,10 +200,15 @@ impl Outgoing {
             )
             .unwrap_or(u64::MAX)
         });
-        let storage = self
-            .mirrors
-            .as_ref()
-            .map_or(self.storage_done, Mirrors::bytes);
+        let storage = match (&self.mirrors, &self.quick_src) {
+            (Some(m), _) => m.bytes(),
+            // A quick move: the bases, then what the checkpoints held.
+            (None, Some(q)) => {
+                let p = q.progress();
+                (p.base_done + p.fold_done, p.base_total + p.fold_total)
+            }
+            (None, None) => self.storage_done,
+        };
         MigrationInfo {
             direction: Direction::Outgoing,
             peer: self.to.clone(),
@@ -352,6 +368,7 @@ impl Migrations {
                 self.negotiate(o, host, vms, jobs, now)
             }
             OutPhase::Storage => self.run_storage(o, host, vms, jobs),
+            OutPhase::QuickCopy => self.quick_copy(o, host, vms, jobs),
             OutPhase::Running => self.run_engine(o, host, vms, jobs),
             OutPhase::InDoubt => self.ask(o, host, vms, jobs, now),
             OutPhase::Done => {}
@@ -438,6 +455,17 @@ impl Migrations {
                         return fail("the VM is gone from this node".into());
                     };
                     let vm = &mut vms[vi];
+                    if o.quick {
+                        // The checkpoints now: the guest writes them while
+                        // the bases copy.
+                        let files = self.files().ok_or("this node has no stores")?;
+                        let q = super::quick::QuickSource::start(vm, &files)
+                            .map_err(|e| format!("cannot start the quick move: {e}"))?;
+                        o.quick_src = Some(q);
+                        o.phase = OutPhase::QuickCopy;
+                        jobs.set_note(o.job, None);
+                        return Ok(());
+                    }
                     jobs.set_note(o.job, None);
                     if !o.create_disks.is_empty() {
                         // Shared-nothing: the disks first, mirrored.
@@ -621,6 +649,11 @@ impl Migrations {
         if let Some(c) = o.conn.take() {
             self.drain(c.wire, now);
         }
+        let kept = self.quick_abort(o, vms);
+        let why = &match kept {
+            Some(k) => format!("{why}; {k}"),
+            None => String::from(why),
+        };
         if let Some(vi) = o.vm_index(vms) {
             if let Some(m) = o.take_mirrors() {
                 m.restore(&mut vms[vi]);
@@ -810,6 +843,89 @@ impl Migrations {
         self.finish_outgoing(o, host, vms, jobs, report, false);
     }
 
+    /// The node's stores as files (checkpoints, their deletion).
+    fn files(&self) -> Option<crate::store::StoreFiles> {
+        self.stores.clone().map(crate::store::StoreFiles::new)
+    }
+
+    /// A quick move that ends before the VM runs at the destination: the
+    /// VM runs on here, its checkpoints merged back (or kept: the text
+    /// says so).
+    fn quick_abort(&self, o: &mut Outgoing, vms: &mut [Vm]) -> Option<String> {
+        let q = o.quick_src.take()?;
+        let vi = o.vm_index(vms)?;
+        match self.files() {
+            Some(files) => q.abort(&mut vms[vi], &files, true),
+            None => Some("its checkpoints are kept (no stores)".into()),
+        }
+    }
+
+    /// A quick move's disks ([`super::quick`]): the bases go to the
+    /// destination's new disks while the guest writes the checkpoints;
+    /// then the VM is paused and the checkpoints' data follows; once
+    /// every disk is durable there, `storage-copied` and the memory engine
+    /// (`Policy::pause_at_once`: one pass, the VM already paused).
+    fn quick_copy(
+        &mut self,
+        o: &mut Outgoing,
+        host: &mut dyn Host,
+        vms: &mut [Vm],
+        jobs: &mut JobTable,
+    ) {
+        let (Some(mut conn), Some(vi)) = (o.conn.take(), o.vm_index(vms)) else {
+            return self.end_without_engine(o, host, vms, jobs, "lost its connection", false);
+        };
+        let now = host.now_ns();
+        conn.wire.service(host.net(), now);
+        let r = match o.quick_src.as_mut() {
+            None => Err(String::from("lost its disk copy")),
+            Some(_) if conn.wire.is_broken() => Err(format!(
+                "link to {} lost during the disk copy: {}",
+                o.to,
+                conn.broken_reason("connection reset")
+            )),
+            Some(_) if vms[vi].stop_reason().is_some() => {
+                Err(String::from("the VM stopped during the disk copy"))
+            }
+            Some(q) => {
+                let h: &dyn Host = &*host;
+                let clock = || h.now_ns();
+                q.step(
+                    &mut vms[vi],
+                    &mut conn,
+                    &clock,
+                    now.saturating_add(ENGINE_SLICE_NS),
+                )
+                .map_err(|e| format!("disk copy to {}: {e}", o.to))
+            }
+        };
+        let later = host.now_ns();
+        conn.wire.service(host.net(), later);
+        let r = r.and_then(|copied| {
+            if !copied {
+                return Ok(());
+            }
+            // Every disk is whole and durable there; the VM is paused.
+            conn.send_control(&Control::StorageCopied {})
+                .map_err(|e| format!("link to {} lost: {e}", o.to))?;
+            let engine = Migration::new(
+                &SourceVm {
+                    vm: &mut vms[vi],
+                    config: &o.config,
+                },
+                o.policy,
+                host.now_ns(),
+            );
+            o.engine = Some(engine);
+            o.phase = OutPhase::Running;
+            Ok(())
+        });
+        o.conn = Some(conn);
+        if let Err(why) = r {
+            self.end_without_engine(o, host, vms, jobs, &why, false);
+        }
+    }
+
     /// The switch-over of a VM on the shared store (paused): flush its disks,
     /// close its write gate and hand its lease to `to`. Returns the epoch the
     /// destination adopts.
@@ -834,10 +950,31 @@ impl Migrations {
         host: &mut dyn Host,
         vms: &mut Vec<Vm>,
         jobs: &mut JobTable,
-        report: MigrationReport,
+        mut report: MigrationReport,
         by_operator: bool,
     ) {
         let now = host.now_ns();
+        let mut quick_text = String::new();
+        if let Some(q) = &o.quick_src {
+            // The pause began before the disks' last data went, the move
+            // with the disks' copy.
+            if report.result == MigrationResult::Completed {
+                if let Some(p) = q.paused_at() {
+                    report.downtime_ms = now.saturating_sub(p) / NS_PER_MS;
+                }
+                if let Some(s) = q.started_at() {
+                    report.total_ms = now.saturating_sub(s) / NS_PER_MS;
+                }
+            }
+            let p = q.progress();
+            quick_text = format!(
+                " (quick: {} MiB of bases copied while the checkpoint grew to {} MiB; {} MiB of \
+                 it written during the downtime)",
+                p.base_total >> 20,
+                p.child_max >> 20,
+                p.fold_total >> 20
+            );
+        }
         print_report(host, &report);
         o.publish(jobs);
         jobs.set_report(o.job, api_report(&report));
@@ -856,13 +993,19 @@ impl Migrations {
                     drop(m);
                     self.delete_files(host, &o.vm, &files);
                 }
+                // Its files here go: the checkpoints and the bases.
+                if let (Some(q), Some(files)) = (o.quick_src.take(), self.files()) {
+                    for left in q.finish(&files) {
+                        log::warn!("quick migration: cannot delete {left}");
+                    }
+                }
                 let how = if by_operator {
                     " (the operator said it runs there)"
                 } else {
                     ""
                 };
                 let text = format!(
-                    "moved to {}{how}: {} passes, {} bytes, downtime {} ms, {} ms in all",
+                    "moved to {}{how}: {} passes, {} bytes, downtime {} ms, {} ms in all{quick_text}",
                     o.to, report.passes, report.bytes_sent, report.downtime_ms, report.total_ms
                 );
                 jobs.complete(o.job, Some(&text), now);
@@ -873,6 +1016,12 @@ impl Migrations {
                 ));
             }
             result => {
+                if let Some(k) = self.quick_abort(o, vms) {
+                    report.error = Some(format!(
+                        "{}; {k}",
+                        report.error.as_deref().unwrap_or("failed")
+                    ));
+                }
                 if let Some(vi) = vi {
                     if let Some(m) = o.take_mirrors() {
                         // Its own disks back (they hold every write).
@@ -1080,7 +1229,8 @@ impl Migrations {
             | OutPhase::Connecting
             | OutPhase::Handshake
             | OutPhase::Opening
-            | OutPhase::Storage => {
+            | OutPhase::Storage
+            | OutPhase::QuickCopy => {
                 self.end_without_engine(o, host, vms, jobs, "cancelled by request", true);
                 Ok(())
             }

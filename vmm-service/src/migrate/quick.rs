@@ -455,6 +455,8 @@ pub struct QuickSource {
     child_max: u64,
     /// The destination's last acknowledged byte count, and when it moved.
     last_acked: (u64, u64),
+    /// When its first step ran (the move's disk part began).
+    started_ns: Option<u64>,
 }
 
 /// How long the destination may leave written data unacknowledged.
@@ -539,7 +541,13 @@ impl QuickSource {
                      without --quick"
                 ));
             }
-            specs.push(DiskSpec::of(slot, meta, sector));
+            let spec = DiskSpec::of(slot, meta, sector);
+            // What the base holds: the destination checks its room.
+            let allocated: u64 = vm
+                .disk_mut(slot)
+                .and_then(|d| d.allocated_ranges().ok())
+                .map_or(0, |r| r.iter().map(|x| x.1).sum());
+            specs.push(spec.with_allocated(allocated));
         }
         Ok(specs)
     }
@@ -564,6 +572,7 @@ impl QuickSource {
             pause_ns: None,
             child_max: 0,
             last_acked: (0, 0),
+            started_ns: None,
         })
     }
 
@@ -580,6 +589,11 @@ impl QuickSource {
     /// When it paused the guest, if it did.
     pub fn paused_at(&self) -> Option<u64> {
         self.pause_ns
+    }
+
+    /// When its first step ran, if it did.
+    pub fn started_at(&self) -> Option<u64> {
+        self.started_ns
     }
 
     /// Progress for the job.
@@ -619,6 +633,7 @@ impl QuickSource {
         // A destination that acknowledges nothing for long, while data
         // waits for it, is gone.
         let now = clock();
+        self.started_ns.get_or_insert(now);
         let (queued, acked) = self.link.bytes();
         if acked != self.last_acked.0 || queued == acked {
             self.last_acked = (acked, now);

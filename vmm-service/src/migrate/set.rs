@@ -37,6 +37,9 @@ pub struct MoveRequest {
     /// store first), to `store` (`STORE[:DIR]`; `None`: its default).
     pub include_storage: bool,
     pub store: Option<String>,
+    /// Quick storage migration (`--quick`, [`super::quick`]): the disks
+    /// go first through checkpoints, then memory with the VM paused.
+    pub quick: bool,
 }
 
 /// A connection that is done but may still hold bytes for its peer.
@@ -222,7 +225,47 @@ impl Migrations {
         // VM adopts the source's disks).
         let mut shared_disks = Vec::new();
         let mut create_disks = Vec::new();
-        if req.include_storage {
+        if req.quick {
+            // Quick storage migration: the disks are copied to the
+            // destination's store through checkpoints (super::quick).
+            if req.include_storage {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "--quick and --include-storage are two ways to move the disks: pick one",
+                ));
+            }
+            if let Some(store) = &req.store {
+                let name = store.split_once(':').map_or(store.as_str(), |(s, _)| s);
+                crate::store::check_store_name(name).map_err(|e| {
+                    ApiError::new(ErrorCode::InvalidArgument, format!("--store: {e}"))
+                })?;
+                if store.len() > 200 || store.contains("..") {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("--store {store:.80}: not a STORE[:DIR]"),
+                    ));
+                }
+            }
+            if addr.is_none() {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "a quick move goes to another node (to move disks within the node: \
+                     vm move-storage)",
+                ));
+            }
+            if self
+                .stores
+                .as_ref()
+                .is_none_or(|s| s.iter().next().is_none())
+            {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidState,
+                    "this node has no stores: a quick move copies disk files",
+                ));
+            }
+            create_disks = super::quick::QuickSource::specs_of(&mut vms[i])
+                .map_err(|e| ApiError::new(ErrorCode::InvalidState, e))?;
+        } else if req.include_storage {
             create_disks = self.shared_nothing(&mut vms[i], &req, addr.is_some())?;
         } else if addr.is_some() && crate::lease::vms::all_disks_shared(&vms[i]) {
             // Only memory and state move; the destination opens the same

@@ -26,6 +26,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 mod nothing;
+mod quick;
 mod shared;
 mod vmconfig;
 
@@ -195,6 +196,7 @@ struct Mv {
     resumed_ms: u64,
     include_storage: bool,
     store: Option<&'static str>,
+    quick: bool,
 }
 
 impl Mv {
@@ -212,6 +214,7 @@ impl Mv {
             debug_hold_resumed_ms: Some(self.resumed_ms),
             include_storage: self.include_storage,
             store: self.store.map(Into::into),
+            quick: self.quick,
         }
     }
 }
