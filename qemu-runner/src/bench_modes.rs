@@ -15,13 +15,16 @@
 //! | `quick` | on a's `local` | `vm move VM --to b --quick` (checkpoint, base copied, the VM saved, differencing disk and state copied) |
 //!
 //! Per mode: the job's total time (its `elapsed_ms` on node a, the whole
-//! job), the downtime as the guest saw it (the largest gap between its
-//! heartbeats as they arrived in the nodes' serial logs, timed here as in
-//! `bench migrate`, from just before the move until a few beats after it)
-//! next to the report's `downtime_ms`, the bytes that crossed the link and
-//! where that figure comes from ([`link_bytes`]), and the guest's own
-//! check of its data after the move. Then whether the expected order
-//! shared-store < shared-nothing < quick in (heartbeat) downtime holds.
+//! job), the downtime as the guest saw it (its heartbeats timed as they
+//! arrived in the nodes' serial logs, by `bench migrate`'s tailer: the gap
+//! from its last beat on node a to its first on node b) next to the
+//! report's `downtime_ms`, the guest's worst stall on node a while the
+//! move copied (a shared-nothing or quick move copies the disk on the
+//! node's one CPU between the guest's turns), the bytes that crossed the
+//! link and where that figure comes from ([`link_bytes`]), and the
+//! guest's own check of its data after the move. Then whether the
+//! expected order shared-store < shared-nothing < quick in (heartbeat)
+//! downtime holds.
 //!
 //! Every mode runs the real command. A mode the nodes do not support yet
 //! (the request has no such flag in this build, or the node refuses it)
@@ -35,7 +38,8 @@ use hvmgmt::proto::{Body, JobInfo, JobState, Outcome, Request};
 use serde::Serialize;
 
 use crate::bench_migrate::{
-    client, guest_line, move_request, on_two_nodes, remove_vm, start_until_beat, MoveWindow, Tailer,
+    client, guest_line, move_request, on_two_nodes, remove_vm, start_until_beat, Arrivals,
+    MoveWindow, Tailer,
 };
 use crate::cluster;
 use crate::hvctl;
@@ -180,8 +184,15 @@ pub struct Figures {
     pub written_mib: u64,
     /// The job's wall time on node a.
     pub total_ms: Option<u64>,
-    /// The largest gap between the guest's heartbeats around the move.
+    /// The downtime as the guest saw it: the gap between its last
+    /// heartbeat on node a and its first on node b ([`switch_gap`]).
     pub heartbeat_gap_ms: Option<u64>,
+    /// The guest's worst stall on node a while the move copied (the
+    /// largest gap between two beats both from a after the move began).
+    pub stall_before_ms: Option<u64>,
+    /// The largest gap between any two beats from just before the move
+    /// until a few after it (`bench migrate`'s heartbeat gap).
+    pub largest_gap_ms: Option<u64>,
     pub report_downtime_ms: Option<u64>,
     pub link_bytes: Option<u64>,
     pub link_bytes_source: Option<String>,
@@ -209,6 +220,16 @@ impl Figures {
     fn measured(&self) -> bool {
         !matches!(self.result.as_str(), "not available" | "error")
     }
+}
+
+/// The gap across the switch-over: from the last heartbeat before
+/// `first_on_b` (the first beat node b printed; the ones before it came
+/// from node a) to that one. `None` if the guest never beat on b.
+pub fn switch_gap(beats: &Arrivals, first_on_b: Option<u64>) -> Option<Duration> {
+    let n = first_on_b?;
+    let on_b = beats.get(&n)?;
+    let (_, on_a) = beats.range(..n).next_back()?;
+    Some(on_b.saturating_duration_since(*on_a))
 }
 
 /// Whether the heartbeat downtimes rise in the order of [`MODES`]: `None`
@@ -298,7 +319,8 @@ fn run_mode(dir: &Path, mode: Mode, quiet: bool) -> Result<Figures, String> {
         );
     }
     let job = hvctl::follow(&mut a, job.id, true)?;
-    let (gap, _) = window.close(&tail);
+    let (largest, stall) = window.close(&tail);
+    let gap = switch_gap(&tail.snapshot(), tail.first_on_b()).map(|d| d.as_millis() as u64);
     drop(tail);
     f.result = match job.state {
         JobState::Completed => "completed".into(),
@@ -307,6 +329,8 @@ fn run_mode(dir: &Path, mode: Mode, quiet: bool) -> Result<Figures, String> {
     f.error = job.error.clone();
     f.total_ms = Some(job.elapsed_ms);
     f.heartbeat_gap_ms = gap;
+    f.stall_before_ms = stall;
+    f.largest_gap_ms = largest;
     f.report_downtime_ms = job.report.as_deref().map(|r| r.downtime_ms);
     if let Some((bytes, source)) = link_bytes(&job) {
         f.link_bytes = Some(bytes);
@@ -329,8 +353,14 @@ fn ms(v: Option<u64>) -> String {
 /// The table: a header, a row per mode, the order's verdict.
 pub fn table(rows: &[Figures]) -> String {
     let mut out = format!(
-        "{:<15} {:>10} {:>22} {:>16} {:>14}  {}\n",
-        "mode", "total", "downtime (heartbeats)", "(report)", "link bytes", "guest check"
+        "{:<15} {:>10} {:>22} {:>10} {:>20} {:>14}  {}\n",
+        "mode",
+        "total",
+        "downtime (heartbeats)",
+        "(report)",
+        "worst stall before",
+        "link bytes",
+        "guest check"
     );
     for f in rows {
         if !f.measured() {
@@ -343,11 +373,12 @@ pub fn table(rows: &[Figures]) -> String {
             continue;
         }
         out += &format!(
-            "{:<15} {:>10} {:>22} {:>16} {:>14}  {}{}\n",
+            "{:<15} {:>10} {:>22} {:>10} {:>20} {:>14}  {}{}\n",
             f.mode,
             ms(f.total_ms),
             ms(f.heartbeat_gap_ms),
             ms(f.report_downtime_ms),
+            ms(f.stall_before_ms),
             f.link_bytes.map_or("-".into(), |b| b.to_string()),
             f.guest_check.as_deref().unwrap_or("-"),
             if f.result == "completed" {
@@ -429,6 +460,29 @@ mod tests {
             report_downtime_ms: gap.map(|g| g / 2),
             ..Figures::new(mode)
         }
+    }
+
+    #[test]
+    fn the_switch_gap_spans_the_last_beat_on_a_and_the_first_on_b() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Beats 1-3 on a (a stall of 400 ms between 2 and 3), 4-5 on b.
+        let beats: Arrivals = [
+            (1, at(0)),
+            (2, at(10)),
+            (3, at(410)),
+            (4, at(530)),
+            (5, at(540)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            switch_gap(&beats, Some(4)),
+            Some(Duration::from_millis(120))
+        );
+        assert_eq!(switch_gap(&beats, None), None, "never on b");
+        assert_eq!(switch_gap(&beats, Some(1)), None, "no beat on a seen");
+        assert_eq!(switch_gap(&beats, Some(9)), None);
     }
 
     #[test]
