@@ -174,6 +174,9 @@ pub struct Sealer {
     error: Option<SealError>,
     /// Sealed frames of the last stream send (reused, never shrunk).
     tx: Vec<u8>,
+    /// The inner transport lends its received bytes
+    /// ([`Transport::recv_in_place`]).
+    in_place: bool,
 }
 
 impl fmt::Debug for Sealer {
@@ -212,6 +215,7 @@ impl Sealer {
             disks: VecDeque::new(),
             error: None,
             tx: Vec::new(),
+            in_place: false,
         }
     }
 
@@ -226,37 +230,60 @@ impl Sealer {
         self.encrypt
     }
 
+    /// Seal the frame laid out in `frame` (header room, body, tag room:
+    /// [`FRAME_OVERHEAD`] bytes more than the body) in place: header,
+    /// tag, and the body encrypted when the migration is.
+    fn seal_frame(&mut self, kind: u8, frame: &mut [u8]) {
+        let encrypt = self.encrypt == Some(true);
+        let kind = if encrypt { kind | KIND_ENCRYPTED } else { kind };
+        let body_len = frame.len().saturating_sub(FRAME_OVERHEAD);
+        let (sealed, tag_room) = frame.split_at_mut(HEADER_BYTES + body_len);
+        sealed[..4].copy_from_slice(&(body_len as u32).to_be_bytes());
+        sealed[4] = kind;
+        let n = nonce(self.end, self.send_seq);
+        self.send_seq = self.send_seq.wrapping_add(1);
+        let tag = if encrypt {
+            let (header, body) = sealed.split_at_mut(HEADER_BYTES);
+            self.cipher.encrypt_in_place_detached(&n, header, body)
+        } else {
+            self.cipher.encrypt_in_place_detached(&n, sealed, &mut [])
+        };
+        // Encryption fails only for messages beyond ChaCha20's 256 GiB
+        // limit; a frame is at most 64 KiB.
+        match tag {
+            Ok(tag) => tag_room.copy_from_slice(&tag),
+            Err(_) => unreachable!("ChaCha20-Poly1305 seals any frame of at most 64 KiB"),
+        }
+    }
+
     /// Append `payload` sealed as one or more frames of `kind` to `out`.
     fn seal(&mut self, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
-        let encrypt = self.encrypt == Some(true);
-        // An empty payload still makes one frame (a control message is
-        // never empty; stream sends of nothing make none).
-        let mut pieces = payload.chunks(FRAME_BODY_MAX).peekable();
-        if pieces.peek().is_none() {
-            return;
-        }
-        for piece in pieces {
+        // An empty payload makes no frame (a control message is never
+        // empty; stream sends of nothing make none).
+        for piece in payload.chunks(FRAME_BODY_MAX) {
             let start = out.len();
-            let kind = if encrypt { kind | KIND_ENCRYPTED } else { kind };
-            out.extend_from_slice(&(piece.len() as u32).to_be_bytes());
-            out.push(kind);
+            out.extend_from_slice(&[0; HEADER_BYTES]);
             out.extend_from_slice(piece);
-            let n = nonce(self.end, self.send_seq);
-            self.send_seq = self.send_seq.wrapping_add(1);
-            let tag = if encrypt {
-                let (header, body) = out[start..].split_at_mut(HEADER_BYTES);
-                self.cipher.encrypt_in_place_detached(&n, header, body)
-            } else {
-                self.cipher
-                    .encrypt_in_place_detached(&n, &out[start..], &mut [])
-            };
-            // Encryption fails only for messages beyond ChaCha20's 256 GiB
-            // limit; a frame is at most 64 KiB.
-            match tag {
-                Ok(tag) => out.extend_from_slice(&tag),
-                Err(_) => unreachable!("ChaCha20-Poly1305 seals any frame of at most 64 KiB"),
-            }
+            out.extend_from_slice(&[0; TAG_BYTES]);
+            self.seal_frame(kind, &mut out[start..]);
         }
+    }
+
+    /// Seal stream bytes as frames straight into `out`, which holds at
+    /// least [`Sealer::sealed_len`] of them (a transport's send queue:
+    /// one copy of the bytes, not two); returns the bytes written.
+    pub fn seal_stream_into(&mut self, bytes: &[u8], out: &mut [u8]) -> usize {
+        let mut at = 0;
+        for piece in bytes.chunks(FRAME_BODY_MAX) {
+            let end = at + piece.len() + FRAME_OVERHEAD;
+            let Some(frame) = out.get_mut(at..end) else {
+                break;
+            };
+            frame[HEADER_BYTES..HEADER_BYTES + piece.len()].copy_from_slice(piece);
+            self.seal_frame(KIND_STREAM, frame);
+            at = end;
+        }
+        at
     }
 
     /// Append `message` sealed as one control frame (at most
@@ -334,70 +361,179 @@ impl Sealer {
         r
     }
 
+    /// The frame whose header starts `avail` (frame number `frame`):
+    /// `None` while incomplete, else its kind (without the encryption bit)
+    /// and body length; refused when the header is bad or the frame's
+    /// encryption is not the migration's.
+    fn frame_at(&self, avail: &[u8], frame: u64) -> Result<Option<(u8, usize)>, SealError> {
+        let Some(h) = avail.get(..HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let kind = h[4];
+        if len as usize > FRAME_BODY_MAX {
+            return Err(SealError::TooLarge { frame, len });
+        }
+        let base = kind & !KIND_ENCRYPTED;
+        if base != KIND_CONTROL && base != KIND_STREAM && base != KIND_DISK {
+            return Err(SealError::BadKind { frame, kind });
+        }
+        if avail.len() < HEADER_BYTES + len as usize + TAG_BYTES {
+            return Ok(None);
+        }
+        let encrypted = kind & KIND_ENCRYPTED != 0;
+        if self.encrypt.unwrap_or(false) != encrypted {
+            return Err(SealError::Mode { frame, encrypted });
+        }
+        Ok(Some((base, len as usize)))
+    }
+
+    /// Verify the whole frame `sealed` (header, body, tag) as the next one
+    /// received, decrypting its body in place: one pass over the body
+    /// (the tag, and the decryption only after the tag verified).
+    fn open_frame(&mut self, sealed: &mut [u8]) -> Result<(), SealError> {
+        let frame = self.recv_seq;
+        let body_end = sealed.len().saturating_sub(TAG_BYTES);
+        let (sealed, tag) = sealed.split_at_mut(body_end);
+        let tag = Tag::clone_from_slice(tag);
+        let n = nonce(self.end.peer(), frame);
+        let ok = if sealed.get(4).is_some_and(|k| k & KIND_ENCRYPTED != 0) {
+            let (header, body) = sealed.split_at_mut(HEADER_BYTES);
+            self.cipher
+                .decrypt_in_place_detached(&n, header, body, &tag)
+                .is_ok()
+        } else {
+            self.cipher
+                .decrypt_in_place_detached(&n, sealed, &mut [], &tag)
+                .is_ok()
+        };
+        if !ok {
+            return Err(SealError::Integrity { frame });
+        }
+        self.recv_seq = self.recv_seq.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Queue a verified control or disk message (`base` its kind).
+    fn queue_message(&mut self, base: u8, body: &[u8], frame: u64) -> Result<(), SealError> {
+        if base == KIND_CONTROL {
+            if body.len() > CONTROL_MAX || self.controls.len() >= CONTROL_QUEUE_MAX {
+                return Err(SealError::ControlOverflow { frame });
+            }
+            self.controls.push_back(body.to_vec());
+        } else {
+            if self.disks.len() >= DISK_QUEUE_MAX {
+                return Err(SealError::DiskOverflow { frame });
+            }
+            self.disks.push_back(body.to_vec());
+        }
+        Ok(())
+    }
+
     /// Check and open every complete frame behind `checked`, in place.
     fn decode(&mut self) -> Result<(), SealError> {
         loop {
             let pos = self.checked;
-            let avail = &self.rx[pos..self.rx_len];
-            let Some(h) = avail.get(..HEADER_BYTES) else {
-                break;
-            };
             let frame = self.recv_seq;
-            let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-            let kind = h[4];
-            if len as usize > FRAME_BODY_MAX {
-                return Err(SealError::TooLarge { frame, len });
-            }
-            let base = kind & !KIND_ENCRYPTED;
-            if base != KIND_CONTROL && base != KIND_STREAM && base != KIND_DISK {
-                return Err(SealError::BadKind { frame, kind });
-            }
-            let total = HEADER_BYTES + len as usize + TAG_BYTES;
-            if avail.len() < total {
+            let Some((base, len)) = self.frame_at(&self.rx[pos..self.rx_len], frame)? else {
                 break;
-            }
-            let encrypted = kind & KIND_ENCRYPTED != 0;
-            if self.encrypt.unwrap_or(false) != encrypted {
-                return Err(SealError::Mode { frame, encrypted });
-            }
-            let body_end = HEADER_BYTES + len as usize;
-            let tag = Tag::clone_from_slice(&avail[body_end..total]);
-            let n = nonce(self.end.peer(), frame);
-            let sealed = &mut self.rx[pos..pos + body_end];
-            // One pass over the body: the tag (and, encrypted, the
-            // decryption in place, only after the tag verified).
-            let ok = if encrypted {
-                let (header, body) = sealed.split_at_mut(HEADER_BYTES);
-                self.cipher
-                    .decrypt_in_place_detached(&n, header, body, &tag)
-                    .is_ok()
-            } else {
-                self.cipher
-                    .decrypt_in_place_detached(&n, sealed, &mut [], &tag)
-                    .is_ok()
             };
-            if !ok {
-                return Err(SealError::Integrity { frame });
-            }
-            self.recv_seq = self.recv_seq.wrapping_add(1);
+            let total = HEADER_BYTES + len + TAG_BYTES;
+            let mut rx = core::mem::take(&mut self.rx);
+            let opened = self.open_frame(&mut rx[pos..pos + total]);
+            self.rx = rx;
+            opened?;
             self.checked = pos + total;
-            let body = (pos + HEADER_BYTES, pos + body_end);
-            if base == KIND_CONTROL {
-                if len as usize > CONTROL_MAX || self.controls.len() >= CONTROL_QUEUE_MAX {
-                    return Err(SealError::ControlOverflow { frame });
+            let body = (pos + HEADER_BYTES, pos + HEADER_BYTES + len);
+            if base == KIND_STREAM {
+                if body.1 > body.0 {
+                    self.stream.push_back(body);
+                    self.stream_len += body.1 - body.0;
                 }
-                self.controls.push_back(self.rx[body.0..body.1].to_vec());
-            } else if base == KIND_DISK {
-                if self.disks.len() >= DISK_QUEUE_MAX {
-                    return Err(SealError::DiskOverflow { frame });
-                }
-                self.disks.push_back(self.rx[body.0..body.1].to_vec());
-            } else if body.1 > body.0 {
-                self.stream.push_back(body);
-                self.stream_len += body.1 - body.0;
+            } else {
+                let rx = core::mem::take(&mut self.rx);
+                let queued = self.queue_message(base, &rx[body.0..body.1], frame);
+                self.rx = rx;
+                queued?;
             }
         }
         Ok(())
+    }
+
+    /// Whether nothing received waits here: no stream bytes unread and no
+    /// partial frame (the next frame may then be opened where it lies).
+    fn drained(&self) -> bool {
+        self.stream_len == 0 && self.checked == self.rx_len
+    }
+
+    /// Open the complete frames at the front of `bytes` (an inner
+    /// transport's receive buffer, changed in place: bodies decrypted)
+    /// as the next ones received: stream bodies are copied into `out`
+    /// while they fit, control and disk messages queue. Stops before an
+    /// incomplete frame and before a stream body that does not fit the
+    /// rest of `out`. Returns the bytes of `bytes` used and the stream
+    /// bytes written; an error poisons the sealer.
+    pub fn open_in_place(&mut self, bytes: &mut [u8], out: &mut [u8]) -> Opened {
+        let mut o = Opened::default();
+        if let Some(e) = self.error {
+            o.error = Some(e);
+            return o;
+        }
+        let (mut used, mut wrote) = (0, 0);
+        loop {
+            let frame = self.recv_seq;
+            let (base, len) = match self.frame_at(&bytes[used..], frame) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    self.error = Some(e);
+                    o.error = Some(e);
+                    break;
+                }
+            };
+            if base == KIND_STREAM && len > out.len() - wrote {
+                o.no_room = true;
+                break;
+            }
+            let total = HEADER_BYTES + len + TAG_BYTES;
+            let sealed = &mut bytes[used..used + total];
+            let r = self.open_frame(sealed).and_then(|()| {
+                let body = &sealed[HEADER_BYTES..HEADER_BYTES + len];
+                if base == KIND_STREAM {
+                    out[wrote..wrote + len].copy_from_slice(body);
+                    Ok(())
+                } else {
+                    self.queue_message(base, body, frame)
+                }
+            });
+            if let Err(e) = r {
+                self.error = Some(e);
+                o.error = Some(e);
+                break;
+            }
+            used += total;
+            if base == KIND_STREAM {
+                wrote += len;
+            }
+        }
+        o.used = used;
+        o.wrote = wrote;
+        o
+    }
+
+    /// Bytes the partial frame in the buffer still lacks (its header
+    /// first), at least 1.
+    fn missing(&self) -> usize {
+        let have = &self.rx[self.checked..self.rx_len];
+        match have.get(..HEADER_BYTES) {
+            None => HEADER_BYTES - have.len(),
+            Some(h) => {
+                let len =
+                    (u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize).min(FRAME_BODY_MAX);
+                (HEADER_BYTES + len + TAG_BYTES).saturating_sub(have.len())
+            }
+        }
+        .max(1)
     }
 
     /// The next control message received, oldest first.
@@ -444,16 +580,24 @@ impl Sealer {
     /// received straight into the sealer's buffer) and open the frames
     /// that completed. `Ok(0)`: nothing arrived.
     pub fn pull<T: Transport + ?Sized>(&mut self, inner: &mut T) -> Result<usize, SealedError> {
+        self.pull_at_most(inner, RECV_CHUNK)
+    }
+
+    fn pull_at_most<T: Transport + ?Sized>(
+        &mut self,
+        inner: &mut T,
+        max: usize,
+    ) -> Result<usize, SealedError> {
         if let Some(e) = self.error {
             return Err(SealedError::Seal(e));
         }
         self.compact();
-        let end = self.rx_len + RECV_CHUNK;
+        let end = self.rx_len + max;
         if self.rx.len() < end {
             self.rx.resize(end, 0);
         }
         let mut got = 0;
-        while got < RECV_CHUNK {
+        while got < max {
             let at = self.rx_len;
             let n = match inner.recv(&mut self.rx[at..end]) {
                 Ok(n) => n.min(end - at),
@@ -476,6 +620,19 @@ impl Sealer {
     }
 }
 
+/// What [`Sealer::open_in_place`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// Bytes of the lent buffer used (whole frames).
+    pub used: usize,
+    /// Stream bytes written to the caller's buffer.
+    pub wrote: usize,
+    /// It stopped at a stream frame whose body did not fit.
+    pub no_room: bool,
+    /// A frame was refused (the sealer is poisoned).
+    pub error: Option<SealError>,
+}
+
 /// Errors of a [`SealedLink`]: the inner transport's, or a refused frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SealedError {
@@ -495,6 +652,19 @@ pub struct SealedLink<'a, T: Transport + ?Sized> {
 
 impl<T: Transport + ?Sized> Transport for SealedLink<'_, T> {
     fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        if bytes.is_empty() {
+            return self.inner.send(&[]);
+        }
+        // Sealed straight into the inner transport's send queue when it
+        // lends room (one copy of the bytes), else through `tx`.
+        let need = Sealer::sealed_len(bytes.len());
+        let sealer = &mut *self.sealer;
+        if let Some(r) = self
+            .inner
+            .send_with(need, &mut |room| sealer.seal_stream_into(bytes, room))
+        {
+            return r;
+        }
         let mut out = core::mem::take(&mut self.sealer.tx);
         out.clear();
         self.sealer.seal_stream(bytes, &mut out);
@@ -505,7 +675,44 @@ impl<T: Transport + ?Sized> Transport for SealedLink<'_, T> {
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         if self.sealer.stream_pending() == 0 {
-            match self.sealer.pull(&mut *self.inner) {
+            // Nothing waits here: open the next frames where they lie in
+            // the inner transport's buffer, straight into `buf` (one copy
+            // fewer). A frame that does not fit `buf` takes the way
+            // through this sealer's buffer.
+            let mut pull_max = RECV_CHUNK;
+            if self.sealer.drained() {
+                let sealer = &mut *self.sealer;
+                let mut opened = Opened::default();
+                let lent = self.inner.recv_in_place(&mut |bytes| {
+                    opened = sealer.open_in_place(bytes, buf);
+                    opened.used
+                });
+                if let Some(r) = lent {
+                    sealer.in_place = true;
+                    if let Some(e) = opened.error {
+                        self.refused.get_or_insert(e);
+                        if opened.wrote == 0 {
+                            return Err(TransportError::Broken(
+                                "a sealed frame failed its integrity check",
+                            ));
+                        }
+                    }
+                    if opened.wrote > 0 || (!opened.no_room && opened.error.is_none()) {
+                        return r.map(|_| opened.wrote).or_else(|e| {
+                            if opened.wrote > 0 {
+                                Ok(opened.wrote)
+                            } else {
+                                Err(e)
+                            }
+                        });
+                    }
+                }
+            } else if self.sealer.in_place {
+                // Complete the partial frame only, so the next ones are
+                // opened in place again.
+                pull_max = self.sealer.missing();
+            }
+            match self.sealer.pull_at_most(&mut *self.inner, pull_max) {
                 Ok(_) => {}
                 Err(SealedError::Transport(e)) => {
                     // Frames that arrived before the break are still read.
@@ -560,6 +767,94 @@ mod tests {
             b.set_encrypt(e);
         }
         (a, b)
+    }
+
+    /// Frames opened where they lie in the pipe's queue: whole, split at
+    /// any byte (a partial frame waits there, or is completed through the
+    /// sealer's buffer when an earlier pull left it there), bigger than
+    /// the reader's buffer (through the sealer's buffer), and control
+    /// messages between them: every stream byte arrives once, in order,
+    /// and a tampered frame is still refused.
+    #[test]
+    fn frames_are_opened_in_the_pipes_queue() {
+        for encrypt in [false, true] {
+            let (mut a, mut b) = pair(Some(encrypt));
+            let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 4099) as u8).collect();
+            let mut wire = Vec::new();
+            let mut cut = 0;
+            for (k, piece) in payload.chunks(70_001).enumerate() {
+                a.seal_stream(piece, &mut wire);
+                if k == 1 {
+                    a.seal_control(b"{\"paused\":{}}", &mut wire);
+                    cut = wire.len() - 3;
+                }
+            }
+            let (mut tx, mut rx) = MemPipe::pair();
+            let mut refused = None;
+            let mut got = Vec::new();
+            let mut piece_at = 0;
+            for round in 0..10_000usize {
+                if piece_at < wire.len() {
+                    // Uneven pieces; one ends 3 bytes before the control
+                    // frame's end.
+                    let mut end = (piece_at + 1 + round * 7919 % 50_000).min(wire.len());
+                    if piece_at < cut && end > cut {
+                        end = cut;
+                    }
+                    tx.send(&wire[piece_at..end]).unwrap();
+                    piece_at = end;
+                }
+                let mut buf = vec![0u8; if round % 5 == 0 { 100 } else { 64 << 10 }];
+                let mut link = SealedLink {
+                    sealer: &mut b,
+                    inner: &mut rx,
+                    refused: &mut refused,
+                };
+                let n = link.recv(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+                if piece_at == wire.len() && got.len() == payload.len() {
+                    break;
+                }
+            }
+            assert_eq!(got, payload, "encrypt {encrypt}");
+            assert_eq!(b.take_control().as_deref(), Some(&b"{\"paused\":{}}"[..]));
+            assert!(refused.is_none());
+            // A flipped bit in a frame opened in place.
+            let (mut a, mut b) = pair(Some(encrypt));
+            let mut wire = Vec::new();
+            a.seal_stream(&payload[..1000], &mut wire);
+            wire[300] ^= 1;
+            tx.send(&wire).unwrap();
+            let mut link = SealedLink {
+                sealer: &mut b,
+                inner: &mut rx,
+                refused: &mut refused,
+            };
+            assert!(link.recv(&mut [0u8; 4096]).is_err());
+            assert!(matches!(refused, Some(SealError::Integrity { frame: 0 })));
+        }
+    }
+
+    /// Sealing straight into a transport's queue writes the same frames
+    /// as sealing into a buffer of its own, encrypted or not.
+    #[test]
+    fn sealing_in_place_writes_the_same_frames() {
+        let payload: Vec<u8> = (0..150_000u32).map(|i| (i * 13 + i / 997) as u8).collect();
+        for encrypt in [false, true] {
+            let (mut a, _) = pair(Some(encrypt));
+            let (mut b, _) = pair(Some(encrypt));
+            let mut own = Vec::new();
+            a.seal_stream(&payload, &mut own);
+            let mut room = vec![0u8; Sealer::sealed_len(payload.len())];
+            assert_eq!(b.seal_stream_into(&payload, &mut room), room.len());
+            assert_eq!(own, room, "encrypt {encrypt}");
+            // Too little room: whole frames only.
+            let mut short = vec![0u8; FRAME_BODY_MAX + FRAME_OVERHEAD + 10];
+            assert_eq!(
+                b.seal_stream_into(&payload, &mut short),
+                FRAME_BODY_MAX + FRAME_OVERHEAD
+            );
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //! bytes already delivered before the break can still be received.
 
 use crate::error::TransportError;
-use alloc::collections::VecDeque;
 use alloc::rc::Rc;
+use alloc::vec::Vec;
 use core::cell::RefCell;
 
 /// A fallible, bidirectional byte channel.
@@ -43,6 +43,33 @@ pub trait Transport {
     fn authenticated(&self) -> bool {
         false
     }
+    /// Send `len` bytes that `fill` writes straight into the transport's
+    /// send queue (it gets room for `len` bytes and returns how many it
+    /// wrote), saving the copy out of a buffer of the caller's; `None`
+    /// when the transport cannot lend such room now (nothing was sent:
+    /// the caller uses [`Transport::send`]). Default: never.
+    fn send_with(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<(), TransportError>> {
+        let _ = (len, fill);
+        None
+    }
+    /// Lend the bytes received and not yet taken to `open`, which may
+    /// change them in place and returns how many it used: those are taken
+    /// (a receiver that opens frames where they lie saves a copy).
+    /// `Some(Ok(used))`, or `Some(Err)` when the link is down and `open`
+    /// used nothing (bytes that arrived before a break are lent first);
+    /// `None` when the transport cannot lend (the caller uses
+    /// [`Transport::recv`]). Default: never.
+    fn recv_in_place(
+        &mut self,
+        open: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<usize, TransportError>> {
+        let _ = open;
+        None
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -61,12 +88,68 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     fn authenticated(&self) -> bool {
         (**self).authenticated()
     }
+    fn send_with(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<(), TransportError>> {
+        (**self).send_with(len, fill)
+    }
+    fn recv_in_place(
+        &mut self,
+        open: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<usize, TransportError>> {
+        (**self).recv_in_place(open)
+    }
+}
+
+/// A byte queue in one buffer: `buf[head..end]` are queued, `buf[end..]`
+/// is room a sender may write in place ([`Fifo::spare`]). Taken bytes
+/// move the head; what is left moves to the front only when it is no
+/// more than what was taken, or the room is short (each byte moves about
+/// once at most).
+#[derive(Debug, Default)]
+struct Fifo {
+    buf: Vec<u8>,
+    head: usize,
+    end: usize,
+}
+
+impl Fifo {
+    fn len(&self) -> usize {
+        self.end - self.head
+    }
+    fn spare(&mut self, n: usize) -> &mut [u8] {
+        let live = self.len();
+        if self.head > 0 && (self.head >= live || self.end + n > self.buf.len()) {
+            self.buf.copy_within(self.head..self.end, 0);
+            self.head = 0;
+            self.end = live;
+        }
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+        &mut self.buf[self.end..self.end + n]
+    }
+    fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+    fn pop_into(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.len());
+        out[..n].copy_from_slice(&self.buf[self.head..self.head + n]);
+        self.head += n;
+        if self.head == self.end {
+            self.head = 0;
+            self.end = 0;
+        }
+        n
+    }
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     /// Bytes in flight towards end 0 and end 1.
-    queues: [VecDeque<u8>; 2],
+    queues: [Fifo; 2],
     /// The link broke (injected failure or `break_link`).
     broken: bool,
     /// An endpoint was dropped.
@@ -146,8 +229,14 @@ impl Drop for MemPipe {
     }
 }
 
-impl Transport for MemPipe {
-    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+impl MemPipe {
+    /// Send `len` bytes that `fill` writes into the peer's queue (the
+    /// bytes up to an injected failure are delivered).
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<(), TransportError> {
         let mut s = self.shared.borrow_mut();
         if s.broken {
             return Err(TransportError::Broken("link down"));
@@ -156,23 +245,50 @@ impl Transport for MemPipe {
         if s.closed[peer] {
             return Err(TransportError::Closed);
         }
-        let mut n = bytes.len();
+        let Shared {
+            queues,
+            budget,
+            sent,
+            broken,
+            ..
+        } = &mut *s;
+        let q = &mut queues[peer];
+        let written = fill(q.spare(len)).min(len);
+        let mut n = written;
         let mut fail = false;
-        if let Some(budget) = s.budget[self.me] {
-            let len = bytes.len() as u64;
-            if len > budget {
-                n = budget as usize;
+        if let Some(b) = budget[self.me] {
+            let w = written as u64;
+            if w > b {
+                n = b as usize;
                 fail = true;
             }
-            s.budget[self.me] = Some(budget.saturating_sub(len));
+            budget[self.me] = Some(b.saturating_sub(w));
         }
-        s.queues[peer].extend(&bytes[..n]);
-        s.sent[self.me] += n as u64;
+        q.filled(n);
+        sent[self.me] += n as u64;
         if fail {
-            s.broken = true;
+            *broken = true;
             return Err(TransportError::Broken("injected failure"));
         }
         Ok(())
+    }
+}
+
+impl Transport for MemPipe {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.send_in_place(bytes.len(), |room| {
+            room.copy_from_slice(bytes);
+            bytes.len()
+        })
+    }
+
+    /// Written straight into the peer's queue.
+    fn send_with(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<(), TransportError>> {
+        Some(self.send_in_place(len, fill))
     }
 
     fn send_window(&self) -> usize {
@@ -184,10 +300,43 @@ impl Transport for MemPipe {
         self.shared.borrow().taken[1 - self.me]
     }
 
+    /// The front of this end's queue, in place.
+    fn recv_in_place(
+        &mut self,
+        open: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<usize, TransportError>> {
+        let mut s = self.shared.borrow_mut();
+        let down = if s.broken {
+            Some(TransportError::Broken("link down"))
+        } else if s.closed[1 - self.me] {
+            Some(TransportError::Closed)
+        } else {
+            None
+        };
+        let q = &mut s.queues[self.me];
+        let used = if q.len() == 0 {
+            0
+        } else {
+            let (head, end) = (q.head, q.end);
+            let used = open(&mut q.buf[head..end]).min(end - head);
+            q.head += used;
+            if q.head == q.end {
+                q.head = 0;
+                q.end = 0;
+            }
+            used
+        };
+        s.taken[self.me] += used as u64;
+        Some(match down {
+            Some(e) if used == 0 => Err(e),
+            _ => Ok(used),
+        })
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         let mut s = self.shared.borrow_mut();
         let q = &mut s.queues[self.me];
-        if q.is_empty() {
+        if q.len() == 0 {
             if s.broken {
                 return Err(TransportError::Broken("link down"));
             }
@@ -196,14 +345,8 @@ impl Transport for MemPipe {
             }
             return Ok(0);
         }
-        let n = buf.len().min(q.len());
-        // Slice copies, not a byte loop over the queue's iterator (every
-        // byte of a local migration passes here).
-        let (front, back) = q.as_slices();
-        let a = n.min(front.len());
-        buf[..a].copy_from_slice(&front[..a]);
-        buf[a..n].copy_from_slice(&back[..n - a]);
-        q.drain(..n);
+        // One slice copy (every byte of a local migration passes here).
+        let n = q.pop_into(buf);
         s.taken[self.me] += n as u64;
         Ok(n)
     }

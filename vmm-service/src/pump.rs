@@ -23,7 +23,6 @@
 //! deadlines use. The socket is released exactly once, by
 //! [`SocketPump::release`], which consumes the pump.
 
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use hvcore::host::{NetStack, SocketId, TcpState};
 
@@ -44,7 +43,13 @@ pub struct SocketPump {
     rx_head: usize,
     rx_end: usize,
     rx_cap: usize,
-    tx: VecDeque<u8>,
+    /// The send queue: `tx[tx_head..tx_end]` wait for the socket;
+    /// `tx[tx_end..]` is room a sender may write in place
+    /// ([`SocketPump::queue_with`]). The queued bytes move to the front
+    /// only when the room behind them is short.
+    tx: Vec<u8>,
+    tx_head: usize,
+    tx_end: usize,
     tx_cap: usize,
     /// The peer sent its FIN and every byte before it was read from the
     /// socket.
@@ -66,7 +71,9 @@ impl SocketPump {
             rx_head: 0,
             rx_end: 0,
             rx_cap,
-            tx: VecDeque::new(),
+            tx: Vec::new(),
+            tx_head: 0,
+            tx_end: 0,
             tx_cap,
             eof: false,
             broken: false,
@@ -144,6 +151,16 @@ impl SocketPump {
     pub fn received(&self) -> &[u8] {
         &self.rx[self.rx_head..self.rx_end]
     }
+    /// Bytes received and not yet consumed, for a consumer that works on
+    /// them in place (e.g. decrypts them) before it consumes them.
+    pub fn received_mut(&mut self) -> &mut [u8] {
+        &mut self.rx[self.rx_head..self.rx_end]
+    }
+    /// The peer sent its FIN and everything before it was read from the
+    /// socket (some of it may not be consumed yet).
+    pub fn fin_read(&self) -> bool {
+        self.eof
+    }
     /// The consumer is done with the first `n` received bytes.
     pub fn consume(&mut self, n: usize) {
         self.rx_head += n.min(self.rx_end - self.rx_head);
@@ -162,17 +179,42 @@ impl SocketPump {
 
     /// Bytes [`SocketPump::queue`] accepts now.
     pub fn send_room(&self) -> usize {
-        self.tx_cap.saturating_sub(self.tx.len())
+        self.tx_cap.saturating_sub(self.queued())
     }
     /// Bytes queued and not yet handed to the socket.
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.tx_end - self.tx_head
+    }
+    /// Room for `n` more bytes behind the queued ones (`n` at most
+    /// [`SocketPump::send_room`]).
+    fn tx_spare(&mut self, n: usize) -> &mut [u8] {
+        if self.tx_head > 0 && self.tx_end + n > self.tx_cap {
+            self.tx.copy_within(self.tx_head..self.tx_end, 0);
+            self.tx_end -= self.tx_head;
+            self.tx_head = 0;
+        }
+        if self.tx.len() < self.tx_end + n {
+            self.tx.resize(self.tx_end + n, 0);
+        }
+        &mut self.tx[self.tx_end..self.tx_end + n]
     }
     /// Queue as much of `bytes` as fits; returns how many were queued.
     pub fn queue(&mut self, bytes: &[u8]) -> usize {
         let n = bytes.len().min(self.send_room());
-        self.tx.extend(&bytes[..n]);
+        self.tx_spare(n).copy_from_slice(&bytes[..n]);
+        self.tx_end += n;
         n
+    }
+    /// Queue `n` bytes that `fill` writes in place (it returns how many
+    /// it wrote, at most `n`), when `n` fits ([`SocketPump::send_room`]);
+    /// `None` (nothing queued) when it does not.
+    pub fn queue_with(&mut self, n: usize, fill: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
+        if n > self.send_room() {
+            return None;
+        }
+        let written = fill(self.tx_spare(n)).min(n);
+        self.tx_end += written;
+        Some(written)
     }
 
     /// Hand queued bytes to the socket until it takes no more; returns the
@@ -187,13 +229,16 @@ impl SocketPump {
             TcpState::Open | TcpState::PeerClosed => {}
         }
         let mut total = 0;
-        while !self.tx.is_empty() {
-            let (front, _) = self.tx.as_slices();
-            match net.tcp_send(self.socket, front) {
+        while self.tx_head < self.tx_end {
+            match net.tcp_send(self.socket, &self.tx[self.tx_head..self.tx_end]) {
                 Ok(0) => break,
                 Ok(n) => {
-                    let n = n.min(front.len());
-                    self.tx.drain(..n);
+                    let n = n.min(self.tx_end - self.tx_head);
+                    self.tx_head += n;
+                    if self.tx_head == self.tx_end {
+                        self.tx_head = 0;
+                        self.tx_end = 0;
+                    }
                     total += n;
                 }
                 Err(_) => {
@@ -317,6 +362,39 @@ mod tests {
         assert_eq!(p.flush(&mut net, 5), 5);
         assert_eq!(net.peer_take(s), b"56789");
         assert_eq!((p.queued(), p.sent_total()), (0, 10));
+    }
+
+    /// Bytes written in place join the queue in order, behind what was
+    /// queued before, also when the queue's front moved and what is left
+    /// must move to make room; more than the room is refused whole.
+    #[test]
+    fn bytes_written_in_place_keep_their_order() {
+        let mut net = FakeNet::new();
+        net.send_room = 4;
+        let mut p = open_pump(&mut net, 16, 10);
+        let s = p.socket();
+        assert_eq!(p.queue(b"abc"), 3);
+        let fill = |text: &'static [u8]| {
+            move |room: &mut [u8]| {
+                room[..text.len()].copy_from_slice(text);
+                text.len()
+            }
+        };
+        assert_eq!(p.queue_with(5, fill(b"defgh")), Some(5));
+        assert_eq!(p.queue_with(3, fill(b"ijk")), None, "2 bytes of room");
+        assert_eq!(p.queued(), 8);
+        net.peer_window(s, 4);
+        assert_eq!(p.flush(&mut net, 1), 4);
+        let mut got = net.peer_take(s);
+        // 4 sent from the front; 6 of room, of which only 2 behind the
+        // queued bytes: they move to the front first.
+        assert_eq!(p.queue_with(6, fill(b"ijklm")), Some(5), "wrote 5 of 6");
+        assert_eq!(p.queued(), 9);
+        for t in 2..10 {
+            p.flush(&mut net, t);
+            got.extend(net.peer_take(s));
+        }
+        assert_eq!(got, b"abcdefghijklm");
     }
 
     #[test]

@@ -227,4 +227,55 @@ impl Transport for Wire {
             Wire::Tcp(t) => t.acked,
         }
     }
+
+    /// The pump's (or the pipe's) received bytes, in place: the sealer
+    /// opens frames where they arrived.
+    fn recv_in_place(
+        &mut self,
+        open: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<usize, TransportError>> {
+        match self {
+            Wire::Pipe(p) => p.recv_in_place(open),
+            Wire::Gone => Some(Err(TransportError::Closed)),
+            Wire::Tcp(t) => {
+                let got = t.pump.received_mut();
+                let used = if got.is_empty() {
+                    0
+                } else {
+                    let n = got.len();
+                    open(got).min(n)
+                };
+                t.pump.consume(used);
+                if used == 0 {
+                    if t.broken() {
+                        return Some(Err(TransportError::Broken("connection reset")));
+                    }
+                    if t.pump.fin_read() {
+                        return Some(Err(TransportError::Closed));
+                    }
+                }
+                Some(Ok(used))
+            }
+        }
+    }
+
+    /// Written straight into the pump's (or the pipe's) queue when it has
+    /// room and nothing waits before it here: the sealer's frames go
+    /// there without a buffer of their own.
+    fn send_with(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<(), TransportError>> {
+        match self {
+            Wire::Pipe(p) => p.send_with(len, fill),
+            Wire::Gone => None,
+            Wire::Tcp(t) => {
+                if t.broken() || !t.pending.is_empty() {
+                    return None;
+                }
+                t.pump.queue_with(len, fill).map(|_| Ok(()))
+            }
+        }
+    }
 }
