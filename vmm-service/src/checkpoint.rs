@@ -167,17 +167,10 @@ pub fn attach_chain(
     Ok(info)
 }
 
-/// The ranges a differencing disk holds itself (not its parent's),
-/// whole blocks (a partly written block counts whole).
+/// The ranges a differencing disk defines itself (not its parent's), to
+/// the sector (`Vhdx::present_ranges`): what a merge writes.
 pub fn own_ranges(chain: &mut StoreDisk) -> Result<Vec<(u64, u64)>, String> {
-    let parent = chain.take_parent();
-    let ranges = chain.data_ranges().map_err(|e| format!("{e}"));
-    if let Some(p) = parent {
-        chain
-            .attach_parent(p)
-            .map_err(|e| format!("the checkpoint lost its parent: {e}"))?;
-    }
-    ranges
+    chain.present_ranges().map_err(|e| format!("{e}"))
 }
 
 /// A checkpoint taken by this node and still standing: the handle to its
@@ -375,12 +368,12 @@ impl Checkpoint {
         (c.virtual_size(), c.logical_sector_size())
     }
 
-    /// The ranges the child holds (whole blocks): what a merge writes.
+    /// The ranges the child holds, to the sector: what a merge writes.
     pub fn own_ranges(&self) -> Result<Vec<(u64, u64)>, String> {
         own_ranges(&mut self.chain.borrow_mut())
     }
 
-    /// Bytes the child holds, in whole blocks: the checkpoint's growth.
+    /// Bytes the child holds: the checkpoint's growth.
     pub fn child_bytes(&self) -> Result<u64, String> {
         Ok(self.own_ranges()?.iter().map(|r| r.1).sum())
     }

@@ -75,7 +75,7 @@ pub struct QuickDisks {
     /// Bytes folded, and to fold.
     fold_done: u64,
     fold_total: u64,
-    /// The children's size when the base copy completed (whole blocks).
+    /// The children's size when the base copy completed.
     child_at_base_copied: u64,
 }
 
@@ -198,7 +198,7 @@ impl QuickDisks {
         (self.fold_done, self.fold_total)
     }
 
-    /// Bytes the children hold now, in whole blocks: the checkpoints'
+    /// Bytes the children hold now: the checkpoints'
     /// growth, what the fold will write during downtime.
     pub fn child_bytes(&self) -> u64 {
         self.disks

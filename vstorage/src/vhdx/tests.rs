@@ -154,6 +154,35 @@ fn differencing_reads_fall_through_and_merge() {
     }
 }
 
+/// A differencing disk's own ranges to the sector: a sector in a block is
+/// that sector (not the block), a whole block is the block, runs in
+/// neighbouring blocks join; the parent's data is not counted.
+#[test]
+fn present_ranges_are_the_childs_own_sectors() {
+    for ls in [512u64, 4096] {
+        let (mut child, _) = diff_pair(ls as u32);
+        assert_eq!(child.present_ranges().unwrap(), []);
+        child.write(ls, &vec![0x22u8; ls as usize]).unwrap();
+        child.write(3 * ls, &vec![0x23u8; 2 * ls as usize]).unwrap();
+        child.write(4 << 20, &vec![0x33u8; 2 << 20]).unwrap();
+        // The last sector of block 1 and the first of block 3 (2 MiB
+        // blocks) join the run of the whole block 2.
+        child
+            .write((4 << 20) - ls, &vec![0x44u8; ls as usize])
+            .unwrap();
+        child.write(6 << 20, &vec![0x55u8; ls as usize]).unwrap();
+        assert_eq!(
+            child.present_ranges().unwrap(),
+            [
+                (ls, ls),
+                (3 * ls, 2 * ls),
+                ((4 << 20) - ls, ls + (2 << 20) + ls),
+            ],
+            "sector size {ls}"
+        );
+    }
+}
+
 #[test]
 fn wrong_parent_is_refused() {
     let (mut child, _) = diff_pair(512);

@@ -194,6 +194,62 @@ impl<B: BlockIo> Vhdx<B> {
         Ok(out)
     }
 
+    /// Runs `(offset in block, length, from this file?)` of payload block
+    /// `block` (`len` bytes of it in use) that this file defines: the
+    /// whole block when fully present, the sectors its bitmap marks when
+    /// partially present, zeros (`false`) for a block the file says is
+    /// zero or unmapped, nothing when not present.
+    fn block_runs(&mut self, block: u64, len: u64) -> Result<Vec<(u64, u64, bool)>, DiskError> {
+        let g = self.geo;
+        let ss = u64::from(g.sector_size);
+        let e = self.bat_entry(g.payload_index(block));
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        match e.payload_state() {
+            PayloadState::FullyPresent => runs.push((0, len, true)),
+            PayloadState::PartiallyPresent => {
+                let sb = self.bat_entry(g.bitmap_index(block / g.chunk_ratio));
+                let bits = self.get_bits(sb.file_offset(), g.bitmap_bit(block, 0), len / ss)?;
+                let mut i = 0usize;
+                while i < bits.len() {
+                    let mut j = i;
+                    while j < bits.len() && bits[j] == bits[i] {
+                        j += 1;
+                    }
+                    if bits[i] {
+                        runs.push((i as u64 * ss, (j - i) as u64 * ss, true));
+                    }
+                    i = j;
+                }
+            }
+            PayloadState::NotPresent => {}
+            _ => runs.push((0, len, false)),
+        }
+        Ok(runs)
+    }
+
+    /// The ranges of the virtual disk this differencing disk defines
+    /// itself, to the sector (partially present blocks by their sector
+    /// bitmap; not its parent's): exactly what a merge writes. Sorted,
+    /// merged.
+    pub fn present_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
+        self.check_usable()?;
+        let g = self.geo;
+        let bs = u64::from(g.block_size);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for block in 0..g.payload_blocks {
+            let start = block * bs;
+            let len = bs.min(g.virtual_size - start);
+            for (o, l, _) in self.block_runs(block, len)? {
+                let at = start + o;
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == at => last.1 += l,
+                    _ => out.push((at, l)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Folds this differencing disk into its attached parent: every sector
     /// present in the child is written to the parent, then the parent is
     /// flushed. The parent must have been opened writable. The child is left
@@ -202,7 +258,6 @@ impl<B: BlockIo> Vhdx<B> {
         self.check_usable()?;
         let g = self.geo;
         let bs = u64::from(g.block_size);
-        let ss = u64::from(g.sector_size);
         let Some(mut parent) = self.parent.take() else {
             return Err(open_err("merge needs the parent attached"));
         };
@@ -219,29 +274,7 @@ impl<B: BlockIo> Vhdx<B> {
                     continue;
                 }
                 // Runs (offset in block, length, from child file?) to copy.
-                let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-                match e.payload_state() {
-                    PayloadState::FullyPresent => runs.push((0, len, true)),
-                    PayloadState::PartiallyPresent => {
-                        let sb = self.bat_entry(g.bitmap_index(block / g.chunk_ratio));
-                        let bits =
-                            self.get_bits(sb.file_offset(), g.bitmap_bit(block, 0), len / ss)?;
-                        let mut i = 0usize;
-                        while i < bits.len() {
-                            let mut j = i;
-                            while j < bits.len() && bits[j] == bits[i] {
-                                j += 1;
-                            }
-                            if bits[i] {
-                                runs.push((i as u64 * ss, (j - i) as u64 * ss, true));
-                            }
-                            i = j;
-                        }
-                    }
-                    PayloadState::NotPresent => {}
-                    _ => runs.push((0, len, false)),
-                }
-                for (o, l, from_file) in runs {
+                for (o, l, from_file) in self.block_runs(block, len)? {
                     let mut done = 0u64;
                     while done < l {
                         let n = (l - done).min(COPY_CHUNK as u64) as usize;
