@@ -819,12 +819,18 @@ pub fn duration_words(ms: u64) -> String {
 /// remaining, the dirty rate, the link's rate, the ETA and any throttle.
 pub fn migration_progress(m: &MigrationInfo) -> String {
     if m.storage_bytes_total > 0 && m.bytes_sent == 0 && m.phase == Phase::Copying {
-        // Shared-nothing, the disk copy first.
-        return format!(
+        // Shared-nothing (or quick), the disk copy first.
+        let mut s = format!(
             "copying disks: {} of {} copied",
             mib(m.storage_bytes_copied),
             mib(m.storage_bytes_total)
         );
+        if m.checkpoint_bytes > 0 {
+            // A quick move: what the guest wrote meanwhile, to go in the
+            // downtime.
+            s.push_str(&format!(", checkpoint {}", mib(m.checkpoint_bytes)));
+        }
+        return s;
     }
     let mut s = format!(
         "{}, pass {}: {} sent, {} left, dirty {}, link {}, ETA {}",
@@ -2323,6 +2329,7 @@ mod tests {
             verify: true,
             storage_bytes_copied: 0,
             storage_bytes_total: 0,
+            checkpoint_bytes: 0,
         }
     }
 
@@ -2395,6 +2402,13 @@ mod tests {
             migration_progress(&m),
             "copying disks: 3.0 MiB of 8.0 MiB copied"
         );
+        // A quick move: the checkpoint's growth.
+        m.checkpoint_bytes = 2 << 20;
+        assert_eq!(
+            migration_progress(&m),
+            "copying disks: 3.0 MiB of 8.0 MiB copied, checkpoint 2.0 MiB"
+        );
+        m.checkpoint_bytes = 0;
         m.bytes_sent = 1 << 20;
         assert!(
             migration_progress(&m).ends_with(", disks 8.0 MiB copied"),

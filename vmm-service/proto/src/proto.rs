@@ -543,6 +543,10 @@ pub struct MigrationInfo {
     pub storage_bytes_copied: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub storage_bytes_total: u64,
+    /// A quick move: bytes its checkpoints hold (to the sector), growing
+    /// while the bases copy; what the downtime writes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoint_bytes: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -779,6 +783,7 @@ mod tests {
             verify: true,
             storage_bytes_copied: 0,
             storage_bytes_total: 0,
+            checkpoint_bytes: 0,
         };
         assert_eq!(
             String::from_utf8(to_json(&info)).unwrap(),

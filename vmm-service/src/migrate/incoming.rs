@@ -126,6 +126,7 @@ impl Incoming {
             verify: self.verify,
             storage_bytes_copied: self.sink.as_ref().map_or(0, |s| s.applied),
             storage_bytes_total: 0,
+            checkpoint_bytes: 0,
         }
     }
 

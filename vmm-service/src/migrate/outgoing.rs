@@ -229,6 +229,10 @@ impl Outgoing {
             verify: self.policy.verify_memory,
             storage_bytes_copied: storage.0,
             storage_bytes_total: storage.1,
+            checkpoint_bytes: self
+                .quick_src
+                .as_ref()
+                .map_or(0, |q| q.progress().child_bytes),
         }
     }
 

@@ -148,7 +148,13 @@ fn a_quick_move_brings_the_disk_with_every_write_and_leaves_nothing_on_a() {
     // Until the guest is saved it writes (the checkpoint takes it): over
     // the base's data, into holes, zeros over data.
     let mut writes = 0u64;
+    let mut growth = Vec::new();
     q.p.until(400_000, "the VM is saved", |p| {
+        // The job shows the checkpoint's growth while the bases copy.
+        let grown = p.a().job(id).migration.map_or(0, |m| m.checkpoint_bytes);
+        if grown > 0 {
+            growth.push(grown);
+        }
         let Some(v) = p.n[0].node.vms_mut().iter_mut().find(|v| v.name() == "v") else {
             return true;
         };
@@ -174,6 +180,10 @@ fn a_quick_move_brings_the_disk_with_every_write_and_leaves_nothing_on_a() {
         false
     });
     assert_eq!(writes, 6, "the guest wrote during the base copy");
+    assert!(
+        growth.windows(2).all(|w| w[0] <= w[1]) && growth[growth.len() - 1] > growth[0],
+        "the checkpoint grew while the bases copied: {growth:?}"
+    );
     let j = q.p.until_ended(id);
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     let r = j.report.clone().unwrap();
