@@ -34,12 +34,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hvmgmt::proto::{Body, JobInfo, JobState, Outcome, Request};
+use hvmgmt::proto::{Body, JobInfo, JobState, Outcome, PausePhases, Request};
 use serde::Serialize;
 
 use crate::bench_migrate::{
-    client, guest_line, move_request, on_two_nodes, remove_vm, start_until_beat, Arrivals,
-    MoveWindow, Tailer,
+    client, guest_line, move_request, on_two_nodes, pause_text, remove_vm, start_until_beat,
+    Arrivals, MoveWindow, Tailer,
 };
 use crate::cluster;
 use crate::hvctl;
@@ -194,6 +194,8 @@ pub struct Figures {
     /// until a few after it (`bench migrate`'s heartbeat gap).
     pub largest_gap_ms: Option<u64>,
     pub report_downtime_ms: Option<u64>,
+    /// Where the report's downtime went, µs per phase.
+    pub pause_us: Option<PausePhases>,
     pub link_bytes: Option<u64>,
     pub link_bytes_source: Option<String>,
     /// The guest's check of its data after the move (node b's
@@ -332,6 +334,7 @@ fn run_mode(dir: &Path, mode: Mode, quiet: bool) -> Result<Figures, String> {
     f.stall_before_ms = stall;
     f.largest_gap_ms = largest;
     f.report_downtime_ms = job.report.as_deref().map(|r| r.downtime_ms);
+    f.pause_us = job.report.as_deref().map(|r| r.pause_us);
     if let Some((bytes, source)) = link_bytes(&job) {
         f.link_bytes = Some(bytes);
         f.link_bytes_source = Some(source);
@@ -391,6 +394,15 @@ pub fn table(rows: &[Figures]) -> String {
                 )
             }
         );
+    }
+    for f in rows.iter().filter(|f| f.measured()) {
+        if let Some(p) = &f.pause_us {
+            out += &format!(
+                "{:<15} the report's pause (ms): {}\n",
+                f.mode,
+                pause_text(p)
+            );
+        }
     }
     let sources: Vec<String> = rows
         .iter()
@@ -524,6 +536,10 @@ mod tests {
         rows[0].link_bytes = Some(70_000_000);
         rows[0].link_bytes_source = Some("report.bytes_sent".into());
         rows[0].guest_check = Some("disk-beat: migration 1: 128 MiB read back ok".into());
+        rows[0].pause_us = Some(PausePhases {
+            harvest: 1500,
+            ..PausePhases::default()
+        });
         rows[1].error = Some("unsupported: --include-storage is not built".into());
         rows[2].error = Some("link to b lost".into());
         let t = table(&rows);
@@ -535,6 +551,10 @@ mod tests {
         );
         assert!(t.contains("120 ms") && t.contains("70000000"), "{t}");
         assert!(t.contains("[failed: link to b lost]"), "{t}");
+        assert!(
+            t.contains("shared-store    the report's pause (ms): harvest 1.5, last pages 0.0"),
+            "{t}"
+        );
         assert!(
             t.contains("link bytes, from the job on node a: shared-store: report.bytes_sent"),
             "{t}"
