@@ -310,3 +310,44 @@ fn a_link_broken_during_the_memory_copy_resumes_the_vm_on_a_with_its_checkpoint_
     assert!(q.files(1).is_empty(), "b keeps {:?}", q.files(1));
     assert!(q.p.b().vm_state("v").is_none());
 }
+
+#[test]
+fn a_cancel_during_the_base_copy_leaves_the_vm_on_a_with_its_checkpoint_merged() {
+    let mut q = Quick::new();
+    q.started("v");
+    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
+    q.write("v", &mut model, 0, 1, 12 * MIB);
+    let id = q.start_quick("v");
+    q.p.until(400_000, "the checkpoint stands", |p| {
+        p.n[0]
+            .node
+            .vms()
+            .iter()
+            .any(|v| v.name() == "v" && v.disk_meta()[0].checkpoint.is_some())
+    });
+    q.write("v", &mut model, 5 * MIB, 3, 8192);
+    q.p.a().ok(Request::JobCancel { id });
+    let j = q.p.until_ended(id);
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    q.p.rounds(50);
+    assert_eq!(q.p.a().vm_state("v").as_deref(), Some("running"));
+    let mut seen = vec![0u8; model.len()];
+    q.disk(0, "v").read(0, &mut seen).unwrap();
+    same(&seen, &model, "the guest's disk on a");
+    q.disk(0, "v").flush().unwrap();
+    assert_eq!(q.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
+    same(
+        &q.file_reads(0, "vms/v/v-0.vhdx"),
+        &model,
+        "a's base file, merged",
+    );
+    assert!(q.files(1).is_empty(), "b keeps {:?}", q.files(1));
+    // And it can move again afterwards.
+    let again = q.start_quick("v");
+    let j = q.p.until_ended(again);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    q.p.rounds(20);
+    let mut seen = vec![0u8; model.len()];
+    q.disk(1, "v").read(0, &mut seen).unwrap();
+    same(&seen, &model, "the guest's disk on b");
+}
