@@ -351,3 +351,40 @@ fn a_cancel_during_the_base_copy_leaves_the_vm_on_a_with_its_checkpoint_merged()
     q.disk(1, "v").read(0, &mut seen).unwrap();
     same(&seen, &model, "the guest's disk on b");
 }
+
+#[test]
+fn an_in_doubt_quick_move_kept_at_the_destination_deletes_the_sources_files() {
+    let mut q = Quick::new();
+    q.started("v");
+    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
+    q.write("v", &mut model, 0, 1, 12 * MIB);
+    let req = Mv {
+        quick: true,
+        resumed_ms: 5000,
+        ..Mv::default()
+    }
+    .req("v");
+    let id = q.p.start_move(req);
+    q.p.until(400_000, "b resumed", |p| {
+        p.b().vm_state("v").as_deref() == Some("running")
+    });
+    // b runs the VM but holds its `resumed`: the link goes.
+    q.p.cut = true;
+    q.p.until_phase(id, Phase::InDoubt);
+    assert!(
+        q.files(0).contains(&"vms/v/v-0.vhdx".to_string()),
+        "kept while in doubt"
+    );
+    q.p.a().ok(Request::JobResolve {
+        id,
+        keep: Keep::Destination,
+    });
+    let j = q.p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    q.p.rounds(20);
+    assert!(q.p.a().vms().is_empty());
+    assert!(q.files(0).is_empty(), "a keeps {:?}", q.files(0));
+    let mut seen = vec![0u8; model.len()];
+    q.disk(1, "v").read(0, &mut seen).unwrap();
+    same(&seen, &model, "the guest's disk on b");
+}
