@@ -202,11 +202,7 @@ impl Outgoing {
         });
         let storage = match (&self.mirrors, &self.quick_src) {
             (Some(m), _) => m.bytes(),
-            // A quick move: the bases, then what the checkpoints held.
-            (None, Some(q)) => {
-                let p = q.progress();
-                (p.base_done + p.fold_done, p.base_total + p.fold_total)
-            }
+            (None, Some(q)) => quick_bytes(q),
             (None, None) => self.storage_done,
         };
         MigrationInfo {
@@ -245,6 +241,16 @@ impl Outgoing {
         m
     }
 
+    /// The quick move's disk work, taken as the job ends (its figures
+    /// kept, as [`Outgoing::take_mirrors`]).
+    fn take_quick(&mut self) -> Option<super::quick::QuickSource> {
+        let q = self.quick_src.take();
+        if let Some(q) = &q {
+            self.storage_done = quick_bytes(q);
+        }
+        q
+    }
+
     pub(super) fn publish(&self, jobs: &mut JobTable) {
         jobs.set_migration(self.job, self.info());
     }
@@ -258,6 +264,12 @@ impl Outgoing {
     pub(super) fn vm_index_of(&self, vms: &[Vm]) -> Option<usize> {
         self.vm_index(vms)
     }
+}
+
+/// A quick move's disk bytes: the bases, then what the checkpoints held.
+fn quick_bytes(q: &super::quick::QuickSource) -> (u64, u64) {
+    let p = q.progress();
+    (p.base_done + p.fold_done, p.base_total + p.fold_total)
 }
 
 /// The engine's report as the API shows it.
@@ -856,7 +868,7 @@ impl Migrations {
     /// VM runs on here, its checkpoints merged back (or kept: the text
     /// says so).
     fn quick_abort(&self, o: &mut Outgoing, vms: &mut [Vm]) -> Option<String> {
-        let q = o.quick_src.take()?;
+        let q = o.take_quick()?;
         let vi = o.vm_index(vms)?;
         match self.files() {
             Some(files) => q.abort(&mut vms[vi], &files, true),
@@ -998,7 +1010,7 @@ impl Migrations {
                     self.delete_files(host, &o.vm, &files);
                 }
                 // Its files here go: the checkpoints and the bases.
-                if let (Some(q), Some(files)) = (o.quick_src.take(), self.files()) {
+                if let (Some(q), Some(files)) = (o.take_quick(), self.files()) {
                     for left in q.finish(&files) {
                         log::warn!("quick migration: cannot delete {left}");
                     }

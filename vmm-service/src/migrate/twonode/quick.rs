@@ -188,6 +188,12 @@ fn a_quick_move_brings_the_disk_with_every_write_and_leaves_nothing_on_a() {
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     let r = j.report.clone().unwrap();
     assert!(r.downtime_ms > 0, "{r:?}");
+    // The ended job keeps its disk bytes: the bases and what was folded.
+    let m = j.migration.clone().unwrap();
+    assert!(
+        m.storage_bytes_copied > 0 && m.storage_bytes_copied == m.storage_bytes_total,
+        "{m:?}"
+    );
     let text = j.result.clone().unwrap_or_default();
     assert!(
         text.contains("quick:") && text.contains("checkpoint grew"),
