@@ -903,6 +903,16 @@ impl Migrations {
             Some(_) if vms[vi].stop_reason().is_some() => {
                 Err(String::from("the VM stopped during the disk copy"))
             }
+            Some(q)
+                if q.started_at()
+                    .is_some_and(|s| now.saturating_sub(s) > o.policy.timeout_ns) =>
+            {
+                Err(format!(
+                    "the disk copy to {} did not complete within {} s",
+                    o.to,
+                    o.policy.timeout_ns / 1_000_000_000
+                ))
+            }
             Some(q) => {
                 let h: &dyn Host = &*host;
                 let clock = || h.now_ns();

@@ -197,6 +197,8 @@ struct Mv {
     include_storage: bool,
     store: Option<&'static str>,
     quick: bool,
+    /// The move's timeout (default 120 s).
+    timeout_s: Option<u64>,
 }
 
 impl Mv {
@@ -206,7 +208,7 @@ impl Mv {
             to: self.to.unwrap_or("b").into(),
             downtime_ms: Some(300),
             bandwidth_mib_s: None,
-            timeout_s: Some(120),
+            timeout_s: Some(self.timeout_s.unwrap_or(120)),
             encrypt: self.encrypt,
             verify: self.verify,
             debug_hold_accept_ms: Some(self.accept_ms),

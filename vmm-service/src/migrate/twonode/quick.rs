@@ -394,3 +394,37 @@ fn an_in_doubt_quick_move_kept_at_the_destination_deletes_the_sources_files() {
     q.disk(1, "v").read(0, &mut seen).unwrap();
     same(&seen, &model, "the guest's disk on b");
 }
+
+#[test]
+fn a_disk_copy_past_the_moves_timeout_fails_and_the_vm_stays() {
+    let mut q = Quick::new();
+    q.started("v");
+    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
+    q.write("v", &mut model, 0, 1, 12 * MIB);
+    let req = Mv {
+        quick: true,
+        timeout_s: Some(1),
+        ..Mv::default()
+    }
+    .req("v");
+    let id = q.p.start_move(req);
+    q.p.until(400_000, "the checkpoint stands", |p| {
+        p.n[0]
+            .node
+            .vms()
+            .iter()
+            .any(|v| v.name() == "v" && v.disk_meta()[0].checkpoint.is_some())
+    });
+    // The link goes silent: the copy can no longer end (the 8 s ack
+    // stall would come later than the 1 s timeout).
+    q.p.cut = true;
+    let j = q.p.until_ended(id);
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    let err = j.error.clone().unwrap_or_default();
+    assert!(err.contains("did not complete within 1 s"), "{err}");
+    assert_eq!(q.p.a().vm_state("v").as_deref(), Some("running"));
+    let mut seen = vec![0u8; model.len()];
+    q.disk(0, "v").read(0, &mut seen).unwrap();
+    same(&seen, &model, "the guest's disk on a");
+    assert_eq!(q.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
+}
