@@ -32,7 +32,7 @@
 //! merge runs to its end in one call (it blocks the node for as long as
 //! the child's data takes to write).
 
-use crate::disks::{Backing, FileStore};
+use crate::disks::{Backing, Detached, FileStore};
 use crate::vm::Vm;
 use crate::vmconfig;
 use alloc::boxed::Box;
@@ -75,30 +75,6 @@ impl VirtualDisk for ChainHandle {
     }
     fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
         self.0.borrow_mut().allocated_ranges()
-    }
-}
-
-/// Stands in for a disk for the instant the VM's disk is exchanged.
-struct Detached {
-    size: u64,
-    sector: u32,
-}
-
-impl VirtualDisk for Detached {
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.sector
-    }
-    fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), DiskError> {
-        Err(DiskError::Request("the disk is being exchanged".into()))
-    }
-    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), DiskError> {
-        Err(DiskError::Request("the disk is being exchanged".into()))
-    }
-    fn flush(&mut self) -> Result<(), DiskError> {
-        Ok(())
     }
 }
 

@@ -350,6 +350,35 @@ pub trait VirtualDisk {
     }
 }
 
+/// A boxed disk (`Box<dyn VirtualDisk>`, what a VM holds) is a disk, so a
+/// mirror or a copy can own it without a wrapper type of its own.
+impl<T: VirtualDisk + ?Sized> VirtualDisk for alloc::boxed::Box<T> {
+    fn virtual_size(&self) -> u64 {
+        (**self).virtual_size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        (**self).logical_sector_size()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        (**self).read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        (**self).write(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        (**self).flush()
+    }
+    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
+        (**self).allocated_ranges()
+    }
+    fn durability_ticket(&mut self) -> Option<u64> {
+        (**self).durability_ticket()
+    }
+    fn is_durable(&mut self, ticket: u64) -> bool {
+        (**self).is_durable(ticket)
+    }
+}
+
 /// Checks that `[offset, offset+len)` is sector-aligned and inside a disk.
 pub fn check_request(
     offset: u64,

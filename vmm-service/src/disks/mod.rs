@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 use hvmgmt::proto::DiskInfo;
 use vstorage::vhdx::{self, CreateParams, Vhdx};
-use vstorage::{BlockIo, DiskError, IoError, MemIo};
+use vstorage::{BlockIo, DiskError, IoError, MemIo, VirtualDisk};
 
 /// Largest disk a node keeps in its own memory (the node heap is small).
 pub const MEM_DISK_MAX_MIB: u64 = 16;
@@ -387,6 +387,31 @@ pub fn new_mem_vhdx(size_bytes: u64) -> Result<(Vhdx<MemFile>, MemFile), DiskErr
     };
     let disk = vhdx::create(file.clone(), &params)?;
     Ok((disk, file))
+}
+
+/// Stands in for a VM's disk for the instant it is exchanged (storage
+/// migration's switch, a checkpoint taken or merged): same geometry, no I/O.
+pub struct Detached {
+    pub size: u64,
+    pub sector: u32,
+}
+
+impl VirtualDisk for Detached {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.sector
+    }
+    fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), DiskError> {
+        Err(DiskError::Request("the disk is being exchanged".into()))
+    }
+    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), DiskError> {
+        Err(DiskError::Request("the disk is being exchanged".into()))
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

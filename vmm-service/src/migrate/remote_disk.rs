@@ -397,32 +397,8 @@ impl VirtualDisk for RemoteDisk {
     }
 }
 
-/// A VM's own disk as the mirror's source.
-pub struct Local(pub Box<dyn VirtualDisk>);
-
-impl VirtualDisk for Local {
-    fn virtual_size(&self) -> u64 {
-        self.0.virtual_size()
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.0.logical_sector_size()
-    }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        self.0.read(offset, buf)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-        self.0.write(offset, data)
-    }
-    fn flush(&mut self) -> Result<(), DiskError> {
-        self.0.flush()
-    }
-    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
-        self.0.allocated_ranges()
-    }
-}
-
 /// A disk mirrored to the destination.
-pub type Mirror = MirroredDisk<Local, RemoteDisk>;
+pub type Mirror = MirroredDisk<Box<dyn VirtualDisk>, RemoteDisk>;
 
 /// The VM's view of a disk being mirrored to another node: the mirror
 /// (shared with the job that steps its copy) and the link whose tickets
@@ -547,7 +523,7 @@ impl Mirrors {
         while let Some((slot, d)) = it.next() {
             let (size, sector) = (d.virtual_size(), d.logical_sector_size());
             let remote = link.disk(slot as u8, size, sector);
-            match MirroredDisk::new(Local(d), remote, opts) {
+            match MirroredDisk::new(d, remote, opts) {
                 Ok(m) => {
                     let m = Rc::new(RefCell::new(m));
                     slots.push(Box::new(MirrorSlot {
@@ -573,7 +549,7 @@ impl Mirrors {
                             .ok()
                             .and_then(|c| c.into_inner().into_parts().0)
                         {
-                            Some(Local(d)) => back.push(d),
+                            Some(d) => back.push(d),
                             None => back.push(Box::new(Lost { size, sector })),
                         }
                     }
@@ -684,7 +660,7 @@ impl Mirrors {
                 Rc::try_unwrap(m).ok().map(RefCell::into_inner)
             });
             match source.and_then(|m| m.into_parts().0) {
-                Some(Local(d)) => disks.push(d),
+                Some(d) => disks.push(d),
                 None => {
                     log::warn!("shared-nothing migration: the source of disk {slot} was lost");
                     disks.push(Box::new(Lost { size, sector }));
@@ -1025,7 +1001,7 @@ mod tests {
             skip_zero_chunks: true,
             chunk_bytes: 64 << 10,
         };
-        let mirror = MirroredDisk::new(Local(local), link.disk(0, 8 * MIB, 512), opts).unwrap();
+        let mirror = MirroredDisk::new(local, link.disk(0, 8 * MIB, 512), opts).unwrap();
         let mut slot = MirrorSlot {
             mirror: Rc::new(RefCell::new(mirror)),
             link: link.clone(),

@@ -38,8 +38,8 @@
 //! every instant, disk files that are whole (the source until the new
 //! file is named, then the new file before the source goes).
 
-use crate::disks::Backing;
 pub use crate::disks::FileStore;
+use crate::disks::{Backing, Detached};
 use crate::vm::Vm;
 use crate::vmconfig;
 use alloc::boxed::Box;
@@ -53,32 +53,8 @@ use vstorage::mirror::{MirroredDisk, Step};
 use vstorage::vhdx::{self, CreateParams, Vhdx};
 use vstorage::{BlockIo, DiskError, VirtualDisk};
 
-/// A VM's disk as the mirror's source.
-pub struct Source(Box<dyn VirtualDisk>);
-
-impl VirtualDisk for Source {
-    fn virtual_size(&self) -> u64 {
-        self.0.virtual_size()
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.0.logical_sector_size()
-    }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        self.0.read(offset, buf)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-        self.0.write(offset, data)
-    }
-    fn flush(&mut self) -> Result<(), DiskError> {
-        self.0.flush()
-    }
-    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
-        self.0.allocated_ranges()
-    }
-}
-
 /// The source and destination of one disk's move.
-pub type Mirror = MirroredDisk<Source, Vhdx<Box<dyn BlockIo>>>;
+pub type Mirror = MirroredDisk<Box<dyn VirtualDisk>, Vhdx<Box<dyn BlockIo>>>;
 
 /// The VM's view of a disk under migration: the mirror, shared with the
 /// job that steps it (the node has one thread: each call borrows it for
@@ -103,30 +79,6 @@ impl VirtualDisk for MirrorHandle {
     }
     fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
         self.0.borrow_mut().allocated_ranges()
-    }
-}
-
-/// Stands in for a disk for the instant the VM's disk is exchanged.
-struct Detached {
-    size: u64,
-    sector: u32,
-}
-
-impl VirtualDisk for Detached {
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.sector
-    }
-    fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), DiskError> {
-        Err(DiskError::Request("the disk is being exchanged".into()))
-    }
-    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), DiskError> {
-        Err(DiskError::Request("the disk is being exchanged".into()))
-    }
-    fn flush(&mut self) -> Result<(), DiskError> {
-        Ok(())
     }
 }
 
@@ -578,7 +530,7 @@ impl StorageMove {
             // bytes, are what a chunk costs on a store.
             chunk_bytes: crate::store::COPY_IO_BYTES as u32,
         };
-        let mirror = match MirroredDisk::new(Source(source), dest, opts) {
+        let mirror = match MirroredDisk::new(source, dest, opts) {
             Ok(m) => Rc::new(RefCell::new(m)),
             Err(e) => {
                 // Only the source's allocation map can fail here, and the
@@ -758,7 +710,7 @@ impl StorageMove {
         let (slot, to) = (cur.slot, cur.to.clone());
         let _ = cur.mirror.borrow_mut().cancel();
         match Self::unwrap_mirror(vm, cur).map(Mirror::into_parts) {
-            Some((Some(Source(source)), dest)) => {
+            Some((Some(source), dest)) => {
                 vm.replace_disk(slot, source);
                 drop(dest);
             }
