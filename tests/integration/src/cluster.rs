@@ -73,6 +73,47 @@ impl TestCluster {
         self.runner(&["cluster", "down"])
     }
 
+    /// Round numbers of `[VM] disk-verify: round N ok` in `node`'s serial
+    /// log; panics if the guest printed a FAILED round there.
+    pub fn disk_rounds(&self, node: &str, vm: &str) -> Vec<u64> {
+        let serial = self.serial(node);
+        assert!(
+            !serial.contains(&format!("[{vm}] disk-verify: FAILED")),
+            "the guest found its disk damaged on {node}:\n{}",
+            self.serial_tail(node, 30)
+        );
+        let prefix = format!("[{vm}] disk-verify: round ");
+        serial
+            .lines()
+            .filter_map(|l| {
+                l.trim_end_matches('\r')
+                    .strip_prefix(&prefix)?
+                    .strip_suffix(" ok")?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// The `disk-verify` guest `vm` goes on on `node`: a round past the
+    /// highest seen on any of `nodes`, within `timeout`.
+    pub fn disk_rounds_go_on(&self, node: &str, vm: &str, nodes: &[&str], timeout: Duration) {
+        let last = nodes
+            .iter()
+            .flat_map(|n| self.disk_rounds(n, vm))
+            .max()
+            .unwrap_or(0);
+        let deadline = Instant::now() + timeout;
+        while self.disk_rounds(node, vm).iter().all(|r| *r <= last) {
+            assert!(
+                Instant::now() < deadline,
+                "no disk-verify round after {last} on {node}:\n{}",
+                self.serial_tail(node, 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The host directory holding the nodes' stores (`STATE/stores`).
     pub fn stores(&self) -> PathBuf {
         self.dir.join("stores")

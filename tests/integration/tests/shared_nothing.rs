@@ -21,45 +21,6 @@ const LINE: Duration = Duration::from_secs(90);
 /// A move, or a failure to be noticed.
 const MOVE: Duration = Duration::from_secs(300);
 
-/// Round numbers of `[s] disk-verify: round N ok` in `node`'s serial log;
-/// none FAILED.
-fn rounds(c: &TestCluster, node: &str) -> Vec<u64> {
-    let serial = c.serial(node);
-    assert!(
-        !serial.contains("[s] disk-verify: FAILED"),
-        "the guest found its disk damaged on {node}:\n{}",
-        c.serial_tail(node, 30)
-    );
-    serial
-        .lines()
-        .filter_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix("[s] disk-verify: round ")?
-                .strip_suffix(" ok")?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// The guest's rounds go on on `node`: one past the highest seen anywhere.
-fn rounds_go_on(c: &TestCluster, node: &str) {
-    let last = ["a", "b"]
-        .iter()
-        .flat_map(|n| rounds(c, n))
-        .max()
-        .unwrap_or(0);
-    let deadline = Instant::now() + LINE;
-    while rounds(c, node).iter().all(|r| *r <= last) {
-        assert!(
-            Instant::now() < deadline,
-            "no disk-verify round after {last} on {node}:\n{}",
-            c.serial_tail(node, 30)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The VM's disk is in `node`'s local store and nowhere else, sound; no
 /// partial file anywhere.
 fn disk_on(stores: &Path, node: &str) {
@@ -104,8 +65,8 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
         assert!(c.vm(from, "s").is_none(), "{from} let go: {out}");
         let v = c.vm(to, "s").expect("the VM is listed on the destination");
         assert_eq!(v.state, "running", "{v:?}");
-        rounds_go_on(&c, to);
-        rounds_go_on(&c, to);
+        c.disk_rounds_go_on(to, "s", &["a", "b"], LINE);
+        c.disk_rounds_go_on(to, "s", &["a", "b"], LINE);
         disk_on(&stores, to);
         assert!(
             c.serial(from).contains("VM s left this node: its disk"),
@@ -133,7 +94,7 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     assert_eq!(c.vm("a", "s").map(|v| v.state), Some("running".into()));
     c.link("b", false);
     c.wait_gone("b", "s", MOVE);
-    rounds_go_on(&c, "a");
+    c.disk_rounds_go_on("a", "s", &["a", "b"], LINE);
     disk_on(&stores, "a");
 
     // The link cut during the memory copy (the disks copied, the mirror
@@ -155,6 +116,6 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     assert_eq!(c.vm("a", "s").map(|v| v.state), Some("running".into()));
     c.link("b", false);
     c.wait_gone("b", "s", MOVE);
-    rounds_go_on(&c, "a");
+    c.disk_rounds_go_on("a", "s", &["a", "b"], LINE);
     disk_on(&stores, "a");
 }

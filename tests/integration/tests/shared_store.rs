@@ -35,41 +35,6 @@ fn lease_field(stores: &Path, key: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(String::from))
 }
 
-/// Round numbers of `[s] disk-verify: round N ok` in `node`'s serial log;
-/// none FAILED.
-fn rounds(c: &TestCluster, node: &str) -> Vec<u64> {
-    let serial = c.serial(node);
-    assert!(
-        !serial.contains("[s] disk-verify: FAILED"),
-        "the guest found its disk damaged on {node}:\n{}",
-        c.serial_tail(node, 30)
-    );
-    serial
-        .lines()
-        .filter_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix("[s] disk-verify: round ")?
-                .strip_suffix(" ok")?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// The guest's rounds go on on `node`: one past the highest seen anywhere.
-fn rounds_go_on(c: &TestCluster, node: &str, nodes: &[&str]) {
-    let last = nodes.iter().flat_map(|n| rounds(c, n)).max().unwrap_or(0);
-    let deadline = Instant::now() + LINE;
-    while rounds(c, node).iter().all(|r| *r <= last) {
-        assert!(
-            Instant::now() < deadline,
-            "no disk-verify round after {last} on {node}:\n{}",
-            c.serial_tail(node, 30)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The VM's one file is where it was and nowhere else, and sound.
 fn one_file(stores: &Path) {
     let vhdx: Vec<String> = files_in(stores)
@@ -146,8 +111,8 @@ fn a_vm_on_the_shared_store_moves_with_its_lease() {
         assert_eq!(lease_field(&stores, "owner").as_deref(), Some(to));
         assert_eq!(lease_field(&stores, "epoch").as_deref(), Some(epoch));
         assert_ne!(lease_field(&stores, "incarnation").as_deref(), Some("0"));
-        rounds_go_on(&c, to, &ab);
-        rounds_go_on(&c, to, &ab);
+        c.disk_rounds_go_on(to, "s", &ab, LINE);
+        c.disk_rounds_go_on(to, "s", &ab, LINE);
         one_file(&stores);
         eprintln!("moved {from} -> {to} in {:?}", t.elapsed());
     }
