@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hvmgmt::proto::JobState;
+use hvmgmt::proto::{JobState, MigrationInfo};
 use integration_tests::cluster::TestCluster;
 use integration_tests::files::{check_vhdx, files_in};
 
@@ -31,6 +31,24 @@ fn disk_on(stores: &Path, node: &str) {
     let want = format!("{node}/vms/s/s-0.vhdx");
     assert_eq!(disks, [want.as_str()], "{:?}", files_in(stores));
     check_vhdx(&stores.join(&want));
+}
+
+/// Wait until a's move `id`, still under way, shows `what` (`done`);
+/// a move that ended or stalls fails the test with the job as it is.
+fn wait_job(c: &TestCluster, id: u64, what: &str, done: impl Fn(&MigrationInfo) -> bool) {
+    let deadline = Instant::now() + MOVE;
+    loop {
+        let job = c.job("a", id);
+        if job.migration.as_deref().is_some_and(&done) {
+            return;
+        }
+        assert!(
+            matches!(job.state, JobState::Queued | JobState::Running),
+            "waiting for {what}, the move ended: {job:#?}"
+        );
+        assert!(Instant::now() < deadline, "waiting for {what}: {job:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -79,15 +97,9 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     // gives up, the VM runs on at a on its own disk; b, once the link is
     // back and it learns, keeps nothing.
     let id = c.start_move("a", "s", "b", &["--include-storage", "--bandwidth", "1"]);
-    let deadline = Instant::now() + MOVE;
-    while c
-        .job("a", id)
-        .migration
-        .is_none_or(|m| m.storage_bytes_copied == 0)
-    {
-        assert!(Instant::now() < deadline, "the disk copy never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_job(&c, id, "the disk copy to start", |m| {
+        m.storage_bytes_copied > 0
+    });
     c.link("b", true);
     let job = c.wait_end("a", id, MOVE);
     assert_eq!(job.state, JobState::Failed, "{job:#?}");
@@ -100,11 +112,7 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     // The link cut during the memory copy (the disks copied, the mirror
     // in place): the same outcome.
     let id = c.start_move("a", "s", "b", &["--include-storage", "--bandwidth", "2"]);
-    let deadline = Instant::now() + MOVE;
-    while c.job("a", id).migration.is_none_or(|m| m.bytes_sent == 0) {
-        assert!(Instant::now() < deadline, "the memory copy never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_job(&c, id, "the memory copy to start", |m| m.bytes_sent > 0);
     let m = c.job("a", id).migration.unwrap();
     assert!(
         m.storage_bytes_total > 0 && m.storage_bytes_copied == m.storage_bytes_total,

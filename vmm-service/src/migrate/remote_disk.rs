@@ -610,9 +610,12 @@ impl Mirrors {
                 self.link.sync();
                 return Ok(self.link.drained());
             };
+            // The limit is the copy's: mirrored guest writes go whatever
+            // it (counting them would starve the copy of a guest that
+            // writes faster than the limit, and the move would never end).
             let elapsed = clock().saturating_sub(started);
             let limited = !crate::storage_migration::under_rate(
-                self.link.bytes().0,
+                self.bytes().0,
                 elapsed,
                 self.rate_bytes_per_s,
             );

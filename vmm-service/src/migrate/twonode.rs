@@ -199,6 +199,8 @@ struct Mv {
     quick: bool,
     /// The move's timeout (default 120 s).
     timeout_s: Option<u64>,
+    /// The move's bandwidth limit (default none).
+    bandwidth_mib_s: Option<u64>,
 }
 
 impl Mv {
@@ -207,7 +209,7 @@ impl Mv {
             name: name.into(),
             to: self.to.unwrap_or("b").into(),
             downtime_ms: Some(300),
-            bandwidth_mib_s: None,
+            bandwidth_mib_s: self.bandwidth_mib_s,
             timeout_s: Some(self.timeout_s.unwrap_or(120)),
             encrypt: self.encrypt,
             verify: self.verify,

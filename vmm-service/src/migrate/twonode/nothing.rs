@@ -260,6 +260,46 @@ fn a_cut_link_during_the_memory_copy_leaves_the_vm_on_a() {
     assert_eq!(s.files(1), Vec::<String>::new(), "nothing left on b");
 }
 
+/// A bandwidth limit below the guest's write rate: the limit is the
+/// copy's, the mirrored guest writes go besides it, so the copy still
+/// ends at the limit's pace and the move completes with every byte.
+#[test]
+fn a_guest_writing_faster_than_the_bandwidth_limit_does_not_starve_the_copy() {
+    let mut s = Nothing::new();
+    s.started();
+    let id = s.p.start_move(
+        Mv {
+            include_storage: true,
+            bandwidth_mib_s: Some(1),
+            ..Mv::default()
+        }
+        .req("v"),
+    );
+    // 256 KiB every 100 ms of the nodes' clock (2.5 MiB/s, the limit is
+    // 1) for 60 s at most, at the disk's start: behind the copy, so each
+    // write is mirrored. The 16 MiB disk takes about 16 s at the limit
+    // (zero chunks count, skipped or not).
+    let t0 = s.p.clock.get();
+    let mut k = 0u64;
+    while s.storage(id).2 == 0 {
+        assert!(k < 600, "the disk copy starved: {:?}", s.storage(id));
+        s.write(0, 0, 256 << 10, 40 + (k % 100) as u8);
+        let next = t0 + (k + 1) * 100_000_000;
+        while s.p.clock.get() < next {
+            s.p.round();
+        }
+        k += 1;
+    }
+    assert!(k >= 100, "the copy kept to the limit: {k} steps of 100 ms");
+    let (copied, total, _) = s.storage(id);
+    assert_eq!(copied, total, "the disk copy completed first");
+    let j = s.p.until_ended(id);
+    assert_eq!(j.state, JobState::Completed, "{j:?}");
+    s.p.rounds(50);
+    assert_eq!(s.p.b().vm_state("v").as_deref(), Some("running"));
+    s.check_disk(1);
+}
+
 /// Refusals: b cannot create the disks (no such store; a file in the
 /// way), `--store` with a bad name, a move within the node. The VM runs
 /// on at a untouched.
