@@ -393,6 +393,185 @@ impl Pair {
     }
 }
 
+/// Short lease times so that expiry fits a test (the rules of
+/// `Timing::check` hold).
+const TIMING: crate::lease::Timing = crate::lease::Timing {
+    renew_ms: 10,
+    expire_ms: 100,
+    settle_ms: 30,
+    margin_ms: 10,
+};
+
+/// A node's 9P server of the shared store.
+type SharedServer = Rc<core::cell::RefCell<vstorage::p9::server::DirServer>>;
+
+/// The two nodes with stores: the 9P server double over real temporary
+/// directories, each node's own store `local` (its own directory) and the
+/// store both see, `shared` (one directory); short lease times. The test
+/// files of every mode with disks start here.
+struct Stored {
+    p: Pair,
+    local: [tempfile::TempDir; 2],
+    shared: tempfile::TempDir,
+    /// Each node's 9P server of the shared store (to inject failures).
+    servers: Vec<SharedServer>,
+    /// What each VM's disk 0 holds: every write made through
+    /// [`Stored::write`] (zeros elsewhere).
+    images: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl Stored {
+    fn new() -> Self {
+        let mut p = Pair::new();
+        let local = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let shared = tempfile::tempdir().unwrap();
+        let mut servers = Vec::new();
+        for (dir, node) in local.iter().zip(&mut p.n) {
+            let (channels, server) = Self::channels(dir, &shared, node.name);
+            servers.push(server);
+            let specs = crate::store::parse_specs(&Self::cmdline(node.name)).0;
+            let stores = crate::store::Stores::attach(channels, &specs, node.name);
+            node.node.set_stores(stores);
+            node.node.set_lease_timing(TIMING);
+        }
+        Stored {
+            p,
+            local,
+            shared,
+            servers,
+            images: Default::default(),
+        }
+    }
+
+    /// Node `name`'s store channels and its server of the shared store.
+    fn channels(
+        local: &tempfile::TempDir,
+        shared: &tempfile::TempDir,
+        name: &str,
+    ) -> (Vec<Box<dyn hvcore::host::StoreChannel>>, SharedServer) {
+        use crate::store::testing::DirChannel;
+        let l = DirChannel::new(name, local.path(), 65536);
+        let s = DirChannel::new("shared", shared.path(), 65536);
+        let server = s.server.clone();
+        (vec![Box::new(l), Box::new(s)], server)
+    }
+
+    fn cmdline(name: &str) -> String {
+        format!("store=local:{name}:/srv/{name} store=shared:shared:/srv/shared")
+    }
+
+    /// VM `vm` (4 MiB, a writer) on a with a disk of `mib` MiB on `store`
+    /// (`None`: a's default, its own store), started.
+    fn started(&mut self, vm: &str, store: Option<&str>, mib: u64) {
+        self.p.a().ok(Request::VmCreate {
+            name: vm.into(),
+            memory_mib: 4,
+            guest: None,
+            linux: None,
+        });
+        self.p.a().ok(Request::VmDiskCreate {
+            name: vm.into(),
+            size_mib: mib,
+            store: store.map(Into::into),
+            fixed: None,
+        });
+        self.p.a().ok(Request::VmStart { name: vm.into() });
+        self.images
+            .insert(vm.into(), vec![0u8; (mib << 20) as usize]);
+        self.p.rounds(20);
+    }
+
+    /// VM `vm`'s disk 0 on node `i` (the guest's, through its VM).
+    fn disk(&mut self, i: usize, vm: &str) -> &mut dyn vstorage::VirtualDisk {
+        self.p.n[i]
+            .node
+            .vms_mut()
+            .iter_mut()
+            .find(|v| v.name() == vm)
+            .unwrap_or_else(|| panic!("no VM {vm} on node {i}"))
+            .disk_mut(0)
+            .unwrap()
+    }
+
+    /// Write `data` at `at` through VM `vm`'s disk on node `i` (as its
+    /// virtio-blk does: write, then flush), and into its image.
+    fn write(&mut self, i: usize, vm: &str, at: u64, data: &[u8]) {
+        let d = self.disk(i, vm);
+        d.write(at, data).unwrap();
+        d.flush().unwrap();
+        self.images.get_mut(vm).unwrap()[at as usize..at as usize + data.len()]
+            .copy_from_slice(data);
+    }
+
+    /// VM `vm`'s disk on node `i` reads as its image.
+    fn check_disk(&mut self, i: usize, vm: &str) {
+        let mut got = vec![0u8; self.images[vm].len()];
+        self.disk(i, vm).read(0, &mut got).unwrap();
+        same(
+            &got,
+            &self.images[vm],
+            &format!("VM {vm}'s disk on node {i}"),
+        );
+    }
+
+    /// The VHDX at `rel` on node `i`'s own store reads as VM `vm`'s image.
+    fn check_file(&self, i: usize, rel: &str, vm: &str) {
+        let bytes = std::fs::read(self.local[i].path().join(rel)).unwrap();
+        let mut d = vstorage::vhdx::Vhdx::open(
+            vstorage::MemIo::from_vec(bytes),
+            vstorage::vhdx::OpenOptions::read_only(),
+        )
+        .unwrap();
+        let mut got = vec![0u8; self.images[vm].len()];
+        vstorage::VirtualDisk::read(&mut d, 0, &mut got).unwrap();
+        same(&got, &self.images[vm], &format!("{rel} on node {i}"));
+    }
+
+    /// The files below node `i`'s own store, relative, sorted.
+    fn files(&self, i: usize) -> Vec<String> {
+        walk(self.local[i].path())
+    }
+
+    /// Job `id` on a: storage bytes copied and in all, memory bytes sent.
+    fn storage(&mut self, id: u64) -> (u64, u64, u64) {
+        let m = self.p.a().job(id).migration.unwrap();
+        (m.storage_bytes_copied, m.storage_bytes_total, m.bytes_sent)
+    }
+}
+
+/// `len` bytes of a pattern that `seed` tells apart (never zero).
+fn pattern(len: u64, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|k| (k as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// `got` equals `want`, or the first difference is named.
+fn same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: byte {i} is {} not {}", got[i], want[i]);
+    }
+}
+
+/// The files below `root`, relative to it, sorted.
+fn walk(root: &std::path::Path) -> Vec<String> {
+    fn go(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                go(root, &p, out);
+            } else if let Ok(r) = p.strip_prefix(root) {
+                out.push(r.display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(root, root, &mut out);
+    out.sort();
+    out
+}
+
 fn phase_of(j: &JobInfo) -> Phase {
     j.migration.as_ref().map(|m| m.phase).unwrap()
 }

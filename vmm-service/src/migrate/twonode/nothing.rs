@@ -1,137 +1,35 @@
 //! Shared-nothing moves (`vm-move` with `include_storage`): two managed
-//! nodes on the test doubles, each with a local store only (the 9P server
-//! double over its own temporary directory). The VM's disk is mirrored to
+//! nodes on the test doubles with their stores ([`Stored`]), the VM's
+//! disk on a's own store. The VM's disk is mirrored to
 //! b over the migration link, then memory and state move; the bytes are
 //! checked on b's disk and files on both directories.
 
 use super::*;
-use crate::store::testing::DirChannel;
-use crate::store::{parse_specs, Stores};
-use hvcore::host::StoreChannel;
 
 const MIB: u64 = 1 << 20;
 /// The VM's disk.
 const DISK_MIB: u64 = 16;
 
-struct Nothing {
-    p: Pair,
-    dirs: [tempfile::TempDir; 2],
-    /// What the guest's disk holds (the writes made through it).
-    image: Vec<u8>,
+/// VM `v` on a with a 16 MiB disk on its own store holding data in three
+/// places, started.
+fn started() -> Stored {
+    let mut s = Stored::new();
+    s.started("v", None, DISK_MIB);
+    for (at, len, seed) in [(0, 3 * MIB, 1u8), (6 * MIB, MIB, 2), (15 * MIB, MIB, 3)] {
+        s.write(0, "v", at, &pattern(len, seed));
+    }
+    s
 }
 
-impl Nothing {
-    fn new() -> Self {
-        let mut p = Pair::new();
-        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        for (i, name) in ["a", "b"].into_iter().enumerate() {
-            let l = DirChannel::new(name, dirs[i].path(), 65536);
-            let channels: Vec<Box<dyn StoreChannel>> = vec![Box::new(l)];
-            let specs = parse_specs(&format!("store=local:{name}:/srv/{name}")).0;
-            p.n[i]
-                .node
-                .set_stores(Stores::attach(channels, &specs, name));
+/// Move v to b with its disk; the job.
+fn start(s: &mut Stored) -> u64 {
+    s.p.start_move(
+        Mv {
+            include_storage: true,
+            ..Mv::default()
         }
-        Nothing {
-            p,
-            dirs,
-            image: vec![0u8; (DISK_MIB * MIB) as usize],
-        }
-    }
-
-    /// VM `v` on a with a 16 MiB disk holding data in three places,
-    /// started.
-    fn started(&mut self) {
-        self.p.a().ok(Request::VmCreate {
-            name: "v".into(),
-            memory_mib: 4,
-            guest: None,
-            linux: None,
-        });
-        self.p.a().ok(Request::VmDiskCreate {
-            name: "v".into(),
-            size_mib: DISK_MIB,
-            store: None,
-            fixed: None,
-        });
-        self.p.a().ok(Request::VmStart { name: "v".into() });
-        for (at, len, seed) in [(0, 3 * MIB, 1u8), (6 * MIB, MIB, 2), (15 * MIB, MIB, 3)] {
-            self.write(0, at, len as usize, seed);
-        }
-        self.p.rounds(20);
-    }
-
-    /// Write `len` bytes of pattern `seed` at `at` through VM v's disk on
-    /// node `i` (as the guest's virtio-blk does: write, then flush).
-    fn write(&mut self, i: usize, at: u64, len: usize, seed: u8) {
-        let data: Vec<u8> = (0..len)
-            .map(|k| (k as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-            .collect();
-        let v = self.p.n[i]
-            .node
-            .vms_mut()
-            .iter_mut()
-            .find(|v| v.name() == "v")
-            .unwrap();
-        let d = v.disk_mut(0).unwrap();
-        d.write(at, &data).unwrap();
-        d.flush().unwrap();
-        self.image[at as usize..at as usize + len].copy_from_slice(&data);
-    }
-
-    /// VM v's disk on node `i` as it reads now, compared with the image.
-    fn check_disk(&mut self, i: usize) {
-        let v = self.p.n[i]
-            .node
-            .vms_mut()
-            .iter_mut()
-            .find(|v| v.name() == "v")
-            .unwrap();
-        let d = v.disk_mut(0).unwrap();
-        let mut got = vec![0u8; self.image.len()];
-        d.read(0, &mut got).unwrap();
-        let first = got.iter().zip(&self.image).position(|(a, b)| a != b);
-        assert_eq!(first, None, "node {i}: the disk differs at this byte");
-    }
-
-    /// Files under node `i`'s store directory.
-    fn files(&self, i: usize) -> Vec<String> {
-        let root = self.dirs[i].path();
-        let mut v: Vec<String> = walk(root)
-            .into_iter()
-            .map(|f| f.trim_start_matches(&*root.display().to_string()).into())
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn storage(&mut self, id: u64) -> (u64, u64, u64) {
-        let m = self.p.a().job(id).migration.unwrap();
-        (m.storage_bytes_copied, m.storage_bytes_total, m.bytes_sent)
-    }
-
-    fn start(&mut self) -> u64 {
-        self.p.start_move(
-            Mv {
-                include_storage: true,
-                ..Mv::default()
-            }
-            .req("v"),
-        )
-    }
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out
+        .req("v"),
+    )
 }
 
 /// The VM moves a -> b with its disk: guest writes during the disk copy
@@ -140,14 +38,13 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 /// on b's store that its configuration names; a's files are gone.
 #[test]
 fn a_vm_moves_with_its_disk_and_writes_during_both_copies_arrive() {
-    let mut s = Nothing::new();
-    s.started();
+    let mut s = started();
     assert_eq!(
         s.files(0),
-        ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"],
+        ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"],
         "a's files before"
     );
-    let id = s.start();
+    let id = start(&mut s);
     // The disk copy: the job counts storage bytes, no memory yet.
     s.p.until(10_000, "the disk copy runs", |p| {
         p.a().job(id).migration.is_some_and(|m| {
@@ -157,9 +54,9 @@ fn a_vm_moves_with_its_disk_and_writes_during_both_copies_arrive() {
     let (copied, total, _) = s.storage(id);
     assert!(copied < total, "mid-copy: {copied} of {total}");
     assert!(total >= 5 * MIB, "the allocated blocks: {total}");
-    s.write(0, 0, 64 << 10, 7); // behind the copy
-    s.write(0, 15 * MIB + 4096, 8192, 8); // ahead of it
-    s.write(0, 10 * MIB, 4096, 9); // in a hole
+    s.write(0, "v", 0, &pattern(64 << 10, 7)); // behind the copy
+    s.write(0, "v", 15 * MIB + 4096, &pattern(8192, 8)); // ahead of it
+    s.write(0, "v", 10 * MIB, &pattern(4096, 9)); // in a hole
     assert!(
         s.files(1).iter().any(|f| f.ends_with(".partial-b")),
         "{:?}",
@@ -171,8 +68,8 @@ fn a_vm_moves_with_its_disk_and_writes_during_both_copies_arrive() {
     });
     let (copied, total, _) = s.storage(id);
     assert_eq!(copied, total, "the disk copy completed first");
-    s.write(0, 6 * MIB, 4096, 10);
-    s.write(0, 12 * MIB, 512, 11);
+    s.write(0, "v", 6 * MIB, &pattern(4096, 10));
+    s.write(0, "v", 12 * MIB, &pattern(512, 11));
     let j = s.p.until_ended(id);
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     assert_eq!(s.storage(id).0, total, "the ended job keeps its disk bytes");
@@ -180,10 +77,10 @@ fn a_vm_moves_with_its_disk_and_writes_during_both_copies_arrive() {
     assert!(s.p.a().vms().is_empty());
     assert_eq!(s.p.b().vm_state("v").as_deref(), Some("running"));
     s.p.b().check_memory("v");
-    s.check_disk(1);
+    s.check_disk(1, "v");
     // The guest writes on at b.
-    s.write(1, 2 * MIB, 4096, 12);
-    s.check_disk(1);
+    s.write(1, "v", 2 * MIB, &pattern(4096, 12));
+    s.check_disk(1, "v");
     match s.p.b().ok(Request::VmDiskList { name: "v".into() }) {
         Body::Disks { disks, .. } => {
             assert_eq!(disks.len(), 1);
@@ -192,8 +89,8 @@ fn a_vm_moves_with_its_disk_and_writes_during_both_copies_arrive() {
         other => panic!("{other:?}"),
     }
     assert_eq!(s.files(0), Vec::<String>::new(), "a's files are gone");
-    assert_eq!(s.files(1), ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"]);
-    let cfg = std::fs::read_to_string(s.dirs[1].path().join("vms/v/v.vmcfg")).unwrap();
+    assert_eq!(s.files(1), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
+    let cfg = std::fs::read_to_string(s.local[1].path().join("vms/v/v.vmcfg")).unwrap();
     assert!(cfg.contains("local:vms/v/v-0.vhdx"), "{cfg}");
 }
 
@@ -202,9 +99,8 @@ fn a_vm_moves_with_its_disk_and_writes_during_both_copies_arrive() {
 /// back), its partial files are gone.
 #[test]
 fn a_cut_link_during_the_disk_copy_leaves_the_vm_on_a() {
-    let mut s = Nothing::new();
-    s.started();
-    let id = s.start();
+    let mut s = started();
+    let id = start(&mut s);
     s.p.until(10_000, "the disk copy runs", |p| {
         p.a()
             .job(id)
@@ -212,48 +108,47 @@ fn a_cut_link_during_the_disk_copy_leaves_the_vm_on_a() {
             .is_some_and(|m| m.storage_bytes_copied > 0)
     });
     s.p.cut = true;
-    s.write(0, 0, 4096, 21);
+    s.write(0, "v", 0, &pattern(4096, 21));
     let j = s.p.until_ended(id);
     assert_eq!(j.state, JobState::Failed, "{j:?}");
     let why = j.error.unwrap_or_default();
     assert!(why.contains("node b acknowledged no disk write"), "{why}");
     assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
-    s.write(0, 4096, 4096, 22);
-    s.check_disk(0);
+    s.write(0, "v", 4096, &pattern(4096, 22));
+    s.check_disk(0, "v");
     s.p.a().check_memory("v");
-    assert_eq!(s.files(0), ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"]);
+    assert_eq!(s.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
     s.p.cut = false;
     s.p.until(400_000, "b lets go", |p| p.b().vms().is_empty());
     s.p.rounds(10);
     assert_eq!(s.files(1), Vec::<String>::new(), "no partial files on b");
     // It moves once the link is back.
-    let id = s.start();
+    let id = start(&mut s);
     let j = s.p.until_ended(id);
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     s.p.rounds(20);
-    s.check_disk(1);
+    s.check_disk(1, "v");
 }
 
 /// A cut link during the memory copy: the engine gives up, the VM runs on
 /// at a on its own disk (the mirror goes); b removes what it received.
 #[test]
 fn a_cut_link_during_the_memory_copy_leaves_the_vm_on_a() {
-    let mut s = Nothing::new();
-    s.started();
-    let id = s.start();
+    let mut s = started();
+    let id = start(&mut s);
     s.p.until(200_000, "the memory copy runs", |p| {
         p.a().job(id).migration.is_some_and(|m| m.bytes_sent > 0)
     });
-    s.write(0, 3 * MIB, 4096, 31);
+    s.write(0, "v", 3 * MIB, &pattern(4096, 31));
     s.p.cut = true;
-    s.write(0, 5 * MIB, 4096, 32);
+    s.write(0, "v", 5 * MIB, &pattern(4096, 32));
     let j = s.p.until_ended(id);
     assert_ne!(j.state, JobState::Completed, "{j:?}");
     assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
-    s.write(0, 7 * MIB, 4096, 33);
-    s.check_disk(0);
+    s.write(0, "v", 7 * MIB, &pattern(4096, 33));
+    s.check_disk(0, "v");
     s.p.a().check_memory("v");
-    assert_eq!(s.files(0), ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"]);
+    assert_eq!(s.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
     s.p.cut = false;
     s.p.until(400_000, "b lets go", |p| p.b().vms().is_empty());
     s.p.rounds(10);
@@ -305,8 +200,7 @@ fn a_guest_writing_faster_than_the_bandwidth_limit_does_not_starve_the_copy() {
 /// on at a untouched.
 #[test]
 fn refusals_name_the_reason() {
-    let mut s = Nothing::new();
-    s.started();
+    let mut s = started();
     let id = s.p.start_move(
         Mv {
             include_storage: true,
@@ -322,13 +216,13 @@ fn refusals_name_the_reason() {
         why.contains("cannot create the VM's disks on node b: no store named 'nosuch'"),
         "{why}"
     );
-    std::fs::create_dir_all(s.dirs[1].path().join("vms/v")).unwrap();
-    std::fs::write(s.dirs[1].path().join("vms/v/v-0.vhdx"), b"x").unwrap();
-    let id = s.start();
+    std::fs::create_dir_all(s.local[1].path().join("vms/v")).unwrap();
+    std::fs::write(s.local[1].path().join("vms/v/v-0.vhdx"), b"x").unwrap();
+    let id = start(&mut s);
     let j = s.p.until_ended(id);
     let why = j.error.unwrap_or_default();
     assert!(why.contains("local:vms/v/v-0.vhdx exists"), "{why}");
-    assert_eq!(s.files(1), ["/vms/v/v-0.vhdx"]);
+    assert_eq!(s.files(1), ["vms/v/v-0.vhdx"]);
     for (to, store) in [("a", None), ("b", Some("bad name!"))] {
         match s.p.a().call(
             Mv {
@@ -344,8 +238,8 @@ fn refusals_name_the_reason() {
         }
     }
     assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
-    s.check_disk(0);
-    assert_eq!(s.files(0), ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"]);
+    s.check_disk(0, "v");
+    assert_eq!(s.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
 }
 
 /// `job-cancel` during the disk copy: the VM runs on at a on its own disk
@@ -353,23 +247,22 @@ fn refusals_name_the_reason() {
 /// (it sees the link close). A second move then completes.
 #[test]
 fn cancel_during_the_disk_copy_gives_the_vm_its_disk_back() {
-    let mut s = Nothing::new();
-    s.started();
-    let id = s.start();
+    let mut s = started();
+    let id = start(&mut s);
     s.p.until(10_000, "the disk copy runs", |p| {
         p.a().job(id).migration.is_some_and(|m| {
             m.storage_bytes_copied > 0 && m.storage_bytes_copied < m.storage_bytes_total
         })
     });
-    s.write(0, 8 * MIB, 4096, 41);
+    s.write(0, "v", 8 * MIB, &pattern(4096, 41));
     let j = match s.p.a().ok(Request::JobCancel { id }) {
         Body::Job(j) => j,
         other => panic!("{other:?}"),
     };
     assert_eq!(j.state, JobState::Cancelled, "{j:?}");
     assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
-    s.write(0, 9 * MIB, 4096, 42);
-    s.check_disk(0);
+    s.write(0, "v", 9 * MIB, &pattern(4096, 42));
+    s.check_disk(0, "v");
     s.p.until(10_000, "b lets go", |p| p.b().vms().is_empty());
     s.p.rounds(10);
     assert_eq!(s.files(1), Vec::<String>::new(), "no partial files on b");
@@ -385,9 +278,9 @@ fn cancel_during_the_disk_copy_gives_the_vm_its_disk_back() {
     let j = s.p.until_ended(id);
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     s.p.rounds(20);
-    s.check_disk(1);
-    assert_eq!(s.files(1), ["/elsewhere/v-0.vhdx", "/vms/v/v.vmcfg"]);
-    let cfg = std::fs::read_to_string(s.dirs[1].path().join("vms/v/v.vmcfg")).unwrap();
+    s.check_disk(1, "v");
+    assert_eq!(s.files(1), ["elsewhere/v-0.vhdx", "vms/v/v.vmcfg"]);
+    let cfg = std::fs::read_to_string(s.local[1].path().join("vms/v/v.vmcfg")).unwrap();
     assert!(cfg.contains("local:elsewhere/v-0.vhdx"), "{cfg}");
 }
 
@@ -396,9 +289,8 @@ fn cancel_during_the_disk_copy_gives_the_vm_its_disk_back() {
 /// next boot to remove).
 #[test]
 fn a_dead_destination_during_the_disk_copy_leaves_the_vm_on_a() {
-    let mut s = Nothing::new();
-    s.started();
-    let id = s.start();
+    let mut s = started();
+    let id = start(&mut s);
     s.p.until(10_000, "the disk copy runs", |p| {
         p.a()
             .job(id)
@@ -406,16 +298,16 @@ fn a_dead_destination_during_the_disk_copy_leaves_the_vm_on_a() {
             .is_some_and(|m| m.storage_bytes_copied > 0)
     });
     s.p.kill(1);
-    s.write(0, 11 * MIB, 4096, 51);
+    s.write(0, "v", 11 * MIB, &pattern(4096, 51));
     let j = s.p.until_ended(id);
     assert_eq!(j.state, JobState::Failed, "{j:?}");
     let why = j.error.unwrap_or_default();
     assert!(why.contains("node b acknowledged no disk write"), "{why}");
     assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
-    s.write(0, 13 * MIB, 4096, 52);
-    s.check_disk(0);
+    s.write(0, "v", 13 * MIB, &pattern(4096, 52));
+    s.check_disk(0, "v");
     s.p.a().check_memory("v");
-    assert_eq!(s.files(0), ["/vms/v/v-0.vhdx", "/vms/v/v.vmcfg"]);
+    assert_eq!(s.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
     assert!(
         s.files(1).iter().all(|f| f.contains(".partial-")),
         "only partial files on b: {:?}",

@@ -9,144 +9,41 @@
 //! file on b.
 
 use super::*;
-use crate::store::testing::DirChannel;
-use crate::store::{parse_specs, Stores};
-use hvcore::host::StoreChannel;
 
 const MIB: u64 = 1 << 20;
 const DISK_MIB: u64 = 16;
 
-struct Quick {
-    p: Pair,
-    local: [tempfile::TempDir; 2],
-    _shared: tempfile::TempDir,
+/// The checkpoint of VM `vm`'s first disk on node `i` stands.
+fn has_checkpoint(p: &mut Pair, i: usize, vm: &str) -> bool {
+    p.n[i]
+        .node
+        .vms()
+        .iter()
+        .any(|v| v.name() == vm && v.disk_meta()[0].checkpoint.is_some())
 }
 
-impl Quick {
-    fn new() -> Self {
-        let mut p = Pair::new();
-        let shared = tempfile::tempdir().unwrap();
-        let local = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        for (i, name) in ["a", "b"].into_iter().enumerate() {
-            let l = DirChannel::new(name, local[i].path(), 65536);
-            let s = DirChannel::new("shared", shared.path(), 65536);
-            let channels: Vec<Box<dyn StoreChannel>> = vec![Box::new(l), Box::new(s)];
-            let specs = parse_specs(&format!(
-                "store=local:{name}:/srv/{name} store=shared:shared:/srv/shared"
-            ))
-            .0;
-            p.n[i]
-                .node
-                .set_stores(Stores::attach(channels, &specs, name));
-        }
-        Quick {
-            p,
-            local,
-            _shared: shared,
-        }
+fn start_quick(q: &mut Stored, vm: &str) -> u64 {
+    let req = Mv {
+        quick: true,
+        ..Mv::default()
     }
-
-    /// VM `name` (4 MiB, a writer) with a 16 MiB disk on a's own store,
-    /// started.
-    fn started(&mut self, name: &str) {
-        self.p.a().ok(Request::VmCreate {
-            name: name.into(),
-            memory_mib: 4,
-            guest: None,
-            linux: None,
-        });
-        self.p.a().ok(Request::VmDiskCreate {
-            name: name.into(),
-            size_mib: DISK_MIB,
-            store: Some("local".into()),
-            fixed: None,
-        });
-        self.p.a().ok(Request::VmStart { name: name.into() });
-        self.p.rounds(20);
-    }
-
-    /// The guest's disk on node `i` (through the VM's own disk).
-    fn disk(&mut self, i: usize, vm: &str) -> &mut dyn vstorage::VirtualDisk {
-        let v = self.p.n[i]
-            .node
-            .vms_mut()
-            .iter_mut()
-            .find(|v| v.name() == vm)
-            .unwrap_or_else(|| panic!("no VM {vm} on node {i}"));
-        v.disk_mut(0).unwrap()
-    }
-
-    /// A guest write (from the test) into `model` too.
-    fn write(&mut self, vm: &str, model: &mut [u8], at: u64, tag: u8, len: u64) {
-        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(29) ^ tag).collect();
-        let d = self.disk(0, vm);
-        d.write(at, &data).unwrap();
-        d.flush().unwrap();
-        model[at as usize..(at + len) as usize].copy_from_slice(&data);
-    }
-
-    /// The files below node `i`'s own store, relative, sorted.
-    fn files(&self, i: usize) -> Vec<String> {
-        fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    walk(root, &p, out);
-                } else if let Ok(r) = p.strip_prefix(root) {
-                    out.push(r.display().to_string());
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(self.local[i].path(), self.local[i].path(), &mut out);
-        out.sort();
-        out
-    }
-
-    /// The virtual disk in the VHDX at `rel` on node `i`'s store.
-    fn file_reads(&self, i: usize, rel: &str) -> Vec<u8> {
-        let bytes = std::fs::read(self.local[i].path().join(rel)).unwrap();
-        let mut d = vstorage::vhdx::Vhdx::open(
-            vstorage::MemIo::from_vec(bytes),
-            vstorage::vhdx::OpenOptions::read_only(),
-        )
-        .unwrap();
-        let mut all = vec![0u8; (DISK_MIB * MIB) as usize];
-        vstorage::VirtualDisk::read(&mut d, 0, &mut all).unwrap();
-        all
-    }
-
-    fn start_quick(&mut self, vm: &str) -> u64 {
-        let req = Mv {
-            quick: true,
-            ..Mv::default()
-        }
-        .req(vm);
-        self.p.start_move(req)
-    }
-}
-
-/// `got` equals `want`, or the first difference is named.
-fn same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: byte {i} is {} not {}", got[i], want[i]);
-    }
+    .req(vm);
+    q.p.start_move(req)
 }
 
 #[test]
 fn a_quick_move_brings_the_disk_with_every_write_and_leaves_nothing_on_a() {
-    let mut q = Quick::new();
-    q.started("v");
-    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
+    let mut q = Stored::new();
+    q.started("v", Some("local"), DISK_MIB);
     // 12 MiB of data: the base copy spans several rounds (the remote
     // target's window is 2 MiB).
-    q.write("v", &mut model, 0, 1, 8 * MIB);
-    q.write("v", &mut model, 10 * MIB + 4096, 2, 4 * MIB);
+    q.write(0, "v", 0, &pattern(8 * MIB, 1));
+    q.write(0, "v", 10 * MIB + 4096, &pattern(4 * MIB, 2));
     assert_eq!(q.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
-    let id = q.start_quick("v");
+    let id = start_quick(&mut q, "v");
     // Until the guest is saved it writes (the checkpoint takes it): over
     // the base's data, into holes, zeros over data.
+    let model = q.images.get_mut("v").unwrap();
     let mut writes = 0u64;
     let mut growth = Vec::new();
     q.p.until(400_000, "the VM is saved", |p| {
@@ -203,13 +100,11 @@ fn a_quick_move_brings_the_disk_with_every_write_and_leaves_nothing_on_a() {
     assert!(q.p.a().vms().is_empty(), "v left a");
     assert_eq!(q.p.b().vm_state("v").as_deref(), Some("running"));
     // b runs on the merged base: what the guest sees, and the file.
-    let mut seen = vec![0u8; model.len()];
-    q.disk(1, "v").read(0, &mut seen).unwrap();
-    same(&seen, &model, "the guest's disk on b");
+    q.check_disk(1, "v");
     assert!(q.files(0).is_empty(), "a keeps {:?}", q.files(0));
     assert_eq!(q.files(1), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
     q.disk(1, "v").flush().unwrap();
-    same(&q.file_reads(1, "vms/v/v-0.vhdx"), &model, "b's base file");
+    q.check_file(1, "vms/v/v-0.vhdx", "v");
     let cfg = std::fs::read_to_string(q.local[1].path().join("vms/v/v.vmcfg")).unwrap();
     assert!(
         cfg.contains("disk.0=dynamic local:vms/v/v-0.vhdx\n"),
@@ -220,19 +115,14 @@ fn a_quick_move_brings_the_disk_with_every_write_and_leaves_nothing_on_a() {
 
 #[test]
 fn a_link_broken_during_the_base_copy_leaves_the_vm_on_a_and_nothing_on_b() {
-    let mut q = Quick::new();
-    q.started("v");
-    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
-    q.write("v", &mut model, 0, 1, 12 * MIB);
-    let id = q.start_quick("v");
+    let mut q = Stored::new();
+    q.started("v", Some("local"), DISK_MIB);
+    q.write(0, "v", 0, &pattern(12 * MIB, 1));
+    let id = start_quick(&mut q, "v");
     // The base copy is under way: the checkpoint stands, b has a partial
     // file.
     q.p.until(400_000, "the base copy runs", |p| {
-        p.n[0]
-            .node
-            .vms()
-            .iter()
-            .any(|v| v.name() == "v" && v.disk_meta()[0].checkpoint.is_some())
+        has_checkpoint(p, 0, "v")
             && p.a()
                 .job(id)
                 .migration
@@ -245,7 +135,7 @@ fn a_link_broken_during_the_base_copy_leaves_the_vm_on_a_and_nothing_on_b() {
         q.files(1)
     );
     // The guest writes its checkpoint; then the connection breaks.
-    q.write("v", &mut model, 13 * MIB, 7, 8192);
+    q.write(0, "v", 13 * MIB, &pattern(8192, 7));
     for s in q.p.n[0].net().sockets.values_mut() {
         if s.remote.is_some() && !s.released {
             s.state = TcpState::Closed;
@@ -258,12 +148,10 @@ fn a_link_broken_during_the_base_copy_leaves_the_vm_on_a_and_nothing_on_b() {
     q.p.rounds(50);
     // The VM runs on at a, on its base with the checkpoint merged back.
     assert_eq!(q.p.a().vm_state("v").as_deref(), Some("running"));
-    let mut seen = vec![0u8; model.len()];
-    q.disk(0, "v").read(0, &mut seen).unwrap();
-    same(&seen, &model, "the guest's disk on a");
+    q.check_disk(0, "v");
     q.disk(0, "v").flush().unwrap();
     assert_eq!(q.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
-    same(&q.file_reads(0, "vms/v/v-0.vhdx"), &model, "a's base file");
+    q.check_file(0, "vms/v/v-0.vhdx", "v");
     let cfg = std::fs::read_to_string(q.local[0].path().join("vms/v/v.vmcfg")).unwrap();
     assert!(!cfg.contains("checkpoint"), "{cfg}");
     // Nothing of it on b.
@@ -273,20 +161,15 @@ fn a_link_broken_during_the_base_copy_leaves_the_vm_on_a_and_nothing_on_b() {
 
 #[test]
 fn a_link_broken_during_the_memory_copy_resumes_the_vm_on_a_with_its_checkpoint_merged() {
-    let mut q = Quick::new();
-    q.started("v");
-    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
-    q.write("v", &mut model, 0, 1, 12 * MIB);
-    let id = q.start_quick("v");
+    let mut q = Stored::new();
+    q.started("v", Some("local"), DISK_MIB);
+    q.write(0, "v", 0, &pattern(12 * MIB, 1));
+    let id = start_quick(&mut q, "v");
     // The guest writes its checkpoint while the base copies.
     q.p.until(400_000, "the checkpoint stands", |p| {
-        p.n[0]
-            .node
-            .vms()
-            .iter()
-            .any(|v| v.name() == "v" && v.disk_meta()[0].checkpoint.is_some())
+        has_checkpoint(p, 0, "v")
     });
-    q.write("v", &mut model, 14 * MIB + 512, 9, 4096);
+    q.write(0, "v", 14 * MIB + 512, &pattern(4096, 9));
     // The disks are on b; the memory moves with the VM saved.
     q.p.until_phase(id, Phase::FinalCopy);
     assert!(
@@ -303,67 +186,47 @@ fn a_link_broken_during_the_memory_copy_resumes_the_vm_on_a_with_its_checkpoint_
     assert_eq!(j.state, JobState::Failed, "{j:?}");
     q.p.rounds(50);
     assert_eq!(q.p.a().vm_state("v").as_deref(), Some("running"));
-    let mut seen = vec![0u8; model.len()];
-    q.disk(0, "v").read(0, &mut seen).unwrap();
-    same(&seen, &model, "the guest's disk on a");
+    q.check_disk(0, "v");
     q.disk(0, "v").flush().unwrap();
     assert_eq!(q.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
-    same(
-        &q.file_reads(0, "vms/v/v-0.vhdx"),
-        &model,
-        "a's base file, merged",
-    );
+    q.check_file(0, "vms/v/v-0.vhdx", "v");
     assert!(q.files(1).is_empty(), "b keeps {:?}", q.files(1));
     assert!(q.p.b().vm_state("v").is_none());
 }
 
 #[test]
 fn a_cancel_during_the_base_copy_leaves_the_vm_on_a_with_its_checkpoint_merged() {
-    let mut q = Quick::new();
-    q.started("v");
-    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
-    q.write("v", &mut model, 0, 1, 12 * MIB);
-    let id = q.start_quick("v");
+    let mut q = Stored::new();
+    q.started("v", Some("local"), DISK_MIB);
+    q.write(0, "v", 0, &pattern(12 * MIB, 1));
+    let id = start_quick(&mut q, "v");
     q.p.until(400_000, "the checkpoint stands", |p| {
-        p.n[0]
-            .node
-            .vms()
-            .iter()
-            .any(|v| v.name() == "v" && v.disk_meta()[0].checkpoint.is_some())
+        has_checkpoint(p, 0, "v")
     });
-    q.write("v", &mut model, 5 * MIB, 3, 8192);
+    q.write(0, "v", 5 * MIB, &pattern(8192, 3));
     q.p.a().ok(Request::JobCancel { id });
     let j = q.p.until_ended(id);
     assert_eq!(j.state, JobState::Cancelled, "{j:?}");
     q.p.rounds(50);
     assert_eq!(q.p.a().vm_state("v").as_deref(), Some("running"));
-    let mut seen = vec![0u8; model.len()];
-    q.disk(0, "v").read(0, &mut seen).unwrap();
-    same(&seen, &model, "the guest's disk on a");
+    q.check_disk(0, "v");
     q.disk(0, "v").flush().unwrap();
     assert_eq!(q.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
-    same(
-        &q.file_reads(0, "vms/v/v-0.vhdx"),
-        &model,
-        "a's base file, merged",
-    );
+    q.check_file(0, "vms/v/v-0.vhdx", "v");
     assert!(q.files(1).is_empty(), "b keeps {:?}", q.files(1));
     // And it can move again afterwards.
-    let again = q.start_quick("v");
+    let again = start_quick(&mut q, "v");
     let j = q.p.until_ended(again);
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     q.p.rounds(20);
-    let mut seen = vec![0u8; model.len()];
-    q.disk(1, "v").read(0, &mut seen).unwrap();
-    same(&seen, &model, "the guest's disk on b");
+    q.check_disk(1, "v");
 }
 
 #[test]
 fn an_in_doubt_quick_move_kept_at_the_destination_deletes_the_sources_files() {
-    let mut q = Quick::new();
-    q.started("v");
-    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
-    q.write("v", &mut model, 0, 1, 12 * MIB);
+    let mut q = Stored::new();
+    q.started("v", Some("local"), DISK_MIB);
+    q.write(0, "v", 0, &pattern(12 * MIB, 1));
     let req = Mv {
         quick: true,
         resumed_ms: 5000,
@@ -390,17 +253,14 @@ fn an_in_doubt_quick_move_kept_at_the_destination_deletes_the_sources_files() {
     q.p.rounds(20);
     assert!(q.p.a().vms().is_empty());
     assert!(q.files(0).is_empty(), "a keeps {:?}", q.files(0));
-    let mut seen = vec![0u8; model.len()];
-    q.disk(1, "v").read(0, &mut seen).unwrap();
-    same(&seen, &model, "the guest's disk on b");
+    q.check_disk(1, "v");
 }
 
 #[test]
 fn a_disk_copy_past_the_moves_timeout_fails_and_the_vm_stays() {
-    let mut q = Quick::new();
-    q.started("v");
-    let mut model = vec![0u8; (DISK_MIB * MIB) as usize];
-    q.write("v", &mut model, 0, 1, 12 * MIB);
+    let mut q = Stored::new();
+    q.started("v", Some("local"), DISK_MIB);
+    q.write(0, "v", 0, &pattern(12 * MIB, 1));
     let req = Mv {
         quick: true,
         timeout_s: Some(1),
@@ -409,11 +269,7 @@ fn a_disk_copy_past_the_moves_timeout_fails_and_the_vm_stays() {
     .req("v");
     let id = q.p.start_move(req);
     q.p.until(400_000, "the checkpoint stands", |p| {
-        p.n[0]
-            .node
-            .vms()
-            .iter()
-            .any(|v| v.name() == "v" && v.disk_meta()[0].checkpoint.is_some())
+        has_checkpoint(p, 0, "v")
     });
     // The link goes silent: the copy can no longer end (the 8 s ack
     // stall would come later than the 1 s timeout).
@@ -423,8 +279,6 @@ fn a_disk_copy_past_the_moves_timeout_fails_and_the_vm_stays() {
     let err = j.error.clone().unwrap_or_default();
     assert!(err.contains("did not complete within 1 s"), "{err}");
     assert_eq!(q.p.a().vm_state("v").as_deref(), Some("running"));
-    let mut seen = vec![0u8; model.len()];
-    q.disk(0, "v").read(0, &mut seen).unwrap();
-    same(&seen, &model, "the guest's disk on a");
+    q.check_disk(0, "v");
     assert_eq!(q.files(0), ["vms/v/v-0.vhdx", "vms/v/v.vmcfg"]);
 }

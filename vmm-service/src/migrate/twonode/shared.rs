@@ -4,55 +4,9 @@
 //! temporary directories, the `shared` one the same directory for both.
 
 use super::*;
-use crate::lease::{LeaseRecord, Timing};
-use crate::store::testing::DirChannel;
-use crate::store::{parse_specs, Stores};
-use hvcore::host::StoreChannel;
+use crate::lease::LeaseRecord;
 
-/// Short lease times so that expiry fits a test (the rules of
-/// `Timing::check` hold).
-const TIMING: Timing = Timing {
-    renew_ms: 10,
-    expire_ms: 100,
-    settle_ms: 30,
-    margin_ms: 10,
-};
-
-struct Shared {
-    p: Pair,
-    /// Each node's 9P server of the shared store (to inject failures).
-    servers: Vec<Rc<core::cell::RefCell<vstorage::p9::server::DirServer>>>,
-    shared: tempfile::TempDir,
-    _local: [tempfile::TempDir; 2],
-}
-
-impl Shared {
-    fn new() -> Self {
-        let mut p = Pair::new();
-        let shared = tempfile::tempdir().unwrap();
-        let local = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        let mut servers = Vec::new();
-        for (i, name) in ["a", "b"].into_iter().enumerate() {
-            let l = DirChannel::new(name, local[i].path(), 65536);
-            let s = DirChannel::new("shared", shared.path(), 65536);
-            servers.push(s.server.clone());
-            let channels: Vec<Box<dyn StoreChannel>> = vec![Box::new(l), Box::new(s)];
-            let specs = parse_specs(&format!(
-                "store=local:{name}:/srv/{name} store=shared:shared:/srv/shared"
-            ))
-            .0;
-            let node = &mut p.n[i];
-            node.node.set_stores(Stores::attach(channels, &specs, name));
-            node.node.set_lease_timing(TIMING);
-        }
-        Shared {
-            p,
-            servers,
-            shared,
-            _local: local,
-        }
-    }
-
+impl Stored {
     /// VM `name` with a 4 MiB disk on the shared store, on node `i`.
     fn create(&mut self, i: usize, name: &str) -> Outcome {
         self.p.n[i].create_with_disk(name, Some("shared"))
@@ -109,20 +63,7 @@ impl Shared {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out
-}
-
-fn gate_open(s: &mut Shared, i: usize, vm: &str) -> bool {
+fn gate_open(s: &mut Stored, i: usize, vm: &str) -> bool {
     s.p.n[i]
         .node
         .vms()
@@ -146,7 +87,7 @@ fn error_of(o: Outcome) -> crate::mgmt::proto::ApiError {
 /// meanwhile.
 #[test]
 fn a_shared_store_vm_moves_with_its_lease() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     let l = s.lease("s").expect("the lease is taken with the disk");
     assert_eq!((l.owner.as_str(), l.epoch), ("a", 1));
@@ -217,7 +158,7 @@ fn a_shared_store_vm_moves_with_its_lease() {
 /// the holder; when the lease is free again, resume takes it.
 #[test]
 fn a_lost_lease_fences_the_vm() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
@@ -251,7 +192,7 @@ fn a_lost_lease_fences_the_vm() {
 /// expiry and the settle time.
 #[test]
 fn start_is_refused_while_another_node_holds_the_lease() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "t"), Outcome::Ok(_)));
     s.write_lease("t", "b", 4);
     // The node loop renews the lease of the created VM and finds it lost.
@@ -291,7 +232,7 @@ fn start_is_refused_while_another_node_holds_the_lease() {
 /// (the destination never adopted it) and runs on; b keeps nothing.
 #[test]
 fn a_failure_before_the_commit_point_keeps_a_as_owner() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
@@ -330,7 +271,7 @@ fn a_failure_before_the_commit_point_keeps_a_as_owner() {
 /// incarnation changed) until it expires.
 #[test]
 fn the_destination_lost_after_adopting_keeps_the_vm() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
@@ -359,7 +300,7 @@ fn the_destination_lost_after_adopting_keeps_the_vm() {
 /// source copy (stale), and is told why.
 #[test]
 fn keeping_a_stale_source_copy_is_refused() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
@@ -393,7 +334,7 @@ fn keeping_a_stale_source_copy_is_refused() {
 /// A VM with a disk on a store only this node sees is still refused.
 #[test]
 fn a_vm_on_a_local_store_is_still_refused() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(
         s.p.a().create_with_disk("l", Some("local")),
         Outcome::Ok(_)
@@ -413,7 +354,7 @@ fn a_vm_on_a_local_store_is_still_refused() {
 /// the move completes.
 #[test]
 fn the_source_renews_while_the_vm_moves() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
@@ -446,7 +387,7 @@ fn the_source_renews_while_the_vm_moves() {
 /// write gate: losing the lease then stops its writes at the I/O layer.
 #[test]
 fn a_disk_moved_onto_the_shared_store_takes_the_lease() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(
         s.p.a().create_with_disk("m", Some("local")),
         Outcome::Ok(_)
@@ -484,7 +425,7 @@ fn a_disk_moved_onto_the_shared_store_takes_the_lease() {
 /// lease back at once and runs on.
 #[test]
 fn a_destination_lost_before_adopting_leaves_the_source_its_copy() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
@@ -529,7 +470,7 @@ fn a_destination_lost_before_adopting_leaves_the_source_its_copy() {
 /// stopped it (lease removed), b starts it and writes its disk.
 #[test]
 fn an_imported_vm_starts_only_on_the_lease_holder() {
-    let mut s = Shared::new();
+    let mut s = Stored::new();
     assert!(matches!(s.create(0, "s"), Outcome::Ok(_)));
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
@@ -573,6 +514,6 @@ fn an_imported_vm_starts_only_on_the_lease_holder() {
     s.disk_write(1, "s").unwrap();
 }
 
-fn s_writes(s: &Shared) -> u64 {
+fn s_writes(s: &Stored) -> u64 {
     s.servers[1].borrow().count(vstorage::p9::Op::Write)
 }

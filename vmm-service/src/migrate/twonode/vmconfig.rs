@@ -7,44 +7,9 @@
 //! the id (and a Linux VM's kernel arguments) the `open` carried.
 
 use super::*;
-use crate::lease::Timing;
-use crate::store::testing::DirChannel;
-use crate::store::{parse_specs, Stores};
-use hvcore::host::StoreChannel;
-
-struct Stored {
-    p: Pair,
-    shared: tempfile::TempDir,
-    local: [tempfile::TempDir; 2],
-}
 
 impl Stored {
-    fn new() -> Self {
-        let mut p = Pair::new();
-        let shared = tempfile::tempdir().unwrap();
-        let local = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        for (i, name) in ["a", "b"].into_iter().enumerate() {
-            let l = DirChannel::new(name, local[i].path(), 65536);
-            let s = DirChannel::new("shared", shared.path(), 65536);
-            let channels: Vec<Box<dyn StoreChannel>> = vec![Box::new(l), Box::new(s)];
-            let specs = parse_specs(&format!(
-                "store=local:{name}:/srv/{name} store=shared:shared:/srv/shared"
-            ))
-            .0;
-            let node = &mut p.n[i];
-            node.node.set_stores(Stores::attach(channels, &specs, name));
-            // Short lease times, as in shared.rs.
-            node.node.set_lease_timing(Timing {
-                renew_ms: 10,
-                expire_ms: 100,
-                settle_ms: 30,
-                margin_ms: 10,
-            });
-        }
-        Stored { p, shared, local }
-    }
-
-    fn files(&mut self, i: usize, vm: &str) -> crate::mgmt::proto::VmFiles {
+    fn vm_files(&mut self, i: usize, vm: &str) -> crate::mgmt::proto::VmFiles {
         let v = self.p.n[i]
             .vms()
             .into_iter()
@@ -114,14 +79,14 @@ fn a_shared_store_vm_keeps_its_configuration_and_id_across_a_move() {
     s.p.until(1000, "the config move", |p| {
         p.a().job(job).state == JobState::Completed
     });
-    let on_a = s.files(0, "s");
+    let on_a = s.vm_files(0, "s");
     assert_eq!(on_a.config.as_deref(), Some("shared:vms/s/s.vmcfg"));
     assert!(!s.local[0].path().join("vms/s/s.vmcfg").exists());
     s.p.a().ok(Request::VmStart { name: "s".into() });
     s.p.rounds(50);
 
     s.moved("s");
-    assert_eq!(s.files(1, "s"), on_a, "the same file and id on b");
+    assert_eq!(s.vm_files(1, "s"), on_a, "the same file and id on b");
     let text = std::fs::read_to_string(s.shared.path().join("vms/s/s.vmcfg")).unwrap();
     let cfg = crate::vmconfig::VmConfig::parse(text.as_bytes()).unwrap();
     assert_eq!(cfg.id.to_string(), on_a.vm_id);
@@ -139,7 +104,7 @@ fn a_shared_store_vm_keeps_its_configuration_and_id_across_a_move() {
 fn a_vm_whose_file_is_on_the_sources_store_gets_a_new_one_there() {
     let mut s = Stored::new();
     s.p.started("v");
-    let on_a = s.files(0, "v");
+    let on_a = s.vm_files(0, "v");
     assert_eq!(on_a.config.as_deref(), Some("local:vms/v/v.vmcfg"));
     assert!(s.local[0].path().join("vms/v/v.vmcfg").exists());
     s.moved("v");
@@ -147,7 +112,7 @@ fn a_vm_whose_file_is_on_the_sources_store_gets_a_new_one_there() {
         !s.local[0].path().join("vms/v/v.vmcfg").exists(),
         "a's file went with the VM"
     );
-    let on_b = s.files(1, "v");
+    let on_b = s.vm_files(1, "v");
     assert_eq!(on_b.config.as_deref(), Some("local:vms/v/v.vmcfg"));
     assert_eq!(on_b.vm_id, on_a.vm_id, "the open carried the id");
     let text = std::fs::read_to_string(s.local[1].path().join("vms/v/v.vmcfg")).unwrap();
@@ -179,7 +144,7 @@ fn a_linux_vm_keeps_its_id_and_kernel_arguments_across_a_to_b_to_a() {
     });
     s.p.a().ok(Request::VmStart { name: "lx".into() });
     s.p.rounds(50);
-    let id = s.files(0, "lx").vm_id;
+    let id = s.vm_files(0, "lx").vm_id;
     let linux = Boot::Linux {
         append: append.into(),
     };
@@ -193,7 +158,7 @@ fn a_linux_vm_keeps_its_id_and_kernel_arguments_across_a_to_b_to_a() {
             !s.local[from].path().join("vms/lx/lx.vmcfg").exists(),
             "the source's file went with the VM"
         );
-        let on = s.files(to, "lx");
+        let on = s.vm_files(to, "lx");
         assert_eq!(
             (on.vm_id.as_str(), on.config.as_deref()),
             (id.as_str(), Some("local:vms/lx/lx.vmcfg"))
@@ -216,7 +181,7 @@ fn a_vm_whose_id_is_taken_on_the_destination_is_refused() {
         guest: None,
         linux: None,
     });
-    let id = s.files(0, "v").vm_id;
+    let id = s.vm_files(0, "v").vm_id;
     let vm_id = crate::vmconfig::VmId::parse(&id).unwrap();
     let w = s.p.n[1]
         .node
@@ -233,7 +198,7 @@ fn a_vm_whose_id_is_taken_on_the_destination_is_refused() {
         "{e}"
     );
     assert_eq!(s.p.a().vm_state("v").as_deref(), Some("running"));
-    assert_eq!(s.files(0, "v").vm_id, id);
+    assert_eq!(s.vm_files(0, "v").vm_id, id);
     assert!(s.p.b().vms().iter().all(|v| v.name != "v"));
 }
 
