@@ -160,8 +160,7 @@ fn a_cut_link_during_the_memory_copy_leaves_the_vm_on_a() {
 /// ends at the limit's pace and the move completes with every byte.
 #[test]
 fn a_guest_writing_faster_than_the_bandwidth_limit_does_not_starve_the_copy() {
-    let mut s = Nothing::new();
-    s.started();
+    let mut s = started();
     let id = s.p.start_move(
         Mv {
             include_storage: true,
@@ -178,7 +177,7 @@ fn a_guest_writing_faster_than_the_bandwidth_limit_does_not_starve_the_copy() {
     let mut k = 0u64;
     while s.storage(id).2 == 0 {
         assert!(k < 600, "the disk copy starved: {:?}", s.storage(id));
-        s.write(0, 0, 256 << 10, 40 + (k % 100) as u8);
+        s.write(0, "v", 0, &pattern(256 << 10, 40 + (k % 100) as u8));
         let next = t0 + (k + 1) * 100_000_000;
         while s.p.clock.get() < next {
             s.p.round();
@@ -192,7 +191,7 @@ fn a_guest_writing_faster_than_the_bandwidth_limit_does_not_starve_the_copy() {
     assert_eq!(j.state, JobState::Completed, "{j:?}");
     s.p.rounds(50);
     assert_eq!(s.p.b().vm_state("v").as_deref(), Some("running"));
-    s.check_disk(1);
+    s.check_disk(1, "v");
 }
 
 /// Refusals: b cannot create the disks (no such store; a file in the
