@@ -42,7 +42,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use vstorage::vhdx::{self, CreateParams, OpenOptions, ParentSpec, Vhdx};
-use vstorage::{BlockIo, DiskError, VirtualDisk};
+use vstorage::{BlockIo, VirtualDisk};
 
 /// A disk file on a store, opened.
 pub type StoreDisk = Vhdx<Box<dyn BlockIo>>;
@@ -51,31 +51,6 @@ pub type StoreDisk = Vhdx<Box<dyn BlockIo>>;
 /// `snapshots` (`STORE:DIR`).
 pub fn child_location(snapshots: &str, vm: &str, slot: u8) -> String {
     vmconfig::file_in(snapshots, &format!("{vm}-{slot}-checkpoint.avhdx"))
-}
-
-/// The chain as the VM's disk, shared with the [`Checkpoint`] that may
-/// merge it (each call borrows it for its own duration).
-pub struct ChainHandle(Rc<RefCell<StoreDisk>>);
-
-impl VirtualDisk for ChainHandle {
-    fn virtual_size(&self) -> u64 {
-        self.0.borrow().virtual_size()
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.0.borrow().logical_sector_size()
-    }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        self.0.borrow_mut().read(offset, buf)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-        self.0.borrow_mut().write(offset, data)
-    }
-    fn flush(&mut self) -> Result<(), DiskError> {
-        self.0.borrow_mut().flush()
-    }
-    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
-        self.0.borrow_mut().allocated_ranges()
-    }
 }
 
 /// Open the file at `location` as a read-write VHDX (`seed` seeds the GUIDs
@@ -264,7 +239,7 @@ pub fn take(vm: &mut Vm, files: &dyn FileStore, slot: u8) -> Result<Checkpoint, 
         ));
     }
     let chain = Rc::new(RefCell::new(disk));
-    vm.replace_disk(slot, Box::new(ChainHandle(chain.clone())));
+    vm.replace_disk(slot, Box::new(chain.clone()));
     Ok(Checkpoint {
         vm: vm.name().into(),
         slot,
@@ -405,7 +380,7 @@ impl Checkpoint {
         let mut disk = match Rc::try_unwrap(chain) {
             Ok(c) => c.into_inner(),
             Err(chain) => {
-                vm.replace_disk(slot, Box::new(ChainHandle(chain.clone())));
+                vm.replace_disk(slot, Box::new(chain.clone()));
                 let cp = Self {
                     vm: name,
                     slot,
@@ -419,7 +394,7 @@ impl Checkpoint {
         let Some(parent) = disk.take_parent() else {
             // Cannot happen: the merge needed the parent attached.
             let chain = Rc::new(RefCell::new(disk));
-            vm.replace_disk(slot, Box::new(ChainHandle(chain.clone())));
+            vm.replace_disk(slot, Box::new(chain.clone()));
             let cp = Self {
                 vm: name,
                 slot,

@@ -379,6 +379,37 @@ impl<T: VirtualDisk + ?Sized> VirtualDisk for alloc::boxed::Box<T> {
     }
 }
 
+/// A disk shared by the VM and the job that steps it (a mirror being
+/// copied, a checkpoint chain being merged) is a disk: each call borrows
+/// it for that call only. Single-threaded use only; a call made while
+/// another holds the borrow is a bug of the caller and panics.
+impl<T: VirtualDisk + ?Sized> VirtualDisk for alloc::rc::Rc<core::cell::RefCell<T>> {
+    fn virtual_size(&self) -> u64 {
+        self.borrow().virtual_size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.borrow().logical_sector_size()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.borrow_mut().read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.borrow_mut().write(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.borrow_mut().flush()
+    }
+    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
+        self.borrow_mut().allocated_ranges()
+    }
+    fn durability_ticket(&mut self) -> Option<u64> {
+        self.borrow_mut().durability_ticket()
+    }
+    fn is_durable(&mut self, ticket: u64) -> bool {
+        self.borrow_mut().is_durable(ticket)
+    }
+}
+
 /// Checks that `[offset, offset+len)` is sector-aligned and inside a disk.
 pub fn check_request(
     offset: u64,

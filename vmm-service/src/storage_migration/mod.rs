@@ -51,36 +51,10 @@ use core::cell::RefCell;
 use vstorage::copy::{CopyOptions, CopyStats};
 use vstorage::mirror::{MirroredDisk, Step};
 use vstorage::vhdx::{self, CreateParams, Vhdx};
-use vstorage::{BlockIo, DiskError, VirtualDisk};
+use vstorage::{BlockIo, VirtualDisk};
 
 /// The source and destination of one disk's move.
 pub type Mirror = MirroredDisk<Box<dyn VirtualDisk>, Vhdx<Box<dyn BlockIo>>>;
-
-/// The VM's view of a disk under migration: the mirror, shared with the
-/// job that steps it (the node has one thread: each call borrows it for
-/// its own duration, never across calls).
-pub struct MirrorHandle(Rc<RefCell<Mirror>>);
-
-impl VirtualDisk for MirrorHandle {
-    fn virtual_size(&self) -> u64 {
-        self.0.borrow().virtual_size()
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.0.borrow().logical_sector_size()
-    }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        self.0.borrow_mut().read(offset, buf)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-        self.0.borrow_mut().write(offset, data)
-    }
-    fn flush(&mut self) -> Result<(), DiskError> {
-        self.0.borrow_mut().flush()
-    }
-    fn allocated_ranges(&mut self) -> Result<Vec<(u64, u64)>, DiskError> {
-        self.0.borrow_mut().allocated_ranges()
-    }
-}
 
 /// Where a job moves a VM's disks, configuration file and snapshot
 /// location.
@@ -539,7 +513,7 @@ impl StorageMove {
                 return Err(format!("cannot read the source's allocation: {e}"));
             }
         };
-        vm.replace_disk(slot, Box::new(MirrorHandle(mirror.clone())));
+        vm.replace_disk(slot, Box::new(mirror.clone()));
         self.current = Some(DiskMove { slot, to, mirror });
         Ok(())
     }
