@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hvmgmt::auth::ClusterKey;
-use hvmgmt::proto::{Body, JobState, MigrationReport, Outcome, PausePhases, Request};
+use hvmgmt::proto::{Body, JobState, MigrationReport, Outcome, PausePhases, Request, VmMove};
 use serde::Serialize;
 
 use crate::cluster;
@@ -508,21 +508,11 @@ pub(crate) fn start_until_beat(
 /// `vm-move` of `vm` from a to b at the default downtime limit, no
 /// bandwidth cap, verification mode iff `verify`.
 pub(crate) fn move_request(vm: &str, verify: bool) -> Request {
-    Request::VmMove {
-        name: vm.into(),
-        to: "b".into(),
-        downtime_ms: None,
-        bandwidth_mib_s: None,
+    Request::VmMove(VmMove {
         timeout_s: Some(MOVE_TIMEOUT_S),
-        encrypt: None,
         verify: Some(verify),
-        debug_hold_accept_ms: None,
-        debug_hold_ready_ms: None,
-        debug_hold_resumed_ms: None,
-        include_storage: false,
-        store: None,
-        quick: false,
-    }
+        ..VmMove::to(vm, "b")
+    })
 }
 
 /// The heartbeats of a move: from just before it starts until

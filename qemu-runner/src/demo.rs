@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hvmgmt::auth::ClusterKey;
-use hvmgmt::proto::{Body, ErrorCode, JobState, Outcome, Request};
+use hvmgmt::proto::{Body, ErrorCode, JobState, Outcome, Request, VmMove};
 
 use crate::cluster::{self, Boot, ClusterState};
 use crate::hvctl::{self, Client};
@@ -183,21 +183,7 @@ pub fn two_nodes(boot: &Boot, dir: &Path) -> Result<bool, String> {
     println!("  [{VM} on a] ...\n  [{VM} on a] {last_on_a}\n");
 
     println!("hvctl --node a vm move {VM} --to b --wait");
-    let job = match a.call(Request::VmMove {
-        name: VM.into(),
-        to: "b".into(),
-        downtime_ms: None,
-        bandwidth_mib_s: None,
-        timeout_s: None,
-        encrypt: None,
-        verify: None,
-        debug_hold_accept_ms: None,
-        debug_hold_ready_ms: None,
-        debug_hold_resumed_ms: None,
-        include_storage: false,
-        store: None,
-        quick: false,
-    })? {
+    let job = match a.call(Request::VmMove(VmMove::to(VM, "b")))? {
         Outcome::Ok(Body::Job(j)) => j,
         Outcome::Error(e) if e.code == ErrorCode::Unsupported => {
             // A node built before live migration between nodes existed:

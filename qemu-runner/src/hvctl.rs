@@ -27,7 +27,7 @@ use hvmgmt::auth::{ClusterKey, Nonce};
 use hvmgmt::client::{ClientConn, ClientEvent};
 use hvmgmt::proto::{
     ApiError, Body, JobInfo, JobState, Keep, MigrationInfo, MigrationReport, NodeInfo, Outcome,
-    Phase, Request, StoreInfo, VmInfo, CONSOLE_LINES_MAX,
+    Phase, Request, StoreInfo, VmInfo, VmMove, CONSOLE_LINES_MAX,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -604,7 +604,7 @@ impl Cli {
                     include_storage,
                     store,
                 } => {
-                    let request = Request::VmMove {
+                    let request = Request::VmMove(VmMove {
                         name: name.clone(),
                         to: to.clone(),
                         downtime_ms: *downtime_ms,
@@ -618,7 +618,7 @@ impl Cli {
                         include_storage: *include_storage,
                         store: store.clone(),
                         quick: *quick,
-                    };
+                    });
                     if *wait {
                         return Action::MoveAndWait(request);
                     }
@@ -1353,7 +1353,7 @@ fn choose_node(vm_bytes: u64, vendor: &str, peers: &[Candidate]) -> Result<Strin
 /// other request is returned as it is.
 fn place_if_auto(cli: &Cli, source: &mut Client, mut request: Request) -> Result<Request, String> {
     let name = match &request {
-        Request::VmMove { name, to, .. } if to == AUTO => name.clone(),
+        Request::VmMove(VmMove { name, to, .. }) if to == AUTO => name.clone(),
         _ => return Ok(request),
     };
     if cli.addr.is_some() {
@@ -1397,7 +1397,7 @@ fn place_if_auto(cli: &Cli, source: &mut Client, mut request: Request) -> Result
             "placement: node {chosen} ({free} MiB free, the most of the nodes that can run {name})"
         );
     }
-    if let Request::VmMove { to, .. } = &mut request {
+    if let Request::VmMove(VmMove { to, .. }) = &mut request {
         *to = chosen;
     }
     Ok(request)
@@ -1505,7 +1505,7 @@ fn check_moved(cli: &Cli, source: &mut Client, name: &str, to: &str) -> Result<S
 /// runs. Exit status 0 only if it runs on the destination (and left the
 /// source); 3 if the move is in doubt; 1 otherwise.
 fn move_and_wait(cli: &Cli, client: &mut Client, request: Request) -> Result<u8, String> {
-    let Request::VmMove { name, to, .. } = &request else {
+    let Request::VmMove(VmMove { name, to, .. }) = &request else {
         return Err("not a move".into());
     };
     let (name, to) = (name.clone(), to.clone());
@@ -1737,7 +1737,7 @@ fn run(cli: &Cli) -> Result<u8, String> {
             }
         }
         Action::Request(req) => {
-            let moving = matches!(req, Request::VmMove { .. });
+            let moving = matches!(req, Request::VmMove(_));
             let outcome = client.call(req)?;
             match &outcome {
                 Outcome::Ok(body) => {
@@ -2173,61 +2173,23 @@ mod tests {
     fn move_show_resolve_parse() {
         assert_eq!(
             p("--node a vm move v --to b").unwrap().action(),
-            Action::Request(Request::VmMove {
-                name: "v".into(),
-                to: "b".into(),
-                downtime_ms: None,
-                bandwidth_mib_s: None,
-                timeout_s: None,
-                encrypt: None,
-                verify: None,
-                debug_hold_accept_ms: None,
-                debug_hold_ready_ms: None,
-                debug_hold_resumed_ms: None,
-                include_storage: false,
-                store: None,
-                quick: false,
-            })
+            Action::Request(Request::VmMove(VmMove::to("v", "b")))
         );
         assert_eq!(
             p("vm move v --to b --downtime-ms 50 --bandwidth 8 --timeout 60 --encrypt --no-verify --wait --json")
                 .unwrap()
                 .action(),
-            Action::MoveAndWait(Request::VmMove {
-                name: "v".into(),
-                to: "b".into(),
-                downtime_ms: Some(50),
-                bandwidth_mib_s: Some(8),
-                timeout_s: Some(60),
-                encrypt: Some(true),
-                verify: Some(false),
-                debug_hold_accept_ms: None,
-                debug_hold_ready_ms: None,
-                debug_hold_resumed_ms: None,
-                include_storage: false,
-                store: None,
-                quick: false,
-            })
+            Action::MoveAndWait(Request::VmMove(VmMove { downtime_ms: Some(50), bandwidth_mib_s: Some(8), timeout_s: Some(60), encrypt: Some(true), verify: Some(false), ..VmMove::to("v", "b") }))
         );
         assert_eq!(
             p("vm move v --to b --include-storage --store local:x --wait")
                 .unwrap()
                 .action(),
-            Action::MoveAndWait(Request::VmMove {
-                name: "v".into(),
-                to: "b".into(),
-                downtime_ms: None,
-                bandwidth_mib_s: None,
-                timeout_s: None,
-                encrypt: None,
-                verify: None,
-                debug_hold_accept_ms: None,
-                debug_hold_ready_ms: None,
-                debug_hold_resumed_ms: None,
+            Action::MoveAndWait(Request::VmMove(VmMove {
                 include_storage: true,
                 store: Some("local:x".into()),
-                quick: false,
-            })
+                ..VmMove::to("v", "b")
+            }))
         );
         assert!(
             p("vm move v --to b --store local").is_err(),
@@ -2237,21 +2199,11 @@ mod tests {
             p("vm move v --to b --quick --store local --wait")
                 .unwrap()
                 .action(),
-            Action::MoveAndWait(Request::VmMove {
-                name: "v".into(),
-                to: "b".into(),
-                downtime_ms: None,
-                bandwidth_mib_s: None,
-                timeout_s: None,
-                encrypt: None,
-                verify: None,
-                debug_hold_accept_ms: None,
-                debug_hold_ready_ms: None,
-                debug_hold_resumed_ms: None,
-                include_storage: false,
+            Action::MoveAndWait(Request::VmMove(VmMove {
                 store: Some("local".into()),
                 quick: true,
-            })
+                ..VmMove::to("v", "b")
+            }))
         );
         assert!(
             p("vm move v --to b --quick --include-storage").is_err(),
@@ -2261,21 +2213,10 @@ mod tests {
             p("vm move v --to b --debug-hold-ready-ms 3000")
                 .unwrap()
                 .action(),
-            Action::Request(Request::VmMove {
-                name: "v".into(),
-                to: "b".into(),
-                downtime_ms: None,
-                bandwidth_mib_s: None,
-                timeout_s: None,
-                encrypt: None,
-                verify: None,
-                debug_hold_accept_ms: None,
+            Action::Request(Request::VmMove(VmMove {
                 debug_hold_ready_ms: Some(3000),
-                debug_hold_resumed_ms: None,
-                include_storage: false,
-                store: None,
-                quick: false,
-            })
+                ..VmMove::to("v", "b")
+            }))
         );
         assert_eq!(
             p("job show 4").unwrap().action(),
@@ -2522,7 +2463,7 @@ mod tests {
                 "a",
                 KEY,
                 Box::new(move |r| match r {
-                    Request::VmMove { .. } => Outcome::Ok(Body::Job(move_job(
+                    Request::VmMove(_) => Outcome::Ok(Body::Job(move_job(
                         7,
                         JobState::Queued,
                         Phase::Queued,
@@ -2615,21 +2556,12 @@ mod tests {
             let seen = a.seen();
             assert_eq!(
                 seen[0],
-                Request::VmMove {
-                    name: "v".into(),
-                    to: "b".into(),
+                Request::VmMove(VmMove {
                     downtime_ms: Some(50),
                     bandwidth_mib_s: Some(8),
-                    timeout_s: None,
                     encrypt: Some(true),
-                    verify: None,
-                    debug_hold_accept_ms: None,
-                    debug_hold_ready_ms: None,
-                    debug_hold_resumed_ms: None,
-                    include_storage: false,
-                    store: None,
-                    quick: false,
-                }
+                    ..VmMove::to("v", "b")
+                })
             );
             let shows = seen
                 .iter()
@@ -2761,7 +2693,7 @@ mod tests {
                     Request::VmList => Outcome::Ok(Body::VmList {
                         vms: vec![vm("running")],
                     }),
-                    Request::VmMove { .. } => Outcome::Ok(Body::Job(move_job(
+                    Request::VmMove(_) => Outcome::Ok(Body::Job(move_job(
                         7,
                         JobState::Queued,
                         Phase::Queued,
@@ -2804,7 +2736,7 @@ mod tests {
             n.seen()
                 .into_iter()
                 .filter_map(|r| match r {
-                    Request::VmMove { to, .. } => Some(to),
+                    Request::VmMove(VmMove { to, .. }) => Some(to),
                     _ => None,
                 })
                 .collect()

@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hvmgmt::auth::ClusterKey;
-use hvmgmt::proto::{Body, JobInfo, Outcome, Phase, Request, VmInfo};
+use hvmgmt::proto::{Body, JobInfo, Outcome, Phase, Request, VmInfo, VmMove};
 use qemu_runner::hvctl::Client;
 
 use crate::{require_qemu, runner, Run};
@@ -179,21 +179,10 @@ impl TestCluster {
     /// Start moving `name` from `from` to `to` in-process (`vm-move`, what
     /// `hvctl vm move` sends); the job id. `bandwidth` in MiB/s (0: none).
     pub fn move_now(&self, from: &str, name: &str, to: &str, bandwidth: u64) -> u64 {
-        match self.client(from).call_ok(Request::VmMove {
-            name: name.into(),
-            to: to.into(),
-            downtime_ms: None,
+        match self.client(from).call_ok(Request::VmMove(VmMove {
             bandwidth_mib_s: (bandwidth > 0).then_some(bandwidth),
-            timeout_s: None,
-            encrypt: None,
-            verify: None,
-            debug_hold_accept_ms: None,
-            debug_hold_ready_ms: None,
-            debug_hold_resumed_ms: None,
-            include_storage: false,
-            store: None,
-            quick: false,
-        }) {
+            ..VmMove::to(name, to)
+        })) {
             Ok(Body::Job(j)) => j.id,
             other => panic!("vm-move {name} on node {from}: {other:?}"),
         }

@@ -81,6 +81,63 @@ pub struct RequestFrame {
     pub request: Request,
 }
 
+/// The arguments of [`Request::VmMove`] (its fields sit beside `op` on
+/// the wire). `None` = the default; [`VmMove::to`] gives a move with
+/// every option at its default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMove {
+    pub name: String,
+    pub to: String,
+    /// Longest acceptable pause at the switch-over (default 300).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Rate limit of the stream in MiB/s (default 0 = none).
+    #[serde(default)]
+    pub bandwidth_mib_s: Option<u64>,
+    /// Give up (the VM runs on here) after this long (default 600).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Encrypt the stream (default: authenticated only).
+    #[serde(default)]
+    pub encrypt: Option<bool>,
+    /// Verification mode (default on).
+    #[serde(default)]
+    pub verify: Option<bool>,
+    /// Test knobs (docs/MANAGEMENT.md, "Test knobs"): the destination
+    /// waits this many ms before `accept`, before `ready`, and after
+    /// resuming the VM before `resumed` (0..60000, default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_hold_accept_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_hold_ready_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_hold_resumed_ms: Option<u64>,
+    /// Shared-nothing: mirror the VM's disks to the destination's
+    /// store first, then move memory and state (docs/MANAGEMENT.md).
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub include_storage: bool,
+    /// With `include_storage`: where the disks go on the destination,
+    /// `STORE[:DIR]` (default: its default store, `STORE:vms/NAME/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Quick storage migration (docs/MANAGEMENT.md): the VM's disks go
+    /// to the destination's store through checkpoints, then the VM is
+    /// saved and its memory and state follow.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub quick: bool,
+}
+
+impl VmMove {
+    /// Move VM `name` to node `to`, every option at its default.
+    pub fn to(name: &str, to: &str) -> Self {
+        Self {
+            name: name.into(),
+            to: to.into(),
+            ..Self::default()
+        }
+    }
+}
+
 /// The operations.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -177,48 +234,8 @@ pub enum Request {
         text: String,
     },
     /// Live-migrate VM `name` to node `to` (a peer's name, or this node's
-    /// own for a move within the node); a job. `None` = the default.
-    VmMove {
-        name: String,
-        to: String,
-        /// Longest acceptable pause at the switch-over (default 300).
-        #[serde(default)]
-        downtime_ms: Option<u64>,
-        /// Rate limit of the stream in MiB/s (default 0 = none).
-        #[serde(default)]
-        bandwidth_mib_s: Option<u64>,
-        /// Give up (the VM runs on here) after this long (default 600).
-        #[serde(default)]
-        timeout_s: Option<u64>,
-        /// Encrypt the stream (default: authenticated only).
-        #[serde(default)]
-        encrypt: Option<bool>,
-        /// Verification mode (default on).
-        #[serde(default)]
-        verify: Option<bool>,
-        /// Test knobs (docs/MANAGEMENT.md, "Test knobs"): the destination
-        /// waits this many ms before `accept`, before `ready`, and after
-        /// resuming the VM before `resumed` (0..60000, default 0).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        debug_hold_accept_ms: Option<u64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        debug_hold_ready_ms: Option<u64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        debug_hold_resumed_ms: Option<u64>,
-        /// Shared-nothing: mirror the VM's disks to the destination's
-        /// store first, then move memory and state (docs/MANAGEMENT.md).
-        #[serde(default, skip_serializing_if = "core::ops::Not::not")]
-        include_storage: bool,
-        /// With `include_storage`: where the disks go on the destination,
-        /// `STORE[:DIR]` (default: its default store, `STORE:vms/NAME/`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        store: Option<String>,
-        /// Quick storage migration (docs/MANAGEMENT.md): the VM's disks go
-        /// to the destination's store through checkpoints, then the VM is
-        /// saved and its memory and state follow.
-        #[serde(default, skip_serializing_if = "core::ops::Not::not")]
-        quick: bool,
-    },
+    /// own for a move within the node); a job.
+    VmMove(VmMove),
     JobList,
     /// One job, with its migration report once it ended.
     JobShow {

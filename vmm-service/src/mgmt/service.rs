@@ -15,7 +15,8 @@ use super::bench::LinkBench;
 use super::jobs::{JobError, JobTable};
 use super::proto::{
     ApiError, Body, ErrorCode, JobKind, JobState, LinuxBoot, NodeInfo, Outcome, Request, StoreInfo,
-    VmFiles, VmInfo, APPEND_MAX, CONSOLE_INPUT_MAX, CONSOLE_LINES_MAX, GUEST_MAX, PROTOCOL_VERSION,
+    VmFiles, VmInfo, VmMove, APPEND_MAX, CONSOLE_INPUT_MAX, CONSOLE_LINES_MAX, GUEST_MAX,
+    PROTOCOL_VERSION,
 };
 use crate::migrate::channel::{Holds, HOLD_MS_MAX};
 use crate::migrate::{migrating, Faults, Migrations, MoveRequest};
@@ -830,8 +831,8 @@ impl Managed {
             .map(|m| Outcome::Error(migrating(self.vms[i].name(), m.job)))
     }
 
-    fn move_vm(&mut self, host: &mut dyn Host, request: Request) -> Outcome {
-        let Request::VmMove {
+    fn move_vm(&mut self, host: &mut dyn Host, request: VmMove) -> Outcome {
+        let VmMove {
             name,
             to,
             downtime_ms,
@@ -845,10 +846,7 @@ impl Managed {
             include_storage,
             store,
             quick,
-        } = request
-        else {
-            return err(ErrorCode::BadRequest, "not a move");
-        };
+        } = request;
         let downtime_ms = downtime_ms.unwrap_or(DOWNTIME_MS_DEFAULT);
         let bandwidth = bandwidth_mib_s.unwrap_or(0);
         let timeout_s = timeout_s.unwrap_or(TIMEOUT_S_DEFAULT);
@@ -1179,10 +1177,10 @@ impl Managed {
                 None => err(ErrorCode::NotFound, format!("no job {id}")),
             },
             // Its files are moving: one migration at a time.
-            Request::VmMove { name, .. } if self.storage_job(&name).is_some() => {
+            Request::VmMove(VmMove { name, .. }) if self.storage_job(&name).is_some() => {
                 Outcome::Error(migrating(&name, self.storage_job(&name).unwrap_or(0)))
             }
-            r @ Request::VmMove { .. } => self.move_vm(host, r),
+            Request::VmMove(m) => self.move_vm(host, m),
             r @ Request::VmMoveStorage { .. } => self.move_storage(host, r),
             Request::JobResolve { id, keep } => {
                 let before = self.placements();

@@ -9,7 +9,7 @@
 
 use crate::mgmt::auth::{ClusterKey, TestEntropy};
 use crate::mgmt::proto::{
-    Body, ErrorCode, JobInfo, JobState, Keep, Outcome, Phase, Request, VmInfo,
+    Body, ErrorCode, JobInfo, JobState, Keep, Outcome, Phase, Request, VmInfo, VmMove,
 };
 use crate::mgmt::service::{Managed, NodeIdentity};
 use crate::node::Peer;
@@ -205,9 +205,7 @@ struct Mv {
 
 impl Mv {
     fn req(&self, name: &str) -> Request {
-        Request::VmMove {
-            name: name.into(),
-            to: self.to.unwrap_or("b").into(),
+        Request::VmMove(VmMove {
             downtime_ms: Some(300),
             bandwidth_mib_s: self.bandwidth_mib_s,
             timeout_s: Some(self.timeout_s.unwrap_or(120)),
@@ -219,7 +217,8 @@ impl Mv {
             include_storage: self.include_storage,
             store: self.store.map(Into::into),
             quick: self.quick,
-        }
+            ..VmMove::to(name, self.to.unwrap_or("b"))
+        })
     }
 }
 
