@@ -95,19 +95,28 @@ impl TestCluster {
             .collect()
     }
 
-    /// The `disk-verify` guest `vm` goes on on `node`: a round past the
-    /// highest seen on any of `nodes`, within `timeout`.
-    pub fn disk_rounds_go_on(&self, node: &str, vm: &str, nodes: &[&str], timeout: Duration) {
+    /// The `disk-verify` guest `vm` goes on on `node`: `more` rounds past
+    /// the highest seen on any of `nodes` (where it ran before), none
+    /// failed, within `timeout`.
+    pub fn disk_rounds_go_on(
+        &self,
+        node: &str,
+        vm: &str,
+        nodes: &[&str],
+        more: u64,
+        timeout: Duration,
+    ) {
         let last = nodes
             .iter()
             .flat_map(|n| self.disk_rounds(n, vm))
             .max()
             .unwrap_or(0);
+        let want = last + more;
         let deadline = Instant::now() + timeout;
-        while self.disk_rounds(node, vm).iter().all(|r| *r <= last) {
+        while self.disk_rounds(node, vm).into_iter().max().unwrap_or(0) < want {
             assert!(
                 Instant::now() < deadline,
-                "no disk-verify round after {last} on {node}:\n{}",
+                "no disk-verify round {want} of {vm} on {node}:\n{}",
                 self.serial_tail(node, 30)
             );
             std::thread::sleep(Duration::from_millis(200));

@@ -21,46 +21,6 @@ use integration_tests::files::{check_vhdx, files_in};
 /// Time for a guest line to appear.
 const LINE: Duration = Duration::from_secs(90);
 
-/// The last round VM `vm` reported ok on `node`, after checking none
-/// failed there.
-fn last_round(c: &TestCluster, node: &str, vm: &str) -> u64 {
-    let serial = c.serial(node);
-    let tag = format!("[{vm}] disk-verify: ");
-    assert!(
-        !serial.contains(&format!("{tag}FAILED")),
-        "VM {vm} found its disk damaged on {node}:\n{}",
-        c.serial_tail(node, 30)
-    );
-    serial
-        .lines()
-        .filter_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix(&tag)?
-                .strip_prefix("round ")?
-                .strip_suffix(" ok")?
-                .parse()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-/// Wait until VM `vm`, moved from `from` to `node`, has checked `more`
-/// more rounds on `node` than it had on `from`, none failed: it goes on
-/// where it stopped, its disk as it left it.
-fn rounds_go_on(c: &TestCluster, from: &str, node: &str, vm: &str, more: u64) {
-    let want = last_round(c, from, vm) + more;
-    let deadline = std::time::Instant::now() + LINE;
-    while last_round(c, node, vm) < want {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "VM {vm} did not reach round {want} on {node}:\n{}",
-            c.serial_tail(node, 30)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The files of VM `vm` on a node's store at `store`.
 fn vm_files(store: &Path, vm: &str) -> Vec<String> {
     files_in(store)
@@ -129,12 +89,12 @@ fn a_disk_verify_vm_moves_quick_to_b_and_back() {
     assert!(out.contains("checkpoint"), "{out}");
     assert!(c.vm("a", "q").is_none(), "q left node a");
     assert!(c.vm("b", "q").is_some(), "q runs on node b");
-    rounds_go_on(&c, "a", "b", "q", 2);
+    c.disk_rounds_go_on("b", "q", &["a"], 2, LINE);
     files_moved(&sa, &sb, "q");
 
     let out = quick_move(&c, "b", "q", "a");
     assert!(out.contains("downtime"), "{out}");
     assert!(c.vm("b", "q").is_none(), "q left node b");
-    rounds_go_on(&c, "b", "a", "q", 2);
+    c.disk_rounds_go_on("a", "q", &["b"], 2, LINE);
     files_moved(&sb, &sa, "q");
 }

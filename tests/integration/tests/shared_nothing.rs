@@ -83,8 +83,7 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
         assert!(c.vm(from, "s").is_none(), "{from} let go: {out}");
         let v = c.vm(to, "s").expect("the VM is listed on the destination");
         assert_eq!(v.state, "running", "{v:?}");
-        c.disk_rounds_go_on(to, "s", &["a", "b"], LINE);
-        c.disk_rounds_go_on(to, "s", &["a", "b"], LINE);
+        c.disk_rounds_go_on(to, "s", &["a", "b"], 2, LINE);
         disk_on(&stores, to);
         assert!(
             c.serial(from).contains("VM s left this node: its disk"),
@@ -106,7 +105,7 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     assert_eq!(c.vm("a", "s").map(|v| v.state), Some("running".into()));
     c.link("b", false);
     c.wait_gone("b", "s", MOVE);
-    c.disk_rounds_go_on("a", "s", &["a", "b"], LINE);
+    c.disk_rounds_go_on("a", "s", &["a", "b"], 1, LINE);
     disk_on(&stores, "a");
 
     // The link cut during the memory copy (the disks copied, the mirror
@@ -124,6 +123,6 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     assert_eq!(c.vm("a", "s").map(|v| v.state), Some("running".into()));
     c.link("b", false);
     c.wait_gone("b", "s", MOVE);
-    c.disk_rounds_go_on("a", "s", &["a", "b"], LINE);
+    c.disk_rounds_go_on("a", "s", &["a", "b"], 1, LINE);
     disk_on(&stores, "a");
 }

@@ -111,8 +111,7 @@ fn a_vm_on_the_shared_store_moves_with_its_lease() {
         assert_eq!(lease_field(&stores, "owner").as_deref(), Some(to));
         assert_eq!(lease_field(&stores, "epoch").as_deref(), Some(epoch));
         assert_ne!(lease_field(&stores, "incarnation").as_deref(), Some("0"));
-        c.disk_rounds_go_on(to, "s", &ab, LINE);
-        c.disk_rounds_go_on(to, "s", &ab, LINE);
+        c.disk_rounds_go_on(to, "s", &ab, 2, LINE);
         one_file(&stores);
         eprintln!("moved {from} -> {to} in {:?}", t.elapsed());
     }

@@ -82,40 +82,9 @@ impl Node<'_> {
         );
         out
     }
-    /// The last round VM `vm` reported ok, after checking none failed.
-    fn last_round(&self, vm: &str) -> u64 {
-        let serial = self.c.serial("a");
-        let tag = format!("[{vm}] disk-verify: ");
-        assert!(
-            !serial.contains(&format!("{tag}FAILED")),
-            "VM {vm} found its disk damaged:\n{}",
-            self.c.serial_tail("a", 30)
-        );
-        serial
-            .lines()
-            .filter_map(|l| {
-                l.trim_end_matches('\r')
-                    .strip_prefix(&tag)?
-                    .strip_prefix("round ")?
-                    .strip_suffix(" ok")?
-                    .parse()
-                    .ok()
-            })
-            .max()
-            .unwrap_or(0)
-    }
     /// Wait until VM `vm` has checked `more` more rounds, none failed.
     fn rounds_go_on(&self, vm: &str, more: u64) {
-        let want = self.last_round(vm) + more;
-        let deadline = Instant::now() + LINE;
-        while self.last_round(vm) < want {
-            assert!(
-                Instant::now() < deadline,
-                "VM {vm} did not reach round {want}:\n{}",
-                self.c.serial_tail("a", 30)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.c.disk_rounds_go_on("a", vm, &["a"], more, LINE);
     }
     fn wait_log(&self, line: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
