@@ -160,6 +160,12 @@ impl JobTable {
             .count()
     }
 
+    /// Whether a job of `kind` could start now ([`JobTable::start_now`]
+    /// without `beyond_limit`): its kind is under the host's limit.
+    pub fn has_room(&self, kind: JobKind) -> bool {
+        self.limit(kind).is_none_or(|l| self.running(kind) < l)
+    }
+
     /// Submit a job; it is queued and, if a slot is free, started at once.
     pub fn submit(
         &mut self,
@@ -187,7 +193,7 @@ impl JobTable {
         beyond_limit: bool,
         now_ns: u64,
     ) -> Result<u64, JobError> {
-        if !beyond_limit && self.limit(kind).is_some_and(|l| self.running(kind) >= l) {
+        if !beyond_limit && !self.has_room(kind) {
             return Err(JobError::AtLimit);
         }
         self.make_room()?;

@@ -374,6 +374,20 @@ impl Migrations {
                 ),
             ));
         }
+        // At the limit: "busy" before anything is made here (the source
+        // asks again, every second; each time the disks would be made
+        // and removed again).
+        let limit = jobs.settings().max_live_migrations;
+        let me = self.me.clone();
+        let busy = || {
+            refuse(
+                REFUSE_BUSY,
+                format!("node {me} is at its limit of {limit} simultaneous migrations"),
+            )
+        };
+        if !local && !jobs.has_room(JobKind::LiveMigration) {
+            return Err(busy());
+        }
         // A shared-nothing move: its disks are created here first (as
         // partial files), or the VM is refused naming why.
         let mut sink = match (&open.create_disks[..], self.stores.clone()) {
@@ -423,14 +437,7 @@ impl Migrations {
             Ok(j) => j,
             Err(JobError::AtLimit) => {
                 unwind(&mut sink);
-                return Err(refuse(
-                    REFUSE_BUSY,
-                    format!(
-                        "node {} is at its limit of {} simultaneous migrations",
-                        self.me,
-                        jobs.settings().max_live_migrations
-                    ),
-                ));
+                return Err(busy());
             }
             Err(_) => {
                 unwind(&mut sink);

@@ -26,6 +26,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 mod nothing;
+mod queue;
 mod quick;
 mod shared;
 mod vmconfig;

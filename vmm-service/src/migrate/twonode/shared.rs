@@ -12,7 +12,7 @@ impl Stored {
         self.p.n[i].create_with_disk(name, Some("shared"))
     }
 
-    fn lease(&self, vm: &str) -> Option<LeaseRecord> {
+    pub(super) fn lease(&self, vm: &str) -> Option<LeaseRecord> {
         let at = self.shared.path().join(format!("vms/{vm}/{vm}.lease"));
         let bytes = std::fs::read(at).ok()?;
         Some(LeaseRecord::decode(&bytes).unwrap())
