@@ -624,37 +624,7 @@ pub fn run(
     verify: bool,
     build: bool,
 ) -> Result<u8, String> {
-    on_two_nodes(state_dir_arg, build, |dir| run_on(dir, json, verify))
-}
-
-/// Run `bench` on the running cluster, or on one of two nodes booted for
-/// it (and shut down after).
-pub(crate) fn on_two_nodes(
-    state_dir_arg: Option<&str>,
-    build: bool,
-    bench: impl FnOnce(&Path) -> Result<u8, String>,
-) -> Result<u8, String> {
-    let dir = cluster::state_dir(state_dir_arg);
-    let own = cluster::load(&dir).is_err();
-    if own {
-        let boot = cluster::Boot {
-            images: if build {
-                crate::cargo::build()?
-            } else {
-                let i = crate::cargo::Images::locate()?;
-                i.check()?;
-                i
-            },
-            accel: crate::accel::Accel::Tcg,
-            modules: Vec::new(),
-        };
-        cluster::up(&dir, &boot, 2)?;
-    }
-    let result = bench(&dir);
-    if own {
-        cluster::down(&dir).ok();
-    }
-    result
+    cluster::on_cluster(state_dir_arg, build, 2, |dir| run_on(dir, json, verify))
 }
 
 fn run_on(dir: &Path, json: bool, verify: bool) -> Result<u8, String> {

@@ -38,8 +38,8 @@ use hvmgmt::proto::{Body, JobInfo, JobState, Outcome, PausePhases, Request};
 use serde::Serialize;
 
 use crate::bench_migrate::{
-    client, guest_line, move_request, on_two_nodes, pause_text, remove_vm, start_until_beat,
-    Arrivals, MoveWindow, Tailer,
+    client, guest_line, move_request, pause_text, remove_vm, start_until_beat, Arrivals,
+    MoveWindow, Tailer,
 };
 use crate::cluster;
 use crate::hvctl;
@@ -427,7 +427,7 @@ pub fn table(rows: &[Figures]) -> String {
 /// `bench modes`: on the running cluster, or on one booted for the run.
 /// Prints the table, or with `json` one JSON object per mode.
 pub fn run(state_dir_arg: Option<&str>, json: bool, build: bool) -> Result<u8, String> {
-    on_two_nodes(state_dir_arg, build, |dir| run_on(dir, json))
+    cluster::on_cluster(state_dir_arg, build, 2, |dir| run_on(dir, json))
 }
 
 fn run_on(dir: &Path, json: bool) -> Result<u8, String> {

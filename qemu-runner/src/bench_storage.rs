@@ -412,35 +412,18 @@ fn store_bench(c: &mut Client, store: &str, mib: u64) -> Result<PlainCopy, Strin
 
 /// `bench storage`: on the running cluster, or on one booted for the run.
 pub fn run(state_dir_arg: Option<&str>, json: bool, build: bool) -> Result<u8, String> {
-    let dir = cluster::state_dir(state_dir_arg);
-    let own = cluster::load(&dir).is_err();
-    if own {
-        let boot = cluster::Boot {
-            images: if build {
-                crate::cargo::build()?
-            } else {
-                let i = crate::cargo::Images::locate()?;
-                i.check()?;
-                i
-            },
-            accel: crate::accel::Accel::Tcg,
-            modules: Vec::new(),
-        };
-        cluster::up(&dir, &boot, 1)?;
-    }
-    let result = run_on(&dir, json);
-    if let Ok(mut c) = client(&dir, "a") {
-        let _ = c.call(Request::VmStop { name: VM.into() });
-        let _ = c.call(Request::VmDelete { name: VM.into() });
-    }
-    for store in ["a", "shared"] {
-        let _ = std::fs::remove_dir_all(dir.join("stores").join(store).join(DIR));
-        let _ = std::fs::remove_dir_all(dir.join("stores").join(store).join("vms").join(VM));
-    }
-    if own {
-        cluster::down(&dir).ok();
-    }
-    result
+    cluster::on_cluster(state_dir_arg, build, 1, |dir| {
+        let result = run_on(dir, json);
+        if let Ok(mut c) = client(dir, "a") {
+            let _ = c.call(Request::VmStop { name: VM.into() });
+            let _ = c.call(Request::VmDelete { name: VM.into() });
+        }
+        for store in ["a", "shared"] {
+            let _ = std::fs::remove_dir_all(dir.join("stores").join(store).join(DIR));
+            let _ = std::fs::remove_dir_all(dir.join("stores").join(store).join("vms").join(VM));
+        }
+        result
+    })
 }
 
 fn run_on(dir: &Path, json: bool) -> Result<u8, String> {

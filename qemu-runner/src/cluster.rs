@@ -506,6 +506,38 @@ fn wait_answer(
     }
 }
 
+/// Run `bench` on the running cluster of state directory `state_dir_arg`,
+/// or on one of `nodes` nodes booted for it (TCG; built first if
+/// `build`) and shut down after, whatever `bench` returned.
+pub fn on_cluster(
+    state_dir_arg: Option<&str>,
+    build: bool,
+    nodes: usize,
+    bench: impl FnOnce(&Path) -> Result<u8, String>,
+) -> Result<u8, String> {
+    let dir = state_dir(state_dir_arg);
+    let own = load(&dir).is_err();
+    if own {
+        let boot = Boot {
+            images: if build {
+                crate::cargo::build()?
+            } else {
+                let i = crate::cargo::Images::locate()?;
+                i.check()?;
+                i
+            },
+            accel: crate::accel::Accel::Tcg,
+            modules: Vec::new(),
+        };
+        up(&dir, &boot, nodes)?;
+    }
+    let result = bench(&dir);
+    if own {
+        down(&dir).ok();
+    }
+    result
+}
+
 /// `cluster up`: start the link relay, boot `count` nodes in the background
 /// and wait until each answers an authenticated `node-info`.
 pub fn up(dir: &Path, boot: &Boot, count: usize) -> Result<ClusterState, String> {
