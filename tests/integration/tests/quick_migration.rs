@@ -90,11 +90,14 @@ fn a_disk_verify_vm_moves_quick_to_b_and_back() {
     assert!(c.vm("a", "q").is_none(), "q left node a");
     assert!(c.vm("b", "q").is_some(), "q runs on node b");
     c.disk_rounds_go_on("b", "q", &["a"], 2, LINE);
+    // The guest checked every byte of its memory model on arrival.
+    c.wait_line("b", "q", "disk-verify: migration 1 ok", LINE);
     files_moved(&sa, &sb, "q");
 
     let out = quick_move(&c, "b", "q", "a");
     assert!(out.contains("downtime"), "{out}");
     assert!(c.vm("b", "q").is_none(), "q left node b");
     c.disk_rounds_go_on("a", "q", &["b"], 2, LINE);
+    c.wait_line("a", "q", "disk-verify: migration 2 ok", LINE);
     files_moved(&sb, &sa, "q");
 }

@@ -4,7 +4,8 @@
 //! `--include-storage --wait`. Its disk follows it over the migration
 //! link: after each move the VHDX is in the destination's local store and
 //! nowhere else (checked on the host, `qemu-img check` clean, no partial
-//! file left), and the guest's rounds go on there with none FAILED. Then
+//! file left), the guest's rounds go on there with none FAILED, and it
+//! finds its memory model intact (`disk-verify: migration N ok`). Then
 //! a move whose link is cut during the disk copy, and one cut during the
 //! memory copy, fail: the VM runs on at a on its own disk, and b, once it
 //! learns, keeps no file.
@@ -73,7 +74,7 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     c.wait_line("a", "s", "disk-verify: round 2 ok", LINE);
     disk_on(&stores, "a");
 
-    for (from, to) in [("a", "b"), ("b", "a")] {
+    for (n, (from, to)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
         let t = Instant::now();
         let out = c.ok(
             from,
@@ -84,6 +85,13 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
         let v = c.vm(to, "s").expect("the VM is listed on the destination");
         assert_eq!(v.state, "running", "{v:?}");
         c.disk_rounds_go_on(to, "s", &["a", "b"], 2, LINE);
+        // The guest checked every byte of its memory model on arrival.
+        c.wait_line(
+            to,
+            "s",
+            &format!("disk-verify: migration {} ok", n + 1),
+            LINE,
+        );
         disk_on(&stores, to);
         assert!(
             c.serial(from).contains("VM s left this node: its disk"),
@@ -106,6 +114,7 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     c.link("b", false);
     c.wait_gone("b", "s", MOVE);
     c.disk_rounds_go_on("a", "s", &["a", "b"], 1, LINE);
+    c.wait_line("a", "s", "disk-verify: failed migration 1: memory ok", LINE);
     disk_on(&stores, "a");
 
     // The link cut during the memory copy (the disks copied, the mirror
@@ -124,5 +133,6 @@ fn a_vm_moves_with_its_disk_between_nodes_without_shared_storage() {
     c.link("b", false);
     c.wait_gone("b", "s", MOVE);
     c.disk_rounds_go_on("a", "s", &["a", "b"], 1, LINE);
+    c.wait_line("a", "s", "disk-verify: failed migration 2: memory ok", LINE);
     disk_on(&stores, "a");
 }

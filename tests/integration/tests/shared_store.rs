@@ -3,7 +3,8 @@
 //! `disk-verify` VM with a 64 MiB disk on store `shared` moves a -> b -> a
 //! with `--wait`; only memory and state move, the VHDX stays the one file
 //! in `stores/shared` (checked on the host: no copy anywhere, `qemu-img
-//! check` clean), the guest's rounds go on with none FAILED, and the lease
+//! check` clean), the guest's rounds go on with none FAILED and it finds
+//! its memory model intact (`disk-verify: migration N ok`), and the lease
 //! file beside it names the node that runs it. While a holds the lease, b
 //! cannot give a VM of that name a disk there (storage_migration.rs checks
 //! `vm import` + `vm start` on b refused while a holds it). Then b is killed right after the commit point,
@@ -105,13 +106,15 @@ fn a_vm_on_the_shared_store_moves_with_its_lease() {
     assert_eq!(lease_field(&stores, "owner").as_deref(), Some("a"));
 
     // a -> b -> a: memory and state only.
-    for (from, to, epoch) in [("a", "b", "2"), ("b", "a", "3")] {
+    for (n, from, to, epoch) in [(1, "a", "b", "2"), (2, "b", "a", "3")] {
         let t = Instant::now();
         moved(&c, from, to);
         assert_eq!(lease_field(&stores, "owner").as_deref(), Some(to));
         assert_eq!(lease_field(&stores, "epoch").as_deref(), Some(epoch));
         assert_ne!(lease_field(&stores, "incarnation").as_deref(), Some("0"));
         c.disk_rounds_go_on(to, "s", &ab, 2, LINE);
+        // The guest checked every byte of its memory model on arrival.
+        c.wait_line(to, "s", &format!("disk-verify: migration {n} ok"), LINE);
         one_file(&stores);
         eprintln!("moved {from} -> {to} in {:?}", t.elapsed());
     }

@@ -48,7 +48,7 @@ pub fn run(env: &Env) -> ! {
             if page % STATUS_EVERY_PAGES == 0 {
                 let now = status();
                 if now != seen {
-                    check(&w, page, seen, now);
+                    check("busy-verify", &w, page, seen, now);
                     seen = now;
                 }
             }
@@ -59,8 +59,9 @@ pub fn run(env: &Env) -> ! {
 }
 
 /// The migration counters changed from `before` to `now` while the loop
-/// stands at `page`: check every byte and say so.
-fn check(w: &Sweeper, page: u64, before: (u64, u64), now: (u64, u64)) {
+/// stands at `page`: check every byte and say so, lines tagged `tag`
+/// (the case's name).
+pub(super) fn check(tag: &str, w: &Sweeper, page: u64, before: (u64, u64), now: (u64, u64)) {
     let (completed, failed) = now;
     let what = if completed != before.0 {
         ("migration", completed)
@@ -69,7 +70,8 @@ fn check(w: &Sweeper, page: u64, before: (u64, u64), now: (u64, u64)) {
     };
     if let Some((bad, got, want)) = w.first_mismatch(page) {
         println!(
-            "busy-verify: FAILED {} {}: page {} (GPA {:#x}) holds {}, expected {}",
+            "{}: FAILED {} {}: page {} (GPA {:#x}) holds {}, expected {}",
+            tag,
             what.0,
             what.1,
             bad,
@@ -78,7 +80,8 @@ fn check(w: &Sweeper, page: u64, before: (u64, u64), now: (u64, u64)) {
             want
         );
         fail!(
-            "busy-verify: {} {}: page {} (GPA {:#x}) holds {}, expected {} ({} sweeps, loop at page {})",
+            "{}: {} {}: page {} (GPA {:#x}) holds {}, expected {} ({} sweeps, loop at page {})",
+            tag,
             what.0,
             what.1,
             bad,
@@ -90,9 +93,9 @@ fn check(w: &Sweeper, page: u64, before: (u64, u64), now: (u64, u64)) {
         );
     }
     if completed != before.0 {
-        println!("busy-verify: migration {} ok", completed);
+        println!("{}: migration {} ok", tag, completed);
     }
     if failed != before.1 {
-        println!("busy-verify: failed migration {}: memory ok", failed);
+        println!("{}: failed migration {}: memory ok", tag, failed);
     }
 }

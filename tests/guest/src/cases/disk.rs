@@ -8,8 +8,10 @@
 
 use hvcore::abi::{fill_disk_pattern, DISK_SECTOR_BYTES};
 
+use super::migrate::{status, Sweeper};
+use crate::layout::{align_down, PAGE_BYTES};
 use crate::virtio::{open_disk, Disk};
-use crate::{fail, println, report};
+use crate::{fail, println, report, Env};
 
 /// Seed of the `virtio-blk` case's pattern (the node checks with it).
 pub const VIRTIO_BLK_SEED: u64 = 0x5eed_b10c;
@@ -157,14 +159,28 @@ const SPAN_BYTES: u64 = 8 << 20;
 /// Seed of `disk-verify`'s pattern.
 pub const DISK_VERIFY_SEED: u64 = 0xd15c_7e57;
 
+/// Largest memory model of `disk-verify`.
+const DISK_VERIFY_MEMORY_BYTES: u64 = 8 << 20;
+
 /// `disk-verify`: for ever, round N writes the pattern of round N over
 /// span (N - 1) % S of the disk (S spans of 8 MiB, the last one shorter),
 /// flushes, then reads back that span and the next one and checks each
 /// against the round that last wrote it (a span never written reads
 /// zeros). Prints `disk-verify: round N ok`; on a difference prints
 /// `disk-verify: FAILED round N: sector S byte B differs (span written by
-/// round R)` and reports failure.
-pub fn disk_verify() -> ! {
+/// round R)` and reports failure. Memory too: after each round it sweeps
+/// a buffer of up to 8 MiB (busy-verify's workload), and when the count
+/// of completed or failed migrations grew it checks every byte of it,
+/// printing `disk-verify: migration N ok` (`failed migration N: memory
+/// ok`) or a `disk-verify: FAILED migration N: page ...` line.
+pub fn disk_verify(env: &Env) -> ! {
+    let free = env.params.ram_bytes.saturating_sub(env.free_start);
+    let bytes = align_down(DISK_VERIFY_MEMORY_BYTES.min(free / 2), PAGE_BYTES);
+    if bytes < PAGE_BYTES {
+        fail!("disk-verify: no free RAM for the memory model");
+    }
+    let mut memory = Sweeper::new(env, 0, bytes);
+    let mut seen = status();
     let mut disk = open_disk(0);
     let (buf, expect) = buffers();
     let sectors = disk.capacity();
@@ -209,6 +225,15 @@ pub fn disk_verify() -> ! {
             }
         }
         println!("disk-verify: round {} ok", round);
+        for page in 0..memory.pages {
+            memory.touch(page);
+        }
+        memory.sweeps += 1;
+        let now = status();
+        if now != seen {
+            super::busy_verify::check("disk-verify", &memory, 0, seen, now);
+            seen = now;
+        }
     }
 }
 

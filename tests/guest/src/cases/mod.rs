@@ -39,7 +39,7 @@ pub fn run(env: &Env) -> ! {
         "dirty-demo" => endless::dirty_demo(env),
         "bench-hypercall" => endless::bench_hypercall(),
         "busy-verify" => busy_verify::run(env),
-        "disk-verify" => disk::disk_verify(),
+        "disk-verify" => disk::disk_verify(env),
         "disk-beat" => disk::disk_beat(),
         other => crate::fail!("unknown case {}", other),
     }
