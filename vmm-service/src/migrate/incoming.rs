@@ -34,7 +34,8 @@ use alloc::vec::Vec;
 use hvcore::host::Host;
 use migration::policy::NS_PER_MS;
 use migration::{
-    MigrationError, MigrationResult, Receiver, RecvProgress, TransportError, VmConfig,
+    DestinationVm, DeviceState, MigrationError, MigrationResult, Page, Receiver, RecvProgress,
+    TransportError, VcpuState, VmConfig, VmError,
 };
 
 /// A connection being accepted.
@@ -143,6 +144,55 @@ impl Incoming {
     fn vm_index(&self, vms: &[Vm]) -> Option<usize> {
         vms.iter()
             .position(|v| v.migration_mark() == Some(incoming_mark(self.job)))
+    }
+}
+
+/// The arriving VM for one receiver step, with the disks it receives (a
+/// shared-nothing or quick move): their files keep their partial names
+/// until `go`, and are named (flushed, renamed, the directory synced:
+/// [`DiskSink::commit`]) on `go` before the VM resumes and before
+/// `resumed` goes out. So a node that stops before `go` leaves only
+/// partial files, which its next boot removes (`Stores::boot`), and the
+/// files of a VM that resumed here always have their names. A commit that
+/// fails refuses the resume: this node discards the VM, the source learns
+/// it and resumes its copy.
+struct Arriving<'a> {
+    dest: DestVm<'a>,
+    sink: Option<&'a mut DiskSink>,
+    /// Why the commit failed (the job's error).
+    failure: &'a mut Option<String>,
+}
+
+impl DestinationVm for Arriving<'_> {
+    fn prepare(&mut self, config: &VmConfig) -> Result<(), VmError> {
+        self.dest.prepare(config)
+    }
+    fn write_page(&mut self, gfn: u64, data: &Page) -> Result<(), VmError> {
+        self.dest.write_page(gfn, data)
+    }
+    fn zero_page(&mut self, gfn: u64) -> Result<(), VmError> {
+        self.dest.zero_page(gfn)
+    }
+    fn read_page(&mut self, gfn: u64, buf: &mut Page) -> Result<(), VmError> {
+        self.dest.read_page(gfn, buf)
+    }
+    fn restore_vcpus(&mut self, vcpus: &[VcpuState]) -> Result<(), VmError> {
+        self.dest.restore_vcpus(vcpus)
+    }
+    fn restore_devices(&mut self, devices: &[DeviceState]) -> Result<(), VmError> {
+        self.dest.restore_devices(devices)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        if let Some(sink) = self.sink.as_deref_mut().filter(|s| !s.is_committed()) {
+            if let Err(e) = sink.commit() {
+                *self.failure = Some(format!("cannot commit the VM's disks here: {e}"));
+                return Err(VmError::new("the VM's disks could not be committed"));
+            }
+        }
+        self.dest.resume()
+    }
+    fn discard(&mut self) {
+        self.dest.discard()
     }
 }
 
@@ -542,11 +592,15 @@ impl Migrations {
             let Some(mut link) = x.conn.link() else {
                 break;
             };
-            let mut dest = DestVm {
-                vm: &mut vms[vi],
-                accepted: &x.accepted,
-                bookkeeping: &mut x.bookkeeping,
-                discarded: &mut discarded,
+            let mut dest = Arriving {
+                dest: DestVm {
+                    vm: &mut vms[vi],
+                    accepted: &x.accepted,
+                    bookkeeping: &mut x.bookkeeping,
+                    discarded: &mut discarded,
+                },
+                sink: x.sink.as_mut(),
+                failure: &mut x.failure,
             };
             if broken {
                 x.rx.link_failed(
@@ -678,9 +732,9 @@ impl Migrations {
         }
     }
 
-    /// The disks of a shared-nothing move while memory moves: apply the
-    /// source's messages, commit the files once the VM's state is whole
-    /// (awaiting `go`), give them to the VM when it resumes here.
+    /// The disks of a shared-nothing (or quick) move while memory moves:
+    /// apply the source's messages, give the files (committed at `go`,
+    /// [`Arriving`]) to the VM once it resumed here.
     fn disks_during_memory(x: &mut Incoming, vm: &mut Vm) -> Result<(), String> {
         let Some(sink) = x.sink.as_mut() else {
             return Ok(());
@@ -690,9 +744,6 @@ impl Migrations {
                 // A lost link shows up in the receiver.
                 let _ = x.conn.send_disk(&reply);
             }
-        }
-        if (x.rx.awaiting_go() || x.rx.resumed()) && !sink.is_committed() {
-            sink.commit()?;
         }
         if x.rx.resumed() {
             if let Some(sink) = x.sink.take() {

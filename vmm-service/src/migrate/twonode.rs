@@ -28,6 +28,7 @@ use std::rc::Rc;
 mod nothing;
 mod queue;
 mod quick;
+mod reboot;
 mod shared;
 mod vmconfig;
 
@@ -418,6 +419,9 @@ struct Stored {
     /// What each VM's disk 0 holds: every write made through
     /// [`Stored::write`] (zeros elsewhere).
     images: std::collections::BTreeMap<String, Vec<u8>>,
+    /// Nodes that lost power and were booted again: the old ones, kept
+    /// until the test ends (dropped, they would close their files).
+    _dead: Vec<Node>,
 }
 
 impl Stored {
@@ -440,6 +444,7 @@ impl Stored {
             shared,
             servers,
             images: Default::default(),
+            _dead: Vec::new(),
         }
     }
 
@@ -458,6 +463,37 @@ impl Stored {
 
     fn cmdline(name: &str) -> String {
         format!("store=local:{name}:/srv/{name} store=shared:shared:/srv/shared")
+    }
+
+    /// Node `i`, which lost power ([`Pair::kill`]), boots again: a new
+    /// node of that name on the same store directories, its stores
+    /// attached as a booting node does (`Stores::boot`: the partial files
+    /// it left are removed); the connections to it are gone (its peer's
+    /// ends see them reset). Its console output.
+    fn reboot(&mut self, i: usize) -> String {
+        let (name, peer) = (self.p.n[i].name, self.p.n[1 - i].name);
+        let mut fresh = Node::new(i, name, peer, &self.p.clock, KEY);
+        let (channels, server) = Self::channels(&self.local[i], &self.shared, name);
+        self.servers[i] = server;
+        fresh.host.stores = channels;
+        let stores = crate::store::Stores::boot(&mut fresh.host, &Self::cmdline(name), name);
+        fresh.node.set_stores(stores);
+        fresh.node.set_lease_timing(TIMING);
+        let old = core::mem::replace(&mut self.p.n[i], fresh);
+        self._dead.push(old);
+        for ((x, xs), (y, ys)) in core::mem::take(&mut self.p.links) {
+            if x == i || y == i {
+                let (other, s) = if x == i { (y, ys) } else { (x, xs) };
+                if other < 2 {
+                    if let Some(k) = self.p.n[other].net().sockets.get_mut(&s) {
+                        k.state = TcpState::Closed;
+                    }
+                }
+            } else {
+                self.p.links.push(((x, xs), (y, ys)));
+            }
+        }
+        self.p.n[i].host.console.clone()
     }
 
     /// VM `vm` (4 MiB, a writer) on a with a disk of `mib` MiB on `store`
