@@ -34,7 +34,11 @@
 //! Handing a lease over (live migration on a shared store): the owner
 //! writes the record with the destination as owner and the next epoch
 //! ([`Lease::hand_over`]) and stops writing; the destination adopts it
-//! ([`Lease::adopt`]) when it finds itself named with that epoch.
+//! ([`Lease::adopt`]) when it finds itself named with that epoch. Both
+//! records can be staged ahead, outside the migration's pause, under a
+//! side name ([`LeaseFile::stage`]), so that inside it each is one
+//! rename ([`Lease::prepare_hand_over`], [`Lease::prepare_adopt`]; why
+//! that keeps the guarantees: docs/DESIGN.md "Leases").
 //!
 //! Everything read from the store is untrusted: a record that does not
 //! parse is an error naming the file's problem, never a panic, and is
@@ -139,6 +143,32 @@ pub trait LeaseFile {
     fn replace(&self, bytes: &[u8]) -> Result<(), String>;
     /// Delete the file, durably.
     fn remove(&self) -> Result<(), String>;
+    /// Write `bytes` durably under this node's side name, leaving the
+    /// lease as it is: a later [`LeaseFile::commit_staged`] puts them in
+    /// place with one rename. A file without side names says so (`Err`);
+    /// the caller then replaces.
+    fn stage(&self, bytes: &[u8]) -> Result<(), String> {
+        let _ = bytes;
+        Err("this lease file cannot stage".into())
+    }
+    /// Put the staged bytes in place as [`LeaseFile::replace`] would
+    /// (atomically, durably).
+    fn commit_staged(&self) -> Result<(), String> {
+        Err("this lease file cannot stage".into())
+    }
+    /// Delete what was staged and never put in place, if anything.
+    fn unstage(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A record staged ahead of a hand-over or an adoption (so that the step
+/// inside the migration's pause is one rename), and when the record it
+/// follows was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Staged {
+    record: LeaseRecord,
+    read_ms: u64,
 }
 
 /// The lease's times, in ms of each node's own monotonic clock.
@@ -243,6 +273,7 @@ pub struct Lease {
     incarnation: u64,
     timing: Timing,
     state: State,
+    staged: Option<Staged>,
 }
 
 impl Lease {
@@ -254,6 +285,7 @@ impl Lease {
             incarnation,
             timing,
             state: State::Idle,
+            staged: None,
         }
     }
 
@@ -449,30 +481,120 @@ impl Lease {
         }
     }
 
-    /// The owner gives the lease to `node` (a live migration's switch-over
-    /// on a shared store): the record names `node` with the next epoch;
-    /// this node stops writing. Returns the record the destination must
-    /// find ([`Lease::adopt`]).
-    pub fn hand_over(&mut self, node: &str, file: &dyn LeaseFile) -> Result<LeaseRecord, String> {
-        let State::Owned { record, .. } = &self.state else {
-            return Err("this node does not hold the lease".into());
-        };
-        let next = LeaseRecord {
+    /// The record a hand-over of `record` to `node` writes.
+    fn handed(record: &LeaseRecord, node: &str) -> LeaseRecord {
+        LeaseRecord {
             vm: record.vm.clone(),
             owner: node.into(),
             incarnation: 0,
             epoch: record.epoch.saturating_add(1),
             counter: 0,
+        }
+    }
+
+    /// Stage `record` (see [`Staged`]); a file that cannot stage leaves
+    /// nothing staged.
+    fn stage(&mut self, record: LeaseRecord, read_ms: u64, file: &dyn LeaseFile) {
+        self.staged = file
+            .stage(&record.encode())
+            .ok()
+            .map(|()| Staged { record, read_ms });
+    }
+
+    /// Put `record` in place: by renaming what was staged if that is
+    /// `record` (and the rename worked), else by a replace.
+    fn put(&mut self, record: &LeaseRecord, file: &dyn LeaseFile) -> Result<(), String> {
+        let staged = self.staged.take();
+        if staged.is_some_and(|s| s.record == *record) && file.commit_staged().is_ok() {
+            return Ok(());
+        }
+        file.replace(&record.encode())
+    }
+
+    /// Ahead of a hand-over to `node` (before the migration pauses the
+    /// VM): write the record [`Lease::hand_over`] puts in place under a
+    /// side name, so the hand-over is one rename. Writes nothing to the
+    /// lease; harmless if the hand-over never comes.
+    pub fn prepare_hand_over(&mut self, node: &str, now_ms: u64, file: &dyn LeaseFile) {
+        if let State::Owned { record, .. } = &self.state {
+            let next = Self::handed(record, node);
+            self.stage(next, now_ms, file);
+        }
+    }
+
+    /// The owner gives the lease to `node` (a live migration's switch-over
+    /// on a shared store) at `now_ms`: the record names `node` with the
+    /// next epoch; this node stops writing. Only an owner that may still
+    /// write hands over (else another node may have claimed the lease).
+    /// Returns the record the destination must find ([`Lease::adopt`]).
+    pub fn hand_over(
+        &mut self,
+        node: &str,
+        now_ms: u64,
+        file: &dyn LeaseFile,
+    ) -> Result<LeaseRecord, String> {
+        let State::Owned { record, .. } = &self.state else {
+            return Err("this node does not hold the lease".into());
         };
+        let next = Self::handed(record, node);
+        let fresh = self.may_write(now_ms);
         // No writes from here on, whatever the store says.
         self.state = State::Idle;
-        file.replace(&next.encode())?;
+        if !fresh {
+            self.staged = None;
+            return Err("the lease was not renewed in time".into());
+        }
+        self.put(&next, file)?;
         Ok(next)
     }
 
+    /// How long after [`Lease::prepare_adopt`]'s read its staged record
+    /// may be renamed into place without a new read: `expire + settle -
+    /// 2 margin` (docs/DESIGN.md "Leases").
+    fn adopt_window_ms(&self) -> u64 {
+        (self.timing.expire_ms + self.timing.settle_ms).saturating_sub(2 * self.timing.margin_ms)
+    }
+
+    /// Ahead of a hand-over from node `from` (when this node accepts the
+    /// migration, at `now_ms`, before it answers): read the record, and
+    /// if `from` holds it, stage what adopting its hand-over (the next
+    /// epoch) writes, so that [`Lease::adopt`] in the pause is one rename
+    /// with no read. Writes nothing to the lease.
+    pub fn prepare_adopt(&mut self, from: &str, now_ms: u64, file: &dyn LeaseFile) {
+        self.staged = None;
+        if let Ok(Some(Ok(r))) = Self::read(file) {
+            if r.owner == from && r.vm == self.vm && from != self.node {
+                let record = LeaseRecord {
+                    vm: r.vm,
+                    owner: self.node.clone(),
+                    incarnation: self.incarnation,
+                    epoch: r.epoch.saturating_add(1),
+                    counter: 0,
+                };
+                self.stage(record, now_ms, file);
+            }
+        }
+    }
+
     /// The destination of a hand-over takes the lease at `now_ms` if the
-    /// file names this node with `epoch`, and stamps its incarnation.
+    /// file names this node with `epoch`, and stamps its incarnation. A
+    /// record staged by [`Lease::prepare_adopt`] for `epoch` stands for
+    /// the read if its read is less than the adoption window old: the
+    /// hand-over came after that read, so a claim on it cannot have
+    /// settled yet, and the claimant yields to the rename.
     pub fn adopt(&mut self, epoch: u64, now_ms: u64, file: &dyn LeaseFile) -> Result<(), String> {
+        if let Some(s) = self.staged.take() {
+            if s.record.epoch == epoch
+                && now_ms.saturating_sub(s.read_ms) < self.adopt_window_ms()
+                && file.commit_staged().is_ok()
+            {
+                self.state = State::Owned {
+                    record: s.record,
+                    renewed_ms: now_ms,
+                };
+                return Ok(());
+            }
+        }
         match Self::read(file)? {
             Some(Ok(r)) if r.owner == self.node && r.epoch == epoch => {
                 let record = LeaseRecord {
@@ -539,6 +661,9 @@ impl Lease {
 
     /// The owner gives the lease up (the VM stopped or was deleted).
     pub fn release(&mut self, file: &dyn LeaseFile) -> Result<(), String> {
+        // A hand-over staged for a move that never came goes too.
+        self.staged = None;
+        let _ = file.unstage();
         if !matches!(self.state, State::Owned { .. }) {
             return Ok(());
         }

@@ -8,6 +8,10 @@ use core::cell::{Cell, RefCell};
 struct MemLease {
     bytes: Rc<RefCell<Option<Vec<u8>>>>,
     broken: Rc<Cell<bool>>,
+    /// This node's side name (`NAME.next-NODE`), when staging is on.
+    staged: Option<Rc<RefCell<Option<Vec<u8>>>>>,
+    /// Lease writes (replace, create, commit) made through this handle.
+    writes: Rc<Cell<u32>>,
 }
 
 impl MemLease {
@@ -16,6 +20,14 @@ impl MemLease {
             return Err("store unreachable".into());
         }
         Ok(())
+    }
+    /// The same lease as another node sees it, with its own side name.
+    fn staging(&self) -> MemLease {
+        MemLease {
+            staged: Some(Rc::default()),
+            writes: Rc::default(),
+            ..self.clone()
+        }
     }
     fn record(&self) -> Option<LeaseRecord> {
         self.bytes
@@ -41,7 +53,22 @@ impl LeaseFile for MemLease {
     }
     fn replace(&self, bytes: &[u8]) -> Result<(), String> {
         self.check()?;
+        self.writes.set(self.writes.get() + 1);
         *self.bytes.borrow_mut() = Some(bytes.to_vec());
+        Ok(())
+    }
+    fn stage(&self, bytes: &[u8]) -> Result<(), String> {
+        self.check()?;
+        let s = self.staged.as_ref().ok_or("no side names")?;
+        *s.borrow_mut() = Some(bytes.to_vec());
+        Ok(())
+    }
+    fn commit_staged(&self) -> Result<(), String> {
+        self.check()?;
+        let s = self.staged.as_ref().ok_or("no side names")?;
+        let b = s.borrow_mut().take().ok_or("nothing staged")?;
+        self.writes.set(self.writes.get() + 1);
+        *self.bytes.borrow_mut() = Some(b);
         Ok(())
     }
     fn remove(&self) -> Result<(), String> {
@@ -217,7 +244,7 @@ fn a_lease_is_handed_over() {
     let (mut a, mut b, mut c) = (node("a", 1), node("b", 2), node("c", 3));
     a.acquire(0, &f).unwrap();
     c.acquire(0, &f).unwrap();
-    let given = a.hand_over("b", &f).unwrap();
+    let given = a.hand_over("b", 1, &f).unwrap();
     assert_eq!((given.owner.as_str(), given.epoch), ("b", 2));
     assert!(!a.may_write(1));
     let e = b.adopt(1, 5, &f).unwrap_err();
@@ -233,7 +260,144 @@ fn a_lease_is_handed_over() {
         assert!(matches!(c.poll(t, &f).unwrap(), Acquire::Held { .. }));
     }
     assert!(matches!(a.renew(60_000, &f), Renewal::Lost(_)));
-    assert!(a.hand_over("c", &f).is_err());
+    assert!(a.hand_over("c", 60_000, &f).is_err());
+}
+
+/// A hand-over and an adoption staged ahead of the pause (the source's
+/// when the destination accepts, the destination's from the record it
+/// reads then): inside the pause each is one rename and nothing is read;
+/// the records are those of the unstaged path, and the lease is untouched
+/// until then.
+#[test]
+fn a_staged_hand_over_and_adoption_are_one_write_each() {
+    let f = MemLease::default();
+    let (fa, fb) = (f.staging(), f.staging());
+    let (mut a, mut b) = (node("a", 1), node("b", 2));
+    a.acquire(0, &fa).unwrap();
+    let before = f.record().unwrap();
+    b.prepare_adopt("a", 5, &fb);
+    a.prepare_hand_over("b", 10, &fa);
+    assert_eq!(
+        f.record().unwrap(),
+        before,
+        "staging leaves the lease alone"
+    );
+    assert!(a.may_write(20), "staging is no hand-over");
+    a.renew(1_500, &fa);
+    let given = a.hand_over("b", 1_600, &fa).unwrap();
+    assert_eq!(
+        (given.owner.as_str(), given.epoch, given.incarnation),
+        ("b", 2, 0)
+    );
+    assert_eq!(f.record().unwrap(), given);
+    assert!(
+        fa.staged.as_ref().unwrap().borrow().is_none(),
+        "renamed, not copied"
+    );
+    assert_eq!(fa.writes.get(), 2, "the renewal, then the hand-over");
+    assert!(!a.may_write(1_600));
+    // The source's store fails while b reads: b does not read.
+    f.broken.set(true);
+    assert!(fb.read().is_err());
+    f.broken.set(false);
+    b.adopt(2, 1_700, &fb).unwrap();
+    assert_eq!(fb.writes.get(), 1);
+    let r = f.record().unwrap();
+    assert_eq!(
+        (r.owner.as_str(), r.epoch, r.incarnation, r.counter),
+        ("b", 2, 2, 0)
+    );
+    assert!(b.may_write(1_700));
+    assert_eq!(b.renew(2_800, &fb), Renewal::Held);
+    assert_eq!(f.record().unwrap().counter, 1);
+}
+
+/// A staged adoption is a rename without a read, so it is used only for
+/// the epoch it was staged for and while no claim on the hand-over (which
+/// came after the staging read) can have settled: `expire + settle - 2
+/// margin` after that read. Later the adoption reads the lease as before
+/// and refuses a record that is not the hand-over; a claim written before
+/// the rename yields to it.
+#[test]
+fn a_staged_adoption_reads_again_once_a_claim_could_have_settled() {
+    let window = T.expire_ms + T.settle_ms - 2 * T.margin_ms;
+    // b stages at 0; a hands over at 1; `go` comes very late: c watched
+    // the hand-over record for the expiry, claimed and settled.
+    let f = MemLease::default();
+    let (fa, fb, fc) = (f.staging(), f.staging(), f.staging());
+    let (mut a, mut b, mut c) = (node("a", 1), node("b", 2), node("c", 3));
+    a.acquire(0, &fa).unwrap();
+    b.prepare_adopt("a", 0, &fb);
+    a.hand_over("b", 1, &fa).unwrap();
+    assert!(matches!(c.acquire(1, &fc).unwrap(), Acquire::Held { .. }));
+    assert!(matches!(
+        c.poll(1 + T.expire_ms, &fc).unwrap(),
+        Acquire::Settling { .. }
+    ));
+    let settled = 1 + T.expire_ms + T.settle_ms;
+    assert_eq!(c.poll(settled, &fc).unwrap(), Acquire::Owned);
+    assert!(settled > window);
+    let e = b.adopt(2, settled, &fb).unwrap_err();
+    assert!(e.contains("names c with epoch 3"), "{e}");
+    assert_eq!(f.record().unwrap().owner, "c", "c's claim stands");
+    assert!(!b.may_write(settled) && c.may_write(settled));
+
+    // Within the window: a claim on the hand-over, written before b's
+    // rename, has not settled when the rename lands; c reads b's record
+    // back and yields.
+    let f = MemLease::default();
+    let (fa, fb, fc) = (f.staging(), f.staging(), f.staging());
+    let (mut a, mut b, mut c) = (node("a", 1), node("b", 2), node("c", 3));
+    a.acquire(0, &fa).unwrap();
+    b.prepare_adopt("a", 0, &fb);
+    a.hand_over("b", 1, &fa).unwrap();
+    assert!(matches!(c.acquire(1, &fc).unwrap(), Acquire::Held { .. }));
+    let claim = 1 + T.expire_ms;
+    assert!(matches!(
+        c.poll(claim, &fc).unwrap(),
+        Acquire::Settling { .. }
+    ));
+    let go = window - 1;
+    assert!(go > claim && go < claim + T.settle_ms);
+    b.adopt(2, go, &fb).unwrap();
+    assert!(b.may_write(go));
+    assert!(matches!(
+        c.poll(claim + T.settle_ms, &fc).unwrap(),
+        Acquire::Held { .. }
+    ));
+    assert!(!c.may_write(claim + T.settle_ms));
+    assert_eq!(f.record().unwrap().owner, "b");
+
+    // Staged for another epoch (a's lease changed hands meanwhile), or
+    // nothing staged (the lease was not the source's): read and refused.
+    let f = MemLease::default();
+    let (fa, fb) = (f.staging(), f.staging());
+    let (mut a, mut b) = (node("a", 1), node("b", 2));
+    b.prepare_adopt("a", 0, &fb);
+    assert!(b.staged.is_none(), "no lease yet: nothing staged");
+    a.acquire(0, &fa).unwrap();
+    b.prepare_adopt("a", 1, &fb);
+    a.hand_over("b", 2, &fa).unwrap();
+    assert!(b.adopt(3, 3, &fb).is_err());
+    assert_eq!(f.record().unwrap().incarnation, 0, "not adopted");
+    b.prepare_adopt("x", 4, &fb);
+    assert!(b.staged.is_none(), "not x's lease");
+}
+
+/// An owner whose renewals stopped landing (it may no longer write: the
+/// lease may be someone else's by now) does not hand it over.
+#[test]
+fn an_owner_that_may_not_write_does_not_hand_over() {
+    let f = MemLease::default();
+    let fa = f.staging();
+    let mut a = node("a", 1);
+    a.acquire(0, &fa).unwrap();
+    a.prepare_hand_over("b", 0, &fa);
+    let late = T.expire_ms - T.margin_ms;
+    let e = a.hand_over("b", late, &fa).unwrap_err();
+    assert!(e.contains("not renewed in time"), "{e}");
+    assert_eq!(f.record().unwrap().owner, "a", "nothing written");
+    assert!(!a.may_write(late));
 }
 
 /// Random schedules of three nodes sharing one lease: owners stall (a

@@ -150,11 +150,14 @@ impl BlockIo for GatedIo {
 
 /// A lease file on a node store: read whole, created exclusively, replaced
 /// by writing `NAME.tmp-NODE` and renaming it over the lease, each change
-/// made durable with a directory fsync.
+/// made durable with a directory fsync. A record staged ahead of a
+/// migration's pause waits in `NAME.next-NODE` (written and fsynced; only
+/// the rename and the directory fsync are left for the pause).
 pub struct StoreLeaseFile {
     stores: Rc<Stores>,
     at: StorePath,
     tmp: StorePath,
+    next: StorePath,
     dir: StorePath,
 }
 
@@ -168,6 +171,8 @@ impl StoreLeaseFile {
             .map_or(("", at.path.as_str()), |(d, n)| (d, n));
         let tmp = StorePath::new(&at.store, &format!("{dir}/{name}.tmp-{node}"))
             .map_err(|e| e.to_string())?;
+        let next = StorePath::new(&at.store, &format!("{dir}/{name}.next-{node}"))
+            .map_err(|e| e.to_string())?;
         let dir = StorePath {
             store: at.store.clone(),
             path: dir.into(),
@@ -176,6 +181,7 @@ impl StoreLeaseFile {
             stores,
             at,
             tmp,
+            next,
             dir,
         })
     }
@@ -222,6 +228,26 @@ impl LeaseFile for StoreLeaseFile {
             .rename(&self.tmp, &self.at)
             .map_err(|e| format!("{}: {e}", self.at))?;
         self.stores.sync_dir(&self.dir).map_err(|e| e.to_string())
+    }
+    fn stage(&self, bytes: &[u8]) -> Result<(), String> {
+        let f = self
+            .stores
+            .create(&self.next, false)
+            .map_err(|e| format!("{}: {e}", self.next))?;
+        self.write_whole(f, bytes)
+    }
+    fn commit_staged(&self) -> Result<(), String> {
+        self.stores
+            .rename(&self.next, &self.at)
+            .map_err(|e| format!("{}: {e}", self.at))?;
+        self.stores.sync_dir(&self.dir).map_err(|e| e.to_string())
+    }
+    fn unstage(&self) -> Result<(), String> {
+        match self.stores.remove(&self.next) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(format!("{}: {e}", self.next)),
+        }
     }
     fn remove(&self) -> Result<(), String> {
         match self.stores.remove(&self.at) {
@@ -481,10 +507,26 @@ impl VmLease {
         self.lease.release(&*self.file)
     }
 
-    /// Hand the lease to `node` (a live migration's switch-over): the VM
-    /// is paused, its disks flushed. Returns the epoch the destination
-    /// must find.
-    pub fn hand_over(&mut self, node: &str) -> Result<u64, String> {
+    /// Ahead of handing the lease to `node` (the migration's memory copy,
+    /// the VM running): stage the hand-over's record
+    /// ([`super::Lease::prepare_hand_over`]).
+    pub fn prepare_hand_over(&mut self, node: &str, now_ms: u64) {
+        if self.phase == Phase::Held {
+            self.lease.prepare_hand_over(node, now_ms, &*self.file);
+        }
+    }
+
+    /// Ahead of adopting the lease from node `from` (a live migration's
+    /// destination accepting it): stage the adoption
+    /// ([`super::Lease::prepare_adopt`]).
+    pub fn prepare_adopt(&mut self, from: &str, now_ms: u64) {
+        self.lease.prepare_adopt(from, now_ms, &*self.file);
+    }
+
+    /// Hand the lease to `node` at `now_ms` (a live migration's
+    /// switch-over): the VM is paused, its disks flushed. Returns the
+    /// epoch the destination must find.
+    pub fn hand_over(&mut self, node: &str, now_ms: u64) -> Result<u64, String> {
         let before = match (&self.phase, self.lease.owned_record()) {
             (Phase::Held, Some(r)) => r.clone(),
             _ => {
@@ -503,7 +545,7 @@ impl VmLease {
             epoch: before.epoch.saturating_add(1),
             counter: 0,
         };
-        let r = self.lease.hand_over(node, &*self.file);
+        let r = self.lease.hand_over(node, now_ms, &*self.file);
         self.phase = Phase::HandedOver {
             handed: handed.clone(),
             before,

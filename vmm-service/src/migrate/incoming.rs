@@ -95,6 +95,9 @@ pub struct Incoming {
     /// handed over with `lease_epoch` (the source's `paused`) is adopted.
     disks: Vec<crate::lease::vms::SharedDisk>,
     lease_epoch: Option<u64>,
+    /// The lease, read and its adoption staged when the migration was
+    /// accepted, so that `go` leaves one rename.
+    lease: Option<crate::lease::vms::VmLease>,
     /// The VM resumed here and [`Migrations::arrive_shared`] ran.
     arrived: bool,
     /// A shared-nothing move: the disks received here (partial files
@@ -296,7 +299,7 @@ impl Migrations {
                     "vmm-service: VM {} arriving from {peer} (job {job})\n",
                     open.vm
                 ));
-                let x = Incoming {
+                let mut x = Incoming {
                     job,
                     id: open.id,
                     vm: open.vm,
@@ -312,12 +315,16 @@ impl Migrations {
                     accept_at: Some(now.saturating_add(holds.accept_ms * NS_PER_MS)),
                     disks: open.disks,
                     lease_epoch: None,
+                    lease: None,
                     arrived: false,
                     storage: sink.is_some(),
                     sink,
                     storage_seen: now,
                     failure: None,
                 };
+                if !x.disks.is_empty() && peer != self.me {
+                    self.prepare_adopt(&mut x, &*host);
+                }
                 jobs.set_migration(job, x.info(x.phase()));
                 self.incoming.push(x);
             }
@@ -790,30 +797,58 @@ impl Migrations {
         self.abandon_incoming(x, host, vms, jobs, MigrationError::Cancelled);
     }
 
+    /// The lease of the VM on the shared store as this node holds it.
+    fn shared_lease(&self, x: &Incoming) -> Result<crate::lease::vms::VmLease, String> {
+        use crate::lease::vms;
+        let store = vms::store_of(&x.disks[0].location);
+        let at = vms::lease_location(store, &x.vm);
+        let stores = self.stores.clone().ok_or("no stores")?;
+        let file = vms::StoreLeaseFile::new(stores, &at, &self.me)?;
+        Ok(vms::VmLease::new(
+            &x.vm,
+            &self.lease_node,
+            &at,
+            alloc::boxed::Box::new(file),
+        ))
+    }
+
+    /// A VM on the shared store is accepted: read its lease and stage the
+    /// adoption of the hand-over to come now, before the migration even
+    /// starts, so that `go` leaves one rename
+    /// (`crate::lease::Lease::prepare_adopt`).
+    fn prepare_adopt(&self, x: &mut Incoming, host: &dyn Host) {
+        let t0 = host.now_ns();
+        if let Ok(mut l) = self.shared_lease(x) {
+            l.prepare_adopt(&x.from, t0 / NS_PER_MS);
+            x.lease = Some(l);
+        }
+        log::debug!(
+            "migrate job {}: lease adoption staged in {} us",
+            x.job,
+            (host.now_ns() - t0) / 1000
+        );
+    }
+
     /// A VM on the shared store arrived (past `go`): it may write its
     /// disks only once it adopted the lease the source handed over, so it
     /// is held until then; the first try is now, the node loop retries
     /// (`crate::lease::vms::tick`).
-    fn arrive_shared(&mut self, x: &Incoming, vm: &mut Vm, host: &mut dyn Host) {
+    fn arrive_shared(&mut self, x: &mut Incoming, vm: &mut Vm, host: &mut dyn Host) {
         use crate::lease::vms;
-        let now_ms = host.now_ns() / NS_PER_MS;
-        let store = String::from(vms::store_of(&x.disks[0].location));
-        let at = vms::lease_location(&store, &x.vm);
-        let file = self
-            .stores
-            .clone()
-            .ok_or_else(|| String::from("no stores"))
-            .and_then(|s| vms::StoreLeaseFile::new(s, &at, &self.me));
+        let t0 = host.now_ns();
+        let now_ms = t0 / NS_PER_MS;
         vm.set_lease_hold(Some(String::from("waiting for the hand-over of the lease")));
-        let file = match file {
-            Ok(f) => f,
+        let lease = match x.lease.take() {
+            Some(l) => Ok(l),
+            None => self.shared_lease(x),
+        };
+        let mut lease = match lease {
+            Ok(l) => l,
             Err(e) => {
                 vm.set_lease_hold(Some(format!("no lease file: {e}")));
                 return;
             }
         };
-        let mut lease =
-            vms::VmLease::new(&x.vm, &self.lease_node, &at, alloc::boxed::Box::new(file));
         match x.lease_epoch {
             Some(epoch) => lease.expect_hand_over(epoch, x.disks.clone()),
             None => {
@@ -823,7 +858,13 @@ impl Migrations {
         }
         *vm.lease_mut() = Some(lease);
         let seed = host.now_ns();
-        if let Some(line) = vms::tick(vm, now_ms, self.stores.as_deref(), seed) {
+        let line = vms::tick(vm, now_ms, self.stores.as_deref(), seed);
+        log::info!(
+            "migrate job {}: lease adopted and disks opened in {} us",
+            x.job,
+            (host.now_ns() - t0) / 1000
+        );
+        if let Some(line) = line {
             host.console_write(&line);
         }
     }

@@ -493,6 +493,13 @@ impl Migrations {
                         o.storage_since = now;
                         return Ok(());
                     }
+                    if !o.disks.is_empty() {
+                        // Shared store: the hand-over's record is written
+                        // now, so the pause only renames it into place.
+                        if let Some(l) = vm.lease_mut() {
+                            l.prepare_hand_over(&o.to, now / NS_PER_MS);
+                        }
+                    }
                     let engine = Migration::new(
                         &SourceVm {
                             vm,
@@ -791,7 +798,7 @@ impl Migrations {
                 if !o.disks.is_empty() {
                     // The VM's files stay where they are: write them out,
                     // stop writing and name the destination in the lease.
-                    match Self::hand_over(src.vm, &o.to) {
+                    match Self::hand_over(src.vm, &o.to, &*host, o.job) {
                         Ok(epoch) => paused.lease_epoch = Some(epoch),
                         Err(why) => {
                             let mut link = conn.link().expect("handshake done");
@@ -954,8 +961,9 @@ impl Migrations {
 
     /// The switch-over of a VM on the shared store (paused): flush its disks,
     /// close its write gate and hand its lease to `to`. Returns the epoch the
-    /// destination adopts.
-    fn hand_over(vm: &mut Vm, to: &str) -> Result<u64, String> {
+    /// destination adopts. The node log says what each step took.
+    fn hand_over(vm: &mut Vm, to: &str, host: &dyn Host, job: u64) -> Result<u64, String> {
+        let t0 = host.now_ns();
         for slot in 0..vm.disk_count() {
             if let Some(d) = vm.disk_mut(slot as u8) {
                 d.flush().map_err(|e| format!("disk {slot}: {e}"))?;
@@ -963,10 +971,19 @@ impl Migrations {
         }
         // From here until the way back decides, nothing is written.
         vm.disk_gate().close();
-        match vm.lease_mut() {
-            Some(l) => l.hand_over(to),
+        let t1 = host.now_ns();
+        let r = match vm.lease_mut() {
+            Some(l) => l.hand_over(to, t1 / NS_PER_MS),
             None => Err("the VM holds no lease".into()),
-        }
+        };
+        let t2 = host.now_ns();
+        log::info!(
+            "migrate job {job}: switch-over on the shared store: disks flushed in {} us, \
+             lease handed to {to} in {} us",
+            (t1 - t0) / 1000,
+            (t2 - t1) / 1000
+        );
+        r
     }
 
     /// The engine ended (completed, failed or cancelled; not in doubt).

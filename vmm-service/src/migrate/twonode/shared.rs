@@ -52,6 +52,17 @@ impl Stored {
         d.flush()
     }
 
+    /// The names in VM `vm`'s directory on the shared store, sorted.
+    fn vm_dir(&self, vm: &str) -> Vec<String> {
+        let at = self.shared.path().join(format!("vms/{vm}"));
+        let mut names: Vec<String> = std::fs::read_dir(at)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     fn vhdx_files(&self) -> Vec<String> {
         let mut out = Vec::new();
         for e in walk(self.shared.path()) {
@@ -114,6 +125,9 @@ fn a_shared_store_vm_moves_with_its_lease() {
     let l = s.lease("s").unwrap();
     assert_eq!((l.owner.as_str(), l.epoch), ("b", 2));
     assert_ne!(l.incarnation, 0, "b adopted the hand-over");
+    // The hand-over and the adoption were staged ahead of the pause and
+    // renamed into place inside it: no side file is left.
+    assert_eq!(s.vm_dir("s"), ["s-0.vhdx", "s.lease"]);
     s.disk_write(1, "s").unwrap();
     s.p.b().check_memory("s");
     match s.p.b().ok(Request::VmDiskList { name: "s".into() }) {
@@ -419,7 +433,7 @@ fn a_disk_moved_onto_the_shared_store_takes_the_lease() {
 }
 
 /// b dies after `go` but before it could adopt the lease (its store
-/// failed every read meanwhile): it never wrote the VM's disk, and the
+/// failed every read and rename meanwhile): it never wrote the VM's disk, and the
 /// lease still holds the hand-over record. The source, in doubt, is not
 /// settled by the lease; the operator keeps the source, which takes the
 /// lease back at once and runs on.
@@ -439,9 +453,11 @@ fn a_destination_lost_before_adopting_leaves_the_source_its_copy() {
     s.p.until_phase(id, Phase::Copying);
     let b_store = s.servers[1].clone();
     s.p.until(400_000, "b resumed, held for its lease", |p| {
-        b_store
-            .borrow_mut()
-            .fail_next(vstorage::p9::Op::Lopen, vstorage::p9::errno::EIO);
+        // Reads fail, and so does the rename of b's staged adoption.
+        let mut store = b_store.borrow_mut();
+        store.fail_next(vstorage::p9::Op::Lopen, vstorage::p9::errno::EIO);
+        store.fail_next(vstorage::p9::Op::Renameat, vstorage::p9::errno::EIO);
+        drop(store);
         p.b()
             .vms()
             .iter()
