@@ -4,11 +4,12 @@
 //! Not API: hidden from the docs. Each harness must return normally for
 //! every input; a panic is a bug.
 
+use crate::error::StreamError;
 use crate::error::VmError;
 use crate::receiver::{DestinationVm, Receiver, RecvProgress};
 use crate::report::MigrationResult;
 use crate::state::{DeviceState, VcpuState, VmConfig};
-use crate::stream::{Decoder, Direction, CRC_BYTES, HEADER_BYTES};
+use crate::stream::{Decoder, Direction, Item, Record, CRC_BYTES, HEADER_BYTES};
 use crate::transport::{MemPipe, Transport};
 use crate::Page;
 use alloc::vec::Vec;
@@ -37,7 +38,9 @@ pub fn fix_crcs(bytes: &mut [u8]) {
 
 /// Control byte, then stream bytes. Control bit 0: direction (0 = source to
 /// destination); bit 1: fix CRCs first; bits 2-5: log2 of the chunk size
-/// the bytes are fed in (1 byte to 32 KiB); bits 6-7: unused.
+/// the bytes are fed in (1 byte to 32 KiB); bit 6: also decode them as a
+/// receiver over a lending link does ([`decode_lent`], pieces of the same
+/// size) and require the same records and the same ending; bit 7: unused.
 pub fn fuzz_decode(data: &[u8]) {
     let Some((&ctl, rest)) = data.split_first() else {
         return;
@@ -52,7 +55,109 @@ pub fn fuzz_decode(data: &[u8]) {
     if ctl & 2 != 0 {
         fix_crcs(&mut input);
     }
-    decode_all(dir, &input, chunk);
+    if ctl & 0x40 == 0 {
+        decode_all(dir, &input, chunk);
+        return;
+    }
+    let (fed, fed_end) = decode_fed(dir, &input, chunk);
+    let (lent, lent_end) = decode_lent(dir, &input, chunk);
+    assert!(
+        fed == lent,
+        "records differ where they were parsed in place"
+    );
+    assert_eq!(
+        fed_end.is_ok(),
+        lent_end.is_ok(),
+        "{fed_end:?} / {lent_end:?}"
+    );
+    if let Err(e) = lent_end {
+        let _ = alloc::format!("{e}");
+    }
+}
+
+/// A record decoded by [`decode_fed`] or [`decode_lent`]: memory pages
+/// copied out, with the stream offset of their first byte.
+pub type Decoded = (Record, u64);
+
+/// Decode `input` fed in `chunk`-byte pieces into the decoder's buffer;
+/// returns the records and how decoding ended (`Ok` only when the
+/// stream ended cleanly).
+pub fn decode_fed(
+    dir: Direction,
+    input: &[u8],
+    chunk: usize,
+) -> (Vec<Decoded>, Result<(), StreamError>) {
+    let mut d = Decoder::new(dir);
+    let mut out = Vec::new();
+    for c in input.chunks(chunk.max(1)) {
+        d.feed(c);
+        if let Err(e) = drain(&mut d, &mut out) {
+            return (out, Err(e));
+        }
+    }
+    let end = d.finish();
+    (out, end)
+}
+
+/// Decode `input` as a receiver over a lending link does
+/// ([`crate::Transport::recv_lent`]): each `piece`-byte piece is parsed
+/// where it lies while the decoder buffers nothing
+/// ([`Decoder::next_item_in`]); what follows a record cut by the piece's
+/// end is fed, and decoded from the decoder's buffer until that is empty.
+pub fn decode_lent(
+    dir: Direction,
+    input: &[u8],
+    piece: usize,
+) -> (Vec<Decoded>, Result<(), StreamError>) {
+    let mut d = Decoder::new(dir);
+    let mut out = Vec::new();
+    for p in input.chunks(piece.max(1)) {
+        let mut at = 0;
+        while at < p.len() {
+            match d.next_item_in(&p[at..]) {
+                Ok((item, used)) => {
+                    at += used;
+                    match item {
+                        Some(i) => out.push(owned(i)),
+                        None => break,
+                    }
+                }
+                Err(e) => return (out, Err(e)),
+            }
+        }
+        d.feed(&p[at..]);
+        if let Err(e) = drain(&mut d, &mut out) {
+            return (out, Err(e));
+        }
+    }
+    let end = d.finish();
+    (out, end)
+}
+
+fn owned(item: Item<'_>) -> Decoded {
+    match item {
+        Item::Record(r) => (r, 0),
+        Item::Pages {
+            start_gfn,
+            data,
+            offset,
+            ..
+        } => (
+            Record::MemData {
+                start_gfn,
+                data: data.to_vec(),
+            },
+            offset,
+        ),
+    }
+}
+
+/// Decode what the decoder buffers.
+fn drain(d: &mut Decoder, out: &mut Vec<Decoded>) -> Result<(), StreamError> {
+    while let Some(i) = d.next_item()? {
+        out.push(owned(i));
+    }
+    Ok(())
 }
 
 /// Decode `input` fed in `chunk`-byte pieces; returns the records decoded
@@ -123,9 +228,49 @@ impl DestinationVm for SparseVm {
     fn discard(&mut self) {}
 }
 
+/// A pipe end that lends what it received in pieces of `piece` bytes
+/// ([`Transport::recv_lent`]), as a sealed link lends frame bodies.
+struct Lending {
+    pipe: MemPipe,
+    piece: Option<usize>,
+}
+
+impl Transport for Lending {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), crate::TransportError> {
+        self.pipe.send(bytes)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, crate::TransportError> {
+        self.pipe.recv(buf)
+    }
+    fn send_window(&self) -> usize {
+        self.pipe.send_window()
+    }
+    fn acked_bytes(&self) -> u64 {
+        self.pipe.acked_bytes()
+    }
+    fn recv_lent(
+        &mut self,
+        take: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Option<Result<usize, crate::TransportError>> {
+        let piece = self.piece?.max(1);
+        self.pipe.recv_in_place(&mut |bytes| {
+            let mut used = 0;
+            for p in bytes.chunks(piece) {
+                used += p.len();
+                if !take(p) {
+                    break;
+                }
+            }
+            used
+        })
+    }
+}
+
 /// Run a [`Receiver`] over `data` (source-to-destination bytes, CRCs fixed
-/// if control bit 1 is set, as in [`fuzz_decode`]); returns how it ended
-/// (`None`: still running after the step budget, or no input).
+/// if control bit 1 is set, as in [`fuzz_decode`]; with bit 6 the link
+/// lends them in pieces of the size bits 2-5 give, as [`fuzz_decode`]'s
+/// chunks); returns how it ended (`None`: still running after the step
+/// budget, or no input).
 pub fn fuzz_receive(data: &[u8]) -> Option<MigrationResult> {
     let (&ctl, rest) = data.split_first()?;
     let mut input: Vec<u8> = rest.to_vec();
@@ -133,6 +278,10 @@ pub fn fuzz_receive(data: &[u8]) -> Option<MigrationResult> {
         fix_crcs(&mut input);
     }
     let (mut src, dst) = MemPipe::pair();
+    let dst = Lending {
+        pipe: dst,
+        piece: (ctl & 0x40 != 0).then(|| 1usize << ((ctl >> 2) & 0xf)),
+    };
     let _ = src.send(&input);
     // The source end stays open while the receiver consumes the input, so
     // its offer, `ready` and `resumed` can be sent; once it waits for more
@@ -376,7 +525,8 @@ pub fn fuzz_seeds() -> Vec<(&'static str, alloc::string::String, Vec<u8>)> {
         let d = u8::from(dir == Direction::DestToSource);
         // 4 KiB feed chunks (control bits 2-5 = 12).
         let chunk = 12 << 2;
-        for (fix, suffix) in [(0u8, ""), (2, "-fixcrc")] {
+        // Bit 6: also parsed where the bytes lie, in 4 KiB pieces.
+        for (fix, suffix) in [(0u8, ""), (2, "-fixcrc"), (0x42, "-lent")] {
             let mut seed = Vec::with_capacity(bytes.len() + 1);
             seed.push(d | fix | chunk);
             seed.extend_from_slice(&bytes);

@@ -521,30 +521,15 @@ impl Receiver {
             Phase::Receiving | Phase::AwaitGo | Phase::HoldReady { .. } => {
                 // Records already buffered first, so the buffer stays bounded.
                 match self.decoder.next_item()? {
-                    Some(Item::Pages {
-                        start_gfn,
-                        data,
-                        page_crcs,
-                        offset,
-                    }) => {
+                    Some(item @ Item::Pages { .. }) => {
                         // Straight from the decoder's buffer into guest
-                        // memory; the page hashes reuse the CRCs that
-                        // checked the record (one CRC pass per page), or
-                        // (version 5, no CRCs) name the page's place in
-                        // the stream.
-                        for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
-                            let gfn = start_gfn + i as u64;
-                            let hash = match page_crcs.get(i) {
-                                Some(crc) => page_hash_of_crc(gfn, *crc),
-                                None => page_hash_at(gfn, offset + (i * PAGE_SIZE) as u64),
-                            };
-                            if let Ok(page) = <&Page>::try_from(chunk) {
-                                vm.write_page(gfn, page)?;
-                                self.written.set(gfn);
-                                self.outcome.pages_written += 1;
-                                set_hash(&mut self.page_hashes, gfn, hash);
-                            }
+                        // memory.
+                        Memory {
+                            written: &mut self.written,
+                            page_hashes: &mut self.page_hashes,
+                            outcome: &mut self.outcome,
                         }
+                        .pages(vm, &item)?;
                         self.report_progress(link, PROGRESS_EVERY_BYTES);
                         return Ok(RecvProgress::Busy);
                     }
@@ -557,6 +542,9 @@ impl Receiver {
                         return Ok(RecvProgress::Busy);
                     }
                     None => {}
+                }
+                if let Some(r) = self.recv_lent(vm, link) {
+                    return r;
                 }
                 // Received straight into the decoder's buffer.
                 let got = link.recv(self.decoder.spare(RECV_CHUNK));
@@ -582,6 +570,91 @@ impl Receiver {
             }
             Phase::Finished => Ok(RecvProgress::Finished(self.outcome.result)),
         }
+    }
+
+    /// Receive where the link lends its stream bytes (nothing buffered in
+    /// the decoder): memory records are parsed where they lie and applied
+    /// at once, page bytes straight from the link's buffer into guest
+    /// memory (no copy into the decoder's); the first other record stops
+    /// the step and is applied after it, and what follows it, like the
+    /// tail of a record cut by the end of a piece, is fed to the decoder
+    /// (copied). At most [`RECV_CHUNK`] stream bytes per step. `None`
+    /// when the link does not lend now.
+    fn recv_lent<D, T>(
+        &mut self,
+        vm: &mut D,
+        link: &mut T,
+    ) -> Option<Result<RecvProgress, MigrationError>>
+    where
+        D: DestinationVm + ?Sized,
+        T: Transport + ?Sized,
+    {
+        if self.decoder.buffered_bytes() != 0 {
+            return None;
+        }
+        let mut lent = 0usize;
+        let mut other: Option<Record> = None;
+        let mut failed: Option<MigrationError> = None;
+        let decoder = &mut self.decoder;
+        let mut memory = Memory {
+            written: &mut self.written,
+            page_hashes: &mut self.page_hashes,
+            outcome: &mut self.outcome,
+        };
+        let got = link.recv_lent(&mut |piece| {
+            lent += piece.len();
+            let mut at = 0;
+            while failed.is_none() && other.is_none() && at < piece.len() {
+                let (item, used) = match decoder.next_item_in(&piece[at..]) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        failed = Some(e.into());
+                        break;
+                    }
+                };
+                at += used;
+                let r = match item {
+                    None => break,
+                    Some(item @ Item::Pages { .. }) => memory.pages(vm, &item),
+                    Some(Item::Record(Record::MemZero { start_gfn, pages })) => {
+                        memory.zeros(vm, start_gfn, pages)
+                    }
+                    Some(Item::Record(rec)) => {
+                        other = Some(rec);
+                        Ok(())
+                    }
+                };
+                if let Err(e) = r {
+                    failed = Some(e);
+                }
+            }
+            if failed.is_some() {
+                return false;
+            }
+            decoder.feed(&piece[at..]);
+            other.is_none() && decoder.buffered_bytes() == 0 && lent < RECV_CHUNK
+        })?;
+        self.outcome.bytes_received += lent as u64;
+        Some((|| {
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if let Err(e) = got {
+                // A cut inside the stream says more than the bare
+                // transport error.
+                self.decoder.finish()?;
+                return Err(e.into());
+            }
+            if let Some(rec) = other {
+                self.apply(vm, link, rec)?;
+            }
+            if lent == 0 {
+                self.report_progress(link, 1);
+                return Ok(RecvProgress::Waiting);
+            }
+            self.report_progress(link, PROGRESS_EVERY_BYTES);
+            Ok(RecvProgress::Busy)
+        })())
     }
 
     fn apply<D, T>(&mut self, vm: &mut D, link: &mut T, rec: Record) -> Result<(), MigrationError>
@@ -611,17 +684,12 @@ impl Receiver {
                     }
                 }
             }
-            Record::MemZero { start_gfn, pages } => {
-                // The decoder checked start_gfn + pages <= RAM pages.
-                for gfn in start_gfn..start_gfn + pages {
-                    if self.written.test(gfn) {
-                        vm.zero_page(gfn)?;
-                        self.written.clear(gfn);
-                        set_hash(&mut self.page_hashes, gfn, zero_page_hash(gfn));
-                    }
-                }
-                self.outcome.zero_pages += pages;
+            Record::MemZero { start_gfn, pages } => Memory {
+                written: &mut self.written,
+                page_hashes: &mut self.page_hashes,
+                outcome: &mut self.outcome,
             }
+            .zeros(vm, start_gfn, pages)?,
             // The decoder allows one, after the last memory record.
             Record::MemVerify { digest } => self.source_memory = Some(digest),
             Record::Vcpu(v) => self.vcpus.push(*v),
@@ -702,6 +770,70 @@ impl Receiver {
         self.outcome.error = Some(e.to_string());
         self.error = Some(e);
         self.phase = Phase::Finished;
+    }
+}
+
+/// What applying memory records changes (borrowed from the receiver
+/// beside its decoder, whose buffer or whose caller's the pages lie in).
+struct Memory<'a> {
+    written: &'a mut DirtyBitmap,
+    page_hashes: &'a mut Vec<u64>,
+    outcome: &'a mut ReceiveOutcome,
+}
+
+impl Memory<'_> {
+    /// Write the pages of a memory data item into guest memory (one copy
+    /// from where they lie); the page hashes reuse the CRCs that checked
+    /// the record (one CRC pass per page), or (version 5, no CRCs) name
+    /// the page's place in the stream.
+    fn pages<D: DestinationVm + ?Sized>(
+        &mut self,
+        vm: &mut D,
+        item: &Item<'_>,
+    ) -> Result<(), MigrationError> {
+        let Item::Pages {
+            start_gfn,
+            data,
+            page_crcs,
+            offset,
+        } = *item
+        else {
+            return Ok(());
+        };
+        for (i, chunk) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let gfn = start_gfn + i as u64;
+            let hash = match page_crcs.get(i) {
+                Some(crc) => page_hash_of_crc(gfn, *crc),
+                None => page_hash_at(gfn, offset + (i * PAGE_SIZE) as u64),
+            };
+            if let Ok(page) = <&Page>::try_from(chunk) {
+                vm.write_page(gfn, page)?;
+                self.written.set(gfn);
+                self.outcome.pages_written += 1;
+                set_hash(self.page_hashes, gfn, hash);
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply a zero marker: frames written before are zeroed again (fresh
+    /// RAM is zero already).
+    fn zeros<D: DestinationVm + ?Sized>(
+        &mut self,
+        vm: &mut D,
+        start_gfn: u64,
+        pages: u64,
+    ) -> Result<(), MigrationError> {
+        // The decoder checked start_gfn + pages <= RAM pages.
+        for gfn in start_gfn..start_gfn + pages {
+            if self.written.test(gfn) {
+                vm.zero_page(gfn)?;
+                self.written.clear(gfn);
+                set_hash(self.page_hashes, gfn, zero_page_hash(gfn));
+            }
+        }
+        self.outcome.zero_pages += pages;
+        Ok(())
     }
 }
 

@@ -474,6 +474,41 @@ impl Sealer {
     /// rest of `out`. Returns the bytes of `bytes` used and the stream
     /// bytes written; an error poisons the sealer.
     pub fn open_in_place(&mut self, bytes: &mut [u8], out: &mut [u8]) -> Opened {
+        let mut wrote = 0;
+        let room = out.len();
+        self.open_frames(
+            bytes,
+            &mut |len, so_far| len <= room - so_far,
+            &mut |body| {
+                out[wrote..wrote + body.len()].copy_from_slice(body);
+                wrote += body.len();
+                true
+            },
+        )
+    }
+
+    /// Open the complete frames at the front of `bytes` (as
+    /// [`Sealer::open_in_place`]) and lend each stream body where it
+    /// lies to `take`, which takes it whole and says whether it wants
+    /// another (no copy here at all). Returns the bytes of `bytes` used
+    /// and the stream bytes lent.
+    pub fn open_lending(
+        &mut self,
+        bytes: &mut [u8],
+        take: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Opened {
+        self.open_frames(bytes, &mut |_, _| true, take)
+    }
+
+    /// Open frames from the front of `bytes` while `fits(body length,
+    /// stream bytes so far)` lets a stream frame in (else `no_room`) and
+    /// `deliver` (given each non-empty stream body) wants more.
+    fn open_frames(
+        &mut self,
+        bytes: &mut [u8],
+        fits: &mut dyn FnMut(usize, usize) -> bool,
+        deliver: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Opened {
         let mut o = Opened::default();
         if let Some(e) = self.error {
             o.error = Some(e);
@@ -491,16 +526,19 @@ impl Sealer {
                     break;
                 }
             };
-            if base == KIND_STREAM && len > out.len() - wrote {
+            if base == KIND_STREAM && !fits(len, wrote) {
                 o.no_room = true;
                 break;
             }
             let total = HEADER_BYTES + len + TAG_BYTES;
             let sealed = &mut bytes[used..used + total];
+            let mut more = true;
             let r = self.open_frame(sealed).and_then(|()| {
                 let body = &sealed[HEADER_BYTES..HEADER_BYTES + len];
                 if base == KIND_STREAM {
-                    out[wrote..wrote + len].copy_from_slice(body);
+                    if !body.is_empty() {
+                        more = deliver(body);
+                    }
                     Ok(())
                 } else {
                     self.queue_message(base, body, frame)
@@ -514,6 +552,9 @@ impl Sealer {
             used += total;
             if base == KIND_STREAM {
                 wrote += len;
+            }
+            if !more {
+                break;
             }
         }
         o.used = used;
@@ -731,6 +772,64 @@ impl<T: Transport + ?Sized> Transport for SealedLink<'_, T> {
         Ok(self.sealer.read_stream(buf))
     }
 
+    /// One stream frame of at most [`FRAME_BODY_MAX`] bytes of body,
+    /// whose body `fill` writes straight into the inner transport's send
+    /// queue; it is sealed there in place (the MAC's pass over the body
+    /// is the only one). `None` when `len` is over one frame's body or
+    /// the inner transport cannot lend.
+    fn send_with(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<Result<(), TransportError>> {
+        if len == 0 || len > FRAME_BODY_MAX {
+            return None;
+        }
+        let sealer = &mut *self.sealer;
+        self.inner.send_with(len + FRAME_OVERHEAD, &mut |room| {
+            let Some(body) = room.get_mut(HEADER_BYTES..HEADER_BYTES + len) else {
+                return 0;
+            };
+            let n = fill(body).min(len);
+            if n == 0 {
+                return 0; // No frame (and no sequence number) for nothing.
+            }
+            sealer.seal_frame(KIND_STREAM, &mut room[..n + FRAME_OVERHEAD]);
+            n + FRAME_OVERHEAD
+        })
+    }
+
+    /// Stream bodies lent where their frames were opened, in the inner
+    /// transport's receive buffer, when nothing waits in this sealer's
+    /// own (else `None`: [`Transport::recv`] takes that first).
+    fn recv_lent(
+        &mut self,
+        take: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Option<Result<usize, TransportError>> {
+        if !self.sealer.drained() {
+            return None;
+        }
+        let sealer = &mut *self.sealer;
+        let mut opened = Opened::default();
+        let r = self.inner.recv_in_place(&mut |bytes| {
+            opened = sealer.open_lending(bytes, take);
+            opened.used
+        })?;
+        sealer.in_place = true;
+        if let Some(e) = opened.error {
+            self.refused.get_or_insert(e);
+            if opened.wrote == 0 {
+                return Some(Err(TransportError::Broken(
+                    "a sealed frame failed its integrity check",
+                )));
+            }
+        }
+        Some(match r {
+            Err(e) if opened.wrote == 0 => Err(e),
+            _ => Ok(opened.wrote),
+        })
+    }
+
     fn send_window(&self) -> usize {
         let w = self.inner.send_window();
         if w == usize::MAX {
@@ -832,6 +931,123 @@ mod tests {
             };
             assert!(link.recv(&mut [0u8; 4096]).is_err());
             assert!(matches!(refused, Some(SealError::Integrity { frame: 0 })));
+        }
+    }
+
+    /// Stream bodies written in place into the pipe's queue
+    /// (`send_with`, sealed there) and lent where they were opened
+    /// (`recv_lent`) arrive byte-exact, in order, between frames sent the
+    /// other way and control messages; a piece over one frame's body is
+    /// not lent room, a fill of nothing makes no frame; a frame cut short
+    /// is never lent, and the cut shows once the sender is gone; a
+    /// tampered frame is refused.
+    #[test]
+    fn bodies_sealed_in_place_are_lent_byte_exact() {
+        for encrypt in [false, true] {
+            let (mut a, mut b) = pair(Some(encrypt));
+            let (mut tx, mut rx) = MemPipe::pair();
+            let (mut ra, mut rb) = (None, None);
+            let payload: Vec<u8> = (0..400_000u32).map(|i| (i * 11 + i / 509) as u8).collect();
+            let mut sent = 0;
+            for (k, piece) in payload.chunks(61_000).enumerate() {
+                let mut la = SealedLink {
+                    sealer: &mut a,
+                    inner: &mut tx,
+                    refused: &mut ra,
+                };
+                assert!(
+                    la.send_with(FRAME_BODY_MAX + 1, &mut |_| 1).is_none(),
+                    "more than one frame's body"
+                );
+                assert!(
+                    la.send_with(100, &mut |_| 0).unwrap().is_ok(),
+                    "nothing written"
+                );
+                if k % 2 == 0 {
+                    la.send_with(piece.len() + 500, &mut |room| {
+                        room[..piece.len()].copy_from_slice(piece);
+                        piece.len()
+                    })
+                    .unwrap()
+                    .unwrap();
+                } else {
+                    la.send(piece).unwrap();
+                }
+                sent += piece.len();
+                if k == 3 {
+                    let mut c = Vec::new();
+                    a.seal_control(b"{\"paused\":{}}", &mut c);
+                    tx.send(&c).unwrap();
+                }
+            }
+            assert_eq!(sent, payload.len());
+            let mut got = Vec::new();
+            for _ in 0..100 {
+                let mut lb = SealedLink {
+                    sealer: &mut b,
+                    inner: &mut rx,
+                    refused: &mut rb,
+                };
+                let mut pieces = 0;
+                let n = lb
+                    .recv_lent(&mut |body| {
+                        assert!(body.len() <= FRAME_BODY_MAX);
+                        got.extend_from_slice(body);
+                        pieces += 1;
+                        pieces < 3
+                    })
+                    .unwrap()
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+            }
+            assert_eq!(got, payload, "encrypt {encrypt}");
+            assert_eq!(b.take_control().as_deref(), Some(&b"{\"paused\":{}}"[..]));
+            assert!(rb.is_none());
+
+            // A frame cut short: nothing of it is lent while it waits,
+            // and the end of the link shows once the sender is gone.
+            let mut wire = Vec::new();
+            a.seal_stream(&payload[..5000], &mut wire);
+            tx.send(&wire[..wire.len() - 1]).unwrap();
+            let mut lb = SealedLink {
+                sealer: &mut b,
+                inner: &mut rx,
+                refused: &mut rb,
+            };
+            let mut lent = 0;
+            let n = lb.recv_lent(&mut |body| {
+                lent += body.len();
+                true
+            });
+            assert_eq!((n, lent), (Some(Ok(0)), 0));
+            drop(tx);
+            let mut lb = SealedLink {
+                sealer: &mut b,
+                inner: &mut rx,
+                refused: &mut rb,
+            };
+            assert_eq!(
+                lb.recv_lent(&mut |_| true),
+                Some(Err(TransportError::Closed))
+            );
+            assert_eq!(lent, 0);
+
+            // A flipped bit: refused, nothing lent.
+            let (mut a, mut b) = pair(Some(encrypt));
+            let (mut tx, mut rx) = MemPipe::pair();
+            let mut wire = Vec::new();
+            a.seal_stream(&payload[..3000], &mut wire);
+            wire[HEADER_BYTES + 10] ^= 4;
+            tx.send(&wire).unwrap();
+            let mut lb = SealedLink {
+                sealer: &mut b,
+                inner: &mut rx,
+                refused: &mut rb,
+            };
+            assert!(matches!(lb.recv_lent(&mut |_| true), Some(Err(_))));
+            assert!(matches!(rb, Some(SealError::Integrity { frame: 0 })));
         }
     }
 

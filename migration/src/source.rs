@@ -50,6 +50,7 @@ use crate::digest::{
 use crate::error::{MigrationError, StreamError, TransportError, VmError};
 use crate::policy::{self, Policy};
 use crate::report::{MigrationReport, MigrationResult, PausePhases};
+use crate::seal::FRAME_BODY_MAX;
 use crate::state::{DeviceState, VcpuState, VmConfig, MAX_DEVICE_PAYLOAD, MAX_XSAVE_BYTES};
 use crate::stream::{
     self, Decoder, Direction, Record, MAX_DATA_RUN_PAGES, MAX_ZERO_RUN_PAGES, PROGRESS_VERSION,
@@ -201,6 +202,9 @@ const RECV_CHUNK: usize = 1024;
 const VERIFY_PAGES_PER_STEP: u64 = 1024;
 /// Stale frames named in the error of a failed verification.
 const STALE_GFNS_REPORTED: usize = 8;
+/// Room one more page may take in a batch: its data plus a whole
+/// record's framing, behind the marker of a zero run it closes.
+const BATCH_BYTES_PER_PAGE: usize = WORST_BYTES_PER_PAGE + stream::MEM_ZERO_RECORD_BYTES;
 /// Smallest batch of pages worth a step when the send window is short.
 const MIN_BATCH_PAGES: usize = 16;
 /// Most stream bytes one page can cost: its data plus a whole record's
@@ -361,6 +365,15 @@ impl Batch {
             buf[end..end + stream::CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
             self.len = end + stream::CRC_BYTES;
         }
+    }
+
+    /// Bytes the records take once the open run is closed.
+    fn extent(&self) -> usize {
+        let data = self.data.map_or(0, |(_, n)| {
+            stream::MEM_DATA_HEAD_BYTES + n as usize * PAGE_SIZE + stream::CRC_BYTES
+        });
+        let zero = self.zero.map_or(0, |_| stream::MEM_ZERO_RECORD_BYTES);
+        self.len + data + zero
     }
 
     /// Finish the open run.
@@ -1028,16 +1041,13 @@ impl Migration {
 
     /// Read, classify and send up to `step_pages` pages of the current pass.
     ///
-    /// Each page is read from guest memory straight into its place in the
-    /// batch handed to the transport (one copy) and checked for zero
-    /// there. Before version 5 it is CRC'd once: that CRC gives the page
-    /// hash (for the end digest) and, combined, the record's CRC
-    /// ([`crate::digest::crc32_append_page`]). From version 5 on (a
-    /// sealed link) the link's MAC is the one pass over its bytes: the
-    /// record's CRC covers its head and the page hash names the page's
-    /// place in the stream ([`crate::digest::page_hash_at`]), unless
-    /// verification mode needs the content hash (one CRC pass). A zero
-    /// page's bytes are dropped again and it joins a zero marker.
+    /// Where the link lends room in its send queue
+    /// ([`Transport::send_with`]), the pages go in pieces of at most one
+    /// sealed frame's body ([`FRAME_BODY_MAX`]) of whole records, each
+    /// page read from guest memory straight into its place in the
+    /// transport's queue (a sealed link then seals the frame there in
+    /// place: one copy and the MAC's one pass). Else they are built in a
+    /// batch of this engine's and sent (one copy more).
     fn send_pages<V, T>(
         &mut self,
         vm: &mut V,
@@ -1049,39 +1059,111 @@ impl Migration {
         T: Transport + ?Sized,
     {
         let limit = u64::from(self.policy.step_pages.max(1)).min(max_pages as u64);
+        let mut pages = 0u64;
+        while pages < limit && self.to_send.next_set(self.cursor).is_some() {
+            let want = FRAME_BODY_MAX.min((limit - pages) as usize * BATCH_BYTES_PER_PAGE);
+            let base = self.report.bytes_sent;
+            let (cursor, zero_pages) = (self.cursor, self.report.zero_pages);
+            let mut filled = None;
+            let lent = link.send_with(want, &mut |room| {
+                let (len, n, r) = self.fill_records(vm, room, limit - pages, base);
+                let len = if r.is_ok() { len } else { 0 };
+                filled = Some((len, n, r));
+                len
+            });
+            let Some(sent) = lent else {
+                if filled.is_some() {
+                    // Read but not sent: read again below.
+                    self.cursor = cursor;
+                    self.report.zero_pages = zero_pages;
+                }
+                break;
+            };
+            let Some((len, n, r)) = filled else {
+                // A link that failed before it lent room says why.
+                sent?;
+                return Err(MigrationError::Transport(TransportError::Broken(
+                    "the link lent no room for the pages",
+                )));
+            };
+            self.pages_this_pass += n;
+            pages += n;
+            r?;
+            sent?;
+            if n == 0 {
+                break; // Nothing fitted (cannot happen: `want` fits a page).
+            }
+            self.report.bytes_sent += len as u64;
+            self.transfer_bytes += len as u64;
+        }
+        if pages >= limit || self.to_send.next_set(self.cursor).is_none() {
+            return Ok(());
+        }
         // Worst case: every page its own data record, each behind a zero
         // marker. Grown once, then reused (never shrunk, never re-zeroed).
-        let room = limit as usize * (WORST_BYTES_PER_PAGE + stream::MEM_ZERO_RECORD_BYTES);
+        let left = limit - pages;
+        let room = left as usize * BATCH_BYTES_PER_PAGE;
         if self.batch.len() < room {
             self.batch.resize(room, 0);
         }
         let mut batch = core::mem::take(&mut self.batch);
+        let base = self.report.bytes_sent;
+        let (len, n, result) = self.fill_records(vm, &mut batch[..room], left, base);
+        self.pages_this_pass += n;
+        let sent = result.and_then(|()| self.send_raw(link, &batch[..len]));
+        self.batch = batch;
+        sent
+    }
+
+    /// Read pages of the pass (at most `max_pages`) into `buf` as whole
+    /// memory records while the worst case of one more page fits;
+    /// `base` is the stream offset of `buf[0]`. Returns the bytes of
+    /// records, the pages read, and how reading ended.
+    ///
+    /// Each page is read from guest memory straight into its place in
+    /// `buf` (one copy) and checked for zero there. Before version 5 it
+    /// is CRC'd once: that CRC gives the page hash (for the end digest)
+    /// and, combined, the record's CRC
+    /// ([`crate::digest::crc32_append_page`]). From version 5 on (a
+    /// sealed link) the link's MAC is the one pass over its bytes: the
+    /// record's CRC covers its head and the page hash names the page's
+    /// place in the stream ([`crate::digest::page_hash_at`]), unless
+    /// verification mode needs the content hash (one CRC pass). A zero
+    /// page's bytes are dropped again and it joins a zero marker.
+    fn fill_records<V>(
+        &mut self,
+        vm: &mut V,
+        buf: &mut [u8],
+        max_pages: u64,
+        base: u64,
+    ) -> (usize, u64, Result<(), MigrationError>)
+    where
+        V: MigratableVm + ?Sized,
+    {
         let sealed = self.version >= SEALED_VERSION;
         let positional = sealed && !self.policy.verify_memory;
-        // The stream offset of `batch[0]`.
-        let base = self.report.bytes_sent;
         let mut b = Batch::new(!sealed);
         let mut pages = 0u64;
         let result = (|| {
-            while pages < limit {
+            while pages < max_pages && b.extent() + BATCH_BYTES_PER_PAGE <= buf.len() {
                 let Some(gfn) = self.to_send.next_set(self.cursor) else {
                     break;
                 };
                 self.cursor = gfn + 1;
-                let at = b.page_slot(&mut batch, gfn);
-                let page = <&mut Page>::try_from(&mut batch[at..at + PAGE_SIZE])
+                let at = b.page_slot(buf, gfn);
+                let page = <&mut Page>::try_from(&mut buf[at..at + PAGE_SIZE])
                     .map_err(|_| VmError::at("batch buffer", gfn))?;
                 vm.read_page(gfn, page)?;
                 let hash = if is_zero_page(page) {
                     self.report.zero_pages += 1;
-                    b.zero(&mut batch, gfn);
+                    b.zero(buf, gfn);
                     zero_page_hash(gfn)
                 } else if positional {
-                    b.data(&mut batch, gfn, 0);
+                    b.data(buf, gfn, 0);
                     page_hash_at(gfn, base + at as u64)
                 } else {
                     let crc = crc32fast::hash(page);
-                    b.data(&mut batch, gfn, crc);
+                    b.data(buf, gfn, crc);
                     page_hash_of_crc(gfn, crc)
                 };
                 if let Some(h) = usize::try_from(gfn)
@@ -1092,13 +1174,10 @@ impl Migration {
                 }
                 pages += 1;
             }
-            b.close(&mut batch);
             Ok::<(), MigrationError>(())
         })();
-        self.pages_this_pass += pages;
-        let sent = result.and_then(|()| self.send_raw(link, &batch[..b.len]));
-        self.batch = batch;
-        sent
+        b.close(buf);
+        (b.len, pages, result)
     }
 
     fn end_of_pass<V, T>(

@@ -705,18 +705,70 @@ impl Decoder {
         }
     }
 
+    /// Decode the next record straight from `bytes`, the stream bytes
+    /// that follow everything fed so far, where they lie (a transport's
+    /// buffer: no copy into the decoder's). Only while nothing is
+    /// buffered here: else it uses nothing (`Ok((None, 0))`) and the
+    /// caller feeds `bytes` instead. Returns the record (memory pages lent
+    /// from `bytes`), or `None` when `bytes` ends inside one, and the
+    /// bytes used, which the caller must not pass again: what is left
+    /// after a `None` is a partial record the caller feeds
+    /// ([`Decoder::feed`]). The same checks, caps and errors as
+    /// [`Decoder::next_item`].
+    pub fn next_item_in<'b>(
+        &'b mut self,
+        bytes: &'b [u8],
+    ) -> Result<(Option<Item<'b>>, usize), StreamError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        if self.pos != self.end {
+            return Ok((None, 0));
+        }
+        // The stream offset of `bytes[0]`; nothing buffered stays here.
+        let start = self.base + self.end as u64;
+        let (next, used) = match self.next_in(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.error = Some(e.clone());
+                return Err(e);
+            }
+        };
+        self.base = start + used as u64;
+        self.pos = 0;
+        self.end = 0;
+        let item = next.map(|n| match n {
+            Next::Record(r) => Item::Record(r),
+            Next::Pages {
+                start_gfn,
+                at,
+                pages,
+            } => Item::Pages {
+                start_gfn,
+                data: &bytes[at..at + pages * PAGE_SIZE],
+                page_crcs: if self.version >= SEALED_VERSION {
+                    &[]
+                } else {
+                    &self.page_crcs[..pages]
+                },
+                offset: start + at as u64,
+            },
+        });
+        Ok((item, used))
+    }
+
     /// A well-formed memory data record of `pages` (1..=64) pages whose
-    /// payload is `whole[HEADER_BYTES..body_end]`: its CRC from one pass
-    /// over each page (kept in `page_crcs`) combined with the header's;
-    /// from version 5 on the header's alone (the pages are the MAC's).
-    fn mem_data_crc(&mut self, at: usize, pages: usize) -> u32 {
-        let head = &self.buf[at..at + MEM_DATA_HEAD_BYTES];
+    /// head starts `whole`: its CRC from one pass over each page (kept in
+    /// `page_crcs`) combined with the head's; from version 5 on the
+    /// head's alone (the pages are the MAC's).
+    fn mem_data_crc(&mut self, whole: &[u8], pages: usize) -> u32 {
+        let head = &whole[..MEM_DATA_HEAD_BYTES];
         let mut crc = crc32fast::hash(head);
         if self.version >= SEALED_VERSION {
             return crc;
         }
-        let first = at + MEM_DATA_HEAD_BYTES;
-        for (i, page) in self.buf[first..first + pages * PAGE_SIZE]
+        let first = MEM_DATA_HEAD_BYTES;
+        for (i, page) in whole[first..first + pages * PAGE_SIZE]
             .chunks_exact(PAGE_SIZE)
             .enumerate()
         {
@@ -727,18 +779,46 @@ impl Decoder {
         crc
     }
 
+    /// The next record from the buffered bytes (memory pages by their
+    /// place in `buf`).
     fn next_inner(&mut self) -> Result<Option<Next>, StreamError> {
+        let buf = core::mem::take(&mut self.buf);
+        let r = self.next_in(&buf[self.pos..self.end]);
+        self.buf = buf;
+        let (next, used) = r?;
+        let start = self.pos;
+        self.pos += used;
+        Ok(next.map(|n| match n {
+            Next::Pages {
+                start_gfn,
+                at,
+                pages,
+            } => Next::Pages {
+                start_gfn,
+                at: start + at,
+                pages,
+            },
+            r => r,
+        }))
+    }
+
+    /// Decode the next record from the front of `avail`: the record
+    /// (memory pages by their place in `avail`) or `None` when `avail`
+    /// ends inside one, and the bytes used (the magic and skipped optional
+    /// records count, also before a `None`).
+    fn next_in(&mut self, avail: &[u8]) -> Result<(Option<Next>, usize), StreamError> {
+        let mut used = 0;
         loop {
-            let avail = &self.buf[self.pos..self.end];
+            let avail = &avail[used..];
             if self.state == State::Done {
                 if avail.is_empty() {
-                    return Ok(None);
+                    return Ok((None, used));
                 }
                 return Err(StreamError::TrailingBytes { len: avail.len() });
             }
             if self.state == State::Magic {
                 let Some(m) = avail.get(..8) else {
-                    return Ok(None);
+                    return Ok((None, used));
                 };
                 let mut found = [0u8; 8];
                 found.copy_from_slice(m);
@@ -746,7 +826,7 @@ impl Decoder {
                 if found != expected {
                     return Err(StreamError::BadMagic { found, expected });
                 }
-                self.pos += 8;
+                used += 8;
                 self.state = match self.dir {
                     Direction::SourceToDest => State::Select,
                     Direction::DestToSource => State::Offer,
@@ -754,7 +834,7 @@ impl Decoder {
                 continue;
             }
             let Some(h) = avail.get(..HEADER_BYTES) else {
-                return Ok(None);
+                return Ok((None, used));
             };
             let t = u16::from_le_bytes([h[0], h[1]]);
             let flags = u16::from_le_bytes([h[2], h[3]]);
@@ -788,7 +868,7 @@ impl Decoder {
             }
             let total = HEADER_BYTES + len as usize + CRC_BYTES;
             let Some(whole) = avail.get(..total) else {
-                return Ok(None);
+                return Ok((None, used));
             };
             let body_end = HEADER_BYTES + len as usize;
             let stored = u32::from_le_bytes([
@@ -807,8 +887,7 @@ impl Decoder {
             if let Some((start_gfn, pages)) = run.filter(|&(_, p)| {
                 (1..=MAX_DATA_RUN_PAGES as usize).contains(&p) && len as usize == 12 + p * PAGE_SIZE
             }) {
-                let at = self.pos;
-                let computed = self.mem_data_crc(at, pages);
+                let computed = self.mem_data_crc(whole, pages);
                 if stored != computed {
                     return Err(StreamError::CrcMismatch {
                         record,
@@ -826,13 +905,16 @@ impl Decoder {
                         })
                     }
                 }
-                self.pos += total;
+                let at = used + MEM_DATA_HEAD_BYTES;
                 self.record += 1;
-                return Ok(Some(Next::Pages {
-                    start_gfn,
-                    at: at + MEM_DATA_HEAD_BYTES,
-                    pages,
-                }));
+                return Ok((
+                    Some(Next::Pages {
+                        start_gfn,
+                        at,
+                        pages,
+                    }),
+                    used + total,
+                ));
             }
             let computed = crc32fast::hash(&whole[..body_end]);
             if stored != computed {
@@ -842,16 +924,14 @@ impl Decoder {
                     computed,
                 });
             }
-            let payload_start = self.pos + HEADER_BYTES;
-            self.pos += total;
+            used += total;
             self.record += 1;
             if info.is_none() {
                 continue; // Optional record of an unknown type: skipped.
             }
-            let payload = &self.buf[payload_start..payload_start + len as usize];
-            let rec = parse(t, payload, record)?;
+            let rec = parse(t, &whole[HEADER_BYTES..body_end], record)?;
             self.advance(&rec, record)?;
-            return Ok(Some(Next::Record(rec)));
+            return Ok((Some(Next::Record(rec)), used));
         }
     }
 

@@ -47,7 +47,9 @@ pub trait Transport {
     /// send queue (it gets room for `len` bytes and returns how many it
     /// wrote), saving the copy out of a buffer of the caller's; `None`
     /// when the transport cannot lend such room now (nothing was sent:
-    /// the caller uses [`Transport::send`]). Default: never.
+    /// the caller uses [`Transport::send`]). A sealed link lends one
+    /// frame's body at a time: at most [`crate::seal::FRAME_BODY_MAX`]
+    /// bytes per call. Default: never.
     fn send_with(
         &mut self,
         len: usize,
@@ -68,6 +70,23 @@ pub trait Transport {
         open: &mut dyn FnMut(&mut [u8]) -> usize,
     ) -> Option<Result<usize, TransportError>> {
         let _ = open;
+        None
+    }
+    /// Lend received stream bytes, in order, piece by piece, to `take`:
+    /// it takes each piece whole (what it cannot use now it copies) and
+    /// returns whether it wants another. A receiver that parses records
+    /// where they lie saves the copy into a buffer of its own.
+    /// `Some(Ok(lent))`, `Some(Err)` when the link is down and nothing
+    /// was lent (bytes that arrived before a break are lent first); `None`
+    /// when the transport cannot lend now (the caller uses
+    /// [`Transport::recv`]). Default: never (a sealed link lends the
+    /// bodies of the frames it opened in place:
+    /// [`crate::seal::SealedLink`]).
+    fn recv_lent(
+        &mut self,
+        take: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Option<Result<usize, TransportError>> {
+        let _ = take;
         None
     }
 }
@@ -100,6 +119,12 @@ impl<T: Transport + ?Sized> Transport for &mut T {
         open: &mut dyn FnMut(&mut [u8]) -> usize,
     ) -> Option<Result<usize, TransportError>> {
         (**self).recv_in_place(open)
+    }
+    fn recv_lent(
+        &mut self,
+        take: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Option<Result<usize, TransportError>> {
+        (**self).recv_lent(take)
     }
 }
 
