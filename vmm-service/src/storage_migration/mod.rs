@@ -6,8 +6,9 @@
 //! after another. For each disk:
 //! 1. the destination VHDX is created under its *partial* name
 //!    ([`FileStore::create_partial`]) with the source's geometry, and the
-//!    VM's disk becomes a [`MirrorHandle`] over
-//!    `vstorage::mirror::MirroredDisk(source, destination)`: from this
+//!    VM's disk becomes the [`Mirror`], a
+//!    `vstorage::mirror::MirroredDisk(source, destination)` shared with
+//!    the job (`Rc<RefCell<..>>` is a `VirtualDisk`): from this
 //!    moment every guest write goes to the source and, behind the copy's
 //!    cursor, to the destination too, and completes only when durable on
 //!    both (`MirroredDisk::write`: write and flush on each);
