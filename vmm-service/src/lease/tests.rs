@@ -312,6 +312,20 @@ fn a_staged_hand_over_and_adoption_are_one_write_each() {
     assert_eq!(f.record().unwrap().counter, 1);
 }
 
+/// b staged its adoption at 0, a handed the lease over at 1, and c, at
+/// 1, found it held: the lease file, each node's view of it (a, b, c),
+/// and the three nodes.
+fn staged_hand_over_watched() -> (MemLease, [MemLease; 3], [Lease; 3]) {
+    let f = MemLease::default();
+    let (fa, fb, fc) = (f.staging(), f.staging(), f.staging());
+    let (mut a, mut b, mut c) = (node("a", 1), node("b", 2), node("c", 3));
+    a.acquire(0, &fa).unwrap();
+    b.prepare_adopt("a", 0, &fb);
+    a.hand_over("b", 1, &fa).unwrap();
+    assert!(matches!(c.acquire(1, &fc).unwrap(), Acquire::Held { .. }));
+    (f, [fa, fb, fc], [a, b, c])
+}
+
 /// A staged adoption is a rename without a read, so it is used only for
 /// the epoch it was staged for and while no claim on the hand-over (which
 /// came after the staging read) can have settled: `expire + settle - 2
@@ -323,13 +337,7 @@ fn a_staged_adoption_reads_again_once_a_claim_could_have_settled() {
     let window = T.expire_ms + T.settle_ms - 2 * T.margin_ms;
     // b stages at 0; a hands over at 1; `go` comes very late: c watched
     // the hand-over record for the expiry, claimed and settled.
-    let f = MemLease::default();
-    let (fa, fb, fc) = (f.staging(), f.staging(), f.staging());
-    let (mut a, mut b, mut c) = (node("a", 1), node("b", 2), node("c", 3));
-    a.acquire(0, &fa).unwrap();
-    b.prepare_adopt("a", 0, &fb);
-    a.hand_over("b", 1, &fa).unwrap();
-    assert!(matches!(c.acquire(1, &fc).unwrap(), Acquire::Held { .. }));
+    let (f, [_, fb, fc], [_, mut b, mut c]) = staged_hand_over_watched();
     assert!(matches!(
         c.poll(1 + T.expire_ms, &fc).unwrap(),
         Acquire::Settling { .. }
@@ -345,13 +353,7 @@ fn a_staged_adoption_reads_again_once_a_claim_could_have_settled() {
     // Within the window: a claim on the hand-over, written before b's
     // rename, has not settled when the rename lands; c reads b's record
     // back and yields.
-    let f = MemLease::default();
-    let (fa, fb, fc) = (f.staging(), f.staging(), f.staging());
-    let (mut a, mut b, mut c) = (node("a", 1), node("b", 2), node("c", 3));
-    a.acquire(0, &fa).unwrap();
-    b.prepare_adopt("a", 0, &fb);
-    a.hand_over("b", 1, &fa).unwrap();
-    assert!(matches!(c.acquire(1, &fc).unwrap(), Acquire::Held { .. }));
+    let (f, [_, fb, fc], [_, mut b, mut c]) = staged_hand_over_watched();
     let claim = 1 + T.expire_ms;
     assert!(matches!(
         c.poll(claim, &fc).unwrap(),
